@@ -1,0 +1,70 @@
+"""The per-decode-step work of AutoSteer in plain PyTorch: the reference every kernel must match.
+
+One call per decode step (and once at prefill) does, for each sequence ``b`` of the batch:
+
+1. **gather**: ``x_b = probe_hidden[probe_rows[b]]`` -- the residual stream entering decoder
+   block ``L`` at this sequence's newest token. ``probe_hidden`` is a flat ``[N, H]`` tensor
+   (any row stride), so Hugging Face's ``[B, T, H]`` (flattened) and servers' varlen
+   ``[total_tokens, H]`` layouts both fit.
+2. **probe** (only where ``probe_mask[b]``):
+   ``p_b = sigmoid(w2 . relu(W1 x_b + b1) + b2)`` in fp32, written to ``p_out[b]``.
+3. **latch**: ``latched[b] |= p_b > tau``. A NaN score latches only when ``nan_latches``
+   (fail closed); otherwise it leaves the latch as it was (fail open). Rows not probed keep
+   their latch and their ``p_out`` entry.
+4. **blend** (only rows latched after step 3), in place on ``logits[b, :]``:
+   ``z' = (1 + eps) * z + eps * U (Bt g_b)`` with ``g_b = head_hidden[head_rows[b]]`` the final
+   normed hidden state (the input of ``lm_head``), computed in fp32 and cast back to the
+   logits' dtype. This is the exact LM-Steer identity ``E (g + eps S g)`` for
+   ``S = I + A B^T`` with ``U = E A`` (``[V, r]``, precomputed once) and ``Bt = B^T``
+   (``[r, H]``); a full ``S`` is the case ``A = S - I``, ``Bt = I``. ``-inf`` logits stay
+   ``-inf`` (never NaN) because the delta is finite.
+
+Rows that are not latched receive **no writes**: their logits stay bit-identical.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def steer_step_reference(
+    probe_hidden: torch.Tensor,  # [N, H] float, any row stride
+    probe_rows: torch.Tensor,  # [B] int32/int64, row of probe_hidden per sequence
+    probe_mask: torch.Tensor,  # [B] bool, run the probe for this row at this step
+    head_hidden: torch.Tensor,  # [M, H] float, lm_head input rows
+    head_rows: torch.Tensor,  # [B] int32/int64, row of head_hidden per sequence
+    logits: torch.Tensor,  # [B, V] float, modified in place
+    latched: torch.Tensor,  # [B] bool, modified in place
+    p_out: torch.Tensor,  # [B] float32, written where probe_mask
+    W1: torch.Tensor,  # [F, H] float32
+    b1: torch.Tensor,  # [F] float32
+    w2: torch.Tensor,  # [F] float32
+    b2: torch.Tensor,  # [1] float32
+    U: torch.Tensor,  # [V, r] float
+    Bt: torch.Tensor,  # [r, H] float
+    tau: float,
+    eps: float,
+    nan_latches: bool = False,
+) -> None:
+    """Gather + probe + latch + refusal-logit blend; see the module docstring for the exact semantics."""
+    B = logits.shape[0]
+    if B == 0:
+        return
+    probe_rows = probe_rows.long()
+    head_rows = head_rows.long()
+    mask = probe_mask.bool()
+    if bool(mask.any()):
+        x = probe_hidden.index_select(0, probe_rows[mask]).float()
+        hid = torch.relu(x @ W1.float().t() + b1.float())
+        p = torch.sigmoid(hid @ w2.float() + b2.float().reshape(()))
+        p_out[mask] = p
+        fire = p > tau
+        if nan_latches:
+            fire = fire | torch.isnan(p)
+        latched[mask] = latched[mask] | fire
+    rows = latched.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    g = head_hidden.index_select(0, head_rows[rows]).float()
+    delta = (g @ Bt.float().t()) @ U.float().t()  # [n, V]
+    z = logits.index_select(0, rows).float()
+    logits[rows] = ((1.0 + eps) * z + eps * delta).to(logits.dtype)
