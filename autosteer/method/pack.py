@@ -1,0 +1,200 @@
+"""The steer pack: everything the runtime needs, in one safetensors file.
+
+Tensors: ``probe.W1 [F, H]``, ``probe.b1 [F]``, ``probe.w2 [F]``, ``probe.b2 [1]``,
+``head.A [H, r]``, ``head.B [H, r]`` (all float32). Metadata: one JSON string under the
+safetensors metadata key ``"autosteer"`` (format version, model fingerprint, layer and the
+rule that chose it, sizes, tau values, eps, prompt format, SAS/AUROC curves, fit metrics,
+data sources, seed).
+
+Packs are read with safetensors only -- never unpickled -- and validated on load: every
+tensor's name, shape, dtype and finiteness, the metadata schema, and (at attach time) the
+model fingerprint. Every problem raises :class:`PackError` with a message naming it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT = "autosteer-pack"
+FORMAT_VERSION = 1
+_META_KEY = "autosteer"
+_REQUIRED_META = {
+    "format": str, "format_version": int, "layer": int, "layer_rule": str, "hidden_size": int,
+    "vocab_size": int, "num_layers": int, "probe_hidden": int, "head_rank": int, "eps": (int, float),
+    "tau": (int, float), "tau_paper": (int, float), "prompt_format": dict, "fingerprint": dict,
+}
+_TENSORS = ("probe.W1", "probe.b1", "probe.w2", "probe.b2", "head.A", "head.B")
+_FINGERPRINT_ROWS = 64
+
+
+class PackError(ValueError):
+    """A steer pack is malformed or does not match the model; the message names the problem."""
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies a model for a pack: its text config's sizes and a dtype-robust checksum
+    of the output embedding (float64 sums of 64 fixed rows)."""
+    from ..models import num_layers, output_head, text_config
+
+    cfg = text_config(model)
+    E = output_head(model).weight.detach()
+    V = E.shape[0]
+    idx = torch.linspace(0, V - 1, _FINGERPRINT_ROWS).long()
+    rows = E[idx.to(E.device)].double().cpu()
+    return {
+        "model_type": getattr(cfg, "model_type", "unknown"),
+        "hidden_size": int(E.shape[1]),
+        "vocab_size": int(V),
+        "num_layers": int(num_layers(model)),
+        "embedding_row_sums": [round(float(x), 6) for x in rows.sum(1)],
+        "embedding_row_abs_sums": [round(float(x), 6) for x in rows.abs().sum(1)],
+    }
+
+
+def check_fingerprint(expected: dict, model) -> None:
+    """Raise :class:`PackError` unless ``model`` is the model the pack was fitted on."""
+    got = model_fingerprint(model)
+    for key in ("hidden_size", "vocab_size", "num_layers"):
+        if expected.get(key) != got[key]:
+            raise PackError(f"pack does not match the model: {key} is {expected.get(key)} in the pack but {got[key]} in the model")
+    if expected.get("model_type") != got["model_type"]:
+        raise PackError(f"pack does not match the model: model_type {expected.get('model_type')!r} in the pack, {got['model_type']!r} in the model")
+    a = torch.tensor(expected.get("embedding_row_abs_sums", []), dtype=torch.float64)
+    b = torch.tensor(got["embedding_row_abs_sums"], dtype=torch.float64)
+    s_a = torch.tensor(expected.get("embedding_row_sums", []), dtype=torch.float64)
+    s_b = torch.tensor(got["embedding_row_sums"], dtype=torch.float64)
+    if a.shape != b.shape or s_a.shape != s_b.shape:
+        raise PackError("pack fingerprint is malformed (embedding checksums have the wrong length)")
+    # robust to dtype (fp32 / fp16 / bf16 copies of the same weights), not to other weights
+    if not torch.allclose(a, b, rtol=2e-2, atol=1e-2) or not torch.allclose(s_a, s_b, rtol=5e-2, atol=0.05 * float(b.mean())):
+        raise PackError("pack does not match the model: the output-embedding checksum differs "
+                        "(the pack was fitted on other weights)")
+
+
+@dataclass
+class SteerPack:
+    """A fitted AutoSteer pack (probe + Refusal Head + how to apply them)."""
+
+    W1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        return int(self.meta["layer"])
+
+    @property
+    def tau(self) -> float:
+        return float(self.meta["tau"])
+
+    @property
+    def eps(self) -> float:
+        return float(self.meta["eps"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2,
+                "head.A": self.A, "head.B": self.B}
+
+    def validate(self) -> None:
+        """Check the metadata schema and every tensor's shape, dtype and finiteness."""
+        _validate_meta(self.meta)
+        H, F, r = self.meta["hidden_size"], self.meta["probe_hidden"], self.meta["head_rank"]
+        shapes = {"probe.W1": (F, H), "probe.b1": (F,), "probe.w2": (F,), "probe.b2": (1,), "head.A": (H, r), "head.B": (H, r)}
+        for name, t in self.tensors().items():
+            if not isinstance(t, torch.Tensor):
+                raise PackError(f"pack tensor {name} is missing")
+            if t.dtype != torch.float32:
+                raise PackError(f"pack tensor {name} has dtype {t.dtype}, expected torch.float32")
+            if tuple(t.shape) != shapes[name]:
+                raise PackError(f"pack tensor {name} has shape {tuple(t.shape)}, expected {shapes[name]} "
+                                f"(metadata says hidden_size={H}, probe_hidden={F}, head_rank={r})")
+            if not bool(torch.isfinite(t).all()):
+                raise PackError(f"pack tensor {name} contains NaN or inf")
+        if not 0 <= self.meta["layer"] < self.meta["num_layers"]:
+            raise PackError(f"pack layer {self.meta['layer']} is outside 0..{self.meta['num_layers'] - 1}")
+        for key in ("tau", "tau_paper"):
+            if not 0.0 <= float(self.meta[key]) <= 1.0:
+                raise PackError(f"pack {key}={self.meta[key]} is not a probability threshold in [0, 1]")
+        if not math.isfinite(float(self.meta["eps"])):
+            raise PackError("pack eps is not finite")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the pack atomically (a crash never leaves a half-written file)."""
+        from safetensors.torch import save_file
+
+        self.validate()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, tmp,
+                      metadata={_META_KEY: json.dumps(self.meta, sort_keys=True)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def _validate_meta(meta: dict) -> None:
+    if not isinstance(meta, dict):
+        raise PackError("pack metadata is not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise PackError(f"not an autosteer pack: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PackError(f"unsupported pack format_version {meta.get('format_version')!r} (this autosteer reads {FORMAT_VERSION})")
+    for key, typ in _REQUIRED_META.items():
+        if key not in meta:
+            raise PackError(f"pack metadata lacks {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise PackError(f"pack metadata {key!r} has the wrong type ({type(meta[key]).__name__})")
+
+
+def load_pack(path: str | os.PathLike) -> SteerPack:
+    """Read and validate a pack with safetensors (no pickle). Raises :class:`PackError`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f"pack file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get(_META_KEY)
+            names = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PackError(f"{path} is not a readable safetensors pack (truncated or malformed file?): {exc}") from exc
+    if meta_raw is None:
+        raise PackError(f"{path} has no autosteer metadata: not a steer pack")
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as exc:
+        raise PackError(f"{path}: pack metadata is not valid JSON ({exc})") from exc
+    missing = [k for k in _TENSORS if k not in names]
+    if missing:
+        raise PackError(f"{path}: pack lacks tensors {missing}")
+    extra = sorted(names - set(_TENSORS))
+    if extra:
+        raise PackError(f"{path}: pack has unexpected tensors {extra}")
+    pack = SteerPack(tensors["probe.W1"], tensors["probe.b1"], tensors["probe.w2"], tensors["probe.b2"],
+                     tensors["head.A"], tensors["head.B"], meta)
+    try:
+        pack.validate()
+    except PackError as exc:
+        raise PackError(f"{path}: {exc}") from None
+    return pack

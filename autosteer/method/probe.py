@@ -1,0 +1,99 @@
+"""The safety prober: ``p(x) = sigmoid(w2 . relu(W1 h + b1) + b2)`` on one layer's states.
+
+Trained with binary cross-entropy (harmful = 1) in fp32. Inputs are standardised during
+training and the standardisation is folded back into ``W1``/``b1`` exactly, so the served probe
+is the plain MLP of the paper on raw hidden states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Probe:
+    W1: torch.Tensor  # [F, H]
+    b1: torch.Tensor  # [F]
+    w2: torch.Tensor  # [F]
+    b2: torch.Tensor  # [1]
+
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """Probability of 'harmful' for states ``[..., H]`` (fp32)."""
+        hid = torch.relu(h.float() @ self.W1.t() + self.b1)
+        return torch.sigmoid(hid @ self.w2 + self.b2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2}
+
+
+def train_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: int = 64,
+    epochs: int = 300,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+) -> Probe:
+    """Full-batch AdamW on standardised inputs; returns the probe on raw inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.float()
+    y = y.float()
+    mu = x.mean(0)
+    sd = x.std(0).clamp_min(1e-6)
+    xs = (x - mu) / sd
+    d = x.shape[1]
+    W1 = (torch.randn(hidden, d, generator=g) / d ** 0.5).requires_grad_()
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w2 = (torch.randn(hidden, generator=g) / hidden ** 0.5).requires_grad_()
+    b2 = torch.zeros(1, requires_grad=True)
+    pos = y.sum().clamp_min(1)
+    pos_weight = ((len(y) - pos) / pos).clamp(0.1, 10.0)  # balance classes
+    opt = torch.optim.AdamW([W1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        logit = torch.relu(xs @ W1.t() + b1) @ w2 + b2
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        W1r = W1 / sd  # fold the standardisation: W1 ((h - mu) / sd) = (W1 / sd) h - (W1 / sd) mu
+        b1r = b1 - W1r @ mu
+    return Probe(W1r.detach().contiguous(), b1r.detach().contiguous(), w2.detach().contiguous(), b2.detach().contiguous())
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (ties count half)."""
+    scores = scores.double()
+    labels = labels.bool()
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    gt = (pos[:, None] > neg[None, :]).double().sum()
+    eq = (pos[:, None] == neg[None, :]).double().sum()
+    return float((gt + 0.5 * eq) / (len(pos) * len(neg)))
+
+
+def roc_curve(scores: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """(fpr, tpr, thresholds) at every distinct score, highest threshold first."""
+    scores = scores.double()
+    labels = labels.bool()
+    th = torch.unique(scores).flip(0)
+    P, N = max(int(labels.sum()), 1), max(int((~labels).sum()), 1)
+    fpr, tpr = [0.0], [0.0]
+    for t in th:
+        pred = scores >= t
+        tpr.append(float((pred & labels).sum()) / P)
+        fpr.append(float((pred & ~labels).sum()) / N)
+    return fpr, tpr, [float("inf")] + th.tolist()
+
+
+def calibrate_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
+    """Smallest threshold whose false-positive rate on these benign scores is at most ``target_fpr``
+    (the gate fires when ``p > tau``)."""
+    s = torch.sort(benign_scores.double(), descending=True).values
+    k = int(target_fpr * len(s))  # at most k benign scores may exceed tau
+    if len(s) == 0:
+        return 0.5
+    return float(s[min(k, len(s) - 1)])

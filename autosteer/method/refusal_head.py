@@ -1,0 +1,110 @@
+"""The Refusal Head: an LM-Steer matrix ``S`` on the output embedding.
+
+``logits = E (g + eps * S g)`` where ``g`` is the final normed hidden state (``lm_head``'s input)
+and ``E`` the output embedding. Only ``S`` is trained (the model is frozen), with token
+cross-entropy on the refusal answer for harmful prompts, ``eps`` fixed (0.1 as in the paper).
+
+``S`` is parametrised as ``I + A B^T``: ``rank=None`` trains a full ``d x d`` matrix
+(stored as ``A = S - I``, ``B = I``), an integer rank ``r`` trains ``A, B`` of shape ``[d, r]``
+with ``A = 0`` at init, so ``S = I`` at init either way. At serving time the op applies
+``z' = (1 + eps) z + eps (E A)(B^T g)`` with ``E A`` precomputed once -- never ``E S`` per step.
+
+Because the model is frozen and ``S`` acts only at the output, the model runs **once** over the
+teacher-forced refusal answers to collect ``g``; training then touches only ``g``, ``E`` and ``S``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import output_head
+from ..prompting import PromptFormat, encode_one, pad_left, position_ids_from_mask
+
+REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
+
+
+@dataclass
+class RefusalHead:
+    A: torch.Tensor  # [H, r]
+    B: torch.Tensor  # [H, r]
+    eps: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"head.A": self.A.contiguous(), "head.B": self.B.contiguous()}
+
+    def steered_logits(self, g: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        """Plain-formula logits ``E (g + eps S g)`` (for training and tests; the runtime uses the op)."""
+        g = g.float()
+        sg = g + (g @ self.B) @ self.A.t()
+        return (g + self.eps * sg) @ E.float().t()
+
+
+def answer_token_ids(tokenizer, answer: str = REFUSAL_ANSWER) -> list[int]:
+    """The refusal answer's tokens followed by the end-of-turn token, so a refusal stops."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
+@torch.no_grad()
+def collect_answer_states(model, tokenizer, prompts: list[str], fmt: PromptFormat, answer_ids: list[int],
+                          batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final normed hidden states ``g`` at the positions that predict each answer token, and the targets."""
+    decoder = model.get_decoder()
+    device = next(model.parameters()).device
+    n_ans = len(answer_ids)
+    gs, ys = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):
+        rows = [encode_one(tokenizer, p, fmt) + answer_ids for p in prompts[start:start + batch_size]]
+        ids, mask = pad_left(rows, tokenizer.pad_token_id)
+        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids_from_mask(mask).to(device), use_cache=False)
+        g = out.last_hidden_state[:, -n_ans - 1:-1, :]  # position t predicts token t+1
+        gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
+        ys.append(torch.tensor(answer_ids).repeat(len(rows)))
+    return torch.cat(gs), torch.cat(ys)
+
+
+def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int | None = 16, eps: float = 0.1,
+                       epochs: int = 5, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
+                       progress: bool = True) -> tuple[RefusalHead, list[float]]:
+    """Train ``S = I + A B^T`` by cross-entropy of ``E (g + eps S g)`` against the refusal tokens."""
+    E = output_head(model).weight.detach().float().cpu()
+    d = E.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    if rank is None:
+        S = torch.eye(d).requires_grad_()
+        params = [S]
+    else:
+        A = torch.zeros(d, rank, requires_grad=True)
+        B = (torch.randn(d, rank, generator=gen) / d ** 0.5).requires_grad_()
+        params = [A, B]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    n = g.shape[0]
+    for _ in tqdm(range(epochs), desc="refusal head", disable=not progress, leave=False):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            gb = g[idx]
+            sg = gb @ S.t() if rank is None else gb + (gb @ B) @ A.t()
+            logits = (gb + eps * sg) @ E.t()
+            loss = torch.nn.functional.cross_entropy(logits, targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        losses.append(total / n)
+    with torch.no_grad():
+        if rank is None:
+            head = RefusalHead(A=(S - torch.eye(d)).detach(), B=torch.eye(d), eps=eps)
+        else:
+            head = RefusalHead(A=A.detach(), B=B.detach(), eps=eps)
+    return head, losses

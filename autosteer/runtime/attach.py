@@ -1,0 +1,136 @@
+"""``autosteer.attach(model, pack)``: AutoSteer on a live transformers model.
+
+>>> handle = autosteer.attach(model, "smollm2.pack.safetensors")
+>>> out = model.generate(**inputs, logits_processor=[handle.logits_processor()])
+>>> handle.detach()
+
+or ``handle.generate(**inputs)``, which also returns each row's gate decision.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessorList
+
+from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack
+from ..models import num_layers, output_head
+from .capture import HiddenCapture
+from .processor import MODES, AutoSteerLogitsProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SteeredOutput:
+    sequences: torch.Tensor  # what generate returned (prompt + new tokens)
+    steered: torch.Tensor  # [B] bool: row was steered (latched)
+    p_unsafe: torch.Tensor  # [B] float32: probe score at the last prompt token
+    latched_at: torch.Tensor  # [B] int32: decode step of the first trigger, -1 if never
+
+
+class AutoSteerHandle:
+    """Hooks on one model plus the pack's weights, ready for the per-step op.
+
+    ``mode``: ``"prefill"`` (decide once per generation, the paper) or ``"monitor"``
+    (re-probe every generated token, latch on the first trigger). ``tau`` overrides the pack's
+    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5). ``fail_closed``: a probe score
+    that is NaN (non-finite hidden states) steers the row instead of leaving it alone.
+    """
+
+    def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | None = None,
+                 fail_closed: bool = False, check_model: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if getattr(model, "_autosteer_handle", None) is not None:
+            raise RuntimeError("this model already has an AutoSteer handle attached: detach() it first")
+        if check_model:
+            check_fingerprint(pack.meta["fingerprint"], model)
+        E = output_head(model).weight
+        if E.shape[1] != pack.hidden_size:
+            raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
+        if pack.layer >= num_layers(model):
+            raise PackError(f"pack layer {pack.layer} does not exist in a model with {num_layers(model)} layers")
+        self.model = model
+        self.pack = pack
+        self.mode = mode
+        self.tau = float(pack.tau if tau is None else tau)
+        self.eps = pack.eps
+        self.fail_closed = bool(fail_closed)
+        device = E.device
+        self.W1 = pack.W1.to(device)
+        self.b1 = pack.b1.to(device)
+        self.w2 = pack.w2.to(device)
+        self.b2 = pack.b2.to(device)
+        with torch.no_grad():  # E A, once: the op never rebuilds E S per step
+            self.U = (E.detach().float() @ pack.A.to(device)).contiguous()
+        self.Bt = pack.B.t().contiguous().to(device)
+        try:
+            from .op import steer_step
+        except ImportError:  # TEMP until the op module lands
+            from .reference_op import steer_step_reference as steer_step
+        self._op = steer_step
+        self.capture = HiddenCapture(model, pack.layer)
+        self._lock = threading.Lock()
+        model._autosteer_handle = self
+
+    # -- per step -------------------------------------------------------------------------
+    def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out):
+        self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                 self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau, self.eps, self.fail_closed)
+
+    def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
+        hid = torch.relu(h.float() @ self.W1.t() + self.b1)
+        return torch.sigmoid(hid @ self.w2 + self.b2)
+
+    # -- user API -------------------------------------------------------------------------
+    def logits_processor(self, force: bool | None = None, mode: str | None = None) -> AutoSteerLogitsProcessor:
+        """A fresh processor for one ``generate`` call. ``force=True`` always steers,
+        ``force=False`` never steers (but still scores the prompt)."""
+        self._check_attached()
+        return AutoSteerLogitsProcessor(self, mode or self.mode, force)
+
+    def generate(self, force: bool | None = None, mode: str | None = None, **generate_kwargs) -> SteeredOutput:
+        """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
+        Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
+        proc = self.logits_processor(force, mode)
+        extra = generate_kwargs.pop("logits_processor", None) or []
+        with self._lock, torch.no_grad():
+            seqs = self.model.generate(logits_processor=LogitsProcessorList([proc, *extra]), **generate_kwargs)
+        if isinstance(seqs, torch.Tensor):
+            sequences = seqs
+        else:
+            sequences = seqs.sequences
+        if proc.latched is None:  # generate produced no token
+            b = sequences.shape[0]
+            return SteeredOutput(sequences, torch.zeros(b, dtype=torch.bool), torch.full((b,), float("nan")),
+                                 torch.full((b,), -1, dtype=torch.int32))
+        return SteeredOutput(sequences, proc.latched.cpu(), proc.p_unsafe.cpu(), proc.latched_at.cpu())
+
+    def detach(self) -> None:
+        """Remove the hooks; the model is exactly as before. Safe to call twice."""
+        if self.capture.attached:
+            self.capture.remove()
+        if getattr(self.model, "_autosteer_handle", None) is self:
+            self.model._autosteer_handle = None
+
+    def _check_attached(self) -> None:
+        if not self.capture.attached:
+            raise RuntimeError("this AutoSteer handle was detached")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,
+           fail_closed: bool = False) -> AutoSteerHandle:
+    """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
+    if not isinstance(pack, SteerPack):
+        pack = load_pack(pack)
+    return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed)

@@ -1,0 +1,92 @@
+"""The transformers ``LogitsProcessor`` that runs AutoSteer's fused per-step op.
+
+Per generation it keeps, for every row of the batch, a latch (refuse or not) and the probe's
+score. At the first call (prefill) each row's gate is decided from its last prompt token; in
+``"prefill"`` mode (the paper's) the latch then holds for the whole generation, in
+``"monitor"`` mode every generated token is probed again and the first trigger latches.
+
+Transformers runs custom processors after its own (repetition penalty and the like) and before
+the sampling warpers (temperature, top-k, top-p), so the blend acts on the model's logits
+whatever the sampling settings. Use one processor per ``generate`` call
+(:meth:`AutoSteerHandle.logits_processor`); a processor that sees a new batch (its size or the
+sequence length does not continue the last call) starts over.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+MODES = ("prefill", "monitor")
+
+
+class AutoSteerLogitsProcessor(LogitsProcessor):
+    """``force=None``: AutoSteer (gate decides); ``True``: always steer; ``False``: never steer
+    (the probe still scores the prompt, so reports can show what the gate would have done)."""
+
+    def __init__(self, handle, mode: str = "prefill", force: bool | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.handle = handle
+        self.mode = mode
+        self.force = force
+        self.latched: torch.Tensor | None = None  # [B] bool
+        self.p_unsafe: torch.Tensor | None = None  # [B] float32, score of the last prompt token
+        self.p_last: torch.Tensor | None = None  # [B] float32, latest score (monitor mode)
+        self.latched_at: torch.Tensor | None = None  # [B] int32, step of the first trigger (-1: never)
+        self.step = 0
+        self._expect_len: int | None = None
+
+    def _start(self, batch: int, device) -> None:
+        self.latched = torch.full((batch,), bool(self.force), dtype=torch.bool, device=device)
+        self.p_unsafe = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        self.p_last = self.p_unsafe.clone()
+        self.latched_at = torch.where(self.latched, 0, -1).to(torch.int32)
+        self.step = 0
+
+    @staticmethod
+    def _last_prompt_rows(cap, batch: int) -> torch.Tensor:
+        T = cap.probe_tokens
+        device = cap.probe_hidden.device
+        base = torch.arange(batch, device=device) * T
+        mask = cap.attention_mask
+        if mask is not None and mask.dim() == 2 and tuple(mask.shape) == (batch, T):
+            # last position whose mask is 1: right for left and right padding alike
+            last = T - 1 - torch.flip(mask.to(device).long(), dims=[1]).argmax(dim=1)
+        else:
+            last = torch.full((batch,), T - 1, device=device)
+        return base + last
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cap = self.handle.capture
+        if cap.probe_hidden is None or cap.head_hidden is None:
+            raise RuntimeError("AutoSteer saw no hidden states: the handle is detached or the model was not run")
+        batch = scores.shape[0]
+        device = scores.device
+        new = self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
+        if new:
+            self._start(batch, device)
+        self._expect_len = input_ids.shape[1] + 1
+        T = cap.probe_tokens
+        if new:
+            probe_rows = self._last_prompt_rows(cap, batch)
+        else:
+            probe_rows = torch.arange(batch, device=device) * T + (T - 1)
+        was = self.latched.clone()
+        p = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        if self.force is False:
+            if new:  # score the prompt, never touch the logits
+                p = self.handle.probe_scores(cap.probe_hidden.index_select(0, probe_rows))
+                self.latched |= p > self.handle.tau
+        else:
+            probe = (new or self.mode == "monitor") and self.force is None
+            probe_mask = torch.full((batch,), probe, dtype=torch.bool, device=device)
+            head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
+            self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
+                                scores, self.latched, p)
+        if new:
+            self.p_unsafe = p.clone()
+        if new or self.mode == "monitor":
+            self.p_last = p
+        self.latched_at = torch.where(self.latched & ~was, self.step, self.latched_at).to(torch.int32)
+        self.step += 1
+        return scores
