@@ -1,0 +1,315 @@
+"""``torch.ops.autosteer.steer_step``: the per-decode-step AutoSteer work as one torch custom op.
+
+Semantics: exactly ``autosteer.runtime.reference_op.steer_step_reference`` (gather + probe +
+latch + refusal-logit blend, in place on ``logits`` / ``latched`` / ``p_out``; unlatched rows get
+no writes). Backends, picked from the device of the tensors:
+
+- CUDA: the fused Triton kernel ``autosteer.kernels.steer_step`` (one launch), registered with
+  ``torch.library.triton_op`` + ``wrap_triton`` so ``torch.compile`` sees the kernel;
+- CPU: the C++ kernel ``torch.ops.autosteer.steer_step_cpu`` (``csrc/``), from the installed
+  ``autosteer._C`` or, failing that, a JIT build with ninja into a cache directory;
+- anything else, or when the above are unavailable: ``torch.ops.autosteer.steer_step_ref``,
+  an opaque custom op running the PyTorch reference (one warning when the C++ kernel is missing).
+
+When triton is not importable the op is defined with ``torch.library.custom_op`` instead (same
+name, same schema). Use the ``steer_step`` wrapper: it checks shapes, dtypes and devices up
+front (never values, so it does not synchronise the device) and raises ``ValueError`` naming
+the offending argument.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .reference_op import steer_step_reference
+
+__all__ = ["steer_step", "available_backends", "native_backend"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX = (torch.int32, torch.int64)
+_MUTATES = ("logits", "latched", "p_out")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- C++ extension
+def _import_installed() -> None:
+    import autosteer._C  # noqa: F401  (registers torch.ops.autosteer.steer_step_cpu)
+
+
+def _jit_build() -> None:
+    if os.environ.get("AUTOSTEER_DISABLE_JIT_BUILD", "0") == "1":
+        raise RuntimeError("JIT build disabled by AUTOSTEER_DISABLE_JIT_BUILD=1")
+    sources = sorted(str(p) for p in (_REPO / "csrc").glob("*.cpp"))
+    if not sources:
+        raise FileNotFoundError(f"no C++ sources under {_REPO / 'csrc'} (not a source checkout)")
+    from torch.utils.cpp_extension import load
+
+    cache = os.environ.get("AUTOSTEER_EXTENSION_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+        "autosteer",
+        "torch_ext_" + torch.__version__.replace("+", "_"),
+    )
+    os.makedirs(cache, exist_ok=True)
+    load(
+        name="autosteer_native_jit",
+        sources=sources,
+        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=cache,
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+_LOADERS = (("installed autosteer._C", _import_installed), ("JIT build of csrc/", _jit_build))
+
+
+def _native_registered() -> bool:
+    try:
+        torch.ops.autosteer.steer_step_cpu.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _load_native() -> str | None:
+    """Make ``torch.ops.autosteer.steer_step_cpu`` available; return how, or None (one warning)."""
+    if _native_registered():
+        return "already loaded"
+    errors = []
+    for name, loader in _LOADERS:
+        try:
+            loader()
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next way
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            continue
+        if _native_registered():
+            return name
+        errors.append(f"{name}: loaded but autosteer::steer_step_cpu is not registered")
+    warnings.warn(
+        "autosteer: the C++ CPU kernel is unavailable (" + "; ".join(errors) + "). CPU calls of "
+        "torch.ops.autosteer.steer_step fall back to the PyTorch reference (same results, slower). "
+        "Build it with `pip install --no-build-isolation --use-pep517 -e .` (needs ninja and a C++ compiler).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+_NATIVE: str | None = _load_native()
+
+
+def native_backend() -> str | None:
+    """How the C++ kernel was loaded ("installed autosteer._C", "JIT build of csrc/", ...) or None."""
+    return _NATIVE
+
+
+# ----------------------------------------------------------------------------- triton
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken triton install counts as absent
+        return False
+    return True
+
+
+_HAS_TRITON = _triton_importable()
+if _HAS_TRITON:
+    from torch.library import wrap_triton
+
+    from autosteer.kernels import steer_step as _ktriton
+else:  # pragma: no cover - exercised on machines without triton
+    _ktriton = None
+
+
+def available_backends() -> dict[str, bool]:
+    """Which implementations this process can use: ``{"triton": ..., "cpp": ..., "reference": True}``.
+
+    ``triton``: triton is importable and a CUDA device is present (CUDA tensors use it);
+    ``cpp``: the C++ CPU kernel is loaded (CPU tensors use it); ``reference``: always.
+    """
+    return {
+        "triton": bool(_HAS_TRITON and torch.cuda.is_available()),
+        "cpp": _NATIVE is not None,
+        "reference": True,
+    }
+
+
+# ----------------------------------------------------------------------------- the ops
+# The reference as an opaque op: its data-dependent code (nonzero, bool()) must not be traced.
+@torch.library.custom_op("autosteer::steer_step_ref", mutates_args=_MUTATES)
+def _steer_step_ref(
+    probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
+    logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool,
+) -> None:
+    steer_step_reference(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+
+
+@_steer_step_ref.register_fake
+def _steer_step_ref_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches) -> None:
+    if _NATIVE is not None:
+        torch.ops.autosteer.steer_step_cpu(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+    else:
+        torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+
+
+def _steer_step_impl(
+    probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
+    logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False,
+) -> None:
+    if logits.shape[0] == 0:
+        return
+    if logits.device.type == "cuda" and _HAS_TRITON:
+        grid, args, meta = _ktriton.launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
+                                                  logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
+                                                  nan_latches)
+        kernel = _ktriton.steer_step_kernel
+        wrap_triton(kernel)[grid](*args, **meta)
+    elif logits.device.type == "cpu":
+        _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+    else:
+        torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+
+
+if _HAS_TRITON:
+    _steer_step_op = torch.library.triton_op("autosteer::steer_step", _steer_step_impl, mutates_args=_MUTATES)
+else:  # pragma: no cover
+    _steer_step_op = torch.library.custom_op("autosteer::steer_step", _steer_step_impl, mutates_args=_MUTATES)
+
+
+@_steer_step_op.register_kernel("cpu")
+def _steer_step_cpu_kernel(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                           W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False) -> None:
+    if logits.shape[0] == 0:
+        return
+    _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+
+
+@_steer_step_op.register_fake
+def _steer_step_fake(*args, **kwargs) -> None:  # in place on its out-params, returns nothing
+    return None
+
+
+# ----------------------------------------------------------------------------- public wrapper
+def _fail(msg: str) -> None:
+    raise ValueError(f"steer_step: {msg}")
+
+
+def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches) -> None:
+    named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
+                 head_rows=head_rows, logits=logits, latched=latched, p_out=p_out, W1=W1, b1=b1, w2=w2, b2=b2,
+                 U=U, Bt=Bt)
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, x in (("tau", tau), ("eps", eps)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            _fail(f"{name} must be a Python float (a tensor would need a device sync), got {type(x).__name__}")
+    if not isinstance(nan_latches, bool):
+        _fail(f"nan_latches must be a bool, got {type(nan_latches).__name__}")
+    dev = logits.device
+    for name, t in named.items():
+        if t.device != dev:
+            _fail(f"{name} is on {t.device} but logits is on {dev}: all tensors must share one device")
+    if logits.dim() != 2:
+        _fail(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    for name in ("probe_hidden", "head_hidden"):
+        if named[name].dim() != 2:
+            _fail(f"{name} must be 2-D [rows, H], got shape {tuple(named[name].shape)}")
+    H = probe_hidden.shape[1]
+    if head_hidden.shape[1] != H:
+        _fail(f"hidden sizes differ: head_hidden has H={head_hidden.shape[1]}, probe_hidden has H={H}")
+    for name in ("probe_hidden", "head_hidden", "logits", "U", "Bt"):
+        if named[name].dtype not in _FLOATS:
+            _fail(f"{name} must be float32, float16 or bfloat16, got {named[name].dtype}")
+    for name in ("W1", "b1", "w2", "b2"):
+        if named[name].dtype != torch.float32:
+            _fail(f"{name} (probe weight) must be float32, got {named[name].dtype}")
+    if W1.dim() != 2 or W1.shape[1] != H:
+        _fail(f"W1 must be [F, H={H}], got shape {tuple(W1.shape)}")
+    F = W1.shape[0]
+    if b1.dim() != 1 or b1.shape[0] != F:
+        _fail(f"b1 must be [F={F}], got shape {tuple(b1.shape)}")
+    if w2.dim() != 1 or w2.shape[0] != F:
+        _fail(f"w2 must be [F={F}], got shape {tuple(w2.shape)}")
+    if b2.numel() != 1:
+        _fail(f"b2 must have exactly one element, got shape {tuple(b2.shape)}")
+    if U.dim() != 2 or U.shape[0] != V:
+        _fail(f"U must be [V={V}, r] (V from logits), got shape {tuple(U.shape)}")
+    r = U.shape[1]
+    if Bt.dim() != 2 or tuple(Bt.shape) != (r, H):
+        _fail(f"Bt must be [r={r}, H={H}] (r from U, H from probe_hidden), got shape {tuple(Bt.shape)}")
+    for name in ("probe_rows", "head_rows"):
+        t = named[name]
+        if t.dtype not in _INDEX:
+            _fail(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != B:
+            _fail(f"{name} must be 1-D of length B={B} (rows of logits), got shape {tuple(t.shape)}")
+    for name in ("probe_mask", "latched"):
+        t = named[name]
+        if t.dtype != torch.bool:
+            _fail(f"{name} must be bool, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != B:
+            _fail(f"{name} must be 1-D of length B={B}, got shape {tuple(t.shape)}")
+    if p_out.dtype != torch.float32:
+        _fail(f"p_out must be float32, got {p_out.dtype}")
+    if p_out.dim() != 1 or p_out.shape[0] != B:
+        _fail(f"p_out must be 1-D of length B={B}, got shape {tuple(p_out.shape)}")
+    for name in _MUTATES:
+        t = named[name]
+        if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+            _fail(f"{name} is written in place and must not be an expanded (stride-0) view")
+
+
+def steer_step(
+    probe_hidden: Tensor,
+    probe_rows: Tensor,
+    probe_mask: Tensor,
+    head_hidden: Tensor,
+    head_rows: Tensor,
+    logits: Tensor,
+    latched: Tensor,
+    p_out: Tensor,
+    W1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    U: Tensor,
+    Bt: Tensor,
+    tau: float,
+    eps: float,
+    nan_latches: bool = False,
+) -> None:
+    """Validate (shapes/dtypes/devices only, no sync), then call ``torch.ops.autosteer.steer_step``.
+
+    Same arguments and semantics as ``steer_step_reference``; ``logits``, ``latched`` and
+    ``p_out`` are updated in place. Row indices are not range-checked here (that would need the
+    values); the CPU kernel checks them, the CUDA kernel trusts them.
+    """
+    _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+    torch.ops.autosteer.steer_step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched,
+                                   p_out, W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches)

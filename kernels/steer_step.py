@@ -1,0 +1,351 @@
+"""Fused Triton kernel for the per-decode-step AutoSteer work (gather + probe + latch + blend).
+
+The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for every sequence
+``b`` of the batch the kernel computes, in ONE launch:
+
+1. ``x = probe_hidden[probe_rows[b]]``, and where ``probe_mask[b]``:
+   ``p = sigmoid(w2 . relu(W1 x + b1) + b2)`` (fp32 accumulation), ``p_out[b] = p``,
+   ``latched[b] |= (p > tau) or (nan_latches and isnan(p))``;
+2. where ``latched[b]`` (after step 1), in place:
+   ``logits[b] = (1 + eps) * logits[b] + eps * U (Bt g)``, ``g = head_hidden[head_rows[b]]``,
+   in fp32, cast back to the logits' dtype. Rows that end up unlatched get no logits writes.
+
+Work split. The grid is ``(B, n_splits)``: program ``(b, s)`` owns batch row ``b`` and the
+contiguous run of ``blocks_per_split`` vocabulary blocks (``BLOCK_V`` entries each) starting at
+block ``s * blocks_per_split``. Why:
+
+- Rows are independent, so the row is the natural first axis; a single program per row would
+  leave most SMs idle at small batch (decode with B=1..8 and V=150k), hence the vocab splits,
+  chosen so that ``B * n_splits`` is a few waves of the GPU but each program still streams
+  several blocks (the per-program fixed cost below is then amortised).
+- The probe is tiny (F x H, F=64) next to the blend (V x r per latched row), so instead of a
+  second launch or a grid-wide barrier every program of row ``b`` recomputes the probe when
+  ``probe_mask[b]`` is set. The computation is deterministic (same code, data and reduction
+  order), so all programs of a row agree on the latch decision. Only program ``s == 0`` stores
+  ``p_out[b]`` and ``latched[b]``; the others may read ``latched[b]`` before or after that store,
+  which is harmless because the update is a monotone OR of the same ``fire`` bit.
+- An unlatched row's programs stop after the probe (or after reading two bytes when the row
+  is not probed): zero logits traffic for the common benign case.
+- A latched row's program computes ``t = Bt g`` (r x H, fp32) itself, then for each of its
+  vocabulary blocks loads a ``[BLOCK_V, r]`` tile of U, forms ``U t`` and blends. For r <= 64
+  ``t`` lives in registers; for larger r (the full-S case ``Bt = I``) it is written to a
+  per-program fp32 scratch row and read back in chunks after a block barrier.
+
+No host synchronisation, no data-dependent allocation: the launcher only reads shapes,
+strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
+Inputs: probe_hidden/head_hidden/logits/U/Bt in fp32, fp16 or bf16 (independently), any
+strides; probe_rows/head_rows int32 or int64; probe_mask/latched bool (Triton stores bools as bytes);
+probe weights fp32. On CPU tensors the kernel runs in Triton's interpreter, which must be enabled with
+TRITON_INTERPRET=1 before triton is first imported (the tests do).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX = (torch.int32, torch.int64)
+MAX_R_IN_REGISTERS = 64
+
+
+@triton.jit
+def steer_step_kernel(
+    ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]
+    prow_ptr, prow_s,  # probe_rows [B]
+    pmask_ptr, pmask_s,  # probe_mask [B] bool
+    hh_ptr, hh_s0, hh_s1,  # head_hidden [M, H]
+    hrow_ptr, hrow_s,  # head_rows [B]
+    lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
+    lat_ptr, lat_s,  # latched [B] bool, in place
+    pout_ptr, pout_s,  # p_out [B] fp32
+    w1_ptr, w1_s0, w1_s1,  # W1 [F, H] fp32
+    b1_ptr, b1_s, w2_ptr, w2_s, b2_ptr,  # b1 [F], w2 [F], b2 [1] fp32
+    u_ptr, u_s0, u_s1,  # U [V, R]
+    bt_ptr, bt_s0, bt_s1,  # Bt [R, H]
+    t_ptr,  # fp32 scratch [B, n_splits, R] (read/written only when not T_IN_REGS)
+    H, F, V, R, blocks_per_split, n_splits,
+    tau, one_plus_eps, eps,
+    NAN_LATCHES: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    T_IN_REGS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    """One program = (batch row ``b``, vocabulary split ``s``).
+
+    probe (if probe_mask[b]):  p = sigmoid(sum_f w2[f] * relu(sum_h W1[f,h] x[h] + b1[f]) + b2)
+    latch:                     latched[b] |= p > tau  (| isnan(p) when NAN_LATCHES)
+    blend (if latched[b]):     t[k] = sum_h Bt[k,h] g[h];  for v in this split's blocks:
+                               z[v] <- (1+eps) z[v] + eps * sum_k U[v,k] t[k]
+    All sums in fp32; relu keeps NaN (like torch.relu) so a NaN hidden state gives p = NaN.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    offs_h = tl.arange(0, BLOCK_H)
+
+    latch = tl.load(lat_ptr + b * lat_s) != 0
+    do_probe = tl.load(pmask_ptr + b * pmask_s) != 0
+    if do_probe:
+        prow = tl.load(prow_ptr + b * prow_s).to(tl.int64)
+        x_base = ph_ptr + prow * ph_s0
+        offs_f = tl.arange(0, BLOCK_F)
+        s_vec = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + offs_f
+            fm = f < F
+            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                hm = h < H
+                x = tl.load(x_base + h * ph_s1, mask=hm, other=0.0).to(tl.float32)
+                m2 = fm[:, None] & hm[None, :]
+                w = tl.load(w1_ptr + f[:, None] * w1_s0 + h[None, :] * w1_s1, mask=m2, other=0.0)
+                acc += tl.sum(tl.where(m2, w * x[None, :], 0.0), axis=1)
+            hid = acc + tl.load(b1_ptr + f * b1_s, mask=fm, other=0.0)
+            hid = tl.where(hid < 0.0, 0.0, hid)  # relu; NaN stays NaN
+            w2 = tl.load(w2_ptr + f * w2_s, mask=fm, other=0.0)
+            s_vec += tl.where(fm, hid * w2, 0.0)
+        s = tl.sum(s_vec, axis=0) + tl.load(b2_ptr)
+        p = 1.0 / (1.0 + tl.exp(-s))
+        fire = p > tau
+        if NAN_LATCHES:
+            fire = fire | (p != p)
+        latch = latch | fire
+        if split == 0:
+            tl.store(pout_ptr + b * pout_s, p)
+            tl.store(lat_ptr + b * lat_s, latch)
+
+    if latch:
+        hrow = tl.load(hrow_ptr + b * hrow_s).to(tl.int64)
+        g_base = hh_ptr + hrow * hh_s0
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_v = tl.arange(0, BLOCK_V)
+        out_ty = lg_ptr.dtype.element_ty
+        lg_row = lg_ptr + b * lg_s0
+        v_first = split * blocks_per_split * BLOCK_V
+        if T_IN_REGS:
+            rm = offs_r < R
+            t = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                hm = h < H
+                g = tl.load(g_base + h * hh_s1, mask=hm, other=0.0).to(tl.float32)
+                m2 = rm[:, None] & hm[None, :]
+                bt = tl.load(bt_ptr + offs_r[:, None] * bt_s0 + h[None, :] * bt_s1, mask=m2, other=0.0)
+                t += tl.sum(tl.where(m2, bt.to(tl.float32) * g[None, :], 0.0), axis=1)
+            for i in range(0, blocks_per_split):
+                v = v_first + i * BLOCK_V + offs_v
+                vm = v < V
+                m2 = vm[:, None] & rm[None, :]
+                u = tl.load(u_ptr + v[:, None] * u_s0 + offs_r[None, :] * u_s1, mask=m2, other=0.0)
+                delta = tl.sum(tl.where(m2, u.to(tl.float32) * t[None, :], 0.0), axis=1)
+                z = tl.load(lg_row + v * lg_s1, mask=vm, other=0.0).to(tl.float32)
+                out = one_plus_eps * z + eps * delta
+                if OUT_BF16:  # explicit round-to-nearest-even, as torch does (the interpreter truncates)
+                    ub = out.to(tl.uint32, bitcast=True)
+                    ub = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
+                    ub = tl.where(out != out, 0x7FC0, ub)
+                    tl.store(lg_row + v * lg_s1, ub.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=vm)
+                else:
+                    tl.store(lg_row + v * lg_s1, out.to(out_ty), mask=vm)
+        else:
+            t_row = t_ptr + (b * n_splits + split) * R
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + offs_r
+                rm = rr < R
+                t = tl.zeros([BLOCK_R], dtype=tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    h = h0 + offs_h
+                    hm = h < H
+                    g = tl.load(g_base + h * hh_s1, mask=hm, other=0.0).to(tl.float32)
+                    m2 = rm[:, None] & hm[None, :]
+                    bt = tl.load(bt_ptr + rr[:, None] * bt_s0 + h[None, :] * bt_s1, mask=m2, other=0.0)
+                    t += tl.sum(tl.where(m2, bt.to(tl.float32) * g[None, :], 0.0), axis=1)
+                tl.store(t_row + rr, t, mask=rm)
+            tl.debug_barrier()  # the whole program reads back what it wrote
+            for i in range(0, blocks_per_split):
+                v = v_first + i * BLOCK_V + offs_v
+                vm = v < V
+                delta = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for r0 in range(0, R, BLOCK_R):
+                    rr = r0 + offs_r
+                    rm = rr < R
+                    t = tl.load(t_row + rr, mask=rm, other=0.0)
+                    m2 = vm[:, None] & rm[None, :]
+                    u = tl.load(u_ptr + v[:, None] * u_s0 + rr[None, :] * u_s1, mask=m2, other=0.0)
+                    delta += tl.sum(tl.where(m2, u.to(tl.float32) * t[None, :], 0.0), axis=1)
+                z = tl.load(lg_row + v * lg_s1, mask=vm, other=0.0).to(tl.float32)
+                out = one_plus_eps * z + eps * delta
+                if OUT_BF16:  # explicit round-to-nearest-even, as torch does (the interpreter truncates)
+                    ub = out.to(tl.uint32, bitcast=True)
+                    ub = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
+                    ub = tl.where(out != out, 0x7FC0, ub)
+                    tl.store(lg_row + v * lg_s1, ub.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=vm)
+                else:
+                    tl.store(lg_row + v * lg_s1, out.to(out_ty), mask=vm)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise AssertionError(f"steer_step_triton: {msg}")
+
+
+def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                  W1, b1, w2, b2, U, Bt) -> None:
+    """Every shape/dtype/device precondition, up front (shapes and dtypes only: no device sync)."""
+    _check(logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}")
+    B, V = logits.shape
+    _check(probe_hidden.dim() == 2 and head_hidden.dim() == 2, "probe_hidden and head_hidden must be 2-D [rows, H]")
+    H = probe_hidden.shape[1]
+    _check(head_hidden.shape[1] == H, f"head_hidden has H={head_hidden.shape[1]}, probe_hidden H={H}")
+    _check(W1.dim() == 2 and W1.shape[1] == H, f"W1 must be [F, H={H}], got {tuple(W1.shape)}")
+    F = W1.shape[0]
+    _check(b1.dim() == 1 and b1.shape[0] == F and w2.dim() == 1 and w2.shape[0] == F, f"b1 and w2 must be [F={F}]")
+    _check(b2.numel() == 1, "b2 must have one element")
+    _check(U.dim() == 2 and U.shape[0] == V, f"U must be [V={V}, r], got {tuple(U.shape)}")
+    r = U.shape[1]
+    _check(Bt.dim() == 2 and tuple(Bt.shape) == (r, H), f"Bt must be [r={r}, H={H}], got {tuple(Bt.shape)}")
+    for name, t in (("probe_rows", probe_rows), ("head_rows", head_rows)):
+        _check(t.dim() == 1 and t.shape[0] == B, f"{name} must be [B={B}]")
+        _check(t.dtype in _INDEX, f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("probe_mask", probe_mask), ("latched", latched)):
+        _check(t.dim() == 1 and t.shape[0] == B and t.dtype == torch.bool, f"{name} must be bool [B={B}]")
+    _check(p_out.dim() == 1 and p_out.shape[0] == B and p_out.dtype == torch.float32, f"p_out must be float32 [B={B}]")
+    for name, t in (("probe_hidden", probe_hidden), ("head_hidden", head_hidden), ("logits", logits), ("U", U),
+                    ("Bt", Bt)):
+        _check(t.dtype in _FLOATS, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+    for name, t in (("W1", W1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _check(t.dtype == torch.float32, f"{name} must be float32, got {t.dtype}")
+    dev = logits.device
+    for t in (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, latched, p_out, W1, b1, w2, b2, U, Bt):
+        _check(t.device == dev, f"all tensors must be on {dev}, found one on {t.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, *, block_v=None, num_splits=None):
+    """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync."""
+    B, V = logits.shape
+    H = probe_hidden.shape[1]
+    F = W1.shape[0]
+    R = U.shape[1]
+    t_in_regs = R <= MAX_R_IN_REGISTERS
+    block_r = max(16, triton.next_power_of_2(R)) if t_in_regs else MAX_R_IN_REGISTERS
+    block_h = max(16, min(128, triton.next_power_of_2(max(H, 1))))
+    block_f = max(16, min(64, triton.next_power_of_2(max(F, 1))))
+    if block_v is None:
+        block_v = 128 if block_r <= 32 else 64
+    n_blocks = triton.cdiv(V, block_v) if V > 0 else 0
+    if num_splits is None:
+        if logits.device.type == "cuda":
+            # a few waves of programs, but at least 4 vocabulary blocks per program
+            target = 4 * _sm_count(logits.device.index if logits.device.index is not None else torch.cuda.current_device())
+            num_splits = min(max(1, n_blocks // 4), max(1, triton.cdiv(target, max(B, 1))))
+        else:  # interpreter: few programs, but keep the multi-split path exercised
+            num_splits = min(2, max(1, n_blocks))
+    num_splits = max(1, int(num_splits))
+    blocks_per_split = triton.cdiv(n_blocks, num_splits) if n_blocks else 0
+    if t_in_regs:
+        scratch = p_out  # never dereferenced when T_IN_REGS
+    else:
+        scratch = torch.empty((B, num_splits, R), device=logits.device, dtype=torch.float32)
+    grid = (B, num_splits)
+    args = (
+        probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
+        probe_rows, probe_rows.stride(0),
+        probe_mask, probe_mask.stride(0),
+        head_hidden, head_hidden.stride(0), head_hidden.stride(1),
+        head_rows, head_rows.stride(0),
+        logits, logits.stride(0), logits.stride(1),
+        latched, latched.stride(0),
+        p_out, p_out.stride(0),
+        W1, W1.stride(0), W1.stride(1),
+        b1, b1.stride(0), w2, w2.stride(0), b2,
+        U, U.stride(0), U.stride(1),
+        Bt, Bt.stride(0), Bt.stride(1),
+        scratch,
+        H, F, V, R, blocks_per_split, num_splits,
+        float(tau), float(1.0 + float(eps)), float(eps),
+    )
+    meta = dict(
+        NAN_LATCHES=bool(nan_latches),
+        BLOCK_H=block_h,
+        BLOCK_F=block_f,
+        BLOCK_V=block_v,
+        BLOCK_R=block_r,
+        T_IN_REGS=t_in_regs,
+        OUT_BF16=logits.dtype == torch.bfloat16,
+        num_warps=4,
+    )
+    return grid, args, meta
+
+
+def interpreting() -> bool:
+    """True when Triton was imported in interpreter mode (TRITON_INTERPRET=1 before ``import triton``).
+
+    Triton reads the variable when ``triton.language`` is imported (its builtins are jit
+    functions decorated at import), not at launch: setting it later has no effect.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(steer_step_kernel, InterpretedFunction)
+
+
+def kernel_for(device: torch.device):
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "steer_step_triton: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
+            "triton is first imported (or use the C++ op / reference on CPU)"
+        )
+    return steer_step_kernel
+
+
+def steer_step_triton(
+    probe_hidden: torch.Tensor,
+    probe_rows: torch.Tensor,
+    probe_mask: torch.Tensor,
+    head_hidden: torch.Tensor,
+    head_rows: torch.Tensor,
+    logits: torch.Tensor,
+    latched: torch.Tensor,
+    p_out: torch.Tensor,
+    W1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    U: torch.Tensor,
+    Bt: torch.Tensor,
+    tau: float,
+    eps: float,
+    nan_latches: bool = False,
+    *,
+    block_v: int | None = None,
+    num_splits: int | None = None,
+) -> None:
+    """Launch ``steer_step_kernel`` once (same arguments and semantics as ``steer_step_reference``).
+
+    ``block_v`` / ``num_splits`` override the vocabulary tiling (tests, tuning).
+    """
+    _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                  W1, b1, w2, b2, U, Bt)
+    if logits.shape[0] == 0:
+        return
+    grid, args, meta = launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched,
+                                     p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches,
+                                     block_v=block_v, num_splits=num_splits)
+    kernel = kernel_for(logits.device)
+    if logits.device.type == "cuda":
+        with torch.cuda.device(logits.device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
