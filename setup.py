@@ -66,6 +66,7 @@ setup(
         "matplotlib",
         "gguf>=0.10",
         "accelerate",
+        "pyyaml",
     ],
     extras_require={
         "triton": ["triton>=3.0"],

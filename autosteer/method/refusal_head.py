@@ -100,7 +100,7 @@ def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         losses.append(total / n)
     with torch.no_grad():
         if rank is None:

@@ -1,0 +1,250 @@
+"""Generation and evaluation: refusal rates per prompt file for unsteered / always-steered / AutoSteer.
+
+The refusal judge is the offline phrase matcher of :mod:`autosteer.judge`, validated against
+pyrit's human-labelled responses; its agreement is part of every report. Attack success rate
+(ASR) is the share of harmful prompts not refused; over-refusal the share of benign prompts
+refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .judge import is_refusal
+from .prompting import PromptFormat, encode_prompts
+
+SETTINGS = {
+    "unsteered": {"force": False, "mode": None},
+    "always": {"force": True, "mode": None},
+    "autosteer": {"force": None, "mode": "prefill"},
+    "monitor": {"force": None, "mode": "monitor"},
+}
+
+
+@dataclass
+class Generation:
+    response: str
+    p_unsafe: float
+    steered: bool
+    latched_at: int
+    refused: bool
+
+
+def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autosteer", max_new_tokens: int = 64,
+                   batch_size: int = 16, fmt: PromptFormat | None = None, progress: bool = True, desc: str = "",
+                   **generate_kwargs) -> list[Generation]:
+    """Greedy (unless ``generate_kwargs`` say otherwise) generation of every prompt in one setting."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
+    fmt = fmt or PromptFormat.from_dict(handle.pack.meta["prompt_format"])
+    opts = SETTINGS[setting]
+    generate_kwargs.setdefault("do_sample", False)
+    pad_id = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    out: list[Generation | None] = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        ids, mask = encode_prompts(tokenizer, [prompts[i] for i in idx], fmt)
+        res = handle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)
+        for j, i in enumerate(idx):
+            text = tokenizer.decode(res.sequences[j, ids.shape[1]:], skip_special_tokens=True)
+            out[i] = Generation(text, float(res.p_unsafe[j]), bool(res.steered[j]), int(res.latched_at[j]), is_refusal(text))
+    return out  # type: ignore[return-value]
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file so that a crash never leaves it half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@dataclass
+class PromptSet:
+    name: str
+    prompts: list[str]
+    harmful: bool  # what refusing means here: True -> refusals are wanted (ASR), False -> over-refusal
+
+
+def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...] = ("unsteered", "always", "autosteer"),
+             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> dict:
+    """Refusal rates for every prompt set in every setting, plus gate rates and probe scores."""
+    from .judge import validate_judge
+
+    t0 = time.time()
+    report: dict = {"pack": {k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps", "head_rank")},
+                    "tau_used": handle.tau, "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
+    for s in sets:
+        entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
+        scores = None
+        for setting in settings:
+            gens = generate_batch(handle, tokenizer, s.prompts, setting, max_new_tokens, batch_size, progress=progress,
+                                  desc=f"{s.name}/{setting}")
+            refusal = sum(g.refused for g in gens) / max(len(gens), 1)
+            entry["results"][setting] = {
+                "refusal_rate": refusal,
+                "steered_rate": sum(g.steered for g in gens) / max(len(gens), 1),
+                "examples": [{"prompt": p, "response": g.response, "refused": g.refused, "steered": g.steered}
+                             for p, g in list(zip(s.prompts, gens))[:3]],
+            }
+            if setting == "monitor":
+                leaks = sorted(g.latched_at for g in gens if g.latched_at > 0)
+                entry["results"][setting]["leaked_tokens"] = leaks
+            if scores is None and setting in ("unsteered", "autosteer"):
+                scores = [g.p_unsafe for g in gens]
+        if scores is None:
+            scores = probe_scores(handle, tokenizer, s.prompts, batch_size)
+        entry["p_unsafe"] = scores
+        entry["gate_rate"] = sum(p > handle.tau for p in scores) / max(len(scores), 1)
+        entry["gate_rate_tau_paper"] = sum(p > float(handle.pack.meta["tau_paper"]) for p in scores) / max(len(scores), 1)
+        report["sets"][s.name] = entry
+    report["judge"] = validate_judge()
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+@torch.no_grad()
+def probe_scores(handle, tokenizer, prompts: list[str], batch_size: int = 16) -> list[float]:
+    """The probe's score at the last prompt token of each prompt (no generation)."""
+    from .method.hidden_states import last_token_states
+
+    fmt = PromptFormat.from_dict(handle.pack.meta["prompt_format"])
+    x = last_token_states(handle.model, tokenizer, prompts, fmt, batch_size, layers=[handle.pack.layer], progress=False)
+    return handle.probe_scores(x[:, 0].to(handle.W1.device)).cpu().tolist()
+
+
+def markdown_report(report: dict) -> str:
+    """A human-readable summary of :func:`evaluate`'s report."""
+    settings = report["settings"]
+    lines = ["# AutoSteer evaluation", ""]
+    p = report["pack"]
+    lines.append(f"Model `{p.get('model_name')}`, layer {p.get('layer')} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
+                 f"(paper 0.5), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
+    lines += ["", "Refusal rate per prompt set (harmful sets: higher is better, ASR = 1 - rate; benign sets: lower is better).", ""]
+    lines.append("| set | kind | n | gate fires (tau) | gate fires (0.5) | " + " | ".join(settings) + " |")
+    lines.append("|---|---|---|---|---|" + "---|" * len(settings))
+    for name, e in report["sets"].items():
+        cells = [f"{100 * e['results'][s]['refusal_rate']:.1f}%" for s in settings]
+        lines.append(f"| {name} | {'harmful' if e['harmful'] else 'benign'} | {e['n']} | {100 * e['gate_rate']:.1f}% | "
+                     f"{100 * e['gate_rate_tau_paper']:.1f}% | " + " | ".join(cells) + " |")
+    j = report.get("judge", {})
+    if j:
+        lines += ["", "Refusal judge (phrase matcher on the response text, as used above) against pyrit's human labels:", ""]
+        for fname, r in j.items():
+            for mode in ("text", "text_on_topic"):
+                m = r.get(mode) if isinstance(r, dict) else None
+                if m:
+                    what = "all rows" if mode == "text" else f"without the {r.get('n_off_topic')} off-topic answers pyrit labels as refusals"
+                    lines.append(f"- {fname}, {what}: agreement {100 * m['agreement']:.1f}% (n={m['n']}), "
+                                 f"precision {100 * m['precision']:.1f}%, recall {100 * m['recall']:.1f}%")
+    if "monitor" in settings:
+        lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill):", ""]
+        for name, e in report["sets"].items():
+            leaks = e["results"]["monitor"].get("leaked_tokens", [])
+            if leaks:
+                med = leaks[len(leaks) // 2]
+                p90 = leaks[min(len(leaks) - 1, int(0.9 * len(leaks)))]
+                lines.append(f"- {name}: {len(leaks)} rows, median {med}, p90 {p90}")
+    lines += ["", f"Evaluation took {report['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """SAS and AUROC per layer, probe-score histograms per set, ROC (harmful vs benign sets), refusal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .method.probe import auroc, roc_curve
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    layers = list(range(len(pack_meta["sas"])))
+    ax.plot(layers, pack_meta["sas"], "o-", label=f"SAS ({pack_meta.get('sas_pairing', '?')} pairs)")
+    if "sas_random_pairs" in pack_meta:
+        ax.plot(layers, pack_meta["sas_random_pairs"], ".--", label="SAS (random pairs)")
+    ax2 = ax.twinx()
+    ax2.plot(layers, pack_meta["val_auroc"], "s-", color="tab:red", label="probe val AUROC")
+    ax.axvline(pack_meta["layer"], color="gray", ls=":")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("SAS")
+    ax2.set_ylabel("AUROC")
+    fig.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
+    fig.tight_layout()
+    paths.append(out_dir / "layers.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, e in report["sets"].items():
+        ax.hist([p for p in e["p_unsafe"] if p == p], bins=40, range=(0, 1), alpha=0.5, label=name)
+    ax.axvline(report["tau_used"], color="k", ls="--", label="tau")
+    ax.set_xlabel("probe score p(unsafe)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "probe_scores.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p == p]
+    ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p == p]
+    if harm and ben:
+        s = torch.tensor(harm + ben)
+        y = torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))])
+        fpr, tpr, _ = roc_curve(s, y)
+        report["roc_auc"] = auroc(s, y)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr)
+        ax.plot([0, 1], [0, 1], ":", color="gray")
+        ax.set_xlabel("false-positive rate (benign sets)")
+        ax.set_ylabel("true-positive rate (harmful sets)")
+        ax.set_title(f"probe ROC, AUC {report['roc_auc']:.3f}")
+        fig.tight_layout()
+        paths.append(out_dir / "roc.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(report["sets"])
+    width = 0.8 / len(report["settings"])
+    for k, setting in enumerate(report["settings"]):
+        ax.bar([i + k * width for i in range(len(names))],
+               [100 * report["sets"][n]["results"][setting]["refusal_rate"] for n in names], width, label=setting)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=15, fontsize=8)
+    ax.set_ylabel("refusal rate (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "refusal_rates.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    plots = save_plots(report, pack_meta, out_dir)
+    md = markdown_report(report) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    return {"json": write_atomic(out_dir / "report.json", json.dumps(report, indent=1)),
+            "markdown": write_atomic(out_dir / "report.md", md)}
