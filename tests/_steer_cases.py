@@ -1,0 +1,368 @@
+"""Shared inputs and checks for the steer_step kernel tests (C++, Triton, torch op).
+
+``make_case`` builds one call's arguments with a controlled layout (strided / transposed views),
+row indexing (varlen prefill, decode, repeated rows), latch / probe-mask pattern, NaN hidden
+states and -inf / huge logits. ``check_against_reference`` runs the reference on a copy and
+compares a kernel's in-place results with it:
+
+- ``latched``: exactly; ``p_out``: untouched entries bit-exactly (sentinel), probed entries to
+  1e-5 (fp32 sums in a different order), NaN where the reference has NaN;
+- logits of rows that end unlatched: bit-exactly equal to the input (zero writes);
+- latched rows: same NaN/inf pattern; finite values by relative error ||ref-out||/||ref||
+  (fp32) or, for fp16/bf16 logits, the flash-attention oracle: the kernel's max error against
+  an fp32 reference is at most twice the error of the reference run in the low precision.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from autosteer.runtime.reference_op import steer_step_reference
+
+ARG_NAMES = ("probe_hidden", "probe_rows", "probe_mask", "head_hidden", "head_rows", "logits", "latched", "p_out",
+             "W1", "b1", "w2", "b2", "U", "Bt")
+P_SENTINEL = -7.25
+LAYOUTS = ("contig", "sliced", "transposed", "indexed")
+ROW_MODES = ("random", "varlen", "decode", "repeat", "hf_flat")
+LATCH_MODES = ("none", "all", "mixed")
+MASK_MODES = ("all", "none", "mixed")
+
+
+@dataclass
+class Case:
+    args: dict
+    tau: float
+    eps: float
+    nan_latches: bool
+    info: dict = field(default_factory=dict)
+
+    def call_args(self, args: dict | None = None) -> tuple:
+        a = self.args if args is None else args
+        return tuple(a[n] for n in ARG_NAMES) + (self.tau, self.eps, self.nan_latches)
+
+    def clone(self) -> dict:
+        """Fresh copies of the mutated tensors (same layout), the rest shared."""
+        out = dict(self.args)
+        for n in ("logits", "latched", "p_out"):
+            t = self.args[n]
+            c = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+            c.copy_(t)
+            out[n] = c
+        return out
+
+    def __repr__(self) -> str:
+        return f"Case({self.info})"
+
+
+def _layout(x: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """The same values as ``x`` [n, H] in a given memory layout."""
+    n, H = x.shape
+    if layout == "contig":
+        return x.contiguous()
+    if layout == "sliced":  # row stride > H, offset into the storage
+        base = torch.randn(n, H + 7, generator=gen).to(x.dtype).to(x.device)
+        view = base[:, 3:3 + H]
+    elif layout == "transposed":  # stride (1, n)
+        view = torch.empty(H, n, dtype=x.dtype, device=x.device).t()
+    elif layout == "indexed":  # a [n, 3, H] buffer indexed at [:, 1]: stride (3H, 1), offset H
+        view = torch.randn(n, 3, H, generator=gen).to(x.dtype).to(x.device)[:, 1]
+    else:
+        raise ValueError(layout)
+    view.copy_(x)
+    return view
+
+
+def _rows(mode: str, B: int, n_min: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(rows [B], number of rows of the hidden buffer)."""
+    if mode == "decode":  # one token per sequence, rows in order
+        return torch.arange(B, dtype=dtype), max(B, n_min)
+    if mode == "varlen":  # flattened prefill: last token of each sequence = cu_seqlens[1:] - 1
+        lens = torch.randint(1, 6, (B,), generator=gen)
+        cu = torch.zeros(B + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(lens, 0)
+        return (cu[1:] - 1).to(dtype), max(int(cu[-1]), n_min)
+    if mode == "hf_flat":  # [B, T, H] flattened, last position
+        T = 4
+        return (torch.arange(B) * T + T - 1).to(dtype), max(B * T, n_min)
+    if mode == "repeat":  # several sequences read the same row
+        n = max(2, n_min)
+        return torch.randint(0, 2, (B,), generator=gen).to(dtype), n
+    n = max(B + 3, n_min)
+    return torch.randint(0, n, (B,), generator=gen).to(dtype), n
+
+
+def _pattern(mode: str, B: int, gen: torch.Generator) -> torch.Tensor:
+    if mode == "all":
+        return torch.ones(B, dtype=torch.bool)
+    if mode == "none":
+        return torch.zeros(B, dtype=torch.bool)
+    m = torch.rand(B, generator=gen) < 0.5
+    if B >= 2:
+        m[0], m[1] = True, False
+    return m
+
+
+def _probe_scores64(x: torch.Tensor, W1, b1, w2, b2) -> torch.Tensor:
+    x = x.double()
+    h = torch.relu(x @ W1.double().t() + b1.double())
+    return torch.sigmoid(h @ w2.double() + b2.double().reshape(()))
+
+
+def safe_tau(p: torch.Tensor, target: float = 0.5, margin: float = 2e-4) -> float:
+    """A threshold near ``target`` at least ``margin`` away from every finite score in ``p``."""
+    vals = sorted(set(float(v) for v in p.flatten().tolist() if math.isfinite(v)))
+    if not vals or all(abs(v - target) >= margin for v in vals):
+        return target
+    edges = [-1.0] + vals + [2.0]
+    best, best_d = target, -1.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi - lo < 2 * margin:
+            continue
+        mid = min(max((lo + hi) / 2, 1e-3), 1 - 1e-3)
+        if mid - lo < margin or hi - mid < margin:
+            continue
+        d = -abs(mid - target)
+        if d > best_d:
+            best, best_d = mid, d
+    return best
+
+
+def make_case(
+    B: int = 3,
+    H: int = 37,
+    V: int = 101,
+    r: int | str = 8,
+    F: int = 16,
+    dtype: torch.dtype = torch.float32,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    probe_layout: str = "contig",
+    head_layout: str = "contig",
+    logits_layout: str = "contig",
+    row_mode: str = "random",
+    rows_dtype: torch.dtype = torch.int64,
+    latch_mode: str = "mixed",
+    mask_mode: str = "mixed",
+    fire_rate: float = 0.5,
+    nan_probe_rows: bool = False,
+    nan_head_rows: bool = False,
+    special_logits: bool = False,
+    nan_latches: bool = False,
+    eps: float = 0.1,
+) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    full_s = r == "full"
+    R = H if full_s else int(r)
+
+    probe_rows, N = _rows(row_mode, B, 1, gen, rows_dtype)
+    head_rows, M = _rows(row_mode if row_mode != "random" else "decode", B, 1, gen, rows_dtype)
+    x = torch.randn(N, H, generator=gen).to(dtype)
+    g = torch.randn(M, H, generator=gen).to(dtype)
+    probe_mask = _pattern(mask_mode, B, gen)
+    latched = _pattern(latch_mode, B, gen)
+
+    W1 = torch.randn(F, H, generator=gen) / math.sqrt(H)
+    b1 = 0.1 * torch.randn(F, generator=gen)
+    w2 = 2.0 * torch.randn(F, generator=gen) / math.sqrt(F)
+    b2 = 0.5 * torch.randn(1, generator=gen)
+    if full_s:  # S = I + A B^T with B^T = I: U = E A is [V, H]
+        U = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(dtype)
+        Bt = torch.eye(H).to(dtype)
+    else:
+        U = (torch.randn(V, R, generator=gen) / math.sqrt(max(R, 1))).to(dtype)
+        Bt = (torch.randn(R, H, generator=gen) / math.sqrt(H)).to(dtype)
+
+    nan_rows = []
+    if nan_probe_rows and B > 0:
+        probed = [b for b in range(B) if probe_mask[b]]
+        nan_rows = probed[: max(1, len(probed) // 2)]
+        for b in nan_rows:
+            x[int(probe_rows[b])] = float("nan")
+    if nan_head_rows and B > 0:
+        g[int(head_rows[0])] = float("nan")
+
+    logits = (3.0 * torch.randn(B, V, generator=gen)).to(dtype)
+    if special_logits and B > 0 and V >= 4:
+        big = {torch.float32: 3e38, torch.float16: 6e4, torch.bfloat16: 3e38}[dtype]
+        logits[:, 0] = float("-inf")
+        logits[:, 1] = big
+        logits[:, 2] = -big
+        logits[0, 3] = float("-inf")
+    if B > 0 and V >= 1:  # NaN sentinel in rows that start unlatched: must come back bit-identical
+        for b in range(B):
+            if not latched[b] and not probe_mask[b]:
+                logits[b, V - 1] = float("nan")
+
+    # threshold at a safe distance from every score (fp32 kernels must agree on the latch)
+    if B > 0:
+        xs = x.float().index_select(0, probe_rows.long())
+        p64 = _probe_scores64(xs, W1, b1, w2, b2)
+        finite = p64[torch.isfinite(p64)]
+        q = torch.quantile(finite, 1 - fire_rate).item() if finite.numel() else 0.5
+        tau = safe_tau(p64, min(max(q, 0.01), 0.99))
+    else:
+        tau = 0.5
+
+    p_out = torch.full((B,), P_SENTINEL)
+    dev = torch.device(device)
+    args = dict(
+        probe_hidden=_layout(x.to(dev), probe_layout, gen),
+        probe_rows=probe_rows.to(dev),
+        probe_mask=probe_mask.to(dev),
+        head_hidden=_layout(g.to(dev), head_layout, gen),
+        head_rows=head_rows.to(dev),
+        logits=_layout(logits.to(dev), logits_layout, gen),
+        latched=latched.to(dev),
+        p_out=p_out.to(dev),
+        W1=W1.to(dev), b1=b1.to(dev), w2=w2.to(dev), b2=b2.to(dev),
+        U=U.to(dev), Bt=Bt.to(dev),
+    )
+    info = dict(B=B, H=H, V=V, r=r, dtype=str(dtype).replace("torch.", ""), seed=seed, probe_layout=probe_layout,
+                head_layout=head_layout, logits_layout=logits_layout, row_mode=row_mode, latch=latch_mode,
+                mask=mask_mode, nan_rows=nan_rows, special=special_logits, nan_latches=nan_latches)
+    return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _upcast(args: dict) -> dict:
+    out = dict(args)
+    for n in ("probe_hidden", "head_hidden", "U", "Bt"):
+        out[n] = args[n].float()
+    out["logits"] = args["logits"].float()
+    out["latched"] = args["latched"].clone()
+    out["p_out"] = args["p_out"].clone()
+    return out
+
+
+def run_reference(case: Case, args: dict | None = None) -> dict:
+    a = case.clone() if args is None else args
+    steer_step_reference(*case.call_args(a))
+    return a
+
+
+def check_against_reference(case: Case, out: dict, *, fp32_rtol: float = 1e-5) -> None:
+    """``out``: the arguments (a ``case.clone()``) after the kernel ran on them."""
+    inp = case.args
+    ref = run_reference(case)
+    ctx = repr(case)
+
+    # latch and scores
+    assert torch.equal(out["latched"].cpu(), ref["latched"].cpu()), f"latched differs {ctx}:\n{out['latched']}\n{ref['latched']}"
+    mask = inp["probe_mask"].cpu()
+    po, pr, p0 = out["p_out"].cpu(), ref["p_out"].cpu(), inp["p_out"].cpu()
+    assert torch.equal(_bits(po[~mask]), _bits(p0[~mask])), f"p_out written where probe_mask is False {ctx}"
+    assert torch.equal(torch.isnan(po[mask]), torch.isnan(pr[mask])), f"p_out NaN pattern differs {ctx}: {po} {pr}"
+    fin = mask & ~torch.isnan(pr)
+    if fin.any():
+        err = (po[fin] - pr[fin]).abs().max().item()
+        assert err <= 1e-5, f"p_out error {err} {ctx}: {po} vs {pr}"
+
+    # logits
+    lat = ref["latched"].cpu()
+    lo, lr, l0 = out["logits"].cpu(), ref["logits"].cpu(), inp["logits"].cpu()
+    if (~lat).any():
+        assert torch.equal(_bits(lo[~lat]), _bits(l0[~lat])), f"an unlatched row was written {ctx}"
+    if not lat.any():
+        return
+    a, b = lo[lat].double(), lr[lat].double()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"NaN pattern differs {ctx}: {int(torch.isnan(a).sum())} vs {int(torch.isnan(b).sum())}"
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    assert torch.equal(inf_a, inf_b) and torch.equal(a[inf_a], b[inf_b]), f"inf pattern differs {ctx}"
+    neg_inf_in = torch.isneginf(l0[lat].double())
+    assert torch.isneginf(a[neg_inf_in]).all(), f"-inf logits did not stay -inf {ctx}"
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not finite.any():
+        return
+    if lo.dtype == torch.float32:
+        num = (a[finite] - b[finite]).norm().item()
+        den = b[finite].norm().item()
+        rel = num / max(den, 1e-30)
+        assert rel <= fp32_rtol, f"relative error {rel:.3e} > {fp32_rtol} {ctx}"
+    else:
+        # flash-attention oracle against an fp32 run of the reference on the same (upcast) inputs
+        ref32 = _upcast(inp)
+        steer_step_reference(*case.call_args(ref32))
+        c = ref32["logits"].cpu()[lat].double()
+        ok = finite & torch.isfinite(c)
+        err_kernel = (a[ok] - c[ok]).abs().max().item() if ok.any() else 0.0
+        err_ref = (b[ok] - c[ok]).abs().max().item() if ok.any() else 0.0
+        floor = 1e-6 * max(1.0, c[ok].abs().max().item() if ok.any() else 1.0)
+        assert err_kernel <= 2 * err_ref + floor, (
+            f"low-precision error {err_kernel:.3e} > 2 x reference error {err_ref:.3e} {ctx}")
+
+
+# ----------------------------------------------------------------------------- shared grids
+SHAPES = ((37, 101), (64, 256), (96, 130))  # (H, V): odd sizes; H=96 with r="full" exceeds 64 (Triton scratch path)
+RANKS = (1, 8, "full")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BATCHES = (0, 1, 3, 17)
+
+
+def variant(i: int) -> dict:
+    """Deterministic rotation of the secondary options, so the grid covers each of them."""
+    return dict(
+        probe_layout=LAYOUTS[i % len(LAYOUTS)],
+        head_layout=LAYOUTS[(i // 2) % len(LAYOUTS)],
+        logits_layout=("contig", "sliced")[(i // 3) % 2],
+        row_mode=ROW_MODES[i % len(ROW_MODES)],
+        rows_dtype=(torch.int64, torch.int32)[i % 2],
+        latch_mode=LATCH_MODES[(i // 2) % len(LATCH_MODES)],
+        mask_mode=MASK_MODES[i % len(MASK_MODES)],
+        seed=i,
+    )
+
+
+def grid_params():
+    out = []
+    i = 0
+    for B in BATCHES:
+        for H, V in SHAPES:
+            for r in RANKS:
+                for dt in DTYPES:
+                    out.append((B, H, V, r, dt, i))
+                    i += 1
+    return out
+
+
+def grid_id(p) -> str:
+    B, H, V, r, dt, i = p
+    return f"B{B}-H{H}-V{V}-r{r}-{str(dt).replace('torch.', '')}"
+
+
+def fuzz_examples(default: int) -> int:
+    import os
+
+    return int(os.environ.get("AUTOSTEER_FUZZ_EXAMPLES", default))
+
+
+def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
+    """A hypothesis strategy drawing ``make_case`` keyword arguments."""
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(dict(
+        B=st.integers(0, max_B),
+        H=st.integers(1, max_H),
+        V=st.integers(1, max_V),
+        r=st.one_of(st.integers(1, 20), st.just("full")),
+        F=st.integers(1, 40),
+        dtype=st.sampled_from(DTYPES),
+        seed=st.integers(0, 2**31 - 1),
+        probe_layout=st.sampled_from(LAYOUTS),
+        head_layout=st.sampled_from(LAYOUTS),
+        logits_layout=st.sampled_from(("contig", "sliced", "transposed")),
+        row_mode=st.sampled_from(ROW_MODES),
+        rows_dtype=st.sampled_from((torch.int32, torch.int64)),
+        latch_mode=st.sampled_from(LATCH_MODES),
+        mask_mode=st.sampled_from(MASK_MODES),
+        fire_rate=st.floats(0.0, 1.0),
+        nan_probe_rows=st.booleans(),
+        special_logits=st.booleans(),
+        nan_latches=st.booleans(),
+        eps=st.sampled_from((0.1, 0.5, 1.0, -0.3)),
+    ))

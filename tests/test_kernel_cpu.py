@@ -1,0 +1,147 @@
+"""The C++ CPU kernel (torch.ops.autosteer.steer_step_cpu) against the PyTorch reference."""
+import os
+
+if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":  # see test_kernel_triton.py: before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from _steer_cases import (  # noqa: E402
+    LATCH_MODES,
+    LAYOUTS,
+    MASK_MODES,
+    ROW_MODES,
+    check_against_reference,
+    fuzz_case_strategy,
+    fuzz_examples,
+    grid_id,
+    grid_params,
+    make_case,
+    variant,
+)
+from autosteer.runtime import op as _op  # noqa: E402  (loads the C++ extension: installed or JIT)
+
+pytestmark = pytest.mark.skipif(_op.native_backend() is None, reason="C++ extension autosteer._C unavailable")
+
+
+def run_cpp(case):
+    out = case.clone()
+    torch.ops.autosteer.steer_step_cpu(*case.call_args(out))
+    return out
+
+
+@pytest.mark.parametrize("p", grid_params(), ids=grid_id)
+def test_grid(p):
+    B, H, V, r, dt, i = p
+    case = make_case(B=B, H=H, V=V, r=r, dtype=dt, **variant(i))
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("probe_layout", LAYOUTS)
+@pytest.mark.parametrize("head_layout", LAYOUTS)
+@pytest.mark.parametrize("logits_layout", ("contig", "sliced", "transposed"))
+def test_layouts(probe_layout, head_layout, logits_layout):
+    case = make_case(B=5, H=37, V=101, r=8, probe_layout=probe_layout, head_layout=head_layout,
+                     logits_layout=logits_layout, latch_mode="mixed", mask_mode="all", seed=3)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("row_mode", ROW_MODES)
+@pytest.mark.parametrize("rows_dtype", (torch.int32, torch.int64))
+def test_row_modes(row_mode, rows_dtype):
+    case = make_case(B=9, H=64, V=256, r=8, row_mode=row_mode, rows_dtype=rows_dtype, seed=11)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("latch_mode", LATCH_MODES)
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
+@pytest.mark.parametrize("fire_rate", (0.0, 0.5, 1.0))
+def test_latch_and_mask(latch_mode, mask_mode, fire_rate):
+    case = make_case(B=17, H=37, V=101, r=8, latch_mode=latch_mode, mask_mode=mask_mode, fire_rate=fire_rate, seed=5)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("nan_latches", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_nan_hidden(nan_latches, dtype):
+    case = make_case(B=8, H=37, V=101, r=8, dtype=dtype, mask_mode="all", latch_mode="none", nan_probe_rows=True,
+                     nan_latches=nan_latches, seed=2)
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    nan_rows = case.info["nan_rows"]
+    assert torch.isnan(out["p_out"][nan_rows]).all()
+    assert bool(out["latched"][nan_rows].all()) == nan_latches
+
+
+def test_nan_head_rows_propagate():
+    case = make_case(B=4, H=37, V=101, r=8, latch_mode="all", nan_head_rows=True, seed=4)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_inf_and_huge_logits(dtype):
+    case = make_case(B=6, H=37, V=101, r=8, dtype=dtype, latch_mode="mixed", special_logits=True, seed=6)
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    assert not torch.isnan(out["logits"][:, :3]).any()
+    assert torch.isneginf(out["logits"][:, 0]).all()
+
+
+def test_mixed_dtypes():
+    case = make_case(B=5, H=64, V=256, r=8, dtype=torch.float32, seed=8, latch_mode="all")
+    case.args["probe_hidden"] = case.args["probe_hidden"].half()
+    case.args["head_hidden"] = case.args["head_hidden"].bfloat16()
+    case.args["U"] = case.args["U"].half()
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("r", (16, 32, 64, 70))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fast_transpose_ranks(r, dtype):
+    # ranks with a compile-time transpose path (8/16/32/64), one above the 64-wide chunk, V not a block multiple
+    case = make_case(B=6, H=64, V=64 * 5 + 3, r=r, dtype=dtype, latch_mode="all", seed=r)
+    check_against_reference(case, run_cpp(case))
+    # U stored transposed ([r, V] contiguous, U = Ut.t()) takes the row-copy path
+    case.args["U"] = case.args["U"].t().contiguous().t()
+    check_against_reference(case, run_cpp(case))
+
+
+def test_degenerate_sizes():
+    for kw in (dict(V=0), dict(r=0), dict(F=1, H=1)):
+        base = dict(B=4, H=8, V=20, r=3, latch_mode="all", seed=1)
+        base.update(kw)
+        case = make_case(**base)
+        check_against_reference(case, run_cpp(case))
+
+
+def test_thread_count_invariant():
+    case = make_case(B=17, H=96, V=1000, r=16, latch_mode="all", mask_mode="all", seed=9)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run_cpp(case)
+        torch.set_num_threads(max(2, old))
+        b = run_cpp(case)
+    finally:
+        torch.set_num_threads(old)
+    for n in ("logits", "latched", "p_out"):
+        assert torch.equal(a[n], b[n])
+
+
+def test_row_out_of_range_raises_before_writing():
+    case = make_case(B=3, H=8, V=20, r=2, latch_mode="all", mask_mode="all", seed=0)
+    out = case.clone()
+    out["head_rows"] = torch.tensor([0, 1, 99])
+    with pytest.raises(RuntimeError, match="head_rows"):
+        torch.ops.autosteer.steer_step_cpu(*case.call_args(out))
+    assert torch.equal(out["logits"], case.args["logits"])
+
+
+@settings(max_examples=fuzz_examples(200), deadline=None, derandomize=os.environ.get("AUTOSTEER_FUZZ_RANDOM") != "1",
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(kw=fuzz_case_strategy())
+def test_fuzz_cpp_vs_reference(kw):
+    case = make_case(**kw)
+    check_against_reference(case, run_cpp(case))

@@ -1,0 +1,174 @@
+"""The fused Triton kernel (autosteer.kernels.steer_step) against the PyTorch reference.
+
+On a CPU-only machine the kernel runs in Triton's interpreter. Triton decides interpreter
+mode when ``triton.language`` is first imported (its builtins are jit functions decorated at
+import time), NOT at launch: TRITON_INTERPRET=1 must be in the environment before anything
+imports triton. Hence these lines come first (the other kernel test files repeat them, since
+pytest imports them earlier). On a GPU machine run with AUTOSTEER_TEST_NATIVE_TRITON=1 (and
+TRITON_INTERPRET unset) to compile the kernel for CUDA instead; CPU cases are then skipped.
+"""
+import os
+
+if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from _steer_cases import (  # noqa: E402
+    LATCH_MODES,
+    LAYOUTS,
+    MASK_MODES,
+    ROW_MODES,
+    check_against_reference,
+    fuzz_case_strategy,
+    fuzz_examples,
+    grid_id,
+    grid_params,
+    make_case,
+    variant,
+)
+
+triton = pytest.importorskip("triton")
+from autosteer.kernels import steer_step as ks  # noqa: E402
+
+INTERPRETING = ks.interpreting()
+DEVICES = []
+if INTERPRETING:
+    DEVICES.append("cpu")
+if torch.cuda.is_available() and not INTERPRETING:
+    DEVICES.append("cuda")
+if not DEVICES:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and no CUDA device is present: set "
+                "TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+
+
+def run_triton(case, **kw):
+    out = case.clone()
+    ks.steer_step_triton(*case.call_args(out), **kw)
+    return out
+
+
+def test_interpreter_mode_is_what_the_environment_asked_for():
+    if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":
+        assert INTERPRETING, "TRITON_INTERPRET=1 was set before importing triton, the kernel must be interpreted"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", grid_params(), ids=grid_id)
+def test_grid(p, device):
+    B, H, V, r, dt, i = p
+    case = make_case(B=B, H=H, V=V, r=r, dtype=dt, device=device, **variant(i))
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("probe_layout", LAYOUTS)
+@pytest.mark.parametrize("head_layout", LAYOUTS)
+def test_layouts(probe_layout, head_layout, device):
+    logits_layout = "transposed" if probe_layout == head_layout else "sliced"
+    case = make_case(B=5, H=37, V=101, r=8, probe_layout=probe_layout, head_layout=head_layout,
+                     logits_layout=logits_layout, latch_mode="mixed", mask_mode="all", seed=3, device=device)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row_mode", ROW_MODES)
+@pytest.mark.parametrize("rows_dtype", (torch.int32, torch.int64))
+def test_row_modes(row_mode, rows_dtype, device):
+    case = make_case(B=9, H=64, V=256, r=8, row_mode=row_mode, rows_dtype=rows_dtype, seed=11, device=device)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("latch_mode", LATCH_MODES)
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
+def test_latch_and_mask(latch_mode, mask_mode, device):
+    case = make_case(B=17, H=37, V=101, r=8, latch_mode=latch_mode, mask_mode=mask_mode, seed=5, device=device)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_nan_hidden(nan_latches, dtype, device):
+    case = make_case(B=8, H=37, V=101, r=8, dtype=dtype, mask_mode="all", latch_mode="none", nan_probe_rows=True,
+                     nan_latches=nan_latches, seed=2, device=device)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    nan_rows = case.info["nan_rows"]
+    assert torch.isnan(out["p_out"][nan_rows]).all()
+    assert bool(out["latched"][nan_rows].all()) == nan_latches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_inf_and_huge_logits(dtype, device):
+    case = make_case(B=6, H=37, V=101, r=8, dtype=dtype, latch_mode="mixed", special_logits=True, seed=6,
+                     device=device)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    assert not torch.isnan(out["logits"][:, :3]).any()
+    assert torch.isneginf(out["logits"][:, 0]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits,block_v", [(1, 16), (3, 16), (7, 32), (50, 16)])
+def test_vocab_splits(num_splits, block_v, device):
+    # several programs per row (and more splits than blocks): all must agree on the latch, no block twice
+    case = make_case(B=5, H=37, V=101, r=8, latch_mode="none", mask_mode="all", fire_rate=0.6, seed=7,
+                     device=device)
+    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+    case = make_case(B=3, H=96, V=130, r="full", latch_mode="mixed", mask_mode="mixed", seed=8, device=device)
+    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes(device):
+    case = make_case(B=5, H=64, V=256, r=8, dtype=torch.float32, seed=8, latch_mode="all", device=device)
+    case.args["probe_hidden"] = case.args["probe_hidden"].half()
+    case.args["head_hidden"] = case.args["head_hidden"].bfloat16()
+    case.args["U"] = case.args["U"].half()
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_sizes(device):
+    for kw in (dict(V=0), dict(r=0), dict(F=1, H=1), dict(B=0)):
+        base = dict(B=4, H=8, V=20, r=3, latch_mode="all", seed=1, device=device)
+        base.update(kw)
+        case = make_case(**base)
+        check_against_reference(case, run_triton(case))
+
+
+def test_launcher_asserts_preconditions():
+    case = make_case(B=3, H=8, V=20, r=2, seed=0, device=DEVICES[0])
+    bad = case.clone()
+    bad["U"] = bad["U"][:, :1]
+    with pytest.raises(AssertionError, match="Bt must be"):
+        ks.steer_step_triton(*case.call_args(bad))
+    bad = case.clone()
+    bad["probe_rows"] = bad["probe_rows"].float()
+    with pytest.raises(AssertionError, match="probe_rows"):
+        ks.steer_step_triton(*case.call_args(bad))
+
+
+def test_launch_config_has_no_data_dependence():
+    """The launcher reads only shapes/strides/dtypes: the same config for any tensor values."""
+    case = make_case(B=5, H=37, V=101, r=8, seed=0)
+    g1, a1, m1 = ks.launch_config(*case.call_args())
+    other = make_case(B=5, H=37, V=101, r=8, seed=1, latch_mode="all", mask_mode="none")
+    g2, a2, m2 = ks.launch_config(*other.call_args())
+    assert g1 == g2 and m1 == m2
+    scalars = lambda a: [x for x in a if not isinstance(x, torch.Tensor) and not isinstance(x, float)]  # noqa: E731
+    assert scalars(a1) == scalars(a2)
+
+
+@settings(max_examples=max(1, fuzz_examples(200) // 4), deadline=None,
+          derandomize=os.environ.get("AUTOSTEER_FUZZ_RANDOM") != "1",
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(kw=fuzz_case_strategy(max_B=8, max_H=48, max_V=160))
+def test_fuzz_triton_vs_reference(kw):
+    case = make_case(device=DEVICES[0], **kw)
+    check_against_reference(case, run_triton(case))

@@ -1,0 +1,252 @@
+"""torch.ops.autosteer.steer_step: dispatch, opcheck, torch.compile, fallbacks, validation, CUDA graphs."""
+import os
+
+if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":  # see test_kernel_triton.py: before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from _steer_cases import ARG_NAMES, check_against_reference, make_case  # noqa: E402
+from autosteer.runtime import op  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_op(case):
+    out = case.clone()
+    op.steer_step(*case.call_args(out))
+    return out
+
+
+def test_available_backends():
+    b = op.available_backends()
+    assert set(b) == {"triton", "cpp", "reference"}
+    assert b["reference"] is True
+    assert b["cpp"] == (op.native_backend() is not None)
+    assert b["triton"] == (op._HAS_TRITON and torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("B", (0, 1, 3, 17))
+def test_op_matches_reference(device, dtype, B):
+    case = make_case(B=B, H=37, V=101, r=8, dtype=dtype, device=device, probe_layout="sliced",
+                     row_mode="varlen", seed=B)
+    check_against_reference(case, run_op(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_full_s_and_special_values(device):
+    case = make_case(B=6, H=64, V=256, r="full", dtype=torch.float16, device=device, special_logits=True,
+                     nan_probe_rows=True, nan_latches=True, mask_mode="all", seed=1)
+    check_against_reference(case, run_op(case))
+
+
+# --------------------------------------------------------------------------- opcheck
+def _opcheck_cases(device):
+    yield "contiguous-fp32", make_case(B=5, H=37, V=101, r=8, seed=0, device=device)
+    yield "strided-fp16", make_case(B=5, H=37, V=101, r=8, dtype=torch.float16, seed=1, device=device,
+                                    probe_layout="sliced", head_layout="transposed", logits_layout="sliced",
+                                    rows_dtype=torch.int32)
+    yield "indexed-bf16-full", make_case(B=4, H=40, V=70, r="full", dtype=torch.bfloat16, seed=2, device=device,
+                                         probe_layout="indexed", head_layout="indexed", row_mode="varlen")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ("steer_step", "steer_step_cpu", "steer_step_ref"))
+def test_opcheck(which, device):
+    if which == "steer_step_cpu" and (device != "cpu" or op.native_backend() is None):
+        pytest.skip("the C++ op is CPU-only and needs the extension")
+    target = getattr(torch.ops.autosteer, which).default
+    for name, case in _opcheck_cases(device):
+        args = case.clone()
+        result = torch.library.opcheck(target, case.call_args(args))
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+
+
+# --------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+             W1, b1, w2, b2, U, Bt):
+        op.steer_step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                      W1, b1, w2, b2, U, Bt, 0.5, 0.1, False)
+        return torch.log_softmax(logits.float(), dim=-1), latched.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (0, 1):  # a second call reuses the graph
+        case = make_case(B=6, H=37, V=101, r=8, seed=seed, device=device, latch_mode="mixed", mask_mode="mixed")
+        case.tau = 0.5
+        a, b = case.clone(), case.clone()
+        ea = step(*(a[n] for n in ARG_NAMES))
+        eb = compiled(*(b[n] for n in ARG_NAMES))
+        for n in ("logits", "latched", "p_out"):  # bit-exact (NaN sentinels included)
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, equal_nan=True, msg=n)
+        assert torch.equal(ea[1], eb[1])
+        torch.testing.assert_close(ea[0], eb[0], equal_nan=True)
+
+
+# --------------------------------------------------------------------------- fallbacks
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    def broken_import():
+        raise ImportError("No module named 'autosteer._C'")
+
+    def broken_jit():
+        raise RuntimeError("ninja: build stopped")
+
+    monkeypatch.setattr(op, "_LOADERS", (("installed autosteer._C", broken_import), ("JIT build of csrc/", broken_jit)))
+    monkeypatch.setattr(op, "_native_registered", lambda: False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = op._load_native()
+    assert got is None
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "C++ CPU kernel is unavailable" in msgs[0] and "ninja: build stopped" in msgs[0]
+
+    monkeypatch.setattr(op, "_NATIVE", None)  # what the module would hold after that failed load
+    assert op.available_backends()["cpp"] is False
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            case = make_case(B=5, H=37, V=101, r=8, seed=seed)
+            check_against_reference(case, run_op(case))
+    assert not [w for w in rec if issubclass(w.category, RuntimeWarning)], "the fallback must warn only once"
+
+
+def test_loader_prefers_installed_then_jit(monkeypatch):
+    calls = []
+    monkeypatch.setattr(op, "_native_registered", lambda: len(calls) == 2)
+
+    def fail():
+        calls.append("installed")
+        raise ImportError("missing")
+
+    def ok():
+        calls.append("jit")
+
+    monkeypatch.setattr(op, "_LOADERS", (("installed autosteer._C", fail), ("JIT build of csrc/", ok)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert op._load_native() == "JIT build of csrc/"
+    assert calls == ["installed", "jit"]
+
+
+@pytest.mark.skipif(os.environ.get("AUTOSTEER_SKIP_JIT_TEST") == "1", reason="AUTOSTEER_SKIP_JIT_TEST=1")
+@pytest.mark.skipif(not (REPO / "csrc" / "steer_step_cpu.cpp").exists(), reason="needs the source checkout")
+def test_jit_build_when_extension_not_installed(tmp_path):
+    """A fresh interpreter that cannot import autosteer._C JIT-builds csrc/ with ninja (cached)."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['autosteer._C'] = None  # import autosteer._C now raises ImportError\n"
+        "warnings.simplefilter('error')\n"
+        "from autosteer.runtime import op\n"
+        "assert op.native_backend() == 'JIT build of csrc/', op.native_backend()\n"
+        "import torch\n"
+        "assert torch.ops.autosteer.steer_step_cpu.default is not None\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    env.pop("AUTOSTEER_DISABLE_JIT_BUILD", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- validation
+def _bad(name, fn):
+    return pytest.param(fn, id=name)
+
+
+BAD_INPUTS = [
+    ("hidden sizes", "hidden sizes differ", lambda a: a.update(head_hidden=a["head_hidden"][:, :-1])),
+    ("V mismatch", "U must be", lambda a: a.update(U=a["U"][:-1])),
+    ("Bt shape", "Bt must be", lambda a: a.update(Bt=a["Bt"][:-1])),
+    ("W1 shape", "W1 must be", lambda a: a.update(W1=a["W1"][:, :-1])),
+    ("b1 length", "b1 must be", lambda a: a.update(b1=a["b1"][:-1])),
+    ("b2 size", "b2 must have", lambda a: a.update(b2=torch.zeros(2))),
+    ("rows dtype", "probe_rows must be int32 or int64", lambda a: a.update(probe_rows=a["probe_rows"].float())),
+    ("rows length", "head_rows must be 1-D of length B", lambda a: a.update(head_rows=a["head_rows"][:-1])),
+    ("mask dtype", "probe_mask must be bool", lambda a: a.update(probe_mask=a["probe_mask"].int())),
+    ("latched length", "latched must be 1-D of length B", lambda a: a.update(latched=a["latched"][:-1])),
+    ("p_out dtype", "p_out must be float32", lambda a: a.update(p_out=a["p_out"].double())),
+    ("probe weight dtype", "W1 .probe weight. must be float32", lambda a: a.update(W1=a["W1"].half())),
+    ("logits dtype", "logits must be float32, float16 or bfloat16", lambda a: a.update(logits=a["logits"].double())),
+    ("logits rank", "logits must be 2-D", lambda a: a.update(logits=a["logits"][0])),
+    ("hidden rank", "probe_hidden must be 2-D", lambda a: a.update(probe_hidden=a["probe_hidden"][None])),
+    ("expanded out", "logits is written in place", lambda a: a.update(logits=a["logits"][:1].expand_as(a["logits"]))),
+    ("device", "meta but logits is on cpu", lambda a: a.update(U=a["U"].to("meta"))),
+]
+
+
+@pytest.mark.parametrize("name,match,mutate", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_validation_errors(name, match, mutate):
+    case = make_case(B=4, H=37, V=101, r=8, seed=0)
+    args = case.clone()
+    mutate(args)
+    before = case.args["logits"].clone()
+    with pytest.raises(ValueError, match=match):
+        op.steer_step(*case.call_args(args))
+    torch.testing.assert_close(case.args["logits"], before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_validation_scalar_types():
+    case = make_case(B=2, H=8, V=20, r=2, seed=0)
+    args = case.call_args(case.clone())
+    with pytest.raises(ValueError, match="tau must be a Python float"):
+        op.steer_step(*args[:14], torch.tensor(0.5), 0.1)
+    with pytest.raises(ValueError, match="nan_latches must be a bool"):
+        op.steer_step(*args[:14], 0.5, 0.1, 1)
+
+
+# --------------------------------------------------------------------------- CUDA only
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda_only
+def test_no_host_sync_on_cuda():
+    case = make_case(B=8, H=64, V=256, r=8, device="cuda", seed=0)
+    args = case.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op.steer_step(*case.call_args(args))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_against_reference(case, args)
+
+
+@cuda_only
+def test_cuda_graph_capture_replay():
+    """A processor-like step on static buffers, captured once and replayed, equals eager."""
+    case = make_case(B=8, H=64, V=256, r=8, device="cuda", seed=0, latch_mode="none", mask_mode="all")
+    static = case.clone()
+    eager = case.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles the kernel) outside the capture
+        warm = case.clone()
+        op.steer_step(*case.call_args(warm))
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        op.steer_step(*case.call_args(static))
+    for step in range(3):  # new inputs each step, copied into the static buffers
+        fresh = make_case(B=8, H=64, V=256, r=8, device="cuda", seed=10 + step, latch_mode="none", mask_mode="all")
+        for n in ("probe_hidden", "head_hidden", "logits"):
+            static[n].copy_(fresh.args[n])
+            eager[n].copy_(fresh.args[n])
+        g.replay()
+        op.steer_step(*case.call_args(eager))
+        torch.cuda.synchronize()
+        for n in ("logits", "latched", "p_out"):
+            torch.testing.assert_close(static[n], eager[n], rtol=0, atol=0, equal_nan=True, msg=f"{step} {n}")
