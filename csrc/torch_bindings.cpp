@@ -5,6 +5,8 @@
 // annotations: logits, latched and p_out are written, nothing is returned. The Python
 // op torch.ops.autosteer.steer_step (autosteer/runtime/op.py) calls it for CPU tensors.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace autosteer {
@@ -30,6 +32,28 @@ TORCH_LIBRARY(autosteer, m) {
 TORCH_LIBRARY_IMPL(autosteer, CPU, m) { m.impl("steer_step_cpu", &autosteer::steer_step_cpu); }
 
 TORCH_LIBRARY_IMPL(autosteer, Meta, m) { m.impl("steer_step_cpu", &autosteer::steer_step_meta); }
+
+namespace {
+// ADInplaceOrView kernel: bump the version counters of the written out-params (as built-in
+// in-place ops do, so autograd can detect a stale saved tensor), then run the kernel.
+// torch's generic inplace-or-view fallback only bumps outputs that alias inputs, and this
+// op returns nothing.
+void bump_written_then_redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size(), base = stack->size() - n;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& alias = args[i].alias_info();
+    const c10::IValue& v = (*stack)[base + i];
+    if (alias && alias->isWrite() && v.isTensor()) torch::autograd::impl::bump_version(v.toTensor());
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autosteer, ADInplaceOrView, m) {
+  m.impl("steer_step_cpu", torch::CppFunction::makeFromBoxedFunction<&bump_written_then_redispatch>());
+}
 
 // `import autosteer._C` loads this library (and so runs the registrations above); the
 // module itself is empty. A JIT build loads the same code with torch.ops.load_library.

@@ -250,3 +250,22 @@ def test_cuda_graph_capture_replay():
         torch.cuda.synchronize()
         for n in ("logits", "latched", "p_out"):
             torch.testing.assert_close(static[n], eager[n], rtol=0, atol=0, equal_nan=True, msg=f"{step} {n}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_fast_path_equals_op_path(device, monkeypatch):
+    case = make_case(B=9, H=37, V=101, r=8, seed=3, device=device, latch_mode="mixed", mask_mode="mixed")
+    fast = run_op(case)
+    monkeypatch.setattr(op, "EAGER_FAST_PATH", False)
+    slow = run_op(case)
+    for n in ("logits", "latched", "p_out"):
+        torch.testing.assert_close(fast[n], slow[n], rtol=0, atol=0, equal_nan=True, msg=n)
+    check_against_reference(case, slow)
+
+
+def test_wrapper_bumps_version_counters():
+    case = make_case(B=3, H=8, V=20, r=2, seed=0, latch_mode="all")
+    args = case.clone()
+    before = {n: args[n]._version for n in ("logits", "latched", "p_out")}
+    op.steer_step(*case.call_args(args))
+    assert all(args[n]._version > before[n] for n in before if n != "p_out" or case.args["probe_mask"].any())
