@@ -291,11 +291,11 @@ AS_INLINE void fill_ut_fixed(const TU* U, int64_t v0, float* UT) {
     for (int kk = 0; kk < R; ++kk) UT[kk * kVB + j] = to_f(src[j * R + kk]);
 }
 
-// acc[q * kVB + j] += sum_kk UT[kk * kVB + j] * T[q * ldt + kk] for q < 4 (four rows share the U loads).
-AS_INLINE void axpy_rows4(const float* UT, int64_t kc, const float* T, int64_t ldt, float* acc) {
+// acc[q * kVB + j] += sum_kk UT[kk * ldu + j] * T[q * ldt + kk] for q < 4 (four rows share the U loads).
+AS_INLINE void axpy_rows4(const float* UT, int64_t ldu, int64_t kc, const float* T, int64_t ldt, float* acc) {
   float s0[kVB] = {0.f}, s1[kVB] = {0.f}, s2[kVB] = {0.f}, s3[kVB] = {0.f};
   for (int64_t kk = 0; kk < kc; ++kk) {
-    const float* u = UT + kk * kVB;
+    const float* u = UT + kk * ldu;
     const float a0 = T[kk], a1 = T[ldt + kk], a2 = T[2 * ldt + kk], a3 = T[3 * ldt + kk];
 #pragma omp simd
     for (int64_t j = 0; j < kVB; ++j) {
@@ -314,10 +314,10 @@ AS_INLINE void axpy_rows4(const float* UT, int64_t kc, const float* T, int64_t l
   }
 }
 
-AS_INLINE void axpy_row(const float* UT, int64_t kc, const float* T, float* acc) {
+AS_INLINE void axpy_row(const float* UT, int64_t ldu, int64_t kc, const float* T, float* acc) {
   float s[kVB] = {0.f};
   for (int64_t kk = 0; kk < kc; ++kk) {
-    const float* u = UT + kk * kVB;
+    const float* u = UT + kk * ldu;
     const float a0 = T[kk];
 #pragma omp simd
     for (int64_t j = 0; j < kVB; ++j) s[j] += u[j] * a0;
@@ -355,7 +355,13 @@ AS_INLINE void blend_blocks_t(const BlendArgs& a, int64_t blk0, int64_t blk1) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t k0 = 0; k0 < a.r; k0 += kKC) {
       const int64_t kc = std::min<int64_t>(kKC, a.r - k0);
-      if (packed && nv == kVB && a.r == 16) {
+      const float* u = ut.data();
+      int64_t ldu = kVB;
+      if (std::is_same<TU, float>::value && a.u_s0 == 1 && nv == kVB) {
+        // U stored [r, V] (passed as a transposed view): its rows are the transposed block already
+        u = reinterpret_cast<const float*>(U) + v0 + k0 * a.u_s1;
+        ldu = a.u_s1;
+      } else if (packed && nv == kVB && a.r == 16) {
         fill_ut_fixed<16>(U, v0, ut.data());
       } else if (packed && nv == kVB && a.r == 8) {
         fill_ut_fixed<8>(U, v0, ut.data());
@@ -367,8 +373,8 @@ AS_INLINE void blend_blocks_t(const BlendArgs& a, int64_t blk0, int64_t blk1) {
         fill_ut(U, a.u_s0, a.u_s1, v0, nv, k0, kc, ut.data());  // lanes >= nv keep stale values, never stored
       }
       int64_t i = 0;
-      for (; i + 4 <= a.nl; i += 4) axpy_rows4(ut.data(), kc, a.T + i * a.r + k0, a.r, acc.data() + i * kVB);
-      for (; i < a.nl; ++i) axpy_row(ut.data(), kc, a.T + i * a.r + k0, acc.data() + i * kVB);
+      for (; i + 4 <= a.nl; i += 4) axpy_rows4(u, ldu, kc, a.T + i * a.r + k0, a.r, acc.data() + i * kVB);
+      for (; i < a.nl; ++i) axpy_row(u, ldu, kc, a.T + i * a.r + k0, acc.data() + i * kVB);
     }
     AS_DISPATCH_KIND(a.lg_kind, TL, blend_rows_t<TL>(a, v0, nv, acc.data(), z));
   }
