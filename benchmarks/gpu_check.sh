@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# One short GPU check of the steer_step op (written for one H100; needs torch with CUDA + triton):
+#   1. environment, package import (installs it editable, else uses the source tree);
+#   2. CUDA graph: a processor-like step (the op on static buffers) captured once, replayed with
+#      new inputs, compared with eager and with the reference; no host sync inside the op;
+#   3. the kernel + op tests on CUDA (Triton compiled, not interpreted);
+#   4. bench_op.py on CUDA.
+# Everything it writes goes to $OUT if set (else benchmarks/results): gpu_check.log, gpu_graph.json,
+# gpu_tests.xml, bench_op_cuda.{csv,md}. Exit status 0 only if every step passed.
+#   bash benchmarks/gpu_check.sh                 # full (~5-8 min once the machine is up)
+#   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark configs
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+RESULTS="${OUT:-$ROOT/benchmarks/results}"
+mkdir -p "$RESULTS"
+exec > >(tee "$RESULTS/gpu_check.log") 2>&1
+
+unset TRITON_INTERPRET                       # compile for the GPU; CPU-only test cases skip
+export AUTOSTEER_TEST_NATIVE_TRITON=1
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+export AUTOSTEER_FUZZ_EXAMPLES="${AUTOSTEER_FUZZ_EXAMPLES:-80}"
+export AUTOSTEER_SKIP_JIT_TEST=1             # the JIT-build test is a CPU concern, checked elsewhere
+PY="${PYTHON:-python}"
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| triton', triton.__version__)" || { echo "torch/triton/CUDA unusable"; exit 2; }
+if ! "$PY" -c "import autosteer.runtime.op" >/dev/null 2>&1; then
+  "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . >"$RESULTS/pip_install.log" 2>&1 \
+    || echo "pip install failed (see pip_install.log): using the source tree"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import autosteer.runtime.op as op; print('backends', op.available_backends(), 'cpp via', op.native_backend())" || status=1
+
+step "CUDA graph capture / replay of a processor-like step"
+timeout 300 "$PY" - "$RESULTS/gpu_graph.json" <<'PYEOF' || status=1
+import json, sys, time
+import torch
+from autosteer.runtime import op
+from autosteer.runtime.reference_op import steer_step_reference
+
+dev = "cuda"
+torch.manual_seed(0)
+results = {}
+
+def make(B, H, V, r=16, F=64, hidden=torch.bfloat16, logits_dtype=torch.float32, T=1):
+    g = torch.Generator(device="cpu").manual_seed(B * 7 + V)
+    rnd = lambda *s, scale=1.0, dt=torch.float32: (scale * torch.randn(*s, generator=g)).to(dt).to(dev)
+    return dict(
+        probe_hidden=rnd(B * T, H, dt=hidden), probe_rows=torch.arange(B, device=dev) * T + (T - 1),
+        probe_mask=torch.ones(B, dtype=torch.bool, device=dev), head_hidden=rnd(B * T, H, dt=hidden),
+        head_rows=torch.arange(B, device=dev) * T + (T - 1), logits=rnd(B, V, scale=3.0, dt=logits_dtype),
+        latched=torch.zeros(B, dtype=torch.bool, device=dev), p_out=torch.zeros(B, device=dev),
+        W1=rnd(F, H, scale=H ** -0.5), b1=rnd(F, scale=0.1), w2=rnd(F, scale=2 * F ** -0.5), b2=rnd(1),
+        U=rnd(V, r, scale=r ** -0.5), Bt=rnd(r, H, scale=H ** -0.5))
+
+ORDER = ("probe_hidden", "probe_rows", "probe_mask", "head_hidden", "head_rows", "logits", "latched", "p_out",
+         "W1", "b1", "w2", "b2", "U", "Bt")
+TAU, EPS = 0.5, 0.1
+call = lambda d: tuple(d[n] for n in ORDER) + (TAU, EPS, False)
+
+def clone(d):
+    return {k: (v.clone() if k in ("logits", "latched", "p_out") else v) for k, v in d.items()}
+
+for name, fn in (("wrapper", op.steer_step), ("torch.ops", torch.ops.autosteer.steer_step)):
+    for (B, H, V) in ((8, 576, 49152), (64, 3584, 152064)):
+        static = make(B, H, V)
+        eager = clone(static)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up: compiles the kernel outside the capture
+            fn(*call(clone(static)))
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the op must not synchronise
+        try:
+            fn(*call(clone(static)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*call(static))
+        ok, worst = True, 0.0
+        for step in range(4):
+            fresh = make(B, H, V)
+            fresh["probe_hidden"].mul_(1.0 + step)  # different scores each step; latches accumulate
+            for k in ("probe_hidden", "head_hidden", "logits"):
+                static[k].copy_(fresh[k]); eager[k].copy_(fresh[k])
+            ref = clone(eager)
+            graph.replay()
+            fn(*call(eager))
+            steer_step_reference(*call(ref))
+            torch.cuda.synchronize()
+            same = all(torch.equal(static[k], eager[k]) for k in ("logits", "latched", "p_out"))
+            lat_ok = torch.equal(static["latched"], ref["latched"])
+            rel = ((static["logits"].float() - ref["logits"].float()).norm() / ref["logits"].float().norm()).item()
+            worst = max(worst, rel)
+            ok &= same and lat_ok and rel < 1e-5
+            print(f"{name} B={B} H={H} V={V} step {step}: replay==eager {same}, latched==ref {lat_ok}, "
+                  f"rel err vs ref {rel:.2e}, latched rows {int(static['latched'].sum())}")
+        # host cost: graph replay vs eager call
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        for _ in range(200): graph.replay()
+        torch.cuda.synchronize(); t_graph = (time.perf_counter() - t0) / 200 * 1e6
+        t0 = time.perf_counter()
+        for _ in range(200): fn(*call(eager))
+        torch.cuda.synchronize(); t_eager = (time.perf_counter() - t0) / 200 * 1e6
+        print(f"  per step: graph replay {t_graph:.1f} us, eager {t_eager:.1f} us")
+        results[f"{name}-B{B}-V{V}"] = dict(ok=bool(ok), worst_rel_err=worst, replay_us=t_graph, eager_us=t_eager)
+
+json.dump(results, open(sys.argv[1], "w"), indent=1)
+print("graph check:", "PASS" if all(r["ok"] for r in results.values()) else "FAIL")
+sys.exit(0 if all(r["ok"] for r in results.values()) else 1)
+PYEOF
+
+step "kernel and op tests on CUDA"
+timeout 480 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernel_triton.py tests/test_op.py \
+  --junitxml="$RESULTS/gpu_tests.xml" || status=1
+
+step "benchmark"
+if [ "${QUICK:-0}" = "1" ]; then
+  BENCH_ARGS=(--shapes smollm2 qwen2-7b --batches 1 16 256)
+else
+  BENCH_ARGS=()
+fi
+timeout 420 "$PY" benchmarks/bench_op.py --device cuda --out-dir "$RESULTS" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || status=1
+
+step "done: status $status (results in $RESULTS)"
+exit $status
