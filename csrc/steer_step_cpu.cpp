@@ -10,7 +10,7 @@
 // Rows that are not latched are never written.
 //
 // Work split (three phases, each an at::parallel_for):
-//   1. probe + latch, parallel over rows (only rows with probe_mask set do any work);
+//   1. probe + latch, parallel over groups of 4 probed rows (each W1 row is loaded once per group);
 //   2. t_i = Bt g_i (r floats) for every latched row i, parallel over (row, k) pairs;
 //   3. blend, parallel over blocks of kVB vocabulary entries. A block of U (kVB x r) is
 //      converted to fp32 and transposed once into a small buffer, then reused by every
@@ -176,40 +176,68 @@ struct ProbeArgs {
   bool nan_latches;
 };
 
+// out[q * ldo + f] = dot(X + q * ldx, W + f * ldw, n) for q, f < 4: a 4 x 4 register block,
+// so each row of W1 is loaded once per four probed rows.
+AS_INLINE void dot4x4(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+  float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
+  const float *w0 = W, *w1 = W + ldw, *w2 = W + 2 * ldw, *w3 = W + 3 * ldw;
+  const float *x0 = X, *x1 = X + ldx, *x2 = X + 2 * ldx, *x3 = X + 3 * ldx;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a0 = w0[i], a1 = w1[i], a2 = w2[i], a3 = w3[i];
+    const float c0 = x0[i], c1 = x1[i], c2 = x2[i], c3 = x3[i];
+    s00 += c0 * a0; s01 += c0 * a1; s02 += c0 * a2; s03 += c0 * a3;
+    s10 += c1 * a0; s11 += c1 * a1; s12 += c1 * a2; s13 += c1 * a3;
+    s20 += c2 * a0; s21 += c2 * a1; s22 += c2 * a2; s23 += c2 * a3;
+    s30 += c3 * a0; s31 += c3 * a1; s32 += c3 * a2; s33 += c3 * a3;
+  }
+  out[0] = s00; out[1] = s01; out[2] = s02; out[3] = s03;
+  out[ldo] = s10; out[ldo + 1] = s11; out[ldo + 2] = s12; out[ldo + 3] = s13;
+  out[2 * ldo] = s20; out[2 * ldo + 1] = s21; out[2 * ldo + 2] = s22; out[2 * ldo + 3] = s23;
+  out[3 * ldo] = s30; out[3 * ldo + 1] = s31; out[3 * ldo + 2] = s32; out[3 * ldo + 3] = s33;
+}
+
+constexpr int64_t kRB = 4;  // probed rows per work item
+
+// Work item g = probed rows items[4g .. 4g+3] (the batch rows with probe_mask set).
 template <typename T>
-AS_INLINE void probe_rows_t(const ProbeArgs& a, int64_t b0, int64_t b1) {
-  std::vector<float> xbuf(static_cast<size_t>(std::max<int64_t>(a.H, 1)));
-  std::vector<float> hbuf(static_cast<size_t>(std::max<int64_t>(a.F, 1)));
+AS_INLINE void probe_groups_t(const ProbeArgs& a, const int64_t* items, int64_t n_items, int64_t g0, int64_t g1) {
+  const int64_t H = a.H, F = a.F;
+  std::vector<float> X(static_cast<size_t>(kRB * std::max<int64_t>(H, 1)));
+  std::vector<float> hid(static_cast<size_t>(kRB * std::max<int64_t>(F, 1)));
   const T* base = static_cast<const T*>(a.ph);
-  for (int64_t b = b0; b < b1; ++b) {
-    if (!a.pmask[b * a.pmask_s]) continue;
-    const int64_t row = load_index(a.prow, a.prow64, a.prow_s, b);
-    const T* src = base + row * a.ph_s0;
-    const float* x;
-    if (std::is_same<T, float>::value && a.ph_s1 == 1) {
-      x = reinterpret_cast<const float*>(src);
-    } else {
-      load_row(src, a.ph_s1, a.H, xbuf.data());
-      x = xbuf.data();
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t q0 = g * kRB, m = std::min<int64_t>(kRB, n_items - q0);
+    for (int64_t q = 0; q < kRB; ++q) {  // a short last group repeats its last row (results unused)
+      const int64_t b = items[q0 + std::min(q, m - 1)];
+      const int64_t row = load_index(a.prow, a.prow64, a.prow_s, b);
+      load_row(base + row * a.ph_s0, a.ph_s1, H, X.data() + q * H);
     }
-    matvec(a.W1, a.H, x, a.H, a.F, hbuf.data());
-    float s = 0.f;
-    for (int64_t f = 0; f < a.F; ++f) {
-      float h = hbuf[f] + a.b1[f];
-      h = (h < 0.f) ? 0.f : h;  // relu that keeps NaN, like torch.relu
-      s += h * a.w2[f];
+    int64_t f = 0;
+    for (; f + 4 <= F; f += 4) dot4x4(a.W1 + f * H, H, X.data(), H, H, hid.data() + f, F);
+    for (; f < F; ++f)
+      for (int64_t q = 0; q < kRB; ++q) hid[q * F + f] = dot(a.W1 + f * H, X.data() + q * H, H);
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t b = items[q0 + q];
+      float s = 0.f;
+      for (int64_t k = 0; k < F; ++k) {
+        float h = hid[q * F + k] + a.b1[k];
+        h = (h < 0.f) ? 0.f : h;  // relu that keeps NaN, like torch.relu
+        s += h * a.w2[k];
+      }
+      s += a.b2;
+      const float p = 1.f / (1.f + std::exp(-s));
+      a.p_out[b * a.pout_s] = p;
+      const bool fire = (p > a.tau) || (a.nan_latches && std::isnan(p));
+      if (fire) a.latched[b * a.lat_s] = true;
     }
-    s += a.b2;
-    const float p = 1.f / (1.f + std::exp(-s));
-    a.p_out[b * a.pout_s] = p;
-    const bool fire = (p > a.tau) || (a.nan_latches && std::isnan(p));
-    if (fire) a.latched[b * a.lat_s] = true;
   }
 }
 
 AS_MULTIVERSION
-void probe_range(const ProbeArgs& a, int64_t b0, int64_t b1) {
-  AS_DISPATCH_KIND(a.ph_kind, T, probe_rows_t<T>(a, b0, b1));
+void probe_range(const ProbeArgs& a, const int64_t* items, int64_t n_items, int64_t g0, int64_t g1) {
+  AS_DISPATCH_KIND(a.ph_kind, T, probe_groups_t<T>(a, items, n_items, g0, g1));
 }
 
 // ---------------------------------------------------------------- phase 2: t = Bt g
@@ -476,8 +504,14 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     a.F = F;
     a.tau = static_cast<float>(tau);  // the reference compares an fp32 tensor with tau cast to fp32
     a.nan_latches = nan_latches;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, F * H));
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1_) { probe_range(a, b0, b1_); });
+    std::vector<int64_t> items;  // batch rows to probe
+    for (int64_t b = 0; b < B; ++b)
+      if (pmask[b * probe_mask.stride(0)]) items.push_back(b);
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    const int64_t groups = (n_items + kRB - 1) / kRB;
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kRB * F * H));
+    at::parallel_for(0, groups, grain,
+                     [&](int64_t g0, int64_t g1) { probe_range(a, items.data(), n_items, g0, g1); });
   }
 
   // ---- which rows are latched now
