@@ -13,10 +13,12 @@
 //   1. probe + latch, parallel over groups of 4 probed rows (each W1 row is loaded once per group);
 //   2. t_i = Bt g_i (r floats) for every latched row i, parallel over (row, k) pairs;
 //   3. blend, parallel over blocks of kVB vocabulary entries. A block of U (kVB x r) is
-//      converted to fp32 and transposed once into a small buffer, then reused by every
-//      latched row, so U is read from memory once per call however many rows are latched,
-//      and the inner loops run over contiguous vocabulary entries (vectorised by the
-//      compiler). Rows are independent, so the result does not depend on the thread count.
+//      converted to fp32 and transposed once into a small buffer (or, for fp32 U stored
+//      [r, V] and passed as a transposed view, read in place), then reused by every latched
+//      row (four rows at a time in registers), so U is read from memory once per call however
+//      many rows are latched, and the inner loops run over contiguous vocabulary entries
+//      (vectorised by the compiler). Each output element is computed by one fixed sequence of
+//      operations, so the result does not depend on the thread count.
 // Inputs may be fp32 / fp16 / bf16 independently (probe_hidden, head_hidden, logits, U, Bt)
 // with arbitrary strides; the probe weights are fp32. The hot functions are compiled for
 // x86-64-v4 (AVX-512), x86-64-v3 (AVX2/FMA/F16C) and baseline, selected at load time.
@@ -468,15 +470,19 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   const bool prow64 = probe_rows.scalar_type() == at::kLong;
   const bool hrow64 = head_rows.scalar_type() == at::kLong;
   const bool* pmask = probe_mask.data_ptr<bool>();
-  // Row indices are checked before anything is written (a CPU op may afford it).
+  // Row indices are checked before anything is written (a CPU op may afford it): probe rows
+  // where probe_mask is set, head rows where the row is latched or may latch now.
+  const bool* latched_in = latched.data_ptr<bool>();
   const int64_t N = probe_hidden.size(0), M = head_hidden.size(0);
   for (int64_t b = 0; b < B; ++b) {
     if (pmask[b * probe_mask.stride(0)]) {
       const int64_t pr = load_index(probe_rows.data_ptr(), prow64, probe_rows.stride(0), b);
       TORCH_CHECK(pr >= 0 && pr < N, "steer_step_cpu: probe_rows[", b, "]=", pr, " out of range [0, ", N, ")");
     }
-    const int64_t hr = load_index(head_rows.data_ptr(), hrow64, head_rows.stride(0), b);
-    TORCH_CHECK(hr >= 0 && hr < M, "steer_step_cpu: head_rows[", b, "]=", hr, " out of range [0, ", M, ")");
+    if (pmask[b * probe_mask.stride(0)] || latched_in[b * latched.stride(0)]) {  // rows that may be blended
+      const int64_t hr = load_index(head_rows.data_ptr(), hrow64, head_rows.stride(0), b);
+      TORCH_CHECK(hr >= 0 && hr < M, "steer_step_cpu: head_rows[", b, "]=", hr, " out of range [0, ", M, ")");
+    }
   }
 
   // ---- phase 1: probe + latch
