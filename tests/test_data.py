@@ -11,11 +11,11 @@ from autosteer import data as D
 
 EXPECTED_COUNTS = {
     "fit_harmful": 645,
-    "fit_benign": 780,
+    "fit_benign": 660,
     "fit_pairs": 150,
     "dev_harmful": 313,
     "dev_benign": 200,
-    "dev_benign_long": 100,
+    "dev_benign_long": 60,
     "dev_overrefusal": 100,
 }
 
@@ -80,7 +80,7 @@ def test_split_contents(splits):
     assert {p.source for p in splits["dev_overrefusal"]} == {"rho_benign_edgy", "aplomb_hard_negative"}
     src = lambda name, s: sum(p.source == s for p in splits[name])  # noqa: E731
     assert src("fit_harmful", "advbench") == 495 and src("fit_harmful", "rho_pairs") == 150
-    assert src("fit_benign", "freshqa") == 400 and src("fit_benign", "writingbench") == 200
+    assert src("fit_benign", "freshqa") == 400 and src("fit_benign", "writingbench") == 80
     assert src("fit_benign", "aplomb_plain") == 30 and src("fit_benign", "rho_pairs") == 150
     assert all(len(p.text) <= 8000 for p in splits["fit_benign"] + splits["dev_benign_long"])
     for h, b in splits["fit_pairs"]:

@@ -72,7 +72,7 @@ def collect_answer_states(model, tokenizer, prompts: list[str], fmt: PromptForma
 
 
 def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int | None = 16, eps: float = 0.1,
-                       epochs: int = 5, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
+                       epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                        progress: bool = True) -> tuple[RefusalHead, list[float]]:
     """Train ``S = I + A B^T`` by cross-entropy of ``E (g + eps S g)`` against the refusal tokens."""
     E = output_head(model).weight.detach().float().cpu()

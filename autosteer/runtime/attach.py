@@ -68,10 +68,8 @@ class AutoSteerHandle:
         with torch.no_grad():  # E A, once: the op never rebuilds E S per step
             self.U = (E.detach().float() @ pack.A.to(device)).contiguous()
         self.Bt = pack.B.t().contiguous().to(device)
-        try:
-            from .op import steer_step
-        except ImportError:  # TEMP until the op module lands
-            from .reference_op import steer_step_reference as steer_step
+        from .op import steer_step
+
         self._op = steer_step
         self.capture = HiddenCapture(model, pack.layer)
         self._lock = threading.Lock()
