@@ -167,6 +167,10 @@ def machine_info(device):
     except OSError:
         info["cpu"] = platform.processor()
     info["cores"] = os.cpu_count()
+    try:
+        info["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)  # other processes compete on a shared host
+    except OSError:
+        pass
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         try:

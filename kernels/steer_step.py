@@ -31,6 +31,12 @@ block ``s * blocks_per_split``. Why:
   ``t`` lives in registers; for larger r (the full-S case ``Bt = I``) it is written to a
   per-program fp32 scratch row and read back in chunks after a block barrier.
 
+Costs (not measured on a GPU yet): a latched row moves V logits in and out and reads V x r of
+U (shared between rows through L2); a probed row costs each of its ``n_splits`` programs an
+F x H read of W1 (from L2), which is why splits are capped at ``V / (8 BLOCK_V)``. Tiles of
+32 x 64 (probe) and <= 64 x 64 (U) keep it at 40-48 registers per thread without spills for
+sm_90 (``ptxas -v``).
+
 No host synchronisation, no data-dependent allocation: the launcher only reads shapes,
 strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
 Inputs: probe_hidden/head_hidden/logits/U/Bt in fp32, fp16 or bf16 (independently), any
