@@ -269,3 +269,28 @@ def test_wrapper_bumps_version_counters():
     before = {n: args[n]._version for n in ("logits", "latched", "p_out")}
     op.steer_step(*case.call_args(args))
     assert all(args[n]._version > before[n] for n in before if n != "p_out" or case.args["probe_mask"].any())
+
+
+def test_without_triton_the_op_is_a_custom_op(tmp_path):
+    """With triton not importable the same op is defined with torch.library.custom_op."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['triton'] = None  # import triton now fails\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from autosteer.runtime import op\n"
+        "assert not [w for w in rec if issubclass(w.category, RuntimeWarning)], rec\n"
+        "import torch, _steer_cases as c\n"
+        "assert op._HAS_TRITON is False and op.available_backends()['triton'] is False\n"
+        "k = c.make_case(B=5, H=37, V=101, r=8, seed=1)\n"
+        "out = k.clone(); torch.ops.autosteer.steer_step(*k.call_args(out)); c.check_against_reference(k, out)\n"
+        "r = torch.library.opcheck(torch.ops.autosteer.steer_step.default, k.call_args(k.clone()))\n"
+        "assert all(v == 'SUCCESS' for v in r.values()), r\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

@@ -112,9 +112,9 @@ def native_backend() -> str | None:
 
 # ----------------------------------------------------------------------------- triton
 def _triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
+        if importlib.util.find_spec("triton") is None:
+            return False
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken triton install counts as absent
