@@ -1,6 +1,14 @@
 """Shared fixtures: a tiny random Llama with a word-level tokenizer (fast), and the real default model (slow)."""
 from __future__ import annotations
 
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported: set it before any test module (or
+# torch._dynamo) imports triton, so the kernels run in the interpreter on CPU-only machines.
+# benchmarks/gpu_check.sh sets AUTOSTEER_TEST_NATIVE_TRITON=1 to compile them for the GPU instead.
+if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
