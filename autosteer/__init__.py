@@ -27,6 +27,7 @@ def _map_source_tree_kernels() -> None:
     module = _ilu.module_from_spec(spec)
     _sys.modules["autosteer.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module
 
 
 _map_source_tree_kernels()
