@@ -53,7 +53,7 @@ setup(
     python_requires=">=3.10",
     packages=["autosteer", "autosteer.method", "autosteer.runtime", "autosteer.integrations", "autosteer.kernels"],
     package_dir={"autosteer.kernels": "kernels"},
-    package_data={"autosteer": ["data/*.json", "data/*.txt"]},
+    package_data={"autosteer": ["fit_prompts/*.txt", "fit_prompts/*.md"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

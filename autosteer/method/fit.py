@@ -35,7 +35,7 @@ class FitConfig:
     probe_lr: float = 1e-3
     probe_weight_decay: float = 1e-2
     val_fraction: float = 0.25
-    target_fpr: float = 0.02
+    target_fpr: float = 0.05
     tau_paper: float = 0.5
     eps: float = 0.1
     head_rank: int | None = 16  # None: full d x d S
@@ -43,7 +43,7 @@ class FitConfig:
     head_lr: float = 1e-3
     head_prompts: int = 300
     refusal_answer: str = REFUSAL_ANSWER
-    max_per_class: int = 400
+    max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
@@ -58,7 +58,7 @@ class FitData:
     sources: dict  # description of where the data came from, with counts
 
 
-def default_fit_data(seed: int = 0, max_per_class: int = 400) -> FitData:
+def default_fit_data(seed: int = 0, max_per_class: int = 1000) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`)."""
     from .. import data
 
