@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
     records = load_prompt_file(args.input)
     model, tok = _load(args)
     handle = attach(model, args.pack or _default_pack_path(args.model), mode=args.mode, tau=args.tau,
-                    fail_closed=args.fail_closed)
+                    fail_closed=not args.fail_open)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
     gens = generate_batch(handle, tok, [r.text for r in records], setting, args.max_new_tokens, args.batch_size)
@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--always-steer", action="store_true", help="steer every row")
     p.add_argument("--mode", default="prefill", choices=["prefill", "monitor"])
     p.add_argument("--tau", type=float, default=None, help="override the pack's threshold")
-    p.add_argument("--fail-closed", action="store_true", help="steer rows whose probe score is NaN")
+    p.add_argument("--fail-open", action="store_true",
+                   help="when the plugin cannot decide (NaN probe score, op error) generate unsteered instead of "
+                        "steering / stopping (default: fail closed)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_generate)

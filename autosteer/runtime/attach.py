@@ -24,6 +24,10 @@ from .processor import MODES, AutoSteerLogitsProcessor
 log = logging.getLogger(__name__)
 
 
+class AutoSteerFault(RuntimeError):
+    """The per-step op failed and the handle fails closed: the generation is stopped."""
+
+
 @dataclass
 class SteeredOutput:
     sequences: torch.Tensor  # what generate returned (prompt + new tokens)
@@ -37,12 +41,17 @@ class AutoSteerHandle:
 
     ``mode``: ``"prefill"`` (decide once per generation, the paper) or ``"monitor"``
     (re-probe every generated token, latch on the first trigger). ``tau`` overrides the pack's
-    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5). ``fail_closed``: a probe score
-    that is NaN (non-finite hidden states) steers the row instead of leaving it alone.
+    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5).
+
+    ``fail_closed`` (default ``True``) is the policy when the plugin cannot decide: a NaN probe
+    score (non-finite hidden states) steers the row, and an error inside the per-step op stops
+    the generation (:class:`AutoSteerFault`) rather than letting it go on unguarded. With
+    ``fail_closed=False`` a NaN score leaves the row unsteered and an op error is logged once
+    and the step's logits are left as the model produced them (fail open: availability first).
     """
 
     def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | None = None,
-                 fail_closed: bool = False, check_model: bool = True):
+                 fail_closed: bool = True, check_model: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if getattr(model, "_autosteer_handle", None) is not None:
@@ -60,6 +69,7 @@ class AutoSteerHandle:
         self.tau = float(pack.tau if tau is None else tau)
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
+        self.faults = 0  # op errors swallowed in fail-open mode
         device = E.device
         self.W1 = pack.W1.to(device)
         self.b1 = pack.b1.to(device)
@@ -77,8 +87,16 @@ class AutoSteerHandle:
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out):
-        self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                 self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau, self.eps, self.fail_closed)
+        """One fused op call, under the fault policy (see the class docstring)."""
+        try:
+            self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                     self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau, self.eps, self.fail_closed)
+        except Exception as exc:  # noqa: BLE001 - the policy decides, for any failure of the op
+            if self.fail_closed:
+                raise AutoSteerFault(f"AutoSteer's per-step op failed, generation stopped (fail closed): {exc}") from exc
+            if self.faults == 0:
+                log.error("AutoSteer's per-step op failed; continuing UNSTEERED (fail_closed=False): %s", exc)
+            self.faults += 1
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         hid = torch.relu(h.float() @ self.W1.t() + self.b1)
@@ -127,7 +145,7 @@ class AutoSteerHandle:
 
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,
-           fail_closed: bool = False) -> AutoSteerHandle:
+           fail_closed: bool = True) -> AutoSteerHandle:
     """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
     if not isinstance(pack, SteerPack):
         pack = load_pack(pack)

@@ -8,6 +8,8 @@ Hooks only keep references to the tensors (as flat ``[tokens, H]`` views): no co
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..models import decoder_layers, output_head
@@ -30,6 +32,7 @@ class HiddenCapture:
         self.head_hidden: torch.Tensor | None = None  # [B*t, H]
         self.head_tokens: int = 0
         self.attention_mask: torch.Tensor | None = None
+        self.thread: int | None = None  # thread that ran the latest forward
         self._handles = [
             blocks[layer].register_forward_pre_hook(self._on_block, with_kwargs=True),
             output_head(model).register_forward_pre_hook(self._on_head, with_kwargs=True),
@@ -38,6 +41,7 @@ class HiddenCapture:
 
     def _on_model(self, _mod, args, kwargs):
         self.attention_mask = kwargs.get("attention_mask")
+        self.thread = threading.get_ident()
 
     def _on_block(self, _mod, args, kwargs):
         h = _first_arg(args, kwargs, "hidden_states")

@@ -13,6 +13,8 @@ sequence length does not continue the last call) starts over.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import LogitsProcessor
 
@@ -60,6 +62,9 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         cap = self.handle.capture
         if cap.probe_hidden is None or cap.head_hidden is None:
             raise RuntimeError("AutoSteer saw no hidden states: the handle is detached or the model was not run")
+        if cap.thread is not None and cap.thread != threading.get_ident():
+            raise RuntimeError("AutoSteer: another thread ran the model since this step's forward (concurrent generate "
+                               "calls on one handle): use handle.generate, which serialises them, or one model per thread")
         batch = scores.shape[0]
         device = scores.device
         new = self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len

@@ -1,0 +1,106 @@
+"""Faults at run time: NaN hidden states, op errors (fail closed vs fail open), threads, two models."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+import autosteer
+from autosteer.runtime.attach import AutoSteerFault
+from autosteer.prompting import PromptFormat, encode_prompts
+from conftest import make_pack, make_tiny_model
+
+PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of france", "bake cake"]
+
+
+def _nan_row0(module, args, kwargs):
+    h = (args[0] if args else kwargs["hidden_states"]).clone()
+    if h.shape[1] > 1:  # prefill only
+        h[0] = float("nan")
+    return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
+@pytest.mark.parametrize("fail_closed", [True, False])
+def test_nan_hidden_states_follow_the_policy(tiny_model, tiny_tokenizer, fail_closed):
+    pack = make_pack(tiny_model)
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    with autosteer.attach(tiny_model, pack, tau=1.0) as h:  # tau 1.0: no finite score fires
+        clean = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    inject = tiny_model.model.layers[pack.layer].register_forward_pre_hook(_nan_row0, with_kwargs=True)
+    try:
+        with autosteer.attach(tiny_model, pack, tau=1.0, fail_closed=fail_closed) as h:
+            out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    finally:
+        inject.remove()
+    assert torch.isnan(out.p_unsafe[0])
+    assert bool(out.steered[0]) is fail_closed
+    assert not out.steered[1:].any()
+    torch.testing.assert_close(out.p_unsafe[1:], clean.p_unsafe[1:])
+
+
+def test_op_error_stops_generation_when_failing_closed(tiny_model, tiny_tokenizer):
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        h._op = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+        with pytest.raises(AutoSteerFault, match="device lost"):
+            h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+
+
+def test_op_error_is_logged_once_and_generation_goes_on_unsteered_when_failing_open(tiny_model, tiny_tokenizer, caplog):
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    plain = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with autosteer.attach(tiny_model, make_pack(tiny_model), tau=0.0, fail_closed=False) as h:
+        h._op = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+        with caplog.at_level(logging.ERROR, logger="autosteer.runtime.attach"):
+            out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out.sequences, plain)
+    assert h.faults == 4
+    assert sum("UNSTEERED" in r.message for r in caplog.records) == 1
+
+
+def test_concurrent_generate_calls_on_one_handle_are_serialised(tiny_model, tiny_tokenizer):
+    pack = make_pack(tiny_model)
+    batches = [encode_prompts(tiny_tokenizer, PROMPTS[i:i + 2], PromptFormat()) for i in (0, 2)]
+    with autosteer.attach(tiny_model, pack, tau=0.5) as h:
+        expected = [h.generate(input_ids=i, attention_mask=m, max_new_tokens=5, do_sample=False) for i, m in batches]
+        results = [None, None]
+
+        def work(k):
+            for _ in range(3):
+                ids, mask = batches[k]
+                results[k] = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got.sequences, want.sequences) and torch.equal(got.steered, want.steered)
+
+
+def test_a_forward_from_another_thread_is_detected(tiny_model, tiny_tokenizer):
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        proc = h.logits_processor()
+        with torch.no_grad():
+            scores = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        h.capture.thread = -1  # as if another thread had run the model in between
+        with pytest.raises(RuntimeError, match="another thread"):
+            proc(ids, scores)
+
+
+def test_one_pack_on_two_models_gives_independent_handles(tiny_model, tiny_tokenizer):
+    twin = make_tiny_model(len(tiny_tokenizer))  # same seed: same weights, another instance
+    pack = make_pack(tiny_model)
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    h1, h2 = autosteer.attach(tiny_model, pack, tau=0.0), autosteer.attach(twin, pack, tau=1.0)
+    try:
+        a = h1.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+        b = h2.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    finally:
+        h1.detach()
+        h2.detach()
+    assert a.steered.all() and not b.steered.any()
