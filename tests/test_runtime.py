@@ -229,3 +229,33 @@ def test_fit_end_to_end_on_a_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
                progress=False), FitData(harmful, benign, pairs, {})).meta["layer"] == m["sas_layer"]
     assert fit(tiny_model, tiny_tokenizer, FitConfig(layer_rule="1", probe_epochs=5, head_epochs=1, head_prompts=4,
                progress=False), FitData(harmful, benign, pairs, {})).meta["layer"] == 1
+
+
+def test_processor_step_compiles_fullgraph(tiny_model, tiny_tokenizer):
+    """The processor's per-step work (row indices + the fused op under the fault policy) compiles
+    with torch.compile(fullgraph=True) and matches eager."""
+    pack = make_pack(tiny_model)
+    ids, mask = _inputs(tiny_tokenizer)
+    with autosteer.attach(tiny_model, pack, tau=_split_tau(tiny_model, tiny_tokenizer, pack)) as h:
+        with torch.no_grad():
+            scores = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        cap = h.capture
+        B, T = ids.shape
+
+        def step(probe_hidden, head_hidden, logits, latched, p):
+            probe_rows = torch.arange(B) * T + (T - 1)
+            probe_mask = torch.ones(B, dtype=torch.bool)
+            head_rows = torch.arange(B) * cap.head_tokens + (cap.head_tokens - 1)
+            h.step_op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p)
+            return logits
+
+        outs = []
+        for fn in (step, torch.compile(step, fullgraph=True)):
+            logits, latched, p = scores.clone(), torch.zeros(B, dtype=torch.bool), torch.zeros(B)
+            fn(cap.probe_hidden, cap.head_hidden, logits, latched, p)
+            outs.append((logits, latched, p))
+    (l0, a0, p0), (l1, a1, p1) = outs
+    assert torch.equal(a0, a1) and a0.any() and not a0.all()
+    torch.testing.assert_close(p0, p1)
+    torch.testing.assert_close(l0, l1)
+    assert torch.equal(l0[~a0], scores[~a0])
