@@ -76,7 +76,9 @@ class AutoSteerHandle:
         self.w2 = pack.w2.to(device)
         self.b2 = pack.b2.to(device)
         with torch.no_grad():  # E A, once: the op never rebuilds E S per step
-            self.U = (E.detach().float() @ pack.A.to(device)).contiguous()
+            # stored r-major ([r, V] memory, viewed as [V, r]): a vocab block of U is then a
+            # contiguous run per rank, which both kernels read fastest
+            self.U = (pack.A.t().to(device) @ E.detach().float().t()).contiguous().t()
         self.Bt = pack.B.t().contiguous().to(device)
         from .op import steer_step
 
