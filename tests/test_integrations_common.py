@@ -1,0 +1,215 @@
+"""The framework-neutral state store / step driver and capture buffers (autosteer.integrations.common)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from autosteer.integrations.common import HiddenBuffer, SteerStateStore, SteerWeights, hook_input, hook_output_sum
+from conftest import make_pack, make_tiny_model
+
+H, V = 32, 40
+
+
+@pytest.fixture(scope="module")
+def weights():
+    model = make_tiny_model(V, hidden=H)
+    return SteerWeights.from_pack(make_pack(model), model.lm_head.weight)
+
+
+def _tau_for(w, frac=0.35, seed=0):
+    x = torch.randn(512, H, generator=torch.Generator().manual_seed(seed))
+    return float(torch.quantile(w.probe_scores(x), 1 - frac))
+
+
+def _blend(w, z, g):
+    return ((1 + w.eps) * z.float() + w.eps * (g.float() @ w.Bt.t()) @ w.U.t()).to(z.dtype)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+def test_store_matches_a_per_request_reference_under_churn(weights, mode):
+    """Random joins, leaves, reorders, chunked prefill: every step's logits and every request's
+    latch equal a plain per-request model of the semantics."""
+    w = SteerWeights(**{**weights.__dict__, "tau": _tau_for(weights)})
+    store = SteerStateStore(w, mode=mode, max_batch=2, max_requests=2)  # forces growth of both tables
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(1)
+    latched, prompt_left, done, seen = {}, {}, set(), set()
+    next_id = 0
+    fired_at_decode = False
+    for step in range(40):
+        live = [r for r in prompt_left if r not in done]
+        for _ in range(rng.randint(0, 2)):  # joins
+            prompt_left[next_id] = rng.randint(1, 3)  # prompt chunks
+            latched[next_id] = False
+            live.append(next_id)
+            next_id += 1
+        rng.shuffle(live)
+        rows = live[: rng.randint(1, 6)] if live else []
+        if not rows:
+            continue
+        seen.update(rows)
+        prefill = any(prompt_left[r] > 0 for r in rows)
+        B = len(rows)
+        if prefill:
+            lens = [rng.randint(1, 4) if prompt_left[r] > 0 else 1 for r in rows]
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            prefilling = [prompt_left[r] > 0 for r in rows]
+            still = [prompt_left[r] > 1 for r in rows]
+            probe_hidden = torch.randn(cu[-1], H, generator=g)
+            probe_rows = [cu[b + 1] - 1 for b in range(B)]
+            store.begin_step(rows, cu_seqlens=cu if step % 2 else torch.tensor(cu, dtype=torch.int32),
+                             prefilling=prefilling, still_prefilling=still)
+        else:
+            prefilling, still = [False] * B, [False] * B
+            probe_hidden = torch.randn(B, H, generator=g)
+            probe_rows = list(range(B))
+            store.begin_step(rows)
+        head_hidden = torch.randn(B, H, generator=g)
+        logits = torch.randn(B, V, generator=g)
+        expect = logits.clone()
+        store.apply(logits, probe_hidden=probe_hidden, head_hidden=head_hidden)
+        store.end_step()
+        for b, r in enumerate(rows):
+            if still[b]:
+                prompt_left[r] -= 1
+                continue  # discarded row: no latch, no writes
+            probe = prefilling[b] or mode == "monitor"
+            if probe:
+                p = float(w.probe_scores(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
+                if p > w.tau and not latched[r] and not prefilling[b]:
+                    fired_at_decode = True
+                latched[r] |= p > w.tau
+            if prefilling[b]:
+                prompt_left[r] = 0
+            if latched[r]:
+                expect[b] = _blend(w, expect[b: b + 1], head_hidden[b: b + 1])[0]
+        torch.testing.assert_close(logits, expect, rtol=1e-5, atol=1e-5)
+        for b, r in enumerate(rows):
+            if not latched[r]:
+                assert torch.equal(logits[b], expect[b])
+        for r in rows:
+            assert store.summary(r).latched == latched[r], f"step {step} request {r}"
+        for r in rows:  # some finish
+            if prompt_left[r] == 0 and rng.random() < 0.2:
+                done.add(r)
+                assert store.release(r)
+    assert any(latched.values()) and not all(latched.values())
+    if mode == "monitor":
+        assert fired_at_decode
+    assert sorted(store.request_ids) == sorted(seen - done)
+
+
+def test_speculative_latch_commits_at_the_last_accepted_position(weights):
+    """Monitor mode, 3 positions: a trigger at a rejected speculative position does not stick."""
+    w = weights
+    # a hidden row that fires and one that does not, found from the probe itself
+    cands = torch.randn(256, H, generator=torch.Generator().manual_seed(3))
+    p = w.probe_scores(cands)
+    tau = float(p.median())
+    w = SteerWeights(**{**w.__dict__, "tau": tau})
+    hot, cold = cands[p.argmax()], cands[p.argmin()]
+    store = SteerStateStore(w, mode="monitor")
+    store.begin_step(["a", "b"], cu_seqlens=[0, 1, 2])  # prefill: both cold
+    store.apply(torch.randn(2, V), probe_hidden=torch.stack([cold, cold]), head_hidden=torch.randn(2, H))
+    store.end_step()
+    # decode with 2 speculative tokens; position 2 fires for both; a accepts 1 token, b all 3
+    ph = torch.stack([cold, cold, hot, cold, cold, hot])  # row b * 3 + j
+    logits = torch.randn(2 * 3, V)
+    raw = logits.clone()
+    store.begin_step(["a", "b"], positions=3)
+    view = logits.view(2, 3, V)
+    for j in range(3):
+        store.apply(view[:, j], probe_hidden=ph, head_hidden=torch.randn(6, H))
+    store.end_step(accepted=torch.tensor([1, 3]))
+    assert torch.equal(logits.view(2, 3, V)[:, :2], raw.view(2, 3, V)[:, :2])  # positions 0, 1: unlatched
+    assert not torch.equal(logits.view(2, 3, V)[:, 2], raw.view(2, 3, V)[:, 2])  # position 2 steered
+    a, b = store.summary("a"), store.summary("b")
+    assert not a.latched and a.latched_at == -1 and a.tokens == 2
+    assert b.latched and b.latched_at == 1 + 2 and b.tokens == 4  # first steered token: index 3
+
+
+def test_slots_are_reset_when_reused_and_state_is_released(weights):
+    w = SteerWeights(**{**weights.__dict__, "tau": 0.0})  # everything latches
+    store = SteerStateStore(w, max_requests=1)
+    store.begin_step([7], cu_seqlens=[0, 2])
+    store.apply(torch.randn(1, V), probe_hidden=torch.randn(2, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    assert store.summary(7).latched
+    released = []
+    store.on_release = lambda rid, s: released.append((rid, s))
+    store.report_on_release = True
+    store.release(7)
+    assert released[0][0] == 7 and released[0][1].latched and 7 not in store
+    w2 = SteerWeights(**{**weights.__dict__, "tau": 1.0})  # nothing latches
+    store.w = w2
+    store.begin_step([8], cu_seqlens=[0, 2])
+    logits = torch.randn(1, V)
+    raw = logits.clone()
+    store.apply(logits, probe_hidden=torch.randn(2, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    assert store.state(8).slot == 0  # the freed slot
+    assert not store.summary(8).latched and torch.equal(logits, raw)
+    assert not store.release(12345)
+
+
+def test_step_protocol_errors(weights):
+    store = SteerStateStore(weights)
+    with pytest.raises(ValueError, match="twice"):
+        store.begin_step([1, 1])
+    with pytest.raises(ValueError, match="still_prefilling without prefilling"):
+        store.begin_step([1, 2], cu_seqlens=[0, 1, 2], prefilling=[True, False], still_prefilling=[False, True])
+    store.begin_step([1, 2], positions=2)
+    with pytest.raises(RuntimeError, match="begin_step called twice"):
+        store.begin_step([3])
+    with pytest.raises(ValueError, match="2 rows"):
+        store.apply(torch.randn(3, V), probe_hidden=torch.randn(4, H), head_hidden=torch.randn(4, H))
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        store.release(1)
+    store.apply(torch.randn(2, V), probe_hidden=torch.randn(4, H), head_hidden=torch.randn(4, H))
+    with pytest.raises(RuntimeError, match="ran 1 of 2"):
+        store.end_step()
+    assert not store.in_step  # the failed step was dropped
+
+
+def test_missed_prefill_is_probed_at_decode(weights, caplog):
+    w = SteerWeights(**{**weights.__dict__, "tau": 0.0})
+    store = SteerStateStore(w)
+    store.begin_step(["late"])  # a decode row for a request whose prefill was never seen
+    logits = torch.randn(1, V)
+    raw = logits.clone()
+    store.apply(logits, probe_hidden=torch.randn(1, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    assert "without a recorded prefill" in caplog.text
+    assert store.summary("late").latched and not torch.equal(logits, raw)
+
+
+def test_hidden_buffer_writes_in_place_and_overflows(weights):
+    buf = HiddenBuffer(4, H, torch.float32, "cpu")
+    addr = buf.buf.data_ptr()
+    lin = torch.nn.Linear(H, H)
+    hooks = [hook_input(lin, buf)]
+    x = torch.randn(3, H)
+    lin(x)
+    assert buf.overflow is None and torch.equal(buf.view()[:3], x) and buf.buf.data_ptr() == addr
+    big = torch.randn(9, H)
+    buf.begin_forward()
+    lin(big)
+    assert buf.view() is buf.overflow and torch.equal(buf.view(), big)
+    buf.begin_forward()
+    assert buf.view() is buf.buf  # a graph replay after an eager overflow reads the buffer, not the stale tensor
+    hooks[0].remove()
+
+    class Pair(torch.nn.Module):
+        def forward(self, a, b):
+            return a * 2, b + 1
+
+    pair = Pair()
+    hook_output_sum(pair, buf)
+    a, b = torch.randn(2, H), torch.randn(2, H)
+    pair(a, b)
+    torch.testing.assert_close(buf.view()[:2], a * 2 + b + 1)
+    assert buf.writes == 3
