@@ -74,6 +74,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("prefill", "monitor")
 
+# per-row phases for begin_step(phase=...): decided on the device (vLLM knows them only there)
+PHASE_DECODE = 0  # the row's newest token is a generated one
+PHASE_PREFILL_LAST = 1  # this forward ran the prompt's last token
+PHASE_PREFILL_MID = 2  # this forward ran prompt tokens but not the last one: the sampled token is discarded
+
 # row flags (host -> device, one int64 per row)
 _ACTIVE = 1  # the row's token is kept (not a discarded mid-prefill chunk): it may latch and be steered
 _PROBE = 2  # probe this row at position 0 of this step
@@ -413,7 +418,7 @@ class SteerStateStore:
     def begin_step(self, request_ids: Sequence[Hashable], *, positions: int = 1,
                    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
                    prefilling: Sequence[bool] | None = None, still_prefilling: Sequence[bool] | None = None,
-                   head_rows: torch.Tensor | Sequence[int] | None = None) -> None:
+                   head_rows: torch.Tensor | Sequence[int] | None = None, phase: torch.Tensor | None = None) -> None:
         """Map this step's logits rows to requests and stage the step's indices on the device.
 
         ``request_ids[b]``: the request in logits row ``b`` (new ids get a fresh slot).
@@ -428,6 +433,9 @@ class SteerStateStore:
         after this chunk -- its sampled token is discarded, so it neither latches nor is steered.
         ``head_rows``: row of the head hidden state per sequence (default ``b * positions + j``,
         i.e. ``b`` for a prefill whose lm_head ran on the last token of each sequence only).
+        ``phase``: a device tensor ``[B]`` of ``PHASE_*`` values replacing ``prefilling`` /
+        ``still_prefilling`` when only the device knows them (vLLM: from sequence and prompt
+        lengths); the host-side ``prefill_done`` / ``steps`` are then not maintained.
         """
         if self._step is not None:
             raise RuntimeError("autosteer: begin_step called twice without end_step (or abort_step)")
@@ -439,6 +447,8 @@ class SteerStateStore:
             raise ValueError("autosteer: a request id appears twice in one step")
         if cu_seqlens is not None and P != 1:
             raise ValueError("a flattened prefill step (cu_seqlens) has one position per sequence")
+        if phase is not None and (prefilling is not None or still_prefilling is not None):
+            raise ValueError("pass either phase (device) or prefilling/still_prefilling (host), not both")
         prefilling = [cu_seqlens is not None] * B if prefilling is None else [bool(x) for x in prefilling]
         still = [False] * B if still_prefilling is None else [bool(x) for x in still_prefilling]
         if len(prefilling) != B or len(still) != B:
@@ -456,7 +466,9 @@ class SteerStateStore:
             st, new = self._get_or_add(rid)
             any_new |= new
             f = _NEW if new else 0
-            if not still[b]:
+            if phase is not None:
+                pass  # decided on the device below
+            elif not still[b]:
                 f |= _ACTIVE
                 if prefilling[b]:
                     f |= _PROBE | _FINAL_PREFILL
@@ -509,6 +521,14 @@ class SteerStateStore:
             off += n_cu
         if n_head:
             head_dev = meta[off: off + n_head]
+        if phase is not None:
+            if phase.numel() < B:
+                raise ValueError(f"phase has {phase.numel()} entries, need B = {B}")
+            ph = phase.reshape(-1)[:B].to(device=self.device, dtype=torch.int64)
+            decode_bits = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
+            bits = torch.where(ph == PHASE_DECODE, decode_bits,
+                               torch.where(ph == PHASE_PREFILL_LAST, _ACTIVE | _PROBE | _FINAL_PREFILL, 0))
+            fl = (fl & _NEW) | bits
         active = (fl & _ACTIVE) != 0
         if any_new:  # fresh slots start clean (a freed slot may hold an old request's values)
             new = (fl & _NEW) != 0

@@ -1,0 +1,403 @@
+"""AutoSteer as a vLLM V1 logits-processor plugin (written against vLLM's interface; NOT run on vLLM).
+
+Target: the V1 ``vllm.v1.sample.logits_processor.LogitsProcessor`` interface as of vLLM
+0.10.2 - 0.11.x -- ``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
+``is_argmax_invariant()``, ``update_state(batch_update)`` with ``BatchUpdate(batch_size,
+removed, added, moved)``, ``added`` entries ``(index, SamplingParams, prompt_tok_ids,
+output_tok_ids)``, ``moved`` entries ``(i, j, MoveDirectionality.UNIDIRECTIONAL | SWAP)``,
+processed in the order removed, added, moved -- and plugins found through the
+``vllm.logits_processors`` entry-point group (vLLM loads every installed one) or passed as
+``--logits-processors autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor``.
+vLLM is not installable in this project's environment: this module was only exercised by
+``tests/test_vllm_simulation.py``, which replays simulated BatchUpdate streams and
+simulated forward metadata. Everything vLLM-specific that is not the public logits-processor
+interface lives in :class:`_VLLM`; treat it as unverified.
+
+How it works
+------------
+- The processor is built by vLLM's model runner before the model is loaded. Its constructor
+  (when ``AUTOSTEER_PACK`` is set; otherwise the processor is inert) loads the pack and
+  patches the model runner's ``load_model`` so that, once the model exists, :func:`attach_capture`
+  registers two capture hooks writing into preallocated buffers (the CUDA-graph contract of
+  :mod:`autosteer.integrations.common`): the residual stream entering the pack's layer ``L``
+  (the sum of layer ``L-1``'s ``(hidden_states, residual)`` outputs), gathered at each
+  request's last scheduled token (``query_start_loc[1:] - 1`` of the forward's attention
+  metadata), with the request's ``seq_lens`` and query length; and the input of
+  ``compute_logits`` (the sampled rows' final hidden states, one per request, batch order).
+- ``update_state`` follows the persistent batch: every Add mints a fresh request key (a
+  replaced or removed request's state is released), Moves/Swaps move keys between indices.
+- ``apply`` runs one fused ``steer_step`` over the batch. Each row's phase is decided on the
+  device from its prompt length (known from the Add) and the step's ``seq_lens`` / query
+  length: rows whose prompt is not finished (chunked prefill) neither latch nor get steered;
+  the row that runs the prompt's last token is probed (``prefill`` mode decides the gate
+  there); generated tokens are probed in ``monitor`` mode.
+- ``is_argmax_invariant()`` is False: AutoSteer changes which token wins.
+
+Limits of this version: the capture reads the attention metadata inside a Python hook, so run
+vLLM with ``enforce_eager=True`` (``--enforce-eager``) -- whether the hooks survive vLLM's
+``torch.compile`` + CUDA-graph capture is untested; no speculative decoding (``apply`` raises
+when the logits are not one row per request); no tensor/pipeline parallelism (sharded
+``lm_head``); one pack per engine.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .common import (MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
+                     SteerWeights, check_pack_matches)
+
+log = logging.getLogger(__name__)
+
+ENV_PACK = "AUTOSTEER_PACK"
+ENV_MODE = "AUTOSTEER_MODE"
+ENV_TAU = "AUTOSTEER_TAU"
+ENV_FAIL_CLOSED = "AUTOSTEER_FAIL_CLOSED"
+
+try:  # subclass vLLM's base class when vLLM is importable (it checks issubclass for FQCN plugins)
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase  # type: ignore
+    from vllm.v1.sample.logits_processor import MoveDirectionality as _MoveDir  # type: ignore
+except Exception:  # noqa: BLE001 - vLLM absent (this project's environment) or too old
+    _VLLMBase = object
+    _MoveDir = None
+
+
+class VLLMIntegrationError(RuntimeError):
+    """vLLM's internals or configuration are not what this integration supports; the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything this module assumes about vLLM beyond the logits-processor interface: keep it here.
+
+
+class _VLLM:
+    """vLLM internals this module relies on (unverified against a running vLLM)."""
+
+    RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+    RUNNER_CLASS = "GPUModelRunner"
+    LAYER_PATHS = ("model.layers", "language_model.model.layers", "model.language_model.layers")
+    LM_HEAD_PATHS = ("lm_head", "language_model.lm_head")
+
+    @staticmethod
+    def forward_metadata():
+        """The current forward's attention metadata with ``query_start_loc`` ([B+1]) and ``seq_lens`` ([B])."""
+        from vllm.forward_context import get_forward_context  # type: ignore
+
+        md = get_forward_context().attn_metadata
+        if isinstance(md, dict):  # per-layer metadata (vLLM >= 0.9)
+            md = next(iter(md.values()), None)
+        if isinstance(md, list):  # micro-batched (ubatch) metadata
+            raise VLLMIntegrationError("micro-batched attention metadata (DBO) is not supported")
+        if md is None or not hasattr(md, "query_start_loc") or not hasattr(md, "seq_lens"):
+            raise VLLMIntegrationError(f"attention metadata {type(md).__name__} has no query_start_loc/seq_lens")
+        return md
+
+    @staticmethod
+    def is_move_swap(direction) -> bool:
+        if _MoveDir is not None:
+            return direction == _MoveDir.SWAP
+        return getattr(direction, "name", str(direction)).upper().endswith("SWAP")
+
+    @staticmethod
+    def vocab_size(model) -> int:
+        cfg = getattr(model, "config", None)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(cfg.vocab_size)
+
+    @staticmethod
+    def model_type(model) -> str:
+        return str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# hidden-state capture
+
+
+class VLLMCapture:
+    """Per-request rows of this forward, written in place by hooks on a vLLM model.
+
+    ``probe`` ([max_reqs, H]): the residual stream entering the pack's layer at each request's
+    last scheduled token; ``head`` ([max_reqs, H]): ``compute_logits``'s input rows;
+    ``seq_lens`` / ``query_lens`` ([max_reqs] int32): the forward's per-request lengths.
+    ``metadata_fn()`` returns an object with ``query_start_loc`` and ``seq_lens`` for the
+    current forward (default: vLLM's forward context; the tests pass their own).
+    """
+
+    def __init__(self, model, pack, *, max_reqs: int, metadata_fn: Callable | None = None):
+        layers = next((x for x in (_resolve(model, p) for p in _VLLM.LAYER_PATHS) if x is not None), None)
+        lm_head = next((x for x in (_resolve(model, p) for p in _VLLM.LM_HEAD_PATHS) if x is not None), None)
+        if not isinstance(layers, torch.nn.ModuleList) or lm_head is None or not hasattr(model, "compute_logits"):
+            raise VLLMIntegrationError(f"cannot find the decoder layers / lm_head / compute_logits of "
+                                       f"{type(model).__name__} (looked at {_VLLM.LAYER_PATHS}, {_VLLM.LM_HEAD_PATHS})")
+        V = _VLLM.vocab_size(model)
+        W = getattr(lm_head, "weight", None)
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+            raise VLLMIntegrationError("lm_head.weight is not a float [V, H] matrix (quantized lm_head?)")
+        if W.shape[0] < V:
+            raise VLLMIntegrationError(f"lm_head holds {W.shape[0]} of {V} vocabulary rows: it is sharded "
+                                       "(tensor parallelism), which this version does not support")
+        self.E = W[:V]  # vLLM pads the vocabulary rows of ParallelLMHead; logits are cut to V
+        self.num_layers = len(layers)
+        check_pack_matches(pack, self.E, num_layers=self.num_layers, model_type=_VLLM.model_type(model))
+        H = self.E.shape[1]
+        dev, dt = self.E.device, self.E.dtype
+        self.probe = torch.zeros(max_reqs, H, dtype=dt, device=dev)
+        self.head = HiddenBuffer(max_reqs, H, dt, dev, name="compute_logits-input")
+        self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
+        self.query_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
+        self.num_reqs = 0  # Python-side, updated by the layer hook (eager execution required)
+        self.metadata_fn = metadata_fn or _VLLM.forward_metadata
+        self.forwards = 0
+        L = pack.layer
+        if L > 0:
+            self._handles = [layers[L - 1].register_forward_hook(self._on_layer_out)]
+        else:  # layer 0 is called as layer(positions, hidden_states, residual=None)
+            self._handles = [layers[0].register_forward_pre_hook(self._on_layer0_in)]
+        self.model = model
+        self._orig_compute_logits = model.compute_logits
+        model.compute_logits = self._compute_logits  # instance attribute: the class is untouched
+
+    def _store(self, resid: torch.Tensor) -> None:
+        md = self.metadata_fn()
+        qsl = md.query_start_loc
+        B = qsl.numel() - 1
+        if B > self.probe.shape[0]:
+            raise VLLMIntegrationError(f"{B} requests in one forward but the capture holds {self.probe.shape[0]}")
+        ends = qsl[1: B + 1].to(torch.int64) - 1
+        torch.index_select(resid, 0, ends, out=self.probe[:B])
+        self.seq_lens[:B].copy_(md.seq_lens[:B])
+        torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
+        self.num_reqs = B
+        self.forwards += 1
+
+    def _on_layer_out(self, _mod, _args, out):
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+            raise VLLMIntegrationError("the decoder layer before the pack's layer did not return (hidden_states, "
+                                       "residual): cannot reconstruct the residual stream")
+        h, r = out
+        self._store(h if r is None else h + r)
+
+    def _on_layer0_in(self, _mod, args):
+        if len(args) < 2 or not isinstance(args[1], torch.Tensor):
+            raise VLLMIntegrationError("decoder layer 0 is no longer called as layer(positions, hidden_states, ...)")
+        r = args[2] if len(args) > 2 else None
+        self._store(args[1] if r is None else args[1] + r)
+
+    def _compute_logits(self, hidden_states, *args, **kwargs):
+        self.head.begin_forward()
+        self.head.write(hidden_states)
+        return self._orig_compute_logits(hidden_states, *args, **kwargs)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.model.__dict__.get("compute_logits") is self._compute_logits:
+            del self.model.compute_logits
+
+
+_CAPTURE: VLLMCapture | None = None
+_PACK = None  # the pack the processor loaded, for attach_capture
+
+
+def attach_capture(model, pack=None, *, max_reqs: int = 1024, metadata_fn: Callable | None = None) -> VLLMCapture:
+    """Register the capture hooks on a loaded vLLM model (called by the patched ``load_model``;
+    tests call it directly). Checks the pack against the model."""
+    global _CAPTURE
+    pack = pack if pack is not None else _PACK
+    if pack is None:
+        raise VLLMIntegrationError("no AutoSteer pack loaded (set AUTOSTEER_PACK)")
+    if _CAPTURE is not None:
+        _CAPTURE.remove()
+    _CAPTURE = VLLMCapture(model, pack, max_reqs=max_reqs, metadata_fn=metadata_fn)
+    return _CAPTURE
+
+
+def detach_capture() -> None:
+    global _CAPTURE
+    if _CAPTURE is not None:
+        _CAPTURE.remove()
+        _CAPTURE = None
+
+
+def _patch_model_runner(max_reqs: int) -> None:
+    """Make vLLM's model runner attach the capture right after it loads the model."""
+    import importlib
+
+    mod = importlib.import_module(_VLLM.RUNNER_MODULE)
+    cls = getattr(mod, _VLLM.RUNNER_CLASS, None)
+    if cls is None or not callable(getattr(cls, "load_model", None)):
+        raise VLLMIntegrationError(f"{_VLLM.RUNNER_MODULE}.{_VLLM.RUNNER_CLASS}.load_model not found")
+    if getattr(cls.load_model, "_autosteer", False):
+        return
+    orig = cls.load_model
+
+    @functools.wraps(orig)
+    def load_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        attach_capture(self.get_model() if hasattr(self, "get_model") else self.model, max_reqs=max_reqs)
+        return out
+
+    load_model._autosteer = True
+    cls.load_model = load_model
+
+
+# ---------------------------------------------------------------------------------------------
+# the logits processor
+
+
+@dataclass
+class _Row:
+    key: int
+    prompt_len: int
+
+
+class AutoSteerVLLMLogitsProcessor(_VLLMBase):
+    """vLLM V1 logits processor running AutoSteer on every request of the persistent batch.
+
+    Configured by ``AUTOSTEER_PACK`` (unset: the processor does nothing), ``AUTOSTEER_MODE``
+    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_FAIL_CLOSED``, or by
+    ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ...}``.
+    """
+
+    _keys = itertools.count()
+
+    def __init__(self, vllm_config, device, is_pin_memory: bool = False, *, capture: VLLMCapture | None = None,
+                 patch_runner: bool = True):
+        global _PACK
+        cfg = dict((getattr(vllm_config, "additional_config", None) or {}).get("autosteer", {}) or {})
+        pack_path = cfg.get("pack") or os.environ.get(ENV_PACK)
+        self.device = torch.device(device)
+        self.rows: dict[int, _Row] = {}  # persistent-batch index -> request
+        self.batch_size = 0
+        self.enabled = bool(pack_path)
+        self.store: SteerStateStore | None = None
+        self._capture = capture
+        self._prompt_lens = None
+        self._prompt_lens_stale = True
+        if not self.enabled:
+            log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
+            return
+        from ..method.pack import load_pack
+
+        self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
+        if self.mode not in MODES:
+            raise VLLMIntegrationError(f"AutoSteer mode must be one of {MODES}, got {self.mode!r}")
+        tau = cfg.get("tau", os.environ.get(ENV_TAU))
+        self.tau = float(tau) if tau not in (None, "") else None
+        self.fail_closed = str(cfg.get("fail_closed", os.environ.get(ENV_FAIL_CLOSED, "0"))).lower() in ("1", "true")
+        self.pack = load_pack(pack_path)
+        _PACK = self.pack
+        sched = getattr(vllm_config, "scheduler_config", None)
+        self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
+        if getattr(vllm_config, "speculative_config", None):
+            raise VLLMIntegrationError("speculative decoding is not supported by the AutoSteer vLLM processor yet")
+        if patch_runner and capture is None:
+            _patch_model_runner(self.max_reqs)
+
+    # -- vLLM interface -----------------------------------------------------------------------
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        return None
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # steering changes the argmax: never skip it for greedy batches
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None or not self.enabled:
+            if batch_update is not None:
+                self.batch_size = batch_update.batch_size
+            return
+        store = self._ensure_store(required=False)
+        for idx in batch_update.removed:
+            self._drop(idx, store)
+        for idx, _params, prompt_ids, _output_ids in batch_update.added:
+            self._drop(idx, store)  # an Add may replace the request at idx
+            self.rows[idx] = _Row(next(self._keys), len(prompt_ids) if prompt_ids is not None else 0)
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if _VLLM.is_move_swap(direction):
+                if ra is not None:
+                    self.rows[b] = ra
+                if rb is not None:
+                    self.rows[a] = rb
+            else:  # a -> b: what was at b is discarded, a becomes empty
+                if rb is not None and store is not None:
+                    store.release(rb.key)
+                if ra is not None:
+                    self.rows[b] = ra
+        self.batch_size = batch_update.batch_size
+        for idx in [i for i in self.rows if i >= self.batch_size]:  # outside the condensed batch
+            self._drop(idx, store)
+        self._prompt_lens_stale = True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return logits
+        B = logits.shape[0]
+        if B == 0:
+            return logits
+        if B != self.batch_size:
+            raise VLLMIntegrationError(f"logits have {B} rows but the persistent batch has {self.batch_size} requests "
+                                       "(speculative decoding or a missed batch update?)")
+        missing = [i for i in range(B) if i not in self.rows]
+        if missing:
+            raise VLLMIntegrationError(f"no request recorded at batch indices {missing}")
+        store = self._ensure_store(required=True)
+        cap = self._capture or _CAPTURE
+        if cap.num_reqs != B:
+            raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
+        if self._prompt_lens_stale or self._prompt_lens is None or self._prompt_lens.shape[0] < B:
+            host = torch.tensor([self.rows[i].prompt_len for i in range(B)], dtype=torch.int32)
+            self._prompt_lens = host.to(self.device, non_blocking=True)
+            self._prompt_lens_stale = False
+        P = self._prompt_lens[:B]
+        seq = cap.seq_lens[:B]
+        start = seq - cap.query_lens[:B]
+        phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(start < P, PHASE_PREFILL_LAST, PHASE_DECODE))
+        store.begin_step([self.rows[i].key for i in range(B)], phase=phase)
+        try:
+            store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
+        except BaseException:
+            store.abort_step()
+            raise
+        store.end_step()
+        return logits
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _drop(self, idx: int, store) -> None:
+        row = self.rows.pop(idx, None)
+        if row is not None and store is not None:
+            store.release(row.key)
+
+    def _ensure_store(self, required: bool) -> SteerStateStore | None:
+        if self.store is not None:
+            return self.store
+        cap = self._capture or _CAPTURE
+        if cap is None:
+            if required:
+                raise VLLMIntegrationError("AutoSteer has no hidden-state capture on the model: the model runner's "
+                                           "load_model was not patched (see autosteer.integrations.vllm)")
+            return None
+        weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
+                                         device=self.device)
+        self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs)
+        return self.store
+
+    def request_keys(self) -> dict[int, int]:
+        """Batch index -> the processor's key for that request (for tests and reports)."""
+        return {i: r.key for i, r in self.rows.items()}
