@@ -76,7 +76,8 @@ def _reference(hf, rows, pack, mode):
     return out
 
 
-def _serve(hf, rows, arrivals, *, speculate=0, chunking=True, budget=24, graphs=True, pack_path=None, mode="prefill"):
+def _serve(hf, rows, arrivals, *, speculate=0, chunking=True, budget=24, graphs=True, pack_path=None, mode="prefill",
+           logprobs=(4,)):
     """One simulated server lifetime; returns (outputs, recorder, summaries, runtime, model)."""
     sim.SETTINGS.update(speculate=speculate, max_prefill_tokens=budget)
     summaries = {}
@@ -95,8 +96,9 @@ def _serve(hf, rows, arrivals, *, speculate=0, chunking=True, budget=24, graphs=
             assert len(rt.store) == 0, "warmup's dummy request leaked into the store"
             summaries.clear()
         sim.RECORDER = []
-        reqs = {step: [sim.Request(i, rows[i], MAX_NEW, chunk_len=c if chunking else None) for i, c in items]
-                for step, items in arrivals.items()}
+        reqs = {step: [sim.Request(i, rows[i], MAX_NEW, chunk_len=c if chunking else None, prefill_logprobs=i in logprobs)
+                       for i, c in items]
+                for step, items in arrivals.items()}  # prefill_logprobs: lm_head over the whole prompt
         outputs = sim.Router(model, chunking=chunking).run(reqs)
         recorder = sim.RECORDER
         if rt is not None:

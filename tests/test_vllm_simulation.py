@@ -292,3 +292,27 @@ def test_inert_without_a_pack_and_fails_closed_without_capture(setup, tmp_path, 
     cfg.speculative_config = object()
     with pytest.raises(avllm.VLLMIntegrationError, match="speculative"):
         avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+
+
+def test_two_processors_in_one_engine_are_refused(setup, tmp_path, monkeypatch):
+    hf, rows, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    a = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    b = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, a, chunk=64)
+    avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
+    try:
+        bu = BatchUpdate(1, [], [(0, None, rows[0], [])], [])
+        a.update_state(bu)
+        b.update_state(bu)
+        engine.md = SimpleNamespace(query_start_loc=torch.tensor([0, len(rows[0])], dtype=torch.int32),
+                                    seq_lens=torch.tensor([len(rows[0])], dtype=torch.int32))
+        with torch.no_grad():
+            h = engine.model(torch.tensor(rows[0]), torch.arange(len(rows[0])), engine.kv,
+                             torch.zeros(len(rows[0]), dtype=torch.long))
+            logits = engine.model.compute_logits(h[-1:])
+        a.apply(logits)
+        with pytest.raises(avllm.VLLMIntegrationError, match="two AutoSteer"):
+            b.apply(logits)
+    finally:
+        avllm.detach_capture()

@@ -212,6 +212,9 @@ class VLLMCapture:
 
 _CAPTURE: VLLMCapture | None = None
 _PACK = None  # the pack the processor loaded, for attach_capture
+# ids of processors that applied since the last update_state: two enabled AutoSteer processors in
+# one engine (the entry point plus --logits-processors) would steer every row twice
+_APPLIED: set = set()
 
 
 def attach_capture(model, pack=None, *, max_reqs: int = 1024, metadata_fn: Callable | None = None) -> VLLMCapture:
@@ -318,6 +321,7 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
         return False  # steering changes the argmax: never skip it for greedy batches
 
     def update_state(self, batch_update) -> None:
+        _APPLIED.clear()  # vLLM calls update_state on every processor each step, before apply
         if batch_update is None or not self.enabled:
             if batch_update is not None:
                 self.batch_size = batch_update.batch_size
@@ -348,6 +352,10 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return logits
+        if _APPLIED - {id(self)}:
+            raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
+                                       "point plus --logits-processors?): each row would be steered twice")
+        _APPLIED.add(id(self))
         B = logits.shape[0]
         if B == 0:
             return logits
