@@ -73,7 +73,9 @@ setup(
         "test": ["pytest", "hypothesis", "ninja"],
     },
     entry_points={
-        "console_scripts": ["autosteer=autosteer.cli:main"],
+        "console_scripts": ["autosteer=autosteer.cli:main", "autosteer-tgi-server=autosteer.integrations.tgi:main"],
+        # vLLM loads every plugin of this group; without AUTOSTEER_PACK the processor does nothing
+        "vllm.logits_processors": ["autosteer=autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"],
     },
     zip_safe=False,
 )
