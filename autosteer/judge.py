@@ -48,7 +48,6 @@ refusal; evasive answers without refusal words (role-play "plans", error message
 from __future__ import annotations
 
 import csv
-import importlib.metadata as _md
 import io
 import re
 import unicodedata
@@ -206,27 +205,15 @@ def is_refusal(text: str, objective: str | None = None, window: int = DEFAULT_WI
 # --------------------------------------------------------------------------------------------
 # Validation on pyrit's human labels
 # --------------------------------------------------------------------------------------------
-_PYRIT = ("pyrit", "1.1.0")
 _REFUSAL_DIR = "pyrit/datasets/scorer_evals/refusal_scorer"
 VALIDATION_FILES = ("refusal.csv", "refusal_extra.csv")
 
 
 def _locate(rel: str) -> Path:
-    try:
-        d = _md.distribution(_PYRIT[0])
-    except _md.PackageNotFoundError:
-        from .data import SourceNotInstalledError
+    """A file of the pinned pyrit wheel (clear error naming the install command if absent)."""
+    from .data import _locate as locate_in_wheel
 
-        raise SourceNotInstalledError(
-            f"{_PYRIT[0]}=={_PYRIT[1]} is not installed (needed for {rel}). "
-            f"Install it without its dependencies: `pip install --no-deps {_PYRIT[0]}=={_PYRIT[1]}`"
-        ) from None
-    p = Path(str(d.locate_file(rel)))
-    if not p.exists():
-        from .data import SourceNotInstalledError
-
-        raise SourceNotInstalledError(f"{rel} not found; `pip install --no-deps {_PYRIT[0]}=={_PYRIT[1]}`")
-    return p
+    return locate_in_wheel("pyrit", rel)
 
 
 def load_refusal_eval(name: str) -> list[dict]:

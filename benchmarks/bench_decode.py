@@ -8,6 +8,11 @@ ratios measured here mean anything):
 - ``monitor``: attached in monitor mode (the probe runs for every row at every step).
 
 Every run generates exactly ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``).
+The order of the providers rotates every round (no provider always runs first). Because the
+wall-time ratios of whole generations are dominated by this machine's noise (several percent
+between rounds), the script also measures the plugin's own share directly: the time spent
+inside AutoSteer's logits processor (the only per-step work the plugin adds; its hooks only
+keep references), summed over a generation, divided by that generation's wall time.
 
     python benchmarks/bench_decode.py --batch-sizes 1 16 --new-tokens 32 --rounds 5 \
         --out benchmarks/results/decode_cpu.md
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,6 +36,19 @@ from autosteer.data import default_splits  # noqa: E402
 from autosteer.method.fit import FitConfig, FitData, default_fit_data, fit  # noqa: E402
 from autosteer.models import load_model  # noqa: E402
 from autosteer.prompting import PromptFormat, encode_prompts  # noqa: E402
+
+
+class _Timed(LogitsProcessor):
+    """Runs a processor and adds the seconds it took to ``spent[0]``."""
+
+    def __init__(self, proc, spent):
+        self.proc, self.spent = proc, spent
+
+    def __call__(self, input_ids, scores):
+        t0 = time.perf_counter()
+        out = self.proc(input_ids, scores)
+        self.spent[0] += time.perf_counter() - t0
+        return out
 
 
 def _pack(model, tok, path: Path):
@@ -70,32 +89,41 @@ def main() -> None:
         kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                   do_sample=False, pad_token_id=tok.pad_token_id)
 
+        inside = {name: [] for name in providers}
+
         def run(name):
+            spent = [0.0]
+            if name != "plain":
+                proc = handle.logits_processor(force=True if name == "autosteer-steered" else None,
+                                               mode="monitor" if name == "monitor" else "prefill")
+                timed = _Timed(proc, spent)
             t = time.perf_counter()
             with torch.no_grad():
                 if name == "plain":
                     model.generate(**kw)
-                elif name == "autosteer":
-                    handle.generate(**kw, mode="prefill")
-                elif name == "autosteer-steered":
-                    handle.generate(**kw, force=True)
                 else:
-                    handle.generate(**kw, mode="monitor")
-            return time.perf_counter() - t
+                    model.generate(**kw, logits_processor=[timed])
+            wall = time.perf_counter() - t
+            inside[name].append(spent[0] / wall)
+            return wall
 
         for name in providers:  # warm-up
             run(name)
         times = {name: [] for name in providers}
-        for _ in range(args.rounds):
-            for name in providers:  # interleaved: drift hits every provider alike
+        for name in providers:
+            inside[name].clear()
+        for k in range(args.rounds):
+            for name in providers[k % len(providers):] + providers[:k % len(providers)]:  # rotated
                 times[name].append(run(name))
         base = statistics.median(times["plain"])
         for name in providers:
             med = statistics.median(times[name])
             ratios = [t / b for t, b in zip(times[name], times["plain"])]
-            rows.append((bs, name, med, med / base, statistics.median(ratios)))
+            share = statistics.median(inside[name]) if name != "plain" else 0.0
+            rows.append((bs, name, med, med / base, statistics.median(ratios), share))
             print(f"batch {bs:3d} {name:18s} median {med * 1000:8.1f} ms  ratio {med / base:.4f} "
-                  f"(median of per-round ratios {statistics.median(ratios):.4f})", flush=True)
+                  f"(median of per-round ratios {statistics.median(ratios):.4f}); in the plugin {100 * share:.3f}%",
+                  flush=True)
     handle.detach()
     lines = ["# End-to-end decode time, steered vs unsteered (default model, CPU)", "",
              "Command: `python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]) + "`", "",
@@ -103,9 +131,11 @@ def main() -> None:
              f"torch {torch.__version__}; op backends available: {available_backends()}.",
              f"Greedy, exactly {args.new_tokens} new tokens per row, {args.rounds} interleaved rounds; benign FreshQA "
              "prompts (the gate stays off unless the provider forces it).", "",
-             "| batch | provider | median wall time (ms) | ratio to plain | median per-round ratio |", "|---|---|---|---|---|"]
-    for bs, name, med, ratio, rr in rows:
-        lines.append(f"| {bs} | {name} | {med * 1000:.1f} | {ratio:.4f} | {rr:.4f} |")
+             "| batch | provider | median wall time (ms) | ratio to plain | median per-round ratio | time inside the plugin |",
+             "|---|---|---|---|---|---|"]
+    for bs, name, med, ratio, rr, share in rows:
+        lines.append(f"| {bs} | {name} | {med * 1000:.1f} | {ratio:.4f} | {rr:.4f} | "
+                     f"{'-' if name == 'plain' else f'{100 * share:.3f}%'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
