@@ -105,6 +105,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _jailbreak_dev_sets(n: int, seed: int = 0):
+    """Dev prompts wrapped in jailbreak templates of the *dev* template families (never fitted on):
+    ``n`` StrongREJECT prompts and ``n`` FreshQA dev questions, one random dev template each."""
+    import random
+
+    from .data import default_splits, template_splits
+    from .evaluate import PromptSet
+
+    splits = default_splits(seed)
+    templates = template_splits(seed)["dev_templates"]
+    rng = random.Random(seed)
+    return [PromptSet("strongreject in dev jailbreak templates", [rng.choice(templates).render(p.text) for p in splits["dev_harmful"][:n]], True),
+            PromptSet("freshqa in dev jailbreak templates", [rng.choice(templates).render(p.text) for p in splits["dev_benign"][:n]], False)]
+
+
 def _dev_sets(limit: int | None, seed: int = 0):
     from .data import default_splits
     from .evaluate import PromptSet
@@ -131,6 +146,8 @@ def cmd_eval(args) -> int:
         sets.append(PromptSet(Path(path).name, _labelled([path], 0), False))
     if args.dev or not sets:
         sets = _dev_sets(None) + sets
+    if args.jailbreak_dev:
+        sets += _jailbreak_dev_sets(args.jailbreak_dev)
     if args.limit:
         for s in sets:
             s.prompts = s.prompts[: args.limit]
@@ -236,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
+    p.add_argument("--jailbreak-dev", type=int, default=0, metavar="N",
+                   help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
+                        "dev template families (split by family, never fitted on)")
     p.add_argument("--settings", default="unsteered,always,autosteer", help="comma list of unsteered, always, autosteer, monitor")
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")

@@ -104,3 +104,30 @@ def test_one_pack_on_two_models_gives_independent_handles(tiny_model, tiny_token
         h1.detach()
         h2.detach()
     assert a.steered.all() and not b.steered.any()
+
+
+def test_rows_finishing_at_different_steps(tiny_model, tiny_tokenizer):
+    """Rows that hit EOS early are padded by generate; the others go on, unsteered rows unchanged."""
+    pack = make_pack(tiny_model)
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    free = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                               do_sample=False)[:, ids.shape[1]:]
+
+    def first(row, tok):
+        hits = (row == tok).nonzero()
+        return int(hits[0]) if len(hits) else 8
+
+    # a generated token that comes first at different steps in different rows becomes EOS
+    eos = next(int(t) for t in free.unique() if int(t) not in (0, 3) and len({first(row, t) for row in free}) > 1)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    plain = tiny_model.generate(**kw)
+    assert len({first(row[ids.shape[1]:], eos) for row in plain}) > 1, "rows must finish at different steps"
+    scores = None
+    with autosteer.attach(tiny_model, pack) as h:
+        scores = h.generate(**kw, force=False).p_unsafe
+        h.tau = float(scores.median())  # mixed latches
+        out = h.generate(**kw)
+    assert out.steered.any() and not out.steered.all()
+    for b in range(len(PROMPTS)):
+        if not out.steered[b]:
+            assert torch.equal(out.sequences[b], plain[b])
