@@ -90,6 +90,7 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     handle = attach(model, args.pack or _default_pack_path(args.model), mode=args.mode, tau=args.tau,
                     fail_closed=not args.fail_open)
+    handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
     gens = generate_batch(handle, tok, [r.text for r in records], setting, args.max_new_tokens, args.batch_size)
@@ -97,11 +98,13 @@ def cmd_generate(args) -> int:
     for rec, g in zip(records, gens):
         row = {k: v for k, v in rec.meta.items() if k != "line"}
         row["prompt"] = rec.text
-        row.update({"response": g.response, "p_unsafe": g.p_unsafe, "steered": g.steered, "refused": g.refused})
+        row.update({"response": g.response, "p_unsafe": g.p_unsafe, "gate": g.gate, "steered": g.steered,
+                    "refused": g.refused})
         lines.append(json.dumps(row, ensure_ascii=False))
     write_atomic(args.output, "\n".join(lines) + ("\n" if lines else ""))
-    n_steer = sum(g.steered for g in gens)
-    print(f"{len(gens)} responses written to {args.output} ({setting}; {n_steer} steered) in {time.time() - t0:.1f} s")
+    n_steer, n_gate = sum(g.steered for g in gens), sum(g.gate for g in gens)
+    print(f"{len(gens)} responses written to {args.output} ({setting}; gate fired on {n_gate}, {n_steer} steered) "
+          f"in {time.time() - t0:.1f} s")
     return 0
 
 
@@ -153,6 +156,7 @@ def cmd_eval(args) -> int:
             s.prompts = s.prompts[: args.limit]
     model, tok = _load(args)
     handle = attach(model, args.pack or _default_pack_path(args.model), tau=args.tau)
+    handle.check_tokenizer(tok)
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
     report = evaluate(handle, tok, sets, settings, args.max_new_tokens, args.batch_size)
     out_dir = Path(args.out)
@@ -178,7 +182,7 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     out_dir = Path(args.out)
-    pack_path = out_dir / "smollm2-135m-instruct.pack.safetensors"
+    pack_path = out_dir / _default_pack_path(args.model).name
     model, tok = _load(args)
     if pack_path.exists() and not args.refit:
         print(f"using the pack fitted earlier: {pack_path} (--refit to fit again)")
@@ -283,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     from .data import PromptFileError
     from .method.pack import PackError
     from .models import ModelLoadError
+    from .runtime.attach import AutoSteerFault
 
     try:
         return args.func(args)
-    except (PackError, ModelLoadError, PromptFileError) as exc:
+    except (PackError, ModelLoadError, PromptFileError, AutoSteerFault) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

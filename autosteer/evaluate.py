@@ -31,10 +31,11 @@ SETTINGS = {
 @dataclass
 class Generation:
     response: str
-    p_unsafe: float
-    steered: bool
+    p_unsafe: float | None  # None where the prompt was not probed (always-steered runs)
+    steered: bool  # the refusal blend was applied
     latched_at: int
-    refused: bool
+    refused: bool  # the judge's verdict on the response
+    gate: bool  # the gate's prefill decision (in unsteered runs: what it would have done)
 
 
 def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autosteer", max_new_tokens: int = 64,
@@ -45,6 +46,8 @@ def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autost
         raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
     fmt = fmt or PromptFormat.from_dict(handle.pack.meta["prompt_format"])
     opts = SETTINGS[setting]
+    if int(generate_kwargs.get("num_return_sequences", 1) or 1) != 1:
+        raise ValueError("generate_batch makes one response per prompt: num_return_sequences must be 1")
     generate_kwargs.setdefault("do_sample", False)
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
@@ -56,7 +59,9 @@ def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autost
                               pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)
         for j, i in enumerate(idx):
             text = tokenizer.decode(res.sequences[j, ids.shape[1]:], skip_special_tokens=True)
-            out[i] = Generation(text, float(res.p_unsafe[j]), bool(res.steered[j]), int(res.latched_at[j]), is_refusal(text))
+            p = float(res.p_unsafe[j])
+            out[i] = Generation(text, None if p != p else p, bool(res.steered[j]), int(res.latched_at[j]),
+                                is_refusal(text), bool(res.gate[j]))
     return out  # type: ignore[return-value]
 
 
@@ -92,7 +97,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "tau_used": handle.tau, "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
-        scores = None
+        scores = gates = None
         for setting in settings:
             gens = generate_batch(handle, tokenizer, s.prompts, setting, max_new_tokens, batch_size, progress=progress,
                                   desc=f"{s.name}/{setting}")
@@ -106,13 +111,15 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
             if setting == "monitor":
                 leaks = sorted(g.latched_at for g in gens if g.latched_at > 0)
                 entry["results"][setting]["leaked_tokens"] = leaks
-            if scores is None and setting in ("unsteered", "autosteer"):
-                scores = [g.p_unsafe for g in gens]
+            if scores is None and setting != "always":
+                scores, gates = [g.p_unsafe for g in gens], [g.gate for g in gens]
         if scores is None:
             scores = probe_scores(handle, tokenizer, s.prompts, batch_size)
+            gates = handle.gate_decision(torch.tensor(scores)).tolist()
+        tau_paper = float(handle.pack.meta["tau_paper"])
         entry["p_unsafe"] = scores
-        entry["gate_rate"] = sum(p > handle.tau for p in scores) / max(len(scores), 1)
-        entry["gate_rate_tau_paper"] = sum(p > float(handle.pack.meta["tau_paper"]) for p in scores) / max(len(scores), 1)
+        entry["gate_rate"] = sum(gates) / max(len(gates), 1)
+        entry["gate_rate_tau_paper"] = sum(p is not None and p > tau_paper for p in scores) / max(len(scores), 1)
         report["sets"][s.name] = entry
     report["judge"] = validate_judge()
     report["seconds"] = round(time.time() - t0, 1)
@@ -134,10 +141,11 @@ def markdown_report(report: dict) -> str:
     settings = report["settings"]
     lines = ["# AutoSteer evaluation", ""]
     p = report["pack"]
+    tau_paper = p.get("tau_paper", 0.5)
     lines.append(f"Model `{p.get('model_name')}`, layer {p.get('layer')} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
-                 f"(paper 0.5), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
+                 f"(paper {tau_paper}), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
     lines += ["", "Refusal rate per prompt set (harmful sets: higher is better, ASR = 1 - rate; benign sets: lower is better).", ""]
-    lines.append("| set | kind | n | gate fires (tau) | gate fires (0.5) | " + " | ".join(settings) + " |")
+    lines.append(f"| set | kind | n | gate fires (tau) | gate fires ({tau_paper}) | " + " | ".join(settings) + " |")
     lines.append("|---|---|---|---|---|" + "---|" * len(settings))
     for name, e in report["sets"].items():
         cells = [f"{100 * e['results'][s]['refusal_rate']:.1f}%" for s in settings]
@@ -198,7 +206,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, e in report["sets"].items():
-        ax.hist([p for p in e["p_unsafe"] if p == p], bins=40, range=(0, 1), alpha=0.5, label=name)
+        ax.hist([p for p in e["p_unsafe"] if p is not None], bins=40, range=(0, 1), alpha=0.5, label=name)
     ax.axvline(report["tau_used"], color="k", ls="--", label="tau")
     ax.set_xlabel("probe score p(unsafe)")
     ax.set_yscale("log")
@@ -208,8 +216,8 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p == p]
-    ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p == p]
+    harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p is not None]
+    ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p is not None]
     if harm and ben:
         s = torch.tensor(harm + ben)
         y = torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))])

@@ -17,7 +17,8 @@ DEFAULT_MAX_PROMPT_TOKENS = 512
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How prompts are turned into tokens; stored in the pack and checked at attach time."""
+    """How prompts are turned into tokens; stored in the pack (with a hash of the chat template,
+    which ``AutoSteerHandle.check_tokenizer`` compares with the serving tokenizer's)."""
 
     chat_template: bool = True
     system: str | None = None

@@ -67,7 +67,7 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     for s in report["sets"].values():
         assert set(s["results"]) == {"unsteered", "always", "autosteer", "monitor"}
         assert s["results"]["always"]["steered_rate"] == 1.0
-        assert s["results"]["unsteered"]["steered_rate"] == s["gate_rate"]  # what the gate would have done
+        assert s["results"]["unsteered"]["steered_rate"] == 0.0  # never steered; gate_rate says what it would do
     assert "refusal.csv" in report["judge"]
     md = (report_dir / "report.md").read_text()
     assert "| harmful.txt | harmful | 12 |" in md

@@ -259,3 +259,33 @@ def test_processor_step_compiles_fullgraph(tiny_model, tiny_tokenizer):
     torch.testing.assert_close(p0, p1)
     torch.testing.assert_close(l0, l1)
     assert torch.equal(l0[~a0], scores[~a0])
+
+
+def test_reused_processor_decides_afresh_even_when_lengths_line_up(tiny_model, tiny_tokenizer):
+    """A second generate whose prompt length equals the first call's next length is a new batch."""
+    pack = make_pack(tiny_model)
+    pack.meta["tau"] = _split_tau(tiny_model, tiny_tokenizer, pack)
+    ids, mask = _inputs(tiny_tokenizer)
+    with autosteer.attach(tiny_model, pack) as h:
+        proc = h.logits_processor()
+        first = tiny_model.generate(input_ids=ids[:, -5:], attention_mask=mask[:, -5:], max_new_tokens=3,
+                                    do_sample=False, logits_processor=LogitsProcessorList([proc]))
+        assert first.shape[1] == 8
+        longer = ids[:, -8:].flip(0)  # other prompts, exactly as long as the first call's next step
+        tiny_model.generate(input_ids=longer, max_new_tokens=2, do_sample=False, logits_processor=LogitsProcessorList([proc]))
+        fresh = h.logits_processor()
+        tiny_model.generate(input_ids=longer, max_new_tokens=2, do_sample=False, logits_processor=LogitsProcessorList([fresh]))
+    torch.testing.assert_close(proc.p_unsafe, fresh.p_unsafe)
+    assert torch.equal(proc.latched, fresh.latched)
+
+
+def test_unsteered_runs_report_the_gate_but_never_steer(tiny_model, tiny_tokenizer):
+    pack = make_pack(tiny_model)
+    ids, mask = _inputs(tiny_tokenizer)
+    with autosteer.attach(tiny_model, pack, tau=0.0) as h:
+        out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, force=False)
+        with pytest.raises(ValueError, match="beam search"):
+            h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, num_beams=2)
+    assert not out.steered.any() and out.gate.all()
+    with pytest.raises(ValueError, match="not a probability"):
+        autosteer.attach(tiny_model, pack, tau=1.5)

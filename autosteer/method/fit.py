@@ -157,6 +157,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     val_y = y[val_idx]
     tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
     tau = max(tau_cal, 1e-6)
+    if tau >= 1.0 - 1e-6:
+        log.warning("the calibrated threshold saturated at %.6f (benign validation scores of 1.0): the gate would "
+                    "hardly ever fire; check the fit data or raise --target-fpr", tau)
 
     def rates(t: float) -> dict:
         fire = val_scores > t

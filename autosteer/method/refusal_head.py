@@ -62,7 +62,7 @@ def collect_answer_states(model, tokenizer, prompts: list[str], fmt: PromptForma
     gs, ys = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):
         rows = [encode_one(tokenizer, p, fmt) + answer_ids for p in prompts[start:start + batch_size]]
-        ids, mask = pad_left(rows, tokenizer.pad_token_id)
+        ids, mask = pad_left(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                       position_ids=position_ids_from_mask(mask).to(device), use_cache=False)
         g = out.last_hidden_state[:, -n_ans - 1:-1, :]  # position t predicts token t+1

@@ -31,9 +31,10 @@ class AutoSteerFault(RuntimeError):
 @dataclass
 class SteeredOutput:
     sequences: torch.Tensor  # what generate returned (prompt + new tokens)
-    steered: torch.Tensor  # [B] bool: row was steered (latched)
-    p_unsafe: torch.Tensor  # [B] float32: probe score at the last prompt token
+    steered: torch.Tensor  # [B] bool: the refusal blend was applied to this row (never with force=False)
+    p_unsafe: torch.Tensor  # [B] float32: probe score at the last prompt token (NaN where not probed)
     latched_at: torch.Tensor  # [B] int32: decode step of the first trigger, -1 if never
+    gate: torch.Tensor  # [B] bool: the gate's prefill decision (with force=False: what it would have done)
 
 
 class AutoSteerHandle:
@@ -63,10 +64,13 @@ class AutoSteerHandle:
             raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
         if pack.layer >= num_layers(model):
             raise PackError(f"pack layer {pack.layer} does not exist in a model with {num_layers(model)} layers")
+        tau = float(pack.tau if tau is None else tau)
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau={tau} is not a probability threshold in [0, 1]")
         self.model = model
         self.pack = pack
         self.mode = mode
-        self.tau = float(pack.tau if tau is None else tau)
+        self.tau = tau
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
         self.faults = 0  # op errors swallowed in fail-open mode
@@ -104,6 +108,21 @@ class AutoSteerHandle:
         hid = torch.relu(h.float() @ self.W1.t() + self.b1)
         return torch.sigmoid(hid @ self.w2 + self.b2)
 
+    def gate_decision(self, p: torch.Tensor) -> torch.Tensor:
+        """What the gate decides for probe scores ``p`` (NaN fires only when failing closed)."""
+        fire = p > self.tau
+        return fire | torch.isnan(p) if self.fail_closed else fire
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Warn when ``tokenizer``'s chat template is not the one the pack was fitted with (the probe
+        reads the last prompt token, so prompts must be formatted exactly as at fit time)."""
+        from ..prompting import template_hash
+
+        want = self.pack.meta.get("chat_template_sha256_16")
+        if want and template_hash(tokenizer) != want:
+            log.warning("the tokenizer's chat template differs from the one this pack was fitted with: "
+                        "the probe may read a different token than at fit time")
+
     # -- user API -------------------------------------------------------------------------
     def logits_processor(self, force: bool | None = None, mode: str | None = None) -> AutoSteerLogitsProcessor:
         """A fresh processor for one ``generate`` call. ``force=True`` always steers,
@@ -114,6 +133,9 @@ class AutoSteerHandle:
     def generate(self, force: bool | None = None, mode: str | None = None, **generate_kwargs) -> SteeredOutput:
         """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
         Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
+        if int(generate_kwargs.get("num_beams", 1) or 1) > 1:
+            raise ValueError("AutoSteer does not support beam search (processors see log-probabilities and beams are "
+                             "reordered between steps): use greedy decoding or sampling")
         proc = self.logits_processor(force, mode)
         extra = generate_kwargs.pop("logits_processor", None) or []
         with self._lock, torch.no_grad():
@@ -124,9 +146,9 @@ class AutoSteerHandle:
             sequences = seqs.sequences
         if proc.latched is None:  # generate produced no token
             b = sequences.shape[0]
-            return SteeredOutput(sequences, torch.zeros(b, dtype=torch.bool), torch.full((b,), float("nan")),
-                                 torch.full((b,), -1, dtype=torch.int32))
-        return SteeredOutput(sequences, proc.latched.cpu(), proc.p_unsafe.cpu(), proc.latched_at.cpu())
+            no = torch.zeros(b, dtype=torch.bool)
+            return SteeredOutput(sequences, no, torch.full((b,), float("nan")), torch.full((b,), -1, dtype=torch.int32), no)
+        return SteeredOutput(sequences, proc.latched.cpu(), proc.p_unsafe.cpu(), proc.latched_at.cpu(), proc.gate.cpu())
 
     def detach(self) -> None:
         """Remove the hooks; the model is exactly as before. Safe to call twice."""

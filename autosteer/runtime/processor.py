@@ -8,8 +8,13 @@ score. At the first call (prefill) each row's gate is decided from its last prom
 Transformers runs custom processors after its own (repetition penalty and the like) and before
 the sampling warpers (temperature, top-k, top-p), so the blend acts on the model's logits
 whatever the sampling settings. Use one processor per ``generate`` call
-(:meth:`AutoSteerHandle.logits_processor`); a processor that sees a new batch (its size or the
-sequence length does not continue the last call) starts over.
+(:meth:`AutoSteerHandle.logits_processor`); a processor that sees a new batch starts over (a call
+continues the last one only if the batch size is the same, the sequences are one token longer,
+their previous last tokens are unchanged, and no new multi-token prefill ran in between).
+
+Beam search is not supported: transformers hands processors log-probabilities there and reorders
+beams between steps, which the per-row latch does not follow (``handle.generate`` refuses it).
+In monitor mode, rows that already ended (last token EOS or pad) are not probed again.
 """
 from __future__ import annotations
 
@@ -35,8 +40,16 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.p_unsafe: torch.Tensor | None = None  # [B] float32, score of the last prompt token
         self.p_last: torch.Tensor | None = None  # [B] float32, latest score (monitor mode)
         self.latched_at: torch.Tensor | None = None  # [B] int32, step of the first trigger (-1: never)
+        self.gate: torch.Tensor | None = None  # [B] bool, the gate's prefill decision (force=False: what it would do)
         self.step = 0
         self._expect_len: int | None = None
+        self._last_tokens: torch.Tensor | None = None
+        self._last_probe_tokens = 0
+        gen_cfg = getattr(handle.model, "generation_config", None)
+        stop = getattr(gen_cfg, "eos_token_id", None)
+        stop = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple)) else [stop])
+        pad = getattr(gen_cfg, "pad_token_id", None)
+        self._stop_ids = torch.tensor(stop + ([pad] if pad is not None else []), dtype=torch.long)
 
     def _start(self, batch: int, device) -> None:
         self.latched = torch.full((batch,), bool(self.force), dtype=torch.bool, device=device)
@@ -51,7 +64,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         device = cap.probe_hidden.device
         base = torch.arange(batch, device=device) * T
         mask = cap.attention_mask
-        if mask is not None and mask.dim() == 2 and tuple(mask.shape) == (batch, T):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == (batch, T):
             # last position whose mask is 1: right for left and right padding alike
             last = T - 1 - torch.flip(mask.to(device).long(), dims=[1]).argmax(dim=1)
         else:
@@ -67,11 +80,15 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
                                "calls on one handle): use handle.generate, which serialises them, or one model per thread")
         batch = scores.shape[0]
         device = scores.device
-        new = self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
+        T = cap.probe_tokens
+        new = (self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
+               or (T > 1 and self._last_probe_tokens == 1)  # a multi-token prefill after cached decode steps
+               or not torch.equal(input_ids[:, -2], self._last_tokens))
         if new:
             self._start(batch, device)
         self._expect_len = input_ids.shape[1] + 1
-        T = cap.probe_tokens
+        self._last_tokens = input_ids[:, -1].clone()
+        self._last_probe_tokens = T
         if new:
             probe_rows = self._last_prompt_rows(cap, batch)
         else:
@@ -81,15 +98,17 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         if self.force is False:
             if new:  # score the prompt, never touch the logits
                 p = self.handle.probe_scores(cap.probe_hidden.index_select(0, probe_rows))
-                self.latched |= p > self.handle.tau
         else:
             probe = (new or self.mode == "monitor") and self.force is None
             probe_mask = torch.full((batch,), probe, dtype=torch.bool, device=device)
+            if probe and not new and len(self._stop_ids):  # ended rows are not probed again
+                probe_mask &= ~torch.isin(input_ids[:, -1], self._stop_ids.to(device))
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
             self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
                                 scores, self.latched, p)
         if new:
             self.p_unsafe = p.clone()
+            self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
         if new or self.mode == "monitor":
             self.p_last = p
         self.latched_at = torch.where(self.latched & ~was, self.step, self.latched_at).to(torch.int32)
