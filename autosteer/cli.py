@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
         sets.append(PromptSet(Path(path).name, _labelled([path], 1), True))
     for path in args.benign or []:
         sets.append(PromptSet(Path(path).name, _labelled([path], 0), False))
-    if args.dev or not sets:
+    if args.dev or not (sets or args.jailbreak_dev):
         sets = _dev_sets(None) + sets
     if args.jailbreak_dev:
         sets += _jailbreak_dev_sets(args.jailbreak_dev)
