@@ -152,9 +152,10 @@ def output_head(model) -> torch.nn.Linear:
         raise ValueError(f"{type(model).__name__} has no linear output head (got {type(head).__name__})")
     if getattr(head, "bias", None) is not None:
         raise ValueError("autosteer's logit-space Refusal Head needs an output head without bias")
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 1.0):
-            raise ValueError(f"model config sets {attr}: the logits are not E·h, so the Refusal Head identity does not hold")
+    for cfg in (model.config, text_config(model)):  # multimodal wrappers nest the text model's config
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(cfg, attr, None) not in (None, 1.0):
+                raise ValueError(f"model config sets {attr}: the logits are not E·h, so the Refusal Head identity does not hold")
     return head
 
 

@@ -8,6 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import autosteer
 from autosteer.method.pack import PackError
+from autosteer.runtime.attach import AutoSteerHandle
 from autosteer.prompting import PromptFormat, encode_prompts, pad_left
 from conftest import make_pack, make_tiny_model
 
@@ -289,3 +290,11 @@ def test_unsteered_runs_report_the_gate_but_never_steer(tiny_model, tiny_tokeniz
     assert not out.steered.any() and out.gate.all()
     with pytest.raises(ValueError, match="not a probability"):
         autosteer.attach(tiny_model, pack, tau=1.5)
+
+
+def test_models_whose_logits_are_not_E_h_are_refused(tiny_model):
+    """Softcapped or scaled logits break the LM-Steer identity the op relies on: refuse, don't steer wrongly."""
+    pack = make_pack(tiny_model)
+    tiny_model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        AutoSteerHandle(tiny_model, pack, check_model=False)
