@@ -173,6 +173,13 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> list[Path]:
     """SAS and AUROC per layer, probe-score histograms per set, ROC (harmful vs benign sets), refusal bars."""
     import matplotlib
@@ -199,10 +206,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     ax2.set_ylabel("AUROC")
     fig.legend(loc="lower right", fontsize=8)
     ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
-    fig.tight_layout()
-    paths.append(out_dir / "layers.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "layers.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, e in report["sets"].items():
@@ -211,10 +215,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     ax.set_xlabel("probe score p(unsafe)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "probe_scores.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "probe_scores.png"))
 
     harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p is not None]
     ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p is not None]
@@ -229,10 +230,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
         ax.set_xlabel("false-positive rate (benign sets)")
         ax.set_ylabel("true-positive rate (harmful sets)")
         ax.set_title(f"probe ROC, AUC {report['roc_auc']:.3f}")
-        fig.tight_layout()
-        paths.append(out_dir / "roc.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out_dir / "roc.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(report["sets"])
@@ -243,10 +241,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=15, fontsize=8)
     ax.set_ylabel("refusal rate (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "refusal_rates.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "refusal_rates.png"))
     return paths
 
 

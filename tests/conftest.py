@@ -45,6 +45,15 @@ def make_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 4, seed: in
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a loaded 2-core host: one torch thread is far faster than oversubscribed OpenMP."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

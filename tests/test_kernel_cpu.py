@@ -1,14 +1,11 @@
 """The C++ CPU kernel (torch.ops.autosteer.steer_step_cpu) against the PyTorch reference."""
 import os
 
-if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":  # see test_kernel_triton.py: before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from _steer_cases import (  # noqa: E402
+from _steer_cases import (
     LATCH_MODES,
     LAYOUTS,
     MASK_MODES,
@@ -21,7 +18,7 @@ from _steer_cases import (  # noqa: E402
     make_case,
     variant,
 )
-from autosteer.runtime import op as _op  # noqa: E402  (loads the C++ extension: installed or JIT)
+from autosteer.runtime import op as _op  # (loads the C++ extension: installed or JIT)
 
 pytestmark = pytest.mark.skipif(_op.native_backend() is None, reason="C++ extension autosteer._C unavailable")
 

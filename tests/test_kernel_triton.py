@@ -3,14 +3,10 @@
 On a CPU-only machine the kernel runs in Triton's interpreter. Triton decides interpreter
 mode when ``triton.language`` is first imported (its builtins are jit functions decorated at
 import time), NOT at launch: TRITON_INTERPRET=1 must be in the environment before anything
-imports triton. Hence these lines come first (the other kernel test files repeat them, since
-pytest imports them earlier). On a GPU machine run with AUTOSTEER_TEST_NATIVE_TRITON=1 (and
+imports triton: tests/conftest.py sets it before any test module is imported. On a GPU machine run with AUTOSTEER_TEST_NATIVE_TRITON=1 (and
 TRITON_INTERPRET unset) to compile the kernel for CUDA instead; CPU cases are then skipped.
 """
 import os
-
-if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -1,19 +1,16 @@
 """torch.ops.autosteer.steer_step: dispatch, opcheck, torch.compile, fallbacks, validation, CUDA graphs."""
 import os
 
-if os.environ.get("AUTOSTEER_TEST_NATIVE_TRITON") != "1":  # see test_kernel_triton.py: before triton is imported
-    os.environ["TRITON_INTERPRET"] = "1"
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from _steer_cases import ARG_NAMES, check_against_reference, make_case  # noqa: E402
-from autosteer.runtime import op  # noqa: E402
+from _steer_cases import ARG_NAMES, check_against_reference, make_case
+from autosteer.runtime import op
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REPO = Path(__file__).resolve().parents[1]

@@ -33,13 +33,7 @@ PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of f
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a loaded 2-core host: one thread is ~100x faster than oversubscribed OpenMP
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
