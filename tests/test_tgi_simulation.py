@@ -284,6 +284,19 @@ def test_install_refuses_mismatched_internals(fake_tgi, setup, tmp_path, monkeyp
         tgi.uninstall()
 
 
+def test_plain_linear_lm_head_is_refused_by_name():
+    """TGI's transformers fallback has a plain nn.Linear lm_head (no SpeculativeHead): the error
+    names that, instead of blaming a Medusa speculator (a SpeculativeHead whose head is None)."""
+    with pytest.raises(tgi.TGIIntegrationError, match="not TGI's SpeculativeHead"):
+        tgi._TGI.output_embedding(torch.nn.Linear(4, 8, bias=False))
+    medusa = torch.nn.Module()
+    medusa.head = None
+    with pytest.raises(tgi.TGIIntegrationError, match="Medusa"):
+        tgi._TGI.output_embedding(medusa)
+    head = sim.SpeculativeHead(torch.nn.Linear(4, 8, bias=False))
+    assert tgi._TGI.output_embedding(head) is head.head.linear.weight
+
+
 def test_pack_must_match_the_served_model(fake_tgi, setup, tmp_path):
     hf, rows, _, _ = setup
     other = make_pack(make_tiny_model(hf.config.vocab_size, seed=1))

@@ -39,8 +39,11 @@ the last one (chunked prefill: their token is discarded) neither latch nor are s
 
 Not supported (install/attach raises :class:`TGIIntegrationError`): tensor-parallel sharding
 of ``lm_head`` (``--num-shard > 1``), Medusa / MLP speculators (n-gram ``--speculate`` works),
-models whose layers do not return ``(mlp_out, attn_res)``. Verified only against an in-repo
-simulation of TGI's batch protocol (``tests/test_tgi_simulation.py``), not a running TGI.
+models whose layers do not return ``(mlp_out, attn_res)``, TGI's transformers fallback
+(``TransformersFlashCausalLM``). Tested against an in-repo simulation of TGI's batch protocol
+(``tests/test_tgi_simulation.py``) and against TGI's real ``utils.tokens`` / ``FlashCausalLMBatch`` /
+``FlashCausalLM.generate_token`` code on CPU with a stand-in model forward
+(``scripts/verify_tgi_real.sh``); not on a running TGI server with a GPU.
 """
 from __future__ import annotations
 
@@ -130,7 +133,13 @@ class _TGI:
 
     @staticmethod
     def output_embedding(lm_head) -> torch.Tensor:
-        head = getattr(lm_head, "head", None)
+        if not hasattr(lm_head, "head"):
+            # e.g. TransformersFlashCausalLM (TGI's fallback for architectures without a flash
+            # implementation): its lm_head is the transformers model's own nn.Linear
+            raise TGIIntegrationError(
+                f"lm_head is a {type(lm_head).__name__}, not TGI's SpeculativeHead: only TGI's own flash model "
+                "classes are supported (not the transformers fallback, TransformersFlashCausalLM)")
+        head = lm_head.head
         if head is None:
             raise TGIIntegrationError(
                 "this model's lm_head is a Medusa/MLP speculator (SpeculativeHead.head is None): not supported; "
