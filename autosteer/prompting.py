@@ -2,13 +2,21 @@
 
 The probe reads the hidden state of the *last prompt token*, so the prompt must be formatted
 exactly the same way when fitting and when generating: the tokenizer's chat template with the
-generation prompt appended. Both sides call :func:`encode_prompts`.
+generation prompt appended. Both sides call :func:`encode_batch` (text-only models:
+:func:`encode_prompts`).
+
+A prompt is a ``str`` or an :class:`ImagePrompt` (text plus an optional image). Multimodal
+models take a *processor* wherever a ``tokenizer`` is asked for; the processor expands each
+image into image tokens, so the probed "last prompt token" is the last token after expansion.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -32,8 +40,83 @@ class PromptFormat:
         return cls(bool(d.get("chat_template", True)), d.get("system"), int(d.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)))
 
 
+class ImageLoadError(ValueError):
+    """An image of a prompt could not be read; the message names the file."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImagePrompt:
+    """A user prompt with an optional image: a file path or an in-memory ``PIL.Image``.
+
+    Two prompts are equal when their texts are and their images are the same path (or the same
+    image object), so prompt lists can be de-duplicated like strings.
+    """
+
+    text: str
+    image: object = None  # str | os.PathLike | PIL.Image.Image | None
+
+    def _key(self):
+        img = self.image
+        return (self.text, None if img is None else (str(img) if isinstance(img, (str, os.PathLike)) else id(img)))
+
+    def __eq__(self, other):
+        return isinstance(other, ImagePrompt) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __str__(self):
+        return self.text if self.image is None else f"[image: {self.describe_image()}] {self.text}"
+
+    def describe_image(self) -> str:
+        img = self.image
+        if img is None:
+            return ""
+        if isinstance(img, (str, os.PathLike)):
+            return str(img)
+        return getattr(img, "autosteer_name", None) or f"<{type(img).__name__} {getattr(img, 'size', '')}>"
+
+
+PromptLike = Union[str, ImagePrompt]
+
+
+def prompt_text(p: PromptLike) -> str:
+    return p.text if isinstance(p, ImagePrompt) else p
+
+
+def prompt_image(p: PromptLike):
+    return p.image if isinstance(p, ImagePrompt) else None
+
+
+def load_image(image):
+    """An RGB ``PIL.Image`` from a path or an image object; :class:`ImageLoadError` names a bad file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    path = Path(image)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageLoadError(f"cannot read image {path}: {exc}") from None
+
+
+def text_tokenizer(tokenizer):
+    """The text tokenizer of a tokenizer or of a multimodal processor (which wraps one)."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
+
+
+def is_processor(tokenizer) -> bool:
+    return hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor")
+
+
 def template_hash(tokenizer) -> str:
-    tpl = getattr(tokenizer, "chat_template", None) or ""
+    tpl = getattr(tokenizer, "chat_template", None) or getattr(text_tokenizer(tokenizer), "chat_template", None) or ""
+    if not isinstance(tpl, str):  # some processors keep several named templates
+        tpl = repr(sorted(tpl.items())) if isinstance(tpl, dict) else repr(tpl)
     return hashlib.sha256(tpl.encode()).hexdigest()[:16]
 
 
@@ -56,21 +139,28 @@ def render_chat(tokenizer, messages: list[dict], fmt: PromptFormat) -> str:
 def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
     """Token ids of one formatted prompt. Over-long user text is cut in the middle (keeping its
     start and its end, so the chat template's suffix and the request's last words survive)."""
+    tokenizer = text_tokenizer(tokenizer)
     text = _render(tokenizer, content, fmt)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= fmt.max_prompt_tokens:
         return ids
+    return tokenizer(_render(tokenizer, _cut_user_text(tokenizer, content, fmt, len(ids)), fmt),
+                     add_special_tokens=False)["input_ids"][-fmt.max_prompt_tokens:]
+
+
+def _cut_user_text(tokenizer, content: str, fmt: PromptFormat, rendered_len: int) -> str:
+    """``content`` cut in the middle so that its rendered prompt fits ``fmt.max_prompt_tokens``."""
+    ids_len = rendered_len
     user_ids = tokenizer(content, add_special_tokens=False)["input_ids"]
-    overhead = len(ids) - len(user_ids)
+    overhead = ids_len - len(user_ids)
     keep = fmt.max_prompt_tokens - overhead
     if keep < 8:
         raise ValueError(f"max_prompt_tokens={fmt.max_prompt_tokens} leaves no room for the user text")
     head = keep // 2
     cut = tokenizer.decode(user_ids[:head]) + " ... " + tokenizer.decode(user_ids[len(user_ids) - (keep - head) + 2:])
     warnings.warn(f"prompts longer than max_prompt_tokens={fmt.max_prompt_tokens} are truncated (middle cut of the user text)",
-                  stacklevel=2)
-    ids = tokenizer(_render(tokenizer, cut, fmt), add_special_tokens=False)["input_ids"]
-    return ids[-fmt.max_prompt_tokens:]
+                  stacklevel=3)
+    return cut
 
 
 def pad_left(batch_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +176,56 @@ def pad_left(batch_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Format, tokenize and left-pad a batch of user prompts."""
+    """Format, tokenize and left-pad a batch of text prompts."""
+    tokenizer = text_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pad_left([encode_one(tokenizer, p, fmt) for p in prompts], pad_id)
+
+
+def render_multimodal(processor, prompt: PromptLike, fmt: PromptFormat) -> tuple[str, bool]:
+    """The text a multimodal processor gets for one prompt (an image placeholder where the prompt
+    has an image), and whether a chat template was applied (it then carries the special tokens).
+
+    The processor's own chat template is used when it has one (structured content, as the
+    family's model card shows); else the tokenizer's template with the placeholder before the
+    text; else the bare text.
+    """
+    tok = text_tokenizer(processor)
+    text, has_image = prompt_text(prompt), prompt_image(prompt) is not None
+    rendered_len = len(encode_one(tok, text, PromptFormat(fmt.chat_template, fmt.system, 1 << 30)))
+    if rendered_len > fmt.max_prompt_tokens:  # the text part alone is cut as for text models
+        text = _cut_user_text(tok, text, fmt, rendered_len)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if fmt.chat_template and getattr(processor, "chat_template", None):
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
+        messages = ([{"role": "system", "content": [{"type": "text", "text": fmt.system}]}] if fmt.system else []) + [
+            {"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+    content = f"{image_token}\n{text}" if has_image else text
+    if fmt.chat_template and getattr(tok, "chat_template", None):
+        return _render(tok, content, fmt), True
+    return content, False
+
+
+def encode_batch(tokenizer, prompts: list[PromptLike], fmt: PromptFormat) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch of prompts, left padded: ``input_ids`` and ``attention_mask``, plus
+    the image tensors the family's processor makes (``pixel_values``, ...) when ``tokenizer`` is a
+    multimodal processor. Text-only tokenizers refuse prompts with images."""
+    if not is_processor(tokenizer):
+        if any(prompt_image(p) is not None for p in prompts):
+            raise ValueError("a prompt has an image but this model takes text only (its tokenizer is not a multimodal processor)")
+        ids, mask = encode_prompts(tokenizer, [prompt_text(p) for p in prompts], fmt)
+        return {"input_ids": ids, "attention_mask": mask}
+    rendered = [render_multimodal(tokenizer, p, fmt) for p in prompts]
+    images = [load_image(prompt_image(p)) for p in prompts if prompt_image(p) is not None]
+    templated = {t for _, t in rendered}
+    kwargs = {"add_special_tokens": False} if templated == {True} else {}
+    tok = text_tokenizer(tokenizer)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out = tokenizer(text=[r for r, _ in rendered], images=images or None, padding=True, return_tensors="pt", **kwargs)
+    return dict(out)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

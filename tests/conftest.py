@@ -69,10 +69,13 @@ def make_pack(model, layer: int = 2, rank: int = 4, tau: float = 0.5, eps: float
     from autosteer.method.pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
     from autosteer.prompting import PromptFormat
 
+    from autosteer.models import text_config
+
     g = torch.Generator().manual_seed(seed)
-    H = model.config.hidden_size
+    cfg = text_config(model)  # multimodal models nest the language model's config
+    H = cfg.hidden_size
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layer": layer, "layer_rule": "fixed",
-            "hidden_size": H, "vocab_size": model.config.vocab_size, "num_layers": model.config.num_hidden_layers,
+            "hidden_size": H, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers,
             "probe_hidden": F, "head_rank": rank, "eps": eps, "tau": tau, "tau_paper": 0.5,
             "prompt_format": PromptFormat().to_dict(), "fingerprint": model_fingerprint(model)}
     return SteerPack(torch.randn(F, H, generator=g), torch.randn(F, generator=g), torch.randn(F, generator=g),

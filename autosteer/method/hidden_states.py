@@ -3,7 +3,8 @@
 ``h_l(x)`` is the residual stream entering decoder block ``l`` at the last prompt token. We read
 it with forward pre-hooks on the decoder blocks -- the very hooks the runtime uses -- so fit and
 serving see the same tensor. Prompts are formatted with :mod:`autosteer.prompting`, left padded,
-with the positions ``generate`` would use.
+with the positions ``generate`` would use; a multimodal model gets its processor's image
+tensors too, and "last prompt token" is the last token after the images are expanded.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers
-from ..prompting import PromptFormat, encode_prompts, position_ids_from_mask
+from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, prompt_text
 
 
 def _hidden_arg(args, kwargs):
@@ -22,7 +23,7 @@ def _hidden_arg(args, kwargs):
 def last_token_states(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[PromptLike],
     fmt: PromptFormat,
     batch_size: int = 16,
     layers: list[int] | None = None,
@@ -40,16 +41,15 @@ def last_token_states(
             store[l] = _hidden_arg(args, kwargs)[:, -1, :].float().cpu()
         handles.append(blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
     # sort by length so batches pad little; restore order at the end
-    lengths = [len(p) for p in prompts]
+    lengths = [len(prompt_text(p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out = torch.empty(len(prompts), len(layers), model.config.get_text_config().hidden_size
                       if hasattr(model.config, "get_text_config") else model.config.hidden_size)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            ids, mask = encode_prompts(tokenizer, [prompts[i] for i in idx], fmt)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                  position_ids=position_ids_from_mask(mask).to(device), use_cache=False, logits_to_keep=1)
+            inputs = {k: v.to(device) for k, v in encode_batch(tokenizer, [prompts[i] for i in idx], fmt).items()}
+            model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
             out[idx] = torch.stack([store[l] for l in layers], dim=1)
     finally:
         for h in handles:

@@ -49,6 +49,9 @@ def model_fingerprint(model) -> dict:
     rows = E[idx.to(E.device)].double().cpu()
     return {
         "model_type": getattr(cfg, "model_type", "unknown"),
+        # the whole model's type: a multimodal wrapper (llava_onevision) and its bare language
+        # model (qwen2) read different hidden states, so a pack of one does not serve the other
+        "architecture": getattr(model.config, "model_type", "unknown"),
         "hidden_size": int(E.shape[1]),
         "vocab_size": int(V),
         "num_layers": int(num_layers(model)),
@@ -63,6 +66,9 @@ def check_fingerprint(expected: dict, model) -> None:
     for key in ("hidden_size", "vocab_size", "num_layers"):
         if expected.get(key) != got[key]:
             raise PackError(f"pack does not match the model: {key} is {expected.get(key)} in the pack but {got[key]} in the model")
+    if "architecture" in expected and expected["architecture"] != got["architecture"]:
+        raise PackError(f"pack does not match the model: it was fitted on a {expected['architecture']!r} model, "
+                        f"this is a {got['architecture']!r} model")
     if expected.get("model_type") != got["model_type"]:
         raise PackError(f"pack does not match the model: model_type {expected.get('model_type')!r} in the pack, {got['model_type']!r} in the model")
     a = torch.tensor(expected.get("embedding_row_abs_sums", []), dtype=torch.float64)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import output_head
-from ..prompting import PromptFormat, encode_one, pad_left, position_ids_from_mask
+from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, text_tokenizer
 
 REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
 
@@ -47,27 +47,43 @@ class RefusalHead:
 
 def answer_token_ids(tokenizer, answer: str = REFUSAL_ANSWER) -> list[int]:
     """The refusal answer's tokens followed by the end-of-turn token, so a refusal stops."""
+    tokenizer = text_tokenizer(tokenizer)
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return ids + ([eos] if eos is not None else [])
 
 
 @torch.no_grad()
-def collect_answer_states(model, tokenizer, prompts: list[str], fmt: PromptFormat, answer_ids: list[int],
+def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: PromptFormat, answer_ids: list[int],
                           batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final normed hidden states ``g`` at the positions that predict each answer token, and the targets."""
-    decoder = model.get_decoder()
+    """Final normed hidden states ``g`` (the input of ``lm_head``) at the positions that predict
+    each answer token, and the targets. The answer is appended after each (left-padded) prompt;
+    multimodal prompts keep their images."""
     device = next(model.parameters()).device
     n_ans = len(answer_ids)
+    head = output_head(model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_mod, args):
+        seen["g"] = args[0]
+
+    handle = head.register_forward_pre_hook(grab)
     gs, ys = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):
-        rows = [encode_one(tokenizer, p, fmt) + answer_ids for p in prompts[start:start + batch_size]]
-        ids, mask = pad_left(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids_from_mask(mask).to(device), use_cache=False)
-        g = out.last_hidden_state[:, -n_ans - 1:-1, :]  # position t predicts token t+1
-        gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
-        ys.append(torch.tensor(answer_ids).repeat(len(rows)))
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):
+            inputs = encode_batch(tokenizer, prompts[start:start + batch_size], fmt)
+            b = inputs["input_ids"].shape[0]
+            answer = torch.tensor(answer_ids, dtype=torch.long).expand(b, n_ans)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False,
+                  logits_to_keep=n_ans + 1)
+            g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts token t+1
+            gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
+            ys.append(torch.tensor(answer_ids).repeat(b))
+    finally:
+        handle.remove()
     return torch.cat(gs), torch.cat(ys)
 
 
