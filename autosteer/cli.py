@@ -48,10 +48,18 @@ def cmd_fit(args) -> int:
 
     t0 = time.time()
     model, tok = _load(args)
-    rank = None if args.head_rank == "full" else int(args.head_rank)
-    cfg = FitConfig(layer_rule=args.layer_rule, head_rank=rank, head_epochs=args.head_epochs, target_fpr=args.target_fpr,
-                    max_per_class=args.max_per_class, batch_size=args.batch_size, seed=args.seed,
-                    prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
+    kw = dict(head_epochs=args.head_epochs, max_per_class=args.max_per_class, batch_size=args.batch_size, seed=args.seed,
+              prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
+    # options left unset keep the preset's (or FitConfig's) value
+    if args.layer_rule is not None:
+        kw["layer_rule"] = args.layer_rule
+    if args.head_rank is not None:
+        kw["head_rank"] = None if args.head_rank == "full" else int(args.head_rank)
+    if args.target_fpr is not None:
+        kw["target_fpr"] = args.target_fpr
+    if args.jailbreak_fit is not None:
+        kw["jailbreak_fit"] = args.jailbreak_fit
+    cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
     data = None
     if args.harmful or args.benign:
         if not (args.harmful and args.benign):
@@ -61,7 +69,7 @@ def cmd_fit(args) -> int:
         data = FitData(harmful, benign, [], {"harmful_files": args.harmful, "benign_files": args.benign,
                                               "counts": {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": 0}})
     else:
-        data = default_fit_data(args.seed, args.max_per_class)
+        data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
     pack = fit(model, tok, cfg, data)
     out = Path(args.out) if args.out else _default_pack_path(args.model)
     pack.save(out)
@@ -69,7 +77,7 @@ def cmd_fit(args) -> int:
     print(f"pack written to {out}")
     print(f"layer {m['layer']} (rule {m['layer_rule']}; SAS peaks at layer {m['sas_layer']}, {m['sas_pairing']} pairs), "
           f"probe val AUROC {m['metrics']['val_auroc']:.3f}")
-    print(f"tau {m['tau']:.3f} (calibrated to FPR <= {m['target_fpr']}: val TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
+    print(f"tau {m['tau']:.3f} ({m['tau_rule']}: val TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau']['fpr']:.3f}); paper tau 0.5: TPR {m['metrics']['val_at_tau_paper']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     print(f"refusal head: rank {m['head_rank']}, loss {m['metrics']['head_losses'][-1]:.4f}, "
@@ -222,10 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a steer pack on a frozen model")
     _model_args(p)
     p.add_argument("--out", help="pack path (default runs/<model>.pack.safetensors)")
-    p.add_argument("--layer-rule", default="auroc", help="'auroc' (default: best probe validation AUROC), 'sas' (paper), or a layer number")
-    p.add_argument("--head-rank", default="16", help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
+    p.add_argument("--preset", default=None, choices=["paper", "default"],
+                   help="named configuration: 'paper' (SAS layer, full d x d head, tau 0.5, paper prober training, direct "
+                        "harmful vs benign data) or 'default'; options given explicitly override the preset")
+    p.add_argument("--layer-rule", default=None, help="'auroc' (default: best probe validation AUROC), 'sas' (paper), or a layer number")
+    p.add_argument("--head-rank", default=None, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate the threshold is calibrated to")
+    p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate the threshold is calibrated to (default 0.05)")
+    p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
+                   help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
+                        "(0: none; default: FitConfig's)")
     p.add_argument("--max-per-class", type=int, default=1000)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")

@@ -50,7 +50,10 @@ and raises if any fit prompt also appears in a dev split; :func:`default_splits`
 
 Jailbreak templates are loaded separately (:func:`load_jailbreak_templates`); split them by
 ``family`` (or by :func:`template_clusters`, which also merges near-duplicate texts), never at
-random. :func:`template_splits` does that deterministically.
+random. :func:`template_splits` does that deterministically (404 fit / 173 dev templates with
+``seed=0``). :func:`jailbreak_fit_prompts` wraps harmful AND benign fit prompts in fit-family
+templates only (same templates for both classes); ``autosteer eval --jailbreak-dev`` wraps dev
+prompts in dev-family templates only.
 
 User prompt files (:func:`load_prompt_file`): ``.txt`` (one prompt per line), ``.jsonl``
 (objects with a string ``"prompt"``, optional ``"label"``) and ``.json`` (a list of strings or
@@ -88,6 +91,7 @@ __all__ = [
     "render_template",
     "template_clusters",
     "template_splits",
+    "jailbreak_fit_prompts",
     "default_splits",
     "assert_disjoint",
     "load_prompt_file",
@@ -544,6 +548,59 @@ def template_splits(
             fit.extend(g)
     key = lambda t: t.key  # noqa: E731
     return {"fit_templates": sorted(fit, key=key), "dev_templates": sorted(dev, key=key)}
+
+
+#: the template split is always drawn with this seed, whatever the fit seed: ``autosteer eval
+#: --jailbreak-dev`` wraps dev prompts in ``template_splits(0)["dev_templates"]``, so fitting on
+#: another split would leak dev families into the fit data.
+TEMPLATE_SPLIT_SEED = 0
+
+
+def jailbreak_fit_prompts(
+    n_per_class: int,
+    seed: int = 0,
+    *,
+    splits: Mapping[str, Sequence[Prompt]] | None = None,
+    max_template_chars: int = 2000,
+    max_inner_chars: int = 400,
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Fit prompts wrapped in jailbreak templates of the FIT families: ``(harmful, benign)``.
+
+    ``n_per_class`` harmful fit prompts and as many benign fit prompts (sampled without
+    replacement with ``seed``; at most ``max_inner_chars`` characters, so long WritingBench
+    tasks are not wrapped) are each put into a template of
+    ``template_splits(TEMPLATE_SPLIT_SEED)["fit_templates"]`` no longer than
+    ``max_template_chars`` (longer ones are cut at ``max_prompt_tokens`` when tokenized, which
+    can drop the request itself and leave a mislabelled row). Templates are dealt in the same
+    shuffled order to both classes -- the i-th harmful and the i-th benign prompt share a
+    template -- so the template alone tells nothing about the label: the probe has to learn
+    "harmful request inside a template" vs "benign request inside a template".
+
+    Only fit prompts and fit-family templates are used; dev prompts and dev-family templates
+    never are (tests check both). ``meta`` keeps the template key and the inner prompt.
+    """
+    if n_per_class <= 0:
+        return [], []
+    splits = default_splits(seed) if splits is None else splits
+    templates = [t for t in template_splits(TEMPLATE_SPLIT_SEED)["fit_templates"] if len(t.template) <= max_template_chars]
+    if not templates:
+        raise ValueError(f"no fit-family jailbreak template is at most {max_template_chars} characters long")
+    rng = random.Random(f"jailbreak-fit-{seed}")
+    order = list(templates)
+    rng.shuffle(order)
+    out = []
+    for name, label in (("fit_harmful", HARMFUL), ("fit_benign", BENIGN)):
+        pool = [p for p in splits[name] if len(p.text) <= max_inner_chars]
+        if len(pool) < n_per_class:
+            raise ValueError(f"jailbreak fit: asked for {n_per_class} {name} prompts, only {len(pool)} are short enough")
+        inner = rng.sample(pool, n_per_class)
+        wrapped = []
+        for i, p in enumerate(inner):
+            t = order[i % len(order)]
+            wrapped.append(Prompt(t.render(p.text), label, f"jailbreak_fit:{p.source}", t.family,
+                                  meta={"template": t.key, "template_family": t.family, "inner": p.text}))
+        out.append(wrapped)
+    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,6 +193,80 @@ def test_template_families_and_split():
     assert [t.key for t in D.template_splits(seed=0)["dev_templates"]] == [t.key for t in sp["dev_templates"]]
 
 
+# ---------------------------------------------------------------------------- jailbreak-wrapped fit data
+@pytest.fixture(scope="module")
+def wrapped(splits):
+    return D.jailbreak_fit_prompts(150, seed=0, splits=splits)
+
+
+def test_jailbreak_fit_uses_fit_family_templates_only(wrapped):
+    temps = D.load_jailbreak_templates()
+    by_key = {t.key: t for t in temps}
+    clusters = D.template_clusters(temps)
+    sp = D.template_splits(D.TEMPLATE_SPLIT_SEED)
+    fit_keys = {t.key for t in sp["fit_templates"]}
+    dev_keys = {t.key for t in sp["dev_templates"]}
+    dev_clusters = {clusters[k] for k in dev_keys}
+    dev_families = {by_key[k].family for k in dev_keys}
+    harmful, benign = wrapped
+    used = {p.meta["template"] for p in harmful + benign}
+    assert used <= fit_keys and not used & dev_keys
+    assert not {clusters[k] for k in used} & dev_clusters
+    assert not {by_key[k].family for k in used} & dev_families
+    # every wrapped text is its template rendered with its inner prompt
+    for p in harmful[:20] + benign[:20]:
+        assert p.text == by_key[p.meta["template"]].render(p.meta["inner"])
+    # the fit seed does not move the template split: eval --jailbreak-dev always uses split 0
+    other = D.jailbreak_fit_prompts(20, seed=5)
+    assert {p.meta["template"] for p in other[0] + other[1]} <= fit_keys
+
+
+def test_jailbreak_fit_never_contains_dev_prompts(splits, wrapped):
+    harmful, benign = wrapped
+    fit_inner = {D.normalize_text(p.text) for name in D.FIT_SPLITS for p in splits[name]}
+    dev = [D.normalize_text(p.text) for name in D.DEV_SPLITS for p in splits[name]]
+    for p in harmful + benign:
+        assert D.normalize_text(p.meta["inner"]) in fit_inner
+    texts = [D.normalize_text(p.text) for p in harmful + benign]
+    hits = [(d[:60], t[:60]) for d in dev if len(d.split()) >= 4 for t in texts if d in t]
+    assert not hits, hits[:3]
+    # and the usual disjointness check passes with the wrapped prompts counted as fit data
+    D.assert_disjoint({"fit_wrapped": harmful + benign, **{n: splits[n] for n in D.DEV_SPLITS}})
+
+
+def test_jailbreak_fit_labels_balance_and_determinism(wrapped):
+    harmful, benign = wrapped
+    assert len(harmful) == len(benign) == 150
+    assert {p.label for p in harmful} == {1} and {p.label for p in benign} == {0}
+    assert {p.source.split(":")[0] for p in harmful + benign} == {"jailbreak_fit"}
+    # the i-th harmful and benign prompt share a template: the template alone says nothing about the label
+    assert [p.meta["template"] for p in harmful] == [p.meta["template"] for p in benign]
+    assert len({p.meta["template"] for p in harmful}) == 150  # templates are dealt before any repeats
+    assert all(len(p.meta["inner"]) <= 400 for p in harmful + benign)
+    again = D.jailbreak_fit_prompts(150, seed=0)
+    assert [p.text for p in again[0]] == [p.text for p in harmful]
+    assert [p.text for p in D.jailbreak_fit_prompts(150, seed=1)[0]] != [p.text for p in harmful]
+    assert D.jailbreak_fit_prompts(0) == ([], [])
+
+
+def test_fit_data_with_jailbreak_wrapping_and_paper_style():
+    from autosteer.method.fit import default_fit_data
+
+    plain = default_fit_data(0)
+    jb = default_fit_data(0, jailbreak_fit=100)
+    assert sorted(jb.harmful) == sorted(plain.harmful + [p.text for p in D.jailbreak_fit_prompts(100, 0)[0]])
+    assert len(jb.benign) == len(plain.benign) + 100
+    assert jb.sources["counts"]["jailbreak_wrapped_per_class"] == 100
+    assert jb.sources["jailbreak_fit"]["per_class"] == 100
+    assert jb.head_prompts == plain.head_prompts and set(jb.head_prompts) == set(plain.harmful)  # head: plain prompts
+    paper = default_fit_data(0, style="paper")
+    assert paper.sources["fit_harmful"] == ["advbench", "rho_pairs"]
+    assert paper.sources["fit_benign"] == ["aplomb_plain", "freshqa", "rho_pairs"]
+    assert set(paper.harmful) < set(plain.harmful) and set(paper.benign) < set(plain.benign)
+    own_h, own_b = D.load_project_prompts()
+    assert not {p.text for p in own_h} & set(paper.harmful) and not {p.text for p in own_b} & set(paper.benign)
+
+
 # ---------------------------------------------------------------------------- missing wheel
 def test_missing_wheel_error(monkeypatch):
     def fake(name):

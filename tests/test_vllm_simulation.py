@@ -1,13 +1,19 @@
 """The AutoSteer vLLM V1 logits processor on a simulated vLLM engine (vLLM itself cannot run here).
 
-The simulation follows vLLM's documented persistent-batch model: each step finished requests
+Mirrors vLLM 0.33.0's V1 interface (checked against the real classes by
+``scripts/verify_vllm_real.sh``): ``BatchUpdate(batch_size, removed, added, moved)`` with
+``added`` entries ``(index, SamplingParams, prompt_tok_ids, output_tok_ids)`` -- the same
+SamplingParams object for a request's whole life, also when it is re-added after preemption
+with its outputs so far -- and ``moved`` entries ``(i, j, MoveDirectionality)``. The simulation
+follows vLLM's persistent-batch model: each step finished requests
 are replaced by new ones (Add at the lowest freed index), extra new requests are appended,
 leftover holes are Removed and the batch condensed with unidirectional Moves, then rows may be
 Swapped; ``update_state`` gets the resulting ``BatchUpdate`` (or None) before the forward. The
 forward is a flash-style Llama over flattened tokens (``tests/_tgi_sim.py``'s model) with
 chunked prefill; the capture reads ``query_start_loc`` / ``seq_lens`` from a simulated forward
 context; logits are one row per request (``hidden[query_start_loc[1:] - 1]``) and rows of
-requests still prefilling are sampled and discarded, as vLLM does.
+requests still prefilling are sampled and discarded, as vLLM does. A preempted request leaves
+the batch (Removed), is re-added later with its outputs and re-prefills prompt + outputs.
 """
 from __future__ import annotations
 
@@ -33,6 +39,10 @@ MAX_NEW = 8
 class MoveDirectionality(enum.Enum):
     UNIDIRECTIONAL = enum.auto()
     SWAP = enum.auto()
+
+
+class SamplingParams:
+    """Stand-in for vllm.SamplingParams: only its identity matters to the processor."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,11 @@ class Engine:
                 break
             r = new.pop(0)
             self.batch[i] = r
-            added.append((i, None, self.req[r]["prompt"], self.req[r]["out"]))
+            added.append((i, self.req[r]["sp"], self.req[r]["prompt"], self.req[r]["out"]))
             holes.remove(i)
         for r in new:
             self.batch.append(r)
-            added.append((len(self.batch) - 1, None, self.req[r]["prompt"], self.req[r]["out"]))
+            added.append((len(self.batch) - 1, self.req[r]["sp"], self.req[r]["prompt"], self.req[r]["out"]))
         removed.extend(holes)
         for h in sorted(holes):  # condense: fill holes from the top
             while self.batch and self.batch[-1] is None:
@@ -116,20 +126,38 @@ class Engine:
             return BatchUpdate(len(self.batch), removed, added, moved)
         return None
 
-    def run(self, arrivals: dict, rows: list) -> dict:
+    def run(self, arrivals: dict, rows: list, preempt: dict | None = None) -> dict:
+        """``preempt[request id] = (outputs, steps out)``: once the request has that many outputs
+        it leaves the batch, and is re-added that many steps later with its outputs (re-prefilling
+        prompt + outputs)."""
+        preempt = dict(preempt or {})
         finished_last: list = []
         outputs = {}
+        resume: dict = {}
+        self.preempted = 0
         for step in range(200):
             new = []
             for rid in arrivals.get(step, []):
-                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "slot": self.free_slots.pop()}
+                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "slot": self.free_slots.pop(),
+                                 "sp": SamplingParams()}
                 new.append(rid)
-            bu = self._batch_update(new, finished_last)
+            for rid in resume.pop(step, []):
+                self.req[rid]["slot"] = self.free_slots.pop()
+                new.append(rid)
+            leaving = list(finished_last)
+            for rid, (n_out, away) in list(preempt.items()):
+                if rid in self.batch and rid not in leaving and len(self.req[rid]["out"]) >= n_out:
+                    self.req[rid]["done"] = 0  # its KV cache is freed: it re-prefills prompt + outputs
+                    resume.setdefault(step + away, []).append(rid)
+                    leaving.append(rid)
+                    del preempt[rid]
+                    self.preempted += 1
+            bu = self._batch_update(new, leaving)
             self.lp.update_state(bu)
             for i, key in self.lp.request_keys().items():
                 self.key_of[key] = self.batch[i]
             if not self.batch:
-                if step > max(arrivals):
+                if step > max(arrivals) and not resume:
                     break
                 finished_last = []
                 continue
@@ -137,12 +165,9 @@ class Engine:
             sched = []
             for rid in self.batch:
                 r = self.req[rid]
-                n_prompt = len(r["prompt"])
-                if r["done"] < n_prompt:
-                    n = min(self.chunk, n_prompt - r["done"])
-                    toks = r["prompt"][r["done"]: r["done"] + n]
-                else:
-                    n, toks = 1, [r["out"][-1]]
+                known = r["prompt"] + r["out"]  # the last output has no KV yet: it is fed this step
+                n = min(self.chunk, len(known) - r["done"])
+                toks = known[r["done"]: r["done"] + n]
                 ids += toks
                 pos += range(r["done"], r["done"] + n)
                 slots += [r["slot"]] * n
@@ -162,7 +187,7 @@ class Engine:
             for b, rid in enumerate(self.batch):
                 r = self.req[rid]
                 r["done"] += sched[b]
-                if r["done"] < len(r["prompt"]):  # chunked prefill: the sampled token is discarded
+                if r["done"] < len(r["prompt"]) + len(r["out"]):  # chunked (re-)prefill: token discarded
                     still.append(True)
                     continue
                 still.append(False)
@@ -170,6 +195,7 @@ class Engine:
                 if next_ids[b] == self.eos or len(r["out"]) >= MAX_NEW:
                     finished_last.append(rid)
                     outputs[rid] = list(r["out"])
+                    r["sp"] = None  # vLLM drops the finished request (and its SamplingParams)
             self.records.append((list(self.batch), raw, logits.clone(), still))
         assert len(outputs) == sum(len(v) for v in arrivals.values()), "simulation did not finish"
         return outputs
@@ -311,3 +337,91 @@ def test_two_processors_in_one_engine_are_refused(setup, tmp_path, monkeypatch):
             b.apply(logits)
     finally:
         avllm.detach_capture()
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode):
+    """vLLM removes a preempted request from the batch and re-adds it later (same SamplingParams,
+    its outputs so far) to re-prefill prompt + outputs: its latch survives, the re-prefill's
+    mid chunks are untouched and its last chunk is not a new prompt decision."""
+    hf, rows, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setenv(avllm.ENV_MODE, mode)
+    ref = _reference(hf, rows, pack, mode)
+    gated = [i for i in range(len(rows)) if ref[i][1]]
+    benign = [i for i in range(len(rows)) if not ref[i][1]]
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, lp, chunk=4)
+    victims = ([gated[0], benign[0]] if benign else gated[:2])
+    others = [i for i in range(len(rows)) if i not in victims][:2]
+    arrivals = {0: [victims[0], others[0]], 1: [victims[1]], 2: [others[1]]}
+    preempt = {victims[0]: (2, 2), victims[1]: (3, 1)}
+    summaries = {}
+    try:
+        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
+        store = lp._ensure_store(required=True)
+        store.report_on_release = True
+        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
+        outputs = engine.run(arrivals, rows, preempt=preempt)
+        lp.update_state(engine._batch_update([], list(engine.batch)))
+    finally:
+        avllm.detach_capture()
+    assert engine.preempted == len(preempt), "the scenario did not preempt"
+    assert len(lp.store) == 0 and not lp.parked_keys()
+    for i in outputs:
+        tokens, steered, latched_at = ref[i]
+        assert outputs[i] == tokens, f"request {i}: tokens differ after preemption ({mode})"
+        assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
+    for ids, raw, final, still in engine.records:
+        for b, rid in enumerate(ids):
+            if still[b] or not summaries[rid].latched:
+                assert torch.equal(raw[b], final[b]), f"request {rid}: row written while unlatched / mid-prefill"
+
+
+def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, monkeypatch):
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    avllm.attach_capture(FakeVLLMLlama(hf), max_reqs=8, metadata_fn=lambda: None)
+    try:
+        store = lp._ensure_store(required=True)
+        sps = [SamplingParams(), SamplingParams()]
+        lp.update_state(BatchUpdate(2, [], [(0, sps[0], [1, 2], []), (1, sps[1], [3], [])], []))
+        keys = lp.request_keys()
+        for key in keys.values():
+            store._get_or_add(key)
+        lp.update_state(BatchUpdate(0, [0, 1], [], []))  # both leave: finished or preempted?
+        assert sorted(lp.parked_keys()) == sorted(keys.values()) and len(store) == 2
+        lp.update_state(BatchUpdate(1, [], [(0, sps[1], [3], [7])], []))  # request 1 resumes with one output
+        assert lp.request_keys() == {0: keys[1]} and lp.rows[0].resumed and lp.rows[0].prompt_len == 2
+        del sps[0]  # vLLM dropped request 0: its state goes at the next update
+        lp.update_state(None)
+        assert keys[0] not in store and keys[1] in store and not lp.parked_keys()
+        # a new request sharing a live SamplingParams object (parallel sampling) gets its own state
+        lp.update_state(BatchUpdate(2, [], [(1, sps[0], [3], [])], []))
+        assert lp.request_keys()[1] != keys[1]
+        # an Add with params that cannot be weakly referenced: released as soon as it leaves
+        lp.update_state(BatchUpdate(3, [], [(2, None, [5], [])], []))
+        k2 = lp.request_keys()[2]
+        store._get_or_add(k2)
+        lp.update_state(BatchUpdate(2, [2], [], []))
+        assert k2 not in store
+    finally:
+        avllm.detach_capture()
+
+
+def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
+    """vLLM 0.33's Model Runner V2 builds every entry-point plugin as ctor(vllm_config, req_states):
+    inert without a pack (it must not break vLLM deployments that merely have autosteer installed),
+    refused with one (AutoSteer needs the V1 runner)."""
+    _, _, pack = setup
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=5,
+                                 prompt_len=None, prefill_len=None, total_len=None, all_token_ids=None)
+    monkeypatch.delenv(avllm.ENV_PACK, raising=False)
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
+    logits = torch.randn(3, 5)
+    assert lp.v2 and not lp.enabled and lp.add_request(0, SamplingParams()) is False
+    assert lp.apply(logits, SimpleNamespace()) is logits and lp.is_argmax_invariant()
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    with pytest.raises(avllm.VLLMIntegrationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)

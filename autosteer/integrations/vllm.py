@@ -45,6 +45,7 @@ import functools
 import itertools
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,13 @@ try:  # subclass vLLM's base class when vLLM is importable (it checks issubclass
 except Exception:  # noqa: BLE001 - vLLM absent (this project's environment) or too old
     _VLLMBase = object
     _MoveDir = None
+try:  # Model Runner V2 (vLLM >= ~0.2x; the default runner in 0.33 on CUDA): it loads the same
+    # entry-point group and REFUSES TO START when a plugin is not a subclass of its base class, so the
+    # processor also subclasses that base (and stays inert there, or refuses when a pack is set)
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _VLLMV2Base  # type: ignore
+except Exception:  # noqa: BLE001
+    _VLLMV2Base = None
+_BASES = tuple(b for b in (_VLLMBase, _VLLMV2Base) if b is not None and b is not object) or (object,)
 
 
 class VLLMIntegrationError(RuntimeError):
@@ -113,6 +121,13 @@ class _VLLM:
     @staticmethod
     def model_type(model) -> str:
         return str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj) if obj is not None else None
+    except TypeError:  # not weakly referenceable: no identity across preemption
+        return None
 
 
 def _resolve(obj, path: str):
@@ -266,35 +281,55 @@ def _patch_model_runner(max_reqs: int) -> None:
 @dataclass
 class _Row:
     key: int
-    prompt_len: int
+    prompt_len: int  # tokens re-fed before the next kept token: the prompt, plus the outputs on a resume
+    resumed: bool = False  # re-added after preemption with its old state: its re-prefill is not probed
+    params_ref: object = None  # weak reference to the request's SamplingParams (its identity across preemption)
 
 
-class AutoSteerVLLMLogitsProcessor(_VLLMBase):
+def _is_v2_request_state(obj) -> bool:
+    """Model Runner V2 builds processors as ``ctor(vllm_config, LogitsProcRequestState)``."""
+    return obj is not None and hasattr(obj, "prompt_len") and hasattr(obj, "max_num_reqs")
+
+
+class AutoSteerVLLMLogitsProcessor(*_BASES):
     """vLLM V1 logits processor running AutoSteer on every request of the persistent batch.
 
     Configured by ``AUTOSTEER_PACK`` (unset: the processor does nothing), ``AUTOSTEER_MODE``
     (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_FAIL_CLOSED``, or by
     ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ...}``.
+
+    Also a subclass of Model Runner V2's base class (when that vLLM has one), because V2 loads
+    the same entry-point group and refuses to start on a V1-only plugin: under V2 the processor
+    is inert without a pack and refuses to start with one (AutoSteer needs the V1 runner:
+    ``VLLM_USE_V2_MODEL_RUNNER=0``).
     """
 
     _keys = itertools.count()
 
-    def __init__(self, vllm_config, device, is_pin_memory: bool = False, *, capture: VLLMCapture | None = None,
-                 patch_runner: bool = True):
+    def __init__(self, vllm_config, device=None, is_pin_memory: bool = False, *,
+                 capture: VLLMCapture | None = None, patch_runner: bool = True):
         global _PACK
         cfg = dict((getattr(vllm_config, "additional_config", None) or {}).get("autosteer", {}) or {})
         pack_path = cfg.get("pack") or os.environ.get(ENV_PACK)
-        self.device = torch.device(device)
+        self.v2 = _is_v2_request_state(device)  # V2: (vllm_config, req_states)
+        self.device = torch.device(device.device if self.v2 else (device if device is not None else "cpu"))
         self.rows: dict[int, _Row] = {}  # persistent-batch index -> request
+        self._parked: dict[int, list] = {}  # id(SamplingParams) -> [(weakref, key)] of requests out of the batch
         self.batch_size = 0
         self.enabled = bool(pack_path)
         self.store: SteerStateStore | None = None
         self._capture = capture
         self._prompt_lens = None
+        self._resumed = None
         self._prompt_lens_stale = True
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
+        if self.v2:
+            raise VLLMIntegrationError(
+                "AutoSteer runs on vLLM's V1 model runner only; this engine uses Model Runner V2 (the default "
+                "on CUDA since vLLM 0.2x). Start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 (and --enforce-eager), "
+                f"or unset {ENV_PACK} to serve without AutoSteer")
         from ..method.pack import load_pack
 
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
@@ -318,20 +353,35 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
         return None
 
     def is_argmax_invariant(self) -> bool:
-        return False  # steering changes the argmax: never skip it for greedy batches
+        # steering changes the argmax: never skip it for greedy batches (an inert processor may be skipped)
+        return not self.enabled
+
+    # Model Runner V2 hooks (only reached when inert: an enabled processor refuses V2 at construction)
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        return False
+
+    def apply_staged_writes(self) -> None:
+        return None
 
     def update_state(self, batch_update) -> None:
         _APPLIED.clear()  # vLLM calls update_state on every processor each step, before apply
         if batch_update is None or not self.enabled:
             if batch_update is not None:
                 self.batch_size = batch_update.batch_size
+            if self.enabled:
+                self._reap_parked(self.store)
             return
         store = self._ensure_store(required=False)
         for idx in batch_update.removed:
-            self._drop(idx, store)
-        for idx, _params, prompt_ids, _output_ids in batch_update.added:
-            self._drop(idx, store)  # an Add may replace the request at idx
-            self.rows[idx] = _Row(next(self._keys), len(prompt_ids) if prompt_ids is not None else 0)
+            self._park(idx, store)
+        for idx, params, prompt_ids, output_ids in batch_update.added:
+            self._park(idx, store)  # an Add may replace the request at idx
+            n_prompt = len(prompt_ids) if prompt_ids is not None else 0
+            n_out = len(output_ids) if output_ids is not None else 0
+            # a request with outputs is resuming after preemption: it keeps its state (latch)
+            key = self._unpark(params) if n_out else None
+            self.rows[idx] = _Row(next(self._keys) if key is None else key, n_prompt + n_out, key is not None,
+                                  _weak(params))
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if _VLLM.is_move_swap(direction):
@@ -340,18 +390,22 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
                 if rb is not None:
                     self.rows[a] = rb
             else:  # a -> b: what was at b is discarded, a becomes empty
-                if rb is not None and store is not None:
-                    store.release(rb.key)
+                if rb is not None:
+                    self.rows[b] = rb
+                    self._park(b, store)
                 if ra is not None:
                     self.rows[b] = ra
         self.batch_size = batch_update.batch_size
         for idx in [i for i in self.rows if i >= self.batch_size]:  # outside the condensed batch
-            self._drop(idx, store)
+            self._park(idx, store)
+        self._reap_parked(store)
         self._prompt_lens_stale = True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if not self.enabled:
             return logits
+        if ctx is not None:  # unreachable: an enabled processor refuses Model Runner V2 at construction
+            raise VLLMIntegrationError("AutoSteer's vLLM processor does not implement Model Runner V2's apply(logits, ctx)")
         if _APPLIED - {id(self)}:
             raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
                                        "point plus --logits-processors?): each row would be steered twice")
@@ -370,13 +424,18 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
         if cap.num_reqs != B:
             raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
         if self._prompt_lens_stale or self._prompt_lens is None or self._prompt_lens.shape[0] < B:
-            host = torch.tensor([self.rows[i].prompt_len for i in range(B)], dtype=torch.int32)
-            self._prompt_lens = host.to(self.device, non_blocking=True)
+            host = torch.tensor([[self.rows[i].prompt_len for i in range(B)],
+                                 [int(self.rows[i].resumed) for i in range(B)]], dtype=torch.int32)
+            dev = host.to(self.device, non_blocking=True)
+            self._prompt_lens, self._resumed = dev[0], dev[1] != 0
             self._prompt_lens_stale = False
         P = self._prompt_lens[:B]
         seq = cap.seq_lens[:B]
         start = seq - cap.query_lens[:B]
-        phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(start < P, PHASE_PREFILL_LAST, PHASE_DECODE))
+        # a resumed request's re-prefill (prompt + earlier outputs) is not its prompt's end: its last
+        # chunk is a decode step for the gate (probed in monitor mode only); its latch is kept
+        last = (start < P) & ~self._resumed[:B]
+        phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(last, PHASE_PREFILL_LAST, PHASE_DECODE))
         store.begin_step([self.rows[i].key for i in range(B)], phase=phase)
         try:
             store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
@@ -387,10 +446,61 @@ class AutoSteerVLLMLogitsProcessor(_VLLMBase):
         return logits
 
     # -- helpers ------------------------------------------------------------------------------
-    def _drop(self, idx: int, store) -> None:
+    # A request leaving the batch is either finished or preempted (it comes back later, re-added
+    # with the same SamplingParams object and its outputs so far); a BatchUpdate does not say which.
+    # So its state is parked under its SamplingParams' identity and released once that object is
+    # gone (vLLM dropped the request) -- or at once when it cannot be weakly referenced.
+    _MAX_PARKED_FACTOR = 4  # parked requests beyond max_num_seqs * this are released, oldest first
+
+    def _park(self, idx: int, store) -> None:
         row = self.rows.pop(idx, None)
-        if row is not None and store is not None:
-            store.release(row.key)
+        if row is None:
+            return
+        params = row.params_ref() if row.params_ref is not None else None
+        if params is None:
+            if store is not None:
+                store.release(row.key)
+            return
+        self._parked.setdefault(id(params), []).append((row.params_ref, row.key))
+
+    def _unpark(self, params):
+        entries = self._parked.get(id(params)) if params is not None else None
+        if not entries:
+            return None
+        for n, (ref, key) in enumerate(entries):
+            if ref() is params:
+                entries.pop(n)
+                if not entries:
+                    del self._parked[id(params)]
+                return key
+        return None
+
+    def _reap_parked(self, store) -> None:
+        alive = []
+        for pid in list(self._parked):
+            keep = []
+            for ref, key in self._parked[pid]:
+                if ref() is None:
+                    if store is not None:
+                        store.release(key)
+                else:
+                    keep.append((ref, key))
+            if keep:
+                self._parked[pid] = keep
+                alive.extend((key, pid) for _ref, key in keep)
+            else:
+                del self._parked[pid]
+        excess = len(alive) - self._MAX_PARKED_FACTOR * getattr(self, "max_reqs", 256)
+        for key, pid in sorted(alive)[:max(excess, 0)]:  # keys increase with time: oldest first
+            self._parked[pid] = [e for e in self._parked[pid] if e[1] != key]
+            if not self._parked[pid]:
+                del self._parked[pid]
+            if store is not None:
+                store.release(key)
+
+    def parked_keys(self) -> list[int]:
+        """Keys of requests out of the batch whose state is kept (possibly preempted)."""
+        return [key for entries in self._parked.values() for _ref, key in entries]
 
     def _ensure_store(self, required: bool) -> SteerStateStore | None:
         if self.store is not None:

@@ -16,15 +16,42 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..models import num_layers, output_head
+from ..models import is_multimodal, num_layers, output_head
 from ..prompting import PromptFormat, template_hash
 from .hidden_states import last_token_states
 from .pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
-from .probe import auroc, calibrate_threshold, roc_curve, train_probe
+from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import REFUSAL_ANSWER, answer_token_ids, collect_answer_states, train_refusal_head
 from .sas import random_pairs, safety_awareness_score
 
 log = logging.getLogger(__name__)
+
+
+#: FitConfig fields of the named presets (see :meth:`FitConfig.preset`)
+PRESETS: dict[str, dict] = {
+    # the configuration of Wu et al. (arXiv 2507.13255) as far as the paper and its code state it:
+    # SAS layer rule, 64-unit MLP prober trained with AdamW lr 1e-5, weight decay 1e-5, batch 8,
+    # gate at tau = 0.5, full d x d LM-Steer head, eps 0.1, last prompt token, direct harmful vs
+    # benign requests (no hand-written sensitive negatives, no long benign tasks, no jailbreak
+    # wrapping). The paper gives no prober epoch count: 20 epochs is our choice.
+    "paper": {
+        "layer_rule": "sas",
+        "probe_hidden": 64,
+        "probe_lr": 1e-5,
+        "probe_weight_decay": 1e-5,
+        "probe_batch_size": 8,
+        "probe_epochs": 20,
+        "tau_rule": "paper",
+        "tau_paper": 0.5,
+        "head_rank": None,
+        "eps": 0.1,
+        "pooling": "last_token",
+        "fit_data": "paper",
+        "jailbreak_fit": 0,
+    },
+    # this project's default (equal to FitConfig())
+    "default": {},
+}
 
 
 @dataclass
@@ -34,8 +61,10 @@ class FitConfig:
     probe_epochs: int = 300
     probe_lr: float = 1e-3
     probe_weight_decay: float = 1e-2
+    probe_batch_size: int | None = None  # None: full batch
     val_fraction: float = 0.25
     target_fpr: float = 0.05
+    tau_rule: str = "fpr"  # "fpr": calibrated to target_fpr on benign validation prompts; "paper": tau = tau_paper
     tau_paper: float = 0.5
     eps: float = 0.1
     head_rank: int | None = 16  # None: full d x d S
@@ -43,11 +72,33 @@ class FitConfig:
     head_lr: float = 1e-3
     head_prompts: int = 300
     refusal_answer: str = REFUSAL_ANSWER
+    pooling: str = "last_token"  # the only pooling the runtime serves
+    fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
+    jailbreak_fit: int = 0  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
+    cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
     max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     progress: bool = True
+    preset_name: str | None = None  # the preset this config was built from, if any (recorded in the pack)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "FitConfig":
+        """A named configuration: ``"paper"`` (the published method) or ``"default"`` (this project's)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides, "preset_name": name})
+
+    def __post_init__(self):
+        if self.tau_rule not in ("fpr", "paper"):
+            raise ValueError(f"tau_rule must be 'fpr' or 'paper', got {self.tau_rule!r}")
+        if self.fit_data not in ("default", "paper"):
+            raise ValueError(f"fit_data must be 'default' or 'paper', got {self.fit_data!r}")
+        if self.pooling != "last_token":
+            raise ValueError("the runtime probes the last prompt token only: pooling must be 'last_token'")
+        if self.jailbreak_fit < 0:
+            raise ValueError("jailbreak_fit must be >= 0")
 
 
 @dataclass
@@ -56,16 +107,32 @@ class FitData:
     benign: list[str]
     pairs: list[tuple[str, str]]  # minimal (harmful, benign) pairs for SAS; may be empty
     sources: dict  # description of where the data came from, with counts
+    head_prompts: list[str] | None = None  # harmful prompts for the Refusal Head (default: ``harmful``)
 
 
-def default_fit_data(seed: int = 0, max_per_class: int = 1000) -> FitData:
-    """The fit splits of the shipped sources (see :mod:`autosteer.data`)."""
+#: the sources of the paper-style fit data: direct harmful requests vs plain benign ones
+PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_pairs", "aplomb_plain", "freshqa")}
+
+
+def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default") -> FitData:
+    """The fit splits of the shipped sources (see :mod:`autosteer.data`).
+
+    ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
+    plain benign ones (minimal-pair questions, aplomb plain anchors, FreshQA fit questions).
+    ``jailbreak_fit=N`` adds N harmful and N benign fit prompts wrapped in jailbreak templates of
+    the fit families (:func:`autosteer.data.jailbreak_fit_prompts`), on top of ``max_per_class``.
+    The Refusal Head trains on the plain harmful prompts only.
+    """
     from .. import data
 
+    if style not in ("default", "paper"):
+        raise ValueError(f"style must be 'default' or 'paper', got {style!r}")
     splits = data.default_splits(seed=seed)
     rng = random.Random(seed)
-    harmful = [p.text for p in splits["fit_harmful"]]
-    benign = [p.text for p in splits["fit_benign"]]
+    chosen = {name: [p for p in splits[name] if style == "default" or p.source in PAPER_SOURCES[name]]
+              for name in ("fit_harmful", "fit_benign")}
+    harmful = [p.text for p in chosen["fit_harmful"]]
+    benign = [p.text for p in chosen["fit_benign"]]
     rng.shuffle(harmful)
     rng.shuffle(benign)
     pairs = list(splits["fit_pairs"])
@@ -77,9 +144,25 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000) -> FitData:
     harmful, benign = sorted(harmful[:max_per_class]), sorted(benign[:max_per_class])
     rng.shuffle(harmful)
     rng.shuffle(benign)
-    sources = {name: sorted({p.source for p in splits[name]}) for name in ("fit_harmful", "fit_benign")}
-    sources["counts"] = {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": len(pairs)}
-    return FitData(harmful, benign, pairs, sources)
+    sources = {name: sorted({p.source for p in chosen[name]}) for name in ("fit_harmful", "fit_benign")}
+    sources["style"] = style
+    counts = {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": len(pairs)}
+    head = list(harmful)
+    if jailbreak_fit:
+        jh, jb = data.jailbreak_fit_prompts(jailbreak_fit, seed, splits=chosen)
+        harmful = harmful + [p.text for p in jh]
+        benign = benign + [p.text for p in jb]
+        rng.shuffle(harmful)
+        rng.shuffle(benign)
+        counts.update({"harmful": len(harmful), "benign": len(benign), "jailbreak_wrapped_per_class": jailbreak_fit})
+        sources["jailbreak_fit"] = {
+            "per_class": jailbreak_fit,
+            "template_split": f"template_splits({data.TEMPLATE_SPLIT_SEED})['fit_templates'] (<= 2000 characters)",
+            "templates_used": len({p.meta["template"] for p in jh + jb}),
+            "families_used": len({p.meta["template_family"] for p in jh + jb}),
+        }
+    sources["counts"] = counts
+    return FitData(harmful, benign, pairs, sources, head)
 
 
 def _stratified_split(labels: torch.Tensor, val_fraction: float, gen: torch.Generator):
@@ -107,13 +190,83 @@ def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> t
     raise ValueError(f"unknown layer rule {rule!r}: use 'auroc', 'sas' or a layer number")
 
 
+@dataclass
+class GateFit:
+    """The gate chosen from states: layer, probe, thresholds and the numbers behind them."""
+
+    layer: int
+    layer_rule: str
+    probe: Probe
+    tau: float
+    tau_calibrated: float
+    sas: list[float]
+    sas_pairing: str
+    sas_random: list[float]
+    val_auroc: list[float]
+    val_scores: torch.Tensor
+    val_labels: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+    @property
+    def sas_layer(self) -> int:
+        return int(torch.tensor(self.sas).argmax())
+
+
+def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+             val_auroc: list[float] | None = None) -> GateFit:
+    """Layer choice, probe and threshold from ``X`` ``[n, L, H]`` (labels ``y``: 1 harmful).
+
+    Exactly what :func:`fit` does with the states it extracts (``benchmarks/gate_study.py`` calls
+    it on cached states). ``pair_states``: minimal-pair states ``([p, L, H], [p, L, H])`` for SAS
+    (random pairs otherwise). ``val_auroc``: the per-layer validation AUROC if already known for
+    this data and probe setting (it depends on neither the layer rule nor the threshold).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_h = int(y.sum())
+    n_pairs = len(pair_states[0]) if pair_states is not None else 0
+    sas_random_idx = random_pairs(n_h, len(y) - n_h, max(n_pairs, 150), gen)
+    order_h, order_b = (y == 1).nonzero().flatten(), (y == 0).nonzero().flatten()
+    sas_random = safety_awareness_score(X[order_h][sas_random_idx[0]], X[order_b][sas_random_idx[1]]).tolist()
+    if n_pairs >= 2:
+        sas, sas_pairing = safety_awareness_score(pair_states[0], pair_states[1]).tolist(), "minimal"
+    else:
+        sas, sas_pairing = sas_random, "random"
+
+    train_idx, val_idx = _stratified_split(y, cfg.val_fraction, gen)
+
+    def train(layer: int) -> Probe:
+        return train_probe(X[train_idx, layer], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
+                           cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+
+    if val_auroc is None:
+        val_auroc = [auroc(train(layer).score(X[val_idx, layer]), y[val_idx]) for layer in range(X.shape[1])]
+    layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
+    probe = train(layer)
+    val_scores = probe.score(X[val_idx, layer])
+    val_y = y[val_idx]
+    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
+    if cfg.tau_rule == "paper":
+        tau = cfg.tau_paper
+    else:
+        tau = max(tau_cal, 1e-6)
+        if tau >= 1.0 - 1e-6:
+            log.warning("the calibrated threshold saturated at %.6f (benign validation scores of 1.0): the gate would "
+                        "hardly ever fire; check the fit data or raise --target-fpr", tau)
+    return GateFit(layer, rule, probe, tau, tau_cal, sas, sas_pairing, sas_random, list(val_auroc), val_scores, val_y,
+                   train_idx, val_idx)
+
+
 def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = None) -> SteerPack:
     """Fit AutoSteer on a frozen model and return the steer pack (not yet saved)."""
     cfg = cfg or FitConfig()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = data or default_fit_data(cfg.seed, cfg.max_per_class)
+    data = data or default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
+    if is_multimodal(model) and cfg.cross_modal_per_kind > 0 and "cross_modal" not in data.sources:
+        from ..cross_modal import with_cross_modal  # images rendered from the fit texts (never dev/reserved)
+
+        data = with_cross_modal(data, cfg.cross_modal_per_kind, cfg.seed)
     if len(data.harmful) < 4 or len(data.benign) < 4:
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
     n_layers = num_layers(model)
@@ -126,40 +279,16 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     t_states = time.time() - t0
     X = torch.stack([states[where[t]] for t in data.harmful + data.benign])  # [n, L, H]
     y = torch.cat([torch.ones(len(data.harmful)), torch.zeros(len(data.benign))])
-
-    # 2. SAS per layer: minimal pairs where we have them, random pairs always (noisier)
-    sas_random_idx = random_pairs(len(data.harmful), len(data.benign), max(len(data.pairs), 150), gen)
-    sas_random = safety_awareness_score(X[: len(data.harmful)][sas_random_idx[0]],
-                                        X[len(data.harmful):][sas_random_idx[1]]).tolist()
+    pair_states = None
     if len(data.pairs) >= 2:
-        ph = torch.stack([states[where[h]] for h, _ in data.pairs])
-        pb = torch.stack([states[where[b]] for _, b in data.pairs])
-        sas = safety_awareness_score(ph, pb).tolist()
-        sas_pairing = "minimal"
-    else:
-        sas, sas_pairing = sas_random, "random"
+        pair_states = (torch.stack([states[where[h]] for h, _ in data.pairs]),
+                       torch.stack([states[where[b]] for _, b in data.pairs]))
 
-    # 3. probe validation AUROC per layer
-    train_idx, val_idx = _stratified_split(y, cfg.val_fraction, gen)
-    val_auroc = []
-    for layer in range(n_layers):
-        probe = train_probe(X[train_idx, layer], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
-                            cfg.probe_weight_decay, cfg.seed)
-        val_auroc.append(auroc(probe.score(X[val_idx, layer]), y[val_idx]))
-    layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
-    sas_layer = int(torch.tensor(sas).argmax())
+    # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
+    gate = fit_gate(X, y, cfg, pair_states)
+    layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
+    sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_probe_sweep = time.time() - t0 - t_states
-
-    # 4. final probe on the chosen layer, thresholds from the validation split
-    probe = train_probe(X[train_idx, layer], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
-                        cfg.probe_weight_decay, cfg.seed)
-    val_scores = probe.score(X[val_idx, layer])
-    val_y = y[val_idx]
-    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
-    tau = max(tau_cal, 1e-6)
-    if tau >= 1.0 - 1e-6:
-        log.warning("the calibrated threshold saturated at %.6f (benign validation scores of 1.0): the gate would "
-                    "hardly ever fire; check the fit data or raise --target-fpr", tau)
 
     def rates(t: float) -> dict:
         fire = val_scores > t
@@ -169,7 +298,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
 
     # 5. Refusal Head on harmful fit prompts
     answer_ids = answer_token_ids(tokenizer, cfg.refusal_answer)
-    head_prompts = data.harmful[: cfg.head_prompts]
+    head_prompts = (data.head_prompts or data.harmful)[: cfg.head_prompts]
     g, targets = collect_answer_states(model, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
     head, head_losses = train_refusal_head(model, g, targets, cfg.head_rank, cfg.eps, cfg.head_epochs, cfg.head_lr,
                                            seed=cfg.seed, progress=cfg.progress)
@@ -179,6 +308,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         head_token_acc = float((pred == targets).float().mean())
 
     elapsed = time.time() - t0
+    tau_rule = (f"paper: fixed tau = {cfg.tau_paper}" if cfg.tau_rule == "paper"
+                else f"calibrated to FPR <= {cfg.target_fpr} on benign validation prompts")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -190,15 +321,16 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "vocab_size": int(E.shape[0]),
         "layer": layer,
         "layer_rule": rule,
-        "sas_layer": sas_layer,
-        "sas_pairing": sas_pairing,
+        "sas_layer": gate.sas_layer,
+        "sas_pairing": gate.sas_pairing,
         "sas": sas,
-        "sas_random_pairs": sas_random,
+        "sas_random_pairs": gate.sas_random,
         "val_auroc": val_auroc,
         "probe_hidden": cfg.probe_hidden,
-        "pooling": "last_token",
+        "pooling": cfg.pooling,
+        "preset": cfg.preset_name,
         "tau": tau,
-        "tau_rule": f"calibrated to FPR <= {cfg.target_fpr} on benign validation prompts",
+        "tau_rule": tau_rule,
         "tau_calibrated": tau_cal,
         "tau_paper": cfg.tau_paper,
         "target_fpr": cfg.target_fpr,

@@ -35,8 +35,13 @@ def train_probe(
     lr: float = 1e-3,
     weight_decay: float = 1e-2,
     seed: int = 0,
+    batch_size: int | None = None,
 ) -> Probe:
-    """Full-batch AdamW on standardised inputs; returns the probe on raw inputs."""
+    """AdamW on standardised inputs; returns the probe on raw inputs.
+
+    ``batch_size=None`` (default): full batch, one step per epoch. A number: shuffled
+    mini-batches of that size (the paper's setting is 8), one pass over the data per epoch.
+    """
     g = torch.Generator().manual_seed(seed)
     x = x.float()
     y = y.float()
@@ -51,12 +56,16 @@ def train_probe(
     pos = y.sum().clamp_min(1)
     pos_weight = ((len(y) - pos) / pos).clamp(0.1, 10.0)  # balance classes
     opt = torch.optim.AdamW([W1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
+    n = len(y)
     for _ in range(epochs):
-        logit = torch.relu(xs @ W1.t() + b1) @ w2 + b2
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        batches = [None] if not batch_size or batch_size >= n else torch.randperm(n, generator=g).split(batch_size)
+        for idx in batches:
+            xb, yb = (xs, y) if idx is None else (xs[idx], y[idx])
+            logit = torch.relu(xb @ W1.t() + b1) @ w2 + b2
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yb, pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
         W1r = W1 / sd  # fold the standardisation: W1 ((h - mu) / sd) = (W1 / sd) h - (W1 / sd) mu
         b1r = b1 - W1r @ mu
