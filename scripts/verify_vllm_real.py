@@ -1,0 +1,352 @@
+"""Check ``autosteer.integrations.vllm`` against the REAL classes of an installed vLLM, on CPU.
+
+Run by ``scripts/verify_vllm_real.sh`` (throwaway venv with the pinned vLLM wheel and autosteer
+installed from this checkout, so its ``vllm.logits_processors`` entry point is registered).
+
+vLLM's own code exercised here: the entry-point / FQCN loaders of both model runners (V1
+``vllm.v1.sample.logits_processor`` and Model Runner V2
+``vllm.v1.worker.gpu.sample.logits_processor``), V1 ``build_logitsprocs`` and V2
+``build_custom_logits_processors`` (which construct the processor), the V1 persistent batch
+``vllm.v1.worker.gpu_input_batch.InputBatch`` (``add_request`` / ``remove_request`` /
+``condense`` / ``swap_states`` / ``refresh_metadata``, whose ``BatchUpdateBuilder`` produces the
+``BatchUpdate`` objects passed to ``update_state``), ``CachedRequestState``, ``SamplingParams``,
+and the built-in logits processors applied around ours. Not vLLM's: the model forward (a tiny
+flash-style Llama on CPU, ``tests/_tgi_sim.py``) and the forward metadata (``query_start_loc``,
+``seq_lens``) it hands to the capture; the step loop that calls the persistent batch the way
+``GPUModelRunner._update_states`` does (remove finished/preempted, add new/resumed, condense,
+reorder, refresh_metadata). vLLM's GPU model runner, attention backends, torch.compile and CUDA
+graphs are not run (no GPU). Exit status 0 iff everything passed.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import tempfile
+from types import SimpleNamespace
+
+os.environ.setdefault("AUTOSTEER_DISABLE_JIT_BUILD", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+import vllm  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample import logits_processor as v1lp  # noqa: E402
+from vllm.v1.worker import gpu_input_batch  # noqa: E402
+from vllm.v1.worker.gpu.sample import logits_processor as v2lp  # noqa: E402
+from vllm.v1.worker.gpu.sample.logits_processor import loader as v2loader  # noqa: E402
+from vllm.utils import torch_utils as vllm_torch_utils  # noqa: E402
+
+# vLLM decides "pinned host memory is available" at import time from the CUDA build; with no
+# NVIDIA driver pinning fails, so turn it off as a CPU platform would (only affects host staging)
+vllm_torch_utils.PIN_MEMORY = False
+gpu_input_batch.PIN_MEMORY = False
+
+import _tgi_sim as sim  # noqa: E402  (tests/)
+import autosteer  # noqa: E402
+from autosteer.integrations import vllm as avllm  # noqa: E402
+from autosteer.prompting import PromptFormat, encode_one  # noqa: E402
+from conftest import make_pack, make_tiny_model, make_tokenizer  # noqa: E402  (tests/conftest.py)
+
+CLS = avllm.AutoSteerVLLMLogitsProcessor
+FQCN = "autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"
+PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of france", "how do i steal cookies",
+           "explain photosynthesis", "bake cake", "hack the python process", "recipe soup"]
+MAX_NEW = 8
+RESULTS: list = []
+
+
+def check(name, ok, detail=""):
+    RESULTS.append((name, bool(ok)))
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail else ""), flush=True)
+    return bool(ok)
+
+
+def attempt(name, fn):
+    try:
+        return check(name, fn() is not False)
+    except Exception as exc:  # noqa: BLE001
+        return check(name, False, f"{type(exc).__name__}: {exc}")
+
+
+def vconfig(max_seqs=8):
+    # build_logitsprocs / the processors read only these fields of VllmConfig
+    return SimpleNamespace(additional_config=None, speculative_config=None,
+                           scheduler_config=SimpleNamespace(max_num_seqs=max_seqs))
+
+
+class FakeVLLMLlama(torch.nn.Module):
+    """vLLM-shaped tiny Llama: ``.model.layers`` return ``(hidden, residual)`` halves, ``.lm_head.weight``,
+    ``compute_logits(rows)``; the forward is CPU code, not vLLM's."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.config = hf.config
+        self.embed_tokens = hf.model.embed_tokens
+        self.model = sim.FlashLlamaModel(hf)
+        self.lm_head = hf.lm_head
+
+    def forward(self, input_ids, positions, kv_cache, slots):
+        return self.model(self.embed_tokens(input_ids), positions, None, kv_cache, slots)
+
+    def compute_logits(self, hidden_states):
+        return self.lm_head(hidden_states)
+
+
+def interface_checks():
+    print(f"vllm {vllm.__version__} ({os.path.dirname(vllm.__file__)}), torch {torch.__version__}")
+    check("the processor subclasses vLLM's V1 LogitsProcessor", issubclass(CLS, v1lp.LogitsProcessor))
+    check("the processor subclasses Model Runner V2's LogitsProcessor", issubclass(CLS, v2lp.LogitsProcessor))
+    check("no abstract method left unimplemented", not getattr(CLS, "__abstractmethods__", None),
+          str(getattr(CLS, "__abstractmethods__", set())))
+    for label, base, names in (("V1", v1lp.LogitsProcessor, ("__init__", "apply", "is_argmax_invariant", "update_state",
+                                                 "validate_params")),
+                        ("V2", v2lp.LogitsProcessor, ("__init__", "apply", "add_request", "apply_staged_writes",
+                                                 "validate_params"))):
+        for name in names:
+            want = list(inspect.signature(getattr(base, name)).parameters)
+            got = list(inspect.signature(getattr(CLS, name)).parameters)
+            ok = got[: len(want)] == want or (name == "__init__" and len(got) >= len(want))
+            check(f"{label} {name}{tuple(want)} accepted by ours {tuple(got)}", ok)
+    from importlib.metadata import entry_points
+    eps = [e for e in entry_points(group=v1lp.LOGITSPROCS_GROUP) if e.value == FQCN]
+    check(f"entry point {v1lp.LOGITSPROCS_GROUP!r} -> {FQCN} installed", len(eps) == 1)
+    check("V1 loads it from the entry point", CLS in v1lp._load_logitsprocs_plugins())
+    check("V1 loads it by FQCN (--logits-processors)", v1lp._load_logitsprocs_by_fqcns([FQCN]) == [CLS])
+    attempt("Model Runner V2 loads the entry point (it refuses non-V2 plugins)",
+            lambda: CLS in v2loader._load_v2_logitsprocs_plugins())
+    attempt("Model Runner V2 loads it by FQCN", lambda: v2loader._load_v2_logitsprocs_by_fqcns([FQCN]) == [CLS])
+    attempt("V2 frontend params validator builds and accepts default SamplingParams",
+            lambda: v2loader.build_custom_logits_processors_params_validator(())(SamplingParams()) is None)
+    attempt("V1 validate_logits_processors_parameters accepts default SamplingParams",
+            lambda: v1lp.validate_logits_processors_parameters(None, SamplingParams()) is None)
+
+
+def construction_checks(pack_path):
+    os.environ.pop(avllm.ENV_PACK, None)
+    procs = v1lp.build_logitsprocs(vconfig(), torch.device("cpu"), False, False, ())
+    ours = [p for p in procs.all if isinstance(p, CLS)]
+    check("V1 build_logitsprocs constructs it (no pack: inert, argmax-invariant, skipped for greedy batches)",
+          len(ours) == 1 and not ours[0].enabled and ours[0] in procs.argmax_invariant)
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=16, all_token_ids=None,
+                                 prompt_len=None, prefill_len=None, total_len=None)
+    v2 = v2loader.build_custom_logits_processors(vconfig(), req_states, False, ())
+    ours2 = [p for p in v2 if isinstance(p, CLS)]
+    check("V2 build_custom_logits_processors constructs it (no pack: inert)",
+          len(ours2) == 1 and ours2[0].v2 and not ours2[0].enabled and ours2[0].add_request(0, SamplingParams()) is False)
+    os.environ[avllm.ENV_PACK] = pack_path
+    try:
+        v2loader.build_custom_logits_processors(vconfig(), req_states, False, ())
+        check("V2 with a pack refuses to start (AutoSteer needs the V1 runner)", False)
+    except avllm.VLLMIntegrationError as exc:
+        check("V2 with a pack refuses to start (AutoSteer needs the V1 runner)", "VLLM_USE_V2_MODEL_RUNNER=0" in str(exc))
+    from vllm.v1.worker import gpu_model_runner
+    before = gpu_model_runner.GPUModelRunner.load_model
+    procs = v1lp.build_logitsprocs(vconfig(), torch.device("cpu"), False, False, ())
+    ours = [p for p in procs.all if isinstance(p, CLS)]
+    patched = gpu_model_runner.GPUModelRunner.load_model
+    check("V1 with a pack: enabled, not argmax-invariant, and GPUModelRunner.load_model patched to attach the capture",
+          len(ours) == 1 and ours[0].enabled and ours[0] in procs.non_argmax_invariant
+          and getattr(patched, "_autosteer", False) and patched.__wrapped__ is before)
+    gpu_model_runner.GPUModelRunner.load_model = before
+    spec = vconfig()
+    spec.speculative_config = object()
+    procs = v1lp.build_logitsprocs(spec, torch.device("cpu"), False, False, ())
+    check("known gap: with speculative decoding vLLM does not construct entry-point processors at all",
+          not any(isinstance(p, CLS) for p in procs.all), "AutoSteer is then silently absent (documented)")
+
+
+class Engine:
+    """Calls the real persistent batch the way GPUModelRunner._update_states does each step."""
+
+    def __init__(self, hf, chunk, preempt=None, seed=0):
+        import random
+
+        self.rng = random.Random(seed)
+        self.model = FakeVLLMLlama(hf).eval()
+        self.procs = v1lp.build_logitsprocs(vconfig(), torch.device("cpu"), False, False, ())
+        self.lp = next(p for p in self.procs.all if isinstance(p, CLS))
+        V = hf.config.vocab_size
+        self.batch = gpu_input_batch.InputBatch(
+            max_num_reqs=8, max_model_len=128, max_num_batched_tokens=512, device=torch.device("cpu"),
+            vocab_size=V, block_sizes=[16], max_num_blocks_per_req=[8], logitsprocs=self.procs)
+        cfg = hf.config
+        kvh, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.kv = [(torch.zeros(16, 128, kvh, hd), torch.zeros(16, 128, kvh, hd)) for _ in range(cfg.num_hidden_layers)]
+        self.free_slots = list(range(15, -1, -1))
+        self.chunk, self.preempt = chunk, dict(preempt or {})
+        self.requests: dict = {}  # GPUModelRunner.requests: req_id -> CachedRequestState
+        self.md = None
+        self.records, self.key_of, self.swaps, self.preempted, self.update_kinds = [], {}, 0, 0, set()
+        self.eos = cfg.eos_token_id
+        orig = self.lp.update_state
+
+        def spy(bu):
+            if bu is not None:
+                self.update_kinds |= {k for k in ("removed", "added", "moved") if getattr(bu, k)}
+                assert isinstance(bu, v1lp.BatchUpdate)
+            return orig(bu)
+
+        self.lp.update_state = spy
+
+    def metadata(self):
+        return self.md
+
+    def run(self, arrivals, rows):
+        outputs, done_last, resume, state = {}, [], {}, {}
+        for step in range(300):
+            # 1. finished and preempted requests leave the persistent batch
+            for rid in done_last:
+                self.batch.remove_request(rid)
+                st = self.requests.pop(rid)  # finished: vLLM forgets the request (and its SamplingParams)
+                self.free_slots.append(state.pop(rid)["slot"])
+                del st
+            for rid, (n_out, away) in list(self.preempt.items()):
+                st = self.requests.get(rid)
+                if st is not None and rid in self.batch.req_id_to_index and rid not in done_last \
+                        and len(st.output_token_ids) >= n_out:
+                    self.batch.remove_request(rid)  # CachedRequestState kept: resumed later
+                    self.free_slots.append(state[rid]["slot"])
+                    state[rid]["done"] = 0
+                    resume.setdefault(step + away, []).append(rid)
+                    del self.preempt[rid]
+                    self.preempted += 1
+            # 2. new and resumed requests join (lowest free index first)
+            for i in arrivals.get(step, []):
+                rid = f"req-{i}"
+                st = gpu_input_batch.CachedRequestState(
+                    req_id=rid, prompt_token_ids=list(rows[i]), mm_features=[],
+                    sampling_params=SamplingParams(temperature=0.0, max_tokens=MAX_NEW), generator=None,
+                    block_ids=([i],), num_computed_tokens=0, output_token_ids=[])
+                self.requests[rid] = st
+                state[rid] = {"done": 0, "slot": self.free_slots.pop(), "idx": i}
+                self.batch.add_request(st)
+            for rid in resume.pop(step, []):
+                state[rid]["slot"] = self.free_slots.pop()
+                self.batch.add_request(self.requests[rid])
+            # 3. condense, maybe reorder, refresh_metadata (-> update_state(BatchUpdate))
+            self.batch.condense()
+            n = self.batch.num_reqs
+            if n > 1 and self.rng.random() < 0.5:
+                a, b = self.rng.sample(range(n), 2)
+                self.batch.swap_states(a, b)
+                self.swaps += 1
+            self.batch.refresh_metadata()
+            order = list(self.batch.req_ids)
+            for idx, key in self.lp.request_keys().items():
+                if idx < len(order):
+                    self.key_of[key] = order[idx]
+            done_last = []
+            if not order:
+                if step > max(arrivals) and not resume:
+                    break
+                continue
+            # 4. forward (stand-in) with flattened tokens; logits at each request's last scheduled token
+            ids, pos, slots, qsl, seq, sched = [], [], [], [0], [], []
+            for rid in order:
+                st, s = self.requests[rid], state[rid]
+                known = st.prompt_token_ids + st.output_token_ids
+                k = min(self.chunk, len(known) - s["done"])
+                ids += known[s["done"]: s["done"] + k]
+                pos += range(s["done"], s["done"] + k)
+                slots += [s["slot"]] * k
+                qsl.append(qsl[-1] + k)
+                seq.append(s["done"] + k)
+                sched.append(k)
+            self.md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                                      seq_lens=torch.tensor(seq, dtype=torch.int32))
+            with torch.no_grad():
+                hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, torch.tensor(slots))
+                logits = self.model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1])
+            raw = logits.clone()
+            for p in self.procs.non_argmax_invariant:  # the V1 sampler, greedy batch: argmax-invariant ones skipped
+                logits = p.apply(logits)
+            nxt = logits.argmax(-1).tolist()
+            still = []
+            for b, rid in enumerate(order):
+                st, s = self.requests[rid], state[rid]
+                s["done"] += sched[b]
+                if s["done"] < len(st.prompt_token_ids) + len(st.output_token_ids):  # partial (re)prefill
+                    still.append(True)
+                    continue
+                still.append(False)
+                st.output_token_ids.append(nxt[b])
+                if nxt[b] == self.eos or len(st.output_token_ids) >= MAX_NEW:
+                    done_last.append(rid)
+                    outputs[s["idx"]] = list(st.output_token_ids)
+            self.records.append((list(order), raw, logits.clone(), still))
+        return outputs
+
+
+def reference(hf, rows, pack, mode):
+    out = {}
+    with autosteer.attach(hf, pack, mode=mode) as h:
+        for i, r in enumerate(rows):
+            o = h.generate(input_ids=torch.tensor([r]), max_new_tokens=MAX_NEW, do_sample=False)
+            out[i] = (o.sequences[0, len(r):].tolist(), bool(o.steered[0]), int(o.latched_at[0]))
+    return out
+
+
+def stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
+    os.environ[avllm.ENV_PACK] = pack_path
+    os.environ[avllm.ENV_MODE] = mode
+    ref = reference(hf, rows, pack, mode)
+    eng = Engine(hf, chunk, preempt=preempt)
+    summaries = {}
+    avllm.attach_capture(eng.model, max_reqs=8, metadata_fn=eng.metadata)  # the patched load_model's job
+    try:
+        store = eng.lp._ensure_store(required=True)
+        store.report_on_release = True
+        store.on_release = lambda key, s: summaries.__setitem__(eng.key_of[key], s)
+        arrivals = {0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}
+        outputs = eng.run(arrivals, rows)
+        eng.batch.refresh_metadata()
+        eng.lp.update_state(None)
+    finally:
+        avllm.detach_capture()
+    tag = f"{mode}, chunk {chunk}, {eng.preempted} preempted"
+    check(f"[{tag}] real BatchUpdates had removed, added and moved entries ({eng.swaps} swaps)",
+          eng.update_kinds == {"removed", "added", "moved"}, str(sorted(eng.update_kinds)))
+    check(f"[{tag}] tokens == transformers+AutoSteer per request",
+          all(outputs.get(i) == ref[i][0] for i in range(len(rows))), f"{sum(v[1] for v in ref.values())} steered")
+    check(f"[{tag}] gate decisions (latch, first steered token) == transformers",
+          all(summaries.get(f"req-{i}") is not None and summaries[f"req-{i}"].latched == ref[i][1]
+              and summaries[f"req-{i}"].latched_at == ref[i][2] for i in range(len(rows))))
+    bad = mid = unl = 0
+    for order, raw, final, still in eng.records:
+        for b, rid in enumerate(order):
+            if still[b] or not summaries[rid].latched:
+                bad += not torch.equal(raw[b], final[b])
+                mid += still[b]
+                unl += not still[b]
+    check(f"[{tag}] unlatched and mid-prefill rows bit-identical to the raw logits", bad == 0,
+          f"{unl} unlatched rows, {mid} mid-prefill rows, {bad} written")
+    check(f"[{tag}] state released when vLLM drops the requests", len(eng.lp.store) == 0 and not eng.lp.parked_keys(),
+          f"store {eng.lp.store.request_ids}, parked {eng.lp.parked_keys()}")
+    if preempt:
+        check(f"[{tag}] the preemptions happened", eng.preempted == len(preempt))
+
+
+def main():
+    interface_checks()
+    tok = make_tokenizer()
+    hf = make_tiny_model(len(tok))
+    rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
+    pack = make_pack(hf)
+    with autosteer.attach(hf, pack) as h:
+        p = sorted(float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0])
+                   for r in rows)
+    pack.meta["tau"] = (p[3] + p[4]) / 2
+    pack_path = str(pack.save(os.path.join(tempfile.mkdtemp(prefix="autosteer-vllm-"), "tiny.pack.safetensors")))
+    construction_checks(pack_path)
+    stream_check(hf, rows, pack, pack_path, "prefill", 4, {"req-0": (2, 2), "req-1": (3, 1)})
+    stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)})
+    stream_check(hf, rows, pack, pack_path, "prefill", 64, None)
+    failed = [n for n, ok in RESULTS if not ok]
+    print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
