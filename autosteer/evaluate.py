@@ -113,6 +113,9 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
             if setting == "monitor":
                 leaks = sorted(g.latched_at for g in gens if g.latched_at > 0)
                 entry["results"][setting]["leaked_tokens"] = leaks
+                missed = [g for g in gens if not g.gate]  # rows the prefill gate let through
+                entry["results"][setting]["prefill_missed"] = len(missed)
+                entry["results"][setting]["caught_after_prefill"] = sum(g.steered for g in missed)
             if scores is None and setting != "always":
                 scores, gates = [g.p_unsafe for g in gens], [g.gate for g in gens]
         if scores is None:
@@ -171,6 +174,11 @@ def markdown_report(report: dict) -> str:
                 med = leaks[len(leaks) // 2]
                 p90 = leaks[min(len(leaks) - 1, int(0.9 * len(leaks)))]
                 lines.append(f"- {name}: {len(leaks)} rows, median {med}, p90 {p90}")
+            r = e["results"]["monitor"]
+            if r.get("prefill_missed"):
+                lines.append(f"  - {name}: the prefill gate let {r['prefill_missed']} rows through; monitor mode latched on "
+                             f"{r['caught_after_prefill']} of them ({100 * r['caught_after_prefill'] / r['prefill_missed']:.1f}%) "
+                             f"within {report['max_new_tokens']} new tokens")
     lines += ["", f"Evaluation took {report['seconds']} s."]
     return "\n".join(lines) + "\n"
 
