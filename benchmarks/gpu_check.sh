@@ -4,9 +4,13 @@
 #   2. CUDA graph: a processor-like step (the op on static buffers) captured once, replayed with
 #      new inputs, compared with eager and with the reference; no host sync inside the op;
 #   3. the kernel + op tests on CUDA (Triton compiled, not interpreted);
-#   4. bench_op.py on CUDA.
+#   4. bench_op.py on CUDA;
+#   5. where vLLM is installed: a tiny Llama end to end in vLLM (V1 runner, --enforce-eager) with and
+#      without the AutoSteer plugin (needs autosteer installed in that Python so the
+#      vllm.logits_processors entry point exists: AUTOSTEER_SKIP_NATIVE_BUILD=1 pip install
+#      --no-deps --no-build-isolation .), skipped otherwise.
 # Everything it writes goes to $OUT if set (else benchmarks/results): gpu_check.log, gpu_graph.json,
-# gpu_tests.xml, bench_op_cuda.{csv,md}. Exit status 0 only if every step passed.
+# gpu_tests.xml, bench_op_cuda.{csv,md}, vllm_e2e.json. Exit status 0 only if every step passed.
 #   bash benchmarks/gpu_check.sh                 # full (~5-8 min once the machine is up)
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark configs
 set -uo pipefail
@@ -127,6 +131,94 @@ else
   BENCH_ARGS=()
 fi
 timeout 420 "$PY" benchmarks/bench_op.py --device cuda --out-dir "$RESULTS" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || status=1
+
+step "vLLM end to end: a tiny Llama with and without the AutoSteer plugin"
+# Guarded: runs only where vLLM (V1 runner, CUDA) is installed in this Python; the device machine
+# has no network, so the model, tokenizer and pack are made locally (tiny random Llama, random
+# pack with tau at the median prompt score: about half the prompts gate). Three processes:
+# plain vLLM, vLLM + AutoSteer (entry point or FQCN), then the comparison with transformers +
+# AutoSteer. Writes vllm_e2e.json. SKIP_VLLM=1 skips it.
+if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" >/dev/null 2>&1; then
+  E2E="$(mktemp -d)"
+  cat > "$E2E/e2e.py" <<'PYEOF'
+import json, os, sys, time
+sys.path.insert(0, os.path.join(os.environ["AUTOSTEER_ROOT"], "tests"))
+import torch
+stage, work = sys.argv[1], sys.argv[2]
+PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of france", "how do i steal cookies",
+           "explain photosynthesis", "bake cake", "hack the python process", "recipe soup"]
+MAX_NEW = 16
+if stage == "make":
+    import autosteer
+    from autosteer.prompting import PromptFormat, encode_one
+    from conftest import make_pack, make_tiny_model, make_tokenizer
+    tok = make_tokenizer()
+    hf = make_tiny_model(len(tok), hidden=256, layers=4)  # head_dim 64 for the attention kernels
+    rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
+    pack = make_pack(hf)
+    with autosteer.attach(hf, pack) as h:
+        p = sorted(float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0]) for r in rows)
+    pack.meta["tau"] = (p[3] + p[4]) / 2
+    hf.save_pretrained(f"{work}/model"); tok.save_pretrained(f"{work}/model")
+    pack.save(f"{work}/tiny.pack.safetensors")
+    ref = {}
+    with autosteer.attach(hf, pack) as h:
+        for i, r in enumerate(rows):
+            o = h.generate(input_ids=torch.tensor([r]), max_new_tokens=MAX_NEW, do_sample=False)
+            ref[i] = dict(tokens=o.sequences[0, len(r):].tolist(), steered=bool(o.steered[0]))
+    json.dump(dict(rows=rows, ref=ref), open(f"{work}/ref.json", "w"))
+elif stage in ("plain", "steered"):
+    from vllm import LLM, SamplingParams
+    rows = json.load(open(f"{work}/ref.json"))["rows"]
+    kw = dict(model=f"{work}/model", dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+              gpu_memory_utilization=0.3)
+    import importlib.metadata as md
+    if stage == "steered" and not any("autosteer" in e.value for e in md.entry_points(group="vllm.logits_processors")):
+        kw["logits_processors"] = ["autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"]  # not installed
+    llm = LLM(**kw)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=False)
+    reqs = [{"prompt_token_ids": r} for r in rows]
+    llm.generate(reqs, sp)  # warm-up
+    big = reqs * 8
+    t0 = time.perf_counter(); out = llm.generate(big, sp); dt = time.perf_counter() - t0
+    toks = sum(len(o.outputs[0].token_ids) for o in out)
+    res = dict(tokens={i: list(out[i].outputs[0].token_ids) for i in range(len(rows))}, seconds=dt,
+               generated_tokens=toks, requests=len(big))
+    json.dump(res, open(f"{work}/{stage}.json", "w"))
+    print(f"{stage}: {len(big)} requests, {toks} tokens in {dt:.3f} s ({toks / dt:.0f} tok/s)")
+else:
+    ref = json.load(open(f"{work}/ref.json"))["ref"]
+    plain, steer = (json.load(open(f"{work}/{s}.json")) for s in ("plain", "steered"))
+    ok = True
+    n_match = 0
+    for i, r in ref.items():
+        a, b = plain["tokens"][i], steer["tokens"][i]
+        n_match += b == r["tokens"]
+        if not r["steered"] and a != b:
+            ok = False; print(f"request {i}: not gated by the reference, but vLLM+AutoSteer changed its tokens")
+        if r["steered"] and a == b:
+            ok = False; print(f"request {i}: gated by the reference, but vLLM+AutoSteer did not change its tokens")
+    res = dict(ok=ok, gated=sum(r["steered"] for r in ref.values()), requests=len(ref),
+               steered_equal_transformers_autosteer=n_match,
+               plain_seconds=plain["seconds"], steered_seconds=steer["seconds"],
+               plain_tok_s=plain["generated_tokens"] / plain["seconds"],
+               steered_tok_s=steer["generated_tokens"] / steer["seconds"])
+    print(json.dumps(res, indent=1))
+    json.dump(res, open(sys.argv[3], "w"), indent=1)
+    sys.exit(0 if ok else 1)
+PYEOF
+  export AUTOSTEER_ROOT="$ROOT"
+  {
+    "$PY" "$E2E/e2e.py" make "$E2E" &&
+    VLLM_USE_V2_MODEL_RUNNER=0 timeout 300 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
+    VLLM_USE_V2_MODEL_RUNNER=0 AUTOSTEER_PACK="$E2E/tiny.pack.safetensors" AUTOSTEER_MODE=prefill \
+      timeout 300 "$PY" "$E2E/e2e.py" steered "$E2E" &&
+    "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e.json"
+  } || status=1
+  "$PY" -c "import importlib.metadata as m; print('autosteer vllm entry point:', [e.value for e in m.entry_points(group='vllm.logits_processors')])"
+else
+  echo "vLLM not installed in this Python (or SKIP_VLLM=1): skipped"
+fi
 
 step "done: status $status (results in $RESULTS)"
 exit $status
