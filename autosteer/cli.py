@@ -32,12 +32,32 @@ def _load(args):
     return load_model(args.model, args.dtype, args.device)
 
 
-def _labelled(paths: list[str] | None, label: int) -> list[str]:
-    from .data import load_prompt_file
+def _prompts_of(path: str | Path, records=None) -> list:
+    """The prompts of a user file: ``str``, or an :class:`~autosteer.prompting.ImagePrompt` for a
+    ``.jsonl``/``.json`` row with an ``"image"`` (a path, relative to the file's directory)."""
+    from .data import PromptFileError, load_prompt_file
+    from .prompting import ImagePrompt
 
     out = []
+    for rec in records if records is not None else load_prompt_file(path):
+        image = rec.meta.get("image")
+        if image is None:
+            out.append(rec.text)
+            continue
+        line = rec.meta.get("line")
+        if not isinstance(image, str) or not image.strip():
+            raise PromptFileError(Path(path), line, f"'image' must be a non-empty path string, got {image!r}")
+        img_path = Path(image) if Path(image).is_absolute() else Path(path).parent / image
+        if not img_path.is_file():
+            raise PromptFileError(Path(path), line, f"image file not found: {img_path}")
+        out.append(ImagePrompt(rec.text, str(img_path)))
+    return out
+
+
+def _labelled(paths: list[str] | None, label: int) -> list:
+    out = []
     for path in paths or []:
-        out += [p.text for p in load_prompt_file(path)]
+        out += _prompts_of(path)
     return out
 
 
@@ -101,7 +121,7 @@ def cmd_generate(args) -> int:
     handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
-    gens = generate_batch(handle, tok, [r.text for r in records], setting, args.max_new_tokens, args.batch_size)
+    gens = generate_batch(handle, tok, _prompts_of(args.input, records), setting, args.max_new_tokens, args.batch_size)
     lines = []
     for rec, g in zip(records, gens):
         row = {k: v for k, v in rec.meta.items() if k != "line"}
@@ -155,10 +175,14 @@ def cmd_eval(args) -> int:
         sets.append(PromptSet(Path(path).name, _labelled([path], 1), True))
     for path in args.benign or []:
         sets.append(PromptSet(Path(path).name, _labelled([path], 0), False))
-    if args.dev or not (sets or args.jailbreak_dev):
+    if args.dev or not (sets or args.jailbreak_dev or args.cross_modal_dev):
         sets = _dev_sets(None) + sets
     if args.jailbreak_dev:
         sets += _jailbreak_dev_sets(args.jailbreak_dev)
+    if args.cross_modal_dev:
+        from .cross_modal import dev_sets as cross_modal_dev_sets
+
+        sets += [PromptSet(name, prompts, harmful) for name, (prompts, harmful) in cross_modal_dev_sets(args.cross_modal_dev).items()]
     if args.limit:
         for s in sets:
             s.prompts = s.prompts[: args.limit]
@@ -171,6 +195,30 @@ def cmd_eval(args) -> int:
     paths = write_report(report, handle.pack.meta, out_dir)
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['markdown']} and {paths['json']}")
+    return 0
+
+
+def cmd_cross_modal(args) -> int:
+    """Write cross-modal prompt files (images rendered from the fit or dev texts), or one image."""
+    from . import cross_modal
+
+    if args.render:
+        img = (cross_modal.render_typographic(args.render) if args.kind == "typographic"
+               else cross_modal.make_prompt(args.kind, args.render).image)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out)
+        print(f"{args.kind} image of {args.render!r} written to {out}")
+        return 0
+    from .data import default_splits
+
+    splits = default_splits(args.seed)
+    kinds = tuple(args.kinds.split(","))
+    for label, key in (("harmful", f"{args.split}_harmful"), ("benign", f"{args.split}_benign")):
+        texts = [p.text for p in splits[key]]
+        prompts = cross_modal.cross_modal_prompts(texts, args.per_kind, args.seed, kinds)
+        path = cross_modal.write_prompt_file(prompts, args.out, f"{args.split}_{label}")
+        print(f"{len(prompts)} {label} prompts ({', '.join(kinds)}) from the {args.split} texts: {path}")
     return 0
 
 
@@ -274,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jailbreak-dev", type=int, default=0, metavar="N",
                    help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
                         "dev template families (split by family, never fitted on)")
+    p.add_argument("--cross-modal-dev", type=int, default=0, metavar="N",
+                   help="multimodal models: add N dev prompts per kind (typographic, text+image, split) made from the "
+                        "harmful and the benign dev texts, with images rendered on the fly")
     p.add_argument("--settings", default="unsteered,always,autosteer", help="comma list of unsteered, always, autosteer, monitor")
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
@@ -281,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "eval"), help="report directory (report.md, report.json, plots)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cross-modal", help="write image+text prompt files (typographic, text+image, split) for multimodal models")
+    p.add_argument("--split", default="dev", choices=["fit", "dev"], help="which texts the prompts are made from")
+    p.add_argument("--per-kind", type=int, default=50)
+    p.add_argument("--kinds", default="typographic,text+image,split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", metavar="TEXT", help="instead: render one image of TEXT to --out (a .png path)")
+    p.add_argument("--kind", default="typographic", choices=["typographic", "split", "text+image"], help="with --render")
+    p.add_argument("--out", required=True, help="output directory (or .png path with --render)")
+    p.set_defaults(func=cmd_cross_modal)
 
     p = sub.add_parser("demo", help="the main job on the default model: fit (if needed), steered vs unsteered, dev numbers")
     _model_args(p)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, PromptLike, encode_batch, prompt_text, text_tokenizer
+from .prompting import PromptFormat, PromptLike, encode_batch, prompt_text, text_tokenizer, to_model
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -55,7 +55,7 @@ def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = 
     out: list[Generation | None] = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)
+        inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), handle.model)
         width = inputs["input_ids"].shape[1]
         res = handle.generate(**inputs, max_new_tokens=max_new_tokens,
                               pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)

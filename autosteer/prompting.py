@@ -232,3 +232,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as ``generate`` computes them for left-padded rows."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0)
+
+
+def to_model(inputs: dict, model) -> dict:
+    """``inputs`` on the model's device; floating image tensors in the model's dtype."""
+    param = next(model.parameters())
+    return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+            if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

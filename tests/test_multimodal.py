@@ -207,3 +207,22 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ImageLoadError, match="bad.png"):
         encode_batch(make_processor("chameleon"), [ImagePrompt("look", str(bad))], FMT)
+
+
+def test_cli_cross_modal_files_and_eval_sets(tmp_path):
+    from autosteer.cli import main
+
+    assert main(["cross-modal", "--split", "dev", "--per-kind", "1", "--out", str(tmp_path / "xm")]) == 0
+    for name in ("dev_harmful", "dev_benign"):
+        rows = [json.loads(line) for line in (tmp_path / "xm" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all((tmp_path / "xm" / r["image"]).is_file() for r in rows)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model, _ = save_tiny("chameleon", model_dir)
+    pack_path = tmp_path / "p.pack.safetensors"
+    _strong_pack(model).save(pack_path)
+    assert main(["eval", "--model", str(model_dir), "--pack", str(pack_path), "--cross-modal-dev", "1", "--settings",
+                 "autosteer", "--max-new-tokens", "1", "--out", str(tmp_path / "ev")]) == 0
+    sets = json.loads((tmp_path / "ev" / "report.json").read_text())["sets"]
+    assert len(sets) == 6 and {e["n"] for e in sets.values()} == {1}  # only the cross-modal sets: no --dev given
+    assert sum(e["harmful"] for e in sets.values()) == 3

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers
-from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, prompt_text
+from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, prompt_text, to_model
 
 
 def _hidden_arg(args, kwargs):
@@ -33,7 +33,6 @@ def last_token_states(
     """``[n_prompts, n_layers, H]`` fp32 states at the last prompt token (layers = all by default)."""
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
-    device = next(model.parameters()).device
     store: dict[int, torch.Tensor] = {}
     handles = []
     for l in layers:
@@ -48,7 +47,7 @@ def last_token_states(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            inputs = {k: v.to(device) for k, v in encode_batch(tokenizer, [prompts[i] for i in idx], fmt).items()}
+            inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), model)
             model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
             out[idx] = torch.stack([store[l] for l in layers], dim=1)
     finally:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import output_head
-from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, text_tokenizer
+from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, text_tokenizer, to_model
 
 REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
 
@@ -59,7 +59,6 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
     """Final normed hidden states ``g`` (the input of ``lm_head``) at the positions that predict
     each answer token, and the targets. The answer is appended after each (left-padded) prompt;
     multimodal prompts keep their images."""
-    device = next(model.parameters()).device
     n_ans = len(answer_ids)
     head = output_head(model)
     seen: dict[str, torch.Tensor] = {}
@@ -76,7 +75,7 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
             answer = torch.tensor(answer_ids, dtype=torch.long).expand(b, n_ans)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = to_model(inputs, model)
             model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False,
                   logits_to_keep=n_ans + 1)
             g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts token t+1
