@@ -140,12 +140,19 @@ def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
     """Token ids of one formatted prompt. Over-long user text is cut in the middle (keeping its
     start and its end, so the chat template's suffix and the request's last words survive)."""
     tokenizer = text_tokenizer(tokenizer)
+    # a chat template writes its own special tokens (BOS included); bare text gets the
+    # tokenizer's, exactly as ``tokenizer(text)`` would add them
+    specials = not (fmt.chat_template and getattr(tokenizer, "chat_template", None))
     text = _render(tokenizer, content, fmt)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=specials)["input_ids"]
     if len(ids) <= fmt.max_prompt_tokens:
         return ids
-    return tokenizer(_render(tokenizer, _cut_user_text(tokenizer, content, fmt, len(ids)), fmt),
-                     add_special_tokens=False)["input_ids"][-fmt.max_prompt_tokens:]
+    cut = tokenizer(_render(tokenizer, _cut_user_text(tokenizer, content, fmt, len(ids)), fmt),
+                    add_special_tokens=specials)["input_ids"]
+    if len(cut) > fmt.max_prompt_tokens:
+        head = 1 if specials and cut[:1] == ids[:1] and ids[0] == tokenizer.bos_token_id else 0
+        cut = cut[:head] + cut[len(cut) - (fmt.max_prompt_tokens - head):]
+    return cut
 
 
 def _cut_user_text(tokenizer, content: str, fmt: PromptFormat, rendered_len: int) -> str:

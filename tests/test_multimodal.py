@@ -226,3 +226,4 @@ def test_cli_cross_modal_files_and_eval_sets(tmp_path):
     sets = json.loads((tmp_path / "ev" / "report.json").read_text())["sets"]
     assert len(sets) == 6 and {e["n"] for e in sets.values()} == {1}  # only the cross-modal sets: no --dev given
     assert sum(e["harmful"] for e in sets.values()) == 3
+
