@@ -1,17 +1,27 @@
-"""AutoSteer as a vLLM V1 logits-processor plugin (written against vLLM's interface; NOT run on vLLM).
+"""AutoSteer as a vLLM V1 logits-processor plugin (checked against vLLM 0.33.0's real classes on CPU).
 
-Target: the V1 ``vllm.v1.sample.logits_processor.LogitsProcessor`` interface as of vLLM
-0.10.2 - 0.11.x -- ``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
+Target: the V1 ``vllm.v1.sample.logits_processor.LogitsProcessor`` interface (written for 0.10.2
+-- 0.11.x, checked against 0.33.0) -- ``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
 ``is_argmax_invariant()``, ``update_state(batch_update)`` with ``BatchUpdate(batch_size,
 removed, added, moved)``, ``added`` entries ``(index, SamplingParams, prompt_tok_ids,
 output_tok_ids)``, ``moved`` entries ``(i, j, MoveDirectionality.UNIDIRECTIONAL | SWAP)``,
 processed in the order removed, added, moved -- and plugins found through the
 ``vllm.logits_processors`` entry-point group (vLLM loads every installed one) or passed as
 ``--logits-processors autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor``.
-vLLM is not installable in this project's environment: this module was only exercised by
-``tests/test_vllm_simulation.py``, which replays simulated BatchUpdate streams and
-simulated forward metadata. Everything vLLM-specific that is not the public logits-processor
-interface lives in :class:`_VLLM`; treat it as unverified.
+
+vLLM 0.33.0 runs **Model Runner V2** by default on CUDA. V2 has its own interface
+(``__init__(vllm_config, req_states)``, ``add_request``, ``apply(logits, ctx)``) and loads the
+same entry-point group, refusing to start when a plugin does not subclass its base class. This
+class subclasses both bases: under V2 it is inert without a pack (installing autosteer does not
+break other deployments) and refuses to start with one. AutoSteer needs the V1 runner:
+``VLLM_USE_V2_MODEL_RUNNER=0``.
+
+``scripts/verify_vllm_real.sh`` checks this module against vLLM 0.33.0 on CPU: both runners'
+loaders, ``build_logitsprocs``, and the real persistent batch (``InputBatch`` /
+``BatchUpdateBuilder``: adds, removes, condense moves, swaps, preemption). vLLM's GPU model
+runner itself (forward context, ``load_model`` patch at run time, CUDA graphs) needs a GPU:
+``benchmarks/gpu_check.sh`` has that end-to-end step. Everything vLLM-specific that is not the
+public logits-processor interface lives in :class:`_VLLM`.
 
 How it works
 ------------
@@ -24,8 +34,12 @@ How it works
   request's last scheduled token (``query_start_loc[1:] - 1`` of the forward's attention
   metadata), with the request's ``seq_lens`` and query length; and the input of
   ``compute_logits`` (the sampled rows' final hidden states, one per request, batch order).
-- ``update_state`` follows the persistent batch: every Add mints a fresh request key (a
-  replaced or removed request's state is released), Moves/Swaps move keys between indices.
+- ``update_state`` follows the persistent batch: an Add mints a fresh request key, Moves/Swaps
+  move keys between indices. A request leaving the batch may be finished or preempted (vLLM
+  re-adds a preempted request later with the same SamplingParams object and its outputs): its
+  state is parked under that object's identity and restored on a re-add with outputs (so a
+  latch survives preemption; the re-prefill of prompt + outputs is not a new prompt decision),
+  and released once vLLM drops the object.
 - ``apply`` runs one fused ``steer_step`` over the batch. Each row's phase is decided on the
   device from its prompt length (known from the Add) and the step's ``seq_lens`` / query
   length: rows whose prompt is not finished (chunked prefill) neither latch nor get steered;
@@ -33,11 +47,12 @@ How it works
   there); generated tokens are probed in ``monitor`` mode.
 - ``is_argmax_invariant()`` is False: AutoSteer changes which token wins.
 
-Limits of this version: the capture reads the attention metadata inside a Python hook, so run
-vLLM with ``enforce_eager=True`` (``--enforce-eager``) -- whether the hooks survive vLLM's
-``torch.compile`` + CUDA-graph capture is untested; no speculative decoding (``apply`` raises
-when the logits are not one row per request); no tensor/pipeline parallelism (sharded
-``lm_head``); one pack per engine.
+Limits of this version: the V1 model runner only (``VLLM_USE_V2_MODEL_RUNNER=0``); the capture
+reads the attention metadata inside a Python hook, so run vLLM with ``enforce_eager=True``
+(``--enforce-eager``) -- whether the hooks survive vLLM's ``torch.compile`` + CUDA-graph
+capture is untested; no speculative decoding (with it, vLLM 0.33.0 does not construct
+entry-point processors at all, so AutoSteer is silently absent; with ``--logits-processors`` it
+refuses to start); no tensor/pipeline parallelism (sharded ``lm_head``); one pack per engine.
 """
 from __future__ import annotations
 
@@ -85,7 +100,8 @@ class VLLMIntegrationError(RuntimeError):
 
 
 class _VLLM:
-    """vLLM internals this module relies on (unverified against a running vLLM)."""
+    """vLLM internals this module relies on (names checked against vLLM 0.33.0's source; not run
+    on a GPU: the forward context and load_model are only reached by the GPU model runner)."""
 
     RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
     RUNNER_CLASS = "GPUModelRunner"
