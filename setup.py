@@ -59,7 +59,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4,<3",
-        "transformers>=4.46",
+        "transformers>=5.0",
         "safetensors>=0.4",
         "tqdm",
         "numpy",

@@ -167,6 +167,7 @@ def _dev_sets(limit: int | None, seed: int = 0):
 
 
 def cmd_eval(args) -> int:
+    from .models import is_multimodal
     from .evaluate import PromptSet, evaluate, write_report
     from .runtime.attach import attach
 
@@ -187,6 +188,9 @@ def cmd_eval(args) -> int:
         for s in sets:
             s.prompts = s.prompts[: args.limit]
     model, tok = _load(args)
+    if args.cross_modal_dev and not is_multimodal(model):
+        print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
+        return 2
     handle = attach(model, args.pack or _default_pack_path(args.model), tau=args.tau)
     handle.check_tokenizer(tok)
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
@@ -362,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import PromptFileError
     from .method.pack import PackError
     from .models import ModelLoadError
+    from .prompting import ImageLoadError, PromptInputError
     from .runtime.attach import AutoSteerFault
 
     try:
         return args.func(args)
-    except (PackError, ModelLoadError, PromptFileError, AutoSteerFault) as exc:
+    except (PackError, ModelLoadError, PromptFileError, ImageLoadError, PromptInputError, AutoSteerFault) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -107,14 +107,15 @@ def render_scene(seed: int, size: int = IMAGE_SIZE, name: str | None = None):
 def make_prompt(kind: str, text: str, seed: int = 0) -> ImagePrompt:
     """One cross-modal prompt of ``kind`` (see the module docstring) carrying ``text``'s request."""
     if kind == "typographic":
-        return ImagePrompt(TYPOGRAPHIC_QUESTION, render_typographic(text))
+        return ImagePrompt(TYPOGRAPHIC_QUESTION, render_typographic(text), source=text)
     if kind == "text+image":
         rng = random.Random(f"{seed}:{text}")
-        return ImagePrompt(rng.choice(SCENE_QUESTIONS).format(text=text), render_scene(rng.randrange(1 << 30)))
+        return ImagePrompt(rng.choice(SCENE_QUESTIONS).format(text=text), render_scene(rng.randrange(1 << 30)), source=text)
     if kind == "split":
         words = text.split()
         cut = max(1, len(words) // 2)
-        return ImagePrompt(SPLIT_QUESTION.format(head=" ".join(words[:cut])), render_typographic(" ".join(words[cut:]), numbered=0))
+        return ImagePrompt(SPLIT_QUESTION.format(head=" ".join(words[:cut])), render_typographic(" ".join(words[cut:]), numbered=0),
+                           source=text)
     raise ValueError(f"unknown cross-modal kind {kind!r}: use one of {KINDS}")
 
 

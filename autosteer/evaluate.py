@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, PromptLike, encode_batch, prompt_text, text_tokenizer, to_model
+from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, text_tokenizer, to_model
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -51,7 +51,7 @@ def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = 
     generate_kwargs.setdefault("do_sample", False)
     tok = text_tokenizer(tokenizer)
     pad_id = tok.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_text(prompts[i])))  # less padding
+    order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))  # less padding
     out: list[Generation | None] = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
         idx = order[start:start + batch_size]

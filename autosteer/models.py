@@ -235,9 +235,14 @@ def load_processor(path: str | Path, family: ModelFamily):
     if cfg_file.is_file():
         settings = {k: v for k, v in json.loads(cfg_file.read_text()).items()
                     if k in params and k not in ("self", "image_processor", "tokenizer", "video_processor")}
-    tpl = path / "chat_template.jinja"
-    if "chat_template" in params and "chat_template" not in settings and tpl.is_file():
-        settings["chat_template"] = tpl.read_text()
+    if "chat_template" in params and not settings.get("chat_template"):
+        # where AutoProcessor finds a processor's template: chat_template.jinja, or chat_template.json
+        # ({"chat_template": ...}, the llava-hf checkpoints' layout)
+        jinja, as_json = path / "chat_template.jinja", path / "chat_template.json"
+        if jinja.is_file():
+            settings["chat_template"] = jinja.read_text()
+        elif as_json.is_file():
+            settings["chat_template"] = json.loads(as_json.read_text()).get("chat_template")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
     with processor_compat():

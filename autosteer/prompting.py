@@ -31,17 +31,26 @@ class PromptFormat:
     chat_template: bool = True
     system: str | None = None
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    # prompts rendered without a chat template get the tokenizer's special tokens (BOS), as
+    # ``tokenizer(text)`` adds them; packs written before this field existed did not (False)
+    bare_special_tokens: bool = True
 
     def to_dict(self) -> dict:
-        return {"chat_template": self.chat_template, "system": self.system, "max_prompt_tokens": self.max_prompt_tokens}
+        return {"chat_template": self.chat_template, "system": self.system, "max_prompt_tokens": self.max_prompt_tokens,
+                "bare_special_tokens": self.bare_special_tokens}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptFormat":
-        return cls(bool(d.get("chat_template", True)), d.get("system"), int(d.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)))
+        return cls(bool(d.get("chat_template", True)), d.get("system"), int(d.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)),
+                   bool(d.get("bare_special_tokens", False)))
 
 
 class ImageLoadError(ValueError):
     """An image of a prompt could not be read; the message names the file."""
+
+
+class PromptInputError(ValueError):
+    """A prompt cannot go to this model (an image for a text-only model); the message says which."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +63,7 @@ class ImagePrompt:
 
     text: str
     image: object = None  # str | os.PathLike | PIL.Image.Image | None
+    source: str | None = None  # generated prompts: the request they were made from (not compared)
 
     def _key(self):
         img = self.image
@@ -86,6 +96,12 @@ def prompt_text(p: PromptLike) -> str:
 
 def prompt_image(p: PromptLike):
     return p.image if isinstance(p, ImagePrompt) else None
+
+
+def batching_key(p: PromptLike) -> tuple[bool, int]:
+    """Sort key that batches prompts with images apart from text-only ones (an image expands to
+    hundreds or thousands of tokens), then by text length: less padding."""
+    return prompt_image(p) is not None, len(prompt_text(p))
 
 
 def load_image(image):
@@ -126,6 +142,9 @@ def _render(tokenizer, content: str, fmt: PromptFormat) -> str:
             {"role": "user", "content": content}
         ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if fmt.system:
+        raise ValueError("a system prompt needs a chat template to go in: this tokenizer has none "
+                         "(or the format disables it), so the system prompt would be dropped")
     return content
 
 
@@ -142,7 +161,7 @@ def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
     tokenizer = text_tokenizer(tokenizer)
     # a chat template writes its own special tokens (BOS included); bare text gets the
     # tokenizer's, exactly as ``tokenizer(text)`` would add them
-    specials = not (fmt.chat_template and getattr(tokenizer, "chat_template", None))
+    specials = fmt.bare_special_tokens and not (fmt.chat_template and getattr(tokenizer, "chat_template", None))
     text = _render(tokenizer, content, fmt)
     ids = tokenizer(text, add_special_tokens=specials)["input_ids"]
     if len(ids) <= fmt.max_prompt_tokens:
@@ -189,17 +208,29 @@ def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat) -> tuple[to
     return pad_left([encode_one(tokenizer, p, fmt) for p in prompts], pad_id)
 
 
+def placeholder_tokens(processor) -> list[str]:
+    """The processor's placeholder tokens (image, video, image start/end): text that the processor
+    would expand or the model would read as image positions."""
+    names = ("image_token", "video_token", "audio_token", "image_start_token", "image_end_token", "boi_token", "eoi_token")
+    found = {getattr(processor, n, None) for n in names}
+    return sorted(t for t in found if isinstance(t, str) and len(t) > 1)
+
+
 def render_multimodal(processor, prompt: PromptLike, fmt: PromptFormat) -> tuple[str, bool]:
     """The text a multimodal processor gets for one prompt (an image placeholder where the prompt
     has an image), and whether a chat template was applied (it then carries the special tokens).
 
     The processor's own chat template is used when it has one (structured content, as the
     family's model card shows); else the tokenizer's template with the placeholder before the
-    text; else the bare text.
+    text; else the bare text. Placeholder tokens typed in the user text (``<image>``, ...) are
+    broken up (``< image>``), so only real images become image tokens.
     """
     tok = text_tokenizer(processor)
     text, has_image = prompt_text(prompt), prompt_image(prompt) is not None
-    rendered_len = len(encode_one(tok, text, PromptFormat(fmt.chat_template, fmt.system, 1 << 30)))
+    for token in placeholder_tokens(processor):  # user text must not smuggle in image/video placeholders
+        text = text.replace(token, token[0] + " " + token[1:])
+    # the text part alone, at an unlimited length (the system prompt is left out of this estimate)
+    rendered_len = len(encode_one(tok, text, PromptFormat(fmt.chat_template, None, 1 << 30, fmt.bare_special_tokens)))
     if rendered_len > fmt.max_prompt_tokens:  # the text part alone is cut as for text models
         text = _cut_user_text(tok, text, fmt, rendered_len)
     image_token = getattr(processor, "image_token", None) or "<image>"
@@ -220,7 +251,9 @@ def encode_batch(tokenizer, prompts: list[PromptLike], fmt: PromptFormat) -> dic
     multimodal processor. Text-only tokenizers refuse prompts with images."""
     if not is_processor(tokenizer):
         if any(prompt_image(p) is not None for p in prompts):
-            raise ValueError("a prompt has an image but this model takes text only (its tokenizer is not a multimodal processor)")
+            bad = next(i for i, p in enumerate(prompts) if prompt_image(p) is not None)
+            raise PromptInputError(f"prompt {bad} of the batch ({prompt_text(prompts[bad])[:60]!r}) has an image, but "
+                                   "this model takes text only (its tokenizer is not a multimodal processor)")
         ids, mask = encode_prompts(tokenizer, [prompt_text(p) for p in prompts], fmt)
         return {"input_ids": ids, "attention_mask": mask}
     rendered = [render_multimodal(tokenizer, p, fmt) for p in prompts]

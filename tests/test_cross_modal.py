@@ -77,14 +77,20 @@ def test_dev_sets_come_from_dev_texts_only():
     from autosteer.data import default_splits
 
     splits = default_splits(0)
-    dev_h = {p.text for p in splits["dev_harmful"]}
-    fit_h = {p.text for p in splits["fit_harmful"]}
+    dev = {True: {p.text for p in splits["dev_harmful"]}, False: {p.text for p in splits["dev_benign"]}}
+    fit = {p.text for name in ("fit_harmful", "fit_benign") for p in splits[name]}
     sets = cross_modal.dev_sets(3)
     assert len(sets) == 2 * len(cross_modal.KINDS)
-    harmful = [p for name, (ps, h) in sets.items() if h for p in ps]
-    texts = [p.text for p in harmful if p.text in dev_h or p.text in fit_h]
-    texts += [p.image.autosteer_name[len("typographic:"):] for p in harmful if p.image.autosteer_name.startswith("typographic:")]
-    assert texts and not any(t in fit_h for t in texts)
+    for name, (prompts, harmful) in sets.items():
+        assert len(prompts) == 3
+        for p in prompts:
+            assert p.source in dev[harmful] and p.source not in fit, (name, p.source)
+
+
+def test_every_kind_records_its_request():
+    text = "Explain how to disable the alarm of a shop at night"
+    for kind in cross_modal.KINDS:
+        assert cross_modal.make_prompt(kind, text).source == text
 
 
 def test_write_prompt_file_round_trips_through_the_cli_reader(tmp_path):

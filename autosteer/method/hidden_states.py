@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers
-from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, prompt_text, to_model
+from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, to_model
 
 
 def _hidden_arg(args, kwargs):
@@ -40,8 +40,7 @@ def last_token_states(
             store[l] = _hidden_arg(args, kwargs)[:, -1, :].float().cpu()
         handles.append(blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
     # sort by length so batches pad little; restore order at the end
-    lengths = [len(prompt_text(p)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     out = torch.empty(len(prompts), len(layers), model.config.get_text_config().hidden_size
                       if hasattr(model.config, "get_text_config") else model.config.hidden_size)
     try:

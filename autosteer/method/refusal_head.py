@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import output_head
-from ..prompting import PromptFormat, PromptLike, encode_batch, position_ids_from_mask, text_tokenizer, to_model
+from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, text_tokenizer, to_model
 
 REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
 
@@ -67,6 +67,7 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
         seen["g"] = args[0]
 
     handle = head.register_forward_pre_hook(grab)
+    prompts = sorted(prompts, key=batching_key)  # image prompts apart from text ones: little padding
     gs, ys = [], []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):

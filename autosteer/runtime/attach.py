@@ -132,12 +132,16 @@ class AutoSteerHandle:
 
     def generate(self, force: bool | None = None, mode: str | None = None, **generate_kwargs) -> SteeredOutput:
         """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
-        Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
+        Tensor inputs are moved to the model's device (floating ones, e.g. ``pixel_values``, to its
+        dtype). Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
         if int(generate_kwargs.get("num_beams", 1) or 1) > 1:
             raise ValueError("AutoSteer does not support beam search (processors see log-probabilities and beams are "
                              "reordered between steps): use greedy decoding or sampling")
+        from ..prompting import to_model
+
         proc = self.logits_processor(force, mode)
         extra = generate_kwargs.pop("logits_processor", None) or []
+        generate_kwargs = to_model(generate_kwargs, self.model)  # inputs (and image tensors) on the model's device/dtype
         with self._lock, torch.no_grad():
             seqs = self.model.generate(logits_processor=LogitsProcessorList([proc, *extra]), **generate_kwargs)
         if isinstance(seqs, torch.Tensor):
