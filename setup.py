@@ -25,11 +25,16 @@ if not SKIP:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
 
         sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+        import torch
+
+        # torch >= 2.14 headers need C++20 (autosteer.runtime.op.cxx_standard_flag: the same rule for the JIT build)
+        _major, _minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+        cxx_std = "-std=c++20" if (_major, _minor) >= (2, 14) else "-std=c++17"
         ext_modules = [
             CppExtension(
                 "autosteer._C",
                 sources,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+                extra_compile_args={"cxx": ["-O3", cxx_std, "-fopenmp"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

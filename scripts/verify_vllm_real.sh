@@ -6,9 +6,9 @@
 # Never run this in the project's own environment: vLLM pulls a CUDA torch (several GB).
 # Steps: a throwaway venv; the pinned vLLM wheel (imports on a CPU-only machine); autosteer
 # installed from a copy of this checkout (so its `vllm.logits_processors` entry point is
-# registered), without the C++ CPU kernel (AUTOSTEER_SKIP_NATIVE_BUILD=1: csrc/ is compiled with
-# -std=c++17, which torch 2.14's headers -- the torch vLLM 0.33.0 pins -- no longer accept; the
-# CPU op then falls back to the PyTorch reference, and on a GPU the Triton kernels are used);
+# registered), without the C++ CPU kernel (AUTOSTEER_SKIP_NATIVE_BUILD=1: a quicker install; the
+# CPU op then falls back to the PyTorch reference, and on a GPU the Triton kernels are used.
+# csrc/ builds with -std=c++20 under torch >= 2.14, e.g. the torch 2.14 vLLM 0.33.0 pins);
 # then scripts/verify_vllm_real.py.
 set -euo pipefail
 VLLM_VERSION=0.33.0

@@ -59,12 +59,18 @@ def _jit_build() -> None:
     load(
         name="autosteer_native_jit",
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+        extra_cflags=["-O3", cxx_standard_flag(torch.__version__), "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=cache,
         is_python_module=False,
         verbose=False,
     )
+
+
+def cxx_standard_flag(torch_version: str) -> str:
+    """torch >= 2.14 headers need C++20; older ones build with C++17 (setup.py uses the same rule)."""
+    major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
 _LOADERS = (("installed autosteer._C", _import_installed), ("JIT build of csrc/", _jit_build))
