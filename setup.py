@@ -81,6 +81,7 @@ setup(
         "console_scripts": ["autosteer=autosteer.cli:main", "autosteer-tgi-server=autosteer.integrations.tgi:main"],
         # vLLM loads every plugin of this group; without AUTOSTEER_PACK the processor does nothing
         "vllm.logits_processors": ["autosteer=autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"],
+        "vllm.general_plugins": ["autosteer_guard=autosteer.integrations.vllm:install_startup_guard"],
     },
     zip_safe=False,
 )

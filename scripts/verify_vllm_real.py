@@ -15,7 +15,15 @@ flash-style Llama on CPU, ``tests/_tgi_sim.py``) and the forward metadata (``que
 ``seq_lens``) it hands to the capture; the step loop that calls the persistent batch the way
 ``GPUModelRunner._update_states`` does (remove finished/preempted, add new/resumed, condense,
 reorder, refresh_metadata). vLLM's GPU model runner, attention backends, torch.compile and CUDA
-graphs are not run (no GPU). Exit status 0 iff everything passed.
+graphs are not run (no GPU).
+
+The startup guard (``vllm.general_plugins`` entry point ``autosteer_guard``) is checked in two
+fresh subprocesses (``--guard with-pack`` / ``--guard no-pack``) on vLLM's CPU platform
+(``VLLM_TARGET_DEVICE=cpu``): a real ``EngineArgs`` (whose ``__post_init__`` runs vLLM's own
+``load_general_plugins``) builds a real ``VllmConfig`` for a tiny local Llama config, with and
+without an ngram speculative config, under both runner settings; then the real V1
+``build_logitsprocs`` and the V1 model runner's imported copy of it. Exit status 0 iff
+everything passed.
 """
 from __future__ import annotations
 
@@ -153,8 +161,9 @@ def construction_checks(pack_path):
     spec = vconfig()
     spec.speculative_config = object()
     procs = v1lp.build_logitsprocs(spec, torch.device("cpu"), False, False, ())
-    check("known gap: with speculative decoding vLLM does not construct entry-point processors at all",
-          not any(isinstance(p, CLS) for p in procs.all), "AutoSteer is then silently absent (documented)")
+    check("vLLM's behaviour the startup guard exists for: with speculative decoding (and the guard not loaded) "
+          "build_logitsprocs does not construct entry-point processors",
+          not any(isinstance(p, CLS) for p in procs.all), "see the [guard] checks below")
 
 
 class Engine:
@@ -328,6 +337,105 @@ def stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
         check(f"[{tag}] the preemptions happened", eng.preempted == len(preempt))
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def guard_main(mode: str) -> int:
+    """One fresh process: vLLM's own plugin loading, then real EngineArgs / VllmConfig / build_logitsprocs."""
+    from importlib.metadata import entry_points
+
+    from transformers import LlamaConfig
+    from vllm import plugins as vplugins
+    from vllm.engine.arg_utils import EngineArgs
+
+    with_pack = mode == "with-pack"
+    tag = f"[guard, {'AUTOSTEER_PACK set' if with_pack else 'AUTOSTEER_PACK unset'}]"
+    eps = [e for e in entry_points(group=vplugins.DEFAULT_PLUGINS_GROUP)
+           if e.value == "autosteer.integrations.vllm:install_startup_guard"]
+    check(f"{tag} entry point {vplugins.DEFAULT_PLUGINS_GROUP!r} -> install_startup_guard installed", len(eps) == 1)
+    model_dir = tempfile.mkdtemp(prefix="autosteer-vllm-cfg-")
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128).save_pretrained(model_dir)
+    orig_create = EngineArgs.create_engine_config
+    check(f"{tag} nothing patched before vLLM loads its plugins", not getattr(orig_create, "_autosteer_guard", False))
+
+    def args(spec):
+        # EngineArgs.__post_init__ calls vllm.plugins.load_general_plugins() (once per process)
+        return EngineArgs(model=model_dir, skip_tokenizer_init=True, speculative_config=spec, max_model_len=128,
+                          enforce_eager=True)
+
+    def outcome(spec, v2):
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if v2 else "0"
+        try:
+            cfg = args(spec).create_engine_config()
+            return "accepted", cfg
+        except avllm.VLLMIntegrationError as exc:
+            return str(exc), None
+        finally:
+            os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+
+    args(None)
+    patched = getattr(EngineArgs.create_engine_config, "_autosteer_guard", False)
+    check(f"{tag} vLLM's load_general_plugins ran the guard; EngineArgs.create_engine_config "
+          f"{'patched' if with_pack else 'untouched'}", vplugins.plugins_loaded and patched == with_pack)
+    res, cfg = outcome(NGRAM, v2=False)
+    if with_pack:
+        check(f"{tag} real EngineArgs + ngram speculative config (V1 runner): refused at create_engine_config",
+              "speculative decoding" in res, res[:160])
+        res2, _ = outcome(None, v2=True)
+        check(f"{tag} real EngineArgs, VLLM_USE_V2_MODEL_RUNNER=1: refused (Model Runner V2)",
+              "Model Runner V2" in res2, res2[:160])
+        res3, cfg3 = outcome(None, v2=False)
+        check(f"{tag} real EngineArgs, V1 runner, no speculation: accepted",
+              res3 == "accepted" and cfg3.speculative_config is None and not cfg3.use_v2_model_runner, res3[:160])
+        # a real VllmConfig with speculation built without the front-end check: the worker-side check
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        spec_cfg = orig_create(args(NGRAM))  # vLLM's own create_engine_config, captured before the patch
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+        check(f"{tag} a real VllmConfig with speculation exists ({type(spec_cfg.speculative_config).__name__})",
+              bool(spec_cfg.speculative_config))
+        from vllm.v1.worker import gpu_model_runner  # imported after the plugin: takes the patched name
+        for label, build in (("vllm.v1.sample.logits_processor.build_logitsprocs", v1lp.build_logitsprocs),
+                             ("gpu_model_runner.build_logitsprocs (the V1 runner's copy)",
+                              gpu_model_runner.build_logitsprocs)):
+            try:
+                build(spec_cfg, torch.device("cpu"), False, False, ())
+                check(f"{tag} real {label} with speculation: refused", False, "accepted")
+            except avllm.VLLMIntegrationError as exc:
+                check(f"{tag} real {label} with speculation: refused", "silently absent" in str(exc), str(exc)[:120])
+        procs = v1lp.build_logitsprocs(outcome(None, v2=False)[1], torch.device("cpu"), False, False, ())
+        check(f"{tag} real build_logitsprocs without speculation: AutoSteer constructed and enabled",
+              any(isinstance(p, CLS) and p.enabled for p in procs.all))
+        os.environ.pop(avllm.ENV_PACK)
+        procs = v1lp.build_logitsprocs(spec_cfg, torch.device("cpu"), False, False, ())
+        check(f"{tag} pack unset later in the process: the installed guard is inert (vLLM's own behaviour)",
+              not any(isinstance(p, CLS) for p in procs.all))
+    else:
+        check(f"{tag} real EngineArgs + ngram speculative config: accepted (no pack: AutoSteer not requested)",
+              res == "accepted" and bool(cfg.speculative_config), res[:160])
+        check(f"{tag} build_logitsprocs untouched", not getattr(v1lp.build_logitsprocs, "_autosteer_guard", False))
+    failed = [n for n, ok in RESULTS if not ok]
+    print(f"{tag} {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
+    return 1 if failed else 0
+
+
+def guard_checks(pack_path):
+    import subprocess
+
+    for mode in ("with-pack", "no-pack"):
+        env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+        env.pop(avllm.ENV_PACK, None)
+        env.pop("VLLM_PLUGINS", None)
+        if mode == "with-pack":
+            env[avllm.ENV_PACK] = pack_path
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--guard", mode], env=env,
+                           capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("[PASS]", "[FAIL]"))]
+        print("\n".join(lines), flush=True)
+        check(f"startup guard subprocess ({mode}) passed all its checks", r.returncode == 0 and lines,
+              "" if r.returncode == 0 else r.stderr[-3000:])
+
+
 def main():
     interface_checks()
     tok = make_tokenizer()
@@ -343,10 +451,13 @@ def main():
     stream_check(hf, rows, pack, pack_path, "prefill", 4, {"req-0": (2, 2), "req-1": (3, 1)})
     stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)})
     stream_check(hf, rows, pack, pack_path, "prefill", 64, None)
+    guard_checks(pack_path)
     failed = [n for n, ok in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--guard":
+        sys.exit(guard_main(sys.argv[2]))
     sys.exit(main())

@@ -425,3 +425,91 @@ def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     with pytest.raises(avllm.VLLMIntegrationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
+
+
+def _fake_vllm_modules(monkeypatch, *, runner_imported: bool):
+    """The two vLLM 0.33.0 modules the startup guard patches, as stand-ins with vLLM's behaviour:
+    ``build_logitsprocs`` skips entry-point processors when speculative decoding is on (returns only
+    the built-in min-tokens processor), and the V1 model runner imports that function by name."""
+    import sys
+    import types
+
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs=()):
+        if vllm_config.speculative_config:
+            return ["MinTokensLogitsProcessor"]  # entry-point plugins silently skipped
+        return ["MinTokensLogitsProcessor", "AutoSteerVLLMLogitsProcessor"]
+
+    class EngineArgs:
+        def __init__(self, speculative_config=None, v2=False):
+            self.speculative_config, self.v2 = speculative_config, v2
+
+        def create_engine_config(self, usage_context=None, headless=False):
+            return SimpleNamespace(speculative_config=self.speculative_config, use_v2_model_runner=self.v2)
+
+    lp = types.ModuleType("vllm.v1.sample.logits_processor")
+    lp.build_logitsprocs = build_logitsprocs
+    au = types.ModuleType("vllm.engine.arg_utils")
+    au.EngineArgs = EngineArgs
+    monkeypatch.setitem(sys.modules, "vllm.v1.sample.logits_processor", lp)
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", au)
+    runner = None
+    if runner_imported:
+        runner = types.ModuleType(avllm._VLLM.RUNNER_MODULE)
+        runner.build_logitsprocs = build_logitsprocs  # `from ... import build_logitsprocs`
+        monkeypatch.setitem(sys.modules, avllm._VLLM.RUNNER_MODULE, runner)
+    else:
+        monkeypatch.delitem(sys.modules, avllm._VLLM.RUNNER_MODULE, raising=False)
+    return lp, au, runner, build_logitsprocs
+
+
+@pytest.mark.parametrize("runner_imported", [False, True])
+def test_startup_guard_refuses_speculative_decoding_and_v2_with_a_pack(monkeypatch, runner_imported):
+    lp, au, runner, orig = _fake_vllm_modules(monkeypatch, runner_imported=runner_imported)
+    spec = SimpleNamespace(method="ngram", num_speculative_tokens=2)
+    # no pack: the plugin does nothing at all (nothing patched, vLLM's own behaviour)
+    monkeypatch.delenv(avllm.ENV_PACK, raising=False)
+    assert avllm.install_startup_guard() is False
+    assert lp.build_logitsprocs is orig and not getattr(au.EngineArgs.create_engine_config, "_autosteer_guard", False)
+    assert au.EngineArgs(spec).create_engine_config().speculative_config is spec
+    # with a pack: speculative decoding and Model Runner V2 refuse to start, at both patch points
+    monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
+    assert avllm.install_startup_guard() is True
+    assert avllm.install_startup_guard() is True  # vLLM may load plugins more than once: idempotent
+    assert lp.build_logitsprocs.__wrapped__ is orig  # wrapped once
+    with pytest.raises(avllm.VLLMIntegrationError, match="speculative decoding"):
+        au.EngineArgs(spec).create_engine_config()
+    with pytest.raises(avllm.VLLMIntegrationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        au.EngineArgs(None, v2=True).create_engine_config()
+    cfg = au.EngineArgs(None).create_engine_config()  # V1, no speculation: accepted
+    assert cfg.speculative_config is None
+    builders = [lp.build_logitsprocs] + ([runner.build_logitsprocs] if runner is not None else [])
+    for build in builders:
+        with pytest.raises(avllm.VLLMIntegrationError, match="silently absent"):
+            build(SimpleNamespace(speculative_config=spec), "cpu", False, False)
+        assert "AutoSteerVLLMLogitsProcessor" in build(SimpleNamespace(speculative_config=None), "cpu", False, False)
+    # the V1 runner imported after the plugin ran takes the patched function by name
+    assert lp.build_logitsprocs._autosteer_guard
+    # pack unset later in the same process: the installed guard is inert again
+    monkeypatch.delenv(avllm.ENV_PACK)
+    assert au.EngineArgs(spec).create_engine_config().speculative_config is spec
+    assert builders[-1](SimpleNamespace(speculative_config=spec), "cpu", False, False) == ["MinTokensLogitsProcessor"]
+
+
+def test_startup_guard_fails_closed_when_vllm_lacks_the_patch_point(monkeypatch):
+    lp, au, _runner, _orig = _fake_vllm_modules(monkeypatch, runner_imported=False)
+    del lp.build_logitsprocs
+    monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
+    with pytest.raises(avllm.VLLMIntegrationError, match="build_logitsprocs not found"):
+        avllm.install_startup_guard()
+
+
+def test_setup_registers_the_startup_guard_entry_point():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    eps = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               for kw in node.keywords if kw.arg == "entry_points")
+    eps = ast.literal_eval(eps)
+    assert eps["vllm.general_plugins"] == ["autosteer_guard=autosteer.integrations.vllm:install_startup_guard"]
+    assert callable(avllm.install_startup_guard)

@@ -51,8 +51,10 @@ Limits of this version: the V1 model runner only (``VLLM_USE_V2_MODEL_RUNNER=0``
 reads the attention metadata inside a Python hook, so run vLLM with ``enforce_eager=True``
 (``--enforce-eager``) -- whether the hooks survive vLLM's ``torch.compile`` + CUDA-graph
 capture is untested; no speculative decoding (with it, vLLM 0.33.0 does not construct
-entry-point processors at all, so AutoSteer is silently absent; with ``--logits-processors`` it
-refuses to start); no tensor/pipeline parallelism (sharded ``lm_head``); one pack per engine.
+entry-point processors at all; :func:`install_startup_guard`, the package's
+``vllm.general_plugins`` entry point, makes vLLM refuse to start instead when ``AUTOSTEER_PACK``
+is set -- also under Model Runner V2); no tensor/pipeline parallelism (sharded ``lm_head``); one
+pack per engine.
 """
 from __future__ import annotations
 
@@ -288,6 +290,96 @@ def _patch_model_runner(max_reqs: int) -> None:
 
     load_model._autosteer = True
     cls.load_model = load_model
+
+
+# ---------------------------------------------------------------------------------------------
+# startup guard (the ``vllm.general_plugins`` entry point): refuse configurations where vLLM would
+# serve without AutoSteer although a pack is set
+
+
+def _engine_refusal(vllm_config, *, check_runner: bool) -> str | None:
+    """Why an engine with ``vllm_config`` would serve WITHOUT AutoSteer although a pack is set (None: it would not)."""
+    if getattr(vllm_config, "speculative_config", None):
+        return ("speculative decoding is configured: vLLM 0.33 does not construct entry-point logits processors "
+                "when it is on (the V1 model runner's build_logitsprocs skips them), so AutoSteer would be silently "
+                "absent. Remove the speculative config (--speculative-config / speculative_config=...)")
+    if check_runner and getattr(vllm_config, "use_v2_model_runner", False):
+        return ("this engine would use Model Runner V2 (vLLM 0.33's default on CUDA), which the AutoSteer processor "
+                "does not support. Set VLLM_USE_V2_MODEL_RUNNER=0 (and --enforce-eager)")
+    return None
+
+
+def _refuse_if_unguarded(vllm_config, *, check_runner: bool, where: str) -> None:
+    if not os.environ.get(ENV_PACK):  # read at call time: the guard is inert once the pack is unset
+        return
+    why = _engine_refusal(vllm_config, check_runner=check_runner)
+    if why:
+        raise VLLMIntegrationError(f"AutoSteer ({ENV_PACK}={os.environ[ENV_PACK]}) refuses to start ({where}): {why}; "
+                                   f"or unset {ENV_PACK} to serve without AutoSteer")
+
+
+def _wrap(owner, name: str, check) -> None:
+    """Replace ``owner.name`` (a function) by one that runs ``check`` around it; idempotent."""
+    orig = getattr(owner, name, None)
+    if orig is None or not callable(orig):
+        raise VLLMIntegrationError(f"{getattr(owner, '__name__', owner)}.{name} not found: the AutoSteer startup guard "
+                                   "cannot be installed on this vLLM version")
+    if getattr(orig, "_autosteer_guard", False):
+        return
+    wrapped = check(orig)
+    wrapped._autosteer_guard = True
+    setattr(owner, name, wrapped)
+
+
+def _guard_create_engine_config(orig):
+    @functools.wraps(orig)
+    def create_engine_config(self, *args, **kwargs):
+        cfg = orig(self, *args, **kwargs)
+        _refuse_if_unguarded(cfg, check_runner=True, where="EngineArgs.create_engine_config")
+        return cfg
+
+    return create_engine_config
+
+
+def _guard_build_logitsprocs(orig):
+    @functools.wraps(orig)
+    def build_logitsprocs(vllm_config, *args, **kwargs):
+        _refuse_if_unguarded(vllm_config, check_runner=False, where="V1 build_logitsprocs")
+        return orig(vllm_config, *args, **kwargs)
+
+    return build_logitsprocs
+
+
+def install_startup_guard() -> bool:
+    """The ``vllm.general_plugins`` entry point (vLLM calls it once in every process at startup).
+
+    Does nothing at all when ``AUTOSTEER_PACK`` is unset. With a pack, it makes vLLM refuse to start
+    (fail closed) where it would otherwise serve without AutoSteer and say nothing:
+
+    - ``EngineArgs.create_engine_config`` (the front-end process, ``vllm serve`` and ``LLM(...)``)
+      raises when the resulting config has speculative decoding or selects Model Runner V2;
+    - V1 ``build_logitsprocs`` (the worker, also configs built without ``EngineArgs``) raises when
+      speculative decoding is on: that is where vLLM 0.33 skips entry-point processors. The V1
+      model runner imports the name, so its module's copy is patched too when already imported.
+
+    Returns whether the guard is installed. Raises :class:`VLLMIntegrationError` when a pack is set
+    but vLLM lacks the patch points (fail closed).
+    """
+    if not os.environ.get(ENV_PACK):
+        return False
+    import importlib
+    import sys
+
+    arg_utils = importlib.import_module("vllm.engine.arg_utils")
+    _wrap(arg_utils.EngineArgs, "create_engine_config", _guard_create_engine_config)
+    lp = importlib.import_module("vllm.v1.sample.logits_processor")
+    _wrap(lp, "build_logitsprocs", _guard_build_logitsprocs)
+    runner = sys.modules.get(_VLLM.RUNNER_MODULE)  # imported before the plugins ran: patch its copy too
+    if runner is not None and hasattr(runner, "build_logitsprocs"):
+        _wrap(runner, "build_logitsprocs", _guard_build_logitsprocs)
+    log.info("autosteer: startup guard installed (%s set): speculative decoding and Model Runner V2 are refused",
+             ENV_PACK)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
