@@ -190,7 +190,8 @@ def is_multimodal(model) -> bool:
     return bool(family and family.multimodal)
 
 
-def _resolve(obj, path: str):
+def resolve_attr(obj, path: str):
+    """``obj.a.b.c`` for ``path="a.b.c"``, or ``None`` where a part is missing."""
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -202,7 +203,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks whose inputs are the residual stream ``h_l`` (transformers' hidden_states[l])."""
     family = family_of(model)
     for path in ((family.layers,) if family else ()) + _FALLBACK_LAYER_PATHS:
-        obj = _resolve(model, path)
+        obj = resolve_attr(model, path)
         if isinstance(obj, torch.nn.ModuleList):
             return obj
     raise ValueError(f"autosteer does not know where the decoder layers of {type(model).__name__} are "

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import resolve_attr as _resolve
 from .common import MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input, hook_output_sum
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,6 @@ class _TGI:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             raise TGIIntegrationError("lm_head.head.linear.weight is not a float [V, H] matrix (quantized lm_head?)")
         return weight
-
-
-def _resolve(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _params(fn) -> tuple[str, ...]:

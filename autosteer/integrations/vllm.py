@@ -68,6 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import resolve_attr as _resolve
 from .common import (MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
                      SteerWeights, check_pack_matches)
 
@@ -146,14 +147,6 @@ def _weak(obj):
         return weakref.ref(obj) if obj is not None else None
     except TypeError:  # not weakly referenceable: no identity across preemption
         return None
-
-
-def _resolve(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
