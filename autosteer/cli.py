@@ -248,7 +248,7 @@ def cmd_demo(args) -> int:
         print(f"using the pack fitted earlier: {pack_path} (--refit to fit again)")
         pack = load_pack(pack_path)
     else:
-        print("fitting AutoSteer on the default model (SmolLM2-135M-Instruct); this takes about 5 minutes on 2 cores")
+        print("fitting AutoSteer on the default model (SmolLM2-135M-Instruct); this takes tens of minutes on 2 cores (the jailbreak-wrapped fit prompts are long)")
         pack = fit(model, tok, FitConfig(seed=args.seed))
         pack.save(pack_path)
         m = pack.meta
@@ -285,13 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=["paper", "default"],
                    help="named configuration: 'paper' (SAS layer, full d x d head, tau 0.5, paper prober training, direct "
                         "harmful vs benign data) or 'default'; options given explicitly override the preset")
-    p.add_argument("--layer-rule", default=None, help="'auroc' (default: best probe validation AUROC), 'sas' (paper), or a layer number")
+    p.add_argument("--layer-rule", default=None,
+                   help="'depth:F' (default depth:0.6: the layer at F of the depth, chosen on dev in the gate study), "
+                        "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number")
     p.add_argument("--head-rank", default=None, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate the threshold is calibrated to (default 0.05)")
+    p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
     p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
-                        "(0: none; default: FitConfig's)")
+                        "(0: none; default 400)")
     p.add_argument("--max-per-class", type=int, default=1000)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")

@@ -212,7 +212,8 @@ def test_fit_end_to_end_on_a_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
     benign = ["write poem about sea", "bake cookies", "what is capital of france", "explain photosynthesis",
               "recipe soup", "the sun", "cat and dog", "python process"] * 2
     pairs = list(zip(harmful[:8], benign[:8]))
-    cfg = FitConfig(probe_epochs=50, head_epochs=3, head_prompts=8, batch_size=8, progress=False, head_rank=2)
+    cfg = FitConfig(layer_rule="auroc", probe_epochs=50, head_epochs=3, head_prompts=8, batch_size=8, progress=False,
+                    head_rank=2)
     pack = fit(tiny_model, tiny_tokenizer, cfg, FitData(harmful, benign, pairs, {"counts": {}}))
     m = pack.meta
     assert len(m["sas"]) == len(m["val_auroc"]) == tiny_model.config.num_hidden_layers

@@ -56,14 +56,16 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class FitConfig:
-    layer_rule: str = "auroc"  # "auroc", "sas" or a layer number as a string/int
+    # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on the dev sets
+    # (docs/results/gate_study.md): 0.6 of the depth, layer 17 of SmolLM2's 30
+    layer_rule: str = "depth:0.6"
     probe_hidden: int = 64
     probe_epochs: int = 300
     probe_lr: float = 1e-3
     probe_weight_decay: float = 1e-2
     probe_batch_size: int | None = None  # None: full batch
     val_fraction: float = 0.25
-    target_fpr: float = 0.05
+    target_fpr: float = 0.15  # chosen on the dev sets (gate study); the benign validation split includes wrapped and sensitive prompts
     tau_rule: str = "fpr"  # "fpr": calibrated to target_fpr on benign validation prompts; "paper": tau = tau_paper
     tau_paper: float = 0.5
     eps: float = 0.1
@@ -74,7 +76,7 @@ class FitConfig:
     refusal_answer: str = REFUSAL_ANSWER
     pooling: str = "last_token"  # the only pooling the runtime serves
     fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
-    jailbreak_fit: int = 0  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
+    jailbreak_fit: int = 400  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
     max_per_class: int = 1000
     batch_size: int = 16
@@ -182,12 +184,20 @@ def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> t
         return int(torch.tensor(sas).argmax()), "sas"
     if rule == "auroc":
         return int(torch.tensor(val_auroc).nan_to_num(0).argmax()), "auroc"
+    if rule.startswith("depth:"):
+        try:
+            frac = float(rule.split(":", 1)[1])
+        except ValueError:
+            frac = -1.0
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"layer rule {rule!r}: the depth must be a fraction in [0, 1], e.g. 'depth:0.6'")
+        return int(round(frac * (len(sas) - 1))), rule
     if rule.lstrip("-").isdigit():
         layer = int(rule)
         if not 0 <= layer < len(sas):
             raise ValueError(f"layer {layer} is outside 0..{len(sas) - 1}")
         return layer, "fixed"
-    raise ValueError(f"unknown layer rule {rule!r}: use 'auroc', 'sas' or a layer number")
+    raise ValueError(f"unknown layer rule {rule!r}: use 'auroc', 'sas', 'depth:<fraction>' or a layer number")
 
 
 @dataclass
@@ -214,13 +224,15 @@ class GateFit:
 
 
 def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tuple[torch.Tensor, torch.Tensor] | None = None,
-             val_auroc: list[float] | None = None) -> GateFit:
+             val_auroc: list[float] | None = None, sweep_layers: list[int] | None = None) -> GateFit:
     """Layer choice, probe and threshold from ``X`` ``[n, L, H]`` (labels ``y``: 1 harmful).
 
     Exactly what :func:`fit` does with the states it extracts (``benchmarks/gate_study.py`` calls
     it on cached states). ``pair_states``: minimal-pair states ``([p, L, H], [p, L, H])`` for SAS
     (random pairs otherwise). ``val_auroc``: the per-layer validation AUROC if already known for
     this data and probe setting (it depends on neither the layer rule nor the threshold).
+    ``sweep_layers``: compute the validation AUROC on these layers only (NaN elsewhere; the AUROC
+    rule then picks among them). Default: every layer.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     n_h = int(y.sum())
@@ -240,7 +252,9 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
                            cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
 
     if val_auroc is None:
-        val_auroc = [auroc(train(layer).score(X[val_idx, layer]), y[val_idx]) for layer in range(X.shape[1])]
+        todo = set(range(X.shape[1]) if sweep_layers is None else sweep_layers)
+        val_auroc = [auroc(train(layer).score(X[val_idx, layer]), y[val_idx]) if layer in todo else float("nan")
+                     for layer in range(X.shape[1])]
     layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
     probe = train(layer)
     val_scores = probe.score(X[val_idx, layer])
