@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate responses for a prompt file, with AutoSteer")
     _model_args(p)
     p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
-    p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line, or .txt one prompt per line")
+    p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line (and, for multimodal models, an optional "
+                        "'image' path relative to the file), or .txt one prompt per line")
     p.add_argument("--output", required=True, help=".jsonl: the input fields plus response, p_unsafe, steered, refused")
     p.add_argument("--unsteered", action="store_true", help="never steer (the probe still scores)")
     p.add_argument("--always-steer", action="store_true", help="steer every row")
