@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, text_tokenizer, to_model
+from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, text_tokenizer
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -55,7 +55,7 @@ def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = 
     out: list[Generation | None] = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), handle.model)
+        inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)  # handle.generate moves them to the model
         width = inputs["input_ids"].shape[1]
         res = handle.generate(**inputs, max_new_tokens=max_new_tokens,
                               pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)

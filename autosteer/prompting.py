@@ -176,9 +176,8 @@ def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
 
 def _cut_user_text(tokenizer, content: str, fmt: PromptFormat, rendered_len: int) -> str:
     """``content`` cut in the middle so that its rendered prompt fits ``fmt.max_prompt_tokens``."""
-    ids_len = rendered_len
     user_ids = tokenizer(content, add_special_tokens=False)["input_ids"]
-    overhead = ids_len - len(user_ids)
+    overhead = rendered_len - len(user_ids)
     keep = fmt.max_prompt_tokens - overhead
     if keep < 8:
         raise ValueError(f"max_prompt_tokens={fmt.max_prompt_tokens} leaves no room for the user text")
