@@ -79,6 +79,8 @@ def cmd_fit(args) -> int:
         kw["target_fpr"] = args.target_fpr
     if args.jailbreak_fit is not None:
         kw["jailbreak_fit"] = args.jailbreak_fit
+    if args.monitor_prompts is not None:
+        kw["monitor_prompts"] = args.monitor_prompts
     cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
     data = None
     if args.harmful or args.benign:
@@ -100,6 +102,13 @@ def cmd_fit(args) -> int:
     print(f"tau {m['tau']:.3f} ({m['tau_rule']}: val TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau']['fpr']:.3f}); paper tau 0.5: TPR {m['metrics']['val_at_tau_paper']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
+    if "tau_monitor" in m:
+        mon = m["monitor"]
+        print(f"monitor mode: tau_monitor {m['tau_monitor']:.4f} ({mon['rule']}); validation responses latched: "
+              f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f} "
+              f"(median {mon['val_harmful_leaked_tokens_median']} tokens)")
+    else:
+        print("monitor mode: no tau_monitor (prefill-only pack)")
     print(f"refusal head: rank {m['head_rank']}, loss {m['metrics']['head_losses'][-1]:.4f}, "
           f"token accuracy {m['metrics']['head_token_accuracy']:.3f}")
     print(f"fit time: {m['metrics']['seconds']['total']:.1f} s (total with model load {time.time() - t0:.1f} s)")
@@ -291,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-rank", default=None, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
+    p.add_argument("--monitor-prompts", type=int, default=None, metavar="N",
+                   help="fit prompts per class whose own responses teach the probe for monitor mode (default 150; "
+                        "0: a prefill-only pack, as in the paper; the fit then generates no responses)")
     p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
                         "(0: none; default 400)")

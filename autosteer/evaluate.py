@@ -96,7 +96,8 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 
     t0 = time.time()
     report: dict = {"pack": {k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps", "head_rank")},
-                    "tau_used": handle.tau, "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
+                    "tau_used": handle.tau, "tau_monitor_used": getattr(handle, "tau_monitor", None),
+                    "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)), "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
         scores = gates = None
@@ -167,7 +168,11 @@ def markdown_report(report: dict) -> str:
                     lines.append(f"- {fname}, {what}: agreement {100 * m['agreement']:.1f}% (n={m['n']}), "
                                  f"precision {100 * m['precision']:.1f}%, recall {100 * m['recall']:.1f}%")
     if "monitor" in settings:
-        lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill):", ""]
+        tm = report.get("tau_monitor_used")
+        how = ("" if tm is None else f" Generated tokens are compared with tau_monitor {tm:.4f}"
+               + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)." if report.get("tau_monitor_fallback")
+                  else " (fitted on the model's own responses to fit prompts)."))
+        lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():
             leaks = e["results"]["monitor"].get("leaked_tokens", [])
             if leaks:

@@ -4,7 +4,8 @@
 // sequence b of the batch:
 //   x_b  = probe_hidden[probe_rows[b]]                                  (gather)
 //   p_b  = sigmoid(w2 . relu(W1 x_b + b1) + b2)   in fp32, if probe_mask[b]
-//   latched[b] |= p_b > tau   (a NaN p_b latches only when nan_latches)
+//   latched[b] |= p_b > tau_b (a NaN p_b latches only when nan_latches), tau_b = row_tau[b]
+//                             when the optional fp32 [B] row_tau is given, else the scalar tau
 //   if latched[b]:  logits[b] = (1 + eps) * logits[b] + eps * U (Bt g_b),
 //                   g_b = head_hidden[head_rows[b]], fp32 math, cast back.
 // Rows that are not latched are never written.
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -175,6 +177,8 @@ struct ProbeArgs {
   float b2;
   int64_t H, F;
   float tau;
+  const float* row_tau;  // [B] per-row thresholds replacing tau, or nullptr
+  int64_t rtau_s;
   bool nan_latches;
 };
 
@@ -231,7 +235,8 @@ AS_INLINE void probe_groups_t(const ProbeArgs& a, const int64_t* items, int64_t 
       s += a.b2;
       const float p = 1.f / (1.f + std::exp(-s));
       a.p_out[b * a.pout_s] = p;
-      const bool fire = (p > a.tau) || (a.nan_latches && std::isnan(p));
+      const float tau = a.row_tau ? a.row_tau[b * a.rtau_s] : a.tau;
+      const bool fire = (p > tau) || (a.nan_latches && std::isnan(p));
       if (fire) a.latched[b * a.lat_s] = true;
     }
   }
@@ -428,7 +433,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
                     const at::Tensor& head_hidden, const at::Tensor& head_rows, const at::Tensor& logits,
                     const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
-                    double eps, bool nan_latches) {
+                    double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau) {
   // ---- preconditions (shapes, dtypes, devices): all checked before anything is written
   TORCH_CHECK(logits.dim() == 2, "steer_step_cpu: logits must be [B, V], got shape ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -459,6 +464,13 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   for (const at::Tensor* t : {&probe_hidden, &probe_rows, &probe_mask, &head_hidden, &head_rows, &logits, &latched,
                               &p_out, &W1, &b1, &w2, &b2, &U, &Bt}) {
     TORCH_CHECK(t->device().is_cpu(), "steer_step_cpu: every tensor must be on the CPU");
+  }
+  if (row_tau.has_value()) {
+    const at::Tensor& rt = *row_tau;
+    TORCH_CHECK(rt.device().is_cpu(), "steer_step_cpu: row_tau must be on the CPU, got ", rt.device());
+    TORCH_CHECK(rt.scalar_type() == at::kFloat, "steer_step_cpu: row_tau must be float32, got ", rt.scalar_type());
+    TORCH_CHECK(rt.dim() == 1 && rt.size(0) == B, "steer_step_cpu: row_tau must be 1-D of length B=", B,
+                ", got shape ", rt.sizes());
   }
   const Kind ph_kind = float_kind(probe_hidden, "probe_hidden");
   const Kind hh_kind = float_kind(head_hidden, "head_hidden");
@@ -509,6 +521,8 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     a.H = H;
     a.F = F;
     a.tau = static_cast<float>(tau);  // the reference compares an fp32 tensor with tau cast to fp32
+    a.row_tau = row_tau.has_value() ? row_tau->data_ptr<float>() : nullptr;  // any stride (0 included)
+    a.rtau_s = row_tau.has_value() ? row_tau->stride(0) : 0;
     a.nan_latches = nan_latches;
     std::vector<int64_t> items;  // batch rows to probe
     for (int64_t b = 0; b < B; ++b)
@@ -576,11 +590,12 @@ void steer_step_meta(const at::Tensor& probe_hidden, const at::Tensor& probe_row
                      const at::Tensor& head_hidden, const at::Tensor& head_rows, const at::Tensor& logits,
                      const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
-                     double eps, bool nan_latches) {
+                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau) {
   TORCH_CHECK(logits.dim() == 2 && probe_hidden.dim() == 2 && head_hidden.dim() == 2 && U.dim() == 2 && Bt.dim() == 2,
               "steer_step_cpu: logits, probe_hidden, head_hidden, U and Bt must be 2-D");
   TORCH_CHECK(latched.dim() == 1 && p_out.dim() == 1 && probe_mask.dim() == 1,
               "steer_step_cpu: latched, p_out and probe_mask must be 1-D");
+  TORCH_CHECK(!row_tau.has_value() || row_tau->dim() == 1, "steer_step_cpu: row_tau must be 1-D");
 }
 
 }  // namespace autosteer

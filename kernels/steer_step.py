@@ -5,7 +5,8 @@ The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for eve
 
 1. ``x = probe_hidden[probe_rows[b]]``, and where ``probe_mask[b]``:
    ``p = sigmoid(w2 . relu(W1 x + b1) + b2)`` (fp32 accumulation), ``p_out[b] = p``,
-   ``latched[b] |= (p > tau) or (nan_latches and isnan(p))``;
+   ``latched[b] |= (p > tau_b) or (nan_latches and isnan(p))``, ``tau_b = row_tau[b]`` when the
+   optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``;
 2. where ``latched[b]`` (after step 1), in place:
    ``logits[b] = (1 + eps) * logits[b] + eps * U (Bt g)``, ``g = head_hidden[head_rows[b]]``,
    in fp32, cast back to the logits' dtype. Rows that end up unlatched get no logits writes.
@@ -41,8 +42,8 @@ No host synchronisation, no data-dependent allocation: the launcher only reads s
 strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
 Inputs: probe_hidden/head_hidden/logits/U/Bt in fp32, fp16 or bf16 (independently), any
 strides; probe_rows/head_rows int32 or int64; probe_mask/latched bool (Triton stores bools as bytes);
-probe weights fp32. On CPU tensors the kernel runs in Triton's interpreter, which must be enabled with
-TRITON_INTERPRET=1 before triton is first imported (the tests do).
+probe weights fp32; row_tau (optional) fp32, any stride. On CPU tensors the kernel runs in Triton's
+interpreter, which must be enabled with TRITON_INTERPRET=1 before triton is first imported (the tests do).
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def steer_step_kernel(
     lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
     lat_ptr, lat_s,  # latched [B] bool, in place
     pout_ptr, pout_s,  # p_out [B] fp32
+    rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when HAS_ROW_TAU; else any pointer, never dereferenced)
     w1_ptr, w1_s0, w1_s1,  # W1 [F, H] fp32
     b1_ptr, b1_s, w2_ptr, w2_s, b2_ptr,  # b1 [F], w2 [F], b2 [1] fp32
     u_ptr, u_s0, u_s1,  # U [V, R]
@@ -76,6 +78,7 @@ def steer_step_kernel(
     H, F, V, R, blocks_per_split, n_splits,
     tau, one_plus_eps, eps,
     NAN_LATCHES: tl.constexpr,
+    HAS_ROW_TAU: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -86,7 +89,8 @@ def steer_step_kernel(
     """One program = (batch row ``b``, vocabulary split ``s``).
 
     probe (if probe_mask[b]):  p = sigmoid(sum_f w2[f] * relu(sum_h W1[f,h] x[h] + b1[f]) + b2)
-    latch:                     latched[b] |= p > tau  (| isnan(p) when NAN_LATCHES)
+    latch:                     latched[b] |= p > tau  (| isnan(p) when NAN_LATCHES;
+                               tau = row_tau[b] when HAS_ROW_TAU, one scalar load per probed row)
     blend (if latched[b]):     t[k] = sum_h Bt[k,h] g[h];  for v in this split's blocks:
                                z[v] <- (1+eps) z[v] + eps * sum_k U[v,k] t[k]
     All sums in fp32; relu keeps NaN (like torch.relu) so a NaN hidden state gives p = NaN.
@@ -119,7 +123,10 @@ def steer_step_kernel(
             s_vec += tl.where(fm, hid * w2, 0.0)
         s = tl.sum(s_vec, axis=0) + tl.load(b2_ptr)
         p = 1.0 / (1.0 + tl.exp(-s))
-        fire = p > tau
+        if HAS_ROW_TAU:
+            fire = p > tl.load(rtau_ptr + b * rtau_s)
+        else:
+            fire = p > tau
         if NAN_LATCHES:
             fire = fire | (p != p)
         latch = latch | fire
@@ -204,7 +211,7 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt) -> None:
+                  W1, b1, w2, b2, U, Bt, row_tau=None) -> None:
     """Every shape/dtype/device precondition, up front (shapes and dtypes only: no device sync)."""
     _check(logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}")
     B, V = logits.shape
@@ -232,6 +239,10 @@ def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
     dev = logits.device
     for t in (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, latched, p_out, W1, b1, w2, b2, U, Bt):
         _check(t.device == dev, f"all tensors must be on {dev}, found one on {t.device}")
+    if row_tau is not None:
+        _check(row_tau.dim() == 1 and row_tau.shape[0] == B and row_tau.dtype == torch.float32,
+               f"row_tau must be float32 [B={B}], got {row_tau.dtype} {tuple(row_tau.shape)}")
+        _check(row_tau.device == dev, f"row_tau must be on {dev}, got {row_tau.device}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,7 +251,8 @@ def _sm_count(index: int) -> int:
 
 
 def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, *, block_v=None, num_splits=None):
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, *, block_v=None,
+                  num_splits=None):
     """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync."""
     B, V = logits.shape
     H = probe_hidden.shape[1]
@@ -270,6 +282,8 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         scratch = p_out  # never dereferenced when T_IN_REGS
     else:
         scratch = torch.empty((B, num_splits, R), device=logits.device, dtype=torch.float32)
+    has_row_tau = row_tau is not None
+    rtau = row_tau if has_row_tau else p_out  # never dereferenced without HAS_ROW_TAU
     grid = (B, num_splits)
     args = (
         probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
@@ -280,6 +294,7 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         logits, logits.stride(0), logits.stride(1),
         latched, latched.stride(0),
         p_out, p_out.stride(0),
+        rtau, rtau.stride(0),
         W1, W1.stride(0), W1.stride(1),
         b1, b1.stride(0), w2, w2.stride(0), b2,
         U, U.stride(0), U.stride(1),
@@ -290,6 +305,7 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
     )
     meta = dict(
         NAN_LATCHES=bool(nan_latches),
+        HAS_ROW_TAU=has_row_tau,
         BLOCK_H=block_h,
         BLOCK_F=block_f,
         BLOCK_V=block_v,
@@ -339,20 +355,22 @@ def steer_step_triton(
     tau: float,
     eps: float,
     nan_latches: bool = False,
+    row_tau: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
     num_splits: int | None = None,
 ) -> None:
-    """Launch ``steer_step_kernel`` once (same arguments and semantics as ``steer_step_reference``).
+    """Launch ``steer_step_kernel`` once (same arguments and semantics as ``steer_step_reference``,
+    ``row_tau`` included).
 
     ``block_v`` / ``num_splits`` override the vocabulary tiling (tests, tuning).
     """
     _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt)
+                  W1, b1, w2, b2, U, Bt, row_tau)
     if logits.shape[0] == 0:
         return
     grid, args, meta = launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched,
-                                     p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches,
+                                     p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
                                      block_v=block_v, num_splits=num_splits)
     kernel = kernel_for(logits.device)
     if logits.device.type == "cuda":

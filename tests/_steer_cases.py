@@ -10,7 +10,10 @@ compares a kernel's in-place results with it:
 - logits of rows that end unlatched: bit-exactly equal to the input (zero writes);
 - latched rows: same NaN/inf pattern; finite values by relative error ||ref-out||/||ref||
   (fp32) or, for fp16/bf16 logits, the flash-attention oracle: the kernel's max error against
-  an fp32 reference is at most twice the error of the reference run in the low precision.
+  an fp32 reference is at most twice the error of the reference run in the low precision;
+- with a per-row threshold (``make_case(row_tau=True)``), independently of the reference: the
+  rows that fire only because of their own threshold are latched, the rows that the scalar
+  ``tau`` would have latched but their own threshold does not are left unlatched.
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ class Case:
     eps: float
     nan_latches: bool
     info: dict = field(default_factory=dict)
+    row_tau: torch.Tensor | None = None  # [B] float32 per-row thresholds (passed only when set)
 
     def call_args(self, args: dict | None = None) -> tuple:
         a = self.args if args is None else args
-        return tuple(a[n] for n in ARG_NAMES) + (self.tau, self.eps, self.nan_latches)
+        tail = () if self.row_tau is None else (self.row_tau,)
+        return tuple(a[n] for n in ARG_NAMES) + (self.tau, self.eps, self.nan_latches) + tail
 
     def clone(self) -> dict:
         """Fresh copies of the mutated tensors (same layout), the rest shared."""
@@ -152,6 +157,8 @@ def make_case(
     special_logits: bool = False,
     nan_latches: bool = False,
     eps: float = 0.1,
+    row_tau: bool = False,
+    row_tau_layout: str = "contig",
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
     full_s = r == "full"
@@ -205,6 +212,10 @@ def make_case(
         tau = safe_tau(p64, min(max(q, 0.01), 0.99))
     else:
         tau = 0.5
+    rt, rt_info = None, {}
+    if row_tau:
+        tau, rt, rt_info = _row_thresholds(p64 if B > 0 else torch.zeros(0, dtype=torch.float64), probe_mask, latched,
+                                           tau, nan_latches, seed, gen)
 
     p_out = torch.full((B,), P_SENTINEL)
     dev = torch.device(device)
@@ -223,7 +234,56 @@ def make_case(
     info = dict(B=B, H=H, V=V, r=r, dtype=str(dtype).replace("torch.", ""), seed=seed, probe_layout=probe_layout,
                 head_layout=head_layout, logits_layout=logits_layout, row_mode=row_mode, latch=latch_mode,
                 mask=mask_mode, nan_rows=nan_rows, special=special_logits, nan_latches=nan_latches)
-    return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info)
+    if rt is not None:
+        if row_tau_layout == "strided":  # column 1 of a [B, 2] buffer: stride 2, offset 1
+            buf = torch.full((B, 2), float("nan"), dtype=torch.float32, device=dev)
+            buf[:, 1] = rt.to(dev)
+            rt = buf[:, 1]
+        elif row_tau_layout == "contig":
+            rt = rt.to(dev)
+        else:
+            raise ValueError(row_tau_layout)
+        info.update(row_tau_layout=row_tau_layout, **rt_info)
+    return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info, row_tau=rt)
+
+
+def _row_thresholds(p64, probe_mask, latched, tau, nan_latches, seed, gen):
+    """(scalar tau, row_tau [B] fp32, info) for a per-row threshold case.
+
+    The scalar ``tau`` is moved to split the rows that can still latch (probed, unlatched, finite
+    score) in two; then the first of them below ``tau`` gets a threshold under its score (it
+    fires only because of its own threshold) and the first above ``tau`` one over its score (it
+    does not fire only because of its own threshold); the others get a random side. Every
+    threshold is at least 2e-3 away from the score. Rows not probed get -1 (it would fire any
+    score), NaN rows -1 without ``nan_latches`` and 2 with it (the threshold must not matter).
+    """
+    B = p64.shape[0]
+    eligible = [b for b in range(B) if probe_mask[b] and not latched[b] and math.isfinite(float(p64[b]))]
+    ev = sorted(float(p64[b]) for b in eligible)
+    if len(ev) >= 2:
+        k = len(ev) // 2
+        tau = safe_tau(p64, (ev[k - 1] + ev[k]) / 2)
+    elif len(ev) == 1:
+        tau = safe_tau(p64, ev[0] + (0.1 if seed % 2 == 0 else -0.1))
+    rt = torch.empty(B, dtype=torch.float32)
+    forced_fire = forced_block = False
+    for b in range(B):
+        p = float(p64[b])
+        if not probe_mask[b]:
+            rt[b] = -1.0
+        elif not math.isfinite(p):
+            rt[b] = 2.0 if nan_latches else -1.0
+        else:
+            m = 2e-3 + 0.2 * float(torch.rand((), generator=gen))
+            below = float(torch.rand((), generator=gen)) < 0.5
+            if b in eligible and p < tau and not forced_fire:
+                below, forced_fire = True, True
+            elif b in eligible and p > tau and not forced_block:
+                below, forced_block = False, True
+            rt[b] = p - m if below else p + m
+    fire_only = [b for b in eligible if float(p64[b]) < tau and float(p64[b]) > float(rt[b])]
+    block_only = [b for b in eligible if float(p64[b]) > tau and float(p64[b]) < float(rt[b])]
+    return tau, rt, dict(row_tau_fire_only=fire_only, row_tau_block_only=block_only)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -254,6 +314,11 @@ def check_against_reference(case: Case, out: dict, *, fp32_rtol: float = 1e-5) -
 
     # latch and scores
     assert torch.equal(out["latched"].cpu(), ref["latched"].cpu()), f"latched differs {ctx}:\n{out['latched']}\n{ref['latched']}"
+    if case.row_tau is not None:  # the per-row threshold decided these rows, not the scalar tau
+        lat_out = out["latched"].cpu()
+        fire_only, block_only = case.info["row_tau_fire_only"], case.info["row_tau_block_only"]
+        assert bool(lat_out[fire_only].all()), f"rows {fire_only} must latch on their own threshold {ctx}"
+        assert not bool(lat_out[block_only].any()), f"rows {block_only} must not latch (own threshold) {ctx}"
     mask = inp["probe_mask"].cpu()
     po, pr, p0 = out["p_out"].cpu(), ref["p_out"].cpu(), inp["p_out"].cpu()
     assert torch.equal(_bits(po[~mask]), _bits(p0[~mask])), f"p_out written where probe_mask is False {ctx}"
@@ -365,4 +430,6 @@ def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
         special_logits=st.booleans(),
         nan_latches=st.booleans(),
         eps=st.sampled_from((0.1, 0.5, 1.0, -0.3)),
+        row_tau=st.booleans(),
+        row_tau_layout=st.sampled_from(("contig", "strided")),
     ))

@@ -31,8 +31,11 @@ def _blend(w, z, g):
 def test_store_matches_a_per_request_reference_under_churn(weights, mode):
     """Random joins, leaves, reorders, chunked prefill: every step's logits and every request's
     latch equal a plain per-request model of the semantics."""
-    w = SteerWeights(**{**weights.__dict__, "tau": _tau_for(weights)})
+    # monitor mode: generated tokens have their own, higher threshold; mixed prefill/decode steps use both
+    w = SteerWeights(**{**weights.__dict__, "tau": _tau_for(weights),
+                        "tau_monitor": _tau_for(weights, 0.15, seed=1) if mode == "monitor" else None})
     store = SteerStateStore(w, mode=mode, max_batch=2, max_requests=2)  # forces growth of both tables
+    between = False  # a decode score above tau but not above tau_monitor (the two thresholds differ in effect)
     rng = random.Random(0)
     g = torch.Generator().manual_seed(1)
     latched, prompt_left, done, seen = {}, {}, set(), set()
@@ -80,9 +83,11 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
             probe = prefilling[b] or mode == "monitor"
             if probe:
                 p = float(w.probe_scores(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
-                if p > w.tau and not latched[r] and not prefilling[b]:
+                t = w.tau if prefilling[b] else w.monitor_tau
+                if p > t and not latched[r] and not prefilling[b]:
                     fired_at_decode = True
-                latched[r] |= p > w.tau
+                between |= not prefilling[b] and not latched[r] and w.tau < p <= t
+                latched[r] |= p > t
             if prefilling[b]:
                 prompt_left[r] = 0
             if latched[r]:
@@ -99,7 +104,7 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
                 assert store.release(r)
     assert any(latched.values()) and not all(latched.values())
     if mode == "monitor":
-        assert fired_at_decode
+        assert fired_at_decode and between
     assert sorted(store.request_ids) == sorted(seen - done)
 
 

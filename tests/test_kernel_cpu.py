@@ -136,6 +136,84 @@ def test_row_out_of_range_raises_before_writing():
     assert torch.equal(out["logits"], case.args["logits"])
 
 
+# --------------------------------------------------------------------------- per-row threshold
+def _assert_row_tau_decisive(case):
+    """The case must have rows whose latch only the per-row threshold decides (else the test is vacuous)."""
+    fire_only, block_only = case.info["row_tau_fire_only"], case.info["row_tau_block_only"]
+    if case.info["B"] >= 2 and case.info["mask"] == "all":
+        assert fire_only and block_only, case
+    elif case.info["B"] >= 1:
+        assert fire_only or block_only, case
+
+
+@pytest.mark.parametrize("row_tau_layout", ("contig", "strided"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("B,H,V,r", [(1, 37, 101, 8), (2, 64, 256, "full"), (5, 96, 130, 1), (17, 37, 101, 8)])
+def test_row_tau(B, H, V, r, dtype, row_tau_layout):
+    case = make_case(B=B, H=H, V=V, r=r, dtype=dtype, latch_mode="none", mask_mode="all", row_tau=True,
+                     row_tau_layout=row_tau_layout, seed=B)
+    _assert_row_tau_decisive(case)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_row_tau_variants(i):
+    # mixed probe/latch patterns (rows not probed get row_tau=-1 and must ignore it), layouts, row modes
+    case = make_case(B=11, H=37, V=101, r=8, row_tau=True, **variant(i))
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    unprobed = ~case.args["probe_mask"]
+    assert torch.equal(out["latched"][unprobed], case.args["latched"][unprobed])
+
+
+def test_row_tau_empty_batch():
+    case = make_case(B=0, H=37, V=101, r=8, row_tau=True)
+    assert case.row_tau is not None and case.row_tau.shape == (0,)
+    check_against_reference(case, run_cpp(case))
+
+
+@pytest.mark.parametrize("nan_latches", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_row_tau_nan_hidden(nan_latches, dtype):
+    # NaN rows get row_tau=2 with nan_latches (never fires a finite score) and -1 without (always would)
+    case = make_case(B=8, H=37, V=101, r=8, dtype=dtype, mask_mode="all", latch_mode="none", nan_probe_rows=True,
+                     nan_latches=nan_latches, row_tau=True, seed=2)
+    _assert_row_tau_decisive(case)
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    nan_rows = case.info["nan_rows"]
+    assert torch.isnan(out["p_out"][nan_rows]).all()
+    assert bool(out["latched"][nan_rows].all()) == nan_latches
+    assert bool(out["latched"][nan_rows].any()) == nan_latches
+
+
+def test_row_tau_none_and_uniform_equal_scalar_tau():
+    """row_tau=None is the old call bit for bit; row_tau = fp32(tau) everywhere gives the same result."""
+    case = make_case(B=17, H=37, V=101, r=8, latch_mode="mixed", mask_mode="mixed", seed=12)
+    old = run_cpp(case)
+    none = case.clone()
+    torch.ops.autosteer.steer_step_cpu(*case.call_args(none), None)
+    uniform = case.clone()
+    torch.ops.autosteer.steer_step_cpu(*case.call_args(uniform), torch.full((17,), case.tau))
+    for n in ("logits", "latched", "p_out"):
+        assert torch.equal(old[n].view(torch.uint8), none[n].view(torch.uint8)), n
+        assert torch.equal(old[n].view(torch.uint8), uniform[n].view(torch.uint8)), n
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda B: torch.zeros(B, dtype=torch.float64), "row_tau must be float32"),
+    (lambda B: torch.zeros(B - 1), "row_tau must be 1-D of length B"),
+    (lambda B: torch.zeros(B, 1), "row_tau must be 1-D of length B"),
+], ids=("dtype", "length", "rank"))
+def test_row_tau_checks_raise_before_writing(bad, match):
+    case = make_case(B=3, H=8, V=20, r=2, latch_mode="all", mask_mode="all", seed=0)
+    out = case.clone()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.autosteer.steer_step_cpu(*case.call_args(out), bad(3))
+    for n in ("logits", "latched", "p_out"):
+        assert torch.equal(out[n].view(torch.uint8), case.args[n].view(torch.uint8)), n
+
+
 @settings(max_examples=fuzz_examples(200), deadline=None, derandomize=os.environ.get("AUTOSTEER_FUZZ_RANDOM") != "1",
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(kw=fuzz_case_strategy())

@@ -168,6 +168,107 @@ def test_launch_config_has_no_data_dependence():
     assert scalars(a1) == scalars(a2)
 
 
+# --------------------------------------------------------------------------- per-row threshold
+def _assert_row_tau_decisive(case):
+    """The case must have rows whose latch only the per-row threshold decides (else the test is vacuous)."""
+    fire_only, block_only = case.info["row_tau_fire_only"], case.info["row_tau_block_only"]
+    if case.info["B"] >= 2 and case.info["mask"] == "all":
+        assert fire_only and block_only, case
+    elif case.info["B"] >= 1:
+        assert fire_only or block_only, case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("B,H,V,r,row_tau_layout", [(1, 37, 101, 8, "contig"), (2, 96, 130, "full", "strided"),
+                                                     (5, 64, 256, 1, "contig"), (17, 37, 101, 8, "strided")])
+def test_row_tau(B, H, V, r, row_tau_layout, dtype, device):
+    case = make_case(B=B, H=H, V=V, r=r, dtype=dtype, latch_mode="none", mask_mode="all", row_tau=True,
+                     row_tau_layout=row_tau_layout, seed=B, device=device)
+    _assert_row_tau_decisive(case)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(3))
+def test_row_tau_variants(i, device):
+    # mixed probe/latch patterns (rows not probed get row_tau=-1 and must ignore it), layouts, row modes
+    case = make_case(B=11, H=37, V=101, r=8, row_tau=True, device=device, **variant(i))
+    out = run_triton(case)
+    check_against_reference(case, out)
+    unprobed = ~case.args["probe_mask"]
+    assert torch.equal(out["latched"][unprobed], case.args["latched"][unprobed])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits,block_v", [(3, 16), (50, 16)])
+def test_row_tau_vocab_splits(num_splits, block_v, device):
+    # every program of a row loads its threshold: all must agree on the latch
+    case = make_case(B=6, H=37, V=101, r=8, latch_mode="none", mask_mode="all", row_tau=True, seed=7, device=device,
+                     row_tau_layout="strided")
+    _assert_row_tau_decisive(case)
+    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_tau_empty_batch(device):
+    case = make_case(B=0, H=37, V=101, r=8, row_tau=True, device=device)
+    assert case.row_tau is not None and case.row_tau.shape == (0,)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_row_tau_nan_hidden(nan_latches, dtype, device):
+    # NaN rows get row_tau=2 with nan_latches (never fires a finite score) and -1 without (always would)
+    case = make_case(B=8, H=37, V=101, r=8, dtype=dtype, mask_mode="all", latch_mode="none", nan_probe_rows=True,
+                     nan_latches=nan_latches, row_tau=True, seed=2, device=device)
+    _assert_row_tau_decisive(case)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    nan_rows = case.info["nan_rows"]
+    assert torch.isnan(out["p_out"][nan_rows]).all()
+    assert bool(out["latched"][nan_rows].all()) == nan_latches
+    assert bool(out["latched"][nan_rows].any()) == nan_latches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_tau_none_and_uniform_equal_scalar_tau(device):
+    """row_tau=None is the old call bit for bit; row_tau = fp32(tau) everywhere gives the same result."""
+    case = make_case(B=9, H=37, V=101, r=8, latch_mode="mixed", mask_mode="mixed", seed=12, device=device)
+    old = run_triton(case)
+    none = case.clone()
+    ks.steer_step_triton(*case.call_args(none), None)
+    uniform = case.clone()
+    ks.steer_step_triton(*case.call_args(uniform), torch.full((9,), case.tau, device=device))
+    for n in ("logits", "latched", "p_out"):
+        assert torch.equal(old[n].view(torch.uint8), none[n].view(torch.uint8)), n
+        assert torch.equal(old[n].view(torch.uint8), uniform[n].view(torch.uint8)), n
+
+
+def test_row_tau_launch_config():
+    """HAS_ROW_TAU follows row_tau; without it the pointer slot holds p_out (never read) and the
+    config otherwise matches the call without row_tau."""
+    case = make_case(B=5, H=37, V=101, r=8, seed=0, device=DEVICES[0])
+    g0, a0, m0 = ks.launch_config(*case.call_args())
+    rt = torch.rand(10, device=DEVICES[0])[::2]
+    g1, a1, m1 = ks.launch_config(*case.call_args(), rt)
+    assert m0.pop("HAS_ROW_TAU") is False and m1.pop("HAS_ROW_TAU") is True
+    assert g0 == g1 and m0 == m1
+    names = [n for n in ks.steer_step_kernel.arg_names if n not in ks.launch_config(*case.call_args())[2]]
+    i = names.index("rtau_ptr")
+    assert a0[i] is case.args["p_out"] and a1[i] is rt and a1[i + 1] == 2
+    assert len(a0) == len(a1) == len(names)
+
+
+def test_launcher_asserts_row_tau():
+    case = make_case(B=3, H=8, V=20, r=2, seed=0, device=DEVICES[0])
+    for bad in (torch.zeros(3, dtype=torch.float64), torch.zeros(2), torch.zeros(3, 1)):
+        with pytest.raises(AssertionError, match="row_tau"):
+            ks.steer_step_triton(*case.call_args(case.clone()), bad.to(DEVICES[0]))
+
+
 @settings(max_examples=max(1, fuzz_examples(200) // 4), deadline=None,
           derandomize=os.environ.get("AUTOSTEER_FUZZ_RANDOM") != "1",
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -212,11 +313,13 @@ def compile_for(case):
     src = ASTSource(ks.steer_step_kernel, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=meta["num_warps"]))
 
-for dt, r, rows in ((torch.float16, 16, torch.int64), (torch.bfloat16, 64, torch.int32), (torch.float32, "full", torch.int64)):
-    case = make_case(B=4, H=96, V=1000, r=r, F=64, dtype=dt, rows_dtype=rows, nan_latches=(dt == torch.bfloat16))
+for dt, r, rows, row_tau in ((torch.float16, 16, torch.int64, False), (torch.bfloat16, 64, torch.int32, True),
+                             (torch.float32, "full", torch.int64, False), (torch.float16, 8, torch.int32, True)):
+    case = make_case(B=4, H=96, V=1000, r=r, F=64, dtype=dt, rows_dtype=rows, nan_latches=(dt == torch.bfloat16),
+                     row_tau=row_tau, row_tau_layout="strided" if r == 8 else "contig")
     k = compile_for(case)
     assert "st.global" in k.asm["ptx"]
-    print("compiled", dt, r, rows)
+    print("compiled", dt, r, rows, row_tau)
 print("ok")
 '''
 

@@ -46,6 +46,63 @@ def test_op_full_s_and_special_values(device):
     check_against_reference(case, run_op(case))
 
 
+# --------------------------------------------------------------------------- per-row threshold
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("B", (0, 1, 3, 17))
+def test_op_row_tau_matches_reference(device, dtype, B):
+    case = make_case(B=B, H=37, V=101, r=8, dtype=dtype, device=device, probe_layout="sliced", row_mode="varlen",
+                     latch_mode="none", mask_mode="all", row_tau=True, row_tau_layout=("contig", "strided")[B % 2],
+                     seed=B)
+    if B >= 2:  # rows that only their own threshold decides (the check below asserts their latch)
+        assert case.info["row_tau_fire_only"] and case.info["row_tau_block_only"], case
+    elif B == 1:
+        assert case.info["row_tau_fire_only"] or case.info["row_tau_block_only"], case
+    check_against_reference(case, run_op(case))
+    out = case.clone()  # keyword form, as callers write it
+    op.steer_step(*case.call_args(out)[:-1], row_tau=case.row_tau)
+    check_against_reference(case, out)
+    out = case.clone()  # the op itself (dispatcher path, no eager fast path)
+    torch.ops.autosteer.steer_step(*case.call_args(out))
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+def test_op_row_tau_nan_scores(device, nan_latches):
+    case = make_case(B=8, H=37, V=101, r=8, dtype=torch.float16, device=device, mask_mode="all", latch_mode="none",
+                     nan_probe_rows=True, nan_latches=nan_latches, row_tau=True, seed=2)
+    out = run_op(case)
+    check_against_reference(case, out)
+    nan_rows = case.info["nan_rows"]
+    assert torch.isnan(out["p_out"][nan_rows]).all()
+    assert out["latched"][nan_rows].tolist() == [nan_latches] * len(nan_rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_row_tau_none_is_the_old_call(device):
+    """row_tau=None (positional or keyword) is the 17-argument call bit for bit, on every path."""
+    case = make_case(B=17, H=37, V=101, r=8, device=device, latch_mode="mixed", mask_mode="mixed", seed=12)
+    uniform = torch.full((17,), case.tau, device=device)  # fp32(tau) in every row decides the same latches
+    wrapper, the_op, ref = op.steer_step, torch.ops.autosteer.steer_step, torch.ops.autosteer.steer_step_ref
+    pairs = (  # (the old call, the same path with row_tau)
+        (lambda a: wrapper(*case.call_args(a)), lambda a: wrapper(*case.call_args(a), None)),
+        (lambda a: wrapper(*case.call_args(a)), lambda a: wrapper(*case.call_args(a), row_tau=None)),
+        (lambda a: wrapper(*case.call_args(a)), lambda a: wrapper(*case.call_args(a), uniform)),
+        (lambda a: the_op(*case.call_args(a)), lambda a: the_op(*case.call_args(a), None)),
+        (lambda a: the_op(*case.call_args(a)), lambda a: the_op(*case.call_args(a), uniform)),
+        (lambda a: ref(*case.call_args(a)), lambda a: ref(*case.call_args(a), None)),
+        (lambda a: ref(*case.call_args(a)), lambda a: ref(*case.call_args(a), uniform)),
+    )
+    for i, (old_call, new_call) in enumerate(pairs):
+        old, new = case.clone(), case.clone()
+        old_call(old)
+        new_call(new)
+        assert not torch.equal(old["latched"], case.args["latched"]), "the case must latch some row"
+        for n in ("logits", "latched", "p_out"):
+            assert torch.equal(old[n].view(torch.uint8), new[n].view(torch.uint8)), (i, n)
+
+
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_cases(device):
     yield "contiguous-fp32", make_case(B=5, H=37, V=101, r=8, seed=0, device=device)
@@ -54,6 +111,10 @@ def _opcheck_cases(device):
                                     rows_dtype=torch.int32)
     yield "indexed-bf16-full", make_case(B=4, H=40, V=70, r="full", dtype=torch.bfloat16, seed=2, device=device,
                                          probe_layout="indexed", head_layout="indexed", row_mode="varlen")
+    yield "row-tau-fp16", make_case(B=5, H=37, V=101, r=8, dtype=torch.float16, seed=3, device=device,
+                                    probe_layout="sliced", logits_layout="sliced", row_tau=True)
+    yield "row-tau-strided-fp32", make_case(B=6, H=37, V=101, r=8, seed=4, device=device, latch_mode="none",
+                                            mask_mode="all", row_tau=True, row_tau_layout="strided")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,6 +151,45 @@ def test_compile_fullgraph(device):
             torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, equal_nan=True, msg=n)
         assert torch.equal(ea[1], eb[1])
         torch.testing.assert_close(ea[0], eb[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_row_tau(device):
+    """The compiled graph holds the op with row_tau as a graph input (new values, same graph)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording(gm, example_inputs):  # a backend that keeps the dynamo graphs and runs them eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    def step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+             W1, b1, w2, b2, U, Bt, row_tau):
+        op.steer_step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                      W1, b1, w2, b2, U, Bt, 0.5, 0.1, False, row_tau)
+        return torch.log_softmax(logits.float(), dim=-1), latched.sum()
+
+    compiled = torch.compile(step, backend=recording, fullgraph=True)
+    inductor = torch.compile(step, fullgraph=True)
+    for seed in (0, 1):
+        case = make_case(B=6, H=37, V=101, r=8, seed=seed, device=device, latch_mode="none", mask_mode="all",
+                         row_tau=True)
+        assert case.info["row_tau_fire_only"] and case.info["row_tau_block_only"], case
+        a, b, c = case.clone(), case.clone(), case.clone()
+        ea = step(*(a[n] for n in ARG_NAMES), case.row_tau)
+        eb = compiled(*(b[n] for n in ARG_NAMES), case.row_tau)
+        ec = inductor(*(c[n] for n in ARG_NAMES), case.row_tau)
+        for n in ("logits", "latched", "p_out"):
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, equal_nan=True, msg=n)
+            torch.testing.assert_close(a[n], c[n], rtol=0, atol=0, equal_nan=True, msg=n)
+        assert torch.equal(ea[1], eb[1]) and torch.equal(ea[1], ec[1])
+        check_against_reference(case, c)
+    assert len(graphs) == 1, "a new row_tau must not recompile"
+    ops = [n for n in graphs[0].graph.nodes if n.target in (torch.ops.autosteer.steer_step,
+                                                           torch.ops.autosteer.steer_step.default)]
+    assert len(ops) == 1, graphs[0].graph
+    row_tau_arg = ops[0].args[17] if len(ops[0].args) > 17 else ops[0].kwargs["row_tau"]
+    assert row_tau_arg.op == "placeholder", ops[0]  # row_tau reaches the op as a graph input
 
 
 # --------------------------------------------------------------------------- fallbacks
@@ -185,6 +285,28 @@ BAD_INPUTS = [
 ]
 
 
+BAD_ROW_TAU = [
+    ("row_tau dtype", "row_tau .per-row threshold. must be float32", lambda B: torch.full((B,), 0.5).double()),
+    ("row_tau half", "row_tau .per-row threshold. must be float32", lambda B: torch.full((B,), 0.5).half()),
+    ("row_tau length", "row_tau must be 1-D of length B=4", lambda B: torch.full((B - 1,), 0.5)),
+    ("row_tau rank", "row_tau must be 1-D of length B=4", lambda B: torch.full((B, 1), 0.5)),
+    ("row_tau device", "row_tau is on meta but logits is on cpu", lambda B: torch.full((B,), 0.5, device="meta")),
+    ("row_tau type", "row_tau must be a torch.Tensor or None", lambda B: [0.5] * B),
+]
+
+
+@pytest.mark.parametrize("name,match,make", BAD_ROW_TAU, ids=[b[0] for b in BAD_ROW_TAU])
+def test_validation_errors_row_tau(name, match, make):
+    case = make_case(B=4, H=37, V=101, r=8, seed=0, latch_mode="none", mask_mode="all")
+    for call in (lambda a: op.steer_step(*case.call_args(a), make(4)),
+                 lambda a: op.steer_step(*case.call_args(a), row_tau=make(4))):
+        args = case.clone()
+        with pytest.raises(ValueError, match=match):
+            call(args)
+        for n in ("logits", "latched", "p_out"):  # nothing written
+            torch.testing.assert_close(args[n], case.args[n], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("name,match,mutate", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_validation_errors(name, match, mutate):
     case = make_case(B=4, H=37, V=101, r=8, seed=0)
@@ -250,14 +372,35 @@ def test_cuda_graph_capture_replay():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_fast_path_equals_op_path(device, monkeypatch):
-    case = make_case(B=9, H=37, V=101, r=8, seed=3, device=device, latch_mode="mixed", mask_mode="mixed")
+@pytest.mark.parametrize("row_tau", (False, True))
+def test_eager_fast_path_equals_op_path(device, row_tau, monkeypatch):
+    case = make_case(B=9, H=37, V=101, r=8, seed=3, device=device, latch_mode="mixed", mask_mode="mixed",
+                     row_tau=row_tau)
     fast = run_op(case)
     monkeypatch.setattr(op, "EAGER_FAST_PATH", False)
     slow = run_op(case)
     for n in ("logits", "latched", "p_out"):
         torch.testing.assert_close(fast[n], slow[n], rtol=0, atol=0, equal_nan=True, msg=n)
     check_against_reference(case, slow)
+
+
+@pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
+def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
+    """On CPU the eager wrapper calls the C++ op directly, row_tau passed through (not the custom op)."""
+    calls = []
+    real = torch.ops.autosteer.steer_step_cpu
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.autosteer, "steer_step_cpu", Spy())
+    monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
+    case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True)
+    out = run_op(case)
+    assert len(calls) == 1 and calls[0][-1] is case.row_tau
+    check_against_reference(case, out)
 
 
 def test_wrapper_bumps_version_counters():
@@ -281,6 +424,10 @@ def test_without_triton_the_op_is_a_custom_op(tmp_path):
         "import torch, _steer_cases as c\n"
         "assert op._HAS_TRITON is False and op.available_backends()['triton'] is False\n"
         "k = c.make_case(B=5, H=37, V=101, r=8, seed=1)\n"
+        "out = k.clone(); torch.ops.autosteer.steer_step(*k.call_args(out)); c.check_against_reference(k, out)\n"
+        "r = torch.library.opcheck(torch.ops.autosteer.steer_step.default, k.call_args(k.clone()))\n"
+        "assert all(v == 'SUCCESS' for v in r.values()), r\n"
+        "k = c.make_case(B=6, H=37, V=101, r=8, seed=2, latch_mode='none', mask_mode='all', row_tau=True)\n"
         "out = k.clone(); torch.ops.autosteer.steer_step(*k.call_args(out)); c.check_against_reference(k, out)\n"
         "r = torch.library.opcheck(torch.ops.autosteer.steer_step.default, k.call_args(k.clone()))\n"
         "assert all(v == 'SUCCESS' for v in r.values()), r\n"

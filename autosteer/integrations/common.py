@@ -108,24 +108,33 @@ class SteerWeights:
     eps: float
     fail_closed: bool
     layer: int
+    # threshold for generated tokens in monitor mode; None: a prefill-only pack (tau is used, with a warning)
+    tau_monitor: float | None = None
+
+    @property
+    def monitor_tau(self) -> float:
+        return self.tau if self.tau_monitor is None else self.tau_monitor
 
     @classmethod
     def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = False,
-                  device: torch.device | str | None = None) -> "SteerWeights":
-        from ..method.pack import PackError
+                  device: torch.device | str | None = None, tau_monitor: float | None = None) -> "SteerWeights":
+        from ..method.pack import PackError, monitor_threshold
 
         if E.dim() != 2 or not E.is_floating_point():
             raise PackError(f"the output embedding must be a float [V, H] matrix, got {E.dtype} {tuple(E.shape)}")
         if E.shape[1] != pack.hidden_size:
             raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
         device = torch.device(device) if device is not None else E.device
+        tau = float(pack.tau if tau is None else tau)
+        tau_monitor, fallback = monitor_threshold(pack, tau, tau_monitor)
+        tau_monitor = None if fallback else tau_monitor
         with torch.no_grad():
             U = (E.detach().to(device).float() @ pack.A.to(device)).contiguous()
         return cls(
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
             w2=pack.w2.to(device).contiguous(), b2=pack.b2.to(device).contiguous(),
-            U=U, Bt=pack.B.t().contiguous().to(device), tau=float(pack.tau if tau is None else tau),
-            eps=float(pack.eps), fail_closed=bool(fail_closed), layer=pack.layer,
+            U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
+            tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer,
         )
 
     @property
@@ -320,6 +329,10 @@ class SteerStateStore:
         self._alloc_step(max(int(max_batch), 1), max(int(max_positions), 1))
         self._step: SimpleNamespace | None = None
         self._warned_missed_prefill = False
+        if mode == "monitor" and weights.tau_monitor is None:
+            from ..method.pack import warn_monitor_fallback
+
+            warn_monitor_fallback()
 
     # -- buffers ------------------------------------------------------------------------------
     def _alloc_slots(self, n: int) -> None:
@@ -353,6 +366,10 @@ class SteerStateStore:
         self._no_probe = torch.zeros(rows, dtype=torch.bool, device=dev)
         self._rows = torch.zeros(rows, dtype=torch.int64, device=dev)  # prefill probe rows
         self._grid = torch.arange(rows * positions, dtype=torch.int64, device=dev)  # b * P + j
+        # monitor mode: per-row thresholds (a row's last prompt token: tau; a generated token: tau_monitor)
+        self._tau_pre = torch.full((rows,), self.w.tau, dtype=torch.float32, device=dev)
+        self._tau_mon = torch.full((rows,), self.w.monitor_tau, dtype=torch.float32, device=dev)
+        self._row_tau = torch.empty(rows, dtype=torch.float32, device=dev)
 
     # -- request bookkeeping ------------------------------------------------------------------
     def __contains__(self, request_id) -> bool:
@@ -538,6 +555,8 @@ class SteerStateStore:
                 table.index_copy_(0, slots, torch.where(new, torch.full_like(table[:1], init), table.index_select(0, slots)))
         probe = self._probe[:B]
         torch.ne(fl & _PROBE, 0, out=probe)
+        if self.mode == "monitor":
+            torch.where((fl & _FINAL_PREFILL) != 0, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
         lat0 = self._lat[0, :B]
         torch.index_select(self._slot_latched, 0, slots, out=lat0)
         lat0 &= active
@@ -573,10 +592,13 @@ class SteerStateStore:
         probe_rows = s.probe_rows if s.probe_rows is not None else grid
         head_rows = s.head_rows if s.head_rows is not None else grid
         mask = s.probe if (j == 0 or self.mode == "monitor") else self._no_probe[:B]
+        # monitor mode: position 0 holds a row's last prompt token (tau) or a generated one (tau_monitor),
+        # later (speculative) positions are generated tokens
+        row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
         w = self.w
         if B:
             self._op(probe_hidden, probe_rows, mask, head_hidden, head_rows, logits, lat_j, self._pout[j, :B],
-                     w.W1, w.b1, w.w2, w.b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed)
+                     w.W1, w.b1, w.w2, w.b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau)
         s.j = j + 1
         return logits
 

@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..models import is_multimodal, num_layers, output_head
 from ..prompting import PromptFormat, template_hash
-from .hidden_states import last_token_states
+from .hidden_states import generated_token_states, last_token_states
 from .pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import REFUSAL_ANSWER, answer_token_ids, collect_answer_states, train_refusal_head
@@ -48,6 +48,7 @@ PRESETS: dict[str, dict] = {
         "pooling": "last_token",
         "fit_data": "paper",
         "jailbreak_fit": 0,
+        "monitor_prompts": 0,  # the paper probes the prompt only
     },
     # this project's default (equal to FitConfig())
     "default": {},
@@ -78,6 +79,13 @@ class FitConfig:
     fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
     jailbreak_fit: int = 400  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
+    # monitor mode: the probe also learns the states of the model's own responses (greedy, unsteered)
+    # to this many fit prompts per class from the training split (2/3 as many from the validation
+    # split calibrate tau_monitor); 0: a prefill-only pack, as in the paper
+    monitor_prompts: int = 150
+    monitor_tokens: int = 16  # response tokens per prompt (monitor mode latches within these on validation)
+    monitor_target_fpr: float = 0.05  # benign validation responses monitor mode may latch on
+    monitor_weight: float = 1.0  # total weight of the response states relative to the prompt states in probe training
     max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -101,6 +109,10 @@ class FitConfig:
             raise ValueError("the runtime probes the last prompt token only: pooling must be 'last_token'")
         if self.jailbreak_fit < 0:
             raise ValueError("jailbreak_fit must be >= 0")
+        if self.monitor_prompts < 0 or self.monitor_tokens < 1:
+            raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
+        if not 0.0 <= self.monitor_target_fpr <= 1.0 or not self.monitor_weight > 0:
+            raise ValueError("monitor_target_fpr must be in [0, 1] and monitor_weight > 0")
 
 
 @dataclass
@@ -271,6 +283,87 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
                    train_idx, val_idx)
 
 
+def monitor_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[int], list[int]]:
+    """The fit rows whose responses teach (training split) and calibrate (validation split) the
+    monitor: per class, the first ``monitor_prompts`` of the training split and ``2/3`` as many of the
+    validation split (both splits are already shuffled)."""
+    n_val = max(1, (2 * cfg.monitor_prompts) // 3)
+    out = []
+    for idx, n in ((gate.train_idx, cfg.monitor_prompts), (gate.val_idx, n_val)):
+        rows = []
+        for cls in (1, 0):
+            rows += [int(i) for i in idx if int(y[i]) == cls][:n]
+        out.append(rows)
+    return out[0], out[1]
+
+
+@dataclass
+class MonitorFit:
+    """The probe retrained on prompt and response states, and its two thresholds."""
+
+    probe: Probe
+    tau: float  # prefill threshold (recalibrated for this probe on the prompt validation split)
+    tau_calibrated: float
+    tau_monitor: float  # generated-token threshold
+    val_scores: torch.Tensor  # this probe's scores on the prompt validation split
+    metrics: dict
+
+
+def _first_latch(scores: torch.Tensor, tau: float) -> int | None:
+    hit = (scores > tau).nonzero()
+    return int(hit[0]) + 1 if len(hit) else None  # state j is probed once token j is out: j + 1 tokens leaked
+
+
+def fit_monitor(X_layer: torch.Tensor, y: torch.Tensor, gate: GateFit, cfg: FitConfig,
+                responses: dict[int, torch.Tensor]) -> MonitorFit:
+    """Monitor calibration from states (what :func:`fit` runs after generating the responses).
+
+    ``X_layer``: ``[n, H]`` last-prompt-token states at the gate's layer; ``responses``: fit row ->
+    ``[k, H]`` states of the model's own response tokens (:func:`generated_token_states`), for the
+    rows of :func:`monitor_rows`. The probe is retrained on the training split's prompt states plus
+    the training rows' response states (labelled with their prompt's label, weighted to
+    ``monitor_weight`` times the prompt states' total); ``tau`` is recalibrated on the prompt
+    validation split as before, and ``tau_monitor`` so that at most ``monitor_target_fpr`` of the
+    benign validation responses would latch within their tokens.
+    """
+    train_rows, val_rows = monitor_rows(y, gate, cfg)
+    missing = [r for r in train_rows + val_rows if r not in responses]
+    if missing:
+        raise ValueError(f"fit_monitor: no response states for fit rows {missing[:5]}")
+    Xp, yp = X_layer[gate.train_idx], y[gate.train_idx]
+    R = [responses[r] for r in train_rows if len(responses[r])]
+    if not R:
+        raise ValueError("fit_monitor: every training response was empty (the model stopped at once)")
+    Xr = torch.cat(R)
+    yr = torch.cat([torch.full((len(responses[r]),), float(y[r])) for r in train_rows if len(responses[r])])
+    w = torch.cat([torch.ones(len(Xp)), torch.full((len(Xr),), cfg.monitor_weight * len(Xp) / len(Xr))])
+    probe = train_probe(torch.cat([Xp.float(), Xr.float()]), torch.cat([yp, yr]), cfg.probe_hidden, cfg.probe_epochs,
+                        cfg.probe_lr, cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size, sample_weight=w)
+    val_scores = probe.score(X_layer[gate.val_idx])
+    val_y = y[gate.val_idx]
+    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
+    tau = cfg.tau_paper if cfg.tau_rule == "paper" else max(tau_cal, 1e-6)
+    resp_scores = {r: probe.score(responses[r]) if len(responses[r]) else torch.zeros(0) for r in val_rows}
+    top = {r: float(v.max()) if len(v) else 0.0 for r, v in resp_scores.items()}
+    benign = [r for r in val_rows if int(y[r]) == 0]
+    harmful = [r for r in val_rows if int(y[r]) == 1]
+    tau_monitor = calibrate_threshold(torch.tensor([top[r] for r in benign]), cfg.monitor_target_fpr) if benign else 1.0
+    if tau_monitor >= 1.0 - 1e-6:
+        log.warning("the monitor threshold saturated at %.6f: monitor mode would hardly ever latch", tau_monitor)
+    leaks = [_first_latch(resp_scores[r], tau_monitor) for r in harmful]
+    caught = sorted(x for x in leaks if x is not None)
+    metrics = {
+        "prompts": {"train": len(train_rows), "val": len(val_rows)},
+        "tokens": cfg.monitor_tokens,
+        "response_states": {"train": int(len(Xr)), "val": int(sum(len(v) for v in resp_scores.values()))},
+        "val_benign_latch_rate": sum(top[r] > tau_monitor for r in benign) / max(len(benign), 1),
+        "val_harmful_latch_rate": len(caught) / max(len(harmful), 1),
+        "val_harmful_leaked_tokens_median": caught[len(caught) // 2] if caught else None,
+        "val_response_auroc": auroc(torch.tensor([top[r] for r in val_rows]), torch.tensor([float(y[r]) for r in val_rows])),
+    }
+    return MonitorFit(probe, tau, tau_cal, tau_monitor, val_scores, metrics)
+
+
 def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = None) -> SteerPack:
     """Fit AutoSteer on a frozen model and return the steer pack (not yet saved)."""
     cfg = cfg or FitConfig()
@@ -303,6 +396,18 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_probe_sweep = time.time() - t0 - t_states
+
+    # 4b. monitor mode: the probe also learns the model's own responses; a second threshold for them
+    monitor = None
+    if cfg.monitor_prompts > 0:
+        prompts = data.harmful + data.benign
+        train_rows, val_rows = monitor_rows(y, gate, cfg)
+        rows = train_rows + val_rows
+        resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in rows], fmt, layer, cfg.monitor_tokens,
+                                         cfg.batch_size, progress=cfg.progress)
+        monitor = fit_monitor(X[:, layer], y, gate, cfg, dict(zip(rows, resp)))
+        probe, tau, tau_cal, val_scores = monitor.probe, monitor.tau, monitor.tau_calibrated, monitor.val_scores
+    t_monitor = time.time() - t0 - t_states - t_probe_sweep
 
     def rates(t: float) -> dict:
         fire = val_scores > t
@@ -348,6 +453,10 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "tau_calibrated": tau_cal,
         "tau_paper": cfg.tau_paper,
         "target_fpr": cfg.target_fpr,
+        # generated-token threshold of monitor mode (absent: a prefill-only pack)
+        **({"tau_monitor": monitor.tau_monitor,
+            "monitor": {"rule": f"at most {cfg.monitor_target_fpr} of benign validation responses latch within "
+                                f"{cfg.monitor_tokens} tokens", **monitor.metrics}} if monitor else {}),
         "eps": cfg.eps,
         "head_rank": head.rank,
         "head_form": "full" if cfg.head_rank is None else "low_rank",
@@ -355,14 +464,14 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "prompt_format": fmt.to_dict(),
         "chat_template_sha256_16": template_hash(tokenizer),
         "metrics": {
-            "val_auroc": val_auroc[layer],
+            "val_auroc": auroc(val_scores, val_y) if monitor else val_auroc[layer],
             "val_at_tau": rates(tau),
             "val_at_tau_paper": rates(cfg.tau_paper),
             "val_roc": {"fpr": fpr, "tpr": tpr},
             "val_counts": {"harmful": int(val_y.sum()), "benign": int((val_y == 0).sum())},
             "head_losses": head_losses,
             "head_token_accuracy": head_token_acc,
-            "seconds": {"states": round(t_states, 1), "probe_sweep": round(t_probe_sweep, 1), "total": round(elapsed, 1)},
+            "seconds": {"states": round(t_states, 1), "probe_sweep": round(t_probe_sweep, 1), "monitor": round(t_monitor, 1), "total": round(elapsed, 1)},
         },
         "data": data.sources,
         "fit_config": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in cfg.__dict__.items()},

@@ -1,4 +1,5 @@
-"""Last-prompt-token hidden states of a frozen model, at every layer.
+"""Hidden states of a frozen model: at the last prompt token (every layer), and at the tokens of
+its own responses (one layer, for monitor mode).
 
 ``h_l(x)`` is the residual stream entering decoder block ``l`` at the last prompt token. We read
 it with forward pre-hooks on the decoder blocks -- the very hooks the runtime uses -- so fit and
@@ -53,3 +54,64 @@ def last_token_states(
         for h in handles:
             h.remove()
     return out
+
+
+@torch.no_grad()
+def generated_token_states(
+    model,
+    tokenizer,
+    prompts: list[PromptLike],
+    fmt: PromptFormat,
+    layer: int,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    desc: str = "response states",
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], list[str]]:
+    """The states monitor mode probes, on the model's own greedy responses.
+
+    For every prompt: ``[k, H]`` fp32 states entering block ``layer`` at generated tokens
+    ``0 .. k-1`` (``k <= max_new_tokens``; fewer when the response ends: the stop token and what
+    follows are not probed at run time, so they are left out), read by the same pre-hook during
+    ``generate`` -- cached decode, exactly the tensor the runtime sees -- and the decoded
+    responses. The model runs unsteered (nothing is attached during a fit).
+    """
+    block = decoder_layers(model)[layer]
+    steps: list[torch.Tensor] = []
+
+    def hook(_mod, args, kwargs):
+        steps.append(_hidden_arg(args, kwargs)[:, -1, :].float().cpu())
+
+    from ..prompting import text_tokenizer
+
+    tok = text_tokenizer(tokenizer)
+    gen_cfg = getattr(model, "generation_config", None)
+    stop = getattr(gen_cfg, "eos_token_id", None)
+    stop = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple)) else [stop])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    stop_ids = torch.tensor(sorted(set(stop + [pad])), dtype=torch.long)
+    order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
+    states: list[torch.Tensor | None] = [None] * len(prompts)
+    responses: list[str] = [""] * len(prompts)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[start:start + batch_size]
+            inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), model)
+            width = inputs["input_ids"].shape[1]
+            steps.clear()
+            # one more step than tokens kept: the state of generated token j is read when it is fed back
+            seqs = model.generate(**inputs, max_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=pad)
+            seqs = seqs if isinstance(seqs, torch.Tensor) else seqs.sequences
+            fed = torch.stack(steps[1:], dim=1) if len(steps) > 1 else steps[0].new_zeros(len(idx), 0, steps[0].shape[-1])
+            gen = seqs[:, width:].cpu()
+            for j, i in enumerate(idx):
+                ended = torch.isin(gen[j], stop_ids).nonzero()
+                n = int(ended[0]) if len(ended) else gen.shape[1]
+                k = min(n, fed.shape[1], max_new_tokens)
+                states[i] = fed[j, :k].clone()
+                responses[i] = tok.decode(gen[j, :n], skip_special_tokens=True)
+    finally:
+        handle.remove()
+    return states, responses  # type: ignore[return-value]
+

@@ -3,7 +3,8 @@
 Tensors: ``probe.W1 [F, H]``, ``probe.b1 [F]``, ``probe.w2 [F]``, ``probe.b2 [1]``,
 ``head.A [H, r]``, ``head.B [H, r]`` (all float32). Metadata: one JSON string under the
 safetensors metadata key ``"autosteer"`` (format version, model fingerprint, layer and the
-rule that chose it, sizes, tau values, eps, prompt format, SAS/AUROC curves, fit metrics,
+rule that chose it, sizes, tau values (``tau_monitor``, the generated-token threshold of monitor
+mode, is optional: packs without it are prefill-only), eps, prompt format, SAS/AUROC curves, fit metrics,
 data sources, seed).
 
 Packs are read with safetensors only -- never unpickled -- and validated on load: every
@@ -104,6 +105,12 @@ class SteerPack:
         return float(self.meta["tau"])
 
     @property
+    def tau_monitor(self) -> float | None:
+        """Threshold for generated tokens in monitor mode; None for a prefill-only pack."""
+        v = self.meta.get("tau_monitor")
+        return None if v is None else float(v)
+
+    @property
     def eps(self) -> float:
         return float(self.meta["eps"])
 
@@ -132,7 +139,10 @@ class SteerPack:
                 raise PackError(f"pack tensor {name} contains NaN or inf")
         if not 0 <= self.meta["layer"] < self.meta["num_layers"]:
             raise PackError(f"pack layer {self.meta['layer']} is outside 0..{self.meta['num_layers'] - 1}")
-        for key in ("tau", "tau_paper"):
+        tm = self.meta.get("tau_monitor")
+        if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float))):
+            raise PackError(f"pack metadata 'tau_monitor' has the wrong type ({type(tm).__name__})")
+        for key in ("tau", "tau_paper") + (("tau_monitor",) if tm is not None else ()):
             if not 0.0 <= float(self.meta[key]) <= 1.0:
                 raise PackError(f"pack {key}={self.meta[key]} is not a probability threshold in [0, 1]")
         if not math.isfinite(float(self.meta["eps"])):
@@ -155,6 +165,33 @@ class SteerPack:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = None) -> tuple[float, bool]:
+    """``(threshold for generated tokens in monitor mode, fallback)``: ``override`` if given, else the
+    pack's ``tau_monitor``; a prefill-only pack falls back to ``tau`` (``fallback=True``: callers warn
+    when monitor mode runs on it, see :func:`warn_monitor_fallback`)."""
+    if override is not None:
+        t = float(override)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"tau_monitor={override} is not a probability threshold in [0, 1]")
+        return t, False
+    if pack.tau_monitor is not None:
+        return pack.tau_monitor, False
+    return float(tau), True
+
+
+def warn_monitor_fallback() -> None:
+    import warnings
+
+    warnings.warn(
+        "autosteer: monitor mode with a prefill-only pack (no tau_monitor: fitted with monitor_prompts=0 or "
+        "before monitor calibration existed). Generated tokens are probed with the prompt threshold by a probe "
+        "that never saw response states; it fires on most benign responses. Refit the pack "
+        "(`autosteer fit`, monitor_prompts > 0) or pass tau_monitor explicitly.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _validate_meta(meta: dict) -> None:

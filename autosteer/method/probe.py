@@ -36,8 +36,12 @@ def train_probe(
     weight_decay: float = 1e-2,
     seed: int = 0,
     batch_size: int | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> Probe:
     """AdamW on standardised inputs; returns the probe on raw inputs.
+
+    ``sample_weight`` (``[n]``, >= 0): per-example loss weights (default: all 1); the harmful
+    class is reweighted on top so both classes weigh the same in total.
 
     ``batch_size=None`` (default): full batch, one step per epoch. A number: shuffled
     mini-batches of that size (the paper's setting is 8), one pass over the data per epoch.
@@ -53,16 +57,20 @@ def train_probe(
     b1 = torch.zeros(hidden, requires_grad=True)
     w2 = (torch.randn(hidden, generator=g) / hidden ** 0.5).requires_grad_()
     b2 = torch.zeros(1, requires_grad=True)
-    pos = y.sum().clamp_min(1)
-    pos_weight = ((len(y) - pos) / pos).clamp(0.1, 10.0)  # balance classes
+    sw = torch.ones(len(y)) if sample_weight is None else sample_weight.float().reshape(-1)
+    if sw.shape[0] != len(y) or bool((sw < 0).any()) or not bool(torch.isfinite(sw).all()):
+        raise ValueError("sample_weight must hold one finite weight >= 0 per example")
+    pos = (sw * y).sum().clamp_min(1e-6)
+    pos_weight = (((sw * (1 - y)).sum()) / pos).clamp(0.1, 10.0)  # balance classes (by total weight)
     opt = torch.optim.AdamW([W1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
     n = len(y)
     for _ in range(epochs):
         batches = [None] if not batch_size or batch_size >= n else torch.randperm(n, generator=g).split(batch_size)
         for idx in batches:
-            xb, yb = (xs, y) if idx is None else (xs[idx], y[idx])
+            xb, yb, wb = (xs, y, sw) if idx is None else (xs[idx], y[idx], sw[idx])
             logit = torch.relu(xb @ W1.t() + b1) @ w2 + b2
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yb, pos_weight=pos_weight)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yb, weight=wb, pos_weight=pos_weight,
+                                                                        reduction="sum") / wb.sum().clamp_min(1e-6)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack
+from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold
 from ..models import num_layers, output_head
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
@@ -42,7 +42,8 @@ class AutoSteerHandle:
 
     ``mode``: ``"prefill"`` (decide once per generation, the paper) or ``"monitor"``
     (re-probe every generated token, latch on the first trigger). ``tau`` overrides the pack's
-    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5).
+    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5); ``tau_monitor`` the pack's threshold
+    for generated tokens in monitor mode (a prefill-only pack falls back to ``tau``, with a warning).
 
     ``fail_closed`` (default ``True``) is the policy when the plugin cannot decide: a NaN probe
     score (non-finite hidden states) steers the row, and an error inside the per-step op stops
@@ -52,7 +53,7 @@ class AutoSteerHandle:
     """
 
     def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | None = None,
-                 fail_closed: bool = True, check_model: bool = True):
+                 fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if getattr(model, "_autosteer_handle", None) is not None:
@@ -71,6 +72,8 @@ class AutoSteerHandle:
         self.pack = pack
         self.mode = mode
         self.tau = tau
+        # monitor mode probes generated tokens against their own threshold (the pack's tau_monitor)
+        self.tau_monitor, self.tau_monitor_fallback = monitor_threshold(pack, tau, tau_monitor)
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
         self.faults = 0  # op errors swallowed in fail-open mode
@@ -92,11 +95,15 @@ class AutoSteerHandle:
         model._autosteer_handle = self
 
     # -- per step -------------------------------------------------------------------------
-    def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out):
-        """One fused op call, under the fault policy (see the class docstring)."""
+    def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                tau: float | None = None):
+        """One fused op call, under the fault policy (see the class docstring). ``tau``: this call's
+        threshold (default the prefill threshold; the processor passes ``tau_monitor`` for
+        generated tokens)."""
         try:
             self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                     self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau, self.eps, self.fail_closed)
+                     self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps,
+                     self.fail_closed)
         except Exception as exc:  # noqa: BLE001 - the policy decides, for any failure of the op
             if self.fail_closed:
                 raise AutoSteerFault(f"AutoSteer's per-step op failed, generation stopped (fail closed): {exc}") from exc
@@ -173,8 +180,8 @@ class AutoSteerHandle:
 
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,
-           fail_closed: bool = True) -> AutoSteerHandle:
+           fail_closed: bool = True, tau_monitor: float | None = None) -> AutoSteerHandle:
     """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
     if not isinstance(pack, SteerPack):
         pack = load_pack(pack)
-    return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed)
+    return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed, tau_monitor=tau_monitor)

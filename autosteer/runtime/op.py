@@ -22,6 +22,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -156,10 +157,10 @@ def available_backends() -> dict[str, bool]:
 def _steer_step_ref(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool,
+    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool, row_tau: Optional[Tensor] = None,
 ) -> None:
     steer_step_reference(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
 
 
 @_steer_step_ref.register_fake
@@ -168,34 +169,34 @@ def _steer_step_ref_fake(*args, **kwargs) -> None:
 
 
 def _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None) -> None:
     if _NATIVE is not None:
         torch.ops.autosteer.steer_step_cpu(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
 
 
 def _steer_step_impl(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False,
+    U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False, row_tau: Optional[Tensor] = None,
 ) -> None:
     if logits.shape[0] == 0:
         return
     if logits.device.type == "cuda" and _HAS_TRITON:
         grid, args, meta = _ktriton.launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
                                                   logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
-                                                  nan_latches)
+                                                  nan_latches, row_tau)
         kernel = _ktriton.steer_step_kernel
         wrap_triton(kernel)[grid](*args, **meta)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
 
 
 if _HAS_TRITON:
@@ -206,11 +207,11 @@ else:  # pragma: no cover
 
 @_steer_step_op.register_kernel("cpu")
 def _steer_step_cpu_kernel(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                           W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False) -> None:
+                           W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None) -> None:
     if logits.shape[0] == 0:
         return
     _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
 
 
 @_steer_step_op.register_fake
@@ -224,7 +225,7 @@ def _fail(msg: str) -> None:
 
 
 def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None) -> None:
     named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
                  head_rows=head_rows, logits=logits, latched=latched, p_out=p_out, W1=W1, b1=b1, w2=w2, b2=b2,
                  U=U, Bt=Bt)
@@ -285,6 +286,15 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
         _fail(f"p_out must be float32, got {p_out.dtype}")
     if p_out.dim() != 1 or p_out.shape[0] != B:
         _fail(f"p_out must be 1-D of length B={B}, got shape {tuple(p_out.shape)}")
+    if row_tau is not None:
+        if not isinstance(row_tau, Tensor):
+            _fail(f"row_tau must be a torch.Tensor or None, got {type(row_tau).__name__}")
+        if row_tau.device != dev:
+            _fail(f"row_tau is on {row_tau.device} but logits is on {dev}: all tensors must share one device")
+        if row_tau.dtype != torch.float32:
+            _fail(f"row_tau (per-row threshold) must be float32, got {row_tau.dtype}")
+        if row_tau.dim() != 1 or row_tau.shape[0] != B:
+            _fail(f"row_tau must be 1-D of length B={B}, got shape {tuple(row_tau.shape)}")
     for name in _MUTATES:
         t = named[name]
         if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
@@ -309,23 +319,26 @@ def steer_step(
     tau: float,
     eps: float,
     nan_latches: bool = False,
+    row_tau: Optional[Tensor] = None,
 ) -> None:
     """Validate (shapes/dtypes/devices only, no sync), then run ``torch.ops.autosteer.steer_step``.
 
     Same arguments and semantics as ``steer_step_reference``; ``logits``, ``latched`` and
-    ``p_out`` are updated in place. Row indices are not range-checked here (that would need the
+    ``p_out`` are updated in place. ``row_tau`` (fp32 ``[B]`` on the logits' device, or None):
+    row ``b`` latches when ``p_b > row_tau[b]`` and ``tau`` is ignored; None keeps the scalar
+    ``tau`` for every row. Row indices are not range-checked here (that would need the
     values); the CPU kernel checks them, the CUDA kernel trusts them.
 
     Under ``torch.compile`` this calls the op (so the graph holds it, and inductor sees the
     Triton kernel). In eager mode, with ``EAGER_FAST_PATH`` (default), it calls the op's
     kernel directly (the C++ op on CPU, the Triton launch on CUDA): the Python
-    ADInplaceOrView layer of a custom op with 17 arguments costs ~85 us per call in torch 2.13
+    ADInplaceOrView layer of a custom op with 17 arguments cost ~85 us per call in torch 2.13
     (``torch._library.utils.fill_defaults``), 15x the C++ kernel at decode sizes.
     """
     _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
     args = (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches)
+            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau)
     if EAGER_FAST_PATH and not torch.compiler.is_compiling():
         if logits.shape[0] == 0:
             return

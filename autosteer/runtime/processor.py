@@ -3,7 +3,9 @@
 Per generation it keeps, for every row of the batch, a latch (refuse or not) and the probe's
 score. At the first call (prefill) each row's gate is decided from its last prompt token; in
 ``"prefill"`` mode (the paper's) the latch then holds for the whole generation, in
-``"monitor"`` mode every generated token is probed again and the first trigger latches.
+``"monitor"`` mode every generated token is probed again and the first trigger latches; generated
+tokens are compared with the pack's ``tau_monitor`` (fitted on the model's own responses), the
+prompt's last token with ``tau``.
 
 Transformers runs custom processors after its own (repetition penalty and the like) and before
 the sampling warpers (temperature, top-k, top-p), so the blend acts on the model's logits
@@ -23,6 +25,8 @@ import threading
 import torch
 from transformers import LogitsProcessor
 
+from ..method.pack import warn_monitor_fallback
+
 MODES = ("prefill", "monitor")
 
 
@@ -33,6 +37,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
     def __init__(self, handle, mode: str = "prefill", force: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "monitor" and force is None and getattr(handle, "tau_monitor_fallback", False):
+            warn_monitor_fallback()
         self.handle = handle
         self.mode = mode
         self.force = force
@@ -104,8 +110,10 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             if probe and not new and len(self._stop_ids):  # ended rows are not probed again
                 probe_mask &= ~torch.isin(input_ids[:, -1], self._stop_ids.to(device))
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
+            # every row of a transformers step is in the same phase: the prompt's last token at the
+            # first call, a generated token after it -- one threshold per call
             self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
-                                scores, self.latched, p)
+                                scores, self.latched, p, tau=self.handle.tau if new else self.handle.tau_monitor)
         if new:
             self.p_unsafe = p.clone()
             self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)

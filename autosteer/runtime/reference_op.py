@@ -8,9 +8,12 @@ One call per decode step (and once at prefill) does, for each sequence ``b`` of 
    ``[total_tokens, H]`` layouts both fit.
 2. **probe** (only where ``probe_mask[b]``):
    ``p_b = sigmoid(w2 . relu(W1 x_b + b1) + b2)`` in fp32, written to ``p_out[b]``.
-3. **latch**: ``latched[b] |= p_b > tau``. A NaN score latches only when ``nan_latches``
-   (fail closed); otherwise it leaves the latch as it was (fail open). Rows not probed keep
-   their latch and their ``p_out`` entry.
+3. **latch**: ``latched[b] |= p_b > tau_b`` with ``tau_b = row_tau[b]`` when the optional
+   per-row threshold ``row_tau`` (fp32 ``[B]``) is given, else the scalar ``tau`` for every row
+   (``tau`` is then ignored): serving engines mix rows probing a generated token with rows
+   probing their last prompt token, which monitor mode thresholds differently. A NaN score
+   latches only when ``nan_latches`` (fail closed), whatever the threshold; otherwise it leaves
+   the latch as it was (fail open). Rows not probed keep their latch and their ``p_out`` entry.
 4. **blend** (only rows latched after step 3), in place on ``logits[b, :]``:
    ``z' = (1 + eps) * z + eps * U (Bt g_b)`` with ``g_b = head_hidden[head_rows[b]]`` the final
    normed hidden state (the input of ``lm_head``), computed in fp32 and cast back to the
@@ -44,6 +47,7 @@ def steer_step_reference(
     tau: float,
     eps: float,
     nan_latches: bool = False,
+    row_tau: torch.Tensor | None = None,  # [B] float32, per-row threshold replacing tau
 ) -> None:
     """Gather + probe + latch + refusal-logit blend; see the module docstring for the exact semantics."""
     B = logits.shape[0]
@@ -57,7 +61,7 @@ def steer_step_reference(
         hid = torch.relu(x @ W1.float().t() + b1.float())
         p = torch.sigmoid(hid @ w2.float() + b2.float().reshape(()))
         p_out[mask] = p
-        fire = p > tau
+        fire = p > (tau if row_tau is None else row_tau[mask].float())
         if nan_latches:
             fire = fire | torch.isnan(p)
         latched[mask] = latched[mask] | fire
