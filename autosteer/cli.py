@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
     p.add_argument("--monitor-prompts", type=int, default=None, metavar="N",
-                   help="fit prompts per class whose own responses teach the probe for monitor mode (default 150; "
-                        "0: a prefill-only pack, as in the paper; the fit then generates no responses)")
+                   help="fit prompts per class whose own responses teach the probe for monitor mode and calibrate "
+                        "tau_monitor (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
     p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
                         "(0: none; default 400)")

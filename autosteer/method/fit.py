@@ -1,10 +1,12 @@
 """``autosteer fit``: hidden states -> SAS and probe AUROC per layer -> layer -> probe -> Refusal Head -> pack.
 
 Data comes from :func:`autosteer.data.default_splits` (fit splits only; dev data is never
-touched here) or from the user's own labelled files. A stratified validation split of the fit
-data chooses the layer (``layer_rule="auroc"``, the default, because on SmolLM2 SAS peaks at a
-layer whose probe validates poorly -- the whole SAS curve is still recorded) and calibrates the
-threshold to a target false-positive rate on benign validation prompts.
+touched here) or from the user's own labelled files. The layer comes from ``layer_rule`` (default
+``depth:0.6``, chosen in the gate study; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
+the whole SAS and AUROC curves are recorded either way); a stratified validation split of the fit
+data calibrates the threshold to a target false-positive rate on benign validation prompts. With
+``monitor_prompts > 0`` the probe is also taught the model's own responses and a second threshold,
+``tau_monitor``, is calibrated for monitor mode (:func:`fit_monitor`).
 """
 from __future__ import annotations
 
@@ -81,11 +83,13 @@ class FitConfig:
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
     # monitor mode: the probe also learns the states of the model's own responses (greedy, unsteered)
     # to this many fit prompts per class from the training split (2/3 as many from the validation
-    # split calibrate tau_monitor); 0: a prefill-only pack, as in the paper
-    monitor_prompts: int = 150
+    # split calibrate tau_monitor). 0 (default): a prefill-only pack, as in the paper. Opt-in (e.g. 150)
+    # because on the default model teaching the one probe response states costs prefill accuracy
+    # (docs/method.md, section 7b)
+    monitor_prompts: int = 0
     monitor_tokens: int = 16  # response tokens per prompt (monitor mode latches within these on validation)
     monitor_target_fpr: float = 0.05  # benign validation responses monitor mode may latch on
-    monitor_weight: float = 1.0  # total weight of the response states relative to the prompt states in probe training
+    monitor_weight: float = 0.3  # total weight of the response states relative to the prompt states in probe training
     max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
