@@ -169,7 +169,7 @@ def markdown_report(report: dict) -> str:
                                  f"precision {100 * m['precision']:.1f}%, recall {100 * m['recall']:.1f}%")
     if "monitor" in settings:
         tm = report.get("tau_monitor_used")
-        how = ("" if tm is None else f" Generated tokens are compared with tau_monitor {tm:.4f}"
+        how = ("" if tm is None else f" Generated tokens are compared with tau_monitor {tm:.6g}"
                + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)." if report.get("tau_monitor_fallback")
                   else " (fitted on the model's own responses to fit prompts)."))
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
