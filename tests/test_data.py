@@ -11,7 +11,7 @@ from autosteer import data as D
 
 EXPECTED_COUNTS = {
     "fit_harmful": 975,
-    "fit_benign": 1030,
+    "fit_benign": 1110,
     "fit_pairs": 150,
     "dev_harmful": 313,
     "dev_benign": 200,
@@ -82,7 +82,7 @@ def test_split_contents(splits):
     assert src("fit_harmful", "advbench") == 495 and src("fit_harmful", "rho_pairs") == 150
     assert src("fit_benign", "freshqa") == 400 and src("fit_benign", "writingbench") == 80
     assert src("fit_benign", "aplomb_plain") == 30 and src("fit_benign", "rho_pairs") == 150
-    assert src("fit_harmful", "autosteer_harmful_requests") == 330 and src("fit_benign", "autosteer_sensitive_benign") == 370
+    assert src("fit_harmful", "autosteer_harmful_requests") == 330 and src("fit_benign", "autosteer_sensitive_benign") == 450
     assert all(len(p.text) <= 8000 for p in splits["fit_benign"] + splits["dev_benign_long"])
     for h, b in splits["fit_pairs"]:
         assert isinstance(h, str) and isinstance(b, str)
@@ -263,7 +263,7 @@ def test_fit_data_with_jailbreak_wrapping_and_paper_style():
     assert paper.sources["fit_harmful"] == ["advbench", "rho_pairs"]
     assert paper.sources["fit_benign"] == ["aplomb_plain", "freshqa", "rho_pairs"]
     assert set(paper.harmful) < set(plain.harmful)
-    # 1,030 benign fit prompts, capped at max_per_class=1000: the default keeps a random 1,000 of the
+    # 1,110 benign fit prompts, capped at max_per_class=1000: the default keeps a random 1,000 of the
     # split, the paper style (fewer sources, under the cap) keeps all of its own
     split_benign = {p.text for p in D.default_splits(0)["fit_benign"]}
     assert len(plain.benign) == 1000 and set(plain.benign) < split_benign and set(paper.benign) < split_benign
