@@ -104,9 +104,10 @@ def cmd_fit(args) -> int:
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     if "tau_monitor" in m:
         mon = m["monitor"]
-        print(f"monitor mode: tau_monitor {m['tau_monitor']:.4f} ({mon['rule']}); validation responses latched: "
-              f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f} "
-              f"(median {mon['val_harmful_leaked_tokens_median']} tokens)")
+        print(f"monitor mode: tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); validation responses latched: "
+              f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f}"
+              + (f" (median {mon['val_harmful_leaked_tokens_median']} tokens)"
+                 if mon["val_harmful_leaked_tokens_median"] is not None else ""))
     else:
         print("monitor mode: no tau_monitor (prefill-only pack)")
     print(f"refusal head: rank {m['head_rank']}, loss {m['metrics']['head_losses'][-1]:.4f}, "

@@ -347,6 +347,9 @@ def fit_monitor(X_layer: torch.Tensor, y: torch.Tensor, gate: GateFit, cfg: FitC
     val_y = y[gate.val_idx]
     tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
     tau = cfg.tau_paper if cfg.tau_rule == "paper" else max(tau_cal, 1e-6)
+    if cfg.tau_rule != "paper" and tau >= 1.0 - 1e-6:
+        log.warning("the calibrated threshold saturated at %.6f after monitor training: the gate would hardly ever fire",
+                    tau)
     resp_scores = {r: probe.score(responses[r]) if len(responses[r]) else torch.zeros(0) for r in val_rows}
     top = {r: float(v.max()) if len(v) else 0.0 for r, v in resp_scores.items()}
     benign = [r for r in val_rows if int(y[r]) == 0]

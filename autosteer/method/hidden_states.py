@@ -88,8 +88,10 @@ def generated_token_states(
     gen_cfg = getattr(model, "generation_config", None)
     stop = getattr(gen_cfg, "eos_token_id", None)
     stop = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple)) else [stop])
+    cfg_pad = getattr(gen_cfg, "pad_token_id", None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
-    stop_ids = torch.tensor(sorted(set(stop + [pad])), dtype=torch.long)
+    # the tokens after which the runtime stops probing a row: EOS and the generation config's pad
+    stop_ids = torch.tensor(sorted(set(stop + ([cfg_pad] if cfg_pad is not None else []))), dtype=torch.long)
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)
@@ -103,8 +105,11 @@ def generated_token_states(
             # one more step than tokens kept: the state of generated token j is read when it is fed back
             seqs = model.generate(**inputs, max_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=pad)
             seqs = seqs if isinstance(seqs, torch.Tensor) else seqs.sequences
-            fed = torch.stack(steps[1:], dim=1) if len(steps) > 1 else steps[0].new_zeros(len(idx), 0, steps[0].shape[-1])
             gen = seqs[:, width:].cpu()
+            if len(steps) != gen.shape[1]:  # one forward for the prompt, one per generated token fed back
+                raise RuntimeError(f"generated_token_states: {len(steps)} forwards for {gen.shape[1]} generated tokens "
+                                   "(a chunked prefill?): the states would not line up with the tokens")
+            fed = torch.stack(steps[1:], dim=1) if len(steps) > 1 else steps[0].new_zeros(len(idx), 0, steps[0].shape[-1])
             for j, i in enumerate(idx):
                 ended = torch.isin(gen[j], stop_ids).nonzero()
                 n = int(ended[0]) if len(ended) else gen.shape[1]
