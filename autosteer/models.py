@@ -291,6 +291,16 @@ def output_head(model) -> torch.nn.Linear:
     return head
 
 
+def stop_token_ids(model) -> list[int]:
+    """The tokens after which a row has ended: the generation config's EOS id(s) and its pad id
+    (monitor mode stops probing such rows; the fit's response states stop there too)."""
+    cfg = getattr(model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+    pad = getattr(cfg, "pad_token_id", None)
+    return sorted(set(ids + ([pad] if pad is not None else [])))
+
+
 def text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -433,3 +433,12 @@ def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
         row_tau=st.booleans(),
         row_tau_layout=st.sampled_from(("contig", "strided")),
     ))
+
+
+def assert_row_tau_decisive(case):
+    """The case must have rows whose latch only the per-row threshold decides (else the test is vacuous)."""
+    fire_only, block_only = case.info["row_tau_fire_only"], case.info["row_tau_block_only"]
+    if case.info["B"] >= 2 and case.info["mask"] == "all":
+        assert fire_only and block_only, case
+    elif case.info["B"] >= 1:
+        assert fire_only or block_only, case

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models import decoder_layers
+from ..models import decoder_layers, stop_token_ids
 from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, to_model
 
 
@@ -85,13 +85,9 @@ def generated_token_states(
     from ..prompting import text_tokenizer
 
     tok = text_tokenizer(tokenizer)
-    gen_cfg = getattr(model, "generation_config", None)
-    stop = getattr(gen_cfg, "eos_token_id", None)
-    stop = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple)) else [stop])
-    cfg_pad = getattr(gen_cfg, "pad_token_id", None)
+    stop = stop_token_ids(model)  # where the runtime stops probing a row
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
-    # the tokens after which the runtime stops probing a row: EOS and the generation config's pad
-    stop_ids = torch.tensor(sorted(set(stop + ([cfg_pad] if cfg_pad is not None else []))), dtype=torch.long)
+    stop_ids = torch.tensor(stop, dtype=torch.long)
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)

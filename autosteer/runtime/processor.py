@@ -26,6 +26,7 @@ import torch
 from transformers import LogitsProcessor
 
 from ..method.pack import warn_monitor_fallback
+from ..models import stop_token_ids
 
 MODES = ("prefill", "monitor")
 
@@ -51,11 +52,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self._expect_len: int | None = None
         self._last_tokens: torch.Tensor | None = None
         self._last_probe_tokens = 0
-        gen_cfg = getattr(handle.model, "generation_config", None)
-        stop = getattr(gen_cfg, "eos_token_id", None)
-        stop = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple)) else [stop])
-        pad = getattr(gen_cfg, "pad_token_id", None)
-        self._stop_ids = torch.tensor(stop + ([pad] if pad is not None else []), dtype=torch.long)
+        self._stop_ids = torch.tensor(stop_token_ids(handle.model), dtype=torch.long)
 
     def _start(self, batch: int, device) -> None:
         self.latched = torch.full((batch,), bool(self.force), dtype=torch.bool, device=device)
