@@ -239,6 +239,19 @@ class GateFit:
         return int(torch.tensor(self.sas).argmax())
 
 
+def prompt_threshold(val_scores: torch.Tensor, val_y: torch.Tensor, cfg: FitConfig) -> tuple[float, float]:
+    """``(tau, tau_calibrated)`` for probe scores on the prompt validation split: calibrated to
+    ``target_fpr`` on its benign prompts, or the paper's fixed ``tau_paper``."""
+    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
+    if cfg.tau_rule == "paper":
+        return cfg.tau_paper, tau_cal
+    tau = max(tau_cal, 1e-6)
+    if tau >= 1.0 - 1e-6:
+        log.warning("the calibrated threshold saturated at %.6f (benign validation scores of 1.0): the gate would "
+                    "hardly ever fire; check the fit data or raise --target-fpr", tau)
+    return tau, tau_cal
+
+
 def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tuple[torch.Tensor, torch.Tensor] | None = None,
              val_auroc: list[float] | None = None, sweep_layers: list[int] | None = None) -> GateFit:
     """Layer choice, probe and threshold from ``X`` ``[n, L, H]`` (labels ``y``: 1 harmful).
@@ -275,14 +288,7 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
     probe = train(layer)
     val_scores = probe.score(X[val_idx, layer])
     val_y = y[val_idx]
-    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
-    if cfg.tau_rule == "paper":
-        tau = cfg.tau_paper
-    else:
-        tau = max(tau_cal, 1e-6)
-        if tau >= 1.0 - 1e-6:
-            log.warning("the calibrated threshold saturated at %.6f (benign validation scores of 1.0): the gate would "
-                        "hardly ever fire; check the fit data or raise --target-fpr", tau)
+    tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
     return GateFit(layer, rule, probe, tau, tau_cal, sas, sas_pairing, sas_random, list(val_auroc), val_scores, val_y,
                    train_idx, val_idx)
 
@@ -345,11 +351,7 @@ def fit_monitor(X_layer: torch.Tensor, y: torch.Tensor, gate: GateFit, cfg: FitC
                         cfg.probe_lr, cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size, sample_weight=w)
     val_scores = probe.score(X_layer[gate.val_idx])
     val_y = y[gate.val_idx]
-    tau_cal = calibrate_threshold(val_scores[val_y == 0], cfg.target_fpr)
-    tau = cfg.tau_paper if cfg.tau_rule == "paper" else max(tau_cal, 1e-6)
-    if cfg.tau_rule != "paper" and tau >= 1.0 - 1e-6:
-        log.warning("the calibrated threshold saturated at %.6f after monitor training: the gate would hardly ever fire",
-                    tau)
+    tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
     resp_scores = {r: probe.score(responses[r]) if len(responses[r]) else torch.zeros(0) for r in val_rows}
     top = {r: float(v.max()) if len(v) else 0.0 for r, v in resp_scores.items()}
     benign = [r for r in val_rows if int(y[r]) == 0]
