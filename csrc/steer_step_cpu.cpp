@@ -6,12 +6,15 @@
 //   p_b  = sigmoid(w2 . relu(W1 x_b + b1) + b2)   in fp32, if probe_mask[b]
 //   latched[b] |= p_b > tau_b (a NaN p_b latches only when nan_latches), tau_b = row_tau[b]
 //                             when the optional fp32 [B] row_tau is given, else the scalar tau
+//   stacked probes: W1 [P, F, H], b1 [P, F], w2 [P, F], b2 [P] with row_probe [B] (int32/int64,
+//                   values in [0, P)): row b is scored by probe row_probe[b]
 //   if latched[b]:  logits[b] = (1 + eps) * logits[b] + eps * U (Bt g_b),
 //                   g_b = head_hidden[head_rows[b]], fp32 math, cast back.
 // Rows that are not latched are never written.
 //
 // Work split (three phases, each an at::parallel_for):
-//   1. probe + latch, parallel over groups of 4 probed rows (each W1 row is loaded once per group);
+//   1. probe + latch, parallel over groups of 4 probed rows (each W1 row is loaded once per group;
+//      with stacked probes, the probed rows are grouped per probe and each probe runs in turn);
 //   2. t_i = Bt g_i (r floats) for every latched row i, parallel over (row, k) pairs;
 //   3. blend, parallel over blocks of kVB vocabulary entries. A block of U (kVB x r) is
 //      converted to fp32 and transposed once into a small buffer (or, for fp32 U stored
@@ -433,7 +436,8 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
                     const at::Tensor& head_hidden, const at::Tensor& head_rows, const at::Tensor& logits,
                     const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
-                    double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau) {
+                    double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
+                    const std::optional<at::Tensor>& row_probe) {
   // ---- preconditions (shapes, dtypes, devices): all checked before anything is written
   TORCH_CHECK(logits.dim() == 2, "steer_step_cpu: logits must be [B, V], got shape ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -442,10 +446,27 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   const int64_t H = probe_hidden.size(1);
   TORCH_CHECK(head_hidden.size(1) == H, "steer_step_cpu: head_hidden has H=", head_hidden.size(1),
               " but probe_hidden has H=", H);
-  TORCH_CHECK(W1.dim() == 2 && W1.size(1) == H, "steer_step_cpu: W1 must be [F, H=", H, "], got ", W1.sizes());
-  const int64_t F = W1.size(0);
-  TORCH_CHECK(b1.numel() == F && w2.numel() == F && b2.numel() == 1,
-              "steer_step_cpu: b1 and w2 must have F=", F, " elements and b2 one");
+  const bool stacked = row_probe.has_value();
+  TORCH_CHECK(W1.dim() == (stacked ? 3 : 2), "steer_step_cpu: W1 must be ",
+              stacked ? "[P, F, H] (stacked probes, as row_probe is given)" : "[F, H] (3-D stacked probes need row_probe)",
+              ", got ", W1.sizes());
+  TORCH_CHECK(W1.size(-1) == H, "steer_step_cpu: W1's last dimension must be H=", H, ", got ", W1.sizes());
+  const int64_t P = stacked ? W1.size(0) : 1;
+  const int64_t F = W1.size(-2);
+  if (stacked) {
+    TORCH_CHECK(P >= 1, "steer_step_cpu: stacked W1 needs at least one probe");
+    TORCH_CHECK(b1.dim() == 2 && b1.size(0) == P && b1.size(1) == F && w2.dim() == 2 && w2.size(0) == P &&
+                    w2.size(1) == F && b2.numel() == P,
+                "steer_step_cpu: stacked probes need b1 and w2 [P=", P, ", F=", F, "] and b2 [P]");
+    TORCH_CHECK(row_probe->dim() == 1 && row_probe->size(0) == B &&
+                    (row_probe->scalar_type() == at::kInt || row_probe->scalar_type() == at::kLong),
+                "steer_step_cpu: row_probe must be int32 or int64 [B=", B, "], got ", row_probe->scalar_type(), " ",
+                row_probe->sizes());
+    TORCH_CHECK(row_probe->device().is_cpu(), "steer_step_cpu: row_probe must be on the CPU");
+  } else {
+    TORCH_CHECK(b1.numel() == F && w2.numel() == F && b2.numel() == 1,
+                "steer_step_cpu: b1 and w2 must have F=", F, " elements and b2 one");
+  }
   TORCH_CHECK(U.dim() == 2 && U.size(0) == V, "steer_step_cpu: U must be [V=", V, ", r], got ", U.sizes());
   const int64_t r = U.size(1);
   TORCH_CHECK(Bt.dim() == 2 && Bt.size(0) == r && Bt.size(1) == H, "steer_step_cpu: Bt must be [r=", r, ", H=", H,
@@ -486,10 +507,16 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   // where probe_mask is set, head rows where the row is latched or may latch now.
   const bool* latched_in = latched.data_ptr<bool>();
   const int64_t N = probe_hidden.size(0), M = head_hidden.size(0);
+  const bool kprobe64 = stacked && row_probe->scalar_type() == at::kLong;
+  auto probe_of = [&](int64_t b) -> int64_t {
+    return stacked ? load_index(row_probe->data_ptr(), kprobe64, row_probe->stride(0), b) : 0;
+  };
   for (int64_t b = 0; b < B; ++b) {
     if (pmask[b * probe_mask.stride(0)]) {
       const int64_t pr = load_index(probe_rows.data_ptr(), prow64, probe_rows.stride(0), b);
       TORCH_CHECK(pr >= 0 && pr < N, "steer_step_cpu: probe_rows[", b, "]=", pr, " out of range [0, ", N, ")");
+      const int64_t k = probe_of(b);
+      TORCH_CHECK(k >= 0 && k < P, "steer_step_cpu: row_probe[", b, "]=", k, " out of range [0, ", P, ")");
     }
     if (pmask[b * probe_mask.stride(0)] || latched_in[b * latched.stride(0)]) {  // rows that may be blended
       const int64_t hr = load_index(head_rows.data_ptr(), hrow64, head_rows.stride(0), b);
@@ -514,24 +541,28 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     a.lat_s = latched.stride(0);
     a.p_out = p_out.data_ptr<float>();
     a.pout_s = p_out.stride(0);
-    a.W1 = W1c.data_ptr<float>();
-    a.b1 = b1c.data_ptr<float>();
-    a.w2 = w2c.data_ptr<float>();
-    a.b2 = b2.reshape({}).item<float>();  // CPU tensor: no device sync
+    const at::Tensor b2c = b2.reshape({-1}).contiguous();
     a.H = H;
     a.F = F;
     a.tau = static_cast<float>(tau);  // the reference compares an fp32 tensor with tau cast to fp32
     a.row_tau = row_tau.has_value() ? row_tau->data_ptr<float>() : nullptr;  // any stride (0 included)
     a.rtau_s = row_tau.has_value() ? row_tau->stride(0) : 0;
     a.nan_latches = nan_latches;
-    std::vector<int64_t> items;  // batch rows to probe
-    for (int64_t b = 0; b < B; ++b)
-      if (pmask[b * probe_mask.stride(0)]) items.push_back(b);
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    const int64_t groups = (n_items + kRB - 1) / kRB;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kRB * F * H));
-    at::parallel_for(0, groups, grain,
-                     [&](int64_t g0, int64_t g1) { probe_range(a, items.data(), n_items, g0, g1); });
+    for (int64_t k = 0; k < P; ++k) {  // one pass per probe over the rows it scores
+      a.W1 = W1c.data_ptr<float>() + k * F * H;
+      a.b1 = b1c.data_ptr<float>() + k * F;
+      a.w2 = w2c.data_ptr<float>() + k * F;
+      a.b2 = b2c.data_ptr<float>()[k];  // CPU tensor: no device sync
+      std::vector<int64_t> items;  // batch rows to probe with probe k
+      for (int64_t b = 0; b < B; ++b)
+        if (pmask[b * probe_mask.stride(0)] && probe_of(b) == k) items.push_back(b);
+      const int64_t n_items = static_cast<int64_t>(items.size());
+      if (n_items == 0) continue;
+      const int64_t groups = (n_items + kRB - 1) / kRB;
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kRB * F * H));
+      at::parallel_for(0, groups, grain,
+                       [&](int64_t g0, int64_t g1) { probe_range(a, items.data(), n_items, g0, g1); });
+    }
   }
 
   // ---- which rows are latched now
@@ -590,12 +621,14 @@ void steer_step_meta(const at::Tensor& probe_hidden, const at::Tensor& probe_row
                      const at::Tensor& head_hidden, const at::Tensor& head_rows, const at::Tensor& logits,
                      const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
-                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau) {
+                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
+                    const std::optional<at::Tensor>& row_probe) {
   TORCH_CHECK(logits.dim() == 2 && probe_hidden.dim() == 2 && head_hidden.dim() == 2 && U.dim() == 2 && Bt.dim() == 2,
               "steer_step_cpu: logits, probe_hidden, head_hidden, U and Bt must be 2-D");
   TORCH_CHECK(latched.dim() == 1 && p_out.dim() == 1 && probe_mask.dim() == 1,
               "steer_step_cpu: latched, p_out and probe_mask must be 1-D");
   TORCH_CHECK(!row_tau.has_value() || row_tau->dim() == 1, "steer_step_cpu: row_tau must be 1-D");
+  TORCH_CHECK(!row_probe.has_value() || row_probe->dim() == 1, "steer_step_cpu: row_probe must be 1-D");
 }
 
 }  // namespace autosteer

@@ -6,7 +6,10 @@ The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for eve
 1. ``x = probe_hidden[probe_rows[b]]``, and where ``probe_mask[b]``:
    ``p = sigmoid(w2 . relu(W1 x + b1) + b2)`` (fp32 accumulation), ``p_out[b] = p``,
    ``latched[b] |= (p > tau_b) or (nan_latches and isnan(p))``, ``tau_b = row_tau[b]`` when the
-   optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``;
+   optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``; with stacked
+   probe weights (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``) the probe of row ``b`` is
+   ``row_probe[b]`` (one index load per probed row; values outside ``[0, P)`` are clamped, as
+   the CUDA path trusts its indices);
 2. where ``latched[b]`` (after step 1), in place:
    ``logits[b] = (1 + eps) * logits[b] + eps * U (Bt g)``, ``g = head_hidden[head_rows[b]]``,
    in fp32, cast back to the logits' dtype. Rows that end up unlatched get no logits writes.
@@ -42,8 +45,9 @@ No host synchronisation, no data-dependent allocation: the launcher only reads s
 strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
 Inputs: probe_hidden/head_hidden/logits/U/Bt in fp32, fp16 or bf16 (independently), any
 strides; probe_rows/head_rows int32 or int64; probe_mask/latched bool (Triton stores bools as bytes);
-probe weights fp32; row_tau (optional) fp32, any stride. On CPU tensors the kernel runs in Triton's
-interpreter, which must be enabled with TRITON_INTERPRET=1 before triton is first imported (the tests do).
+probe weights fp32; row_tau (optional) fp32, any stride; row_probe (optional) int32/int64, any
+stride. On CPU tensors the kernel runs in Triton's interpreter, which must be enabled with
+TRITON_INTERPRET=1 before triton is first imported (the tests do).
 """
 from __future__ import annotations
 
@@ -70,15 +74,17 @@ def steer_step_kernel(
     lat_ptr, lat_s,  # latched [B] bool, in place
     pout_ptr, pout_s,  # p_out [B] fp32
     rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when HAS_ROW_TAU; else any pointer, never dereferenced)
-    w1_ptr, w1_s0, w1_s1,  # W1 [F, H] fp32
-    b1_ptr, b1_s, w2_ptr, w2_s, b2_ptr,  # b1 [F], w2 [F], b2 [1] fp32
+    rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
+    w1_ptr, w1_sp, w1_s0, w1_s1,  # W1 [P, F, H] fp32 (P = 1, w1_sp = 0 for a 2-D W1)
+    b1_ptr, b1_sp, b1_s, w2_ptr, w2_sp, w2_s, b2_ptr, b2_s,  # b1 [P, F], w2 [P, F], b2 [P] fp32
     u_ptr, u_s0, u_s1,  # U [V, R]
     bt_ptr, bt_s0, bt_s1,  # Bt [R, H]
     t_ptr,  # fp32 scratch [B, n_splits, R] (read/written only when not T_IN_REGS)
-    H, F, V, R, blocks_per_split, n_splits,
+    H, F, V, R, P, blocks_per_split, n_splits,
     tau, one_plus_eps, eps,
     NAN_LATCHES: tl.constexpr,
     HAS_ROW_TAU: tl.constexpr,
+    HAS_ROW_PROBE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -104,6 +110,17 @@ def steer_step_kernel(
     if do_probe:
         prow = tl.load(prow_ptr + b * prow_s).to(tl.int64)
         x_base = ph_ptr + prow * ph_s0
+        w1_base = w1_ptr
+        b1_base = b1_ptr
+        w2_base = w2_ptr
+        b2_base = b2_ptr
+        if HAS_ROW_PROBE:  # stacked probes: this row's probe
+            k = tl.load(rprobe_ptr + b * rprobe_s).to(tl.int64)
+            k = tl.minimum(tl.maximum(k, 0), P - 1)
+            w1_base = w1_ptr + k * w1_sp
+            b1_base = b1_ptr + k * b1_sp
+            w2_base = w2_ptr + k * w2_sp
+            b2_base = b2_ptr + k * b2_s
         offs_f = tl.arange(0, BLOCK_F)
         s_vec = tl.zeros([BLOCK_F], dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
@@ -115,13 +132,13 @@ def steer_step_kernel(
                 hm = h < H
                 x = tl.load(x_base + h * ph_s1, mask=hm, other=0.0).to(tl.float32)
                 m2 = fm[:, None] & hm[None, :]
-                w = tl.load(w1_ptr + f[:, None] * w1_s0 + h[None, :] * w1_s1, mask=m2, other=0.0)
+                w = tl.load(w1_base + f[:, None] * w1_s0 + h[None, :] * w1_s1, mask=m2, other=0.0)
                 acc += tl.sum(tl.where(m2, w * x[None, :], 0.0), axis=1)
-            hid = acc + tl.load(b1_ptr + f * b1_s, mask=fm, other=0.0)
+            hid = acc + tl.load(b1_base + f * b1_s, mask=fm, other=0.0)
             hid = tl.where(hid < 0.0, 0.0, hid)  # relu; NaN stays NaN
-            w2 = tl.load(w2_ptr + f * w2_s, mask=fm, other=0.0)
+            w2 = tl.load(w2_base + f * w2_s, mask=fm, other=0.0)
             s_vec += tl.where(fm, hid * w2, 0.0)
-        s = tl.sum(s_vec, axis=0) + tl.load(b2_ptr)
+        s = tl.sum(s_vec, axis=0) + tl.load(b2_base)
         p = 1.0 / (1.0 + tl.exp(-s))
         if HAS_ROW_TAU:
             fire = p > tl.load(rtau_ptr + b * rtau_s)
@@ -211,17 +228,27 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau=None) -> None:
+                  W1, b1, w2, b2, U, Bt, row_tau=None, row_probe=None) -> None:
     """Every shape/dtype/device precondition, up front (shapes and dtypes only: no device sync)."""
     _check(logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}")
     B, V = logits.shape
     _check(probe_hidden.dim() == 2 and head_hidden.dim() == 2, "probe_hidden and head_hidden must be 2-D [rows, H]")
     H = probe_hidden.shape[1]
     _check(head_hidden.shape[1] == H, f"head_hidden has H={head_hidden.shape[1]}, probe_hidden H={H}")
-    _check(W1.dim() == 2 and W1.shape[1] == H, f"W1 must be [F, H={H}], got {tuple(W1.shape)}")
-    F = W1.shape[0]
-    _check(b1.dim() == 1 and b1.shape[0] == F and w2.dim() == 1 and w2.shape[0] == F, f"b1 and w2 must be [F={F}]")
-    _check(b2.numel() == 1, "b2 must have one element")
+    if row_probe is None:
+        _check(W1.dim() == 2 and W1.shape[1] == H, f"W1 must be [F, H={H}], got {tuple(W1.shape)}")
+        F = W1.shape[0]
+        _check(b1.dim() == 1 and b1.shape[0] == F and w2.dim() == 1 and w2.shape[0] == F, f"b1 and w2 must be [F={F}]")
+        _check(b2.numel() == 1, "b2 must have one element")
+    else:
+        _check(W1.dim() == 3 and W1.shape[2] == H and W1.shape[0] >= 1,
+               f"with row_probe, W1 must be stacked [P, F, H={H}], got {tuple(W1.shape)}")
+        P, F = W1.shape[0], W1.shape[1]
+        _check(tuple(b1.shape) == (P, F) and tuple(w2.shape) == (P, F) and b2.dim() == 1 and b2.shape[0] == P,
+               f"stacked probes need b1 and w2 [P={P}, F={F}] and b2 [P={P}]")
+        _check(row_probe.dim() == 1 and row_probe.shape[0] == B and row_probe.dtype in _INDEX,
+               f"row_probe must be int32/int64 [B={B}], got {row_probe.dtype} {tuple(row_probe.shape)}")
+        _check(row_probe.device == logits.device, f"row_probe must be on {logits.device}, got {row_probe.device}")
     _check(U.dim() == 2 and U.shape[0] == V, f"U must be [V={V}, r], got {tuple(U.shape)}")
     r = U.shape[1]
     _check(Bt.dim() == 2 and tuple(Bt.shape) == (r, H), f"Bt must be [r={r}, H={H}], got {tuple(Bt.shape)}")
@@ -251,12 +278,13 @@ def _sm_count(index: int) -> int:
 
 
 def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, *, block_v=None,
-                  num_splits=None):
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None, *,
+                  block_v=None, num_splits=None):
     """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync."""
     B, V = logits.shape
     H = probe_hidden.shape[1]
-    F = W1.shape[0]
+    F = W1.shape[-2]
+    P = W1.shape[0] if W1.dim() == 3 else 1
     R = U.shape[1]
     t_in_regs = R <= MAX_R_IN_REGISTERS
     block_r = max(16, triton.next_power_of_2(R)) if t_in_regs else MAX_R_IN_REGISTERS
@@ -284,6 +312,11 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         scratch = torch.empty((B, num_splits, R), device=logits.device, dtype=torch.float32)
     has_row_tau = row_tau is not None
     rtau = row_tau if has_row_tau else p_out  # never dereferenced without HAS_ROW_TAU
+    has_row_probe = row_probe is not None
+    rprobe = row_probe if has_row_probe else probe_rows  # never dereferenced without HAS_ROW_PROBE
+    stacked = W1.dim() == 3
+    w1_sp, b1_sp, w2_sp = (W1.stride(0), b1.stride(0), w2.stride(0)) if stacked else (0, 0, 0)
+    b2_s = b2.stride(0) if stacked else 0
     grid = (B, num_splits)
     args = (
         probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
@@ -295,17 +328,19 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         latched, latched.stride(0),
         p_out, p_out.stride(0),
         rtau, rtau.stride(0),
-        W1, W1.stride(0), W1.stride(1),
-        b1, b1.stride(0), w2, w2.stride(0), b2,
+        rprobe, rprobe.stride(0),
+        W1, w1_sp, W1.stride(-2), W1.stride(-1),
+        b1, b1_sp, b1.stride(-1), w2, w2_sp, w2.stride(-1), b2, b2_s,
         U, U.stride(0), U.stride(1),
         Bt, Bt.stride(0), Bt.stride(1),
         scratch,
-        H, F, V, R, blocks_per_split, num_splits,
+        H, F, V, R, P, blocks_per_split, num_splits,
         float(tau), float(1.0 + float(eps)), float(eps),
     )
     meta = dict(
         NAN_LATCHES=bool(nan_latches),
         HAS_ROW_TAU=has_row_tau,
+        HAS_ROW_PROBE=has_row_probe,
         BLOCK_H=block_h,
         BLOCK_F=block_f,
         BLOCK_V=block_v,
@@ -356,22 +391,23 @@ def steer_step_triton(
     eps: float,
     nan_latches: bool = False,
     row_tau: torch.Tensor | None = None,
+    row_probe: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
     num_splits: int | None = None,
 ) -> None:
     """Launch ``steer_step_kernel`` once (same arguments and semantics as ``steer_step_reference``,
-    ``row_tau`` included).
+    ``row_tau`` and ``row_probe`` included).
 
     ``block_v`` / ``num_splits`` override the vocabulary tiling (tests, tuning).
     """
     _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau)
+                  W1, b1, w2, b2, U, Bt, row_tau, row_probe)
     if logits.shape[0] == 0:
         return
     grid, args, meta = launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched,
                                      p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                     block_v=block_v, num_splits=num_splits)
+                                     row_probe, block_v=block_v, num_splits=num_splits)
     kernel = kernel_for(logits.device)
     if logits.device.type == "cuda":
         with torch.cuda.device(logits.device):

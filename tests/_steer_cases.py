@@ -13,7 +13,10 @@ compares a kernel's in-place results with it:
   an fp32 reference is at most twice the error of the reference run in the low precision;
 - with a per-row threshold (``make_case(row_tau=True)``), independently of the reference: the
   rows that fire only because of their own threshold are latched, the rows that the scalar
-  ``tau`` would have latched but their own threshold does not are left unlatched.
+  ``tau`` would have latched but their own threshold does not are left unlatched;
+- with stacked probes (``make_case(row_probe=True)``: two probe weight sets and a probe index
+  per row), independently of the reference: every probed row's score is its own probe's
+  (fp64 oracle), and some row's score differs from what the other probe would give.
 """
 from __future__ import annotations
 
@@ -41,10 +44,13 @@ class Case:
     nan_latches: bool
     info: dict = field(default_factory=dict)
     row_tau: torch.Tensor | None = None  # [B] float32 per-row thresholds (passed only when set)
+    row_probe: torch.Tensor | None = None  # [B] probe index per row, with stacked [2, ...] probe weights
 
     def call_args(self, args: dict | None = None) -> tuple:
         a = self.args if args is None else args
         tail = () if self.row_tau is None else (self.row_tau,)
+        if self.row_probe is not None:
+            tail = (self.row_tau, self.row_probe)
         return tuple(a[n] for n in ARG_NAMES) + (self.tau, self.eps, self.nan_latches) + tail
 
     def clone(self) -> dict:
@@ -109,10 +115,15 @@ def _pattern(mode: str, B: int, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
-def _probe_scores64(x: torch.Tensor, W1, b1, w2, b2) -> torch.Tensor:
+def _probe_scores64(x: torch.Tensor, W1, b1, w2, b2, row_probe=None) -> torch.Tensor:
+    """fp64 probe scores of rows ``x [n, H]``; stacked weights: row ``i`` uses probe ``row_probe[i]``."""
     x = x.double()
-    h = torch.relu(x @ W1.double().t() + b1.double())
-    return torch.sigmoid(h @ w2.double() + b2.double().reshape(()))
+    if row_probe is None:
+        h = torch.relu(x @ W1.double().t() + b1.double())
+        return torch.sigmoid(h @ w2.double() + b2.double().reshape(()))
+    k = row_probe.long().cpu()
+    h = torch.relu(torch.einsum("nfh,nh->nf", W1.double().cpu()[k], x.cpu()) + b1.double().cpu()[k])
+    return torch.sigmoid((h * w2.double().cpu()[k]).sum(1) + b2.double().cpu()[k])
 
 
 def safe_tau(p: torch.Tensor, target: float = 0.5, margin: float = 2e-4) -> float:
@@ -159,6 +170,7 @@ def make_case(
     eps: float = 0.1,
     row_tau: bool = False,
     row_tau_layout: str = "contig",
+    row_probe: bool = False,
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
     full_s = r == "full"
@@ -171,10 +183,17 @@ def make_case(
     probe_mask = _pattern(mask_mode, B, gen)
     latched = _pattern(latch_mode, B, gen)
 
-    W1 = torch.randn(F, H, generator=gen) / math.sqrt(H)
-    b1 = 0.1 * torch.randn(F, generator=gen)
-    w2 = 2.0 * torch.randn(F, generator=gen) / math.sqrt(F)
-    b2 = 0.5 * torch.randn(1, generator=gen)
+    P = 2 if row_probe else None  # stacked: two probes (monitor mode's prefill and monitor probes)
+    lead = () if P is None else (P,)
+    W1 = torch.randn(*lead, F, H, generator=gen) / math.sqrt(H)
+    b1 = 0.1 * torch.randn(*lead, F, generator=gen)
+    w2 = 2.0 * torch.randn(*lead, F, generator=gen) / math.sqrt(F)
+    b2 = 0.5 * torch.randn(P or 1, generator=gen)
+    kp = None
+    if row_probe:
+        kp = torch.randint(0, P, (B,), generator=gen).to(rows_dtype)
+        if B >= 2:  # both probes in use
+            kp[0], kp[1] = 0, 1
     if full_s:  # S = I + A B^T with B^T = I: U = E A is [V, H]
         U = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(dtype)
         Bt = torch.eye(H).to(dtype)
@@ -206,7 +225,7 @@ def make_case(
     # threshold at a safe distance from every score (fp32 kernels must agree on the latch)
     if B > 0:
         xs = x.float().index_select(0, probe_rows.long())
-        p64 = _probe_scores64(xs, W1, b1, w2, b2)
+        p64 = _probe_scores64(xs, W1, b1, w2, b2, kp)
         finite = p64[torch.isfinite(p64)]
         q = torch.quantile(finite, 1 - fire_rate).item() if finite.numel() else 0.5
         tau = safe_tau(p64, min(max(q, 0.01), 0.99))
@@ -244,7 +263,13 @@ def make_case(
         else:
             raise ValueError(row_tau_layout)
         info.update(row_tau_layout=row_tau_layout, **rt_info)
-    return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info, row_tau=rt)
+    if kp is not None:
+        p_sel = p64 if B > 0 else torch.zeros(0, dtype=torch.float64)
+        other = _probe_scores64(xs, W1, b1, w2, b2, 1 - kp.long()) if B > 0 else torch.zeros(0)
+        info.update(row_probe=kp.tolist(), p64=p_sel.tolist(), p64_other_probe=other.tolist())
+        kp = kp.to(dev)
+    return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info, row_tau=rt,
+                row_probe=kp)
 
 
 def _row_thresholds(p64, probe_mask, latched, tau, nan_latches, seed, gen):
@@ -432,7 +457,20 @@ def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
         eps=st.sampled_from((0.1, 0.5, 1.0, -0.3)),
         row_tau=st.booleans(),
         row_tau_layout=st.sampled_from(("contig", "strided")),
+        row_probe=st.booleans(),
     ))
+
+
+def assert_row_probe_scores(case, out: dict) -> None:
+    """Independently of the reference: each probed row's score is its own probe's (fp64 oracle),
+    and the case is decisive -- some probed row's score would differ under the other probe."""
+    mask = case.args["probe_mask"].cpu()
+    p64, other = torch.tensor(case.info["p64"]), torch.tensor(case.info["p64_other_probe"])
+    po = out["p_out"].cpu().double()
+    fin = mask & torch.isfinite(p64)
+    assert fin.any(), case
+    assert (po[fin] - p64[fin]).abs().max().item() <= 1e-5, f"a row was scored by the wrong probe {case}: {po} vs {p64}"
+    assert (other[fin] - p64[fin]).abs().max().item() > 1e-3, f"vacuous: both probes agree on every row {case}"
 
 
 def assert_row_tau_decisive(case):

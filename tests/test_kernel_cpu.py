@@ -6,7 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from _steer_cases import (
+    assert_row_probe_scores,
     assert_row_tau_decisive,
+    ARG_NAMES,
     LATCH_MODES,
     LAYOUTS,
     MASK_MODES,
@@ -214,3 +216,64 @@ def test_row_tau_checks_raise_before_writing(bad, match):
 def test_fuzz_cpp_vs_reference(kw):
     case = make_case(**kw)
     check_against_reference(case, run_cpp(case))
+
+
+# --------------------------------------------------------------------------- stacked probes (row_probe)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("B,H,V,r,F", [(2, 37, 101, 8, 16), (5, 64, 256, "full", 7), (17, 96, 130, 1, 33)])
+def test_row_probe(B, H, V, r, F, dtype):
+    case = make_case(B=B, H=H, V=V, r=r, F=F, dtype=dtype, latch_mode="none", mask_mode="all", row_probe=True, seed=B)
+    out = run_cpp(case)
+    assert_row_probe_scores(case, out)
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_row_probe_with_row_tau_variants(i):
+    # monitor mode in a serving step: per-row probe AND per-row threshold, mixed probe/latch patterns
+    case = make_case(B=11, H=37, V=101, r=8, row_tau=True, row_probe=True, **variant(i))
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    if case.args["probe_mask"].any():
+        assert_row_probe_scores(case, out)
+
+
+def test_row_probe_empty_batch():
+    case = make_case(B=0, H=37, V=101, r=8, row_probe=True)
+    assert case.row_probe.shape == (0,)
+    check_against_reference(case, run_cpp(case))
+
+
+def test_row_probe_single_probe_stack_equals_plain_call():
+    """W1[None] with row_probe = 0 everywhere is the plain call bit for bit."""
+    case = make_case(B=9, H=37, V=101, r=8, latch_mode="mixed", mask_mode="mixed", seed=3)
+    old = run_cpp(case)
+    st = case.clone()
+    for n in ("W1", "b1", "w2"):
+        st[n] = case.args[n][None]
+    st["b2"] = case.args["b2"].reshape(1)
+    torch.ops.autosteer.steer_step_cpu(*case.call_args(st), None, torch.zeros(9, dtype=torch.int32))
+    for n in ("logits", "latched", "p_out"):
+        assert torch.equal(old[n].view(torch.uint8), st[n].view(torch.uint8)), n
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda c: dict(row_probe=torch.tensor([0, 1, 2, 0])), "row_probe.2.=2 out of range"),
+    (lambda c: dict(row_probe=torch.tensor([0, -1, 1, 0])), "row_probe.1.=-1 out of range"),
+    (lambda c: dict(row_probe=c.row_probe.float()), "row_probe must be int32 or int64"),
+    (lambda c: dict(row_probe=c.row_probe[:-1]), "row_probe must be int32 or int64 .B=4"),
+    (lambda c: dict(row_probe=None), "W1 must be .F, H. .3-D stacked probes need row_probe"),
+    (lambda c: dict(b2=torch.zeros(3)), "stacked probes need b1 and w2"),
+])
+def test_row_probe_bad_input_raises_before_writing(bad, match):
+    case = make_case(B=4, H=8, V=20, r=2, latch_mode="none", mask_mode="all", row_probe=True, seed=0)
+    out = case.clone()
+    kw = bad(case)
+    rp = kw.pop("row_probe", case.row_probe)
+    out.update(kw)
+    args = tuple(out[n] for n in ARG_NAMES) + (case.tau, case.eps, case.nan_latches, None, rp)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.autosteer.steer_step_cpu(*args)
+    assert torch.equal(out["logits"], case.args["logits"]) and torch.equal(out["latched"], case.args["latched"])

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from _steer_cases import (  # noqa: E402
+    assert_row_probe_scores,
     assert_row_tau_decisive,
     LATCH_MODES,
     LAYOUTS,
@@ -331,3 +332,54 @@ def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
         pytest.skip("triton AOT compile API unavailable: " + proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- stacked probes (row_probe)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("B,H,V,r,F", [(2, 37, 101, 8, 16), (5, 96, 130, "full", 7), (17, 64, 256, 1, 33)])
+def test_row_probe(B, H, V, r, F, dtype, device):
+    case = make_case(B=B, H=H, V=V, r=r, F=F, dtype=dtype, latch_mode="none", mask_mode="all", row_probe=True,
+                     seed=B, device=device)
+    out = run_triton(case)
+    assert_row_probe_scores(case, out)
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(2))
+def test_row_probe_with_row_tau_variants(i, device):
+    # monitor mode in a serving step: per-row probe AND per-row threshold, mixed patterns, vocab splits
+    case = make_case(B=11, H=37, V=101, r=8, row_tau=True, row_probe=True, device=device, **variant(i))
+    out = run_triton(case, num_splits=3, block_v=16)
+    check_against_reference(case, out)
+    if case.args["probe_mask"].any():
+        assert_row_probe_scores(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_probe_empty_batch(device):
+    case = make_case(B=0, H=37, V=101, r=8, row_probe=True, device=device)
+    check_against_reference(case, run_triton(case))
+
+
+def test_row_probe_launch_config():
+    """HAS_ROW_PROBE follows row_probe; a 2-D W1 passes probe strides 0 and P = 1."""
+    plain = make_case(B=4, H=37, V=101, r=8, seed=0)
+    stacked = make_case(B=4, H=37, V=101, r=8, seed=0, row_probe=True)
+    _, a1, m1 = ks.launch_config(*plain.call_args())
+    _, a2, m2 = ks.launch_config(*stacked.call_args())
+    assert m1["HAS_ROW_PROBE"] is False and m2["HAS_ROW_PROBE"] is True
+    i = next(k for k, x in enumerate(a1) if x is plain.args["W1"])
+    assert a1[i + 1] == 0 and a2[i + 1] == stacked.args["W1"].stride(0) == 37 * 16
+
+
+def test_launcher_asserts_row_probe():
+    case = make_case(B=4, H=37, V=101, r=8, seed=0, row_probe=True)
+    args = case.call_args(case.clone())
+    with pytest.raises(AssertionError, match="row_probe must be int32/int64"):
+        ks.steer_step_triton(*args[:-1], case.row_probe.float())
+    with pytest.raises(AssertionError, match="W1 must be .F, H"):
+        ks.steer_step_triton(*args[:-1], None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _steer_cases import ARG_NAMES, check_against_reference, make_case
+from _steer_cases import ARG_NAMES, assert_row_probe_scores, check_against_reference, make_case
 from autosteer.runtime import op
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -103,6 +103,51 @@ def test_op_row_tau_none_is_the_old_call(device):
             assert torch.equal(old[n].view(torch.uint8), new[n].view(torch.uint8)), (i, n)
 
 
+# --------------------------------------------------------------------------- stacked probes
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("B", (0, 1, 3, 17))
+def test_op_row_probe_matches_reference(device, dtype, B):
+    """Monitor mode's call: two stacked probes, a probe index and a threshold per row, on every path."""
+    case = make_case(B=B, H=37, V=101, r=8, dtype=dtype, device=device, row_mode="varlen", latch_mode="none",
+                     mask_mode="all", row_tau=True, row_probe=True, seed=B)
+    for call in (lambda a: op.steer_step(*case.call_args(a)),
+                 lambda a: op.steer_step(*case.call_args(a)[:-2], row_tau=case.row_tau, row_probe=case.row_probe),
+                 lambda a: torch.ops.autosteer.steer_step(*case.call_args(a)),
+                 lambda a: torch.ops.autosteer.steer_step_ref(*case.call_args(a))):
+        out = case.clone()
+        call(out)
+        check_against_reference(case, out)
+        if B:
+            assert_row_probe_scores(case, out)
+
+
+BAD_ROW_PROBE = [
+    ("row_probe dtype", "row_probe .probe index per row. must be int32 or int64", lambda c: dict(row_probe=c.row_probe.float())),
+    ("row_probe length", "row_probe must be 1-D of length B=4", lambda c: dict(row_probe=c.row_probe[:-1])),
+    ("row_probe device", "row_probe is on meta", lambda c: dict(row_probe=c.row_probe.to("meta"))),
+    ("row_probe type", "row_probe must be a torch.Tensor or None", lambda c: dict(row_probe=[0, 1, 0, 1])),
+    ("stacked without row_probe", "stacked .P, F, H. probe weights need row_probe", lambda c: dict(row_probe=None)),
+    ("2-D W1 with row_probe", "with row_probe, W1 must be stacked", lambda c: dict(W1=c.args["W1"][0])),
+    ("b1 shape", "with row_probe, b1 must be .P=2, F=16.", lambda c: dict(b1=c.args["b1"][0])),
+    ("w2 shape", "with row_probe, w2 must be .P=2, F=16.", lambda c: dict(w2=c.args["w2"][:1])),
+    ("b2 shape", "with row_probe, b2 must be .P=2.", lambda c: dict(b2=torch.zeros(1))),
+]
+
+
+@pytest.mark.parametrize("name,match,bad", BAD_ROW_PROBE, ids=[b[0] for b in BAD_ROW_PROBE])
+def test_validation_errors_row_probe(name, match, bad):
+    case = make_case(B=4, H=37, V=101, r=8, seed=0, latch_mode="none", mask_mode="all", row_probe=True)
+    args = case.clone()
+    kw = bad(case)
+    rp = kw.pop("row_probe", case.row_probe)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        op.steer_step(*(args[n] for n in ARG_NAMES), case.tau, case.eps, False, None, rp)
+    for n in ("logits", "latched", "p_out"):  # nothing written
+        torch.testing.assert_close(args[n], case.args[n], rtol=0, atol=0, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_cases(device):
     yield "contiguous-fp32", make_case(B=5, H=37, V=101, r=8, seed=0, device=device)
@@ -115,6 +160,10 @@ def _opcheck_cases(device):
                                     probe_layout="sliced", logits_layout="sliced", row_tau=True)
     yield "row-tau-strided-fp32", make_case(B=6, H=37, V=101, r=8, seed=4, device=device, latch_mode="none",
                                             mask_mode="all", row_tau=True, row_tau_layout="strided")
+    yield "row-probe-bf16", make_case(B=6, H=37, V=101, r=8, dtype=torch.bfloat16, seed=5, device=device,
+                                      latch_mode="none", mask_mode="all", row_tau=True, row_probe=True)
+    yield "row-probe-only-fp32", make_case(B=5, H=37, V=101, r=8, seed=6, device=device, row_probe=True,
+                                           rows_dtype=torch.int32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,8 +203,9 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_row_tau(device):
-    """The compiled graph holds the op with row_tau as a graph input (new values, same graph)."""
+@pytest.mark.parametrize("stacked", (False, True), ids=("one-probe", "stacked-probes"))
+def test_compile_fullgraph_row_tau(device, stacked):
+    """The compiled graph holds the op with row_tau (and row_probe) as graph inputs (new values, same graph)."""
     torch._dynamo.reset()
     graphs = []
 
@@ -164,32 +214,38 @@ def test_compile_fullgraph_row_tau(device):
         return gm.forward
 
     def step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-             W1, b1, w2, b2, U, Bt, row_tau):
+             W1, b1, w2, b2, U, Bt, row_tau, row_probe):
         op.steer_step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                      W1, b1, w2, b2, U, Bt, 0.5, 0.1, False, row_tau)
+                      W1, b1, w2, b2, U, Bt, 0.5, 0.1, False, row_tau, row_probe)
         return torch.log_softmax(logits.float(), dim=-1), latched.sum()
 
     compiled = torch.compile(step, backend=recording, fullgraph=True)
     inductor = torch.compile(step, fullgraph=True)
     for seed in (0, 1):
         case = make_case(B=6, H=37, V=101, r=8, seed=seed, device=device, latch_mode="none", mask_mode="all",
-                         row_tau=True)
+                         row_tau=True, row_probe=stacked)
         assert case.info["row_tau_fire_only"] and case.info["row_tau_block_only"], case
         a, b, c = case.clone(), case.clone(), case.clone()
-        ea = step(*(a[n] for n in ARG_NAMES), case.row_tau)
-        eb = compiled(*(b[n] for n in ARG_NAMES), case.row_tau)
-        ec = inductor(*(c[n] for n in ARG_NAMES), case.row_tau)
+        ea = step(*(a[n] for n in ARG_NAMES), case.row_tau, case.row_probe)
+        eb = compiled(*(b[n] for n in ARG_NAMES), case.row_tau, case.row_probe)
+        ec = inductor(*(c[n] for n in ARG_NAMES), case.row_tau, case.row_probe)
         for n in ("logits", "latched", "p_out"):
             torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, equal_nan=True, msg=n)
             torch.testing.assert_close(a[n], c[n], rtol=0, atol=0, equal_nan=True, msg=n)
         assert torch.equal(ea[1], eb[1]) and torch.equal(ea[1], ec[1])
         check_against_reference(case, c)
-    assert len(graphs) == 1, "a new row_tau must not recompile"
+        if stacked:
+            assert_row_probe_scores(case, c)
+    assert len(graphs) == 1, "new row_tau / row_probe values must not recompile"
     ops = [n for n in graphs[0].graph.nodes if n.target in (torch.ops.autosteer.steer_step,
                                                            torch.ops.autosteer.steer_step.default)]
     assert len(ops) == 1, graphs[0].graph
-    row_tau_arg = ops[0].args[17] if len(ops[0].args) > 17 else ops[0].kwargs["row_tau"]
-    assert row_tau_arg.op == "placeholder", ops[0]  # row_tau reaches the op as a graph input
+    for i, name in ((17, "row_tau"), (18, "row_probe")):
+        arg = ops[0].args[i] if len(ops[0].args) > i else ops[0].kwargs.get(name)
+        if name == "row_probe" and not stacked:
+            assert arg is None, ops[0]
+        else:
+            assert arg.op == "placeholder", ops[0]  # reaches the op as a graph input
 
 
 # --------------------------------------------------------------------------- fallbacks
@@ -386,7 +442,7 @@ def test_eager_fast_path_equals_op_path(device, row_tau, monkeypatch):
 
 @pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
 def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
-    """On CPU the eager wrapper calls the C++ op directly, row_tau passed through (not the custom op)."""
+    """On CPU the eager wrapper calls the C++ op directly, row_tau and row_probe passed through (not the custom op)."""
     calls = []
     real = torch.ops.autosteer.steer_step_cpu
 
@@ -399,8 +455,13 @@ def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
     monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
     case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True)
     out = run_op(case)
-    assert len(calls) == 1 and calls[0][-1] is case.row_tau
+    assert len(calls) == 1 and calls[0][-2] is case.row_tau and calls[0][-1] is None
     check_against_reference(case, out)
+    case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True, row_probe=True)
+    out = run_op(case)
+    assert len(calls) == 2 and calls[1][-2] is case.row_tau and calls[1][-1] is case.row_probe
+    check_against_reference(case, out)
+    assert_row_probe_scores(case, out)
 
 
 def test_wrapper_bumps_version_counters():

@@ -158,9 +158,10 @@ def _steer_step_ref(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool, row_tau: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None,
 ) -> None:
     steer_step_reference(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
 
 
 @_steer_step_ref.register_fake
@@ -169,34 +170,38 @@ def _steer_step_ref_fake(*args, **kwargs) -> None:
 
 
 def _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None) -> None:
     if _NATIVE is not None:
         torch.ops.autosteer.steer_step_cpu(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
+                                           row_probe)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
+                                           row_probe)
 
 
 def _steer_step_impl(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False, row_tau: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None,
 ) -> None:
     if logits.shape[0] == 0:
         return
     if logits.device.type == "cuda" and _HAS_TRITON:
         grid, args, meta = _ktriton.launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
                                                   logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
-                                                  nan_latches, row_tau)
+                                                  nan_latches, row_tau, row_probe)
         kernel = _ktriton.steer_step_kernel
         wrap_triton(kernel)[grid](*args, **meta)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
-                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+                                           latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
+                                           row_probe)
 
 
 if _HAS_TRITON:
@@ -207,11 +212,12 @@ else:  # pragma: no cover
 
 @_steer_step_op.register_kernel("cpu")
 def _steer_step_cpu_kernel(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                           W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None) -> None:
+                           W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None,
+                           row_probe=None) -> None:
     if logits.shape[0] == 0:
         return
     _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
 
 
 @_steer_step_op.register_fake
@@ -225,7 +231,7 @@ def _fail(msg: str) -> None:
 
 
 def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None) -> None:
     named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
                  head_rows=head_rows, logits=logits, latched=latched, p_out=p_out, W1=W1, b1=b1, w2=w2, b2=b2,
                  U=U, Bt=Bt)
@@ -256,15 +262,34 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
     for name in ("W1", "b1", "w2", "b2"):
         if named[name].dtype != torch.float32:
             _fail(f"{name} (probe weight) must be float32, got {named[name].dtype}")
-    if W1.dim() != 2 or W1.shape[1] != H:
-        _fail(f"W1 must be [F, H={H}], got shape {tuple(W1.shape)}")
-    F = W1.shape[0]
-    if b1.dim() != 1 or b1.shape[0] != F:
-        _fail(f"b1 must be [F={F}], got shape {tuple(b1.shape)}")
-    if w2.dim() != 1 or w2.shape[0] != F:
-        _fail(f"w2 must be [F={F}], got shape {tuple(w2.shape)}")
-    if b2.numel() != 1:
-        _fail(f"b2 must have exactly one element, got shape {tuple(b2.shape)}")
+    if row_probe is None:
+        if W1.dim() != 2 or W1.shape[1] != H:
+            more = " (stacked [P, F, H] probe weights need row_probe)" if W1.dim() == 3 else ""
+            _fail(f"W1 must be [F, H={H}], got shape {tuple(W1.shape)}{more}")
+        F = W1.shape[0]
+        if b1.dim() != 1 or b1.shape[0] != F:
+            _fail(f"b1 must be [F={F}], got shape {tuple(b1.shape)}")
+        if w2.dim() != 1 or w2.shape[0] != F:
+            _fail(f"w2 must be [F={F}], got shape {tuple(w2.shape)}")
+        if b2.numel() != 1:
+            _fail(f"b2 must have exactly one element, got shape {tuple(b2.shape)}")
+    else:
+        if not isinstance(row_probe, Tensor):
+            _fail(f"row_probe must be a torch.Tensor or None, got {type(row_probe).__name__}")
+        if W1.dim() != 3 or W1.shape[2] != H or W1.shape[0] < 1:
+            _fail(f"with row_probe, W1 must be stacked [P, F, H={H}], got shape {tuple(W1.shape)}")
+        P, F = W1.shape[0], W1.shape[1]
+        for name, t in (("b1", b1), ("w2", w2)):
+            if tuple(t.shape) != (P, F):
+                _fail(f"with row_probe, {name} must be [P={P}, F={F}], got shape {tuple(t.shape)}")
+        if b2.dim() != 1 or b2.shape[0] != P:
+            _fail(f"with row_probe, b2 must be [P={P}], got shape {tuple(b2.shape)}")
+        if row_probe.device != dev:
+            _fail(f"row_probe is on {row_probe.device} but logits is on {dev}: all tensors must share one device")
+        if row_probe.dtype not in _INDEX:
+            _fail(f"row_probe (probe index per row) must be int32 or int64, got {row_probe.dtype}")
+        if row_probe.dim() != 1 or row_probe.shape[0] != B:
+            _fail(f"row_probe must be 1-D of length B={B}, got shape {tuple(row_probe.shape)}")
     if U.dim() != 2 or U.shape[0] != V:
         _fail(f"U must be [V={V}, r] (V from logits), got shape {tuple(U.shape)}")
     r = U.shape[1]
@@ -320,14 +345,18 @@ def steer_step(
     eps: float,
     nan_latches: bool = False,
     row_tau: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None,
 ) -> None:
     """Validate (shapes/dtypes/devices only, no sync), then run ``torch.ops.autosteer.steer_step``.
 
     Same arguments and semantics as ``steer_step_reference``; ``logits``, ``latched`` and
     ``p_out`` are updated in place. ``row_tau`` (fp32 ``[B]`` on the logits' device, or None):
     row ``b`` latches when ``p_b > row_tau[b]`` and ``tau`` is ignored; None keeps the scalar
-    ``tau`` for every row. Row indices are not range-checked here (that would need the
-    values); the CPU kernel checks them, the CUDA kernel trusts them.
+    ``tau`` for every row. ``row_probe`` (int32/int64 ``[B]``, or None) with stacked probe weights
+    (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``): row ``b`` is scored by probe
+    ``row_probe[b]``. Row and probe indices are not range-checked here (that would need the
+    values); the CPU kernel checks them, the CUDA kernel trusts row indices and clamps probe
+    indices.
 
     Under ``torch.compile`` this calls the op (so the graph holds it, and inductor sees the
     Triton kernel). In eager mode, with ``EAGER_FAST_PATH`` (default), it calls the op's
@@ -336,9 +365,9 @@ def steer_step(
     (``torch._library.utils.fill_defaults``), 15x the C++ kernel at decode sizes.
     """
     _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
     args = (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau)
+            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau, row_probe)
     if EAGER_FAST_PATH and not torch.compiler.is_compiling():
         if logits.shape[0] == 0:
             return

@@ -11,7 +11,11 @@ One call per decode step (and once at prefill) does, for each sequence ``b`` of 
 3. **latch**: ``latched[b] |= p_b > tau_b`` with ``tau_b = row_tau[b]`` when the optional
    per-row threshold ``row_tau`` (fp32 ``[B]``) is given, else the scalar ``tau`` for every row
    (``tau`` is then ignored): serving engines mix rows probing a generated token with rows
-   probing their last prompt token, which monitor mode thresholds differently. A NaN score
+   probing their last prompt token, which monitor mode thresholds differently.
+   **Several probes**: when the probe weights are stacked -- ``W1 [P, F, H]``, ``b1 [P, F]``,
+   ``w2 [P, F]``, ``b2 [P]`` -- the optional ``row_probe`` (int32/int64 ``[B]``, values in
+   ``[0, P)``) picks the probe of each row: monitor mode scores prompt tokens with the prefill
+   probe and generated tokens with its own monitor probe, still in one call. A NaN score
    latches only when ``nan_latches`` (fail closed), whatever the threshold; otherwise it leaves
    the latch as it was (fail open). Rows not probed keep their latch and their ``p_out`` entry.
 4. **blend** (only rows latched after step 3), in place on ``logits[b, :]``:
@@ -48,6 +52,7 @@ def steer_step_reference(
     eps: float,
     nan_latches: bool = False,
     row_tau: torch.Tensor | None = None,  # [B] float32, per-row threshold replacing tau
+    row_probe: torch.Tensor | None = None,  # [B] int32/int64, probe of each row (stacked weights only)
 ) -> None:
     """Gather + probe + latch + refusal-logit blend; see the module docstring for the exact semantics."""
     B = logits.shape[0]
@@ -58,8 +63,15 @@ def steer_step_reference(
     mask = probe_mask.bool()
     if bool(mask.any()):
         x = probe_hidden.index_select(0, probe_rows[mask]).float()
-        hid = torch.relu(x @ W1.float().t() + b1.float())
-        p = torch.sigmoid(hid @ w2.float() + b2.float().reshape(()))
+        if row_probe is None:
+            hid = torch.relu(x @ W1.float().t() + b1.float())
+            p = torch.sigmoid(hid @ w2.float() + b2.float().reshape(()))
+        else:
+            k = row_probe.long()[mask]
+            if k.numel() and (int(k.min()) < 0 or int(k.max()) >= W1.shape[0]):
+                raise IndexError(f"row_probe values must be in [0, {W1.shape[0]}), got {k.tolist()}")
+            hid = torch.relu(torch.einsum("nfh,nh->nf", W1.float()[k], x) + b1.float()[k])
+            p = torch.sigmoid((hid * w2.float()[k]).sum(1) + b2.float().reshape(-1)[k])
         p_out[mask] = p
         fire = p > (tau if row_tau is None else row_tau[mask].float())
         if nan_latches:
