@@ -27,13 +27,30 @@ def _blend(w, z, g):
     return ((1 + w.eps) * z.float() + w.eps * (g.float() @ w.Bt.t()) @ w.U.t()).to(z.dtype)
 
 
-@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+def _with_monitor_probe(w, seed=5):
+    """``w`` plus a random monitor probe (stacked after the prefill probe, as ``from_pack`` does)."""
+    g = torch.Generator().manual_seed(seed)
+    F = w.W1.shape[0]
+    mon = (torch.randn(F, H, generator=g), torch.randn(F, generator=g), torch.randn(F, generator=g),
+           torch.randn(1, generator=g))
+    stacked = (torch.stack([w.W1, mon[0]]), torch.stack([w.b1, mon[1]]), torch.stack([w.w2, mon[2]]),
+               torch.cat([w.b2.reshape(1), mon[3]]))
+    return SteerWeights(**{**w.__dict__, "stacked": stacked})
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor", "monitor-probe"])
 def test_store_matches_a_per_request_reference_under_churn(weights, mode):
     """Random joins, leaves, reorders, chunked prefill: every step's logits and every request's
     latch equal a plain per-request model of the semantics."""
-    # monitor mode: generated tokens have their own, higher threshold; mixed prefill/decode steps use both
-    w = SteerWeights(**{**weights.__dict__, "tau": _tau_for(weights),
-                        "tau_monitor": _tau_for(weights, 0.15, seed=1) if mode == "monitor" else None})
+    # monitor mode: generated tokens have their own, higher threshold; mixed prefill/decode steps use both;
+    # "monitor-probe": generated tokens are also scored by their own probe (one launch, row_probe per row)
+    base = _with_monitor_probe(weights) if mode == "monitor-probe" else weights
+    tau_mon = None
+    if mode != "prefill":
+        x = torch.randn(512, H, generator=torch.Generator().manual_seed(1))
+        tau_mon = float(torch.quantile(base.monitor_probe_scores(x), 1 - 0.15))
+    w = SteerWeights(**{**base.__dict__, "tau": _tau_for(weights), "tau_monitor": tau_mon})
+    mode = "monitor" if mode == "monitor-probe" else mode
     store = SteerStateStore(w, mode=mode, max_batch=2, max_requests=2)  # forces growth of both tables
     between = False  # a decode score above tau but not above tau_monitor (the two thresholds differ in effect)
     rng = random.Random(0)
@@ -82,7 +99,8 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
                 continue  # discarded row: no latch, no writes
             probe = prefilling[b] or mode == "monitor"
             if probe:
-                p = float(w.probe_scores(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
+                score = w.probe_scores if prefilling[b] else w.monitor_probe_scores
+                p = float(score(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
                 t = w.tau if prefilling[b] else w.monitor_tau
                 if p > t and not latched[r] and not prefilling[b]:
                     fired_at_decode = True

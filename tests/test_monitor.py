@@ -64,32 +64,33 @@ def test_monitor_rows_come_from_their_own_split():
     assert sum(y[val] == 1) == 4 and sum(y[val] == 0) == 4  # 2/3 as many for calibration
 
 
-def test_fit_monitor_calibrates_tau_monitor_on_benign_validation_responses():
-    """Responses of harmful prompts drift along one direction, benign ones do not: the retrained
-    probe separates them, tau_monitor lets at most the target share of benign validation responses
-    latch, and harmful ones latch within their first tokens."""
+def test_fit_monitor_fits_its_own_probe_and_calibrates_tau_monitor():
+    """Responses of harmful prompts drift along one direction, benign ones do not: the monitor probe
+    separates them, tau_monitor lets at most the target share of benign validation responses latch,
+    and harmful ones latch within their first tokens."""
     g = torch.Generator().manual_seed(0)
     H, n = 8, 160
     y = torch.cat([torch.ones(n // 2), torch.zeros(n // 2)])
-    X = torch.randn(n, H, generator=g) + 3.0 * y[:, None] * torch.eye(H)[0]  # prompts: separable on dim 0
     d = torch.eye(H)[1]
     responses = {i: torch.randn(5, H, generator=g) + (4.0 * d if y[i] == 1 else 0.0) for i in range(n)}
     cfg = FitConfig(monitor_prompts=30, monitor_target_fpr=0.1, probe_epochs=200, probe_hidden=8, probe_lr=1e-2,
                     target_fpr=0.1)
     gate = _gate(y)
-    mon = fit_monitor(X, y, gate, cfg, responses)
-    _, val = monitor_rows(y, gate, cfg)
+    mon = fit_monitor(y, gate, cfg, responses)
+    train, val = monitor_rows(y, gate, cfg)
+    assert mon.metrics["response_states"]["train"] == 5 * len(train)  # trained on the training rows' responses only
     benign = [r for r in val if y[r] == 0]
     top = torch.stack([mon.probe.score(responses[r]).max() for r in benign])
     assert (top > mon.tau_monitor).float().mean() <= 0.1
     assert mon.metrics["val_benign_latch_rate"] <= 0.1
     assert mon.metrics["val_harmful_latch_rate"] >= 0.9
     assert 1 <= mon.metrics["val_harmful_leaked_tokens_median"] <= 5
-    # the prompt threshold is recalibrated for the retrained probe on the prompt validation split
-    val_benign = mon.val_scores[y[gate.val_idx] == 0]
-    assert (val_benign > mon.tau).float().mean() <= 0.1
+    assert mon.probe.W1.shape == (8, H)  # the gate's size: the two probes stack in one op call
     with pytest.raises(ValueError, match="no response states"):
-        fit_monitor(X, y, gate, cfg, {})
+        fit_monitor(y, gate, cfg, {})
+    empty_benign = {r: (v if y[r] == 1 else torch.zeros(0, H)) for r, v in responses.items()}
+    with pytest.raises(ValueError, match="all of one class"):
+        fit_monitor(y, gate, cfg, empty_benign)
 
 
 def test_sample_weights_scale_free_and_validated():
@@ -117,15 +118,63 @@ def test_tiny_fit_writes_a_monitor_pack(tiny_model, tiny_tokenizer, tmp_path):
     benign = [f"{t} {'?' if i % 2 else '!'}" for i, t in enumerate(benign)]
     cfg = FitConfig(probe_epochs=3, head_epochs=1, head_prompts=4, batch_size=8, progress=False, head_rank=2,
                     monitor_prompts=4, monitor_tokens=3)
-    pack = fit(tiny_model, tiny_tokenizer, cfg, FitData(harmful, benign, [], {"counts": {}}))
+    data = FitData(harmful, benign, [], {"counts": {}})
+    pack = fit(tiny_model, tiny_tokenizer, cfg, data)
     m = pack.meta
     assert 0.0 <= m["tau_monitor"] <= 1.0 and pack.tau_monitor == m["tau_monitor"]
     assert m["monitor"]["prompts"] == {"train": 8, "val": 4} and m["monitor"]["tokens"] == 3
-    assert load_pack(pack.save(tmp_path / "p.safetensors")).tau_monitor == pack.tau_monitor
+    assert pack.has_monitor_probe and pack.monitor["W1"].shape == pack.W1.shape
+    back = load_pack(pack.save(tmp_path / "p.safetensors"))
+    assert back.tau_monitor == pack.tau_monitor and back.has_monitor_probe
+    for k in ("W1", "b1", "w2", "b2"):
+        assert torch.equal(back.monitor[k], pack.monitor[k])
+    # the prefill gate is the one a prefill-only fit gives: the monitor probe does not touch it
+    plain = fit(tiny_model, tiny_tokenizer, FitConfig(**{**cfg.__dict__, "monitor_prompts": 0}), data)
+    assert not plain.has_monitor_probe and plain.tau_monitor is None
+    assert torch.equal(plain.W1, pack.W1) and plain.tau == pack.tau
     off = fit(tiny_model, tiny_tokenizer, FitConfig.preset("paper", probe_epochs=2, head_epochs=1, head_prompts=4,
-                                                          batch_size=8, progress=False),
-              FitData(harmful, benign, [], {"counts": {}}))
+                                                          batch_size=8, progress=False), data)
     assert "tau_monitor" not in off.meta and off.tau_monitor is None  # the paper's configuration: prefill only
+
+
+def _monitor_probe(pack, b2: float, seed: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    F, H = pack.W1.shape
+    return {"W1": torch.randn(F, H, generator=g), "b1": torch.randn(F, generator=g), "w2": torch.randn(F, generator=g),
+            "b2": torch.tensor([b2])}
+
+
+def test_pack_monitor_probe_is_validated(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pack = make_pack(tiny_model)
+    pack.meta["tau_monitor"] = 0.9
+    pack.monitor = _monitor_probe(pack, 0.0)
+    path = pack.save(tmp_path / "ok.safetensors")
+    assert load_pack(path).has_monitor_probe
+    W1s, b1s, w2s, b2s = pack.stacked_probes()
+    assert W1s.shape == (2, *pack.W1.shape) and torch.equal(W1s[1], pack.monitor["W1"]) and b2s.shape == (2,)
+    # bad monitor probes: NaN, wrong shape, missing tau_monitor
+    for mutate, msg in ((lambda m: m["W1"].__setitem__((0, 0), float("nan")), "monitor.W1 contains NaN"),
+                        (lambda m: m.__setitem__("w2", torch.zeros(3)), "monitor.w2 has shape")):
+        pack.monitor = _monitor_probe(pack, 0.0)
+        mutate(pack.monitor)
+        with pytest.raises(PackError, match=msg):
+            pack.save(tmp_path / "bad.safetensors")
+    pack.monitor = _monitor_probe(pack, 0.0)
+    del pack.meta["tau_monitor"]
+    with pytest.raises(PackError, match="monitor probe but no 'tau_monitor'"):
+        pack.save(tmp_path / "bad.safetensors")
+    # a file with only part of a monitor probe
+    t = load_file(str(path))
+    del t["monitor.b2"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(t, str(tmp_path / "part.safetensors"), metadata=meta)
+    with pytest.raises(PackError, match="incomplete monitor probe"):
+        load_pack(tmp_path / "part.safetensors")
 
 
 def test_pack_tau_monitor_is_validated(tiny_model, tmp_path):
@@ -158,6 +207,30 @@ def test_processor_uses_tau_at_prefill_and_tau_monitor_on_generated_tokens(tiny_
         assert (mon.latched_at == 1).all()
     with pytest.raises(ValueError, match="tau_monitor"):
         autosteer.attach(tiny_model, pack, tau_monitor=2.0)
+
+
+def test_generated_tokens_are_scored_by_the_monitor_probe(tiny_model, tiny_tokenizer):
+    """With a monitor probe, generated tokens are scored by it, the prompt by the prefill probe."""
+    ids, mask = _inputs(tiny_tokenizer)
+    pack = make_pack(tiny_model)
+    pack.meta["tau"], pack.meta["tau_monitor"] = 0.5, 0.5
+    pack.b2 = torch.tensor([100.0])  # the prefill probe fires on everything ...
+    pack.monitor = _monitor_probe(pack, -100.0)  # ... the monitor probe on nothing
+    with autosteer.attach(tiny_model, pack) as h:
+        mon = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, mode="monitor")
+    assert (mon.latched_at == 0).all()  # prompt: prefill probe
+    pack.meta["tau"] = 1.0  # the prompt can no longer fire: only a generated token could latch
+    with autosteer.attach(tiny_model, pack) as h:
+        mon = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, mode="monitor")
+    assert not mon.steered.any()  # the prefill probe (p = 1) would have latched every generated token
+    pack.b2 = torch.tensor([-100.0])
+    pack.monitor = _monitor_probe(pack, 100.0)
+    pack.meta["tau"] = 0.5
+    with autosteer.attach(tiny_model, pack) as h:
+        mon = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, mode="monitor")
+        pre = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, mode="prefill")
+    assert not mon.gate.any() and (mon.latched_at == 1).all()  # the first generated token latches
+    assert not pre.steered.any()  # prefill mode never runs the monitor probe
 
 
 def test_monitor_mode_on_a_prefill_only_pack_warns_and_uses_tau(tiny_model, tiny_tokenizer):

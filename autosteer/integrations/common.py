@@ -110,6 +110,9 @@ class SteerWeights:
     layer: int
     # threshold for generated tokens in monitor mode; None: a prefill-only pack (tau is used, with a warning)
     tau_monitor: float | None = None
+    # (W1 [2, F, H], b1 [2, F], w2 [2, F], b2 [2]): prefill probe and monitor probe stacked, for
+    # monitor mode's one-launch step (row_probe picks per row); None: the pack has no monitor probe
+    stacked: tuple | None = None
 
     @property
     def monitor_tau(self) -> float:
@@ -135,6 +138,7 @@ class SteerWeights:
             w2=pack.w2.to(device).contiguous(), b2=pack.b2.to(device).contiguous(),
             U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
             tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer,
+            stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
         )
 
     @property
@@ -145,6 +149,14 @@ class SteerWeights:
         """The probe alone on rows ``h`` ([n, H]); for reports and tests (the step uses the op)."""
         hid = torch.relu(h.float() @ self.W1.t() + self.b1)
         return torch.sigmoid(hid @ self.w2 + self.b2)
+
+    def monitor_probe_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """What monitor mode scores generated-token rows ``h`` with: the monitor probe, or the
+        prefill probe for a pack without one."""
+        if self.stacked is None:
+            return self.probe_scores(h)
+        W1, b1, w2, b2 = (t[1] for t in self.stacked)
+        return torch.sigmoid(torch.relu(h.float() @ W1.t() + b1) @ w2 + b2)
 
 
 class _FingerprintView(torch.nn.Module):
@@ -370,6 +382,9 @@ class SteerStateStore:
         self._tau_pre = torch.full((rows,), self.w.tau, dtype=torch.float32, device=dev)
         self._tau_mon = torch.full((rows,), self.w.monitor_tau, dtype=torch.float32, device=dev)
         self._row_tau = torch.empty(rows, dtype=torch.float32, device=dev)
+        # ... and per-row probes when the pack has a monitor probe (0: prefill probe, 1: monitor probe)
+        self._row_probe = torch.empty(rows, dtype=torch.int32, device=dev)
+        self._probe_mon = torch.ones(rows, dtype=torch.int32, device=dev)
 
     # -- request bookkeeping ------------------------------------------------------------------
     def __contains__(self, request_id) -> bool:
@@ -556,7 +571,10 @@ class SteerStateStore:
         probe = self._probe[:B]
         torch.ne(fl & _PROBE, 0, out=probe)
         if self.mode == "monitor":
-            torch.where((fl & _FINAL_PREFILL) != 0, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
+            final_prefill = (fl & _FINAL_PREFILL) != 0
+            torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
+            if self.w.stacked is not None:
+                self._row_probe[:B].copy_((~final_prefill).to(torch.int32))
         lat0 = self._lat[0, :B]
         torch.index_select(self._slot_latched, 0, slots, out=lat0)
         lat0 &= active
@@ -596,9 +614,13 @@ class SteerStateStore:
         # later (speculative) positions are generated tokens
         row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
         w = self.w
+        W1, b1, w2, b2, row_probe = w.W1, w.b1, w.w2, w.b2, None
+        if self.mode == "monitor" and w.stacked is not None:  # ... and the prompt / monitor probe likewise
+            W1, b1, w2, b2 = w.stacked
+            row_probe = self._row_probe[:B] if j == 0 else self._probe_mon[:B]
         if B:
             self._op(probe_hidden, probe_rows, mask, head_hidden, head_rows, logits, lat_j, self._pout[j, :B],
-                     w.W1, w.b1, w.w2, w.b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau)
+                     W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe)
         s.j = j + 1
         return logits
 

@@ -5,8 +5,8 @@ touched here) or from the user's own labelled files. The layer comes from ``laye
 ``depth:0.6``, chosen in the gate study; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
 the whole SAS and AUROC curves are recorded either way); a stratified validation split of the fit
 data calibrates the threshold to a target false-positive rate on benign validation prompts. With
-``monitor_prompts > 0`` the probe is also taught the model's own responses and a second threshold,
-``tau_monitor``, is calibrated for monitor mode (:func:`fit_monitor`).
+``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's own responses and
+its threshold ``tau_monitor`` calibrated, for monitor mode (:func:`fit_monitor`).
 """
 from __future__ import annotations
 
@@ -81,15 +81,13 @@ class FitConfig:
     fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
     jailbreak_fit: int = 400  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
-    # monitor mode: the probe also learns the states of the model's own responses (greedy, unsteered)
-    # to this many fit prompts per class from the training split (2/3 as many from the validation
-    # split calibrate tau_monitor). 0 (default): a prefill-only pack, as in the paper. Opt-in (e.g. 150)
-    # because on the default model teaching the one probe response states costs prefill accuracy
-    # (docs/method.md, section 7b)
+    # monitor mode: a second probe (same size as the gate's) learns the states of the model's own
+    # responses (greedy, unsteered) to this many fit prompts per class from the training split (2/3 as
+    # many from the validation split calibrate tau_monitor); the prefill probe is left as it is.
+    # 0 (default): a prefill-only pack, as in the paper (no responses generated; docs/method.md, 7b)
     monitor_prompts: int = 0
     monitor_tokens: int = 16  # response tokens per prompt (monitor mode latches within these on validation)
     monitor_target_fpr: float = 0.05  # benign validation responses monitor mode may latch on
-    monitor_weight: float = 0.3  # total weight of the response states relative to the prompt states in probe training
     max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -115,8 +113,8 @@ class FitConfig:
             raise ValueError("jailbreak_fit must be >= 0")
         if self.monitor_prompts < 0 or self.monitor_tokens < 1:
             raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
-        if not 0.0 <= self.monitor_target_fpr <= 1.0 or not self.monitor_weight > 0:
-            raise ValueError("monitor_target_fpr must be in [0, 1] and monitor_weight > 0")
+        if not 0.0 <= self.monitor_target_fpr <= 1.0:
+            raise ValueError("monitor_target_fpr must be in [0, 1]")
 
 
 @dataclass
@@ -309,13 +307,10 @@ def monitor_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[i
 
 @dataclass
 class MonitorFit:
-    """The probe retrained on prompt and response states, and its two thresholds."""
+    """The monitor probe (generated tokens) and its threshold."""
 
     probe: Probe
-    tau: float  # prefill threshold (recalibrated for this probe on the prompt validation split)
-    tau_calibrated: float
-    tau_monitor: float  # generated-token threshold
-    val_scores: torch.Tensor  # this probe's scores on the prompt validation split
+    tau_monitor: float
     metrics: dict
 
 
@@ -324,34 +319,30 @@ def _first_latch(scores: torch.Tensor, tau: float) -> int | None:
     return int(hit[0]) + 1 if len(hit) else None  # state j is probed once token j is out: j + 1 tokens leaked
 
 
-def fit_monitor(X_layer: torch.Tensor, y: torch.Tensor, gate: GateFit, cfg: FitConfig,
-                responses: dict[int, torch.Tensor]) -> MonitorFit:
-    """Monitor calibration from states (what :func:`fit` runs after generating the responses).
+def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[int, torch.Tensor]) -> MonitorFit:
+    """Monitor probe and threshold from response states (what :func:`fit` runs after generating them).
 
-    ``X_layer``: ``[n, H]`` last-prompt-token states at the gate's layer; ``responses``: fit row ->
-    ``[k, H]`` states of the model's own response tokens (:func:`generated_token_states`), for the
-    rows of :func:`monitor_rows`. The probe is retrained on the training split's prompt states plus
-    the training rows' response states (labelled with their prompt's label, weighted to
-    ``monitor_weight`` times the prompt states' total); ``tau`` is recalibrated on the prompt
-    validation split as before, and ``tau_monitor`` so that at most ``monitor_target_fpr`` of the
-    benign validation responses would latch within their tokens.
+    ``y``: the fit labels; ``responses``: fit row -> ``[k, H]`` states of the model's own response
+    tokens at the gate's layer (:func:`generated_token_states`), for the rows of
+    :func:`monitor_rows`. A probe of the gate's size is trained on the training rows' response
+    states, each labelled with its prompt's label (the prefill probe is not touched: the gate keeps
+    its accuracy); ``tau_monitor`` is set so that at most ``monitor_target_fpr`` of the benign
+    validation responses would latch within their tokens (a row latches at its first token over it).
     """
     train_rows, val_rows = monitor_rows(y, gate, cfg)
     missing = [r for r in train_rows + val_rows if r not in responses]
     if missing:
         raise ValueError(f"fit_monitor: no response states for fit rows {missing[:5]}")
-    Xp, yp = X_layer[gate.train_idx], y[gate.train_idx]
-    R = [responses[r] for r in train_rows if len(responses[r])]
+    R = [(responses[r], float(y[r])) for r in train_rows if len(responses[r])]
     if not R:
         raise ValueError("fit_monitor: every training response was empty (the model stopped at once)")
-    Xr = torch.cat(R)
-    yr = torch.cat([torch.full((len(responses[r]),), float(y[r])) for r in train_rows if len(responses[r])])
-    w = torch.cat([torch.ones(len(Xp)), torch.full((len(Xr),), cfg.monitor_weight * len(Xp) / len(Xr))])
-    probe = train_probe(torch.cat([Xp.float(), Xr.float()]), torch.cat([yp, yr]), cfg.probe_hidden, cfg.probe_epochs,
-                        cfg.probe_lr, cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size, sample_weight=w)
-    val_scores = probe.score(X_layer[gate.val_idx])
-    val_y = y[gate.val_idx]
-    tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
+    if len({lab for _, lab in R}) < 2:
+        raise ValueError("fit_monitor: the training responses are all of one class (every response of the other "
+                         "class was empty)")
+    Xr = torch.cat([x for x, _ in R]).float()
+    yr = torch.cat([torch.full((len(x),), lab) for x, lab in R])
+    probe = train_probe(Xr, yr, cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr, cfg.probe_weight_decay, cfg.seed,
+                        cfg.probe_batch_size)
     resp_scores = {r: probe.score(responses[r]) if len(responses[r]) else torch.zeros(0) for r in val_rows}
     top = {r: float(v.max()) if len(v) else 0.0 for r, v in resp_scores.items()}
     benign = [r for r in val_rows if int(y[r]) == 0]
@@ -370,7 +361,7 @@ def fit_monitor(X_layer: torch.Tensor, y: torch.Tensor, gate: GateFit, cfg: FitC
         "val_harmful_leaked_tokens_median": caught[len(caught) // 2] if caught else None,
         "val_response_auroc": auroc(torch.tensor([top[r] for r in val_rows]), torch.tensor([float(y[r]) for r in val_rows])),
     }
-    return MonitorFit(probe, tau, tau_cal, tau_monitor, val_scores, metrics)
+    return MonitorFit(probe, tau_monitor, metrics)
 
 
 def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = None) -> SteerPack:
@@ -406,7 +397,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_probe_sweep = time.time() - t0 - t_states
 
-    # 4b. monitor mode: the probe also learns the model's own responses; a second threshold for them
+    # 4b. monitor mode: a second probe for the model's own responses, and its threshold
     monitor = None
     if cfg.monitor_prompts > 0:
         prompts = data.harmful + data.benign
@@ -414,8 +405,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         rows = train_rows + val_rows
         resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in rows], fmt, layer, cfg.monitor_tokens,
                                          cfg.batch_size, progress=cfg.progress)
-        monitor = fit_monitor(X[:, layer], y, gate, cfg, dict(zip(rows, resp)))
-        probe, tau, tau_cal, val_scores = monitor.probe, monitor.tau, monitor.tau_calibrated, monitor.val_scores
+        monitor = fit_monitor(y, gate, cfg, dict(zip(rows, resp)))
     t_monitor = time.time() - t0 - t_states - t_probe_sweep
 
     def rates(t: float) -> dict:
@@ -465,7 +455,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         # generated-token threshold of monitor mode (absent: a prefill-only pack)
         **({"tau_monitor": monitor.tau_monitor,
             "monitor": {"rule": f"at most {cfg.monitor_target_fpr} of benign validation responses latch within "
-                                f"{cfg.monitor_tokens} tokens", **monitor.metrics}} if monitor else {}),
+                                f"{cfg.monitor_tokens} tokens", "probe": "monitor probe (pack tensors monitor.*)",
+                        **monitor.metrics}} if monitor else {}),
         "eps": cfg.eps,
         "head_rank": head.rank,
         "head_form": "full" if cfg.head_rank is None else "low_rank",
@@ -473,7 +464,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "prompt_format": fmt.to_dict(),
         "chat_template_sha256_16": template_hash(tokenizer),
         "metrics": {
-            "val_auroc": auroc(val_scores, val_y) if monitor else val_auroc[layer],
+            "val_auroc": val_auroc[layer],
             "val_at_tau": rates(tau),
             "val_at_tau_paper": rates(cfg.tau_paper),
             "val_roc": {"fpr": fpr, "tpr": tpr},
@@ -486,7 +477,11 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "fit_config": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in cfg.__dict__.items()},
         "seed": cfg.seed,
     }
-    pack = SteerPack(probe.W1, probe.b1, probe.w2, probe.b2, head.A.float(), head.B.float(), meta)
+    mon_tensors = None
+    if monitor is not None:
+        mp = monitor.probe
+        mon_tensors = {"W1": mp.W1, "b1": mp.b1, "w2": mp.w2, "b2": mp.b2}
+    pack = SteerPack(probe.W1, probe.b1, probe.w2, probe.b2, head.A.float(), head.B.float(), meta, mon_tensors)
     pack.validate()
     log.info("fit done in %.1f s: layer %d (%s), val AUROC %.3f", elapsed, layer, rule, val_auroc[layer])
     return pack

@@ -7,6 +7,11 @@ rule that chose it, sizes, tau values (``tau_monitor``, the generated-token thre
 mode, is optional: packs without it are prefill-only), eps, prompt format, SAS/AUROC curves, fit metrics,
 data sources, seed).
 
+Optional: the **monitor probe** ``monitor.W1 [F, H]``, ``monitor.b1 [F]``, ``monitor.w2 [F]``,
+``monitor.b2 [1]`` (same sizes as the prefill probe, float32), fitted on the model's own response
+states; monitor mode scores generated tokens with it against ``tau_monitor`` (which it requires).
+A pack with ``tau_monitor`` but no monitor probe scores generated tokens with the prefill probe.
+
 Packs are read with safetensors only -- never unpickled -- and validated on load: every
 tensor's name, shape, dtype and finiteness, the metadata schema, and (at attach time) the
 model fingerprint. Every problem raises :class:`PackError` with a message naming it.
@@ -31,6 +36,7 @@ _REQUIRED_META = {
     "tau": (int, float), "tau_paper": (int, float), "prompt_format": dict, "fingerprint": dict,
 }
 _TENSORS = ("probe.W1", "probe.b1", "probe.w2", "probe.b2", "head.A", "head.B")
+_MONITOR_TENSORS = ("monitor.W1", "monitor.b1", "monitor.w2", "monitor.b2")
 _FINGERPRINT_ROWS = 64
 
 
@@ -95,6 +101,8 @@ class SteerPack:
     A: torch.Tensor
     B: torch.Tensor
     meta: dict = field(default_factory=dict)
+    # optional monitor probe for generated tokens: {"W1": [F, H], "b1": [F], "w2": [F], "b2": [1]}
+    monitor: dict | None = None
 
     @property
     def layer(self) -> int:
@@ -118,15 +126,37 @@ class SteerPack:
     def hidden_size(self) -> int:
         return int(self.meta["hidden_size"])
 
+    @property
+    def has_monitor_probe(self) -> bool:
+        return self.monitor is not None
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2,
-                "head.A": self.A, "head.B": self.B}
+        out = {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2,
+               "head.A": self.A, "head.B": self.B}
+        if self.monitor is not None:
+            out.update({f"monitor.{k}": self.monitor.get(k) for k in ("W1", "b1", "w2", "b2")})
+        return out
+
+    def stacked_probes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W1 [2, F, H], b1 [2, F], w2 [2, F], b2 [2])``: probe 0 the prefill probe, probe 1 the
+        monitor probe -- the stacked weights ``steer_step`` takes with a per-row ``row_probe``."""
+        if self.monitor is None:
+            raise PackError("this pack has no monitor probe")
+        m = self.monitor
+        return (torch.stack([self.W1, m["W1"]]), torch.stack([self.b1, m["b1"]]), torch.stack([self.w2, m["w2"]]),
+                torch.cat([self.b2.reshape(1), m["b2"].reshape(1)]))
 
     def validate(self) -> None:
         """Check the metadata schema and every tensor's shape, dtype and finiteness."""
         _validate_meta(self.meta)
         H, F, r = self.meta["hidden_size"], self.meta["probe_hidden"], self.meta["head_rank"]
         shapes = {"probe.W1": (F, H), "probe.b1": (F,), "probe.w2": (F,), "probe.b2": (1,), "head.A": (H, r), "head.B": (H, r)}
+        shapes.update({"monitor." + k[len("probe."):]: v for k, v in shapes.items() if k.startswith("probe.")})
+        if self.monitor is not None:
+            if not isinstance(self.monitor, dict) or set(self.monitor) != {"W1", "b1", "w2", "b2"}:
+                raise PackError("pack monitor probe must hold exactly W1, b1, w2 and b2")
+            if self.meta.get("tau_monitor") is None:
+                raise PackError("pack has a monitor probe but no 'tau_monitor' threshold for it")
         for name, t in self.tensors().items():
             if not isinstance(t, torch.Tensor):
                 raise PackError(f"pack tensor {name} is missing")
@@ -231,11 +261,15 @@ def load_pack(path: str | os.PathLike) -> SteerPack:
     missing = [k for k in _TENSORS if k not in names]
     if missing:
         raise PackError(f"{path}: pack lacks tensors {missing}")
-    extra = sorted(names - set(_TENSORS))
+    extra = sorted(names - set(_TENSORS) - set(_MONITOR_TENSORS))
     if extra:
         raise PackError(f"{path}: pack has unexpected tensors {extra}")
+    mon = [k for k in _MONITOR_TENSORS if k in names]
+    if mon and len(mon) != len(_MONITOR_TENSORS):
+        raise PackError(f"{path}: pack has an incomplete monitor probe (lacks {sorted(set(_MONITOR_TENSORS) - set(mon))})")
+    monitor = {k[len("monitor."):]: tensors[k] for k in _MONITOR_TENSORS} if mon else None
     pack = SteerPack(tensors["probe.W1"], tensors["probe.b1"], tensors["probe.w2"], tensors["probe.b2"],
-                     tensors["head.A"], tensors["head.B"], meta)
+                     tensors["head.A"], tensors["head.B"], meta, monitor)
     try:
         pack.validate()
     except PackError as exc:

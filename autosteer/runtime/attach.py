@@ -82,6 +82,10 @@ class AutoSteerHandle:
         self.b1 = pack.b1.to(device)
         self.w2 = pack.w2.to(device)
         self.b2 = pack.b2.to(device)
+        # the monitor probe (generated tokens in monitor mode), or None: the prefill probe scores them too
+        self.monitor_probe = None
+        if pack.has_monitor_probe:
+            self.monitor_probe = tuple(pack.monitor[k].to(device) for k in ("W1", "b1", "w2", "b2"))
         with torch.no_grad():  # E A, once: the op never rebuilds E S per step
             # stored r-major ([r, V] memory, viewed as [V, r]): a vocab block of U is then a
             # contiguous run per rank, which both kernels read fastest
@@ -96,14 +100,17 @@ class AutoSteerHandle:
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                tau: float | None = None):
+                tau: float | None = None, generated: bool = False):
         """One fused op call, under the fault policy (see the class docstring). ``tau``: this call's
         threshold (default the prefill threshold; the processor passes ``tau_monitor`` for
-        generated tokens)."""
+        generated tokens). ``generated``: every probed row is a generated token, scored by the
+        pack's monitor probe when it has one."""
+        W1, b1, w2, b2 = self.W1, self.b1, self.w2, self.b2
+        if generated and self.monitor_probe is not None:
+            W1, b1, w2, b2 = self.monitor_probe
         try:
             self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                     self.W1, self.b1, self.w2, self.b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps,
-                     self.fail_closed)
+                     W1, b1, w2, b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps, self.fail_closed)
         except Exception as exc:  # noqa: BLE001 - the policy decides, for any failure of the op
             if self.fail_closed:
                 raise AutoSteerFault(f"AutoSteer's per-step op failed, generation stopped (fail closed): {exc}") from exc

@@ -4,8 +4,8 @@ Per generation it keeps, for every row of the batch, a latch (refuse or not) and
 score. At the first call (prefill) each row's gate is decided from its last prompt token; in
 ``"prefill"`` mode (the paper's) the latch then holds for the whole generation, in
 ``"monitor"`` mode every generated token is probed again and the first trigger latches; generated
-tokens are compared with the pack's ``tau_monitor`` (fitted on the model's own responses), the
-prompt's last token with ``tau``.
+tokens are scored by the pack's monitor probe (when it has one) against its ``tau_monitor`` (both
+fitted on the model's own responses), the prompt's last token by the prefill probe against ``tau``.
 
 Transformers runs custom processors after its own (repetition penalty and the like) and before
 the sampling warpers (temperature, top-k, top-p), so the blend acts on the model's logits
@@ -108,9 +108,10 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
                 probe_mask &= ~torch.isin(input_ids[:, -1], self._stop_ids.to(device))
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
             # every row of a transformers step is in the same phase: the prompt's last token at the
-            # first call, a generated token after it -- one threshold per call
+            # first call, a generated token after it -- one probe and one threshold per call
             self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
-                                scores, self.latched, p, tau=self.handle.tau if new else self.handle.tau_monitor)
+                                scores, self.latched, p, tau=self.handle.tau if new else self.handle.tau_monitor,
+                                generated=not new)
         if new:
             self.p_unsafe = p.clone()
             self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
