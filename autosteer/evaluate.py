@@ -97,7 +97,10 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
     t0 = time.time()
     report: dict = {"pack": {k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps", "head_rank")},
                     "tau_used": handle.tau, "tau_monitor_used": getattr(handle, "tau_monitor", None),
-                    "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)), "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
+                    "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
+                    "monitor_probe": bool(getattr(handle, "monitor_probe", None) is not None),
+                    "monitor_window": getattr(handle, "monitor_window", None),
+                    "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
         scores = gates = None
@@ -169,9 +172,12 @@ def markdown_report(report: dict) -> str:
                                  f"precision {100 * m['precision']:.1f}%, recall {100 * m['recall']:.1f}%")
     if "monitor" in settings:
         tm = report.get("tau_monitor_used")
-        how = ("" if tm is None else f" Generated tokens are compared with tau_monitor {tm:.6g}"
-               + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)." if report.get("tau_monitor_fallback")
-                  else " (fitted on the model's own responses to fit prompts)."))
+        scorer = "the pack's monitor probe" if report.get("monitor_probe") else "the prefill probe"
+        window = report.get("monitor_window")
+        how = ("" if tm is None else f" Generated tokens are scored by {scorer} against tau_monitor {tm:.6g}"
+               + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)" if report.get("tau_monitor_fallback")
+                  else " (fitted on the model's own responses to fit prompts)")
+               + (f", the first {window} of them." if window else ", all of them."))
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():
             leaks = e["results"]["monitor"].get("leaked_tokens", [])

@@ -244,3 +244,76 @@ def test_monitor_mode_on_a_prefill_only_pack_warns_and_uses_tau(tiny_model, tiny
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # prefill mode does not warn
             h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, mode="prefill")
+
+
+def test_monitor_window_stops_probing_after_the_calibrated_tokens(tiny_model, tiny_tokenizer):
+    """Monitor mode probes the first monitor.tokens generated tokens (the window tau_monitor was
+    calibrated on), then stops; monitor_window overrides it (0: every token)."""
+    ids, mask = _inputs(tiny_tokenizer)
+    pack = make_pack(tiny_model)
+    pack.meta["tau"], pack.meta["tau_monitor"] = 1.0, 0.5
+    pack.meta["monitor"] = {"tokens": 2}
+    pack.monitor = _monitor_probe(pack, -100.0)  # never fires: every call runs to the end
+    calls = []
+
+    def run(**kw):
+        calls.clear()
+        with autosteer.attach(tiny_model, pack, **kw) as h:
+            real = h._op
+
+            def spy(*a, **k):
+                calls.append(bool(a[2].any()))  # probe_mask
+                return real(*a, **k)
+
+            h._op = spy
+            h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       mode="monitor")
+            return h.monitor_window
+
+    assert run() == 2
+    assert calls == [True, True, True, False, False, False]  # prompt, generated tokens 0 and 1, then none
+    assert run(monitor_window=0) is None and calls == [True] * 6
+    assert run(monitor_window=4) == 4 and calls == [True] * 5 + [False]
+    with pytest.raises(ValueError, match="monitor_window"):
+        autosteer.attach(tiny_model, pack, monitor_window=-1)
+    pack.meta["monitor"] = {"tokens": 0}
+    with pytest.raises(PackError, match="monitor.tokens"):
+        pack.validate()
+
+
+def test_store_monitor_window(tiny_model):
+    """The serving store probes a request's prompt and its first monitor_window generated tokens."""
+    from autosteer.integrations.common import SteerStateStore, SteerWeights
+
+    pack = make_pack(tiny_model)
+    pack.meta["tau_monitor"] = 0.5
+    pack.meta["monitor"] = {"tokens": 2}
+    pack.monitor = _monitor_probe(pack, -100.0)
+    w = SteerWeights.from_pack(pack, tiny_model.lm_head.weight)
+    assert w.monitor_window == 2 and w.stacked is not None
+    store = SteerStateStore(w, mode="monitor")
+    masks = []
+    real = store._op
+
+    def spy(*a, **k):
+        masks.append(a[2].tolist())
+        return real(*a, **k)
+
+    store._op = spy
+    H = w.W1.shape[1]
+    V = w.U.shape[0]
+    store.begin_step(["a"], cu_seqlens=[0, 3])  # prefill
+    store.apply(torch.randn(1, V), probe_hidden=torch.randn(3, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    for step in range(4):
+        if step == 1:  # "b" joins mid-way: its prompt is probed whatever a's count is
+            store.begin_step(["a", "b"], cu_seqlens=[0, 1, 3], prefilling=[False, True])
+            store.apply(torch.randn(2, V), probe_hidden=torch.randn(3, H), head_hidden=torch.randn(2, H))
+        else:
+            ids = ["a", "b"] if step > 1 else ["a"]
+            store.begin_step(ids)
+            store.apply(torch.randn(len(ids), V), probe_hidden=torch.randn(len(ids), H), head_hidden=torch.randn(len(ids), H))
+        store.end_step()
+    # a: prompt, generated tokens 0 and 1 (steps 0, 1), then not; b: prompt (step 1), tokens 0, 1 (steps 2, 3)
+    assert masks == [[True], [True], [True, True], [False, True], [False, True]]
+    assert store.summary("a").tokens == 5 and store.summary("b").tokens == 3

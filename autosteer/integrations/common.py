@@ -113,6 +113,8 @@ class SteerWeights:
     # (W1 [2, F, H], b1 [2, F], w2 [2, F], b2 [2]): prefill probe and monitor probe stacked, for
     # monitor mode's one-launch step (row_probe picks per row); None: the pack has no monitor probe
     stacked: tuple | None = None
+    # monitor mode probes a request's first monitor_window generated tokens (None: all of them)
+    monitor_window: int | None = None
 
     @property
     def monitor_tau(self) -> float:
@@ -120,8 +122,10 @@ class SteerWeights:
 
     @classmethod
     def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = False,
-                  device: torch.device | str | None = None, tau_monitor: float | None = None) -> "SteerWeights":
+                  device: torch.device | str | None = None, tau_monitor: float | None = None,
+                  monitor_window: int | None = None) -> "SteerWeights":
         from ..method.pack import PackError, monitor_threshold
+        from ..method.pack import monitor_window as _window
 
         if E.dim() != 2 or not E.is_floating_point():
             raise PackError(f"the output embedding must be a float [V, H] matrix, got {E.dtype} {tuple(E.shape)}")
@@ -139,6 +143,7 @@ class SteerWeights:
             U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
             tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer,
             stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
+            monitor_window=_window(pack, monitor_window),
         )
 
     @property
@@ -575,6 +580,9 @@ class SteerStateStore:
             torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
             if self.w.stacked is not None:
                 self._row_probe[:B].copy_((~final_prefill).to(torch.int32))
+            if self.w.monitor_window is not None:  # generated tokens past the window are not probed
+                # a row's k-th generated token (0-based) is probed when k + 1 tokens are counted
+                probe &= final_prefill | (self._slot_tokens.index_select(0, slots) <= self.w.monitor_window)
         lat0 = self._lat[0, :B]
         torch.index_select(self._slot_latched, 0, slots, out=lat0)
         lat0 &= active
@@ -658,7 +666,7 @@ class SteerStateStore:
             latched_at = torch.where(fired, tokens + first_pos.to(torch.int32),
                                      self._slot_latched_at.index_select(0, slots))
             pout = self._pout[:P, :B].t()
-            probed_any = (s.flags & _PROBE) != 0
+            probed_any = s.probe  # this step's probe mask (monitor window applied)
             p_last_new = pout.gather(1, pos).squeeze(1) if self.mode == "monitor" else pout[:, 0]
             p_last = torch.where(probed_any & active, p_last_new, self._slot_p_last.index_select(0, slots))
             final_prefill = (s.flags & _FINAL_PREFILL) != 0

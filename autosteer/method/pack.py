@@ -172,6 +172,11 @@ class SteerPack:
         tm = self.meta.get("tau_monitor")
         if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float))):
             raise PackError(f"pack metadata 'tau_monitor' has the wrong type ({type(tm).__name__})")
+        mon = self.meta.get("monitor")
+        if mon is not None and "tokens" in (mon if isinstance(mon, dict) else {}):
+            n = mon["tokens"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise PackError(f"pack metadata 'monitor.tokens' must be an int >= 1, got {n!r}")
         for key in ("tau", "tau_paper") + (("tau_monitor",) if tm is not None else ()):
             if not 0.0 <= float(self.meta[key]) <= 1.0:
                 raise PackError(f"pack {key}={self.meta[key]} is not a probability threshold in [0, 1]")
@@ -209,6 +214,18 @@ def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = No
     if pack.tau_monitor is not None:
         return pack.tau_monitor, False
     return float(tau), True
+
+
+def monitor_window(pack: "SteerPack", override: int | None = None) -> int | None:
+    """How many generated tokens monitor mode probes (then it stops, so its calibrated false-latch
+    rate holds for any response length): ``override`` if given (``0``: no limit), else the number of
+    response tokens ``tau_monitor`` was calibrated on (pack metadata ``monitor.tokens``); None: no limit."""
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, int) or override < 0:
+            raise ValueError(f"monitor_window={override!r} must be an int >= 0 (0: probe every generated token)")
+        return override or None
+    mon = pack.meta.get("monitor")
+    return int(mon["tokens"]) if pack.tau_monitor is not None and isinstance(mon, dict) and "tokens" in mon else None
 
 
 def warn_monitor_fallback() -> None:

@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold
+from ..method.pack import monitor_window as resolve_monitor_window
 from ..models import num_layers, output_head
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
@@ -43,7 +44,9 @@ class AutoSteerHandle:
     ``mode``: ``"prefill"`` (decide once per generation, the paper) or ``"monitor"``
     (re-probe every generated token, latch on the first trigger). ``tau`` overrides the pack's
     threshold (``pack.meta["tau_paper"]`` is the paper's 0.5); ``tau_monitor`` the pack's threshold
-    for generated tokens in monitor mode (a prefill-only pack falls back to ``tau``, with a warning).
+    for generated tokens in monitor mode (a prefill-only pack falls back to ``tau``, with a warning);
+    ``monitor_window`` how many generated tokens monitor mode probes (default: the number the pack's
+    ``tau_monitor`` was calibrated on, so its false-latch rate holds for any response length; 0: all).
 
     ``fail_closed`` (default ``True``) is the policy when the plugin cannot decide: a NaN probe
     score (non-finite hidden states) steers the row, and an error inside the per-step op stops
@@ -53,7 +56,8 @@ class AutoSteerHandle:
     """
 
     def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | None = None,
-                 fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None):
+                 fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None,
+                 monitor_window: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if getattr(model, "_autosteer_handle", None) is not None:
@@ -74,6 +78,8 @@ class AutoSteerHandle:
         self.tau = tau
         # monitor mode probes generated tokens against their own threshold (the pack's tau_monitor)
         self.tau_monitor, self.tau_monitor_fallback = monitor_threshold(pack, tau, tau_monitor)
+        # ... for its first monitor_window generated tokens (None: all of them)
+        self.monitor_window = resolve_monitor_window(pack, monitor_window)
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
         self.faults = 0  # op errors swallowed in fail-open mode
@@ -187,8 +193,10 @@ class AutoSteerHandle:
 
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,
-           fail_closed: bool = True, tau_monitor: float | None = None) -> AutoSteerHandle:
+           fail_closed: bool = True, tau_monitor: float | None = None,
+           monitor_window: int | None = None) -> AutoSteerHandle:
     """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
     if not isinstance(pack, SteerPack):
         pack = load_pack(pack)
-    return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed, tau_monitor=tau_monitor)
+    return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed, tau_monitor=tau_monitor,
+                           monitor_window=monitor_window)

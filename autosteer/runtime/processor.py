@@ -16,7 +16,9 @@ their previous last tokens are unchanged, and no new multi-token prefill ran in 
 
 Beam search is not supported: transformers hands processors log-probabilities there and reorders
 beams between steps, which the per-row latch does not follow (``handle.generate`` refuses it).
-In monitor mode, rows that already ended (last token EOS or pad) are not probed again.
+In monitor mode, rows that already ended (last token EOS or pad) are not probed again, and only the
+first ``handle.monitor_window`` generated tokens are probed (the window ``tau_monitor`` was
+calibrated on; at call ``s`` the newest generated token is token ``s - 1``).
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             if new:  # score the prompt, never touch the logits
                 p = self.handle.probe_scores(cap.probe_hidden.index_select(0, probe_rows))
         else:
-            probe = (new or self.mode == "monitor") and self.force is None
+            window = self.handle.monitor_window
+            probe = (new or (self.mode == "monitor" and (window is None or self.step <= window))) and self.force is None
             probe_mask = torch.full((batch,), probe, dtype=torch.bool, device=device)
             if probe and not new and len(self._stop_ids):  # ended rows are not probed again
                 probe_mask &= ~torch.isin(input_ids[:, -1], self._stop_ids.to(device))
