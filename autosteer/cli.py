@@ -81,6 +81,8 @@ def cmd_fit(args) -> int:
         kw["jailbreak_fit"] = args.jailbreak_fit
     if args.monitor_prompts is not None:
         kw["monitor_prompts"] = args.monitor_prompts
+    if args.monitor_tokens is not None:
+        kw["monitor_tokens"] = args.monitor_tokens
     cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
     data = None
     if args.harmful or args.benign:
@@ -104,7 +106,7 @@ def cmd_fit(args) -> int:
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     if "tau_monitor" in m:
         mon = m["monitor"]
-        print(f"monitor mode: tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); validation responses latched: "
+        print(f"monitor mode: monitor probe, tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); validation responses latched: "
               f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f}"
               + (f" (median {mon['val_harmful_leaked_tokens_median']} tokens)"
                  if mon["val_harmful_leaked_tokens_median"] is not None else ""))
@@ -302,8 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
     p.add_argument("--monitor-prompts", type=int, default=None, metavar="N",
-                   help="fit prompts per class whose own responses teach the probe for monitor mode and calibrate "
-                        "tau_monitor (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
+                   help="fit prompts per class whose own responses train the monitor probe and calibrate tau_monitor "
+                        "for monitor mode (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
+    p.add_argument("--monitor-tokens", type=int, default=None, metavar="K",
+                   help="response tokens per prompt for the monitor probe; monitor mode then probes the first K "
+                        "generated tokens (default 16)")
     p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
                         "(0: none; default 400)")

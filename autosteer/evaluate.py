@@ -181,13 +181,15 @@ def markdown_report(report: dict) -> str:
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():
             leaks = e["results"]["monitor"].get("leaked_tokens", [])
+            r = e["results"]["monitor"]
             if leaks:
                 med = leaks[len(leaks) // 2]
                 p90 = leaks[min(len(leaks) - 1, int(0.9 * len(leaks)))]
-                lines.append(f"- {name}: {len(leaks)} rows, median {med}, p90 {p90}")
-            r = e["results"]["monitor"]
+                lines.append(f"- {name}: {len(leaks)} rows latched after prefill; leaked tokens median {med}, p90 {p90}")
+            else:
+                lines.append(f"- {name}: no row latched after prefill")
             if r.get("prefill_missed"):
-                lines.append(f"  - {name}: the prefill gate let {r['prefill_missed']} rows through; monitor mode latched on "
+                lines.append(f"  - the prefill gate let {r['prefill_missed']} rows through; monitor mode latched on "
                              f"{r['caught_after_prefill']} of them ({100 * r['caught_after_prefill'] / r['prefill_missed']:.1f}%) "
                              f"within {report['max_new_tokens']} new tokens")
     lines += ["", f"Evaluation took {report['seconds']} s."]

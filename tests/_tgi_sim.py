@@ -476,7 +476,6 @@ class FlashCausalLM:
             self.eager_forwards += 1
             return self.model(batch.flat_input_ids, batch.flat_positions, batch.cu_seqlen_prefill, self.kv_cache,
                               batch.flat_slots, batch.prefill_head_indices)
-        B = len(batch)
         base = torch.tensor(batch.cache_lengths, dtype=torch.long)
         slots = torch.tensor(batch.kv_slots, dtype=torch.long)
         if batch.speculative_ids is not None:

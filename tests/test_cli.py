@@ -52,6 +52,13 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     assert meta["data"]["counts"] == {"harmful": 12, "benign": 12, "minimal_pairs": 0}
     assert meta["sas_pairing"] == "random"
 
+    mon = tmp_path / "tiny-monitor.pack.safetensors"  # monitor mode: its own probe, window of 3 tokens
+    assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon),
+                 "--head-rank", "2", "--head-epochs", "1", "--monitor-prompts", "3", "--monitor-tokens", "3"]) == 0
+    assert "monitor mode: monitor probe, tau_monitor" in capsys.readouterr().out
+    mp = load_pack(mon)
+    assert mp.has_monitor_probe and mp.meta["monitor"]["tokens"] == 3 and torch.equal(mp.W1, load_pack(pack).W1)
+
     answers = tmp_path / "answers.jsonl"
     assert main(["generate", "--model", str(model_dir), "--pack", str(pack), "--input", str(b), "--output", str(answers),
                  "--max-new-tokens", "3", "--batch-size", "5"]) == 0

@@ -27,5 +27,5 @@ def test_monitor_stats_count_prefill_misses_and_catches(monkeypatch):
     assert r["leaked_tokens"] == [4, 9]
     assert (r["prefill_missed"], r["caught_after_prefill"]) == (3, 2)
     md = ev.markdown_report(report)
-    assert "- jb: 2 rows, median 9, p90 9" in md
+    assert "- jb: 2 rows latched after prefill; leaked tokens median 9, p90 9" in md
     assert "let 3 rows through; monitor mode latched on 2 of them (66.7%) within 32 new tokens" in md

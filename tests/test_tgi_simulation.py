@@ -244,7 +244,7 @@ def test_a_dropped_processor_is_reattached(fake_tgi, setup, tmp_path, caplog):
     hf, rows, pack, _ = setup
     pack_path = _pack_file(tmp_path, pack, 0.0)
     sim.SETTINGS.update(speculate=0, max_prefill_tokens=4096)
-    rt = tgi.install(pack_path, "prefill")
+    tgi.install(pack_path, "prefill")
     try:
         model = sim.FlashCausalLM(hf, cuda_graphs=False)
         b = sim.FlashCausalLMBatch.from_pb(sim.PbBatch(1, [sim.Request(1, rows[0], 3)]), None, model.dtype, model.device)
