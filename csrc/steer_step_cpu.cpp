@@ -456,7 +456,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   if (stacked) {
     TORCH_CHECK(P >= 1, "steer_step_cpu: stacked W1 needs at least one probe");
     TORCH_CHECK(b1.dim() == 2 && b1.size(0) == P && b1.size(1) == F && w2.dim() == 2 && w2.size(0) == P &&
-                    w2.size(1) == F && b2.numel() == P,
+                    w2.size(1) == F && b2.dim() == 1 && b2.size(0) == P,
                 "steer_step_cpu: stacked probes need b1 and w2 [P=", P, ", F=", F, "] and b2 [P]");
     TORCH_CHECK(row_probe->dim() == 1 && row_probe->size(0) == B &&
                     (row_probe->scalar_type() == at::kInt || row_probe->scalar_type() == at::kLong),

@@ -8,8 +8,9 @@ The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for eve
    ``latched[b] |= (p > tau_b) or (nan_latches and isnan(p))``, ``tau_b = row_tau[b]`` when the
    optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``; with stacked
    probe weights (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``) the probe of row ``b`` is
-   ``row_probe[b]`` (one index load per probed row; values outside ``[0, P)`` are clamped, as
-   the CUDA path trusts its indices);
+   ``row_probe[b]`` (one index load per probed row; a value outside ``[0, P)`` -- which the CPU
+   paths reject -- gives ``p = NaN``, so the row follows the NaN policy instead of being scored
+   by some other probe);
 2. where ``latched[b]`` (after step 1), in place:
    ``logits[b] = (1 + eps) * logits[b] + eps * U (Bt g)``, ``g = head_hidden[head_rows[b]]``,
    in fp32, cast back to the logits' dtype. Rows that end up unlatched get no logits writes.
@@ -114,9 +115,11 @@ def steer_step_kernel(
         b1_base = b1_ptr
         w2_base = w2_ptr
         b2_base = b2_ptr
+        k_nan = 0.0  # NaN when this row's probe index is out of range (added to the logit below)
         if HAS_ROW_PROBE:  # stacked probes: this row's probe
             k = tl.load(rprobe_ptr + b * rprobe_s).to(tl.int64)
-            k = tl.minimum(tl.maximum(k, 0), P - 1)
+            k_nan = tl.where((k >= 0) & (k < P), 0.0, float("nan"))
+            k = tl.minimum(tl.maximum(k, 0), P - 1)  # addresses stay in bounds
             w1_base = w1_ptr + k * w1_sp
             b1_base = b1_ptr + k * b1_sp
             w2_base = w2_ptr + k * w2_sp
@@ -138,7 +141,7 @@ def steer_step_kernel(
             hid = tl.where(hid < 0.0, 0.0, hid)  # relu; NaN stays NaN
             w2 = tl.load(w2_base + f * w2_s, mask=fm, other=0.0)
             s_vec += tl.where(fm, hid * w2, 0.0)
-        s = tl.sum(s_vec, axis=0) + tl.load(b2_base)
+        s = tl.sum(s_vec, axis=0) + tl.load(b2_base) + k_nan
         p = 1.0 / (1.0 + tl.exp(-s))
         if HAS_ROW_TAU:
             fire = p > tl.load(rtau_ptr + b * rtau_s)

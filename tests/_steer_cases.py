@@ -171,6 +171,7 @@ def make_case(
     row_tau: bool = False,
     row_tau_layout: str = "contig",
     row_probe: bool = False,
+    weights_layout: str = "contig",
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
     full_s = r == "full"
@@ -250,9 +251,22 @@ def make_case(
         W1=W1.to(dev), b1=b1.to(dev), w2=w2.to(dev), b2=b2.to(dev),
         U=U.to(dev), Bt=Bt.to(dev),
     )
+    if weights_layout == "strided":  # the same probe weights as strided views (kernels must follow strides)
+        for n in ("W1", "b1", "w2", "b2"):
+            t = args[n]
+            lead, last = tuple(t.shape[:-1]), 3 * t.shape[-1] + 1
+            if row_probe and lead:  # the probe axis strided too
+                buf = torch.full((2 * lead[0], *lead[1:], last), float("nan"), device=dev)[::2]
+            else:
+                buf = torch.full((*lead, last), float("nan"), device=dev)
+            args[n] = buf[..., 1::3]
+            args[n].copy_(t)
+    elif weights_layout != "contig":
+        raise ValueError(weights_layout)
     info = dict(B=B, H=H, V=V, r=r, dtype=str(dtype).replace("torch.", ""), seed=seed, probe_layout=probe_layout,
                 head_layout=head_layout, logits_layout=logits_layout, row_mode=row_mode, latch=latch_mode,
-                mask=mask_mode, nan_rows=nan_rows, special=special_logits, nan_latches=nan_latches)
+                mask=mask_mode, nan_rows=nan_rows, special=special_logits, nan_latches=nan_latches,
+                weights_layout=weights_layout)
     if rt is not None:
         if row_tau_layout == "strided":  # column 1 of a [B, 2] buffer: stride 2, offset 1
             buf = torch.full((B, 2), float("nan"), dtype=torch.float32, device=dev)
@@ -461,14 +475,18 @@ def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
     ))
 
 
-def assert_row_probe_scores(case, out: dict) -> None:
+def assert_row_probe_scores(case, out: dict, both: bool = True) -> None:
     """Independently of the reference: each probed row's score is its own probe's (fp64 oracle),
-    and the case is decisive -- some probed row's score would differ under the other probe."""
+    and the case is decisive -- some probed row's score would differ under the other probe, and
+    (``both``) probed rows use each of the two probes."""
     mask = case.args["probe_mask"].cpu()
     p64, other = torch.tensor(case.info["p64"]), torch.tensor(case.info["p64_other_probe"])
     po = out["p_out"].cpu().double()
     fin = mask & torch.isfinite(p64)
     assert fin.any(), case
+    if both:
+        used = {int(k) for k, f in zip(case.info["row_probe"], fin.tolist()) if f}
+        assert used == {0, 1}, f"vacuous: probed rows use probes {used} only {case}"
     assert (po[fin] - p64[fin]).abs().max().item() <= 1e-5, f"a row was scored by the wrong probe {case}: {po} vs {p64}"
     assert (other[fin] - p64[fin]).abs().max().item() > 1e-3, f"vacuous: both probes agree on every row {case}"
 

@@ -53,6 +53,7 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
     mode = "monitor" if mode == "monitor-probe" else mode
     store = SteerStateStore(w, mode=mode, max_batch=2, max_requests=2)  # forces growth of both tables
     between = False  # a decode score above tau but not above tau_monitor (the two thresholds differ in effect)
+    probe_decisive = False  # a decode row the prefill probe would decide differently (the probes differ in effect)
     rng = random.Random(0)
     g = torch.Generator().manual_seed(1)
     latched, prompt_left, done, seen = {}, {}, set(), set()
@@ -102,6 +103,9 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
                 score = w.probe_scores if prefilling[b] else w.monitor_probe_scores
                 p = float(score(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
                 t = w.tau if prefilling[b] else w.monitor_tau
+                if not prefilling[b] and not latched[r]:
+                    p_pre = float(w.probe_scores(probe_hidden[probe_rows[b]: probe_rows[b] + 1])[0])
+                    probe_decisive |= (p_pre > t) != (p > t)
                 if p > t and not latched[r] and not prefilling[b]:
                     fired_at_decode = True
                 between |= not prefilling[b] and not latched[r] and w.tau < p <= t
@@ -123,6 +127,7 @@ def test_store_matches_a_per_request_reference_under_churn(weights, mode):
     assert any(latched.values()) and not all(latched.values())
     if mode == "monitor":
         assert fired_at_decode and between
+        assert probe_decisive == (w.stacked is not None)
     assert sorted(store.request_ids) == sorted(seen - done)
 
 

@@ -131,7 +131,7 @@ def test_tiny_fit_writes_a_monitor_pack(tiny_model, tiny_tokenizer, tmp_path):
     # the prefill gate is the one a prefill-only fit gives: the monitor probe does not touch it
     plain = fit(tiny_model, tiny_tokenizer, FitConfig(**{**cfg.__dict__, "monitor_prompts": 0}), data)
     assert not plain.has_monitor_probe and plain.tau_monitor is None
-    assert torch.equal(plain.W1, pack.W1) and plain.tau == pack.tau
+    assert all(torch.equal(getattr(plain, k), getattr(pack, k)) for k in ("W1", "b1", "w2", "b2")) and plain.tau == pack.tau
     off = fit(tiny_model, tiny_tokenizer, FitConfig.preset("paper", probe_epochs=2, head_epochs=1, head_prompts=4,
                                                           batch_size=8, progress=False), data)
     assert "tau_monitor" not in off.meta and off.tau_monitor is None  # the paper's configuration: prefill only
@@ -286,7 +286,7 @@ def test_store_monitor_window(tiny_model):
     from autosteer.integrations.common import SteerStateStore, SteerWeights
 
     pack = make_pack(tiny_model)
-    pack.meta["tau_monitor"] = 0.5
+    pack.meta["tau"], pack.meta["tau_monitor"] = 1.0, 0.5  # nothing latches: every step runs the probe mask
     pack.meta["monitor"] = {"tokens": 2}
     pack.monitor = _monitor_probe(pack, -100.0)
     w = SteerWeights.from_pack(pack, tiny_model.lm_head.weight)
@@ -317,3 +317,20 @@ def test_store_monitor_window(tiny_model):
     # a: prompt, generated tokens 0 and 1 (steps 0, 1), then not; b: prompt (step 1), tokens 0, 1 (steps 2, 3)
     assert masks == [[True], [True], [True, True], [False, True], [False, True]]
     assert store.summary("a").tokens == 5 and store.summary("b").tokens == 3
+    assert store.summary("b").p_last == store.summary("b").p_last  # b's last step probed it: a score, not NaN
+
+    # speculative decoding, 3 positions: position j holds generated token (tokens so far) - 1 + j
+    masks.clear()
+    store.begin_step(["c"], cu_seqlens=[0, 2])
+    store.apply(torch.randn(1, V), probe_hidden=torch.randn(2, H), head_hidden=torch.randn(1, H))
+    store.end_step()  # c has 1 token: the next step's positions hold tokens 0, 1, 2
+    for _ in range(2):
+        store.begin_step(["c"], positions=3)
+        for j in range(3):
+            store.apply(torch.randn(1, V), probe_hidden=torch.randn(3, H), head_hidden=torch.randn(3, H))
+        store.end_step(accepted=torch.tensor([2]))  # 2 tokens kept per step
+    # step 1: tokens 0, 1 probed, token 2 (past the window) not; step 2 (3 tokens so far): none
+    assert masks == [[True], [True], [True], [False], [False], [False], [False]]
+    sc = store.summary("c")
+    assert sc.tokens == 5 and not sc.latched
+    assert sc.p_last < 1e-6  # the last probed token's score (step 1, position 1), not a stale or unprobed one

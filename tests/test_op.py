@@ -119,7 +119,16 @@ def test_op_row_probe_matches_reference(device, dtype, B):
         call(out)
         check_against_reference(case, out)
         if B:
-            assert_row_probe_scores(case, out)
+            assert_row_probe_scores(case, out, both=B >= 2)
+
+
+def test_reference_rejects_out_of_range_row_probe():
+    case = make_case(B=4, H=37, V=101, r=8, seed=0, latch_mode="none", mask_mode="all", row_probe=True)
+    for bad in ([0, 1, 2, 0], [0, -1, 1, 0]):
+        out = case.clone()
+        with pytest.raises(IndexError, match=r"row_probe values must be in \[0, 2\)"):
+            op.steer_step_reference(*case.call_args(out)[:-1], torch.tensor(bad))
+        assert torch.equal(out["latched"], case.args["latched"])
 
 
 BAD_ROW_PROBE = [
@@ -273,6 +282,25 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
             case = make_case(B=5, H=37, V=101, r=8, seed=seed)
             check_against_reference(case, run_op(case))
     assert not [w for w in rec if issubclass(w.category, RuntimeWarning)], "the fallback must warn only once"
+
+
+def test_stale_extension_is_not_used(monkeypatch):
+    """A C++ build from older sources (schema without row_probe) would fail every call: the loader
+    refuses it with a warning naming the fix, and the op falls back to the reference."""
+    assert op.native_backend() is None or op._native_schema_current()  # this checkout's build is current
+    calls = []
+    monkeypatch.setattr(op, "_native_schema_current", lambda: False)
+    for registered in (True, False):  # already loaded, or loaded now by the first loader
+        calls.clear()
+        monkeypatch.setattr(op, "_native_registered", (lambda: True) if registered else (lambda: bool(calls)))
+        monkeypatch.setattr(op, "_LOADERS", (("installed autosteer._C", lambda: calls.append("installed")),
+                                             ("JIT build of csrc/", lambda: calls.append("jit"))))
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            assert op._load_native() is None
+        msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "lacks row_probe" in msgs[0] and "rebuild" in msgs[0]
+        assert calls == ([] if registered else ["installed"])  # no JIT build over a registered op name
 
 
 def test_loader_prefers_installed_then_jit(monkeypatch):

@@ -380,6 +380,7 @@ class SteerStateStore:
         self._lat = torch.zeros(positions, rows, dtype=torch.bool, device=dev)
         self._pout = torch.full((positions, rows), math.nan, dtype=torch.float32, device=dev)
         self._probe = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self._pmask = torch.zeros(positions, rows, dtype=torch.bool, device=dev)  # probe mask per position
         self._no_probe = torch.zeros(rows, dtype=torch.bool, device=dev)
         self._rows = torch.zeros(rows, dtype=torch.int64, device=dev)  # prefill probe rows
         self._grid = torch.arange(rows * positions, dtype=torch.int64, device=dev)  # b * P + j
@@ -575,14 +576,17 @@ class SteerStateStore:
                 table.index_copy_(0, slots, torch.where(new, torch.full_like(table[:1], init), table.index_select(0, slots)))
         probe = self._probe[:B]
         torch.ne(fl & _PROBE, 0, out=probe)
+        tok0 = None  # tokens generated before this step (monitor window only)
         if self.mode == "monitor":
             final_prefill = (fl & _FINAL_PREFILL) != 0
             torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
             if self.w.stacked is not None:
                 self._row_probe[:B].copy_((~final_prefill).to(torch.int32))
             if self.w.monitor_window is not None:  # generated tokens past the window are not probed
-                # a row's k-th generated token (0-based) is probed when k + 1 tokens are counted
-                probe &= final_prefill | (self._slot_tokens.index_select(0, slots) <= self.w.monitor_window)
+                # a row's k-th generated token (0-based) is probed when k + 1 tokens are counted; position
+                # j of a speculative step holds generated token (tokens before the step) - 1 + j
+                tok0 = self._slot_tokens.index_select(0, slots)
+                probe &= final_prefill | (tok0 <= self.w.monitor_window)
         lat0 = self._lat[0, :B]
         torch.index_select(self._slot_latched, 0, slots, out=lat0)
         lat0 &= active
@@ -594,7 +598,7 @@ class SteerStateStore:
         self._step = SimpleNamespace(
             B=B, P=P, j=0, request_ids=list(request_ids), index={r: b for b, r in enumerate(request_ids)},
             slots=slots, flags=fl, active=active, probe=probe, probe_rows=probe_rows, head_rows=head_dev,
-            host_flags=flags,
+            host_flags=flags, tok0=tok0,
         )
 
     def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor) -> torch.Tensor:
@@ -618,6 +622,9 @@ class SteerStateStore:
         probe_rows = s.probe_rows if s.probe_rows is not None else grid
         head_rows = s.head_rows if s.head_rows is not None else grid
         mask = s.probe if (j == 0 or self.mode == "monitor") else self._no_probe[:B]
+        if j > 0 and s.tok0 is not None:  # speculative position j: generated token tok0 - 1 + j, inside the window?
+            mask = mask & (s.tok0 + j <= self.w.monitor_window)
+        self._pmask[j, :B].copy_(mask)
         # monitor mode: position 0 holds a row's last prompt token (tau) or a generated one (tau_monitor),
         # later (speculative) positions are generated tokens
         row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
@@ -666,8 +673,12 @@ class SteerStateStore:
             latched_at = torch.where(fired, tokens + first_pos.to(torch.int32),
                                      self._slot_latched_at.index_select(0, slots))
             pout = self._pout[:P, :B].t()
-            probed_any = s.probe  # this step's probe mask (monitor window applied)
-            p_last_new = pout.gather(1, pos).squeeze(1) if self.mode == "monitor" else pout[:, 0]
+            if self.mode == "monitor":  # the score at the last accepted position, if that position was probed
+                p_last_new = pout.gather(1, pos).squeeze(1)
+                probed_any = self._pmask[:P, :B].t().gather(1, pos).squeeze(1)
+            else:
+                p_last_new = pout[:, 0]
+                probed_any = s.probe
             p_last = torch.where(probed_any & active, p_last_new, self._slot_p_last.index_select(0, slots))
             final_prefill = (s.flags & _FINAL_PREFILL) != 0
             p_unsafe = torch.where(final_prefill, pout[:, 0], self._slot_p_unsafe.index_select(0, slots))

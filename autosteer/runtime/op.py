@@ -85,20 +85,37 @@ def _native_registered() -> bool:
         return False
 
 
+def _native_schema_current() -> bool:
+    """The registered C++ op takes every argument this Python side passes (a build from older
+    sources would fail every call with an argument-count error)."""
+    args = [a.name for a in torch.ops.autosteer.steer_step_cpu.default._schema.arguments]
+    return args[-2:] == ["row_tau", "row_probe"]
+
+
+_STALE = ("an older build of csrc/ is loaded (its op schema lacks row_probe): rebuild it with "
+          "`pip install --no-build-isolation --use-pep517 -e .` or remove the stale autosteer/_C*.so")
+
+
 def _load_native() -> str | None:
     """Make ``torch.ops.autosteer.steer_step_cpu`` available; return how, or None (one warning)."""
-    if _native_registered():
-        return "already loaded"
     errors = []
-    for name, loader in _LOADERS:
-        try:
-            loader()
-        except Exception as exc:  # noqa: BLE001 - any failure means: try the next way
-            errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-            continue
-        if _native_registered():
-            return name
-        errors.append(f"{name}: loaded but autosteer::steer_step_cpu is not registered")
+    if _native_registered():
+        if _native_schema_current():
+            return "already loaded"
+        errors.append(_STALE)
+    else:
+        for name, loader in _LOADERS:
+            try:
+                loader()
+            except Exception as exc:  # noqa: BLE001 - any failure means: try the next way
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                continue
+            if _native_registered():
+                if _native_schema_current():
+                    return name
+                errors.append(f"{name}: {_STALE}")  # the op name is now taken: a JIT build cannot register it
+                break
+            errors.append(f"{name}: loaded but autosteer::steer_step_cpu is not registered")
     warnings.warn(
         "autosteer: the C++ CPU kernel is unavailable (" + "; ".join(errors) + "). CPU calls of "
         "torch.ops.autosteer.steer_step fall back to the PyTorch reference (same results, slower). "
@@ -355,8 +372,8 @@ def steer_step(
     ``tau`` for every row. ``row_probe`` (int32/int64 ``[B]``, or None) with stacked probe weights
     (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``): row ``b`` is scored by probe
     ``row_probe[b]``. Row and probe indices are not range-checked here (that would need the
-    values); the CPU kernel checks them, the CUDA kernel trusts row indices and clamps probe
-    indices.
+    values); the CPU kernel checks them, the CUDA kernel trusts row indices and scores a row whose
+    probe index is out of range as NaN (the ``nan_latches`` policy then decides).
 
     Under ``torch.compile`` this calls the op (so the graph holds it, and inductor sees the
     Triton kernel). In eager mode, with ``EAGER_FAST_PATH`` (default), it calls the op's

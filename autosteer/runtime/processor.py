@@ -114,7 +114,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             # first call, a generated token after it -- one probe and one threshold per call
             self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
                                 scores, self.latched, p, tau=self.handle.tau if new else self.handle.tau_monitor,
-                                generated=not new)
+                                generated=not new and self.mode == "monitor")
         if new:
             self.p_unsafe = p.clone()
             self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
