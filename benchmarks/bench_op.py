@@ -62,9 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", default=list(ALL_PROVIDERS), choices=ALL_PROVIDERS)
     p.add_argument("--rank", type=int, default=16, help="rank r of the Refusal Head (U: V x r)")
     p.add_argument("--probe-hidden", type=int, default=64, help="probe width F")
-    p.add_argument("--probe", choices=("all", "none"), default="all",
-                   help="probe_mask: score every row each step (monitor mode, the upper bound) or none "
-                        "(plain decode steps after prefill)")
+    p.add_argument("--probe", choices=("all", "none", "stacked"), default="all",
+                   help="probe_mask: score every row each step (monitor mode, the upper bound), none "
+                        "(plain decode steps after prefill), or stacked (every row, monitor mode in a serving "
+                        "step: prefill and monitor probes stacked, row_probe alternating, per-row thresholds)")
     p.add_argument("--logits-dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--hidden-dtype", choices=list(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--u-dtype", choices=list(DTYPES), default="fp32", help="dtype of U and Bt (the runtime uses fp32)")
@@ -96,21 +97,24 @@ def make_inputs(H, V, B, frac, *, device, rank, F, logits_dtype, hidden_dtype, u
         U = U.t().contiguous().t()
     latched = torch.zeros(B, dtype=torch.bool)
     latched[:n_lat] = True
+    P = (2,) if probe == "stacked" else ()  # two stacked probes (prefill, monitor)
     return dict(
         probe_hidden=rnd(B, H, dtype=hidden_dtype),
         probe_rows=torch.arange(B, device=device),
-        probe_mask=torch.full((B,), probe == "all", dtype=torch.bool, device=device),
+        probe_mask=torch.full((B,), probe != "none", dtype=torch.bool, device=device),
         head_hidden=rnd(B, H, dtype=hidden_dtype),
         head_rows=torch.arange(B, device=device),
         logits=rnd(B, V, scale=3.0, dtype=logits_dtype),
         latched=latched.to(device),
         p_out=torch.zeros(B, device=device),
-        W1=rnd(F, H, scale=1 / math.sqrt(H)),
-        b1=rnd(F, scale=0.1),
-        w2=rnd(F, scale=1 / math.sqrt(F)),
-        b2=rnd(1),
+        W1=rnd(*P, F, H, scale=1 / math.sqrt(H)),
+        b1=rnd(*P, F, scale=0.1),
+        w2=rnd(*P, F, scale=1 / math.sqrt(F)),
+        b2=rnd(P[0] if P else 1),
         U=U,
         Bt=rnd(rank, H, scale=1 / math.sqrt(H), dtype=u_dtype),
+        **({"row_tau": torch.full((B,), TAU, device=device),
+            "row_probe": (torch.arange(B, device=device) % 2).to(torch.int32)} if P else {}),
     ), n_lat
 
 
@@ -246,6 +250,8 @@ def main(argv=None):
                     continue
                 a = own_copy(inp)
                 call = tuple(a[n] for n in ORDER) + (TAU, EPS, False)
+                if "row_probe" in a:
+                    call += (a["row_tau"], a["row_probe"])
                 if prov == "reference":
                     fn = lambda: steer_step_reference(*call)  # noqa: E731
                 elif prov == "compiled":
