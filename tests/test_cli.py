@@ -78,6 +78,14 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     assert "refusal.csv" in report["judge"]
     md = (report_dir / "report.md").read_text()
     assert "| harmful.txt | harmful | 12 |" in md
+
+    # the monitor pack, its window and threshold overridden from the command line
+    mon_dir = tmp_path / "eval-monitor"
+    assert main(["eval", "--model", str(model_dir), "--pack", str(mon), "--harmful", str(h), "--out", str(mon_dir),
+                 "--max-new-tokens", "2", "--settings", "monitor", "--tau-monitor", "0.25", "--monitor-window", "1"]) == 0
+    rep = json.loads((mon_dir / "report.json").read_text())
+    assert rep["tau_monitor_used"] == 0.25 and rep["monitor_window"] == 1 and rep["monitor_probe"] is True
+    assert "scored by the pack's monitor probe against tau_monitor 0.25" in (mon_dir / "report.md").read_text()
     for png in ("layers.png", "probe_scores.png", "roc.png", "refusal_rates.png"):
         assert (report_dir / png).stat().st_size > 1000
 
