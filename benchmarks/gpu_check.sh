@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check of the steer_step op (written for one H100; needs torch with CUDA + triton):
 #   1. environment, package import (installs it editable, else uses the source tree);
-#   2. CUDA graph: a processor-like step (the op on static buffers) captured once, replayed with
+#   2. CUDA graph: a processor-like step (the op on static buffers; also with stacked probes, row_probe
+#      and row_tau as in monitor mode) captured once, replayed with
 #      new inputs, compared with eager and with the reference; no host sync inside the op;
 #   3. the kernel + op tests on CUDA (Triton compiled, not interpreted);
 #   4. bench_op.py on CUDA;
@@ -50,28 +51,34 @@ dev = "cuda"
 torch.manual_seed(0)
 results = {}
 
-def make(B, H, V, r=16, F=64, hidden=torch.bfloat16, logits_dtype=torch.float32, T=1):
+def make(B, H, V, r=16, F=64, hidden=torch.bfloat16, logits_dtype=torch.float32, T=1, stacked=False):
     g = torch.Generator(device="cpu").manual_seed(B * 7 + V)
     rnd = lambda *s, scale=1.0, dt=torch.float32: (scale * torch.randn(*s, generator=g)).to(dt).to(dev)
-    return dict(
+    P = (2,) if stacked else ()  # monitor mode in a serving step: prefill + monitor probe, per-row index
+    d = dict(
         probe_hidden=rnd(B * T, H, dt=hidden), probe_rows=torch.arange(B, device=dev) * T + (T - 1),
         probe_mask=torch.ones(B, dtype=torch.bool, device=dev), head_hidden=rnd(B * T, H, dt=hidden),
         head_rows=torch.arange(B, device=dev) * T + (T - 1), logits=rnd(B, V, scale=3.0, dt=logits_dtype),
         latched=torch.zeros(B, dtype=torch.bool, device=dev), p_out=torch.zeros(B, device=dev),
-        W1=rnd(F, H, scale=H ** -0.5), b1=rnd(F, scale=0.1), w2=rnd(F, scale=2 * F ** -0.5), b2=rnd(1),
-        U=rnd(V, r, scale=r ** -0.5), Bt=rnd(r, H, scale=H ** -0.5))
+        W1=rnd(*P, F, H, scale=H ** -0.5), b1=rnd(*P, F, scale=0.1), w2=rnd(*P, F, scale=2 * F ** -0.5),
+        b2=rnd(P[0] if P else 1), U=rnd(V, r, scale=r ** -0.5), Bt=rnd(r, H, scale=H ** -0.5))
+    if stacked:
+        d["row_tau"] = torch.full((B,), TAU, device=dev)
+        d["row_probe"] = (torch.arange(B, device=dev) % 2).to(torch.int32)
+    return d
 
 ORDER = ("probe_hidden", "probe_rows", "probe_mask", "head_hidden", "head_rows", "logits", "latched", "p_out",
          "W1", "b1", "w2", "b2", "U", "Bt")
 TAU, EPS = 0.5, 0.1
-call = lambda d: tuple(d[n] for n in ORDER) + (TAU, EPS, False)
+call = lambda d: tuple(d[n] for n in ORDER) + (TAU, EPS, False) + ((d["row_tau"], d["row_probe"]) if "row_probe" in d else ())
 
 def clone(d):
     return {k: (v.clone() if k in ("logits", "latched", "p_out") else v) for k, v in d.items()}
 
-for name, fn in (("wrapper", op.steer_step), ("torch.ops", torch.ops.autosteer.steer_step)):
+for name, fn, stacked in (("wrapper", op.steer_step, False), ("torch.ops", torch.ops.autosteer.steer_step, False),
+                          ("wrapper-stacked-probes", op.steer_step, True)):
     for (B, H, V) in ((8, 576, 49152), (64, 3584, 152064)):
-        static = make(B, H, V)
+        static = make(B, H, V, stacked=stacked)
         eager = clone(static)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -89,7 +96,7 @@ for name, fn in (("wrapper", op.steer_step), ("torch.ops", torch.ops.autosteer.s
             fn(*call(static))
         ok, worst = True, 0.0
         for step in range(4):
-            fresh = make(B, H, V)
+            fresh = make(B, H, V, stacked=stacked)
             fresh["probe_hidden"].mul_(1.0 + step)  # different scores each step; latches accumulate
             for k in ("probe_hidden", "head_hidden", "logits"):
                 static[k].copy_(fresh[k]); eager[k].copy_(fresh[k])
