@@ -197,6 +197,22 @@ def test_monitor_mode_with_speculation(fake_tgi, setup, tmp_path):
         assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
 
 
+def test_monitor_window_reaches_the_store(fake_tgi, setup, tmp_path):
+    hf, rows, pack, p = setup
+    pack_path = _pack_file(tmp_path, pack, 0.5)
+    sim.SETTINGS.update(speculate=0, max_prefill_tokens=4096)
+    for window, want in ((None, None), (3, 3), (0, None)):  # None: the pack's (it has none); 0: every token
+        rt = tgi.install(pack_path, "monitor", monitor_window=window)
+        try:
+            sim.FlashCausalLM(hf, cuda_graphs=False)
+            assert rt.store.w.monitor_window == want
+        finally:
+            tgi.uninstall()
+    with pytest.raises(ValueError, match="monitor_window=-2 must be >= 0"):
+        tgi.install(pack_path, "monitor", monitor_window=-2)
+    assert tgi.runtime() is None
+
+
 def test_state_is_per_request_and_freed(fake_tgi, setup, tmp_path):
     """A request reusing a freed slot starts clean; Cache.delete and filter release what they drop."""
     hf, rows, pack, p = setup
@@ -321,10 +337,15 @@ def test_cli_wrapper_installs_for_serve_only(fake_tgi, setup, tmp_path, monkeypa
         tgi.main(["serve", "some/model"])
     monkeypatch.setenv(tgi.ENV_PACK, pack_path)
     monkeypatch.setenv(tgi.ENV_MODE, "monitor")
+    monkeypatch.setenv("AUTOSTEER_MONITOR_WINDOW", "x")
+    with pytest.raises(ValueError, match="AUTOSTEER_MONITOR_WINDOW='x' is not an integer"):
+        tgi.main(["serve", "some/model"])
+    assert tgi.runtime() is None
+    monkeypatch.setenv("AUTOSTEER_MONITOR_WINDOW", "7")
     try:
         tgi.main(["serve", "some/model", "--uds-path", "/tmp/x"])
         rt = tgi.runtime()
-        assert rt is not None and rt.mode == "monitor"
+        assert rt is not None and rt.mode == "monitor" and rt.monitor_window == 7
         assert sim.CLI_CALLS[-1] == ["text-generation-server", "serve", "some/model", "--uds-path", "/tmp/x"]
     finally:
         tgi.uninstall()

@@ -513,3 +513,24 @@ def test_setup_registers_the_startup_guard_entry_point():
     eps = ast.literal_eval(eps)
     assert eps["vllm.general_plugins"] == ["autosteer_guard=autosteer.integrations.vllm:install_startup_guard"]
     assert callable(avllm.install_startup_guard)
+
+
+def test_monitor_window_from_env_or_config(setup, tmp_path, monkeypatch):
+    """AUTOSTEER_MONITOR_WINDOW (or additional_config's monitor_window) overrides the pack's window;
+    bad values fail at start-up naming the setting."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setenv(avllm.ENV_MODE, "monitor")
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    assert lp.monitor_window is None  # unset: the pack's
+    monkeypatch.setenv(avllm.ENV_MONITOR_WINDOW, "12")
+    assert avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False).monitor_window == 12
+    cfg = _config()
+    cfg.additional_config = {"autosteer": {"monitor_window": 0}}  # the config wins over the environment
+    assert avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False).monitor_window == 0
+    cfg.additional_config = {"autosteer": {"monitor_window": "many"}}
+    with pytest.raises(avllm.VLLMIntegrationError, match="monitor_window='many' is not an integer"):
+        avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    monkeypatch.setenv(avllm.ENV_MONITOR_WINDOW, "-1")
+    with pytest.raises(avllm.VLLMIntegrationError, match="AUTOSTEER_MONITOR_WINDOW='-1' must be >= 0"):
+        avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)

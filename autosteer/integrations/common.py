@@ -73,6 +73,22 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("prefill", "monitor")
+ENV_MONITOR_WINDOW = "AUTOSTEER_MONITOR_WINDOW"
+
+
+def parse_monitor_window(value, source: str = ENV_MONITOR_WINDOW) -> int | None:
+    """A monitor-window setting from the environment or a server config: unset/empty -> None (the
+    pack's window), else an int >= 0 (0: probe every generated token). Bad values raise ValueError
+    naming ``source``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{source}={value!r} is not an integer (generated tokens monitor mode probes; 0: all)") from None
+    if n < 0:
+        raise ValueError(f"{source}={value!r} must be >= 0 (0: probe every generated token)")
+    return n
 
 # per-row phases for begin_step(phase=...): decided on the device (vLLM knows them only there)
 PHASE_DECODE = 0  # the row's newest token is a generated one

@@ -59,7 +59,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models import resolve_attr as _resolve
-from .common import MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input, hook_output_sum
+from .common import (ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
+                     hook_output_sum, parse_monitor_window)
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ class _StepContext:
 class _Runtime:
     """One per server process: the pack, the per-request store, the capture buffers, the patches."""
 
-    def __init__(self, pack_path: str, mode: str, tau: float | None, fail_closed: bool, log_decisions: bool):
+    def __init__(self, pack_path: str, mode: str, tau: float | None, fail_closed: bool, log_decisions: bool,
+                 monitor_window: int | None = None):
         from ..method.pack import load_pack
 
         if mode not in MODES:
@@ -245,6 +247,7 @@ class _Runtime:
         self.pack = load_pack(pack_path)
         self.mode = mode
         self.tau = tau
+        self.monitor_window = monitor_window
         self.fail_closed = fail_closed
         self.log_decisions = log_decisions
         self.store: SteerStateStore | None = None
@@ -271,7 +274,8 @@ class _Runtime:
         config = getattr(flash_lm, "config", None) or getattr(net, "config", None)
         model_type = getattr(config, "model_type", "unknown")
         check_pack_matches(self.pack, E, num_layers=len(layers), model_type=model_type)
-        weights = SteerWeights.from_pack(self.pack, E, tau=self.tau, fail_closed=self.fail_closed)
+        weights = SteerWeights.from_pack(self.pack, E, tau=self.tau, fail_closed=self.fail_closed,
+                                         monitor_window=self.monitor_window)
         flash_mod = sys.modules.get(_TGI.FLASH)
         rows = max(256, _TGI.max_graph_rows(flash_mod))
         speculate = int(getattr(flash_lm, "speculate", 0) or 0)
@@ -522,8 +526,10 @@ _RUNTIME: _Runtime | None = None
 
 
 def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float | None = None,
-            fail_closed: bool = False, log_decisions: bool = False) -> _Runtime:
+            fail_closed: bool = False, log_decisions: bool = False, monitor_window: int | None = None) -> _Runtime:
     """Patch ``text_generation_server`` in this process (call before the model is loaded).
+
+    ``monitor_window``: generated tokens monitor mode probes (None: the pack's; 0: all).
 
     Loads and validates the pack now (a bad pack fails here, before TGI loads any weights);
     the pack is checked against the model when TGI builds it. Raises :class:`TGIIntegrationError`
@@ -532,7 +538,9 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
     global _RUNTIME
     if _RUNTIME is not None:
         raise TGIIntegrationError("autosteer is already installed in this process (uninstall() first)")
-    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions)
+    if monitor_window is not None:
+        monitor_window = parse_monitor_window(monitor_window, "monitor_window")
+    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window)
     rt.install_patches()
     _RUNTIME = rt
     log.info("autosteer: patched text_generation_server (%s) for pack %s, mode %s", _TGI.VERSION_NOTE, pack_path, mode)
@@ -557,14 +565,16 @@ def _env_flag(name: str) -> bool:
 
 def install_from_env() -> _Runtime:
     """:func:`install` configured by ``AUTOSTEER_PACK`` (required), ``AUTOSTEER_MODE``
-    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_FAIL_CLOSED``, ``AUTOSTEER_LOG_DECISIONS``."""
+    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``,
+    ``AUTOSTEER_LOG_DECISIONS``."""
     pack = os.environ.get(ENV_PACK)
     if not pack:
         raise TGIIntegrationError(f"{ENV_PACK} is not set: point it at a steer pack (.safetensors)")
     tau = os.environ.get(ENV_TAU)
     return install(pack, os.environ.get(ENV_MODE, "prefill").strip().lower(),
                    tau=float(tau) if tau not in (None, "") else None,
-                   fail_closed=_env_flag(ENV_FAIL_CLOSED), log_decisions=_env_flag(ENV_LOG_DECISIONS))
+                   fail_closed=_env_flag(ENV_FAIL_CLOSED), log_decisions=_env_flag(ENV_LOG_DECISIONS),
+                   monitor_window=parse_monitor_window(os.environ.get(ENV_MONITOR_WINDOW)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,8 +69,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models import resolve_attr as _resolve
-from .common import (MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
-                     SteerWeights, check_pack_matches)
+from .common import (ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
+                     SteerWeights, check_pack_matches, parse_monitor_window)
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     """vLLM V1 logits processor running AutoSteer on every request of the persistent batch.
 
     Configured by ``AUTOSTEER_PACK`` (unset: the processor does nothing), ``AUTOSTEER_MODE``
-    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_FAIL_CLOSED``, or by
-    ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ...}``.
+    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``, or
+    by ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ..., "monitor_window": ...}``.
 
     Also a subclass of Model Runner V2's base class (when that vLLM has one), because V2 loads
     the same entry-point group and refuses to start on a V1-only plugin: under V2 the processor
@@ -438,6 +438,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError(f"AutoSteer mode must be one of {MODES}, got {self.mode!r}")
         tau = cfg.get("tau", os.environ.get(ENV_TAU))
         self.tau = float(tau) if tau not in (None, "") else None
+        try:
+            self.monitor_window = parse_monitor_window(cfg.get("monitor_window", os.environ.get(ENV_MONITOR_WINDOW)),
+                                                       "monitor_window" if "monitor_window" in cfg else ENV_MONITOR_WINDOW)
+        except ValueError as exc:
+            raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.fail_closed = str(cfg.get("fail_closed", os.environ.get(ENV_FAIL_CLOSED, "0"))).lower() in ("1", "true")
         self.pack = load_pack(pack_path)
         _PACK = self.pack
@@ -613,7 +618,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                            "load_model was not patched (see autosteer.integrations.vllm)")
             return None
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
-                                         device=self.device)
+                                         device=self.device, monitor_window=self.monitor_window)
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs)
         return self.store
 
