@@ -272,6 +272,11 @@ def test_monitor_window_stops_probing_after_the_calibrated_tokens(tiny_model, ti
 
     assert run() == 2
     assert calls == [True, True, True, False, False, False]  # prompt, generated tokens 0 and 1, then none
+    with autosteer.attach(tiny_model, pack, mode="monitor") as h:  # p_last: the last score, not the unprobed calls' NaN
+        proc = h.logits_processor()
+        tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                            logits_processor=[proc], pad_token_id=0)
+    assert torch.isfinite(proc.p_last).all() and (proc.p_last < 1e-6).all()  # the monitor probe's (b2 = -100)
     assert run(monitor_window=0) is None and calls == [True] * 6
     assert run(monitor_window=4) == 4 and calls == [True] * 5 + [False]
     with pytest.raises(ValueError, match="monitor_window"):

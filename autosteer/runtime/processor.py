@@ -47,7 +47,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.force = force
         self.latched: torch.Tensor | None = None  # [B] bool
         self.p_unsafe: torch.Tensor | None = None  # [B] float32, score of the last prompt token
-        self.p_last: torch.Tensor | None = None  # [B] float32, latest score (monitor mode)
+        self.p_last: torch.Tensor | None = None  # [B] float32, latest score (monitor mode; NaN: never scored)
         self.latched_at: torch.Tensor | None = None  # [B] int32, step of the first trigger (-1: never)
         self.gate: torch.Tensor | None = None  # [B] bool, the gate's prefill decision (force=False: what it would do)
         self.step = 0
@@ -100,6 +100,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             probe_rows = torch.arange(batch, device=device) * T + (T - 1)
         was = self.latched.clone()
         p = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        probed = torch.full((batch,), bool(new), dtype=torch.bool, device=device)  # rows scored at this call
         if self.force is False:
             if new:  # score the prompt, never touch the logits
                 p = self.handle.probe_scores(cap.probe_hidden.index_select(0, probe_rows))
@@ -109,6 +110,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             probe_mask = torch.full((batch,), probe, dtype=torch.bool, device=device)
             if probe and not new and len(self._stop_ids):  # ended rows are not probed again
                 probe_mask &= ~torch.isin(input_ids[:, -1], self._stop_ids.to(device))
+            probed = probe_mask
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
             # every row of a transformers step is in the same phase: the prompt's last token at the
             # first call, a generated token after it -- one probe and one threshold per call
@@ -118,8 +120,10 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         if new:
             self.p_unsafe = p.clone()
             self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
-        if new or self.mode == "monitor":
+        if new:
             self.p_last = p
+        elif self.mode == "monitor":  # the latest score of each row (kept where this call did not probe it)
+            self.p_last = torch.where(probed, p, self.p_last)
         self.latched_at = torch.where(self.latched & ~was, self.step, self.latched_at).to(torch.int32)
         self.step += 1
         return scores
