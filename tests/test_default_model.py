@@ -18,6 +18,8 @@ from autosteer.models import ModelLoadError, load_model
 from autosteer.prompting import PromptFormat, encode_prompts
 from conftest import make_pack, make_tiny_model
 
+MONITOR_AUROC_MIN = 0.8  # the monitor test below measured 0.93 on its 20 held-out responses (chance: 0.5)
+
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="model not found"):
@@ -144,3 +146,35 @@ def test_multi_turn_chats_are_decided_per_user_turn(default_model, small_pack):
     texts = tok.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
     assert not out.steered[0] and not is_refusal(texts[0]), (out.p_unsafe, texts)
     assert out.steered[1] and is_refusal(texts[1]), (out.p_unsafe, texts)
+
+
+@pytest.mark.slow
+def test_monitor_fit_and_generation_on_the_real_model(default_model):
+    """Monitor mode end to end on the real model: the fit generates the model's own responses, trains
+    the monitor probe (responses of harmful prompts score above benign ones on held-out fit rows),
+    leaves the prefill probe as a prefill-only fit makes it, and monitor generation probes the
+    calibrated window with the monitor probe."""
+    model, tok = default_model
+    full = default_fit_data(seed=0)
+    short = [b for b in full.benign if len(b) < 400]
+    data = FitData(full.harmful[:64], short[:64], [], {"counts": {}})
+    base = dict(probe_epochs=150, head_prompts=32, head_epochs=2, progress=False)
+    pack = fit(model, tok, FitConfig(**base, monitor_prompts=16, monitor_tokens=8), data)
+    m = pack.meta["monitor"]
+    assert pack.has_monitor_probe and m["tokens"] == 8 and m["prompts"] == {"train": 32, "val": 20}
+    assert m["response_states"]["train"] > 100
+    assert m["val_response_auroc"] >= MONITOR_AUROC_MIN, m
+    plain = fit(model, tok, FitConfig(**base), data)
+    assert torch.equal(plain.W1, pack.W1) and plain.tau == pack.tau
+    prompts = [p.text for p in default_splits(0)["dev_benign"][:4]]
+    ids, mask = encode_prompts(tok, prompts, PromptFormat())
+    with autosteer.attach(model, pack, mode="monitor") as h:
+        assert h.monitor_window == 8 and h.monitor_probe is not None
+        calls = []
+        real = h._op
+        h._op = lambda *a, **k: (calls.append((bool(a[2].any()), a[8] is h.monitor_probe[0])), real(*a, **k))[1]
+        h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                   pad_token_id=tok.pad_token_id)
+    assert calls[0] == (True, False)  # the prompt: prefill probe
+    assert calls[1:9] == [(True, True)] * 8  # generated tokens 0..7: monitor probe
+    assert all(not probed for probed, _ in calls[9:])  # past the window: not probed
