@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="markdown results file")
+    ap.add_argument("--monitor-window", type=int, default=None,
+                    help="generated tokens monitor mode probes (default: the pack's; 0: every token, the upper bound)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +81,7 @@ def main() -> None:
         pack_path.parent.mkdir(parents=True, exist_ok=True)
     pack = _pack(model, tok, pack_path)
     prompts = [p.text for p in default_splits(0)["dev_benign"]]
-    handle = autosteer.attach(model, pack)
+    handle = autosteer.attach(model, pack, monitor_window=args.monitor_window)
     providers = ["plain", "autosteer", "autosteer-steered", "monitor"]
     rows = []
     from autosteer.runtime.op import available_backends
@@ -130,7 +132,10 @@ def main() -> None:
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}; op backends available: {available_backends()}.",
              f"Greedy, exactly {args.new_tokens} new tokens per row, {args.rounds} interleaved rounds; benign FreshQA "
-             "prompts (the gate stays off unless the provider forces it).", "",
+             "prompts (the gate stays off unless the provider forces it).",
+             f"Monitor mode: generated tokens scored by {'the pack monitor probe' if handle.monitor_probe is not None else 'the prefill probe'}"
+             f", {'every generated token' if handle.monitor_window is None else f'the first {handle.monitor_window} generated tokens'}"
+             " probed.", "",
              "| batch | provider | median wall time (ms) | ratio to plain | median per-round ratio | time inside the plugin |",
              "|---|---|---|---|---|---|"]
     for bs, name, med, ratio, rr, share in rows:
