@@ -281,6 +281,16 @@ def test_monitor_window_stops_probing_after_the_calibrated_tokens(tiny_model, ti
     assert run(monitor_window=4) == 4 and calls == [True] * 5 + [False]
     with pytest.raises(ValueError, match="monitor_window"):
         autosteer.attach(tiny_model, pack, monitor_window=-1)
+    old = make_pack(tiny_model)  # a pack of the first monitor mode: tau_monitor and a window, no monitor probe
+    old.meta["tau"], old.meta["tau_monitor"], old.meta["monitor"] = 1.0, 1.0, {"tokens": 2}
+    with autosteer.attach(tiny_model, old) as h:
+        assert h.monitor_window == 2 and h.monitor_probe is None and not h.tau_monitor_fallback
+        weights = []
+        real = h._op
+        h._op = lambda *a, **k: (weights.append((bool(a[2].any()), a[8] is h.W1)), real(*a, **k))[1]
+        h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                   mode="monitor")
+    assert weights == [(True, True)] * 3 + [(False, True)]  # the prefill probe, within the recorded window
     pack.meta["monitor"] = {"tokens": 0}
     with pytest.raises(PackError, match="monitor.tokens"):
         pack.validate()
