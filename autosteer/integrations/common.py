@@ -70,6 +70,8 @@ from types import SimpleNamespace
 
 import torch
 
+from ..method.probe import Probe
+
 log = logging.getLogger(__name__)
 
 MODES = ("prefill", "monitor")
@@ -168,16 +170,14 @@ class SteerWeights:
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         """The probe alone on rows ``h`` ([n, H]); for reports and tests (the step uses the op)."""
-        hid = torch.relu(h.float() @ self.W1.t() + self.b1)
-        return torch.sigmoid(hid @ self.w2 + self.b2)
+        return Probe(self.W1, self.b1, self.w2, self.b2).score(h)
 
     def monitor_probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         """What monitor mode scores generated-token rows ``h`` with: the monitor probe, or the
         prefill probe for a pack without one."""
         if self.stacked is None:
             return self.probe_scores(h)
-        W1, b1, w2, b2 = (t[1] for t in self.stacked)
-        return torch.sigmoid(torch.relu(h.float() @ W1.t() + b1) @ w2 + b2)
+        return Probe(*(t[1] for t in self.stacked)).score(h)
 
 
 class _FingerprintView(torch.nn.Module):

@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList
 
 from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold
 from ..method.pack import monitor_window as resolve_monitor_window
+from ..method.probe import Probe
 from ..models import num_layers, output_head
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
@@ -125,8 +126,7 @@ class AutoSteerHandle:
             self.faults += 1
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
-        hid = torch.relu(h.float() @ self.W1.t() + self.b1)
-        return torch.sigmoid(hid @ self.w2 + self.b2)
+        return Probe(self.W1, self.b1, self.w2, self.b2).score(h)
 
     def gate_decision(self, p: torch.Tensor) -> torch.Tensor:
         """What the gate decides for probe scores ``p`` (NaN fires only when failing closed)."""
