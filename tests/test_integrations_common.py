@@ -241,3 +241,48 @@ def test_hidden_buffer_writes_in_place_and_overflows(weights):
     pair(a, b)
     torch.testing.assert_close(buf.view()[:2], a * 2 + b + 1)
     assert buf.writes == 3
+
+
+def test_server_settings_parse_strictly():
+    """Environment / server-config values: a typo must stop the start-up, never flip a safety setting."""
+    from autosteer.integrations.common import parse_flag, parse_threshold
+
+    for v in ("1", "true", "YES", " on ", True):
+        assert parse_flag(v, "X", False) is True
+    for v in ("0", "false", "No", "off", False):
+        assert parse_flag(v, "X", True) is False
+    assert parse_flag(None, "X", True) is True and parse_flag("", "X", False) is False
+    for v in ("maybe", "2", "closed"):
+        with pytest.raises(ValueError, match=f"X={v!r} is not a boolean"):
+            parse_flag(v, "X", True)
+    assert parse_threshold(None, "T") is None and parse_threshold(" ", "T") is None
+    assert parse_threshold("0.25", "T") == 0.25 and parse_threshold(1, "T") == 1.0 and parse_threshold("0", "T") == 0.0
+    with pytest.raises(ValueError, match="T='abc' is not a number"):
+        parse_threshold("abc", "T")
+    with pytest.raises(ValueError, match="T=True is not a number"):
+        parse_threshold(True, "T")
+    for v in ("2", "-1", "nan", 1.5, float("inf")):
+        with pytest.raises(ValueError, match="is not a probability threshold in"):
+            parse_threshold(v, "T")
+
+
+def test_weights_refuse_a_threshold_outside_0_1_and_fail_closed_by_default():
+    model = make_tiny_model(V, hidden=H)
+    pack = make_pack(model)
+    for tau in (2.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="not a probability threshold"):
+            SteerWeights.from_pack(pack, model.lm_head.weight, tau=tau)
+    w = SteerWeights.from_pack(pack, model.lm_head.weight, tau=1.0)
+    assert w.fail_closed is True
+    # a NaN hidden state steers the request by default (fail closed) and leaves it alone when asked to
+    h = torch.randn(2, H)
+    h[1] = float("nan")
+    for fail_closed, want in ((True, [False, True]), (False, [False, False])):
+        store = SteerStateStore(SteerWeights(**{**w.__dict__, "fail_closed": fail_closed}))
+        store.begin_step(["ok", "nan"], cu_seqlens=[0, 1, 2])  # a one-token prefill per request
+        logits = torch.randn(2, V)
+        raw = logits.clone()
+        store.apply(logits, probe_hidden=h, head_hidden=torch.randn(2, H))
+        store.end_step()
+        assert [store.summary(r).latched for r in ("ok", "nan")] == want, fail_closed
+        assert torch.equal(logits[0], raw[0]) and torch.equal(logits[1], raw[1]) is not want[1]

@@ -338,14 +338,31 @@ def test_cli_wrapper_installs_for_serve_only(fake_tgi, setup, tmp_path, monkeypa
     monkeypatch.setenv(tgi.ENV_PACK, pack_path)
     monkeypatch.setenv(tgi.ENV_MODE, "monitor")
     monkeypatch.setenv("AUTOSTEER_MONITOR_WINDOW", "x")
-    with pytest.raises(ValueError, match="AUTOSTEER_MONITOR_WINDOW='x' is not an integer"):
+    with pytest.raises(tgi.TGIIntegrationError, match="AUTOSTEER_MONITOR_WINDOW='x' is not an integer"):
         tgi.main(["serve", "some/model"])
-    assert tgi.runtime() is None
     monkeypatch.setenv("AUTOSTEER_MONITOR_WINDOW", "7")
+    # a malformed safety setting stops the start-up, naming the variable
+    for var, value, msg in (("AUTOSTEER_TAU", "abc", "is not a number"), ("AUTOSTEER_TAU", "2", "is not a probability"),
+                            ("AUTOSTEER_TAU", "nan", "is not a probability"), ("AUTOSTEER_FAIL_CLOSED", "maybe", "is not a boolean")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(tgi.TGIIntegrationError, match=f"{var}='{value}' {msg}"):
+            tgi.main(["serve", "some/model"])
+        monkeypatch.delenv(var)
+    with pytest.raises(ValueError, match="not a probability threshold"):
+        tgi.install(pack_path, tau=-1.0)
+    assert tgi.runtime() is None
     try:
         tgi.main(["serve", "some/model", "--uds-path", "/tmp/x"])
         rt = tgi.runtime()
         assert rt is not None and rt.mode == "monitor" and rt.monitor_window == 7
+        assert rt.fail_closed is True and rt.tau is None  # defaults: fail closed, the pack's threshold
         assert sim.CLI_CALLS[-1] == ["text-generation-server", "serve", "some/model", "--uds-path", "/tmp/x"]
+    finally:
+        tgi.uninstall()
+    monkeypatch.setenv("AUTOSTEER_FAIL_CLOSED", "off")
+    monkeypatch.setenv("AUTOSTEER_TAU", "0.25")
+    try:
+        tgi.main(["serve", "some/model"])
+        assert tgi.runtime().fail_closed is False and tgi.runtime().tau == 0.25
     finally:
         tgi.uninstall()

@@ -534,3 +534,30 @@ def test_monitor_window_from_env_or_config(setup, tmp_path, monkeypatch):
     monkeypatch.setenv(avllm.ENV_MONITOR_WINDOW, "-1")
     with pytest.raises(avllm.VLLMIntegrationError, match="AUTOSTEER_MONITOR_WINDOW='-1' must be >= 0"):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+
+
+def test_threshold_and_fault_policy_from_env_or_config(setup, tmp_path, monkeypatch):
+    """AUTOSTEER_TAU / AUTOSTEER_FAIL_CLOSED (or additional_config): fail closed by default, values
+    checked at start-up (a typo or a threshold outside [0, 1] must not leave requests unguarded)."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    make = lambda cfg=None: avllm.AutoSteerVLLMLogitsProcessor(cfg or _config(), "cpu", False, patch_runner=False)
+    lp = make()
+    assert lp.fail_closed is True and lp.tau is None
+    monkeypatch.setenv(avllm.ENV_FAIL_CLOSED, "no")
+    monkeypatch.setenv(avllm.ENV_TAU, "0.3")
+    lp = make()
+    assert lp.fail_closed is False and lp.tau == 0.3
+    cfg = _config()
+    cfg.additional_config = {"autosteer": {"fail_closed": True, "tau": 0.9}}  # the config wins
+    lp = make(cfg)
+    assert lp.fail_closed is True and lp.tau == 0.9
+    for key, env, value, msg in (("tau", avllm.ENV_TAU, "abc", "is not a number"), ("tau", avllm.ENV_TAU, "-1", "is not a probability"),
+                                 ("fail_closed", avllm.ENV_FAIL_CLOSED, "on-ish", "is not a boolean")):
+        monkeypatch.setenv(env, value)
+        with pytest.raises(avllm.VLLMIntegrationError, match=f"{env}='{value}' {msg}"):
+            make()
+        monkeypatch.delenv(env)
+        cfg.additional_config = {"autosteer": {key: value}}
+        with pytest.raises(avllm.VLLMIntegrationError, match=f"additional_config autosteer.{key}='{value}' {msg}"):
+            make(cfg)

@@ -92,6 +92,43 @@ def parse_monitor_window(value, source: str = ENV_MONITOR_WINDOW) -> int | None:
         raise ValueError(f"{source}={value!r} must be >= 0 (0: probe every generated token)")
     return n
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_flag(value, source: str, default: bool) -> bool:
+    """An on/off setting from the environment or a server config: unset/empty -> ``default``;
+    ``1/true/yes/on`` or ``0/false/no/off`` (any case; Python bools too). Anything else raises
+    ValueError naming ``source`` -- a typo must not flip a safety setting silently."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{source}={value!r} is not a boolean (use 1/true/yes/on or 0/false/no/off)")
+
+
+def parse_threshold(value, source: str) -> float | None:
+    """A probability threshold from the environment or a server config: unset/empty -> None (the
+    pack's), else a float in ``[0, 1]``; anything else raises ValueError naming ``source``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        t = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}={value!r} is not a number (a probability threshold in [0, 1])") from None
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"{source}={value!r} is not a probability threshold in [0, 1] (above 1 the gate never fires, "
+                         "below 0 it steers every request)")
+    return t
+
+
 # per-row phases for begin_step(phase=...): decided on the device (vLLM knows them only there)
 PHASE_DECODE = 0  # the row's newest token is a generated one
 PHASE_PREFILL_LAST = 1  # this forward ran the prompt's last token
@@ -139,10 +176,10 @@ class SteerWeights:
         return self.tau if self.tau_monitor is None else self.tau_monitor
 
     @classmethod
-    def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = False,
+    def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = True,
                   device: torch.device | str | None = None, tau_monitor: float | None = None,
                   monitor_window: int | None = None) -> "SteerWeights":
-        from ..method.pack import PackError, monitor_threshold
+        from ..method.pack import PackError, monitor_threshold, prompt_threshold
         from ..method.pack import monitor_window as _window
 
         if E.dim() != 2 or not E.is_floating_point():
@@ -150,7 +187,7 @@ class SteerWeights:
         if E.shape[1] != pack.hidden_size:
             raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
         device = torch.device(device) if device is not None else E.device
-        tau = float(pack.tau if tau is None else tau)
+        tau = prompt_threshold(pack, tau)
         tau_monitor, fallback = monitor_threshold(pack, tau, tau_monitor)
         tau_monitor = None if fallback else tau_monitor
         with torch.no_grad():

@@ -60,7 +60,7 @@ import torch
 
 from ..models import resolve_attr as _resolve
 from .common import (ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
-                     hook_output_sum, parse_monitor_window)
+                     hook_output_sum, parse_flag, parse_monitor_window, parse_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -526,10 +526,12 @@ _RUNTIME: _Runtime | None = None
 
 
 def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float | None = None,
-            fail_closed: bool = False, log_decisions: bool = False, monitor_window: int | None = None) -> _Runtime:
+            fail_closed: bool = True, log_decisions: bool = False, monitor_window: int | None = None) -> _Runtime:
     """Patch ``text_generation_server`` in this process (call before the model is loaded).
 
-    ``monitor_window``: generated tokens monitor mode probes (None: the pack's; 0: all).
+    ``tau``: the gate's threshold (None: the pack's; must be in [0, 1]). ``fail_closed`` (default):
+    a request whose probe score is NaN is steered; False serves it unsteered. ``monitor_window``:
+    generated tokens monitor mode probes (None: the pack's; 0: all).
 
     Loads and validates the pack now (a bad pack fails here, before TGI loads any weights);
     the pack is checked against the model when TGI builds it. Raises :class:`TGIIntegrationError`
@@ -540,6 +542,8 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
         raise TGIIntegrationError("autosteer is already installed in this process (uninstall() first)")
     if monitor_window is not None:
         monitor_window = parse_monitor_window(monitor_window, "monitor_window")
+    if tau is not None:
+        tau = parse_threshold(tau, "tau")
     rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window)
     rt.install_patches()
     _RUNTIME = rt
@@ -559,22 +563,24 @@ def runtime() -> _Runtime | None:
     return _RUNTIME
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def install_from_env() -> _Runtime:
     """:func:`install` configured by ``AUTOSTEER_PACK`` (required), ``AUTOSTEER_MODE``
-    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``,
-    ``AUTOSTEER_LOG_DECISIONS``."""
+    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``
+    (default 1), ``AUTOSTEER_LOG_DECISIONS`` (default 0). A malformed value raises
+    :class:`TGIIntegrationError` naming the variable, before TGI loads anything."""
     pack = os.environ.get(ENV_PACK)
     if not pack:
         raise TGIIntegrationError(f"{ENV_PACK} is not set: point it at a steer pack (.safetensors)")
-    tau = os.environ.get(ENV_TAU)
-    return install(pack, os.environ.get(ENV_MODE, "prefill").strip().lower(),
-                   tau=float(tau) if tau not in (None, "") else None,
-                   fail_closed=_env_flag(ENV_FAIL_CLOSED), log_decisions=_env_flag(ENV_LOG_DECISIONS),
-                   monitor_window=parse_monitor_window(os.environ.get(ENV_MONITOR_WINDOW)))
+    env = os.environ.get
+    try:
+        tau = parse_threshold(env(ENV_TAU), ENV_TAU)
+        fail_closed = parse_flag(env(ENV_FAIL_CLOSED), ENV_FAIL_CLOSED, True)
+        log_decisions = parse_flag(env(ENV_LOG_DECISIONS), ENV_LOG_DECISIONS, False)
+        window = parse_monitor_window(env(ENV_MONITOR_WINDOW))
+    except ValueError as exc:
+        raise TGIIntegrationError(f"autosteer: {exc}") from None
+    return install(pack, env(ENV_MODE, "prefill").strip().lower(), tau=tau, fail_closed=fail_closed,
+                   log_decisions=log_decisions, monitor_window=window)
 
 
 def main(argv: list[str] | None = None) -> None:

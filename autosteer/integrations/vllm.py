@@ -70,7 +70,7 @@ import torch
 
 from ..models import resolve_attr as _resolve
 from .common import (ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
-                     SteerWeights, check_pack_matches, parse_monitor_window)
+                     SteerWeights, check_pack_matches, parse_flag, parse_monitor_window, parse_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -436,14 +436,16 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
         if self.mode not in MODES:
             raise VLLMIntegrationError(f"AutoSteer mode must be one of {MODES}, got {self.mode!r}")
-        tau = cfg.get("tau", os.environ.get(ENV_TAU))
-        self.tau = float(tau) if tau not in (None, "") else None
+
+        def setting(key: str, env: str):  # (value, where it came from): additional_config wins over the environment
+            return (cfg[key], f"additional_config autosteer.{key}") if key in cfg else (os.environ.get(env), env)
+
         try:
-            self.monitor_window = parse_monitor_window(cfg.get("monitor_window", os.environ.get(ENV_MONITOR_WINDOW)),
-                                                       "monitor_window" if "monitor_window" in cfg else ENV_MONITOR_WINDOW)
+            self.tau = parse_threshold(*setting("tau", ENV_TAU))
+            self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
+            self.fail_closed = parse_flag(*setting("fail_closed", ENV_FAIL_CLOSED), True)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
-        self.fail_closed = str(cfg.get("fail_closed", os.environ.get(ENV_FAIL_CLOSED, "0"))).lower() in ("1", "true")
         self.pack = load_pack(pack_path)
         _PACK = self.pack
         sched = getattr(vllm_config, "scheduler_config", None)

@@ -202,6 +202,15 @@ class SteerPack:
         return path
 
 
+def prompt_threshold(pack: "SteerPack", override: float | None = None) -> float:
+    """The prefill gate's threshold: ``override`` if given, else the pack's ``tau``. A value outside
+    ``[0, 1]`` (or NaN) raises: above 1 the gate could never fire, below 0 it would steer every row."""
+    t = float(pack.tau if override is None else override)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"tau={override if override is not None else pack.tau} is not a probability threshold in [0, 1]")
+    return t
+
+
 def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = None) -> tuple[float, bool]:
     """``(threshold for generated tokens in monitor mode, fallback)``: ``override`` if given, else the
     pack's ``tau_monitor``; a prefill-only pack falls back to ``tau`` (``fallback=True``: callers warn

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold
+from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold, prompt_threshold
 from ..method.pack import monitor_window as resolve_monitor_window
 from ..method.probe import Probe
 from ..models import num_layers, output_head
@@ -70,9 +70,7 @@ class AutoSteerHandle:
             raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
         if pack.layer >= num_layers(model):
             raise PackError(f"pack layer {pack.layer} does not exist in a model with {num_layers(model)} layers")
-        tau = float(pack.tau if tau is None else tau)
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau={tau} is not a probability threshold in [0, 1]")
+        tau = prompt_threshold(pack, tau)
         self.model = model
         self.pack = pack
         self.mode = mode
