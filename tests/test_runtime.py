@@ -299,3 +299,58 @@ def test_models_whose_logits_are_not_E_h_are_refused(tiny_model):
     tiny_model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         AutoSteerHandle(tiny_model, pack, check_model=False)
+
+
+def test_decoding_modes_the_processor_cannot_steer_are_refused(tiny_model, tiny_tokenizer):
+    """Beam search, assisted / prompt-lookup decoding and CFG: handle.generate refuses them up front;
+    the bare processor in model.generate stops with an error instead of steering the wrong token
+    (several candidate tokens per forward, reordered beams, log-probabilities)."""
+    from conftest import make_tiny_model
+
+    pack = make_pack(tiny_model)
+    ids, mask = _inputs(tiny_tokenizer)
+    with autosteer.attach(tiny_model, pack, tau=0.0) as h:
+        for kwargs, what in (({"num_beams": 2}, "beam search"), ({"prompt_lookup_num_tokens": 3}, "prompt-lookup"),
+                             ({"assistant_model": make_tiny_model(len(tiny_tokenizer), seed=1)}, "assisted"),
+                             ({"guidance_scale": 1.5}, "classifier-free guidance")):
+            with pytest.raises(ValueError, match=what):
+                h.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False, **kwargs)
+        # generation config objects are read too
+        from transformers import GenerationConfig
+
+        with pytest.raises(ValueError, match="beam search"):
+            h.generate(input_ids=ids[:1], attention_mask=mask[:1], generation_config=GenerationConfig(num_beams=3, max_new_tokens=2))
+        # the bare processor: an assistant proposes several tokens, verified in one forward (transformers
+        # also runs the processor on the assistant's own logits, with no forward of the steered model)
+        h.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=1)  # the capture holds a forward
+        assistant = make_tiny_model(len(tiny_tokenizer), seed=1)
+        with pytest.raises(RuntimeError, match="called twice for one forward"):
+            tiny_model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=6, do_sample=False,
+                                assistant_model=assistant, logits_processor=LogitsProcessorList([h.logits_processor()]))
+        with pytest.raises(RuntimeError, match="log-probabilities"):
+            tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
+                                logits_processor=LogitsProcessorList([h.logits_processor()]))
+        # greedy and sampling still run, through both paths
+        out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert out.steered.all()
+        torch.manual_seed(0)
+        tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=True,
+                            logits_processor=LogitsProcessorList([h.logits_processor()]))
+
+
+def test_processor_refuses_rows_that_do_not_continue_the_previous_step(tiny_model, tiny_tokenizer):
+    """A cached decode step whose rows are not the previous step's rows extended by one token
+    (beams reordered) must not silently restart the gate (which would drop every latch)."""
+    pack = make_pack(tiny_model)
+    ids, mask = _inputs(tiny_tokenizer)
+    with autosteer.attach(tiny_model, pack, tau=0.0) as h:
+        proc = h.logits_processor()
+        out = tiny_model(input_ids=ids, attention_mask=mask, use_cache=True)
+        proc(ids, out.logits[:, -1].clone())
+        assert proc.latched.all()
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = tiny_model(input_ids=nxt, past_key_values=out.past_key_values,
+                          attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=True)
+        swapped = torch.cat([ids, nxt], 1)[[1, 0, *range(2, len(ids))]]  # rows 0 and 1 exchanged
+        with pytest.raises(RuntimeError, match="do not continue the previous step"):
+            proc(swapped, step.logits[:, -1].clone())

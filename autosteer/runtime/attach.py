@@ -152,9 +152,7 @@ class AutoSteerHandle:
         """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
         Tensor inputs are moved to the model's device (floating ones, e.g. ``pixel_values``, to its
         dtype). Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
-        if int(generate_kwargs.get("num_beams", 1) or 1) > 1:
-            raise ValueError("AutoSteer does not support beam search (processors see log-probabilities and beams are "
-                             "reordered between steps): use greedy decoding or sampling")
+        _check_generation_mode(self.model, generate_kwargs)
         from ..prompting import to_model
 
         proc = self.logits_processor(force, mode)
@@ -188,6 +186,31 @@ class AutoSteerHandle:
 
     def __exit__(self, *exc):
         self.detach()
+
+
+def _check_generation_mode(model, generate_kwargs: dict) -> None:
+    """Refuse the decoding modes the processor cannot steer, before anything runs: beam search
+    (its processors see log-probabilities and beams are reordered between steps), assisted /
+    prompt-lookup decoding (several candidate tokens per forward), contrastive search, DoLa."""
+    import copy
+
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import GenerationMode
+
+    gc = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None) or GenerationConfig()
+    gc = copy.deepcopy(gc)
+    gc.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config" and hasattr(gc, k)})
+    if getattr(gc, "guidance_scale", None) not in (None, 1, 1.0):
+        raise ValueError("AutoSteer does not support classifier-free guidance (guidance_scale) in transformers' "
+                         "generate: its extra forward would replace the hidden states the processor probes")
+    mode = gc.get_generation_mode(generate_kwargs.get("assistant_model"))
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        why = {GenerationMode.BEAM_SEARCH: "beam search", GenerationMode.BEAM_SAMPLE: "beam search",
+               GenerationMode.GROUP_BEAM_SEARCH: "beam search", GenerationMode.CONSTRAINED_BEAM_SEARCH: "beam search",
+               GenerationMode.ASSISTED_GENERATION: "assisted / prompt-lookup decoding"}.get(mode, mode.value)
+        raise ValueError(f"AutoSteer does not support {why} ({mode.value}) in transformers' generate: its processor "
+                         "steers one new token per row per step, on raw logits. Use greedy decoding or sampling "
+                         "(speculative decoding: the serving integrations)")
 
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,

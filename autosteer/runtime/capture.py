@@ -33,6 +33,7 @@ class HiddenCapture:
         self.head_tokens: int = 0
         self.attention_mask: torch.Tensor | None = None
         self.thread: int | None = None  # thread that ran the latest forward
+        self.forwards = 0  # model forwards seen (a processor must run once per forward)
         self._handles = [
             blocks[layer].register_forward_pre_hook(self._on_block, with_kwargs=True),
             output_head(model).register_forward_pre_hook(self._on_head, with_kwargs=True),
@@ -42,6 +43,7 @@ class HiddenCapture:
     def _on_model(self, _mod, args, kwargs):
         self.attention_mask = kwargs.get("attention_mask")
         self.thread = threading.get_ident()
+        self.forwards += 1
 
     def _on_block(self, _mod, args, kwargs):
         h = _first_arg(args, kwargs, "hidden_states")

@@ -33,6 +33,12 @@ from ..models import stop_token_ids
 MODES = ("prefill", "monitor")
 
 
+UNSUPPORTED_DECODING = (
+    "AutoSteer's logits processor was {what}. It steers one new token per row per step, in the rows' own order, "
+    "on raw logits: use greedy decoding or sampling (handle.generate refuses the other modes up front); for "
+    "speculative decoding use the serving integrations")
+
+
 class AutoSteerLogitsProcessor(LogitsProcessor):
     """``force=None``: AutoSteer (gate decides); ``True``: always steer; ``False``: never steer
     (the probe still scores the prompt, so reports can show what the gate would have done)."""
@@ -52,8 +58,9 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.gate: torch.Tensor | None = None  # [B] bool, the gate's prefill decision (force=False: what it would do)
         self.step = 0
         self._expect_len: int | None = None
-        self._last_tokens: torch.Tensor | None = None
+        self._last_ids: torch.Tensor | None = None  # the previous call's input_ids
         self._last_probe_tokens = 0
+        self._forward: int | None = None  # capture.forwards at the previous call
         self._stop_ids = torch.tensor(stop_token_ids(handle.model), dtype=torch.long)
 
     def _start(self, batch: int, device) -> None:
@@ -83,16 +90,29 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         if cap.thread is not None and cap.thread != threading.get_ident():
             raise RuntimeError("AutoSteer: another thread ran the model since this step's forward (concurrent generate "
                                "calls on one handle): use handle.generate, which serialises them, or one model per thread")
+        if cap.forwards == self._forward:
+            raise RuntimeError(UNSUPPORTED_DECODING.format(
+                what="called twice for one forward (assisted, prompt-lookup or speculative decoding: several candidate "
+                     "tokens per step)"))
+        self._forward = cap.forwards
         batch = scores.shape[0]
         device = scores.device
         T = cap.probe_tokens
         new = (self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
-               or (T > 1 and self._last_probe_tokens == 1)  # a multi-token prefill after cached decode steps
-               or not torch.equal(input_ids[:, -2], self._last_tokens))
+               or (T > 1 and self._last_probe_tokens == 1))  # a multi-token prefill after cached decode steps
+        if not new and not torch.equal(input_ids[:, :-1], self._last_ids):
+            if T == 1:  # a cached decode step whose rows no longer continue the previous step's rows
+                raise RuntimeError(UNSUPPORTED_DECODING.format(
+                    what="given rows that do not continue the previous step's rows (beam search or another method that "
+                         "reorders sequences)"))
+            new = True  # another prompt batch of the length the previous call would have reached
         if new:
+            if batch and scores.shape[-1] > 1 and bool(((torch.logsumexp(scores.float(), -1)).abs() < 1e-4).all()):
+                raise RuntimeError(UNSUPPORTED_DECODING.format(
+                    what="given log-probabilities instead of logits (beam search normalises before its processors)"))
             self._start(batch, device)
         self._expect_len = input_ids.shape[1] + 1
-        self._last_tokens = input_ids[:, -1].clone()
+        self._last_ids = input_ids.clone()
         self._last_probe_tokens = T
         if new:
             probe_rows = self._last_prompt_rows(cap, batch)
