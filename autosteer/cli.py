@@ -12,10 +12,70 @@ from pathlib import Path
 DEFAULT_RUN_DIR = Path("runs")
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (checked when the command line is parsed, before any model loads)."""
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return v
+
+    conv.__name__ = f"integer >= {lo}"
+    return conv
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1] (a threshold or a rate; NaN refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return v
+
+
+def _head_rank(text: str) -> str | int:
+    if text == "full":
+        return text
+    try:
+        return _int_at_least(1)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'full' for a d x d matrix)") from None
+
+
+def _settings(text: str) -> tuple[str, ...]:
+    from .evaluate import SETTINGS
+
+    got = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in got if s not in SETTINGS]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma list of {', '.join(SETTINGS)}"
+                                         + (f" ({', '.join(map(repr, bad))} unknown)" if bad else ""))
+    return tuple(dict.fromkeys(got))
+
+
+def _layer_rule(text: str) -> str:
+    from .method.fit import check_layer_rule
+
+    try:
+        check_layer_rule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+
+
 def _monitor_args(p) -> None:
-    p.add_argument("--tau-monitor", type=float, default=None,
+    p.add_argument("--tau-monitor", type=_probability, default=None,
                    help="monitor mode: override the pack's threshold for generated tokens")
-    p.add_argument("--monitor-window", type=int, default=None, metavar="K",
+    p.add_argument("--monitor-window", type=NON_NEGATIVE, default=None, metavar="K",
                    help="monitor mode: probe the first K generated tokens (default: the number the pack's tau_monitor "
                         "was calibrated on; 0: every token)")
 
@@ -32,6 +92,29 @@ def _default_pack_path(model: str | None) -> Path:
 
     slug = Path(model).name if model else DEFAULT_MODEL
     return DEFAULT_RUN_DIR / f"{slug}.pack.safetensors"
+
+
+def _pack_of(args):
+    """The steer pack of ``--pack`` (or the default path), loaded and validated before the model loads."""
+    from .method.pack import PackError, load_pack
+
+    if args.pack:
+        return load_pack(args.pack)
+    path = _default_pack_path(args.model)
+    if not path.exists():
+        demo = DEFAULT_RUN_DIR / "demo" / path.name
+        raise PackError(f"no --pack given and the default pack {path} does not exist: run `autosteer fit` (it writes "
+                        f"there) or pass --pack" + (f" (e.g. the demo's pack, --pack {demo})" if demo.exists() else ""))
+    return load_pack(path)
+
+
+def _check_output_file(path: Path) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise ValueError(f"output path {path} is a directory: give a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"output path {path}: {parent} is not a directory")
 
 
 def _load(args):
@@ -75,14 +158,13 @@ def cmd_fit(args) -> int:
     from .prompting import PromptFormat
 
     t0 = time.time()
-    model, tok = _load(args)
     kw = dict(head_epochs=args.head_epochs, max_per_class=args.max_per_class, batch_size=args.batch_size, seed=args.seed,
               prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
     # options left unset keep the preset's (or FitConfig's) value
     if args.layer_rule is not None:
         kw["layer_rule"] = args.layer_rule
     if args.head_rank is not None:
-        kw["head_rank"] = None if args.head_rank == "full" else int(args.head_rank)
+        kw["head_rank"] = None if args.head_rank == "full" else args.head_rank
     if args.target_fpr is not None:
         kw["target_fpr"] = args.target_fpr
     if args.jailbreak_fit is not None:
@@ -102,8 +184,10 @@ def cmd_fit(args) -> int:
                                               "counts": {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": 0}})
     else:
         data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
-    pack = fit(model, tok, cfg, data)
     out = Path(args.out) if args.out else _default_pack_path(args.model)
+    _check_output_file(out)
+    model, tok = _load(args)  # after every option and file was checked
+    pack = fit(model, tok, cfg, data)
     pack.save(out)
     m = pack.meta
     print(f"pack written to {out}")
@@ -135,8 +219,10 @@ def cmd_generate(args) -> int:
         print("error: --unsteered and --always-steer exclude each other", file=sys.stderr)
         return 2
     records = load_prompt_file(args.input)
+    _check_output_file(Path(args.output))
+    pack = _pack_of(args)
     model, tok = _load(args)
-    handle = attach(model, args.pack or _default_pack_path(args.model), mode=args.mode, tau=args.tau,
+    handle = attach(model, pack, mode=args.mode, tau=args.tau,
                     fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
@@ -207,15 +293,14 @@ def cmd_eval(args) -> int:
     if args.limit:
         for s in sets:
             s.prompts = s.prompts[: args.limit]
+    pack = _pack_of(args)
     model, tok = _load(args)
     if args.cross_modal_dev and not is_multimodal(model):
         print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
         return 2
-    handle = attach(model, args.pack or _default_pack_path(args.model), tau=args.tau, tau_monitor=args.tau_monitor,
-                    monitor_window=args.monitor_window)
+    handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
-    settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-    report = evaluate(handle, tok, sets, settings, args.max_new_tokens, args.batch_size)
+    report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size)
     out_dir = Path(args.out)
     paths = write_report(report, handle.pack.meta, out_dir)
     print(Path(paths["markdown"]).read_text())
@@ -306,27 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, choices=["paper", "default"],
                    help="named configuration: 'paper' (SAS layer, full d x d head, tau 0.5, paper prober training, direct "
                         "harmful vs benign data) or 'default'; options given explicitly override the preset")
-    p.add_argument("--layer-rule", default=None,
+    p.add_argument("--layer-rule", default=None, type=_layer_rule,
                    help="'depth:F' (default depth:0.6: the layer at F of the depth, chosen on dev in the gate study), "
                         "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number")
-    p.add_argument("--head-rank", default=None, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
-    p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--target-fpr", type=float, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
-    p.add_argument("--monitor-prompts", type=int, default=None, metavar="N",
+    p.add_argument("--head-rank", default=None, type=_head_rank, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
+    p.add_argument("--head-epochs", type=POSITIVE, default=5)
+    p.add_argument("--target-fpr", type=_probability, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
+    p.add_argument("--monitor-prompts", type=NON_NEGATIVE, default=None, metavar="N",
                    help="fit prompts per class whose own responses train the monitor probe and calibrate tau_monitor "
                         "for monitor mode (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
-    p.add_argument("--monitor-tokens", type=int, default=None, metavar="K",
+    p.add_argument("--monitor-tokens", type=POSITIVE, default=None, metavar="K",
                    help="response tokens per prompt for the monitor probe; monitor mode then probes the first K "
                         "generated tokens (default 16)")
-    p.add_argument("--jailbreak-fit", type=int, default=None, metavar="N",
+    p.add_argument("--jailbreak-fit", type=NON_NEGATIVE, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
                         "(0: none; default 400)")
-    p.add_argument("--max-per-class", type=int, default=1000)
-    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-per-class", type=POSITIVE, default=1000)
+    p.add_argument("--max-prompt-tokens", type=POSITIVE, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_fit)
 
@@ -339,13 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsteered", action="store_true", help="never steer (the probe still scores)")
     p.add_argument("--always-steer", action="store_true", help="steer every row")
     p.add_argument("--mode", default="prefill", choices=["prefill", "monitor"])
-    p.add_argument("--tau", type=float, default=None, help="override the pack's threshold")
+    p.add_argument("--tau", type=_probability, default=None, help="override the pack's threshold")
     _monitor_args(p)
     p.add_argument("--fail-open", action="store_true",
                    help="when the plugin cannot decide (NaN probe score, op error) generate unsteered instead of "
                         "steering / stopping (default: fail closed)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="refusal rates per prompt file: unsteered / always-steered / AutoSteer")
@@ -354,24 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
-    p.add_argument("--jailbreak-dev", type=int, default=0, metavar="N",
+    p.add_argument("--jailbreak-dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
                         "dev template families (split by family, never fitted on)")
-    p.add_argument("--cross-modal-dev", type=int, default=0, metavar="N",
+    p.add_argument("--cross-modal-dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="multimodal models: add N dev prompts per kind (typographic, text+image, split) made from the "
                         "harmful and the benign dev texts, with images rendered on the fly")
-    p.add_argument("--settings", default="unsteered,always,autosteer", help="comma list of unsteered, always, autosteer, monitor")
-    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--settings", default="unsteered,always,autosteer", type=_settings, help="comma list of unsteered, always, autosteer, monitor")
+    p.add_argument("--tau", type=_probability, default=None, help="override the pack's threshold")
     _monitor_args(p)
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per set")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="at most this many prompts per set")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "eval"), help="report directory (report.md, report.json, plots)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cross-modal", help="write image+text prompt files (typographic, text+image, split) for multimodal models")
     p.add_argument("--split", default="dev", choices=["fit", "dev"], help="which texts the prompts are made from")
-    p.add_argument("--per-kind", type=int, default=50)
+    p.add_argument("--per-kind", type=POSITIVE, default=50)
     p.add_argument("--kinds", default="typographic,text+image,split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", metavar="TEXT", help="instead: render one image of TEXT to --out (a .png path)")
@@ -383,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"))
     p.add_argument("--refit", action="store_true")
-    p.add_argument("--limit", type=int, default=100, help="prompts per dev set (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--limit", type=POSITIVE, default=100, help="prompts per dev set (default 100)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -404,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (PackError, ModelLoadError, PromptFileError, ImageLoadError, PromptInputError, AutoSteerFault) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a bad setting found after parsing (e.g. a layer the model lacks); -v: the traceback
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

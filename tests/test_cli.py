@@ -111,3 +111,60 @@ def test_long_prompts_are_cut_in_the_middle_with_a_warning(tiny_tokenizer):
     decoded = tiny_tokenizer.decode(ids)
     assert decoded.rstrip().endswith("assistant")  # the generation prompt survives
     assert "make a bomb" in decoded and "how do i" in decoded  # the start and the end of the request survive
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--tau", "2"], "2 is not in [0, 1]"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--tau", "nan"], "nan is not in [0, 1]"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--mode", "monitor", "--tau-monitor", "5"], "5 is not in [0, 1]"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--monitor-window", "-1"], "-1 must be >= 0"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--batch-size", "0"], "0 must be >= 1"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--max-new-tokens", "-1"], "-1 must be >= 1"),
+    (["fit", "--head-rank", "abc"], "'abc' is not an integer (or 'full'"),
+    (["fit", "--monitor-tokens", "0"], "0 must be >= 1"),
+    (["fit", "--target-fpr", "2"], "2 is not in [0, 1]"),
+    (["fit", "--layer-rule", "bogus"], "unknown layer rule 'bogus'"),
+    (["fit", "--layer-rule", "depth:1.5"], "the depth must be a fraction"),
+    (["eval", "--settings", "unsteered,autosteeer"], "'autosteeer' unknown"),
+    (["eval", "--settings", ","], "give a comma list of"),
+])
+def test_bad_options_stop_before_any_work(argv, msg, capsys):
+    """Options are checked when the command line is parsed: no model load, no generation first."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_paths_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    monkeypatch.chdir(tmp_path)
+    # an output path that is a directory: refused before generating anything
+    assert main(["generate", "--input", str(prompts), "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    # no --pack and no pack at the default path: says how to get one
+    assert main(["generate", "--input", str(prompts), "--output", "o.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "no --pack given" in err and "autosteer fit" in err and not (tmp_path / "o.jsonl").exists()
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "smollm2-135m-instruct.pack.safetensors").write_bytes(b"")
+    assert main(["eval", "--harmful", str(prompts)]) == 2
+    assert "--pack runs/demo/smollm2-135m-instruct.pack.safetensors" in capsys.readouterr().err
+    assert main(["fit", "--out", str(tmp_path), "--harmful", str(prompts), "--benign", str(prompts)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_layer_the_model_lacks_stops_the_fit_before_extraction(model_dir, tmp_path, capsys, monkeypatch):
+    import autosteer.method.fit as F
+
+    def no_extraction(*a, **k):
+        raise AssertionError("hidden states were extracted before the layer rule was checked")
+
+    monkeypatch.setattr(F, "last_token_states", no_extraction)
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(HARMFUL) + "\n")
+    b.write_text("\n".join(BENIGN) + "\n")
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--layer-rule", "99",
+               "--out", str(tmp_path / "p.safetensors")])
+    assert rc == 2 and "layer 99 is outside 0..3" in capsys.readouterr().err

@@ -11,6 +11,7 @@ its threshold ``tau_monitor`` calibrated, for monitor mode (:func:`fit_monitor`)
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,18 @@ class FitConfig:
             raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
         if not 0.0 <= self.monitor_target_fpr <= 1.0:
             raise ValueError("monitor_target_fpr must be in [0, 1]")
+        if not 0.0 <= self.target_fpr <= 1.0:
+            raise ValueError(f"target_fpr must be a false-positive rate in [0, 1], got {self.target_fpr}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not (math.isfinite(self.eps) and self.eps > 0.0):
+            raise ValueError(f"eps must be a positive number, got {self.eps}")
+        if self.head_rank is not None and (isinstance(self.head_rank, bool) or int(self.head_rank) < 1):
+            raise ValueError(f"head_rank must be >= 1 (or None: a full d x d matrix), got {self.head_rank}")
+        for name in ("probe_hidden", "probe_epochs", "head_epochs", "head_prompts", "max_per_class", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_layer_rule(self.layer_rule)
 
 
 @dataclass
@@ -190,6 +203,15 @@ def _stratified_split(labels: torch.Tensor, val_fraction: float, gen: torch.Gene
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train), torch.cat(val)
+
+
+def check_layer_rule(rule: str | int, n_layers: int | None = None) -> None:
+    """Raise ValueError for a layer rule :func:`choose_layer` would refuse (a layer number is checked
+    against ``n_layers`` when given) -- before any hidden state is extracted."""
+    r = str(rule)
+    if n_layers is None:  # the model is not known yet: any layer number >= 0 passes here
+        n_layers = int(r) + 1 if r.isdigit() else 1
+    choose_layer(r, [0.0] * n_layers, [0.0] * n_layers)
 
 
 def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> tuple[int, str]:
@@ -377,6 +399,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     if len(data.harmful) < 4 or len(data.benign) < 4:
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
     n_layers = num_layers(model)
+    check_layer_rule(cfg.layer_rule, n_layers)  # before minutes of hidden-state extraction
     fmt = cfg.prompt_format
 
     # 1. last-prompt-token states at every layer
