@@ -46,6 +46,14 @@ def test_save_is_atomic_and_validates(pack, tmp_path):
     ("missing", r"lacks tensors \['probe.b2'\]"),
     ("extra", r"unexpected tensors \['payload'\]"),
     ("lying_meta", "hidden_size=64"),
+    ("meta_vs_fingerprint", "inconsistent: vocab_size is 1000 but the model fingerprint says"),
+    ("eps_negative", r"eps=-5 must be a positive finite number"),
+    ("eps_zero", r"eps=0 must be a positive"),
+    ("prompt_format_field", "prompt_format has an unknown field 'foo'"),
+    ("prompt_format_tokens", "max_prompt_tokens must be >= 1, got -3"),
+    ("prompt_format_type", r"prompt_format.system has the wrong type \(int\)"),
+    ("monitor_meta_type", "'monitor' must be an object, got list"),
+    ("size_zero", "'head_rank' must be >= 1, got 0"),
     ("no_meta", "no autosteer metadata"),
     ("bad_json", "not valid JSON"),
     ("version", "unsupported pack format_version 99"),
@@ -72,8 +80,25 @@ def test_malformed_packs_are_refused(pack, tmp_path, case, match):
         del tensors["probe.b2"]
     elif case == "extra":
         tensors["payload"] = torch.zeros(3)
-    elif case == "lying_meta":
+    elif case == "lying_meta":  # sizes that agree with each other but not with the tensors
         meta["hidden_size"] = 64
+        meta["fingerprint"] = {**meta["fingerprint"], "hidden_size": 64}
+    elif case == "meta_vs_fingerprint":
+        meta["vocab_size"] = 1000
+    elif case == "eps_negative":
+        meta["eps"] = -5
+    elif case == "eps_zero":
+        meta["eps"] = 0
+    elif case == "prompt_format_field":
+        meta["prompt_format"] = {"foo": 1}
+    elif case == "prompt_format_tokens":
+        meta["prompt_format"] = {**meta["prompt_format"], "max_prompt_tokens": -3}
+    elif case == "prompt_format_type":
+        meta["prompt_format"] = {**meta["prompt_format"], "system": 7}
+    elif case == "monitor_meta_type":
+        meta["monitor"] = [16]
+    elif case == "size_zero":
+        meta["head_rank"] = 0
     elif case == "version":
         meta["format_version"] = 99
     elif case == "format":

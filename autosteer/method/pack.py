@@ -173,15 +173,13 @@ class SteerPack:
         if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float))):
             raise PackError(f"pack metadata 'tau_monitor' has the wrong type ({type(tm).__name__})")
         mon = self.meta.get("monitor")
-        if mon is not None and "tokens" in (mon if isinstance(mon, dict) else {}):
+        if mon is not None and "tokens" in mon:
             n = mon["tokens"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise PackError(f"pack metadata 'monitor.tokens' must be an int >= 1, got {n!r}")
         for key in ("tau", "tau_paper") + (("tau_monitor",) if tm is not None else ()):
             if not 0.0 <= float(self.meta[key]) <= 1.0:
                 raise PackError(f"pack {key}={self.meta[key]} is not a probability threshold in [0, 1]")
-        if not math.isfinite(float(self.meta["eps"])):
-            raise PackError("pack eps is not finite")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pack atomically (a crash never leaves a half-written file)."""
@@ -262,6 +260,27 @@ def _validate_meta(meta: dict) -> None:
             raise PackError(f"pack metadata lacks {key!r}")
         if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
             raise PackError(f"pack metadata {key!r} has the wrong type ({type(meta[key]).__name__})")
+    for key in ("hidden_size", "vocab_size", "num_layers", "probe_hidden", "head_rank"):
+        if meta[key] < 1:
+            raise PackError(f"pack metadata {key!r} must be >= 1, got {meta[key]}")
+    fp = meta["fingerprint"]
+    for key in ("hidden_size", "vocab_size", "num_layers"):  # the sizes the model is checked against
+        if key in fp and fp[key] != meta[key]:
+            raise PackError(f"pack metadata is inconsistent: {key} is {meta[key]} but the model fingerprint says {fp[key]}")
+    eps = meta["eps"]
+    if not (math.isfinite(eps) and eps > 0):
+        raise PackError(f"pack eps={eps} must be a positive finite number (the weight of the refusal logits)")
+    pf = meta["prompt_format"]
+    known = {"chat_template": bool, "system": (str, type(None)), "max_prompt_tokens": int, "bare_special_tokens": bool}
+    for key, value in pf.items():
+        if key not in known:
+            raise PackError(f"pack metadata prompt_format has an unknown field {key!r} (known: {', '.join(known)})")
+        if not isinstance(value, known[key]) or (known[key] is int and isinstance(value, bool)):
+            raise PackError(f"pack metadata prompt_format.{key} has the wrong type ({type(value).__name__})")
+    if pf.get("max_prompt_tokens", 1) < 1:
+        raise PackError(f"pack metadata prompt_format.max_prompt_tokens must be >= 1, got {pf['max_prompt_tokens']}")
+    if "monitor" in meta and not isinstance(meta["monitor"], dict):
+        raise PackError(f"pack metadata 'monitor' must be an object, got {type(meta['monitor']).__name__}")
 
 
 def load_pack(path: str | os.PathLike) -> SteerPack:
