@@ -354,7 +354,9 @@ def cmd_demo(args) -> int:
         print(f"using the pack fitted earlier: {pack_path} (--refit to fit again)")
         pack = load_pack(pack_path)
     else:
-        print("fitting AutoSteer on the default model (SmolLM2-135M-Instruct); this takes tens of minutes on 2 cores (the jailbreak-wrapped fit prompts are long)")
+        which = args.model or "the default model (SmolLM2-135M-Instruct)"
+        print(f"fitting AutoSteer on {which}; on the default model this takes tens of minutes on 2 cores (the "
+              "jailbreak-wrapped fit prompts are long)")
         pack = fit(model, tok, FitConfig(seed=args.seed))
         pack.save(pack_path)
         m = pack.meta

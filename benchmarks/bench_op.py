@@ -15,11 +15,13 @@ threshold no score can pass, so every call does the same work):
 Timing: ``triton.testing.do_bench`` with quantiles [0.5, 0.2, 0.8] on CUDA,
 ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (median, and the 20th/80th percentiles
 of its blocks). Results: a table on stdout, CSV + markdown in ``--out-dir`` (default
+``$OUT`` or ``runs/bench``, so a trial run never replaces the recorded tables in
 ``benchmarks/results``), the markdown headed by the exact command.
 
 Examples::
 
     python benchmarks/bench_op.py --quick                       # CPU: SmolLM2 shape, a few batches
+    python benchmarks/bench_op.py --quick --out-dir benchmarks/results  # ... recorded in the repo
     python benchmarks/bench_op.py --shapes qwen2-7b --batches 16 --fracs 0 1
     python benchmarks/bench_op.py --device cuda --out-dir "$OUT"  # GPU, all shapes
 """
@@ -77,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized run: smollm2 at B in {1, 16, 64} plus qwen2-7b at B=16 (unless --shapes/--batches given)")
-    p.add_argument("--out-dir", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=os.environ.get("OUT") or str(REPO / "runs" / "bench"),
+                   help="where the CSV and markdown go (default $OUT or runs/bench; the recorded tables are in "
+                        "benchmarks/results)")
     p.add_argument("--tag", default=None, help="file name suffix (default: device)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv if argv is None else ["benchmarks/bench_op.py"] + list(argv))
