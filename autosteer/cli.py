@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
     p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line (and, for multimodal models, an optional "
                         "'image' path relative to the file), or .txt one prompt per line")
-    p.add_argument("--output", required=True, help=".jsonl: the input fields plus response, p_unsafe, steered, refused")
+    p.add_argument("--output", required=True, help=".jsonl: the input fields plus response, p_unsafe, gate, steered, refused")
     p.add_argument("--unsteered", action="store_true", help="never steer (the probe still scores)")
     p.add_argument("--always-steer", action="store_true", help="steer every row")
     p.add_argument("--mode", default="prefill", choices=["prefill", "monitor"])
