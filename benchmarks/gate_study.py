@@ -326,12 +326,7 @@ def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
             row["targets_met"] = sum(row[k] >= v if op == ">=" else row[k] <= v for k, (op, v) in TARGETS.items())
             rows.append(row)
         print(f"[seeds] {name}: {args.split_seeds} fits done at {time.time() - t0:.0f} s", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = _write_csv(args.out, rows)
     cols = [c for c in DEV_COLUMNS if not c[0].endswith("_64")]
     md = ["# Gate study over split seeds: how much does the operating point move with the seed alone?", "",
           f"The default gate of `FitConfig()` (fit data of seed {args.seed} with {args.jailbreak_fit} wrapped prompts per "
@@ -363,17 +358,23 @@ def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
     print("\n".join(md))
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def write_outputs(args, rows: list[dict], seconds: float) -> None:
-    out = Path(args.out)
+def _write_csv(out: str, rows: list[dict]) -> Path:
+    """Write ``rows`` to OUT.csv (creating its folder); returns OUT as a Path."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_outputs(args, rows: list[dict], seconds: float) -> None:
+    out = _write_csv(args.out, rows)
     cols = [c for c in DEV_COLUMNS if not c[0].endswith("_64")]
     head = ("| fit data / pooling / probe | layer rule (layer) | threshold (tau) | val AUROC | dev AUROC | "
             + " | ".join(f"{lab} {'↑' if h else '↓'}" for _, lab, h in cols) + " | targets met |")
