@@ -561,3 +561,85 @@ def test_threshold_and_fault_policy_from_env_or_config(setup, tmp_path, monkeypa
         cfg.additional_config = {"autosteer": {key: value}}
         with pytest.raises(avllm.VLLMIntegrationError, match=f"additional_config autosteer.{key}='{value}' {msg}"):
             make(cfg)
+
+
+def test_a_resumed_request_gets_its_own_state_not_a_siblings(setup, tmp_path, monkeypatch):
+    """Parallel-sampling children can share one SamplingParams object (in-process engine). A
+    preempted child re-added with its outputs must get its own state back -- here its latch -- not
+    that of a sibling parked beside it (found by review: the first parked sibling was taken)."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    avllm.attach_capture(FakeVLLMLlama(hf), max_reqs=8, metadata_fn=lambda: None)
+    try:
+        store = lp._ensure_store(required=True)
+        sp = SamplingParams()
+        out_a, out_b = [], []  # vLLM appends each request's outputs to its list in place
+        lp.update_state(BatchUpdate(2, [], [(0, sp, [1, 2, 3], out_a), (1, sp, [1, 2, 3], out_b)], []))
+        key_a, key_b = lp.request_keys()[0], lp.request_keys()[1]
+        for k in (key_a, key_b):
+            store._get_or_add(k)
+        store._slot_latched[store.state(key_b).slot] = True  # B latched, A did not
+        out_a += [5, 6, 9]
+        out_b += [7, 8]
+        # A finishes, B moves to index 0, then B is preempted: both parked under the same params
+        lp.update_state(BatchUpdate(1, [0], [], [(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+        lp.update_state(BatchUpdate(0, [0], [], []))
+        assert sorted(lp.parked_keys()) == sorted([key_a, key_b])
+        lp.update_state(BatchUpdate(1, [], [(0, sp, [1, 2, 3], list(out_b))], []))  # B resumes
+        assert lp.request_keys()[0] == key_b and store.summary(key_b).latched
+        assert lp.parked_keys() == [key_a]
+        # siblings that cannot be told apart (same outputs): the latched state wins (fail closed)
+        out_c, out_d = [], []
+        lp.update_state(BatchUpdate(3, [], [(1, sp, [1, 2, 3], out_c), (2, sp, [1, 2, 3], out_d)], []))
+        key_c, key_d = lp.request_keys()[1], lp.request_keys()[2]
+        for k in (key_c, key_d):
+            store._get_or_add(k)
+        store._slot_latched[store.state(key_d).slot] = True
+        out_c += [4]
+        out_d += [4]
+        lp.update_state(BatchUpdate(1, [1, 2], [], []))
+        lp.update_state(BatchUpdate(2, [], [(1, sp, [1, 2, 3], [4])], []))
+        assert lp.request_keys()[1] == key_d
+    finally:
+        avllm.detach_capture()
+
+
+def test_engines_the_capture_cannot_follow_are_refused(setup, tmp_path, monkeypatch):
+    """CUDA graphs (no --enforce-eager) and prompt embeddings would leave requests ungated: refused at
+    start-up (the guard's check and the processor's constructor), and a prompt-embeddings request
+    that reaches the processor anyway raises instead of being served ungated (found by review)."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    for mc, msg in ((SimpleNamespace(enforce_eager=False), "--enforce-eager"),
+                    (SimpleNamespace(enforce_eager=True, enable_prompt_embeds=True), "prompt embeddings")):
+        cfg = _config()
+        cfg.model_config = mc
+        assert msg in avllm._engine_refusal(cfg, check_runner=True)
+        with pytest.raises(avllm.VLLMIntegrationError, match=msg):
+            avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    cfg = _config()
+    cfg.model_config = SimpleNamespace(enforce_eager=True, enable_prompt_embeds=False)
+    assert avllm._engine_refusal(cfg, check_runner=True) is None
+    lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    with pytest.raises(avllm.VLLMIntegrationError, match="prompt embeddings"):
+        lp.update_state(BatchUpdate(1, [], [(0, SamplingParams(), None, [])], []))
+
+
+def test_a_step_without_a_captured_forward_raises(setup, tmp_path, monkeypatch):
+    """apply() twice on one captured forward (hooks skipped, e.g. a CUDA-graph replay) must not steer
+    with the previous forward's hidden states."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    model = FakeVLLMLlama(hf)
+    cap = avllm.attach_capture(model, max_reqs=8, metadata_fn=lambda: None)
+    try:
+        lp.update_state(BatchUpdate(1, [], [(0, SamplingParams(), [1, 2, 3], [])], []))
+        cap.num_reqs, cap.forwards = 1, 1  # as the layer hook leaves them after a one-request forward
+        lp.apply(torch.zeros(1, hf.config.vocab_size))
+        lp.update_state(None)
+        with pytest.raises(avllm.VLLMIntegrationError, match="no forward since the previous step"):
+            lp.apply(torch.zeros(1, hf.config.vocab_size))
+    finally:
+        avllm.detach_capture()

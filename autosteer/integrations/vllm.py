@@ -299,6 +299,14 @@ def _engine_refusal(vllm_config, *, check_runner: bool) -> str | None:
     if check_runner and getattr(vllm_config, "use_v2_model_runner", False):
         return ("this engine would use Model Runner V2 (vLLM 0.33's default on CUDA), which the AutoSteer processor "
                 "does not support. Set VLLM_USE_V2_MODEL_RUNNER=0 (and --enforce-eager)")
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is not None and getattr(mc, "enforce_eager", True) is False:
+        return ("the engine would run the model under torch.compile / CUDA graphs, where the capture's Python hooks "
+                "do not run on a graph replay (the probe would read a stale forward's hidden states). Start vLLM with "
+                "--enforce-eager (enforce_eager=True)")
+    if mc is not None and getattr(mc, "enable_prompt_embeds", False):
+        return ("prompt embeddings are enabled: such requests have no prompt token ids, so the gate cannot tell "
+                "their prompt from their generated tokens. Disable --enable-prompt-embeds")
     return None
 
 
@@ -385,6 +393,9 @@ class _Row:
     prompt_len: int  # tokens re-fed before the next kept token: the prompt, plus the outputs on a resume
     resumed: bool = False  # re-added after preemption with its old state: its re-prefill is not probed
     params_ref: object = None  # weak reference to the request's SamplingParams (its identity across preemption)
+    # the request's output token list (vLLM appends to it in place): with the params, what tells a
+    # preempted request from its parallel-sampling siblings, which may share one SamplingParams object
+    outputs: list | None = None
 
 
 def _is_v2_request_state(obj) -> bool:
@@ -415,7 +426,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self.v2 = _is_v2_request_state(device)  # V2: (vllm_config, req_states)
         self.device = torch.device(device.device if self.v2 else (device if device is not None else "cpu"))
         self.rows: dict[int, _Row] = {}  # persistent-batch index -> request
-        self._parked: dict[int, list] = {}  # id(SamplingParams) -> [(weakref, key)] of requests out of the batch
+        # id(SamplingParams) -> [(weakref, key, outputs when parked)] of requests out of the batch
+        self._parked: dict[int, list] = {}
         self.batch_size = 0
         self.enabled = bool(pack_path)
         self.store: SteerStateStore | None = None
@@ -423,6 +435,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._prompt_lens = None
         self._resumed = None
         self._prompt_lens_stale = True
+        self._last_forward: int | None = None  # capture.forwards at the previous apply
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
@@ -450,8 +463,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         _PACK = self.pack
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
-        if getattr(vllm_config, "speculative_config", None):
-            raise VLLMIntegrationError("speculative decoding is not supported by the AutoSteer vLLM processor yet")
+        why = _engine_refusal(vllm_config, check_runner=False)
+        if why:
+            raise VLLMIntegrationError(f"AutoSteer's vLLM processor refuses to start: {why}; or unset {ENV_PACK}")
         if patch_runner and capture is None:
             _patch_model_runner(self.max_reqs)
 
@@ -484,12 +498,15 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self._park(idx, store)
         for idx, params, prompt_ids, output_ids in batch_update.added:
             self._park(idx, store)  # an Add may replace the request at idx
-            n_prompt = len(prompt_ids) if prompt_ids is not None else 0
+            if prompt_ids is None:  # a prompt-embeddings request: refused rather than served ungated
+                raise VLLMIntegrationError("AutoSteer cannot gate a request given as prompt embeddings (no prompt token "
+                                           "ids); serve it without AutoSteer or send token ids")
+            n_prompt = len(prompt_ids)
             n_out = len(output_ids) if output_ids is not None else 0
             # a request with outputs is resuming after preemption: it keeps its state (latch)
-            key = self._unpark(params) if n_out else None
+            key = self._unpark(params, output_ids, store) if n_out else None
             self.rows[idx] = _Row(next(self._keys) if key is None else key, n_prompt + n_out, key is not None,
-                                  _weak(params))
+                                  _weak(params), output_ids)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if _VLLM.is_move_swap(direction):
@@ -531,6 +548,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         cap = self._capture or _CAPTURE
         if cap.num_reqs != B:
             raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
+        if cap.forwards == self._last_forward:  # the hooks did not run for this step's forward
+            raise VLLMIntegrationError("the capture saw no forward since the previous step (a CUDA-graph replay? "
+                                       "AutoSteer needs --enforce-eager): its hidden states would be stale")
+        self._last_forward = cap.forwards
         if self._prompt_lens_stale or self._prompt_lens is None or self._prompt_lens.shape[0] < B:
             host = torch.tensor([[self.rows[i].prompt_len for i in range(B)],
                                  [int(self.rows[i].resumed) for i in range(B)]], dtype=torch.int32)
@@ -569,33 +590,46 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             if store is not None:
                 store.release(row.key)
             return
-        self._parked.setdefault(id(params), []).append((row.params_ref, row.key))
+        outputs = tuple(row.outputs) if row.outputs is not None else None
+        self._parked.setdefault(id(params), []).append((row.params_ref, row.key, outputs))
 
-    def _unpark(self, params):
+    def _unpark(self, params, outputs, store):
+        """The key of the parked request a re-added one resumes: same SamplingParams object and the same
+        outputs. Parallel-sampling siblings can share one SamplingParams object, so the outputs decide;
+        if several parked requests still qualify (identical outputs, or outputs not tracked), a latched
+        one is taken -- never a sibling's unlatched state for a request that may have latched."""
         entries = self._parked.get(id(params)) if params is not None else None
         if not entries:
             return None
-        for n, (ref, key) in enumerate(entries):
-            if ref() is params:
-                entries.pop(n)
-                if not entries:
-                    del self._parked[id(params)]
-                return key
-        return None
+        same = [n for n, (ref, _key, _out) in enumerate(entries) if ref() is params]
+        want = tuple(outputs) if outputs is not None else None
+        exact = [n for n in same if want is not None and entries[n][2] == want]
+        pool = exact or same
+        if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
+            latched = [n for n in pool if store.summary(entries[n][1]).latched]
+            pool = latched or pool
+            log.warning("autosteer: %d parked requests share the resumed request's SamplingParams and outputs; "
+                        "resuming with %s state", len(same), "a latched" if latched else "an unlatched")
+        if not pool:
+            return None
+        key = entries.pop(pool[0])[1]
+        if not entries:
+            del self._parked[id(params)]
+        return key
 
     def _reap_parked(self, store) -> None:
         alive = []
         for pid in list(self._parked):
             keep = []
-            for ref, key in self._parked[pid]:
-                if ref() is None:
+            for entry in self._parked[pid]:
+                if entry[0]() is None:
                     if store is not None:
-                        store.release(key)
+                        store.release(entry[1])
                 else:
-                    keep.append((ref, key))
+                    keep.append(entry)
             if keep:
                 self._parked[pid] = keep
-                alive.extend((key, pid) for _ref, key in keep)
+                alive.extend((e[1], pid) for e in keep)
             else:
                 del self._parked[pid]
         excess = len(alive) - self._MAX_PARKED_FACTOR * getattr(self, "max_reqs", 256)
@@ -608,7 +642,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
 
     def parked_keys(self) -> list[int]:
         """Keys of requests out of the batch whose state is kept (possibly preempted)."""
-        return [key for entries in self._parked.values() for _ref, key in entries]
+        return [e[1] for entries in self._parked.values() for e in entries]
 
     def _ensure_store(self, required: bool) -> SteerStateStore | None:
         if self.store is not None:
