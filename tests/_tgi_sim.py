@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 ROOT = "text_generation_server"
-MODULES = (ROOT, f"{ROOT}.utils", f"{ROOT}.utils.tokens", f"{ROOT}.models", f"{ROOT}.models.flash_causal_lm",
+MODULES = (ROOT, f"{ROOT}.utils", f"{ROOT}.utils.tokens", f"{ROOT}.models", f"{ROOT}.models.model", f"{ROOT}.models.flash_causal_lm",
            f"{ROOT}.cache", f"{ROOT}.cli", f"{ROOT}.pb")
 
 
@@ -423,11 +423,26 @@ class Generation:
     stopped: bool
 
 
-class FlashCausalLM:
+class Model:
+    """TGI's base class of every model class (models/model.py)."""
+
+    def __init__(self, model, device=None):
+        self.model = model
+        self.device = device or torch.device("cpu")
+
+
+class CausalLM(Model):
+    """A non-flash model class TGI may choose (CausalLM.fallback): its own per-request choosers."""
+
+    def __init__(self, hf_model):
+        super().__init__(hf_model)
+
+
+class FlashCausalLM(Model):
     def __init__(self, hf_model, max_requests=32, max_len=96, cuda_graphs=True):
         cfg = hf_model.config
         self.config = cfg
-        self.model = FlashLlamaForCausalLM(hf_model).eval()
+        super().__init__(FlashLlamaForCausalLM(hf_model).eval())
         self.speculate = get_speculate()
         self.device = torch.device("cpu")
         self.dtype = hf_model.lm_head.weight.dtype
@@ -614,6 +629,7 @@ def install_fake_package() -> dict:
         mod.__path__ = []  # a package, so submodule imports resolve through sys.modules
     tok = mods[f"{ROOT}.utils.tokens"]
     tok.HeterogeneousNextTokenChooser = HeterogeneousNextTokenChooser
+    mods[f"{ROOT}.models.model"].Model = Model
     fl = mods[f"{ROOT}.models.flash_causal_lm"]
     fl.FlashCausalLMBatch, fl.FlashCausalLM, fl.CUDA_GRAPHS = FlashCausalLMBatch, FlashCausalLM, CUDA_GRAPHS
     mods[f"{ROOT}.cache"].Cache = Cache

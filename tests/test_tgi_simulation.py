@@ -366,3 +366,25 @@ def test_cli_wrapper_installs_for_serve_only(fake_tgi, setup, tmp_path, monkeypa
         assert tgi.runtime().fail_closed is False and tgi.runtime().tau == 0.25
     finally:
         tgi.uninstall()
+
+
+def test_a_model_tgi_does_not_serve_through_flashcausallm_is_refused(fake_tgi, setup, tmp_path):
+    """TGI may choose CausalLM / Seq2SeqLM / Mamba for a model: none runs the patched step, so every
+    request would be served unsteered. With a pack installed the model's construction fails instead,
+    and a chooser or processor running outside the attached model's step raises (found by review:
+    both only warned)."""
+    hf, _, pack, _ = setup
+    tgi.install(_pack_file(tmp_path, pack, 0.0), "prefill")  # tau 0: every request must be steered
+    try:
+        with pytest.raises(tgi.TGIIntegrationError, match="TGI chose CausalLM for this model, not a FlashCausalLM"):
+            sim.CausalLM(hf)
+        chooser = sim.HeterogeneousNextTokenChooser.from_pb([sim.NextTokenChooserParameters()], torch.float32, "cpu")
+        with pytest.raises(tgi.TGIIntegrationError, match="outside the attached FlashCausalLM"):
+            chooser(torch.zeros(1, 3, dtype=torch.long), torch.randn(1, hf.config.vocab_size), 0)
+        proc = chooser.warpers[0]
+        assert isinstance(proc, tgi.AutoSteerTGIProcessor)
+        with pytest.raises(tgi.TGIIntegrationError, match="outside a step"):
+            proc(torch.zeros(1, 3, dtype=torch.long), torch.randn(1, hf.config.vocab_size))
+    finally:
+        tgi.uninstall()
+    sim.CausalLM(hf)  # without AutoSteer TGI's own behaviour is untouched

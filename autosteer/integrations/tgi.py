@@ -87,6 +87,7 @@ class _TGI:
     VERSION_NOTE = "TGI commit db931fcf (2026-01-08)"
     TOKENS = "text_generation_server.utils.tokens"
     FLASH = "text_generation_server.models.flash_causal_lm"
+    BASE = "text_generation_server.models.model"  # Model: the base class of every TGI model class
     CACHE = "text_generation_server.cache"
     CLI = "text_generation_server.cli"
     CHOOSER = "HeterogeneousNextTokenChooser"
@@ -102,6 +103,7 @@ class _TGI:
         (FLASH, BATCH, "from_pb", "classmethod", ("cls", "pb")),
         (FLASH, BATCH, "filter", "method", ("self", "request_ids")),
         (FLASH, BATCH, "concatenate", "classmethod", ("cls", "batches")),
+        (BASE, "Model", "__init__", "method", ("self",)),
         (FLASH, MODEL, "__init__", "method", ("self",)),
         (FLASH, MODEL, "generate_token", "method", ("self", "batch")),
         (FLASH, MODEL, "warmup", "method", ("self", "batch")),
@@ -351,10 +353,10 @@ class _Runtime:
     def begin_choose(self, chooser, scores, speculated_ids) -> bool:
         """From the patched chooser ``__call__``: stage the step; False when this call is not ours."""
         ctx = self.ctx
-        if ctx is None or ctx.batch.next_token_chooser is not chooser:
-            self._warn_once("foreign", "autosteer: a next-token chooser ran outside FlashCausalLM.generate_token; "
-                            "left unsteered")
-            return False
+        if ctx is None or ctx.batch.next_token_chooser is not chooser:  # fail closed: never serve it unsteered
+            raise TGIIntegrationError("a next-token chooser ran outside the attached FlashCausalLM's generate_token "
+                                      "(a model class or code path AutoSteer does not patch): refusing to serve it "
+                                      "unsteered")
         batch = ctx.batch
         B = len(ctx.request_ids)
         if ctx.prefill:
@@ -384,9 +386,9 @@ class _Runtime:
 
     def process(self, proc: AutoSteerTGIProcessor, scores: torch.Tensor) -> torch.Tensor:
         store = self.store
-        if store is None or not store.in_step:
-            self._warn_once("nostep", "autosteer: processor called outside a step; left unsteered")
-            return scores
+        if store is None or not store.in_step:  # fail closed: never serve these logits unsteered
+            raise TGIIntegrationError("the AutoSteer processor ran outside a step of the attached FlashCausalLM "
+                                      "(a code path AutoSteer does not patch): refusing to serve it unsteered")
         if proc.request_ids is not None and proc.request_ids != self.ctx.request_ids:
             store.abort_step()
             raise TGIIntegrationError(f"the AutoSteer processor's rows {proc.request_ids} are not the batch's "
@@ -456,6 +458,18 @@ class _Runtime:
             rt.bind(batch)
             return batch
 
+        base_cls, _ = t[("Model", "__init__")]
+        orig_base_init = base_cls.__init__
+
+        @functools.wraps(orig_base_init)
+        def base_init(self, *args, **kwargs):
+            orig_base_init(self, *args, **kwargs)
+            if not isinstance(self, model_cls):  # CausalLM, Seq2SeqLM, Mamba, ...: no patched step runs for them
+                raise TGIIntegrationError(
+                    f"TGI chose {type(self).__name__} for this model, not a {_TGI.MODEL}: AutoSteer steers "
+                    f"{_TGI.MODEL} models only and would serve every request unsteered (unset {ENV_PACK} to serve "
+                    "without AutoSteer)")
+
         orig_init = model_cls.__init__
 
         @functools.wraps(orig_init)
@@ -507,6 +521,7 @@ class _Runtime:
         self._patch(batch_cls, "from_pb", classmethod(batch_from_pb))
         self._patch(batch_cls, "concatenate", classmethod(batch_concatenate))
         self._patch(batch_cls, "filter", batch_filter)
+        self._patch(base_cls, "__init__", base_init)
         self._patch(model_cls, "__init__", model_init)
         self._patch(model_cls, "generate_token", model_generate_token)
         self._patch(model_cls, "warmup", model_warmup)
