@@ -286,3 +286,25 @@ def test_weights_refuse_a_threshold_outside_0_1_and_fail_closed_by_default():
         store.end_step()
         assert [store.summary(r).latched for r in ("ok", "nan")] == want, fail_closed
         assert torch.equal(logits[0], raw[0]) and torch.equal(logits[1], raw[1]) is not want[1]
+
+
+def test_a_refused_step_registers_no_request(weights):
+    """begin_step checks everything before registering new ids: a request whose first step was
+    refused starts clean on its next step instead of inheriting the slot's previous occupant's latch
+    (found by review)."""
+    w = SteerWeights(**{**weights.__dict__, "tau": 0.0})  # every probed row latches
+    store = SteerStateStore(w)
+    store.begin_step(["a"], cu_seqlens=[0, 1])
+    store.apply(torch.randn(1, V), probe_hidden=torch.randn(1, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    assert store.summary("a").latched
+    store.release("a")
+    for bad in ({"cu_seqlens": [0]}, {"cu_seqlens": [0, 1], "head_rows": [0, 1]}, {"phase": torch.zeros(0)}):
+        with pytest.raises(ValueError, match="entries, need"):
+            store.begin_step(["b"], **bad)
+        assert "b" not in store.request_ids and not store.in_step
+    store.w = SteerWeights(**{**weights.__dict__, "tau": 1.0})  # now nothing latches
+    store.begin_step(["b"], cu_seqlens=[0, 1])  # takes a's old slot, which must be reset
+    store.apply(torch.randn(1, V), probe_hidden=torch.randn(1, H), head_hidden=torch.randn(1, H))
+    store.end_step()
+    assert store.state("b").slot == 0 and not store.summary("b").latched

@@ -26,7 +26,8 @@ Per step an integration does::
 ``apply`` is one call of the fused ``steer_step`` op (C++ on CPU, Triton on CUDA) on the
 rows of this step; everything else is a handful of small device ops on preallocated buffers
 plus **one** host-to-device copy of a small int64 vector per step (slots, row flags and, when
-given as host lists, the prefill offsets / head rows). Nothing reads a device value back:
+given as host lists, the prefill offsets / head rows; the vLLM processor adds one more small copy,
+of prompt lengths, on steps after its batch changed). Nothing reads a device value back:
 no ``.item()``, ``.tolist()``, ``bool(tensor)`` or blocking copy in the step path. The only
 syncing calls are the reporting ones (:meth:`SteerStateStore.summary`, ``on_release`` with
 ``report=True``).
@@ -550,6 +551,14 @@ class SteerStateStore:
         bad = [b for b in range(B) if still[b] and not prefilling[b]]
         if bad:
             raise ValueError(f"rows {bad}: still_prefilling without prefilling")
+        # every check before any request is registered: a refused step must leave no new request
+        # behind (it would skip its slot reset on the next step and inherit the slot's old state)
+        for name, value, need in (("cu_seqlens", cu_seqlens, B + 1), ("head_rows", head_rows, B), ("phase", phase, B)):
+            if value is None:
+                continue
+            n = value.numel() if isinstance(value, torch.Tensor) else len(value)
+            if n < need or (name == "head_rows" and not isinstance(value, torch.Tensor) and n != need):
+                raise ValueError(f"{name} has {n} entries, need {'B + 1' if name == 'cu_seqlens' else 'B'} = {need}")
         host = []
         flags = []
         any_new = False
@@ -580,24 +589,16 @@ class SteerStateStore:
         cu_dev = head_dev = None
         if cu_seqlens is not None:
             if isinstance(cu_seqlens, torch.Tensor):
-                if cu_seqlens.numel() < B + 1:
-                    raise ValueError(f"cu_seqlens has {cu_seqlens.numel()} entries, need B + 1 = {B + 1}")
                 cu_dev = cu_seqlens
             else:
                 cu = list(cu_seqlens)
-                if len(cu) < B + 1:
-                    raise ValueError(f"cu_seqlens has {len(cu)} entries, need B + 1 = {B + 1}")
                 host.extend(int(x) for x in cu[: B + 1])
                 n_cu = B + 1
         if head_rows is not None:
             if isinstance(head_rows, torch.Tensor):
-                if head_rows.numel() < B:
-                    raise ValueError(f"head_rows has {head_rows.numel()} entries, need B = {B}")
                 head_dev = head_rows[:B]
             else:
                 hr = list(head_rows)
-                if len(hr) != B:
-                    raise ValueError(f"head_rows has {len(hr)} entries, need B = {B}")
                 host.extend(int(x) for x in hr)
                 n_head = B
         # the step's only host->device transfer (pageable source: staged by the driver, no device sync)
@@ -613,8 +614,6 @@ class SteerStateStore:
         if n_head:
             head_dev = meta[off: off + n_head]
         if phase is not None:
-            if phase.numel() < B:
-                raise ValueError(f"phase has {phase.numel()} entries, need B = {B}")
             ph = phase.reshape(-1)[:B].to(device=self.device, dtype=torch.int64)
             decode_bits = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
             bits = torch.where(ph == PHASE_DECODE, decode_bits,
