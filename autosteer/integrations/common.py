@@ -27,7 +27,8 @@ Per step an integration does::
 rows of this step; everything else is a handful of small device ops on preallocated buffers
 plus **one** host-to-device copy of a small int64 vector per step (slots, row flags and, when
 given as host lists, the prefill offsets / head rows; the vLLM processor adds one more small copy,
-of prompt lengths, on steps after its batch changed). Nothing reads a device value back:
+of prompt lengths, on steps after its batch changed; from pageable memory, which CUDA may stage
+with a stream synchronisation -- unmeasured). Nothing reads a device value back:
 no ``.item()``, ``.tolist()``, ``bool(tensor)`` or blocking copy in the step path. The only
 syncing calls are the reporting ones (:meth:`SteerStateStore.summary`, ``on_release`` with
 ``report=True``).
@@ -601,7 +602,9 @@ class SteerStateStore:
                 hr = list(head_rows)
                 host.extend(int(x) for x in hr)
                 n_head = B
-        # the step's only host->device transfer (pageable source: staged by the driver, no device sync)
+        # the step's only host->device transfer. Its source is pageable: CUDA stages it through pinned
+        # memory and documents that it *may* synchronise with the stream there (not measured: no GPU
+        # run yet; a pinned ring buffer would rule it out)
         meta = self._meta[: len(host)]
         if B:
             meta.copy_(torch.tensor(host, dtype=torch.int64), non_blocking=True)
