@@ -390,15 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a steer pack on a frozen model")
     _model_args(p)
     p.add_argument("--out", help="pack path (default runs/<model>.pack.safetensors)")
-    p.add_argument("--preset", default=None, choices=["paper", "default"],
+    p.add_argument("--preset", default=None, choices=["paper", "default", "low-fp"],
                    help="named configuration: 'paper' (SAS layer, full d x d head, tau 0.5, paper prober training, direct "
-                        "harmful vs benign data) or 'default'; options given explicitly override the preset")
+                        "harmful vs benign data), 'default', or 'low-fp' (the previous default: depth:0.6 and 15%% "
+                        "validation FPR, fewer false positives on long benign prompts, less detection); options given "
+                        "explicitly override the preset")
     p.add_argument("--layer-rule", default=None, type=_layer_rule,
-                   help="'depth:F' (default depth:0.6: the layer at F of the depth, chosen on dev in the gate study), "
+                   help="'depth:F' (default depth:0.69: the layer at F of the depth, chosen on dev in the gate study), "
                         "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number")
     p.add_argument("--head-rank", default=None, type=_head_rank, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=POSITIVE, default=5)
-    p.add_argument("--target-fpr", type=_probability, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.15)")
+    p.add_argument("--target-fpr", type=_probability, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.20)")
     p.add_argument("--monitor-prompts", type=NON_NEGATIVE, default=None, metavar="N",
                    help="fit prompts per class whose own responses train the monitor probe and calibrate tau_monitor "
                         "for monitor mode (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")

@@ -28,8 +28,10 @@ def test_paper_preset_is_the_papers_configuration():
     assert c.preset_name == "paper"
     # the project's default differs where the docs say it does
     d = FitConfig()
-    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.6", "fpr", 16, "default")
-    assert (d.target_fpr, d.jailbreak_fit) == (0.15, 400)  # chosen on dev: docs/results/gate_study.md
+    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.69", "fpr", 16, "default")
+    assert (d.target_fpr, d.jailbreak_fit) == (0.20, 400)  # chosen on dev: docs/method.md 7d
+    low = FitConfig.preset("low-fp")  # the previous default
+    assert (low.layer_rule, low.target_fpr) == ("depth:0.6", 0.15) and low.preset_name == "low-fp"
     assert FitConfig.preset("default") == FitConfig(preset_name="default")
 
 
@@ -42,7 +44,7 @@ def test_presets_take_overrides_and_reject_unknown_names():
         FitConfig(tau_rule="median")
     with pytest.raises(ValueError, match="last_token"):
         FitConfig(pooling="mean")
-    assert set(PRESETS) == {"paper", "default"}
+    assert set(PRESETS) == {"paper", "default", "low-fp"}
 
 
 def test_gate_with_paper_threshold_uses_tau_half():
@@ -84,8 +86,8 @@ def test_tiny_model_fit_with_the_paper_preset(tiny_model, tiny_tokenizer):
     # the default configuration on the same data differs in exactly those choices
     d = fit(tiny_model, tiny_tokenizer, FitConfig(probe_epochs=3, head_epochs=1, head_prompts=4, batch_size=8, progress=False,
                                                    head_rank=2), FitData(HARMFUL, BENIGN, pairs, {"counts": {}}))
-    assert d.meta["preset"] is None and d.meta["layer_rule"] == "depth:0.6" and d.meta["tau_rule"].startswith("calibrated")
-    assert d.meta["layer"] == round(0.6 * (tiny_model.config.num_hidden_layers - 1))
+    assert d.meta["preset"] is None and d.meta["layer_rule"] == "depth:0.69" and d.meta["tau_rule"].startswith("calibrated")
+    assert d.meta["layer"] == round(0.69 * (tiny_model.config.num_hidden_layers - 1))
 
 
 def test_depth_layer_rule():
@@ -93,6 +95,7 @@ def test_depth_layer_rule():
 
     sas, auc = [0.0] * 30, [0.5] * 30
     assert choose_layer("depth:0.6", sas, auc) == (17, "depth:0.6")
+    assert choose_layer("depth:0.69", sas, auc) == (20, "depth:0.69")  # the default: layer 20 of SmolLM2's 30
     assert choose_layer("depth:0", sas, auc)[0] == 0 and choose_layer("depth:1", sas, auc)[0] == 29
     assert choose_layer("depth:0.6", [0.0] * 4, [0.5] * 4)[0] == 2
     for bad in ("depth:1.5", "depth:x", "depth:-0.1"):

@@ -14,13 +14,13 @@ from autosteer.method.fit import FitData  # noqa: E402
 
 
 def test_seed_study_reports_the_spread_over_split_seeds(tmp_path, monkeypatch):
-    L, H = 30, 12  # the default layer rule (depth:0.6) picks layer 17 of 30
+    L, H = 30, 12  # the default layer rule (depth:0.69) picks layer 20 of 30
     g = torch.Generator().manual_seed(0)
     direction = torch.randn(H, generator=g)
 
     def states(n, harmful, shift=0.0):
         x = torch.randn(n, L, H, generator=g)
-        x[:, 17] += (2.0 if harmful else -2.0) * direction + shift
+        x[:, 20] += (4.0 if harmful else -4.0) * direction + shift
         return x
 
     harmful = [f"h{i}" for i in range(60)]
@@ -40,10 +40,10 @@ def test_seed_study_reports_the_spread_over_split_seeds(tmp_path, monkeypatch):
     gate_study.run_seed_study(args, bank, {"dev": dev}, 0.0)
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [(r["probe"], r["seed"]) for r in rows] == [(p, str(s)) for p in ("default (64 units)", "16 units") for s in range(3)]
-    assert {r["layer"] for r in rows} == {"17"}
+    assert {r["layer"] for r in rows} == {"20"}
     taus = {r["tau"] for r in rows if r["probe"] == "16 units"}
     assert len(taus) > 1  # the seed moves the split, hence the threshold
-    for r in rows:  # separable synthetic data: harmful dev sets fire, benign ones mostly do not
-        assert float(r["dev_harmful"]) > 0.9 and float(r["dev_benign"]) < 0.5
+    for r in rows:  # separable synthetic data: harmful dev sets fire, benign ones (20% validation FPR) far less
+        assert float(r["dev_harmful"]) > 0.9 and float(r["dev_harmful"]) - float(r["dev_benign"]) > 0.4
     md = out.with_suffix(".md").read_text()
     assert "| default (64 units) |" in md and "| 16 units |" in md and "(of 3)" in md

@@ -2,7 +2,7 @@
 
 Data comes from :func:`autosteer.data.default_splits` (fit splits only; dev data is never
 touched here) or from the user's own labelled files. The layer comes from ``layer_rule`` (default
-``depth:0.6``, chosen in the gate study; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
+``depth:0.69``, chosen in the gate studies, docs/method.md 7d; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
 the whole SAS and AUROC curves are recorded either way); a stratified validation split of the fit
 data calibrates the threshold to a target false-positive rate on benign validation prompts. With
 ``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's own responses and
@@ -55,21 +55,26 @@ PRESETS: dict[str, dict] = {
     },
     # this project's default (equal to FitConfig())
     "default": {},
+    # the previous default (layer 17 of SmolLM2's 30, 15% validation FPR): fewer false positives on
+    # long benign prompts (WritingBench 8.3% vs 11.7%), less detection and more over-refusal on the
+    # sensitive-but-benign set (docs/method.md 7d)
+    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15},
 }
 
 
 @dataclass
 class FitConfig:
     # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on the dev sets
-    # (docs/results/gate_study.md): 0.6 of the depth, layer 17 of SmolLM2's 30
-    layer_rule: str = "depth:0.6"
+    # (docs/results/gate_study_200.md, gate_seeds.md, docs/method.md 7d): 0.69 of the depth, layer 20 of
+    # SmolLM2's 30
+    layer_rule: str = "depth:0.69"
     probe_hidden: int = 64
     probe_epochs: int = 300
     probe_lr: float = 1e-3
     probe_weight_decay: float = 1e-2
     probe_batch_size: int | None = None  # None: full batch
     val_fraction: float = 0.25
-    target_fpr: float = 0.15  # chosen on the dev sets (gate study); the benign validation split includes wrapped and sensitive prompts
+    target_fpr: float = 0.20  # chosen on the dev sets (gate study); the benign validation split includes wrapped and sensitive prompts
     tau_rule: str = "fpr"  # "fpr": calibrated to target_fpr on benign validation prompts; "paper": tau = tau_paper
     tau_paper: float = 0.5
     eps: float = 0.1
