@@ -17,6 +17,7 @@ the batch (Removed), is re-added later with its outputs and re-prefills prompt +
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from dataclasses import dataclass
@@ -378,13 +379,21 @@ def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode)
                 assert torch.equal(raw[b], final[b]), f"request {rid}: row written while unlatched / mid-prefill"
 
 
-def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _processor_with_store(setup, tmp_path, monkeypatch):
+    """An enabled processor on the simulated model, its capture attached: yields (processor, store)."""
     hf, _, pack = setup
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
     avllm.attach_capture(FakeVLLMLlama(hf), max_reqs=8, metadata_fn=lambda: None)
     try:
-        store = lp._ensure_store(required=True)
+        yield lp, lp._ensure_store(required=True)
+    finally:
+        avllm.detach_capture()
+
+
+def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, monkeypatch):
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
         sps = [SamplingParams(), SamplingParams()]
         lp.update_state(BatchUpdate(2, [], [(0, sps[0], [1, 2], []), (1, sps[1], [3], [])], []))
         keys = lp.request_keys()
@@ -406,8 +415,6 @@ def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, m
         store._get_or_add(k2)
         lp.update_state(BatchUpdate(2, [2], [], []))
         assert k2 not in store
-    finally:
-        avllm.detach_capture()
 
 
 def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
@@ -567,12 +574,7 @@ def test_a_resumed_request_gets_its_own_state_not_a_siblings(setup, tmp_path, mo
     """Parallel-sampling children can share one SamplingParams object (in-process engine). A
     preempted child re-added with its outputs must get its own state back -- here its latch -- not
     that of a sibling parked beside it (found by review: the first parked sibling was taken)."""
-    hf, _, pack = setup
-    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
-    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
-    avllm.attach_capture(FakeVLLMLlama(hf), max_reqs=8, metadata_fn=lambda: None)
-    try:
-        store = lp._ensure_store(required=True)
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
         sp = SamplingParams()
         out_a, out_b = [], []  # vLLM appends each request's outputs to its list in place
         lp.update_state(BatchUpdate(2, [], [(0, sp, [1, 2, 3], out_a), (1, sp, [1, 2, 3], out_b)], []))
@@ -601,8 +603,6 @@ def test_a_resumed_request_gets_its_own_state_not_a_siblings(setup, tmp_path, mo
         lp.update_state(BatchUpdate(1, [1, 2], [], []))
         lp.update_state(BatchUpdate(2, [], [(1, sp, [1, 2, 3], [4])], []))
         assert lp.request_keys()[1] == key_d
-    finally:
-        avllm.detach_capture()
 
 
 def test_engines_the_capture_cannot_follow_are_refused(setup, tmp_path, monkeypatch):
