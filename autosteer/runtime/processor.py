@@ -33,6 +33,9 @@ from ..models import stop_token_ids
 MODES = ("prefill", "monitor")
 
 
+#: tokens of each row compared with the previous call's to tell a continued row from a reordered one
+_CONTINUITY_WINDOW = 64
+
 UNSUPPORTED_DECODING = (
     "AutoSteer's logits processor was {what}. It steers one new token per row per step, in the rows' own order, "
     "on raw logits: use greedy decoding or sampling (handle.generate refuses the other modes up front); for "
@@ -58,7 +61,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.gate: torch.Tensor | None = None  # [B] bool, the gate's prefill decision (force=False: what it would do)
         self.step = 0
         self._expect_len: int | None = None
-        self._last_ids: torch.Tensor | None = None  # the previous call's input_ids
+        self._last_ids: torch.Tensor | None = None  # the previous call's last _CONTINUITY_WINDOW input ids
         self._last_probe_tokens = 0
         self._forward: int | None = None  # capture.forwards at the previous call
         self._stop_ids = torch.tensor(stop_token_ids(handle.model), dtype=torch.long)
@@ -100,7 +103,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         T = cap.probe_tokens
         new = (self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
                or (T > 1 and self._last_probe_tokens == 1))  # a multi-token prefill after cached decode steps
-        if not new and not torch.equal(input_ids[:, :-1], self._last_ids):
+        if not new and not torch.equal(input_ids[:, -1 - self._last_ids.shape[1]:-1], self._last_ids):
             if T == 1:  # a cached decode step whose rows no longer continue the previous step's rows
                 raise RuntimeError(UNSUPPORTED_DECODING.format(
                     what="given rows that do not continue the previous step's rows (beam search or another method that "
@@ -112,7 +115,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
                     what="given log-probabilities instead of logits (beam search normalises before its processors)"))
             self._start(batch, device)
         self._expect_len = input_ids.shape[1] + 1
-        self._last_ids = input_ids.clone()
+        self._last_ids = input_ids[:, -_CONTINUITY_WINDOW:].clone()  # bounded: O(B) work per step, any length
         self._last_probe_tokens = T
         if new:
             probe_rows = self._last_prompt_rows(cap, batch)
