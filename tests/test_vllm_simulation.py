@@ -395,10 +395,12 @@ def _processor_with_store(setup, tmp_path, monkeypatch):
 def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, monkeypatch):
     with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
         sps = [SamplingParams(), SamplingParams()]
-        lp.update_state(BatchUpdate(2, [], [(0, sps[0], [1, 2], []), (1, sps[1], [3], [])], []))
+        out1 = []  # vLLM's running output list of request 1 (the Add holds a reference to it)
+        lp.update_state(BatchUpdate(2, [], [(0, sps[0], [1, 2], []), (1, sps[1], [3], out1)], []))
         keys = lp.request_keys()
         for key in keys.values():
             store._get_or_add(key)
+        out1.append(7)
         lp.update_state(BatchUpdate(0, [0, 1], [], []))  # both leave: finished or preempted?
         assert sorted(lp.parked_keys()) == sorted(keys.values()) and len(store) == 2
         lp.update_state(BatchUpdate(1, [], [(0, sps[1], [3], [7])], []))  # request 1 resumes with one output

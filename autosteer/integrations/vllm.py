@@ -601,8 +601,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         entries = self._parked.get(id(params)) if params is not None else None
         if not entries:
             return None
-        same = [n for n, (ref, _key, _out) in enumerate(entries) if ref() is params]
         want = tuple(outputs) if outputs is not None else None
+        # same params object, and outputs that match (or cannot be compared): never a request whose
+        # outputs are known to differ -- a fresh state (re-probed) is safer than a sibling's
+        same = [n for n, (ref, _key, out) in enumerate(entries)
+                if ref() is params and (want is None or out is None or out == want)]
         exact = [n for n in same if want is not None and entries[n][2] == want]
         pool = exact or same
         if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
