@@ -80,11 +80,16 @@ MODES = ("prefill", "monitor")
 ENV_MONITOR_WINDOW = "AUTOSTEER_MONITOR_WINDOW"
 
 
+def _unset(value) -> bool:
+    """An environment / server-config value that was not given (None, empty or blank)."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def parse_monitor_window(value, source: str = ENV_MONITOR_WINDOW) -> int | None:
     """A monitor-window setting from the environment or a server config: unset/empty -> None (the
     pack's window), else an int >= 0 (0: probe every generated token). Bad values raise ValueError
     naming ``source``."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _unset(value):
         return None
     try:
         n = int(str(value).strip())
@@ -102,7 +107,7 @@ def parse_flag(value, source: str, default: bool) -> bool:
     """An on/off setting from the environment or a server config: unset/empty -> ``default``;
     ``1/true/yes/on`` or ``0/false/no/off`` (any case; Python bools too). Anything else raises
     ValueError naming ``source`` -- a typo must not flip a safety setting silently."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _unset(value):
         return default
     if isinstance(value, bool):
         return value
@@ -117,7 +122,7 @@ def parse_flag(value, source: str, default: bool) -> bool:
 def parse_threshold(value, source: str) -> float | None:
     """A probability threshold from the environment or a server config: unset/empty -> None (the
     pack's), else a float in ``[0, 1]``; anything else raises ValueError naming ``source``."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _unset(value):
         return None
     try:
         if isinstance(value, bool):

@@ -200,13 +200,18 @@ class SteerPack:
         return path
 
 
+def _threshold(name: str, value) -> float:
+    """``value`` as a probability threshold; outside ``[0, 1]`` (or NaN) raises naming ``name``."""
+    t = float(value)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"{name}={value} is not a probability threshold in [0, 1]")
+    return t
+
+
 def prompt_threshold(pack: "SteerPack", override: float | None = None) -> float:
     """The prefill gate's threshold: ``override`` if given, else the pack's ``tau``. A value outside
     ``[0, 1]`` (or NaN) raises: above 1 the gate could never fire, below 0 it would steer every row."""
-    t = float(pack.tau if override is None else override)
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"tau={override if override is not None else pack.tau} is not a probability threshold in [0, 1]")
-    return t
+    return _threshold("tau", pack.tau if override is None else override)
 
 
 def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = None) -> tuple[float, bool]:
@@ -214,10 +219,7 @@ def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = No
     pack's ``tau_monitor``; a prefill-only pack falls back to ``tau`` (``fallback=True``: callers warn
     when monitor mode runs on it, see :func:`warn_monitor_fallback`)."""
     if override is not None:
-        t = float(override)
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"tau_monitor={override} is not a probability threshold in [0, 1]")
-        return t, False
+        return _threshold("tau_monitor", override), False
     if pack.tau_monitor is not None:
         return pack.tau_monitor, False
     return float(tau), True
