@@ -173,6 +173,10 @@ def cmd_fit(args) -> int:
         kw["monitor_prompts"] = args.monitor_prompts
     if args.monitor_tokens is not None:
         kw["monitor_tokens"] = args.monitor_tokens
+    if args.monitor_responses is not None:
+        kw["monitor_responses"] = args.monitor_responses
+    if args.monitor_prefix is not None:
+        kw["monitor_prefix"] = args.monitor_prefix
     cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
     data = None
     if args.harmful or args.benign:
@@ -198,7 +202,8 @@ def cmd_fit(args) -> int:
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     if "tau_monitor" in m:
         mon = m["monitor"]
-        print(f"monitor mode: monitor probe, tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); validation responses latched: "
+        print(f"monitor mode: monitor probe ({mon.get('probe', '')}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
+              "validation responses latched: "
               f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f}"
               + (f" (median {mon['val_harmful_leaked_tokens_median']} tokens)"
                  if mon["val_harmful_leaked_tokens_median"] is not None else ""))
@@ -302,9 +307,9 @@ def cmd_eval(args) -> int:
     handle.check_tokenizer(tok)
     report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size)
     out_dir = Path(args.out)
-    paths = write_report(report, handle.pack.meta, out_dir)
+    paths = write_report(report, handle.pack.meta, out_dir, {s.name: s.prompts for s in sets})
     print(Path(paths["markdown"]).read_text())
-    print(f"report: {paths['markdown']} and {paths['json']}")
+    print(f"report: {paths['markdown']} and {paths['json']}; every response: {paths['responses']}")
     return 0
 
 
@@ -402,8 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=POSITIVE, default=5)
     p.add_argument("--target-fpr", type=_probability, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.20)")
     p.add_argument("--monitor-prompts", type=NON_NEGATIVE, default=None, metavar="N",
-                   help="fit prompts per class whose own responses train the monitor probe and calibrate tau_monitor "
+                   help="fit prompts per class whose responses train the monitor probe and calibrate tau_monitor "
                         "for monitor mode (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
+    p.add_argument("--monitor-responses", default=None, choices=["forced", "own"],
+                   help="what the monitor probe learns from: 'forced' (default) -- the responses the model writes once "
+                        "its answer is begun with --monitor-prefix, plus its own benign responses; 'own' -- its own "
+                        "responses labelled by prompt")
+    p.add_argument("--monitor-prefix", default=None, metavar="TEXT",
+                   help="the text that begins the assistant turn for --monitor-responses forced (default 'Sure, here is')")
     p.add_argument("--monitor-tokens", type=POSITIVE, default=None, metavar="K",
                    help="response tokens per prompt for the monitor probe; monitor mode then probes the first K "
                         "generated tokens (default 16)")

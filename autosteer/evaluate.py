@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, text_tokenizer
+from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, prompt_image, prompt_text, text_tokenizer
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -89,6 +89,17 @@ class PromptSet:
     harmful: bool  # what refusing means here: True -> refusals are wanted (ASR), False -> over-refusal
 
 
+def monitor_training(meta: dict) -> str | None:
+    """What a pack's monitor probe was trained on, in words (None: no monitor probe)."""
+    mon = meta.get("monitor")
+    if not isinstance(mon, dict) or "tau_monitor" not in meta:
+        return None
+    if mon.get("responses") == "forced":
+        return (f"trained on the model's responses to fit prompts after {mon.get('prefix')!r} and its own answers to "
+                "benign ones")
+    return "trained on the model's own responses to fit prompts, labelled by prompt"
+
+
 def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...] = ("unsteered", "always", "autosteer"),
              max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> dict:
     """Refusal rates for every prompt set in every setting, plus gate rates and probe scores."""
@@ -100,6 +111,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
                     "monitor_probe": bool(getattr(handle, "monitor_probe", None) is not None),
                     "monitor_window": getattr(handle, "monitor_window", None),
+                    "monitor_training": monitor_training(handle.pack.meta),
                     "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
@@ -113,6 +125,9 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                 "steered_rate": sum(g.steered for g in gens) / max(len(gens), 1),
                 "examples": [{"prompt": str(p), "response": g.response, "refused": g.refused, "steered": g.steered}
                              for p, g in list(zip(s.prompts, gens))[:3]],
+                # every row, for responses.jsonl (write_report keeps them out of report.json)
+                "rows": [{"response": g.response, "refused": g.refused, "steered": g.steered, "gate": g.gate,
+                          "latched_at": g.latched_at} for g in gens],
             }
             if setting == "monitor":
                 leaks = sorted(g.latched_at for g in gens if g.latched_at > 0)
@@ -176,7 +191,7 @@ def markdown_report(report: dict) -> str:
         window = report.get("monitor_window")
         how = ("" if tm is None else f" Generated tokens are scored by {scorer} against tau_monitor {tm:.6g}"
                + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)" if report.get("tau_monitor_fallback")
-                  else " (fitted on the model's own responses to fit prompts)")
+                  else f" ({report.get('monitor_training') or 'fitted on the model responses to fit prompts'})")
                + (f", the first {window} of them." if window else ", all of them."))
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():
@@ -269,9 +284,36 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     return paths
 
 
-def write_report(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+def response_records(report: dict, prompts: dict[str, list] | None = None) -> list[dict]:
+    """One record per prompt and setting: ``set``, ``index`` (the prompt's place in its set or file),
+    ``setting``, ``p_unsafe``, the gate's prefill decision, ``steered``, ``latched_at`` (monitor mode:
+    generated tokens before the latch; 0: from the prompt; -1: never), the judge's ``refused`` and the
+    ``response``; with ``prompts`` (set name -> prompts) the prompt text too."""
+    out = []
+    for name, entry in report["sets"].items():
+        for setting, res in entry["results"].items():
+            for i, row in enumerate(res.get("rows", [])):
+                rec = {"set": name, "index": i, "setting": setting, "p_unsafe": entry["p_unsafe"][i], **row}
+                if prompts is not None and name in prompts:
+                    p = prompts[name][i]
+                    rec["prompt"] = prompt_text(p)
+                    if prompt_image(p) is not None:
+                        rec["image"] = str(prompt_image(p)) if isinstance(prompt_image(p), (str, os.PathLike)) else "(in memory)"
+                out.append(rec)
+    return out
+
+
+def write_report(report: dict, pack_meta: dict, out_dir: str | os.PathLike,
+                 prompts: dict[str, list] | None = None) -> dict[str, Path]:
+    """``report.json`` (rates, scores, plots' data), ``report.md`` with the plots, and
+    ``responses.jsonl``: every response with its gate score and verdict (:func:`response_records`)."""
     out_dir = Path(out_dir)
     plots = save_plots(report, pack_meta, out_dir)
     md = markdown_report(report) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
-    return {"json": write_atomic(out_dir / "report.json", json.dumps(report, indent=1)),
-            "markdown": write_atomic(out_dir / "report.md", md)}
+    records = response_records(report, prompts)
+    slim = {**report, "sets": {name: {**entry, "results": {k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+                                                           for k, v in entry["results"].items()}}
+                               for name, entry in report["sets"].items()}}
+    return {"json": write_atomic(out_dir / "report.json", json.dumps(slim, indent=1)),
+            "markdown": write_atomic(out_dir / "report.md", md),
+            "responses": write_atomic(out_dir / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records))}

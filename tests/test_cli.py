@@ -54,10 +54,19 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
 
     mon = tmp_path / "tiny-monitor.pack.safetensors"  # monitor mode: its own probe, window of 3 tokens
     assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon),
-                 "--head-rank", "2", "--head-epochs", "1", "--monitor-prompts", "3", "--monitor-tokens", "3"]) == 0
-    assert "monitor mode: monitor probe, tau_monitor" in capsys.readouterr().out
+                 "--head-rank", "2", "--head-epochs", "1", "--monitor-prompts", "3", "--monitor-tokens", "3",
+                 "--monitor-prefix", "Here is"]) == 0
+    out = capsys.readouterr().out
+    assert "monitor mode: monitor probe (" in out and "responses after 'Here is'" in out and "tau_monitor" in out
     mp = load_pack(mon)
     assert mp.has_monitor_probe and mp.meta["monitor"]["tokens"] == 3 and torch.equal(mp.W1, load_pack(pack).W1)
+    assert mp.meta["monitor"]["responses"] == "forced" and mp.meta["monitor"]["prefix"] == "Here is"
+    assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon),
+                 "--head-rank", "2", "--head-epochs", "1", "--monitor-prompts", "3", "--monitor-responses", "own"]) == 0
+    assert load_pack(mon).meta["monitor"]["responses"] == "own"
+    assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon),
+                 "--monitor-prompts", "3", "--monitor-prefix", " "]) == 2
+    assert "error: monitor_responses='forced' needs a non-empty monitor_prefix" in capsys.readouterr().err
 
     answers = tmp_path / "answers.jsonl"
     assert main(["generate", "--model", str(model_dir), "--pack", str(pack), "--input", str(b), "--output", str(answers),
@@ -78,6 +87,20 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     assert "refusal.csv" in report["judge"]
     md = (report_dir / "report.md").read_text()
     assert "| harmful.txt | harmful | 12 |" in md
+    # every response, with its prompt, gate score and verdicts, in responses.jsonl (not in report.json)
+    assert all("rows" not in r for s in report["sets"].values() for r in s["results"].values())
+    recs = [json.loads(line) for line in (report_dir / "responses.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 * (12 + len(BENIGN))
+    mine = [r for r in recs if r["set"] == "benign.jsonl" and r["setting"] == "autosteer"]
+    assert [r["prompt"] for r in sorted(mine, key=lambda r: r["index"])] == BENIGN
+    s = report["sets"]["benign.jsonl"]
+    for r in mine:
+        assert r["p_unsafe"] == s["p_unsafe"][r["index"]] and isinstance(r["gate"], bool)
+        assert isinstance(r["response"], str) and isinstance(r["refused"], bool) and r["latched_at"] in (-1, 0)
+    unst = [r for r in recs if r["set"] == "benign.jsonl" and r["setting"] == "unsteered"]
+    assert sum(r["gate"] for r in unst) / len(unst) == s["gate_rate"] and not any(r["steered"] for r in unst)
+    assert sum(r["steered"] for r in mine) / len(mine) == s["results"]["autosteer"]["steered_rate"]
+    assert all(r["steered"] for r in recs if r["setting"] == "always")
 
     # the monitor pack, its window and threshold overridden from the command line
     mon_dir = tmp_path / "eval-monitor"
@@ -85,7 +108,9 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
                  "--max-new-tokens", "2", "--settings", "monitor", "--tau-monitor", "0.25", "--monitor-window", "1"]) == 0
     rep = json.loads((mon_dir / "report.json").read_text())
     assert rep["tau_monitor_used"] == 0.25 and rep["monitor_window"] == 1 and rep["monitor_probe"] is True
-    assert "scored by the pack's monitor probe against tau_monitor 0.25" in (mon_dir / "report.md").read_text()
+    mon_md = (mon_dir / "report.md").read_text()
+    assert "scored by the pack's monitor probe against tau_monitor 0.25" in mon_md
+    assert "trained on the model's own responses to fit prompts, labelled by prompt" in mon_md  # refitted with "own" above
     for png in ("layers.png", "probe_scores.png", "roc.png", "refusal_rates.png"):
         assert (report_dir / png).stat().st_size > 1000
 

@@ -13,12 +13,17 @@ from autosteer.data import default_splits
 from autosteer.judge import is_refusal
 from autosteer.method.fit import FitConfig, FitData, default_fit_data, fit
 from autosteer.method.pack import PackError
-from autosteer.method.probe import auroc
+from autosteer.method.hidden_states import generated_token_states
+from autosteer.method.probe import Probe, auroc
 from autosteer.models import ModelLoadError, load_model
 from autosteer.prompting import PromptFormat, encode_prompts
 from conftest import make_pack, make_tiny_model
 
-MONITOR_AUROC_MIN = 0.8  # the monitor test below measured 0.93 on its 20 held-out responses (chance: 0.5)
+# the monitor test below (default monitor_responses="forced"), chance 0.5: held-out fit rows' own responses
+# (harmful ones include refusals, which the probe is not meant to flag) measured 0.76; held-out harmful
+# prompts' responses after the compliance prefix vs benign prompts' own responses measured 0.94
+MONITOR_AUROC_MIN = 0.6
+COMPLIANCE_AUROC_MIN = 0.8
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -150,10 +155,11 @@ def test_multi_turn_chats_are_decided_per_user_turn(default_model, small_pack):
 
 @pytest.mark.slow
 def test_monitor_fit_and_generation_on_the_real_model(default_model):
-    """Monitor mode end to end on the real model: the fit generates the model's own responses, trains
-    the monitor probe (responses of harmful prompts score above benign ones on held-out fit rows),
-    leaves the prefill probe as a prefill-only fit makes it, and monitor generation probes the
-    calibrated window with the monitor probe."""
+    """Monitor mode end to end on the real model: the fit generates the model's responses (after the
+    compliance prefix, and its own), trains the monitor probe (on held-out prompts, the model complying
+    with harmful ones scores above its answers to benign ones; on held-out fit rows, own responses of
+    harmful prompts score above benign ones), leaves the prefill probe as a prefill-only fit makes it,
+    and monitor generation probes the calibrated window with the monitor probe."""
     model, tok = default_model
     full = default_fit_data(seed=0)
     short = [b for b in full.benign if len(b) < 400]
@@ -163,7 +169,16 @@ def test_monitor_fit_and_generation_on_the_real_model(default_model):
     m = pack.meta["monitor"]
     assert pack.has_monitor_probe and m["tokens"] == 8 and m["prompts"] == {"train": 32, "val": 20}
     assert m["response_states"]["train"] > 100
+    assert m["responses"] == "forced" and m["response_states"]["train"] <= (32 + 16) * 8
     assert m["val_response_auroc"] >= MONITOR_AUROC_MIN, m
+    held_h, held_b = full.harmful[64:80], short[64:80]  # not fit rows
+    comply, _ = generated_token_states(model, tok, held_h, PromptFormat(), pack.layer, 8, progress=False,
+                                       response_prefix=m["prefix"])
+    answer, _ = generated_token_states(model, tok, held_b, PromptFormat(), pack.layer, 8, progress=False)
+    mon = Probe(**pack.monitor)
+    top = torch.tensor([float(mon.score(x).max()) for x in comply + answer if len(x)])
+    lab = torch.tensor([1.0] * sum(len(x) > 0 for x in comply) + [0.0] * sum(len(x) > 0 for x in answer))
+    assert auroc(top, lab) >= COMPLIANCE_AUROC_MIN, auroc(top, lab)
     plain = fit(model, tok, FitConfig(**base), data)
     assert torch.equal(plain.W1, pack.W1) and plain.tau == pack.tau
     prompts = [p.text for p in default_splits(0)["dev_benign"][:4]]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autosteer
-from autosteer.method.fit import FitConfig, fit_monitor, monitor_rows
+from autosteer.method.fit import FitConfig, fit_monitor, monitor_generation_rows, monitor_rows
 from autosteer.method.hidden_states import generated_token_states
 from autosteer.method.pack import PackError, load_pack
 from autosteer.method.probe import train_probe
@@ -25,14 +25,21 @@ def _inputs(tok, prompts=PROMPTS):
 
 
 # ----------------------------------------------------------------------------------------- fit side
-def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("prefix", ["", "sure here is"])
+def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_tokenizer, prefix):
     """generated_token_states reads, at each response token, the input of the pack's layer -- equal to
-    a teacher-forced forward over prompt + response -- and stops before the stop token."""
+    a teacher-forced forward over prompt (+ response prefix) + response -- and stops before the stop
+    token; a response prefix is part of the prompt: neither its states nor its text are returned."""
     layer, n = 2, 6
     states, responses = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, PromptFormat(), layer,
-                                               max_new_tokens=n, batch_size=4, progress=False)
+                                               max_new_tokens=n, batch_size=4, progress=False, response_prefix=prefix)
     assert len(states) == len(PROMPTS) and len(responses) == len(PROMPTS)
     ids, mask = _inputs(tiny_tokenizer)
+    if prefix:
+        pre = tiny_tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        assert len(pre) >= 2
+        ids = torch.cat([ids, pre.expand(len(ids), -1)], 1)
+        mask = torch.cat([mask, torch.ones(len(ids), len(pre), dtype=mask.dtype)], 1)
     seqs = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n + 1, do_sample=False, pad_token_id=0)
     W = ids.shape[1]
     eos = tiny_model.generation_config.eos_token_id
@@ -45,6 +52,11 @@ def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_toke
         k = gen.index(eos) if eos in gen else len(gen)
         assert st.shape == (min(k, n), tiny_model.config.hidden_size)
         torch.testing.assert_close(st, hs[i, W:W + len(st)].float(), atol=1e-4, rtol=1e-4)
+        assert responses[i] == tiny_tokenizer.decode(gen[:k], skip_special_tokens=True)
+    if prefix:  # the prefix changes what the model writes (else the test above proves nothing about it)
+        plain, _ = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, PromptFormat(), layer, max_new_tokens=n,
+                                          batch_size=4, progress=False)
+        assert any(a.shape != b.shape or not torch.allclose(a, b) for a, b in zip(plain, states))
 
 
 def _gate(y: torch.Tensor, val_fraction: float = 0.5):
@@ -65,7 +77,7 @@ def test_monitor_rows_come_from_their_own_split():
 
 
 def test_fit_monitor_fits_its_own_probe_and_calibrates_tau_monitor():
-    """Responses of harmful prompts drift along one direction, benign ones do not: the monitor probe
+    """monitor_responses="own". Responses of harmful prompts drift along one direction, benign ones do not: the monitor probe
     separates them, tau_monitor lets at most the target share of benign validation responses latch,
     and harmful ones latch within their first tokens."""
     g = torch.Generator().manual_seed(0)
@@ -74,7 +86,7 @@ def test_fit_monitor_fits_its_own_probe_and_calibrates_tau_monitor():
     d = torch.eye(H)[1]
     responses = {i: torch.randn(5, H, generator=g) + (4.0 * d if y[i] == 1 else 0.0) for i in range(n)}
     cfg = FitConfig(monitor_prompts=30, monitor_target_fpr=0.1, probe_epochs=200, probe_hidden=8, probe_lr=1e-2,
-                    target_fpr=0.1)
+                    target_fpr=0.1, monitor_responses="own")
     gate = _gate(y)
     mon = fit_monitor(y, gate, cfg, responses)
     train, val = monitor_rows(y, gate, cfg)
@@ -91,6 +103,56 @@ def test_fit_monitor_fits_its_own_probe_and_calibrates_tau_monitor():
     empty_benign = {r: (v if y[r] == 1 else torch.zeros(0, H)) for r, v in responses.items()}
     with pytest.raises(ValueError, match="all of one class"):
         fit_monitor(y, gate, cfg, empty_benign)
+
+
+def test_fit_monitor_forced_learns_compliance_not_the_prompt_label():
+    """monitor_responses="forced": the probe learns from the responses written after the compliance
+    prefix (harmful ones drift along d) and the benign prompts' own responses; the harmful prompts' own
+    responses -- here refusals, like benign text -- are not training data. A refusal is then not
+    mistaken for compliance on validation, while complying harmful responses latch. "own" labels
+    every harmful prompt's own response harmful and needs no forced states."""
+    g = torch.Generator().manual_seed(0)
+    H, n = 8, 160
+    y = torch.cat([torch.ones(n // 2), torch.zeros(n // 2)])
+    d = torch.eye(H)[1]
+    # own responses: half the harmful prompts comply (drift along d), half refuse (benign-looking)
+    own = {i: torch.randn(5, H, generator=g) + (4.0 * d if (y[i] == 1 and i % 2 == 0) else 0.0) for i in range(n)}
+    forced = {i: torch.randn(5, H, generator=g) + (4.0 * d if y[i] == 1 else 0.0) for i in range(n)}
+    cfg = FitConfig(monitor_prompts=30, monitor_target_fpr=0.1, probe_epochs=200, probe_hidden=8, probe_lr=1e-2,
+                    target_fpr=0.1)
+    assert cfg.monitor_responses == "forced" and cfg.monitor_prefix  # the default
+    gate = _gate(y)
+    train, val = monitor_rows(y, gate, cfg)
+    own_rows, forced_rows = monitor_generation_rows(y, gate, cfg)
+    assert forced_rows == train and set(own_rows) == {r for r in train if y[r] == 0} | set(val)
+    only_needed = {r: own[r] for r in own_rows}  # own responses of harmful training rows are never generated
+    mon = fit_monitor(y, gate, cfg, only_needed, {r: forced[r] for r in forced_rows})
+    assert mon.metrics["responses"] == "forced" and mon.metrics["prefix"] == cfg.monitor_prefix
+    assert mon.metrics["response_states"]["train"] == 5 * (len(train) + sum(int(y[r] == 0) for r in train))
+    assert mon.metrics["val_benign_latch_rate"] <= 0.1
+    harmful_val = [r for r in val if y[r] == 1]
+    latched = {r for r in harmful_val if bool((mon.probe.score(own[r]) > mon.tau_monitor).any())}
+    complying = {r for r in harmful_val if r % 2 == 0}
+    assert len(latched & complying) >= 0.9 * len(complying)
+    refusing = [r for r in harmful_val if r % 2]
+    assert len(latched - complying) <= 0.25 * len(refusing)  # refusals latch about as rarely as benign responses
+    with pytest.raises(ValueError, match="no forced-response states"):
+        fit_monitor(y, gate, cfg, only_needed, None)
+    with pytest.raises(ValueError, match="no response states"):
+        fit_monitor(y, gate, cfg, {}, {r: forced[r] for r in forced_rows})
+    own_cfg = FitConfig(**{**cfg.__dict__, "monitor_responses": "own"})
+    assert monitor_generation_rows(y, gate, own_cfg) == (train + val, [])
+    with pytest.raises(ValueError, match="monitor_responses is 'own'"):
+        fit_monitor(y, gate, own_cfg, own, forced)
+    assert fit_monitor(y, gate, own_cfg, own).metrics["responses"] == "own"
+
+
+def test_monitor_responses_config_is_validated():
+    with pytest.raises(ValueError, match="monitor_responses must be one of"):
+        FitConfig(monitor_responses="mine")
+    with pytest.raises(ValueError, match="non-empty monitor_prefix"):
+        FitConfig(monitor_prefix="  ")
+    FitConfig(monitor_responses="own", monitor_prefix="")  # no prefix needed
 
 
 def test_sample_weights_scale_free_and_validated():
@@ -123,6 +185,11 @@ def test_tiny_fit_writes_a_monitor_pack(tiny_model, tiny_tokenizer, tmp_path):
     m = pack.meta
     assert 0.0 <= m["tau_monitor"] <= 1.0 and pack.tau_monitor == m["tau_monitor"]
     assert m["monitor"]["prompts"] == {"train": 8, "val": 4} and m["monitor"]["tokens"] == 3
+    assert m["monitor"]["responses"] == "forced" and m["monitor"]["prefix"] == "Sure, here is"
+    assert "Sure, here is" in m["monitor"]["probe"] and m["fit_config"]["monitor_responses"] == "forced"
+    own = fit(tiny_model, tiny_tokenizer, FitConfig(**{**cfg.__dict__, "monitor_responses": "own"}), data)
+    assert own.meta["monitor"]["responses"] == "own" and "prefix" not in own.meta["monitor"]
+    assert not torch.equal(own.monitor["W1"], pack.monitor["W1"])  # trained on other responses
     assert pack.has_monitor_probe and pack.monitor["W1"].shape == pack.W1.shape
     back = load_pack(pack.save(tmp_path / "p.safetensors"))
     assert back.tau_monitor == pack.tau_monitor and back.has_monitor_probe

@@ -5,8 +5,9 @@ touched here) or from the user's own labelled files. The layer comes from ``laye
 ``depth:0.69``, chosen in the gate studies, docs/method.md 7d; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
 the whole SAS and AUROC curves are recorded either way); a stratified validation split of the fit
 data calibrates the threshold to a target false-positive rate on benign validation prompts. With
-``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's own responses and
-its threshold ``tau_monitor`` calibrated, for monitor mode (:func:`fit_monitor`).
+``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's responses (by
+default those it writes once its answer is begun with a compliance prefix) and its threshold
+``tau_monitor`` calibrated on its own responses, for monitor mode (:func:`fit_monitor`).
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: what the monitor probe is trained on (FitConfig.monitor_responses)
+MONITOR_RESPONSES = ("forced", "own")
+
+
 @dataclass
 class FitConfig:
     # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on the dev sets
@@ -94,6 +99,13 @@ class FitConfig:
     monitor_prompts: int = 0
     monitor_tokens: int = 16  # response tokens per prompt (monitor mode latches within these on validation)
     monitor_target_fpr: float = 0.05  # benign validation responses monitor mode may latch on
+    # what the monitor probe learns from (docs/method.md 7e): "forced" -- responses the model writes
+    # after its assistant turn is begun with monitor_prefix (harmful prompts: the model complying),
+    # for both classes, plus its own responses to the benign training prompts as negatives; "own" --
+    # its own responses, labelled with their prompt's label (also the harmful prompts it refuses or
+    # answers with a template's persona). tau_monitor is calibrated on own responses either way.
+    monitor_responses: str = "forced"
+    monitor_prefix: str = "Sure, here is"
     max_per_class: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -121,6 +133,11 @@ class FitConfig:
             raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
         if not 0.0 <= self.monitor_target_fpr <= 1.0:
             raise ValueError("monitor_target_fpr must be in [0, 1]")
+        if self.monitor_responses not in MONITOR_RESPONSES:
+            raise ValueError(f"monitor_responses must be one of {list(MONITOR_RESPONSES)}, got {self.monitor_responses!r}")
+        if self.monitor_responses == "forced" and not self.monitor_prefix.strip():
+            raise ValueError("monitor_responses='forced' needs a non-empty monitor_prefix (the text that begins the "
+                             "assistant turn, e.g. 'Sure, here is')")
         if not 0.0 <= self.target_fpr <= 1.0:
             raise ValueError(f"target_fpr must be a false-positive rate in [0, 1], got {self.target_fpr}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -346,21 +363,45 @@ def _first_latch(scores: torch.Tensor, tau: float) -> int | None:
     return int(hit[0]) + 1 if len(hit) else None  # state j is probed once token j is out: j + 1 tokens leaked
 
 
-def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[int, torch.Tensor]) -> MonitorFit:
+def monitor_generation_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[int], list[int]]:
+    """The fit rows :func:`fit` generates responses for: ``(own, forced)`` -- rows whose own (unprefixed)
+    responses are needed, and rows whose responses after ``monitor_prefix`` are needed."""
+    train_rows, val_rows = monitor_rows(y, gate, cfg)
+    if cfg.monitor_responses == "forced":
+        return [r for r in train_rows if int(y[r]) == 0] + val_rows, train_rows
+    return train_rows + val_rows, []
+
+
+def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[int, torch.Tensor],
+                forced: dict[int, torch.Tensor] | None = None) -> MonitorFit:
     """Monitor probe and threshold from response states (what :func:`fit` runs after generating them).
 
     ``y``: the fit labels; ``responses``: fit row -> ``[k, H]`` states of the model's own response
-    tokens at the gate's layer (:func:`generated_token_states`), for the rows of
-    :func:`monitor_rows`. A probe of the gate's size is trained on the training rows' response
-    states, each labelled with its prompt's label (the prefill probe is not touched: the gate keeps
-    its accuracy); ``tau_monitor`` is set so that at most ``monitor_target_fpr`` of the benign
-    validation responses would latch within their tokens (a row latches at its first token over it).
+    tokens at the gate's layer (:func:`generated_token_states`); ``forced``: the same for the
+    responses written after ``cfg.monitor_prefix`` (``monitor_responses="forced"`` only). The rows
+    needed are those of :func:`monitor_generation_rows`. A probe of the gate's size is trained on the
+    training rows' response states -- ``"own"``: their own responses, each labelled with its prompt's
+    label; ``"forced"``: their forced responses labelled with their prompt's label, plus the own
+    responses of the benign training rows as negatives -- (the prefill probe is not touched: the gate
+    keeps its accuracy); ``tau_monitor`` is set so that at most ``monitor_target_fpr`` of the benign
+    validation rows' own responses would latch within their tokens (a row latches at its first token
+    over it).
     """
     train_rows, val_rows = monitor_rows(y, gate, cfg)
-    missing = [r for r in train_rows + val_rows if r not in responses]
+    own_rows, forced_rows = monitor_generation_rows(y, gate, cfg)
+    missing = [r for r in own_rows if r not in responses]
     if missing:
         raise ValueError(f"fit_monitor: no response states for fit rows {missing[:5]}")
-    R = [(responses[r], float(y[r])) for r in train_rows if len(responses[r])]
+    if cfg.monitor_responses == "forced":
+        missing = [r for r in forced_rows if forced is None or r not in forced]
+        if missing:
+            raise ValueError(f"fit_monitor: no forced-response states (after {cfg.monitor_prefix!r}) for fit rows {missing[:5]}")
+        R = [(forced[r], float(y[r])) for r in train_rows] + [(responses[r], 0.0) for r in train_rows if int(y[r]) == 0]
+    elif forced:
+        raise ValueError("fit_monitor: forced-response states were given, but monitor_responses is 'own'")
+    else:
+        R = [(responses[r], float(y[r])) for r in train_rows]
+    R = [(x, lab) for x, lab in R if len(x)]
     if not R:
         raise ValueError("fit_monitor: every training response was empty (the model stopped at once)")
     if len({lab for _, lab in R}) < 2:
@@ -381,6 +422,8 @@ def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[
     caught = sorted(x for x in leaks if x is not None)
     metrics = {
         "prompts": {"train": len(train_rows), "val": len(val_rows)},
+        "responses": cfg.monitor_responses,
+        **({"prefix": cfg.monitor_prefix} if cfg.monitor_responses == "forced" else {}),
         "tokens": cfg.monitor_tokens,
         "response_states": {"train": int(len(Xr)), "val": int(sum(len(v) for v in resp_scores.values()))},
         "val_benign_latch_rate": sum(top[r] > tau_monitor for r in benign) / max(len(benign), 1),
@@ -429,11 +472,16 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     monitor = None
     if cfg.monitor_prompts > 0:
         prompts = data.harmful + data.benign
-        train_rows, val_rows = monitor_rows(y, gate, cfg)
-        rows = train_rows + val_rows
-        resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in rows], fmt, layer, cfg.monitor_tokens,
+        own_rows, forced_rows = monitor_generation_rows(y, gate, cfg)
+        resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in own_rows], fmt, layer, cfg.monitor_tokens,
                                          cfg.batch_size, progress=cfg.progress)
-        monitor = fit_monitor(y, gate, cfg, dict(zip(rows, resp)))
+        forced = None
+        if forced_rows:
+            f_resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in forced_rows], fmt, layer,
+                                               cfg.monitor_tokens, cfg.batch_size, desc="responses after the prefix",
+                                               progress=cfg.progress, response_prefix=cfg.monitor_prefix)
+            forced = dict(zip(forced_rows, f_resp))
+        monitor = fit_monitor(y, gate, cfg, dict(zip(own_rows, resp)), forced)
     t_monitor = time.time() - t0 - t_states - t_probe_sweep
 
     def rates(t: float) -> dict:
@@ -483,7 +531,10 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         # generated-token threshold of monitor mode (absent: a prefill-only pack)
         **({"tau_monitor": monitor.tau_monitor,
             "monitor": {"rule": f"at most {cfg.monitor_target_fpr} of benign validation responses latch within "
-                                f"{cfg.monitor_tokens} tokens", "probe": "monitor probe (pack tensors monitor.*)",
+                                f"{cfg.monitor_tokens} tokens",
+                        "probe": "monitor probe (pack tensors monitor.*), trained on "
+                                 + (f"responses after {cfg.monitor_prefix!r} (both classes) and own benign responses"
+                                    if cfg.monitor_responses == "forced" else "own responses labelled by prompt"),
                         **monitor.metrics}} if monitor else {}),
         "eps": cfg.eps,
         "head_rank": head.rank,

@@ -56,6 +56,27 @@ def last_token_states(
     return out
 
 
+def _append_tokens(inputs: dict, ids: torch.Tensor) -> dict:
+    """Left-padded model inputs with the same text tokens ``ids`` appended to every row (the rows end
+    together, so appending keeps them aligned). Other per-token integer tensors a processor makes
+    (token type ids and the like) are extended with zeros: the appended tokens are text. Image tensors
+    are left as they are."""
+    rows, width = inputs["input_ids"].shape
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if (not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point()
+                or tuple(value.shape) != (rows, width)):
+            continue
+        if key == "input_ids":
+            tail = ids.to(value.dtype).expand(rows, -1)
+        elif key == "attention_mask":
+            tail = value.new_ones(rows, len(ids))
+        else:
+            tail = value.new_zeros(rows, len(ids))
+        out[key] = torch.cat([value, tail], dim=1)
+    return out
+
+
 @torch.no_grad()
 def generated_token_states(
     model,
@@ -67,6 +88,7 @@ def generated_token_states(
     batch_size: int = 16,
     desc: str = "response states",
     progress: bool = True,
+    response_prefix: str = "",
 ) -> tuple[list[torch.Tensor], list[str]]:
     """The states monitor mode probes, on the model's own greedy responses.
 
@@ -75,6 +97,10 @@ def generated_token_states(
     follows are not probed at run time, so they are left out), read by the same pre-hook during
     ``generate`` -- cached decode, exactly the tensor the runtime sees -- and the decoded
     responses. The model runs unsteered (nothing is attached during a fit).
+
+    ``response_prefix``: text put at the start of the assistant turn before generating (for
+    example ``"Sure, here is"``: the model's responses when it has begun to comply). Its own
+    tokens are part of the prompt: neither their states nor their text are returned.
     """
     block = decoder_layers(model)[layer]
     steps: list[torch.Tensor] = []
@@ -88,6 +114,7 @@ def generated_token_states(
     stop = stop_token_ids(model)  # where the runtime stops probing a row
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
     stop_ids = torch.tensor(stop, dtype=torch.long)
+    prefix_ids = tok(response_prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0] if response_prefix else None
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)
@@ -95,7 +122,10 @@ def generated_token_states(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), model)
+            inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)
+            if prefix_ids is not None:
+                inputs = _append_tokens(inputs, prefix_ids)
+            inputs = to_model(inputs, model)
             width = inputs["input_ids"].shape[1]
             steps.clear()
             # one more step than tokens kept: the state of generated token j is read when it is fed back
