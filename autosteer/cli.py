@@ -178,6 +178,13 @@ def cmd_fit(args) -> int:
     if args.monitor_prefix is not None:
         kw["monitor_prefix"] = args.monitor_prefix
     cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
+    if cfg.monitor_prompts == 0 and (args.monitor_responses or args.monitor_prefix is not None or args.monitor_tokens):
+        print("error: --monitor-responses, --monitor-prefix and --monitor-tokens need --monitor-prompts N (N > 0): "
+              "without it no monitor probe is fitted", file=sys.stderr)
+        return 2
+    if cfg.monitor_responses == "own" and args.monitor_prefix is not None:
+        print("error: --monitor-prefix has no effect with --monitor-responses own", file=sys.stderr)
+        return 2
     data = None
     if args.harmful or args.benign:
         if not (args.harmful and args.benign):
@@ -202,7 +209,9 @@ def cmd_fit(args) -> int:
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     if "tau_monitor" in m:
         mon = m["monitor"]
-        print(f"monitor mode: monitor probe ({mon.get('probe', '')}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
+        trained = (f"trained on responses after {mon.get('prefix')!r} and own benign answers" if mon.get("responses") == "forced"
+                   else "trained on own responses")
+        print(f"monitor mode: monitor probe ({trained}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
               "validation responses latched: "
               f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f}"
               + (f" (median {mon['val_harmful_leaked_tokens_median']} tokens)"

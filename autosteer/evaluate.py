@@ -111,7 +111,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
                     "monitor_probe": bool(getattr(handle, "monitor_probe", None) is not None),
                     "monitor_window": getattr(handle, "monitor_window", None),
-                    "monitor_training": monitor_training(handle.pack.meta),
+                    "monitor_training": monitor_training(handle.pack.meta) if getattr(handle, "monitor_probe", None) is not None else None,
                     "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
@@ -191,7 +191,8 @@ def markdown_report(report: dict) -> str:
         window = report.get("monitor_window")
         how = ("" if tm is None else f" Generated tokens are scored by {scorer} against tau_monitor {tm:.6g}"
                + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)" if report.get("tau_monitor_fallback")
-                  else f" ({report.get('monitor_training') or 'fitted on the model responses to fit prompts'})")
+                  else " (" + (report.get("monitor_training") or "fitted on the model's responses to fit prompts") + ")"
+                  if report.get("monitor_probe") else " (the pack has no monitor probe: its prefill probe scores them)")
                + (f", the first {window} of them." if window else ", all of them."))
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():

@@ -433,6 +433,8 @@ def main() -> int:
     ap.add_argument("--preset", default="default", help="with --write-pack: the FitConfig preset (default: FitConfig())")
     ap.add_argument("--monitor-prompts", type=int, default=0, metavar="N",
                     help="with --write-pack: fit the monitor probe on the responses to N fit prompts per class")
+    ap.add_argument("--monitor-responses", default="forced", choices=["forced", "own"],
+                    help="with --write-pack --monitor-prompts: what the monitor probe learns from (FitConfig.monitor_responses)")
     ap.add_argument("--split-seeds", type=int, default=0, metavar="N",
                     help="instead of the study: fit the default gate and other gate settings with seeds 0..N-1 and "
                          "report the spread of the dev gate-fire rates (write OUT.md / OUT.csv)")
@@ -472,7 +474,8 @@ def write_pack(args, bank: StateBank) -> None:
         return x if layers is None else x[:, list(layers)]
 
     F.last_token_states = cached_last_token_states
-    cfg = F.FitConfig.preset(args.preset, seed=args.seed, monitor_prompts=args.monitor_prompts)
+    cfg = F.FitConfig.preset(args.preset, seed=args.seed, monitor_prompts=args.monitor_prompts,
+                             monitor_responses=args.monitor_responses)
     t0 = time.time()
     pack = F.fit(model, tok, cfg)
     pack.meta["states_source"] = ("benchmarks/gate_study.py cache (same hooks, formatting and padding as "

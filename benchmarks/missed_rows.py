@@ -6,8 +6,8 @@ one: nothing was blended), the refusal judge's verdict, and -- when the run had 
 setting -- whether monitor mode latched and after how many generated tokens. Prints a markdown
 table; ``--out`` also writes it to a file.
 
-    python benchmarks/missed_rows.py docs/results/monitor_eval_forced \\
-        --set "strongreject in dev jailbreak templates" --out docs/results/monitor_eval_forced/missed.md
+    python benchmarks/missed_rows.py docs/results/monitor_eval_forced --width 90 \\
+        --out docs/results/monitor_eval_forced/missed.md
 """
 from __future__ import annotations
 
@@ -37,19 +37,22 @@ def _cell(text: str, width: int) -> str:
 def missed_table(report: dict, rows: list[dict], set_name: str, width: int = 100) -> str:
     entry = report["sets"][set_name]
     by = {(r["setting"], r["index"]): r for r in rows if r["set"] == set_name}
-    base = "autosteer" if "autosteer" in entry["results"] else "unsteered" if "unsteered" in entry["results"] else None
+    # the response shown: unsteered on a gate-missed row in these settings; in monitor mode only up to the latch
+    base = next((s for s in ("autosteer", "unsteered", "monitor") if s in entry["results"]), None)
     if base is None:
-        raise SystemExit(f"error: set {set_name!r} was run without the autosteer or unsteered setting")
+        raise SystemExit(f"error: set {set_name!r} was run without the autosteer, unsteered or monitor setting")
     missed = [i for i in range(entry["n"]) if not by[(base, i)]["gate"]]
     has_monitor = "monitor" in entry["results"]
     head = "| row | p_unsafe | judge: refused | " + ("monitor latched after (tokens) | " if has_monitor else "") + "response |"
     lines = [f"### {set_name}: the gate let {len(missed)} of {entry['n']} through", "",
-             f"tau {report['tau_used']:.4g}; response: the `{base}` setting's (unsteered on these rows), first {width} "
-             "characters", "", head, "|" + "---|" * (head.count("|") - 1)]
+             f"tau {report['tau_used']:.4g}; response: the `{base}` setting's ("
+             + ("unsteered until monitor mode latched" if base == "monitor" else "unsteered on these rows")
+             + f"), first {width} characters", "", head, "|" + "---|" * (head.count("|") - 1)]
     caught = 0
     for i in missed:
         r = by[(base, i)]
-        cells = [str(i), f"{r['p_unsafe']:.4f}", "yes" if r["refused"] else "no"]
+        score = "NaN" if r["p_unsafe"] is None else f"{r['p_unsafe']:.4f}"  # NaN scores are stored as null
+        cells = [str(i), score, "yes" if r["refused"] else "no"]
         if has_monitor:
             m = by[("monitor", i)]
             caught += m["steered"]

@@ -67,6 +67,12 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon),
                  "--monitor-prompts", "3", "--monitor-prefix", " "]) == 2
     assert "error: monitor_responses='forced' needs a non-empty monitor_prefix" in capsys.readouterr().err
+    for extra, msg in ((["--monitor-prefix", "Ok"], "need --monitor-prompts N"),
+                       (["--monitor-responses", "own"], "need --monitor-prompts N"),
+                       (["--monitor-prompts", "3", "--monitor-responses", "own", "--monitor-prefix", "Ok"],
+                        "--monitor-prefix has no effect with --monitor-responses own")):
+        assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--out", str(mon), *extra]) == 2
+        assert msg in capsys.readouterr().err
 
     answers = tmp_path / "answers.jsonl"
     assert main(["generate", "--model", str(model_dir), "--pack", str(pack), "--input", str(b), "--output", str(answers),

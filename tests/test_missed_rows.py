@@ -51,6 +51,12 @@ def test_missed_rows_lists_the_rows_the_gate_let_through(tmp_path, capsys):
     assert "monitor mode latched on 1 of these 2" in text
     assert missed_rows.main([str(out), "--set", "nope"]) == 2
     assert "no set 'nope'" in capsys.readouterr().err
+    # a run with the monitor setting only, and a NaN score (stored as null)
+    report["sets"]["attacks"]["results"].pop("autosteer")
+    report["sets"]["attacks"]["p_unsafe"][2] = None
+    text = missed_rows.missed_table(report, response_records(report), "attacks")
+    assert "the `monitor` setting's (unsteered until monitor mode latched)" in text
+    assert "| 1 | 0.0100 | yes | 5 | Sure \\| I cannot |" in text and "| 2 | NaN | yes | -- | I'm sorry |" in text
 
 
 def test_monitor_training_says_what_the_monitor_probe_learned_from():
@@ -59,3 +65,19 @@ def test_monitor_training_says_what_the_monitor_probe_learned_from():
                                                                                         "prefix": "Sure, here is"}})
     own = monitor_training({"tau_monitor": 0.99, "monitor": {"tokens": 16}})  # packs from before the choice existed
     assert own == "trained on the model's own responses to fit prompts, labelled by prompt"
+
+
+def test_report_says_which_probe_scored_generated_tokens():
+    from autosteer.evaluate import markdown_report
+
+    base = {"pack": {"model_name": "m", "layer": 2, "tau_paper": 0.5}, "tau_used": 0.03, "max_new_tokens": 8,
+            "settings": ["monitor"], "seconds": 1.0, "monitor_window": 16, "tau_monitor_used": 0.99,
+            "sets": {"s": {"n": 1, "harmful": True, "gate_rate": 0.0, "gate_rate_tau_paper": 0.0,
+                           "results": {"monitor": {"refusal_rate": 0.0, "leaked_tokens": []}}}}}
+    trained = monitor_training({"tau_monitor": 0.99, "monitor": {"responses": "forced", "prefix": "Sure"}})
+    md = markdown_report({**base, "monitor_probe": True, "tau_monitor_fallback": False, "monitor_training": trained})
+    assert "scored by the pack's monitor probe against tau_monitor 0.99 (trained on the model's responses to fit prompts after 'Sure'" in md
+    md = markdown_report({**base, "monitor_probe": False, "tau_monitor_fallback": False, "monitor_training": None})
+    assert "scored by the prefill probe against tau_monitor 0.99 (the pack has no monitor probe: its prefill probe scores them)" in md
+    md = markdown_report({**base, "monitor_probe": False, "tau_monitor_fallback": True, "monitor_training": None})
+    assert "(a prefill-only pack: the prompt threshold, the probe never saw responses)" in md

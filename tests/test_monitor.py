@@ -25,18 +25,20 @@ def _inputs(tok, prompts=PROMPTS):
 
 
 # ----------------------------------------------------------------------------------------- fit side
-@pytest.mark.parametrize("prefix", ["", "sure here is"])
-def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_tokenizer, prefix):
+@pytest.mark.parametrize("prefix,chat", [("", True), ("sure here is", True), ("sure here is", False)])
+def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_tokenizer, prefix, chat):
     """generated_token_states reads, at each response token, the input of the pack's layer -- equal to
     a teacher-forced forward over prompt (+ response prefix) + response -- and stops before the stop
-    token; a response prefix is part of the prompt: neither its states nor its text are returned."""
+    token; a response prefix is part of the prompt (after the chat template's assistant header, or on
+    a new line without a template): neither its states nor its text are returned."""
     layer, n = 2, 6
-    states, responses = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, PromptFormat(), layer,
+    fmt = PromptFormat(chat_template=chat)
+    states, responses = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, fmt, layer,
                                                max_new_tokens=n, batch_size=4, progress=False, response_prefix=prefix)
     assert len(states) == len(PROMPTS) and len(responses) == len(PROMPTS)
-    ids, mask = _inputs(tiny_tokenizer)
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, fmt)
     if prefix:
-        pre = tiny_tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        pre = tiny_tokenizer(prefix if chat else "\n" + prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         assert len(pre) >= 2
         ids = torch.cat([ids, pre.expand(len(ids), -1)], 1)
         mask = torch.cat([mask, torch.ones(len(ids), len(pre), dtype=mask.dtype)], 1)
@@ -54,7 +56,7 @@ def test_response_states_are_the_states_the_runtime_probes(tiny_model, tiny_toke
         torch.testing.assert_close(st, hs[i, W:W + len(st)].float(), atol=1e-4, rtol=1e-4)
         assert responses[i] == tiny_tokenizer.decode(gen[:k], skip_special_tokens=True)
     if prefix:  # the prefix changes what the model writes (else the test above proves nothing about it)
-        plain, _ = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, PromptFormat(), layer, max_new_tokens=n,
+        plain, _ = generated_token_states(tiny_model, tiny_tokenizer, PROMPTS, fmt, layer, max_new_tokens=n,
                                           batch_size=4, progress=False)
         assert any(a.shape != b.shape or not torch.allclose(a, b) for a, b in zip(plain, states))
 
@@ -151,8 +153,11 @@ def test_monitor_responses_config_is_validated():
     with pytest.raises(ValueError, match="monitor_responses must be one of"):
         FitConfig(monitor_responses="mine")
     with pytest.raises(ValueError, match="non-empty monitor_prefix"):
-        FitConfig(monitor_prefix="  ")
-    FitConfig(monitor_responses="own", monitor_prefix="")  # no prefix needed
+        FitConfig(monitor_prompts=8, monitor_prefix="  ")
+    with pytest.raises(ValueError, match="monitor_prefix must be a string"):
+        FitConfig(monitor_prefix=None)
+    FitConfig(monitor_prompts=8, monitor_responses="own", monitor_prefix="")  # no prefix needed
+    FitConfig(monitor_prefix="")  # no monitor probe fitted: nothing to begin
 
 
 def test_sample_weights_scale_free_and_validated():

@@ -92,9 +92,10 @@ class FitConfig:
     fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
     jailbreak_fit: int = 400  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
-    # monitor mode: a second probe (same size as the gate's) learns the states of the model's own
-    # responses (greedy, unsteered) to this many fit prompts per class from the training split (2/3 as
-    # many from the validation split calibrate tau_monitor); the prefill probe is left as it is.
+    # monitor mode: a second probe (same size as the gate's) learns the states of the model's
+    # responses (greedy, unsteered; see monitor_responses) to this many fit prompts per class from the
+    # training split (the own responses of 2/3 as many from the validation split calibrate
+    # tau_monitor); the prefill probe is left as it is.
     # 0 (default): a prefill-only pack, as in the paper (no responses generated; docs/method.md, 7b)
     monitor_prompts: int = 0
     monitor_tokens: int = 16  # response tokens per prompt (monitor mode latches within these on validation)
@@ -135,7 +136,9 @@ class FitConfig:
             raise ValueError("monitor_target_fpr must be in [0, 1]")
         if self.monitor_responses not in MONITOR_RESPONSES:
             raise ValueError(f"monitor_responses must be one of {list(MONITOR_RESPONSES)}, got {self.monitor_responses!r}")
-        if self.monitor_responses == "forced" and not self.monitor_prefix.strip():
+        if not isinstance(self.monitor_prefix, str):
+            raise ValueError(f"monitor_prefix must be a string, got {type(self.monitor_prefix).__name__}")
+        if self.monitor_prompts > 0 and self.monitor_responses == "forced" and not self.monitor_prefix.strip():
             raise ValueError("monitor_responses='forced' needs a non-empty monitor_prefix (the text that begins the "
                              "assistant turn, e.g. 'Sure, here is')")
         if not 0.0 <= self.target_fpr <= 1.0:
@@ -468,7 +471,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_probe_sweep = time.time() - t0 - t_states
 
-    # 4b. monitor mode: a second probe for the model's own responses, and its threshold
+    # 4b. monitor mode: a second probe for the model's responses (monitor_responses), and its threshold
     monitor = None
     if cfg.monitor_prompts > 0:
         prompts = data.harmful + data.benign

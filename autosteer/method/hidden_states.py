@@ -99,8 +99,9 @@ def generated_token_states(
     responses. The model runs unsteered (nothing is attached during a fit).
 
     ``response_prefix``: text put at the start of the assistant turn before generating (for
-    example ``"Sure, here is"``: the model's responses when it has begun to comply). Its own
-    tokens are part of the prompt: neither their states nor their text are returned.
+    example ``"Sure, here is"``: the model's responses when it has begun to comply); with no chat
+    template (``fmt.chat_template`` False, or a tokenizer without one) it starts a new line after
+    the prompt. Its tokens are part of the prompt: neither their states nor their text are returned.
     """
     block = decoder_layers(model)[layer]
     steps: list[torch.Tensor] = []
@@ -114,7 +115,12 @@ def generated_token_states(
     stop = stop_token_ids(model)  # where the runtime stops probing a row
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
     stop_ids = torch.tensor(stop, dtype=torch.long)
-    prefix_ids = tok(response_prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0] if response_prefix else None
+    prefix_ids = None
+    if response_prefix:
+        # without a chat template there is no assistant turn to begin: the prefix starts a new line
+        templated = fmt.chat_template and getattr(tok, "chat_template", None)
+        text = response_prefix if templated else "\n" + response_prefix
+        prefix_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)

@@ -5,7 +5,7 @@ score. At the first call (prefill) each row's gate is decided from its last prom
 ``"prefill"`` mode (the paper's) the latch then holds for the whole generation, in
 ``"monitor"`` mode every generated token is probed again and the first trigger latches; generated
 tokens are scored by the pack's monitor probe (when it has one) against its ``tau_monitor`` (both
-fitted on the model's own responses), the prompt's last token by the prefill probe against ``tau``.
+fitted on the model's responses to fit prompts), the prompt's last token by the prefill probe against ``tau``.
 
 Transformers runs custom processors after its own (repetition penalty and the like) and before
 the sampling warpers (temperature, top-k, top-p), so the blend acts on the model's logits
