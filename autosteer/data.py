@@ -758,7 +758,9 @@ def _record(obj: Any, path: Path, line: int | None, source: str) -> Prompt:
     cat = obj.get("category")
     meta = {k: v for k, v in obj.items() if k != "prompt"}
     meta["line"] = line
-    return Prompt(text.strip(), label, source, cat if isinstance(cat, str) else None, meta=meta)
+    # kept verbatim: a trailing newline or space is part of what a server would be sent, and the
+    # probe reads the last prompt token, so stripping it would evaluate a different prompt
+    return Prompt(text, label, source, cat if isinstance(cat, str) else None, meta=meta)
 
 
 def _json_array_items(text: str, path: Path) -> list[tuple[Any, int]]:
@@ -788,8 +790,10 @@ def _json_array_items(text: str, path: Path) -> list[tuple[Any, int]]:
 def load_prompt_file(path: str | Path) -> list[Prompt]:
     """Read a user prompt file: ``.txt``, ``.jsonl`` or ``.json``.
 
-    - ``.txt``: one prompt per line; blank lines are skipped; no labels.
-    - ``.jsonl``: one JSON object per non-blank line with a non-empty string ``"prompt"``;
+    - ``.txt``: one prompt per line, stripped of surrounding whitespace; blank lines are skipped;
+      no labels.
+    - ``.jsonl``: one JSON object per non-blank line with a non-empty string ``"prompt"``, kept
+      verbatim (surrounding whitespace included, as a server would receive it);
       optional ``"label"`` (0/1 or "harmful"/"benign"); every other field is kept in ``meta``.
     - ``.json``: a list whose items are strings or objects as in ``.jsonl``.
 

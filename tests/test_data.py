@@ -312,12 +312,13 @@ def test_load_jsonl(tmp_path):
         {"prompt": "b", "label": "benign", "category": "c"},
         {"prompt": "c"},
         {"prompt": "d", "label": "Harmful"},
+        {"prompt": "  wrapped request\n"},  # verbatim: what a server would receive
     ]
     p = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
     out = D.load_prompt_file(p)
-    assert [(x.text, x.label) for x in out] == [("a", 1), ("b", 0), ("c", None), ("d", 1)]
+    assert [(x.text, x.label) for x in out] == [("a", 1), ("b", 0), ("c", None), ("d", 1), ("  wrapped request\n", None)]
     assert out[0].meta["id"] == 7 and out[1].category == "c"
-    assert [x.meta["line"] for x in out] == [1, 2, 4, 5]
+    assert [x.meta["line"] for x in out] == [1, 2, 4, 5, 6]
 
 
 def test_load_json_list(tmp_path):
