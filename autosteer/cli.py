@@ -154,7 +154,7 @@ def _labelled(paths: list[str] | None, label: int) -> list:
 
 # ------------------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .method.fit import FitConfig, FitData, default_fit_data, fit
+    from .method.fit import FitConfig, FitData, default_fit_data, fit, monitor_probe_training
     from .prompting import PromptFormat
 
     t0 = time.time()
@@ -209,9 +209,7 @@ def cmd_fit(args) -> int:
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
     if "tau_monitor" in m:
         mon = m["monitor"]
-        trained = (f"trained on responses after {mon.get('prefix')!r} and own benign answers" if mon.get("responses") == "forced"
-                   else "trained on own responses")
-        print(f"monitor mode: monitor probe ({trained}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
+        print(f"monitor mode: monitor probe ({monitor_probe_training(mon)}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
               "validation responses latched: "
               f"benign {mon['val_benign_latch_rate']:.3f}, harmful {mon['val_harmful_latch_rate']:.3f}"
               + (f" (median {mon['val_harmful_leaked_tokens_median']} tokens)"

@@ -90,14 +90,13 @@ class PromptSet:
 
 
 def monitor_training(meta: dict) -> str | None:
-    """What a pack's monitor probe was trained on, in words (None: no monitor probe)."""
+    """What a pack's monitor probe was trained on, in words (None: no monitor metadata)."""
+    from .method.fit import monitor_probe_training
+
     mon = meta.get("monitor")
     if not isinstance(mon, dict) or "tau_monitor" not in meta:
         return None
-    if mon.get("responses") == "forced":
-        return (f"trained on the model's responses to fit prompts after {mon.get('prefix')!r} and its own answers to "
-                "benign ones")
-    return "trained on the model's own responses to fit prompts, labelled by prompt"
+    return monitor_probe_training(mon)
 
 
 def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...] = ("unsteered", "always", "autosteer"),
@@ -106,12 +105,13 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
     from .judge import validate_judge
 
     t0 = time.time()
+    has_monitor_probe = getattr(handle, "monitor_probe", None) is not None
     report: dict = {"pack": {k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps", "head_rank")},
                     "tau_used": handle.tau, "tau_monitor_used": getattr(handle, "tau_monitor", None),
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
-                    "monitor_probe": bool(getattr(handle, "monitor_probe", None) is not None),
+                    "monitor_probe": has_monitor_probe,
                     "monitor_window": getattr(handle, "monitor_window", None),
-                    "monitor_training": monitor_training(handle.pack.meta) if getattr(handle, "monitor_probe", None) is not None else None,
+                    "monitor_training": monitor_training(handle.pack.meta) if has_monitor_probe else None,
                     "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}

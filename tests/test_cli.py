@@ -57,7 +57,8 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
                  "--head-rank", "2", "--head-epochs", "1", "--monitor-prompts", "3", "--monitor-tokens", "3",
                  "--monitor-prefix", "Here is"]) == 0
     out = capsys.readouterr().out
-    assert "monitor mode: monitor probe (" in out and "responses after 'Here is'" in out and "tau_monitor" in out
+    assert "monitor mode: monitor probe (trained on the model's responses to fit prompts after 'Here is'" in out
+    assert "tau_monitor" in out
     mp = load_pack(mon)
     assert mp.has_monitor_probe and mp.meta["monitor"]["tokens"] == 3 and torch.equal(mp.W1, load_pack(pack).W1)
     assert mp.meta["monitor"]["responses"] == "forced" and mp.meta["monitor"]["prefix"] == "Here is"

@@ -366,6 +366,15 @@ def _first_latch(scores: torch.Tensor, tau: float) -> int | None:
     return int(hit[0]) + 1 if len(hit) else None  # state j is probed once token j is out: j + 1 tokens leaked
 
 
+def monitor_probe_training(monitor_meta: dict) -> str:
+    """What a monitor probe was trained on, in words, from a pack's ``meta["monitor"]`` (packs from
+    before ``monitor_responses`` existed were trained on own responses)."""
+    if monitor_meta.get("responses") == "forced":
+        return (f"trained on the model's responses to fit prompts after {monitor_meta.get('prefix')!r} and its own "
+                "answers to benign ones")
+    return "trained on the model's own responses to fit prompts, labelled by prompt"
+
+
 def monitor_generation_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[int], list[int]]:
     """The fit rows :func:`fit` generates responses for: ``(own, forced)`` -- rows whose own (unprefixed)
     responses are needed, and rows whose responses after ``monitor_prefix`` are needed."""
@@ -535,9 +544,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         **({"tau_monitor": monitor.tau_monitor,
             "monitor": {"rule": f"at most {cfg.monitor_target_fpr} of benign validation responses latch within "
                                 f"{cfg.monitor_tokens} tokens",
-                        "probe": "monitor probe (pack tensors monitor.*), trained on "
-                                 + (f"responses after {cfg.monitor_prefix!r} (both classes) and own benign responses"
-                                    if cfg.monitor_responses == "forced" else "own responses labelled by prompt"),
+                        "probe": "monitor probe (pack tensors monitor.*), " + monitor_probe_training(monitor.metrics),
                         **monitor.metrics}} if monitor else {}),
         "eps": cfg.eps,
         "head_rank": head.rank,
