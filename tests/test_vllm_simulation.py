@@ -92,6 +92,16 @@ class Engine:
     def metadata(self):
         return self.md
 
+    def dummy_forward(self, num_tokens: int = 12) -> torch.Tensor:
+        """What vLLM's ``_dummy_run`` + ``_dummy_sampler_run`` do at start-up (memory profile, warm-up
+        sizes) and on idle data-parallel ranks: a forward with ``attn_metadata=None`` over made-up
+        tokens, then ``compute_logits`` on its rows; no logits processor runs."""
+        self.md = None
+        with torch.no_grad():
+            ids = torch.randint(0, self.model.config.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(1))
+            hidden = self.model(ids, torch.arange(num_tokens), self.kv, torch.full((num_tokens,), 31))
+            return self.model.compute_logits(hidden[-4:])
+
     def _batch_update(self, new, finished):
         removed, added, moved = [], [], []
         holes = sorted(self.batch.index(r) for r in finished)
@@ -246,7 +256,9 @@ def test_stream_matches_transformers(setup, tmp_path, monkeypatch, mode, chunk):
     engine = Engine(hf, lp, chunk=chunk)
     summaries = {}
     try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)  # the patched load_model's job
+        cap = avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)  # the patched load_model's job
+        engine.dummy_forward()  # vLLM's memory profile and warm-up run the model before serving (found by review)
+        assert cap.dummy_forwards == 1 and cap.forwards == 0
         store = lp._ensure_store(required=True)
         store.report_on_release = True
         store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
@@ -645,3 +657,26 @@ def test_a_step_without_a_captured_forward_raises(setup, tmp_path, monkeypatch):
             lp.apply(torch.zeros(1, hf.config.vocab_size))
     finally:
         avllm.detach_capture()
+
+
+def test_forward_metadata_of_a_dummy_forward_is_none(monkeypatch):
+    """vLLM's dummy forwards (memory profile, warm-up, idle data-parallel ranks) carry attn_metadata=None
+    (or per-layer dicts without entries): the capture must skip them, not crash the engine's start-up;
+    metadata without the fields the capture reads still raises."""
+    import sys
+    import types
+
+    ctx = SimpleNamespace(attn_metadata=None)
+    fake = types.ModuleType("vllm.forward_context")
+    fake.get_forward_context = lambda: ctx
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.forward_context", fake)
+    for md in (None, {}, {"model.layers.0.self_attn": None}):
+        ctx.attn_metadata = md
+        assert avllm._VLLM.forward_metadata() is None
+    real = SimpleNamespace(query_start_loc=torch.tensor([0, 3]), seq_lens=torch.tensor([3]))
+    ctx.attn_metadata = {"model.layers.0.self_attn": real}
+    assert avllm._VLLM.forward_metadata() is real
+    ctx.attn_metadata = {"model.layers.0.self_attn": SimpleNamespace(seq_lens=torch.tensor([3]))}
+    with pytest.raises(avllm.VLLMIntegrationError, match="query_start_loc"):
+        avllm._VLLM.forward_metadata()

@@ -34,6 +34,8 @@ How it works
   request's last scheduled token (``query_start_loc[1:] - 1`` of the forward's attention
   metadata), with the request's ``seq_lens`` and query length; and the input of
   ``compute_logits`` (the sampled rows' final hidden states, one per request, batch order).
+  vLLM's dummy forwards (start-up memory profile, warm-up sizes, idle data-parallel ranks) carry
+  no attention metadata: the capture skips them (no processor runs on their logits).
 - ``update_state`` follows the persistent batch: an Add mints a fresh request key, Moves/Swaps
   move keys between indices. A request leaving the batch may be finished or preempted (vLLM
   re-adds a preempted request later with the same SamplingParams object and its outputs): its
@@ -113,7 +115,10 @@ class _VLLM:
 
     @staticmethod
     def forward_metadata():
-        """The current forward's attention metadata with ``query_start_loc`` ([B+1]) and ``seq_lens`` ([B])."""
+        """The current forward's attention metadata with ``query_start_loc`` ([B+1]) and ``seq_lens`` ([B]),
+        or None for a forward without any: vLLM's dummy forwards (``_dummy_run``: the memory profile
+        at start-up, the warm-up sizes, ``execute_dummy_batch`` on idle data-parallel ranks) run the
+        model with ``attn_metadata=None`` unless they capture a full CUDA graph."""
         from vllm.forward_context import get_forward_context  # type: ignore
 
         md = get_forward_context().attn_metadata
@@ -121,7 +126,9 @@ class _VLLM:
             md = next(iter(md.values()), None)
         if isinstance(md, list):  # micro-batched (ubatch) metadata
             raise VLLMIntegrationError("micro-batched attention metadata (DBO) is not supported")
-        if md is None or not hasattr(md, "query_start_loc") or not hasattr(md, "seq_lens"):
+        if md is None:
+            return None
+        if not hasattr(md, "query_start_loc") or not hasattr(md, "seq_lens"):
             raise VLLMIntegrationError(f"attention metadata {type(md).__name__} has no query_start_loc/seq_lens")
         return md
 
@@ -160,7 +167,8 @@ class VLLMCapture:
     last scheduled token; ``head`` ([max_reqs, H]): ``compute_logits``'s input rows;
     ``seq_lens`` / ``query_lens`` ([max_reqs] int32): the forward's per-request lengths.
     ``metadata_fn()`` returns an object with ``query_start_loc`` and ``seq_lens`` for the
-    current forward (default: vLLM's forward context; the tests pass their own).
+    current forward (default: vLLM's forward context; the tests pass their own), or None for a
+    dummy forward, which is not captured.
     """
 
     def __init__(self, model, pack, *, max_reqs: int, metadata_fn: Callable | None = None):
@@ -188,6 +196,7 @@ class VLLMCapture:
         self.num_reqs = 0  # Python-side, updated by the layer hook (eager execution required)
         self.metadata_fn = metadata_fn or _VLLM.forward_metadata
         self.forwards = 0
+        self.dummy_forwards = 0  # forwards without attention metadata (vLLM's profile / warm-up runs)
         L = pack.layer
         if L > 0:
             self._handles = [layers[L - 1].register_forward_hook(self._on_layer_out)]
@@ -199,6 +208,11 @@ class VLLMCapture:
 
     def _store(self, resid: torch.Tensor) -> None:
         md = self.metadata_fn()
+        if md is None:  # a dummy forward (memory profile, warm-up): nothing to capture, and it is not a
+            # step's forward -- an apply() after it finds ``forwards`` unchanged and refuses stale rows
+            self.num_reqs = 0
+            self.dummy_forwards += 1
+            return
         qsl = md.query_start_loc
         B = qsl.numel() - 1
         if B > self.probe.shape[0]:
