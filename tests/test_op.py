@@ -527,3 +527,21 @@ def test_without_triton_the_op_is_a_custom_op(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V,block", [(23, 7), (23, 23), (5, 64), (1, 1)])
+def test_refusal_basis_in_blocks_equals_the_full_product(dtype, V, block):
+    """U = E A computed over vocabulary blocks (no fp32 copy of the whole embedding at start-up) equals the
+    one-shot fp32 product, for any block size, and is stored r-major ([r, V] memory), the layout the kernels
+    read fastest; transformers' attach and the serving integrations build U with it."""
+    from autosteer.runtime.reference_op import refusal_basis
+
+    g = torch.Generator().manual_seed(V * 31 + block)
+    E = torch.randn(V, 16, generator=g).to(dtype)
+    A = torch.randn(16, 3, generator=g)
+    U = refusal_basis(E, A, block_rows=block)
+    assert U.shape == (V, 3) and U.dtype == torch.float32 and U.stride() == (1, V)
+    torch.testing.assert_close(U, E.float() @ A, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="E \\[V, H\\] and A \\[H, r\\]"):
+        refusal_basis(E, A[:5])

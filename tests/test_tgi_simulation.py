@@ -83,12 +83,17 @@ def _serve(hf, rows, arrivals, *, speculate=0, chunking=True, budget=24, graphs=
         if rt is not None:
             rt.store.report_on_release = True
             rt.store.on_release = lambda rid, s: summaries.__setitem__(rid, s)
-        warm = sim.FlashCausalLMBatch.from_pb(sim.PbBatch(10_000, [sim.Request(0, rows[0], 2)]), None, model.dtype,
-                                             model.device)
+        # TGI's router warms up with one request per max_input_tokens of max_batch_prefill_tokens, all with
+        # id 0 (backends/v3 grpc_client.rs warmup): several rows sharing one request id (found by review)
+        warm = sim.FlashCausalLMBatch.from_pb(sim.PbBatch(10_000, [sim.Request(0, rows[0], 2), sim.Request(0, rows[1], 2)]),
+                                             None, model.dtype, model.device)
         model.warmup(warm)
         if rt is not None:
             assert len(rt.store) == 0, "warmup's dummy request leaked into the store"
+            assert summaries and all(v is None for v in summaries.values()), \
+                "warmup's dummy requests were reported as decisions (a device read)"
             summaries.clear()
+            assert not rt.warming and rt.probe_buf.overflow is None and rt.head_buf.overflow is None
         sim.RECORDER = []
         reqs = {step: [sim.Request(i, rows[i], MAX_NEW, chunk_len=c if chunking else None, prefill_logprobs=i in logprobs)
                        for i, c in items]

@@ -73,6 +73,7 @@ from types import SimpleNamespace
 import torch
 
 from ..method.probe import Probe
+from ..runtime.reference_op import refusal_basis
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,7 @@ class SteerWeights:
         tau = prompt_threshold(pack, tau)
         tau_monitor, fallback = monitor_threshold(pack, tau, tau_monitor)
         tau_monitor = None if fallback else tau_monitor
-        with torch.no_grad():
-            U = (E.detach().to(device).float() @ pack.A.to(device)).contiguous()
+        U = refusal_basis(E, pack.A, device=device)  # in vocabulary blocks: no fp32 copy of the whole E
         return cls(
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
             w2=pack.w2.to(device).contiguous(), b2=pack.b2.to(device).contiguous(),

@@ -230,7 +230,8 @@ class AutoSteerTGIProcessor:
 class _StepContext:
     batch: object
     model: object
-    request_ids: list
+    request_ids: list  # the batch's request ids (what the processors are bound to)
+    keys: list  # the store's key per row: the request ids, or made-up ones during warmup
     prefill: bool
     was_prefilling: list
     still_prefilling: list
@@ -261,6 +262,9 @@ class _Runtime:
         self._patches = []  # (owner, attr, original raw attribute)
         self._lock = threading.Lock()
         self._warned = set()
+        # inside FlashCausalLM.warmup: its dummy batch is one or more requests that all have id 0 (the
+        # router sends one per max_input_tokens of max_batch_prefill_tokens), so they get made-up keys
+        self.warming = False
 
     # -- model attach (from the patched FlashCausalLM.__init__) -------------------------------
     def attach_model(self, flash_lm) -> None:
@@ -335,6 +339,21 @@ class _Runtime:
         for rid in request_ids:
             self.store.release(rid)
 
+    def end_warmup(self) -> None:
+        """After ``FlashCausalLM.warmup``: drop its dummy requests without reporting them as decisions (a
+        report reads the device, which would hide the original error of a failed warmup) and the capture
+        buffers' overflow tensors (a warmup prefill of max_batch_prefill_tokens rows does not fit them;
+        kept, they would hold memory through KV-cache sizing and graph capture)."""
+        if self.store is not None:
+            report, self.store.report_on_release = self.store.report_on_release, False
+            try:
+                self.store.release_all()
+            finally:
+                self.store.report_on_release = report
+        for buf in (self.probe_buf, self.head_buf):
+            if buf is not None:
+                buf.begin_forward()
+
     # -- per step -----------------------------------------------------------------------------
     def begin_generate(self, model, batch) -> None:
         missing = [a for a in _TGI.BATCH_ATTRS if not hasattr(batch, a)]
@@ -342,8 +361,10 @@ class _Runtime:
             raise TGIIntegrationError(f"{type(batch).__name__} lacks {missing} ({_TGI.VERSION_NOTE} had them)")
         prefill = bool(batch.prefilling)
         n = len(batch.requests)
+        ids = _TGI.request_ids(batch)
         self.ctx = _StepContext(
-            batch=batch, model=model, request_ids=_TGI.request_ids(batch), prefill=prefill,
+            batch=batch, model=model, request_ids=ids, prefill=prefill,
+            keys=[("autosteer-warmup", i) for i in range(n)] if self.warming else ids,
             was_prefilling=[bool(x) for x in batch.prefilling_mask] if prefill else [False] * n,
             still_prefilling=_TGI.still_prefilling(batch) if prefill else [False] * n,
         )
@@ -369,14 +390,14 @@ class _Runtime:
                 raise TGIIntegrationError("speculative ids in a prefill step: not expected by this integration")
             if scores.shape[0] != B:
                 raise TGIIntegrationError(f"prefill step with {B} requests but {scores.shape[0]} logits rows")
-            self.store.begin_step(ctx.request_ids, cu_seqlens=batch.cu_seqlen_prefill, prefilling=ctx.was_prefilling,
+            self.store.begin_step(ctx.keys, cu_seqlens=batch.cu_seqlen_prefill, prefilling=ctx.was_prefilling,
                                   still_prefilling=ctx.still_prefilling, head_rows=batch.prefill_next_token_indices)
         else:
             P = 1 if speculated_ids is None else speculated_ids.shape[1] + 1
             if scores.shape[0] != B * P:
                 raise TGIIntegrationError(f"decode step with {B} requests x {P} positions but {scores.shape[0]} "
                                           "logits rows")
-            self.store.begin_step(ctx.request_ids, positions=P)
+            self.store.begin_step(ctx.keys, positions=P)
         warpers = _TGI.warpers(chooser)
         if not warpers or not isinstance(warpers[0], AutoSteerTGIProcessor):
             self._warn_once("reattach", "autosteer: a chooser without the AutoSteer processor reached a step "
@@ -501,11 +522,12 @@ class _Runtime:
 
         @functools.wraps(orig_warmup)
         def model_warmup(self, *args, **kwargs):
+            rt.warming = True
             try:
                 return orig_warmup(self, *args, **kwargs)
             finally:
-                if rt.store is not None:
-                    rt.store.release_all()  # warmup's dummy request ids must not leak into real ones
+                rt.warming = False
+                rt.end_warmup()
 
         orig_delete = cache_cls.delete
 

@@ -22,6 +22,7 @@ from ..method.probe import Probe
 from ..models import num_layers, output_head
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
+from .reference_op import refusal_basis
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,7 @@ class AutoSteerHandle:
         self.monitor_probe = None
         if pack.has_monitor_probe:
             self.monitor_probe = tuple(pack.monitor[k].to(device) for k in ("W1", "b1", "w2", "b2"))
-        with torch.no_grad():  # E A, once: the op never rebuilds E S per step
-            # stored r-major ([r, V] memory, viewed as [V, r]): a vocab block of U is then a
-            # contiguous run per rank, which both kernels read fastest
-            self.U = (pack.A.t().to(device) @ E.detach().float().t()).contiguous().t()
+        self.U = refusal_basis(E, pack.A, device=device)  # E A, once: the op never rebuilds E S per step
         self.Bt = pack.B.t().contiguous().to(device)
         from .op import steer_step
 

@@ -33,6 +33,28 @@ from __future__ import annotations
 import torch
 
 
+def refusal_basis(E: torch.Tensor, A: torch.Tensor, *, device=None, block_rows: int = 16384) -> torch.Tensor:
+    """``U = E A`` ([V, r] fp32), the op's precomputed refusal-logit basis, for output embedding ``E``
+    ([V, H], any float dtype) and the Refusal Head's ``A`` ([H, r]).
+
+    Computed over blocks of ``block_rows`` vocabulary rows, so no fp32 copy of the whole ``E`` is
+    made (for a 128k x 4096 bf16 embedding that copy would be 2 GiB, at start-up, on a GPU the
+    weights already fill). Stored r-major -- ``[r, V]`` memory viewed as ``[V, r]`` -- so a
+    vocabulary block of ``U`` is a contiguous run per rank, which both kernels read fastest.
+    """
+    if E.dim() != 2 or A.dim() != 2 or E.shape[1] != A.shape[0]:
+        raise ValueError(f"refusal_basis: E [V, H] and A [H, r] expected, got {tuple(E.shape)} and {tuple(A.shape)}")
+    device = E.device if device is None else torch.device(device)
+    At = A.detach().to(device=device, dtype=torch.float32).t()
+    V = E.shape[0]
+    Ut = torch.empty(At.shape[0], V, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for i in range(0, V, block_rows):
+            block = E[i: i + block_rows].detach().to(device=device, dtype=torch.float32)
+            Ut[:, i: i + block.shape[0]] = At @ block.t()
+    return Ut.t()
+
+
 def steer_step_reference(
     probe_hidden: torch.Tensor,  # [N, H] float, any row stride
     probe_rows: torch.Tensor,  # [B] int32/int64, row of probe_hidden per sequence
