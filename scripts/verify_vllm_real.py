@@ -169,8 +169,13 @@ def construction_checks(pack_path):
 class Engine:
     """Calls the real persistent batch the way GPUModelRunner._update_states does each step."""
 
-    def __init__(self, hf, chunk, preempt=None, seed=0):
+    def __init__(self, hf, chunk, preempt=None, seed=0, async_outputs=False):
         import random
+
+        # async scheduling (vLLM 0.33's V1 default): _bookkeeping_sync appends a -1 placeholder per sampled
+        # token to the request's output list (filled in only when a processor needs output ids), and
+        # _update_states gives a re-added request a new list of its real ids
+        self.async_outputs = async_outputs
 
         self.rng = random.Random(seed)
         self.model = FakeVLLMLlama(hf).eval()
@@ -229,10 +234,12 @@ class Engine:
                     sampling_params=SamplingParams(temperature=0.0, max_tokens=MAX_NEW), generator=None,
                     block_ids=([i],), num_computed_tokens=0, output_token_ids=[])
                 self.requests[rid] = st
-                state[rid] = {"done": 0, "slot": self.free_slots.pop(), "idx": i}
+                state[rid] = {"done": 0, "slot": self.free_slots.pop(), "idx": i, "real": []}
                 self.batch.add_request(st)
             for rid in resume.pop(step, []):
                 state[rid]["slot"] = self.free_slots.pop()
+                if self.async_outputs:
+                    self.requests[rid].output_token_ids = list(state[rid]["real"])
                 self.batch.add_request(self.requests[rid])
             # 3. condense, maybe reorder, refresh_metadata (-> update_state(BatchUpdate))
             self.batch.condense()
@@ -255,7 +262,7 @@ class Engine:
             ids, pos, slots, qsl, seq, sched = [], [], [], [0], [], []
             for rid in order:
                 st, s = self.requests[rid], state[rid]
-                known = st.prompt_token_ids + st.output_token_ids
+                known = st.prompt_token_ids + s["real"]
                 k = min(self.chunk, len(known) - s["done"])
                 ids += known[s["done"]: s["done"] + k]
                 pos += range(s["done"], s["done"] + k)
@@ -280,10 +287,11 @@ class Engine:
                     still.append(True)
                     continue
                 still.append(False)
-                st.output_token_ids.append(nxt[b])
-                if nxt[b] == self.eos or len(st.output_token_ids) >= MAX_NEW:
+                s["real"].append(nxt[b])
+                st.output_token_ids.append(-1 if self.async_outputs else nxt[b])
+                if nxt[b] == self.eos or len(s["real"]) >= MAX_NEW:
                     done_last.append(rid)
-                    outputs[s["idx"]] = list(st.output_token_ids)
+                    outputs[s["idx"]] = list(s["real"])
             self.records.append((list(order), raw, logits.clone(), still))
         return outputs
 
@@ -297,11 +305,11 @@ def reference(hf, rows, pack, mode):
     return out
 
 
-def stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
+def stream_check(hf, rows, pack, pack_path, mode, chunk, preempt, async_outputs=False):
     os.environ[avllm.ENV_PACK] = pack_path
     os.environ[avllm.ENV_MODE] = mode
     ref = reference(hf, rows, pack, mode)
-    eng = Engine(hf, chunk, preempt=preempt)
+    eng = Engine(hf, chunk, preempt=preempt, async_outputs=async_outputs)
     summaries = {}
     avllm.attach_capture(eng.model, max_reqs=8, metadata_fn=eng.metadata)  # the patched load_model's job
     try:
@@ -314,7 +322,7 @@ def stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
         eng.lp.update_state(None)
     finally:
         avllm.detach_capture()
-    tag = f"{mode}, chunk {chunk}, {eng.preempted} preempted"
+    tag = f"{mode}, chunk {chunk}, {eng.preempted} preempted{', async outputs (-1 placeholders)' if async_outputs else ''}"
     check(f"[{tag}] real BatchUpdates had removed, added and moved entries ({eng.swaps} swaps)",
           eng.update_kinds == {"removed", "added", "moved"}, str(sorted(eng.update_kinds)))
     check(f"[{tag}] tokens == transformers+AutoSteer per request",
@@ -451,6 +459,8 @@ def main():
     stream_check(hf, rows, pack, pack_path, "prefill", 4, {"req-0": (2, 2), "req-1": (3, 1)})
     stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)})
     stream_check(hf, rows, pack, pack_path, "prefill", 64, None)
+    stream_check(hf, rows, pack, pack_path, "prefill", 4, {"req-0": (2, 2), "req-1": (3, 1)}, async_outputs=True)
+    stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)}, async_outputs=True)
     guard_checks(pack_path)
     failed = [n for n, ok in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")

@@ -73,8 +73,12 @@ class FakeVLLMLlama(torch.nn.Module):
 
 
 class Engine:
-    def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96):
+    def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96, async_outputs: bool = False):
         cfg = hf.config
+        # vLLM's async scheduling (the V1 default): the output list a processor got in its Add grows by a
+        # -1 placeholder per sampled token (vLLM fills them in only when a processor declares it needs output
+        # ids; an entry-point install does not), and a re-added request comes with a new list of real ids
+        self.async_outputs = async_outputs
         self.model = FakeVLLMLlama(hf).eval()
         self.lp = lp
         self.chunk = chunk
@@ -102,6 +106,13 @@ class Engine:
             hidden = self.model(ids, torch.arange(num_tokens), self.kv, torch.full((num_tokens,), 31))
             return self.model.compute_logits(hidden[-4:])
 
+    def _outputs_for_add(self, rid):
+        r = self.req[rid]
+        if not self.async_outputs:
+            return r["out"]  # the list vLLM keeps appending to
+        r["lp_out"] = list(r["out"])
+        return r["lp_out"]
+
     def _batch_update(self, new, finished):
         removed, added, moved = [], [], []
         holes = sorted(self.batch.index(r) for r in finished)
@@ -115,11 +126,11 @@ class Engine:
                 break
             r = new.pop(0)
             self.batch[i] = r
-            added.append((i, self.req[r]["sp"], self.req[r]["prompt"], self.req[r]["out"]))
+            added.append((i, self.req[r]["sp"], self.req[r]["prompt"], self._outputs_for_add(r)))
             holes.remove(i)
         for r in new:
             self.batch.append(r)
-            added.append((len(self.batch) - 1, self.req[r]["sp"], self.req[r]["prompt"], self.req[r]["out"]))
+            added.append((len(self.batch) - 1, self.req[r]["sp"], self.req[r]["prompt"], self._outputs_for_add(r)))
         removed.extend(holes)
         for h in sorted(holes):  # condense: fill holes from the top
             while self.batch and self.batch[-1] is None:
@@ -203,6 +214,8 @@ class Engine:
                     continue
                 still.append(False)
                 r["out"].append(next_ids[b])
+                if self.async_outputs:
+                    r["lp_out"].append(-1)
                 if next_ids[b] == self.eos or len(r["out"]) >= MAX_NEW:
                     finished_last.append(rid)
                     outputs[rid] = list(r["out"])
@@ -352,11 +365,14 @@ def test_two_processors_in_one_engine_are_refused(setup, tmp_path, monkeypatch):
         avllm.detach_capture()
 
 
-@pytest.mark.parametrize("mode", ["prefill", "monitor"])
-def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,async_outputs", [("prefill", False), ("monitor", False), ("prefill", True),
+                                                ("monitor", True)])
+def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode, async_outputs):
     """vLLM removes a preempted request from the batch and re-adds it later (same SamplingParams,
     its outputs so far) to re-prefill prompt + outputs: its latch survives, the re-prefill's
-    mid chunks are untouched and its last chunk is not a new prompt decision."""
+    mid chunks are untouched and its last chunk is not a new prompt decision. Also under async
+    scheduling, where the parked output list holds -1 placeholders and the re-add brings real ids
+    (found by review: the outputs never matched, so the request restarted unlatched)."""
     hf, rows, pack = setup
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     monkeypatch.setenv(avllm.ENV_MODE, mode)
@@ -364,7 +380,7 @@ def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode)
     gated = [i for i in range(len(rows)) if ref[i][1]]
     benign = [i for i in range(len(rows)) if not ref[i][1]]
     lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
-    engine = Engine(hf, lp, chunk=4)
+    engine = Engine(hf, lp, chunk=4, async_outputs=async_outputs)
     victims = ([gated[0], benign[0]] if benign else gated[:2])
     others = [i for i in range(len(rows)) if i not in victims][:2]
     arrivals = {0: [victims[0], others[0]], 1: [victims[1]], 2: [others[1]]}
@@ -678,5 +694,35 @@ def test_forward_metadata_of_a_dummy_forward_is_none(monkeypatch):
     ctx.attn_metadata = {"model.layers.0.self_attn": real}
     assert avllm._VLLM.forward_metadata() is real
     ctx.attn_metadata = {"model.layers.0.self_attn": SimpleNamespace(seq_lens=torch.tensor([3]))}
-    with pytest.raises(avllm.VLLMIntegrationError, match="query_start_loc"):
+    with pytest.raises(avllm.VLLMIntegrationError, match="query_start_loc.*--attention-backend FLASH_ATTN"):
         avllm._VLLM.forward_metadata()
+
+
+def test_attention_backends_without_the_fields_the_capture_reads_are_refused(setup, tmp_path, monkeypatch):
+    """FlashInfer's attention metadata (vLLM's default on Blackwell) has no query_start_loc / seq_lens: a config
+    that names it is refused at start-up with the remedy, and metadata without the fields names it too."""
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    for backend, refused in ((None, False), (SimpleNamespace(name="FLASH_ATTN"), False), ("TRITON_ATTN", False),
+                             (SimpleNamespace(name="FLASHINFER"), True)):
+        cfg = _config()
+        cfg.attention_config = SimpleNamespace(backend=backend)
+        why = avllm._engine_refusal(cfg, check_runner=True)
+        assert (why is not None) == refused, backend
+        if refused:
+            assert "--attention-backend FLASH_ATTN" in why
+            with pytest.raises(avllm.VLLMIntegrationError, match="FLASHINFER"):
+                avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+
+
+def test_detach_removes_the_compute_logits_wrapper(setup, tmp_path, monkeypatch):
+    """Re-attaching (a second load_model) or detaching must not leave the old wrapper chained on the model
+    (found by review: the identity test on a bound method never matched)."""
+    hf, _, pack = setup
+    model = FakeVLLMLlama(hf)
+    avllm.attach_capture(model, pack, max_reqs=4, metadata_fn=lambda: None)
+    cap2 = avllm.attach_capture(model, pack, max_reqs=4, metadata_fn=lambda: None)
+    assert model.__dict__["compute_logits"] == cap2._compute_logits  # the first wrapper was removed
+    avllm.detach_capture()
+    assert "compute_logits" not in model.__dict__
+    assert not model.model.layers[pack.layer - 1]._forward_hooks

@@ -112,6 +112,9 @@ class _VLLM:
     RUNNER_CLASS = "GPUModelRunner"
     LAYER_PATHS = ("model.layers", "language_model.model.layers", "model.language_model.layers")
     LM_HEAD_PATHS = ("lm_head", "language_model.lm_head")
+    # attention backends whose metadata has query_start_loc [B+1] and seq_lens [B] (vLLM 0.33.0's
+    # FlashAttentionMetadata, TritonAttentionMetadata); FlashInfer's has neither
+    ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
 
     @staticmethod
     def forward_metadata():
@@ -129,8 +132,18 @@ class _VLLM:
         if md is None:
             return None
         if not hasattr(md, "query_start_loc") or not hasattr(md, "seq_lens"):
-            raise VLLMIntegrationError(f"attention metadata {type(md).__name__} has no query_start_loc/seq_lens")
+            raise VLLMIntegrationError(
+                f"attention metadata {type(md).__name__} has no query_start_loc/seq_lens, which the capture reads "
+                f"to find each request's last token. Start vLLM with --attention-backend "
+                f"{' or '.join(_VLLM.ATTENTION_BACKENDS)} (FlashInfer's metadata, the default on Blackwell GPUs, "
+                "lacks them)")
         return md
+
+    @staticmethod
+    def attention_backend(vllm_config) -> str | None:
+        """The attention backend the config names (None: vLLM picks one on the worker)."""
+        b = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+        return None if b is None else str(getattr(b, "name", b)).upper()
 
     @staticmethod
     def is_move_swap(direction) -> bool:
@@ -206,7 +219,9 @@ class VLLMCapture:
         self._orig_compute_logits = model.compute_logits
         model.compute_logits = self._compute_logits  # instance attribute: the class is untouched
 
-    def _store(self, resid: torch.Tensor) -> None:
+    def _store(self, h: torch.Tensor, r: torch.Tensor | None) -> None:
+        """Store the residual stream ``h + r`` at each request's last scheduled token: the rows are
+        gathered first and then added (no [num_tokens, H] sum per forward; the same values)."""
         md = self.metadata_fn()
         if md is None:  # a dummy forward (memory profile, warm-up): nothing to capture, and it is not a
             # step's forward -- an apply() after it finds ``forwards`` unchanged and refuses stale rows
@@ -218,7 +233,9 @@ class VLLMCapture:
         if B > self.probe.shape[0]:
             raise VLLMIntegrationError(f"{B} requests in one forward but the capture holds {self.probe.shape[0]}")
         ends = qsl[1: B + 1].to(torch.int64) - 1
-        torch.index_select(resid, 0, ends, out=self.probe[:B])
+        torch.index_select(h, 0, ends, out=self.probe[:B])
+        if r is not None:
+            self.probe[:B] += r.index_select(0, ends)
         self.seq_lens[:B].copy_(md.seq_lens[:B])
         torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
         self.num_reqs = B
@@ -228,14 +245,12 @@ class VLLMCapture:
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
             raise VLLMIntegrationError("the decoder layer before the pack's layer did not return (hidden_states, "
                                        "residual): cannot reconstruct the residual stream")
-        h, r = out
-        self._store(h if r is None else h + r)
+        self._store(*out)
 
     def _on_layer0_in(self, _mod, args):
         if len(args) < 2 or not isinstance(args[1], torch.Tensor):
             raise VLLMIntegrationError("decoder layer 0 is no longer called as layer(positions, hidden_states, ...)")
-        r = args[2] if len(args) > 2 else None
-        self._store(args[1] if r is None else args[1] + r)
+        self._store(args[1], args[2] if len(args) > 2 else None)
 
     def _compute_logits(self, hidden_states, *args, **kwargs):
         self.head.begin_forward()
@@ -246,7 +261,7 @@ class VLLMCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self.model.__dict__.get("compute_logits") is self._compute_logits:
+        if self.model.__dict__.get("compute_logits") == self._compute_logits:  # == : bound methods are new objects
             del self.model.compute_logits
 
 
@@ -318,6 +333,11 @@ def _engine_refusal(vllm_config, *, check_runner: bool) -> str | None:
         return ("the engine would run the model under torch.compile / CUDA graphs, where the capture's Python hooks "
                 "do not run on a graph replay (the probe would read a stale forward's hidden states). Start vLLM with "
                 "--enforce-eager (enforce_eager=True)")
+    backend = _VLLM.attention_backend(vllm_config)
+    if backend is not None and backend not in ("AUTO",) + _VLLM.ATTENTION_BACKENDS:
+        return (f"the attention backend is {backend}; the capture reads query_start_loc/seq_lens from the attention "
+                f"metadata, which only {' and '.join(_VLLM.ATTENTION_BACKENDS)} are known to carry. Start vLLM with "
+                f"--attention-backend {_VLLM.ATTENTION_BACKENDS[0]}")
     if mc is not None and getattr(mc, "enable_prompt_embeds", False):
         return ("prompt embeddings are enabled: such requests have no prompt token ids, so the gate cannot tell "
                 "their prompt from their generated tokens. Disable --enable-prompt-embeds")
@@ -410,6 +430,18 @@ class _Row:
     # the request's output token list (vLLM appends to it in place): with the params, what tells a
     # preempted request from its parallel-sampling siblings, which may share one SamplingParams object
     outputs: list | None = None
+
+
+def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
+    """Whether a parked request's output list can be the one a re-added request brings. Under async
+    scheduling (vLLM 0.33's default) the list the processor holds gets a ``-1`` placeholder per sampled
+    token, filled in only when some processor asks vLLM for output ids, while a re-added request brings
+    a new list of the real ids (``GPUModelRunner._update_states``): a ``-1`` matches any token, and the
+    re-added list may lack the token that was in flight when the request left (stale output the scheduler
+    drops on some preemptions), hence a length difference of one is accepted."""
+    if abs(len(parked) - len(resumed)) > 1:
+        return False
+    return all(a == b or a == -1 or b == -1 for a, b in zip(parked, resumed))
 
 
 def _is_v2_request_state(obj) -> bool:
@@ -619,7 +651,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # same params object, and outputs that match (or cannot be compared): never a request whose
         # outputs are known to differ -- a fresh state (re-probed) is safer than a sibling's
         same = [n for n, (ref, _key, out) in enumerate(entries)
-                if ref() is params and (want is None or out is None or out == want)]
+                if ref() is params and (want is None or out is None or _outputs_agree(out, want))]
         exact = [n for n in same if want is not None and entries[n][2] == want]
         pool = exact or same
         if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
