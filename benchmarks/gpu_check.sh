@@ -11,7 +11,7 @@
 #      vllm.logits_processors entry point exists: AUTOSTEER_SKIP_NATIVE_BUILD=1 pip install
 #      --no-deps --no-build-isolation .), skipped otherwise.
 # Everything it writes goes to $OUT if set (else benchmarks/results): gpu_check.log, gpu_graph.json,
-# gpu_tests.xml, bench_op_cuda.{csv,md}, vllm_e2e.json. Exit status 0 only if every step passed.
+# gpu_tests.xml, bench_op_cuda.{csv,md}, vllm_e2e.json, vllm_e2e_v2.json. Exit status 0 only if every step passed.
 #   bash benchmarks/gpu_check.sh                 # full (~5-8 min once the machine is up)
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark configs
 set -uo pipefail
@@ -144,7 +144,7 @@ step "vLLM end to end: a tiny Llama with and without the AutoSteer plugin"
 # has no network, so the model, tokenizer and pack are made locally (tiny random Llama, random
 # pack with tau at the median prompt score: about half the prompts gate). Three processes:
 # plain vLLM, vLLM + AutoSteer (entry point or FQCN), then the comparison with transformers +
-# AutoSteer. Writes vllm_e2e.json. SKIP_VLLM=1 skips it.
+# AutoSteer. Writes vllm_e2e.json (V1 runner) and vllm_e2e_v2.json (Model Runner V2). SKIP_VLLM=1 skips it.
 if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" >/dev/null 2>&1; then
   E2E="$(mktemp -d)"
   cat > "$E2E/e2e.py" <<'PYEOF'
@@ -191,11 +191,11 @@ elif stage in ("plain", "steered"):
     toks = sum(len(o.outputs[0].token_ids) for o in out)
     res = dict(tokens={i: list(out[i].outputs[0].token_ids) for i in range(len(rows))}, seconds=dt,
                generated_tokens=toks, requests=len(big))
-    json.dump(res, open(f"{work}/{stage}.json", "w"))
+    json.dump(res, open(f"{work}/{stage}{os.environ.get('E2E_TAG', '')}.json", "w"))
     print(f"{stage}: {len(big)} requests, {toks} tokens in {dt:.3f} s ({toks / dt:.0f} tok/s)")
 else:
     ref = json.load(open(f"{work}/ref.json"))["ref"]
-    plain, steer = (json.load(open(f"{work}/{s}.json")) for s in ("plain", "steered"))
+    plain, steer = (json.load(open(f"{work}/{s}{os.environ.get('E2E_TAG', '')}.json")) for s in ("plain", "steered"))
     ok = True
     n_match = 0
     for i, r in ref.items():
@@ -221,6 +221,13 @@ PYEOF
     VLLM_USE_V2_MODEL_RUNNER=0 AUTOSTEER_PACK="$E2E/tiny.pack.safetensors" AUTOSTEER_MODE=prefill \
       timeout 300 "$PY" "$E2E/e2e.py" steered "$E2E" &&
     "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e.json"
+  } || status=1
+  # Model Runner V2 (vLLM 0.33's default on CUDA): the same requests, the same reference
+  {
+    E2E_TAG=_v2 VLLM_USE_V2_MODEL_RUNNER=1 timeout 300 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
+    E2E_TAG=_v2 VLLM_USE_V2_MODEL_RUNNER=1 AUTOSTEER_PACK="$E2E/tiny.pack.safetensors" AUTOSTEER_MODE=prefill \
+      timeout 300 "$PY" "$E2E/e2e.py" steered "$E2E" &&
+    E2E_TAG=_v2 "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e_v2.json"
   } || status=1
   "$PY" -c "import importlib.metadata as m; print('autosteer vllm entry point:', [e.value for e in m.entry_points(group='vllm.logits_processors')])"
 else

@@ -17,6 +17,14 @@ flash-style Llama on CPU, ``tests/_tgi_sim.py``) and the forward metadata (``que
 reorder, refresh_metadata). vLLM's GPU model runner, attention backends, torch.compile and CUDA
 graphs are not run (no GPU).
 
+Model Runner V2: its ``build_custom_logits_processors`` is called from a method of a real V2
+``GPUModelRunner`` (created without ``__init__``, holding the stand-in model and an
+``index_to_req_id`` dict, as ``load_model`` is when it builds processors), with the real
+``LogitsProcRequestState`` and ``LogitsContext`` dataclasses, driven by the V2 step loop of
+``tests/test_vllm_v2_simulation.py`` (LIFO slots, requests removed without telling processors,
+preemption re-adds with prefill_len = prompt + outputs, rows reordered every step). V2's
+``RequestState`` (UVA buffers) and its real sampler need a GPU and are not run.
+
 The startup guard (``vllm.general_plugins`` entry point ``autosteer_guard``) is checked in two
 fresh subprocesses (``--guard with-pack`` / ``--guard no-pack``) on vLLM's CPU platform
 (``VLLM_TARGET_DEVICE=cpu``): a real ``EngineArgs`` (whose ``__post_init__`` runs vLLM's own
@@ -146,9 +154,10 @@ def construction_checks(pack_path):
     os.environ[avllm.ENV_PACK] = pack_path
     try:
         v2loader.build_custom_logits_processors(vconfig(), req_states, False, ())
-        check("V2 with a pack refuses to start (AutoSteer needs the V1 runner)", False)
+        check("V2 with a pack, built outside the V2 runner's load_model: refused (no model to attach to)", False)
     except avllm.VLLMIntegrationError as exc:
-        check("V2 with a pack refuses to start (AutoSteer needs the V1 runner)", "VLLM_USE_V2_MODEL_RUNNER=0" in str(exc))
+        check("V2 with a pack, built outside the V2 runner's load_model: refused (no model to attach to)",
+              "GPUModelRunner.load_model" in str(exc), str(exc)[:160])
     from vllm.v1.worker import gpu_model_runner
     before = gpu_model_runner.GPUModelRunner.load_model
     procs = v1lp.build_logitsprocs(vconfig(), torch.device("cpu"), False, False, ())
@@ -390,9 +399,9 @@ def guard_main(mode: str) -> int:
     if with_pack:
         check(f"{tag} real EngineArgs + ngram speculative config (V1 runner): refused at create_engine_config",
               "speculative decoding" in res, res[:160])
-        res2, _ = outcome(None, v2=True)
-        check(f"{tag} real EngineArgs, VLLM_USE_V2_MODEL_RUNNER=1: refused (Model Runner V2)",
-              "Model Runner V2" in res2, res2[:160])
+        res2, cfg2 = outcome(None, v2=True)
+        check(f"{tag} real EngineArgs, VLLM_USE_V2_MODEL_RUNNER=1, no speculation: accepted (Model Runner V2 is "
+              "served)", res2 == "accepted", res2[:160])
         res3, cfg3 = outcome(None, v2=False)
         check(f"{tag} real EngineArgs, V1 runner, no speculation: accepted",
               res3 == "accepted" and cfg3.speculative_config is None and not cfg3.use_v2_model_runner, res3[:160])
@@ -425,6 +434,56 @@ def guard_main(mode: str) -> int:
     failed = [n for n, ok in RESULTS if not ok]
     print(f"{tag} {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
     return 1 if failed else 0
+
+
+def v2_stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
+    """Model Runner V2: the processor built by V2's real build_custom_logits_processors, called from a method
+    of a real (uninitialised) V2 GPUModelRunner holding the model, as load_model does; the real
+    LogitsProcRequestState and LogitsContext dataclasses; the step loop of tests/test_vllm_v2_simulation.py."""
+    from test_vllm_v2_simulation import V2Engine
+    from vllm.v1.worker.gpu import model_runner as v2runner
+
+    class Runner(v2runner.GPUModelRunner):
+        def build_processors(self, vllm_config, req_states):  # what load_model does once self.model exists
+            return v2loader.build_custom_logits_processors(vllm_config, req_states, False, ())
+
+    os.environ[avllm.ENV_PACK] = pack_path
+    os.environ[avllm.ENV_MODE] = mode
+    ref = reference(hf, rows, pack, mode)
+    eng = V2Engine(hf, chunk=chunk, lp_states_cls=v2lp.LogitsProcRequestState, ctx_cls=v2lp.LogitsContext)
+    runner = object.__new__(Runner)
+    runner.model = eng.model
+    runner.req_states = SimpleNamespace(index_to_req_id=eng.index_to_req_id)
+    runner._dummy_sampler_run = eng._dummy_sampler_run  # the stand-in warm-up (the real one needs a GPU)
+    eng.runner = runner
+    tag = f"V2, {mode}, chunk {chunk}"
+    try:
+        procs = runner.build_processors(vconfig(), eng.lp_states)
+        ours = [p for p in procs if isinstance(p, CLS)]
+        check(f"[{tag}] V2 build_custom_logits_processors inside the runner: enabled, capture on the runner's model",
+              len(ours) == 1 and ours[0].enabled and ours[0].v2 and avllm._CAPTURE is not None
+              and avllm._CAPTURE.model is eng.model)
+        eng.lp = ours[0]
+        avllm.attach_capture(eng.model, max_reqs=8, metadata_fn=eng.metadata)  # the stand-in forward's metadata
+        raw, out = eng.profile_run()
+        check(f"[{tag}] the runner's sampler warm-up (made-up slots) is not steered", torch.equal(raw, out))
+        summaries = {}
+        eng.lp.store.report_on_release = True
+        eng.lp.store.on_release = lambda rid, s: summaries.__setitem__(rid, s)
+        outputs = eng.run({0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}, rows, preempt=preempt)
+    finally:
+        avllm.detach_capture()
+    check(f"[{tag}] tokens == transformers+AutoSteer per request",
+          all(outputs.get(i) == ref[i][0] for i in range(len(rows))), f"{sum(v[1] for v in ref.values())} steered")
+    check(f"[{tag}] gate decisions (latch, first steered token) == transformers",
+          all(summaries.get(i) is not None and summaries[i].latched == ref[i][1]
+              and summaries[i].latched_at == ref[i][2] for i in range(len(rows))))
+    bad = sum(not torch.equal(raw[b], final[b]) for order, raw, final, still in eng.records
+              for b, rid in enumerate(order) if still[b] or not summaries[rid].latched)
+    check(f"[{tag}] unlatched and mid-prefill rows bit-identical to the raw logits", bad == 0, f"{bad} written")
+    check(f"[{tag}] state released once vLLM drops the requests", len(eng.lp.store) == 0)
+    if preempt:
+        check(f"[{tag}] the preemptions happened", eng.preempted == len(preempt))
 
 
 def guard_checks(pack_path):
@@ -461,6 +520,8 @@ def main():
     stream_check(hf, rows, pack, pack_path, "prefill", 64, None)
     stream_check(hf, rows, pack, pack_path, "prefill", 4, {"req-0": (2, 2), "req-1": (3, 1)}, async_outputs=True)
     stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)}, async_outputs=True)
+    v2_stream_check(hf, rows, pack, pack_path, "prefill", 4, {0: (2, 2), 1: (3, 1)})
+    v2_stream_check(hf, rows, pack, pack_path, "monitor", 3, {3: (1, 2)})
     guard_checks(pack_path)
     failed = [n for n, ok in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")

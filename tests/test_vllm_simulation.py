@@ -449,8 +449,9 @@ def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, m
 
 def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
     """vLLM 0.33's Model Runner V2 builds every entry-point plugin as ctor(vllm_config, req_states):
-    inert without a pack (it must not break vLLM deployments that merely have autosteer installed),
-    refused with one (AutoSteer needs the V1 runner)."""
+    inert without a pack (it must not break vLLM deployments that merely have autosteer installed); with
+    one, built anywhere but inside V2's GPUModelRunner.load_model, it cannot find the model and says so
+    (the V2 runs: tests/test_vllm_v2_simulation.py)."""
     _, _, pack = setup
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=5,
                                  prompt_len=None, prefill_len=None, total_len=None, all_token_ids=None)
@@ -460,7 +461,7 @@ def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
     assert lp.v2 and not lp.enabled and lp.add_request(0, SamplingParams()) is False
     assert lp.apply(logits, SimpleNamespace()) is logits and lp.is_argmax_invariant()
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
-    with pytest.raises(avllm.VLLMIntegrationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+    with pytest.raises(avllm.VLLMIntegrationError, match="outside .*GPUModelRunner.load_model"):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
 
 
@@ -500,7 +501,7 @@ def _fake_vllm_modules(monkeypatch, *, runner_imported: bool):
 
 
 @pytest.mark.parametrize("runner_imported", [False, True])
-def test_startup_guard_refuses_speculative_decoding_and_v2_with_a_pack(monkeypatch, runner_imported):
+def test_startup_guard_refuses_speculative_decoding_with_a_pack(monkeypatch, runner_imported):
     lp, au, runner, orig = _fake_vllm_modules(monkeypatch, runner_imported=runner_imported)
     spec = SimpleNamespace(method="ngram", num_speculative_tokens=2)
     # no pack: the plugin does nothing at all (nothing patched, vLLM's own behaviour)
@@ -508,15 +509,14 @@ def test_startup_guard_refuses_speculative_decoding_and_v2_with_a_pack(monkeypat
     assert avllm.install_startup_guard() is False
     assert lp.build_logitsprocs is orig and not getattr(au.EngineArgs.create_engine_config, "_autosteer_guard", False)
     assert au.EngineArgs(spec).create_engine_config().speculative_config is spec
-    # with a pack: speculative decoding and Model Runner V2 refuse to start, at both patch points
+    # with a pack: speculative decoding refuses to start, at both patch points; Model Runner V2 is served
     monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
     assert avllm.install_startup_guard() is True
     assert avllm.install_startup_guard() is True  # vLLM may load plugins more than once: idempotent
     assert lp.build_logitsprocs.__wrapped__ is orig  # wrapped once
     with pytest.raises(avllm.VLLMIntegrationError, match="speculative decoding"):
         au.EngineArgs(spec).create_engine_config()
-    with pytest.raises(avllm.VLLMIntegrationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        au.EngineArgs(None, v2=True).create_engine_config()
+    assert au.EngineArgs(None, v2=True).create_engine_config().use_v2_model_runner
     cfg = au.EngineArgs(None).create_engine_config()  # V1, no speculation: accepted
     assert cfg.speculative_config is None
     builders = [lp.build_logitsprocs] + ([runner.build_logitsprocs] if runner is not None else [])
@@ -645,12 +645,12 @@ def test_engines_the_capture_cannot_follow_are_refused(setup, tmp_path, monkeypa
                     (SimpleNamespace(enforce_eager=True, enable_prompt_embeds=True), "prompt embeddings")):
         cfg = _config()
         cfg.model_config = mc
-        assert msg in avllm._engine_refusal(cfg, check_runner=True)
+        assert msg in avllm._engine_refusal(cfg)
         with pytest.raises(avllm.VLLMIntegrationError, match=msg):
             avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
     cfg = _config()
     cfg.model_config = SimpleNamespace(enforce_eager=True, enable_prompt_embeds=False)
-    assert avllm._engine_refusal(cfg, check_runner=True) is None
+    assert avllm._engine_refusal(cfg) is None
     lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
     with pytest.raises(avllm.VLLMIntegrationError, match="prompt embeddings"):
         lp.update_state(BatchUpdate(1, [], [(0, SamplingParams(), None, [])], []))
@@ -707,7 +707,7 @@ def test_attention_backends_without_the_fields_the_capture_reads_are_refused(set
                              (SimpleNamespace(name="FLASHINFER"), True)):
         cfg = _config()
         cfg.attention_config = SimpleNamespace(backend=backend)
-        why = avllm._engine_refusal(cfg, check_runner=True)
+        why = avllm._engine_refusal(cfg)
         assert (why is not None) == refused, backend
         if refused:
             assert "--attention-backend FLASH_ATTN" in why

@@ -1,4 +1,4 @@
-"""AutoSteer as a vLLM V1 logits-processor plugin (checked against vLLM 0.33.0's real classes on CPU).
+"""AutoSteer as a vLLM logits-processor plugin, both model runners (checked against vLLM 0.33.0's real classes on CPU).
 
 Target: the V1 ``vllm.v1.sample.logits_processor.LogitsProcessor`` interface (written for 0.10.2
 -- 0.11.x, checked against 0.33.0) -- ``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
@@ -10,11 +10,13 @@ processed in the order removed, added, moved -- and plugins found through the
 ``--logits-processors autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor``.
 
 vLLM 0.33.0 runs **Model Runner V2** by default on CUDA. V2 has its own interface
-(``__init__(vllm_config, req_states)``, ``add_request``, ``apply(logits, ctx)``) and loads the
-same entry-point group, refusing to start when a plugin does not subclass its base class. This
-class subclasses both bases: under V2 it is inert without a pack (installing autosteer does not
-break other deployments) and refuses to start with one. AutoSteer needs the V1 runner:
-``VLLM_USE_V2_MODEL_RUNNER=0``.
+(``__init__(vllm_config, req_states)``, ``add_request(slot, params)``, ``apply_staged_writes()``,
+``apply(logits, ctx)``) and loads the same entry-point group, refusing to start when a plugin does
+not subclass its base class. This class subclasses both bases and implements both interfaces
+(``self.v2``): under V2 it finds the runner building it on the call stack, attaches the capture to
+its model, keys request states by V2's request id (``req_states.index_to_req_id``) and decides each
+row's phase on the host from ``ctx.idx_mapping_np`` / ``ctx.seq_lens_upper_bound_np``
+(:class:`_V2Requests`; ``docs/serving.md``).
 
 ``scripts/verify_vllm_real.sh`` checks this module against vLLM 0.33.0 on CPU: both runners'
 loaders, ``build_logitsprocs``, and the real persistent batch (``InputBatch`` /
@@ -49,13 +51,13 @@ How it works
   there); generated tokens are probed in ``monitor`` mode.
 - ``is_argmax_invariant()`` is False: AutoSteer changes which token wins.
 
-Limits of this version: the V1 model runner only (``VLLM_USE_V2_MODEL_RUNNER=0``); the capture
+Limits of this version: the FLASH_ATTN or TRITON_ATTN attention backend; the capture
 reads the attention metadata inside a Python hook, so run vLLM with ``enforce_eager=True``
 (``--enforce-eager``) -- whether the hooks survive vLLM's ``torch.compile`` + CUDA-graph
 capture is untested; no speculative decoding (with it, vLLM 0.33.0 does not construct
 entry-point processors at all; :func:`install_startup_guard`, the package's
 ``vllm.general_plugins`` entry point, makes vLLM refuse to start instead when ``AUTOSTEER_PACK``
-is set -- also under Model Runner V2); no tensor/pipeline parallelism (sharded ``lm_head``); one
+is set); no tensor/pipeline parallelism (sharded ``lm_head``); one
 pack per engine.
 """
 from __future__ import annotations
@@ -112,6 +114,8 @@ class _VLLM:
     RUNNER_CLASS = "GPUModelRunner"
     LAYER_PATHS = ("model.layers", "language_model.model.layers", "model.language_model.layers")
     LM_HEAD_PATHS = ("lm_head", "language_model.lm_head")
+    V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"  # Model Runner V2 (vLLM 0.33's default on CUDA)
+    V2_RUNNER_CLASS = "GPUModelRunner"
     # attention backends whose metadata has query_start_loc [B+1] and seq_lens [B] (vLLM 0.33.0's
     # FlashAttentionMetadata, TritonAttentionMetadata); FlashInfer's has neither
     ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
@@ -144,6 +148,25 @@ class _VLLM:
         """The attention backend the config names (None: vLLM picks one on the worker)."""
         b = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
         return None if b is None else str(getattr(b, "name", b)).upper()
+
+    @staticmethod
+    def calling_v2_runner():
+        """The Model Runner V2 instance whose ``load_model`` is constructing this processor, or None.
+        V2 builds custom logits processors inside ``GPUModelRunner.load_model``, after the model is
+        loaded, and passes them only ``(vllm_config, req_states)``: the runner (its model, and its
+        ``req_states.index_to_req_id``, the request id of each slot) is found on the call stack."""
+        import sys
+
+        cls = getattr(sys.modules.get(_VLLM.V2_RUNNER_MODULE), _VLLM.V2_RUNNER_CLASS, None)
+        if cls is None:
+            return None
+        f = sys._getframe(1)
+        while f is not None:
+            obj = f.f_locals.get("self")
+            if isinstance(obj, cls):
+                return obj
+            f = f.f_back
+        return None
 
     @staticmethod
     def is_move_swap(direction) -> bool:
@@ -319,15 +342,12 @@ def _patch_model_runner(max_reqs: int) -> None:
 # serve without AutoSteer although a pack is set
 
 
-def _engine_refusal(vllm_config, *, check_runner: bool) -> str | None:
+def _engine_refusal(vllm_config) -> str | None:
     """Why an engine with ``vllm_config`` would serve WITHOUT AutoSteer although a pack is set (None: it would not)."""
     if getattr(vllm_config, "speculative_config", None):
         return ("speculative decoding is configured: vLLM 0.33 does not construct entry-point logits processors "
                 "when it is on (the V1 model runner's build_logitsprocs skips them), so AutoSteer would be silently "
                 "absent. Remove the speculative config (--speculative-config / speculative_config=...)")
-    if check_runner and getattr(vllm_config, "use_v2_model_runner", False):
-        return ("this engine would use Model Runner V2 (vLLM 0.33's default on CUDA), which the AutoSteer processor "
-                "does not support. Set VLLM_USE_V2_MODEL_RUNNER=0 (and --enforce-eager)")
     mc = getattr(vllm_config, "model_config", None)
     if mc is not None and getattr(mc, "enforce_eager", True) is False:
         return ("the engine would run the model under torch.compile / CUDA graphs, where the capture's Python hooks "
@@ -344,10 +364,10 @@ def _engine_refusal(vllm_config, *, check_runner: bool) -> str | None:
     return None
 
 
-def _refuse_if_unguarded(vllm_config, *, check_runner: bool, where: str) -> None:
+def _refuse_if_unguarded(vllm_config, *, where: str) -> None:
     if not os.environ.get(ENV_PACK):  # read at call time: the guard is inert once the pack is unset
         return
-    why = _engine_refusal(vllm_config, check_runner=check_runner)
+    why = _engine_refusal(vllm_config)
     if why:
         raise VLLMIntegrationError(f"AutoSteer ({ENV_PACK}={os.environ[ENV_PACK]}) refuses to start ({where}): {why}; "
                                    f"or unset {ENV_PACK} to serve without AutoSteer")
@@ -370,7 +390,7 @@ def _guard_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
         cfg = orig(self, *args, **kwargs)
-        _refuse_if_unguarded(cfg, check_runner=True, where="EngineArgs.create_engine_config")
+        _refuse_if_unguarded(cfg, where="EngineArgs.create_engine_config")
         return cfg
 
     return create_engine_config
@@ -379,7 +399,7 @@ def _guard_create_engine_config(orig):
 def _guard_build_logitsprocs(orig):
     @functools.wraps(orig)
     def build_logitsprocs(vllm_config, *args, **kwargs):
-        _refuse_if_unguarded(vllm_config, check_runner=False, where="V1 build_logitsprocs")
+        _refuse_if_unguarded(vllm_config, where="V1 build_logitsprocs")
         return orig(vllm_config, *args, **kwargs)
 
     return build_logitsprocs
@@ -392,7 +412,8 @@ def install_startup_guard() -> bool:
     (fail closed) where it would otherwise serve without AutoSteer and say nothing:
 
     - ``EngineArgs.create_engine_config`` (the front-end process, ``vllm serve`` and ``LLM(...)``)
-      raises when the resulting config has speculative decoding or selects Model Runner V2;
+      raises when the resulting config has speculative decoding (either runner), CUDA graphs
+      (no ``enforce_eager``), prompt embeddings or an attention backend the capture cannot read;
     - V1 ``build_logitsprocs`` (the worker, also configs built without ``EngineArgs``) raises when
       speculative decoding is on: that is where vLLM 0.33 skips entry-point processors. The V1
       model runner imports the name, so its module's copy is patched too when already imported.
@@ -412,8 +433,8 @@ def install_startup_guard() -> bool:
     runner = sys.modules.get(_VLLM.RUNNER_MODULE)  # imported before the plugins ran: patch its copy too
     if runner is not None and hasattr(runner, "build_logitsprocs"):
         _wrap(runner, "build_logitsprocs", _guard_build_logitsprocs)
-    log.info("autosteer: startup guard installed (%s set): speculative decoding and Model Runner V2 are refused",
-             ENV_PACK)
+    log.info("autosteer: startup guard installed (%s set): speculative decoding, CUDA graphs and unsupported "
+             "attention backends are refused", ENV_PACK)
     return True
 
 
@@ -444,28 +465,108 @@ def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
     return all(a == b or a == -1 or b == -1 for a, b in zip(parked, resumed))
 
 
+class _V2Requests:
+    """Model Runner V2's requests as the processor sees them: recycled slots, each mapped to its vLLM
+    request id (``runner.req_states.index_to_req_id``, set before V2 calls ``add_request``), so the
+    state store is keyed by request id as in TGI and a preempted request -- removed, later re-added
+    to some slot with ``prefill_len`` = prompt + outputs -- finds its state (latch) again."""
+
+    _MAX_GONE_FACTOR = 4  # states of requests out of the batch beyond max_num_reqs * this: oldest released
+
+    def __init__(self, runner, req_states):
+        self.index_to_req_id = runner.req_states.index_to_req_id  # the runner's dict, mutated in place
+        self.prompt_len = req_states.prompt_len  # UvaBackedTensor: .np is the host copy, set at add time
+        self.prefill_len = req_states.prefill_len
+        n = int(req_states.max_num_reqs)
+        self.slot_rid: list = [None] * n
+        self.refill = [0] * n  # tokens (re)fed before the slot's next kept token: prompt (+ outputs on a resume)
+        self.resumed = [False] * n  # re-added with a decided state: its re-prefill end is not a prompt end
+        self.params: dict = {}  # request id -> weak reference to its SamplingParams (None: not referenceable)
+        self.dummy = 0  # > 0 inside the runner's _dummy_sampler_run (start-up warm-up: no real requests)
+
+    def add(self, slot: int, params, store) -> None:
+        if self.dummy:
+            self.slot_rid[slot] = None
+            return
+        rid = self.index_to_req_id.get(slot)
+        if rid is None:
+            raise VLLMIntegrationError(f"Model Runner V2 added slot {slot} for a request it has no id for "
+                                       "(req_states.index_to_req_id): cannot key its state")
+        P, R = int(self.prompt_len.np[slot]), int(self.prefill_len.np[slot])
+        st = store.state(rid) if rid in store else None
+        self.resumed[slot] = R > P and st is not None and st.prefill_done
+        self.refill[slot] = R
+        self.slot_rid[slot] = rid
+        self.params[rid] = _weak(params)
+
+    def reap(self, store) -> None:
+        """Release the state of requests vLLM has dropped: out of every slot and their SamplingParams gone
+        (a preempted request keeps its state: the scheduler still holds its params)."""
+        live = set(self.index_to_req_id.values())
+        gone = [rid for rid in self.params if rid not in live]
+        for rid in gone:
+            ref = self.params[rid]
+            if ref is None or ref() is None:
+                store.release(rid)
+                del self.params[rid]
+        gone = [rid for rid in self.params if rid not in live]
+        for rid in gone[: max(len(gone) - self._MAX_GONE_FACTOR * len(self.slot_rid), 0)]:  # oldest first
+            store.release(rid)
+            del self.params[rid]
+
+    def step_rows(self, B: int, ctx) -> tuple[list, list, list]:
+        """This step's request ids and host-side phase (``prefilling``, ``still_prefilling``) per logits row,
+        from the slots (``ctx.idx_mapping_np``) and the rows' exact sequence lengths
+        (``ctx.seq_lens_upper_bound_np``, exact without speculative decoding)."""
+        slots = ctx.idx_mapping_np
+        if len(slots) != B:
+            raise VLLMIntegrationError(f"{B} logits rows for {len(slots)} requests: one row per request expected "
+                                       "(speculative decoding is not supported)")
+        seq = ctx.seq_lens_upper_bound_np
+        rids, prefilling, still = [], [], []
+        for b in range(B):
+            slot = int(slots[b])
+            rid = self.slot_rid[slot]
+            if rid is None:
+                raise VLLMIntegrationError(f"no request recorded for slot {slot} (a missed add_request)")
+            n, R = int(seq[b]), self.refill[slot]
+            rids.append(rid)
+            if n < R:  # a (re-)prefill chunk before the last one: its token is discarded
+                prefilling.append(True)
+                still.append(True)
+            elif n == R and not self.resumed[slot]:  # the prompt's last token: the gate decides here
+                prefilling.append(True)
+                still.append(False)
+            else:  # a generated token (a resumed request's re-prefill end included)
+                prefilling.append(False)
+                still.append(False)
+        return rids, prefilling, still
+
+
 def _is_v2_request_state(obj) -> bool:
     """Model Runner V2 builds processors as ``ctor(vllm_config, LogitsProcRequestState)``."""
     return obj is not None and hasattr(obj, "prompt_len") and hasattr(obj, "max_num_reqs")
 
 
 class AutoSteerVLLMLogitsProcessor(*_BASES):
-    """vLLM V1 logits processor running AutoSteer on every request of the persistent batch.
+    """vLLM logits processor running AutoSteer on every request of the batch, under either model runner.
 
     Configured by ``AUTOSTEER_PACK`` (unset: the processor does nothing), ``AUTOSTEER_MODE``
     (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``, or
     by ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ..., "monitor_window": ...}``.
 
-    Also a subclass of Model Runner V2's base class (when that vLLM has one), because V2 loads
-    the same entry-point group and refuses to start on a V1-only plugin: under V2 the processor
-    is inert without a pack and refuses to start with one (AutoSteer needs the V1 runner:
-    ``VLLM_USE_V2_MODEL_RUNNER=0``).
+    Also a subclass of Model Runner V2's base class (when that vLLM has one): V2 loads the same
+    entry-point group and refuses to start on a V1-only plugin. V1 builds it as
+    ``(vllm_config, device, is_pin_memory)`` and calls ``update_state`` / ``apply(logits)``; V2 as
+    ``(vllm_config, req_states)`` inside its runner's ``load_model`` and calls ``add_request`` /
+    ``apply_staged_writes`` / ``apply(logits, ctx)``. ``v2_runner`` (tests) stands in for the V2
+    runner found on the call stack.
     """
 
     _keys = itertools.count()
 
     def __init__(self, vllm_config, device=None, is_pin_memory: bool = False, *,
-                 capture: VLLMCapture | None = None, patch_runner: bool = True):
+                 capture: VLLMCapture | None = None, patch_runner: bool = True, v2_runner=None):
         global _PACK
         cfg = dict((getattr(vllm_config, "additional_config", None) or {}).get("autosteer", {}) or {})
         pack_path = cfg.get("pack") or os.environ.get(ENV_PACK)
@@ -482,14 +583,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._resumed = None
         self._prompt_lens_stale = True
         self._last_forward: int | None = None  # capture.forwards at the previous apply
+        self._v2: _V2Requests | None = None
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
-        if self.v2:
-            raise VLLMIntegrationError(
-                "AutoSteer runs on vLLM's V1 model runner only; this engine uses Model Runner V2 (the default "
-                "on CUDA since vLLM 0.2x). Start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 (and --enforce-eager), "
-                f"or unset {ENV_PACK} to serve without AutoSteer")
         from ..method.pack import load_pack
 
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
@@ -509,11 +606,38 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         _PACK = self.pack
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
-        why = _engine_refusal(vllm_config, check_runner=False)
+        why = _engine_refusal(vllm_config)
         if why:
             raise VLLMIntegrationError(f"AutoSteer's vLLM processor refuses to start: {why}; or unset {ENV_PACK}")
-        if patch_runner and capture is None:
-            _patch_model_runner(self.max_reqs)
+        if not self.v2:
+            if patch_runner and capture is None:
+                _patch_model_runner(self.max_reqs)
+            return
+        # Model Runner V2 constructs processors inside load_model, once the model exists: attach now
+        self.max_reqs = int(device.max_num_reqs)
+        runner = v2_runner if v2_runner is not None else _VLLM.calling_v2_runner()
+        if runner is None:
+            raise VLLMIntegrationError("AutoSteer's processor was built for Model Runner V2 (vllm_config, req_states) "
+                                       f"outside {_VLLM.V2_RUNNER_MODULE}.{_VLLM.V2_RUNNER_CLASS}.load_model: cannot "
+                                       "find the model to attach the capture to")
+        self._v2 = _V2Requests(runner, device)
+        dummy_run = getattr(runner, "_dummy_sampler_run", None)
+        if dummy_run is not None:  # its warm-up logits come from made-up requests: not steered
+            v2 = self._v2
+
+            @functools.wraps(dummy_run)
+            def _dummy_sampler_run(*args, **kwargs):
+                v2.dummy += 1
+                try:
+                    return dummy_run(*args, **kwargs)
+                finally:
+                    v2.dummy -= 1
+
+            runner._dummy_sampler_run = _dummy_sampler_run
+        if capture is None:
+            attach_capture(runner.get_model() if hasattr(runner, "get_model") else runner.model,
+                           max_reqs=self.max_reqs)
+        self._ensure_store(required=True)
 
     # -- vLLM interface -----------------------------------------------------------------------
     @classmethod
@@ -524,12 +648,17 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # steering changes the argmax: never skip it for greedy batches (an inert processor may be skipped)
         return not self.enabled
 
-    # Model Runner V2 hooks (only reached when inert: an enabled processor refuses V2 at construction)
+    # -- Model Runner V2 interface (add_request, apply_staged_writes, apply(logits, ctx)) ------
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        return False
+        if not self.enabled:
+            return False
+        self._v2.add(req_idx, sampling_params, self.store)
+        return True
 
-    def apply_staged_writes(self) -> None:
-        return None
+    def apply_staged_writes(self) -> None:  # V2 calls it once per step, before the forward
+        if self.enabled and self._v2 is not None:
+            _APPLIED.clear()
+            self._v2.reap(self.store)
 
     def update_state(self, batch_update) -> None:
         _APPLIED.clear()  # vLLM calls update_state on every processor each step, before apply
@@ -575,8 +704,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if not self.enabled:
             return logits
-        if ctx is not None:  # unreachable: an enabled processor refuses Model Runner V2 at construction
-            raise VLLMIntegrationError("AutoSteer's vLLM processor does not implement Model Runner V2's apply(logits, ctx)")
+        if (ctx is not None) != self.v2:
+            raise VLLMIntegrationError("apply(logits, ctx) is Model Runner V2's call and apply(logits) V1's; this "
+                                       f"processor was built for {'V2' if self.v2 else 'V1'}")
+        if self.v2:
+            return self._apply_v2(logits, ctx)
         if _APPLIED - {id(self)}:
             raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
                                        "point plus --logits-processors?): each row would be steered twice")
@@ -612,6 +744,34 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         last = (start < P) & ~self._resumed[:B]
         phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(last, PHASE_PREFILL_LAST, PHASE_DECODE))
         store.begin_step([self.rows[i].key for i in range(B)], phase=phase)
+        try:
+            store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
+        except BaseException:
+            store.abort_step()
+            raise
+        store.end_step()
+        return logits
+
+    def _apply_v2(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        if self._v2.dummy:  # the runner's sampler warm-up: made-up requests, nothing to steer
+            return logits
+        if _APPLIED - {id(self)}:
+            raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
+                                       "point plus --logits-processors?): each row would be steered twice")
+        _APPLIED.add(id(self))
+        B = logits.shape[0]
+        if B == 0:
+            return logits
+        rids, prefilling, still = self._v2.step_rows(B, ctx)
+        cap = self._capture or _CAPTURE
+        if cap.num_reqs != B:
+            raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
+        if cap.forwards == self._last_forward:
+            raise VLLMIntegrationError("the capture saw no forward since the previous step (a CUDA-graph replay? "
+                                       "AutoSteer needs --enforce-eager): its hidden states would be stale")
+        self._last_forward = cap.forwards
+        store = self.store
+        store.begin_step(rids, prefilling=prefilling, still_prefilling=still)
         try:
             store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
         except BaseException:

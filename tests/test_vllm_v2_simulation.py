@@ -1,0 +1,276 @@
+"""The AutoSteer vLLM processor under Model Runner V2 (vLLM 0.33's default runner on CUDA), on a simulated engine.
+
+Mirrors V2's processor interface as read in vLLM 0.33.0's ``vllm/v1/worker/gpu/`` (checked against the real
+classes by ``scripts/verify_vllm_real.sh``): the runner builds processors inside ``GPUModelRunner.load_model``
+as ``ctor(vllm_config, LogitsProcRequestState)``; a request gets a slot from a LIFO free list
+(``RequestState.add_request``: ``index_to_req_id[slot]``, host ``prompt_len.np`` / ``prefill_len.np``) and
+then ``add_request(slot, SamplingParams)``; finished and preempted requests are removed without telling the
+processors (the slot is freed); a preempted request is re-added later, to some slot, with ``prefill_len`` =
+prompt + outputs; ``apply_staged_writes()`` runs every step before the forward; rows are reordered every step
+and ``apply(logits, LogitsContext)`` maps row ``b`` to slot ``ctx.idx_mapping_np[b]`` with sequence length
+``ctx.seq_lens_upper_bound_np[b]``. The forward and capture are the V1 simulation's (``tests/_tgi_sim.py``'s
+flash-style Llama over flattened tokens, chunked prefill, query_start_loc / seq_lens metadata).
+"""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from autosteer.integrations import vllm as avllm
+from test_vllm_simulation import MAX_NEW, FakeVLLMLlama, SamplingParams, _config, _reference, setup  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class V2Engine:
+    def __init__(self, hf, *, chunk: int, seed: int = 0, max_reqs: int = 8, max_len: int = 96,
+                 lp_states_cls=SimpleNamespace, ctx_cls=SimpleNamespace):
+        """``lp_states_cls`` / ``ctx_cls``: vLLM's LogitsProcRequestState / LogitsContext dataclasses when
+        vLLM is importable (scripts/verify_vllm_real.py), stand-ins with the same fields otherwise."""
+        cfg = hf.config
+        self.ctx_cls = ctx_cls
+        self.model = FakeVLLMLlama(hf).eval()
+        self.chunk = chunk
+        self.rng = random.Random(seed)
+        kvh, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        # KV rows per slot, plus one for dummy forwards
+        self.kv = [(torch.zeros(max_reqs + 1, max_len, kvh, hd), torch.zeros(max_reqs + 1, max_len, kvh, hd))
+                   for _ in range(cfg.num_hidden_layers)]
+        self.eos = cfg.eos_token_id
+        self.free = list(range(max_reqs))  # RequestState.free_indices: pop() from the end
+        self.index_to_req_id: dict = {}
+        prompt_len = SimpleNamespace(np=np.zeros(max_reqs, dtype=np.int32))
+        prefill_len = SimpleNamespace(np=np.zeros(max_reqs, dtype=np.int32))
+        # what V2 hands processors (LogitsProcRequestState) and what the runner holds (RequestState)
+        self.lp_states = lp_states_cls(device=torch.device("cpu"), max_num_reqs=max_reqs, vocab_size=cfg.vocab_size,
+                                       prompt_len=prompt_len, prefill_len=prefill_len, total_len=None,
+                                       all_token_ids=None)
+        self.runner = SimpleNamespace(model=self.model, get_model=lambda: self.model,
+                                      req_states=SimpleNamespace(index_to_req_id=self.index_to_req_id),
+                                      _dummy_sampler_run=self._dummy_sampler_run)
+        self.lp = None
+        self.md = None
+        self.req: dict = {}
+        self.records = []  # (request ids by row, raw logits, final logits, row still prefilling)
+
+    def metadata(self):
+        return self.md
+
+    def _dummy_sampler_run(self, hidden_states):
+        """V2's start-up sampler warm-up: add_request(slot, warm-up params) for slots the runner never
+        assigned, then the sampler (and so apply) on logits of made-up rows."""
+        n = hidden_states.shape[0]
+        for slot in range(n):
+            self.lp.add_request(slot, SamplingParams())
+        self.lp.apply_staged_writes()
+        logits = self.model.compute_logits(hidden_states)
+        ctx = self._ctx(np.arange(n), np.zeros(n, dtype=np.int32), torch.zeros(n, dtype=torch.long))
+        return self.lp.apply(logits, ctx)
+
+    def profile_run(self, num_tokens: int = 6):
+        """V2's _dummy_run (a forward without attention metadata when profiling) + _dummy_sampler_run."""
+        self.md = None
+        with torch.no_grad():
+            ids = torch.arange(num_tokens) % self.model.config.vocab_size
+            hidden = self.model(ids, torch.arange(num_tokens), self.kv, torch.full((num_tokens,), len(self.free)))
+            raw = self.model.compute_logits(hidden[-3:])
+            out = self.runner._dummy_sampler_run(hidden[-3:])
+        return raw, out
+
+    def _ctx(self, slots, seq, input_ids):
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+        return self.ctx_cls(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=slots,
+                            expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32), input_ids=input_ids,
+                            pos=torch.from_numpy(np.asarray(seq, dtype=np.int64)) - 1, seq_lens_upper_bound_np=seq)
+
+    def _add(self, rid):
+        r = self.req[rid]
+        slot = self.free.pop()
+        r["slot"] = slot
+        self.index_to_req_id[slot] = rid
+        self.lp_states.prompt_len.np[slot] = len(r["prompt"])
+        self.lp_states.prefill_len.np[slot] = len(r["prompt"]) + len(r["out"])
+        self.lp.add_request(slot, r["sp"])
+
+    def _remove(self, rid):
+        slot = self.req[rid]["slot"]
+        del self.index_to_req_id[slot]
+        self.free.append(slot)
+
+    def run(self, arrivals: dict, rows: list, preempt: dict | None = None) -> dict:
+        """``preempt[request id] = (outputs, steps out)``: once the request has that many outputs it is
+        removed (V2's finish_requests treats it as finished), and re-added that many steps later."""
+        preempt = dict(preempt or {})
+        active, outputs, resume, finished = [], {}, {}, []
+        self.preempted = 0
+        for step in range(200):
+            for rid in finished:  # finish_requests: V2 removes them; processors are not told
+                self._remove(rid)
+                active.remove(rid)
+                self.req[rid]["sp"] = None  # the scheduler drops the request and its SamplingParams
+            for rid, (n_out, away) in list(preempt.items()):
+                if rid in active and rid not in finished and len(self.req[rid]["out"]) >= n_out:
+                    self._remove(rid)
+                    active.remove(rid)
+                    self.req[rid]["done"] = 0  # KV freed: re-prefills prompt + outputs
+                    resume.setdefault(step + away, []).append(rid)
+                    del preempt[rid]
+                    self.preempted += 1
+            finished = []
+            for rid in arrivals.get(step, []):
+                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "sp": SamplingParams()}
+                self._add(rid)
+                active.append(rid)
+            for rid in resume.pop(step, []):
+                self._add(rid)
+                active.append(rid)
+            self.lp.apply_staged_writes()
+            if not active:
+                if step > max(arrivals) and not resume:
+                    break
+                continue
+            order = list(active)
+            self.rng.shuffle(order)  # "rows are reordered every step"
+            ids, pos, kv_slots, qsl, seq, sched = [], [], [], [0], [], []
+            for rid in order:
+                r = self.req[rid]
+                known = r["prompt"] + r["out"]
+                n = min(self.chunk, len(known) - r["done"])
+                ids += known[r["done"]: r["done"] + n]
+                pos += range(r["done"], r["done"] + n)
+                kv_slots += [r["slot"]] * n
+                qsl.append(qsl[-1] + n)
+                seq.append(r["done"] + n)
+                sched.append(n)
+            self.md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                                      seq_lens=torch.tensor(seq, dtype=torch.int32))
+            with torch.no_grad():
+                hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, torch.tensor(kv_slots))
+                logits = self.model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1]).float()
+            slots = np.array([self.req[rid]["slot"] for rid in order])
+            ctx = self._ctx(slots, np.array(seq, dtype=np.int32), torch.tensor(ids)[torch.tensor(qsl[1:]) - 1])
+            raw = logits.clone()
+            logits = self.lp.apply(logits, ctx)
+            nxt = logits.argmax(-1).tolist()
+            still = []
+            for b, rid in enumerate(order):
+                r = self.req[rid]
+                r["done"] += sched[b]
+                if r["done"] < len(r["prompt"]) + len(r["out"]):
+                    still.append(True)
+                    continue
+                still.append(False)
+                r["out"].append(nxt[b])
+                if nxt[b] == self.eos or len(r["out"]) >= MAX_NEW:
+                    finished.append(rid)
+                    outputs[rid] = list(r["out"])
+            self.records.append((order, raw, logits.clone(), still))
+        for rid in finished:
+            self._remove(rid)
+            self.req[rid]["sp"] = None
+        self.lp.apply_staged_writes()  # the next step's reap
+        assert len(outputs) == sum(len(v) for v in arrivals.values()), "simulation did not finish"
+        return outputs
+
+
+def _serve(setup, tmp_path, monkeypatch, mode, *, chunk, arrivals, preempt=None, seed=0):
+    hf, rows, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setenv(avllm.ENV_MODE, mode)
+    engine = V2Engine(hf, chunk=chunk, seed=seed)
+    summaries = {}
+    cap = avllm.attach_capture(engine.model, pack, max_reqs=8, metadata_fn=engine.metadata)
+    try:
+        # built inside the runner's load_model (the model exists): the capture is attached there
+        engine.lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), engine.lp_states, capture=cap, v2_runner=engine.runner)
+        assert engine.lp.v2 and engine.lp.enabled and not engine.lp.is_argmax_invariant()
+        raw, out = engine.profile_run()
+        assert torch.equal(raw, out), "the start-up sampler warm-up was steered"
+        store = engine.lp.store
+        store.report_on_release = True
+        store.on_release = lambda rid, s: summaries.__setitem__(rid, s)
+        outputs = engine.run(arrivals, rows, preempt=preempt)
+    finally:
+        avllm.detach_capture()
+    return engine, outputs, summaries
+
+
+ARRIVALS = {0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}
+
+
+@pytest.mark.parametrize("mode,chunk", [("prefill", 4), ("monitor", 3), ("prefill", 64)])
+def test_v2_stream_matches_transformers(setup, tmp_path, monkeypatch, mode, chunk):
+    hf, rows, pack = setup
+    ref = _reference(hf, rows, pack, mode)
+    engine, outputs, summaries = _serve(setup, tmp_path, monkeypatch, mode, chunk=chunk, arrivals=ARRIVALS)
+    assert len(engine.lp.store) == 0, "finished requests left state behind"
+    for i in range(len(rows)):
+        tokens, steered, latched_at = ref[i]
+        assert outputs[i] == tokens, f"request {i}: tokens differ from transformers+AutoSteer ({mode})"
+        assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
+    assert any(s.latched for s in summaries.values())
+    assert mode == "monitor" or not all(s.latched for s in summaries.values())  # the tiny pack's monitor latches all
+    for order, raw, final, still in engine.records:
+        for b, rid in enumerate(order):
+            if still[b] or not summaries[rid].latched:
+                assert torch.equal(raw[b], final[b]), f"request {rid}: row written while unlatched / mid-prefill"
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+def test_v2_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode):
+    """V2 removes a preempted request like a finished one and re-adds it later to another slot with
+    prefill_len = prompt + outputs: keyed by request id, its latch survives and its re-prefill's end is
+    not a new prompt decision."""
+    hf, rows, pack = setup
+    ref = _reference(hf, rows, pack, mode)
+    gated = [i for i in range(len(rows)) if ref[i][1]]
+    benign = [i for i in range(len(rows)) if not ref[i][1]]
+    victims = [gated[0], benign[0]] if benign else gated[:2]
+    others = [i for i in range(len(rows)) if i not in victims][:2]
+    arrivals = {0: [victims[0], others[0]], 1: [victims[1]], 2: [others[1]]}
+    engine, outputs, summaries = _serve(setup, tmp_path, monkeypatch, mode, chunk=4, arrivals=arrivals,
+                                        preempt={victims[0]: (2, 2), victims[1]: (3, 1)})
+    assert engine.preempted == 2
+    assert len(engine.lp.store) == 0
+    for i in outputs:
+        tokens, steered, latched_at = ref[i]
+        assert outputs[i] == tokens, f"request {i}: tokens differ after preemption ({mode})"
+        assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
+
+
+def test_v2_refusals(setup, tmp_path, monkeypatch):
+    """Rows for slots never added, several rows per request (speculative decoding) and a second AutoSteer
+    processor in one engine raise instead of steering the wrong rows."""
+    hf, rows, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    engine = V2Engine(hf, chunk=64)
+    cap = avllm.attach_capture(engine.model, pack, max_reqs=8, metadata_fn=engine.metadata)
+    try:
+        lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), engine.lp_states, capture=cap, v2_runner=engine.runner)
+        engine.lp = lp
+        V = hf.config.vocab_size
+        with pytest.raises(avllm.VLLMIntegrationError, match="no request recorded for slot 3"):
+            lp.apply(torch.zeros(1, V), SimpleNamespace(idx_mapping_np=np.array([3]),
+                                                        seq_lens_upper_bound_np=np.array([4])))
+        with pytest.raises(avllm.VLLMIntegrationError, match="one row per request"):
+            lp.apply(torch.zeros(2, V), SimpleNamespace(idx_mapping_np=np.array([3]),
+                                                        seq_lens_upper_bound_np=np.array([4])))
+        engine.index_to_req_id[5] = "r"
+        with pytest.raises(avllm.VLLMIntegrationError, match="slot 6 for a request it has no id"):
+            lp.add_request(6, SamplingParams())
+        other = avllm.AutoSteerVLLMLogitsProcessor(_config(), engine.lp_states, capture=cap, v2_runner=engine.runner)
+        engine.lp_states.prompt_len.np[5] = engine.lp_states.prefill_len.np[5] = 3
+        lp.add_request(5, SamplingParams())
+        other.add_request(5, SamplingParams())
+        cap.num_reqs, cap.forwards = 1, cap.forwards + 1
+        ctx = SimpleNamespace(idx_mapping_np=np.array([5]), seq_lens_upper_bound_np=np.array([3]))
+        lp.apply_staged_writes()
+        lp.apply(torch.zeros(1, V), ctx)
+        with pytest.raises(avllm.VLLMIntegrationError, match="two AutoSteer logits processors"):
+            other.apply(torch.zeros(1, V), ctx)
+    finally:
+        avllm.detach_capture()
