@@ -436,7 +436,7 @@ def guard_main(mode: str) -> int:
     return 1 if failed else 0
 
 
-def v2_stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
+def v2_stream_check(hf, rows, pack, pack_path, mode, chunk, preempt, params_copies=False):
     """Model Runner V2: the processor built by V2's real build_custom_logits_processors, called from a method
     of a real (uninitialised) V2 GPUModelRunner holding the model, as load_model does; the real
     LogitsProcRequestState and LogitsContext dataclasses; the step loop of tests/test_vllm_v2_simulation.py."""
@@ -450,13 +450,15 @@ def v2_stream_check(hf, rows, pack, pack_path, mode, chunk, preempt):
     os.environ[avllm.ENV_PACK] = pack_path
     os.environ[avllm.ENV_MODE] = mode
     ref = reference(hf, rows, pack, mode)
-    eng = V2Engine(hf, chunk=chunk, lp_states_cls=v2lp.LogitsProcRequestState, ctx_cls=v2lp.LogitsContext)
+    eng = V2Engine(hf, chunk=chunk, lp_states_cls=v2lp.LogitsProcRequestState, ctx_cls=v2lp.LogitsContext,
+                   params_copies=params_copies)
     runner = object.__new__(Runner)
     runner.model = eng.model
     runner.req_states = SimpleNamespace(index_to_req_id=eng.index_to_req_id)
     runner._dummy_sampler_run = eng._dummy_sampler_run  # the stand-in warm-up (the real one needs a GPU)
+    runner.finish_requests = eng._finish_requests  # the stand-in slot release (the real one needs its states)
     eng.runner = runner
-    tag = f"V2, {mode}, chunk {chunk}"
+    tag = f"V2, {mode}, chunk {chunk}{', a SamplingParams copy per add (multiprocess executor)' if params_copies else ''}"
     try:
         procs = runner.build_processors(vconfig(), eng.lp_states)
         ours = [p for p in procs if isinstance(p, CLS)]
@@ -522,6 +524,7 @@ def main():
     stream_check(hf, rows, pack, pack_path, "monitor", 3, {"req-3": (1, 2)}, async_outputs=True)
     v2_stream_check(hf, rows, pack, pack_path, "prefill", 4, {0: (2, 2), 1: (3, 1)})
     v2_stream_check(hf, rows, pack, pack_path, "monitor", 3, {3: (1, 2)})
+    v2_stream_check(hf, rows, pack, pack_path, "prefill", 4, {0: (2, 2), 1: (3, 1)}, params_copies=True)
     guard_checks(pack_path)
     failed = [n for n, ok in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")

@@ -28,10 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class V2Engine:
     def __init__(self, hf, *, chunk: int, seed: int = 0, max_reqs: int = 8, max_len: int = 96,
-                 lp_states_cls=SimpleNamespace, ctx_cls=SimpleNamespace):
+                 lp_states_cls=SimpleNamespace, ctx_cls=SimpleNamespace, params_copies: bool = False):
         """``lp_states_cls`` / ``ctx_cls``: vLLM's LogitsProcRequestState / LogitsContext dataclasses when
-        vLLM is importable (scripts/verify_vllm_real.py), stand-ins with the same fields otherwise."""
+        vLLM is importable (scripts/verify_vllm_real.py), stand-ins with the same fields otherwise.
+        ``params_copies``: each add gets a fresh SamplingParams copy that nobody keeps, as with a
+        multiprocess executor (the scheduler output is pickled to the worker every step)."""
         cfg = hf.config
+        self.params_copies = params_copies
         self.ctx_cls = ctx_cls
         self.model = FakeVLLMLlama(hf).eval()
         self.chunk = chunk
@@ -51,7 +54,8 @@ class V2Engine:
                                        all_token_ids=None)
         self.runner = SimpleNamespace(model=self.model, get_model=lambda: self.model,
                                       req_states=SimpleNamespace(index_to_req_id=self.index_to_req_id),
-                                      _dummy_sampler_run=self._dummy_sampler_run)
+                                      _dummy_sampler_run=self._dummy_sampler_run,
+                                      finish_requests=self._finish_requests)
         self.lp = None
         self.md = None
         self.req: dict = {}
@@ -94,12 +98,17 @@ class V2Engine:
         self.index_to_req_id[slot] = rid
         self.lp_states.prompt_len.np[slot] = len(r["prompt"])
         self.lp_states.prefill_len.np[slot] = len(r["prompt"]) + len(r["out"])
-        self.lp.add_request(slot, r["sp"])
+        self.lp.add_request(slot, SamplingParams() if self.params_copies else r["sp"])
 
-    def _remove(self, rid):
-        slot = self.req[rid]["slot"]
-        del self.index_to_req_id[slot]
-        self.free.append(slot)
+    def _finish_requests(self, scheduler_output):
+        """V2's finish_requests: finished and preempted requests leave their slots (processors are not told)."""
+        for rid in sorted(scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids):
+            slot = self.req[rid]["slot"]
+            del self.index_to_req_id[slot]
+            self.free.append(slot)
+
+    def _finish(self, finished, preempted):
+        self.runner.finish_requests(SimpleNamespace(finished_req_ids=set(finished), preempted_req_ids=set(preempted)))
 
     def run(self, arrivals: dict, rows: list, preempt: dict | None = None) -> dict:
         """``preempt[request id] = (outputs, steps out)``: once the request has that many outputs it is
@@ -108,18 +117,17 @@ class V2Engine:
         active, outputs, resume, finished = [], {}, {}, []
         self.preempted = 0
         for step in range(200):
-            for rid in finished:  # finish_requests: V2 removes them; processors are not told
-                self._remove(rid)
+            preempted = [rid for rid, (n_out, _) in preempt.items()
+                         if rid in active and rid not in finished and len(self.req[rid]["out"]) >= n_out]
+            self._finish(finished, preempted)
+            for rid in finished:
                 active.remove(rid)
                 self.req[rid]["sp"] = None  # the scheduler drops the request and its SamplingParams
-            for rid, (n_out, away) in list(preempt.items()):
-                if rid in active and rid not in finished and len(self.req[rid]["out"]) >= n_out:
-                    self._remove(rid)
-                    active.remove(rid)
-                    self.req[rid]["done"] = 0  # KV freed: re-prefills prompt + outputs
-                    resume.setdefault(step + away, []).append(rid)
-                    del preempt[rid]
-                    self.preempted += 1
+            for rid in preempted:
+                active.remove(rid)
+                self.req[rid]["done"] = 0  # KV freed: re-prefills prompt + outputs
+                resume.setdefault(step + preempt.pop(rid)[1], []).append(rid)
+                self.preempted += 1
             finished = []
             for rid in arrivals.get(step, []):
                 self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "sp": SamplingParams()}
@@ -169,19 +177,19 @@ class V2Engine:
                     finished.append(rid)
                     outputs[rid] = list(r["out"])
             self.records.append((order, raw, logits.clone(), still))
+        self._finish(finished, [])
         for rid in finished:
-            self._remove(rid)
             self.req[rid]["sp"] = None
         self.lp.apply_staged_writes()  # the next step's reap
         assert len(outputs) == sum(len(v) for v in arrivals.values()), "simulation did not finish"
         return outputs
 
 
-def _serve(setup, tmp_path, monkeypatch, mode, *, chunk, arrivals, preempt=None, seed=0):
+def _serve(setup, tmp_path, monkeypatch, mode, *, chunk, arrivals, preempt=None, seed=0, params_copies=False):
     hf, rows, pack = setup
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     monkeypatch.setenv(avllm.ENV_MODE, mode)
-    engine = V2Engine(hf, chunk=chunk, seed=seed)
+    engine = V2Engine(hf, chunk=chunk, seed=seed, params_copies=params_copies)
     summaries = {}
     cap = avllm.attach_capture(engine.model, pack, max_reqs=8, metadata_fn=engine.metadata)
     try:
@@ -220,11 +228,12 @@ def test_v2_stream_matches_transformers(setup, tmp_path, monkeypatch, mode, chun
                 assert torch.equal(raw[b], final[b]), f"request {rid}: row written while unlatched / mid-prefill"
 
 
-@pytest.mark.parametrize("mode", ["prefill", "monitor"])
-def test_v2_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,params_copies", [("prefill", False), ("monitor", False), ("prefill", True)])
+def test_v2_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode, params_copies):
     """V2 removes a preempted request like a finished one and re-adds it later to another slot with
     prefill_len = prompt + outputs: keyed by request id, its latch survives and its re-prefill's end is
-    not a new prompt decision."""
+    not a new prompt decision -- also when every add gets a SamplingParams copy nobody keeps (a
+    multiprocess executor; found by review: states were released as soon as the copy died)."""
     hf, rows, pack = setup
     ref = _reference(hf, rows, pack, mode)
     gated = [i for i in range(len(rows)) if ref[i][1]]
@@ -233,7 +242,7 @@ def test_v2_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mo
     others = [i for i in range(len(rows)) if i not in victims][:2]
     arrivals = {0: [victims[0], others[0]], 1: [victims[1]], 2: [others[1]]}
     engine, outputs, summaries = _serve(setup, tmp_path, monkeypatch, mode, chunk=4, arrivals=arrivals,
-                                        preempt={victims[0]: (2, 2), victims[1]: (3, 1)})
+                                        preempt={victims[0]: (2, 2), victims[1]: (3, 1)}, params_copies=params_copies)
     assert engine.preempted == 2
     assert len(engine.lp.store) == 0
     for i in outputs:

@@ -123,9 +123,11 @@ class _VLLM:
     @staticmethod
     def forward_metadata():
         """The current forward's attention metadata with ``query_start_loc`` ([B+1]) and ``seq_lens`` ([B]),
-        or None for a forward without any: vLLM's dummy forwards (``_dummy_run``: the memory profile
-        at start-up, the warm-up sizes, ``execute_dummy_batch`` on idle data-parallel ranks) run the
-        model with ``attn_metadata=None`` unless they capture a full CUDA graph."""
+        or None for a forward without any. The V1 runner's dummy forwards (``_dummy_run``: the memory
+        profile at start-up, the warm-up sizes, ``execute_dummy_batch`` on idle data-parallel ranks) run
+        the model with ``attn_metadata=None`` unless they capture a full CUDA graph; Model Runner V2's
+        do so only for the memory profile, and its other dummy forwards are captured like a step's
+        (no ``apply`` follows them)."""
         from vllm.forward_context import get_forward_context  # type: ignore
 
         md = get_forward_context().attn_metadata
@@ -483,6 +485,20 @@ class _V2Requests:
         self.resumed = [False] * n  # re-added with a decided state: its re-prefill end is not a prompt end
         self.params: dict = {}  # request id -> weak reference to its SamplingParams (None: not referenceable)
         self.dummy = 0  # > 0 inside the runner's _dummy_sampler_run (start-up warm-up: no real requests)
+        # True once the runner's finish_requests is wrapped: finished requests are then released by id, and
+        # a request out of every slot is kept (preempted) whatever its SamplingParams copy does -- a
+        # multiprocess executor unpickles a new copy every step, so the weak reference dies at once
+        self.finish_hooked = False
+
+    def finished(self, scheduler_output, store) -> None:
+        """From the runner's ``finish_requests``: release the requests vLLM finished (not the preempted ones,
+        which come back). Runs before that step's ``add_requests``, so a reused request id starts fresh."""
+        done = set(getattr(scheduler_output, "finished_req_ids", None) or ())
+        done -= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        for rid in done:
+            if rid in self.params:
+                del self.params[rid]
+                store.release(rid)
 
     def add(self, slot: int, params, store) -> None:
         if self.dummy:
@@ -497,18 +513,21 @@ class _V2Requests:
         self.resumed[slot] = R > P and st is not None and st.prefill_done
         self.refill[slot] = R
         self.slot_rid[slot] = rid
+        self.params.pop(rid, None)  # (re-)added: newest, for the size cap's oldest-first order
         self.params[rid] = _weak(params)
 
     def reap(self, store) -> None:
-        """Release the state of requests vLLM has dropped: out of every slot and their SamplingParams gone
-        (a preempted request keeps its state: the scheduler still holds its params)."""
+        """Without the finish_requests hook: release the state of requests vLLM has dropped, out of every
+        slot with their SamplingParams gone (a preempted request keeps its state: the scheduler holds its
+        params, in a single-process engine). Either way: at most max_num_reqs * 4 states out of every
+        slot are kept, oldest released first."""
         live = set(self.index_to_req_id.values())
-        gone = [rid for rid in self.params if rid not in live]
-        for rid in gone:
-            ref = self.params[rid]
-            if ref is None or ref() is None:
-                store.release(rid)
-                del self.params[rid]
+        if not self.finish_hooked:
+            for rid in [r for r in self.params if r not in live]:
+                ref = self.params[rid]
+                if ref is None or ref() is None:
+                    store.release(rid)
+                    del self.params[rid]
         gone = [rid for rid in self.params if rid not in live]
         for rid in gone[: max(len(gone) - self._MAX_GONE_FACTOR * len(self.slot_rid), 0)]:  # oldest first
             store.release(rid)
@@ -634,6 +653,18 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                     v2.dummy -= 1
 
             runner._dummy_sampler_run = _dummy_sampler_run
+        finish = getattr(runner, "finish_requests", None)
+        if finish is not None:  # finished requests are released by id (preempted ones are kept)
+            v2, lp = self._v2, self
+
+            @functools.wraps(finish)
+            def finish_requests(scheduler_output, *args, **kwargs):
+                out = finish(scheduler_output, *args, **kwargs)
+                v2.finished(scheduler_output, lp.store)
+                return out
+
+            runner.finish_requests = finish_requests
+            self._v2.finish_hooked = True
         if capture is None:
             attach_capture(runner.get_model() if hasattr(runner, "get_model") else runner.model,
                            max_reqs=self.max_reqs)
