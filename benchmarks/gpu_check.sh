@@ -6,7 +6,8 @@
 #      new inputs, compared with eager and with the reference; no host sync inside the op;
 #   3. the kernel + op tests on CUDA (Triton compiled, not interpreted);
 #   4. bench_op.py on CUDA;
-#   5. where vLLM is installed: a tiny Llama end to end in vLLM (V1 runner, --enforce-eager) with and
+#   5. where vLLM is installed: a tiny Llama end to end in vLLM (V1 runner and Model Runner V2,
+#      --enforce-eager, TRITON_ATTN: the model is float32, which FLASH_ATTN does not take) with and
 #      without the AutoSteer plugin (needs autosteer installed in that Python so the
 #      vllm.logits_processors entry point exists: AUTOSTEER_SKIP_NATIVE_BUILD=1 pip install
 #      --no-deps --no-build-isolation .), skipped otherwise.
@@ -140,9 +141,9 @@ fi
 timeout 420 "$PY" benchmarks/bench_op.py --device cuda --out-dir "$RESULTS" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || status=1
 
 step "vLLM end to end: a tiny Llama with and without the AutoSteer plugin"
-# Guarded: runs only where vLLM (V1 runner, CUDA) is installed in this Python; the device machine
+# Guarded: runs only where vLLM (CUDA) is installed in this Python; the device machine
 # has no network, so the model, tokenizer and pack are made locally (tiny random Llama, random
-# pack with tau at the median prompt score: about half the prompts gate). Three processes:
+# pack with tau at the median prompt score: about half the prompts gate). Per runner three processes:
 # plain vLLM, vLLM + AutoSteer (entry point or FQCN), then the comparison with transformers +
 # AutoSteer. Writes vllm_e2e.json (V1 runner) and vllm_e2e_v2.json (Model Runner V2). SKIP_VLLM=1 skips it.
 if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" >/dev/null 2>&1; then
@@ -178,6 +179,7 @@ elif stage in ("plain", "steered"):
     from vllm import LLM, SamplingParams
     rows = json.load(open(f"{work}/ref.json"))["rows"]
     kw = dict(model=f"{work}/model", dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+              attention_backend="TRITON_ATTN",
               gpu_memory_utilization=0.3)
     import importlib.metadata as md
     if stage == "steered" and not any("autosteer" in e.value for e in md.entry_points(group="vllm.logits_processors")):

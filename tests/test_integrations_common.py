@@ -308,3 +308,20 @@ def test_a_refused_step_registers_no_request(weights):
     store.apply(torch.randn(1, V), probe_hidden=torch.randn(1, H), head_hidden=torch.randn(1, H))
     store.end_step()
     assert store.state("b").slot == 0 and not store.summary("b").latched
+
+
+def test_force_latch_outside_a_step(weights):
+    """force_latch (an integration failing closed when it cannot tell whose parked state is whose) latches
+    a request: latched_at becomes its token count if it had not latched, and stays if it had."""
+    store = SteerStateStore(weights, mode="prefill", max_batch=4)
+    store._get_or_add("a")
+    store._get_or_add("b")
+    sa, sb = store.state("a").slot, store.state("b").slot
+    store._slot_tokens[sa] = 7
+    store._slot_latched[sb], store._slot_latched_at[sb], store._slot_tokens[sb] = True, 2, 9
+    store.force_latch("a")
+    store.force_latch("b")
+    assert store.summary("a").latched and store.summary("a").latched_at == 7
+    assert store.summary("b").latched and store.summary("b").latched_at == 2
+    with pytest.raises(KeyError):
+        store.force_latch("nobody")

@@ -633,6 +633,22 @@ def test_a_resumed_request_gets_its_own_state_not_a_siblings(setup, tmp_path, mo
         lp.update_state(BatchUpdate(1, [1, 2], [], []))
         lp.update_state(BatchUpdate(2, [], [(1, sp, [1, 2, 3], [4])], []))
         assert lp.request_keys()[1] == key_d
+        # ... and the sibling left parked is latched too: if it was the latched one, resuming later with
+        # the unlatched state would serve it unsteered (found by review; async scheduling's -1 placeholders
+        # make every sibling's parked outputs identical)
+        assert store.summary(key_c).latched and store.summary(key_c).latched_at == 0
+        lp.update_state(BatchUpdate(3, [], [(2, sp, [1, 2, 3], [4])], []))
+        assert lp.request_keys()[2] == key_c and store.summary(key_c).latched
+
+
+def test_outputs_agree_under_async_placeholders():
+    """Parked output lists under async scheduling hold -1 placeholders; a re-add brings real ids, possibly
+    without an in-flight token the scheduler dropped: -1 matches anything, one token shorter or longer is
+    accepted, a known different token is not."""
+    agree = avllm._outputs_agree
+    assert agree((-1, -1, -1), (5, 6, 7)) and agree((5, -1), (5, 9)) and agree((5, 6), (5, 6))
+    assert agree((-1, -1, -1), (5, 6)) and agree((5, 6), (5, 6, 7)) and agree((), ())
+    assert not agree((5, 6), (5, 7)) and not agree((-1, -1, -1, -1), (5, 6)) and not agree((5,), (5, 6, 7))
 
 
 def test_engines_the_capture_cannot_follow_are_refused(setup, tmp_path, monkeypatch):

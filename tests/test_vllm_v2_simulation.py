@@ -283,3 +283,105 @@ def test_v2_refusals(setup, tmp_path, monkeypatch):
             other.apply(torch.zeros(1, V), ctx)
     finally:
         avllm.detach_capture()
+
+
+def test_v2_preempted_before_its_prompt_finished(setup, tmp_path, monkeypatch):
+    """A request preempted in the middle of its prompt comes back with prefill_len == prompt_len: its gate
+    decides at the prompt's end as if it had never left."""
+    hf, rows, pack = setup
+    ref = _reference(hf, rows, pack, "prefill")
+    victim = max(range(len(rows)), key=lambda i: len(rows[i]))  # the longest prompt: several chunks of 3
+    assert len(rows[victim]) > 3
+    engine, outputs, summaries = _serve(setup, tmp_path, monkeypatch, "prefill", chunk=3,
+                                        arrivals={0: [victim], 1: [0 if victim else 1]}, preempt={victim: (0, 2)})
+    assert engine.preempted == 1
+    for i in outputs:
+        assert outputs[i] == ref[i][0] and summaries[i].latched == ref[i][1], f"request {i}"
+
+
+def _v2_processor(setup, tmp_path, monkeypatch, **runner):
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    engine = V2Engine(hf, chunk=64)
+    for k, v in runner.items():
+        setattr(engine.runner, k, v)
+    cap = avllm.attach_capture(engine.model, pack, max_reqs=8, metadata_fn=engine.metadata)
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), engine.lp_states, capture=cap, v2_runner=engine.runner)
+    engine.lp = lp
+    return engine, lp, cap
+
+
+def _add(engine, slot, rid, prompt_len, prefill_len=None):
+    engine.index_to_req_id[slot] = rid
+    engine.lp_states.prompt_len.np[slot] = prompt_len
+    engine.lp_states.prefill_len.np[slot] = prompt_len if prefill_len is None else prefill_len
+    engine.lp.add_request(slot, SamplingParams())
+
+
+def _step(engine, cap, slots, seqs):
+    V = engine.model.config.vocab_size
+    cap.num_reqs, cap.forwards = len(slots), cap.forwards + 1  # as the layer hook leaves them
+    engine.lp.apply_staged_writes()
+    ctx = SimpleNamespace(idx_mapping_np=np.array(slots), seq_lens_upper_bound_np=np.array(seqs))
+    return engine.lp.apply(torch.zeros(len(slots), V), ctx)
+
+
+def test_v2_streaming_input_re_add_keeps_the_latch(setup, tmp_path, monkeypatch):
+    """vLLM's streaming input re-adds a request under the same id with a longer prompt (removed without
+    finish_requests): the gate decides again at the new prompt end, and a latch it had stays."""
+    engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
+    try:
+        _add(engine, 5, "r", 3)
+        _step(engine, cap, [5], [3])  # the first prompt's end
+        lp.store.force_latch("r")
+        del engine.index_to_req_id[5]  # _remove_request, then add_requests with the updated prompt
+        _add(engine, 6, "r", 6)
+        assert not lp._v2.resumed[6] and lp._v2.refill[6] == 6
+        _step(engine, cap, [6], [6])
+        assert lp.store.summary("r").latched and lp.store.state("r").prefill_done
+    finally:
+        avllm.detach_capture()
+
+
+def test_v2_slot_reassigned_behind_the_processors_back_and_empty_steps(setup, tmp_path, monkeypatch):
+    engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
+    try:
+        V = engine.model.config.vocab_size
+        empty = torch.zeros(0, V)
+        lp.apply_staged_writes()  # each step, before the forward
+        assert lp.apply(empty, SimpleNamespace(idx_mapping_np=np.array([], dtype=np.int64),
+                                               seq_lens_upper_bound_np=np.array([]))) is empty
+        _add(engine, 5, "r", 3)
+        engine.index_to_req_id[5] = "someone-else"  # vLLM put another request there without add_request
+        with pytest.raises(avllm.VLLMIntegrationError, match="'r', vLLM 'someone-else'"):
+            _step(engine, cap, [5], [3])
+    finally:
+        avllm.detach_capture()
+
+
+def test_v2_keeps_at_most_a_bounded_number_of_preempted_states(setup, tmp_path, monkeypatch, caplog):
+    """Past max_num_reqs x 4 states of requests out of every slot, the oldest unlatched ones go first
+    (a latched one released would resume unlatched), with a warning."""
+    engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
+    try:
+        limit = avllm._MAX_KEPT_FACTOR * 8
+        for n in range(limit + 3):
+            _add(engine, 0, f"r{n}", 3)
+            lp.store._get_or_add(f"r{n}")
+            if n < 2:
+                lp.store.force_latch(f"r{n}")
+            del engine.index_to_req_id[0]  # preempted: out of every slot, state kept
+        with caplog.at_level("WARNING"):
+            lp.apply_staged_writes()
+        kept = set(lp._v2.kept)
+        assert len(kept) == limit and {"r0", "r1"} <= kept and "r2" not in kept and "r4" not in kept
+        assert "3 preempted requests' states released" in caplog.text and "0 of them latched" in caplog.text
+        assert set(lp.store.request_ids) == kept
+    finally:
+        avllm.detach_capture()
+
+
+def test_v2_runner_without_finish_requests_is_refused(setup, tmp_path, monkeypatch):
+    with pytest.raises(avllm.VLLMIntegrationError, match="without finish_requests"):
+        _v2_processor(setup, tmp_path, monkeypatch, finish_requests=None)
+    avllm.detach_capture()

@@ -495,6 +495,15 @@ class SteerStateStore:
         for rid in list(self._requests):
             self.release(rid)
 
+    def force_latch(self, request_id) -> None:
+        """Latch a request outside a step (fail closed when an integration cannot tell whose state is whose):
+        its later rows are steered; ``latched_at`` is set to its tokens so far if it had not latched."""
+        if self._step is not None and request_id in self._step.index:
+            raise RuntimeError(f"autosteer: request {request_id!r} latched by hand in the middle of a step")
+        s = self._requests[request_id].slot
+        self._slot_latched_at[s] = torch.where(self._slot_latched[s], self._slot_latched_at[s], self._slot_tokens[s])
+        self._slot_latched[s] = True
+
     def summary(self, request_id) -> SteerSummary:
         """The request's gate decision and scores (reads the device: a host sync)."""
         st = self._requests[request_id]

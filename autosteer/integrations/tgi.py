@@ -352,7 +352,7 @@ class _Runtime:
                 self.store.report_on_release = report
         for buf in (self.probe_buf, self.head_buf):
             if buf is not None:
-                buf.begin_forward()
+                buf.begin_forward()  # what drops a forward's overflow tensor
 
     # -- per step -----------------------------------------------------------------------------
     def begin_generate(self, model, batch) -> None:

@@ -25,8 +25,8 @@ runner itself (forward context, ``load_model`` patch at run time, CUDA graphs) n
 ``benchmarks/gpu_check.sh`` has that end-to-end step. Everything vLLM-specific that is not the
 public logits-processor interface lives in :class:`_VLLM`.
 
-How it works
-------------
+How it works (V1 runner; Model Runner V2: :class:`_V2Requests` and ``docs/serving.md``)
+------------------------------------------------------------------------------------
 - The processor is built by vLLM's model runner before the model is loaded. Its constructor
   (when ``AUTOSTEER_PACK`` is set; otherwise the processor is inert) loads the pack and
   patches the model runner's ``load_model`` so that, once the model exists, :func:`attach_capture`
@@ -467,13 +467,16 @@ def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
     return all(a == b or a == -1 or b == -1 for a, b in zip(parked, resumed))
 
 
+# states kept for requests out of the batch (preempted, waiting to resume): at most max_num_reqs x this
+_MAX_KEPT_FACTOR = 4
+
+
 class _V2Requests:
     """Model Runner V2's requests as the processor sees them: recycled slots, each mapped to its vLLM
     request id (``runner.req_states.index_to_req_id``, set before V2 calls ``add_request``), so the
     state store is keyed by request id as in TGI and a preempted request -- removed, later re-added
-    to some slot with ``prefill_len`` = prompt + outputs -- finds its state (latch) again."""
-
-    _MAX_GONE_FACTOR = 4  # states of requests out of the batch beyond max_num_reqs * this: oldest released
+    to some slot with ``prefill_len`` = prompt + outputs -- finds its state (latch) again. States are
+    released by id when the runner's ``finish_requests`` says a request finished (:meth:`finished`)."""
 
     def __init__(self, runner, req_states):
         self.index_to_req_id = runner.req_states.index_to_req_id  # the runner's dict, mutated in place
@@ -483,24 +486,21 @@ class _V2Requests:
         self.slot_rid: list = [None] * n
         self.refill = [0] * n  # tokens (re)fed before the slot's next kept token: prompt (+ outputs on a resume)
         self.resumed = [False] * n  # re-added with a decided state: its re-prefill end is not a prompt end
-        self.params: dict = {}  # request id -> weak reference to its SamplingParams (None: not referenceable)
+        self.kept: dict = {}  # request ids with a state, in order of their last add (values unused)
         self.dummy = 0  # > 0 inside the runner's _dummy_sampler_run (start-up warm-up: no real requests)
-        # True once the runner's finish_requests is wrapped: finished requests are then released by id, and
-        # a request out of every slot is kept (preempted) whatever its SamplingParams copy does -- a
-        # multiprocess executor unpickles a new copy every step, so the weak reference dies at once
-        self.finish_hooked = False
 
     def finished(self, scheduler_output, store) -> None:
-        """From the runner's ``finish_requests``: release the requests vLLM finished (not the preempted ones,
-        which come back). Runs before that step's ``add_requests``, so a reused request id starts fresh."""
+        """From the runner's ``finish_requests``: release the requests vLLM finished, not the preempted ones
+        (they come back). Runs before that step's ``add_requests``, so a reused request id starts fresh.
+        (Not on the request's SamplingParams lifetime, as V1 does: a multiprocess executor unpickles a new
+        copy of it every step.)"""
         done = set(getattr(scheduler_output, "finished_req_ids", None) or ())
         done -= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for rid in done:
-            if rid in self.params:
-                del self.params[rid]
+            if self.kept.pop(rid, 0) is None:
                 store.release(rid)
 
-    def add(self, slot: int, params, store) -> None:
+    def add(self, slot: int, store) -> None:
         if self.dummy:
             self.slot_rid[slot] = None
             return
@@ -513,25 +513,25 @@ class _V2Requests:
         self.resumed[slot] = R > P and st is not None and st.prefill_done
         self.refill[slot] = R
         self.slot_rid[slot] = rid
-        self.params.pop(rid, None)  # (re-)added: newest, for the size cap's oldest-first order
-        self.params[rid] = _weak(params)
+        self.kept.pop(rid, None)  # (re-)added: newest
+        self.kept[rid] = None
 
-    def reap(self, store) -> None:
-        """Without the finish_requests hook: release the state of requests vLLM has dropped, out of every
-        slot with their SamplingParams gone (a preempted request keeps its state: the scheduler holds its
-        params, in a single-process engine). Either way: at most max_num_reqs * 4 states out of every
-        slot are kept, oldest released first."""
+    def cap(self, store) -> None:
+        """States of requests out of every slot (preempted, waiting to resume) beyond max_num_reqs x
+        _MAX_KEPT_FACTOR are released, unlatched ones first, oldest first, with a warning: a latched
+        request released this way would resume unlatched."""
         live = set(self.index_to_req_id.values())
-        if not self.finish_hooked:
-            for rid in [r for r in self.params if r not in live]:
-                ref = self.params[rid]
-                if ref is None or ref() is None:
-                    store.release(rid)
-                    del self.params[rid]
-        gone = [rid for rid in self.params if rid not in live]
-        for rid in gone[: max(len(gone) - self._MAX_GONE_FACTOR * len(self.slot_rid), 0)]:  # oldest first
+        out = [rid for rid in self.kept if rid not in live]
+        excess = len(out) - _MAX_KEPT_FACTOR * len(self.slot_rid)
+        if excess <= 0:
+            return
+        latched = {rid: store.summary(rid).latched for rid in out}  # a host read, only past the cap
+        victims = ([r for r in out if not latched[r]] + [r for r in out if latched[r]])[:excess]
+        log.warning("autosteer: %d preempted requests' states released (cap %d; %d of them latched)", len(victims),
+                    _MAX_KEPT_FACTOR * len(self.slot_rid), sum(latched[r] for r in victims))
+        for rid in victims:
+            del self.kept[rid]
             store.release(rid)
-            del self.params[rid]
 
     def step_rows(self, B: int, ctx) -> tuple[list, list, list]:
         """This step's request ids and host-side phase (``prefilling``, ``still_prefilling``) per logits row,
@@ -546,8 +546,9 @@ class _V2Requests:
         for b in range(B):
             slot = int(slots[b])
             rid = self.slot_rid[slot]
-            if rid is None:
-                raise VLLMIntegrationError(f"no request recorded for slot {slot} (a missed add_request)")
+            if rid is None or self.index_to_req_id.get(slot) != rid:
+                raise VLLMIntegrationError(f"no request recorded for slot {slot} (a missed add_request: the processor "
+                                           f"has {rid!r}, vLLM {self.index_to_req_id.get(slot)!r})")
             n, R = int(seq[b]), self.refill[slot]
             rids.append(rid)
             if n < R:  # a (re-)prefill chunk before the last one: its token is discarded
@@ -639,32 +640,38 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError("AutoSteer's processor was built for Model Runner V2 (vllm_config, req_states) "
                                        f"outside {_VLLM.V2_RUNNER_MODULE}.{_VLLM.V2_RUNNER_CLASS}.load_model: cannot "
                                        "find the model to attach the capture to")
-        self._v2 = _V2Requests(runner, device)
-        dummy_run = getattr(runner, "_dummy_sampler_run", None)
-        if dummy_run is not None:  # its warm-up logits come from made-up requests: not steered
-            v2 = self._v2
+        self._v2 = v2 = _V2Requests(runner, device)
+        if not callable(getattr(runner, "finish_requests", None)):
+            raise VLLMIntegrationError("Model Runner V2 without finish_requests: AutoSteer cannot tell finished "
+                                       "requests from preempted ones (this vLLM is not the 0.33.0 it was written for)")
 
-            @functools.wraps(dummy_run)
-            def _dummy_sampler_run(*args, **kwargs):
-                v2.dummy += 1
+        def around(name, before, after):
+            """Wrap ``runner.name`` (the original, when a previous processor wrapped it: no chains)."""
+            orig = getattr(runner, name)
+            orig = getattr(orig, "_autosteer_orig", orig)
+
+            @functools.wraps(orig)
+            def wrapped(*args, **kwargs):
+                before(*args)
                 try:
-                    return dummy_run(*args, **kwargs)
+                    out = orig(*args, **kwargs)
                 finally:
-                    v2.dummy -= 1
-
-            runner._dummy_sampler_run = _dummy_sampler_run
-        finish = getattr(runner, "finish_requests", None)
-        if finish is not None:  # finished requests are released by id (preempted ones are kept)
-            v2, lp = self._v2, self
-
-            @functools.wraps(finish)
-            def finish_requests(scheduler_output, *args, **kwargs):
-                out = finish(scheduler_output, *args, **kwargs)
-                v2.finished(scheduler_output, lp.store)
+                    after(*args)
                 return out
 
-            runner.finish_requests = finish_requests
-            self._v2.finish_hooked = True
+            wrapped._autosteer_orig = orig
+            setattr(runner, name, wrapped)
+
+        def enter_dummy(*_):
+            v2.dummy += 1
+
+        def leave_dummy(*_):
+            v2.dummy -= 1
+
+        if getattr(runner, "_dummy_sampler_run", None) is not None:  # warm-up logits of made-up requests
+            around("_dummy_sampler_run", enter_dummy, leave_dummy)
+        # finished requests are released by id (preempted ones are kept)
+        around("finish_requests", lambda *_: None, lambda scheduler_output, *_: v2.finished(scheduler_output, self.store))
         if capture is None:
             attach_capture(runner.get_model() if hasattr(runner, "get_model") else runner.model,
                            max_reqs=self.max_reqs)
@@ -683,13 +690,13 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     def add_request(self, req_idx: int, sampling_params) -> bool:
         if not self.enabled:
             return False
-        self._v2.add(req_idx, sampling_params, self.store)
+        self._v2.add(req_idx, self.store)
         return True
 
     def apply_staged_writes(self) -> None:  # V2 calls it once per step, before the forward
         if self.enabled and self._v2 is not None:
             _APPLIED.clear()
-            self._v2.reap(self.store)
+            self._v2.cap(self.store)
 
     def update_state(self, batch_update) -> None:
         _APPLIED.clear()  # vLLM calls update_state on every processor each step, before apply
@@ -738,8 +745,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if (ctx is not None) != self.v2:
             raise VLLMIntegrationError("apply(logits, ctx) is Model Runner V2's call and apply(logits) V1's; this "
                                        f"processor was built for {'V2' if self.v2 else 'V1'}")
-        if self.v2:
-            return self._apply_v2(logits, ctx)
+        if self.v2 and self._v2.dummy:  # V2's sampler warm-up: made-up requests, nothing to steer
+            return logits
         if _APPLIED - {id(self)}:
             raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
                                        "point plus --logits-processors?): each row would be steered twice")
@@ -747,20 +754,18 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         B = logits.shape[0]
         if B == 0:
             return logits
+        if self.v2:  # phase decided on the host from V2's exact sequence lengths
+            keys, prefilling, still = self._v2.step_rows(B, ctx)
+            cap = self._fresh_capture(B)
+            return self._steer(logits, cap, keys, prefilling=prefilling, still_prefilling=still)
         if B != self.batch_size:
             raise VLLMIntegrationError(f"logits have {B} rows but the persistent batch has {self.batch_size} requests "
                                        "(speculative decoding or a missed batch update?)")
         missing = [i for i in range(B) if i not in self.rows]
         if missing:
             raise VLLMIntegrationError(f"no request recorded at batch indices {missing}")
-        store = self._ensure_store(required=True)
-        cap = self._capture or _CAPTURE
-        if cap.num_reqs != B:
-            raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
-        if cap.forwards == self._last_forward:  # the hooks did not run for this step's forward
-            raise VLLMIntegrationError("the capture saw no forward since the previous step (a CUDA-graph replay? "
-                                       "AutoSteer needs --enforce-eager): its hidden states would be stale")
-        self._last_forward = cap.forwards
+        self._ensure_store(required=True)
+        cap = self._fresh_capture(B)
         if self._prompt_lens_stale or self._prompt_lens is None or self._prompt_lens.shape[0] < B:
             host = torch.tensor([[self.rows[i].prompt_len for i in range(B)],
                                  [int(self.rows[i].resumed) for i in range(B)]], dtype=torch.int32)
@@ -774,35 +779,24 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # chunk is a decode step for the gate (probed in monitor mode only); its latch is kept
         last = (start < P) & ~self._resumed[:B]
         phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(last, PHASE_PREFILL_LAST, PHASE_DECODE))
-        store.begin_step([self.rows[i].key for i in range(B)], phase=phase)
-        try:
-            store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
-        except BaseException:
-            store.abort_step()
-            raise
-        store.end_step()
-        return logits
+        return self._steer(logits, cap, [self.rows[i].key for i in range(B)], phase=phase)
 
-    def _apply_v2(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-        if self._v2.dummy:  # the runner's sampler warm-up: made-up requests, nothing to steer
-            return logits
-        if _APPLIED - {id(self)}:
-            raise VLLMIntegrationError("two AutoSteer logits processors are active in this engine (installed entry "
-                                       "point plus --logits-processors?): each row would be steered twice")
-        _APPLIED.add(id(self))
-        B = logits.shape[0]
-        if B == 0:
-            return logits
-        rids, prefilling, still = self._v2.step_rows(B, ctx)
+    def _fresh_capture(self, B: int) -> VLLMCapture:
+        """The capture of this step's forward: ``B`` requests, and a forward since the previous step."""
         cap = self._capture or _CAPTURE
         if cap.num_reqs != B:
             raise VLLMIntegrationError(f"the capture saw {cap.num_reqs} requests in the forward, the logits have {B}")
-        if cap.forwards == self._last_forward:
+        if cap.forwards == self._last_forward:  # the hooks did not run for this step's forward
             raise VLLMIntegrationError("the capture saw no forward since the previous step (a CUDA-graph replay? "
                                        "AutoSteer needs --enforce-eager): its hidden states would be stale")
         self._last_forward = cap.forwards
+        return cap
+
+    def _steer(self, logits: torch.Tensor, cap: VLLMCapture, keys: list, **phase) -> torch.Tensor:
+        """One store step over the batch: ``keys`` per logits row, ``phase`` as ``SteerStateStore.begin_step``
+        takes it (a device ``phase`` tensor, or host ``prefilling`` / ``still_prefilling``)."""
         store = self.store
-        store.begin_step(rids, prefilling=prefilling, still_prefilling=still)
+        store.begin_step(keys, **phase)
         try:
             store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
         except BaseException:
@@ -816,7 +810,6 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     # with the same SamplingParams object and its outputs so far); a BatchUpdate does not say which.
     # So its state is parked under its SamplingParams' identity and released once that object is
     # gone (vLLM dropped the request) -- or at once when it cannot be weakly referenced.
-    _MAX_PARKED_FACTOR = 4  # parked requests beyond max_num_seqs * this are released, oldest first
 
     def _park(self, idx: int, store) -> None:
         row = self.rows.pop(idx, None)
@@ -847,9 +840,15 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         pool = exact or same
         if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
             latched = [n for n in pool if store.summary(entries[n][1]).latched]
-            pool = latched or pool
+            if latched:  # fail closed: whichever of them this is, it resumes latched -- and so will the others,
+                # or a latched sibling resuming later would take an unlatched state
+                for n in pool:
+                    if n not in latched:
+                        store.force_latch(entries[n][1])
+                pool = latched
             log.warning("autosteer: %d parked requests share the resumed request's SamplingParams and outputs; "
-                        "resuming with %s state", len(same), "a latched" if latched else "an unlatched")
+                        "resuming with %s state%s", len(pool) if not latched else len(same),
+                        "a latched" if latched else "an unlatched", " (the others latched too)" if latched else "")
         if not pool:
             return None
         key = entries.pop(pool[0])[1]
@@ -872,7 +871,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                 alive.extend((e[1], pid) for e in keep)
             else:
                 del self._parked[pid]
-        excess = len(alive) - self._MAX_PARKED_FACTOR * getattr(self, "max_reqs", 256)
+        excess = len(alive) - _MAX_KEPT_FACTOR * getattr(self, "max_reqs", 256)
         for key, pid in sorted(alive)[:max(excess, 0)]:  # keys increase with time: oldest first
             self._parked[pid] = [e for e in self._parked[pid] if e[1] != key]
             if not self._parked[pid]:
