@@ -64,6 +64,7 @@ import autosteer  # noqa: E402
 from autosteer.integrations import vllm as avllm  # noqa: E402
 from autosteer.prompting import PromptFormat, encode_one  # noqa: E402
 from conftest import make_pack, make_tiny_model, make_tokenizer  # noqa: E402  (tests/conftest.py)
+from test_vllm_simulation import chunked_forward  # noqa: E402  (tests/: the stand-in flattened forward)
 
 CLS = avllm.AutoSteerVLLMLogitsProcessor
 FQCN = "autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"
@@ -268,22 +269,9 @@ class Engine:
                     break
                 continue
             # 4. forward (stand-in) with flattened tokens; logits at each request's last scheduled token
-            ids, pos, slots, qsl, seq, sched = [], [], [], [0], [], []
-            for rid in order:
-                st, s = self.requests[rid], state[rid]
-                known = st.prompt_token_ids + s["real"]
-                k = min(self.chunk, len(known) - s["done"])
-                ids += known[s["done"]: s["done"] + k]
-                pos += range(s["done"], s["done"] + k)
-                slots += [s["slot"]] * k
-                qsl.append(qsl[-1] + k)
-                seq.append(s["done"] + k)
-                sched.append(k)
-            self.md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                                      seq_lens=torch.tensor(seq, dtype=torch.int32))
-            with torch.no_grad():
-                hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, torch.tensor(slots))
-                logits = self.model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1])
+            logits, sched, _, _ = chunked_forward(
+                self.model, self.kv, [(self.requests[r].prompt_token_ids + state[r]["real"], state[r]["done"],
+                                       state[r]["slot"]) for r in order], self.chunk, lambda md: setattr(self, "md", md))
             raw = logits.clone()
             for p in self.procs.non_argmax_invariant:  # the V1 sampler, greedy batch: argmax-invariant ones skipped
                 logits = p.apply(logits)

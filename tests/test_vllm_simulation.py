@@ -72,6 +72,30 @@ class FakeVLLMLlama(torch.nn.Module):
         return self.lm_head(hidden_states)
 
 
+def chunked_forward(model, kv, rows, chunk: int, publish):
+    """One vLLM-style forward over flattened tokens. ``rows``: ``(known tokens, tokens already fed, KV slot)``
+    per request in batch order; each feeds up to ``chunk`` of its unfed tokens. ``publish(md)`` receives the
+    forward's metadata (``query_start_loc``, ``seq_lens``) before the model runs, as vLLM's forward context
+    does. Returns ``(logits at each request's last fed token, tokens fed per request, sequence lengths, the
+    fed token ids at those rows)``."""
+    ids, pos, slots, qsl, seq, fed = [], [], [], [0], [], []
+    for known, done, slot in rows:
+        n = min(chunk, len(known) - done)  # a request's last output has no KV yet: it is fed this step
+        ids += known[done: done + n]
+        pos += range(done, done + n)
+        slots += [slot] * n
+        qsl.append(qsl[-1] + n)
+        seq.append(done + n)
+        fed.append(n)
+    publish(SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                            seq_lens=torch.tensor(seq, dtype=torch.int32)))
+    last = torch.tensor(qsl[1:]) - 1
+    with torch.no_grad():
+        hidden = model(torch.tensor(ids), torch.tensor(pos), kv, torch.tensor(slots))
+        logits = model.compute_logits(hidden[last])
+    return logits, fed, seq, torch.tensor(ids)[last]
+
+
 class Engine:
     def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96, async_outputs: bool = False):
         cfg = hf.config
@@ -183,24 +207,9 @@ class Engine:
                     break
                 finished_last = []
                 continue
-            ids, pos, slots, qsl, seq = [], [], [], [0], []
-            sched = []
-            for rid in self.batch:
-                r = self.req[rid]
-                known = r["prompt"] + r["out"]  # the last output has no KV yet: it is fed this step
-                n = min(self.chunk, len(known) - r["done"])
-                toks = known[r["done"]: r["done"] + n]
-                ids += toks
-                pos += range(r["done"], r["done"] + n)
-                slots += [r["slot"]] * n
-                qsl.append(qsl[-1] + n)
-                seq.append(r["done"] + n)
-                sched.append(n)
-            self.md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                                      seq_lens=torch.tensor(seq, dtype=torch.int32))
-            with torch.no_grad():
-                hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, torch.tensor(slots))
-                logits = self.model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1])
+            logits, sched, _, _ = chunked_forward(
+                self.model, self.kv, [(self.req[r]["prompt"] + self.req[r]["out"], self.req[r]["done"], self.req[r]["slot"])
+                                      for r in self.batch], self.chunk, lambda md: setattr(self, "md", md))
             raw = logits.clone()
             logits = self.lp.apply(logits)
             next_ids = logits.argmax(-1).tolist()

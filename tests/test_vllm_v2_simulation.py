@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from autosteer.integrations import vllm as avllm
-from test_vllm_simulation import MAX_NEW, FakeVLLMLlama, SamplingParams, _config, _reference, setup  # noqa: F401
+from test_vllm_simulation import (MAX_NEW, FakeVLLMLlama, SamplingParams, _config, _reference,  # noqa: F401
+                                  chunked_forward, setup)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,24 +144,12 @@ class V2Engine:
                 continue
             order = list(active)
             self.rng.shuffle(order)  # "rows are reordered every step"
-            ids, pos, kv_slots, qsl, seq, sched = [], [], [], [0], [], []
-            for rid in order:
-                r = self.req[rid]
-                known = r["prompt"] + r["out"]
-                n = min(self.chunk, len(known) - r["done"])
-                ids += known[r["done"]: r["done"] + n]
-                pos += range(r["done"], r["done"] + n)
-                kv_slots += [r["slot"]] * n
-                qsl.append(qsl[-1] + n)
-                seq.append(r["done"] + n)
-                sched.append(n)
-            self.md = SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                                      seq_lens=torch.tensor(seq, dtype=torch.int32))
-            with torch.no_grad():
-                hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, torch.tensor(kv_slots))
-                logits = self.model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1]).float()
+            logits, sched, seq, fed_ids = chunked_forward(
+                self.model, self.kv, [(self.req[r]["prompt"] + self.req[r]["out"], self.req[r]["done"], self.req[r]["slot"])
+                                      for r in order], self.chunk, lambda md: setattr(self, "md", md))
+            logits = logits.float()  # V2 hands processors an fp32 copy
             slots = np.array([self.req[rid]["slot"] for rid in order])
-            ctx = self._ctx(slots, np.array(seq, dtype=np.int32), torch.tensor(ids)[torch.tensor(qsl[1:]) - 1])
+            ctx = self._ctx(slots, np.array(seq, dtype=np.int32), fed_ids)
             raw = logits.clone()
             logits = self.lp.apply(logits, ctx)
             nxt = logits.argmax(-1).tolist()
