@@ -291,10 +291,11 @@ def output_head(model) -> torch.nn.Linear:
     return head
 
 
-def stop_token_ids(model) -> list[int]:
+def stop_token_ids(model, generation_config=None) -> list[int]:
     """The tokens after which a row has ended: the generation config's EOS id(s) and its pad id
-    (monitor mode stops probing such rows; the fit's response states stop there too)."""
-    cfg = getattr(model, "generation_config", None)
+    (monitor mode stops probing such rows; the fit's response states stop there too).
+    ``generation_config``: the one a ``generate`` call runs with (default: the model's)."""
+    cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     eos = getattr(cfg, "eos_token_id", None)
     ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
     pad = getattr(cfg, "pad_token_id", None)

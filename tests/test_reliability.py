@@ -81,15 +81,26 @@ def test_concurrent_generate_calls_on_one_handle_are_serialised(tiny_model, tiny
         assert torch.equal(got.sequences, want.sequences) and torch.equal(got.steered, want.steered)
 
 
-def test_a_forward_from_another_thread_is_detected(tiny_model, tiny_tokenizer):
+def test_a_forward_from_another_thread_does_not_reach_this_threads_step(tiny_model, tiny_tokenizer):
+    """The capture is per thread: another thread running the same model between this thread's forward and
+    its processor call (direct model.generate calls, which the handle's lock does not serialise) must not
+    swap the hidden states this step reads (found by review: the old check missed some interleavings)."""
     ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
+    other = encode_prompts(tiny_tokenizer, list(reversed(PROMPTS)), PromptFormat())
     with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
-        proc = h.logits_processor()
         with torch.no_grad():
             scores = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
-        h.capture.thread = -1  # as if another thread had run the model in between
-        with pytest.raises(RuntimeError, match="another thread"):
-            proc(ids, scores)
+        clean = h.logits_processor(force=False)
+        clean(ids, scores.clone())
+        with torch.no_grad():
+            tiny_model(input_ids=ids, attention_mask=mask)
+        t = threading.Thread(target=lambda: tiny_model(input_ids=other[0], attention_mask=other[1]))
+        t.start()
+        t.join()
+        proc = h.logits_processor(force=False)
+        proc(ids, scores.clone())
+        assert torch.equal(proc.p_unsafe, clean.p_unsafe)
+        assert h.capture.probe_hidden is not None and h.capture.forwards == 2  # this thread's two forwards
 
 
 def test_one_pack_on_two_models_gives_independent_handles(tiny_model, tiny_tokenizer):
@@ -131,3 +142,61 @@ def test_rows_finishing_at_different_steps(tiny_model, tiny_tokenizer):
     for b in range(len(PROMPTS)):
         if not out.steered[b]:
             assert torch.equal(out.sequences[b], plain[b])
+
+
+def test_modes_refused_from_the_config_generate_really_runs_with(tiny_model, tiny_tokenizer):
+    """The up-front check reads the merged config (the call's generation_config completed from the model's),
+    and refuses continuous batching, whose own logits processors would serve every request unsteered
+    (found by review)."""
+    from transformers import GenerationConfig
+
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS[:2], PromptFormat())
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        saved = tiny_model.generation_config.num_beams
+        tiny_model.generation_config.num_beams = 2
+        try:
+            with pytest.raises(ValueError, match="beam search"):
+                h.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=2))
+        finally:
+            tiny_model.generation_config.num_beams = saved
+        with pytest.raises(ValueError, match="continuous batching"):
+            h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="paged")
+
+
+def test_classifier_free_guidance_used_directly_raises(tiny_model, tiny_tokenizer):
+    """guidance_scale runs a second model forward inside transformers' processor list each step, which
+    replaces the captured hidden states: a processor passed to model.generate directly refuses to go on
+    instead of steering on the unconditional branch (found by review)."""
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS[:1], PromptFormat())
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        with pytest.raises(RuntimeError, match="classifier-free guidance"), torch.no_grad():
+            tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                guidance_scale=1.5, logits_processor=[h.logits_processor()])
+
+
+def test_output_logits_stay_raw_with_copy_scores(tiny_model, tiny_tokenizer):
+    """output_logits returns the tensor processors receive; copy_scores=True steers a copy, so the returned
+    logits are the model's and the scores are the steered ones."""
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS[:1], PromptFormat())
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h, torch.no_grad():
+        raw = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        out = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                  output_logits=True, output_scores=True, return_dict_in_generate=True,
+                                  logits_processor=[h.logits_processor(force=True, copy_scores=True)])
+    torch.testing.assert_close(out.logits[0].float(), raw)
+    assert not torch.allclose(out.scores[0].float(), raw)
+
+
+def test_uncached_generation_from_a_one_token_prompt_is_one_generation(tiny_model, tiny_tokenizer):
+    """use_cache=False re-runs the whole sequence each step; from a one-token prompt the second step was
+    taken for a new prefill and the gate decided again on a generated token (found by review)."""
+    bos = torch.tensor([[tiny_tokenizer.bos_token_id or 1]])
+    with autosteer.attach(tiny_model, make_pack(tiny_model), mode="monitor", tau_monitor=1.0) as h:
+        cached = h.generate(input_ids=bos, max_new_tokens=4, do_sample=False)
+        uncached = h.generate(input_ids=bos, max_new_tokens=4, do_sample=False, use_cache=False)
+        proc = h.logits_processor()
+        with torch.no_grad():
+            tiny_model.generate(input_ids=bos, max_new_tokens=4, do_sample=False, use_cache=False, logits_processor=[proc])
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(uncached.p_unsafe, cached.p_unsafe, equal_nan=True)
+    assert proc.step == 4

@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList
 from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold, prompt_threshold
 from ..method.pack import monitor_window as resolve_monitor_window
 from ..method.probe import Probe
-from ..models import num_layers, output_head
+from ..models import num_layers, output_head, stop_token_ids
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
 from .reference_op import refusal_basis
@@ -140,20 +140,27 @@ class AutoSteerHandle:
                         "the probe may read a different token than at fit time")
 
     # -- user API -------------------------------------------------------------------------
-    def logits_processor(self, force: bool | None = None, mode: str | None = None) -> AutoSteerLogitsProcessor:
+    def logits_processor(self, force: bool | None = None, mode: str | None = None, *,
+                         copy_scores: bool = False) -> AutoSteerLogitsProcessor:
         """A fresh processor for one ``generate`` call. ``force=True`` always steers,
-        ``force=False`` never steers (but still scores the prompt)."""
+        ``force=False`` never steers (but still scores the prompt). ``copy_scores=True`` steers a copy
+        of the scores: needed with ``output_logits=True``, which returns the very tensor processors
+        receive (the op blends it in place). Refused up front only by :meth:`generate`: beam search,
+        assisted decoding, classifier-free guidance (a second forward per step: the processor raises
+        at its second step), continuous batching (the processor would never run)."""
         self._check_attached()
-        return AutoSteerLogitsProcessor(self, mode or self.mode, force)
+        return AutoSteerLogitsProcessor(self, mode or self.mode, force, copy_scores=copy_scores)
 
     def generate(self, force: bool | None = None, mode: str | None = None, **generate_kwargs) -> SteeredOutput:
         """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
         Tensor inputs are moved to the model's device (floating ones, e.g. ``pixel_values``, to its
         dtype). Calls on one handle are serialised (the hooks hold one forward's tensors at a time)."""
-        _check_generation_mode(self.model, generate_kwargs)
+        gc = _check_generation_mode(self.model, generate_kwargs)
         from ..prompting import to_model
 
-        proc = self.logits_processor(force, mode)
+        self._check_attached()
+        # rows end on the call's eos / pad ids (monitor mode stops probing them)
+        proc = AutoSteerLogitsProcessor(self, mode or self.mode, force, stop_ids=stop_token_ids(self.model, gc))
         extra = generate_kwargs.pop("logits_processor", None) or []
         generate_kwargs = to_model(generate_kwargs, self.model)  # inputs (and image tensors) on the model's device/dtype
         with self._lock, torch.no_grad():
@@ -186,18 +193,33 @@ class AutoSteerHandle:
         self.detach()
 
 
-def _check_generation_mode(model, generate_kwargs: dict) -> None:
+def _check_generation_mode(model, generate_kwargs: dict):
     """Refuse the decoding modes the processor cannot steer, before anything runs: beam search
     (its processors see log-probabilities and beams are reordered between steps), assisted /
-    prompt-lookup decoding (several candidate tokens per forward), contrastive search, DoLa."""
+    prompt-lookup decoding (several candidate tokens per forward), contrastive search, DoLa,
+    classifier-free guidance, continuous batching. Checks the config generate will run with (the
+    call's, completed from the model's); returns it."""
     import copy
 
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import GenerationMode
 
-    gc = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None) or GenerationConfig()
-    gc = copy.deepcopy(gc)
-    gc.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config" and hasattr(gc, k)})
+    gc = None
+    if callable(getattr(model, "_prepare_generation_config", None)):
+        try:  # the config generate will run with: the call's, its unset fields from the model's, then kwargs
+            gc, _ = model._prepare_generation_config(
+                generate_kwargs.get("generation_config"),
+                **{k: v for k, v in generate_kwargs.items() if k != "generation_config"})
+        except Exception:  # noqa: BLE001 - generate itself will report a malformed config
+            gc = None
+    if gc is None:
+        gc = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None) or GenerationConfig()
+        gc = copy.deepcopy(gc)
+        gc.update(**{k: v for k, v in generate_kwargs.items() if k != "generation_config" and hasattr(gc, k)})
+    if getattr(gc, "cache_implementation", None) == "paged" or isinstance(generate_kwargs.get("custom_generate"), str):
+        raise ValueError("AutoSteer does not support transformers' continuous batching (cache_implementation='paged', "
+                         "generate_batch) or a custom_generate from the Hub: they build their own logits processors, so "
+                         "requests would be served unsteered. Use the default cache, or the serving integrations")
     if getattr(gc, "guidance_scale", None) not in (None, 1, 1.0):
         raise ValueError("AutoSteer does not support classifier-free guidance (guidance_scale) in transformers' "
                          "generate: its extra forward would replace the hidden states the processor probes")
@@ -209,6 +231,7 @@ def _check_generation_mode(model, generate_kwargs: dict) -> None:
         raise ValueError(f"AutoSteer does not support {why} ({mode.value}) in transformers' generate: its processor "
                          "steers one new token per row per step, on raw logits. Use greedy decoding or sampling "
                          "(speculative decoding: the serving integrations)")
+    return gc
 
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,

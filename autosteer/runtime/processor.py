@@ -22,8 +22,6 @@ calibrated on; at call ``s`` the newest generated token is token ``s - 1``).
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from transformers import LogitsProcessor
 
@@ -46,7 +44,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
     """``force=None``: AutoSteer (gate decides); ``True``: always steer; ``False``: never steer
     (the probe still scores the prompt, so reports can show what the gate would have done)."""
 
-    def __init__(self, handle, mode: str = "prefill", force: bool | None = None):
+    def __init__(self, handle, mode: str = "prefill", force: bool | None = None, *, copy_scores: bool = False,
+                 stop_ids=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "monitor" and force is None and getattr(handle, "tau_monitor_fallback", False):
@@ -62,9 +61,14 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.step = 0
         self._expect_len: int | None = None
         self._last_ids: torch.Tensor | None = None  # the previous call's last _CONTINUITY_WINDOW input ids
-        self._last_probe_tokens = 0
         self._forward: int | None = None  # capture.forwards at the previous call
-        self._stop_ids = torch.tensor(stop_token_ids(handle.model), dtype=torch.long)
+        self._last_cached = False  # the previous call was a cached decode step (fewer new tokens than the sequence)
+        # rows ending on one of these are not probed again (monitor mode): the call's eos / pad ids, else the model's
+        self._stop_ids = torch.tensor(sorted(set(stop_ids)) if stop_ids is not None else stop_token_ids(handle.model),
+                                      dtype=torch.long)
+        # steer a copy: transformers' output_logits returns the very tensor processors receive, which the op
+        # would otherwise blend in place
+        self.copy_scores = bool(copy_scores)
 
     def _start(self, batch: int, device) -> None:
         self.latched = torch.full((batch,), bool(self.force), dtype=torch.bool, device=device)
@@ -90,19 +94,21 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         cap = self.handle.capture
         if cap.probe_hidden is None or cap.head_hidden is None:
             raise RuntimeError("AutoSteer saw no hidden states: the handle is detached or the model was not run")
-        if cap.thread is not None and cap.thread != threading.get_ident():
-            raise RuntimeError("AutoSteer: another thread ran the model since this step's forward (concurrent generate "
-                               "calls on one handle): use handle.generate, which serialises them, or one model per thread")
         if cap.forwards == self._forward:
             raise RuntimeError(UNSUPPORTED_DECODING.format(
                 what="called twice for one forward (assisted, prompt-lookup or speculative decoding: several candidate "
                      "tokens per step)"))
+        forwards_since = None if self._forward is None else cap.forwards - self._forward
         self._forward = cap.forwards
         batch = scores.shape[0]
         device = scores.device
         T = cap.probe_tokens
         new = (self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
-               or (T > 1 and self._last_probe_tokens == 1))  # a multi-token prefill after cached decode steps
+               or (T > 1 and self._last_cached))  # a multi-token prefill after cached decode steps
+        if not new and forwards_since != 1:
+            raise RuntimeError(UNSUPPORTED_DECODING.format(
+                what=f"called after {forwards_since} model forwards since its previous step (classifier-free guidance "
+                     "or another processor that runs the model: the captured hidden states are not this step's)"))
         if not new and not torch.equal(input_ids[:, -1 - self._last_ids.shape[1]:-1], self._last_ids):
             if T == 1:  # a cached decode step whose rows no longer continue the previous step's rows
                 raise RuntimeError(UNSUPPORTED_DECODING.format(
@@ -116,7 +122,9 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             self._start(batch, device)
         self._expect_len = input_ids.shape[1] + 1
         self._last_ids = input_ids[:, -_CONTINUITY_WINDOW:].clone()  # bounded: O(B) work per step, any length
-        self._last_probe_tokens = T
+        self._last_cached = T < input_ids.shape[1]
+        if self.copy_scores:
+            scores = scores.clone()
         if new:
             probe_rows = self._last_prompt_rows(cap, batch)
         else:
