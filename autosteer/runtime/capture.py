@@ -4,8 +4,7 @@
 - the input of ``lm_head`` (the final normed hidden state, the Refusal Head's input),
 - the attention mask passed to the model (to find each row's last real prompt token).
 
-Hooks only keep references to the tensors (as flat ``[tokens, H]`` views): no copy, no sync. They
-are kept per thread, so concurrent ``generate`` calls on one model each read their own forward.
+Hooks only keep references to the tensors (as flat ``[tokens, H]`` views): no copy, no sync.
 """
 from __future__ import annotations
 
@@ -20,41 +19,21 @@ def _first_arg(args, kwargs, name):
     return args[0] if args else kwargs[name]
 
 
-class _Latest(threading.local):
-    """What the latest forward *of the current thread* left: a thread's generate reads its own forward even
-    when another thread runs the same model meanwhile (each thread sees these defaults until it runs one)."""
-
-    probe_hidden: torch.Tensor | None = None  # [B*T, H]
-    probe_tokens: int = 0  # T of the latest forward
-    head_hidden: torch.Tensor | None = None  # [B*t, H]
-    head_tokens: int = 0
-    attention_mask: torch.Tensor | None = None
-    thread: int | None = None  # the thread that ran it (this one, or None before its first forward)
-    forwards: int = 0  # model forwards this thread ran (a processor must run once per forward)
-
-
-def _latest(name: str) -> property:
-    return property(lambda self: getattr(self._latest, name), lambda self, v: setattr(self._latest, name, v))
-
-
 class HiddenCapture:
-    """Captures the probe layer's input, ``lm_head``'s input and the attention mask of the latest forward
-    (per thread: the hooks run in the thread that calls the model, and store there)."""
-
-    probe_hidden = _latest("probe_hidden")
-    probe_tokens = _latest("probe_tokens")
-    head_hidden = _latest("head_hidden")
-    head_tokens = _latest("head_tokens")
-    attention_mask = _latest("attention_mask")
-    thread = _latest("thread")
-    forwards = _latest("forwards")
+    """Captures the probe layer's input, ``lm_head``'s input and the attention mask of the latest forward."""
 
     def __init__(self, model, layer: int):
         blocks = decoder_layers(model)
         if not 0 <= layer < len(blocks):
             raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1} for this model")
         self.layer = layer
-        self._latest = _Latest()
+        self.probe_hidden: torch.Tensor | None = None  # [B*T, H]
+        self.probe_tokens: int = 0  # T of the latest forward
+        self.head_hidden: torch.Tensor | None = None  # [B*t, H]
+        self.head_tokens: int = 0
+        self.attention_mask: torch.Tensor | None = None
+        self.thread: int | None = None  # thread that ran the latest forward
+        self.forwards = 0  # model forwards seen (a processor must run once per forward)
         self._handles = [
             blocks[layer].register_forward_pre_hook(self._on_block, with_kwargs=True),
             output_head(model).register_forward_pre_hook(self._on_head, with_kwargs=True),
@@ -80,7 +59,7 @@ class HiddenCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._latest = _Latest()  # every thread's references dropped
+        self.probe_hidden = self.head_hidden = self.attention_mask = None
 
     @property
     def attached(self) -> bool:

@@ -22,6 +22,8 @@ calibrated on; at call ``s`` the newest generated token is token ``s - 1``).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import LogitsProcessor
 
@@ -94,6 +96,9 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         cap = self.handle.capture
         if cap.probe_hidden is None or cap.head_hidden is None:
             raise RuntimeError("AutoSteer saw no hidden states: the handle is detached or the model was not run")
+        if cap.thread is not None and cap.thread != threading.get_ident():
+            raise RuntimeError("AutoSteer: another thread ran the model since this step's forward (concurrent generate "
+                               "calls on one model): use handle.generate, which serialises them, or one model per thread")
         if cap.forwards == self._forward:
             raise RuntimeError(UNSUPPORTED_DECODING.format(
                 what="called twice for one forward (assisted, prompt-lookup or speculative decoding: several candidate "
