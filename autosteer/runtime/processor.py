@@ -110,16 +110,16 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         T = cap.probe_tokens
         new = (self.latched is None or self.latched.shape[0] != batch or input_ids.shape[1] != self._expect_len
                or (T > 1 and self._last_cached))  # a multi-token prefill after cached decode steps
-        if not new and forwards_since != 1:
-            raise RuntimeError(UNSUPPORTED_DECODING.format(
-                what=f"called after {forwards_since} model forwards since its previous step (classifier-free guidance "
-                     "or another processor that runs the model: the captured hidden states are not this step's)"))
         if not new and not torch.equal(input_ids[:, -1 - self._last_ids.shape[1]:-1], self._last_ids):
             if T == 1:  # a cached decode step whose rows no longer continue the previous step's rows
                 raise RuntimeError(UNSUPPORTED_DECODING.format(
                     what="given rows that do not continue the previous step's rows (beam search or another method that "
                          "reorders sequences)"))
             new = True  # another prompt batch of the length the previous call would have reached
+        if not new and forwards_since != 1:
+            raise RuntimeError(UNSUPPORTED_DECODING.format(
+                what=f"called after {forwards_since} model forwards since its previous step (classifier-free guidance "
+                     "or another processor that runs the model: the captured hidden states are not this step's)"))
         if new:
             if batch and scores.shape[-1] > 1 and bool(((torch.logsumexp(scores.float(), -1)).abs() < 1e-4).all()):
                 raise RuntimeError(UNSUPPORTED_DECODING.format(
