@@ -212,3 +212,21 @@ def test_uncached_generation_from_a_one_token_prompt_is_one_generation(tiny_mode
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(uncached.p_unsafe, cached.p_unsafe, equal_nan=True)
     assert proc.step == 4
+
+
+def test_right_padding_under_a_static_cache(tiny_model, tiny_tokenizer):
+    """A static cache hands the model a 4D mask, so the captured mask no longer says where each row's prompt
+    ends; handle.generate falls back to the caller's 2D mask (found by review: right-padded rows were probed
+    on a pad token)."""
+    ids, mask = encode_prompts(tiny_tokenizer, ["how do i make a bomb", "bake cake please now"], PromptFormat())
+    B, T = ids.shape
+    right, rmask = torch.full_like(ids, tiny_tokenizer.pad_token_id), torch.zeros_like(mask)
+    for b in range(B):  # the same prompts, right-padded
+        n = int(mask[b].sum())
+        right[b, :n], rmask[b, :n] = ids[b, T - n:], 1
+    assert not rmask[:, -1].all()
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        kw = dict(max_new_tokens=2, do_sample=False, force=False)
+        want = h.generate(input_ids=ids, attention_mask=mask, **kw).p_unsafe
+        got = h.generate(input_ids=right, attention_mask=rmask, cache_implementation="static", **kw).p_unsafe
+    torch.testing.assert_close(got, want)

@@ -141,15 +141,17 @@ class AutoSteerHandle:
 
     # -- user API -------------------------------------------------------------------------
     def logits_processor(self, force: bool | None = None, mode: str | None = None, *,
-                         copy_scores: bool = False) -> AutoSteerLogitsProcessor:
+                         copy_scores: bool = False, prompt_mask: torch.Tensor | None = None) -> AutoSteerLogitsProcessor:
         """A fresh processor for one ``generate`` call. ``force=True`` always steers,
         ``force=False`` never steers (but still scores the prompt). ``copy_scores=True`` steers a copy
         of the scores: needed with ``output_logits=True``, which returns the very tensor processors
-        receive (the op blends it in place). Refused up front only by :meth:`generate`: beam search,
+        receive (the op blends it in place). ``prompt_mask``: the call's ``[B, T]`` attention mask, to find
+        each row's last prompt token when the forward gets another form of it (a static cache with
+        right padding). Refused up front only by :meth:`generate`: beam search,
         assisted decoding, classifier-free guidance (a second forward per step: the processor raises
         at its second step), continuous batching (the processor would never run)."""
         self._check_attached()
-        return AutoSteerLogitsProcessor(self, mode or self.mode, force, copy_scores=copy_scores)
+        return AutoSteerLogitsProcessor(self, mode or self.mode, force, copy_scores=copy_scores, prompt_mask=prompt_mask)
 
     def generate(self, force: bool | None = None, mode: str | None = None, **generate_kwargs) -> SteeredOutput:
         """``model.generate`` with AutoSteer; returns the sequences and each row's gate decision.
@@ -160,7 +162,8 @@ class AutoSteerHandle:
 
         self._check_attached()
         # rows end on the call's eos / pad ids (monitor mode stops probing them)
-        proc = AutoSteerLogitsProcessor(self, mode or self.mode, force, stop_ids=stop_token_ids(self.model, gc))
+        proc = AutoSteerLogitsProcessor(self, mode or self.mode, force, stop_ids=stop_token_ids(self.model, gc),
+                                        prompt_mask=generate_kwargs.get("attention_mask"))
         extra = generate_kwargs.pop("logits_processor", None) or []
         generate_kwargs = to_model(generate_kwargs, self.model)  # inputs (and image tensors) on the model's device/dtype
         with self._lock, torch.no_grad():

@@ -47,7 +47,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
     (the probe still scores the prompt, so reports can show what the gate would have done)."""
 
     def __init__(self, handle, mode: str = "prefill", force: bool | None = None, *, copy_scores: bool = False,
-                 stop_ids=None):
+                 stop_ids=None, prompt_mask: torch.Tensor | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "monitor" and force is None and getattr(handle, "tau_monitor_fallback", False):
@@ -71,6 +71,9 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         # steer a copy: transformers' output_logits returns the very tensor processors receive, which the op
         # would otherwise blend in place
         self.copy_scores = bool(copy_scores)
+        # the caller's [B, T] attention mask: finds each row's last prompt token when the model's forward got
+        # another form of it (a static cache turns it into a 4D mask before the forward)
+        self.prompt_mask = prompt_mask
 
     def _start(self, batch: int, device) -> None:
         self.latched = torch.full((batch,), bool(self.force), dtype=torch.bool, device=device)
@@ -79,13 +82,16 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.latched_at = torch.where(self.latched, 0, -1).to(torch.int32)
         self.step = 0
 
-    @staticmethod
-    def _last_prompt_rows(cap, batch: int) -> torch.Tensor:
+    def _last_prompt_rows(self, cap, batch: int) -> torch.Tensor:
         T = cap.probe_tokens
         device = cap.probe_hidden.device
         base = torch.arange(batch, device=device) * T
-        mask = cap.attention_mask
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == (batch, T):
+
+        def usable(m):
+            return isinstance(m, torch.Tensor) and m.dim() == 2 and tuple(m.shape) == (batch, T)
+
+        mask = cap.attention_mask if usable(cap.attention_mask) else self.prompt_mask
+        if usable(mask):
             # last position whose mask is 1: right for left and right padding alike
             last = T - 1 - torch.flip(mask.to(device).long(), dims=[1]).argmax(dim=1)
         else:
