@@ -456,6 +456,26 @@ def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, m
         assert k2 not in store
 
 
+def test_parked_states_past_the_cap_go_unlatched_first(setup, tmp_path, monkeypatch, caplog):
+    """At most max_num_seqs x 4 parked (possibly preempted) states are kept; past that, unlatched ones are
+    released first, then the oldest -- the same policy as under Model Runner V2 (a latched request released
+    this way would resume unlatched)."""
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
+        lp.max_reqs = 1  # cap: 4 parked states
+        sps = [SamplingParams() for _ in range(6)]
+        lp.update_state(BatchUpdate(6, [], [(i, sps[i], [1, 2], []) for i in range(6)], []))
+        keys = [lp.request_keys()[i] for i in range(6)]
+        for k in keys:
+            store._get_or_add(k)
+        store.force_latch(keys[0])
+        store.force_latch(keys[1])
+        with caplog.at_level("WARNING"):
+            lp.update_state(BatchUpdate(0, list(range(6)), [], []))  # all leave, all still referenced
+        assert sorted(lp.parked_keys()) == sorted(keys[:2] + keys[4:])  # the two oldest unlatched went
+        assert keys[2] not in store and keys[3] not in store and keys[0] in store
+        assert "2 preempted requests' states released (cap 4; 0 of them latched)" in caplog.text
+
+
 def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
     """vLLM 0.33's Model Runner V2 builds every entry-point plugin as ctor(vllm_config, req_states):
     inert without a pack (it must not break vLLM deployments that merely have autosteer installed); with

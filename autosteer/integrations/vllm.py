@@ -471,6 +471,20 @@ def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
 _MAX_KEPT_FACTOR = 4
 
 
+def _evictions(store, oldest_first: list, limit: int) -> list:
+    """Which of the states kept for requests out of the batch (keys ``oldest_first``) to release to keep
+    ``limit``: unlatched ones first, then oldest first, with a warning -- a latched request released this
+    way would resume unlatched. Reads the candidates' latches from the device, only past the limit."""
+    excess = len(oldest_first) - limit
+    if excess <= 0:
+        return []
+    latched = {k: store is not None and store.summary(k).latched for k in oldest_first}
+    victims = ([k for k in oldest_first if not latched[k]] + [k for k in oldest_first if latched[k]])[:excess]
+    log.warning("autosteer: %d preempted requests' states released (cap %d; %d of them latched)", len(victims),
+                limit, sum(latched[k] for k in victims))
+    return victims
+
+
 class _V2Requests:
     """Model Runner V2's requests as the processor sees them: recycled slots, each mapped to its vLLM
     request id (``runner.req_states.index_to_req_id``, set before V2 calls ``add_request``), so the
@@ -522,14 +536,7 @@ class _V2Requests:
         request released this way would resume unlatched."""
         live = set(self.index_to_req_id.values())
         out = [rid for rid in self.kept if rid not in live]
-        excess = len(out) - _MAX_KEPT_FACTOR * len(self.slot_rid)
-        if excess <= 0:
-            return
-        latched = {rid: store.summary(rid).latched for rid in out}  # a host read, only past the cap
-        victims = ([r for r in out if not latched[r]] + [r for r in out if latched[r]])[:excess]
-        log.warning("autosteer: %d preempted requests' states released (cap %d; %d of them latched)", len(victims),
-                    _MAX_KEPT_FACTOR * len(self.slot_rid), sum(latched[r] for r in victims))
-        for rid in victims:
+        for rid in _evictions(store, out, _MAX_KEPT_FACTOR * len(self.slot_rid)):
             del self.kept[rid]
             store.release(rid)
 
@@ -847,7 +854,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                         store.force_latch(entries[n][1])
                 pool = latched
             log.warning("autosteer: %d parked requests share the resumed request's SamplingParams and outputs; "
-                        "resuming with %s state%s", len(pool) if not latched else len(same),
+                        "resuming with %s state%s", len(same),
                         "a latched" if latched else "an unlatched", " (the others latched too)" if latched else "")
         if not pool:
             return None
@@ -871,8 +878,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                 alive.extend((e[1], pid) for e in keep)
             else:
                 del self._parked[pid]
-        excess = len(alive) - _MAX_KEPT_FACTOR * getattr(self, "max_reqs", 256)
-        for key, pid in sorted(alive)[:max(excess, 0)]:  # keys increase with time: oldest first
+        pid_of = dict(alive)
+        oldest_first = sorted(pid_of)  # keys increase with time
+        for key in _evictions(store, oldest_first, _MAX_KEPT_FACTOR * getattr(self, "max_reqs", 256)):
+            pid = pid_of[key]
             self._parked[pid] = [e for e in self._parked[pid] if e[1] != key]
             if not self._parked[pid]:
                 del self._parked[pid]
