@@ -476,24 +476,26 @@ class SteerStateStore:
         self._requests[request_id] = st
         return st, True
 
-    def release(self, request_id) -> bool:
-        """Free a finished request's state. Unknown ids are ignored (returns False)."""
+    def release(self, request_id, *, report: bool = True) -> bool:
+        """Free a finished request's state. Unknown ids are ignored (returns False). ``report=False``: no
+        summary for ``on_release`` (no device read), whatever ``report_on_release`` says."""
         st = self._requests.get(request_id)
         if st is None:
             return False
         if self._step is not None and request_id in self._step.index:
             raise RuntimeError(f"autosteer: request {request_id!r} released in the middle of a step")
-        summary = self.summary(request_id) if (self.on_release is not None and self.report_on_release) else None
+        summary = (self.summary(request_id) if (report and self.on_release is not None and self.report_on_release)
+                   else None)
         del self._requests[request_id]
         self._free.append(st.slot)
         if self.on_release is not None:
             self.on_release(request_id, summary)
         return True
 
-    def release_all(self) -> None:
+    def release_all(self, *, report: bool = True) -> None:
         self.abort_step()
         for rid in list(self._requests):
-            self.release(rid)
+            self.release(rid, report=report)
 
     def force_latch(self, request_id) -> None:
         """Latch a request outside a step (fail closed when an integration cannot tell whose state is whose):

@@ -345,11 +345,7 @@ class _Runtime:
         buffers' overflow tensors (a warmup prefill of max_batch_prefill_tokens rows does not fit them;
         kept, they would hold memory through KV-cache sizing and graph capture)."""
         if self.store is not None:
-            report, self.store.report_on_release = self.store.report_on_release, False
-            try:
-                self.store.release_all()
-            finally:
-                self.store.report_on_release = report
+            self.store.release_all(report=False)
         for buf in (self.probe_buf, self.head_buf):
             if buf is not None:
                 buf.begin_forward()  # what drops a forward's overflow tensor
