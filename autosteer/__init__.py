@@ -34,7 +34,7 @@ _map_source_tree_kernels()
 
 
 def __getattr__(name):  # lazy: importing autosteer must not import torch/transformers
-    if name in ("attach", "AutoSteerHandle"):
+    if name in ("attach", "AutoSteerHandle", "AutoSteerFault"):
         from .runtime import attach as _attach
 
         return getattr(_attach, name)

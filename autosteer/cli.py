@@ -108,6 +108,19 @@ def _pack_of(args):
     return load_pack(path)
 
 
+def _monitor_uncalibrated(pack, args) -> bool:
+    """Monitor mode on a prefill-only pack without --tau-monitor: say why not (True) before the model loads.
+    Its prompt probe would score generated tokens against the prompt threshold and steer most benign
+    answers (the library warns and goes on; the command line refuses)."""
+    if args.tau_monitor is not None or pack.tau_monitor is not None:
+        return False
+    print("error: monitor mode needs a pack fitted with --monitor-prompts N: this pack is prefill-only (no tau_monitor), "
+          "so its prompt probe would score every generated token against the prompt threshold and steer most benign "
+          "answers. Refit with `autosteer fit --monitor-prompts 150`, or pass --tau-monitor T to probe generated "
+          "tokens against a threshold of your own", file=sys.stderr)
+    return True
+
+
 def _check_output_file(path: Path) -> None:
     """Refuse an output path that cannot be written, before any work is done."""
     if path.is_dir():
@@ -222,6 +235,19 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _response_prefix(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the response prefix is empty: leave the option out to generate normally")
+    return text
+
+
+def _response_prefix_arg(p) -> None:
+    p.add_argument("--response-prefix", type=_response_prefix, default=None, metavar="TEXT",
+                   help="begin every assistant turn with TEXT: a prefilling attack, the caller writing the start of the "
+                        "answer (e.g. 'Sure, here is'). It is part of the prompt (the gate reads its last token); the "
+                        "response is what follows it")
+
+
 def cmd_generate(args) -> int:
     from .data import load_prompt_file
     from .evaluate import generate_batch, write_atomic
@@ -233,17 +259,22 @@ def cmd_generate(args) -> int:
     records = load_prompt_file(args.input)
     _check_output_file(Path(args.output))
     pack = _pack_of(args)
+    if args.mode == "monitor" and not (args.unsteered or args.always_steer) and _monitor_uncalibrated(pack, args):
+        return 2
     model, tok = _load(args)
     handle = attach(model, pack, mode=args.mode, tau=args.tau,
                     fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
-    gens = generate_batch(handle, tok, _prompts_of(args.input, records), setting, args.max_new_tokens, args.batch_size)
+    gens = generate_batch(handle, tok, _prompts_of(args.input, records), setting, args.max_new_tokens, args.batch_size,
+                          response_prefix=args.response_prefix or "")
     lines = []
     for rec, g in zip(records, gens):
         row = {k: v for k, v in rec.meta.items() if k != "line"}
         row["prompt"] = rec.text
+        if args.response_prefix:
+            row["response_prefix"] = args.response_prefix
         row.update({"response": g.response, "p_unsafe": g.p_unsafe, "gate": g.gate, "steered": g.steered,
                     "refused": g.refused})
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -306,13 +337,15 @@ def cmd_eval(args) -> int:
         for s in sets:
             s.prompts = s.prompts[: args.limit]
     pack = _pack_of(args)
+    if "monitor" in args.settings and _monitor_uncalibrated(pack, args):
+        return 2
     model, tok = _load(args)
     if args.cross_modal_dev and not is_multimodal(model):
         print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
         return 2
     handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
     handle.check_tokenizer(tok)
-    report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size)
+    report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size, response_prefix=args.response_prefix or "")
     out_dir = Path(args.out)
     paths = write_report(report, handle.pack.meta, out_dir, {s.name: s.prompts for s in sets})
     print(Path(paths["markdown"]).read_text())
@@ -451,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-open", action="store_true",
                    help="when the plugin cannot decide (NaN probe score, op error) generate unsteered instead of "
                         "steering / stopping (default: fail closed)")
+    _response_prefix_arg(p)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.set_defaults(func=cmd_generate)
@@ -470,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default="unsteered,always,autosteer", type=_settings, help="comma list of unsteered, always, autosteer, monitor")
     p.add_argument("--tau", type=_probability, default=None, help="override the pack's threshold")
     _monitor_args(p)
+    _response_prefix_arg(p)
     p.add_argument("--limit", type=POSITIVE, default=None, help="at most this many prompts per set")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--batch-size", type=POSITIVE, default=16)

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
-from .prompting import PromptFormat, PromptLike, batching_key, encode_batch, prompt_image, prompt_text, text_tokenizer
+from .prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, encode_batch, prompt_image, prompt_text,
+                        text_tokenizer)
 
 SETTINGS = {
     "unsteered": {"force": False, "mode": None},
@@ -40,8 +41,12 @@ class Generation:
 
 def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = "autosteer", max_new_tokens: int = 64,
                    batch_size: int = 16, fmt: PromptFormat | None = None, progress: bool = True, desc: str = "",
-                   **generate_kwargs) -> list[Generation]:
-    """Greedy (unless ``generate_kwargs`` say otherwise) generation of every prompt in one setting."""
+                   response_prefix: str = "", **generate_kwargs) -> list[Generation]:
+    """Greedy (unless ``generate_kwargs`` say otherwise) generation of every prompt in one setting.
+
+    ``response_prefix``: every assistant turn begins with this text, a *prefilling attack* (the
+    caller writes the start of the answer, as open-weight servers allow). It is part of the prompt --
+    the gate reads its last token -- and the response (what the judge reads) is what follows it."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
     fmt = fmt or PromptFormat.from_dict(handle.pack.meta["prompt_format"])
@@ -55,7 +60,8 @@ def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = 
     out: list[Generation | None] = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc or setting, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)  # handle.generate moves them to the model
+        # handle.generate moves them to the model
+        inputs = append_response_prefix(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), tokenizer, fmt, response_prefix)
         width = inputs["input_ids"].shape[1]
         res = handle.generate(**inputs, max_new_tokens=max_new_tokens,
                               pad_token_id=pad_id, force=opts["force"], mode=opts["mode"], **generate_kwargs)
@@ -100,8 +106,9 @@ def monitor_training(meta: dict) -> str | None:
 
 
 def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...] = ("unsteered", "always", "autosteer"),
-             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True) -> dict:
-    """Refusal rates for every prompt set in every setting, plus gate rates and probe scores."""
+             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True, response_prefix: str = "") -> dict:
+    """Refusal rates for every prompt set in every setting, plus gate rates and probe scores.
+    ``response_prefix``: begin every assistant turn with it (a prefilling attack; see :func:`generate_batch`)."""
     from .judge import validate_judge
 
     t0 = time.time()
@@ -112,13 +119,14 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "monitor_probe": has_monitor_probe,
                     "monitor_window": getattr(handle, "monitor_window", None),
                     "monitor_training": monitor_training(handle.pack.meta) if has_monitor_probe else None,
-                    "max_new_tokens": max_new_tokens, "settings": list(settings), "sets": {}}
+                    "max_new_tokens": max_new_tokens, "response_prefix": response_prefix, "settings": list(settings),
+                    "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
         scores = gates = None
         for setting in settings:
             gens = generate_batch(handle, tokenizer, s.prompts, setting, max_new_tokens, batch_size, progress=progress,
-                                  desc=f"{s.name}/{setting}")
+                                  desc=f"{s.name}/{setting}", response_prefix=response_prefix)
             refusal = sum(g.refused for g in gens) / max(len(gens), 1)
             entry["results"][setting] = {
                 "refusal_rate": refusal,
@@ -138,7 +146,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
             if scores is None and setting != "always":
                 scores, gates = [g.p_unsafe for g in gens], [g.gate for g in gens]
         if scores is None:
-            scores = probe_scores(handle, tokenizer, s.prompts, batch_size)
+            scores = probe_scores(handle, tokenizer, s.prompts, batch_size, response_prefix=response_prefix)
             gates = handle.gate_decision(torch.tensor(scores)).tolist()
         tau_paper = float(handle.pack.meta["tau_paper"])
         entry["p_unsafe"] = scores
@@ -151,12 +159,14 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 
 
 @torch.no_grad()
-def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16) -> list[float]:
-    """The probe's score at the last prompt token of each prompt (no generation)."""
+def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16, response_prefix: str = "") -> list[float]:
+    """The probe's score at the last prompt token of each prompt (no generation; with a
+    ``response_prefix``, at its last token, as :func:`generate_batch` serves it)."""
     from .method.hidden_states import last_token_states
 
     fmt = PromptFormat.from_dict(handle.pack.meta["prompt_format"])
-    x = last_token_states(handle.model, tokenizer, prompts, fmt, batch_size, layers=[handle.pack.layer], progress=False)
+    x = last_token_states(handle.model, tokenizer, prompts, fmt, batch_size, layers=[handle.pack.layer], progress=False,
+                          response_prefix=response_prefix)
     return handle.probe_scores(x[:, 0].to(handle.W1.device)).cpu().tolist()
 
 
@@ -168,6 +178,9 @@ def markdown_report(report: dict) -> str:
     tau_paper = p.get("tau_paper", 0.5)
     lines.append(f"Model `{p.get('model_name')}`, layer {p.get('layer')} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
                  f"(paper {tau_paper}), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
+    if report.get("response_prefix"):
+        lines += ["", f"Prefilling attack: every assistant turn began with {report['response_prefix']!r} (part of the prompt: "
+                      "the gate read its last token); the responses judged are what the model wrote after it."]
     lines += ["", "Refusal rate per prompt set (harmful sets: higher is better, ASR = 1 - rate; benign sets: lower is better).", ""]
     lines.append(f"| set | kind | n | gate fires (tau) | gate fires ({tau_paper}) | " + " | ".join(settings) + " |")
     lines.append("|---|---|---|---|---|" + "---|" * len(settings))

@@ -267,6 +267,41 @@ def encode_batch(tokenizer, prompts: list[PromptLike], fmt: PromptFormat) -> dic
     return dict(out)
 
 
+def append_response_prefix(inputs: dict, tokenizer, fmt: PromptFormat, prefix: str) -> dict:
+    """Left-padded model inputs with the assistant turn begun by ``prefix`` in every row: the
+    tokens of ``prefix`` appended after the prompt (after the chat template's generation prompt;
+    without a chat template, on a new line after the prompt). An empty prefix returns ``inputs``.
+
+    This is how a *prefilling attack* is served -- the caller writes the start of the answer -- and
+    how a fit shows the model complying (``FitConfig.monitor_prefix``). The prefix tokens are prompt:
+    the gate reads the last of them. Rows end together (left padding), so appending keeps them
+    aligned. Other per-token integer tensors a processor makes (token type ids and the like) are
+    extended with zeros, as the appended tokens are text; image tensors are left as they are."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"response prefix must be a string, got {type(prefix).__name__}")
+    if not prefix:
+        return inputs
+    tok = text_tokenizer(tokenizer)
+    templated = fmt.chat_template and getattr(tok, "chat_template", None)
+    ids = tok(prefix if templated else "\n" + prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if len(ids) == 0:
+        raise ValueError(f"response prefix {prefix!r} encodes to no tokens")
+    rows, width = inputs["input_ids"].shape
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if (not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point()
+                or tuple(value.shape) != (rows, width)):
+            continue
+        if key == "input_ids":
+            tail = ids.to(value.dtype).expand(rows, -1)
+        elif key == "attention_mask":
+            tail = value.new_ones(rows, len(ids))
+        else:
+            tail = value.new_zeros(rows, len(ids))
+        out[key] = torch.cat([value, tail], dim=1)
+    return out
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as ``generate`` computes them for left-padded rows."""
     pos = attention_mask.long().cumsum(-1) - 1

@@ -82,9 +82,28 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
     assert [r["prompt"] for r in rows] == BENIGN  # input order kept, fields copied
     assert all(r["label"] == "benign" and isinstance(r["p_unsafe"], float) for r in rows)
 
+    prefilled = tmp_path / "prefilled.jsonl"  # a prefilling attack: the turn begun for the model
+    assert main(["generate", "--model", str(model_dir), "--pack", str(pack), "--input", str(b), "--output", str(prefilled),
+                 "--max-new-tokens", "3", "--response-prefix", "Sure, here is"]) == 0
+    pre_rows = [json.loads(line) for line in prefilled.read_text().splitlines()]
+    assert all(r["response_prefix"] == "Sure, here is" for r in pre_rows)
+    assert [r["p_unsafe"] for r in pre_rows] != [r["p_unsafe"] for r in rows]  # gated at the prefix's last token
+    assert main(["eval", "--model", str(model_dir), "--pack", str(pack), "--benign", str(b), "--out", str(tmp_path / "ev-pre"),
+                 "--max-new-tokens", "2", "--settings", "autosteer", "--response-prefix", "Sure, here is"]) == 0
+    assert json.loads((tmp_path / "ev-pre" / "report.json").read_text())["response_prefix"] == "Sure, here is"
+    capsys.readouterr()
+
+    # monitor mode on a prefill-only pack: refused before the model loads, unless a threshold is given
+    for argv in (["eval", "--harmful", str(h), "--settings", "autosteer,monitor", "--out", str(tmp_path / "no")],
+                 ["generate", "--input", str(b), "--output", str(tmp_path / "no.jsonl"), "--mode", "monitor"]):
+        assert main([*argv, "--model", str(model_dir), "--pack", str(pack)]) == 2
+        assert "monitor mode needs a pack fitted with --monitor-prompts N" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "no.jsonl").exists()
+
     report_dir = tmp_path / "eval"
     assert main(["eval", "--model", str(model_dir), "--pack", str(pack), "--harmful", str(h), "--benign", str(b),
-                 "--out", str(report_dir), "--max-new-tokens", "2", "--settings", "unsteered,always,autosteer,monitor"]) == 0
+                 "--out", str(report_dir), "--max-new-tokens", "2", "--settings", "unsteered,always,autosteer,monitor",
+                 "--tau-monitor", "0.9"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert set(report["sets"]) == {"harmful.txt", "benign.jsonl"}
     for s in report["sets"].values():
@@ -159,6 +178,8 @@ def test_long_prompts_are_cut_in_the_middle_with_a_warning(tiny_tokenizer):
     (["fit", "--layer-rule", "depth:1.5"], "the depth must be a fraction"),
     (["eval", "--settings", "unsteered,autosteeer"], "'autosteeer' unknown"),
     (["eval", "--settings", ","], "give a comma list of"),
+    (["eval", "--response-prefix", " "], "the response prefix is empty"),
+    (["generate", "--input", "x.jsonl", "--output", "o.jsonl", "--response-prefix", ""], "the response prefix is empty"),
 ])
 def test_bad_options_stop_before_any_work(argv, msg, capsys):
     """Options are checked when the command line is parsed: no model load, no generation first."""

@@ -34,6 +34,7 @@ from _steer_cases import (  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from autosteer.kernels import steer_step as ks  # noqa: E402
+import autosteer.runtime.op  # noqa: E402,F401  (registers torch.ops.autosteer.steer_step_ref, used below)
 
 INTERPRETING = ks.interpreting()
 # fp16 overflow to inf is the expected result for huge logits; numpy (interpreter) warns about it

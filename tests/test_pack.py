@@ -31,6 +31,19 @@ def test_round_trip_is_exact(pack, tmp_path):
         assert torch.equal(loaded.tensors()[name], t), name
 
 
+def test_the_pack_gives_its_prompt_format_and_the_package_its_errors(pack, tmp_path):
+    """Serving code formats prompts with ``pack.prompt_format`` (the fit's system prompt and length cap
+    included), and the errors users catch are importable from ``autosteer``."""
+    import autosteer
+    from autosteer.prompting import PromptFormat
+    from autosteer.runtime.attach import AutoSteerFault
+
+    fmt = PromptFormat(system="Be brief.", max_prompt_tokens=100)
+    pack.meta["prompt_format"] = fmt.to_dict()
+    assert load_pack(pack.save(tmp_path / "p.safetensors")).prompt_format == fmt
+    assert autosteer.AutoSteerFault is AutoSteerFault and autosteer.PackError is PackError
+
+
 def test_save_is_atomic_and_validates(pack, tmp_path):
     pack.W1[0, 0] = float("nan")
     with pytest.raises(PackError, match="probe.W1 contains NaN"):

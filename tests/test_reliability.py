@@ -199,6 +199,23 @@ def test_output_logits_stay_raw_with_copy_scores(tiny_model, tiny_tokenizer):
     assert not torch.allclose(out.scores[0].float(), raw)
 
 
+def test_handle_generate_returns_what_generate_returned(tiny_model, tiny_tokenizer):
+    """handle.generate keeps generate's own output (scores, logits) beside the decisions, and its
+    output_logits stay the model's raw logits while the scores are the steered ones."""
+    ids, mask = encode_prompts(tiny_tokenizer, PROMPTS[:2], PromptFormat())
+    with torch.no_grad():
+        raw = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
+        out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, force=True,
+                         output_logits=True, output_scores=True, return_dict_in_generate=True)
+        plain = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    g = out.generate_output
+    assert torch.equal(g.sequences, out.sequences) and len(g.scores) == len(g.logits) == 2
+    torch.testing.assert_close(g.logits[0].float(), raw)
+    assert not torch.allclose(g.scores[0].float(), raw)
+    assert isinstance(plain.generate_output, torch.Tensor) and torch.equal(plain.generate_output, plain.sequences)
+
+
 def test_uncached_generation_from_a_one_token_prompt_is_one_generation(tiny_model, tiny_tokenizer):
     """use_cache=False re-runs the whole sequence each step; from a one-token prompt the second step was
     taken for a new prefill and the gate decided again on a generated token (found by review)."""

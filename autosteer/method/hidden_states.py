@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers, stop_token_ids
-from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, to_model
+from ..prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, encode_batch,
+                         position_ids_from_mask, to_model)
 
 
 def _hidden_arg(args, kwargs):
@@ -30,8 +31,10 @@ def last_token_states(
     layers: list[int] | None = None,
     desc: str = "hidden states",
     progress: bool = True,
+    response_prefix: str = "",
 ) -> torch.Tensor:
-    """``[n_prompts, n_layers, H]`` fp32 states at the last prompt token (layers = all by default)."""
+    """``[n_prompts, n_layers, H]`` fp32 states at the last prompt token (layers = all by default;
+    with a ``response_prefix``, the assistant turn begun with it: the state at its last token)."""
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
     store: dict[int, torch.Tensor] = {}
@@ -47,33 +50,13 @@ def last_token_states(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            inputs = to_model(encode_batch(tokenizer, [prompts[i] for i in idx], fmt), model)
+            inputs = to_model(append_response_prefix(encode_batch(tokenizer, [prompts[i] for i in idx], fmt),
+                                                     tokenizer, fmt, response_prefix), model)
             model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
             out[idx] = torch.stack([store[l] for l in layers], dim=1)
     finally:
         for h in handles:
             h.remove()
-    return out
-
-
-def _append_tokens(inputs: dict, ids: torch.Tensor) -> dict:
-    """Left-padded model inputs with the same text tokens ``ids`` appended to every row (the rows end
-    together, so appending keeps them aligned). Other per-token integer tensors a processor makes
-    (token type ids and the like) are extended with zeros: the appended tokens are text. Image tensors
-    are left as they are."""
-    rows, width = inputs["input_ids"].shape
-    out = dict(inputs)
-    for key, value in inputs.items():
-        if (not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point()
-                or tuple(value.shape) != (rows, width)):
-            continue
-        if key == "input_ids":
-            tail = ids.to(value.dtype).expand(rows, -1)
-        elif key == "attention_mask":
-            tail = value.new_ones(rows, len(ids))
-        else:
-            tail = value.new_zeros(rows, len(ids))
-        out[key] = torch.cat([value, tail], dim=1)
     return out
 
 
@@ -115,12 +98,6 @@ def generated_token_states(
     stop = stop_token_ids(model)  # where the runtime stops probing a row
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
     stop_ids = torch.tensor(stop, dtype=torch.long)
-    prefix_ids = None
-    if response_prefix:
-        # without a chat template there is no assistant turn to begin: the prefix starts a new line
-        templated = fmt.chat_template and getattr(tok, "chat_template", None)
-        text = response_prefix if templated else "\n" + response_prefix
-        prefix_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)
@@ -128,10 +105,8 @@ def generated_token_states(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            inputs = encode_batch(tokenizer, [prompts[i] for i in idx], fmt)
-            if prefix_ids is not None:
-                inputs = _append_tokens(inputs, prefix_ids)
-            inputs = to_model(inputs, model)
+            inputs = to_model(append_response_prefix(encode_batch(tokenizer, [prompts[i] for i in idx], fmt),
+                                                     tokenizer, fmt, response_prefix), model)
             width = inputs["input_ids"].shape[1]
             steps.clear()
             # one more step than tokens kept: the state of generated token j is read when it is fed back

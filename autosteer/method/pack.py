@@ -127,6 +127,13 @@ class SteerPack:
         return int(self.meta["hidden_size"])
 
     @property
+    def prompt_format(self):
+        """How prompts were formatted at fit time (:class:`autosteer.prompting.PromptFormat`): serve them the same way."""
+        from ..prompting import PromptFormat
+
+        return PromptFormat.from_dict(self.meta["prompt_format"])
+
+    @property
     def has_monitor_probe(self) -> bool:
         return self.monitor is not None
 

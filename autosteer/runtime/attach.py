@@ -38,6 +38,9 @@ class SteeredOutput:
     p_unsafe: torch.Tensor  # [B] float32: probe score at the last prompt token (NaN where not probed)
     latched_at: torch.Tensor  # [B] int32: decode step of the first trigger, -1 if never
     gate: torch.Tensor  # [B] bool: the gate's prefill decision (with force=False: what it would have done)
+    # generate's own return value: the same sequences, plus scores / logits / hidden states when the
+    # call asked for them (return_dict_in_generate=True, output_scores=True, ...)
+    generate_output: object = None
 
 
 class AutoSteerHandle:
@@ -162,8 +165,10 @@ class AutoSteerHandle:
 
         self._check_attached()
         # rows end on the call's eos / pad ids (monitor mode stops probing them)
+        # output_logits must stay the model's raw logits: steer a copy then (the scores are the steered ones)
+        raw_logits = bool(getattr(gc, "output_logits", None) if gc is not None else generate_kwargs.get("output_logits"))
         proc = AutoSteerLogitsProcessor(self, mode or self.mode, force, stop_ids=stop_token_ids(self.model, gc),
-                                        prompt_mask=generate_kwargs.get("attention_mask"))
+                                        prompt_mask=generate_kwargs.get("attention_mask"), copy_scores=raw_logits)
         extra = generate_kwargs.pop("logits_processor", None) or []
         generate_kwargs = to_model(generate_kwargs, self.model)  # inputs (and image tensors) on the model's device/dtype
         with self._lock, torch.no_grad():
@@ -175,8 +180,9 @@ class AutoSteerHandle:
         if proc.latched is None:  # generate produced no token
             b = sequences.shape[0]
             no = torch.zeros(b, dtype=torch.bool)
-            return SteeredOutput(sequences, no, torch.full((b,), float("nan")), torch.full((b,), -1, dtype=torch.int32), no)
-        return SteeredOutput(sequences, proc.latched.cpu(), proc.p_unsafe.cpu(), proc.latched_at.cpu(), proc.gate.cpu())
+            return SteeredOutput(sequences, no, torch.full((b,), float("nan")), torch.full((b,), -1, dtype=torch.int32), no,
+                                 seqs)
+        return SteeredOutput(sequences, proc.latched.cpu(), proc.p_unsafe.cpu(), proc.latched_at.cpu(), proc.gate.cpu(), seqs)
 
     def detach(self) -> None:
         """Remove the hooks; the model is exactly as before. Safe to call twice."""
