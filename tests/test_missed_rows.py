@@ -81,3 +81,20 @@ def test_report_says_which_probe_scored_generated_tokens():
     assert "scored by the prefill probe against tau_monitor 0.99 (the pack has no monitor probe: its prefill probe scores them)" in md
     md = markdown_report({**base, "monitor_probe": False, "tau_monitor_fallback": True, "monitor_training": None})
     assert "(a prefill-only pack: the prompt threshold, the probe never saw responses)" in md
+
+
+def test_response_lengths_count_cut_short_answers():
+    """benchmarks/response_lengths.py: per set and setting, how many answers are short (the judge counts
+    an answer that just ends its sentence as answered; its length shows it was cut)."""
+    import response_lengths
+
+    report = {"settings": ["autosteer", "monitor"], "sets": {"attacks": {}, "questions": {}}}
+    rows = [{"set": "attacks", "setting": "autosteer", "response": "a b c", "steered": True, "refused": False},
+            {"set": "attacks", "setting": "autosteer", "response": "a b c d e f g h", "steered": False, "refused": False},
+            {"set": "attacks", "setting": "monitor", "response": "a", "steered": True, "refused": True},
+            {"set": "questions", "setting": "autosteer", "response": "a b c d e f", "steered": False, "refused": False}]
+    table = response_lengths.length_table(report, rows, lambda s: len(s.split()), short=4).splitlines()
+    assert table[2] == "| attacks | autosteer | 2 | 1 | 0 | 5.5 | 1 | 3 | 1 |"
+    assert table[3] == "| attacks | monitor | 1 | 1 | 1 | 1 | 1 | 1 | 1 |"
+    assert table[4] == "| questions | autosteer | 1 | 0 | 0 | 6 | 0 | -- | -- |"
+    assert len(table) == 5  # no row for a setting a set lacks
