@@ -49,7 +49,7 @@ def generate_batch(handle, tokenizer, prompts: list[PromptLike], setting: str = 
     the gate reads its last token -- and the response (what the judge reads) is what follows it."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {list(SETTINGS)}, got {setting!r}")
-    fmt = fmt or PromptFormat.from_dict(handle.pack.meta["prompt_format"])
+    fmt = fmt or handle.pack.prompt_format
     opts = SETTINGS[setting]
     if int(generate_kwargs.get("num_return_sequences", 1) or 1) != 1:
         raise ValueError("generate_batch makes one response per prompt: num_return_sequences must be 1")
@@ -164,7 +164,7 @@ def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int =
     ``response_prefix``, at its last token, as :func:`generate_batch` serves it)."""
     from .method.hidden_states import last_token_states
 
-    fmt = PromptFormat.from_dict(handle.pack.meta["prompt_format"])
+    fmt = handle.pack.prompt_format
     x = last_token_states(handle.model, tokenizer, prompts, fmt, batch_size, layers=[handle.pack.layer], progress=False,
                           response_prefix=response_prefix)
     return handle.probe_scores(x[:, 0].to(handle.W1.device)).cpu().tolist()
