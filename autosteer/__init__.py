@@ -5,41 +5,47 @@ Three places hold the code:
 - ``autosteer.runtime``: serving (capture hooks, the per-step op, the LogitsProcessor, ``attach``).
 - ``autosteer.kernels``: the fused Triton kernels (the top-level ``kernels/`` folder of the
   source tree, installed as ``autosteer.kernels``).
+
+Importing ``autosteer`` is cheap: the public names below load torch/transformers on first use.
 """
 from __future__ import annotations
 
-import importlib.util as _ilu
-import sys as _sys
 from pathlib import Path as _Path
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+#: the shipped steer pack of the default model (SmolLM2-135M-Instruct), package data
+DEFAULT_PACK_NAME = "smollm2-135m-instruct.pack.safetensors"
+
+_LAZY = {
+    "attach": "runtime.attach", "AutoSteerHandle": "runtime.attach", "AutoSteerFault": "runtime.attach",
+    "SteerPack": "method.pack", "load_pack": "method.pack", "PackError": "method.pack",
+}
+
+__all__ = ["__version__", "DEFAULT_PACK_NAME", "default_pack_path", *_LAZY]
+_SUBPACKAGES = ["method", "runtime", "integrations", "kernels"]
 
 
-def _map_source_tree_kernels() -> None:
-    """In a source checkout, expose ``<repo>/kernels`` as ``autosteer.kernels`` (the wheel maps it)."""
-    here = _Path(__file__).resolve().parent
-    if (here / "kernels").is_dir() or "autosteer.kernels" in _sys.modules:
-        return
-    init = here.parent / "kernels" / "__init__.py"
-    if not init.is_file():
-        return
-    spec = _ilu.spec_from_file_location("autosteer.kernels", init, submodule_search_locations=[str(init.parent)])
-    module = _ilu.module_from_spec(spec)
-    _sys.modules["autosteer.kernels"] = module
-    spec.loader.exec_module(module)
-    globals()["kernels"] = module
+def default_pack_path() -> _Path:
+    """Path of the steer pack shipped for the default model (SmolLM2-135M-Instruct).
+
+    It is the pack ``autosteer fit`` writes with its defaults on that model (its metadata records
+    the fit configuration); ``autosteer demo``, ``generate`` and ``eval`` use it when no ``--pack``
+    is given for the default model.
+    """
+    path = _Path(__file__).resolve().parent / "packs" / DEFAULT_PACK_NAME
+    if not path.is_file():  # a broken install; never fall back to an unsteered run
+        raise FileNotFoundError(f"the shipped default pack is missing: {path} (reinstall autosteer-kernels)")
+    return path
 
 
-_map_source_tree_kernels()
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'autosteer' has no attribute {name!r}")
 
 
-def __getattr__(name):  # lazy: importing autosteer must not import torch/transformers
-    if name in ("attach", "AutoSteerHandle", "AutoSteerFault"):
-        from .runtime import attach as _attach
-
-        return getattr(_attach, name)
-    if name in ("SteerPack", "load_pack", "PackError"):
-        from .method import pack as _pack
-
-        return getattr(_pack, name)
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBPACKAGES])

