@@ -173,7 +173,7 @@ def dev_sets(per_kind: int, seed: int = 0) -> dict[str, tuple[list[ImagePrompt],
 def with_cross_modal(data, per_kind: int, seed: int = 0):
     """``data`` (a :class:`autosteer.method.fit.FitData`) plus ``per_kind`` cross-modal prompts of
     each kind made from its own harmful texts (label 1) and benign texts (label 0)."""
-    from .method.fit import FitData
+    import dataclasses  # replace(): any FitData-like dataclass; this module stays below the fit (no import of it)
 
     harmful_texts = [p for p in data.harmful if isinstance(p, str)]
     benign_texts = [p for p in data.benign if isinstance(p, str)]
@@ -187,5 +187,4 @@ def with_cross_modal(data, per_kind: int, seed: int = 0):
     counts = dict(sources.get("counts", {}))
     counts.update({"harmful": len(data.harmful) + len(mm_h), "benign": len(data.benign) + len(mm_b)})
     sources["counts"] = counts
-    kept = {k: v for k, v in vars(data).items() if k not in ("harmful", "benign", "sources")}
-    return FitData(harmful=list(data.harmful) + mm_h, benign=list(data.benign) + mm_b, sources=sources, **kept)
+    return dataclasses.replace(data, harmful=list(data.harmful) + mm_h, benign=list(data.benign) + mm_b, sources=sources)
