@@ -98,6 +98,12 @@ __all__ = [
     "default_splits",
     "assert_disjoint",
     "load_prompt_file",
+    "GENRES",
+    "hash_split",
+    "load_genre_prompts",
+    "genre_splits",
+    "load_contrast_pairs",
+    "contrast_pair_splits",
 ]
 
 HARMFUL = 1
@@ -745,6 +751,72 @@ def default_splits(
     # harmful vs benign inside fit must not collide either
     assert_disjoint({"fit_harmful": fit_harmful, "benign": fit_benign}, fit=["fit_harmful"])
     return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Benign genres and safe/unsafe contrast pairs (issue 17), split by a stable hash of the text
+# --------------------------------------------------------------------------------------------
+_GENRES_DIR = _PROJECT_PROMPTS / "genres"
+#: the benign genre files under ``autosteer/fit_prompts/genres/`` (``<genre>.txt``)
+GENRES = ("math", "code", "sysadmin", "violent_words", "sports_games", "cooking", "health", "law", "history",
+          "fiction_writing", "chat")
+
+
+def hash_split(text: str, salt: str = "genre-split") -> str:
+    """``"fit"`` or ``"dev"`` for ``text``: the parity of a SHA-256 of ``salt`` and the normalised text.
+
+    Stable: a line's split depends on its own text only (adding or reordering lines moves nothing), and
+    two prompts that normalise alike land on the same side. About half of the lines go to each side."""
+    import hashlib
+
+    h = hashlib.sha256(f"{salt}\x00{normalize_text(text)}".encode("utf-8")).digest()
+    return "fit" if h[0] % 2 == 0 else "dev"
+
+
+@functools.lru_cache(maxsize=None)
+def load_genre_prompts() -> dict[str, tuple[Prompt, ...]]:
+    """The hand-written benign genre prompts: ``{genre: prompts}`` (label 0, ``category`` = genre,
+    ``meta["split"]`` = :func:`hash_split`). See ``autosteer/fit_prompts/README.md``."""
+    out = {}
+    for genre in GENRES:
+        path = _GENRES_DIR / f"{genre}.txt"
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre:{genre}", genre, meta={"line": i + 1, "split": hash_split(t)})
+                           for i, t in enumerate(lines))
+    return out
+
+
+def genre_splits(split: str) -> dict[str, list[Prompt]]:
+    """``{genre: prompts}`` of one side (``"fit"`` or ``"dev"``) of the genre files. Dev halves are never
+    fitted, calibrated or tuned on."""
+    if split not in ("fit", "dev"):
+        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    return {g: [p for p in ps if p.meta["split"] == split] for g, ps in load_genre_prompts().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def load_contrast_pairs() -> tuple[tuple[Prompt, Prompt], ...]:
+    """The hand-written safe/unsafe contrast pairs (``genres/contrast_pairs.jsonl``) as ``(safe, unsafe)``
+    prompts sharing ``pair_id`` and ``category`` (the shared word). A pair stays together: its side is
+    :func:`hash_split` of the safe text (salt ``"contrast-split"``), in ``meta["split"]`` of both."""
+    path = _GENRES_DIR / "contrast_pairs.jsonl"
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        side = hash_split(row["safe"], "contrast-split")
+        meta = {"line": n, "split": side}
+        out.append((Prompt(row["safe"].strip(), BENIGN, "autosteer_contrast_safe", row.get("topic"), str(n), meta),
+                    Prompt(row["unsafe"].strip(), HARMFUL, "autosteer_contrast_unsafe", row.get("topic"), str(n), meta)))
+    return tuple(out)
+
+
+def contrast_pair_splits(split: str) -> list[tuple[Prompt, Prompt]]:
+    """The ``(safe, unsafe)`` contrast pairs of one side (``"fit"`` or ``"dev"``)."""
+    if split not in ("fit", "dev"):
+        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    return [pair for pair in load_contrast_pairs() if pair[0].meta["split"] == split]
 
 
 # --------------------------------------------------------------------------------------------
