@@ -62,6 +62,8 @@ def test_wheel_is_pure_and_carries_sources_pack_and_metadata(dists):
         meta = zf.read(meta_name).decode()
     need = {"autosteer/_csrc/steer_step_cpu.cpp", "autosteer/_csrc/torch_bindings.cpp", "autosteer/kernels/__init__.py",
             "autosteer/kernels/steer_step.py", "autosteer/py.typed", PACK}
+    need |= {str(p.relative_to(REPO)) for p in (REPO / "autosteer" / "fit_prompts").rglob("*") if p.is_file()}
+    need |= {f"autosteer/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
     assert not need - names, f"missing from the wheel: {sorted(need - names)}"
     assert not any(n.endswith(".so") for n in names)
     assert not any(n.startswith(("kernels/", "tests/", "csrc/")) for n in names)  # nothing top-level but autosteer
