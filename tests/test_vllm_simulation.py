@@ -494,10 +494,12 @@ def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
 
 
-def _fake_vllm_modules(monkeypatch, *, runner_imported: bool):
+def _fake_vllm_modules(monkeypatch, *, runner_imported: bool, version=(0, 33)):
     """The two vLLM 0.33.0 modules the startup guard patches, as stand-ins with vLLM's behaviour:
     ``build_logitsprocs`` skips entry-point processors when speculative decoding is on (returns only
-    the built-in min-tokens processor), and the V1 model runner imports that function by name."""
+    the built-in min-tokens processor), and the V1 model runner imports that function by name.
+    ``version``: what the guard reads as the installed vLLM's (major, minor)."""
+    monkeypatch.setattr(avllm._VLLM, "version", staticmethod(lambda: version))
     import sys
     import types
 
@@ -570,14 +572,14 @@ def test_startup_guard_fails_closed_when_vllm_lacks_the_patch_point(monkeypatch)
 
 
 def test_setup_registers_the_startup_guard_entry_point():
-    import ast
+    """Both vLLM entry points are declared by the package metadata (pyproject.toml's [project.entry-points])."""
     from pathlib import Path
 
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
-    eps = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
-               for kw in node.keywords if kw.arg == "entry_points")
-    eps = ast.literal_eval(eps)
-    assert eps["vllm.general_plugins"] == ["autosteer_guard=autosteer.integrations.vllm:install_startup_guard"]
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    eps = meta["project"]["entry-points"]
+    assert eps["vllm.general_plugins"] == {"autosteer_guard": "autosteer.integrations.vllm:install_startup_guard"}
+    assert eps["vllm.logits_processors"] == {"autosteer": "autosteer.integrations.vllm:AutoSteerVLLMLogitsProcessor"}
     assert callable(avllm.install_startup_guard)
 
 

