@@ -11,10 +11,20 @@
 #      without the AutoSteer plugin (needs autosteer installed in that Python so the
 #      vllm.logits_processors entry point exists: AUTOSTEER_SKIP_NATIVE_BUILD=1 pip install
 #      --no-deps --no-build-isolation .), skipped otherwise.
-# Everything it writes goes to $OUT if set (else benchmarks/results): gpu_check.log, gpu_graph.json,
-# gpu_tests.xml, bench_op_cuda.{csv,md}, vllm_e2e.json, vllm_e2e_v2.json. Exit status 0 only if every step passed.
-#   bash benchmarks/gpu_check.sh                 # full (~5-8 min once the machine is up)
-#   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark configs
+# Everything it writes goes to $OUT if set (else benchmarks/results): gpu_check.log (the GPU's name
+# first), gpu_name.txt, gpu_graph.json, gpu_tests.xml, bench_op_cuda.{csv,md}, vllm_e2e.json,
+# vllm_e2e_v2.json. Exit status 0 only if every step passed (a step skipped for lack of time fails).
+#
+# Time plan: the whole script fits 10 minutes (a GPU is usually lent for 15, start-up included).
+# Every command runs under `timeout` with its own budget, and no budget runs past a 9-minute
+# deadline (BUDGET_S=540). The budgets of the main path add up to 525 s: environment 90
+# (imports 15 + 15 + 15, pip install 45 only if needed), CUDA graph 75, tests 150 (all of them: no
+# -x; a time-out sends SIGINT, so pytest still reports and writes the junit XML), benchmark 75,
+# vLLM V1 135 (import 15, make 20, plain 45, steered 45, compare 10). The Model Runner V2 runs
+# (45 + 45 + 10) only get what the steps before left over. A command without at least 15 s left
+# is skipped and counts as failed.
+#   bash benchmarks/gpu_check.sh                 # quick benchmark configs (the default)
+#   QUICK=0 BUDGET_S=900 bash benchmarks/gpu_check.sh   # every benchmark config (needs more time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -29,20 +39,31 @@ export AUTOSTEER_FUZZ_EXAMPLES="${AUTOSTEER_FUZZ_EXAMPLES:-80}"
 export AUTOSTEER_SKIP_JIT_TEST=1             # the JIT-build test is a CPU concern, checked elsewhere
 PY="${PYTHON:-python}"
 status=0
-step() { echo; echo "=== $* ($(date +%T))"; }
+BUDGET_S="${BUDGET_S:-540}"
+DEADLINE=$((SECONDS + BUDGET_S))
+step() { echo; echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
+# budget N: N seconds, or what is left before the deadline if less; 0 (skip the step) under 15 s
+budget() { local left=$((DEADLINE - SECONDS)); if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi; }
+# run N cmd...: cmd under `timeout` (signal $TIMEOUT_SIGNAL, default TERM; KILL 10 s later) with
+# budget N; a command without time left is reported and fails
+run() { local t; t=$(budget "$1"); shift; if [ "$t" -eq 0 ]; then echo "SKIPPED (out of time): $*"; return 124; fi
+        timeout -s "${TIMEOUT_SIGNAL:-TERM}" -k 10 "$t" "$@"; local rc=$?
+        [ "$rc" -eq 124 ] && echo "TIMED OUT after $t s: $*"; return "$rc"; }
 
 step "environment"
+echo "GPU:"
+nvidia-smi --query-gpu=name --format=csv | tee "$RESULTS/gpu_name.txt" || echo "nvidia-smi failed: GPU name unknown"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| triton', triton.__version__)" || { echo "torch/triton/CUDA unusable"; exit 2; }
-if ! "$PY" -c "import autosteer.runtime.op" >/dev/null 2>&1; then
-  "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . >"$RESULTS/pip_install.log" 2>&1 \
+run 15 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| triton', triton.__version__)" || { echo "torch/triton/CUDA unusable"; exit 2; }
+if ! run 15 "$PY" -c "import autosteer.runtime.op" >/dev/null 2>&1; then
+  run 45 "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . >"$RESULTS/pip_install.log" 2>&1 \
     || echo "pip install failed (see pip_install.log): using the source tree"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import autosteer.runtime.op as op; print('backends', op.available_backends(), 'cpp via', op.native_backend())" || status=1
+run 15 "$PY" -c "import autosteer.runtime.op as op; print('backends', op.available_backends(), 'cpp via', op.native_backend())" || status=1
 
 step "CUDA graph capture / replay of a processor-like step"
-timeout 300 "$PY" - "$RESULTS/gpu_graph.json" <<'PYEOF' || status=1
+run 75 "$PY" - "$RESULTS/gpu_graph.json" <<'PYEOF' || status=1
 import json, sys, time
 import torch
 from autosteer.runtime import op
@@ -128,17 +149,17 @@ print("graph check:", "PASS" if all(r["ok"] for r in results.values()) else "FAI
 sys.exit(0 if all(r["ok"] for r in results.values()) else 1)
 PYEOF
 
-step "kernel and op tests on CUDA"
-timeout 480 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernel_triton.py tests/test_op.py \
+step "kernel and op tests on CUDA (all of them, no -x)"
+TIMEOUT_SIGNAL=INT run 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_triton.py tests/test_op.py \
   --junitxml="$RESULTS/gpu_tests.xml" || status=1
 
 step "benchmark"
-if [ "${QUICK:-0}" = "1" ]; then
+if [ "${QUICK:-1}" = "1" ]; then
   BENCH_ARGS=(--shapes smollm2 qwen2-7b --batches 1 16 256)
 else
   BENCH_ARGS=()
 fi
-timeout 420 "$PY" benchmarks/bench_op.py --device cuda --out-dir "$RESULTS" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || status=1
+run 75 "$PY" benchmarks/bench_op.py --device cuda --out-dir "$RESULTS" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} || status=1
 
 step "vLLM end to end: a tiny Llama with and without the AutoSteer plugin"
 # Guarded: runs only where vLLM (CUDA) is installed in this Python; the device machine
@@ -146,7 +167,7 @@ step "vLLM end to end: a tiny Llama with and without the AutoSteer plugin"
 # pack with tau at the median prompt score: about half the prompts gate). Per runner three processes:
 # plain vLLM, vLLM + AutoSteer (entry point or FQCN), then the comparison with transformers +
 # AutoSteer. Writes vllm_e2e.json (V1 runner) and vllm_e2e_v2.json (Model Runner V2). SKIP_VLLM=1 skips it.
-if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" >/dev/null 2>&1; then
+if [ "${SKIP_VLLM:-0}" != "1" ] && run 15 "$PY" -c "import vllm" >/dev/null 2>&1; then
   E2E="$(mktemp -d)"
   cat > "$E2E/e2e.py" <<'PYEOF'
 import json, os, sys, time
@@ -218,23 +239,23 @@ else:
 PYEOF
   export AUTOSTEER_ROOT="$ROOT"
   {
-    "$PY" "$E2E/e2e.py" make "$E2E" &&
-    VLLM_USE_V2_MODEL_RUNNER=0 timeout 300 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
+    run 20 "$PY" "$E2E/e2e.py" make "$E2E" &&
+    VLLM_USE_V2_MODEL_RUNNER=0 run 45 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
     VLLM_USE_V2_MODEL_RUNNER=0 AUTOSTEER_PACK="$E2E/tiny.pack.safetensors" AUTOSTEER_MODE=prefill \
-      timeout 300 "$PY" "$E2E/e2e.py" steered "$E2E" &&
-    "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e.json"
+      run 45 "$PY" "$E2E/e2e.py" steered "$E2E" &&
+    run 10 "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e.json"
   } || status=1
   # Model Runner V2 (vLLM 0.33's default on CUDA): the same requests, the same reference
   {
-    E2E_TAG=_v2 VLLM_USE_V2_MODEL_RUNNER=1 timeout 300 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
+    E2E_TAG=_v2 VLLM_USE_V2_MODEL_RUNNER=1 run 45 env -u AUTOSTEER_PACK "$PY" "$E2E/e2e.py" plain "$E2E" &&
     E2E_TAG=_v2 VLLM_USE_V2_MODEL_RUNNER=1 AUTOSTEER_PACK="$E2E/tiny.pack.safetensors" AUTOSTEER_MODE=prefill \
-      timeout 300 "$PY" "$E2E/e2e.py" steered "$E2E" &&
-    E2E_TAG=_v2 "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e_v2.json"
+      run 45 "$PY" "$E2E/e2e.py" steered "$E2E" &&
+    E2E_TAG=_v2 run 10 "$PY" "$E2E/e2e.py" compare "$E2E" "$RESULTS/vllm_e2e_v2.json"
   } || status=1
-  "$PY" -c "import importlib.metadata as m; print('autosteer vllm entry point:', [e.value for e in m.entry_points(group='vllm.logits_processors')])"
+  run 10 "$PY" -c "import importlib.metadata as m; print('autosteer vllm entry point:', [e.value for e in m.entry_points(group='vllm.logits_processors')])"
 else
   echo "vLLM not installed in this Python (or SKIP_VLLM=1): skipped"
 fi
 
-step "done: status $status (results in $RESULTS)"
+step "done: status $status in $SECONDS s (results in $RESULTS; GPU: $(tail -n +2 "$RESULTS/gpu_name.txt" 2>/dev/null | head -1))"
 exit $status

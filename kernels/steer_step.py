@@ -38,10 +38,32 @@ block ``s * blocks_per_split``. Why:
 
 Costs (not measured on a GPU yet): a latched row moves V logits in and out and reads V x r of
 U (shared between rows through L2); a probed row costs each of its ``n_splits`` programs an
-F x H read of W1 (from L2), which is why splits are capped at ``V / (8 BLOCK_V)``. Tiles are
-32 x 64 (probe) and <= 64 x 64 (U). Register use is not measured on a GPU: an offline sm_90 compile
-(``ptxas -v``, no device) of the test configurations reported 128-211 registers per thread and no
-spills; what that does to occupancy at serving sizes is for the GPU check to measure.
+F x H read of W1 (from L2), which is why each program streams at least 8 U tiles of 4096
+elements (splits <= ``V BLOCK_R / 32768``). The bytes model
+is ``autosteer.kernels.aot.bytes_per_call``. Tiles are 32 x 64 (probe) and 256 x 16, 128 x 32,
+32 x 64 or (r > 64) 64 x 64 (U).
+Resources, from ahead-of-time compiles of every variant serving can launch for sm_80 and sm_90
+(``tests/test_aot.py``; tables in ``benchmarks/results/aot_sm{80,90}.md``; triton 3.9, 4 warps per
+program): no spills, no stack, 64 B-2 KB of shared memory (reduction scratch), and 44-64 registers
+per thread (sm_80 52-64, sm_90 44-60) wherever the vocabulary is a multiple of 16, so 8 or more
+programs fit an SM's register file; up to 80 (sm_80) / 72 (sm_90) where it is not (logit rows and
+r-major U columns are then not 16-byte aligned: scalar loads with a 64-bit address each). An
+earlier note here said 128-211 registers: that was out of date.
+
+Compiled variants. Only dtypes, the tile constexprs (``BLOCK_*``, ``T_IN_REGS``, ``OUT_BF16``),
+``HAS_ROW_PROBE`` (it also changes ``row_probe``'s pointer type) and the alignment of the vector
+operands select a variant; ``nan_latches`` and ``has_row_tau`` are run-time scalars, and the
+per-row scalar operands (row indices, flags, ``p_out``, ``row_tau``, their strides) and the sizes
+``N``, ``M``, ``P`` and the grid numbers are never specialised, so speculative positions (offset
+``p_out[j]`` views, rows with stride P) and changing token counts reuse one compiled kernel.
+
+Out-of-range row indices (the CPU paths raise instead; this kernel cannot): a probed row whose
+``probe_rows[b]`` is outside ``[0, N)`` (``N = probe_hidden.shape[0]``) reads nothing (the load
+index is clamped and masked) and scores ``p = NaN``, so the ``nan_latches`` policy decides its
+latch (fail closed latches it); a latched row whose ``head_rows[b]`` is outside ``[0, M)`` gets no
+logits writes (there is no hidden state to steer with) and ``p_out[b] = NaN`` marks it (its latch
+is kept). Either way no address outside the tensors is formed, so a bad index cannot become a
+sticky illegal-address error.
 
 No host synchronisation, no data-dependent allocation: the launcher only reads shapes,
 strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
@@ -53,6 +75,7 @@ TRITON_INTERPRET=1 before triton is first imported (the tests do).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -62,10 +85,21 @@ import triton.language as tl
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = (torch.int32, torch.int64)
 MAX_R_IN_REGISTERS = 64
-MIN_BLOCKS_PER_PROGRAM = 8
+MIN_BLOCKS_PER_PROGRAM = 8  # vocabulary blocks of U_TILE elements (BLOCK_V x BLOCK_R) each program streams
+U_TILE = 4096
+NUM_WARPS = 4
 
 
-@triton.jit(do_not_specialize=["blocks_per_split", "n_splits"])
+# Arguments that must not multiply compiled variants: runtime sizes and flags (Triton would turn a
+# value of 1 into a constant and give multiples of 16 an alignment hint, one variant each), and the
+# strides / pointers of what is read as one scalar per row (no vector access to gain from hints;
+# serving passes offset views such as the speculative positions' p_out[j] and rows with stride P).
+_NO_SPECIALIZE = ["prow_s", "pmask_s", "hrow_s", "lat_s", "pout_s", "rtau_s", "rprobe_s", "b2_s",
+                  "N", "M", "P", "blocks_per_split", "n_splits", "nan_latches", "has_row_tau"]
+_NO_ALIGN = ["prow_ptr", "pmask_ptr", "hrow_ptr", "lat_ptr", "pout_ptr", "rtau_ptr", "rprobe_ptr", "b2_ptr"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE, do_not_specialize_on_alignment=_NO_ALIGN)
 def steer_step_kernel(
     ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]
     prow_ptr, prow_s,  # probe_rows [B]
@@ -75,17 +109,16 @@ def steer_step_kernel(
     lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
     lat_ptr, lat_s,  # latched [B] bool, in place
     pout_ptr, pout_s,  # p_out [B] fp32
-    rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when HAS_ROW_TAU; else any pointer, never dereferenced)
+    rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when has_row_tau; else any pointer, never dereferenced)
     rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
     w1_ptr, w1_sp, w1_s0, w1_s1,  # W1 [P, F, H] fp32 (P = 1, w1_sp = 0 for a 2-D W1)
     b1_ptr, b1_sp, b1_s, w2_ptr, w2_sp, w2_s, b2_ptr, b2_s,  # b1 [P, F], w2 [P, F], b2 [P] fp32
     u_ptr, u_s0, u_s1,  # U [V, R]
     bt_ptr, bt_s0, bt_s1,  # Bt [R, H]
     t_ptr,  # fp32 scratch [B, n_splits, R] (read/written only when not T_IN_REGS)
-    H, F, V, R, P, blocks_per_split, n_splits,
+    H, F, V, R, P, N, M, blocks_per_split, n_splits,
     tau, one_plus_eps, eps,
-    NAN_LATCHES: tl.constexpr,
-    HAS_ROW_TAU: tl.constexpr,
+    nan_latches, has_row_tau,  # 0/1 at run time (scalar branches: one compiled variant for both)
     HAS_ROW_PROBE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -97,11 +130,12 @@ def steer_step_kernel(
     """One program = (batch row ``b``, vocabulary split ``s``).
 
     probe (if probe_mask[b]):  p = sigmoid(sum_f w2[f] * relu(sum_h W1[f,h] x[h] + b1[f]) + b2)
-    latch:                     latched[b] |= p > tau  (| isnan(p) when NAN_LATCHES;
-                               tau = row_tau[b] when HAS_ROW_TAU, one scalar load per probed row)
+    latch:                     latched[b] |= p > tau  (| isnan(p) when nan_latches;
+                               tau = row_tau[b] when has_row_tau, one scalar load per probed row)
     blend (if latched[b]):     t[k] = sum_h Bt[k,h] g[h];  for v in this split's blocks:
                                z[v] <- (1+eps) z[v] + eps * sum_k U[v,k] t[k]
     All sums in fp32; relu keeps NaN (like torch.relu) so a NaN hidden state gives p = NaN.
+    Row indices outside [0, N) / [0, M): see "Out-of-range row indices" in the module docstring.
     """
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -111,15 +145,19 @@ def steer_step_kernel(
     do_probe = tl.load(pmask_ptr + b * pmask_s) != 0
     if do_probe:
         prow = tl.load(prow_ptr + b * prow_s).to(tl.int64)
+        prow_ok = (prow >= 0) & (prow < N)
+        prow = tl.minimum(tl.maximum(prow, 0), tl.maximum(N - 1, 0))  # addresses stay in bounds
+        h_x = tl.where(prow_ok, H, 0)  # ... and an out-of-range row loads nothing
         x_base = ph_ptr + prow * ph_s0
         w1_base = w1_ptr
         b1_base = b1_ptr
         w2_base = w2_ptr
         b2_base = b2_ptr
-        k_nan = 0.0  # NaN when this row's probe index is out of range (added to the logit below)
+        # NaN when this row's probe index or probe row is out of range (added to the logit below)
+        k_nan = tl.where(prow_ok, 0.0, float("nan"))
         if HAS_ROW_PROBE:  # stacked probes: this row's probe
             k = tl.load(rprobe_ptr + b * rprobe_s).to(tl.int64)
-            k_nan = tl.where((k >= 0) & (k < P), 0.0, float("nan"))
+            k_nan = tl.where((k >= 0) & (k < P), k_nan, float("nan"))
             k = tl.minimum(tl.maximum(k, 0), P - 1)  # addresses stay in bounds
             w1_base = w1_ptr + k * w1_sp
             b1_base = b1_ptr + k * b1_sp
@@ -134,7 +172,7 @@ def steer_step_kernel(
             for h0 in range(0, H, BLOCK_H):
                 h = h0 + offs_h
                 hm = h < H
-                x = tl.load(x_base + h * ph_s1, mask=hm, other=0.0).to(tl.float32)
+                x = tl.load(x_base + h * ph_s1, mask=h < h_x, other=0.0).to(tl.float32)
                 m2 = fm[:, None] & hm[None, :]
                 w = tl.load(w1_base + f[:, None] * w1_s0 + h[None, :] * w1_s1, mask=m2, other=0.0)
                 acc += tl.sum(tl.where(m2, w * x[None, :], 0.0), axis=1)
@@ -144,19 +182,25 @@ def steer_step_kernel(
             s_vec += tl.where(fm, hid * w2, 0.0)
         s = tl.sum(s_vec, axis=0) + tl.load(b2_base) + k_nan
         p = 1.0 / (1.0 + tl.exp(-s))
-        if HAS_ROW_TAU:
-            fire = p > tl.load(rtau_ptr + b * rtau_s)
-        else:
-            fire = p > tau
-        if NAN_LATCHES:
+        thr = tau
+        if has_row_tau != 0:
+            thr = tl.load(rtau_ptr + b * rtau_s)
+        fire = p > thr
+        if nan_latches != 0:
             fire = fire | (p != p)
         latch = latch | fire
         if split == 0:
             tl.store(pout_ptr + b * pout_s, p)
             tl.store(lat_ptr + b * lat_s, latch)
 
+    hrow = b * 0
     if latch:
         hrow = tl.load(hrow_ptr + b * hrow_s).to(tl.int64)
+    bad_head = latch & ((hrow < 0) | (hrow >= M))  # nothing to steer with: no logits writes, p_out = NaN
+    if bad_head & (split == 0):
+        tl.store(pout_ptr + b * pout_s, float("nan"))
+    latch = latch & ~bad_head
+    if latch:
         g_base = hh_ptr + hrow * hh_s0
         offs_r = tl.arange(0, BLOCK_R)
         offs_v = tl.arange(0, BLOCK_V)
@@ -281,47 +325,83 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """What the launcher picks for one call: tile sizes (constexprs), the path for ``t``, the grid."""
+
+    block_h: int
+    block_f: int
+    block_v: int
+    block_r: int
+    t_in_regs: bool
+    num_splits: int
+    blocks_per_split: int
+
+
+def plan_launch(B: int, V: int, H: int, F: int, R: int, *, sm_count: int | None = None,
+                block_v: int | None = None, num_splits: int | None = None) -> LaunchPlan:
+    """The launcher's tiling and grid for sizes alone (pure: no tensors, no device queries).
+
+    ``sm_count``: the GPU's SM count (the CUDA rule below); None: the interpreter's rule (at most
+    two programs per row, so the multi-split path stays exercised). ``block_v`` / ``num_splits``
+    override the choice (tests, tuning). ``launch_config`` calls this; the AOT compile tests and
+    ``benchmarks/aot_resources.py`` call it too, so they compile what the launcher launches.
+    """
+    t_in_regs = R <= MAX_R_IN_REGISTERS
+    block_r = max(16, triton.next_power_of_2(R)) if t_in_regs else MAX_R_IN_REGISTERS
+    # 32 x 64 probe tiles; U tiles of 256 x 16, 128 x 32, 32 x 64 (r in (32, 64]: 64 x 64 took 72
+    # registers on sm_80, and 128-168 where U's columns are not 16-byte aligned) and 64 x 64 chunks
+    # for r > 64 (32 x 64 made ptxas spill there on sm_80); tests/test_aot.py checks every variant
+    block_h = max(16, min(64, triton.next_power_of_2(max(H, 1))))
+    block_f = max(16, min(32, triton.next_power_of_2(max(F, 1))))
+    if block_v is None:
+        block_v = 256 if block_r <= 16 else (128 if block_r <= 32 else (32 if t_in_regs else 64))
+    n_blocks = triton.cdiv(V, block_v) if V > 0 else 0
+    if num_splits is None:
+        if sm_count is not None:
+            # ~4 waves of programs, but each streams >= MIN_BLOCKS_PER_PROGRAM tiles of U_TILE
+            # elements (smaller tiles: more of them): a probed row's probe is recomputed by each of
+            # its programs, so more splits cost more L2 traffic.
+            target = 4 * sm_count
+            min_blocks = MIN_BLOCKS_PER_PROGRAM * max(1, U_TILE // (block_v * block_r))
+            num_splits = min(max(1, n_blocks // min_blocks), max(1, triton.cdiv(target, max(B, 1))))
+        else:
+            num_splits = min(2, max(1, n_blocks))
+    num_splits = max(1, int(num_splits))
+    blocks_per_split = triton.cdiv(n_blocks, num_splits) if n_blocks else 0
+    return LaunchPlan(block_h, block_f, block_v, block_r, t_in_regs, num_splits, blocks_per_split)
+
+
 def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None, *,
-                  block_v=None, num_splits=None):
-    """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync."""
+                  block_v=None, num_splits=None, sm_count=None):
+    """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync.
+
+    ``sm_count``: plan for a GPU with that many SMs instead of asking the device (ahead-of-time
+    compiles and cost models use it with ``meta`` tensors); by default CUDA tensors ask their
+    device and other tensors get the interpreter's plan.
+    """
     B, V = logits.shape
     H = probe_hidden.shape[1]
     F = W1.shape[-2]
     P = W1.shape[0] if W1.dim() == 3 else 1
     R = U.shape[1]
-    t_in_regs = R <= MAX_R_IN_REGISTERS
-    block_r = max(16, triton.next_power_of_2(R)) if t_in_regs else MAX_R_IN_REGISTERS
-    # 32 x 64 probe tiles and <= 64 x 64 U tiles (register use: see the module docstring; not
-    # measured on a GPU yet).
-    block_h = max(16, min(64, triton.next_power_of_2(max(H, 1))))
-    block_f = max(16, min(32, triton.next_power_of_2(max(F, 1))))
-    if block_v is None:
-        block_v = 256 if block_r <= 16 else (128 if block_r <= 32 else 64)
-    n_blocks = triton.cdiv(V, block_v) if V > 0 else 0
-    if num_splits is None:
-        if logits.device.type == "cuda":
-            # ~4 waves of programs, but >= MIN_BLOCKS_PER_PROGRAM blocks each: a probed row's
-            # probe is recomputed by each of its programs, so more splits cost more L2 traffic.
-            index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
-            target = 4 * _sm_count(index)
-            num_splits = min(max(1, n_blocks // MIN_BLOCKS_PER_PROGRAM), max(1, triton.cdiv(target, max(B, 1))))
-        else:  # interpreter: few programs, but keep the multi-split path exercised
-            num_splits = min(2, max(1, n_blocks))
-    num_splits = max(1, int(num_splits))
-    blocks_per_split = triton.cdiv(n_blocks, num_splits) if n_blocks else 0
-    if t_in_regs:
+    if sm_count is None and logits.device.type == "cuda":
+        index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+        sm_count = _sm_count(index)
+    plan = plan_launch(B, V, H, F, R, sm_count=sm_count, block_v=block_v, num_splits=num_splits)
+    if plan.t_in_regs:
         scratch = p_out  # never dereferenced when T_IN_REGS
     else:
-        scratch = torch.empty((B, num_splits, R), device=logits.device, dtype=torch.float32)
+        scratch = torch.empty((B, plan.num_splits, R), device=logits.device, dtype=torch.float32)
     has_row_tau = row_tau is not None
-    rtau = row_tau if has_row_tau else p_out  # never dereferenced without HAS_ROW_TAU
+    rtau = row_tau if has_row_tau else p_out  # never dereferenced without has_row_tau
     has_row_probe = row_probe is not None
     rprobe = row_probe if has_row_probe else probe_rows  # never dereferenced without HAS_ROW_PROBE
     stacked = W1.dim() == 3
     w1_sp, b1_sp, w2_sp = (W1.stride(0), b1.stride(0), w2.stride(0)) if stacked else (0, 0, 0)
     b2_s = b2.stride(0) if stacked else 0
-    grid = (B, num_splits)
+    grid = (B, plan.num_splits)
     args = (
         probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
         probe_rows, probe_rows.stride(0),
@@ -338,20 +418,19 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         U, U.stride(0), U.stride(1),
         Bt, Bt.stride(0), Bt.stride(1),
         scratch,
-        H, F, V, R, P, blocks_per_split, num_splits,
+        H, F, V, R, P, probe_hidden.shape[0], head_hidden.shape[0], plan.blocks_per_split, plan.num_splits,
         float(tau), float(1.0 + float(eps)), float(eps),
+        int(bool(nan_latches)), int(has_row_tau),
     )
     meta = dict(
-        NAN_LATCHES=bool(nan_latches),
-        HAS_ROW_TAU=has_row_tau,
         HAS_ROW_PROBE=has_row_probe,
-        BLOCK_H=block_h,
-        BLOCK_F=block_f,
-        BLOCK_V=block_v,
-        BLOCK_R=block_r,
-        T_IN_REGS=t_in_regs,
+        BLOCK_H=plan.block_h,
+        BLOCK_F=plan.block_f,
+        BLOCK_V=plan.block_v,
+        BLOCK_R=plan.block_r,
+        T_IN_REGS=plan.t_in_regs,
         OUT_BF16=logits.dtype == torch.bfloat16,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     return grid, args, meta
 

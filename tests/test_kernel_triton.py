@@ -8,10 +8,6 @@ TRITON_INTERPRET unset) to compile the kernel for CUDA instead; CPU cases are th
 """
 import os
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -29,12 +25,14 @@ from _steer_cases import (  # noqa: E402
     grid_id,
     grid_params,
     make_case,
+    run_reference,
     variant,
 )
 
 triton = pytest.importorskip("triton")
 from autosteer.kernels import steer_step as ks  # noqa: E402
 import autosteer.runtime.op  # noqa: E402,F401  (registers torch.ops.autosteer.steer_step_ref, used below)
+from autosteer.runtime.reference_op import steer_step_reference  # noqa: E402
 
 INTERPRETING = ks.interpreting()
 # fp16 overflow to inf is the expected result for huge logits; numpy (interpreter) warns about it
@@ -244,18 +242,21 @@ def test_row_tau_none_and_uniform_equal_scalar_tau(device):
 
 
 def test_row_tau_launch_config():
-    """HAS_ROW_TAU follows row_tau; without it the pointer slot holds p_out (never read) and the
-    config otherwise matches the call without row_tau."""
+    """row_tau is a run-time flag (no constexpr: one compiled variant with and without it);
+    without it the pointer slot holds p_out (never read) and the config otherwise matches."""
     case = make_case(B=5, H=37, V=101, r=8, seed=0, device=DEVICES[0])
     g0, a0, m0 = ks.launch_config(*case.call_args())
     rt = torch.rand(10, device=DEVICES[0])[::2]
     g1, a1, m1 = ks.launch_config(*case.call_args(), rt)
-    assert m0.pop("HAS_ROW_TAU") is False and m1.pop("HAS_ROW_TAU") is True
-    assert g0 == g1 and m0 == m1
-    names = [n for n in ks.steer_step_kernel.arg_names if n not in ks.launch_config(*case.call_args())[2]]
+    assert g0 == g1 and m0 == m1 and "HAS_ROW_TAU" not in m0
+    names = [n for n in ks.steer_step_kernel.arg_names if n not in m0]
+    assert len(a0) == len(a1) == len(names)
     i = names.index("rtau_ptr")
     assert a0[i] is case.args["p_out"] and a1[i] is rt and a1[i + 1] == 2
-    assert len(a0) == len(a1) == len(names)
+    j = names.index("has_row_tau")
+    assert (a0[j], a1[j]) == (0, 1)
+    rest = lambda a: [x for k, x in enumerate(a) if k not in (i, i + 1, j)]  # noqa: E731
+    assert rest(a0) == rest(a1)
 
 
 def test_launcher_asserts_row_tau():
@@ -272,67 +273,6 @@ def test_launcher_asserts_row_tau():
 def test_fuzz_triton_vs_reference(kw):
     case = make_case(device=DEVICES[0], **kw)
     check_against_reference(case, run_triton(case))
-
-
-_AOT_SCRIPT = r'''
-import sys, warnings
-warnings.filterwarnings("ignore")
-sys.path.insert(0, sys.argv[1])
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from _steer_cases import make_case
-from autosteer.kernels import steer_step as ks
-
-TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64",
-      torch.bool: "i1"}
-
-def compile_for(case):
-    grid, args, meta = ks.launch_config(*case.call_args())
-    names = ks.steer_step_kernel.arg_names
-    const = {k: v for k, v in meta.items() if k in names}
-    sig, attrs = {}, {}
-    for i, (n, a) in enumerate(zip([n for n in names if n not in const], args)):
-        if isinstance(a, torch.Tensor):
-            sig[n] = "*" + TY[a.dtype]
-            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[n] = "fp32"
-        elif a == 1 and n not in ("blocks_per_split", "n_splits"):
-            sig[n], const[n] = "constexpr", 1  # what the launcher's specialisation does
-        else:
-            sig[n] = "i32" if -2**31 <= a < 2**31 else "i64"
-    for k in meta:
-        if k in names:
-            sig[k] = "constexpr"
-    sig = {n: sig[n] for n in names}
-    src = ASTSource(ks.steer_step_kernel, sig, const, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=meta["num_warps"]))
-
-for dt, r, rows, row_tau in ((torch.float16, 16, torch.int64, False), (torch.bfloat16, 64, torch.int32, True),
-                             (torch.float32, "full", torch.int64, False), (torch.float16, 8, torch.int32, True)):
-    case = make_case(B=4, H=96, V=1000, r=r, F=64, dtype=dt, rows_dtype=rows, nan_latches=(dt == torch.bfloat16),
-                     row_tau=row_tau, row_tau_layout="strided" if r == 8 else "contig")
-    k = compile_for(case)
-    assert "st.global" in k.asm["ptx"]
-    print("compiled", dt, r, rows, row_tau)
-print("ok")
-'''
-
-
-def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    """Compile (not run) the kernel for an H100 target with Triton's own toolchain, in a process
-    without the interpreter: catches errors the interpreter does not see (typing, lowering)."""
-    pytest.importorskip("triton.backends.nvidia")
-    script = tmp_path / "aot.py"
-    script.write_text(_AOT_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve().parent)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
-        pytest.skip("triton AOT compile API unavailable: " + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- stacked probes (row_probe)
@@ -419,3 +359,175 @@ def test_launcher_asserts_row_probe():
         ks.steer_step_triton(*args[:-1], case.row_probe.float())
     with pytest.raises(AssertionError, match="W1 must be .F, H"):
         ks.steer_step_triton(*args[:-1], None)
+
+
+# --------------------------------------------------------------------------- serving layouts, delta, bad indices
+
+
+def serving_weights(case) -> None:
+    """U and Bt as the integrations build them (``refusal_basis`` / ``SteerWeights.from_pack``):
+    fp32, U r-major ([r, V] memory viewed as [V, r]), Bt a contiguous [r, H]."""
+    U = case.args["U"].float()
+    case.args["U"] = U.t().contiguous().t()
+    case.args["Bt"] = case.args["Bt"].float().contiguous()
+    if U.shape[1] > 1 and U.shape[0] > 1:
+        assert case.args["U"].stride() == (1, U.shape[0])
+
+
+def assert_delta(case, out, *, fp32_rtol: float = 1e-5, require: bool = True) -> None:
+    """The steering delta ``out - (1+eps) z`` of the latched rows against ``eps U (Bt g)`` in fp64.
+
+    A whole-row check is dominated by ``(1+eps) z``; this one sees errors in the delta itself.
+    fp32 logits: relative error ``||d - d64|| / ||d64||`` at most ``fp32_rtol``; fp16/bf16 logits
+    (where rounding the output is a large part of the delta): the kernel's delta error at most
+    twice the reference's own (the reference run in the low precision), as the logits check does.
+    """
+    ref = run_reference(case)
+    lat = ref["latched"].cpu()
+    if not lat.any():
+        assert not require, f"no latched row: the delta check would be vacuous {case}"
+        return
+    rows = lat.nonzero().flatten()
+    a = {k: v.cpu() for k, v in case.args.items()}
+    eps = case.eps
+    z = a["logits"][rows].double()
+    g = a["head_hidden"].double()[a["head_rows"].long()[rows]]
+    d64 = eps * ((g @ a["Bt"].double().t()) @ a["U"].double().t())
+    d_k = out["logits"].cpu()[rows].double() - (1.0 + eps) * z
+    d_r = ref["logits"].cpu()[rows].double() - (1.0 + eps) * z
+    ok = torch.isfinite(z) & torch.isfinite(d64) & (z.abs() < 1e4)  # finite, not the huge-logit sentinels
+    assert ok.any(), case
+    assert torch.isfinite(d_k[ok]).all(), f"non-finite delta {case}"
+    den = d64[ok].norm().item()
+    err_k = (d_k[ok] - d64[ok]).norm().item() / den
+    err_r = (d_r[ok] - d64[ok]).norm().item() / den
+    if out["logits"].dtype == torch.float32:
+        assert err_k <= fp32_rtol, f"delta relative error {err_k:.3e} > {fp32_rtol} (reference: {err_r:.3e}) {case}"
+    else:
+        assert err_k <= 2 * err_r + 1e-6, f"delta error {err_k:.3e} > 2 x reference {err_r:.3e} {case}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("r", (1, 8, 16, 64, "full"))
+def test_r_major_U(r, dtype, device):
+    """U r-major (stride (1, V)) and fp32, as serving builds it, with hidden states and logits in dtype."""
+    case = make_case(B=5, H=96, V=300, r=r, dtype=dtype, latch_mode="mixed", mask_mode="mixed", seed=21, device=device)
+    serving_weights(case)
+    out = run_triton(case, num_splits=3, block_v=32)
+    check_against_reference(case, out)
+    assert_delta(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("monitor", (False, True), ids=("prefill", "monitor-stacked"))
+def test_bf16_serving_size(monitor, device):
+    """bf16 hidden states and logits at SmolLM2's size (H=576, V=49152, r=16, F=64), serving's
+    U/Bt; monitor mode: per-row thresholds and stacked probes."""
+    case = make_case(B=4, H=576, V=49152, r=16, F=64, dtype=torch.bfloat16, latch_mode="mixed", mask_mode="all",
+                     fire_rate=0.8, eps=0.5, seed=5, row_tau=monitor, row_probe=monitor, device=device)
+    serving_weights(case)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    assert_delta(case, out)
+    assert int(out["latched"].sum()) >= 2, case  # the delta check saw more than the row latched on entry
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(6))
+def test_delta_grid(i, device):
+    """The delta check over the rotation of layouts, row modes and latch patterns, fp32 and bf16."""
+    r = (8, "full", 1)[i % 3]
+    dtype = (torch.float32, torch.bfloat16)[i % 2]
+    case = make_case(B=7, H=64, V=256, r=r, dtype=dtype, device=device, **dict(variant(i), latch_mode="mixed"))
+    out = run_triton(case, num_splits=2 + i % 2, block_v=32)
+    check_against_reference(case, out)
+    assert_delta(case, out)
+
+
+def test_delta_check_can_fail():
+    """A kernel off by 1e-3 of the delta passes the whole-row check's scale but not the delta check."""
+    case = make_case(B=4, H=64, V=256, r=8, latch_mode="all", mask_mode="none", seed=2)
+    out = run_reference(case)
+    rows = out["latched"].nonzero().flatten()
+    z = case.args["logits"][rows]
+    out["logits"][rows] = z * (1 + case.eps) + (out["logits"][rows] - z * (1 + case.eps)) * (1 + 1e-3)
+    with pytest.raises(AssertionError, match="delta relative error"):
+        assert_delta(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+@pytest.mark.parametrize("rows_dtype", (torch.int32, torch.int64))
+def test_out_of_range_probe_rows(nan_latches, rows_dtype, device):
+    """A probe row outside [0, N) reads nothing and scores NaN: the NaN policy decides the latch
+    (fail closed latches and steers the row); the other rows are as the reference computes them."""
+    case = make_case(B=6, H=37, V=101, r=8, latch_mode="none", mask_mode="all", nan_latches=nan_latches,
+                     rows_dtype=rows_dtype, seed=3, device=device)
+    N = case.args["probe_hidden"].shape[0]
+    bad_rows = [1, 4, 5]
+    rows = case.args["probe_rows"].clone()
+    rows[1], rows[4], rows[5] = N, -1, 2**31 - 1
+    out = case.clone()
+    out["probe_rows"] = rows
+    ks.steer_step_triton(*case.call_args(out), num_splits=3, block_v=16)
+    good = [b for b in range(6) if b not in bad_rows]
+    ref = run_reference(case)
+    assert torch.isnan(out["p_out"][bad_rows]).all(), out["p_out"]
+    assert out["latched"][bad_rows].tolist() == [nan_latches] * 3
+    torch.testing.assert_close(out["p_out"][good], ref["p_out"][good], rtol=0, atol=1e-5)
+    assert torch.equal(out["latched"][good], ref["latched"][good])
+    torch.testing.assert_close(out["logits"][good], ref["logits"][good], rtol=1e-5, atol=1e-5)
+    if nan_latches:  # latched by the policy: steered like a row latched on entry
+        fc = case.clone()
+        fc["latched"][bad_rows] = True
+        fc["probe_mask"] = case.args["probe_mask"].clone()
+        fc["probe_mask"][bad_rows] = False
+        steer_step_reference(*case.call_args(fc))
+        torch.testing.assert_close(out["logits"][bad_rows], fc["logits"][bad_rows], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out["logits"][bad_rows], case.args["logits"][bad_rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r", (8, "full"))
+def test_out_of_range_head_rows(r, device):
+    """A latched row whose head row is outside [0, M) gets no logits writes and p_out = NaN (its
+    latch is kept); the other rows are as the reference computes them."""
+    case = make_case(B=6, H=96, V=130, r=r, latch_mode="all", mask_mode="none", seed=4, device=device)
+    M = case.args["head_hidden"].shape[0]
+    rows = case.args["head_rows"].clone()
+    rows[2], rows[5] = M, -3
+    out = case.clone()
+    out["head_rows"] = rows
+    ks.steer_step_triton(*case.call_args(out), num_splits=3, block_v=16)
+    ref = run_reference(case)
+    bad, good = [2, 5], [0, 1, 3, 4]
+    assert torch.equal(out["logits"][bad], case.args["logits"][bad]), "a row without a valid head row was written"
+    assert torch.isnan(out["p_out"][bad]).all() and out["latched"].all()
+    assert torch.equal(out["p_out"][good], case.args["p_out"][good])  # not probed: untouched
+    torch.testing.assert_close(out["logits"][good], ref["logits"][good], rtol=1e-5, atol=1e-5)
+
+
+def test_launch_plan_is_pure_and_matches_launch_config():
+    """``plan_launch`` (sizes only) is what ``launch_config`` launches, for the interpreter and
+    for a GPU's SM count (the AOT tests compile from it)."""
+    case = make_case(B=5, H=37, V=1001, r=8, seed=0)
+    for sm in (None, 132):
+        grid, args, meta = ks.launch_config(*case.call_args(), sm_count=sm)
+        plan = ks.plan_launch(5, 1001, 37, 16, 8, sm_count=sm)
+        assert grid == (5, plan.num_splits)
+        assert (meta["BLOCK_H"], meta["BLOCK_F"], meta["BLOCK_V"], meta["BLOCK_R"], meta["T_IN_REGS"]) == (
+            plan.block_h, plan.block_f, plan.block_v, plan.block_r, plan.t_in_regs)
+        names = [n for n in ks.steer_step_kernel.arg_names if n not in meta]
+        assert args[names.index("blocks_per_split")] == plan.blocks_per_split
+        assert args[names.index("n_splits")] == plan.num_splits
+    # the CUDA rule: about 4 waves of programs, but >= 8 vocabulary blocks per program
+    p = ks.plan_launch(1, 152064, 3584, 64, 16, sm_count=132)
+    assert p.block_v == 256 and p.num_splits == min(152064 // 256 // 8, 4 * 132)
+    assert ks.plan_launch(256, 152064, 3584, 64, 64, sm_count=132).num_splits == 3
+    # r = 64 uses 32 x 64 U tiles, but a program still streams 8 x 4096 elements (512 vocabulary rows)
+    p = ks.plan_launch(1, 152064, 3584, 64, 64, sm_count=132)
+    assert (p.block_v, p.num_splits, p.blocks_per_split) == (32, 152064 // 512, 16)
+    assert ks.plan_launch(4, 1000, 96, 64, 96, sm_count=None) == ks.LaunchPlan(64, 32, 64, 64, False, 2, 8)
+    assert ks.plan_launch(4, 1000, 96, 64, 64, sm_count=None).block_v == 32

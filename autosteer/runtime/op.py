@@ -223,7 +223,11 @@ def _steer_step_impl(
                                                   logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
                                                   nan_latches, row_tau, row_probe)
         kernel = _ktriton.steer_step_kernel
-        wrap_triton(kernel)[grid](*args, **meta)
+        if torch.compiler.is_compiling():  # inductor's generated code guards the device itself
+            wrap_triton(kernel)[grid](*args, **meta)
+        else:  # eager torch.ops call: launch on the tensors' device, not the current one
+            with torch.cuda.device(logits.device):
+                wrap_triton(kernel)[grid](*args, **meta)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
@@ -384,8 +388,10 @@ def steer_step(
     ``tau`` for every row. ``row_probe`` (int32/int64 ``[B]``, or None) with stacked probe weights
     (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``): row ``b`` is scored by probe
     ``row_probe[b]``. Row and probe indices are not range-checked here (that would need the
-    values); the CPU kernel checks them, the CUDA kernel trusts row indices and scores a row whose
-    probe index is out of range as NaN (the ``nan_latches`` policy then decides).
+    values); the CPU kernel checks them. The CUDA kernel never forms an address outside the
+    tensors: a probed row whose probe row or probe index is out of range scores NaN (the
+    ``nan_latches`` policy then decides), and a latched row whose head row is out of range gets no
+    logits writes and ``p_out[b] = NaN`` (see ``kernels/steer_step.py``).
 
     Under ``torch.compile`` this calls the op (so the graph holds it, and inductor sees the
     Triton kernel). In eager mode, with ``EAGER_FAST_PATH`` (default), it calls the op's
