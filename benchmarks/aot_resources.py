@@ -36,9 +36,12 @@ if str(REPO) not in sys.path:
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("aot_resources.py compiles for GPU targets: unset TRITON_INTERPRET")
 if "--warm-cache" not in sys.argv:  # compile times of a cold cache, as serving's first call pays them
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_triton_cache_")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 from autosteer.kernels import aot  # noqa: E402
 from autosteer.kernels import steer_step as ks  # noqa: E402
