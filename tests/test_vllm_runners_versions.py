@@ -324,3 +324,21 @@ def test_vllm_cpus_attention_backend_named_explicitly_is_served():
     assert avllm._engine_refusal(cfg) is None
     cfg.attention_config = SimpleNamespace(backend=SimpleNamespace(name="FLASHINFER"))
     assert "--attention-backend FLASH_ATTN" in avllm._engine_refusal(cfg)
+
+
+def test_lora_parallelism_and_ray_are_refused_at_start_up():
+    """Each of these would serve some requests unsteered or with an uncalibrated gate: a named refusal."""
+    ok = _cfg(True, "NONE", "NONE")
+    ok.parallel_config = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, distributed_executor_backend="mp")
+    ok.lora_config = None
+    assert avllm._engine_refusal(ok) is None
+    cases = {"LoRA adapters are enabled": dict(lora_config=SimpleNamespace(max_loras=1)),
+             "tensor_parallel_size=2": dict(parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1,
+                                                                            distributed_executor_backend="mp")),
+             "pipeline_parallel_size=2": dict(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2,
+                                                                              distributed_executor_backend="mp")),
+             "Ray executor": dict(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                                                  distributed_executor_backend="ray"))}
+    for needle, change in cases.items():
+        cfg = SimpleNamespace(**{**vars(ok), **change})
+        assert needle in (avllm._engine_refusal(cfg) or ""), needle

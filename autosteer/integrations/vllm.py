@@ -616,6 +616,21 @@ def _engine_refusal(vllm_config) -> str | None:
         return (f"the attention backend is {backend}; the capture reads query_start_loc/seq_lens from the attention "
                 f"metadata, which only {' and '.join(_VLLM.ATTENTION_BACKENDS)} are known to carry. Start vLLM with "
                 f"--attention-backend {_VLLM.ATTENTION_BACKENDS[0]}")
+    if getattr(vllm_config, "lora_config", None):
+        return ("LoRA adapters are enabled (--enable-lora): the pack's probe and Refusal Head were fitted on the base "
+                "model, and an adapter changes the hidden states the probe reads, so adapter requests would be gated "
+                "by an uncalibrated probe. Merge the adapter, fit a pack on the merged model and serve that")
+    pc = getattr(vllm_config, "parallel_config", None)
+    tp, pp = (int(getattr(pc, name, 1) or 1) for name in ("tensor_parallel_size", "pipeline_parallel_size"))
+    if tp > 1 or pp > 1:
+        return (f"tensor/pipeline parallelism is configured (tensor_parallel_size={tp}, pipeline_parallel_size={pp}): "
+                "the capture and the Refusal Head need the whole lm_head and the probe layer on one worker. Serve "
+                "with --tensor-parallel-size 1 --pipeline-parallel-size 1 (data parallelism works)")
+    backend = getattr(pc, "distributed_executor_backend", None)
+    if backend is not None and "ray" in str(getattr(backend, "__name__", backend)).lower():
+        return ("the Ray executor is configured: Ray workers inherit only VLLM_* and allow-listed environment "
+                f"variables, so they would not see {ENV_PACK} and would serve unsteered. Use the multiprocessing "
+                "executor (--distributed-executor-backend mp)")
     if mc is not None and getattr(mc, "enable_prompt_embeds", False):
         return ("prompt embeddings are enabled: such requests have no prompt token ids, so the gate cannot tell "
                 "their prompt from their generated tokens. Disable --enable-prompt-embeds")
