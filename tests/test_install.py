@@ -2,8 +2,8 @@
 
 The sdist and the wheel are built as a package index would build them (isolated, so without torch:
 the wheel is pure Python and carries the C++ sources), the wheel is installed into a fresh venv with
-torch pinned first (as the README says), and the installed package is used from the repository root,
-where the top-level ``kernels/`` folder lies. Slow (a venv, downloads from the package index, a JIT
+torch pinned first (as the README says), and the installed package is used from outside the checkout;
+from the repository root, an installed ``kernels`` package must win over the top-level ``kernels/`` folder. Slow (a venv, downloads from the package index, a JIT
 build of the C++ kernel): marked ``slow``, runs in CI.
 """
 from __future__ import annotations
@@ -91,10 +91,10 @@ def venv(dists, tmp_path_factory):
 CHECK = textwrap.dedent("""
     import json, subprocess, sys, warnings
     from pathlib import Path
-    sys.path.insert(1, "tests")            # the test helpers, from the checkout
+    sys.path.insert(1, sys.argv[1])        # the test helpers, from the checkout (appended: never the package)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        import autosteer, kernels
+        import autosteer
         import autosteer.runtime.op as op
         from autosteer.runtime.op import steer_step
     from _steer_cases import make_case, check_against_reference
@@ -104,14 +104,16 @@ CHECK = textwrap.dedent("""
     check_against_reference(case, out)     # raises on a wrong result
     pack = autosteer.load_pack(autosteer.default_pack_path())
     cli = subprocess.run([str(Path(sys.executable).with_name("autosteer")), "--version"], capture_output=True, text=True)
-    print(json.dumps({"file": autosteer.__file__, "kernels": getattr(kernels, "__file__", None) or list(kernels.__path__),
+    print(json.dumps({"file": autosteer.__file__,
                       "backends": op.available_backends(), "native": op.native_backend(), "layer": pack.layer,
                       "version": cli.stdout.strip(), "warnings": [str(w.message) for w in caught]}))
 """)
 
 
-def _check(py, env) -> dict:
-    out = _run([py, "-c", CHECK], cwd=REPO, env=env)  # from the repo root: '' (the root) is first on sys.path
+def _check(py, env, cwd) -> dict:
+    """Run CHECK with the venv's python outside the checkout (from its root, '' on sys.path would import the
+    checkout's autosteer/ instead of the installed one; the root's `kernels` is tested on its own below)."""
+    out = _run([py, "-c", CHECK, REPO / "tests"], cwd=cwd, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -119,13 +121,11 @@ def test_plain_install_has_the_cpp_kernel_and_the_default_pack(venv):
     py, root = venv
     env = {**os.environ, "AUTOSTEER_EXTENSION_DIR": str(root / "ext")}  # a cold JIT cache, as on a new machine
     env.pop("PYTHONPATH", None)
-    got = _check(py, env)
+    got = _check(py, env, root)
     assert str(root) in got["file"], got  # the installed package, not this checkout
     assert got["backends"]["cpp"] and got["native"] == "JIT build of csrc/", got
     assert got["version"] == f"autosteer-kernels {autosteer.__version__}"
     assert not [w for w in got["warnings"] if "C++" in w], got["warnings"]
-    # the repo's top-level kernels/ is only a namespace portion: no module of ours answers `import kernels`
-    assert isinstance(got["kernels"], list), got["kernels"]
 
 
 def test_install_without_a_compiler_falls_back_with_one_warning(venv, dists):
@@ -137,7 +137,8 @@ def test_install_without_a_compiler_falls_back_with_one_warning(venv, dists):
     out = _run([py, "-m", "pip", "install", "-v", "--disable-pip-version-check", "--no-build-isolation", "--force-reinstall",
                 "--no-deps", sdist], env=env)
     assert "not building the C++ CPU kernel (no C++ compiler found" in out.stdout + out.stderr
-    got = _check(py, env)  # the reference op gives the right result (checked inside)
+    got = _check(py, env, root)  # the reference op gives the right result (checked inside)
+    assert str(root) in got["file"], got
     assert not got["backends"]["cpp"] and got["native"] is None
     native = [w for w in got["warnings"] if "C++ CPU kernel is unavailable" in w]
     assert len(native) == 1 and "install a C++ compiler" in native[0], got["warnings"]
