@@ -45,7 +45,7 @@ def _compiler() -> str | None:
     """The C++ compiler torch's build would call, if it exists."""
     cxx = os.environ.get("CXX")
     candidates = [cxx] if cxx else ["c++", "g++", "clang++"]
-    return next((shutil.which(c) for c in candidates if shutil.which(c)), None)
+    return next((path for path in map(shutil.which, candidates) if path), None)
 
 
 def _skip(reason: str) -> None:

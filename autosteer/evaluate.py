@@ -295,7 +295,8 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
     harm, ben = _scores_by_label(report)
     if harm and ben:
         fpr, tpr, _ = roc_curve(torch.tensor(harm + ben), torch.cat([torch.ones(len(harm)), torch.zeros(len(ben))]))
-        add_roc_auc(report)
+        if "roc_auc" not in report:  # write_report computes it before plotting (also without matplotlib)
+            add_roc_auc(report)
         fig = Figure(figsize=(4, 4))
         ax = fig.subplots()
         ax.plot(fpr, tpr)
