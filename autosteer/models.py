@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -77,6 +78,11 @@ def _dequantized_cache(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
+    # transformers reads GGUF only with both installed; say so before it raises deep inside from_pretrained
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(f"reading the GGUF file {gguf.name} needs {' and '.join(missing)}: "
+                             "pip install 'autosteer-kernels[gguf]'")
     log.info("de-quantizing %s (first use only) into %s", gguf.name, target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)

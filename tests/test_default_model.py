@@ -37,6 +37,21 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "missing.gguf"))
 
 
+def test_gguf_without_accelerate_names_the_extra(tmp_path, monkeypatch):
+    """transformers reads GGUF only with gguf and accelerate: a missing one is named with the install line."""
+    import importlib.util
+
+    import autosteer.models as models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    monkeypatch.setenv("AUTOSTEER_CACHE", str(tmp_path / "cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"needs accelerate: pip install 'autosteer-kernels\[gguf\]'"):
+        load_model(str(gguf))
+
+
 @pytest.fixture(scope="module")
 def small_pack(default_model, tmp_path_factory):
     model, tok = default_model

@@ -75,6 +75,9 @@ def test_wheel_is_pure_and_carries_sources_pack_and_metadata(dists):
     assert any(r.startswith("transformers") and "<" in r for r in core), core  # a bounded range
     for unused in ("accelerate", "numpy", "matplotlib", "gguf", "pyyaml"):
         assert not any(r.startswith(unused) for r in core), f"{unused} is a core requirement: {core}"
+    gguf_extra = [r for r in requires if "extra == \"gguf\"" in r]
+    for need_for_gguf in ("gguf", "accelerate"):  # transformers reads GGUF (the default model) only with both
+        assert any(r.startswith(need_for_gguf) for r in gguf_extra), gguf_extra
 
 
 @pytest.fixture(scope="module")
