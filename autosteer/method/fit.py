@@ -63,6 +63,50 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: FitConfig.compute_dtype values
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), read from
+    ``/proc/cpuinfo`` (Linux); False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(model, choice: str) -> torch.dtype:
+    """The dtype the fit's forwards run in for ``FitConfig.compute_dtype=choice``."""
+    param = next(model.parameters())
+    if choice != "auto":
+        return COMPUTE_DTYPES[choice]
+    if getattr(model, "hf_device_map", None):  # dispatched over devices: never copied, runs in its own dtype
+        return param.dtype
+    if param.dtype == torch.float32 and param.device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return param.dtype
+
+
+def compute_model(model, dtype: torch.dtype):
+    """``model`` itself when it already runs in ``dtype``, else a copy cast to it (the caller's model
+    is never cast in place: a round trip through bf16 would change its weights)."""
+    import copy
+
+    if next(model.parameters()).dtype == dtype:
+        return model
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        raise ValueError("compute_dtype differs from the dtype of a model dispatched over devices (device_map): load "
+                         f"the model in {dtype} instead, or set compute_dtype to its own dtype")
+    twin = copy.deepcopy(model).to(dtype)
+    for attr in ("autosteer_name",):
+        if hasattr(model, attr):
+            setattr(twin, attr, getattr(model, attr))
+    return twin
+
+
 #: what the monitor probe is trained on (FitConfig.monitor_responses)
 MONITOR_RESPONSES = ("forced", "own")
 
@@ -109,6 +153,18 @@ class FitConfig:
     monitor_prefix: str = "Sure, here is"
     max_per_class: int = 1000
     batch_size: int = 16
+    # which prompts' states are kept at every layer: "sample" (default) -- the SAS minimal pairs and
+    # the random-pair sample (SAS_RANDOM_PAIRS per class) only; every other prompt runs up to the
+    # gate's layer and keeps that one (docs/fit_at_scale.md). "all": every prompt at every layer (the
+    # previous method; the layer sweep then uses every validation prompt)
+    full_depth: str = "sample"
+    share_prefixes: bool = True  # run prompts sharing a token prefix on one KV cache of it (same states)
+    states_cache: str | None = None  # a directory: finished batches of states are kept there and a rerun resumes
+    # dtype of the forwards that read states ("auto", "float32", "bfloat16", "float16"); probe and head
+    # train in fp32 either way. "auto": bfloat16 for an fp32 model on a CPU with native bf16 dot products
+    # (AVX512-BF16 or AMX; a bf16 copy of the model is made for the fit, the caller's model is left as
+    # it is), else the model's own dtype. docs/fit_at_scale.md reports the gate's agreement with fp32.
+    compute_dtype: str = "auto"
     seed: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     progress: bool = True
@@ -152,6 +208,10 @@ class FitConfig:
         for name in ("probe_hidden", "probe_epochs", "head_epochs", "head_prompts", "max_per_class", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.full_depth not in ("sample", "all"):
+            raise ValueError(f"full_depth must be 'sample' or 'all', got {self.full_depth!r}")
         check_layer_rule(self.layer_rule)
 
 
@@ -297,41 +357,87 @@ def prompt_threshold(val_scores: torch.Tensor, val_y: torch.Tensor, cfg: FitConf
     return tau, tau_cal
 
 
-def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tuple[torch.Tensor, torch.Tensor] | None = None,
-             val_auroc: list[float] | None = None, sweep_layers: list[int] | None = None) -> GateFit:
-    """Layer choice, probe and threshold from ``X`` ``[n, L, H]`` (labels ``y``: 1 harmful).
+#: random (harmful, benign) pairs for the SAS curve of random pairs (and the layer sweep's sample)
+SAS_RANDOM_PAIRS = 150
 
-    Exactly what :func:`fit` does with the states it extracts (``benchmarks/gate_study.py`` calls
-    it on cached states). ``pair_states``: minimal-pair states ``([p, L, H], [p, L, H])`` for SAS
-    (random pairs otherwise). ``val_auroc``: the per-layer validation AUROC if already known for
-    this data and probe setting (it depends on neither the layer rule nor the threshold).
-    ``sweep_layers``: compute the validation AUROC on these layers only (NaN elsewhere; the AUROC
-    rule then picks among them). Default: every layer.
-    """
+
+@dataclass
+class GatePlan:
+    """The fit rows' random SAS pairs and the train/validation split, drawn from the seed alone
+    (so the rows that need every layer are known before any state is extracted)."""
+
+    random_h: torch.Tensor  # rows (indices into y) of the random pairs' harmful side
+    random_b: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+    def sample_rows(self) -> torch.Tensor:
+        return torch.unique(torch.cat([self.random_h, self.random_b]))
+
+
+def gate_plan(y: torch.Tensor, n_pairs: int, cfg: FitConfig) -> GatePlan:
     gen = torch.Generator().manual_seed(cfg.seed)
     n_h = int(y.sum())
-    n_pairs = len(pair_states[0]) if pair_states is not None else 0
-    sas_random_idx = random_pairs(n_h, len(y) - n_h, max(n_pairs, 150), gen)
+    rh, rb = random_pairs(n_h, len(y) - n_h, max(n_pairs, SAS_RANDOM_PAIRS), gen)
     order_h, order_b = (y == 1).nonzero().flatten(), (y == 0).nonzero().flatten()
-    sas_random = safety_awareness_score(X[order_h][sas_random_idx[0]], X[order_b][sas_random_idx[1]]).tolist()
+    train_idx, val_idx = _stratified_split(y, cfg.val_fraction, gen)
+    return GatePlan(order_h[rh], order_b[rb], train_idx, val_idx)
+
+
+def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+             val_auroc: list[float] | None = None, sweep_layers: list[int] | None = None) -> GateFit:
+    """Layer choice, probe and threshold from ``X`` ``[n, L, H]`` (labels ``y``: 1 harmful), every row
+    at every layer (the ``full_depth="all"`` fit; :func:`fit` with the default ``"sample"`` calls
+    :func:`fit_gate_sampled` on the states it keeps).
+
+    ``benchmarks/gate_study.py`` calls it on cached states. ``pair_states``: minimal-pair states
+    ``([p, L, H], [p, L, H])`` for SAS (random pairs otherwise). ``val_auroc``: the per-layer
+    validation AUROC if already known for this data and probe setting (it depends on neither the
+    layer rule nor the threshold). ``sweep_layers``: compute the validation AUROC on these layers
+    only (NaN elsewhere; the AUROC rule then picks among them). Default: every layer.
+    """
+    return fit_gate_sampled(X, torch.arange(len(y)), lambda layer: X[:, layer], y, cfg, pair_states, val_auroc,
+                            sweep_layers)
+
+
+def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, y: torch.Tensor, cfg: FitConfig,
+                     pair_states: tuple[torch.Tensor, torch.Tensor] | None = None, val_auroc: list[float] | None = None,
+                     sweep_layers: list[int] | None = None) -> GateFit:
+    """:func:`fit_gate` when only some rows are kept at every layer.
+
+    ``full``: ``[m, L, H]`` states of the rows ``full_rows`` (indices into ``y``), which must hold
+    the random SAS pairs of :func:`gate_plan`; ``layer_states(layer)``: ``[n, H]`` states of every
+    row at the chosen layer (called once, after the layer is chosen). The SAS curves come from the
+    pairs, the validation-AUROC sweep from the ``full_rows`` of each split; the probe is trained on
+    every training row at the chosen layer and the threshold calibrated on every validation row.
+    """
+    n_pairs = len(pair_states[0]) if pair_states is not None else 0
+    plan = gate_plan(y, n_pairs, cfg)
+    pos = {int(r): k for k, r in enumerate(full_rows.tolist())}
+    missing = [int(r) for r in plan.sample_rows() if int(r) not in pos]
+    if missing:
+        raise ValueError(f"fit_gate_sampled: rows {missing[:5]} of the random SAS pairs have no full-depth states")
+    take = lambda rows: full[[pos[int(r)] for r in rows]]  # noqa: E731
+    sas_random = safety_awareness_score(take(plan.random_h), take(plan.random_b)).tolist()
     if n_pairs >= 2:
         sas, sas_pairing = safety_awareness_score(pair_states[0], pair_states[1]).tolist(), "minimal"
     else:
         sas, sas_pairing = sas_random, "random"
-
-    train_idx, val_idx = _stratified_split(y, cfg.val_fraction, gen)
-
-    def train(layer: int) -> Probe:
-        return train_probe(X[train_idx, layer], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
-                           cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+    train_idx, val_idx = plan.train_idx, plan.val_idx
 
     if val_auroc is None:
-        todo = set(range(X.shape[1]) if sweep_layers is None else sweep_layers)
-        val_auroc = [auroc(train(layer).score(X[val_idx, layer]), y[val_idx]) if layer in todo else float("nan")
-                     for layer in range(X.shape[1])]
+        tr = [int(r) for r in train_idx if int(r) in pos]
+        va = [int(r) for r in val_idx if int(r) in pos]
+        todo = set(range(full.shape[1]) if sweep_layers is None else sweep_layers)
+        Xt, Xv = take(tr), take(va)
+        val_auroc = [auroc(train_probe(Xt[:, layer], y[tr], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
+                                       cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size).score(Xv[:, layer]), y[va])
+                     if layer in todo else float("nan") for layer in range(full.shape[1])]
     layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
-    probe = train(layer)
-    val_scores = probe.score(X[val_idx, layer])
+    XL = layer_states(layer)
+    probe = train_probe(XL[train_idx], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
+                        cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+    val_scores = probe.score(XL[val_idx])
     val_y = y[val_idx]
     tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
     return GateFit(layer, rule, probe, tau, tau_cal, sas, sas_pairing, sas_random, list(val_auroc), val_scores, val_y,
@@ -462,22 +568,48 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     check_layer_rule(cfg.layer_rule, n_layers)  # before minutes of hidden-state extraction
     fmt = cfg.prompt_format
 
-    # 1. last-prompt-token states at every layer
+    # 1. last-prompt-token states: every layer for the SAS pairs and the random-pair sample (the
+    # layer curves), the gate's layer only for every other prompt (the forward stops there)
+    from .hidden_states import StatesCache
+
     texts = list(dict.fromkeys(data.harmful + data.benign + [t for pair in data.pairs for t in pair]))
     where = {t: i for i, t in enumerate(texts)}
-    states = last_token_states(model, tokenizer, texts, fmt, batch_size=cfg.batch_size, progress=cfg.progress)
-    t_states = time.time() - t0
-    X = torch.stack([states[where[t]] for t in data.harmful + data.benign])  # [n, L, H]
+    rows_text = data.harmful + data.benign
     y = torch.cat([torch.ones(len(data.harmful)), torch.zeros(len(data.benign))])
+    n_pairs = len(data.pairs) if len(data.pairs) >= 2 else 0
+    plan = gate_plan(y, n_pairs, cfg)
+    if cfg.full_depth == "all":
+        deep_texts = texts
+    else:
+        deep_texts = list(dict.fromkeys([t for pair in data.pairs[:n_pairs] for t in pair]
+                                        + [rows_text[int(r)] for r in plan.sample_rows()]))
+    cache = StatesCache(cfg.states_cache) if cfg.states_cache else None
+    dtype = resolve_compute_dtype(model, cfg.compute_dtype)
+    fwd = compute_model(model, dtype)
+    extract = dict(batch_size=cfg.batch_size, progress=cfg.progress, share_prefixes=cfg.share_prefixes, cache=cache)
+    deep = last_token_states(fwd, tokenizer, deep_texts, fmt, desc="hidden states (all layers)", **extract)
+    seconds = {"states_all_layers": time.time() - t0}
+    deep_at = {t: i for i, t in enumerate(deep_texts)}
+    full_rows = torch.tensor([r for r, t in enumerate(rows_text) if t in deep_at], dtype=torch.long)
+    full = deep[[deep_at[rows_text[int(r)]] for r in full_rows]]
     pair_states = None
-    if len(data.pairs) >= 2:
-        pair_states = (torch.stack([states[where[h]] for h, _ in data.pairs]),
-                       torch.stack([states[where[b]] for _, b in data.pairs]))
+    if n_pairs:
+        pair_states = (deep[[deep_at[h] for h, _ in data.pairs]], deep[[deep_at[b] for _, b in data.pairs]])
+
+    def layer_states(layer: int) -> torch.Tensor:
+        t1 = time.time()
+        rest = [t for t in dict.fromkeys(rows_text) if t not in deep_at]
+        got = last_token_states(fwd, tokenizer, rest, fmt, layers=[layer], desc=f"hidden states (layer {layer})",
+                                **extract)[:, 0] if rest else torch.empty(0, deep.shape[-1])
+        at = {t: i for i, t in enumerate(rest)}
+        seconds["states_gate_layer"] = time.time() - t1
+        return torch.stack([deep[deep_at[t], layer] if t in deep_at else got[at[t]] for t in rows_text])
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
-    gate = fit_gate(X, y, cfg, pair_states)
+    gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states)
     layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
+    t_states = seconds["states_all_layers"] + seconds.get("states_gate_layer", 0.0)
     t_probe_sweep = time.time() - t0 - t_states
 
     # 4b. monitor mode: a second probe for the model's responses (monitor_responses), and its threshold
@@ -503,15 +635,18 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     fpr, tpr, _ = roc_curve(val_scores, val_y)
 
     # 5. Refusal Head on harmful fit prompts
+    t_h = time.time()
     answer_ids = answer_token_ids(tokenizer, cfg.refusal_answer)
     head_prompts = (data.head_prompts or data.harmful)[: cfg.head_prompts]
-    g, targets = collect_answer_states(model, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
+    g, targets = collect_answer_states(fwd, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
+    del fwd
     head, head_losses = train_refusal_head(model, g, targets, cfg.head_rank, cfg.eps, cfg.head_epochs, cfg.head_lr,
                                            seed=cfg.seed, progress=cfg.progress)
     E = output_head(model).weight.detach().float().cpu()
     with torch.no_grad():
         pred = head.steered_logits(g, E).argmax(-1)
         head_token_acc = float((pred == targets).float().mean())
+    t_head = time.time() - t_h
 
     elapsed = time.time() - t0
     tau_rule = (f"paper: fixed tau = {cfg.tau_paper}" if cfg.tau_rule == "paper"
@@ -560,7 +695,12 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
             "val_counts": {"harmful": int(val_y.sum()), "benign": int((val_y == 0).sum())},
             "head_losses": head_losses,
             "head_token_accuracy": head_token_acc,
-            "seconds": {"states": round(t_states, 1), "probe_sweep": round(t_probe_sweep, 1), "monitor": round(t_monitor, 1), "total": round(elapsed, 1)},
+            "seconds": {"states": round(t_states, 1), **{k: round(v, 1) for k, v in seconds.items()},
+                        "probe_sweep": round(t_probe_sweep, 1), "monitor": round(t_monitor, 1),
+                        "refusal_head": round(t_head, 1), "total": round(elapsed, 1)},
+            "compute_dtype": str(dtype).replace("torch.", ""),
+            "states_kept": {"all_layers": len(deep_texts), "gate_layer_only": len(texts) - len(deep_texts),
+                            "full_depth": cfg.full_depth},
         },
         "data": data.sources,
         "fit_config": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in cfg.__dict__.items()},
@@ -574,3 +714,61 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     pack.validate()
     log.info("fit done in %.1f s: layer %d (%s), val AUROC %.3f", elapsed, layer, rule, val_auroc[layer])
     return pack
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, cfg: FitConfig | None = None,
+                        model_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                        prompt_tokens: int | None = None, answer_tokens: int = 13) -> dict[str, int]:
+    """Peak host memory of :func:`fit` in bytes, by part, for a model ``config`` (a transformers config):
+    the weights are counted on the meta device (nothing is allocated), the rest by formula:
+
+    - ``weights``: parameters x the model dtype's size; ``compute_copy``: the same in the compute
+      dtype when it differs (``compute_dtype="auto"`` on a bf16 CPU makes such a copy)
+    - ``states``: ``n_full_depth x L x H x 4`` (every layer, fp32) + ``n_prompts x H x 4`` (the gate's layer)
+    - ``extraction``: one batch's transient at ``batch_size x 256`` tokens: hidden, MLP and attention
+      buffers of one layer, plus the KV cache of the layers before the gate's (prefix and suffixes)
+    - ``refusal_head``: the fp32 output embedding, a batch of vocabulary logits with its gradient and
+      softmax, the answer states ``head_prompts x answer_tokens x H x 4``, and AdamW's state of ``S``
+
+    ``total`` = weights + compute copy + states + max(extraction, refusal head): the two phases do not
+    overlap. It is an estimate: Python, torch and the allocator add a few hundred MB on top.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg or FitConfig()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in meta_model.parameters())
+    H, L, V = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    inter = getattr(text, "intermediate_size", 4 * H)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or H // heads
+    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    compute_dtype = compute_dtype or model_dtype
+    bc = _bytes(compute_dtype)
+    seq = prompt_tokens or cfg.prompt_format.max_prompt_tokens
+    tokens = cfg.batch_size * 256
+    rows = max(1, tokens // seq)
+    extraction = (tokens * (4 * H + 3 * inter) * bc          # one layer's hidden, q/k/v/o and MLP buffers
+                  + rows * heads * seq * seq * 4              # attention scores (fp32 softmax)
+                  + 2 * L * tokens * kv_dim * bc * 2)          # KV cache of the prefix and its expanded copy
+    rank = cfg.head_rank
+    head = (V * H * 4                                          # output embedding, fp32
+            + 3 * 64 * V * 4                                   # logits, their gradient, softmax (batch 64)
+            + cfg.head_prompts * answer_tokens * H * 4         # answer states g
+            + (3 * H * H * 4 if rank is None else 3 * 2 * H * rank * 4))  # S and AdamW moments
+    parts = {
+        "weights": n_params * _bytes(model_dtype),
+        "compute_copy": n_params * bc if compute_dtype != model_dtype else 0,
+        "states": n_full_depth * L * H * 4 + n_prompts * H * 4,
+        "extraction": int(extraction),
+        "refusal_head": int(head),
+        "parameters": n_params,
+    }
+    parts["total"] = parts["weights"] + parts["compute_copy"] + parts["states"] + max(parts["extraction"], parts["refusal_head"])
+    return parts

@@ -1,27 +1,258 @@
-"""Hidden states of a frozen model: at the last prompt token (every layer), and at the tokens of
+"""Hidden states of a frozen model: at the last prompt token (chosen layers), and at the tokens of
 its own responses (one layer, for monitor mode).
 
 ``h_l(x)`` is the residual stream entering decoder block ``l`` at the last prompt token. We read
 it with forward pre-hooks on the decoder blocks -- the very hooks the runtime uses -- so fit and
-serving see the same tensor. Prompts are formatted with :mod:`autosteer.prompting`, left padded,
-with the positions ``generate`` would use; a multimodal model gets its processor's image
-tensors too, and "last prompt token" is the last token after the images are expanded.
+serving see the same tensor. The forward stops at the deepest layer asked for (the blocks after
+it, the final norm and ``lm_head`` never run).
+
+Text prompts are tokenized exactly as the runtime tokenizes them and run in groups that share a
+token prefix (the chat template's system turn for all of them; a jailbreak template's opening
+for prompts wrapped in the same template): the prefix runs once into a KV cache, then the
+suffixes run in right-padded batches on top of it. This is the same attention as running each
+prompt alone (states agree to float rounding, tests/test_fit_scale.py), at about half the tokens
+on the default fit data. Multimodal prompts and prompts with a response prefix run left padded,
+with the positions ``generate`` would use.
+
+A :class:`StatesCache` makes the extraction resumable: every finished batch is written to disk,
+and a rerun with the same model, format, layers and prompts reads it back instead of running.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers, stop_token_ids
 from ..prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, encode_batch,
-                         position_ids_from_mask, to_model)
+                         encode_one, is_processor, position_ids_from_mask, prompt_image, text_tokenizer, to_model)
 
 
 def _hidden_arg(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
+class _Stop(Exception):
+    """Raised by the deepest capture hook: nothing after the last state needed is computed."""
+
+
+def model_identity(model) -> str:
+    """A hash of what the states depend on: the model's config, dtype, and a sample of every
+    parameter's values (its first 64 elements; shape only for parameters offloaded to the meta
+    device). Two models that differ in any layer's weights get different identities."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type != "meta":
+            h.update(p.detach().reshape(-1)[:64].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class StatesCache:
+    """Finished batches of a state extraction on disk, one safetensors file per batch, under
+    ``root/<run key>/``; the run key covers the model (:func:`model_identity`), the prompt format
+    and the layers, the batch key the token ids of the batch's prompts. Files are written
+    atomically (a temporary name, then a rename), so an interrupted run leaves only whole batches."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def run_dir(self, model, fmt: PromptFormat, layers: list[int], kind: str) -> Path:
+        key = hashlib.sha256(json.dumps([model_identity(model), fmt.to_dict(), list(layers), kind],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return self.root / key
+
+    @staticmethod
+    def batch_key(seqs: list[list[int]]) -> str:
+        h = hashlib.sha256()
+        for s in seqs:
+            h.update(json.dumps(s).encode() + b"\n")
+        return h.hexdigest()[:24]
+
+    def get(self, run: Path, key: str) -> torch.Tensor | None:
+        path = run / f"{key}.safetensors"
+        if not path.is_file():
+            self.misses += 1
+            return None
+        from safetensors.torch import load_file
+
+        self.hits += 1
+        return load_file(str(path))["states"]
+
+    def put(self, run: Path, key: str, states: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = run / f".{key}.{os.getpid()}.tmp"
+        save_file({"states": states.contiguous()}, str(tmp))
+        tmp.replace(run / f"{key}.safetensors")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(seqs: list[list[int]], min_extra: int = 32) -> list[tuple[int, list[int]]]:
+    """Group prompts by a shared token prefix: ``[(prefix_len, members), ...]`` covering every index once.
+
+    Sorted lexicographically, neighbours that share at least ``min_extra`` tokens more than the
+    prefix common to all prompts form a group with their own longest common prefix (prompts wrapped
+    in one jailbreak template); the rest form one group on the common prefix (the system turn). A
+    prefix always leaves at least one token of every member to run (its last token is read)."""
+    if not seqs:
+        return []
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    adj = [_common_prefix(seqs[order[k]], seqs[order[k + 1]]) for k in range(len(order) - 1)]
+    base = min(adj) if adj else len(seqs[0]) - 1
+    runs: list[list[int]] = [[order[0]]]
+    run_lcp: list[int] = [1 << 30]
+    for k, a in enumerate(adj):
+        if a >= base + min_extra:
+            runs[-1].append(order[k + 1])
+            run_lcp[-1] = min(run_lcp[-1], a)
+        else:
+            runs.append([order[k + 1]])
+            run_lcp.append(1 << 30)
+    groups, rest = [], []
+    for members, lcp in zip(runs, run_lcp):
+        if len(members) > 1:
+            groups.append((min(lcp, min(len(seqs[i]) for i in members) - 1), members))
+        else:
+            rest += members
+    if rest:
+        groups.append((min(base, min(len(seqs[i]) for i in rest) - 1), rest))
+    return [(max(p, 0), m) for p, m in groups]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _expanded_cache(prefix_cache, model, rows: int):
+    """A fresh KV cache holding ``rows`` copies of the prefix's keys and values (the suffix forward
+    appends to its own copy; the prefix's stays as it is for the next batch)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for idx, layer in enumerate(prefix_cache.layers):
+        if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), idx)
+    return cache
+
+
+def _batches(members: list[int], lengths: list[int], batch_size: int, token_budget: int) -> list[list[int]]:
+    """Members sorted by length, cut into batches of at most ``batch_size`` rows (more rows for short
+    ones, up to ``token_budget`` padded tokens and 8x ``batch_size`` rows)."""
+    members = sorted(members, key=lambda i: lengths[i])
+    out, cur = [], []
+    for i in members:
+        width = max([lengths[j] for j in cur] + [lengths[i]])
+        limit = min(8 * batch_size, max(batch_size, token_budget // max(width, 1)))
+        if cur and len(cur) + 1 > limit:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
 @torch.no_grad()
+def _shared_prefix_states(model, seqs: list[list[int]], layers: list[int], batch_size: int, pad_id: int,
+                          desc: str, progress: bool, cache: StatesCache | None, run: Path | None) -> torch.Tensor:
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    store: dict[int, torch.Tensor] = {}
+    where: dict[str, torch.Tensor | None] = {"last": None}
+
+    def hook(_mod, args, kwargs, l):
+        h = _hidden_arg(args, kwargs)
+        last = where["last"]
+        store[l] = (h[:, -1, :] if last is None else h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]).float().cpu()
+        if l == deepest:
+            raise _Stop
+
+    handles = [blocks[l].register_forward_pre_hook(lambda m, a, k, l=l: hook(m, a, k, l), with_kwargs=True)
+               for l in sorted(set(layers))]
+    device = next(model.parameters()).device
+    cache_arg = _cache_kwarg(model)
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    out = torch.empty(len(seqs), len(layers), hidden)
+    groups = prefix_groups(seqs)
+    plan = []
+    for p, members in groups:
+        lengths = {i: len(seqs[i]) - p for i in members}
+        for b in _batches(members, lengths, batch_size, batch_size * 256):
+            plan.append((p, members, b))
+    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False)
+    try:
+        from transformers import DynamicCache
+
+        prefix_of: tuple[int, int] | None = None  # (group id, prefix length) of the cached prefix
+        prefix_cache = None
+        for p, members, b in plan:
+            key = StatesCache.batch_key([seqs[i] for i in b]) if cache is not None else ""
+            got = cache.get(run, key) if cache is not None else None
+            if got is not None:
+                out[b] = got
+                bar.update(len(b))
+                continue
+            if p > 0 and prefix_of != (id(members), p):
+                prefix_cache = DynamicCache(config=model.config)
+                ids = torch.tensor([seqs[members[0]][:p]], device=device)
+                where["last"] = None
+                try:
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p, device=device)[None],
+                          use_cache=True, logits_to_keep=1, **{cache_arg: prefix_cache})
+                except _Stop:
+                    pass
+                prefix_of = (id(members), p)
+            width = max(len(seqs[i]) - p for i in b)
+            ids = torch.full((len(b), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(b), p + width), dtype=torch.long)
+            mask[:, :p] = 1
+            last = torch.empty(len(b), dtype=torch.long)
+            for r, i in enumerate(b):
+                suffix = seqs[i][p:]
+                ids[r, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                mask[r, p:p + len(suffix)] = 1
+                last[r] = len(suffix) - 1
+            where["last"] = last
+            kv = _expanded_cache(prefix_cache, model, len(b)) if p > 0 else None
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=(p + torch.arange(width, device=device)).expand(len(b), -1),
+                      use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
+            except _Stop:
+                pass
+            states = torch.stack([store[l] for l in layers], dim=1)
+            out[b] = states
+            if cache is not None:
+                cache.put(run, key, states)
+            bar.update(len(b))
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return out
+
+
 def last_token_states(
     model,
     tokenizer,
@@ -32,16 +263,41 @@ def last_token_states(
     desc: str = "hidden states",
     progress: bool = True,
     response_prefix: str = "",
+    share_prefixes: bool = True,
+    cache: StatesCache | None = None,
 ) -> torch.Tensor:
     """``[n_prompts, n_layers, H]`` fp32 states at the last prompt token (layers = all by default;
-    with a ``response_prefix``, the assistant turn begun with it: the state at its last token)."""
+    with a ``response_prefix``, the assistant turn begun with it: the state at its last token).
+
+    ``share_prefixes``: run text prompts in groups sharing a token prefix (module docstring);
+    False, or prompts with images or a response prefix: left-padded batches. ``cache``: resume
+    from / write to a :class:`StatesCache` (text prompts with shared prefixes only)."""
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("last_token_states: no layers asked for")
+    shared = (share_prefixes and not response_prefix and not is_processor(tokenizer)
+              and not any(prompt_image(p) is not None for p in prompts))
+    if shared:
+        tok = text_tokenizer(tokenizer)
+        seqs = [encode_one(tok, p, fmt) for p in prompts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        run = cache.run_dir(model, fmt, layers, "last_token") if cache is not None else None
+        return _shared_prefix_states(model, seqs, layers, batch_size, pad, desc, progress, cache, run)
+    return _padded_states(model, tokenizer, prompts, fmt, batch_size, layers, desc, progress, response_prefix)
+
+
+@torch.no_grad()
+def _padded_states(model, tokenizer, prompts, fmt, batch_size, layers, desc, progress, response_prefix) -> torch.Tensor:
+    blocks = decoder_layers(model)
+    deepest = max(layers)
     store: dict[int, torch.Tensor] = {}
     handles = []
-    for l in layers:
+    for l in sorted(set(layers)):
         def hook(_mod, args, kwargs, l=l):
             store[l] = _hidden_arg(args, kwargs)[:, -1, :].float().cpu()
+            if l == deepest:
+                raise _Stop
         handles.append(blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
     # sort by length so batches pad little; restore order at the end
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
@@ -52,7 +308,11 @@ def last_token_states(
             idx = order[start:start + batch_size]
             inputs = to_model(append_response_prefix(encode_batch(tokenizer, [prompts[i] for i in idx], fmt),
                                                      tokenizer, fmt, response_prefix), model)
-            model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
+            try:
+                model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False,
+                      logits_to_keep=1)
+            except _Stop:
+                pass
             out[idx] = torch.stack([store[l] for l in layers], dim=1)
     finally:
         for h in handles:
