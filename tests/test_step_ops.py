@@ -1,10 +1,11 @@
 """Per-step plugin work of the transformers path (issue 19, item 3): a decode step dispatches at most
 4 torch ops and no host-syncing op, counted through the public API.
 
-How the count is taken (exact, no subtraction): the ops are counted only while the plugin's own code
-runs. ``attach`` is called, then every forward (pre-)hook that ``attach`` added to the model's modules
-is wrapped, and so is the processor class's ``__call__`` (the class of ``handle.logits_processor()``,
-which ``handle.generate`` builds too); each wrapper runs its body under
+How the count is taken (exact, no subtraction; the two modes live in ``tests/_op_count.py``): the ops
+are counted only while the plugin's own code runs. ``attach`` is called, then every forward (pre-)hook
+that ``attach`` added to the model's modules is wrapped, and so is the processor class's ``__call__``
+(the class of ``handle.logits_processor()``, which ``handle.generate`` builds too); each wrapper runs
+its body under
 
 - a ``TorchDispatchMode`` that records every op reaching the dispatcher (aten ops, views included,
   and the custom op ``autosteer::steer_step_cpu``; the op's own internals are not seen: they run
@@ -14,14 +15,15 @@ which ``handle.generate`` builds too); each wrapper runs its body under
   them never reach the dispatcher, on a GPU every one of them waits for the device.
 
 The model's own forward, generate's sampling and everything else run outside both modes, so the
-count is the plugin's work and nothing else. A "step" is the hooks run by one model forward plus
-the processor call that follows it; step 0 is the prefill (not bounded here: it decides the gate
-once per generation), steps 1.. are decode steps.
+count is the plugin's work and nothing else (the serving stores are counted with the same modes,
+through their engines' public entry points: ``tests/test_serving_step_ops.py``). A "step" is the
+hooks run by one model forward plus the processor call that follows it; step 0 is the prefill (not
+bounded here: it decides the gate once per generation), steps 1.. are decode steps.
 
 The tests run on the CPU (the C++ kernel); the ops are the same ones a CUDA run dispatches, where the
 op is the Triton launch instead (not a dispatcher op: a dispatch mode does not see it there, so the
-count is taken on the CPU) and everything ``HOST_SYNC_OPS`` / ``HOST_SYNC_CALLS`` list would block on
-the device.
+count is taken on the CPU) and everything ``_op_count.HOST_SYNC_OPS`` / ``HOST_SYNC_CALLS`` list would
+block on the device.
 
 What a decode step is today: prefill mode (and monitor mode past its window, ``force=True``): the
 flat view of ``lm_head``'s input + the op; monitor mode: one ``cat`` of the probe layer's and
@@ -35,10 +37,9 @@ import functools
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import autosteer
+from _op_count import CallLog, OpLog, host_syncs
 from autosteer.prompting import PromptFormat, encode_prompts
 from conftest import make_pack
 
@@ -48,52 +49,8 @@ MAX_OPS_PER_DECODE_STEP = 4
 PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of france", "bake cake"]
 NEW_TOKENS = 6
 
-#: dispatcher ops that read device values on the host (a device -> host copy and a wait on a GPU)
-HOST_SYNC_OPS = {"aten.equal", "aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_static",
-                 "aten.is_nonzero", "aten.masked_select", "aten.allclose", "aten._unique", "aten._unique2",
-                 "aten.unique_dim", "aten.unique_consecutive", "aten.bincount", "aten.repeat_interleave"}
-#: Python-level tensor methods that read values on the host
-HOST_SYNC_CALLS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy", "cpu",
-                   "equal", "allclose", "nonzero"}
-
-
-def _name(func) -> str:
-    """``aten.view`` for ``aten.view.default``: the op, whatever its overload."""
-    return str(getattr(func, "overloadpacket", func))
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = _name(func)
-        self.log.append(name)
-        if name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                        for i in args[1] if i is not None):
-            self.log.append("aten.index(bool mask): host sync")  # a boolean mask index calls nonzero
-        if name in ("aten._to_copy", "aten.copy_"):
-            src = args[1] if name == "aten.copy_" else args[0]
-            dst_dev = args[0].device if name == "aten.copy_" else kwargs.get("device", src.device)
-            if src.device.type != "cpu" and torch.device(dst_dev).type == "cpu":
-                self.log.append("device->host copy: host sync")
-        return func(*args, **kwargs)
-
-
-class _Calls(TorchFunctionMode):
-    def __init__(self, log):
-        super().__init__()
-        self.log = log
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in HOST_SYNC_CALLS:
-            self.log.append(f"{name}()")
-        if name == "to" and any(str(a).startswith("cpu") for a in (*args[1:], *(kwargs or {}).values())):
-            self.log.append("to(cpu)")
-        return func(*args, **(kwargs or {}))
+# the counting modes (shared with the serving stores' test, tests/test_serving_step_ops.py)
+_Ops, _Calls = OpLog, CallLog
 
 
 class StepRecorder:
@@ -187,7 +144,7 @@ def _check_decode_steps(rec):
     report = []
     for i, (ops, calls) in enumerate(steps, start=1):
         counted = collections.Counter(ops)
-        syncs = [o for o in ops if o in HOST_SYNC_OPS or "host sync" in o] + calls
+        syncs = host_syncs(ops, calls)
         report.append((i, len(ops), dict(counted), syncs))
     bad = [r for r in report if r[1] > MAX_OPS_PER_DECODE_STEP or r[3]]
     assert not bad, "decode steps over budget or syncing (step, n ops, ops, host syncs):\n" + "\n".join(map(str, bad))

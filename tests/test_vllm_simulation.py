@@ -97,8 +97,10 @@ def chunked_forward(model, kv, rows, chunk: int, publish):
 
 
 class Engine:
-    def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96, async_outputs: bool = False):
+    def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96, async_outputs: bool = False,
+                 swaps: bool = True):
         cfg = hf.config
+        self.swaps = swaps  # False: no random swap of rows at a batch update (steady rows, as a real engine keeps)
         # vLLM's async scheduling (the V1 default): the output list a processor got in its Add grows by a
         # -1 placeholder per sampled token (vLLM fills them in only when a processor declares it needs output
         # ids; an entry-point install does not), and a re-added request comes with a new list of real ids
@@ -164,7 +166,7 @@ class Engine:
                 self.batch[h] = self.batch.pop()
         while self.batch and self.batch[-1] is None:
             self.batch.pop()
-        if len(self.batch) > 1 and self.rng.random() < 0.5:  # the attention backend reorders
+        if self.swaps and len(self.batch) > 1 and self.rng.random() < 0.5:  # the attention backend reorders
             a, b = self.rng.sample(range(len(self.batch)), 2)
             self.batch[a], self.batch[b] = self.batch[b], self.batch[a]
             moved.append((a, b, MoveDirectionality.SWAP))

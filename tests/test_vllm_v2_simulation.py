@@ -29,12 +29,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class V2Engine:
     def __init__(self, hf, *, chunk: int, seed: int = 0, max_reqs: int = 8, max_len: int = 96,
-                 lp_states_cls=SimpleNamespace, ctx_cls=SimpleNamespace, params_copies: bool = False):
+                 lp_states_cls=SimpleNamespace, ctx_cls=SimpleNamespace, params_copies: bool = False,
+                 reorder: bool = True):
         """``lp_states_cls`` / ``ctx_cls``: vLLM's LogitsProcRequestState / LogitsContext dataclasses when
         vLLM is importable (scripts/verify_vllm_real.py), stand-ins with the same fields otherwise.
         ``params_copies``: each add gets a fresh SamplingParams copy that nobody keeps, as with a
-        multiprocess executor (the scheduler output is pickled to the worker every step)."""
+        multiprocess executor (the scheduler output is pickled to the worker every step). ``reorder``: shuffle
+        the rows every step (False: requests keep their order, as V2's stable sort of the scheduler's order
+        keeps running decode requests)."""
         cfg = hf.config
+        self.reorder = reorder
         self.params_copies = params_copies
         self.ctx_cls = ctx_cls
         self.model = FakeVLLMLlama(hf).eval()
@@ -143,7 +147,8 @@ class V2Engine:
                     break
                 continue
             order = list(active)
-            self.rng.shuffle(order)  # "rows are reordered every step"
+            if self.reorder:
+                self.rng.shuffle(order)  # "rows are reordered every step"
             logits, sched, seq, fed_ids = chunked_forward(
                 self.model, self.kv, [(self.req[r]["prompt"] + self.req[r]["out"], self.req[r]["done"], self.req[r]["slot"])
                                       for r in order], self.chunk, lambda md: setattr(self, "md", md))

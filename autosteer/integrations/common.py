@@ -24,14 +24,18 @@ Per step an integration does::
     store.release(request_id)                # finished / cancelled request: its slot is freed
 
 ``apply`` is one call of the fused ``steer_step`` op (C++ on CPU, Triton on CUDA) on the
-rows of this step; everything else is a handful of small device ops on preallocated buffers
-plus **one** host-to-device copy of a small int64 vector per step (slots, row flags and, when
-given as host lists, the prefill offsets / head rows; the vLLM processor adds one more small copy,
-of prompt lengths, on steps after its batch changed; from pageable memory, which CUDA may stage
-with a stream synchronisation -- unmeasured). Nothing reads a device value back:
-no ``.item()``, ``.tolist()``, ``bool(tensor)`` or blocking copy in the step path. The only
-syncing calls are the reporting ones (:meth:`SteerStateStore.summary`, ``on_release`` with
-``report=True``).
+rows of this step. A decode step that continues the previous one (same requests in the same rows,
+each running a generated token, as the integration knows from host facts) adds nothing else but,
+in monitor mode, one in-place count: the op updates the rows' latch and score where the previous
+step left them (issue 19; ``tests/test_serving_step_ops.py`` counts every op through the engines'
+entry points, ``docs/kernels.md`` lists them). Any other step takes the general path: a handful of
+small device ops on preallocated buffers plus **one** host-to-device copy of a small int64 vector
+(slots, row flags and, when given as host lists, the prefill offsets / head rows, the slots to
+reset; the vLLM processor adds one more, of prompt lengths, on steps after its batch changed), from
+a preallocated host buffer (:class:`HostStaging`: pinned on CUDA, so the copy never synchronises;
+on the CPU the buffer itself, no copy). Nothing reads a device value back: no ``.item()``,
+``.tolist()``, ``bool(tensor)`` or blocking copy in the step path. The only syncing calls are the
+reporting ones (:meth:`SteerStateStore.summary`, ``on_release`` with ``report=True``).
 
 CUDA-graph contract (for :class:`HiddenBuffer` and the hooks below)
 ------------------------------------------------------------------
@@ -146,7 +150,6 @@ PHASE_PREFILL_MID = 2  # this forward ran prompt tokens but not the last one: th
 _ACTIVE = 1  # the row's token is kept (not a discarded mid-prefill chunk): it may latch and be steered
 _PROBE = 2  # probe this row at position 0 of this step
 _FINAL_PREFILL = 4  # the row's prompt finished in this forward (its prompt score is recorded)
-_NEW = 8  # the request's slot was (re)allocated this step: reset its device state first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +261,9 @@ class HiddenBuffer:
     """A preallocated ``[capacity, H]`` buffer that capture hooks write in place.
 
     See the CUDA-graph contract in the module docstring. :meth:`view` is what the step driver
-    reads: the buffer itself, or the ``overflow`` tensor of an eager forward that did not fit.
+    reads: the buffer itself, or the ``overflow`` tensor of an eager forward that did not fit (or
+    that :meth:`keep` kept by reference). A write is one op: the ``buf[:n]`` views are made once, at
+    construction.
     """
 
     def __init__(self, capacity: int, hidden: int, dtype: torch.dtype, device: torch.device | str, name: str = "hidden"):
@@ -268,6 +273,8 @@ class HiddenBuffer:
         self.buf = torch.zeros(capacity, hidden, dtype=dtype, device=device)
         self.overflow: torch.Tensor | None = None
         self.writes = 0  # Python-side count of hook calls (advisory: graph replays do not count)
+        # buf[:n] for every n, made once (views: the buffer's fixed memory), so that a write is one op
+        self._views = [self.buf[:n] for n in range(capacity + 1)]
 
     @property
     def capacity(self) -> int:
@@ -290,13 +297,17 @@ class HiddenBuffer:
                 f"{self.capacity}: size it for the largest graph (see the CUDA-graph contract)")
         return False
 
+    @staticmethod
+    def _flat(x: torch.Tensor) -> torch.Tensor:
+        return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
     def write(self, x: torch.Tensor) -> None:
         """Store ``x`` ([n, H], or anything that flattens to rows of H) for this forward."""
-        x = x.reshape(-1, x.shape[-1])
+        x = self._flat(x)
         n = x.shape[0]
         self.writes += 1
         if self._check_fits(n, x):
-            self.buf[:n].copy_(x)
+            self._views[n].copy_(x)
         else:
             self.overflow = x
 
@@ -305,17 +316,83 @@ class HiddenBuffer:
         if b is None:
             self.write(a)
             return
-        a = a.reshape(-1, a.shape[-1])
-        b = b.reshape(-1, b.shape[-1])
+        a, b = self._flat(a), self._flat(b)
         n = a.shape[0]
         self.writes += 1
         if self._check_fits(n, a):
-            torch.add(a, b, out=self.buf[:n])
+            torch.add(a, b, out=self._views[n])
         else:
             self.overflow = a + b
 
+    def keep(self, x: torch.Tensor) -> None:
+        """Keep a reference to ``x`` for this forward, no copy: only for an engine that replays no CUDA graph
+        and writes nothing into ``x`` before the step reads it (vLLM's ``compute_logits`` input: the sampler,
+        and with it the logits processor, runs right after ``compute_logits``)."""
+        self.writes += 1
+        self.overflow = self._flat(x)
+
     def view(self) -> torch.Tensor:
         return self.overflow if self.overflow is not None else self.buf
+
+
+class HostStaging:
+    """The small index vectors a step sends to the device, through preallocated host memory.
+
+    :meth:`stage` writes a list of ints into a host buffer with numpy (no torch op) and returns a
+    device tensor of ``capacity`` entries whose first ``len(values)`` hold them. On CUDA the host
+    buffers are pinned and the copy is one ``copy_(non_blocking=True)`` of the whole (small) buffer,
+    which from pinned memory never synchronises with the stream; a host buffer is rewritten only once
+    the copy that last read it has completed (its CUDA event says so), and when the device lags so far
+    that every buffer is still being read, one more is allocated rather than waiting. On other devices
+    (the CPU: no pinned memory there, nothing asynchronous) the host buffer is itself the returned
+    tensor: no copy at all.
+    """
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device | str):
+        self.device = torch.device(device)
+        self.capacity = int(capacity)
+        self.dtype = dtype
+        self._cuda = self.device.type == "cuda"
+        self._host: list[torch.Tensor] = []
+        self._np: list = []
+        self._events: list = []
+        self._next = 0
+        self.dev = torch.zeros(self.capacity, dtype=dtype, device=self.device) if self._cuda else None
+        self._add_buffer()
+
+    def _add_buffer(self) -> int:
+        if self._cuda:
+            h = torch.zeros(self.capacity, dtype=self.dtype, pin_memory=True)
+        else:
+            h = torch.zeros(self.capacity, dtype=self.dtype, device=self.device)
+        self._host.append(h)
+        self._np.append(h.numpy())
+        self._events.append(None)
+        return len(self._host) - 1
+
+    @property
+    def buffers(self) -> int:
+        """Host buffers allocated so far (more than one only on CUDA, when the device lagged behind)."""
+        return len(self._host)
+
+    def stage(self, values: Sequence[int]) -> torch.Tensor:
+        n = len(values)
+        if n > self.capacity:
+            raise ValueError(f"{n} values staged into a buffer of {self.capacity}")
+        if not self._cuda:
+            self._np[0][:n] = values
+            return self._host[0]
+        i = self._next
+        ev = self._events[i]
+        if ev is not None and not ev.query():  # its last copy is still queued: never wait for it
+            i = self._add_buffer()
+        self._np[i][:n] = values
+        self.dev.copy_(self._host[i], non_blocking=True)
+        if self._events[i] is None:
+            self._events[i] = torch.cuda.Event()
+        self._events[i].record()
+        self._next = (i + 1) % len(self._host)
+        return self.dev
 
 
 def hook_output_sum(module: torch.nn.Module, buffer: HiddenBuffer, check: Callable[[object], None] | None = None):
@@ -373,6 +450,22 @@ class SteerSummary:
     steps: int
 
 
+#: monitor mode with a window: the probe masks of the first WINDOW_MASKS decode steps after the rows
+#: were set up are made then, at once (views of one table); a longer window costs one ``le`` per step past them
+WINDOW_MASKS = 64
+
+
+def _slot_table(name: str):
+    """``store._slot_latched`` & co. read from outside the store (tests, benchmarks): the slot table, after the
+    rows of the previous step are written back (:meth:`SteerStateStore.settle`)."""
+
+    def get(self):
+        self.settle()
+        return getattr(self, "_sl" + name)
+
+    return property(get, doc=f"slot table {name[1:]} (settled)")
+
+
 class SteerStateStore:
     """Per-request AutoSteer state plus the per-step driver around ``steer_step``.
 
@@ -385,7 +478,27 @@ class SteerStateStore:
 
     ``on_release(request_id, summary_or_None)``: called by :meth:`release`; with
     ``report_on_release=True`` it receives a :class:`SteerSummary` (a host sync per request).
+
+    **Two paths per step.** Each request's state lives in a device slot table, keyed on the host by
+    request id. A step whose rows are the previous step's rows, in the same order, each running a
+    generated token (one position, known on the host: ``prefilling`` / ``still_prefilling`` all False
+    and every request's prompt seen, or ``phase=PHASE_DECODE``) is a *continuing decode step*: it works
+    on the previous step's row-ordered state directly -- the op updates the rows' latch and score in
+    place, monitor mode adds one in-place count (``latched_at`` is derived from it later), and nothing
+    is staged, gathered or scattered (1 or 2 ops of the store's own, see ``docs/kernels.md``). Every
+    other step (rows joined, left or moved, prompt chunks, speculation, a device-side ``phase``) takes
+    the general path: it first writes the previous rows' state back to the slot tables, stages its
+    indices (:class:`HostStaging`), gathers, runs the op and scatters the results back, and its
+    row-ordered results become the state the next step may continue on. Releasing or force-latching one
+    of those rows writes them back first (:meth:`settle`; unless every one of them is released and
+    nothing is reported: then there is nothing to keep); :meth:`summary` reads them where they are.
     """
+
+    _slot_latched = _slot_table("_latched")
+    _slot_p_unsafe = _slot_table("_p_unsafe")
+    _slot_p_last = _slot_table("_p_last")
+    _slot_tokens = _slot_table("_tokens")
+    _slot_latched_at = _slot_table("_latched_at")
 
     def __init__(self, weights: SteerWeights, *, mode: str = "prefill", max_batch: int = 64, max_positions: int = 1,
                  max_requests: int | None = None, on_release: Callable | None = None,
@@ -402,6 +515,7 @@ class SteerStateStore:
         self.report_on_release = report_on_release
         self._requests: dict[Hashable, RequestSteerState] = {}
         self._free: list[int] = []
+        self._res: SimpleNamespace | None = None  # the previous step's rows and their state (see the class doc)
         self._alloc_slots(max(int(max_requests or 4 * max_batch), 1))
         self._alloc_step(max(int(max_batch), 1), max(int(max_positions), 1))
         self._step: SimpleNamespace | None = None
@@ -412,16 +526,14 @@ class SteerStateStore:
             warn_monitor_fallback()
 
     # -- buffers ------------------------------------------------------------------------------
+    _TABLES = (("_sl_latched", torch.bool, False), ("_sl_p_unsafe", torch.float32, math.nan),
+               ("_sl_p_last", torch.float32, math.nan), ("_sl_tokens", torch.int32, 0),
+               ("_sl_latched_at", torch.int32, -1))
+
     def _alloc_slots(self, n: int) -> None:
         dev = self.device
-        old = getattr(self, "_slot_latched", None)
-        new = {
-            "_slot_latched": torch.zeros(n, dtype=torch.bool, device=dev),
-            "_slot_p_unsafe": torch.full((n,), math.nan, dtype=torch.float32, device=dev),
-            "_slot_p_last": torch.full((n,), math.nan, dtype=torch.float32, device=dev),
-            "_slot_tokens": torch.zeros(n, dtype=torch.int32, device=dev),
-            "_slot_latched_at": torch.full((n,), -1, dtype=torch.int32, device=dev),
-        }
+        old = getattr(self, "_sl_latched", None)
+        new = {name: torch.full((n,), init, dtype=dt, device=dev) for name, dt, init in self._TABLES}
         start = 0
         if old is not None:
             start = old.shape[0]
@@ -429,19 +541,23 @@ class SteerStateStore:
                 t[:start].copy_(getattr(self, name))
             log.info("autosteer: slot table grown from %d to %d requests", start, n)
         for name, t in new.items():
-            setattr(self, name, t)
+            setattr(self, name, t)  # slot indices are kept: the previous step's rows stay valid
         self._free.extend(range(n - 1, start - 1, -1))  # pop() hands out the lowest slot first
 
     def _alloc_step(self, rows: int, positions: int) -> None:
         dev = self.device
         self._max_rows, self._max_pos = rows, positions
-        self._meta = torch.zeros(4 * rows + 1, dtype=torch.int64, device=dev)  # slots|flags|cu(B+1)|head rows
+        # slots | flags | cu (B+1) | head rows | slots new this step: the step's one host -> device transfer
+        self._stage = HostStaging(5 * rows + 1, torch.int64, dev)
         # [position, row]: position j of the step is a contiguous [B] vector
         self._lat = torch.zeros(positions, rows, dtype=torch.bool, device=dev)
         self._pout = torch.full((positions, rows), math.nan, dtype=torch.float32, device=dev)
         self._probe = torch.zeros(rows, dtype=torch.bool, device=dev)
         self._pmask = torch.zeros(positions, rows, dtype=torch.bool, device=dev)  # probe mask per position
         self._no_probe = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self._all_probe = torch.ones(rows, dtype=torch.bool, device=dev)
+        self._mask_buf = torch.zeros(rows, dtype=torch.bool, device=dev)  # monitor window past WINDOW_MASKS
+        self._win_steps = torch.arange(WINDOW_MASKS, dtype=torch.int32, device=dev)
         self._rows = torch.zeros(rows, dtype=torch.int64, device=dev)  # prefill probe rows
         self._grid = torch.arange(rows * positions, dtype=torch.int64, device=dev)  # b * P + j
         # monitor mode: per-row thresholds (a row's last prompt token: tau; a generated token: tau_monitor)
@@ -471,7 +587,7 @@ class SteerStateStore:
         if st is not None:
             return st, False
         if not self._free:
-            self._alloc_slots(2 * self._slot_latched.shape[0])
+            self._alloc_slots(2 * self._sl_latched.shape[0])
         st = RequestSteerState(request_id, self._free.pop())
         self._requests[request_id] = st
         return st, True
@@ -479,23 +595,37 @@ class SteerStateStore:
     def release(self, request_id, *, report: bool = True) -> bool:
         """Free a finished request's state. Unknown ids are ignored (returns False). ``report=False``: no
         summary for ``on_release`` (no device read), whatever ``report_on_release`` says."""
-        st = self._requests.get(request_id)
-        if st is None:
-            return False
-        if self._step is not None and request_id in self._step.index:
-            raise RuntimeError(f"autosteer: request {request_id!r} released in the middle of a step")
-        summary = (self.summary(request_id) if (report and self.on_release is not None and self.report_on_release)
-                   else None)
-        del self._requests[request_id]
-        self._free.append(st.slot)
-        if self.on_release is not None:
-            self.on_release(request_id, summary)
-        return True
+        return bool(self.release_many([request_id], report=report))
+
+    def release_many(self, request_ids, *, report: bool = True) -> int:
+        """:meth:`release` each of ``request_ids``; returns how many were known. When they include every row of
+        the previous step and nothing is reported, that step's state is dropped without being written back."""
+        ids = [rid for rid in request_ids if rid in self._requests]
+        if self._step is not None:
+            inside = [rid for rid in ids if rid in self._step.index]
+            if inside:
+                raise RuntimeError(f"autosteer: request {inside[0]!r} released in the middle of a step")
+        r = self._res
+        if r is not None and any(rid in r.index for rid in ids):
+            reporting = report and self.on_release is not None and self.report_on_release
+            gone = set(ids)
+            if not reporting and all(k in gone for k in r.keys):
+                self._res = None  # every row leaves: nothing to write back (a reused slot is reset when taken)
+            else:
+                self.settle()  # the slots are about to be reused: the previous rows' state goes back first
+        for rid in ids:
+            st = self._requests[rid]
+            summary = (self.summary(rid) if (report and self.on_release is not None and self.report_on_release)
+                       else None)
+            del self._requests[rid]
+            self._free.append(st.slot)
+            if self.on_release is not None:
+                self.on_release(rid, summary)
+        return len(ids)
 
     def release_all(self, *, report: bool = True) -> None:
         self.abort_step()
-        for rid in list(self._requests):
-            self.release(rid, report=report)
+        self.release_many(list(self._requests), report=report)
 
     def force_latch(self, request_id) -> None:
         """Latch a request outside a step (fail closed when an integration cannot tell whose state is whose):
@@ -503,17 +633,88 @@ class SteerStateStore:
         if self._step is not None and request_id in self._step.index:
             raise RuntimeError(f"autosteer: request {request_id!r} latched by hand in the middle of a step")
         s = self._requests[request_id].slot
-        self._slot_latched_at[s] = torch.where(self._slot_latched[s], self._slot_latched_at[s], self._slot_tokens[s])
-        self._slot_latched[s] = True
+        if self._res is not None and request_id in self._res.index:
+            self.settle()
+        lat, at, tok = self._sl_latched, self._sl_latched_at, self._sl_tokens
+        at[s] = torch.where(lat[s], at[s], tok[s])
+        lat[s] = True
 
     def summary(self, request_id) -> SteerSummary:
-        """The request's gate decision and scores (reads the device: a host sync)."""
+        """The request's gate decision and scores (reads the device: a host sync; changes nothing)."""
         st = self._requests[request_id]
         s = st.slot
-        vals = torch.stack([self._slot_latched[s].float(), self._slot_p_unsafe[s], self._slot_p_last[s],
-                            self._slot_latched_at[s].float(), self._slot_tokens[s].float()]).tolist()
+        r = self._res
+        if r is not None and r.n and request_id in r.index:  # a row of the previous step: its state is there
+            b = r.index[request_id]
+            vals = [r.lat[b].float(), self._sl_p_unsafe[s], r.p_last[b], self._latched_at(r, b).float(),
+                    (r.tokens[b] + r.n).float()]
+        else:
+            vals = [self._sl_latched[s].float(), self._sl_p_unsafe[s], self._sl_p_last[s],
+                    self._sl_latched_at[s].float(), self._sl_tokens[s].float()]
+        vals = torch.stack(vals).tolist()
         return SteerSummary(request_id, bool(vals[0]), vals[1], vals[2], int(vals[3]), int(vals[4]),
                             st.prefill_done, st.steps)
+
+    # -- the previous step's rows -------------------------------------------------------------
+    def settle(self) -> None:
+        """Write the state of the previous step's rows back to the slot tables (if continuing steps changed it)
+        and forget those rows: the next step takes the general path. A few device ops, no host sync."""
+        r, self._res = self._res, None
+        if r is None or r.n == 0:
+            return
+        sl = r.slots
+        self._sl_latched.index_copy_(0, sl, r.lat)
+        self._sl_p_last.index_copy_(0, sl, r.p_last)
+        self._sl_tokens.index_copy_(0, sl, r.tokens + r.n)  # every row of a continuing step keeps one token
+        if r.counted:
+            self._sl_latched_at.index_copy_(0, sl, self._latched_at(r))
+
+    @staticmethod
+    def _latched_at(r, b=None) -> torch.Tensor:
+        """``latched_at`` of the previous step's rows (row ``b``, or all) after its continuing steps: a row that
+        latched in the s-th counted step (counted steps come first: probing stops past the window) counts
+        ``counted - s + 1`` latched steps and latched at generated token ``tokens + s - 1``; rows latched
+        before have ``latched_at >= 0``."""
+        sel = (lambda t: t) if b is None else (lambda t: t[b])
+        at, lat = sel(r.latched_at), sel(r.lat)
+        if not r.counted:
+            return at
+        return torch.where(lat & (at < 0), sel(r.tokens) + (r.counted - sel(r.count)), at)
+
+    def _keep_rows(self, s, slots, lat, p_last, tokens, latched_at) -> None:
+        """After a general step: its row-ordered results are the state a continuing step works on."""
+        B = s.B
+        r = SimpleNamespace(keys=s.request_ids, index=s.index, slots=slots, lat=lat, p_last=p_last, tokens=tokens,
+                            latched_at=latched_at, n=0, counted=0, rows=self._grid[:B],
+                            no_probe=self._no_probe[:B],
+                            done=s.host and all(self._requests[k].prefill_done for k in s.request_ids),
+                            count=None, probes=None, masks=(), mask_buf=None, tau_mon=None, probe_mon=None)
+        if self.mode == "monitor":
+            r.count = torch.zeros(B, dtype=torch.int32, device=self.device)
+            r.tau_mon = self._tau_mon[:B]
+            if self.w.stacked is not None:
+                r.probe_mon = self._probe_mon[:B]
+            W = self.w.monitor_window
+            if W is None:
+                r.probes = self._all_probe[:B]
+            else:  # continuing step i (1, 2, ...) probes the rows whose token tokens + i - 1 is inside the window
+                K = min(W + 1, WINDOW_MASKS)
+                r.masks = torch.le(tokens.unsqueeze(0) + self._win_steps[:K].unsqueeze(1), W).unbind(0)
+                if W + 1 > K:
+                    r.mask_buf = self._mask_buf[:B]
+        self._res = r
+
+    def _continues(self, keys, P, cu_seqlens, head_rows, prefilling, still, phase) -> bool:
+        """Host facts only: this step continues the previous one (same rows, same order, one position, every
+        row a generated token)."""
+        r = self._res
+        if r is None or P != 1 or cu_seqlens is not None or head_rows is not None or keys != r.keys:
+            return False
+        if phase is not None:  # the host value PHASE_DECODE (a device phase tensor: the general path)
+            return not isinstance(phase, torch.Tensor) and phase == PHASE_DECODE
+        B = len(keys)
+        return (r.done and (prefilling is None or (len(prefilling) == B and not any(prefilling)))
+                and (still is None or (len(still) == B and not any(still))))
 
     # -- the step -----------------------------------------------------------------------------
     @property
@@ -521,13 +722,15 @@ class SteerStateStore:
         return self._step is not None
 
     def abort_step(self) -> None:
-        """Drop an open step without committing anything (the engine raised mid-step)."""
+        """Drop an open step without committing anything (the engine raised mid-step). (A continuing step whose
+        op already ran has updated its rows' state in place: that is kept.)"""
         self._step = None
 
     def begin_step(self, request_ids: Sequence[Hashable], *, positions: int = 1,
                    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
                    prefilling: Sequence[bool] | None = None, still_prefilling: Sequence[bool] | None = None,
-                   head_rows: torch.Tensor | Sequence[int] | None = None, phase: torch.Tensor | None = None) -> None:
+                   head_rows: torch.Tensor | Sequence[int] | None = None,
+                   phase: torch.Tensor | int | None = None) -> None:
         """Map this step's logits rows to requests and stage the step's indices on the device.
 
         ``request_ids[b]``: the request in logits row ``b`` (new ids get a fresh slot).
@@ -544,20 +747,34 @@ class SteerStateStore:
         i.e. ``b`` for a prefill whose lm_head ran on the last token of each sequence only).
         ``phase``: a device tensor ``[B]`` of ``PHASE_*`` values replacing ``prefilling`` /
         ``still_prefilling`` when only the device knows them (vLLM: from sequence and prompt
-        lengths); the host-side ``prefill_done`` / ``steps`` are then not maintained.
+        lengths), or the host value ``PHASE_DECODE`` when the integration knows that every row runs a
+        generated token; the host-side ``prefill_done`` / ``steps`` are then not maintained.
+
+        A step that continues the previous one (see the class doc) stages nothing and gathers nothing.
         """
         if self._step is not None:
             raise RuntimeError("autosteer: begin_step called twice without end_step (or abort_step)")
-        B = len(request_ids)
+        keys = list(request_ids)
+        B = len(keys)
         P = int(positions)
         if P < 1:
             raise ValueError(f"positions must be >= 1, got {positions}")
-        if len(set(request_ids)) != B:
+        host_decode = phase is not None and not isinstance(phase, torch.Tensor)
+        if host_decode and (isinstance(phase, bool) or phase != PHASE_DECODE):
+            raise ValueError(f"phase given as a host value must be PHASE_DECODE ({PHASE_DECODE}: every row runs a "
+                             f"generated token), got {phase!r}")
+        if self._continues(keys, P, cu_seqlens, head_rows, prefilling, still_prefilling, phase):
+            self._step = SimpleNamespace(fast=True, B=B, P=1, j=0, request_ids=keys, index=self._res.index,
+                                         host=phase is None)
+            return
+        self.settle()
+        if len(set(keys)) != B:
             raise ValueError("autosteer: a request id appears twice in one step")
         if cu_seqlens is not None and P != 1:
             raise ValueError("a flattened prefill step (cu_seqlens) has one position per sequence")
         if phase is not None and (prefilling is not None or still_prefilling is not None):
-            raise ValueError("pass either phase (device) or prefilling/still_prefilling (host), not both")
+            raise ValueError("pass either phase (device or PHASE_DECODE) or prefilling/still_prefilling (host), "
+                             "not both")
         prefilling = [cu_seqlens is not None] * B if prefilling is None else [bool(x) for x in prefilling]
         still = [False] * B if still_prefilling is None else [bool(x) for x in still_prefilling]
         if len(prefilling) != B or len(still) != B:
@@ -570,21 +787,26 @@ class SteerStateStore:
             raise ValueError(f"rows {bad}: still_prefilling without prefilling")
         # every check before any request is registered: a refused step must leave no new request
         # behind (it would skip its slot reset on the next step and inherit the slot's old state)
-        for name, value, need in (("cu_seqlens", cu_seqlens, B + 1), ("head_rows", head_rows, B), ("phase", phase, B)):
+        for name, value, need in (("cu_seqlens", cu_seqlens, B + 1), ("head_rows", head_rows, B),
+                                  ("phase", None if host_decode else phase, B)):
             if value is None:
                 continue
             n = value.numel() if isinstance(value, torch.Tensor) else len(value)
             if n < need or (name == "head_rows" and not isinstance(value, torch.Tensor) and n != need):
                 raise ValueError(f"{name} has {n} entries, need {'B + 1' if name == 'cu_seqlens' else 'B'} = {need}")
+        device_phase = phase is not None and not host_decode
         host = []
         flags = []
-        any_new = False
-        for b, rid in enumerate(request_ids):
+        new_slots = []
+        for b, rid in enumerate(keys):
             st, new = self._get_or_add(rid)
-            any_new |= new
-            f = _NEW if new else 0
-            if phase is not None:
+            if new:
+                new_slots.append(st.slot)
+            f = 0
+            if device_phase:
                 pass  # decided on the device below
+            elif host_decode:
+                f = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
             elif not still[b]:
                 f |= _ACTIVE
                 if prefilling[b]:
@@ -618,33 +840,29 @@ class SteerStateStore:
                 hr = list(head_rows)
                 host.extend(int(x) for x in hr)
                 n_head = B
-        # the step's only host->device transfer. Its source is pageable: CUDA stages it through pinned
-        # memory and documents that it *may* synchronise with the stream there (not measured: no GPU
-        # run yet; a pinned ring buffer would rule it out)
-        meta = self._meta[: len(host)]
-        if B:
-            meta.copy_(torch.tensor(host, dtype=torch.int64), non_blocking=True)
-        slots = meta[:B]
-        fl = meta[B: 2 * B]
+        n_new = len(new_slots)
+        host.extend(new_slots)
+        # the step's only host -> device transfer (pinned and preallocated on CUDA; none on the CPU)
+        meta = self._stage.stage(host) if B else None
+        slots = meta[:B] if B else self._rows[:0]
+        fl = meta[B: 2 * B] if B else slots
         off = 2 * B
         if n_cu:
             cu_dev = meta[off: off + n_cu]
             off += n_cu
         if n_head:
             head_dev = meta[off: off + n_head]
-        if phase is not None:
-            ph = phase.reshape(-1)[:B].to(device=self.device, dtype=torch.int64)
+            off += n_head
+        if n_new:  # fresh slots start clean (a freed slot may hold an old request's values)
+            fresh = meta[off: off + n_new]
+            for name, _dt, init in self._TABLES:
+                getattr(self, name).index_fill_(0, fresh, init)
+        if device_phase:
+            ph = phase.reshape(-1)[:B]
             decode_bits = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
-            bits = torch.where(ph == PHASE_DECODE, decode_bits,
-                               torch.where(ph == PHASE_PREFILL_LAST, _ACTIVE | _PROBE | _FINAL_PREFILL, 0))
-            fl = (fl & _NEW) | bits
+            fl = torch.where(ph == PHASE_DECODE, decode_bits,
+                             torch.where(ph == PHASE_PREFILL_LAST, _ACTIVE | _PROBE | _FINAL_PREFILL, 0))
         active = (fl & _ACTIVE) != 0
-        if any_new:  # fresh slots start clean (a freed slot may hold an old request's values)
-            new = (fl & _NEW) != 0
-            for name, init in (("_slot_latched", False), ("_slot_p_unsafe", math.nan), ("_slot_p_last", math.nan),
-                               ("_slot_tokens", 0), ("_slot_latched_at", -1)):
-                table = getattr(self, name)
-                table.index_copy_(0, slots, torch.where(new, torch.full_like(table[:1], init), table.index_select(0, slots)))
         probe = self._probe[:B]
         torch.ne(fl & _PROBE, 0, out=probe)
         tok0 = None  # tokens generated before this step (monitor window only)
@@ -652,14 +870,14 @@ class SteerStateStore:
             final_prefill = (fl & _FINAL_PREFILL) != 0
             torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
             if self.w.stacked is not None:
-                self._row_probe[:B].copy_((~final_prefill).to(torch.int32))
+                self._row_probe[:B].copy_(~final_prefill)
             if self.w.monitor_window is not None:  # generated tokens past the window are not probed
                 # a row's k-th generated token (0-based) is probed when k + 1 tokens are counted; position
                 # j of a speculative step holds generated token (tokens before the step) - 1 + j
-                tok0 = self._slot_tokens.index_select(0, slots)
+                tok0 = self._sl_tokens.index_select(0, slots)
                 probe &= final_prefill | (tok0 <= self.w.monitor_window)
         lat0 = self._lat[0, :B]
-        torch.index_select(self._slot_latched, 0, slots, out=lat0)
+        torch.index_select(self._sl_latched, 0, slots, out=lat0)
         lat0 &= active
         if cu_dev is not None:
             probe_rows = self._rows[:B]
@@ -667,9 +885,9 @@ class SteerStateStore:
         else:
             probe_rows = None
         self._step = SimpleNamespace(
-            B=B, P=P, j=0, request_ids=list(request_ids), index={r: b for b, r in enumerate(request_ids)},
+            fast=False, B=B, P=P, j=0, request_ids=keys, index={r: b for b, r in enumerate(keys)},
             slots=slots, flags=fl, active=active, probe=probe, probe_rows=probe_rows, head_rows=head_dev,
-            host_flags=flags, tok0=tok0,
+            host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None,
         )
 
     def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor) -> torch.Tensor:
@@ -685,17 +903,22 @@ class SteerStateStore:
         j = s.j
         if j >= s.P:
             raise RuntimeError(f"autosteer: apply called {j + 1} times in a step with {s.P} position(s)")
+        if s.fast:
+            self._apply_continuing(logits, probe_hidden, head_hidden)
+            s.j = 1
+            return logits
         B, P = s.B, s.P
         lat_j = self._lat[j, :B]
         if j > 0:
             lat_j.copy_(self._lat[j - 1, :B])
-        grid = self._grid[: B * P].view(B, P)[:, j]
+        grid = self._grid[: B * P].view(B, P)[:, j] if P > 1 else self._grid[:B]
         probe_rows = s.probe_rows if s.probe_rows is not None else grid
         head_rows = s.head_rows if s.head_rows is not None else grid
         mask = s.probe if (j == 0 or self.mode == "monitor") else self._no_probe[:B]
         if j > 0 and s.tok0 is not None:  # speculative position j: generated token tok0 - 1 + j, inside the window?
             mask = mask & (s.tok0 + j <= self.w.monitor_window)
-        self._pmask[j, :B].copy_(mask)
+        if P > 1:
+            self._pmask[j, :B].copy_(mask)
         # monitor mode: position 0 holds a row's last prompt token (tau) or a generated one (tau_monitor),
         # later (speculative) positions are generated tokens
         row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
@@ -710,6 +933,32 @@ class SteerStateStore:
         s.j = j + 1
         return logits
 
+    def _apply_continuing(self, logits, probe_hidden, head_hidden) -> None:
+        """A continuing decode step: the op on the previous step's rows, their latch and score updated in
+        place; monitor mode adds the latch count (1 op) and, past WINDOW_MASKS, the window mask (1 op)."""
+        r, w = self._res, self.w
+        i = r.n + 1  # this is the i-th continuing step on these rows
+        mask = r.no_probe
+        W1, b1, w2, b2, row_tau, row_probe = w.W1, w.b1, w.w2, w.b2, None, None
+        if self.mode == "monitor":
+            row_tau = r.tau_mon  # every row's token is a generated one
+            if w.stacked is not None:
+                W1, b1, w2, b2 = w.stacked
+                row_probe = r.probe_mon
+            W = w.monitor_window
+            if W is None:
+                mask = r.probes
+            elif i <= len(r.masks):
+                mask = r.masks[i - 1]
+            elif i <= W + 1:  # (rows with tokens + i - 1 <= W; none past W + 1 continuing steps)
+                mask = torch.le(r.tokens, W - i + 1, out=r.mask_buf)
+        self._op(probe_hidden, r.rows, mask, head_hidden, r.rows, logits, r.lat, r.p_last,
+                 W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe)
+        if mask is not r.no_probe:  # a probed step: count the latched rows (see settle)
+            r.count.add_(r.lat)
+            r.counted += 1
+        r.n = i
+
     def end_step(self, accepted: torch.Tensor | None = None) -> None:
         """Commit the step: each active row's latch (at its last accepted position), its scores
         and token count go back to its request's slot. ``accepted[b]`` (device, >= 1): positions
@@ -722,46 +971,65 @@ class SteerStateStore:
                 raise RuntimeError(
                     f"autosteer: the steering processor ran {s.j} of {s.P} position(s) this step: the engine "
                     "skipped it (were the logits processors rebuilt without it?); refusing to continue unsteered")
+            if s.fast:  # the op committed the rows' state in place
+                if s.host:
+                    for rid in s.request_ids:
+                        self._requests[rid].steps += 1
+                return
             B, P = s.B, s.P
             if B == 0:
                 return
             slots, active = s.slots, s.active
-            if accepted is None or P == 1:
-                pos = torch.full((B, 1), P - 1, dtype=torch.int64, device=self.device)
-                n_tok = active.to(torch.int32)
+            old_lat = self._sl_latched.index_select(0, slots)
+            tokens = self._sl_tokens.index_select(0, slots)
+            if P == 1:
+                new_lat = torch.where(active, s.lat0, old_lat)
+                fired = new_lat & ~old_lat
+                latched_at = torch.where(fired, tokens, self._sl_latched_at.index_select(0, slots))
+                p0 = self._pout[0, :B]
+                p_last_new, probed_any = p0, s.probe  # (monitor mode too: position 0's mask is s.probe)
+                new_tokens = tokens + active
             else:
-                acc = accepted.to(device=self.device, dtype=torch.int64).reshape(B)
-                pos = (acc - 1).clamp(0, P - 1).unsqueeze(1)
-                n_tok = torch.where(active, acc, 0).to(torch.int32)
-            lat_all = self._lat[:P, :B].t()  # [B, P]
-            lat = lat_all.gather(1, pos).squeeze(1)
-            old_lat = self._slot_latched.index_select(0, slots)
-            new_lat = torch.where(active, lat, old_lat)
-            tokens = self._slot_tokens.index_select(0, slots)
-            # first steered token: the first position whose latch is set, counted from this step's first token
-            first_pos = (~lat_all).to(torch.int32).sum(1)  # latches are cumulative over positions
-            fired = new_lat & ~old_lat
-            latched_at = torch.where(fired, tokens + first_pos.to(torch.int32),
-                                     self._slot_latched_at.index_select(0, slots))
-            pout = self._pout[:P, :B].t()
-            if self.mode == "monitor":  # the score at the last accepted position, if that position was probed
-                p_last_new = pout.gather(1, pos).squeeze(1)
-                probed_any = self._pmask[:P, :B].t().gather(1, pos).squeeze(1)
-            else:
-                p_last_new = pout[:, 0]
-                probed_any = s.probe
-            p_last = torch.where(probed_any & active, p_last_new, self._slot_p_last.index_select(0, slots))
+                if accepted is None:
+                    pos = torch.full((B, 1), P - 1, dtype=torch.int64, device=self.device)
+                    n_tok = active.to(torch.int32)
+                else:
+                    acc = accepted.reshape(B)
+                    if acc.device != self.device:
+                        acc = acc.to(self.device)
+                    pos = (acc.long() - 1).clamp(0, P - 1).unsqueeze(1)
+                    n_tok = torch.where(active, acc, 0).to(torch.int32)
+                lat_all = self._lat[:P, :B].t()  # [B, P]
+                lat = lat_all.gather(1, pos).squeeze(1)
+                new_lat = torch.where(active, lat, old_lat)
+                # first steered token: the first position whose latch is set, counted from this step's first token
+                first_pos = (~lat_all).to(torch.int32).sum(1)  # latches are cumulative over positions
+                fired = new_lat & ~old_lat
+                latched_at = torch.where(fired, tokens + first_pos.to(torch.int32),
+                                         self._sl_latched_at.index_select(0, slots))
+                pout = self._pout[:P, :B].t()
+                p0 = pout[:, 0]
+                if self.mode == "monitor":  # the score at the last accepted position, if that position was probed
+                    p_last_new = pout.gather(1, pos).squeeze(1)
+                    probed_any = self._pmask[:P, :B].t().gather(1, pos).squeeze(1)
+                else:
+                    p_last_new = p0
+                    probed_any = s.probe
+                new_tokens = tokens + n_tok
+            p_last = torch.where(probed_any & active, p_last_new, self._sl_p_last.index_select(0, slots))
             final_prefill = (s.flags & _FINAL_PREFILL) != 0
-            p_unsafe = torch.where(final_prefill, pout[:, 0], self._slot_p_unsafe.index_select(0, slots))
-            self._slot_latched.index_copy_(0, slots, new_lat)
-            self._slot_latched_at.index_copy_(0, slots, latched_at)
-            self._slot_p_last.index_copy_(0, slots, p_last)
-            self._slot_p_unsafe.index_copy_(0, slots, p_unsafe)
-            self._slot_tokens.index_copy_(0, slots, tokens + n_tok)
-            for rid, f in zip(s.request_ids, s.host_flags):
-                st = self._requests[rid]
-                if f & _ACTIVE:
-                    st.prefill_done = True
-                    st.steps += 1
+            p_unsafe = torch.where(final_prefill, p0, self._sl_p_unsafe.index_select(0, slots))
+            self._sl_latched.index_copy_(0, slots, new_lat)
+            self._sl_latched_at.index_copy_(0, slots, latched_at)
+            self._sl_p_last.index_copy_(0, slots, p_last)
+            self._sl_p_unsafe.index_copy_(0, slots, p_unsafe)
+            self._sl_tokens.index_copy_(0, slots, new_tokens)
+            if s.host:
+                for rid, f in zip(s.request_ids, s.host_flags):
+                    st = self._requests[rid]
+                    if f & _ACTIVE:
+                        st.prefill_done = True
+                        st.steps += 1
+            self._keep_rows(s, slots, new_lat, p_last, new_tokens, latched_at)
         finally:
             self._step = None

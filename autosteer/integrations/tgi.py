@@ -336,8 +336,7 @@ class _Runtime:
     def release(self, request_ids) -> None:
         if self.store is None:
             return
-        for rid in request_ids:
-            self.store.release(rid)
+        self.store.release_many(request_ids)
 
     def end_warmup(self) -> None:
         """After ``FlashCausalLM.warmup``: drop its dummy requests without reporting them as decisions (a

@@ -80,8 +80,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models import resolve_attr as _resolve
-from .common import (ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer, SteerStateStore,
-                     SteerWeights, check_pack_matches, parse_flag, parse_monitor_window, parse_threshold)
+from .common import (ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer,
+                     HostStaging, SteerStateStore, SteerWeights, check_pack_matches, parse_flag, parse_monitor_window,
+                     parse_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -302,11 +303,16 @@ def _weak(obj):
 
 
 class VLLMCapture:
-    """Per-request rows of this forward, written in place by hooks on a vLLM model.
+    """Per-request rows of this forward, captured by hooks on a vLLM model.
 
-    ``probe`` ([max_reqs, H]): the residual stream entering the pack's layer at each request's
-    last scheduled token; ``head`` ([max_reqs, H]): ``compute_logits``'s input rows;
-    ``seq_lens`` / ``query_lens`` ([max_reqs] int32): the forward's per-request lengths.
+    ``probe_hidden``: the residual stream entering the pack's layer at each request's last scheduled
+    token, one row per request -- for a forward that ran one token per request (every decode step) the
+    layer's two outputs summed (one op), else gathered into the ``probe`` buffer ([max_reqs, H]);
+    ``head.view()``: ``compute_logits``'s input rows, kept by reference (vLLM samples right after
+    ``compute_logits``, and captures no CUDA graph with the plugin on: the start-up guard refuses them);
+    :meth:`lengths`: the forward's per-request sequence and query lengths ([max_reqs] int32 buffers),
+    copied from the forward's metadata only when a step asks for them (a decode step whose phase the
+    processor knows on the host never does).
     ``metadata_fn()`` returns an object with ``query_start_loc`` and ``seq_lens`` for the
     current forward (default: vLLM's forward context; the tests pass their own), or None for a
     dummy forward, which is not captured.
@@ -334,6 +340,9 @@ class VLLMCapture:
         self.head = HiddenBuffer(max_reqs, H, dt, dev, name="compute_logits-input")
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
         self.query_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
+        self.probe_hidden = self.probe  # this forward's probe rows (see the class doc)
+        self.one_token = False  # this forward ran one token per request (its probe rows are the layer's rows)
+        self._lengths_from = None  # seq_lens of a one-token forward's metadata, until lengths() copies them
         self.num_reqs = 0  # Python-side, updated by the layer hook (eager execution required)
         self.metadata_fn = metadata_fn or _VLLM.forward_metadata
         self.forwards = 0
@@ -391,8 +400,10 @@ class VLLMCapture:
         model.forward = forward  # instance attribute: nn.Module.__call__ calls self.forward
 
     def _store(self, h: torch.Tensor, r: torch.Tensor | None) -> None:
-        """Store the residual stream ``h + r`` at each request's last scheduled token: the rows are
-        gathered first and then added (no [num_tokens, H] sum per forward; the same values)."""
+        """Store the residual stream ``h + r`` at each request's last scheduled token. A forward of one token
+        per request (``B`` rows for ``B`` requests: each request runs at least one token) is summed whole, one
+        op (``h`` alone is copied: the next layer updates its residual input in place); otherwise the rows
+        are gathered first and then added (no [num_tokens, H] sum per forward; the same values)."""
         md = self.metadata_fn()
         if md is None:  # a dummy forward (memory profile, warm-up): nothing to capture, and it is not a
             # step's forward -- an apply() after it finds ``forwards`` unchanged and refuses stale rows
@@ -403,14 +414,33 @@ class VLLMCapture:
         B = qsl.numel() - 1
         if B > self.probe.shape[0]:
             raise VLLMIntegrationError(f"{B} requests in one forward but the capture holds {self.probe.shape[0]}")
-        ends = qsl[1: B + 1].to(torch.int64) - 1
-        torch.index_select(h, 0, ends, out=self.probe[:B])
-        if r is not None:
-            self.probe[:B] += r.index_select(0, ends)
-        self.seq_lens[:B].copy_(md.seq_lens[:B])
-        torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
+        if h.shape[0] == B:  # one token per request: request b's last token is row b
+            self.probe_hidden = torch.add(h, r) if r is not None else h.clone()
+            self.one_token = True
+            self._lengths_from = md.seq_lens  # the forward's own tensor, read before the next forward
+        else:
+            ends = qsl[1: B + 1].to(torch.int64) - 1
+            torch.index_select(h, 0, ends, out=self.probe[:B])
+            if r is not None:
+                self.probe[:B] += r.index_select(0, ends)
+            self.seq_lens[:B].copy_(md.seq_lens[:B])
+            torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
+            self.probe_hidden = self.probe
+            self.one_token = False
+            self._lengths_from = None
         self.num_reqs = B
         self.forwards += 1
+
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(seq_lens, query_lens)`` of this forward's requests (the first ``num_reqs`` entries of two
+        [max_reqs] int32 buffers): copied from the forward's metadata by the layer hook, or here, on first
+        use, for a one-token forward (each query length 1)."""
+        if self._lengths_from is not None:
+            B = self.num_reqs
+            self.seq_lens[:B].copy_(self._lengths_from[:B])
+            self.query_lens[:B].fill_(1)
+            self._lengths_from = None
+        return self.seq_lens, self.query_lens
 
     def _on_layer_out(self, _mod, _args, out):
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
@@ -424,8 +454,7 @@ class VLLMCapture:
         self._store(args[1], args[2] if len(args) > 2 else None)
 
     def _compute_logits(self, hidden_states, *args, **kwargs):
-        self.head.begin_forward()
-        self.head.write(hidden_states)
+        self.head.keep(hidden_states)  # by reference (see the class doc)
         return self._orig_compute_logits(hidden_states, *args, **kwargs)
 
     def remove(self) -> None:
@@ -745,6 +774,14 @@ class _Row:
     # the request's output token list (vLLM appends to it in place): with the params, what tells a
     # preempted request from its parallel-sampling siblings, which may share one SamplingParams object
     outputs: list | None = None
+    # len(outputs) when added: once the list is longer, a token was kept since -- the (re-)prefill is over and
+    # every later step of the row runs a generated token (vLLM appends, or under async scheduling a -1
+    # placeholder, only for kept tokens, never for a chunked prefill's discarded one)
+    n_out: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.outputs is not None and len(self.outputs) > self.n_out
 
 
 def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
@@ -802,9 +839,7 @@ class _V2Requests:
         copy of it every step.)"""
         done = set(getattr(scheduler_output, "finished_req_ids", None) or ())
         done -= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-        for rid in done:
-            if self.kept.pop(rid, 0) is None:
-                store.release(rid)
+        store.release_many([rid for rid in done if self.kept.pop(rid, 0) is None])
 
     def add(self, slot: int, store) -> None:
         if self.dummy:
@@ -901,6 +936,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._prompt_lens = None
         self._resumed = None
         self._prompt_lens_stale = True
+        self._lens_stage: HostStaging | None = None  # prompt lengths of the rows, staged when the batch changed
         self._last_forward: int | None = None  # capture.forwards at the previous apply
         self._v2: _V2Requests | None = None
         if not self.enabled:
@@ -1025,7 +1061,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             # a request with outputs is resuming after preemption: it keeps its state (latch)
             key = self._unpark(params, output_ids, store) if n_out else None
             self.rows[idx] = _Row(next(self._keys) if key is None else key, n_prompt + n_out, key is not None,
-                                  _weak(params), output_ids)
+                                  _weak(params), output_ids, n_out)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if _VLLM.is_move_swap(direction):
@@ -1072,20 +1108,26 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError(f"no request recorded at batch indices {missing}")
         self._ensure_store(required=True)
         cap = self._fresh_capture(B)
+        rows = [self.rows[i] for i in range(B)]
+        keys = [r.key for r in rows]
+        if cap.one_token and all(r.decoding for r in rows):
+            # every row kept a token since it was added and runs one token now: a generated one, known on the host
+            return self._steer(logits, cap, keys, phase=PHASE_DECODE)
         if self._prompt_lens_stale or self._prompt_lens is None or self._prompt_lens.shape[0] < B:
-            host = torch.tensor([[self.rows[i].prompt_len for i in range(B)],
-                                 [int(self.rows[i].resumed) for i in range(B)]], dtype=torch.int32)
-            dev = host.to(self.device, non_blocking=True)
-            self._prompt_lens, self._resumed = dev[0], dev[1] != 0
+            if self._lens_stage is None or self._lens_stage.capacity < 2 * B:
+                self._lens_stage = HostStaging(2 * max(B, self.max_reqs), torch.int64, self.device)
+            dev = self._lens_stage.stage([r.prompt_len for r in rows] + [int(r.resumed) for r in rows])
+            self._prompt_lens, self._resumed = dev[:B], dev[B: 2 * B] != 0
             self._prompt_lens_stale = False
         P = self._prompt_lens[:B]
-        seq = cap.seq_lens[:B]
-        start = seq - cap.query_lens[:B]
+        seq_lens, query_lens = cap.lengths()
+        seq = seq_lens[:B]
+        start = seq - query_lens[:B]
         # a resumed request's re-prefill (prompt + earlier outputs) is not its prompt's end: its last
         # chunk is a decode step for the gate (probed in monitor mode only); its latch is kept
         last = (start < P) & ~self._resumed[:B]
         phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(last, PHASE_PREFILL_LAST, PHASE_DECODE))
-        return self._steer(logits, cap, [self.rows[i].key for i in range(B)], phase=phase)
+        return self._steer(logits, cap, keys, phase=phase)
 
     def _fresh_capture(self, B: int) -> VLLMCapture:
         """The capture of this step's forward: ``B`` requests, and a forward since the previous step."""
@@ -1104,7 +1146,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         store = self.store
         store.begin_step(keys, **phase)
         try:
-            store.apply(logits, probe_hidden=cap.probe, head_hidden=cap.head.view())
+            store.apply(logits, probe_hidden=cap.probe_hidden, head_hidden=cap.head.view())
         except BaseException:
             store.abort_step()
             raise
@@ -1204,6 +1246,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                          device=self.device, monitor_window=self.monitor_window)
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
                                      on_release=self._on_release, report_on_release=self.log_decisions)
+        if not self.v2:
+            self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
         _announce("autosteer: AutoSteer active (vLLM %s, %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
