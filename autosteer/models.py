@@ -120,8 +120,13 @@ def resolve_model_path(name_or_path: str | None) -> Path:
     return path
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu"):
+def load_model(name_or_path: str | None = None, dtype: torch.dtype | str | None = None, device: str = "cpu",
+               device_map: str | dict | None = None):
     """Load ``(model, tokenizer)`` in eval mode; the tokenizer pads on the left.
+
+    ``device_map`` (``"auto"`` or a module -> device dict; needs accelerate): the model is dispatched
+    over the GPUs (and CPU) by transformers/accelerate instead of moved to ``device`` -- for a model
+    that does not fit on one device (docs/fit_at_scale.md).
 
     For a multimodal family (see :data:`FAMILIES`) the second item is the model's *processor*
     (it carries the tokenizer as ``.tokenizer``); every autosteer function that takes a
@@ -133,19 +138,25 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str | None 
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    placement = {} if device_map is None else {"device_map": device_map}
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs accelerate: pip install accelerate")
     try:
         family = family_of(AutoConfig.from_pretrained(str(path)))
         if family is not None and family.multimodal:
             import transformers
 
             tokenizer = load_processor(path, family)
-            model = getattr(transformers, family.model_class).from_pretrained(str(path), dtype=dtype or torch.float32)
+            model = getattr(transformers, family.model_class).from_pretrained(str(path), dtype=dtype or torch.float32,
+                                                                              **placement)
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, **placement)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     text_tok.padding_side = "left"
     if text_tok.pad_token is None:

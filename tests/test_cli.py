@@ -141,6 +141,28 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
         assert (report_dir / png).stat().st_size > 1000
 
 
+def test_fit_keeps_its_states_where_told_and_a_rerun_resumes_from_them(model_dir, tmp_path, capsys):
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(HARMFUL) + "\n")
+    b.write_text("\n".join(BENIGN) + "\n")
+    cache = tmp_path / "states"
+    argv = ["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--head-epochs", "1",
+            "--states-cache", str(cache), "--compute-dtype", "float32"]
+    assert main([*argv, "--out", str(tmp_path / "a.pack.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"cached in {cache}" in out and "computed in float32" in out
+    files = sorted(cache.rglob("*.safetensors"))
+    assert files
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main([*argv, "--out", str(tmp_path / "b.pack.safetensors")]) == 0  # every batch read back, none rewritten
+    capsys.readouterr()
+    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.safetensors"))] == stamps
+    a, b2 = load_pack(tmp_path / "a.pack.safetensors"), load_pack(tmp_path / "b.pack.safetensors")
+    assert all(torch.equal(t, b2.tensors()[k]) for k, t in a.tensors().items())
+    assert main([*argv[:-4], "--no-states-cache", "--out", str(tmp_path / "c.pack.safetensors")]) == 0
+    assert "cached in" not in capsys.readouterr().out
+
+
 def test_fit_is_reproducible_with_a_seed(tiny_model, tiny_tokenizer):
     from autosteer.method.fit import FitConfig, FitData, fit
 

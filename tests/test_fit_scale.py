@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autosteer.method.fit import FitConfig, FitData, fit, fit_memory_estimate
+from autosteer.method.fit import FitConfig, FitData, bf16_matmuls, fit, fit_memory_estimate
 from autosteer.method.hidden_states import StatesCache, last_token_states, prefix_groups
 from autosteer.prompting import PromptFormat, encode_one
 
@@ -171,6 +171,52 @@ def test_fit_on_a_model_dispatched_over_devices(tiny_tokenizer, tmp_path):
     for name, t in a.tensors().items():
         torch.testing.assert_close(b.tensors()[name], t, atol=1e-4, rtol=1e-4)
     assert b.meta["metrics"]["compute_dtype"] == "float32"
+
+
+def test_cli_fit_with_a_device_map_and_an_offloaded_output_head_is_refused_by_name(tiny_tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from autosteer.cli import main
+    from autosteer.models import load_model
+
+    model = make_tiny_model(len(tiny_tokenizer), layers=4)
+    d = tmp_path / "m"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    loaded, _ = load_model(str(d), device_map={"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                                               "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    assert next(loaded.parameters()).device.type == "cpu" and not loaded.training
+    data = labelled_data(40)
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(data.harmful) + "\n")
+    b.write_text("\n".join(data.benign) + "\n")
+    out = tmp_path / "p.safetensors"
+    assert main(["fit", "--model", str(d), "--device-map", "auto", "--harmful", str(h), "--benign", str(b), "--out", str(out),
+                 "--head-epochs", "1", "--no-states-cache"]) == 0
+    assert "pack written to" in capsys.readouterr().out and out.is_file()
+    no_head = AutoModelForCausalLM.from_pretrained(d, device_map={"model": "cpu", "lm_head": "disk"},
+                                                   offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match="keep lm_head on a real device"):
+        fit(no_head, tiny_tokenizer, small_cfg(), data)
+
+
+def test_bf16_matmuls_leave_the_callers_weights_as_they_were(tiny_tokenizer):
+    model = make_tiny_model(len(tiny_tokenizer), hidden=64, layers=4)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    texts = wrapped_prompts()
+    ref = last_token_states(model, tiny_tokenizer, texts, FMT, progress=False)
+    with bf16_matmuls(model):
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32  # norms stay fp32
+        mixed = last_token_states(model, tiny_tokenizer, texts, FMT, progress=False)
+    with pytest.raises(RuntimeError, match="boom"), bf16_matmuls(model):
+        raise RuntimeError("boom")
+    for n, p in model.named_parameters():  # the very tensors, bit for bit
+        assert p is before[n][0] and torch.equal(p, before[n][1]), n
+    assert mixed.dtype == torch.float32
+    rel = (mixed - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert 0 < float(rel.max()) < 0.02  # bf16 products (it did run in bf16), fp32 stream: within 2%
+    torch.testing.assert_close(last_token_states(model, tiny_tokenizer, texts, FMT, progress=False), ref)
 
 
 def test_memory_estimate_counts_parameters_on_the_meta_device():

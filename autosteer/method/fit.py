@@ -11,6 +11,7 @@ default those it writes once its answer is begun with a compliance prefix) and i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..models import is_multimodal, num_layers, output_head
+from ..models import decoder_layers, is_multimodal, num_layers, output_head
 from ..prompting import PromptFormat, template_hash
 from .hidden_states import generated_token_states, last_token_states
 from .pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
-from .refusal_head import REFUSAL_ANSWER, answer_token_ids, collect_answer_states, train_refusal_head
+from .refusal_head import REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, train_refusal_head
 from .sas import random_pairs, safety_awareness_score
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
-#: FitConfig.compute_dtype values
-COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: FitConfig.compute_dtype values ("bf16-matmul": see :func:`bf16_matmuls`)
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "bf16-matmul": "bf16-matmul"}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,33 +80,74 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_compute_dtype(model, choice: str) -> torch.dtype:
-    """The dtype the fit's forwards run in for ``FitConfig.compute_dtype=choice``."""
+def resolve_compute_dtype(model, choice: str):
+    """What the fit's forwards run in for ``FitConfig.compute_dtype=choice``: a torch dtype (the whole
+    model in it) or ``"bf16-matmul"``. ``"auto"``: bf16 matmuls for an fp32 model on a CPU with native
+    bf16, else the model's own dtype (a model dispatched over devices always runs as loaded)."""
     param = next(model.parameters())
     if choice != "auto":
         return COMPUTE_DTYPES[choice]
-    if getattr(model, "hf_device_map", None):  # dispatched over devices: never copied, runs in its own dtype
+    if getattr(model, "hf_device_map", None):
         return param.dtype
     if param.dtype == torch.float32 and param.device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
+        return "bf16-matmul"
     return param.dtype
 
 
-def compute_model(model, dtype: torch.dtype):
-    """``model`` itself when it already runs in ``dtype``, else a copy cast to it (the caller's model
-    is never cast in place: a round trip through bf16 would change its weights)."""
+@contextlib.contextmanager
+def bf16_matmuls(model):
+    """Within the block, the decoder layers' ``nn.Linear`` layers multiply in bf16: their weights are
+    swapped for bf16 copies, inputs cast per call and outputs cast back to fp32, while norms, the
+    residual stream and attention's softmax stay fp32 (half the state error of a whole bf16 model, at
+    most of its speed; docs/fit_at_scale.md). The fp32 weight tensors themselves are put back on exit
+    (nothing is rounded: the caller's model is unchanged), also when the block raises."""
+    bf16 = torch.bfloat16
+    saved, handles = [], []
+
+    def cast_in(_mod, args):
+        return (args[0].to(bf16),) + tuple(args[1:])
+
+    def cast_out(_mod, _args, out):
+        return out.float()
+
+    try:
+        for mod in decoder_layers(model).modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.dtype == torch.float32 and mod.weight.device.type != "meta":
+                saved.append((mod, mod.weight, mod.bias))
+                mod.weight = torch.nn.Parameter(mod.weight.detach().to(bf16), requires_grad=False)
+                if mod.bias is not None:
+                    mod.bias = torch.nn.Parameter(mod.bias.detach().to(bf16), requires_grad=False)
+                handles += [mod.register_forward_pre_hook(cast_in), mod.register_forward_hook(cast_out)]
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, weight, bias in saved:
+            mod.weight, mod.bias = weight, bias
+
+
+@contextlib.contextmanager
+def compute_model(model, mode):
+    """``model`` as the fit's forwards run it (:func:`resolve_compute_dtype`): itself when it already runs
+    in ``mode``, with bf16 matmuls, or a copy cast to ``mode`` (never cast in place: a round trip through
+    bf16 would change the caller's weights)."""
     import copy
 
-    if next(model.parameters()).dtype == dtype:
-        return model
-    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+    if mode == "bf16-matmul":
+        with bf16_matmuls(model) as m:
+            yield m
+        return
+    if next(model.parameters()).dtype == mode:
+        yield model
+        return
+    if getattr(model, "hf_device_map", None):
         raise ValueError("compute_dtype differs from the dtype of a model dispatched over devices (device_map): load "
-                         f"the model in {dtype} instead, or set compute_dtype to its own dtype")
-    twin = copy.deepcopy(model).to(dtype)
-    for attr in ("autosteer_name",):
-        if hasattr(model, attr):
-            setattr(twin, attr, getattr(model, attr))
-    return twin
+                         f"the model in {mode} instead, or set compute_dtype to its own dtype")
+    twin = copy.deepcopy(model).to(mode)
+    try:
+        yield twin
+    finally:
+        del twin
 
 
 #: what the monitor probe is trained on (FitConfig.monitor_responses)
@@ -160,10 +203,13 @@ class FitConfig:
     full_depth: str = "sample"
     share_prefixes: bool = True  # run prompts sharing a token prefix on one KV cache of it (same states)
     states_cache: str | None = None  # a directory: finished batches of states are kept there and a rerun resumes
-    # dtype of the forwards that read states ("auto", "float32", "bfloat16", "float16"); probe and head
-    # train in fp32 either way. "auto": bfloat16 for an fp32 model on a CPU with native bf16 dot products
-    # (AVX512-BF16 or AMX; a bf16 copy of the model is made for the fit, the caller's model is left as
-    # it is), else the model's own dtype. docs/fit_at_scale.md reports the gate's agreement with fp32.
+    # what the forwards that read states run in ("auto", "bf16-matmul", "float32", "bfloat16", "float16");
+    # probe and head train in fp32 either way. "bf16-matmul": the decoder's matmuls in bf16, norms and
+    # residual stream in fp32 (bf16_matmuls), for the gate-layer states and the head's states; the
+    # all-layer states behind the layer curves stay in the model's precision. "auto": bf16-matmul for an
+    # fp32 model on a CPU with native bf16 dot products (AVX512-BF16 or AMX), else the model's own
+    # dtype. A dtype: a copy of the model in it, for every pass. docs/fit_at_scale.md reports the
+    # gate's agreement with the fp32 fit.
     compute_dtype: str = "auto"
     seed: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
@@ -585,9 +631,12 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
                                         + [rows_text[int(r)] for r in plan.sample_rows()]))
     cache = StatesCache(cfg.states_cache) if cfg.states_cache else None
     dtype = resolve_compute_dtype(model, cfg.compute_dtype)
-    fwd = compute_model(model, dtype)
     extract = dict(batch_size=cfg.batch_size, progress=cfg.progress, share_prefixes=cfg.share_prefixes, cache=cache)
-    deep = last_token_states(fwd, tokenizer, deep_texts, fmt, desc="hidden states (all layers)", **extract)
+    # the layer curves (SAS on minimal pairs, the AUROC sweep) in the model's own precision: bf16 products
+    # move the flat SAS curve's argmax (layer 2 -> 12 on the default model); an explicit dtype applies everywhere
+    deep_dtype = next(model.parameters()).dtype if dtype == "bf16-matmul" else dtype
+    with compute_model(model, deep_dtype) as fwd:
+        deep = last_token_states(fwd, tokenizer, deep_texts, fmt, desc="hidden states (all layers)", **extract)
     seconds = {"states_all_layers": time.time() - t0}
     deep_at = {t: i for i, t in enumerate(deep_texts)}
     full_rows = torch.tensor([r for r, t in enumerate(rows_text) if t in deep_at], dtype=torch.long)
@@ -599,8 +648,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     def layer_states(layer: int) -> torch.Tensor:
         t1 = time.time()
         rest = [t for t in dict.fromkeys(rows_text) if t not in deep_at]
-        got = last_token_states(fwd, tokenizer, rest, fmt, layers=[layer], desc=f"hidden states (layer {layer})",
-                                **extract)[:, 0] if rest else torch.empty(0, deep.shape[-1])
+        with compute_model(model, dtype) as fwd:
+            got = last_token_states(fwd, tokenizer, rest, fmt, layers=[layer], desc=f"hidden states (layer {layer})",
+                                    **extract)[:, 0] if rest else torch.empty(0, deep.shape[-1])
         at = {t: i for i, t in enumerate(rest)}
         seconds["states_gate_layer"] = time.time() - t1
         return torch.stack([deep[deep_at[t], layer] if t in deep_at else got[at[t]] for t in rows_text])
@@ -638,14 +688,15 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     t_h = time.time()
     answer_ids = answer_token_ids(tokenizer, cfg.refusal_answer)
     head_prompts = (data.head_prompts or data.harmful)[: cfg.head_prompts]
-    g, targets = collect_answer_states(fwd, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
-    del fwd
+    with compute_model(model, dtype) as fwd:
+        g, targets = collect_answer_states(fwd, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
     head, head_losses = train_refusal_head(model, g, targets, cfg.head_rank, cfg.eps, cfg.head_epochs, cfg.head_lr,
                                            seed=cfg.seed, progress=cfg.progress)
-    E = output_head(model).weight.detach().float().cpu()
+    W = output_head(model).weight
+    E = W.detach().float()
     with torch.no_grad():
-        pred = head.steered_logits(g, E).argmax(-1)
-        head_token_acc = float((pred == targets).float().mean())
+        pred = RefusalHead(head.A.to(W.device), head.B.to(W.device), head.eps).steered_logits(g.to(W.device), E).argmax(-1)
+        head_token_acc = float((pred.cpu() == targets.cpu()).float().mean())
     t_head = time.time() - t_h
 
     elapsed = time.time() - t0
@@ -698,7 +749,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
             "seconds": {"states": round(t_states, 1), **{k: round(v, 1) for k, v in seconds.items()},
                         "probe_sweep": round(t_probe_sweep, 1), "monitor": round(t_monitor, 1),
                         "refusal_head": round(t_head, 1), "total": round(elapsed, 1)},
-            "compute_dtype": str(dtype).replace("torch.", ""),
+            "compute_dtype": str(dtype).replace("torch.", ""),  # "bf16-matmul", "float32", ...
             "states_kept": {"all_layers": len(deep_texts), "gate_layer_only": len(texts) - len(deep_texts),
                             "full_depth": cfg.full_depth},
         },
@@ -727,7 +778,8 @@ def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, 
     the weights are counted on the meta device (nothing is allocated), the rest by formula:
 
     - ``weights``: parameters x the model dtype's size; ``compute_copy``: the same in the compute
-      dtype when it differs (``compute_dtype="auto"`` on a bf16 CPU makes such a copy)
+      dtype when it differs (``"bf16-matmul"``, the ``"auto"`` choice on a bf16 CPU, holds bf16 copies of
+      the decoder's linear weights: counted as a bf16 copy of every parameter, an upper bound)
     - ``states``: ``n_full_depth x L x H x 4`` (every layer, fp32) + ``n_prompts x H x 4`` (the gate's layer)
     - ``extraction``: one batch's transient at ``batch_size x 256`` tokens: hidden, MLP and attention
       buffers of one layer, plus the KV cache of the layers before the gate's (prefix and suffixes)
@@ -750,6 +802,8 @@ def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, 
     head_dim = getattr(text, "head_dim", None) or H // heads
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     compute_dtype = compute_dtype or model_dtype
+    if compute_dtype == "bf16-matmul":  # bf16 copies of the decoder's linear weights beside the fp32 ones
+        compute_dtype = torch.bfloat16
     bc = _bytes(compute_dtype)
     seq = prompt_tokens or cfg.prompt_format.max_prompt_tokens
     tokens = cfg.batch_size * 256

@@ -90,22 +90,31 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
 def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int | None = 16, eps: float = 0.1,
                        epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                        progress: bool = True) -> tuple[RefusalHead, list[float]]:
-    """Train ``S = I + A B^T`` by cross-entropy of ``E (g + eps S g)`` against the refusal tokens."""
-    E = output_head(model).weight.detach().float().cpu()
+    """Train ``S = I + A B^T`` by cross-entropy of ``E (g + eps S g)`` against the refusal tokens.
+
+    Training runs where the output embedding ``E`` lives (its GPU in a model dispatched over devices:
+    the vocabulary matmuls never cross to the host); the returned head is on the CPU."""
+    W = output_head(model).weight
+    if W.device.type == "meta":
+        raise ValueError("the output embedding is offloaded (on the meta device): keep lm_head on a real device in the "
+                         "device_map to fit the Refusal Head")
+    dev = W.device
+    E = W.detach().to(dev, torch.float32)
+    g, targets = g.to(dev), targets.to(dev)
     d = E.shape[1]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # initial values drawn on the CPU (the same on every device)
     if rank is None:
-        S = torch.eye(d).requires_grad_()
+        S = torch.eye(d).to(dev).requires_grad_()
         params = [S]
     else:
-        A = torch.zeros(d, rank, requires_grad=True)
-        B = (torch.randn(d, rank, generator=gen) / d ** 0.5).requires_grad_()
+        A = torch.zeros(d, rank, device=dev, requires_grad=True)
+        B = (torch.randn(d, rank, generator=gen) / d ** 0.5).to(dev).requires_grad_()
         params = [A, B]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     n = g.shape[0]
     for _ in tqdm(range(epochs), desc="refusal head", disable=not progress, leave=False):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(dev)
         total = 0.0
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
@@ -120,7 +129,7 @@ def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int 
         losses.append(total / n)
     with torch.no_grad():
         if rank is None:
-            head = RefusalHead(A=(S - torch.eye(d)).detach(), B=torch.eye(d), eps=eps)
+            head = RefusalHead(A=(S.cpu() - torch.eye(d)).detach(), B=torch.eye(d), eps=eps)
         else:
-            head = RefusalHead(A=A.detach(), B=B.detach(), eps=eps)
+            head = RefusalHead(A=A.detach().cpu(), B=B.detach().cpu(), eps=eps)
     return head, losses
