@@ -467,7 +467,8 @@ def write_pack(args, bank: StateBank) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model()
 
-    def cached_last_token_states(model, tokenizer, prompts, fmt, batch_size=16, layers=None, desc="", progress=True):
+    def cached_last_token_states(model, tokenizer, prompts, fmt, batch_size=16, layers=None, desc="", progress=True,
+                                 **_extraction_options):  # share_prefixes / cache: nothing to extract here
         if fmt != PromptFormat():
             raise ValueError("the cache holds states for the default prompt format only")
         x = bank.get(list(prompts), "last")  # KeyError for any prompt the study did not extract
