@@ -13,7 +13,11 @@ per step so that long prompts are prefilled in chunks, prefix caching on (vLLM's
 (temperature 0) throughout. Checked: harmful prompts are refused by the steered server (and not by the
 plain one: the refusal is AutoSteer's doing), benign answers are identical to the plain server's, under
 a burst of concurrent mixed requests with preemption, streaming and ``n > 1``; configurations the plugin
-cannot steer stop the start-up with a named error.
+cannot steer stop the start-up with a named error. Per-request settings (``vllm_xargs``): refused with HTTP 400
+naming the key where the server does not allow them (the compiled server keeps the defaults: clients may not turn
+AutoSteer off; the eager steered server allows it with ``AUTOSTEER_ALLOW_CLIENT_OFF=1``, which changes nothing
+for requests without the key), a stricter ``autosteer_tau`` steers a borderline benign prompt, ``autosteer=off``
+answers exactly as the plain server, also in a concurrent burst with preemption.
 
 Prompts here are written for this test; none is in the data the test pack was fitted on.
 """
@@ -165,6 +169,16 @@ class Server:
         self._log.close()
 
     # -- requests ---------------------------------------------------------------------------------
+    def post_status(self, path: str, body: dict) -> tuple[int, str]:
+        """(HTTP status, body text), errors included."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -221,7 +235,8 @@ def started(tmp_path_factory):
     out = {}
     try:
         out["plain"] = Server("plain", log_dir, pack=None)
-        out["steered"] = Server("steered", log_dir, pack=PACK)
+        # clients may turn steering off here (AUTOSTEER_ALLOW_CLIENT_OFF=1: only requests that ask are affected)
+        out["steered"] = Server("steered", log_dir, pack=PACK, env={"AUTOSTEER_ALLOW_CLIENT_OFF": "1"})
         out["compiled"] = Server("compiled", log_dir, pack=PACK, flags=COMPILED_FLAGS)
         yield out
     finally:
@@ -418,3 +433,91 @@ def test_unsupported_configurations_stop_the_start_up(tmp_path, flags, expect):
         srv.stop()
     log = srv.log()
     assert rc != 0 and "VLLMIntegrationError" in log and expect in log, log[-3000:]
+
+
+# -- per-request settings (vllm_xargs) ------------------------------------------------------------
+
+SETTING = re.compile(r"autosteer: request (\S+) not steered: steering off by the client")
+
+
+def _refused(server: Server, xargs: dict) -> str:
+    status, body = server.post_status("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4, "vllm_xargs": xargs})
+    assert status == 400, (server.name, xargs, status, body[:1000])
+    return json.loads(body)["error"]["message"]
+
+
+def test_client_settings_the_server_does_not_allow_get_http_400(servers, compiled):
+    """Refused at admission with a message naming the key: ``autosteer=off`` where the server keeps the default
+    (the compiled server), a tau above the server's, monitor mode with the test pack (no monitor calibration),
+    an unknown ``autosteer*`` key, a bad value; any AutoSteer key on the plain server (no pack). The servers keep
+    serving."""
+    plain, steered = servers
+    msg = _refused(compiled, {"autosteer": "off"})
+    assert 'autosteer="off"' in msg and "AUTOSTEER_ALLOW_CLIENT_OFF=1" in msg, msg
+    for srv in (steered, compiled):
+        msg = _refused(srv, {"autosteer_tau": 0.9})
+        assert "autosteer_tau=0.9 is above this server's threshold 0.5" in msg, msg
+        msg = _refused(srv, {"autosteer_mode": "monitor"})
+        assert 'autosteer_mode="monitor"' in msg and "no monitor calibration" in msg, msg
+    assert "'autosteer_threshold': unknown AutoSteer setting" in _refused(steered, {"autosteer_threshold": 0.1})
+    assert "autosteer_tau='x'" in _refused(steered, {"autosteer_tau": "x"})
+    assert "autosteer='maybe'" in _refused(steered, {"autosteer": "maybe"})
+    assert "AutoSteer is not active on this server" in _refused(plain, {"autosteer_tau": 0.1})
+    for srv in (plain, steered, compiled):  # still serving
+        assert srv.answer("Say hi.", max_tokens=2)
+
+
+def test_a_stricter_tau_steers_a_borderline_benign_prompt(servers, reference):
+    """The benign prompt the gate scores highest (below the server's tau 0.5), sent with ``autosteer_tau`` below
+    its score: steered (logged STEERED with the request's tau); with the server's own tau restated: the plain
+    answer."""
+    plain, steered = servers
+    answers, gate = reference
+    p = max(BENIGN + [LONG_BENIGN], key=lambda q: gate[q][1])
+    score = gate[p][1]
+    strict = score / 2
+    assert 0 < strict < score < float(TAU)
+    first = len(decisions(steered.log()))
+    got = steered.answer(p, vllm_xargs={"autosteer_tau": strict})
+    assert steered.answer(p, vllm_xargs={"autosteer_tau": float(TAU), "autosteer": "on"}) == answers[p][0]
+    # this prompt's two decisions (the previous test's last request may be logged in between: V1 logs a release at
+    # the next batch update)
+    mine = []
+    for _ in range(3):
+        mine = [d for d in wait_decisions(steered, first + 2)[first:] if abs(d[2] - score) < 1e-3]
+        if len(mine) >= 2:
+            break
+    assert [d[1] for d in mine] == [True, False], (mine, score)
+    assert f"[tau {strict:.6g}]" in steered.log()
+    assert got != answers[p][0], f"{p!r} with autosteer_tau={strict:.3g} (score {score:.3g}): not steered: {got!r}"
+    print(f"\nstricter tau: {p!r} (score {score:.4f}) at tau {strict:.4f}: {got!r}")
+
+
+def test_steering_off_per_request_answers_as_the_plain_server(servers, reference):
+    """Where the server allows it, ``autosteer=off`` serves a harmful prompt exactly as the plain server does
+    (same text, same token count), logged as off; alone and in a concurrent burst (with preemption) mixed with
+    steered requests, whose answers are unchanged."""
+    plain, steered = servers
+    answers, _ = reference
+    off = {"vllm_xargs": {"autosteer": "off"}}
+    n_off = len(SETTING.findall(steered.log()))
+    for p in (HARMFUL[0], LONG_HARMFUL, BENIGN[1]):
+        mine, theirs = steered.chat(p, **off), plain.chat(p)
+        assert mine["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"], p
+        assert mine["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"], p
+    assert any(answers[p][0] != answers[p][1] for p in (HARMFUL[0], LONG_HARMFUL))  # off made a difference
+    prompts = [(p, k % 2 == 0) for k, p in enumerate(ALL * 4)]  # every prompt both off and steered
+    before = steered.metric("vllm:num_preemptions_total")
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(lambda a: steered.answer(a[0], **(off if a[1] else {})), prompts))
+    preempted = steered.metric("vllm:num_preemptions_total") - before
+    wrong = [(p, o, g) for (p, o), g in zip(prompts, got) if g != answers[p][0 if o else 1]]
+    assert not wrong, wrong[:4]
+    steered.answer("Say hi.", max_tokens=2)  # (the V1 processor logs a release at the next batch update)
+    deadline = time.monotonic() + 30
+    while len(SETTING.findall(steered.log())) < n_off + 3 + len(prompts) // 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(SETTING.findall(steered.log())) == n_off + 3 + len(prompts) // 2
+    assert "steering off (client) (vllm_xargs)" in steered.log()
+    print(f"\nburst with steering off per request: {len(prompts)} requests, {preempted:.0f} preemptions")

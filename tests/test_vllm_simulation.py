@@ -43,7 +43,11 @@ class MoveDirectionality(enum.Enum):
 
 
 class SamplingParams:
-    """Stand-in for vllm.SamplingParams: only its identity matters to the processor."""
+    """Stand-in for vllm.SamplingParams: its identity matters to the processor, and its ``extra_args``
+    (per-request AutoSteer settings)."""
+
+    def __init__(self, extra_args=None):
+        self.extra_args = extra_args
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class Engine:
         self.md = None
         self.records = []  # (request ids by row, raw logits, final logits, row still prefilling)
         self.key_of = {}  # processor key -> request id
+        self.xargs = {}  # request id -> its SamplingParams.extra_args (the OpenAI API's vllm_xargs)
 
     def metadata(self):
         return self.md
@@ -187,7 +192,7 @@ class Engine:
             new = []
             for rid in arrivals.get(step, []):
                 self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "slot": self.free_slots.pop(),
-                                 "sp": SamplingParams()}
+                                 "sp": SamplingParams(self.xargs.get(rid))}
                 new.append(rid)
             for rid in resume.pop(step, []):
                 self.req[rid]["slot"] = self.free_slots.pop()

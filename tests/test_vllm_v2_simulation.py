@@ -40,6 +40,7 @@ class V2Engine:
         cfg = hf.config
         self.reorder = reorder
         self.params_copies = params_copies
+        self.xargs = {}  # request id -> its SamplingParams.extra_args (the OpenAI API's vllm_xargs)
         self.ctx_cls = ctx_cls
         self.model = FakeVLLMLlama(hf).eval()
         self.chunk = chunk
@@ -103,7 +104,7 @@ class V2Engine:
         self.index_to_req_id[slot] = rid
         self.lp_states.prompt_len.np[slot] = len(r["prompt"])
         self.lp_states.prefill_len.np[slot] = len(r["prompt"]) + len(r["out"])
-        self.lp.add_request(slot, SamplingParams() if self.params_copies else r["sp"])
+        self.lp.add_request(slot, SamplingParams(self.xargs.get(rid)) if self.params_copies else r["sp"])
 
     def _finish_requests(self, scheduler_output):
         """V2's finish_requests: finished and preempted requests leave their slots (processors are not told)."""
@@ -135,7 +136,8 @@ class V2Engine:
                 self.preempted += 1
             finished = []
             for rid in arrivals.get(step, []):
-                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "sp": SamplingParams()}
+                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0,
+                                 "sp": SamplingParams(self.xargs.get(rid))}
                 self._add(rid)
                 active.append(rid)
             for rid in resume.pop(step, []):

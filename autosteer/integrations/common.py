@@ -141,6 +141,97 @@ def parse_threshold(value, source: str) -> float | None:
     return t
 
 
+# ---------------------------------------------------------------------------------------------
+# per-request settings (a client's request may make the gate stricter, never looser)
+
+REQUEST_KEYS = ("autosteer", "autosteer_mode", "autosteer_tau")
+ENV_ALLOW_CLIENT_OFF = "AUTOSTEER_ALLOW_CLIENT_OFF"
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """What one request asked for, already checked against the server's settings (see
+    :func:`parse_request_settings`). ``off``: served unsteered, exactly as by a plain server (only
+    where the server allows it); ``monitor``: monitor mode for this request on a prefill-mode server;
+    ``tau``: this request's prompt threshold (at or below the server's: the gate fires more easily)."""
+
+    off: bool = False
+    monitor: bool = False
+    tau: float | None = None
+
+    def describe(self) -> str:
+        if self.off:
+            return "steering off (client)"
+        parts = (["mode monitor"] if self.monitor else []) + ([f"tau {self.tau:.6g}"] if self.tau is not None else [])
+        return ", ".join(parts) or "server defaults"
+
+
+def parse_request_settings(args, *, server_tau: float, server_mode: str, monitor_calibrated: bool,
+                           allow_off: bool, source: str = "") -> RequestSettings | None:
+    """A request's AutoSteer keys (``args``: vLLM's ``SamplingParams.extra_args``, i.e. the OpenAI API's
+    ``vllm_xargs``; other keys are ignored) checked against the server's settings. Returns None when the
+    request leaves everything at the server's defaults (also when it restates them), else the
+    :class:`RequestSettings`. Raises ValueError naming the key for: an unknown ``autosteer*`` key, a bad
+    value, ``autosteer_tau`` outside ``(0, server tau]``, ``autosteer_mode=prefill`` on a monitor-mode
+    server (looser), ``autosteer_mode=monitor`` with a pack that has no monitor calibration, and
+    ``autosteer=off`` unless the server allows it (``allow_off``: ``AUTOSTEER_ALLOW_CLIENT_OFF``)."""
+    if not args:
+        return None
+    keys = [k for k in args if isinstance(k, str) and k.lower().startswith("autosteer")]
+    if not keys:
+        return None
+    where = f"{source} " if source else ""
+    for k in keys:
+        if k not in REQUEST_KEYS:
+            raise ValueError(f"{where}{k!r}: unknown AutoSteer setting (known: {', '.join(REQUEST_KEYS)})")
+    off = monitor = False
+    tau = None
+    if "autosteer" in args:
+        v = args["autosteer"]
+        v = ("on" if v else "off") if isinstance(v, bool) else (v.strip().lower() if isinstance(v, str) else v)
+        if v not in ("on", "off"):
+            raise ValueError(f"{where}autosteer={args['autosteer']!r}: must be \"on\" or \"off\"")
+        if v == "off":
+            if not allow_off:
+                raise ValueError(f"{where}autosteer=\"off\": this server does not let clients turn AutoSteer off "
+                                 f"(the operator enables it with {ENV_ALLOW_CLIENT_OFF}=1)")
+            off = True
+    if "autosteer_mode" in args:
+        v = args["autosteer_mode"]
+        m = v.strip().lower() if isinstance(v, str) else None
+        if m not in MODES:
+            raise ValueError(f"{where}autosteer_mode={v!r}: must be one of {', '.join(MODES)}")
+        if m == "prefill" and server_mode == "monitor":
+            raise ValueError(f"{where}autosteer_mode=\"prefill\": this server runs monitor mode, a request may not "
+                             "loosen it to prefill mode")
+        if m == "monitor" and server_mode != "monitor":
+            if not monitor_calibrated:
+                raise ValueError(f"{where}autosteer_mode=\"monitor\": this server's pack has no monitor calibration "
+                                 "(no tau_monitor), so per-request monitor mode is not available")
+            monitor = True
+    if "autosteer_tau" in args:
+        v = args["autosteer_tau"]
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            t = float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}autosteer_tau={v!r}: not a number (a probability threshold in "
+                             f"(0, {server_tau:.6g}])") from None
+        if not (0.0 < t <= 1.0):  # (NaN fails too)
+            raise ValueError(f"{where}autosteer_tau={v!r}: not a probability threshold in (0, {server_tau:.6g}]")
+        if t > server_tau:
+            raise ValueError(f"{where}autosteer_tau={v!r} is above this server's threshold {server_tau:.6g}: a request "
+                             f"may only make the gate stricter (a tau in (0, {server_tau:.6g}])")
+        if t < server_tau:
+            tau = t
+    if off:  # nothing else matters for an unsteered request
+        return RequestSettings(off=True)
+    if not monitor and tau is None:
+        return None
+    return RequestSettings(monitor=monitor, tau=tau)
+
+
 # per-row phases for begin_step(phase=...): decided on the device (vLLM knows them only there)
 PHASE_DECODE = 0  # the row's newest token is a generated one
 PHASE_PREFILL_LAST = 1  # this forward ran the prompt's last token
@@ -150,6 +241,9 @@ PHASE_PREFILL_MID = 2  # this forward ran prompt tokens but not the last one: th
 _ACTIVE = 1  # the row's token is kept (not a discarded mid-prefill chunk): it may latch and be steered
 _PROBE = 2  # probe this row at position 0 of this step
 _FINAL_PREFILL = 4  # the row's prompt finished in this forward (its prompt score is recorded)
+# per-request settings (staged with the flags; only on steps with such a request, see RequestSettings)
+_REQ_MONITOR = 8  # the request asked for monitor mode: its generated tokens are probed
+_REQ_OFF = 16  # the request turned steering off: never probed, never latched, never steered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +542,7 @@ class SteerSummary:
     tokens: int  # tokens generated (kept) so far
     prefill_done: bool
     steps: int
+    settings: RequestSettings | None = None  # what the request asked for (None: the server's defaults)
 
 
 #: monitor mode with a window: the probe masks of the first WINDOW_MASKS decode steps after the rows
@@ -520,6 +615,11 @@ class SteerStateStore:
         self._alloc_step(max(int(max_batch), 1), max(int(max_positions), 1))
         self._step: SimpleNamespace | None = None
         self._warned_missed_prefill = False
+        # request id -> RequestSettings of requests that asked for something other than the defaults; a step with
+        # one of them takes the general path (steps of default requests only are untouched)
+        self._settings: dict[Hashable, RequestSettings] = {}
+        # requests registered with settings, by kind (counted once per request, in set_request_settings)
+        self.request_counts = {"off": 0, "monitor": 0, "tau": 0}
         if mode == "monitor" and weights.tau_monitor is None:
             from ..method.pack import warn_monitor_fallback
 
@@ -540,6 +640,12 @@ class SteerStateStore:
             for name, t in new.items():
                 t[:start].copy_(getattr(self, name))
             log.info("autosteer: slot table grown from %d to %d requests", start, n)
+        # per-request prompt thresholds (only read on steps with a request that has settings; a slot is reset
+        # to the server's tau when such a request leaves it)
+        tau = torch.full((n,), self.w.tau, dtype=torch.float32, device=dev)
+        if old is not None:
+            tau[:start].copy_(self._sl_tau)
+        self._sl_tau = tau
         for name, t in new.items():
             setattr(self, name, t)  # slot indices are kept: the previous step's rows stay valid
         self._free.extend(range(n - 1, start - 1, -1))  # pop() hands out the lowest slot first
@@ -582,6 +688,31 @@ class SteerStateStore:
     def state(self, request_id) -> RequestSteerState:
         return self._requests[request_id]
 
+    def set_request_settings(self, request_id, settings: RequestSettings | None) -> None:
+        """What request ``request_id`` asked for (from :func:`parse_request_settings`; None: the server's
+        defaults). Call before its first step (again on a resume: the same settings are kept, not counted
+        twice); dropped with the request's state on :meth:`release`. A step containing such a request takes
+        the general path."""
+        if self._step is not None and request_id in self._step.index:
+            raise RuntimeError(f"autosteer: settings of request {request_id!r} changed in the middle of a step")
+        old = self._settings.get(request_id)
+        if settings == old:
+            return
+        if settings is None:
+            del self._settings[request_id]
+        else:
+            self._settings[request_id] = settings
+            if old is None:
+                for kind, on in (("off", settings.off), ("monitor", settings.monitor),
+                                 ("tau", settings.tau is not None)):
+                    self.request_counts[kind] += on
+        st = self._requests.get(request_id)
+        if st is not None:  # already has a slot: its threshold now (else when the slot is taken)
+            self._sl_tau[st.slot] = self.w.tau if settings is None or settings.tau is None else settings.tau
+
+    def request_settings(self, request_id) -> RequestSettings | None:
+        return self._settings.get(request_id)
+
     def _get_or_add(self, request_id) -> tuple[RequestSteerState, bool]:
         st = self._requests.get(request_id)
         if st is not None:
@@ -618,6 +749,9 @@ class SteerStateStore:
             summary = (self.summary(rid) if (report and self.on_release is not None and self.report_on_release)
                        else None)
             del self._requests[rid]
+            cfg = self._settings.pop(rid, None)
+            if cfg is not None and cfg.tau is not None:  # the slot goes back to the server's threshold
+                self._sl_tau[st.slot] = self.w.tau
             self._free.append(st.slot)
             if self.on_release is not None:
                 self.on_release(rid, summary)
@@ -653,7 +787,7 @@ class SteerStateStore:
                     self._sl_latched_at[s].float(), self._sl_tokens[s].float()]
         vals = torch.stack(vals).tolist()
         return SteerSummary(request_id, bool(vals[0]), vals[1], vals[2], int(vals[3]), int(vals[4]),
-                            st.prefill_done, st.steps)
+                            st.prefill_done, st.steps, self._settings.get(request_id))
 
     # -- the previous step's rows -------------------------------------------------------------
     def settle(self) -> None:
@@ -709,6 +843,8 @@ class SteerStateStore:
         row a generated token)."""
         r = self._res
         if r is None or P != 1 or cu_seqlens is not None or head_rows is not None or keys != r.keys:
+            return False
+        if self._settings and not self._settings.keys().isdisjoint(keys):  # a request with its own settings
             return False
         if phase is not None:  # the host value PHASE_DECODE (a device phase tensor: the general path)
             return not isinstance(phase, torch.Tensor) and phase == PHASE_DECODE
@@ -798,15 +934,23 @@ class SteerStateStore:
         host = []
         flags = []
         new_slots = []
+        custom = custom_monitor = False  # a request with its own settings in this step / one asking for monitor mode
         for b, rid in enumerate(keys):
             st, new = self._get_or_add(rid)
             if new:
                 new_slots.append(st.slot)
             f = 0
+            cfg = self._settings.get(rid) if self._settings else None
+            if cfg is not None:
+                custom = True
+                custom_monitor |= cfg.monitor
+                f = (_REQ_OFF if cfg.off else 0) | (_REQ_MONITOR if cfg.monitor else 0)
+                if new and cfg.tau is not None:
+                    self._sl_tau[st.slot] = cfg.tau
             if device_phase:
-                pass  # decided on the device below
+                pass  # decided on the device below (the request bits above are kept)
             elif host_decode:
-                f = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
+                f |= _ACTIVE | (_PROBE if self.mode == "monitor" else 0)  # (|=: keeps the request bits)
             elif not still[b]:
                 f |= _ACTIVE
                 if prefilling[b]:
@@ -857,6 +1001,7 @@ class SteerStateStore:
             fresh = meta[off: off + n_new]
             for name, _dt, init in self._TABLES:
                 getattr(self, name).index_fill_(0, fresh, init)
+        req = fl  # the host flags, with the request bits (custom steps)
         if device_phase:
             ph = phase.reshape(-1)[:B]
             decode_bits = _ACTIVE | (_PROBE if self.mode == "monitor" else 0)
@@ -866,7 +1011,11 @@ class SteerStateStore:
         probe = self._probe[:B]
         torch.ne(fl & _PROBE, 0, out=probe)
         tok0 = None  # tokens generated before this step (monitor window only)
-        if self.mode == "monitor":
+        cust = None
+        if custom:  # requests with their own settings: per-row probing, thresholds and probes (general path only)
+            cust = self._custom_rows(B, slots, fl, req, active, probe, custom_monitor)
+            tok0 = cust.tok0
+        elif self.mode == "monitor":
             final_prefill = (fl & _FINAL_PREFILL) != 0
             torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
             if self.w.stacked is not None:
@@ -879,6 +1028,8 @@ class SteerStateStore:
         lat0 = self._lat[0, :B]
         torch.index_select(self._sl_latched, 0, slots, out=lat0)
         lat0 &= active
+        if cust is not None:
+            lat0 &= ~cust.off_row  # a request with steering off never latches (not even a forced latch)
         if cu_dev is not None:
             probe_rows = self._rows[:B]
             torch.sub(cu_dev[1: B + 1], 1, out=probe_rows)
@@ -887,8 +1038,31 @@ class SteerStateStore:
         self._step = SimpleNamespace(
             fast=False, B=B, P=P, j=0, request_ids=keys, index={r: b for b, r in enumerate(keys)},
             slots=slots, flags=fl, active=active, probe=probe, probe_rows=probe_rows, head_rows=head_dev,
-            host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None,
+            host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None, custom=cust,
         )
+
+    def _custom_rows(self, B, slots, fl, req, active, probe, custom_monitor) -> SimpleNamespace:
+        """A general step with requests that have their own settings (:class:`RequestSettings`): which rows are
+        monitored (the server's mode, or the request's), probed (never a row with steering off), at which
+        threshold (the request's prompt threshold from the slot table; generated tokens: the server's
+        tau_monitor) and by which probe. Updates ``probe`` in place."""
+        final_prefill = (fl & _FINAL_PREFILL) != 0
+        off_row = (req & _REQ_OFF) != 0
+        monitor_server = self.mode == "monitor"
+        mon_row = self._all_probe[:B] if monitor_server else (req & _REQ_MONITOR) != 0
+        gen = active & ~final_prefill & mon_row  # rows running a generated token that monitor mode probes
+        torch.logical_or(probe, gen, out=probe)
+        tok0 = None
+        if (monitor_server or custom_monitor) and self.w.monitor_window is not None:
+            tok0 = self._sl_tokens.index_select(0, slots)
+            probe &= ~gen | (tok0 <= self.w.monitor_window)
+        probe &= ~off_row
+        row_tau = self._row_tau[:B]
+        torch.where(final_prefill | ~mon_row, self._sl_tau.index_select(0, slots), self._tau_mon[:B], out=row_tau)
+        stacked = self.w.stacked is not None and (monitor_server or custom_monitor)
+        if stacked:
+            self._row_probe[:B].copy_(mon_row & ~final_prefill)
+        return SimpleNamespace(off_row=off_row, mon_row=mon_row, row_tau=row_tau, stacked=stacked, tok0=tok0)
 
     def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor) -> torch.Tensor:
         """Steer one position of this step's logits (``[B, V]``, any row stride) in place; returns it.
@@ -914,7 +1088,11 @@ class SteerStateStore:
         grid = self._grid[: B * P].view(B, P)[:, j] if P > 1 else self._grid[:B]
         probe_rows = s.probe_rows if s.probe_rows is not None else grid
         head_rows = s.head_rows if s.head_rows is not None else grid
-        mask = s.probe if (j == 0 or self.mode == "monitor") else self._no_probe[:B]
+        c = s.custom
+        if c is not None:  # (speculative positions: the monitored rows only)
+            mask = s.probe if j == 0 else s.probe & c.mon_row
+        else:
+            mask = s.probe if (j == 0 or self.mode == "monitor") else self._no_probe[:B]
         if j > 0 and s.tok0 is not None:  # speculative position j: generated token tok0 - 1 + j, inside the window?
             mask = mask & (s.tok0 + j <= self.w.monitor_window)
         if P > 1:
@@ -922,9 +1100,11 @@ class SteerStateStore:
         # monitor mode: position 0 holds a row's last prompt token (tau) or a generated one (tau_monitor),
         # later (speculative) positions are generated tokens
         row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
+        if c is not None:
+            row_tau = c.row_tau if j == 0 else self._tau_mon[:B]
         w = self.w
         W1, b1, w2, b2, row_probe = w.W1, w.b1, w.w2, w.b2, None
-        if self.mode == "monitor" and w.stacked is not None:  # ... and the prompt / monitor probe likewise
+        if (self.mode == "monitor" if c is None else c.stacked) and w.stacked is not None:  # ... and the probe likewise
             W1, b1, w2, b2 = w.stacked
             row_probe = self._row_probe[:B] if j == 0 else self._probe_mon[:B]
         if B:
@@ -1009,7 +1189,7 @@ class SteerStateStore:
                                          self._sl_latched_at.index_select(0, slots))
                 pout = self._pout[:P, :B].t()
                 p0 = pout[:, 0]
-                if self.mode == "monitor":  # the score at the last accepted position, if that position was probed
+                if self.mode == "monitor" or s.custom is not None:  # the score at the last accepted position, if probed
                     p_last_new = pout.gather(1, pos).squeeze(1)
                     probed_any = self._pmask[:P, :B].t().gather(1, pos).squeeze(1)
                 else:

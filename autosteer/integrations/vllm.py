@@ -80,9 +80,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models import resolve_attr as _resolve
-from .common import (ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, HiddenBuffer,
-                     HostStaging, SteerStateStore, SteerWeights, check_pack_matches, parse_flag, parse_monitor_window,
-                     parse_threshold)
+from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
+                     PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
+                     check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,28 @@ def _announce(msg: str, *args) -> None:
         if root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
     log.info(msg, *args)
+
+
+@functools.lru_cache(maxsize=1)
+def _admission_settings() -> dict | None:
+    """The server settings a request's ``vllm_xargs`` are checked against at admission
+    (:meth:`AutoSteerVLLMLogitsProcessor.validate_params`, which vLLM calls in the API server's process, where
+    no processor exists): read once, from the environment (``AUTOSTEER_PACK``, ``AUTOSTEER_MODE``,
+    ``AUTOSTEER_TAU``, ``AUTOSTEER_ALLOW_CLIENT_OFF``). None: no pack, AutoSteer is off on this server."""
+    from ..method.pack import load_pack, prompt_threshold
+
+    path = os.environ.get(ENV_PACK)
+    if not path:
+        return None
+    mode = str(os.environ.get(ENV_MODE) or "prefill").strip().lower()
+    pack = _PACK if _PACK is not None else load_pack(path)
+    return dict(server_tau=prompt_threshold(pack, parse_threshold(os.environ.get(ENV_TAU), ENV_TAU)),
+                server_mode=mode, monitor_calibrated=pack.tau_monitor is not None,
+                allow_off=parse_flag(os.environ.get(ENV_ALLOW_CLIENT_OFF), ENV_ALLOW_CLIENT_OFF, False))
+
+
+def _asks_autosteer(args) -> bool:
+    return bool(args) and any(isinstance(k, str) and k.lower().startswith("autosteer") for k in args)
 
 
 def _sha256(path: str) -> str:
@@ -908,6 +930,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     Configured by ``AUTOSTEER_PACK`` (unset: the processor does nothing), ``AUTOSTEER_MODE``
     (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``, or
     by ``vllm_config.additional_config["autosteer"] = {"pack": ..., "mode": ..., "tau": ..., "monitor_window": ...}``.
+    A request may make the gate stricter for itself through ``vllm_xargs`` (``SamplingParams.extra_args``:
+    ``autosteer_tau``, ``autosteer_mode``, and ``autosteer="off"`` where ``AUTOSTEER_ALLOW_CLIENT_OFF=1``),
+    checked at admission by :meth:`validate_params` (HTTP 400 naming the key) and again in the engine.
 
     Also a subclass of Model Runner V2's base class (when that vLLM has one): V2 loads the same
     entry-point group and refuses to start on a V1-only plugin. V1 builds it as
@@ -939,6 +964,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._lens_stage: HostStaging | None = None  # prompt lengths of the rows, staged when the batch changed
         self._last_forward: int | None = None  # capture.forwards at the previous apply
         self._v2: _V2Requests | None = None
+        self._pending_settings: dict = {}  # key -> RequestSettings of requests added before the store existed
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
@@ -956,6 +982,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
             self.fail_closed = parse_flag(*setting("fail_closed", ENV_FAIL_CLOSED), True)
             self.log_decisions = parse_flag(*setting("log_decisions", ENV_LOG_DECISIONS), False)
+            self.allow_client_off = parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.pack = load_pack(pack_path)
@@ -1022,7 +1049,50 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     # -- vLLM interface -----------------------------------------------------------------------
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        """At request admission (vLLM turns the ValueError into HTTP 400): a request's ``autosteer*`` keys in
+        ``vllm_xargs`` (``SamplingParams.extra_args``) are checked against the server's settings -- see
+        :func:`autosteer.integrations.common.parse_request_settings`. Requests without them pass untouched."""
+        args = getattr(sampling_params, "extra_args", None)
+        if not _asks_autosteer(args):
+            return None
+        server = _admission_settings()
+        if server is None:
+            key = next(k for k in args if isinstance(k, str) and k.lower().startswith("autosteer"))
+            raise ValueError(f"vllm_xargs {key!r}: AutoSteer is not active on this server ({ENV_PACK} unset)")
+        parse_request_settings(args, source="vllm_xargs", **server)
         return None
+
+    def _request_settings(self, key, params) -> RequestSettings | None:
+        """The request's settings, checked again in the engine against this processor's own settings (admission
+        read the environment; ``additional_config`` may differ). Nothing here raises: a request whose keys do
+        not pass (admission let it through on different settings) is served with the server's defaults, which
+        never loosen the gate, and a warning."""
+        args = getattr(params, "extra_args", None)
+        if not _asks_autosteer(args):
+            return None
+        from ..method.pack import prompt_threshold
+
+        tau = self.store.w.tau if self.store is not None else prompt_threshold(self.pack, self.tau)
+        try:
+            cfg = parse_request_settings(args, server_tau=tau, server_mode=self.mode,
+                                         monitor_calibrated=self.pack.tau_monitor is not None,
+                                         allow_off=self.allow_client_off, source="vllm_xargs")
+        except ValueError as exc:
+            # (the message, not the exception: its traceback would keep the request's SamplingParams alive)
+            log.warning("autosteer: request %s served with the server's settings: %s", key, str(exc))
+            return None
+        return cfg
+
+    def _set_settings(self, key, params, store, *, resumed: bool) -> None:
+        cfg = self._request_settings(key, params)
+        if cfg is None and (store is None or store.request_settings(key) is None) and key not in self._pending_settings:
+            return
+        if cfg is not None and not resumed:
+            _announce("autosteer: request %s: %s (vllm_xargs)", key, cfg.describe())
+        if store is None:
+            self._pending_settings[key] = cfg
+        else:
+            store.set_request_settings(key, cfg)
 
     def is_argmax_invariant(self) -> bool:
         # steering changes the argmax: never skip it for greedy batches (an inert processor may be skipped)
@@ -1033,6 +1103,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if not self.enabled:
             return False
         self._v2.add(req_idx, self.store)
+        rid = self._v2.slot_rid[req_idx]
+        if rid is not None and _asks_autosteer(getattr(sampling_params, "extra_args", None)):
+            self._set_settings(rid, sampling_params, self.store, resumed=rid in self.store)
         return True
 
     def apply_staged_writes(self) -> None:  # V2 calls it once per step, before the forward
@@ -1060,8 +1133,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             n_out = len(output_ids) if output_ids is not None else 0
             # a request with outputs is resuming after preemption: it keeps its state (latch)
             key = self._unpark(params, output_ids, store) if n_out else None
-            self.rows[idx] = _Row(next(self._keys) if key is None else key, n_prompt + n_out, key is not None,
-                                  _weak(params), output_ids, n_out)
+            resumed = key is not None
+            key = key if resumed else next(self._keys)
+            if _asks_autosteer(getattr(params, "extra_args", None)):  # per-request settings: kept with the key
+                self._set_settings(key, params, store, resumed=resumed)
+            self.rows[idx] = _Row(key, n_prompt + n_out, resumed, _weak(params), output_ids, n_out)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if _VLLM.is_move_swap(direction):
@@ -1246,6 +1322,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                          device=self.device, monitor_window=self.monitor_window)
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
                                      on_release=self._on_release, report_on_release=self.log_decisions)
+        for key, cfg in self._pending_settings.items():
+            self.store.set_request_settings(key, cfg)
+        self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
         _announce("autosteer: AutoSteer active (vLLM %s, %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
@@ -1255,10 +1334,16 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         return self.store
 
     def _on_release(self, request_id, summary) -> None:
+        self._pending_settings.pop(request_id, None)
         if summary is not None:
-            _announce("autosteer: request %s %s (p_unsafe=%.6f, latched_at=%d, tokens=%d)", request_id,
+            cfg = summary.settings
+            if cfg is not None and cfg.off:
+                _announce("autosteer: request %s not steered: steering off by the client (tokens=%d)", request_id,
+                          summary.tokens)
+                return
+            _announce("autosteer: request %s %s (p_unsafe=%.6f, latched_at=%d, tokens=%d)%s", request_id,
                       "STEERED" if summary.latched else "not steered", summary.p_unsafe, summary.latched_at,
-                      summary.tokens)
+                      summary.tokens, f" [{cfg.describe()}]" if cfg is not None else "")
 
     def request_keys(self) -> dict[int, int]:
         """Batch index -> the processor's key for that request (for tests and reports)."""
