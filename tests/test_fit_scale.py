@@ -231,21 +231,38 @@ def test_memory_estimate_counts_parameters_on_the_meta_device():
 
 
 _MEMORY_CHILD = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, os, sys, threading, time, torch
     sys.path.insert(0, sys.argv[1])
     from conftest import make_tiny_model, make_tokenizer
     from test_fit_scale import labelled_data, small_cfg
     from autosteer.method.fit import fit
     torch.set_num_threads(1)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
     tok = make_tokenizer()
     model = make_tiny_model(len(tok), hidden=128, layers=96)
     data = labelled_data(n=int(sys.argv[3]))
     cfg = small_cfg(probe_epochs=5, head_prompts=4, full_depth=sys.argv[2], layer_rule="90", batch_size=4)
     fit(model, tok, cfg, data=type(data)(data.harmful[:16], data.benign[:16], [], {}))  # warm-up: every code path once
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the resident set sampled every millisecond during the fit, against the resident set just before it
+    # (not the process's high-water mark, which earlier work may have set)
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     fit(model, tok, cfg, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - base}))
+    done.set()
+    t.join()
+    print(json.dumps({"growth": max(peak[0], rss()) - base}))
 """)
 
 
@@ -268,5 +285,6 @@ def test_a_many_layer_fit_stays_within_the_memory_formula():
     est = fit_memory_estimate(model.config, n_prompts=2 * n, n_full_depth=300, cfg=small_cfg(batch_size=4))
     bound = est["states"] + est["extraction"] + (48 << 20)
     g_sample, g_all = growth("sample"), growth("all")
+    print(f"peak growth: sampled fit {g_sample >> 20} MB, full-depth fit {g_all >> 20} MB, bound {bound >> 20} MB")
     assert g_sample <= bound, (g_sample, est)
     assert g_all > bound, (g_all, bound)
