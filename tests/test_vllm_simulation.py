@@ -480,7 +480,27 @@ def test_parked_states_past_the_cap_go_unlatched_first(setup, tmp_path, monkeypa
             lp.update_state(BatchUpdate(0, list(range(6)), [], []))  # all leave, all still referenced
         assert sorted(lp.parked_keys()) == sorted(keys[:2] + keys[4:])  # the two oldest unlatched went
         assert keys[2] not in store and keys[3] not in store and keys[0] in store
-        assert "2 preempted requests' states released (cap 4; 0 of them latched)" in caplog.text
+        assert "2 preempted requests' states released (cap 4; unlatched ones only)" in caplog.text
+
+
+def test_latched_parked_states_are_never_released_past_the_cap(setup, tmp_path, monkeypatch, caplog):
+    """Issue 18: latched states are never evicted. Six latched parked states over a cap of four: all kept,
+    all still latched, and the warning says how many are kept past the cap."""
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
+        lp.max_reqs = 1  # cap: 4 parked states
+        sps = [SamplingParams() for _ in range(7)]
+        lp.update_state(BatchUpdate(7, [], [(i, sps[i], [1, 2], []) for i in range(7)], []))
+        keys = [lp.request_keys()[i] for i in range(7)]
+        for k in keys:
+            store._get_or_add(k)
+        for k in keys[:6]:
+            store.force_latch(k)
+        with caplog.at_level("WARNING"):
+            lp.update_state(BatchUpdate(0, list(range(7)), [], []))
+        assert sorted(lp.parked_keys()) == sorted(keys[:6])  # only the unlatched one went
+        assert all(store.summary(k).latched for k in keys[:6]) and keys[6] not in store
+        assert "1 preempted requests' states released" in caplog.text
+        assert "2 latched states kept past the cap of 4" in caplog.text
 
 
 def test_model_runner_v2_construction(setup, tmp_path, monkeypatch):

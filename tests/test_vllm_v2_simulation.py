@@ -371,8 +371,25 @@ def test_v2_keeps_at_most_a_bounded_number_of_preempted_states(setup, tmp_path, 
             lp.apply_staged_writes()
         kept = set(lp._v2.kept)
         assert len(kept) == limit and {"r0", "r1"} <= kept and "r2" not in kept and "r4" not in kept
-        assert "3 preempted requests' states released" in caplog.text and "0 of them latched" in caplog.text
+        assert "3 preempted requests' states released" in caplog.text and "unlatched ones only" in caplog.text
         assert set(lp.store.request_ids) == kept
+    finally:
+        avllm.detach_capture()
+
+
+def test_v2_never_releases_a_latched_preempted_state(setup, tmp_path, monkeypatch, caplog):
+    engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
+    try:
+        limit = avllm._MAX_KEPT_FACTOR * 8
+        for n in range(limit + 3):
+            _add(engine, 0, f"r{n}", 3)
+            lp.store._get_or_add(f"r{n}")
+            lp.store.force_latch(f"r{n}")  # every one latched
+            del engine.index_to_req_id[0]
+        with caplog.at_level("WARNING"):
+            lp.apply_staged_writes()
+        assert set(lp._v2.kept) == {f"r{n}" for n in range(limit + 3)} == set(lp.store.request_ids)
+        assert "3 latched states kept past the cap" in caplog.text
     finally:
         avllm.detach_capture()
 

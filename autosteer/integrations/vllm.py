@@ -824,15 +824,20 @@ _MAX_KEPT_FACTOR = 4
 
 def _evictions(store, oldest_first: list, limit: int) -> list:
     """Which of the states kept for requests out of the batch (keys ``oldest_first``) to release to keep
-    ``limit``: unlatched ones first, then oldest first, with a warning -- a latched request released this
-    way would resume unlatched. Reads the candidates' latches from the device, only past the limit."""
+    ``limit``: unlatched ones only, oldest first, with a warning. A latched state is never released here
+    (it would resume unlatched): it stays until vLLM finishes or aborts the request, and a warning says
+    how many are kept past the limit (each is a few bytes). Reads the candidates' latches from the
+    device, only past the limit."""
     excess = len(oldest_first) - limit
     if excess <= 0:
         return []
     latched = {k: store is not None and store.summary(k).latched for k in oldest_first}
-    victims = ([k for k in oldest_first if not latched[k]] + [k for k in oldest_first if latched[k]])[:excess]
-    log.warning("autosteer: %d preempted requests' states released (cap %d; %d of them latched)", len(victims),
-                limit, sum(latched[k] for k in victims))
+    victims = [k for k in oldest_first if not latched[k]][:excess]
+    if victims:
+        log.warning("autosteer: %d preempted requests' states released (cap %d; unlatched ones only)", len(victims), limit)
+    if excess > len(victims):
+        log.warning("autosteer: %d latched states kept past the cap of %d: a latched request's state is released only "
+                    "when vLLM finishes or aborts it", excess - len(victims), limit)
     return victims
 
 
