@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from autosteer.method.hidden_states import last_token_states
     from autosteer.method.pack import load_pack
+    from autosteer.method.probe import Probe
     from autosteer.models import load_model
 
     t0 = time.time()
@@ -62,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     X = last_token_states(model, tok, texts, ref.prompt_format, layers=layers, desc="dev states")  # fp32, as served
 
     def fires(pack, idx):
-        x = X[idx, layers.index(pack.layer)]
-        hid = torch.relu(x @ pack.W1.t() + pack.b1)
-        return torch.sigmoid(hid @ pack.w2 + pack.b2) > pack.tau
+        return Probe(pack.W1, pack.b1, pack.w2, pack.b2).score(X[idx, layers.index(pack.layer)]) > pack.tau
 
     lines = [f"# Gate agreement with the previous fit on the dev sets\n",
              f"Made with `python benchmarks/fit_agreement.py --reference {args.reference} --candidate "

@@ -15,8 +15,8 @@ Sets (all built by :func:`build_sets`, deterministic; reserved data is never rea
 
 Hidden states at the pack's layer are cached in ``--cache`` (keyed by the prompts, the model and the
 layer); they are extracted with the same formatting, padding and hook as
-``autosteer.method.hidden_states.last_token_states`` but the forward stops at the pack's layer, and a
-sample is checked against ``autosteer.evaluate.probe_scores``.
+``autosteer.method.hidden_states.last_token_states`` (left-padded batches; the forward stops at the pack's
+layer), and a sample is checked against ``autosteer.evaluate.probe_scores``.
 """
 from __future__ import annotations
 
@@ -77,40 +77,13 @@ def build_sets(n: int = 150, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ states
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def layer_states(model, tokenizer, texts: list[str], fmt, layer: int, batch_size: int = 16) -> torch.Tensor:
-    """``[n, H]`` fp32 input of decoder block ``layer`` at the last prompt token (what the gate reads);
-    the forward stops there. Same encoding, padding and positions as ``last_token_states``."""
-    from autosteer.method.hidden_states import _hidden_arg
-    from autosteer.models import decoder_layers
-    from autosteer.prompting import batching_key, encode_batch, position_ids_from_mask, to_model
+    """``[n, H]`` fp32 input of decoder block ``layer`` at the last prompt token (what the gate reads): the
+    left-padded path of ``last_token_states``, whose forward stops at the deepest layer asked for."""
+    from autosteer.method.hidden_states import last_token_states
 
-    block = decoder_layers(model)[layer]
-    store = {}
-
-    def hook(_mod, args, kwargs):
-        store["h"] = _hidden_arg(args, kwargs)[:, -1, :].float().cpu()
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    order = sorted(range(len(texts)), key=lambda i: batching_key(texts[i]))
-    out = torch.empty(len(texts), model.config.hidden_size)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            inputs = to_model(encode_batch(tokenizer, [texts[i] for i in idx], fmt), model)
-            try:
-                model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
-            out[idx] = store.pop("h")
-    finally:
-        handle.remove()
-    return out
+    return last_token_states(model, tokenizer, texts, fmt, batch_size, layers=[layer], progress=False,
+                             share_prefixes=False)[:, 0]
 
 
 #: prompts whose states were read from the cache / extracted in this process

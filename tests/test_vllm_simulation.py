@@ -463,21 +463,29 @@ def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, m
         assert k2 not in store
 
 
+def _park_all(lp, store, count: int, latched, caplog):
+    """With a cap of 4 parked states (max_reqs 1): ``count`` requests added, each given a state (latched where
+    ``latched(i)``), then all leave the batch at once (parked), warnings captured. Returns their keys and
+    SamplingParams (kept referenced by the caller, so nothing is released for being dropped by vLLM)."""
+    lp.max_reqs = 1
+    sps = [SamplingParams() for _ in range(count)]
+    lp.update_state(BatchUpdate(count, [], [(i, sps[i], [1, 2], []) for i in range(count)], []))
+    keys = [lp.request_keys()[i] for i in range(count)]
+    for i, k in enumerate(keys):
+        store._get_or_add(k)
+        if latched(i):
+            store.force_latch(k)
+    with caplog.at_level("WARNING"):
+        lp.update_state(BatchUpdate(0, list(range(count)), [], []))
+    return keys, sps
+
+
 def test_parked_states_past_the_cap_go_unlatched_first(setup, tmp_path, monkeypatch, caplog):
     """At most max_num_seqs x 4 parked (possibly preempted) states are kept; past that, unlatched ones are
     released first, then the oldest -- the same policy as under Model Runner V2 (a latched request released
     this way would resume unlatched)."""
     with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
-        lp.max_reqs = 1  # cap: 4 parked states
-        sps = [SamplingParams() for _ in range(6)]
-        lp.update_state(BatchUpdate(6, [], [(i, sps[i], [1, 2], []) for i in range(6)], []))
-        keys = [lp.request_keys()[i] for i in range(6)]
-        for k in keys:
-            store._get_or_add(k)
-        store.force_latch(keys[0])
-        store.force_latch(keys[1])
-        with caplog.at_level("WARNING"):
-            lp.update_state(BatchUpdate(0, list(range(6)), [], []))  # all leave, all still referenced
+        keys, sps = _park_all(lp, store, 6, latched=lambda i: i < 2, caplog=caplog)  # all still referenced
         assert sorted(lp.parked_keys()) == sorted(keys[:2] + keys[4:])  # the two oldest unlatched went
         assert keys[2] not in store and keys[3] not in store and keys[0] in store
         assert "2 preempted requests' states released (cap 4; unlatched ones only)" in caplog.text
@@ -487,16 +495,7 @@ def test_latched_parked_states_are_never_released_past_the_cap(setup, tmp_path, 
     """Issue 18: latched states are never evicted. Six latched parked states over a cap of four: all kept,
     all still latched, and the warning says how many are kept past the cap."""
     with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
-        lp.max_reqs = 1  # cap: 4 parked states
-        sps = [SamplingParams() for _ in range(7)]
-        lp.update_state(BatchUpdate(7, [], [(i, sps[i], [1, 2], []) for i in range(7)], []))
-        keys = [lp.request_keys()[i] for i in range(7)]
-        for k in keys:
-            store._get_or_add(k)
-        for k in keys[:6]:
-            store.force_latch(k)
-        with caplog.at_level("WARNING"):
-            lp.update_state(BatchUpdate(0, list(range(7)), [], []))
+        keys, sps = _park_all(lp, store, 7, latched=lambda i: i < 6, caplog=caplog)
         assert sorted(lp.parked_keys()) == sorted(keys[:6])  # only the unlatched one went
         assert all(store.summary(k).latched for k in keys[:6]) and keys[6] not in store
         assert "1 preempted requests' states released" in caplog.text

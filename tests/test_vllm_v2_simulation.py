@@ -355,18 +355,24 @@ def test_v2_slot_reassigned_behind_the_processors_back_and_empty_steps(setup, tm
         avllm.detach_capture()
 
 
+def _preempt_many(engine, lp, count: int, latched) -> None:
+    """Requests ``r0 .. r<count-1>`` added in slot 0, each given a state (latched where ``latched(n)``), then
+    preempted: out of every slot, state kept."""
+    for n in range(count):
+        _add(engine, 0, f"r{n}", 3)
+        lp.store._get_or_add(f"r{n}")
+        if latched(n):
+            lp.store.force_latch(f"r{n}")
+        del engine.index_to_req_id[0]
+
+
 def test_v2_keeps_at_most_a_bounded_number_of_preempted_states(setup, tmp_path, monkeypatch, caplog):
     """Past max_num_reqs x 4 states of requests out of every slot, the oldest unlatched ones go first
     (a latched one released would resume unlatched), with a warning."""
     engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
     try:
         limit = avllm._MAX_KEPT_FACTOR * 8
-        for n in range(limit + 3):
-            _add(engine, 0, f"r{n}", 3)
-            lp.store._get_or_add(f"r{n}")
-            if n < 2:
-                lp.store.force_latch(f"r{n}")
-            del engine.index_to_req_id[0]  # preempted: out of every slot, state kept
+        _preempt_many(engine, lp, limit + 3, latched=lambda n: n < 2)
         with caplog.at_level("WARNING"):
             lp.apply_staged_writes()
         kept = set(lp._v2.kept)
@@ -381,11 +387,7 @@ def test_v2_never_releases_a_latched_preempted_state(setup, tmp_path, monkeypatc
     engine, lp, cap = _v2_processor(setup, tmp_path, monkeypatch)
     try:
         limit = avllm._MAX_KEPT_FACTOR * 8
-        for n in range(limit + 3):
-            _add(engine, 0, f"r{n}", 3)
-            lp.store._get_or_add(f"r{n}")
-            lp.store.force_latch(f"r{n}")  # every one latched
-            del engine.index_to_req_id[0]
+        _preempt_many(engine, lp, limit + 3, latched=lambda n: True)  # every one latched
         with caplog.at_level("WARNING"):
             lp.apply_staged_writes()
         assert set(lp._v2.kept) == {f"r{n}" for n in range(limit + 3)} == set(lp.store.request_ids)
