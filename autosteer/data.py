@@ -104,6 +104,9 @@ __all__ = [
     "genre_splits",
     "load_contrast_pairs",
     "contrast_pair_splits",
+    "load_external_benign",
+    "external_benign_splits",
+    "breadth_dev_sets",
 ]
 
 HARMFUL = 1
@@ -817,6 +820,123 @@ def contrast_pair_splits(split: str) -> list[tuple[Prompt, Prompt]]:
     if split not in ("fit", "dev"):
         raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
     return [pair for pair in load_contrast_pairs() if pair[0].meta["split"] == split]
+
+
+# --------------------------------------------------------------------------------------------
+# Benign traffic nobody here wrote (issue 17): user requests shipped inside inspect-evals
+# --------------------------------------------------------------------------------------------
+_PERSISTBENCH = tuple(("inspect-evals", f"inspect_evals/persistbench/benchmark_samples/{f}.jsonl")
+                      for f in ("beneficial_samples", "cross_domain", "sycophancy"))
+_AGENTBENCH_OS = tuple(("inspect-evals", f"inspect_evals/agent_bench/data/{f}.json")
+                       for f in ("agent_bench_os", "agent_bench_os_test"))
+_MIND2WEB = ("inspect-evals", "inspect_evals/mind2web_sc/data/seeact/sample_labeled_all.json")
+_SWELANCER = ("inspect-evals", "inspect_evals/swe_lancer/data/all_swelancer_tasks.csv")
+#: external benign sources: the ones kept whole for measuring (never fitted on), and the ones split by hash
+EXTERNAL_DEV_ONLY = ("persistbench",)
+EXTERNAL_SPLIT = ("agentbench_os", "mind2web_tasks", "swelancer_titles")
+
+
+def _swelancer_title(title: str) -> str:
+    # "[HOLD for payment 2023-04-20] [$1000]  Inconsistency hint text ..." -> the issue's own words
+    return re.sub(r"^(\s*\[[^\]]*\]\s*)+", "", title).strip()
+
+
+@functools.lru_cache(maxsize=None)
+def load_external_benign() -> dict[str, tuple[Prompt, ...]]:
+    """Benign user requests written outside this project, all label 0 (``meta["split"]``: ``"dev"`` for
+    the dev-only sources, else :func:`hash_split` with salt ``"external-split"``):
+
+    - ``persistbench``: the user queries of persistbench's three sample files (everyday advice, health,
+      work, planning; some use charged words figuratively). Dev only: measures transfer to traffic of a
+      kind the fit never saw.
+    - ``agentbench_os``: AgentBench's operating-system task descriptions (shell and sysadmin work).
+    - ``mind2web_tasks``: Mind2Web-SC's web tasks ("Browse used Audi cars made before 2015 ...").
+    - ``swelancer_titles``: SWE-Lancer issue titles (bug reports in a web app), tags stripped.
+    """
+    csv.field_size_limit(1 << 30)
+    rows: dict[str, list[str]] = {k: [] for k in EXTERNAL_DEV_ONLY + EXTERNAL_SPLIT}
+    for loc in _PERSISTBENCH:
+        with _locate(*loc).open(encoding="utf-8") as fh:
+            rows["persistbench"] += [json.loads(ln)["query"] for ln in fh if ln.strip()]
+    for loc in _AGENTBENCH_OS:
+        rows["agentbench_os"] += [r["description"] for r in json.loads(_locate(*loc).read_text(encoding="utf-8"))]
+    rows["mind2web_tasks"] = [r["confirmed_task"] for r in json.loads(_locate(*_MIND2WEB).read_text(encoding="utf-8"))]
+    with _locate(*_SWELANCER).open(encoding="utf-8", newline="") as fh:
+        rows["swelancer_titles"] = [_swelancer_title(r["title"]) for r in csv.DictReader(fh)]
+    out = {}
+    for name, texts in rows.items():
+        seen, kept = set(), []
+        for t in texts:
+            t = " ".join(t.split())
+            k = normalize_text(t)
+            if len(t) >= 12 and k not in seen:
+                seen.add(k)
+                side = "dev" if name in EXTERNAL_DEV_ONLY else hash_split(t, "external-split")
+                kept.append(Prompt(t, BENIGN, f"external:{name}", name, meta={"split": side}))
+        out[name] = tuple(kept)
+    return out
+
+
+def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
+    """``{source: prompts}`` of one side (``"fit"`` or ``"dev"``) of :func:`load_external_benign`."""
+    if split not in ("fit", "dev"):
+        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    return {k: [p for p in ps if p.meta["split"] == split] for k, ps in load_external_benign().items()
+            if any(p.meta["split"] == split for p in ps)}
+
+
+def breadth_dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
+    """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
+
+    Benign genre dev halves, contrast pairs (dev), StrongREJECT direct and in DEV jailbreak-template
+    families, ``n`` requests per rephrasing family (fit requests and StrongREJECT requests in the DEV
+    families; fit requests in the fit families, which a pack fitted on other data never saw), dev
+    genres in the dev families, the default benign dev sets and the external benign dev sources.
+    ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
+    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``."""
+    from . import rephrasing as R
+
+    splits = default_splits(seed)
+    sets = []
+    for genre, prompts in genre_splits("dev").items():
+        sets.append({"name": f"genre: {genre}", "group": "genre", "harmful": False, "texts": [p.text for p in prompts]})
+    pairs = contrast_pair_splits("dev")
+    sets.append({"name": "contrast pairs: safe side", "group": "contrast_safe", "harmful": False, "texts": [s.text for s, _ in pairs]})
+    sets.append({"name": "contrast pairs: unsafe side", "group": "contrast_unsafe", "harmful": True, "texts": [u.text for _, u in pairs]})
+    sets.append({"name": "direct harmful: StrongREJECT (dev)", "group": "direct", "harmful": True,
+                 "texts": [p.text for p in splits["dev_harmful"]]})
+
+    def sample(texts: list[str], tag: str) -> list[str]:
+        ok = sorted(t for t in texts if R.request_core(t) is not None)
+        return sorted(random.Random(f"{tag}-{seed}").sample(ok, min(n, len(ok))))
+
+    fit_req = sample([p.text for p in splits["fit_harmful"]], "fit-harmful")
+    sr_req = sample([p.text for p in splits["dev_harmful"]], "strongreject")
+    for fam in R.DEV_FAMILIES:
+        sets.append({"name": f"rephrased harmful, dev family: {fam}", "group": "rephrased_dev", "harmful": True,
+                     "texts": [t for _, t in R.rephrasings(fit_req, [fam])]})
+    for fam in R.FIT_FAMILIES:
+        sets.append({"name": f"rephrased harmful, fit family: {fam}", "group": "rephrased_fit", "harmful": True,
+                     "texts": [t for _, t in R.rephrasings(fit_req, [fam])]})
+    for fam in R.DEV_FAMILIES:
+        sets.append({"name": f"rephrased StrongREJECT, dev family: {fam}", "group": "rephrased_dev_sr", "harmful": True,
+                     "texts": [t for _, t in R.rephrasings(sr_req, [fam])]})
+    benign_dev = [p.text for ps in genre_splits("dev").values() for p in ps]
+    for fam in R.DEV_FAMILIES:
+        sets.append({"name": f"rephrased benign genres (dev), dev family: {fam}", "group": "rephrased_benign", "harmful": False,
+                     "texts": [t for _, t in R.rephrasings(benign_dev, [fam])]})
+    templates = template_splits(TEMPLATE_SPLIT_SEED)["dev_templates"]
+    rng = random.Random(f"wrapped-dev-{seed}")
+    sets.append({"name": "StrongREJECT in DEV jailbreak templates", "group": "wrapped_dev", "harmful": True,
+                 "texts": [rng.choice(templates).render(p.text) for p in splits["dev_harmful"][:n]]})
+    sets.append({"name": "FreshQA dev in DEV jailbreak templates", "group": "wrapped_benign", "harmful": False,
+                 "texts": [rng.choice(templates).render(p.text) for p in splits["dev_benign"][:n]]})
+    for key, name in (("dev_benign", "FreshQA (dev)"), ("dev_benign_long", "WritingBench (dev)"),
+                      ("dev_overrefusal", "over-refusal dev (benign_edgy_80 + aplomb hard)")):
+        sets.append({"name": name, "group": "default_benign", "harmful": False, "texts": [p.text for p in splits[key]]})
+    for src, ps in external_benign_splits("dev").items():
+        sets.append({"name": f"external benign: {src}", "group": "external", "harmful": False, "texts": [p.text for p in ps]})
+    return sets
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,10 +28,15 @@ def test_paper_preset_is_the_papers_configuration():
     assert c.preset_name == "paper"
     # the project's default differs where the docs say it does
     d = FitConfig()
-    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.69", "fpr", 16, "default")
-    assert (d.target_fpr, d.jailbreak_fit) == (0.20, 400)  # chosen on dev: docs/method.md 7d
-    low = FitConfig.preset("low-fp")  # the previous default
-    assert (low.layer_rule, low.target_fpr) == ("depth:0.6", 0.15) and low.preset_name == "low-fp"
+    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.55", "budget", 16, "broad")
+    # chosen on transfer (docs/results/gate_transfer_study.md)
+    assert (d.target_fpr, d.genre_fpr, d.contrast_fpr, d.jailbreak_fit) == (0.05, 0.10, 0.10, 800)
+    low = FitConfig.preset("low-fp")
+    assert (low.layer_rule, low.target_fpr, low.tau_rule, low.fit_data) == ("depth:0.6", 0.15, "fpr", "default")
+    assert low.preset_name == "low-fp"
+    high = FitConfig.preset("high-recall")  # the default before issue 17
+    assert (high.layer_rule, high.target_fpr, high.tau_rule, high.fit_data, high.jailbreak_fit) == \
+        ("depth:0.69", 0.20, "fpr", "default", 800)
     assert FitConfig.preset("default") == FitConfig(preset_name="default")
 
 
@@ -44,7 +49,13 @@ def test_presets_take_overrides_and_reject_unknown_names():
         FitConfig(tau_rule="median")
     with pytest.raises(ValueError, match="last_token"):
         FitConfig(pooling="mean")
-    assert set(PRESETS) == {"paper", "default", "low-fp"}
+    assert set(PRESETS) == {"paper", "default", "low-fp", "high-recall"}
+    with pytest.raises(ValueError, match="fit_data"):
+        FitConfig(fit_data="wide")
+    with pytest.raises(ValueError, match="genre_fpr"):
+        FitConfig(genre_fpr=1.5)
+    with pytest.raises(ValueError, match="calibration_folds"):
+        FitConfig(calibration_folds=1)
 
 
 def test_gate_with_paper_threshold_uses_tau_half():
@@ -54,7 +65,7 @@ def test_gate_with_paper_threshold_uses_tau_half():
     X[:40, :, 0] += 3.0
     gate = fit_gate(X, y, FitConfig(tau_rule="paper", probe_epochs=30, seed=0))
     assert gate.tau == 0.5
-    cal = fit_gate(X, y, FitConfig(probe_epochs=30, seed=0))
+    cal = fit_gate(X, y, FitConfig(tau_rule="fpr", probe_epochs=30, seed=0))
     assert cal.tau == pytest.approx(max(cal.tau_calibrated, 1e-6))
     assert cal.tau_calibrated == gate.tau_calibrated  # same probe and split, only the rule differs
 
@@ -86,8 +97,10 @@ def test_tiny_model_fit_with_the_paper_preset(tiny_model, tiny_tokenizer):
     # the default configuration on the same data differs in exactly those choices
     d = fit(tiny_model, tiny_tokenizer, FitConfig(probe_epochs=3, head_epochs=1, head_prompts=4, batch_size=8, progress=False,
                                                    head_rank=2), FitData(HARMFUL, BENIGN, pairs, {"counts": {}}))
-    assert d.meta["preset"] is None and d.meta["layer_rule"] == "depth:0.69" and d.meta["tau_rule"].startswith("calibrated")
-    assert d.meta["layer"] == round(0.69 * (tiny_model.config.num_hidden_layers - 1))
+    assert d.meta["preset"] is None and d.meta["layer_rule"] == "depth:0.55" and d.meta["tau_rule"].startswith("benign fit")
+    assert d.meta["layer"] == round(0.55 * (tiny_model.config.num_hidden_layers - 1))
+    points = d.meta["operating_points"]
+    assert list(points) == ["strict", "balanced", "permissive"] and d.meta["tau"] == points["balanced"]["tau"]
 
 
 def test_depth_layer_rule():
@@ -95,7 +108,8 @@ def test_depth_layer_rule():
 
     sas, auc = [0.0] * 30, [0.5] * 30
     assert choose_layer("depth:0.6", sas, auc) == (17, "depth:0.6")
-    assert choose_layer("depth:0.69", sas, auc) == (20, "depth:0.69")  # the default: layer 20 of SmolLM2's 30
+    assert choose_layer("depth:0.69", sas, auc) == (20, "depth:0.69")  # the high-recall preset: layer 20 of 30
+    assert choose_layer("depth:0.55", sas, auc) == (16, "depth:0.55")  # the default: layer 16 of SmolLM2's 30
     assert choose_layer("depth:0", sas, auc)[0] == 0 and choose_layer("depth:1", sas, auc)[0] == 29
     assert choose_layer("depth:0.6", [0.0] * 4, [0.5] * 4)[0] == 2
     for bad in ("depth:1.5", "depth:x", "depth:-0.1"):

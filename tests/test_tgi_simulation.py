@@ -353,6 +353,11 @@ def test_cli_wrapper_installs_for_serve_only(fake_tgi, setup, tmp_path, monkeypa
         with pytest.raises(tgi.TGIIntegrationError, match=f"{var}='{value}' {msg}"):
             tgi.main(["serve", "some/model"])
         monkeypatch.delenv(var)
+    # an operating point the pack lacks stops the start-up too, before TGI loads anything
+    monkeypatch.setenv("AUTOSTEER_TAU", "strict")
+    with pytest.raises(tgi.TGIIntegrationError, match="AUTOSTEER_TAU='strict'.*not in this pack.*refit"):
+        tgi.main(["serve", "some/model"])
+    monkeypatch.delenv("AUTOSTEER_TAU")
     with pytest.raises(ValueError, match="not a probability threshold"):
         tgi.install(pack_path, tau=-1.0)
     assert tgi.runtime() is None

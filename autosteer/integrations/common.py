@@ -76,6 +76,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..method.pack import OPERATING_POINTS
 from ..method.probe import Probe
 from ..runtime.reference_op import refusal_basis
 
@@ -124,17 +125,22 @@ def parse_flag(value, source: str, default: bool) -> bool:
     raise ValueError(f"{source}={value!r} is not a boolean (use 1/true/yes/on or 0/false/no/off)")
 
 
-def parse_threshold(value, source: str) -> float | None:
+def parse_threshold(value, source: str) -> float | str | None:
     """A probability threshold from the environment or a server config: unset/empty -> None (the
-    pack's), else a float in ``[0, 1]``; anything else raises ValueError naming ``source``."""
+    pack's); the name of an operating point (``strict``, ``balanced``, ``permissive``; resolved
+    against the pack by :func:`~autosteer.method.pack.prompt_threshold`) -> that name; else a float
+    in ``[0, 1]``; anything else raises ValueError naming ``source``."""
     if _unset(value):
         return None
+    if isinstance(value, str) and value.strip().lower() in OPERATING_POINTS:
+        return value.strip().lower()
     try:
         if isinstance(value, bool):
             raise TypeError
         t = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}={value!r} is not a number (a probability threshold in [0, 1])") from None
+        raise ValueError(f"{source}={value!r} is not a number (a probability threshold in [0, 1]) nor an operating "
+                         f"point ({', '.join(OPERATING_POINTS)})") from None
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"{source}={value!r} is not a probability threshold in [0, 1] (above 1 the gate never fires, "
                          "below 0 it steers every request)")

@@ -576,6 +576,13 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
         monitor_window = parse_monitor_window(monitor_window, "monitor_window")
     if tau is not None:
         tau = parse_threshold(tau, "tau")
+    if isinstance(tau, str):  # an operating point: the pack must have it, checked before TGI loads anything
+        from ..method.pack import load_pack, operating_point_tau
+
+        try:
+            operating_point_tau(load_pack(pack_path), tau)
+        except ValueError as exc:
+            raise TGIIntegrationError(f"autosteer: AUTOSTEER_TAU={tau!r}: {exc}") from None
     rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window)
     rt.install_patches()
     _RUNTIME = rt

@@ -11,6 +11,8 @@ default those it writes once its answer is begun with a compliance prefix) and i
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import contextlib
 import logging
 import math
@@ -60,7 +62,11 @@ PRESETS: dict[str, dict] = {
     # the previous default (layer 17 of SmolLM2's 30, 15% validation FPR): fewer false positives on
     # long benign prompts (WritingBench 8.3% vs 11.7%), less detection and more over-refusal on the
     # sensitive-but-benign set (docs/method.md 7d)
-    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15},
+    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15, "tau_rule": "fpr", "fit_data": "default"},
+    # the default before issue 17: the shipped fit sources without the genres, rephrasings and external
+    # benign traffic, tau at 20% validation FPR -- more harmful requests caught, and a benign prompt of
+    # some genres in three steered (docs/results/gate_transfer_study.md)
+    "high-recall": {"layer_rule": "depth:0.69", "target_fpr": 0.20, "tau_rule": "fpr", "fit_data": "default"},
 }
 
 
@@ -156,18 +162,27 @@ MONITOR_RESPONSES = ("forced", "own")
 
 @dataclass
 class FitConfig:
-    # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on the dev sets
-    # (docs/results/gate_study_200.md, gate_seeds.md, docs/method.md 7d): 0.69 of the depth, layer 20 of
-    # SmolLM2's 30
-    layer_rule: str = "depth:0.69"
+    # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on transfer to dev
+    # genres, external benign traffic and unseen framing / template families with the broad fit data
+    # (docs/results/gate_transfer_study.md): 0.55 of the depth, layer 16 of SmolLM2's 30
+    layer_rule: str = "depth:0.55"
     probe_hidden: int = 64
     probe_epochs: int = 300
     probe_lr: float = 1e-3
     probe_weight_decay: float = 1e-2
     probe_batch_size: int | None = None  # None: full batch
     val_fraction: float = 0.25
-    target_fpr: float = 0.20  # chosen on the dev sets (gate study); the benign validation split includes wrapped and sensitive prompts
-    tau_rule: str = "fpr"  # "fpr": calibrated to target_fpr on benign validation prompts; "paper": tau = tau_paper
+    # the threshold (issue 17): "budget" -- a false-positive budget on the benign fit prompts of every genre,
+    # scored out of fold: at most target_fpr of them pooled, genre_fpr of every genre, contrast_fpr of the safe
+    # contrast prompts; the pack also gets the operating points strict / balanced (its tau) / permissive.
+    # "fpr": target_fpr on the benign validation split (the previous default, with 0.20); "paper": tau_paper
+    # Out-of-fold scores come from probes fitted on 3/4 of the rows, so they run higher on benign prompts
+    # than the served probe's: 5% / 10% here measured ~1% on the benign dev mix (gate_transfer_study.md)
+    target_fpr: float = 0.05
+    tau_rule: str = "budget"
+    genre_fpr: float = 0.10
+    contrast_fpr: float = 0.10
+    calibration_folds: int = 4
     tau_paper: float = 0.5
     eps: float = 0.1
     head_rank: int | None = 16  # None: full d x d S
@@ -176,8 +191,12 @@ class FitConfig:
     head_prompts: int = 300
     refusal_answer: str = REFUSAL_ANSWER
     pooling: str = "last_token"  # the only pooling the runtime serves
-    fit_data: str = "default"  # "default" (all shipped fit sources) or "paper" (direct harmful vs benign only)
-    jailbreak_fit: int = 400  # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class
+    # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
+    # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
+    fit_data: str = "broad"
+    # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800: more template
+    # variety moved dev-family wrapped detection 47% -> 56% at the balanced point, docs/results/gate_transfer_study.md)
+    jailbreak_fit: int = 800
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
     # monitor mode: a second probe (same size as the gate's) learns the states of the model's
     # responses (greedy, unsteered; see monitor_responses) to this many fit prompts per class from the
@@ -224,10 +243,15 @@ class FitConfig:
         return cls(**{**PRESETS[name], **overrides, "preset_name": name})
 
     def __post_init__(self):
-        if self.tau_rule not in ("fpr", "paper"):
-            raise ValueError(f"tau_rule must be 'fpr' or 'paper', got {self.tau_rule!r}")
-        if self.fit_data not in ("default", "paper"):
-            raise ValueError(f"fit_data must be 'default' or 'paper', got {self.fit_data!r}")
+        if self.tau_rule not in ("budget", "fpr", "paper"):
+            raise ValueError(f"tau_rule must be 'budget', 'fpr' or 'paper', got {self.tau_rule!r}")
+        for name in ("genre_fpr", "contrast_fpr"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a false-positive rate in [0, 1], got {getattr(self, name)}")
+        if int(self.calibration_folds) < 2:
+            raise ValueError(f"calibration_folds must be >= 2, got {self.calibration_folds}")
+        if self.fit_data not in FIT_DATA_STYLES:
+            raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
         if self.pooling != "last_token":
             raise ValueError("the runtime probes the last prompt token only: pooling must be 'last_token'")
         if self.jailbreak_fit < 0:
@@ -268,13 +292,24 @@ class FitData:
     pairs: list[tuple[str, str]]  # minimal (harmful, benign) pairs for SAS; may be empty
     sources: dict  # description of where the data came from, with counts
     head_prompts: list[str] | None = None  # harmful prompts for the Refusal Head (default: ``harmful``)
+    # the genre of each benign prompt (benign_groups), for a per-genre false-positive budget; None: one group
+    benign_groups: list[str] | None = None
 
+
+#: how many fit requests per class are rephrased in the fit families (broad fit data)
+REPHRASED_FIT = 400
+
+
+#: "default": every shipped fit source; "broad": those plus issue 17's genres, contrast pairs, external
+#: benign sources and rephrasings (broad_fit_prompts); "paper": direct harmful vs benign only
+FIT_DATA_STYLES = ("default", "broad", "paper")
 
 #: the sources of the paper-style fit data: direct harmful requests vs plain benign ones
 PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_pairs", "aplomb_plain", "freshqa")}
 
 
-def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default") -> FitData:
+def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
+                     n_rephrased: int = REPHRASED_FIT) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
@@ -285,11 +320,11 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     """
     from .. import data
 
-    if style not in ("default", "paper"):
-        raise ValueError(f"style must be 'default' or 'paper', got {style!r}")
+    if style not in FIT_DATA_STYLES:
+        raise ValueError(f"style must be one of {list(FIT_DATA_STYLES)}, got {style!r}")
     splits = data.default_splits(seed=seed)
     rng = random.Random(seed)
-    chosen = {name: [p for p in splits[name] if style == "default" or p.source in PAPER_SOURCES[name]]
+    chosen = {name: [p for p in splits[name] if style != "paper" or p.source in PAPER_SOURCES[name]]
               for name in ("fit_harmful", "fit_benign")}
     harmful = [p.text for p in chosen["fit_harmful"]]
     benign = [p.text for p in chosen["fit_benign"]]
@@ -321,8 +356,81 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
             "templates_used": len({p.meta["template"] for p in jh + jb}),
             "families_used": len({p.meta["template_family"] for p in jh + jb}),
         }
+    extra_groups: dict[str, str] = {}
+    if style == "broad":
+        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased)
+        harmful, benign = harmful + bh, benign + bb
+        rng.shuffle(harmful)
+        rng.shuffle(benign)
+        counts.update({"harmful": len(harmful), "benign": len(benign), **bsrc.pop("counts")})
+        extra_groups = dict.fromkeys(bsrc.pop("rephrased_benign"), "rephrased")
+        sources["broad"] = bsrc
     sources["counts"] = counts
-    return FitData(harmful, benign, pairs, sources, head)
+    return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups))
+
+
+def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[list[str], list[str], dict]:
+    """The fit-side prompts of issue 17's breadth, added to the default fit data by ``style="broad"``:
+
+    - benign: the fit halves of the hand-written genres (math, code, sysadmin, violent words used
+      figuratively, ...), the safe sides of the fit contrast pairs, the fit halves of the external
+      benign sources that are split (:func:`autosteer.data.external_benign_splits`), and
+      ``n_rephrased`` benign fit prompts rephrased in the FIT rephrasing families;
+    - harmful: the unsafe sides of the fit contrast pairs and ``n_rephrased`` harmful fit requests
+      rephrased in the FIT families.
+
+    The same families rephrase both classes, so the framing alone says nothing about the label. Dev
+    halves, dev families and reserved data are never read."""
+    from .. import data
+    from .. import rephrasing as R
+
+    splits = data.default_splits(seed)
+    genres = [p.text for ps in data.genre_splits("fit").values() for p in ps]
+    pairs = data.contrast_pair_splits("fit")
+    external = [p.text for ps in data.external_benign_splits("fit").values() for p in ps]
+    rng = random.Random(f"rephrased-fit-{seed}")
+
+    def rephrased(texts: list[str]) -> list[str]:
+        got = sorted({t for _, t in R.rephrasings(sorted(set(texts)), "fit", per_request=1)})
+        return rng.sample(got, min(n_rephrased, len(got)))
+
+    benign_pool = genres + [p.text for p in splits["fit_benign"] if p.source == "autosteer_sensitive_benign" or len(p.text) < 300]
+    reph_h = rephrased([p.text for p in splits["fit_harmful"]])
+    reph_b = rephrased(benign_pool)
+    harmful = [u.text for _, u in pairs] + reph_h
+    benign = genres + [s.text for s, _ in pairs] + external + reph_b
+    src = {"genres": f"autosteer/fit_prompts/genres fit halves ({len(genres)})",
+           "contrast_pairs": f"fit halves, both sides ({len(pairs)} pairs)",
+           "external_benign": {k: len(v) for k, v in data.external_benign_splits("fit").items()},
+           "rephrased": {"families": list(R.FIT_FAMILIES), "harmful": len(reph_h), "benign": len(reph_b)},
+           "counts": {"broad_harmful": len(harmful), "broad_benign": len(benign)},
+           "rephrased_benign": reph_b}
+    return harmful, benign, src
+
+
+def benign_groups(benign: list[str], extra: Mapping[str, str] | None = None) -> list[str]:
+    """The benign genre of each prompt as the calibration reads it: a genre name, an external source,
+    ``contrast_safe``, ``rephrased`` or ``other`` (everything else of the default fit data)."""
+    from .. import data
+    from .. import rephrasing as R
+
+    of: dict[str, str] = {}
+    for g, ps in data.load_genre_prompts().items():
+        of.update({data.normalize_text(p.text): g for p in ps})
+    for s, _ in data.load_contrast_pairs():
+        of[data.normalize_text(s.text)] = "contrast_safe"
+    try:
+        for k, ps in data.load_external_benign().items():
+            of.update({data.normalize_text(p.text): k for p in ps})
+    except data.SourceNotInstalledError:
+        pass
+    out = []
+    for t in benign:
+        g = (extra or {}).get(t) or of.get(data.normalize_text(t))
+        if g is None:
+            g = "jailbreak_wrapped" if len(t) > 600 else "other"
+        out.append(g)
+    return out
 
 
 def _stratified_split(labels: torch.Tensor, val_fraction: float, gen: torch.Generator):
@@ -384,6 +492,7 @@ class GateFit:
     val_labels: torch.Tensor
     train_idx: torch.Tensor
     val_idx: torch.Tensor
+    operating_points: dict | None = None  # tau_rule "budget": the named operating points (operating_points)
 
     @property
     def sas_layer(self) -> int:
@@ -448,7 +557,7 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
 
 def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, y: torch.Tensor, cfg: FitConfig,
                      pair_states: tuple[torch.Tensor, torch.Tensor] | None = None, val_auroc: list[float] | None = None,
-                     sweep_layers: list[int] | None = None) -> GateFit:
+                     sweep_layers: list[int] | None = None, groups: list[str] | None = None) -> GateFit:
     """:func:`fit_gate` when only some rows are kept at every layer.
 
     ``full``: ``[m, L, H]`` states of the rows ``full_rows`` (indices into ``y``), which must hold
@@ -456,6 +565,9 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
     row at the chosen layer (called once, after the layer is chosen). The SAS curves come from the
     pairs, the validation-AUROC sweep from the ``full_rows`` of each split; the probe is trained on
     every training row at the chosen layer and the threshold calibrated on every validation row.
+    With ``tau_rule="budget"`` the thresholds come from out-of-fold scores of every row instead
+    (``groups``: the benign genre of each row, see :func:`benign_groups`) and the probe is trained
+    on every row.
     """
     n_pairs = len(pair_states[0]) if pair_states is not None else 0
     plan = gate_plan(y, n_pairs, cfg)
@@ -481,13 +593,91 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
                      if layer in todo else float("nan") for layer in range(full.shape[1])]
     layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
     XL = layer_states(layer)
-    probe = train_probe(XL[train_idx], y[train_idx], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
-                        cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+    train = lambda rows: train_probe(XL[rows], y[rows], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
+                                     cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+    if cfg.tau_rule == "budget":
+        # every row scored by a probe that never saw it (out-of-fold), so the budget is set on all the
+        # benign fit prompts, ~4x the validation split (a genre has ~40 instead of ~10); the served
+        # probe is trained on every row
+        scores = out_of_fold_scores(XL, y, train, cfg.calibration_folds, cfg.seed)
+        groups = list(groups) if groups is not None else ["harmful" if v else "other" for v in y.tolist()]
+        points = operating_points(scores, y, groups, cfg)
+        probe = train(torch.arange(len(y)))
+        tau = points["balanced"]["tau"]
+        return GateFit(layer, rule, probe, tau, tau, sas, sas_pairing, sas_random, list(val_auroc), scores, y,
+                       train_idx, val_idx, points)
+    probe = train(train_idx)
     val_scores = probe.score(XL[val_idx])
     val_y = y[val_idx]
     tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
     return GateFit(layer, rule, probe, tau, tau_cal, sas, sas_pairing, sas_random, list(val_auroc), val_scores, val_y,
                    train_idx, val_idx)
+
+
+def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, train, folds: int, seed: int = 0) -> torch.Tensor:
+    """``[n]`` probe scores, each from a probe trained (``train(rows)``) on the other ``folds - 1``
+    stratified folds."""
+    g = torch.Generator().manual_seed(seed + 1)
+    fold = torch.empty(len(y), dtype=torch.long)
+    for c in (0, 1):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        fold[idx] = torch.arange(len(idx)) % folds
+    out = torch.empty(len(y))
+    for k in range(folds):
+        held = fold == k
+        out[held] = train((~held).nonzero().flatten()).score(X[held]).float()
+    return out
+
+
+#: the benign groups a per-genre budget applies to: the hand-written genres and the external sources
+def budget_groups() -> tuple[str, ...]:
+    from .. import data
+
+    return tuple(data.GENRES) + tuple(data.EXTERNAL_SPLIT)
+
+
+def budget_threshold(scores: torch.Tensor, groups: list[str], target_fpr: float, genre_fpr: float,
+                     contrast_fpr: float) -> float:
+    """The smallest threshold (fires when p > tau) under a false-positive budget on benign ``scores``:
+    at most ``target_fpr`` of them pooled, at most ``genre_fpr`` of every genre (:func:`budget_groups`)
+    and at most ``contrast_fpr`` of the safe contrast prompts. A group may always have one prompt
+    above tau: with ~40 prompts a genre's 2% would allow none, and its single highest score (an
+    outlier as often as not) would set the threshold alone (docs/results/gate_transfer_study.md)."""
+    tau = calibrate_threshold(scores, target_fpr)
+    per = dict.fromkeys(budget_groups(), genre_fpr)
+    per["contrast_safe"] = contrast_fpr
+    for g, b in per.items():
+        idx = [i for i, gg in enumerate(groups) if gg == g]
+        if idx:
+            s = torch.sort(scores[idx].double(), descending=True).values
+            tau = max(tau, float(s[min(max(1, int(b * len(s))), len(s) - 1)]))
+    return max(tau, 1e-6)
+
+
+#: operating point -> factor on FitConfig's budgets (target_fpr and genre_fpr; the contrast budget too)
+OPERATING_POINT_BUDGETS = {"strict": 2.0, "balanced": 1.0, "permissive": 0.2}
+
+
+def operating_points(scores: torch.Tensor, y: torch.Tensor, groups: list[str], cfg: FitConfig) -> dict:
+    """``{name: {"tau", "rule", "val_fpr", "val_tpr", "genre_fpr": {group: rate}}}`` for the named
+    operating points (:data:`OPERATING_POINT_BUDGETS`), from out-of-fold ``scores`` of every fit row."""
+    benign = (y == 0).nonzero().flatten()
+    bgroups = [groups[int(i)] for i in benign]
+    sb, sh = scores[benign], scores[y == 1]
+    out = {}
+    for name, f in OPERATING_POINT_BUDGETS.items():
+        t, g, c = min(1.0, f * cfg.target_fpr), min(1.0, f * cfg.genre_fpr), min(1.0, f * cfg.contrast_fpr)
+        tau = budget_threshold(sb, bgroups, t, g, c)
+        per = {}
+        for grp in sorted(set(bgroups)):
+            idx = [i for i, gg in enumerate(bgroups) if gg == grp]
+            per[grp] = float((sb[idx] > tau).float().mean())
+        out[name] = {"tau": tau, "rule": f"benign fit prompts (out-of-fold) fire <= {t:g} pooled, <= {g:g} per genre, "
+                                         f"<= {c:g} of safe contrast prompts",
+                     "val_fpr": float((sb > tau).float().mean()), "val_tpr": float((sh > tau).float().mean()),
+                     "genre_fpr": per}
+    return out
 
 
 def monitor_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[int], list[int]]:
@@ -604,6 +794,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = data or default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
+    if data.benign_groups is not None and len(data.benign_groups) != len(data.benign):
+        raise ValueError(f"FitData.benign_groups has {len(data.benign_groups)} entries for {len(data.benign)} benign prompts")
     if is_multimodal(model) and cfg.cross_modal_per_kind > 0 and "cross_modal" not in data.sources:
         from ..cross_modal import with_cross_modal  # images rendered from the fit texts (never dev/reserved)
 
@@ -656,7 +848,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         return torch.stack([deep[deep_at[t], layer] if t in deep_at else got[at[t]] for t in rows_text])
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
-    gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states)
+    groups = ["harmful"] * len(data.harmful) + list(data.benign_groups or ["other"] * len(data.benign))
+    gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states, groups=groups)
     layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_states = seconds["states_all_layers"] + seconds.get("states_gate_layer", 0.0)
@@ -701,6 +894,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
 
     elapsed = time.time() - t0
     tau_rule = (f"paper: fixed tau = {cfg.tau_paper}" if cfg.tau_rule == "paper"
+                else gate.operating_points["balanced"]["rule"] if cfg.tau_rule == "budget"
                 else f"calibrated to FPR <= {cfg.target_fpr} on benign validation prompts")
     meta = {
         "format": FORMAT,
@@ -726,6 +920,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "tau_calibrated": tau_cal,
         "tau_paper": cfg.tau_paper,
         "target_fpr": cfg.target_fpr,
+        **({"operating_points": gate.operating_points} if gate.operating_points else {}),
         # generated-token threshold of monitor mode (absent: a prefill-only pack)
         **({"tau_monitor": monitor.tau_monitor,
             "monitor": {"rule": f"at most {cfg.monitor_target_fpr} of benign validation responses latch within "

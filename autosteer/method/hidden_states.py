@@ -175,16 +175,25 @@ def _batches(members: list[int], lengths: list[int], batch_size: int, token_budg
 
 @torch.no_grad()
 def _shared_prefix_states(model, seqs: list[list[int]], layers: list[int], batch_size: int, pad_id: int,
-                          desc: str, progress: bool, cache: StatesCache | None, run: Path | None) -> torch.Tensor:
+                          desc: str, progress: bool, cache: StatesCache | None, run: Path | None,
+                          offsets: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """``[n, n_layers, n_offsets, H]``: the states ``offsets`` tokens before each prompt's last token."""
     blocks = decoder_layers(model)
     deepest = max(layers)
     store: dict[int, torch.Tensor] = {}
     where: dict[str, torch.Tensor | None] = {"last": None}
+    back = torch.tensor(offsets, dtype=torch.long)
+    if min(offsets) < 0 or any(len(s) <= max(offsets) for s in seqs):
+        raise ValueError(f"offsets {offsets}: every offset must be >= 0 and shorter than every prompt")
 
     def hook(_mod, args, kwargs, l):
         h = _hidden_arg(args, kwargs)
         last = where["last"]
-        store[l] = (h[:, -1, :] if last is None else h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]).float().cpu()
+        if last is None:  # the shared prefix's own forward: nothing to read
+            store[l] = None
+        else:
+            rows = torch.arange(h.shape[0], device=h.device)[:, None]
+            store[l] = h[rows, (last[:, None] - back[None, :]).to(h.device)].float().cpu()
         if l == deepest:
             raise _Stop
 
@@ -193,8 +202,9 @@ def _shared_prefix_states(model, seqs: list[list[int]], layers: list[int], batch
     device = next(model.parameters()).device
     cache_arg = _cache_kwarg(model)
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    out = torch.empty(len(seqs), len(layers), hidden)
-    groups = prefix_groups(seqs)
+    out = torch.empty(len(seqs), len(layers), len(offsets), hidden)
+    # a prefix leaves the last max(offsets) + 1 tokens of every member to run
+    groups = [(max(0, min(p, min(len(seqs[i]) for i in m) - 1 - max(offsets))), m) for p, m in prefix_groups(seqs)]
     plan = []
     for p, members in groups:
         lengths = {i: len(seqs[i]) - p for i in members}
@@ -265,13 +275,17 @@ def last_token_states(
     response_prefix: str = "",
     share_prefixes: bool = True,
     cache: StatesCache | None = None,
+    offsets: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """``[n_prompts, n_layers, H]`` fp32 states at the last prompt token (layers = all by default;
     with a ``response_prefix``, the assistant turn begun with it: the state at its last token).
 
     ``share_prefixes``: run text prompts in groups sharing a token prefix (module docstring);
     False, or prompts with images or a response prefix: left-padded batches. ``cache``: resume
-    from / write to a :class:`StatesCache` (text prompts with shared prefixes only)."""
+    from / write to a :class:`StatesCache` (text prompts with shared prefixes only). ``offsets``
+    (shared-prefix path only): also read the states that many tokens before the last one (e.g. the
+    end of the user's text, before the assistant header); the result is then ``[n, n_layers,
+    n_offsets, H]``."""
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
     if not layers:
@@ -282,8 +296,12 @@ def last_token_states(
         tok = text_tokenizer(tokenizer)
         seqs = [encode_one(tok, p, fmt) for p in prompts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        run = cache.run_dir(model, fmt, layers, "last_token") if cache is not None else None
-        return _shared_prefix_states(model, seqs, layers, batch_size, pad, desc, progress, cache, run)
+        offs = (0,) if offsets is None else tuple(int(o) for o in offsets)
+        run = cache.run_dir(model, fmt, layers, f"last_token{list(offs)}") if cache is not None else None
+        out = _shared_prefix_states(model, seqs, layers, batch_size, pad, desc, progress, cache, run, offs)
+        return out[:, :, 0] if offsets is None else out
+    if offsets is not None:
+        raise ValueError("last_token_states: offsets need the shared-prefix path (text prompts, no response prefix)")
     return _padded_states(model, tokenizer, prompts, fmt, batch_size, layers, desc, progress, response_prefix)
 
 

@@ -215,9 +215,30 @@ def _threshold(name: str, value) -> float:
     return t
 
 
-def prompt_threshold(pack: "SteerPack", override: float | None = None) -> float:
-    """The prefill gate's threshold: ``override`` if given, else the pack's ``tau``. A value outside
-    ``[0, 1]`` (or NaN) raises: above 1 the gate could never fire, below 0 it would steer every row."""
+#: named operating points a pack may carry (``meta["operating_points"]``), strictest first: the gate
+#: fires most on ``strict`` (more harmful requests caught, more benign ones steered) and least on
+#: ``permissive``; ``balanced`` is the pack's own ``tau``
+OPERATING_POINTS = ("strict", "balanced", "permissive")
+
+
+def operating_point_tau(pack: "SteerPack", name: str) -> float:
+    """The threshold of the operating point ``name`` of ``pack``; an unknown name or a pack without
+    operating points raises ValueError naming what the pack has."""
+    points = pack.meta.get("operating_points") or {}
+    key = str(name).strip().lower()
+    if key not in points:
+        have = ", ".join(sorted(points)) if points else "none (it was fitted before operating points existed: refit it)"
+        raise ValueError(f"operating point {name!r} is not in this pack; it has: {have}")
+    return _threshold(f"operating point {key!r}", points[key]["tau"])
+
+
+def prompt_threshold(pack: "SteerPack", override: float | str | None = None) -> float:
+    """The prefill gate's threshold: ``override`` if given (a number, or the name of one of the
+    pack's operating points: ``strict``, ``balanced``, ``permissive``), else the pack's ``tau``. A
+    value outside ``[0, 1]`` (or NaN) raises: above 1 the gate could never fire, below 0 it would
+    steer every row."""
+    if isinstance(override, str) and override.strip().lower() in OPERATING_POINTS:
+        return operating_point_tau(pack, override)
     return _threshold("tau", pack.tau if override is None else override)
 
 

@@ -1,0 +1,196 @@
+"""Issue 17: broad fit data, external benign traffic, the false-positive-budget threshold and the
+named operating points (strict / balanced / permissive) a pack carries and every entry point accepts."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from autosteer import data as D
+from autosteer import rephrasing as R
+from autosteer.method.fit import (OPERATING_POINT_BUDGETS, FitConfig, budget_groups, budget_threshold,
+                                  default_fit_data, operating_points, out_of_fold_scores)
+from autosteer.method.pack import OPERATING_POINTS, load_pack, operating_point_tau, prompt_threshold
+
+needs_sources = pytest.mark.skipif(bool(D.missing_sources()), reason="pinned data wheels not installed")
+
+
+# ------------------------------------------------------------------------------ data
+@needs_sources
+def test_external_benign_sources_load_split_and_stay_apart():
+    ext = D.load_external_benign()
+    assert set(ext) == set(D.EXTERNAL_DEV_ONLY + D.EXTERNAL_SPLIT)
+    for name, ps in ext.items():
+        assert len(ps) >= 100, name
+        assert all(p.label == D.BENIGN and len(p.text) >= 12 and p.text == " ".join(p.text.split()) for p in ps)
+        assert len({D.normalize_text(p.text) for p in ps}) == len(ps), f"{name}: duplicates kept"
+    # persistbench is measured only; the others are split by a stable hash, both sides non-empty
+    assert all(p.meta["split"] == "dev" for p in ext["persistbench"])
+    fit, dev = D.external_benign_splits("fit"), D.external_benign_splits("dev")
+    assert "persistbench" not in fit and set(fit) == set(D.EXTERNAL_SPLIT)
+    for name in D.EXTERNAL_SPLIT:
+        assert fit[name] and dev[name]
+        assert not {D.normalize_text(p.text) for p in fit[name]} & {D.normalize_text(p.text) for p in dev[name]}
+    # SWE-Lancer titles lose their payment / price tags
+    assert not any(re.match(r"\s*\[", p.text) for p in ext["swelancer_titles"])
+    with pytest.raises(ValueError, match="split"):
+        D.external_benign_splits("train")
+
+
+@needs_sources
+def test_broad_fit_data_holds_every_genre_and_never_a_dev_prompt():
+    d = default_fit_data(0, 1000, 400, "broad")
+    narrow = default_fit_data(0, 1000, 400, "default")
+    assert len(d.benign) > len(narrow.benign) + 1000 and len(d.harmful) > len(narrow.harmful) + 400
+    assert len(d.benign_groups) == len(d.benign)
+    groups = set(d.benign_groups)
+    assert set(D.GENRES) <= groups and set(D.EXTERNAL_SPLIT) <= groups and {"contrast_safe", "rephrased"} <= groups
+    fit_keys = {D.normalize_text(t) for t in d.harmful + d.benign}
+    dev = [p.text for ps in D.genre_splits("dev").values() for p in ps]
+    dev += [t.text for pair in D.contrast_pair_splits("dev") for t in pair]
+    dev += [p.text for ps in D.external_benign_splits("dev").values() for p in ps]
+    splits = D.default_splits(0)
+    dev += [p.text for k in D.DEV_SPLITS for p in splits[k]]
+    leaked = [t for t in dev if D.normalize_text(t) in fit_keys]
+    assert not leaked, leaked[:3]
+    # no request rephrased in a DEV family is fitted on (the family is what dev measures)
+    requests = [p.text for p in splits["fit_harmful"]] + [p.text for ps in D.genre_splits("fit").values() for p in ps]
+    dev_family = {D.normalize_text(t) for _, t in R.rephrasings(requests, "dev")}
+    assert not dev_family & fit_keys
+    # both classes are rephrased in the same (fit) families: the framing says nothing about the label
+    assert d.sources["broad"]["rephrased"]["harmful"] >= 300 and d.sources["broad"]["rephrased"]["benign"] >= 300
+
+
+# ------------------------------------------------------------------------------ thresholds
+def test_budget_threshold_honours_pooled_and_per_genre_budgets():
+    g = torch.Generator().manual_seed(0)
+    genres = list(budget_groups())
+    scores, groups = [], []
+    for k, name in enumerate(genres[:4]):
+        s = torch.rand(50, generator=g) * 0.3
+        if k == 0:
+            s[:5] = torch.tensor([0.95, 0.9, 0.85, 0.8, 0.75])  # one genre has a loud tail
+        scores.append(s)
+        groups += [name] * 50
+    scores.append(torch.rand(800, generator=g) * 0.3)  # the rest of the benign mix is quiet
+    groups += ["other"] * 800
+    s = torch.cat(scores)
+    tau = budget_threshold(s, groups, target_fpr=0.05, genre_fpr=0.04, contrast_fpr=0.1)
+    pooled = float((s > tau).float().mean())
+    loud = float((s[:50] > tau).float().mean())
+    assert pooled <= 0.05 and loud <= 0.04
+    # the pooled budget alone would have let the loud genre fire on 5 of 50
+    assert budget_threshold(s, ["other"] * len(s), 0.05, 0.04, 0.1) < 0.75
+    # one prompt of a genre may always fire: its single outlier does not set tau alone
+    t = torch.full((40,), 0.1)
+    t[0] = 0.99
+    assert budget_threshold(t, [genres[0]] * 40, target_fpr=0.5, genre_fpr=0.0, contrast_fpr=0.1) == pytest.approx(0.1)
+
+
+def test_out_of_fold_scores_never_score_a_row_with_a_probe_that_saw_it():
+    n = 40
+    y = torch.tensor([1.0] * 15 + [0.0] * 25)
+    X = torch.arange(n, dtype=torch.float32)[:, None]  # a row's state is its index
+
+    class Seen:
+        def __init__(self, rows):
+            self.rows = set(int(r) for r in rows)
+
+        def score(self, x):
+            return torch.tensor([1.0 if int(v) in self.rows else 0.0 for v in x[:, 0]])
+
+    calls = []
+    out = out_of_fold_scores(X, y, lambda rows: calls.append(len(rows)) or Seen(rows), folds=4)
+    assert torch.equal(out, torch.zeros(n)) and len(calls) == 4
+    assert all(28 <= c <= 32 for c in calls)  # each probe sees the other three folds
+
+
+def test_operating_points_are_ordered_strict_to_permissive():
+    g = torch.Generator().manual_seed(1)
+    y = torch.cat([torch.ones(300), torch.zeros(900)])
+    scores = torch.cat([torch.rand(300, generator=g) * 0.5 + 0.5, torch.rand(900, generator=g) ** 3])
+    groups = ["harmful"] * 300 + [list(budget_groups())[i % 5] for i in range(900)]
+    points = operating_points(scores, y, groups, FitConfig())
+    assert list(points) == list(OPERATING_POINTS) == list(OPERATING_POINT_BUDGETS)
+    taus = [points[k]["tau"] for k in OPERATING_POINTS]
+    assert taus == sorted(taus) and taus[0] < taus[-1]
+    fpr = [points[k]["val_fpr"] for k in OPERATING_POINTS]
+    tpr = [points[k]["val_tpr"] for k in OPERATING_POINTS]
+    assert fpr == sorted(fpr, reverse=True) and tpr == sorted(tpr, reverse=True)
+    assert points["balanced"]["val_fpr"] <= FitConfig().target_fpr + 1e-6
+    assert set(points["balanced"]["genre_fpr"]) == set(groups[300:])
+
+
+# ------------------------------------------------------------------------------ operating points at serving
+def _pack_with_points(tmp_path):
+    import autosteer
+
+    pack = load_pack(autosteer.default_pack_path())
+    pack.meta["operating_points"] = {"strict": {"tau": 0.2, "val_fpr": 0.1, "val_tpr": 0.9},
+                                     "balanced": {"tau": 0.5, "val_fpr": 0.05, "val_tpr": 0.8},
+                                     "permissive": {"tau": 0.9, "val_fpr": 0.01, "val_tpr": 0.6}}
+    return pack
+
+
+def test_named_operating_points_resolve_and_bad_names_are_refused(tmp_path):
+    from autosteer.cli import _tau_arg
+    from autosteer.integrations.common import parse_threshold
+
+    pack = _pack_with_points(tmp_path)
+    assert prompt_threshold(pack, "strict") == 0.2 and prompt_threshold(pack, " Permissive ") == 0.9
+    assert prompt_threshold(pack, 0.3) == 0.3 and prompt_threshold(pack, None) == pack.tau
+    assert parse_threshold("STRICT", "AUTOSTEER_TAU") == "strict" and _tau_arg("balanced") == "balanced"
+    with pytest.raises(ValueError, match="nor an operating point"):
+        parse_threshold("stricter", "AUTOSTEER_TAU")
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="operating point"):
+        _tau_arg("loose")
+    del pack.meta["operating_points"]["strict"]
+    with pytest.raises(ValueError, match="it has: balanced, permissive"):
+        operating_point_tau(pack, "strict")
+    pack.meta.pop("operating_points")
+    with pytest.raises(ValueError, match="refit"):
+        prompt_threshold(pack, "strict")
+
+
+def test_attach_and_vllm_admission_serve_the_named_point(tmp_path, monkeypatch):
+    import autosteer
+    from autosteer.integrations import vllm as V
+
+    pack = load_pack(autosteer.default_pack_path())
+    points = pack.meta["operating_points"]
+    path = tmp_path / "p.safetensors"
+    pack.save(path)
+    monkeypatch.setenv("AUTOSTEER_PACK", str(path))
+    monkeypatch.setenv("AUTOSTEER_TAU", "strict")
+    V._admission_settings.cache_clear()
+    try:
+        assert V._admission_settings()["server_tau"] == points["strict"]["tau"]
+    finally:
+        V._admission_settings.cache_clear()
+    from autosteer.models import load_model
+
+    model, _ = load_model()
+    h = autosteer.attach(model, path, tau="permissive")
+    try:
+        assert h.tau == points["permissive"]["tau"]
+    finally:
+        h.detach()
+
+
+def test_shipped_pack_carries_operating_points_and_info_prints_them():
+    import autosteer
+
+    pack = load_pack(autosteer.default_pack_path())
+    points = pack.meta["operating_points"]
+    assert set(points) == set(OPERATING_POINTS)  # the pack's JSON metadata is key-sorted
+    assert points["strict"]["tau"] <= points["balanced"]["tau"] <= points["permissive"]["tau"]
+    assert pack.tau == points["balanced"]["tau"]
+    out = subprocess.run([sys.executable, "-m", "autosteer", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in OPERATING_POINTS:
+        assert re.search(rf"^\s+{name}\s+{points[name]['tau']:.4f}", out.stdout, re.M), out.stdout
