@@ -187,4 +187,8 @@ def with_cross_modal(data, per_kind: int, seed: int = 0):
     counts = dict(sources.get("counts", {}))
     counts.update({"harmful": len(data.harmful) + len(mm_h), "benign": len(data.benign) + len(mm_b)})
     sources["counts"] = counts
-    return dataclasses.replace(data, harmful=list(data.harmful) + mm_h, benign=list(data.benign) + mm_b, sources=sources)
+    extra = {}
+    if getattr(data, "benign_groups", None) is not None:  # one calibration group per benign prompt, kept aligned
+        extra["benign_groups"] = list(data.benign_groups) + ["cross_modal"] * len(mm_b)
+    return dataclasses.replace(data, harmful=list(data.harmful) + mm_h, benign=list(data.benign) + mm_b, sources=sources,
+                               **extra)

@@ -308,7 +308,8 @@ SEED_VARIANTS = (("default (layer 20, 20% FPR, 64 units)", {}),
 
 
 def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
-    """The default gate (fit data, layer rule, threshold rule of ``FitConfig()``) and a few probe
+    """The pre-issue-17 default gate (``FitConfig.preset("high-recall")``: fit data, layer rule, validation-FPR
+    threshold) and a few probe
     settings, fitted with ``--split-seeds`` different seeds (train/validation split, probe
     initialisation, minibatch order; the fit data stays that of ``--seed``): how much does the
     operating point move with the seed alone?"""
@@ -324,7 +325,7 @@ def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
     rows = []
     for name, over in SEED_VARIANTS:
         for seed in range(args.split_seeds):
-            cfg = replace(FitConfig(), seed=seed, progress=False, jailbreak_fit=args.jailbreak_fit, **over)
+            cfg = replace(FitConfig.preset("high-recall"), seed=seed, progress=False, jailbreak_fit=args.jailbreak_fit, **over)
             g = fit_gate(X, y, cfg, pairs, no_sweep)
             row = {"probe": name, "seed": seed, "layer": g.layer, "tau": round(float(g.tau), 4)}
             for k, _, _ in DEV_COLUMNS:
@@ -335,8 +336,9 @@ def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
     out = _write_csv(args.out, rows)
     cols = [c for c in DEV_COLUMNS if not c[0].endswith("_64")]
     md = ["# Gate study over split seeds: how much does the operating point move with the seed alone?", "",
-          f"The default gate of `FitConfig()` (fit data of seed {args.seed} with {args.jailbreak_fit} wrapped prompts per "
-          f"class, layer `{FitConfig().layer_rule}`, threshold at {FitConfig().target_fpr:.0%} validation FPR) and other gate "
+          f"The pre-issue-17 default gate (`FitConfig.preset('high-recall')`: fit data of seed {args.seed} with "
+          f"{args.jailbreak_fit} wrapped prompts per class, layer `{FitConfig.preset('high-recall').layer_rule}`, threshold "
+          f"at {FitConfig.preset('high-recall').target_fpr:.0%} validation FPR) and other gate "
           "settings (probe size, layer, threshold rule), each fitted with "
           f"seeds 0-{args.split_seeds - 1} (the seed draws the train/validation split, the probe's initialisation and its "
           "minibatch order). Gate-fire rates (%) on the dev sets: mean [min, max] over the seeds; `seeds meeting` counts, per "

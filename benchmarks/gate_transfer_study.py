@@ -10,13 +10,15 @@ Two stages, one command:
    the last prompt token. With SmolLM2's chat template offset 0 is the assistant header's last token
    (what the runtime reads), 5 is ``<|im_end|>`` and 6 the last token of the user's own text.
    Cached in ``--cache``; a rerun reads them back and extracts only prompts it lacks.
-2. **Probes.** For each variant (fit data x layer x position/pooling x probe size) a probe is
-   trained on 75% of its fit rows, tau is set on the other 25% by a false-positive budget (pooled
-   benign validation FPR <= ``--budget`` and every benign genre's <= 2 x budget), and the dev sets
-   are scored: benign genres, external benign traffic nobody here wrote, contrast pairs, direct
-   harmful requests, jailbreak-wrapped requests in DEV template families, and requests rephrased
-   in DEV rephrasing families. Dev numbers are only read, never used to set anything inside a
-   variant; the choice between variants is the study's output.
+2. **Probes.** For each variant (fit data x layer x position x probe size) the fit's own gate rule
+   runs: out-of-fold scores of every fit row (4 folds; a prompt and its wrapped or rephrased variants
+   share a fold) set the operating points by the false-positive budget of ``FitConfig``
+   (:func:`autosteer.method.fit.operating_points`), then the probe is trained on every fit row and
+   the dev sets are scored: benign genres, external benign traffic nobody here wrote, contrast
+   pairs, direct harmful requests, jailbreak-wrapped requests in DEV template families, and
+   requests rephrased in DEV rephrasing families. Nothing inside a variant is set on dev; the
+   choice between variants (layer, position, budget, data) is made on these dev readouts, so the
+   chosen variant's dev numbers carry that selection.
 
     OMP_NUM_THREADS=2 python benchmarks/gate_transfer_study.py --out docs/results/gate_transfer_study.md
 """
@@ -85,7 +87,8 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
     train = lambda rows: train_probe(X[rows], y[rows], hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
                                      cfg.probe_weight_decay, seed)
-    oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, seed)
+    keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold
+    oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, seed, keys)
     points = operating_points(oof, y, groups, cfg)
     probe = train(torch.arange(len(y)))
     scored = {s["name"]: probe.score(features(S[[index[t] for t in s["texts"]]], offsets, lp, feature)) for s in sets}

@@ -168,7 +168,8 @@ def main() -> int:
               "The gate fires when p(unsafe) > tau. Benign genres and contrast pairs: the DEV halves "
               "of `autosteer/fit_prompts/genres/` (`autosteer.data.genre_splits('dev')`, `contrast_pair_splits('dev')`), "
               f"written for issue 17 and never fitted on. Rephrased sets: `autosteer.rephrasing`, {args.n} requests per family, "
-              "one template per request (stable hash); dev families are never fitted on. Early-stopped states checked against "
+              "one template per request (stable hash); dev families are never fitted on (the default fit includes the fit "
+              "families since issue 17, and some fit-family rows are fit data: those rows are not a transfer measure). Early-stopped states checked against "
               f"`autosteer.evaluate.probe_scores` on a sample: max |dp| {diff:.1e}."]
     md = markdown(rows, tau, header) + "\n" + "\n".join(summary(rows)) + "\n"
     print(md)

@@ -1,7 +1,7 @@
 """Does adding benign breadth and rephrased harm to the probe's fit data meet issue 17's targets?
 
 At the shipped pack's layer, the gate probe is refitted through ``autosteer.method.fit.fit_gate`` (the
-code ``autosteer fit`` runs; probe settings of ``FitConfig()``, layer fixed to the pack's) on four fit
+code ``autosteer fit`` runs; probe settings and validation-FPR threshold of ``FitConfig.preset("high-recall")`` (the pre-issue-17 default), layer fixed to the pack's) on four fit
 sets, and its threshold is calibrated on the fit validation split only, at several false-positive
 budgets:
 
@@ -153,7 +153,7 @@ def main() -> int:
         X = torch.stack([bank[t] for t in H + B])[:, None, :]
         y = torch.cat([torch.ones(len(H)), torch.zeros(len(B))])
         for seed in range(args.seeds):
-            cfg = replace(FitConfig(), seed=seed, progress=False, layer_rule="0")
+            cfg = replace(FitConfig.preset("high-recall"), seed=seed, progress=False, layer_rule="0")
             g = fit_gate(X, y, cfg, None, [float("nan")])
             scores = {k: g.probe.score(v) for k, v in dev_x.items()}
             for th_name, fpr in THRESHOLDS:
@@ -185,7 +185,7 @@ def main() -> int:
     md = ["# Gate study (issue 17): benign breadth and rephrased harm in the probe's fit data", "",
           f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); states of {G.CACHE_COUNTS['extracted']} prompts "
           f"extracted, {G.CACHE_COUNTS['cached']} read from the cache runs/genre_gate/ of earlier runs).", "",
-          f"Probe refitted at the shipped pack's layer {layer} with `FitConfig()`'s probe settings through `fit_gate`; threshold "
+          f"Probe refitted at the shipped pack's layer {layer} with `FitConfig.preset('high-recall')`'s probe settings through `fit_gate`; threshold "
           "calibrated on the fit validation split's benign prompts (which include the added benign prompts) at each "
           "false-positive budget. Gate-fire rates (%) on DEV data only (genre and contrast dev halves, StrongREJECT, "
           "requests rephrased in the dev families past tense / hypothetical / indirect, dev genres rephrased in those "

@@ -32,11 +32,12 @@ def test_paper_preset_is_the_papers_configuration():
     # chosen on transfer (docs/results/gate_transfer_study.md)
     assert (d.target_fpr, d.genre_fpr, d.contrast_fpr, d.jailbreak_fit) == (0.05, 0.10, 0.10, 800)
     low = FitConfig.preset("low-fp")
-    assert (low.layer_rule, low.target_fpr, low.tau_rule, low.fit_data) == ("depth:0.6", 0.15, "fpr", "default")
+    assert (low.layer_rule, low.target_fpr, low.tau_rule, low.fit_data, low.jailbreak_fit) == \
+        ("depth:0.6", 0.15, "fpr", "default", 400)
     assert low.preset_name == "low-fp"
     high = FitConfig.preset("high-recall")  # the default before issue 17
     assert (high.layer_rule, high.target_fpr, high.tau_rule, high.fit_data, high.jailbreak_fit) == \
-        ("depth:0.69", 0.20, "fpr", "default", 800)
+        ("depth:0.69", 0.20, "fpr", "default", 400)
     assert FitConfig.preset("default") == FitConfig(preset_name="default")
 
 

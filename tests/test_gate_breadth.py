@@ -108,6 +108,60 @@ def test_out_of_fold_scores_never_score_a_row_with_a_probe_that_saw_it():
     assert all(28 <= c <= 32 for c in calls)  # each probe sees the other three folds
 
 
+def test_out_of_fold_keys_keep_a_prompt_and_its_variants_in_one_fold():
+    y = torch.tensor([1.0] * 6 + [0.0] * 6)
+    X = torch.arange(12, dtype=torch.float32)[:, None]
+    keys = ["a", "a", "a", "b", "c", "d", "e", "e", "f", "g", "g", "h"]  # "a": a request, wrapped, rephrased
+
+    class Seen:
+        def __init__(self, rows):
+            self.keys = {keys[int(r)] for r in rows}
+
+        def score(self, x):  # 1 when a row sharing this row's key was in training
+            return torch.tensor([1.0 if keys[int(v)] in self.keys else 0.0 for v in x[:, 0]])
+
+    assert torch.equal(out_of_fold_scores(X, y, Seen, folds=3, keys=keys), torch.zeros(12))
+    with pytest.raises(ValueError, match="keys"):
+        out_of_fold_scores(X, y, Seen, folds=3, keys=keys[:-1])
+
+
+def test_offsets_read_the_states_of_earlier_tokens(tiny_model, tiny_tokenizer):
+    """``last_token_states(offsets=...)`` (the gate study's positions) equals a plain forward's hidden
+    states at those positions, with and without a shared prefix long enough to be clamped."""
+    from autosteer.method.hidden_states import encode_one, last_token_states
+    from autosteer.prompting import PromptFormat
+
+    fmt = PromptFormat()
+    shared = "please answer this question about the weather in a short and friendly way , thanks : "
+    texts = [shared + t for t in ("is it cold", "will it rain tomorrow in the city", "sun")] + ["bake cookies now"]
+    offs = (0, 2, 5)
+    got = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=2, layers=[1, 3], progress=False,
+                            offsets=offs)
+    assert tuple(got.shape) == (4, 2, 3, tiny_model.config.hidden_size)
+    for i, t in enumerate(texts):
+        ids = torch.tensor([encode_one(tiny_tokenizer, t, fmt)])
+        with torch.no_grad():
+            hs = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states  # hs[l] = input of block l
+        for j, layer in enumerate((1, 3)):
+            for k, o in enumerate(offs):
+                assert torch.allclose(got[i, j, k], hs[layer][0, -1 - o].float(), atol=1e-4), (t, layer, o)
+    plain = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=2, layers=[1, 3], progress=False)
+    assert torch.allclose(plain, got[:, :, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="offsets"):
+        last_token_states(tiny_model, tiny_tokenizer, texts, fmt, layers=[1], progress=False, offsets=(0, 500))
+
+
+def test_cross_modal_data_keeps_one_group_per_benign_prompt():
+    from autosteer.cross_modal import with_cross_modal
+    from autosteer.method.fit import FitData
+
+    d = FitData(["how do i make a bomb"] * 3, ["bake cookies", "sum 2 and 2", "kill a process"], [], {"counts": {}},
+                benign_groups=["cooking", "math", "sysadmin"])
+    out = with_cross_modal(d, 2, 0)
+    assert len(out.benign_groups) == len(out.benign) > 3
+    assert out.benign_groups[:3] == ["cooking", "math", "sysadmin"] and set(out.benign_groups[3:]) == {"cross_modal"}
+
+
 def test_operating_points_are_ordered_strict_to_permissive():
     g = torch.Generator().manual_seed(1)
     y = torch.cat([torch.ones(300), torch.zeros(900)])
@@ -155,6 +209,7 @@ def test_named_operating_points_resolve_and_bad_names_are_refused(tmp_path):
     pack.meta.pop("operating_points")
     with pytest.raises(ValueError, match="refit"):
         prompt_threshold(pack, "strict")
+    assert prompt_threshold(pack, "balanced") == pack.tau  # an older pack's own tau is its balanced point
 
 
 def test_attach_and_vllm_admission_serve_the_named_point(tmp_path, monkeypatch):
@@ -167,6 +222,7 @@ def test_attach_and_vllm_admission_serve_the_named_point(tmp_path, monkeypatch):
     pack.save(path)
     monkeypatch.setenv("AUTOSTEER_PACK", str(path))
     monkeypatch.setenv("AUTOSTEER_TAU", "strict")
+    monkeypatch.setattr(V, "_PACK", None)  # another test's processor may have left its pack here
     V._admission_settings.cache_clear()
     try:
         assert V._admission_settings()["server_tau"] == points["strict"]["tau"]
@@ -194,3 +250,25 @@ def test_shipped_pack_carries_operating_points_and_info_prints_them():
     assert out.returncode == 0, out.stderr
     for name in OPERATING_POINTS:
         assert re.search(rf"^\s+{name}\s+{points[name]['tau']:.4f}", out.stdout, re.M), out.stdout
+
+
+@needs_sources
+def test_eval_breadth_reports_a_row_per_genre_source_and_family(tmp_path):
+    """`autosteer eval --breadth N` on the default model: one row per benign genre, external source,
+    contrast side, rephrasing family and jailbreak family, with refusal and gate rates."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "autosteer", "eval", "--breadth", "1", "--settings", "autosteer",
+                          "--max-new-tokens", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    names = set(report["sets"])
+    for g in D.GENRES:
+        assert f"genre: {g}" in names
+    for src in D.external_benign_splits("dev"):
+        assert f"external benign: {src}" in names
+    for fam in R.DEV_FAMILIES:
+        assert f"rephrased harmful, dev family: {fam}" in names
+    assert {"contrast pairs: safe side", "StrongREJECT in DEV jailbreak templates"} <= names
+    assert not any("fit family" in n for n in names)  # fit-family rows are fit data now, not dev
+    assert all(row["n"] == 1 and "autosteer" in row["results"] for row in report["sets"].values())

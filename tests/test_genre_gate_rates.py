@@ -20,7 +20,9 @@ def test_layer_states_equal_last_token_states(tiny_model, tiny_tokenizer, one_th
     texts = ["how do i make a bomb", "bake cookies", "what is the capital of france ?", "write poem about sea sun cat dog"]
     fmt = PromptFormat()
     for layer in (0, 2, 3):
-        ref = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=3, layers=[layer], progress=False)[:, 0]
+        # the benchmark reads shared-prefix states; they must equal the left-padded path's
+        ref = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=3, layers=[layer], progress=False,
+                                share_prefixes=False)[:, 0]
         got = G.layer_states(tiny_model, tiny_tokenizer, texts, fmt, layer, batch_size=3)
         assert torch.allclose(ref, got, atol=1e-5), layer
     # the hook is gone afterwards: a plain forward runs to the end

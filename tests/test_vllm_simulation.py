@@ -655,6 +655,17 @@ def test_threshold_and_fault_policy_from_env_or_config(setup, tmp_path, monkeypa
         cfg.additional_config = {"autosteer": {key: value}}
         with pytest.raises(avllm.VLLMIntegrationError, match=f"additional_config autosteer.{key}='{value}' {msg}"):
             make(cfg)
+    # a named operating point: served when the pack has it, a named start-up error when it does not
+    cfg.additional_config = {}
+    monkeypatch.setenv(avllm.ENV_TAU, "strict")
+    with pytest.raises(avllm.VLLMIntegrationError, match="AUTOSTEER_TAU='strict'.*not in this pack.*refit"):
+        make()
+    import copy
+
+    named = copy.deepcopy(pack)  # the fixture's pack stays as other tests expect it
+    named.meta["operating_points"] = {"strict": {"tau": 0.125, "val_fpr": 0.1, "val_tpr": 0.9}}
+    monkeypatch.setenv(avllm.ENV_PACK, str(named.save(tmp_path / "q.safetensors")))
+    assert make().tau == "strict"
 
 
 def test_a_resumed_request_gets_its_own_state_not_a_siblings(setup, tmp_path, monkeypatch):

@@ -991,6 +991,13 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.pack = load_pack(pack_path)
+        if isinstance(self.tau, str):  # a named operating point: the pack must have it (a named error at start-up)
+            from ..method.pack import operating_point_tau
+
+            try:
+                operating_point_tau(self.pack, self.tau)
+            except ValueError as exc:
+                raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
         self.pack_path = str(pack_path)
         _PACK = self.pack
         _COMPILED = _VLLM.compiled(vllm_config)

@@ -1,17 +1,18 @@
 """``autosteer fit``: hidden states -> SAS and probe AUROC per layer -> layer -> probe -> Refusal Head -> pack.
 
-Data comes from :func:`autosteer.data.default_splits` (fit splits only; dev data is never
-touched here) or from the user's own labelled files. The layer comes from ``layer_rule`` (default
-``depth:0.69``, chosen in the gate studies, docs/method.md 7d; ``"auroc"``: validation AUROC; ``"sas"``: the paper's rule --
-the whole SAS and AUROC curves are recorded either way); a stratified validation split of the fit
-data calibrates the threshold to a target false-positive rate on benign validation prompts. With
-``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's responses (by
-default those it writes once its answer is begun with a compliance prefix) and its threshold
-``tau_monitor`` calibrated on its own responses, for monitor mode (:func:`fit_monitor`).
+Data comes from :func:`autosteer.data.default_splits` and, with the default ``fit_data="broad"``,
+issue 17's genres, contrast pairs, external benign sources and rephrasings (fit splits only; dev
+data is never touched here), or from the user's own labelled files. The layer comes from
+``layer_rule`` (default ``depth:0.55``, chosen on transfer, docs/method.md 7h; ``"auroc"``:
+validation AUROC; ``"sas"``: the paper's rule -- the whole SAS and AUROC curves are recorded either
+way). The threshold (default ``tau_rule="budget"``) is the smallest one under a false-positive
+budget on out-of-fold scores of every benign fit prompt, pooled and per genre; the pack also gets
+the operating points ``strict`` / ``balanced`` / ``permissive``. With ``monitor_prompts > 0`` a
+second probe, the monitor probe, is fitted on the model's responses (by default those it writes once
+its answer is begun with a compliance prefix) and its threshold ``tau_monitor`` calibrated on its own
+responses, for monitor mode (:func:`fit_monitor`).
 """
 from __future__ import annotations
-
-from typing import Mapping
 
 import contextlib
 import logging
@@ -19,6 +20,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -62,11 +64,12 @@ PRESETS: dict[str, dict] = {
     # the previous default (layer 17 of SmolLM2's 30, 15% validation FPR): fewer false positives on
     # long benign prompts (WritingBench 8.3% vs 11.7%), less detection and more over-refusal on the
     # sensitive-but-benign set (docs/method.md 7d)
-    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15, "tau_rule": "fpr", "fit_data": "default"},
+    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15, "tau_rule": "fpr", "fit_data": "default", "jailbreak_fit": 400},
     # the default before issue 17: the shipped fit sources without the genres, rephrasings and external
     # benign traffic, tau at 20% validation FPR -- more harmful requests caught, and a benign prompt of
     # some genres in three steered (docs/results/gate_transfer_study.md)
-    "high-recall": {"layer_rule": "depth:0.69", "target_fpr": 0.20, "tau_rule": "fpr", "fit_data": "default"},
+    "high-recall": {"layer_rule": "depth:0.69", "target_fpr": 0.20, "tau_rule": "fpr", "fit_data": "default",
+                    "jailbreak_fit": 400},
 }
 
 
@@ -194,8 +197,8 @@ class FitConfig:
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
     fit_data: str = "broad"
-    # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800: more template
-    # variety moved dev-family wrapped detection 47% -> 56% at the balanced point, docs/results/gate_transfer_study.md)
+    # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800 rather than 400:
+    # about equal dev recall, fewer benign fires at the strict point: docs/results/gate_transfer_study.md)
     jailbreak_fit: int = 800
     cross_modal_per_kind: int = 60  # multimodal models only: typographic / text+image / split prompts per kind and class
     # monitor mode: a second probe (same size as the gate's) learns the states of the model's
@@ -294,6 +297,9 @@ class FitData:
     head_prompts: list[str] | None = None  # harmful prompts for the Refusal Head (default: ``harmful``)
     # the genre of each benign prompt (benign_groups), for a per-genre false-positive budget; None: one group
     benign_groups: list[str] | None = None
+    # a derived prompt -> the prompt it was made from (a jailbreak-wrapped or rephrased fit prompt -> the
+    # plain one): out-of-fold scoring keeps a prompt and its variants in one fold
+    derived_from: dict[str, str] | None = None
 
 
 #: how many fit requests per class are rephrased in the fit families (broad fit data)
@@ -343,10 +349,12 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     sources["style"] = style
     counts = {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": len(pairs)}
     head = list(harmful)
+    derived: dict[str, str] = {}
     if jailbreak_fit:
         jh, jb = data.jailbreak_fit_prompts(jailbreak_fit, seed, splits=chosen)
         harmful = harmful + [p.text for p in jh]
         benign = benign + [p.text for p in jb]
+        derived.update({p.text: p.meta["inner"] for p in jh + jb})
         rng.shuffle(harmful)
         rng.shuffle(benign)
         counts.update({"harmful": len(harmful), "benign": len(benign), "jailbreak_wrapped_per_class": jailbreak_fit})
@@ -364,9 +372,10 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         rng.shuffle(benign)
         counts.update({"harmful": len(harmful), "benign": len(benign), **bsrc.pop("counts")})
         extra_groups = dict.fromkeys(bsrc.pop("rephrased_benign"), "rephrased")
+        derived.update(bsrc.pop("derived_from"))
         sources["broad"] = bsrc
     sources["counts"] = counts
-    return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups))
+    return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
 
 
 def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[list[str], list[str], dict]:
@@ -390,8 +399,13 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[
     external = [p.text for ps in data.external_benign_splits("fit").values() for p in ps]
     rng = random.Random(f"rephrased-fit-{seed}")
 
+    made_from: dict[str, str] = {}
+
     def rephrased(texts: list[str]) -> list[str]:
-        got = sorted({t for _, t in R.rephrasings(sorted(set(texts)), "fit", per_request=1)})
+        for request in sorted(set(texts)):
+            for _, t in R.rephrasings([request], "fit", per_request=1):
+                made_from.setdefault(t, request)
+        got = sorted(t for t in made_from if made_from[t] in set(texts))
         return rng.sample(got, min(n_rephrased, len(got)))
 
     benign_pool = genres + [p.text for p in splits["fit_benign"] if p.source == "autosteer_sensitive_benign" or len(p.text) < 300]
@@ -404,7 +418,7 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[
            "external_benign": {k: len(v) for k, v in data.external_benign_splits("fit").items()},
            "rephrased": {"families": list(R.FIT_FAMILIES), "harmful": len(reph_h), "benign": len(reph_b)},
            "counts": {"broad_harmful": len(harmful), "broad_benign": len(benign)},
-           "rephrased_benign": reph_b}
+           "rephrased_benign": reph_b, "derived_from": {t: made_from[t] for t in reph_h + reph_b}}
     return harmful, benign, src
 
 
@@ -557,7 +571,8 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
 
 def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, y: torch.Tensor, cfg: FitConfig,
                      pair_states: tuple[torch.Tensor, torch.Tensor] | None = None, val_auroc: list[float] | None = None,
-                     sweep_layers: list[int] | None = None, groups: list[str] | None = None) -> GateFit:
+                     sweep_layers: list[int] | None = None, groups: list[str] | None = None,
+                     fold_keys: list[str] | None = None) -> GateFit:
     """:func:`fit_gate` when only some rows are kept at every layer.
 
     ``full``: ``[m, L, H]`` states of the rows ``full_rows`` (indices into ``y``), which must hold
@@ -566,8 +581,8 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
     pairs, the validation-AUROC sweep from the ``full_rows`` of each split; the probe is trained on
     every training row at the chosen layer and the threshold calibrated on every validation row.
     With ``tau_rule="budget"`` the thresholds come from out-of-fold scores of every row instead
-    (``groups``: the benign genre of each row, see :func:`benign_groups`) and the probe is trained
-    on every row.
+    (``groups``: the benign genre of each row, see :func:`benign_groups`; ``fold_keys``: rows sharing
+    a key share a fold) and the probe is trained on every row.
     """
     n_pairs = len(pair_states[0]) if pair_states is not None else 0
     plan = gate_plan(y, n_pairs, cfg)
@@ -599,7 +614,7 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
         # every row scored by a probe that never saw it (out-of-fold), so the budget is set on all the
         # benign fit prompts, ~4x the validation split (a genre has ~40 instead of ~10); the served
         # probe is trained on every row
-        scores = out_of_fold_scores(XL, y, train, cfg.calibration_folds, cfg.seed)
+        scores = out_of_fold_scores(XL, y, train, cfg.calibration_folds, cfg.seed, fold_keys)
         groups = list(groups) if groups is not None else ["harmful" if v else "other" for v in y.tolist()]
         points = operating_points(scores, y, groups, cfg)
         probe = train(torch.arange(len(y)))
@@ -614,15 +629,24 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
                    train_idx, val_idx)
 
 
-def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, train, folds: int, seed: int = 0) -> torch.Tensor:
+def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, train, folds: int, seed: int = 0,
+                       keys: list[str] | None = None) -> torch.Tensor:
     """``[n]`` probe scores, each from a probe trained (``train(rows)``) on the other ``folds - 1``
-    stratified folds."""
+    folds, stratified by class. ``keys``: rows sharing a key (a prompt and its wrapped or rephrased
+    variants, :attr:`FitData.derived_from`) go to one fold, so no row is scored by a probe that saw
+    its twin."""
     g = torch.Generator().manual_seed(seed + 1)
+    keys = [str(i) for i in range(len(y))] if keys is None else [str(k) for k in keys]
+    if len(keys) != len(y):
+        raise ValueError(f"out_of_fold_scores: {len(keys)} keys for {len(y)} rows")
     fold = torch.empty(len(y), dtype=torch.long)
     for c in (0, 1):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        fold[idx] = torch.arange(len(idx)) % folds
+        rows = (y == c).nonzero().flatten().tolist()
+        uniq = sorted({keys[r] for r in rows})
+        order = torch.randperm(len(uniq), generator=g).tolist()
+        of = {uniq[j]: k % folds for k, j in enumerate(order)}
+        for r in rows:
+            fold[r] = of[keys[r]]
     out = torch.empty(len(y))
     for k in range(folds):
         held = fold == k
@@ -794,12 +818,12 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = data or default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
-    if data.benign_groups is not None and len(data.benign_groups) != len(data.benign):
-        raise ValueError(f"FitData.benign_groups has {len(data.benign_groups)} entries for {len(data.benign)} benign prompts")
     if is_multimodal(model) and cfg.cross_modal_per_kind > 0 and "cross_modal" not in data.sources:
         from ..cross_modal import with_cross_modal  # images rendered from the fit texts (never dev/reserved)
 
         data = with_cross_modal(data, cfg.cross_modal_per_kind, cfg.seed)
+    if data.benign_groups is not None and len(data.benign_groups) != len(data.benign):
+        raise ValueError(f"FitData.benign_groups has {len(data.benign_groups)} entries for {len(data.benign)} benign prompts")
     if len(data.harmful) < 4 or len(data.benign) < 4:
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
     n_layers = num_layers(model)
@@ -849,7 +873,10 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
     groups = ["harmful"] * len(data.harmful) + list(data.benign_groups or ["other"] * len(data.benign))
-    gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states, groups=groups)
+    # a prompt and its wrapped / rephrased variants share a fold; an image prompt is its own group
+    fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str) else f"\x00row {i}"
+                 for i, t in enumerate(rows_text)]
+    gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states, groups=groups, fold_keys=fold_keys)
     layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_states = seconds["states_all_layers"] + seconds.get("states_gate_layer", 0.0)

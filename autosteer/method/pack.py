@@ -226,6 +226,8 @@ def operating_point_tau(pack: "SteerPack", name: str) -> float:
     operating points raises ValueError naming what the pack has."""
     points = pack.meta.get("operating_points") or {}
     key = str(name).strip().lower()
+    if key == "balanced" and not points:  # a pack from before operating points: its own tau is its balanced point
+        return _threshold("tau", pack.tau)
     if key not in points:
         have = ", ".join(sorted(points)) if points else "none (it was fitted before operating points existed: refit it)"
         raise ValueError(f"operating point {name!r} is not in this pack; it has: {have}")

@@ -48,7 +48,8 @@ class AutoSteerHandle:
 
     ``mode``: ``"prefill"`` (decide once per generation, the paper) or ``"monitor"``
     (re-probe every generated token, latch on the first trigger). ``tau`` overrides the pack's
-    threshold (``pack.meta["tau_paper"]`` is the paper's 0.5); ``tau_monitor`` the pack's threshold
+    threshold: a number (``pack.meta["tau_paper"]`` is the paper's 0.5) or one of the pack's operating
+    points, ``"strict"``, ``"balanced"``, ``"permissive"``; ``tau_monitor`` the pack's threshold
     for generated tokens in monitor mode (a prefill-only pack falls back to ``tau``, with a warning);
     ``monitor_window`` how many generated tokens monitor mode probes (default: the number the pack's
     ``tau_monitor`` was calibrated on, so its false-latch rate holds for any response length; 0: all).
@@ -60,7 +61,7 @@ class AutoSteerHandle:
     and the step's logits are left as the model produced them (fail open: availability first).
     """
 
-    def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | None = None,
+    def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | str | None = None,
                  fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None,
                  monitor_window: int | None = None):
         if mode not in MODES:
@@ -243,7 +244,7 @@ def _check_generation_mode(model, generate_kwargs: dict):
     return gc
 
 
-def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | None = None,
+def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | str | None = None,
            fail_closed: bool = True, tau_monitor: float | None = None,
            monitor_window: int | None = None) -> AutoSteerHandle:
     """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
