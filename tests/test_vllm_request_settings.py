@@ -37,6 +37,10 @@ def test_requests_without_settings_or_restating_the_defaults_change_nothing():
         monitor=True, tau=0.1)
     assert parse({"autosteer": "off"}, **{**SERVER, "allow_off": True}) == common.RequestSettings(off=True)
     assert parse({"autosteer": False, "autosteer_tau": 0.1}, **{**SERVER, "allow_off": True}).off
+    # an operating point of the pack by name, held to the same rule (never looser than the server)
+    points = {"strict": 0.2, "balanced": 0.5, "permissive": 0.9}
+    assert parse({"autosteer_tau": "Strict"}, **SERVER, operating_points=points) == common.RequestSettings(tau=0.2)
+    assert parse({"autosteer_tau": "balanced"}, **SERVER, operating_points=points) is None  # the server's own
 
 
 @pytest.mark.parametrize("args,server,named", [
@@ -58,6 +62,17 @@ def test_requests_without_settings_or_restating_the_defaults_change_nothing():
 def test_refusals_name_the_key(args, server, named):
     with pytest.raises(ValueError) as e:
         common.parse_request_settings(args, source="vllm_xargs", **{**SERVER, **server})
+    assert named in str(e.value) and str(e.value).startswith("vllm_xargs ")
+
+
+@pytest.mark.parametrize("value,points,named", [
+    ("permissive", {"strict": 0.2, "balanced": 0.5, "permissive": 0.9}, "autosteer_tau='permissive' is above this server"),
+    ("strict", {"balanced": 0.5}, "autosteer_tau='strict': this server's pack has no such operating point (it has: balanced)"),
+    ("strict", None, "no such operating point (it has: none)"),
+])
+def test_named_points_per_request_never_loosen_and_must_exist(value, points, named):
+    with pytest.raises(ValueError) as e:
+        common.parse_request_settings({"autosteer_tau": value}, source="vllm_xargs", **SERVER, operating_points=points)
     assert named in str(e.value) and str(e.value).startswith("vllm_xargs ")
 
 

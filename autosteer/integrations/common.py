@@ -173,14 +173,17 @@ class RequestSettings:
 
 
 def parse_request_settings(args, *, server_tau: float, server_mode: str, monitor_calibrated: bool,
-                           allow_off: bool, source: str = "") -> RequestSettings | None:
+                           allow_off: bool, source: str = "",
+                           operating_points: dict | None = None) -> RequestSettings | None:
     """A request's AutoSteer keys (``args``: vLLM's ``SamplingParams.extra_args``, i.e. the OpenAI API's
     ``vllm_xargs``; other keys are ignored) checked against the server's settings. Returns None when the
     request leaves everything at the server's defaults (also when it restates them), else the
     :class:`RequestSettings`. Raises ValueError naming the key for: an unknown ``autosteer*`` key, a bad
     value, ``autosteer_tau`` outside ``(0, server tau]``, ``autosteer_mode=prefill`` on a monitor-mode
     server (looser), ``autosteer_mode=monitor`` with a pack that has no monitor calibration, and
-    ``autosteer=off`` unless the server allows it (``allow_off``: ``AUTOSTEER_ALLOW_CLIENT_OFF``)."""
+    ``autosteer=off`` unless the server allows it (``allow_off``: ``AUTOSTEER_ALLOW_CLIENT_OFF``).
+    ``autosteer_tau`` may also name one of the pack's operating points (``operating_points``: name ->
+    threshold), e.g. ``"strict"``; it is held to the same rule (at or below the server's threshold)."""
     if not args:
         return None
     keys = [k for k in args if isinstance(k, str) and k.lower().startswith("autosteer")]
@@ -217,13 +220,18 @@ def parse_request_settings(args, *, server_tau: float, server_mode: str, monitor
             monitor = True
     if "autosteer_tau" in args:
         v = args["autosteer_tau"]
+        named = v.strip().lower() if isinstance(v, str) and v.strip().lower() in OPERATING_POINTS else None
+        if named is not None and named not in (operating_points or {}):
+            have = ", ".join(sorted(operating_points or {})) or "none"
+            raise ValueError(f"{where}autosteer_tau={v!r}: this server's pack has no such operating point (it has: "
+                             f"{have})")
         try:
             if isinstance(v, bool):
                 raise TypeError
-            t = float(v.strip() if isinstance(v, str) else v)
+            t = float(operating_points[named]) if named is not None else float(v.strip() if isinstance(v, str) else v)
         except (TypeError, ValueError):
             raise ValueError(f"{where}autosteer_tau={v!r}: not a number (a probability threshold in "
-                             f"(0, {server_tau:.6g}])") from None
+                             f"(0, {server_tau:.6g}]) nor an operating point of the pack") from None
         if not (0.0 < t <= 1.0):  # (NaN fails too)
             raise ValueError(f"{where}autosteer_tau={v!r}: not a probability threshold in (0, {server_tau:.6g}]")
         if t > server_tau:

@@ -287,7 +287,7 @@ def _admission_settings() -> dict | None:
     (:meth:`AutoSteerVLLMLogitsProcessor.validate_params`, which vLLM calls in the API server's process, where
     no processor exists): read once, from the environment (``AUTOSTEER_PACK``, ``AUTOSTEER_MODE``,
     ``AUTOSTEER_TAU``, ``AUTOSTEER_ALLOW_CLIENT_OFF``). None: no pack, AutoSteer is off on this server."""
-    from ..method.pack import load_pack, prompt_threshold
+    from ..method.pack import load_pack, operating_point_taus, prompt_threshold
 
     path = os.environ.get(ENV_PACK)
     if not path:
@@ -296,6 +296,7 @@ def _admission_settings() -> dict | None:
     pack = _PACK if _PACK is not None else load_pack(path)
     return dict(server_tau=prompt_threshold(pack, parse_threshold(os.environ.get(ENV_TAU), ENV_TAU)),
                 server_mode=mode, monitor_calibrated=pack.tau_monitor is not None,
+                operating_points=operating_point_taus(pack),
                 allow_off=parse_flag(os.environ.get(ENV_ALLOW_CLIENT_OFF), ENV_ALLOW_CLIENT_OFF, False))
 
 
@@ -1082,13 +1083,14 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         args = getattr(params, "extra_args", None)
         if not _asks_autosteer(args):
             return None
-        from ..method.pack import prompt_threshold
+        from ..method.pack import operating_point_taus, prompt_threshold
 
         tau = self.store.w.tau if self.store is not None else prompt_threshold(self.pack, self.tau)
         try:
             cfg = parse_request_settings(args, server_tau=tau, server_mode=self.mode,
                                          monitor_calibrated=self.pack.tau_monitor is not None,
-                                         allow_off=self.allow_client_off, source="vllm_xargs")
+                                         allow_off=self.allow_client_off, source="vllm_xargs",
+                                         operating_points=operating_point_taus(self.pack))
         except ValueError as exc:
             # (the message, not the exception: its traceback would keep the request's SamplingParams alive)
             log.warning("autosteer: request %s served with the server's settings: %s", key, str(exc))

@@ -234,6 +234,12 @@ def operating_point_tau(pack: "SteerPack", name: str) -> float:
     return _threshold(f"operating point {key!r}", points[key]["tau"])
 
 
+def operating_point_taus(pack: "SteerPack") -> dict[str, float]:
+    """``{name: tau}`` of the pack's operating points (an older pack: ``{"balanced": its tau}``)."""
+    points = pack.meta.get("operating_points") or {}
+    return {k: float(v["tau"]) for k, v in points.items()} if points else {"balanced": float(pack.tau)}
+
+
 def prompt_threshold(pack: "SteerPack", override: float | str | None = None) -> float:
     """The prefill gate's threshold: ``override`` if given (a number, or the name of one of the
     pack's operating points: ``strict``, ``balanced``, ``permissive``), else the pack's ``tau``. A
