@@ -17,7 +17,9 @@ cannot steer stop the start-up with a named error. Per-request settings (``vllm_
 naming the key where the server does not allow them (the compiled server keeps the defaults: clients may not turn
 AutoSteer off; the eager steered server allows it with ``AUTOSTEER_ALLOW_CLIENT_OFF=1``, which changes nothing
 for requests without the key), a stricter ``autosteer_tau`` steers a borderline benign prompt, ``autosteer=off``
-answers exactly as the plain server, also in a concurrent burst with preemption.
+answers exactly as the plain server, also in a concurrent burst with preemption. Operating points by name
+(``AUTOSTEER_TAU=strict``, ``vllm_xargs`` ``autosteer_tau: "strict"``): served where the pack has the point, a
+named start-up error or HTTP 400 where it does not.
 
 Prompts here are written for this test; none is in the data the test pack was fitted on.
 """
@@ -435,6 +437,41 @@ def test_unsupported_configurations_stop_the_start_up(tmp_path, flags, expect):
     assert rc != 0 and "VLLMIntegrationError" in log and expect in log, log[-3000:]
 
 
+def test_named_operating_points_on_the_real_engine(tmp_path, servers, reference):
+    """``AUTOSTEER_TAU=strict``: a pack without that operating point stops the start-up with a named error; a
+    pack that has it is served at that point's threshold (here the test's own 0.5, so the answers equal the
+    steered server's), and a request may name a stricter point of the pack in ``vllm_xargs``."""
+    from autosteer.method.pack import load_pack
+
+    answers, gate = reference
+    named = load_pack(PACK)
+    named.meta["operating_points"] = {
+        "strict": {"tau": float(TAU), "val_fpr": 0.0, "val_tpr": 0.0},
+        "balanced": {"tau": 0.9, "val_fpr": 0.0, "val_tpr": 0.0},
+        "permissive": {"tau": 0.99, "val_fpr": 0.0, "val_tpr": 0.0}}
+    named_path = named.save(tmp_path / "named.pack.safetensors")
+    bad = Server("no-such-point", tmp_path, pack=PACK, env={"AUTOSTEER_TAU": "strict"})
+    good = Server("named-point", tmp_path, pack=named_path, env={"AUTOSTEER_TAU": "strict"})
+    try:
+        rc = bad.wait_exit()
+        log = bad.log()
+        assert rc != 0 and "VLLMIntegrationError" in log and "AUTOSTEER_TAU='strict'" in log, log[-3000:]
+        assert "not in this pack" in log and "refit" in log, log[-3000:]
+        good.wait_ready()
+        for p in (HARMFUL[0], BENIGN[0]):
+            assert good.answer(p) == answers[p][1], p  # served at 0.5, as the steered server
+        assert REFUSAL.match(good.answer(HARMFUL[0]))
+        # per request: "strict" is this server's own point (restated: nothing changes); "permissive" is looser
+        assert good.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "strict"}) == answers[BENIGN[0]][1]
+        status, body = good.post_status("/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4,
+            "vllm_xargs": {"autosteer_tau": "permissive"}})
+        assert status == 400 and "is above this server's threshold 0.5" in body, (status, body[:500])
+    finally:
+        bad.stop()
+        good.stop()
+
+
 # -- per-request settings (vllm_xargs) ------------------------------------------------------------
 
 SETTING = re.compile(r"autosteer: request (\S+) not steered: steering off by the client")
@@ -462,6 +499,9 @@ def test_client_settings_the_server_does_not_allow_get_http_400(servers, compile
         assert 'autosteer_mode="monitor"' in msg and "no monitor calibration" in msg, msg
     assert "'autosteer_threshold': unknown AutoSteer setting" in _refused(steered, {"autosteer_threshold": 0.1})
     assert "autosteer_tau='x'" in _refused(steered, {"autosteer_tau": "x"})
+    # an operating point by name that the test pack (fitted before operating points) does not have
+    msg = _refused(steered, {"autosteer_tau": "strict"})
+    assert "autosteer_tau='strict'" in msg and "no such operating point (it has: balanced)" in msg, msg
     assert "autosteer='maybe'" in _refused(steered, {"autosteer": "maybe"})
     assert "AutoSteer is not active on this server" in _refused(plain, {"autosteer_tau": 0.1})
     for srv in (plain, steered, compiled):  # still serving
