@@ -203,28 +203,12 @@ def cmd_fit(args) -> int:
     kw = dict(head_epochs=args.head_epochs, max_per_class=args.max_per_class, batch_size=args.batch_size, seed=args.seed,
               prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
     # options left unset keep the preset's (or FitConfig's) value
-    if args.layer_rule is not None:
-        kw["layer_rule"] = args.layer_rule
+    for name in ("layer_rule", "target_fpr", "genre_fpr", "tau_rule", "fit_data", "jailbreak_fit", "monitor_prompts",
+                 "monitor_tokens", "monitor_responses", "monitor_prefix"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     if args.head_rank is not None:
         kw["head_rank"] = None if args.head_rank == "full" else args.head_rank
-    if args.target_fpr is not None:
-        kw["target_fpr"] = args.target_fpr
-    if args.genre_fpr is not None:
-        kw["genre_fpr"] = args.genre_fpr
-    if args.tau_rule is not None:
-        kw["tau_rule"] = args.tau_rule
-    if args.fit_data is not None:
-        kw["fit_data"] = args.fit_data
-    if args.jailbreak_fit is not None:
-        kw["jailbreak_fit"] = args.jailbreak_fit
-    if args.monitor_prompts is not None:
-        kw["monitor_prompts"] = args.monitor_prompts
-    if args.monitor_tokens is not None:
-        kw["monitor_tokens"] = args.monitor_tokens
-    if args.monitor_responses is not None:
-        kw["monitor_responses"] = args.monitor_responses
-    if args.monitor_prefix is not None:
-        kw["monitor_prefix"] = args.monitor_prefix
     kw["compute_dtype"] = args.compute_dtype
     kw["full_depth"] = args.full_depth
     if not args.no_states_cache:

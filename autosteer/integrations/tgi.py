@@ -240,14 +240,18 @@ class _StepContext:
 class _Runtime:
     """One per server process: the pack, the per-request store, the capture buffers, the patches."""
 
-    def __init__(self, pack_path: str, mode: str, tau: float | None, fail_closed: bool, log_decisions: bool,
+    def __init__(self, pack_path: str, mode: str, tau: float | str | None, fail_closed: bool, log_decisions: bool,
                  monitor_window: int | None = None):
-        from ..method.pack import load_pack
+        from ..method.pack import load_pack, prompt_threshold
 
         if mode not in MODES:
             raise ValueError(f"AutoSteer mode must be one of {MODES}, got {mode!r}")
         self.pack_path = str(pack_path)
         self.pack = load_pack(pack_path)
+        try:  # the threshold against this pack (an operating point it lacks), before TGI loads anything
+            prompt_threshold(self.pack, tau)
+        except ValueError as exc:
+            raise TGIIntegrationError(f"autosteer: AUTOSTEER_TAU={tau!r}: {exc}") from None
         self.mode = mode
         self.tau = tau
         self.monitor_window = monitor_window
@@ -576,13 +580,6 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
         monitor_window = parse_monitor_window(monitor_window, "monitor_window")
     if tau is not None:
         tau = parse_threshold(tau, "tau")
-    if isinstance(tau, str):  # an operating point: the pack must have it, checked before TGI loads anything
-        from ..method.pack import load_pack, operating_point_tau
-
-        try:
-            operating_point_tau(load_pack(pack_path), tau)
-        except ValueError as exc:
-            raise TGIIntegrationError(f"autosteer: AUTOSTEER_TAU={tau!r}: {exc}") from None
     rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window)
     rt.install_patches()
     _RUNTIME = rt

@@ -974,7 +974,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
-        from ..method.pack import load_pack
+        from ..method.pack import load_pack, prompt_threshold
 
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
         if self.mode not in MODES:
@@ -992,13 +992,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.pack = load_pack(pack_path)
-        if isinstance(self.tau, str):  # a named operating point: the pack must have it (a named error at start-up)
-            from ..method.pack import operating_point_tau
-
-            try:
-                operating_point_tau(self.pack, self.tau)
-            except ValueError as exc:
-                raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
+        try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
+            prompt_threshold(self.pack, self.tau)
+        except ValueError as exc:
+            raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
         self.pack_path = str(pack_path)
         _PACK = self.pack
         _COMPILED = _VLLM.compiled(vllm_config)

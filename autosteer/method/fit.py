@@ -366,7 +366,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         }
     extra_groups: dict[str, str] = {}
     if style == "broad":
-        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased)
+        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits)
         harmful, benign = harmful + bh, benign + bb
         rng.shuffle(harmful)
         rng.shuffle(benign)
@@ -378,7 +378,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
 
 
-def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[list[str], list[str], dict]:
+def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None) -> tuple[list[str], list[str], dict]:
     """The fit-side prompts of issue 17's breadth, added to the default fit data by ``style="broad"``:
 
     - benign: the fit halves of the hand-written genres (math, code, sysadmin, violent words used
@@ -393,7 +393,7 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[
     from .. import data
     from .. import rephrasing as R
 
-    splits = data.default_splits(seed)
+    splits = data.default_splits(seed) if splits is None else splits
     genres = [p.text for ps in data.genre_splits("fit").values() for p in ps]
     pairs = data.contrast_pair_splits("fit")
     external = [p.text for ps in data.external_benign_splits("fit").values() for p in ps]
@@ -402,10 +402,11 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT) -> tuple[
     made_from: dict[str, str] = {}
 
     def rephrased(texts: list[str]) -> list[str]:
-        for request in sorted(set(texts)):
+        requests = set(texts)
+        for request in sorted(requests):
             for _, t in R.rephrasings([request], "fit", per_request=1):
                 made_from.setdefault(t, request)
-        got = sorted(t for t in made_from if made_from[t] in set(texts))
+        got = sorted(t for t in made_from if made_from[t] in requests)
         return rng.sample(got, min(n_rephrased, len(got)))
 
     benign_pool = genres + [p.text for p in splits["fit_benign"] if p.source == "autosteer_sensitive_benign" or len(p.text) < 300]
@@ -674,8 +675,7 @@ def budget_threshold(scores: torch.Tensor, groups: list[str], target_fpr: float,
     for g, b in per.items():
         idx = [i for i, gg in enumerate(groups) if gg == g]
         if idx:
-            s = torch.sort(scores[idx].double(), descending=True).values
-            tau = max(tau, float(s[min(max(1, int(b * len(s))), len(s) - 1)]))
+            tau = max(tau, calibrate_threshold(scores[idx], b, min_exceed=1))
     return max(tau, 1e-6)
 
 

@@ -106,11 +106,11 @@ def roc_curve(scores: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], 
     return fpr, tpr, [float("inf")] + th.tolist()
 
 
-def calibrate_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
+def calibrate_threshold(benign_scores: torch.Tensor, target_fpr: float, min_exceed: int = 0) -> float:
     """Smallest threshold whose false-positive rate on these benign scores is at most ``target_fpr``
-    (the gate fires when ``p > tau``)."""
+    (the gate fires when ``p > tau``); ``min_exceed`` benign scores may exceed it whatever the rate."""
     s = torch.sort(benign_scores.double(), descending=True).values
-    k = int(target_fpr * len(s))  # at most k benign scores may exceed tau
+    k = max(min_exceed, int(target_fpr * len(s)))  # at most k benign scores may exceed tau
     if len(s) == 0:
         return 0.5
     return float(s[min(k, len(s) - 1)])
