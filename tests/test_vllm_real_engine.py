@@ -19,7 +19,9 @@ AutoSteer off; the eager steered server allows it with ``AUTOSTEER_ALLOW_CLIENT_
 for requests without the key), a stricter ``autosteer_tau`` steers a borderline benign prompt, ``autosteer=off``
 answers exactly as the plain server, also in a concurrent burst with preemption. Operating points by name
 (``AUTOSTEER_TAU=strict``, ``vllm_xargs`` ``autosteer_tau: "strict"``): served where the pack has the point, a
-named start-up error or HTTP 400 where it does not.
+named start-up error or HTTP 400 where it does not. Tensor parallelism (``--tensor-parallel-size 2``, two CPU
+workers over gloo) on a copy of the default model whose head counts divide 2 (zero heads added: the same function),
+steered exactly as one worker steers.
 
 Prompts here are written for this test; none is in the data the test pack was fitted on.
 """
@@ -109,7 +111,7 @@ def _free_port() -> int:
 class Server:
     """``python -m vllm.entrypoints.openai.api_server`` from the venv, on 127.0.0.1, in its own process group."""
 
-    def __init__(self, name: str, log_dir: Path, *, pack: Path | None, flags=FLAGS, env=None):
+    def __init__(self, name: str, log_dir: Path, *, pack: Path | None, flags=FLAGS, env=None, model: Path = MODEL):
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}.log"
@@ -122,7 +124,7 @@ class Server:
         e.update(env or {})
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL),
+            [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(self.port), *flags],
             stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=str(log_dir), start_new_session=True)
         self.t0 = time.monotonic()
@@ -561,3 +563,85 @@ def test_steering_off_per_request_answers_as_the_plain_server(servers, reference
     assert len(SETTING.findall(steered.log())) == n_off + 3 + len(prompts) // 2
     assert "steering off (client) (vllm_xargs)" in steered.log()
     print(f"\nburst with steering off per request: {len(prompts)} requests, {preempted:.0f} preemptions")
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor parallelism
+
+
+def pad_heads_for_tp(src: Path, dst: Path, tp: int) -> tuple[int, int]:
+    """Save a copy of the Llama checkpoint ``src`` at ``dst`` whose attention head counts divide ``tp``, computing
+    exactly the same function: SmolLM2-135M has 9 query heads in 3 groups of 3 (3 KV heads), which no
+    ``--tensor-parallel-size 2`` can split. Added KV heads are zero, each with whole groups of zero query heads
+    whose ``o_proj`` columns are zero, so the added heads contribute exactly 0 and every hidden state and logit is
+    the original's (the embeddings, and so the pack's fingerprint, are untouched). Returns (query heads, KV heads)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    nq, nkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    nkv2 = -(-nkv // tp) * tp
+    nq2 = nkv2 * (nq // nkv)  # the same group size: query head i still reads KV head i // group
+
+    def zeros_after(w, n, dim):
+        return torch.cat([w, w.new_zeros(*((n, w.shape[1]) if dim == 0 else (w.shape[0], n)))], dim).contiguous()
+
+    out = {}
+    for k, w in load_file(str(src / "model.safetensors")).items():
+        if k.endswith("self_attn.q_proj.weight"):
+            w = zeros_after(w, (nq2 - nq) * d, 0)
+        elif k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            w = zeros_after(w, (nkv2 - nkv) * d, 0)
+        elif k.endswith("self_attn.o_proj.weight"):
+            w = zeros_after(w, (nq2 - nq) * d, 1)
+        out[k] = w
+    dst.mkdir(parents=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": nq2, "num_key_value_heads": nkv2}))
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return nq2, nkv2
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory, servers):
+    """A steered server with --tensor-parallel-size 2 (two CPU worker processes, one core each), started after the
+    other servers answer, on the head-padded copy of the default model, serving the same pack."""
+    _require_engine()
+    d = tmp_path_factory.mktemp("vllm-tp")
+    assert pad_heads_for_tp(MODEL, d / "model", 2) == (12, 4)
+    srv = Server("steered-tp2", d, pack=PACK, model=d / "model", flags=FLAGS + ["--tensor-parallel-size", "2"],
+                 env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    try:
+        print(f"\nreal engine: tensor-parallel server ready after {srv.wait_ready():.0f} s")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_tensor_parallel_2_steers_as_one_worker_does(tp_server, reference, hf_scores):
+    """Two tensor-parallel workers: each gathers the vocabulary-sharded lm_head once and announces itself; every
+    prompt's gate score equals the transformers reference's (the padded model is the same function), harmful
+    prompts are refused, benign prompts get the one-worker plain server's answer, each decision is logged once
+    (by rank 0), and a concurrent burst gets the answers the prompts get alone."""
+    log = tp_server.log()
+    for rank in (0, 1):
+        assert f"eager: layer hook, tensor-parallel rank {rank} of 2): layer 20" in log, log[-3000:]
+    first = len(decisions(log))
+    answers = {p: tp_server.answer(p) for p in ALL}
+    got = wait_decisions(tp_server, first + len(ALL))[first: first + len(ALL)]
+    for p, (_, steered, score) in zip(ALL, got):
+        assert abs(score - hf_scores[p]) < 2e-3, (p[:60], score, hf_scores[p])
+        assert steered == (hf_scores[p] >= float(TAU)), (p[:60], score)
+    for p in HARMFUL + [LONG_HARMFUL]:
+        assert REFUSAL.match(answers[p]), (p[:60], answers[p])
+    plain = reference[0]
+    for p in BENIGN + [LONG_BENIGN]:
+        assert answers[p] == plain[p][0], f"{p!r}:\n plain (1 worker): {plain[p][0]!r}\n steered (TP=2):   {answers[p]!r}"
+    ids = [d[0] for d in decisions(tp_server.log())]
+    assert len(ids) == len(set(ids)), "a request's decision was logged twice (by both ranks)"
+    prompts = ALL * 2
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        burst = list(ex.map(tp_server.answer, prompts))
+    assert burst == [answers[p] for p in prompts]

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from autosteer.integrations import vllm as avllm
 from test_vllm_simulation import FakeVLLMLlama, _config, setup  # noqa: F401
@@ -326,19 +327,59 @@ def test_vllm_cpus_attention_backend_named_explicitly_is_served():
     assert "--attention-backend FLASH_ATTN" in avllm._engine_refusal(cfg)
 
 
-def test_lora_parallelism_and_ray_are_refused_at_start_up():
-    """Each of these would serve some requests unsteered or with an uncalibrated gate: a named refusal."""
+def test_lora_pipeline_parallelism_and_ray_are_refused_at_start_up():
+    """Each of these would serve some requests unsteered or with an uncalibrated gate: a named refusal.
+    Tensor parallelism is served (every rank reads the replicated residual stream and all-gathered logits)."""
     ok = _cfg(True, "NONE", "NONE")
     ok.parallel_config = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, distributed_executor_backend="mp")
     ok.lora_config = None
     assert avllm._engine_refusal(ok) is None
     cases = {"LoRA adapters are enabled": dict(lora_config=SimpleNamespace(max_loras=1)),
-             "tensor_parallel_size=2": dict(parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1,
-                                                                            distributed_executor_backend="mp")),
-             "pipeline_parallel_size=2": dict(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=2,
-                                                                              distributed_executor_backend="mp")),
+             "pipeline parallelism is configured (pipeline_parallel_size=2":
+                 dict(parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=2,
+                                                      distributed_executor_backend="mp")),
              "Ray executor": dict(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1,
                                                                   distributed_executor_backend="ray"))}
     for needle, change in cases.items():
         cfg = SimpleNamespace(**{**vars(ok), **change})
         assert needle in (avllm._engine_refusal(cfg) or ""), needle
+    tp = SimpleNamespace(**{**vars(ok), "parallel_config": SimpleNamespace(
+        tensor_parallel_size=2, pipeline_parallel_size=1, distributed_executor_backend="mp")})
+    assert avllm._engine_refusal(tp) is None
+
+
+class _ShardedHead(torch.nn.Module):
+    """A vLLM ``ParallelLMHead`` of one tensor-parallel rank: the rank's contiguous run of vocabulary rows."""
+
+    def __init__(self, full: torch.Tensor, rank: int, size: int):
+        super().__init__()
+        n = -(-full.shape[0] // size)
+        self.weight = torch.nn.Parameter(full[rank * n: (rank + 1) * n].clone(), requires_grad=False)
+
+
+def test_tensor_parallel_capture_gathers_the_sharded_lm_head_once(setup, monkeypatch):
+    """With a vocabulary-sharded lm_head (tensor parallelism) the capture gathers the rank's shards into the whole
+    embedding once, at load time, in rank order (the order vLLM all-gathers the logits), so the Refusal Head
+    steers every vocabulary column; the probe layer's hook is the one-worker hook. A sharded head without a
+    tensor-parallel group is refused by name instead of steering a part of the vocabulary."""
+    hf, _, pack = setup
+    full = hf.lm_head.weight.detach()
+    model = FakeVLLMLlama(hf)
+    model.lm_head = _ShardedHead(full, 1, 2)
+    calls = []
+
+    def gather(W):  # what tensor_model_parallel_all_gather(W, dim=0) returns on rank 1 of 2
+        calls.append(W.shape)
+        return torch.cat([_ShardedHead(full, 0, 2).weight, W])
+
+    monkeypatch.setattr(avllm._VLLM, "tensor_parallel", staticmethod(lambda: (1, 2)))
+    monkeypatch.setattr(avllm._VLLM, "gather_vocab_rows", staticmethod(gather))
+    cap = avllm.VLLMCapture(model, pack, max_reqs=4, metadata_fn=lambda: None)
+    try:
+        assert calls == [(full.shape[0] // 2, full.shape[1])]
+        assert torch.equal(cap.E, full) and (cap.tp_rank, cap.tp_size) == (1, 2)
+    finally:
+        cap.remove()
+    monkeypatch.setattr(avllm._VLLM, "tensor_parallel", staticmethod(lambda: (0, 1)))
+    with pytest.raises(avllm.VLLMIntegrationError, match="no tensor-parallel group"):
+        avllm.VLLMCapture(model, pack, max_reqs=4, metadata_fn=lambda: None)

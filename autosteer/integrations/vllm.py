@@ -266,6 +266,26 @@ class _VLLM:
     def model_type(model) -> str:
         return str(getattr(getattr(model, "config", None), "model_type", "unknown"))
 
+    @staticmethod
+    def tensor_parallel() -> tuple[int, int]:
+        """(this worker's tensor-parallel rank, the group's size); (0, 1) where no group is initialised."""
+        try:
+            from vllm.distributed import parallel_state as ps
+        except ImportError:
+            return 0, 1
+        if not getattr(ps, "model_parallel_is_initialized", lambda: False)():
+            return 0, 1
+        return int(ps.get_tensor_model_parallel_rank()), int(ps.get_tensor_model_parallel_world_size())
+
+    @staticmethod
+    def gather_vocab_rows(W: torch.Tensor) -> torch.Tensor:
+        """The whole (padded) output embedding from this worker's vocabulary shard of ``lm_head``: the shards
+        concatenated in rank order, the order in which vLLM's ``LogitsProcessor`` all-gathers each shard's
+        logits (so row ``i`` here is logits column ``i``). A collective: every rank of the group calls it."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        return tensor_model_parallel_all_gather(W.detach().contiguous(), dim=0)
+
 
 def _announce(msg: str, *args) -> None:
     """Log at INFO where a vLLM process can be seen: vLLM configures only its own ``vllm`` logger, so
@@ -351,9 +371,18 @@ class VLLMCapture:
         W = getattr(lm_head, "weight", None)
         if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
             raise VLLMIntegrationError("lm_head.weight is not a float [V, H] matrix (quantized lm_head?)")
+        self.tp_rank, self.tp_size = _VLLM.tensor_parallel()
         if W.shape[0] < V:
-            raise VLLMIntegrationError(f"lm_head holds {W.shape[0]} of {V} vocabulary rows: it is sharded "
-                                       "(tensor parallelism), which this version does not support")
+            if self.tp_size < 2:
+                raise VLLMIntegrationError(f"lm_head holds {W.shape[0]} of {V} vocabulary rows but no tensor-parallel "
+                                           "group is initialised: cannot tell how the vocabulary is sharded")
+            # tensor parallelism: lm_head is split by vocabulary rows, and vLLM all-gathers every shard's logits
+            # before the logits processors run (every rank samples the whole vocabulary). The Refusal Head needs
+            # the whole embedding, gathered once here, at load time, where every rank runs this in step. The
+            # probe layer's residual stream is replicated (all-reduced) on every rank, so the capture is unchanged.
+            W = _VLLM.gather_vocab_rows(W)
+            if W.shape[0] < V:
+                raise VLLMIntegrationError(f"the gathered lm_head has {W.shape[0]} of {V} vocabulary rows")
         self.E = W[:V]  # vLLM pads the vocabulary rows of ParallelLMHead; logits are cut to V
         self.num_layers = len(layers)
         check_pack_matches(pack, self.E, num_layers=self.num_layers, model_type=_VLLM.model_type(model))
@@ -669,10 +698,11 @@ def _engine_refusal(vllm_config) -> str | None:
                 "by an uncalibrated probe. Merge the adapter, fit a pack on the merged model and serve that")
     pc = getattr(vllm_config, "parallel_config", None)
     tp, pp = (int(getattr(pc, name, 1) or 1) for name in ("tensor_parallel_size", "pipeline_parallel_size"))
-    if tp > 1 or pp > 1:
-        return (f"tensor/pipeline parallelism is configured (tensor_parallel_size={tp}, pipeline_parallel_size={pp}): "
-                "the capture and the Refusal Head need the whole lm_head and the probe layer on one worker. Serve "
-                "with --tensor-parallel-size 1 --pipeline-parallel-size 1 (data parallelism works)")
+    if pp > 1:  # tensor parallelism is served: every rank sees the whole residual stream and all-gathered logits
+        return (f"pipeline parallelism is configured (pipeline_parallel_size={pp}, tensor_parallel_size={tp}): the "
+                "probe layer and lm_head would live on different workers, and the last stage, which computes the "
+                "logits, never sees the probe layer's hidden states. Serve with --pipeline-parallel-size 1 (tensor "
+                "and data parallelism work)")
     backend = getattr(pc, "distributed_executor_backend", None)
     if backend is not None and "ray" in str(getattr(backend, "__name__", backend)).lower():
         return ("the Ray executor is configured: Ray workers inherit only VLLM_* and allow-listed environment "
@@ -1331,16 +1361,20 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             return None
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
                                          device=self.device, monitor_window=self.monitor_window)
+        tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
+        # with tensor parallelism every rank steers the same rows alike (replicated states, all-gathered logits);
+        # only rank 0 reports decisions, so each request is logged once
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
-                                     on_release=self._on_release, report_on_release=self.log_decisions)
+                                     on_release=self._on_release, report_on_release=self.log_decisions and tp_rank == 0)
         for key, cfg in self._pending_settings.items():
             self.store.set_request_settings(key, cfg)
         self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
+                  f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
                   self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path))
         return self.store
 
