@@ -1,4 +1,4 @@
-"""Resources of every ``steer_step`` kernel variant serving can launch, compiled for sm_80 and sm_90
+"""Resources of every ``steer_step`` kernel variant (probe, latch + t, blend) serving can launch, compiled for sm_80 and sm_90
 without a GPU, and the bytes one call moves by the cost model.
 
 For each target, ``benchmarks/results/aot_sm{80,90}.md`` (headed by the command that wrote it):
@@ -10,9 +10,10 @@ For each target, ``benchmarks/results/aot_sm{80,90}.md`` (headed by the command 
 2. **Bytes per call**: ``autosteer.kernels.aot.bytes_per_call`` for each model shape, rank and
    batch, in two steps -- a monitor step (every row probed, none latched) and a steering step
    (every row latched, none probed) -- with bf16 hidden states, fp32 logits and r-major U, the
-   grid the launcher picks for the target's SM count (A100 108, H100 132), the bytes requested by
-   the programs, the floor (each distinct byte once), their ratio, and the floor's time at the
-   HBM bandwidth (A100 2039 GB/s, H100 3350 GB/s): what a measured kernel time is compared with.
+   plan the launcher picks for the target's SM count (A100 108, H100 132): the previous design's
+   bytes, this design's requested and DRAM bytes, the floor (each distinct byte once), and a time
+   estimate against the floor's time at the HBM bandwidth (A100 2039 GB/s, H100 3350 GB/s): what a
+   measured time is compared with.
 
 Runs without a GPU (TRITON_INTERPRET must be unset), in a fresh Triton cache so that the compile
 times are what a first call pays (``--warm-cache``: Triton's usual cache); about a minute on 2
@@ -53,43 +54,53 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f}" if n < 1e7 else f"{n / 1e6:.0f}"
 
 
+def _path(v: dict) -> str:
+    c = v["constexprs"]
+    if v["kernel"] == "probe":
+        return f"BLOCK_H {c['BLOCK_H']}, BLOCK_F {c['BLOCK_F']}"
+    if v["kernel"] == "latch":
+        return f"rank slice {c['BLOCK_R']}"
+    held = "U tile held" if c["U_IN_REGS"] else "U chunked"
+    return f"r {'/'.join(v['ranks'])}: BLOCK_R {c['BLOCK_R']}, BLOCK_V {c['BLOCK_V']}, {held}"
+
+
 def variant_rows(report: dict, arch: int) -> tuple[list[str], dict[str, int]]:
     vs = [v for v in report["variants"] if v["arch"] == arch]
     ids = {}
-    lines = ["| id | hidden -> logits | r (BLOCK_R, t) | BLOCK_V | U layout | V % 16 | stacked probes | configs | "
+    lines = ["| id | launch | hidden -> logits | tiles | U layout | V % 16 | stacked probes | configs | warps | "
              "registers | spills st/ld | stack/local | shared B | programs/SM | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, v in enumerate(vs):
         ids[v["key"]] = i
-        c = v["constexprs"]
-        odd = "v50257" in v["shapes"]
-        path = f"{'/'.join(v['ranks'])} ({c['BLOCK_R']}, {'regs' if c['T_IN_REGS'] else 'scratch'})"
+        odd = "v50257" in v["shapes"] and len(v["shapes"]) == 1
         programs = aot.programs_per_sm(v["regs"], v["num_warps"], v["shared"], arch)
+        layout = "/".join(v["layouts"]) if v["kernel"] == "blend" else "any"
+        logits = "/".join(v["logits"]) if v["kernel"] == "blend" else "any"
+        hidden = "/".join(v["hidden"]) if v["kernel"] != "blend" else "any"
+        probes = {(True,): "yes", (False,): "no"}.get(tuple(v["row_probe"]), "either")
         lines.append(
-            f"| {i} | {'/'.join(v['hidden'])} -> {'/'.join(v['logits'])} | {path} | {c['BLOCK_V']} | "
-            f"{'/'.join(v['layouts'])} | {'no' if odd else '0'} | {'yes' if v['row_probe'] == [True] else 'no'} | "
-            f"{v['n_configs']} | {v['regs']} | {v['spill_stores']}/{v['spill_loads']} | {v['stack']}/{v['local']} | "
+            f"| {i} | {v['kernel']} | {hidden} -> {logits} | {_path(v)} | {layout} | "
+            f"{'no' if odd else ('0' if v['kernel'] == 'blend' else 'any')} | {probes} | {v['n_configs']} | "
+            f"{v['num_warps']} | {v['regs']} | {v['spill_stores']}/{v['spill_loads']} | {v['stack']}/{v['local']} | "
             f"{v['shared']} | {programs} | {v['compile_s']:.2f} |")
     return lines, ids
 
 
 def bytes_rows(arch: int, ids: dict[str, int]) -> list[str]:
-    lines = ["| shape (H, V) | r | B | splits S | BLOCK_V | variant | step | requested MB | floor MB | "
-             "requested / floor | floor us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape (H, V) | r | B | step | probe grid | blend programs | old design MB | requested MB | "
+             "DRAM MB | floor MB | old / floor | DRAM / floor | est us | floor us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, H, V in aot.SHAPES:
         for r in aot.RANKS:
             for B in BATCHES:
                 c = aot.Config(name, H, V, r, "r-major", "bf16", "fp32", B=B)
-                spec = aot.spec_for(c, arch)
-                plan = spec.plan
-                vid = ids.get(spec.key(), "?")
+                plan = aot.plan_for(c, arch)
                 for step, probed, latched in (("monitor, none latched", B, 0), ("steering, all latched", 0, B)):
-                    b = aot.bytes_per_call(c, plan, probed=probed, latched=latched)
-                    us = b["floor"] / (aot.HBM_GBPS[arch] * 1e3)
-                    lines.append(f"| {name} ({H}, {V}) | {r} | {B} | {plan.num_splits} | {plan.block_v} | {vid} | "
-                                 f"{step} | {_mb(b['requested'])} | {_mb(b['floor'])} | "
-                                 f"{b['requested'] / b['floor']:.1f} | {us:.1f} |")
+                    b = aot.bytes_per_call(c, plan, probed=probed, latched=latched, arch=arch)
+                    lines.append(f"| {name} ({H}, {V}) | {r} | {B} | {step} | {plan.row_blocks} x {plan.h_splits} | "
+                                 f"{plan.blend_programs} | {_mb(b['old'])} | {_mb(b['requested'])} | "
+                                 f"{_mb(b['dram'])} | {_mb(b['floor'])} | {b['old'] / b['floor']:.1f} | "
+                                 f"{b['dram'] / b['floor']:.2f} | {b['est_us']:.1f} | {b['floor_us']:.1f} |")
     return lines
 
 
@@ -98,10 +109,10 @@ def write(report: dict, arch: int, out_dir: Path, command: str) -> Path:
     vs = [v for v in report["variants"] if v["arch"] == arch]
     regs = [v["regs"] for v in vs]
     smem = [v["shared"] for v in vs]
-    aligned = [v["regs"] for v in vs if "v50257" not in v["shapes"]]
+    aligned = [v["regs"] for v in vs if v["shapes"] != ["v50257"]]
     spills = sum(v["spill_stores"] + v["spill_loads"] + v["stack"] + v["local"] for v in vs)
     doc = [
-        f"# steer_step kernel: AOT compile for sm_{arch} ({aot.GPU_NAME[arch]} planning), no GPU",
+        f"# steer_step kernels: AOT compile for sm_{arch} ({aot.GPU_NAME[arch]} planning), no GPU",
         "",
         f"Command: `{command}`",
         "",
@@ -111,12 +122,14 @@ def write(report: dict, arch: int, out_dir: Path, command: str) -> Path:
         "Triton's cubin (`cuobjdump --dump-resource-usage`); spill bytes: `ptxas -v` on the PTX with Triton's "
         "ptxas and flags wherever there is a stack or local memory (spills need one of them); shared "
         "memory: Triton's metadata (what the launch requests; the driver reserves 1 KB more per block). "
-        f"4 warps per program. Compile times: cold Triton cache, {report['jobs']} processes, load average "
+        "4 or 8 warps per program (column `warps`). Compile times: cold Triton cache, {report['jobs']} processes, load average "
         f"{report['loadavg']:.1f} on {os.cpu_count()} CPUs at the start (other jobs slow them down).",
         "",
         f"**Summary:** registers {min(regs)}-{max(regs)} (vocabularies that are multiples of 16: "
-        f"{min(aligned)}-{max(aligned)}), spill/stack/local bytes {spills}, shared memory {min(smem)}-{max(smem)} B "
-        f"(limit {aot.SMEM_LIMIT[arch] // 1024} KB per block).",
+        f"{min(aligned)}-{max(aligned)}; " + ", ".join(
+            f"{k} {min(v['regs'] for v in vs if v['kernel'] == k)}-{max(v['regs'] for v in vs if v['kernel'] == k)}"
+            for k in ("probe", "latch", "blend")) + f"), spill/stack/local bytes {spills}, shared memory "
+        f"{min(smem)}-{max(smem)} B (limit {aot.SMEM_LIMIT[arch] // 1024} KB per block).",
         "",
         "## Variants",
         "",
@@ -131,11 +144,16 @@ def write(report: dict, arch: int, out_dir: Path, command: str) -> Path:
         "",
         "## Bytes per call (cost model)",
         "",
-        "`autosteer.kernels.aot.bytes_per_call`: bf16 hidden states, fp32 logits, r-major fp32 U, F = 64, one "
-        "probe, int64 rows; the launcher's grid for this target's SM count. `requested`: global-memory bytes "
-        "the programs load and store (each of a row's S programs re-reads the probe weights W1 and, when "
-        "latched, x/g and Bt; U and the logits are read once per latched row). `floor`: each distinct byte "
-        f"once. `floor us`: floor / {aot.HBM_GBPS[arch]:.0f} GB/s.",
+        "`autosteer.kernels.aot.bytes_per_call` (its docstring defines every column): bf16 hidden states, "
+        "fp32 logits, r-major fp32 U, F = 64, one probe, int64 rows; the launcher's plan for this target's "
+        "SM count (`probe grid`: row blocks x hidden splits). `old design`: what the previous single launch "
+        "(B x S programs, each re-running the probe and t, U streamed per latched row) requested. "
+        "`requested`: what the three launches' programs load and store (DRAM plus L2 re-reads); `DRAM`: "
+        "their first touch of each byte (the floor plus the fp32 scratch); `floor`: each distinct byte once. "
+        f"`est us`: DRAM at {aot.HBM_GBPS[arch]:.0f} GB/s + re-reads at {aot.L2_GBPS[arch]:.0f} GB/s (L2, "
+        f"assumed) + tensor-core time beyond the blend's memory time ({aot.TF32_TFLOPS[arch]:.0f} TFLOPS tf32, "
+        f"x3) + {aot.LAUNCH_US:.0f} us per launch (assumed); `floor us`: floor / {aot.HBM_GBPS[arch]:.0f} "
+        "GB/s. Not measured: a GPU run replaces the assumptions.",
         "",
         *bytes_rows(arch, ids),
         "",

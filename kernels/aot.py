@@ -1,4 +1,5 @@
-"""Ahead-of-time compiles of ``steer_step_kernel`` for real GPU targets, on a machine without a GPU.
+"""Ahead-of-time compiles of the ``steer_step`` kernels (probe, latch + t, blend: the three
+launches of one call) for real GPU targets, on a machine without a GPU.
 
 What serving can launch is enumerated from sizes and dtypes alone, then each distinct compiled
 variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources are read back:
@@ -9,9 +10,9 @@ variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources a
    ``row-major``), (hidden, logits) dtypes {bf16, fp16, fp32} x {fp32, same}, every flag
    (``nan_latches``, ``row_tau``, stacked probes with ``row_probe``). Plus one vocabulary that is
    not a multiple of 16 (less alignment, another variant), for r-major U.
-2. :func:`spec_for`: the call's arguments as ``meta`` tensors (real shapes, strides, dtypes and
+2. :func:`specs_for`: the call's arguments as ``meta`` tensors (real shapes, strides, dtypes and
    allocator alignment, no memory) go through the launcher's own ``launch_config`` (and so
-   ``plan_launch``), then through Triton's own binder for that target: the signature, constexprs
+   ``plan_launch``), each of its launches through Triton's own binder for that target: the signature, constexprs
    and alignment attributes are exactly what ``kernel[grid](...)`` would compile on that GPU.
 3. :func:`unique_variants` dedupes them (compiled code depends on dtypes, constexprs and the
    alignment/``== 1`` specialisation of integer and pointer arguments, not on sizes), and
@@ -20,7 +21,7 @@ variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources a
    ptxas and flags Triton used) wherever there is a stack or local memory, and shared memory from
    Triton's metadata (what a launch requests).
 
-:func:`bytes_per_call` is the cost model of one launch (see its docstring).
+:func:`bytes_per_call` is the cost model of one call (see its docstring).
 ``python -m autosteer.kernels.aot --json out.json [--check]`` runs 1-3 (tests/test_aot.py does,
 in a process without TRITON_INTERPRET); ``benchmarks/aot_resources.py`` writes the tables.
 """
@@ -158,6 +159,7 @@ class Spec:
     """What Triton compiles for one call on one target."""
 
     arch: int
+    kernel: str  # "probe", "latch" or "blend" (steer_step.KERNELS)
     signature: dict
     constexprs: dict
     attrs: dict
@@ -166,7 +168,7 @@ class Spec:
 
     def key(self) -> str:
         """Identity of the compiled variant (sizes and grid excluded)."""
-        return json.dumps([self.arch, sorted(self.signature.items()), sorted((str(k), repr(v)) for k, v in
+        return json.dumps([self.arch, self.kernel, sorted(self.signature.items()), sorted((str(k), repr(v)) for k, v in
                                                                               self.constexprs.items()),
                            sorted((str(k), repr(v)) for k, v in self.attrs.items()),
                            sorted((k, repr(v)) for k, v in self.options.items())])
@@ -181,23 +183,23 @@ def _target(arch: int):
 _BINDERS: dict = {}
 
 
-def _binder(arch: int):
-    """Triton's own argument binder and backend for ``arch`` (what ``kernel.run`` uses)."""
-    if arch not in _BINDERS:
+def _binder(arch: int, kernel: str):
+    """Triton's own argument binder and backend for ``kernel`` on ``arch`` (what ``kernel.run`` uses)."""
+    if (arch, kernel) not in _BINDERS:
         from triton.compiler.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        k = _jit_kernel()
+        k = _jit_kernel(kernel)
         backend = make_backend(_target(arch))
-        _BINDERS[arch] = (backend, create_function_from_signature(k.signature, k.params, backend))
-    return _BINDERS[arch]
+        _BINDERS[arch, kernel] = (backend, create_function_from_signature(k.signature, k.params, backend))
+    return _BINDERS[arch, kernel]
 
 
-def _jit_kernel():
+def _jit_kernel(kernel: str = "blend"):
     if ks.interpreting():
         raise RuntimeError("autosteer.kernels.aot compiles for GPU targets: run it without TRITON_INTERPRET=1 "
                            "(triton was imported in interpreter mode)")
-    return ks.steer_step_kernel
+    return ks.KERNELS[kernel]
 
 
 def _run_kwargs(k, meta: dict) -> dict:
@@ -212,29 +214,41 @@ def _run_kwargs(k, meta: dict) -> dict:
     return kw
 
 
-def spec_for(c: Config, arch: int, args: tuple | None = None) -> Spec:
-    """The launcher's config for call ``c`` (planned for ``SM_COUNT[arch]`` SMs), specialised by
-    Triton's binder for the ``arch`` target. ``args``: other call arguments (real tensors, say)
-    instead of ``meta_args(c)``; the plan then follows their sizes."""
-    k = _jit_kernel()
+def plan_for(c: Config, arch: int) -> ks.LaunchPlan:
+    """The launcher's plan for call ``c`` on ``arch`` (``SM_COUNT[arch]`` SMs)."""
+    return ks.plan_launch(c.B, c.V, c.H, c.F, c.R, sm_count=SM_COUNT[arch])
+
+
+def specs_for(c: Config, arch: int, args: tuple | None = None) -> list[Spec]:
+    """The launcher's launches for call ``c`` (planned for ``SM_COUNT[arch]`` SMs), each
+    specialised by Triton's binder for the ``arch`` target. ``args``: other call arguments (real
+    tensors, say) instead of ``meta_args(c)``; the plan then follows their sizes."""
     args = meta_args(c) if args is None else args
-    _, kargs, meta = ks.launch_config(*args, sm_count=SM_COUNT[arch])
     (B, V), H, F, R = args[5].shape, args[0].shape[1], args[8].shape[-2], args[12].shape[1]
     plan = ks.plan_launch(B, V, H, F, R, sm_count=SM_COUNT[arch])
-    backend, binder = _binder(arch)
-    kwargs = _run_kwargs(k, meta)
-    bound, specialization, options = binder(*kargs, **kwargs)
-    options, signature, constexprs, attrs = k._pack_args(backend, kwargs, bound, specialization, options)
-    return Spec(arch, signature, constexprs, attrs, dict(options.__dict__), plan)
+    out = []
+    for ln in ks.launch_configs(*args, sm_count=SM_COUNT[arch]):
+        k = _jit_kernel(ln.name)
+        backend, binder = _binder(arch, ln.name)
+        kwargs = _run_kwargs(k, ln.meta)
+        bound, specialization, options = binder(*ln.args, **kwargs)
+        options, signature, constexprs, attrs = k._pack_args(backend, kwargs, bound, specialization, options)
+        out.append(Spec(arch, ln.name, signature, constexprs, attrs, dict(options.__dict__), plan))
+    return out
+
+
+def spec_for(c: Config, arch: int, kernel: str = "blend", args: tuple | None = None) -> Spec:
+    """The spec of one of call ``c``'s launches (``kernel``: "probe", "latch" or "blend")."""
+    return next(s for s in specs_for(c, arch, args) if s.kernel == kernel)
 
 
 def unique_variants(configs: list[Config], archs=ARCHS) -> dict[str, tuple[Spec, list[Config]]]:
-    """{variant key: (spec, the configs that launch it)}, in first-seen order."""
+    """{variant key: (spec, the configs that launch it)}, in first-seen order (kernel by kernel)."""
     out: dict[str, tuple[Spec, list[Config]]] = {}
     for arch in archs:
         for c in configs:
-            s = spec_for(c, arch)
-            out.setdefault(s.key(), (s, []))[1].append(c)
+            for s in specs_for(c, arch):
+                out.setdefault(s.key(), (s, []))[1].append(c)
     return out
 
 
@@ -295,7 +309,7 @@ def compile_spec(spec: Spec, verify: bool = False) -> dict:
     from triton.compiler import ASTSource
 
     t0 = time.perf_counter()
-    src = ASTSource(_jit_kernel(), spec.signature, spec.constexprs, spec.attrs)
+    src = ASTSource(_jit_kernel(spec.kernel), spec.signature, spec.constexprs, spec.attrs)
     ck = triton.compile(src, target=_target(spec.arch), options=spec.options)
     seconds = time.perf_counter() - t0
     res = cubin_resources(ck.asm["cubin"])
@@ -330,51 +344,97 @@ def compile_variants(specs: list[Spec], jobs: int | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- cost model
-def bytes_per_call(c: Config, plan: ks.LaunchPlan, *, probed: int, latched: int) -> dict:
-    """Bytes one launch moves, for ``probed`` rows probed and ``latched`` rows latched (after the
-    probe) out of ``c.B``, with the launcher's ``plan`` (grid ``B x S``, ``S = plan.num_splits``).
+# Not measured: assumptions of the time estimate, to be replaced by what a GPU measures.
+L2_GBPS = {80: 4000.0, 90: 7000.0}  # L2 -> SM bandwidth the scratch and weight re-reads are served at
+TF32_TFLOPS = {80: 156.0, 90: 494.0}  # dense tf32 tensor-core peak (A100 SXM, H100 SXM)
+LAUNCH_US = 1.0  # one dependent launch on a stream (inside a CUDA graph): drain + start
 
-    ``requested``: global-memory bytes the programs load and store, before any cache:
 
-    - every program: ``latched[b]`` and ``probe_mask[b]`` (2 B);
-    - a probed row, in each of its S programs: the row index, ``x`` (H elements of the hidden
-      dtype), ``W1`` (F x H fp32), ``b1`` and ``w2`` (F fp32 each), ``b2``, and ``row_tau`` /
-      ``row_probe`` when given (4 B each); its first program stores ``p_out`` and ``latched`` (5 B);
-    - a latched row, in each of its S programs: the head row index, ``g`` (H elements), ``Bt``
-      (r x H fp32; for r > 64 also the fp32 ``t`` scratch: r written, and r read per vocabulary
-      block); over the row's programs together: U (V x r fp32) once and the logits (V elements)
-      read and written once.
-
-    ``floor``: each distinct byte once per call -- the flags, ``x`` / ``g`` of each row, one
-    W1/b1/w2/b2 per probe in use (two with stacked probes), Bt and U once if any row is latched
-    (shared by all latched rows), the latched rows' logits read and written. The ratio
-    requested / floor is what the per-row recomputation (probe and ``t`` in every split, U
-    streamed per latched row) costs; ``floor`` over the HBM bandwidth is the time bound.
-    Index entries are 8 B (int64), 32-byte sector granularity is ignored (all large reads are
-    contiguous runs), and the interpreter's two-split plan is not modelled.
-    """
-    H, V, F, R, S = c.H, c.V, c.F, c.R, plan.num_splits
+def _old_design_requested(c: Config, arch: int, probed: int, latched: int) -> int:
+    """Bytes the previous single-launch design (grid ``B x S``: every vocabulary split re-ran the
+    probe and ``t = Bt g``, each latched row streamed U itself) requested, with its own plan rule
+    (~4 waves, >= 8 U tiles of 4096 elements per program). Kept to compare the designs."""
+    H, V, F, R, B = c.H, c.V, c.F, c.R, c.B
     hb, lb = NBYTES[c.hidden], NBYTES[c.logits]
-    idx = 8
+    in_regs = R <= 64
+    block_r = max(16, 1 << (R - 1).bit_length()) if in_regs else 64
+    block_v = 256 if block_r <= 16 else (128 if block_r <= 32 else (32 if in_regs else 64))
+    n_blocks = -(-V // block_v)
+    min_blocks = 8 * max(1, 4096 // (block_v * block_r))
+    S = max(1, min(max(1, n_blocks // min_blocks), max(1, -(-4 * SM_COUNT[arch] // max(B, 1)))))
+    bps = -(-n_blocks // S)
     extra = 4 * (c.row_tau + c.row_probe)
-    probe_prog = idx + H * hb + F * H * 4 + 2 * F * 4 + 4 + extra
-    head_prog = idx + H * hb + R * H * 4
-    if not plan.t_in_regs:
-        head_prog += R * 4 + plan.blocks_per_split * R * 4
-    requested = (2 * c.B * S + probed * (S * probe_prog + 5)
-                 + latched * (S * head_prog + V * R * 4 + 2 * V * lb))
-    probes_in_use = (2 if c.row_probe else 1) if probed else 0
-    floor = (2 * c.B + probed * (idx + H * hb + extra + 5) + probes_in_use * (F * H * 4 + 2 * F * 4 + 4)
+    probe_prog = 8 + H * hb + F * H * 4 + 2 * F * 4 + 4 + extra
+    head_prog = 8 + H * hb + R * H * 4 + (0 if in_regs else R * 4 + bps * R * 4)
+    return 2 * B * S + probed * (S * probe_prog + 5) + latched * (S * head_prog + V * R * 4 + 2 * V * lb)
+
+
+def bytes_per_call(c: Config, plan: ks.LaunchPlan, *, probed: int, latched: int, arch: int = 90) -> dict:
+    """Bytes one call moves, for ``probed`` rows probed and ``latched`` rows latched (after the
+    probe) out of ``c.B``, with the launcher's ``plan``; the probed and the latched rows are each
+    taken to fill row blocks of 16 from the first (serving's batches are dense).
+
+    - ``floor``: each distinct byte once -- the flags, ``x`` / ``g`` of each row, one W1/b1/w2/b2 per
+      probe in use (two with stacked probes), Bt and U once if any row is latched, the latched
+      rows' logits read and written. ``floor`` over the HBM bandwidth is the time bound.
+    - ``dram``: what this design reads from and writes to memory once (its first touch of each
+      byte): the floor plus its fp32 scratch (the probe's partial sums, ``t``) written and read
+      once, and -- only for the chunked path (r > 64, or 16 < r <= 64 over a vocabulary that is not
+      a multiple of 16) -- U once per row block holding a latched row.
+    - ``rereads``: what its programs load again from L2 (a few MB at most, all of it written or
+      read earlier in the same call): W1 per row block of probed rows, the partial sums, ``b1`` /
+      ``w2`` and ``g`` per rank slice of launch 2, Bt per row block of latched rows, ``t`` and the
+      flags per vocabulary tile.
+    - ``requested = dram + rereads``; ``old``: what the previous single-launch design requested.
+    - ``est_us``: ``dram`` at the HBM bandwidth + ``rereads`` at ``L2_GBPS`` + the blend's tf32x3
+      tensor-core time where it is larger than its memory time + ``LAUNCH_US`` per launch (3);
+      ``floor_us``: the floor at the HBM bandwidth. Assumptions, not measurements.
+
+    Index entries are 8 B (int64); 32-byte sector granularity is ignored (the large reads are
+    contiguous runs).
+    """
+    H, V, F, R, B = c.H, c.V, c.F, c.R, c.B
+    hb, lb, idx = NBYTES[c.hidden], NBYTES[c.logits], 8
+    extra = 4 * (c.row_tau + c.row_probe)
+    n_probes = (2 if c.row_probe else 1) if probed else 0
+    w_probe = F * H * 4 + 2 * F * 4 + 4
+    floor = (2 * B + probed * (idx + H * hb + extra + 5) + n_probes * w_probe
              + latched * (idx + H * hb + 2 * V * lb) + (R * H * 4 + V * R * 4 if latched else 0))
-    return dict(requested=requested, floor=floor)
+    rb = plan.row_blocks
+    rb_p, rb_l = -(-probed // ks.BLOCK_B), -(-latched // ks.BLOCK_B)
+    S, RS = plan.h_splits, plan.r_splits
+    part = probed * S * F * 4
+    t_bytes = latched * R * 4
+    dram = floor + 2 * part + 2 * t_bytes
+    if not plan.u_in_regs and rb_l > 1:
+        dram += (rb_l - 1) * V * R * 4
+    rereads = (rb * S * 16  # launch 1: the probe flags
+               + max(0, rb_p * n_probes - n_probes) * F * H * 4  # W1 once per row block
+               + rb * RS * 2 * 16  # launch 2: flags
+               + (RS - 1) * (part + probed * (idx + 2 * F * 4 + 4 + extra))  # each rank slice re-finalises
+               + (RS - 1) * latched * (idx + H * hb)  # ... and reads g for its slice
+               + max(0, rb_l - 1) * R * H * 4)  # Bt once per row block
+    if latched:
+        tiles = plan.n_tiles
+        rereads += plan.blend_programs * B + tiles * rb_l * 16 * (1 + idx)  # the any-check; per tile: flags
+        rereads += tiles * t_bytes  # t per tile
+    else:
+        rereads += plan.blend_programs * B  # the any-check, then every blend program returns
+    hbm = HBM_GBPS[arch] * 1e3  # bytes per us
+    blend_mem_us = (latched * 2 * V * lb + (V * R * 4 if latched else 0)) / hbm
+    blend_tc_us = (2 * 3 * ks.BLOCK_B * rb_l * V * R) / (TF32_TFLOPS[arch] * 1e6) if latched else 0.0
+    est = dram / hbm + rereads / (L2_GBPS[arch] * 1e3) + max(0.0, blend_tc_us - blend_mem_us) + 3 * LAUNCH_US
+    return dict(requested=dram + rereads, dram=dram, rereads=rereads, floor=floor,
+                old=_old_design_requested(c, arch, probed, latched), est_us=est, floor_us=floor / hbm,
+                blend_tc_us=blend_tc_us, blend_mem_us=blend_mem_us)
 
 
 # ----------------------------------------------------------------------------- command line
 def meta_matches_real(configs: list[Config], arch: int = 90) -> list[tuple[str, bool]]:
     """For each call: do ``meta`` tensors give the variant real CPU allocations give (CPU blocks
     are 64-byte aligned, CUDA's 512-byte: both 16-byte aligned)?"""
-    return [(c.label(), spec_for(c, arch).key() == spec_for(c, arch, args=meta_args(c, device="cpu")).key())
-            for c in configs]
+    return [(c.label(), [s.key() for s in specs_for(c, arch)]
+             == [s.key() for s in specs_for(c, arch, args=meta_args(c, device="cpu"))]) for c in configs]
 
 
 CHECK_CONFIGS = (Config("small", 576, 4096, 16, "r-major", "bf16", "fp32", True, True, True),
@@ -398,20 +458,20 @@ def run(archs=ARCHS, jobs: int | None = None, configs: list[Config] | None = Non
     variants = []
     for (key, (spec, cs)), res in zip(uniq.items(), results):
         variants.append(dict(
-            arch=spec.arch, key=key, serving=any(c in serving for c in cs), configs=[c.label() for c in cs],
+            arch=spec.arch, kernel=spec.kernel, key=key, serving=any(c in serving for c in cs), configs=[c.label() for c in cs],
             n_configs=len(cs), hidden=sorted({c.hidden for c in cs}), logits=sorted({c.logits for c in cs}),
             ranks=sorted({str(c.r) for c in cs}), layouts=sorted({c.layout for c in cs}),
             shapes=sorted({c.shape for c in cs}), row_probe=sorted({c.row_probe for c in cs}),
-            constexprs={spec_name(k): v for k, v in spec.constexprs.items()},
+            constexprs={spec_name(k, spec.kernel): v for k, v in spec.constexprs.items()},
             pointers={k: v for k, v in spec.signature.items() if v.startswith("*")},
-            aligned=sorted(spec_name(k) for k, v in spec.attrs.items() if v), **res))
+            aligned=sorted(spec_name(k, spec.kernel) for k, v in spec.attrs.items() if v), **res))
     return dict(triton=_triton_version(), n_configs=len(configs) * len(archs), enumerate_s=round(t_enum, 2),
                 compile_s=round(time.perf_counter() - t0 - t_enum, 2), variants=variants, **checks)
 
 
-def spec_name(path) -> str:
-    """The kernel argument name of a Triton argument path such as ``(12,)``."""
-    names = ks.steer_step_kernel.arg_names
+def spec_name(path, kernel: str = "blend") -> str:
+    """The argument name of ``kernel`` for a Triton argument path such as ``(12,)``."""
+    names = ks.KERNELS[kernel].arg_names
     return names[path[0]] if isinstance(path, tuple) and len(path) == 1 else str(path)
 
 

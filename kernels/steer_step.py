@@ -84,189 +84,261 @@ import triton.language as tl
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX = (torch.int32, torch.int64)
-MAX_R_IN_REGISTERS = 64
-MIN_BLOCKS_PER_PROGRAM = 8  # vocabulary blocks of U_TILE elements (BLOCK_V x BLOCK_R) each program streams
-U_TILE = 4096
-NUM_WARPS = 4
+BLOCK_B = 16  # rows per row block: tl.dot's smallest M
+BLOCK_H = 32  # hidden-size chunk of the probe and t dots (64 took 211-240 registers with tf32x3 on sm_90)
+MIN_H_PER_SPLIT = 512  # a probe program reads at least F x 512 of W1 (its fixed cost is then amortised)
+PROBE_WAVES = 2  # probe programs aimed at: PROBE_WAVES x the SM count
+MAX_R_IN_REGISTERS = 64  # r up to this: one U tile [BLOCK_R, BLOCK_V] per vocabulary tile, kept in registers
+BLEND_WAVES = 32  # a blend program streams more than one tile only past BLEND_WAVES x SM-count tiles
+BLOCK_ANY = 256  # latch flags read per load in the blend's "is any row latched" check
+DOT_PRECISION = "tf32x3"  # fp32 dots on tensor cores at about fp32 accuracy (3 tf32 products)
+NUM_WARPS = 4  # per program of every launch but these two:
+PROBE_WARPS = 8  # (4 warps: 152-168 registers, and spills on sm_90)
+BLEND_WARPS_WIDE = 8  # blend holding a U tile of 16 < r <= 64 (4 warps: 122-164 registers)
+NUM_STAGES = 1  # no software pipelining: 2 took 238-255 registers (and spilled) on sm_90 for little gain here
+
+# Runtime sizes and per-row scalar operands must not multiply compiled variants: Triton would turn a
+# value of 1 into a constant and give multiples of 16 an alignment hint (one variant each); B and the
+# grid numbers change every step, and serving passes offset views (the speculative positions'
+# p_out[j], rows with stride P) for what is read one scalar per row.
+_ROW_SCALARS = ["prow", "pmask", "hrow", "lat", "pout", "rtau", "rprobe", "b2"]
+_NO_ALIGN = [n + "_ptr" for n in _ROW_SCALARS]
+_NO_SPECIALIZE = [n + "_s" for n in _ROW_SCALARS] + ["B", "N", "M", "P", "h_per_split", "n_h_splits",
+                                                      "tiles_per_program", "nan_latches", "has_row_tau"]
 
 
-# Arguments that must not multiply compiled variants: runtime sizes and flags (Triton would turn a
-# value of 1 into a constant and give multiples of 16 an alignment hint, one variant each), and the
-# strides / pointers of what is read as one scalar per row (no vector access to gain from hints;
-# serving passes offset views such as the speculative positions' p_out[j] and rows with stride P).
-_NO_SPECIALIZE = ["prow_s", "pmask_s", "hrow_s", "lat_s", "pout_s", "rtau_s", "rprobe_s", "b2_s",
-                  "N", "M", "P", "blocks_per_split", "n_splits", "nan_latches", "has_row_tau"]
-_NO_ALIGN = ["prow_ptr", "pmask_ptr", "hrow_ptr", "lat_ptr", "pout_ptr", "rtau_ptr", "rprobe_ptr", "b2_ptr"]
+def _present(names):
+    return lambda fn: triton.jit(do_not_specialize=[n for n in _NO_SPECIALIZE if n in names],
+                                 do_not_specialize_on_alignment=[n for n in _NO_ALIGN if n in names])(fn)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE, do_not_specialize_on_alignment=_NO_ALIGN)
-def steer_step_kernel(
+def _jit(fn):
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return _present(set(names))(fn)
+
+
+@_jit
+def probe_kernel(
     ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]
+    prow_ptr, prow_s,  # probe_rows [B]
+    pmask_ptr, pmask_s,  # probe_mask [B] bool
+    rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
+    w1_ptr, w1_sp, w1_s0, w1_s1,  # W1 [P, F, H] fp32 (P = 1, w1_sp = 0 for a 2-D W1)
+    part_ptr, part_s0,  # fp32 scratch [B, n_h_splits * F]: this program's partial W1 x
+    B, H, F, P, N, h_per_split,
+    HAS_ROW_PROBE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Launch 1, program (row block i, hidden split j): for the probed rows of the block,
+    ``part[b, j, :] = W1[k_b][:, Hj] x_b[Hj]`` (one ``tl.dot`` of the block's rows against each
+    W1 tile, per probe in use in the block). A block without a probed row returns at once."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    split = tl.program_id(1)
+    rm = rows < B
+    probed = (tl.load(pmask_ptr + rows * pmask_s, mask=rm, other=0) != 0) & rm
+    if tl.max(probed.to(tl.int32), axis=0) > 0:
+        prow = tl.load(prow_ptr + rows * prow_s, mask=probed, other=0).to(tl.int64)
+        ok = probed & (prow >= 0) & (prow < N)
+        prow = tl.where(ok, prow, 0)  # a row out of range loads nothing (the latch launch scores it NaN)
+        k = tl.zeros([BLOCK_B], dtype=tl.int64)
+        if HAS_ROW_PROBE:
+            k = tl.load(rprobe_ptr + rows * rprobe_s, mask=ok, other=0).to(tl.int64)
+        h_lo = split * h_per_split
+        h_hi = tl.minimum(h_lo + h_per_split, H)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_f = tl.arange(0, BLOCK_F)
+        x_row = ph_ptr + prow * ph_s0
+        out_row = part_ptr + rows * part_s0 + split * F
+        for kp in range(0, P):  # stacked probes: one pass per probe that some row of the block uses
+            sel = ok & (k == kp)  # an index outside [0, P) selects no pass: the latch launch scores it NaN
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                w1_k = w1_ptr + kp * w1_sp
+                for f0 in range(0, F, BLOCK_F):
+                    f = f0 + offs_f
+                    fm = f < F
+                    acc = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+                    for h0 in range(h_lo, h_hi, BLOCK_H):
+                        h = h0 + offs_h
+                        hm = h < h_hi
+                        x = tl.load(x_row[:, None] + h[None, :] * ph_s1, mask=sel[:, None] & hm[None, :], other=0.0)
+                        w = tl.load(w1_k + f[None, :] * w1_s0 + h[:, None] * w1_s1, mask=hm[:, None] & fm[None, :],
+                                    other=0.0)
+                        acc = tl.dot(x.to(tl.float32), w, acc, input_precision=DOT_PREC)
+                    tl.store(out_row[:, None] + f[None, :], acc, mask=sel[:, None] & fm[None, :])
+
+
+@_jit
+def latch_kernel(
     prow_ptr, prow_s,  # probe_rows [B]
     pmask_ptr, pmask_s,  # probe_mask [B] bool
     hh_ptr, hh_s0, hh_s1,  # head_hidden [M, H]
     hrow_ptr, hrow_s,  # head_rows [B]
-    lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
     lat_ptr, lat_s,  # latched [B] bool, in place
     pout_ptr, pout_s,  # p_out [B] fp32
     rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when has_row_tau; else any pointer, never dereferenced)
     rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
-    w1_ptr, w1_sp, w1_s0, w1_s1,  # W1 [P, F, H] fp32 (P = 1, w1_sp = 0 for a 2-D W1)
     b1_ptr, b1_sp, b1_s, w2_ptr, w2_sp, w2_s, b2_ptr, b2_s,  # b1 [P, F], w2 [P, F], b2 [P] fp32
-    u_ptr, u_s0, u_s1,  # U [V, R]
     bt_ptr, bt_s0, bt_s1,  # Bt [R, H]
-    t_ptr,  # fp32 scratch [B, n_splits, R] (read/written only when not T_IN_REGS)
-    H, F, V, R, P, N, M, blocks_per_split, n_splits,
-    tau, one_plus_eps, eps,
+    part_ptr, part_s0,  # launch 1's partial sums [B, n_h_splits * F]
+    t_ptr, t_s0,  # fp32 scratch [B, R]: t = Bt g of the rows to steer
+    B, H, F, R, P, N, M, n_h_splits,
+    tau,
     nan_latches, has_row_tau,  # 0/1 at run time (scalar branches: one compiled variant for both)
     HAS_ROW_PROBE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    T_IN_REGS: tl.constexpr,
-    OUT_BF16: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """One program = (batch row ``b``, vocabulary split ``s``).
-
-    probe (if probe_mask[b]):  p = sigmoid(sum_f w2[f] * relu(sum_h W1[f,h] x[h] + b1[f]) + b2)
-    latch:                     latched[b] |= p > tau  (| isnan(p) when nan_latches;
-                               tau = row_tau[b] when has_row_tau, one scalar load per probed row)
-    blend (if latched[b]):     t[k] = sum_h Bt[k,h] g[h];  for v in this split's blocks:
-                               z[v] <- (1+eps) z[v] + eps * sum_k U[v,k] t[k]
-    All sums in fp32; relu keeps NaN (like torch.relu) so a NaN hidden state gives p = NaN.
-    Row indices outside [0, N) / [0, M): see "Out-of-range row indices" in the module docstring.
-    """
-    b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    offs_h = tl.arange(0, BLOCK_H)
-
-    latch = tl.load(lat_ptr + b * lat_s) != 0
-    do_probe = tl.load(pmask_ptr + b * pmask_s) != 0
-    if do_probe:
-        prow = tl.load(prow_ptr + b * prow_s).to(tl.int64)
-        prow_ok = (prow >= 0) & (prow < N)
-        prow = tl.minimum(tl.maximum(prow, 0), tl.maximum(N - 1, 0))  # addresses stay in bounds
-        h_x = tl.where(prow_ok, H, 0)  # ... and an out-of-range row loads nothing
-        x_base = ph_ptr + prow * ph_s0
-        w1_base = w1_ptr
-        b1_base = b1_ptr
-        w2_base = w2_ptr
-        b2_base = b2_ptr
-        # NaN when this row's probe index or probe row is out of range (added to the logit below)
-        k_nan = tl.where(prow_ok, 0.0, float("nan"))
-        if HAS_ROW_PROBE:  # stacked probes: this row's probe
-            k = tl.load(rprobe_ptr + b * rprobe_s).to(tl.int64)
-            k_nan = tl.where((k >= 0) & (k < P), k_nan, float("nan"))
+    """Launch 2, program (row block i, rank slice j): the latch of every row of the block (each
+    program of the block computes it, from launch 1's partial sums, in the same order: they agree),
+    stored by ``j == 0``; then ``t[b, Rj] = Bt[Rj, :] g_b`` for the block's rows to steer (one
+    ``tl.dot`` of the block's head rows against each Bt tile)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rsplit = tl.program_id(1)
+    rm = rows < B
+    latch = (tl.load(lat_ptr + rows * lat_s, mask=rm, other=0) != 0) & rm
+    probed = (tl.load(pmask_ptr + rows * pmask_s, mask=rm, other=0) != 0) & rm
+    p_val = tl.zeros([BLOCK_B], dtype=tl.float32)
+    p_write = probed & (rows < 0)  # nothing yet
+    if tl.max(probed.to(tl.int32), axis=0) > 0:
+        prow = tl.load(prow_ptr + rows * prow_s, mask=probed, other=0).to(tl.int64)
+        good = probed & (prow >= 0) & (prow < N)
+        k = tl.zeros([BLOCK_B], dtype=tl.int64)
+        if HAS_ROW_PROBE:
+            k = tl.load(rprobe_ptr + rows * rprobe_s, mask=probed, other=0).to(tl.int64)
+            good = good & (k >= 0) & (k < P)
             k = tl.minimum(tl.maximum(k, 0), P - 1)  # addresses stay in bounds
-            w1_base = w1_ptr + k * w1_sp
-            b1_base = b1_ptr + k * b1_sp
-            w2_base = w2_ptr + k * w2_sp
-            b2_base = b2_ptr + k * b2_s
+        # NaN where the probe row or probe index is out of range (added to the logit below)
+        k_nan = tl.where(good | ~probed, 0.0, float("nan"))
         offs_f = tl.arange(0, BLOCK_F)
-        s_vec = tl.zeros([BLOCK_F], dtype=tl.float32)
+        s = tl.zeros([BLOCK_B], dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
             f = f0 + offs_f
             fm = f < F
-            acc = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                hm = h < H
-                x = tl.load(x_base + h * ph_s1, mask=h < h_x, other=0.0).to(tl.float32)
-                m2 = fm[:, None] & hm[None, :]
-                w = tl.load(w1_base + f[:, None] * w1_s0 + h[None, :] * w1_s1, mask=m2, other=0.0)
-                acc += tl.sum(tl.where(m2, w * x[None, :], 0.0), axis=1)
-            hid = acc + tl.load(b1_base + f * b1_s, mask=fm, other=0.0)
+            m2 = good[:, None] & fm[None, :]
+            hid = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+            for j in range(0, n_h_splits):
+                hid += tl.load(part_ptr + rows[:, None] * part_s0 + j * F + f[None, :], mask=m2, other=0.0)
+            pm2 = probed[:, None] & fm[None, :]
+            hid += tl.load(b1_ptr + k[:, None] * b1_sp + f[None, :] * b1_s, mask=pm2, other=0.0)
             hid = tl.where(hid < 0.0, 0.0, hid)  # relu; NaN stays NaN
-            w2 = tl.load(w2_base + f * w2_s, mask=fm, other=0.0)
-            s_vec += tl.where(fm, hid * w2, 0.0)
-        s = tl.sum(s_vec, axis=0) + tl.load(b2_base) + k_nan
+            w2 = tl.load(w2_ptr + k[:, None] * w2_sp + f[None, :] * w2_s, mask=pm2, other=0.0)
+            s += tl.sum(tl.where(pm2, hid * w2, 0.0), axis=1)
+        s = s + tl.load(b2_ptr + k * b2_s, mask=probed, other=0.0) + k_nan
         p = 1.0 / (1.0 + tl.exp(-s))
-        thr = tau
+        thr = tl.zeros([BLOCK_B], dtype=tl.float32) + tau
         if has_row_tau != 0:
-            thr = tl.load(rtau_ptr + b * rtau_s)
+            thr = tl.load(rtau_ptr + rows * rtau_s, mask=probed, other=0.0)
         fire = p > thr
         if nan_latches != 0:
             fire = fire | (p != p)
-        latch = latch | fire
-        if split == 0:
-            tl.store(pout_ptr + b * pout_s, p)
-            tl.store(lat_ptr + b * lat_s, latch)
+        latch = latch | (fire & probed)
+        p_val = p
+        p_write = probed
+        if rsplit == 0:
+            tl.store(lat_ptr + rows * lat_s, latch, mask=probed)
+    hrow = tl.load(hrow_ptr + rows * hrow_s, mask=latch, other=0).to(tl.int64)
+    head_ok = (hrow >= 0) & (hrow < M)
+    bad_head = latch & ~head_ok  # nothing to steer with: no logits writes, p_out = NaN
+    steer = latch & head_ok
+    if rsplit == 0:
+        tl.store(pout_ptr + rows * pout_s, tl.where(bad_head, float("nan"), p_val), mask=p_write | bad_head)
+    if tl.max(steer.to(tl.int32), axis=0) > 0:
+        hrow = tl.where(steer, hrow, 0)
+        g_row = hh_ptr + hrow * hh_s0
+        r = rsplit * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = r < R
+        offs_h = tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            hm = h < H
+            g = tl.load(g_row[:, None] + h[None, :] * hh_s1, mask=steer[:, None] & hm[None, :], other=0.0)
+            bt = tl.load(bt_ptr + r[None, :] * bt_s0 + h[:, None] * bt_s1, mask=hm[:, None] & rmask[None, :],
+                         other=0.0)
+            acc = tl.dot(g.to(tl.float32), bt.to(tl.float32), acc, input_precision=DOT_PREC)
+        tl.store(t_ptr + rows[:, None] * t_s0 + r[None, :], acc, mask=steer[:, None] & rmask[None, :])
 
-    hrow = b * 0
-    if latch:
-        hrow = tl.load(hrow_ptr + b * hrow_s).to(tl.int64)
-    bad_head = latch & ((hrow < 0) | (hrow >= M))  # nothing to steer with: no logits writes, p_out = NaN
-    if bad_head & (split == 0):
-        tl.store(pout_ptr + b * pout_s, float("nan"))
-    latch = latch & ~bad_head
-    if latch:
-        g_base = hh_ptr + hrow * hh_s0
-        offs_r = tl.arange(0, BLOCK_R)
+
+@triton.jit
+def _store_logits(ptrs, out, mask, OUT_BF16: tl.constexpr):
+    if OUT_BF16:  # explicit round-to-nearest-even, as torch does (the interpreter truncates)
+        ub = out.to(tl.uint32, bitcast=True)
+        ub = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
+        ub = tl.where(out != out, 0x7FC0, ub)
+        tl.store(ptrs, ub.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, out.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@_jit
+def blend_kernel(
+    hrow_ptr, hrow_s,  # head_rows [B]
+    lat_ptr, lat_s,  # latched [B] bool (after launch 2)
+    lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
+    u_ptr, u_s0, u_s1,  # U [V, R]
+    t_ptr, t_s0,  # launch 2's t [B, R] fp32
+    B, V, R, M, tiles_per_program,
+    one_plus_eps, eps,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    U_IN_REGS: tl.constexpr,
+    BLOCK_ANY: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Launch 3, program p: vocabulary tiles ``p * tiles_per_program ...`` (``BLOCK_V`` entries
+    each). Unless no row is latched (one flag load per ``BLOCK_ANY`` rows, then return), for each
+    tile: the U tile ``[BLOCK_R, BLOCK_V]`` is loaded once (r <= ``BLOCK_R``), then for each row
+    block holding a row to steer: ``z <- (1+eps) z + eps T U^T`` with one ``tl.dot``; logits of
+    rows not steered are never loaded or stored. For r > ``BLOCK_R`` (the full-rank head) the
+    dot runs over r chunks, re-reading the tile's U chunks per row block (from L2)."""
+    pid = tl.program_id(0)
+    offs_any = tl.arange(0, BLOCK_ANY)
+    n_lat = 0
+    for c in range(0, B, BLOCK_ANY):
+        rr = c + offs_any
+        n_lat += tl.sum((tl.load(lat_ptr + rr.to(tl.int64) * lat_s, mask=rr < B, other=0) != 0).to(tl.int32), axis=0)
+    if n_lat > 0:
         offs_v = tl.arange(0, BLOCK_V)
-        out_ty = lg_ptr.dtype.element_ty
-        lg_row = lg_ptr + b * lg_s0
-        v_first = split * blocks_per_split * BLOCK_V
-        if T_IN_REGS:
-            rm = offs_r < R
-            t = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                hm = h < H
-                g = tl.load(g_base + h * hh_s1, mask=hm, other=0.0).to(tl.float32)
-                m2 = rm[:, None] & hm[None, :]
-                bt = tl.load(bt_ptr + offs_r[:, None] * bt_s0 + h[None, :] * bt_s1, mask=m2, other=0.0)
-                t += tl.sum(tl.where(m2, bt.to(tl.float32) * g[None, :], 0.0), axis=1)
-            for i in range(0, blocks_per_split):
-                v = v_first + i * BLOCK_V + offs_v
-                vm = v < V
-                m2 = vm[:, None] & rm[None, :]
-                u = tl.load(u_ptr + v[:, None] * u_s0 + offs_r[None, :] * u_s1, mask=m2, other=0.0)
-                delta = tl.sum(tl.where(m2, u.to(tl.float32) * t[None, :], 0.0), axis=1)
-                z = tl.load(lg_row + v * lg_s1, mask=vm, other=0.0).to(tl.float32)
-                out = one_plus_eps * z + eps * delta
-                if OUT_BF16:  # explicit round-to-nearest-even, as torch does (the interpreter truncates)
-                    ub = out.to(tl.uint32, bitcast=True)
-                    ub = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
-                    ub = tl.where(out != out, 0x7FC0, ub)
-                    tl.store(lg_row + v * lg_s1, ub.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=vm)
-                else:
-                    tl.store(lg_row + v * lg_s1, out.to(out_ty), mask=vm)
-        else:
-            t_row = t_ptr + (b * n_splits + split) * R
-            for r0 in range(0, R, BLOCK_R):
-                rr = r0 + offs_r
-                rm = rr < R
-                t = tl.zeros([BLOCK_R], dtype=tl.float32)
-                for h0 in range(0, H, BLOCK_H):
-                    h = h0 + offs_h
-                    hm = h < H
-                    g = tl.load(g_base + h * hh_s1, mask=hm, other=0.0).to(tl.float32)
-                    m2 = rm[:, None] & hm[None, :]
-                    bt = tl.load(bt_ptr + rr[:, None] * bt_s0 + h[None, :] * bt_s1, mask=m2, other=0.0)
-                    t += tl.sum(tl.where(m2, bt.to(tl.float32) * g[None, :], 0.0), axis=1)
-                tl.store(t_row + rr, t, mask=rm)
-            tl.debug_barrier()  # the whole program reads back what it wrote
-            for i in range(0, blocks_per_split):
-                v = v_first + i * BLOCK_V + offs_v
-                vm = v < V
-                delta = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for r0 in range(0, R, BLOCK_R):
-                    rr = r0 + offs_r
-                    rm = rr < R
-                    t = tl.load(t_row + rr, mask=rm, other=0.0)
-                    m2 = vm[:, None] & rm[None, :]
-                    u = tl.load(u_ptr + v[:, None] * u_s0 + rr[None, :] * u_s1, mask=m2, other=0.0)
-                    delta += tl.sum(tl.where(m2, u.to(tl.float32) * t[None, :], 0.0), axis=1)
-                z = tl.load(lg_row + v * lg_s1, mask=vm, other=0.0).to(tl.float32)
-                out = one_plus_eps * z + eps * delta
-                if OUT_BF16:  # explicit round-to-nearest-even, as torch does (the interpreter truncates)
-                    ub = out.to(tl.uint32, bitcast=True)
-                    ub = (ub + 0x7FFF + ((ub >> 16) & 1)) >> 16
-                    ub = tl.where(out != out, 0x7FC0, ub)
-                    tl.store(lg_row + v * lg_s1, ub.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=vm)
-                else:
-                    tl.store(lg_row + v * lg_s1, out.to(out_ty), mask=vm)
+        offs_b = tl.arange(0, BLOCK_B)
+        offs_r = tl.arange(0, BLOCK_R)
+        rmask = offs_r < R
+        for i in range(0, tiles_per_program):
+            v = (pid * tiles_per_program + i).to(tl.int64) * BLOCK_V + offs_v
+            vm = v < V
+            if U_IN_REGS:  # the tile, once, for every row block below
+                ut = tl.load(u_ptr + v[None, :] * u_s0 + offs_r[:, None] * u_s1, mask=rmask[:, None] & vm[None, :],
+                             other=0.0).to(tl.float32)
+            for b0 in range(0, B, BLOCK_B):
+                rows = b0 + offs_b.to(tl.int64)
+                lat = (tl.load(lat_ptr + rows * lat_s, mask=rows < B, other=0) != 0) & (rows < B)
+                if tl.max(lat.to(tl.int32), axis=0) > 0:
+                    hrow = tl.load(hrow_ptr + rows * hrow_s, mask=lat, other=0)
+                    steer = lat & (hrow >= 0) & (hrow < M)
+                    t_row = t_ptr + rows * t_s0
+                    if U_IN_REGS:
+                        t = tl.load(t_row[:, None] + offs_r[None, :], mask=steer[:, None] & rmask[None, :], other=0.0)
+                        acc = tl.dot(t, ut, input_precision=DOT_PREC)
+                    else:
+                        acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
+                        for r0 in range(0, R, BLOCK_R):
+                            r = r0 + offs_r
+                            rm = r < R
+                            t = tl.load(t_row[:, None] + r[None, :], mask=steer[:, None] & rm[None, :], other=0.0)
+                            uc = tl.load(u_ptr + v[None, :] * u_s0 + r[:, None] * u_s1, mask=rm[:, None] & vm[None, :],
+                                         other=0.0)
+                            acc = tl.dot(t, uc.to(tl.float32), acc, input_precision=DOT_PREC)
+                    m2 = steer[:, None] & vm[None, :]
+                    ptrs = lg_ptr + rows[:, None] * lg_s0 + v[None, :] * lg_s1
+                    z = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
+                    _store_logits(ptrs, one_plus_eps * z + eps * acc, m2, OUT_BF16)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -327,73 +399,124 @@ def _sm_count(index: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    """What the launcher picks for one call: tile sizes (constexprs), the path for ``t``, the grid."""
+    """What the launcher picks for one call, from sizes alone: tiles (constexprs) and grids.
 
+    Launch 1 (probe): grid ``(row_blocks, h_splits)``, ``h_per_split`` hidden entries each.
+    Launch 2 (latch, t): grid ``(row_blocks, r_splits)``, ``block_rt`` ranks each.
+    Launch 3 (blend): grid ``(blend_programs,)``, ``tiles_per_program`` vocabulary tiles of
+    ``block_v`` entries each; ``u_in_regs``: r <= ``block_r``, one U tile per vocabulary tile.
+    """
+
+    block_b: int
     block_h: int
     block_f: int
+    row_blocks: int
+    h_splits: int
+    h_per_split: int
+    block_rt: int
+    r_splits: int
     block_v: int
     block_r: int
-    t_in_regs: bool
-    num_splits: int
-    blocks_per_split: int
+    u_in_regs: bool
+    n_tiles: int
+    tiles_per_program: int
+    blend_programs: int
 
 
 def plan_launch(B: int, V: int, H: int, F: int, R: int, *, sm_count: int | None = None,
-                block_v: int | None = None, num_splits: int | None = None) -> LaunchPlan:
-    """The launcher's tiling and grid for sizes alone (pure: no tensors, no device queries).
+                block_v: int | None = None, h_splits: int | None = None,
+                tiles_per_program: int | None = None) -> LaunchPlan:
+    """The launcher's tiling and grids for sizes alone (pure: no tensors, no device queries).
 
-    ``sm_count``: the GPU's SM count (the CUDA rule below); None: the interpreter's rule (at most
-    two programs per row, so the multi-split path stays exercised). ``block_v`` / ``num_splits``
-    override the choice (tests, tuning). ``launch_config`` calls this; the AOT compile tests and
+    ``sm_count``: the GPU's SM count (the CUDA rules below); None: the interpreter's rules (two
+    hidden splits and two vocabulary tiles per blend program where the sizes allow, so those
+    paths stay exercised). ``block_v`` / ``h_splits`` / ``tiles_per_program`` override the choice
+    (tests, tuning). ``launch_configs`` calls this; the AOT compile tests and
     ``benchmarks/aot_resources.py`` call it too, so they compile what the launcher launches.
     """
-    t_in_regs = R <= MAX_R_IN_REGISTERS
-    block_r = max(16, triton.next_power_of_2(R)) if t_in_regs else MAX_R_IN_REGISTERS
-    # 32 x 64 probe tiles; U tiles of 256 x 16, 128 x 32, 32 x 64 (r in (32, 64]: 64 x 64 took 72
-    # registers on sm_80, and 128-168 where U's columns are not 16-byte aligned) and 64 x 64 chunks
-    # for r > 64 (32 x 64 made ptxas spill there on sm_80); tests/test_aot.py checks every variant
-    block_h = max(16, min(64, triton.next_power_of_2(max(H, 1))))
-    block_f = max(16, min(32, triton.next_power_of_2(max(F, 1))))
-    if block_v is None:
-        block_v = 256 if block_r <= 16 else (128 if block_r <= 32 else (32 if t_in_regs else 64))
-    n_blocks = triton.cdiv(V, block_v) if V > 0 else 0
-    if num_splits is None:
+    row_blocks = triton.cdiv(B, BLOCK_B) if B > 0 else 0
+    block_h = max(16, min(BLOCK_H, triton.next_power_of_2(max(H, 1))))
+    block_f = max(16, min(64, triton.next_power_of_2(max(F, 1))))
+    h_chunks = max(1, triton.cdiv(H, block_h))
+    if h_splits is None:
         if sm_count is not None:
-            # ~4 waves of programs, but each streams >= MIN_BLOCKS_PER_PROGRAM tiles of U_TILE
-            # elements (smaller tiles: more of them): a probed row's probe is recomputed by each of
-            # its programs, so more splits cost more L2 traffic.
-            target = 4 * sm_count
-            min_blocks = MIN_BLOCKS_PER_PROGRAM * max(1, U_TILE // (block_v * block_r))
-            num_splits = min(max(1, n_blocks // min_blocks), max(1, triton.cdiv(target, max(B, 1))))
+            # about PROBE_WAVES x SMs programs, each reading >= MIN_H_PER_SPLIT columns of W1
+            most = max(1, triton.cdiv(H, MIN_H_PER_SPLIT))
+            h_splits = min(most, max(1, triton.cdiv(PROBE_WAVES * sm_count, max(row_blocks, 1))))
         else:
-            num_splits = min(2, max(1, n_blocks))
-    num_splits = max(1, int(num_splits))
-    blocks_per_split = triton.cdiv(n_blocks, num_splits) if n_blocks else 0
-    return LaunchPlan(block_h, block_f, block_v, block_r, t_in_regs, num_splits, blocks_per_split)
+            h_splits = min(2, h_chunks)
+    h_splits = max(1, min(int(h_splits), h_chunks))
+    h_per_split = block_h * triton.cdiv(h_chunks, h_splits)
+    h_splits = max(1, triton.cdiv(H, h_per_split))  # no empty split
+    # t's rank slices: 16 for r <= 16, else 32 (32 x 64 fp32 Bt tiles; the full-rank head: R / 32 slices)
+    block_rt = 16 if R <= 16 else 32
+    r_splits = max(1, triton.cdiv(R, block_rt))
+    # a vocabulary that is not a multiple of 16 (unaligned logit rows and r-major U columns: scalar
+    # loads, a 64-bit address each) with 16 < r <= 64 takes the chunked path: the tile held across row
+    # blocks spilled there on sm_90 (128 registers); the chunk is re-read per row block from L1/L2
+    u_in_regs = R <= 16 or (R <= MAX_R_IN_REGISTERS and V % 16 == 0)
+    block_r = max(16, triton.next_power_of_2(R)) if u_in_regs else MAX_R_IN_REGISTERS
+    if block_v is None:
+        # 64 x 16 U tiles for r <= 16, 32 x 64 above (and 64-rank chunks of the full-rank head):
+        # tf32x3 dots split each operand in two, 128 x 16 took 83-137 registers, 16 x 64 152-162
+        block_v = 64 if block_r <= 16 else 32
+    n_tiles = triton.cdiv(V, block_v) if V > 0 else 0
+    if tiles_per_program is None:
+        if sm_count is not None:  # one tile per program (the hardware balances) until the grid is huge
+            tiles_per_program = max(1, n_tiles // (BLEND_WAVES * sm_count))
+        else:
+            tiles_per_program = 2
+    tiles_per_program = max(1, int(tiles_per_program))
+    blend_programs = triton.cdiv(n_tiles, tiles_per_program) if n_tiles else 0
+    return LaunchPlan(BLOCK_B, block_h, block_f, row_blocks, h_splits, h_per_split, block_rt, r_splits, block_v,
+                      block_r, u_in_regs, n_tiles, tiles_per_program, blend_programs)
 
 
-def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None, *,
-                  block_v=None, num_splits=None, sm_count=None):
-    """(grid, positional args, constexpr kwargs) for ``steer_step_kernel``; no launch, no sync.
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch of a call: ``kernel[grid](*args, **meta)``."""
+
+    name: str  # "probe", "latch" or "blend"
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+def scratch_shape(plan: LaunchPlan, B: int, F: int, R: int) -> tuple[int, int]:
+    """The one fp32 scratch a call allocates: ``[B, R + h_splits * F]`` (``t``, then launch 1's
+    partial sums). Sized from shapes only (no data-dependent allocation: CUDA-graph capturable)."""
+    return (B, R + plan.h_splits * F)
+
+
+def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None, *,
+                   block_v=None, h_splits=None, tiles_per_program=None, sm_count=None,
+                   scratch=None) -> list[Launch]:
+    """The call's launches, in order (probe, latch, blend; none when ``B == 0``, no blend when
+    ``V == 0``); no launch, no sync. Allocates the fp32 scratch (``torch.empty``, sized from shapes)
+    unless ``scratch`` is given.
 
     ``sm_count``: plan for a GPU with that many SMs instead of asking the device (ahead-of-time
     compiles and cost models use it with ``meta`` tensors); by default CUDA tensors ask their
     device and other tensors get the interpreter's plan.
     """
     B, V = logits.shape
+    if B == 0:
+        return []
     H = probe_hidden.shape[1]
     F = W1.shape[-2]
     P = W1.shape[0] if W1.dim() == 3 else 1
     R = U.shape[1]
+    N, M = probe_hidden.shape[0], head_hidden.shape[0]
     if sm_count is None and logits.device.type == "cuda":
         index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
         sm_count = _sm_count(index)
-    plan = plan_launch(B, V, H, F, R, sm_count=sm_count, block_v=block_v, num_splits=num_splits)
-    if plan.t_in_regs:
-        scratch = p_out  # never dereferenced when T_IN_REGS
-    else:
-        scratch = torch.empty((B, plan.num_splits, R), device=logits.device, dtype=torch.float32)
+    plan = plan_launch(B, V, H, F, R, sm_count=sm_count, block_v=block_v, h_splits=h_splits,
+                       tiles_per_program=tiles_per_program)
+    if scratch is None:
+        scratch = torch.empty(scratch_shape(plan, B, F, R), device=logits.device, dtype=torch.float32)
+    t_buf, part = scratch[:, :R], scratch[:, R:]
     has_row_tau = row_tau is not None
     rtau = row_tau if has_row_tau else p_out  # never dereferenced without has_row_tau
     has_row_probe = row_probe is not None
@@ -401,38 +524,51 @@ def launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
     stacked = W1.dim() == 3
     w1_sp, b1_sp, w2_sp = (W1.stride(0), b1.stride(0), w2.stride(0)) if stacked else (0, 0, 0)
     b2_s = b2.stride(0) if stacked else 0
-    grid = (B, plan.num_splits)
-    args = (
+    common = dict(BLOCK_B=plan.block_b, DOT_PREC=DOT_PRECISION, num_stages=NUM_STAGES)
+    probe = Launch("probe", probe_kernel, (plan.row_blocks, plan.h_splits), (
         probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
+        probe_rows, probe_rows.stride(0),
+        probe_mask, probe_mask.stride(0),
+        rprobe, rprobe.stride(0),
+        W1, w1_sp, W1.stride(-2), W1.stride(-1),
+        part, part.stride(0),
+        B, H, F, P, N, plan.h_per_split,
+    ), dict(HAS_ROW_PROBE=has_row_probe, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f, num_warps=PROBE_WARPS, **common))
+    latch = Launch("latch", latch_kernel, (plan.row_blocks, plan.r_splits), (
         probe_rows, probe_rows.stride(0),
         probe_mask, probe_mask.stride(0),
         head_hidden, head_hidden.stride(0), head_hidden.stride(1),
         head_rows, head_rows.stride(0),
-        logits, logits.stride(0), logits.stride(1),
         latched, latched.stride(0),
         p_out, p_out.stride(0),
         rtau, rtau.stride(0),
         rprobe, rprobe.stride(0),
-        W1, w1_sp, W1.stride(-2), W1.stride(-1),
         b1, b1_sp, b1.stride(-1), w2, w2_sp, w2.stride(-1), b2, b2_s,
-        U, U.stride(0), U.stride(1),
         Bt, Bt.stride(0), Bt.stride(1),
-        scratch,
-        H, F, V, R, P, probe_hidden.shape[0], head_hidden.shape[0], plan.blocks_per_split, plan.num_splits,
-        float(tau), float(1.0 + float(eps)), float(eps),
+        part, part.stride(0),
+        t_buf, t_buf.stride(0),
+        B, H, F, R, P, N, M, plan.h_splits,
+        float(tau),
         int(bool(nan_latches)), int(has_row_tau),
-    )
-    meta = dict(
-        HAS_ROW_PROBE=has_row_probe,
-        BLOCK_H=plan.block_h,
-        BLOCK_F=plan.block_f,
-        BLOCK_V=plan.block_v,
-        BLOCK_R=plan.block_r,
-        T_IN_REGS=plan.t_in_regs,
-        OUT_BF16=logits.dtype == torch.bfloat16,
-        num_warps=NUM_WARPS,
-    )
-    return grid, args, meta
+    ), dict(HAS_ROW_PROBE=has_row_probe, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f, BLOCK_R=plan.block_rt,
+            num_warps=NUM_WARPS, **common))
+    out = [probe, latch]
+    if plan.blend_programs:
+        out.append(Launch("blend", blend_kernel, (plan.blend_programs,), (
+            head_rows, head_rows.stride(0),
+            latched, latched.stride(0),
+            logits, logits.stride(0), logits.stride(1),
+            U, U.stride(0), U.stride(1),
+            t_buf, t_buf.stride(0),
+            B, V, R, M, plan.tiles_per_program,
+            float(1.0 + float(eps)), float(eps),
+        ), dict(BLOCK_V=plan.block_v, BLOCK_R=plan.block_r, U_IN_REGS=plan.u_in_regs, BLOCK_ANY=BLOCK_ANY,
+                OUT_BF16=logits.dtype == torch.bfloat16,
+                num_warps=BLEND_WARPS_WIDE if plan.u_in_regs and plan.block_r > 16 else NUM_WARPS, **common)))
+    return out
+
+
+KERNELS = {"probe": probe_kernel, "latch": latch_kernel, "blend": blend_kernel}
 
 
 def interpreting() -> bool:
@@ -443,16 +579,23 @@ def interpreting() -> bool:
     """
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(steer_step_kernel, InterpretedFunction)
+    return isinstance(probe_kernel, InterpretedFunction)
 
 
-def kernel_for(device: torch.device):
+def check_device(device: torch.device) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "steer_step_triton: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
             "triton is first imported (or use the C++ op / reference on CPU)"
         )
-    return steer_step_kernel
+
+
+def run_launches(launches: list[Launch], wrap=None) -> None:
+    """Launch each in order on the current stream; ``wrap`` (``torch.library.wrap_triton``) wraps
+    the kernels for ``torch.compile``."""
+    for ln in launches:
+        k = ln.kernel if wrap is None else wrap(ln.kernel)
+        k[ln.grid](*ln.args, **ln.meta)
 
 
 def steer_step_triton(
@@ -477,23 +620,24 @@ def steer_step_triton(
     row_probe: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
-    num_splits: int | None = None,
+    h_splits: int | None = None,
+    tiles_per_program: int | None = None,
 ) -> None:
-    """Launch ``steer_step_kernel`` once (same arguments and semantics as ``steer_step_reference``,
+    """Run the three launches (same arguments and semantics as ``steer_step_reference``,
     ``row_tau`` and ``row_probe`` included).
 
-    ``block_v`` / ``num_splits`` override the vocabulary tiling (tests, tuning).
+    ``block_v`` / ``h_splits`` / ``tiles_per_program`` override the tiling (tests, tuning).
     """
     _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                   W1, b1, w2, b2, U, Bt, row_tau, row_probe)
     if logits.shape[0] == 0:
         return
-    grid, args, meta = launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched,
-                                     p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                     row_probe, block_v=block_v, num_splits=num_splits)
-    kernel = kernel_for(logits.device)
+    check_device(logits.device)
+    launches = launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, block_v=block_v,
+                              h_splits=h_splits, tiles_per_program=tiles_per_program)
     if logits.device.type == "cuda":
         with torch.cuda.device(logits.device):
-            kernel[grid](*args, **meta)
+            run_launches(launches)
     else:
-        kernel[grid](*args, **meta)
+        run_launches(launches)

@@ -118,14 +118,17 @@ def test_inf_and_huge_logits(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_splits,block_v", [(1, 16), (3, 16), (7, 32), (50, 16)])
-def test_vocab_splits(num_splits, block_v, device):
-    # several programs per row (and more splits than blocks): all must agree on the latch, no block twice
+@pytest.mark.parametrize("h_splits,tiles,block_v", [(1, 1, 16), (3, 2, 16), (7, 3, 32), (50, 50, 16)])
+def test_tilings(h_splits, tiles, block_v, device):
+    # hidden splits of the probe (more than the hidden size has chunks: clamped), several vocabulary
+    # tiles per blend program (more than there are: the rest masked), several rank slices of t
     case = make_case(B=5, H=37, V=101, r=8, latch_mode="none", mask_mode="all", fire_rate=0.6, seed=7,
                      device=device)
-    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+    check_against_reference(case, run_triton(case, h_splits=h_splits, tiles_per_program=tiles, block_v=block_v))
     case = make_case(B=3, H=96, V=130, r="full", latch_mode="mixed", mask_mode="mixed", seed=8, device=device)
-    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+    out = run_triton(case, h_splits=h_splits, tiles_per_program=tiles, block_v=block_v)
+    check_against_reference(case, out)
+    assert_delta(case, out, require=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,15 +161,35 @@ def test_launcher_asserts_preconditions():
         ks.steer_step_triton(*case.call_args(bad))
 
 
+def _launch(case, *extra, name="latch", **kw):
+    """(grid, args, meta) of one of the call's launches."""
+    ln = next(x for x in ks.launch_configs(*case.call_args(), *extra, **kw) if x.name == name)
+    return ln.grid, ln.args, ln.meta
+
+
 def test_launch_config_has_no_data_dependence():
-    """The launcher reads only shapes/strides/dtypes: the same config for any tensor values."""
+    """The launcher reads only shapes/strides/dtypes: the same launches for any tensor values."""
     case = make_case(B=5, H=37, V=101, r=8, seed=0)
-    g1, a1, m1 = ks.launch_config(*case.call_args())
     other = make_case(B=5, H=37, V=101, r=8, seed=1, latch_mode="all", mask_mode="none")
-    g2, a2, m2 = ks.launch_config(*other.call_args())
-    assert g1 == g2 and m1 == m2
+    l1, l2 = ks.launch_configs(*case.call_args()), ks.launch_configs(*other.call_args())
+    assert [x.name for x in l1] == [x.name for x in l2] == ["probe", "latch", "blend"]
     scalars = lambda a: [x for x in a if not isinstance(x, torch.Tensor) and not isinstance(x, float)]  # noqa: E731
-    assert scalars(a1) == scalars(a2)
+    for x, y in zip(l1, l2):
+        assert x.grid == y.grid and x.meta == y.meta and scalars(x.args) == scalars(y.args)
+    assert ks.launch_configs(*make_case(B=0, H=37, V=101, r=8).call_args()) == []  # B == 0: nothing
+    assert [x.name for x in ks.launch_configs(*make_case(B=2, H=37, V=0, r=8).call_args())] == ["probe", "latch"]
+
+
+def test_scratch_is_sized_from_shapes():
+    """One fp32 scratch [B, R + h_splits * F] (t, then the probe's partial sums), from shapes alone."""
+    case = make_case(B=5, H=37, V=101, r=8, F=16, seed=0)
+    launches = ks.launch_configs(*case.call_args(), h_splits=2)
+    probe, latch, blend = launches
+    part = probe.args[ks.probe_kernel.arg_names.index("part_ptr")]
+    t = blend.args[ks.blend_kernel.arg_names.index("t_ptr")]
+    assert part.shape == (5, 2 * 16) and t.shape == (5, 8) and part.dtype == t.dtype == torch.float32
+    assert part.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # one allocation
+    assert latch.args[ks.latch_kernel.arg_names.index("part_ptr")] is part
 
 
 # --------------------------------------------------------------------------- per-row threshold
@@ -195,13 +218,13 @@ def test_row_tau_variants(i, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_splits,block_v", [(3, 16), (50, 16)])
-def test_row_tau_vocab_splits(num_splits, block_v, device):
-    # every program of a row loads its threshold: all must agree on the latch
-    case = make_case(B=6, H=37, V=101, r=8, latch_mode="none", mask_mode="all", row_tau=True, seed=7, device=device,
-                     row_tau_layout="strided")
+@pytest.mark.parametrize("h_splits,block_v", [(3, 16), (50, 16)])
+def test_row_tau_tilings(h_splits, block_v, device):
+    # every rank slice's program of a row block loads the thresholds: all must agree on the latch
+    case = make_case(B=6, H=37, V=101, r="full", latch_mode="none", mask_mode="all", row_tau=True, seed=7,
+                     device=device, row_tau_layout="strided")
     assert_row_tau_decisive(case)
-    check_against_reference(case, run_triton(case, num_splits=num_splits, block_v=block_v))
+    check_against_reference(case, run_triton(case, h_splits=h_splits, tiles_per_program=3, block_v=block_v))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,17 +268,17 @@ def test_row_tau_launch_config():
     """row_tau is a run-time flag (no constexpr: one compiled variant with and without it);
     without it the pointer slot holds p_out (never read) and the config otherwise matches."""
     case = make_case(B=5, H=37, V=101, r=8, seed=0, device=DEVICES[0])
-    g0, a0, m0 = ks.launch_config(*case.call_args())
+    g0, a0, m0 = _launch(case)
     rt = torch.rand(10, device=DEVICES[0])[::2]
-    g1, a1, m1 = ks.launch_config(*case.call_args(), rt)
+    g1, a1, m1 = _launch(case, rt)
     assert g0 == g1 and m0 == m1 and "HAS_ROW_TAU" not in m0
-    names = [n for n in ks.steer_step_kernel.arg_names if n not in m0]
+    names = [n for n in ks.latch_kernel.arg_names if n not in m0]
     assert len(a0) == len(a1) == len(names)
     i = names.index("rtau_ptr")
     assert a0[i] is case.args["p_out"] and a1[i] is rt and a1[i + 1] == 2
     j = names.index("has_row_tau")
     assert (a0[j], a1[j]) == (0, 1)
-    rest = lambda a: [x for k, x in enumerate(a) if k not in (i, i + 1, j)]  # noqa: E731
+    rest = lambda a: [x for k, x in enumerate(a) if k not in (i, i + 1, j) and not isinstance(x, torch.Tensor)]  # noqa: E731
     assert rest(a0) == rest(a1)
 
 
@@ -295,7 +318,7 @@ def test_row_probe(B, H, V, r, F, dtype, weights_layout, device):
 def test_row_probe_with_row_tau_variants(i, device):
     # monitor mode in a serving step: per-row probe AND per-row threshold, mixed patterns, vocab splits
     case = make_case(B=11, H=37, V=101, r=8, row_tau=True, row_probe=True, device=device, **variant(i))
-    out = run_triton(case, num_splits=3, block_v=16)
+    out = run_triton(case, h_splits=2, tiles_per_program=3, block_v=16)
     check_against_reference(case, out)
     if case.args["probe_mask"].any():
         assert_row_probe_scores(case, out, both=False)  # the variant's probe mask may leave one probe unused
@@ -345,11 +368,14 @@ def test_row_probe_launch_config():
     """HAS_ROW_PROBE follows row_probe; a 2-D W1 passes probe strides 0 and P = 1."""
     plain = make_case(B=4, H=37, V=101, r=8, seed=0)
     stacked = make_case(B=4, H=37, V=101, r=8, seed=0, row_probe=True)
-    _, a1, m1 = ks.launch_config(*plain.call_args())
-    _, a2, m2 = ks.launch_config(*stacked.call_args())
+    _, a1, m1 = _launch(plain, name="probe")
+    _, a2, m2 = _launch(stacked, name="probe")
     assert m1["HAS_ROW_PROBE"] is False and m2["HAS_ROW_PROBE"] is True
     i = next(k for k, x in enumerate(a1) if x is plain.args["W1"])
     assert a1[i + 1] == 0 and a2[i + 1] == stacked.args["W1"].stride(0) == 37 * 16
+    names = ks.probe_kernel.arg_names
+    assert (a1[names.index("P")], a2[names.index("P")]) == (1, 2)
+    assert _launch(plain)[2]["HAS_ROW_PROBE"] is False and _launch(stacked)[2]["HAS_ROW_PROBE"] is True
 
 
 def test_launcher_asserts_row_probe():
@@ -414,7 +440,7 @@ def test_r_major_U(r, dtype, device):
     """U r-major (stride (1, V)) and fp32, as serving builds it, with hidden states and logits in dtype."""
     case = make_case(B=5, H=96, V=300, r=r, dtype=dtype, latch_mode="mixed", mask_mode="mixed", seed=21, device=device)
     serving_weights(case)
-    out = run_triton(case, num_splits=3, block_v=32)
+    out = run_triton(case, h_splits=3, tiles_per_program=3, block_v=32)
     check_against_reference(case, out)
     assert_delta(case, out)
 
@@ -440,9 +466,67 @@ def test_delta_grid(i, device):
     r = (8, "full", 1)[i % 3]
     dtype = (torch.float32, torch.bfloat16)[i % 2]
     case = make_case(B=7, H=64, V=256, r=r, dtype=dtype, device=device, **dict(variant(i), latch_mode="mixed"))
-    out = run_triton(case, num_splits=2 + i % 2, block_v=32)
+    out = run_triton(case, h_splits=1 + i % 2, tiles_per_program=2 + i % 2, block_v=32)
     check_against_reference(case, out)
     assert_delta(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,r,logits_dtype,latch_mode", [(1, 16, torch.bfloat16, "all"), (1, 64, torch.float32, "none"),
+                                                        (20, 16, torch.bfloat16, "mixed"), (20, 64, torch.float32, "mixed")])
+def test_serving_size_blend(B, r, logits_dtype, latch_mode, device):
+    """SmolLM2's size (H=576, V=49152) with serving's U/Bt (r-major fp32 U), bf16 hidden states:
+    B=1 and a batch over one row block (16), several latch patterns, the delta checked directly."""
+    case = make_case(B=B, H=576, V=49152, r=r, F=64, dtype=torch.bfloat16, latch_mode=latch_mode, mask_mode="all",
+                     fire_rate=0.5, eps=0.5, seed=B + r, device=device)
+    case.args["logits"] = case.args["logits"].to(logits_dtype)
+    serving_weights(case)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    lat = run_reference(case)["latched"]
+    assert_delta(case, out, require=bool(lat.any()))
+    if B > 1:
+        assert 0 < int(lat.sum()) < B, "a mixed batch: some rows steered, some not"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+def test_row_blocks_with_bad_rows_and_stacked_probes(nan_latches, device):
+    """B = 37 (three row blocks of 16): stacked probes, per-row thresholds, out-of-range probe rows,
+    probe indices and head rows in different blocks; the in-range rows as the reference computes them."""
+    case = make_case(B=37, H=70, V=300, r=16, latch_mode="mixed", mask_mode="mixed", row_tau=True, row_probe=True,
+                     nan_latches=nan_latches, seed=9, device=device)
+    N, M = case.args["probe_hidden"].shape[0], case.args["head_hidden"].shape[0]
+    out = case.clone()
+    out["probe_mask"] = case.args["probe_mask"].clone()
+    prow, hrow, rprobe = case.args["probe_rows"].clone(), case.args["head_rows"].clone(), case.row_probe.clone()
+    bad_probe, bad_k, bad_head = [3, 20], [17, 35], [5, 33]
+    out["probe_mask"][bad_probe + bad_k] = True
+    prow[bad_probe] = torch.tensor([N, -1])
+    rprobe[bad_k] = torch.tensor([2, -5], dtype=rprobe.dtype)
+    hrow[bad_head] = torch.tensor([M + 4, -1])
+    out["latched"][bad_probe + bad_k] = False  # the NaN policy alone decides their latch
+    out["latched"][bad_head] = True
+    out["probe_rows"], out["head_rows"] = prow, hrow
+    args = list(case.call_args(out))
+    args[-1] = rprobe
+    ks.steer_step_triton(*args, h_splits=2, tiles_per_program=2, block_v=32)
+    bad = bad_probe + bad_k
+    assert torch.isnan(out["p_out"][bad]).all() and out["latched"][bad].tolist() == [nan_latches] * 4
+    assert torch.isnan(out["p_out"][bad_head]).all() and out["latched"][bad_head].all()
+    assert torch.equal(out["logits"][bad_head], case.args["logits"][bad_head])
+    # the other rows: the reference on the same inputs without the bad rows' effects
+    good = [b for b in range(37) if b not in bad + bad_head]
+    ref = case.clone()
+    ref["probe_mask"] = out["probe_mask"].clone()
+    ref["probe_mask"][bad] = False
+    ref["latched"][bad_head] = False
+    steer_step_reference(*case.call_args(ref))
+    torch.testing.assert_close(out["p_out"][good], ref["p_out"][good], rtol=0, atol=1e-5)
+    assert torch.equal(out["latched"][good], ref["latched"][good])
+    # (equal_nan: rows neither probed nor latched carry a NaN sentinel, untouched by both)
+    torch.testing.assert_close(out["logits"][good], ref["logits"][good], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert bool(ref["latched"][good].any()) and not bool(ref["latched"][good].all())
 
 
 def test_delta_check_can_fail():
@@ -470,7 +554,7 @@ def test_out_of_range_probe_rows(nan_latches, rows_dtype, device):
     rows[1], rows[4], rows[5] = N, -1, 2**31 - 1
     out = case.clone()
     out["probe_rows"] = rows
-    ks.steer_step_triton(*case.call_args(out), num_splits=3, block_v=16)
+    ks.steer_step_triton(*case.call_args(out), h_splits=2, tiles_per_program=3, block_v=16)
     good = [b for b in range(6) if b not in bad_rows]
     ref = run_reference(case)
     assert torch.isnan(out["p_out"][bad_rows]).all(), out["p_out"]
@@ -500,7 +584,7 @@ def test_out_of_range_head_rows(r, device):
     rows[2], rows[5] = M, -3
     out = case.clone()
     out["head_rows"] = rows
-    ks.steer_step_triton(*case.call_args(out), num_splits=3, block_v=16)
+    ks.steer_step_triton(*case.call_args(out), h_splits=2, tiles_per_program=3, block_v=16)
     ref = run_reference(case)
     bad, good = [2, 5], [0, 1, 3, 4]
     assert torch.equal(out["logits"][bad], case.args["logits"][bad]), "a row without a valid head row was written"
@@ -509,25 +593,29 @@ def test_out_of_range_head_rows(r, device):
     torch.testing.assert_close(out["logits"][good], ref["logits"][good], rtol=1e-5, atol=1e-5)
 
 
-def test_launch_plan_is_pure_and_matches_launch_config():
-    """``plan_launch`` (sizes only) is what ``launch_config`` launches, for the interpreter and
+def test_launch_plan_is_pure_and_matches_launch_configs():
+    """``plan_launch`` (sizes only) is what ``launch_configs`` launches, for the interpreter and
     for a GPU's SM count (the AOT tests compile from it)."""
-    case = make_case(B=5, H=37, V=1001, r=8, seed=0)
+    case = make_case(B=37, H=96, V=1001, r=8, seed=0)
     for sm in (None, 132):
-        grid, args, meta = ks.launch_config(*case.call_args(), sm_count=sm)
-        plan = ks.plan_launch(5, 1001, 37, 16, 8, sm_count=sm)
-        assert grid == (5, plan.num_splits)
-        assert (meta["BLOCK_H"], meta["BLOCK_F"], meta["BLOCK_V"], meta["BLOCK_R"], meta["T_IN_REGS"]) == (
-            plan.block_h, plan.block_f, plan.block_v, plan.block_r, plan.t_in_regs)
-        names = [n for n in ks.steer_step_kernel.arg_names if n not in meta]
-        assert args[names.index("blocks_per_split")] == plan.blocks_per_split
-        assert args[names.index("n_splits")] == plan.num_splits
-    # the CUDA rule: about 4 waves of programs, but >= 8 vocabulary blocks per program
+        probe, latch, blend = ks.launch_configs(*case.call_args(), sm_count=sm)
+        plan = ks.plan_launch(37, 1001, 96, 16, 8, sm_count=sm)
+        assert probe.grid == (3, plan.h_splits) and latch.grid == (3, plan.r_splits) == (3, 1)
+        assert blend.grid == (plan.blend_programs,) and plan.blend_programs * plan.tiles_per_program >= plan.n_tiles
+        assert (blend.meta["BLOCK_V"], blend.meta["BLOCK_R"], blend.meta["U_IN_REGS"]) == (
+            plan.block_v, plan.block_r, plan.u_in_regs)
+        assert probe.args[ks.probe_kernel.arg_names.index("h_per_split")] == plan.h_per_split
+        assert (plan.h_splits - 1) * plan.h_per_split < 96 <= plan.h_splits * plan.h_per_split
+        assert blend.args[ks.blend_kernel.arg_names.index("tiles_per_program")] == plan.tiles_per_program
+    # the interpreter's plan exercises two hidden splits and two tiles per blend program
+    p = ks.plan_launch(37, 1001, 96, 16, 8)
+    assert (p.h_splits, p.tiles_per_program, p.block_v, p.block_r) == (2, 2, 64, 16)
+    # CUDA: probe programs about 2 waves, >= 512 hidden entries each; one vocabulary tile per blend program
     p = ks.plan_launch(1, 152064, 3584, 64, 16, sm_count=132)
-    assert p.block_v == 256 and p.num_splits == min(152064 // 256 // 8, 4 * 132)
-    assert ks.plan_launch(256, 152064, 3584, 64, 64, sm_count=132).num_splits == 3
-    # r = 64 uses 32 x 64 U tiles, but a program still streams 8 x 4096 elements (512 vocabulary rows)
-    p = ks.plan_launch(1, 152064, 3584, 64, 64, sm_count=132)
-    assert (p.block_v, p.num_splits, p.blocks_per_split) == (32, 152064 // 512, 16)
-    assert ks.plan_launch(4, 1000, 96, 64, 96, sm_count=None) == ks.LaunchPlan(64, 32, 64, 64, False, 2, 8)
-    assert ks.plan_launch(4, 1000, 96, 64, 64, sm_count=None).block_v == 32
+    assert (p.row_blocks, p.h_splits, p.r_splits, p.block_v, p.tiles_per_program) == (1, 7, 1, 64, 1)
+    assert p.blend_programs == 152064 // 64
+    p = ks.plan_launch(256, 152064, 8192, 64, 64, sm_count=132)
+    assert (p.row_blocks, p.h_splits, p.h_per_split, p.r_splits, p.block_v, p.block_r) == (16, 16, 512, 2, 32, 64)
+    # the full-rank head: t in 32-rank slices, the blend over 64-rank chunks of U
+    p = ks.plan_launch(4, 1000, 96, 64, 96, sm_count=None)
+    assert (p.r_splits, p.u_in_regs, p.block_r, p.block_v) == (3, False, 64, 32)

@@ -4,8 +4,9 @@ Semantics: exactly ``autosteer.runtime.reference_op.steer_step_reference`` (gath
 latch + refusal-logit blend, in place on ``logits`` / ``latched`` / ``p_out``; unlatched rows get
 no writes). Backends, picked from the device of the tensors:
 
-- CUDA: the fused Triton kernel ``autosteer.kernels.steer_step`` (one launch), registered with
-  ``torch.library.triton_op`` + ``wrap_triton`` so ``torch.compile`` sees the kernel;
+- CUDA: the Triton kernels of ``autosteer.kernels.steer_step`` (three launches in the one op:
+  probe, latch + ``t``, blend; one fp32 scratch sized from shapes), registered with
+  ``torch.library.triton_op`` + ``wrap_triton`` so ``torch.compile`` sees the kernels;
 - CPU: the C++ kernel ``torch.ops.autosteer.steer_step_cpu`` (``csrc/``), from the installed
   ``autosteer._C`` or, failing that, a JIT build with ninja into a cache directory;
 - anything else, or when the above are unavailable: ``torch.ops.autosteer.steer_step_ref``,
@@ -219,15 +220,15 @@ def _steer_step_impl(
     if logits.shape[0] == 0:
         return
     if logits.device.type == "cuda" and _HAS_TRITON:
-        grid, args, meta = _ktriton.launch_config(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
-                                                  logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
-                                                  nan_latches, row_tau, row_probe)
-        kernel = _ktriton.steer_step_kernel
+        # three launches (probe, latch + t, blend) and one fp32 scratch sized from shapes
+        launches = _ktriton.launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
+                                           logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
+                                           nan_latches, row_tau, row_probe)
         if torch.compiler.is_compiling():  # inductor's generated code guards the device itself
-            wrap_triton(kernel)[grid](*args, **meta)
+            _ktriton.run_launches(launches, wrap=wrap_triton)
         else:  # eager torch.ops call: launch on the tensors' device, not the current one
             with torch.cuda.device(logits.device):
-                wrap_triton(kernel)[grid](*args, **meta)
+                _ktriton.run_launches(launches, wrap=wrap_triton)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
@@ -411,9 +412,8 @@ def steer_step(
             torch.ops.autosteer.steer_step_cpu(*args)  # the kernel the op's CPU implementation calls
             return
         if kind == "cuda" and _HAS_TRITON:
-            grid, kargs, meta = _ktriton.launch_config(*args)
             with torch.cuda.device(logits.device):
-                _ktriton.steer_step_kernel[grid](*kargs, **meta)
+                _ktriton.run_launches(_ktriton.launch_configs(*args))
             for t in (logits, latched, p_out):  # what the op's ADInplaceOrView kernel would do
                 torch.autograd.graph.increment_version(t)
             return
