@@ -122,7 +122,7 @@ def write(report: dict, arch: int, out_dir: Path, command: str) -> Path:
         "Triton's cubin (`cuobjdump --dump-resource-usage`); spill bytes: `ptxas -v` on the PTX with Triton's "
         "ptxas and flags wherever there is a stack or local memory (spills need one of them); shared "
         "memory: Triton's metadata (what the launch requests; the driver reserves 1 KB more per block). "
-        "4 or 8 warps per program (column `warps`). Compile times: cold Triton cache, {report['jobs']} processes, load average "
+        f"4 or 8 warps per program (column `warps`). Compile times: cold Triton cache, {report['jobs']} processes, load average "
         f"{report['loadavg']:.1f} on {os.cpu_count()} CPUs at the start (other jobs slow them down).",
         "",
         f"**Summary:** registers {min(regs)}-{max(regs)} (vocabularies that are multiples of 16: "
@@ -133,7 +133,7 @@ def write(report: dict, arch: int, out_dir: Path, command: str) -> Path:
         "",
         "## Variants",
         "",
-        "`programs/SM`: how many 4-warp programs an SM holds (`autosteer.kernels.aot.programs_per_sm`: "
+        "`programs/SM`: how many programs (of the variant's warps) an SM holds (`autosteer.kernels.aot.programs_per_sm`: "
         "the 64k-register file allocated per warp in units of 256, at most 64 warps, shared memory). "
         "`V % 16`: `no` for the vocabulary that is not a multiple of 16 "
         "(logit rows and r-major U columns are not 16-byte aligned: scalar loads). "

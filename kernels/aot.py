@@ -11,7 +11,7 @@ variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources a
    (``nan_latches``, ``row_tau``, stacked probes with ``row_probe``). Plus one vocabulary that is
    not a multiple of 16 (less alignment, another variant), for r-major U.
 2. :func:`specs_for`: the call's arguments as ``meta`` tensors (real shapes, strides, dtypes and
-   allocator alignment, no memory) go through the launcher's own ``launch_config`` (and so
+   allocator alignment, no memory) go through the launcher's own ``launch_configs`` (and so
    ``plan_launch``), each of its launches through Triton's own binder for that target: the signature, constexprs
    and alignment attributes are exactly what ``kernel[grid](...)`` would compile on that GPU.
 3. :func:`unique_variants` dedupes them (compiled code depends on dtypes, constexprs and the

@@ -1,76 +1,101 @@
-"""Fused Triton kernel for the per-decode-step AutoSteer work (gather + probe + latch + blend).
+"""Triton kernels for the per-decode-step AutoSteer work (gather + probe + latch + blend).
 
 The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for every sequence
-``b`` of the batch the kernel computes, in ONE launch:
+``b`` of the batch one call computes:
 
 1. ``x = probe_hidden[probe_rows[b]]``, and where ``probe_mask[b]``:
    ``p = sigmoid(w2 . relu(W1 x + b1) + b2)`` (fp32 accumulation), ``p_out[b] = p``,
    ``latched[b] |= (p > tau_b) or (nan_latches and isnan(p))``, ``tau_b = row_tau[b]`` when the
    optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``; with stacked
    probe weights (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``) the probe of row ``b`` is
-   ``row_probe[b]`` (one index load per probed row; a value outside ``[0, P)`` -- which the CPU
-   paths reject -- gives ``p = NaN``, so the row follows the NaN policy instead of being scored
-   by some other probe);
+   ``row_probe[b]`` (a value outside ``[0, P)`` -- which the CPU paths reject -- gives ``p = NaN``,
+   so the row follows the NaN policy instead of being scored by some other probe);
 2. where ``latched[b]`` (after step 1), in place:
    ``logits[b] = (1 + eps) * logits[b] + eps * U (Bt g)``, ``g = head_hidden[head_rows[b]]``,
    in fp32, cast back to the logits' dtype. Rows that end up unlatched get no logits writes.
 
-Work split. The grid is ``(B, n_splits)``: program ``(b, s)`` owns batch row ``b`` and the
-contiguous run of ``blocks_per_split`` vocabulary blocks (``BLOCK_V`` entries each) starting at
-block ``s * blocks_per_split``. Why:
+Design: three launches in the one op (issue 19, item 2), rows in blocks of ``BLOCK_B = 16``.
 
-- Rows are independent, so the row is the natural first axis; a single program per row would
-  leave most SMs idle at small batch (decode with B=1..8 and V=150k), hence the vocab splits,
-  chosen so that ``B * n_splits`` is a few waves of the GPU but each program still streams
-  several blocks (the per-program fixed cost below is then amortised).
-- The probe is tiny (F x H, F=64) next to the blend (V x r per latched row), so instead of a
-  second launch or a grid-wide barrier every program of row ``b`` recomputes the probe when
-  ``probe_mask[b]`` is set. The computation is deterministic (same code, data and reduction
-  order), so all programs of a row agree on the latch decision. Only program ``s == 0`` stores
-  ``p_out[b]`` and ``latched[b]``; the others may read ``latched[b]`` before or after that store,
-  which is harmless because the update is a monotone OR of the same ``fire`` bit.
-- An unlatched row's programs stop after the probe (or after reading two bytes when the row
-  is not probed): zero logits traffic for the common benign case.
-- A latched row's program computes ``t = Bt g`` (r x H, fp32) itself, then for each of its
-  vocabulary blocks loads a ``[BLOCK_V, r]`` tile of U, forms ``U t`` and blends. For r <= 64
-  ``t`` lives in registers; for larger r (the full-S case ``Bt = I``) it is written to a
-  per-program fp32 scratch row and read back in chunks after a block barrier.
+1. **probe** (``probe_kernel``), grid ``(row blocks, hidden splits)``: each program takes the
+   probed rows of its block and ``h_per_split`` (>= 512 on a GPU) hidden entries, and forms
+   ``X W1^T`` with ``tl.dot`` over ``[16, 32] x [32, F]`` tiles -- W1 is read once per row block,
+   not once per row and vocabulary split -- writing fp32 partial sums into a scratch. Stacked probes:
+   one pass per probe some row of the block uses. A block without a probed row returns at once.
+2. **latch + t** (``latch_kernel``), grid ``(row blocks, rank slices of 16 or 32)``: each program
+   sums the partials of its block's rows (all slices of a block in the same order, so they agree),
+   applies ``b1``, relu, ``w2``, ``b2``, the sigmoid and the threshold; slice 0 stores ``p_out`` and
+   the latch (a monotone OR). Then, for the rows to steer only, ``t = Bt g`` for its rank slice by
+   ``tl.dot`` over ``[16, 32] x [32, slice]`` tiles into the scratch: ``t`` is computed once per row.
+3. **blend** (``blend_kernel``), grid ``(vocabulary tiles,)`` (one tile of ``BLOCK_V`` entries per
+   program on a GPU until the grid passes 32 waves): a program first counts the latched rows (one
+   load per 256 rows) and returns if there are none; else it loads its U tile ``[r, BLOCK_V]``
+   once and, for every row block holding a row to steer, forms ``T U^T`` with one ``tl.dot`` and
+   blends -- latched rows share U tiles, and rows not latched cost no logits traffic (their loads and
+   stores are masked off). ``B == 0`` launches nothing; ``V == 0`` skips the blend.
 
-Costs (not measured on a GPU yet): a latched row moves V logits in and out and reads V x r of
-U (shared between rows through L2); a probed row costs each of its ``n_splits`` programs an
-F x H read of W1 (from L2), which is why each program streams at least 8 U tiles of 4096
-elements (splits <= ``V BLOCK_R / 32768``). The bytes model
-is ``autosteer.kernels.aot.bytes_per_call``. Tiles are 32 x 64 (probe) and 256 x 16, 128 x 32,
-32 x 64 or (r > 64) 64 x 64 (U).
+Why three launches, not two: the latch of a row needs the whole probe (a reduction over H), and
+``t`` needs the latch. With two launches (probe + latch + t per row block, then the blend) a
+probe program would read all of W1 (F x H fp32: 0.9-2.1 MB at H = 3584-8192) on one SM, several
+microseconds alone; splitting H over programs needs a reduction step before the latch, which is
+launch 2. Computing ``t`` speculatively in launch 1 for every probed row would read ``g`` and Bt
+for rows that stay unlatched. The cost is one more dependent launch (~1 us assumed, to be measured).
+
+The full-rank head (``rank=None``: ``Bt = I``, r = H): kept on the GPU, with a cost not multiplied
+by any split count: ``t`` in 32-rank slices (Bt read once per row block), the blend over 64-rank
+chunks of U, re-read per row block holding a latched row (from L2; exactly once for B <= 16). It
+still moves V x H x 4 bytes of U per latched step (2.2 GB at Qwen2-7B's shape: ~0.7 ms on an
+H100): the pack format, not the kernel, is the cost; a low-rank pack (``autosteer fit --rank``) is
+what serving should use. Vocabularies that are not a multiple of 16 with 16 < r <= 64 take the
+same chunked path (holding the tile spilled on sm_90).
+
+Numerics: the dots run in ``tf32x3`` (three tf32 tensor-core products: about fp32 accuracy; fp32
+accumulation); Triton's interpreter computes them in exact fp32, so the interpreter tests do not see
+the tf32x3 rounding: ``benchmarks/gpu_check.sh`` checks the delta on a GPU. relu keeps NaN (like
+``torch.relu``), so a NaN hidden state gives ``p = NaN``; a NaN row of a block does not reach the
+other rows (each output row of a dot depends on its own input row only).
+
+Costs (``autosteer.kernels.aot.bytes_per_call``; tables in ``benchmarks/results/aot_sm{80,90}.md``;
+a model, not measured): for r in {16, 64}, DRAM traffic is the floor plus the fp32 scratch (1.00-1.03
+x the floor, up to 1.6 x in monitor steps at B = 256 from the partial sums); the old single-launch
+design requested up to 500 x the floor (e.g. Qwen2-7B, r = 16, B = 8, monitor step: 489 MB vs a
+0.98 MB floor, now 1.0 MB). The full-rank head re-reads U per row block (up to 14 x the floor at
+B = 256). L2 re-reads (W1 per row block, ``t`` per vocabulary tile) make the requested bytes up to 2 x
+the floor at B = 256, r = 64. Estimated (H100, assumed 7 TB/s L2 and 1 us per launch): an unlatched
+monitor step at B = 256 takes 3.6 us (H = 576), 6.2 us (H = 3584), 10 us (H = 8192), mostly the
+three launches and W1 re-read per row block; an all-latched blend reaches 91 % (r = 16) and 67 %
+(r = 64, ``t`` re-read per tile) of the floor's time at B = 256.
+
 Resources, from ahead-of-time compiles of every variant serving can launch for sm_80 and sm_90
-(``tests/test_aot.py``; tables in ``benchmarks/results/aot_sm{80,90}.md``; triton 3.9, 4 warps per
-program): no spills, no stack, 64 B-2 KB of shared memory (reduction scratch), and 44-64 registers
-per thread (sm_80 52-64, sm_90 44-60) wherever the vocabulary is a multiple of 16, so 8 or more
-programs fit an SM's register file; up to 80 (sm_80) / 72 (sm_90) where it is not (logit rows and
-r-major U columns are then not 16-byte aligned: scalar loads with a 64-bit address each). An
-earlier note here said 128-211 registers: that was out of date.
+(``tests/test_aot.py``, triton 3.9; 42 variants per target: probe 6, latch 12, blend 24): no
+spills, no stack, 2-12 KB of shared memory; registers per thread: probe 101-119 (8 warps), latch
+72-96 (4 warps), blend 61-71 with r <= 16 (4 warps; 82-109 where V is not a multiple of 16),
+108-120 with r = 64 (8 warps), 120-128 chunked (4 warps; 128-149 where V is not a multiple of 16).
+sm_80 64-149 overall, sm_90 61-136.
+The first cut (64 x 64 probe tiles, 128 x 16 U tiles, Triton's default 3 pipeline stages) took
+150-255 registers and spilled; ``NUM_STAGES = 1`` and the tiles above are what fits.
 
-Compiled variants. Only dtypes, the tile constexprs (``BLOCK_*``, ``T_IN_REGS``, ``OUT_BF16``),
-``HAS_ROW_PROBE`` (it also changes ``row_probe``'s pointer type) and the alignment of the vector
-operands select a variant; ``nan_latches`` and ``has_row_tau`` are run-time scalars, and the
-per-row scalar operands (row indices, flags, ``p_out``, ``row_tau``, their strides) and the sizes
-``N``, ``M``, ``P`` and the grid numbers are never specialised, so speculative positions (offset
-``p_out[j]`` views, rows with stride P) and changing token counts reuse one compiled kernel.
+Compiled variants. Only dtypes, the tile constexprs, ``HAS_ROW_PROBE`` (it also changes
+``row_probe``'s pointer type) and the alignment of the vector operands select a variant;
+``nan_latches`` and ``has_row_tau`` are run-time scalars, and the per-row scalar operands (row
+indices, flags, ``p_out``, ``row_tau``, their strides), ``B``, ``N``, ``M``, ``P`` and the grid
+numbers are never specialised, so speculative positions (offset ``p_out[j]`` views, rows with
+stride P) and changing batch sizes reuse one compiled kernel.
 
-Out-of-range row indices (the CPU paths raise instead; this kernel cannot): a probed row whose
-``probe_rows[b]`` is outside ``[0, N)`` (``N = probe_hidden.shape[0]``) reads nothing (the load
-index is clamped and masked) and scores ``p = NaN``, so the ``nan_latches`` policy decides its
-latch (fail closed latches it); a latched row whose ``head_rows[b]`` is outside ``[0, M)`` gets no
-logits writes (there is no hidden state to steer with) and ``p_out[b] = NaN`` marks it (its latch
-is kept). Either way no address outside the tensors is formed, so a bad index cannot become a
-sticky illegal-address error.
+Out-of-range row indices (the CPU paths raise instead; these kernels cannot): a probed row whose
+``probe_rows[b]`` is outside ``[0, N)`` (``N = probe_hidden.shape[0]``) reads nothing (its loads are
+masked) and scores ``p = NaN``, so the ``nan_latches`` policy decides its latch (fail closed
+latches it); a latched row whose ``head_rows[b]`` is outside ``[0, M)`` gets no logits writes
+(there is no hidden state to steer with) and ``p_out[b] = NaN`` marks it (its latch is kept).
+Either way no address outside the tensors is formed, so a bad index cannot become a sticky
+illegal-address error.
 
-No host synchronisation, no data-dependent allocation: the launcher only reads shapes,
-strides and dtypes, so it can be captured in a CUDA graph. ``B == 0`` launches nothing.
+No host synchronisation, no data-dependent allocation: the launcher reads only shapes, strides
+and dtypes and allocates one fp32 scratch ``[B, R + h_splits * F]`` (``torch.empty``, sized from
+shapes), so a call can be captured in a CUDA graph.
 Inputs: probe_hidden/head_hidden/logits/U/Bt in fp32, fp16 or bf16 (independently), any
 strides; probe_rows/head_rows int32 or int64; probe_mask/latched bool (Triton stores bools as bytes);
 probe weights fp32; row_tau (optional) fp32, any stride; row_probe (optional) int32/int64, any
-stride. On CPU tensors the kernel runs in Triton's interpreter, which must be enabled with
+stride. On CPU tensors the kernels run in Triton's interpreter, which must be enabled with
 TRITON_INTERPRET=1 before triton is first imported (the tests do).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every variant of the three launches of a call (probe, latch + t, blend) serving can launch (``autosteer.kernels.aot``: sizes H in {576, 3584, 4096,
 8192} with V up to 256k, r in {16, 64, full}, both U layouts, (hidden, logits) dtypes, every
-flag), derived through the launcher's own ``launch_config`` / ``plan_launch`` and Triton's own
+flag), derived through the launcher's own ``launch_configs`` / ``plan_launch`` and Triton's own
 argument binder, deduplicated and compiled once per target. The checks:
 
 - no spills, no stack frame, no local memory (Triton's cubin; ``ptxas -v`` wherever there is any);
