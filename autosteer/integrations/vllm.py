@@ -91,6 +91,7 @@ ENV_MODE = "AUTOSTEER_MODE"
 ENV_TAU = "AUTOSTEER_TAU"
 ENV_FAIL_CLOSED = "AUTOSTEER_FAIL_CLOSED"
 ENV_LOG_DECISIONS = "AUTOSTEER_LOG_DECISIONS"
+ENV_METRICS = "AUTOSTEER_METRICS"
 
 try:  # subclass vLLM's base class when vLLM is importable (it checks issubclass for FQCN plugins)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase  # type: ignore
@@ -105,6 +106,36 @@ try:  # Model Runner V2 (vLLM >= ~0.2x; the default runner in 0.33 on CUDA): it 
 except Exception:  # noqa: BLE001
     _VLLMV2Base = None
 _BASES = tuple(b for b in (_VLLMBase, _VLLMV2Base) if b is not None and b is not object) or (object,)
+
+
+class RequestCounter:
+    """Finished requests the gate decided on, by outcome: ``steered`` (latched), ``not_steered``, ``off`` (turned off
+    by the client). ``counts`` holds them in the process; where ``prometheus_client`` is importable (it is in every
+    vLLM install) they are also the Prometheus counter ``autosteer_requests_total{outcome=...}``. A worker's
+    counters reach the API server's ``/metrics`` through vLLM's multi-process metrics: ``PROMETHEUS_MULTIPROC_DIR``
+    set before the server starts (the workers inherit it and write their counters there)."""
+
+    OUTCOMES = ("steered", "not_steered", "off")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.OUTCOMES, 0)
+        self._prom = _prometheus_counter()
+
+    def inc(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self._prom is not None:
+            self._prom.labels(outcome=outcome).inc()
+
+
+@functools.lru_cache(maxsize=1)
+def _prometheus_counter():
+    """One ``autosteer_requests_total`` per process (a second registration would raise); None without
+    prometheus_client."""
+    try:
+        from prometheus_client import Counter
+    except ImportError:
+        return None
+    return Counter("autosteer_requests", "Requests AutoSteer's gate decided on, by outcome", ["outcome"])
 
 
 class VLLMIntegrationError(RuntimeError):
@@ -287,7 +318,7 @@ class _VLLM:
         return tensor_model_parallel_all_gather(W.detach().contiguous(), dim=0)
 
 
-def _announce(msg: str, *args) -> None:
+def _announce(msg: str, *args, level: int = logging.INFO) -> None:
     """Log at INFO where a vLLM process can be seen: vLLM configures only its own ``vllm`` logger, so
     when nothing handles ``autosteer``'s records (no handler on it or above it), one stderr handler is
     added to the ``autosteer`` logger (at INFO) the first time."""
@@ -298,7 +329,7 @@ def _announce(msg: str, *args) -> None:
         root.addHandler(h)
         if root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-    log.info(msg, *args)
+    log.log(level, msg, *args)
 
 
 @functools.lru_cache(maxsize=1)
@@ -1001,6 +1032,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._last_forward: int | None = None  # capture.forwards at the previous apply
         self._v2: _V2Requests | None = None
         self._pending_settings: dict = {}  # key -> RequestSettings of requests added before the store existed
+        self.counter: RequestCounter | None = None
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
@@ -1018,6 +1050,13 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
             self.fail_closed = parse_flag(*setting("fail_closed", ENV_FAIL_CLOSED), True)
             self.log_decisions = parse_flag(*setting("log_decisions", ENV_LOG_DECISIONS), False)
+            # counting needs each finished request's latch on the host: one small device read per finished request
+            # (at the batch update that releases it, not per step), so it is opt-in like the decision log
+            self.counter = RequestCounter() if parse_flag(*setting("metrics", ENV_METRICS), False) else None
+            if self.counter is not None and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                _announce("autosteer: %s is on but PROMETHEUS_MULTIPROC_DIR is not set: the request counter stays in "
+                          "this worker process and does not reach the server's /metrics", ENV_METRICS,
+                          level=logging.WARNING)
             self.allow_client_off = parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
@@ -1033,6 +1072,15 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             _separate_compile_cache(vllm_config, self.pack.layer)
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
+        # vLLM computes the logprobs it returns before the logits processors run unless logprobs_mode is one of the
+        # processed_* modes: a steered request's reported logprobs are then the unsteered model's (its tokens are
+        # the steered ones). Said once per worker, and in the "AutoSteer active" line.
+        self.logprobs_mode = str(getattr(getattr(vllm_config, "model_config", None), "logprobs_mode", "raw_logprobs"))
+        if not self.logprobs_mode.startswith("processed"):
+            _announce("autosteer: logprobs_mode is %s: the logprobs vLLM returns for steered requests are computed "
+                      "before steering (the unsteered model's; the tokens are steered). Start vLLM with "
+                      "--logprobs-mode processed_logprobs to return the steered ones", self.logprobs_mode,
+                      level=logging.WARNING)
         why = _engine_refusal(vllm_config)
         version = _VLLM.version()  # None: vLLM not importable (a simulated engine); else it must be supported
         why = why or (_VLLM.version_refusal(version) if version is not None else None)
@@ -1365,24 +1413,32 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # with tensor parallelism every rank steers the same rows alike (replicated states, all-gathered logits);
         # only rank 0 reports decisions, so each request is logged once
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,
-                                     on_release=self._on_release, report_on_release=self.log_decisions and tp_rank == 0)
+                                     on_release=self._on_release,
+                                     report_on_release=(self.log_decisions or self.counter is not None) and tp_rank == 0)
         for key, cfg in self._pending_settings.items():
             self.store.set_request_settings(key, cfg)
         self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s)",
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s), "
+                  "logprobs %s",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
-                  self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path))
+                  self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path),
+                  "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 
     def _on_release(self, request_id, summary) -> None:
         self._pending_settings.pop(request_id, None)
         if summary is not None:
             cfg = summary.settings
-            if cfg is not None and cfg.off:
+            off = cfg is not None and cfg.off
+            if self.counter is not None:
+                self.counter.inc("off" if off else "steered" if summary.latched else "not_steered")
+            if not self.log_decisions:
+                return
+            if off:
                 _announce("autosteer: request %s not steered: steering off by the client (tokens=%d)", request_id,
                           summary.tokens)
                 return
