@@ -227,7 +227,9 @@ class Server:
                    if re.match(re.escape(name) + r"[{ ]", line))
 
 
-COMPILED_FLAGS = [f for f in FLAGS if f != "--enforce-eager"]
+# the compiled server also returns processed logprobs (after the logits processors: the steered ones); the eager
+# servers keep vLLM's default, raw_logprobs (before them)
+COMPILED_FLAGS = [f for f in FLAGS if f != "--enforce-eager"] + ["--logprobs-mode", "processed_logprobs"]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +243,11 @@ def started(tmp_path_factory):
         out["plain"] = Server("plain", log_dir, pack=None)
         # clients may turn steering off here (AUTOSTEER_ALLOW_CLIENT_OFF=1: only requests that ask are affected)
         out["steered"] = Server("steered", log_dir, pack=PACK, env={"AUTOSTEER_ALLOW_CLIENT_OFF": "1"})
-        out["compiled"] = Server("compiled", log_dir, pack=PACK, flags=COMPILED_FLAGS)
+        # ... and counts requests on /metrics (vLLM's multi-process metrics: the worker writes its counter there)
+        prom = log_dir / "prometheus"
+        prom.mkdir()
+        out["compiled"] = Server("compiled", log_dir, pack=PACK, flags=COMPILED_FLAGS,
+                                 env={"AUTOSTEER_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom)})
         yield out
     finally:
         for s in out.values():
@@ -320,6 +326,7 @@ def hf_scores():
 def test_the_plugin_is_active_only_with_a_pack(servers, reference):
     plain, steered = servers
     assert "AutoSteer active (vLLM 0.32, V1 runner, eager: layer hook): layer 20" in steered.log(), steered.log()[-3000:]
+    assert "logprobs unsteered (raw_logprobs)" in steered.log()
     assert "AutoSteer active" not in plain.log()
     assert "autosteer: request" not in plain.log()
 
@@ -400,6 +407,7 @@ def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scor
     log = compiled.log()
     assert "AutoSteer active (vLLM 0.32, V1 runner, compiled: auxiliary hidden-state output): layer 20" in log, \
         log[-3000:]
+    assert "logprobs steered" in log
     first = len(decisions(log))
     answers = {p: compiled.answer(p) for p in ALL}
     got = wait_decisions(compiled, first + len(ALL))[first: first + len(ALL)]
@@ -645,3 +653,65 @@ def test_tensor_parallel_2_steers_as_one_worker_does(tp_server, reference, hf_sc
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
         burst = list(ex.map(tp_server.answer, prompts))
     assert burst == [answers[p] for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------------
+# logprobs
+
+
+def _token_logprobs(server: Server, prompt: str) -> list[tuple[str, float, str]]:
+    """(chosen token, its reported logprob, the token with the highest reported logprob) per generated token, greedy.
+    (vLLM lists the chosen token among ``top_logprobs`` whatever its rank, so the top is taken by value.)"""
+    out = server.chat(prompt, max_tokens=12, logprobs=True, top_logprobs=3)["choices"][0]["logprobs"]["content"]
+    return [(t["token"], t["logprob"], max(t["top_logprobs"], key=lambda e: e["logprob"])["token"]) for t in out]
+
+
+def test_logprobs_of_steered_requests(servers, compiled, reference):
+    """vLLM reports logprobs computed before the logits processors unless ``--logprobs-mode processed_logprobs``.
+    The plugin says which in its start-up line. Default (raw): a refused request's tokens are the steered ones but
+    its reported logprobs are the unsteered model's, so the greedy choice is not the reported top-1 token (the
+    model's own first choice is to comply); a benign request's logprobs are the plain server's. Processed: the
+    reported distribution is the steered one, whose top-1 token is the greedy choice at every step."""
+    plain, steered = servers
+    raw = _token_logprobs(steered, HARMFUL[0])
+    assert REFUSAL.match("".join(t for t, _, _ in raw)), raw
+    assert any(tok != top for tok, _, top in raw), raw  # reported before steering
+    assert _token_logprobs(steered, BENIGN[0]) == _token_logprobs(plain, BENIGN[0])
+    processed = _token_logprobs(compiled, HARMFUL[0])
+    assert [t for t, _, _ in processed] == [t for t, _, _ in raw]  # the same refusal
+    assert all(tok == top for tok, _, top in processed), processed
+    # the steered distribution puts more mass on the refusal's first token than the model's own
+    assert processed[0][1] > raw[0][1] + 1, (processed[0], raw[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# the request counter
+
+
+def _outcomes(server: Server) -> dict[str, float]:
+    """autosteer_requests_total by outcome, from the server's /metrics."""
+    out = {}
+    for m in re.finditer(r'^autosteer_requests_total\{outcome="(\w+)"\} (\S+)$', server.metrics_text(), re.M):
+        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def test_the_request_counter_reaches_the_servers_metrics(compiled):
+    """``AUTOSTEER_METRICS=1`` with vLLM's multi-process metrics (``PROMETHEUS_MULTIPROC_DIR``): the worker counts
+    each finished request once by outcome, and the API server's /metrics shows it."""
+    # V1 releases (and so counts) a finished request at the next batch update: one benign request first, so that
+    # the previous tests' requests are counted before the count is taken (this one is counted later, not steered)
+    compiled.answer("Say hi.", max_tokens=2)
+    before = _outcomes(compiled)
+    for p in HARMFUL[:2] + BENIGN[:3]:
+        compiled.answer(p, max_tokens=4)
+    flushes, deadline = 0, time.monotonic() + 60
+    while True:  # flush with one more request until the five are counted
+        compiled.answer("Say hi.", max_tokens=2)
+        flushes += 1
+        now = _outcomes(compiled)
+        delta = {k: now.get(k, 0.0) - before.get(k, 0.0) for k in ("steered", "not_steered", "off")}
+        if delta["steered"] >= 2 and delta["not_steered"] >= 3 or time.monotonic() > deadline:
+            break
+    assert delta["steered"] == 2 and 3 <= delta["not_steered"] <= 4 + flushes and delta["off"] == 0, (delta, flushes)
+    assert "does not reach the server's /metrics" not in compiled.log()
