@@ -1146,7 +1146,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         server = _admission_settings()
         if server is None:
             key = next(k for k in args if isinstance(k, str) and k.lower().startswith("autosteer"))
-            raise ValueError(f"vllm_xargs {key!r}: AutoSteer is not active on this server ({ENV_PACK} unset)")
+            raise ValueError(f"vllm_xargs {key!r}: AutoSteer is not active on this server, or its pack was given only "
+                             f"through additional_config: the API server checks per-request settings against "
+                             f"{ENV_PACK} (with AUTOSTEER_TAU, AUTOSTEER_MODE, {ENV_ALLOW_CLIENT_OFF}) in its own "
+                             f"environment, which is unset")
         parse_request_settings(args, source="vllm_xargs", **server)
         return None
 
