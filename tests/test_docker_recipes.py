@@ -145,12 +145,12 @@ def test_shim_logs_records_the_launcher_parses(capsys):
     handler = shim["LauncherJSONHandler"]()
     log = logging.getLogger("autosteer.test_docker_recipes")
     for level, name in ((logging.INFO, "INFO"), (logging.WARNING, "WARNING"), (logging.ERROR, "ERROR")):
-        handler.emit(log.makeRecord(log.name, level, __file__, 1, "autosteer: attached pack %s", ("p",), None))
+        handler.emit(log.makeRecord(log.name, level, __file__, 1, "autosteer: AutoSteer active (TGI, M): pack %s", ("p",), None))
         line = capsys.readouterr().out
         assert line.endswith("\n") and line.count("\n") == 1
         rec = json.loads(line)
         # launcher/src/main.rs PythonLogMessage: {"text": str, "record": {"level": {"name": UPPERCASE level}}}
-        assert rec == {"text": "autosteer: attached pack p", "record": {"level": {"name": name}}}
+        assert rec == {"text": "autosteer: AutoSteer active (TGI, M): pack p", "record": {"level": {"name": name}}}
 
 
 # --- the smoke script and the documented run lines ------------------------------------------------------

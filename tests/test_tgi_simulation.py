@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -278,6 +280,25 @@ def test_a_dropped_processor_is_reattached(fake_tgi, setup, tmp_path, caplog):
         assert not torch.equal(raw, final)  # tau = 0: steered despite the missing processor
     finally:
         sim.RECORDER = None
+        tgi.uninstall()
+
+
+def test_the_shard_logs_the_start_up_line_the_vllm_workers_log(fake_tgi, setup, tmp_path, caplog):
+    """Once attached to the model, the shard logs "AutoSteer active ...: layer L, mode M, tau T, pack PATH (sha256 X)",
+    the line the vLLM workers log (the Docker smoke test greps it for both engines), with the pack file's hash."""
+    import hashlib
+
+    hf, _, pack, _ = setup
+    pack_path = _pack_file(tmp_path, pack, 0.5)
+    sha = hashlib.sha256(Path(pack_path).read_bytes()).hexdigest()[:16]
+    sim.SETTINGS.update(speculate=0, max_prefill_tokens=4096)
+    tgi.install(pack_path, "prefill")
+    try:
+        with caplog.at_level(logging.INFO, logger="autosteer.integrations.tgi"):
+            sim.FlashCausalLM(hf, cuda_graphs=False)
+        assert (f"AutoSteer active (TGI, FlashLlamaForCausalLM): layer {pack.layer}, mode prefill, tau 0.5, "
+                f"pack {pack_path} (sha256 {sha})") in caplog.text, caplog.text
+    finally:
         tgi.uninstall()
 
 

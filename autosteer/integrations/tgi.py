@@ -10,7 +10,9 @@ where ``/opt/autosteer-shim/text-generation-server`` runs ``autosteer-tgi-server
 ``python -m autosteer.integrations.tgi "$@"``): the launcher starts every shard as
 ``text-generation-server serve ...`` from ``PATH`` with its whole environment; the shim calls
 :func:`install_from_env` for ``serve`` and then runs TGI's own CLI in the same process.
-``docs/serving.md`` has the details.
+``docs/serving.md`` has the details. That ``PATH`` order does not hold in TGI's official Docker image
+(its entrypoint activates ``/usr/src/.venv``, whose own ``text-generation-server`` then comes first):
+there use ``scripts/docker/tgi/Dockerfile``, which replaces the venv's script with the shim.
 
 What :func:`install` patches (all TGI-specific names live in :class:`_TGI`):
 
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
                      hook_output_sum, parse_flag, parse_monitor_window, parse_threshold)
@@ -313,8 +316,10 @@ class _Runtime:
             self._hooks.append(hook_input(layers[0], self.probe_buf, 0, 1, check_layer_in))
         self._hooks.append(hook_input(lm_head, self.head_buf, 0))
         self.model = flash_lm
-        log.info("autosteer: attached pack %s (layer %d, mode %s, tau %.4g, eps %.4g) to %s; capture buffers %d rows",
-                 self.pack_path, L, self.mode, weights.tau, weights.eps, type(net).__name__, rows)
+        # the same start-up line as the vLLM workers' (an operator greps one string for both engines)
+        log.info("autosteer: AutoSteer active (TGI, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
+                 "capture buffers %d rows", type(net).__name__, L, self.mode, weights.tau, self.pack_path,
+                 pack_sha256(self.pack_path), weights.eps, rows)
 
     def _on_release(self, request_id, summary) -> None:
         if summary is not None:

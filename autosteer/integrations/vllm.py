@@ -79,6 +79,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
@@ -353,16 +354,6 @@ def _admission_settings() -> dict | None:
 
 def _asks_autosteer(args) -> bool:
     return bool(args) and any(isinstance(k, str) and k.lower().startswith("autosteer") for k in args)
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
-    except OSError:
-        return "?"
 
 
 def _weak(obj):
@@ -1428,7 +1419,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
-                  self.pack.layer, self.mode, weights.tau, self.pack_path, _sha256(self.pack_path),
+                  self.pack.layer, self.mode, weights.tau, self.pack_path, pack_sha256(self.pack_path),
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 

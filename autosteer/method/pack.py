@@ -44,6 +44,18 @@ class PackError(ValueError):
     """A steer pack is malformed or does not match the model; the message names the problem."""
 
 
+def pack_sha256(path) -> str:
+    """The first 16 hex digits of a pack file's SHA-256 ("?" when it cannot be read): what servers log at start-up,
+    so an operator can tell which pack each worker serves."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return "?"
+
+
 def model_fingerprint(model) -> dict:
     """What identifies a model for a pack: its text config's sizes and a dtype-robust checksum
     of the output embedding (float64 sums of 64 fixed rows)."""

@@ -4,8 +4,8 @@
 # through the OpenAI-compatible chat API (/v1/chat/completions, served by both engines) and fail unless
 #   1. the harmful answer is a refusal,
 #   2. the benign answer is not a refusal,
-#   3. the server's log has AutoSteer's start-up line (vLLM: "AutoSteer active (", logged by each
-#      worker; TGI: "autosteer: attached pack ", logged by the shard when it attaches to the model).
+#   3. the server's log has AutoSteer's start-up line "AutoSteer active (", logged by each vLLM worker
+#      and by the TGI shard when it attaches to the model.
 # The container is removed on every exit path.
 #
 #   scripts/docker/smoke_test.sh --engine vllm --image autosteer-vllm --model-dir ~/models/smollm2-135m
@@ -74,7 +74,7 @@ done
 
 case "$ENGINE" in
   vllm) ACTIVE_LINE="AutoSteer active ("; CONTAINER_PORT=8000 ;;
-  tgi) ACTIVE_LINE="autosteer: attached pack "; CONTAINER_PORT=80 ;;
+  tgi) ACTIVE_LINE="AutoSteer active (TGI"; CONTAINER_PORT=80 ;;
   *) die_usage "--engine must be tgi or vllm" ;;
 esac
 for tool in curl python3; do
