@@ -67,9 +67,9 @@ def _path(v: dict) -> str:
 def variant_rows(report: dict, arch: int) -> tuple[list[str], dict[str, int]]:
     vs = [v for v in report["variants"] if v["arch"] == arch]
     ids = {}
-    lines = ["| id | launch | hidden -> logits | tiles | U layout | V % 16 | stacked probes | configs | warps | "
-             "registers | spills st/ld | stack/local | shared B | programs/SM | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| id | launch | hidden -> logits | tiles | U layout | V % 16 | stacked probes | state_rows | configs | "
+             "warps | registers | spills st/ld | stack/local | shared B | programs/SM | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, v in enumerate(vs):
         ids[v["key"]] = i
         odd = "v50257" in v["shapes"] and len(v["shapes"]) == 1
@@ -78,9 +78,10 @@ def variant_rows(report: dict, arch: int) -> tuple[list[str], dict[str, int]]:
         logits = "/".join(v["logits"]) if v["kernel"] == "blend" else "any"
         hidden = "/".join(v["hidden"]) if v["kernel"] != "blend" else "any"
         probes = {(True,): "yes", (False,): "no"}.get(tuple(v["row_probe"]), "either")
+        state = {(True,): "yes", (False,): "no"}.get(tuple(v.get("state_rows", ())), "either")
         lines.append(
             f"| {i} | {v['kernel']} | {hidden} -> {logits} | {_path(v)} | {layout} | "
-            f"{'no' if odd else ('0' if v['kernel'] == 'blend' else 'any')} | {probes} | {v['n_configs']} | "
+            f"{'no' if odd else ('0' if v['kernel'] == 'blend' else 'any')} | {probes} | {state} | {v['n_configs']} | "
             f"{v['num_warps']} | {v['regs']} | {v['spill_stores']}/{v['spill_loads']} | {v['stack']}/{v['local']} | "
             f"{v['shared']} | {programs} | {v['compile_s']:.2f} |")
     return lines, ids

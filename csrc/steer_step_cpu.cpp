@@ -11,6 +11,9 @@
 //   if latched[b]:  logits[b] = (1 + eps) * logits[b] + eps * U (Bt g_b),
 //                   g_b = head_hidden[head_rows[b]], fp32 math, cast back.
 // Rows that are not latched are never written.
+//   state_rows (optional int32/int64 [B]): probe_mask, latched, p_out, row_tau and row_probe are
+//                   per-request tables of any length S, read and written at entry state_rows[b]
+//                   (a serving store's slot tables); entries outside [0, S) raise.
 //
 // Work split (three phases, each an at::parallel_for):
 //   1. probe + latch, parallel over groups of 4 probed rows (each W1 row is loaded once per group;
@@ -174,6 +177,7 @@ struct ProbeArgs {
   int64_t lat_s;
   float* p_out;
   int64_t pout_s;
+  const int64_t* st;  // [B] entry of the per-request tensors of each row (the row itself without state_rows)
   const float* W1;  // [F, H] contiguous
   const float* b1;  // [F] contiguous
   const float* w2;  // [F] contiguous
@@ -237,10 +241,11 @@ AS_INLINE void probe_groups_t(const ProbeArgs& a, const int64_t* items, int64_t 
       }
       s += a.b2;
       const float p = 1.f / (1.f + std::exp(-s));
-      a.p_out[b * a.pout_s] = p;
-      const float tau = a.row_tau ? a.row_tau[b * a.rtau_s] : a.tau;
+      const int64_t e = a.st[b];
+      a.p_out[e * a.pout_s] = p;
+      const float tau = a.row_tau ? a.row_tau[e * a.rtau_s] : a.tau;
       const bool fire = (p > tau) || (a.nan_latches && std::isnan(p));
-      if (fire) a.latched[b * a.lat_s] = true;
+      if (fire) a.latched[e * a.lat_s] = true;
     }
   }
 }
@@ -437,7 +442,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
                     const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe) {
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows) {
   // ---- preconditions (shapes, dtypes, devices): all checked before anything is written
   TORCH_CHECK(logits.dim() == 2, "steer_step_cpu: logits must be [B, V], got shape ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -446,6 +451,15 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   const int64_t H = probe_hidden.size(1);
   TORCH_CHECK(head_hidden.size(1) == H, "steer_step_cpu: head_hidden has H=", head_hidden.size(1),
               " but probe_hidden has H=", H);
+  // per-request tensors: one entry per row, or (state_rows) tables of S entries
+  const bool by_state = state_rows.has_value();
+  if (by_state) {
+    TORCH_CHECK(state_rows->device().is_cpu(), "steer_step_cpu: state_rows must be on the CPU");
+    check_index_tensor(*state_rows, B, "state_rows");
+    TORCH_CHECK(latched.dim() == 1 && latched.size(0) >= 1,
+                "steer_step_cpu: with state_rows, latched must be a 1-D table of S >= 1 entries, got ", latched.sizes());
+  }
+  const int64_t S = by_state ? latched.size(0) : B;
   const bool stacked = row_probe.has_value();
   TORCH_CHECK(W1.dim() == (stacked ? 3 : 2), "steer_step_cpu: W1 must be ",
               stacked ? "[P, F, H] (stacked probes, as row_probe is given)" : "[F, H] (3-D stacked probes need row_probe)",
@@ -458,10 +472,10 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     TORCH_CHECK(b1.dim() == 2 && b1.size(0) == P && b1.size(1) == F && w2.dim() == 2 && w2.size(0) == P &&
                     w2.size(1) == F && b2.dim() == 1 && b2.size(0) == P,
                 "steer_step_cpu: stacked probes need b1 and w2 [P=", P, ", F=", F, "] and b2 [P]");
-    TORCH_CHECK(row_probe->dim() == 1 && row_probe->size(0) == B &&
+    TORCH_CHECK(row_probe->dim() == 1 && row_probe->size(0) == S &&
                     (row_probe->scalar_type() == at::kInt || row_probe->scalar_type() == at::kLong),
-                "steer_step_cpu: row_probe must be int32 or int64 [B=", B, "], got ", row_probe->scalar_type(), " ",
-                row_probe->sizes());
+                "steer_step_cpu: row_probe must be int32 or int64 [", by_state ? "S=" : "B=", S, "], got ",
+                row_probe->scalar_type(), " ", row_probe->sizes());
     TORCH_CHECK(row_probe->device().is_cpu(), "steer_step_cpu: row_probe must be on the CPU");
   } else {
     TORCH_CHECK(b1.numel() == F && w2.numel() == F && b2.numel() == 1,
@@ -473,12 +487,13 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
               "], got ", Bt.sizes());
   check_index_tensor(probe_rows, B, "probe_rows");
   check_index_tensor(head_rows, B, "head_rows");
-  TORCH_CHECK(probe_mask.dim() == 1 && probe_mask.size(0) == B && probe_mask.scalar_type() == at::kBool,
-              "steer_step_cpu: probe_mask must be bool [B]");
-  TORCH_CHECK(latched.dim() == 1 && latched.size(0) == B && latched.scalar_type() == at::kBool,
-              "steer_step_cpu: latched must be bool [B]");
-  TORCH_CHECK(p_out.dim() == 1 && p_out.size(0) == B && p_out.scalar_type() == at::kFloat,
-              "steer_step_cpu: p_out must be float32 [B]");
+  const char* per = by_state ? "[S] (latched's length, as state_rows is given)" : "[B]";
+  TORCH_CHECK(probe_mask.dim() == 1 && probe_mask.size(0) == S && probe_mask.scalar_type() == at::kBool,
+              "steer_step_cpu: probe_mask must be bool ", per);
+  TORCH_CHECK(latched.dim() == 1 && latched.size(0) == S && latched.scalar_type() == at::kBool,
+              "steer_step_cpu: latched must be bool ", per);
+  TORCH_CHECK(p_out.dim() == 1 && p_out.size(0) == S && p_out.scalar_type() == at::kFloat,
+              "steer_step_cpu: p_out must be float32 ", per);
   for (const at::Tensor* t : {&W1, &b1, &w2, &b2}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "steer_step_cpu: probe weights (W1, b1, w2, b2) must be float32");
   }
@@ -490,7 +505,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     const at::Tensor& rt = *row_tau;
     TORCH_CHECK(rt.device().is_cpu(), "steer_step_cpu: row_tau must be on the CPU, got ", rt.device());
     TORCH_CHECK(rt.scalar_type() == at::kFloat, "steer_step_cpu: row_tau must be float32, got ", rt.scalar_type());
-    TORCH_CHECK(rt.dim() == 1 && rt.size(0) == B, "steer_step_cpu: row_tau must be 1-D of length B=", B,
+    TORCH_CHECK(rt.dim() == 1 && rt.size(0) == S, "steer_step_cpu: row_tau must be 1-D of length ", by_state ? "S=" : "B=", S,
                 ", got shape ", rt.sizes());
   }
   const Kind ph_kind = float_kind(probe_hidden, "probe_hidden");
@@ -508,17 +523,26 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   const bool* latched_in = latched.data_ptr<bool>();
   const int64_t N = probe_hidden.size(0), M = head_hidden.size(0);
   const bool kprobe64 = stacked && row_probe->scalar_type() == at::kLong;
+  // st[b]: the entry of row b in the per-request tensors (checked first: every other check reads them)
+  std::vector<int64_t> st(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    st[b] = by_state ? load_index(state_rows->data_ptr(), state_rows->scalar_type() == at::kLong,
+                                  state_rows->stride(0), b)
+                     : b;
+    TORCH_CHECK(st[b] >= 0 && st[b] < S, "steer_step_cpu: state_rows[", b, "]=", st[b], " out of range [0, ", S,
+                ") (the length of latched)");
+  }
   auto probe_of = [&](int64_t b) -> int64_t {
-    return stacked ? load_index(row_probe->data_ptr(), kprobe64, row_probe->stride(0), b) : 0;
+    return stacked ? load_index(row_probe->data_ptr(), kprobe64, row_probe->stride(0), st[b]) : 0;
   };
   for (int64_t b = 0; b < B; ++b) {
-    if (pmask[b * probe_mask.stride(0)]) {
+    if (pmask[st[b] * probe_mask.stride(0)]) {
       const int64_t pr = load_index(probe_rows.data_ptr(), prow64, probe_rows.stride(0), b);
       TORCH_CHECK(pr >= 0 && pr < N, "steer_step_cpu: probe_rows[", b, "]=", pr, " out of range [0, ", N, ")");
       const int64_t k = probe_of(b);
       TORCH_CHECK(k >= 0 && k < P, "steer_step_cpu: row_probe[", b, "]=", k, " out of range [0, ", P, ")");
     }
-    if (pmask[b * probe_mask.stride(0)] || latched_in[b * latched.stride(0)]) {  // rows that may be blended
+    if (pmask[st[b] * probe_mask.stride(0)] || latched_in[st[b] * latched.stride(0)]) {  // rows that may be blended
       const int64_t hr = load_index(head_rows.data_ptr(), hrow64, head_rows.stride(0), b);
       TORCH_CHECK(hr >= 0 && hr < M, "steer_step_cpu: head_rows[", b, "]=", hr, " out of range [0, ", M, ")");
     }
@@ -541,6 +565,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     a.lat_s = latched.stride(0);
     a.p_out = p_out.data_ptr<float>();
     a.pout_s = p_out.stride(0);
+    a.st = st.data();
     const at::Tensor b2c = b2.reshape({-1}).contiguous();
     a.H = H;
     a.F = F;
@@ -555,7 +580,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
       a.b2 = b2c.data_ptr<float>()[k];  // CPU tensor: no device sync
       std::vector<int64_t> items;  // batch rows to probe with probe k
       for (int64_t b = 0; b < B; ++b)
-        if (pmask[b * probe_mask.stride(0)] && probe_of(b) == k) items.push_back(b);
+        if (pmask[st[b] * probe_mask.stride(0)] && probe_of(b) == k) items.push_back(b);
       const int64_t n_items = static_cast<int64_t>(items.size());
       if (n_items == 0) continue;
       const int64_t groups = (n_items + kRB - 1) / kRB;
@@ -570,7 +595,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   {
     const bool* lat = latched.data_ptr<bool>();
     for (int64_t b = 0; b < B; ++b) {
-      if (lat[b * latched.stride(0)]) {
+      if (lat[st[b] * latched.stride(0)]) {
         rows.push_back(b);
         head_idx.push_back(load_index(head_rows.data_ptr(), hrow64, head_rows.stride(0), b));
       }
@@ -622,13 +647,14 @@ void steer_step_meta(const at::Tensor& probe_hidden, const at::Tensor& probe_row
                      const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                      double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe) {
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows) {
   TORCH_CHECK(logits.dim() == 2 && probe_hidden.dim() == 2 && head_hidden.dim() == 2 && U.dim() == 2 && Bt.dim() == 2,
               "steer_step_cpu: logits, probe_hidden, head_hidden, U and Bt must be 2-D");
   TORCH_CHECK(latched.dim() == 1 && p_out.dim() == 1 && probe_mask.dim() == 1,
               "steer_step_cpu: latched, p_out and probe_mask must be 1-D");
   TORCH_CHECK(!row_tau.has_value() || row_tau->dim() == 1, "steer_step_cpu: row_tau must be 1-D");
   TORCH_CHECK(!row_probe.has_value() || row_probe->dim() == 1, "steer_step_cpu: row_probe must be 1-D");
+  TORCH_CHECK(!state_rows.has_value() || state_rows->dim() == 1, "steer_step_cpu: state_rows must be 1-D");
 }
 
 }  // namespace autosteer

@@ -4,7 +4,8 @@
 // (gather + probe + latch + refusal-logit blend, in place). Out-params carry alias
 // annotations: logits, latched and p_out are written, nothing is returned. row_tau: optional
 // fp32 [B] per-row latch thresholds that replace tau when given. row_probe: optional int [B]
-// probe index per row, with the probe weights stacked ([P, F, H] ...). The Python
+// probe index per row, with the probe weights stacked ([P, F, H] ...). state_rows: optional int [B]
+// entry of the per-request tensors (probe_mask, latched, p_out, row_tau, row_probe) per row. The Python
 // op torch.ops.autosteer.steer_step (autosteer/runtime/op.py) calls it for CPU tensors.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,13 +20,13 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
                     const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe);
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows);
 void steer_step_meta(const at::Tensor& probe_hidden, const at::Tensor& probe_rows, const at::Tensor& probe_mask,
                      const at::Tensor& head_hidden, const at::Tensor& head_rows, const at::Tensor& logits,
                      const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                      double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe);
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows);
 }  // namespace autosteer
 
 TORCH_LIBRARY(autosteer, m) {
@@ -33,7 +34,7 @@ TORCH_LIBRARY(autosteer, m) {
       "steer_step_cpu(Tensor probe_hidden, Tensor probe_rows, Tensor probe_mask, Tensor head_hidden, "
       "Tensor head_rows, Tensor(a!) logits, Tensor(b!) latched, Tensor(c!) p_out, Tensor W1, Tensor b1, "
       "Tensor w2, Tensor b2, Tensor U, Tensor Bt, float tau, float eps, bool nan_latches=False, "
-      "Tensor? row_tau=None, Tensor? row_probe=None) -> ()");
+      "Tensor? row_tau=None, Tensor? row_probe=None, Tensor? state_rows=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(autosteer, CPU, m) { m.impl("steer_step_cpu", &autosteer::steer_step_cpu); }

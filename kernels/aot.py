@@ -8,7 +8,8 @@ variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources a
    8192} with their models' vocabularies (V up to 256k), rank r in {16, 64, full (r = H)}, both U
    layouts (``r-major``, what ``refusal_basis`` / ``SteerWeights.from_pack`` build, and
    ``row-major``), (hidden, logits) dtypes {bf16, fp16, fp32} x {fp32, same}, every flag
-   (``nan_latches``, ``row_tau``, stacked probes with ``row_probe``). Plus one vocabulary that is
+   (``nan_latches``, ``row_tau``, stacked probes with ``row_probe``, and ``state_rows``: the per-request
+   tensors as slot tables, what the serving stores' decode steps pass). Plus one vocabulary that is
    not a multiple of 16 (less alignment, another variant), for r-major U.
 2. :func:`specs_for`: the call's arguments as ``meta`` tensors (real shapes, strides, dtypes and
    allocator alignment, no memory) go through the launcher's own ``launch_configs`` (and so
@@ -97,6 +98,7 @@ class Config:
     nan_latches: bool = False
     row_tau: bool = False
     row_probe: bool = False  # stacked probes W1 [2, F, H] with an int32 probe index per row
+    state_rows: bool = False  # per-request tensors as slot tables [S = 4 B] addressed through state_rows (slot steps)
     B: int = 8
     F: int = F_PROBE
     rows: str = "int64"  # probe_rows / head_rows dtype (the integrations pass int64)
@@ -106,7 +108,8 @@ class Config:
         return self.H if self.r == "full" else int(self.r)
 
     def label(self) -> str:
-        flags = "".join(c for c, on in (("n", self.nan_latches), ("t", self.row_tau), ("p", self.row_probe)) if on)
+        flags = "".join(c for c, on in (("n", self.nan_latches), ("t", self.row_tau), ("p", self.row_probe),
+                                        ("s", self.state_rows)) if on)
         rows = "" if self.rows == "int64" else f" rows={self.rows}"
         return f"{self.shape} r={self.r} {self.layout} {self.hidden}->{self.logits}{rows} flags={flags or '-'}"
 
@@ -114,14 +117,14 @@ class Config:
 def serving_configs(B: int = 8) -> list[Config]:
     """Every call configuration the integrations can make (see the module docstring)."""
     out = []
-    flags = [(n, t, p) for n in (False, True) for t in (False, True) for p in (False, True)]
+    flags = [(n, t, p, s) for n in (False, True) for t in (False, True) for p in (False, True) for s in (False, True)]
     for shape, H, V in SHAPES + (ODD_V_SHAPE,):
         layouts = ("r-major",) if shape == ODD_V_SHAPE[0] else LAYOUTS
         for r in RANKS:
             for layout in layouts:
                 for hidden, logits in DTYPE_PAIRS:
-                    for n, t, p in flags:
-                        out.append(Config(shape, H, V, r, layout, hidden, logits, n, t, p, B=B))
+                    for n, t, p, s in flags:
+                        out.append(Config(shape, H, V, r, layout, hidden, logits, n, t, p, s, B=B))
     return out
 
 
@@ -143,14 +146,17 @@ def meta_args(c: Config, device: str = "meta") -> tuple:
     rows = e(B, dt={"int64": torch.int64, "int32": torch.int32}[c.rows])
     P = (2,) if c.row_probe else ()
     U = e(R, V).t() if c.layout == "r-major" else e(V, R)
-    args = (e(2 * B, H, dt=hd), rows, e(B, dt=torch.bool), e(2 * B, H, dt=hd), rows, e(B, V, dt=DTYPES[c.logits]),
-            e(B, dt=torch.bool), e(B), e(*P, F, H), e(*P, F), e(*P, F), e(P[0] if P else 1), U, e(R, H),
+    S = 4 * B if c.state_rows else B  # per-request tensors: one per row, or slot tables (a store's 4 B default)
+    args = (e(2 * B, H, dt=hd), rows, e(S, dt=torch.bool), e(2 * B, H, dt=hd), rows, e(B, V, dt=DTYPES[c.logits]),
+            e(S, dt=torch.bool), e(S), e(*P, F, H), e(*P, F), e(*P, F), e(P[0] if P else 1), U, e(R, H),
             0.5, 0.1, c.nan_latches)
     tail = ()
-    if c.row_tau or c.row_probe:
-        tail = (e(B) if c.row_tau else None,)
-    if c.row_probe:
-        tail += (e(B, dt=torch.int32),)
+    if c.row_tau or c.row_probe or c.state_rows:
+        tail = (e(S) if c.row_tau else None,)
+    if c.row_probe or c.state_rows:
+        tail += (e(S, dt=torch.int32) if c.row_probe else None,)
+    if c.state_rows:
+        tail += (e(B, dt=torch.int64),)
     return args + tail
 
 
@@ -462,6 +468,7 @@ def run(archs=ARCHS, jobs: int | None = None, configs: list[Config] | None = Non
             n_configs=len(cs), hidden=sorted({c.hidden for c in cs}), logits=sorted({c.logits for c in cs}),
             ranks=sorted({str(c.r) for c in cs}), layouts=sorted({c.layout for c in cs}),
             shapes=sorted({c.shape for c in cs}), row_probe=sorted({c.row_probe for c in cs}),
+            state_rows=sorted({c.state_rows for c in cs}),
             constexprs={spec_name(k, spec.kernel): v for k, v in spec.constexprs.items()},
             pointers={k: v for k, v in spec.signature.items() if v.startswith("*")},
             aligned=sorted(spec_name(k, spec.kernel) for k, v in spec.attrs.items() if v), **res))

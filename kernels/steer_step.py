@@ -81,6 +81,15 @@ indices, flags, ``p_out``, ``row_tau``, their strides), ``B``, ``N``, ``M``, ``P
 numbers are never specialised, so speculative positions (offset ``p_out[j]`` views, rows with
 stride P) and changing batch sizes reuse one compiled kernel.
 
+Per-request state by index (``state_rows``, optional int32/int64 ``[B]``, a serving store's row -> slot
+map): ``probe_mask``, ``latched``, ``p_out``, ``row_tau`` and ``row_probe`` are then tables of any length
+``S`` read and written at entry ``state_rows[b]`` (every launch maps its rows first: one scalar load per
+row); ``probe_rows``, ``head_rows`` and ``logits`` stay per row. It is a run-time flag
+(the constexpr ``HAS_STATE_ROWS``: the call without it compiles to the code it had before; with it, one
+more variant per launch) and the table length ``S`` is not specialised. A row whose
+entry is outside ``[0, S)`` reads and writes no state (every load and store of it is masked) and is
+steered exactly when ``nan_latches`` -- its latch is unknown, so the fail-closed policy decides.
+
 Out-of-range row indices (the CPU paths raise instead; these kernels cannot): a probed row whose
 ``probe_rows[b]`` is outside ``[0, N)`` (``N = probe_hidden.shape[0]``) reads nothing (its loads are
 masked) and scores ``p = NaN``, so the ``nan_latches`` policy decides its latch (fail closed
@@ -126,9 +135,9 @@ NUM_STAGES = 1  # no software pipelining: 2 took 238-255 registers (and spilled)
 # value of 1 into a constant and give multiples of 16 an alignment hint (one variant each); B and the
 # grid numbers change every step, and serving passes offset views (the speculative positions'
 # p_out[j], rows with stride P) for what is read one scalar per row.
-_ROW_SCALARS = ["prow", "pmask", "hrow", "lat", "pout", "rtau", "rprobe", "b2"]
+_ROW_SCALARS = ["prow", "pmask", "hrow", "lat", "pout", "rtau", "rprobe", "b2", "srow"]
 _NO_ALIGN = [n + "_ptr" for n in _ROW_SCALARS]
-_NO_SPECIALIZE = [n + "_s" for n in _ROW_SCALARS] + ["B", "N", "M", "P", "h_per_split", "n_h_splits",
+_NO_SPECIALIZE = [n + "_s" for n in _ROW_SCALARS] + ["B", "N", "M", "P", "S", "h_per_split", "n_h_splits",
                                                       "tiles_per_program", "nan_latches", "has_row_tau"]
 
 
@@ -142,16 +151,31 @@ def _jit(fn):
     return _present(set(names))(fn)
 
 
+@triton.jit
+def _state_of(srow_ptr, srow_s, rows, rm, S, HAS_STATE_ROWS: tl.constexpr):
+    """Entry of each row in the per-request tensors (``state_rows[b]``, or ``b`` itself) and whether it
+    is in ``[0, S)``; an entry out of range is replaced by 0 and must be masked off by the caller."""
+    st = rows
+    ok = rm
+    if HAS_STATE_ROWS:  # (a constexpr: the call without state_rows compiles to what it was before)
+        st = tl.load(srow_ptr + rows * srow_s, mask=rm, other=0).to(tl.int64)
+        ok = rm & (st >= 0) & (st < S)
+        st = tl.where(ok, st, 0)
+    return st, ok
+
+
 @_jit
 def probe_kernel(
     ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]
     prow_ptr, prow_s,  # probe_rows [B]
-    pmask_ptr, pmask_s,  # probe_mask [B] bool
-    rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
+    pmask_ptr, pmask_s,  # probe_mask [S] bool
+    rprobe_ptr, rprobe_s,  # row_probe [S] int (read only when HAS_ROW_PROBE)
+    srow_ptr, srow_s,  # state_rows [B] int (read only when HAS_STATE_ROWS; else S = B and entry b is row b)
     w1_ptr, w1_sp, w1_s0, w1_s1,  # W1 [P, F, H] fp32 (P = 1, w1_sp = 0 for a 2-D W1)
     part_ptr, part_s0,  # fp32 scratch [B, n_h_splits * F]: this program's partial W1 x
-    B, H, F, P, N, h_per_split,
+    B, H, F, P, N, S, h_per_split,
     HAS_ROW_PROBE: tl.constexpr,
+    HAS_STATE_ROWS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -163,14 +187,15 @@ def probe_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     split = tl.program_id(1)
     rm = rows < B
-    probed = (tl.load(pmask_ptr + rows * pmask_s, mask=rm, other=0) != 0) & rm
+    st, sok = _state_of(srow_ptr, srow_s, rows, rm, S, HAS_STATE_ROWS)
+    probed = (tl.load(pmask_ptr + st * pmask_s, mask=sok, other=0) != 0) & sok
     if tl.max(probed.to(tl.int32), axis=0) > 0:
         prow = tl.load(prow_ptr + rows * prow_s, mask=probed, other=0).to(tl.int64)
         ok = probed & (prow >= 0) & (prow < N)
         prow = tl.where(ok, prow, 0)  # a row out of range loads nothing (the latch launch scores it NaN)
         k = tl.zeros([BLOCK_B], dtype=tl.int64)
         if HAS_ROW_PROBE:
-            k = tl.load(rprobe_ptr + rows * rprobe_s, mask=ok, other=0).to(tl.int64)
+            k = tl.load(rprobe_ptr + st * rprobe_s, mask=ok, other=0).to(tl.int64)
         h_lo = split * h_per_split
         h_hi = tl.minimum(h_lo + h_per_split, H)
         offs_h = tl.arange(0, BLOCK_H)
@@ -198,21 +223,23 @@ def probe_kernel(
 @_jit
 def latch_kernel(
     prow_ptr, prow_s,  # probe_rows [B]
-    pmask_ptr, pmask_s,  # probe_mask [B] bool
+    pmask_ptr, pmask_s,  # probe_mask [S] bool
     hh_ptr, hh_s0, hh_s1,  # head_hidden [M, H]
     hrow_ptr, hrow_s,  # head_rows [B]
-    lat_ptr, lat_s,  # latched [B] bool, in place
-    pout_ptr, pout_s,  # p_out [B] fp32
-    rtau_ptr, rtau_s,  # row_tau [B] fp32 (read only when has_row_tau; else any pointer, never dereferenced)
-    rprobe_ptr, rprobe_s,  # row_probe [B] int (read only when HAS_ROW_PROBE)
+    lat_ptr, lat_s,  # latched [S] bool, in place
+    pout_ptr, pout_s,  # p_out [S] fp32
+    rtau_ptr, rtau_s,  # row_tau [S] fp32 (read only when has_row_tau; else any pointer, never dereferenced)
+    rprobe_ptr, rprobe_s,  # row_probe [S] int (read only when HAS_ROW_PROBE)
+    srow_ptr, srow_s,  # state_rows [B] int (read only when HAS_STATE_ROWS)
     b1_ptr, b1_sp, b1_s, w2_ptr, w2_sp, w2_s, b2_ptr, b2_s,  # b1 [P, F], w2 [P, F], b2 [P] fp32
     bt_ptr, bt_s0, bt_s1,  # Bt [R, H]
     part_ptr, part_s0,  # launch 1's partial sums [B, n_h_splits * F]
     t_ptr, t_s0,  # fp32 scratch [B, R]: t = Bt g of the rows to steer
-    B, H, F, R, P, N, M, n_h_splits,
+    B, H, F, R, P, N, M, S, n_h_splits,
     tau,
     nan_latches, has_row_tau,  # 0/1 at run time (scalar branches: one compiled variant for both)
     HAS_ROW_PROBE: tl.constexpr,
+    HAS_STATE_ROWS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -226,8 +253,12 @@ def latch_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rsplit = tl.program_id(1)
     rm = rows < B
-    latch = (tl.load(lat_ptr + rows * lat_s, mask=rm, other=0) != 0) & rm
-    probed = (tl.load(pmask_ptr + rows * pmask_s, mask=rm, other=0) != 0) & rm
+    st, sok = _state_of(srow_ptr, srow_s, rows, rm, S, HAS_STATE_ROWS)
+    # a row whose state entry is out of range has no latch to read: steered exactly when nan_latches
+    latch = (tl.load(lat_ptr + st * lat_s, mask=sok, other=0) != 0) & sok
+    if HAS_STATE_ROWS:  # branch-free (a run-time branch here made ptxas spill on sm_90)
+        latch = latch | (((rm & ~sok).to(tl.int32) * nan_latches) != 0)
+    probed = (tl.load(pmask_ptr + st * pmask_s, mask=sok, other=0) != 0) & sok
     p_val = tl.zeros([BLOCK_B], dtype=tl.float32)
     p_write = probed & (rows < 0)  # nothing yet
     if tl.max(probed.to(tl.int32), axis=0) > 0:
@@ -235,7 +266,7 @@ def latch_kernel(
         good = probed & (prow >= 0) & (prow < N)
         k = tl.zeros([BLOCK_B], dtype=tl.int64)
         if HAS_ROW_PROBE:
-            k = tl.load(rprobe_ptr + rows * rprobe_s, mask=probed, other=0).to(tl.int64)
+            k = tl.load(rprobe_ptr + st * rprobe_s, mask=probed, other=0).to(tl.int64)
             good = good & (k >= 0) & (k < P)
             k = tl.minimum(tl.maximum(k, 0), P - 1)  # addresses stay in bounds
         # NaN where the probe row or probe index is out of range (added to the logit below)
@@ -258,7 +289,7 @@ def latch_kernel(
         p = 1.0 / (1.0 + tl.exp(-s))
         thr = tl.zeros([BLOCK_B], dtype=tl.float32) + tau
         if has_row_tau != 0:
-            thr = tl.load(rtau_ptr + rows * rtau_s, mask=probed, other=0.0)
+            thr = tl.load(rtau_ptr + st * rtau_s, mask=probed, other=0.0)
         fire = p > thr
         if nan_latches != 0:
             fire = fire | (p != p)
@@ -266,13 +297,13 @@ def latch_kernel(
         p_val = p
         p_write = probed
         if rsplit == 0:
-            tl.store(lat_ptr + rows * lat_s, latch, mask=probed)
+            tl.store(lat_ptr + st * lat_s, latch, mask=probed)
     hrow = tl.load(hrow_ptr + rows * hrow_s, mask=latch, other=0).to(tl.int64)
     head_ok = (hrow >= 0) & (hrow < M)
     bad_head = latch & ~head_ok  # nothing to steer with: no logits writes, p_out = NaN
     steer = latch & head_ok
     if rsplit == 0:
-        tl.store(pout_ptr + rows * pout_s, tl.where(bad_head, float("nan"), p_val), mask=p_write | bad_head)
+        tl.store(pout_ptr + st * pout_s, tl.where(bad_head, float("nan"), p_val), mask=(p_write | bad_head) & sok)
     if tl.max(steer.to(tl.int32), axis=0) > 0:
         hrow = tl.where(steer, hrow, 0)
         g_row = hh_ptr + hrow * hh_s0
@@ -304,18 +335,21 @@ def _store_logits(ptrs, out, mask, OUT_BF16: tl.constexpr):
 @_jit
 def blend_kernel(
     hrow_ptr, hrow_s,  # head_rows [B]
-    lat_ptr, lat_s,  # latched [B] bool (after launch 2)
+    lat_ptr, lat_s,  # latched [S] bool (after launch 2)
+    srow_ptr, srow_s,  # state_rows [B] int (read only when HAS_STATE_ROWS)
     lg_ptr, lg_s0, lg_s1,  # logits [B, V], in place
     u_ptr, u_s0, u_s1,  # U [V, R]
     t_ptr, t_s0,  # launch 2's t [B, R] fp32
-    B, V, R, M, tiles_per_program,
+    B, V, R, M, S, tiles_per_program,
     one_plus_eps, eps,
+    nan_latches,
     BLOCK_B: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     U_IN_REGS: tl.constexpr,
     BLOCK_ANY: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    HAS_STATE_ROWS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Launch 3, program p: vocabulary tiles ``p * tiles_per_program ...`` (``BLOCK_V`` entries
@@ -328,8 +362,12 @@ def blend_kernel(
     offs_any = tl.arange(0, BLOCK_ANY)
     n_lat = 0
     for c in range(0, B, BLOCK_ANY):
-        rr = c + offs_any
-        n_lat += tl.sum((tl.load(lat_ptr + rr.to(tl.int64) * lat_s, mask=rr < B, other=0) != 0).to(tl.int32), axis=0)
+        rr = (c + offs_any).to(tl.int64)
+        sa, oka = _state_of(srow_ptr, srow_s, rr, rr < B, S, HAS_STATE_ROWS)
+        la = (tl.load(lat_ptr + sa * lat_s, mask=oka, other=0) != 0) & oka
+        if HAS_STATE_ROWS:  # branch-free (a run-time branch here made ptxas spill on sm_90)
+            la = la | ((((rr < B) & ~oka).to(tl.int32) * nan_latches) != 0)
+        n_lat += tl.sum(la.to(tl.int32), axis=0)
     if n_lat > 0:
         offs_v = tl.arange(0, BLOCK_V)
         offs_b = tl.arange(0, BLOCK_B)
@@ -343,7 +381,13 @@ def blend_kernel(
                              other=0.0).to(tl.float32)
             for b0 in range(0, B, BLOCK_B):
                 rows = b0 + offs_b.to(tl.int64)
-                lat = (tl.load(lat_ptr + rows * lat_s, mask=rows < B, other=0) != 0) & (rows < B)
+                if HAS_STATE_ROWS:
+                    st = tl.load(srow_ptr + rows * srow_s, mask=rows < B, other=0).to(tl.int64)
+                    sok = (rows < B) & (st >= 0) & (st < S)
+                    lat = (tl.load(lat_ptr + tl.where(sok, st, 0) * lat_s, mask=sok, other=0) != 0) & sok
+                    lat = lat | ((((rows < B) & ~sok).to(tl.int32) * nan_latches) != 0)  # (branch-free, as above)
+                else:
+                    lat = (tl.load(lat_ptr + rows * lat_s, mask=rows < B, other=0) != 0) & (rows < B)
                 if tl.max(lat.to(tl.int32), axis=0) > 0:
                     hrow = tl.load(hrow_ptr + rows * hrow_s, mask=lat, other=0)
                     steer = lat & (hrow >= 0) & (hrow < M)
@@ -373,10 +417,17 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau=None, row_probe=None) -> None:
+                  W1, b1, w2, b2, U, Bt, row_tau=None, row_probe=None, state_rows=None) -> None:
     """Every shape/dtype/device precondition, up front (shapes and dtypes only: no device sync)."""
     _check(logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}")
     B, V = logits.shape
+    S = B  # length of the per-request tensors
+    if state_rows is not None:
+        _check(state_rows.dim() == 1 and state_rows.shape[0] == B and state_rows.dtype in _INDEX,
+               f"state_rows must be int32/int64 [B={B}], got {state_rows.dtype} {tuple(state_rows.shape)}")
+        _check(state_rows.device == logits.device, f"state_rows must be on {logits.device}, got {state_rows.device}")
+        _check(latched.dim() == 1 and latched.shape[0] >= 1, "with state_rows, latched must be a 1-D table [S >= 1]")
+        S = latched.shape[0]
     _check(probe_hidden.dim() == 2 and head_hidden.dim() == 2, "probe_hidden and head_hidden must be 2-D [rows, H]")
     H = probe_hidden.shape[1]
     _check(head_hidden.shape[1] == H, f"head_hidden has H={head_hidden.shape[1]}, probe_hidden H={H}")
@@ -391,8 +442,8 @@ def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         P, F = W1.shape[0], W1.shape[1]
         _check(tuple(b1.shape) == (P, F) and tuple(w2.shape) == (P, F) and b2.dim() == 1 and b2.shape[0] == P,
                f"stacked probes need b1 and w2 [P={P}, F={F}] and b2 [P={P}]")
-        _check(row_probe.dim() == 1 and row_probe.shape[0] == B and row_probe.dtype in _INDEX,
-               f"row_probe must be int32/int64 [B={B}], got {row_probe.dtype} {tuple(row_probe.shape)}")
+        _check(row_probe.dim() == 1 and row_probe.shape[0] == S and row_probe.dtype in _INDEX,
+               f"row_probe must be int32/int64 [{S}], got {row_probe.dtype} {tuple(row_probe.shape)}")
         _check(row_probe.device == logits.device, f"row_probe must be on {logits.device}, got {row_probe.device}")
     _check(U.dim() == 2 and U.shape[0] == V, f"U must be [V={V}, r], got {tuple(U.shape)}")
     r = U.shape[1]
@@ -401,8 +452,8 @@ def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
         _check(t.dim() == 1 and t.shape[0] == B, f"{name} must be [B={B}]")
         _check(t.dtype in _INDEX, f"{name} must be int32 or int64, got {t.dtype}")
     for name, t in (("probe_mask", probe_mask), ("latched", latched)):
-        _check(t.dim() == 1 and t.shape[0] == B and t.dtype == torch.bool, f"{name} must be bool [B={B}]")
-    _check(p_out.dim() == 1 and p_out.shape[0] == B and p_out.dtype == torch.float32, f"p_out must be float32 [B={B}]")
+        _check(t.dim() == 1 and t.shape[0] == S and t.dtype == torch.bool, f"{name} must be bool [{S}]")
+    _check(p_out.dim() == 1 and p_out.shape[0] == S and p_out.dtype == torch.float32, f"p_out must be float32 [{S}]")
     for name, t in (("probe_hidden", probe_hidden), ("head_hidden", head_hidden), ("logits", logits), ("U", U),
                     ("Bt", Bt)):
         _check(t.dtype in _FLOATS, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
@@ -412,8 +463,8 @@ def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
     for t in (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, latched, p_out, W1, b1, w2, b2, U, Bt):
         _check(t.device == dev, f"all tensors must be on {dev}, found one on {t.device}")
     if row_tau is not None:
-        _check(row_tau.dim() == 1 and row_tau.shape[0] == B and row_tau.dtype == torch.float32,
-               f"row_tau must be float32 [B={B}], got {row_tau.dtype} {tuple(row_tau.shape)}")
+        _check(row_tau.dim() == 1 and row_tau.shape[0] == S and row_tau.dtype == torch.float32,
+               f"row_tau must be float32 [{S}], got {row_tau.dtype} {tuple(row_tau.shape)}")
         _check(row_tau.device == dev, f"row_tau must be on {dev}, got {row_tau.device}")
 
 
@@ -515,8 +566,8 @@ def scratch_shape(plan: LaunchPlan, B: int, F: int, R: int) -> tuple[int, int]:
 
 
 def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None, *,
-                   block_v=None, h_splits=None, tiles_per_program=None, sm_count=None,
+                   W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None,
+                   state_rows=None, *, block_v=None, h_splits=None, tiles_per_program=None, sm_count=None,
                    scratch=None) -> list[Launch]:
     """The call's launches, in order (probe, latch, blend; none when ``B == 0``, no blend when
     ``V == 0``); no launch, no sync. Allocates the fp32 scratch (``torch.empty``, sized from shapes)
@@ -546,6 +597,9 @@ def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
     rtau = row_tau if has_row_tau else p_out  # never dereferenced without has_row_tau
     has_row_probe = row_probe is not None
     rprobe = row_probe if has_row_probe else probe_rows  # never dereferenced without HAS_ROW_PROBE
+    has_state_rows = state_rows is not None
+    srow = state_rows if has_state_rows else probe_rows  # never dereferenced without HAS_STATE_ROWS
+    S = latched.shape[0] if has_state_rows else B
     stacked = W1.dim() == 3
     w1_sp, b1_sp, w2_sp = (W1.stride(0), b1.stride(0), w2.stride(0)) if stacked else (0, 0, 0)
     b2_s = b2.stride(0) if stacked else 0
@@ -555,10 +609,12 @@ def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
         probe_rows, probe_rows.stride(0),
         probe_mask, probe_mask.stride(0),
         rprobe, rprobe.stride(0),
+        srow, srow.stride(0),
         W1, w1_sp, W1.stride(-2), W1.stride(-1),
         part, part.stride(0),
-        B, H, F, P, N, plan.h_per_split,
-    ), dict(HAS_ROW_PROBE=has_row_probe, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f, num_warps=PROBE_WARPS, **common))
+        B, H, F, P, N, S, plan.h_per_split,
+    ), dict(HAS_ROW_PROBE=has_row_probe, HAS_STATE_ROWS=has_state_rows, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f,
+            num_warps=PROBE_WARPS, **common))
     latch = Launch("latch", latch_kernel, (plan.row_blocks, plan.r_splits), (
         probe_rows, probe_rows.stride(0),
         probe_mask, probe_mask.stride(0),
@@ -568,26 +624,31 @@ def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
         p_out, p_out.stride(0),
         rtau, rtau.stride(0),
         rprobe, rprobe.stride(0),
+        srow, srow.stride(0),
         b1, b1_sp, b1.stride(-1), w2, w2_sp, w2.stride(-1), b2, b2_s,
         Bt, Bt.stride(0), Bt.stride(1),
         part, part.stride(0),
         t_buf, t_buf.stride(0),
-        B, H, F, R, P, N, M, plan.h_splits,
+        B, H, F, R, P, N, M, S, plan.h_splits,
         float(tau),
         int(bool(nan_latches)), int(has_row_tau),
-    ), dict(HAS_ROW_PROBE=has_row_probe, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f, BLOCK_R=plan.block_rt,
+    ), dict(HAS_ROW_PROBE=has_row_probe, HAS_STATE_ROWS=has_state_rows, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f,
+            BLOCK_R=plan.block_rt,
             num_warps=NUM_WARPS, **common))
     out = [probe, latch]
     if plan.blend_programs:
         out.append(Launch("blend", blend_kernel, (plan.blend_programs,), (
             head_rows, head_rows.stride(0),
             latched, latched.stride(0),
+            srow, srow.stride(0),
             logits, logits.stride(0), logits.stride(1),
             U, U.stride(0), U.stride(1),
             t_buf, t_buf.stride(0),
-            B, V, R, M, plan.tiles_per_program,
+            B, V, R, M, S, plan.tiles_per_program,
             float(1.0 + float(eps)), float(eps),
-        ), dict(BLOCK_V=plan.block_v, BLOCK_R=plan.block_r, U_IN_REGS=plan.u_in_regs, BLOCK_ANY=BLOCK_ANY,
+            int(bool(nan_latches)),
+        ), dict(BLOCK_V=plan.block_v, HAS_STATE_ROWS=has_state_rows, BLOCK_R=plan.block_r, U_IN_REGS=plan.u_in_regs,
+                BLOCK_ANY=BLOCK_ANY,
                 OUT_BF16=logits.dtype == torch.bfloat16,
                 num_warps=BLEND_WARPS_WIDE if plan.u_in_regs and plan.block_r > 16 else NUM_WARPS, **common)))
     return out
@@ -643,6 +704,7 @@ def steer_step_triton(
     nan_latches: bool = False,
     row_tau: torch.Tensor | None = None,
     row_probe: torch.Tensor | None = None,
+    state_rows: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
     h_splits: int | None = None,
@@ -654,12 +716,12 @@ def steer_step_triton(
     ``block_v`` / ``h_splits`` / ``tiles_per_program`` override the tiling (tests, tuning).
     """
     _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau, row_probe)
+                  W1, b1, w2, b2, U, Bt, row_tau, row_probe, state_rows)
     if logits.shape[0] == 0:
         return
     check_device(logits.device)
     launches = launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, block_v=block_v,
+                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows, block_v=block_v,
                               h_splits=h_splits, tiles_per_program=tiles_per_program)
     if logits.device.type == "cuda":
         with torch.cuda.device(logits.device):

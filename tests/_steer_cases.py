@@ -498,3 +498,85 @@ def assert_row_tau_decisive(case):
         assert fire_only and block_only, case
     elif case.info["B"] >= 1:
         assert fire_only or block_only, case
+
+
+# ----------------------------------------------------------------------------- per-request state by index
+STATE_NAMES = ("probe_mask", "latched", "p_out")  # the per-request tensors among ARG_NAMES
+
+
+@dataclass
+class StateCase:
+    """A :class:`Case` with its per-request tensors scattered into tables of ``S`` entries (a serving store's
+    slot tables): row ``b`` lives at entry ``state_rows[b]``; the other entries hold values no row may touch."""
+
+    case: Case
+    state_rows: torch.Tensor  # [B]
+    tables: dict  # name -> [S] table (probe_mask, latched, p_out, and row_tau / row_probe when the case has them)
+
+    def clone_args(self) -> tuple[dict, dict]:
+        """(argument dict for the call, fresh tables): the mutated tables copied, the case's tensors shared."""
+        t = {n: v.clone() for n, v in self.tables.items()}
+        a = self.case.clone()
+        a.update({n: t[n] for n in STATE_NAMES})
+        return a, t
+
+    def call_args(self, a: dict, tables: dict) -> tuple:
+        c = self.case
+        return (tuple(a[n] for n in ARG_NAMES) + (c.tau, c.eps, c.nan_latches, tables.get("row_tau"),
+                                                  tables.get("row_probe"), self.state_rows))
+
+    def rows_of(self, a: dict) -> dict:
+        """The call's results in the row order of :attr:`case` (for ``check_against_reference``)."""
+        s = self.state_rows.long().cpu()
+        out = dict(a)
+        for n in STATE_NAMES:
+            out[n] = a[n].cpu()[s].to(a[n].device)
+        return out
+
+    def assert_others_untouched(self, a: dict) -> None:
+        s = self.state_rows.long().cpu()
+        keep = torch.ones(self.tables["latched"].shape[0], dtype=torch.bool)
+        keep[s] = False
+        for n in ("latched", "p_out"):
+            assert torch.equal(_bits(a[n].cpu()[keep]) if n == "p_out" else a[n].cpu()[keep],
+                               _bits(self.tables[n].cpu()[keep]) if n == "p_out" else self.tables[n].cpu()[keep]), \
+                f"{n} written at an entry no row names {self.case}"
+
+
+def state_case(case: Case, extra: int = 5, *, seed: int = 0, dtype: torch.dtype = torch.int64) -> StateCase:
+    """Scatter ``case``'s per-request tensors into tables of ``B + extra`` entries at random distinct entries.
+    The other entries are set so that touching them shows: latched True with ``probe_mask`` True (a kernel that
+    read them would probe / steer something), ``p_out`` a sentinel, odd thresholds and probe indices."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    B = case.args["logits"].shape[0]
+    dev = case.args["logits"].device
+    S = B + extra
+    perm = torch.randperm(S, generator=gen)[:B]
+    tables = {"probe_mask": torch.ones(S, dtype=torch.bool), "latched": torch.ones(S, dtype=torch.bool),
+              "p_out": torch.full((S,), P_SENTINEL - 1.0, dtype=torch.float32)}
+    for n in STATE_NAMES:
+        tables[n][perm] = case.args[n].cpu()
+    if case.row_tau is not None:
+        tables["row_tau"] = torch.full((S,), -1.0)
+        tables["row_tau"][perm] = case.row_tau.cpu()
+    if case.row_probe is not None:
+        tables["row_probe"] = torch.zeros(S, dtype=case.row_probe.dtype)
+        tables["row_probe"][perm] = case.row_probe.cpu()
+    tables = {n: t.to(dev) for n, t in tables.items()}
+    return StateCase(case, perm.to(dtype).to(dev), tables)
+
+
+def check_state_case(sc: StateCase, a: dict) -> None:
+    """``a``: the arguments after a kernel ran on them with ``state_rows``. The results equal the reference's
+    on the row-ordered case, entries no row names are untouched, and the reference called with ``state_rows``
+    gives the same as the reference on rows (the contract's two forms agree)."""
+    check_against_reference(sc.case, sc.rows_of(a))
+    sc.assert_others_untouched(a)
+    ra, rt = sc.clone_args()
+    steer_step_reference(*sc.call_args(ra, rt))
+    rows = run_reference(sc.case)
+    got = sc.rows_of(ra)
+    for n in ("latched", "p_out", "logits"):
+        assert torch.equal(_bits(got[n].cpu()) if got[n].is_floating_point() else got[n].cpu(),
+                           _bits(rows[n].cpu()) if rows[n].is_floating_point() else rows[n].cpu()), \
+            f"the reference with state_rows differs from the reference on rows: {n} {sc.case}"

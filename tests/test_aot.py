@@ -90,7 +90,9 @@ def test_every_serving_variant_compiles_for_sm80_and_sm90(report):
     # multiple of 16 (r-major only), 3 logits dtypes x 2 paths (r=16 held; r=64 and full chunked)
     count = lambda vs, k: sum(v["kernel"] == k for v in vs)  # noqa: E731
     for arch, vs in by_arch.items():
-        assert (count(vs, "probe"), count(vs, "latch"), count(vs, "blend")) == (6, 12, 18 + 6), arch
+        # ... each twice: with and without state_rows (HAS_STATE_ROWS, serving's slot steps)
+        assert (count(vs, "probe"), count(vs, "latch"), count(vs, "blend")) == (12, 24, 2 * (18 + 6)), arch
+        assert sum(v["constexprs"]["HAS_STATE_ROWS"] for v in vs) == len(vs) // 2, arch
         for kernel in ("probe", "latch"):
             seen = {(tuple(v["hidden"]), tuple(v["row_probe"])) for v in vs if v["kernel"] == kernel}
             assert seen == {((h,), (p,)) for h in ("bf16", "fp16", "fp32") for p in (False, True)}, (arch, kernel)

@@ -19,6 +19,8 @@ from _steer_cases import (
     grid_id,
     grid_params,
     make_case,
+    check_state_case,
+    state_case,
     variant,
 )
 from autosteer.runtime import op as _op  # (loads the C++ extension: installed or JIT)
@@ -280,3 +282,35 @@ def test_row_probe_bad_input_raises_before_writing(bad, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.autosteer.steer_step_cpu(*args)
     assert torch.equal(out["logits"], case.args["logits"]) and torch.equal(out["latched"], case.args["latched"])
+
+
+# --------------------------------------------------------------------------- per-request state by index (state_rows)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(B=1, H=37, V=101, r=8), dict(B=5, H=64, V=256, r="full", dtype=torch.bfloat16),
+    dict(B=9, H=37, V=101, r=8, row_tau=True, row_probe=True), dict(B=17, H=96, V=130, r=1, dtype=torch.float16),
+    dict(B=6, H=37, V=101, r=8, row_tau=True, nan_probe_rows=True, nan_latches=True),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+@pytest.mark.parametrize("idx", (torch.int64, torch.int32))
+def test_state_rows(kw, idx):
+    """The per-request tensors as tables addressed through state_rows: the results of the rows equal the
+    reference on rows, entries no row names are never read (they are set to probe and steer) nor written."""
+    case = make_case(latch_mode="mixed", mask_mode="mixed", seed=kw["B"], **kw)
+    sc = state_case(case, extra=4, seed=kw["B"], dtype=idx)
+    a, t = sc.clone_args()
+    torch.ops.autosteer.steer_step_cpu(*sc.call_args(a, t))
+    check_state_case(sc, a)
+
+
+def test_state_rows_out_of_range_raises_before_writing():
+    case = make_case(B=3, H=8, V=20, r=2, latch_mode="all", mask_mode="all", seed=0)
+    sc = state_case(case, extra=2)
+    a, t = sc.clone_args()
+    sc.state_rows = torch.tensor([0, 5, 2])  # S = 5
+    with pytest.raises(RuntimeError, match=r"state_rows\[1\]=5 out of range \[0, 5\)"):
+        torch.ops.autosteer.steer_step_cpu(*sc.call_args(a, t))
+    assert torch.equal(a["logits"], case.args["logits"]) and torch.equal(a["latched"], sc.tables["latched"])
+    sc.state_rows = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="state_rows must be 1-D of length B=3"):
+        torch.ops.autosteer.steer_step_cpu(*sc.call_args(a, t))

@@ -25,7 +25,9 @@ from _steer_cases import (  # noqa: E402
     grid_id,
     grid_params,
     make_case,
+    check_state_case,
     run_reference,
+    state_case,
     variant,
 )
 
@@ -619,3 +621,53 @@ def test_launch_plan_is_pure_and_matches_launch_configs():
     # the full-rank head: t in 32-rank slices, the blend over 64-rank chunks of U
     p = ks.plan_launch(4, 1000, 96, 64, 96, sm_count=None)
     assert (p.r_splits, p.u_in_regs, p.block_r, p.block_v) == (3, False, 64, 32)
+
+
+# --------------------------------------------------------------------------- per-request state by index (state_rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kw", [
+    dict(B=1, H=37, V=101, r=8), dict(B=5, H=96, V=300, r="full", dtype=torch.bfloat16),
+    dict(B=9, H=37, V=101, r=16, row_tau=True, row_probe=True), dict(B=17, H=64, V=256, r=1, dtype=torch.float16),
+    dict(B=6, H=37, V=101, r=8, row_tau=True, nan_probe_rows=True, nan_latches=True),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_state_rows(kw, device):
+    """The per-request tensors as tables addressed through state_rows (serving's slot tables), serving's U / Bt:
+    the rows' results and their steering delta equal the reference's, entries no row names are never touched
+    (they are set so that reading them would probe and steer)."""
+    case = make_case(latch_mode="mixed", mask_mode="mixed", seed=kw["B"], device=device, **kw)
+    serving_weights(case)
+    sc = state_case(case, extra=20, seed=kw["B"], dtype=torch.int32 if kw["B"] % 2 else torch.int64)
+    a, t = sc.clone_args()
+    ks.steer_step_triton(*sc.call_args(a, t), h_splits=2, tiles_per_program=2)
+    check_state_case(sc, a)
+    assert_delta(case, sc.rows_of(a), require=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+def test_state_rows_out_of_range(nan_latches, device):
+    """A row whose state entry is outside [0, S) forms no address outside the tensors: its state is neither read
+    nor written, and it is steered exactly when nan_latches (fail closed); the other rows are unaffected."""
+    case = make_case(B=4, H=37, V=101, r=8, latch_mode="none", mask_mode="all", seed=3, nan_latches=nan_latches,
+                     device=device)
+    serving_weights(case)
+    sc = state_case(case, extra=3, seed=3)
+    S = sc.tables["latched"].shape[0]
+    good = sc.state_rows.clone()
+    for bad in (S, -1, 2**40):
+        sc.state_rows = good.clone()
+        sc.state_rows[2] = bad
+        a, t = sc.clone_args()
+        ks.steer_step_triton(*sc.call_args(a, t))
+        sc.state_rows = good
+        assert torch.equal(a["latched"].cpu()[good[2].long().cpu()], t["latched"].cpu()[good[2].long().cpu()]), bad
+        # rows 0, 1, 3 as the reference has them
+        ref = run_reference(case)
+        rows = sc.rows_of(a)
+        for b in (0, 1, 3):
+            assert torch.equal(rows["latched"][b].cpu(), ref["latched"][b].cpu()), (bad, b)
+            torch.testing.assert_close(rows["logits"][b].cpu(), ref["logits"][b].cpu(), rtol=1e-5, atol=1e-5)
+        steered = not torch.equal(a["logits"][2].cpu(), case.args["logits"][2].cpu())
+        assert steered == nan_latches, (bad, nan_latches)

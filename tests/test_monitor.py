@@ -383,7 +383,8 @@ def test_store_monitor_window(tiny_model):
     real = store._op
 
     def spy(*a, **k):
-        masks.append(a[2].tolist())
+        sr = k.get("state_rows")  # a slot step passes the mask per slot: the rows' entries
+        masks.append((a[2] if sr is None else a[2][sr]).tolist())
         return real(*a, **k)
 
     store._op = spy

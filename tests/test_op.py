@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _steer_cases import ARG_NAMES, assert_row_probe_scores, check_against_reference, make_case
+from _steer_cases import (ARG_NAMES, assert_row_probe_scores, check_against_reference, check_state_case, make_case,
+                          state_case)
 from autosteer.runtime import op
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -285,7 +286,7 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
 
 
 def test_stale_extension_is_not_used(monkeypatch):
-    """A C++ build from older sources (schema without row_probe) would fail every call: the loader
+    """A C++ build from older sources (schema without state_rows) would fail every call: the loader
     refuses it with a warning naming the fix, and the op falls back to the reference."""
     assert op.native_backend() is None or op._native_schema_current()  # this checkout's build is current
     calls = []
@@ -299,7 +300,7 @@ def test_stale_extension_is_not_used(monkeypatch):
             warnings.simplefilter("always")
             assert op._load_native() is None
         msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
-        assert len(msgs) == 1 and "lacks row_probe" in msgs[0] and "rebuild" in msgs[0]
+        assert len(msgs) == 1 and "lacks state_rows" in msgs[0] and "rebuild" in msgs[0]
         assert calls == ([] if registered else ["installed"])  # no JIT build over a registered op name
 
 
@@ -483,11 +484,11 @@ def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
     monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
     case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True)
     out = run_op(case)
-    assert len(calls) == 1 and calls[0][-2] is case.row_tau and calls[0][-1] is None
+    assert len(calls) == 1 and calls[0][-3] is case.row_tau and calls[0][-2] is None and calls[0][-1] is None
     check_against_reference(case, out)
     case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True, row_probe=True)
     out = run_op(case)
-    assert len(calls) == 2 and calls[1][-2] is case.row_tau and calls[1][-1] is case.row_probe
+    assert len(calls) == 2 and calls[1][-3] is case.row_tau and calls[1][-2] is case.row_probe
     check_against_reference(case, out)
     assert_row_probe_scores(case, out)
 
@@ -545,3 +546,51 @@ def test_refusal_basis_in_blocks_equals_the_full_product(dtype, V, block):
     torch.testing.assert_close(U, E.float() @ A, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="E \\[V, H\\] and A \\[H, r\\]"):
         refusal_basis(E, A[:5])
+
+
+# --------------------------------------------------------------------------- per-request state by index (state_rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ("eager fast path", "custom op", "reference op"))
+@pytest.mark.parametrize("stacked", (False, True))
+def test_op_state_rows(device, path, stacked, monkeypatch):
+    """state_rows through the public wrapper, the custom op and the reference op: the rows' results equal the
+    reference on rows; entries no row names are untouched."""
+    case = make_case(B=7, H=37, V=101, r=8, seed=4, device=device, latch_mode="mixed", mask_mode="mixed",
+                     row_tau=stacked, row_probe=stacked)
+    sc = state_case(case, extra=6, seed=4)
+    a, t = sc.clone_args()
+    if path == "reference op":
+        torch.ops.autosteer.steer_step_ref(*sc.call_args(a, t))
+    else:
+        monkeypatch.setattr(op, "EAGER_FAST_PATH", path == "eager fast path")
+        op.steer_step(*sc.call_args(a, t))
+    check_state_case(sc, a)
+
+
+@pytest.mark.parametrize("name,match,bad", [
+    ("state_rows", r"state_rows \(entry of the per-request tensors per row\) must be int32 or int64", lambda sc, t: dict(state_rows=sc.state_rows.float())),
+    ("state_rows", "state_rows must be 1-D of length B=4", lambda sc, t: dict(state_rows=sc.state_rows[:3])),
+    ("p_out", r"p_out must be 1-D of length S=9", lambda sc, t: dict(p_out=t["p_out"][:8])),
+    ("probe_mask", r"probe_mask must be 1-D of length S=9", lambda sc, t: dict(probe_mask=t["probe_mask"][:4])),
+    ("row_tau", r"row_tau must be 1-D of length S=9", lambda sc, t: dict(row_tau=t["row_tau"][:4])),
+])
+def test_validation_errors_state_rows(name, match, bad):
+    case = make_case(B=4, H=8, V=20, r=2, seed=0, row_tau=True)
+    sc = state_case(case, extra=5)
+    a, t = sc.clone_args()
+    kw = dict(zip(ARG_NAMES, (a[n] for n in ARG_NAMES)), tau=case.tau, eps=case.eps, nan_latches=False,
+              row_tau=t["row_tau"], state_rows=sc.state_rows)
+    kw.update(bad(sc, t))
+    with pytest.raises(ValueError, match=match):
+        op.steer_step(**kw)
+
+
+def test_reference_rejects_out_of_range_state_rows():
+    case = make_case(B=3, H=8, V=20, r=2, seed=0)
+    sc = state_case(case, extra=1)
+    a, t = sc.clone_args()
+    sc.state_rows = torch.tensor([0, 4, 1])
+    with pytest.raises(IndexError, match=r"state_rows values must be in \[0, 4\)"):
+        torch.ops.autosteer.steer_step_ref(*sc.call_args(a, t))

@@ -17,11 +17,17 @@ capture hooks, the processor).
 Steps are classified from the simulation's own records, not from the plugin's:
 
 - **continuing decode step**: every row runs a generated token and the rows are the previous step's, in
-  the same order. This is what the bound is about: at most 4 ops, none of them syncing.
+  the same order.
 - **decode step after a batch change**: every row runs a generated token, but a request left or rows
   moved since the previous step (vLLM V1 condenses and swaps rows; V2 may reorder them; TGI filters).
-  The store writes the previous rows' state back and takes its general path: not within 4 ops; the most
-  any such step dispatched is asserted per engine and case (:data:`AFTER_CHANGE`, 41 to 77), no host sync.
+
+The bound is about both: at most 4 ops, none of them syncing. Both are the store's *slot steps*: the op reads
+and writes each request's state in the slot tables through a row -> slot map (``state_rows``); a step after a
+batch change only stages the new map (numpy into the staging buffer on the CPU, no torch op; on CUDA one
+pinned ``copy_`` more), so it dispatches exactly the ops of a continuing step, asserted per engine and case.
+(Before the slot steps, a decode step after a batch change wrote the previous rows' state back and took the
+general path: 42-46 ops in vLLM prefill mode, 62 monitor, 76 with a monitor probe and a window; TGI eager 47 /
+63 / 77, replays 2 fewer.)
 - **prefill step**: some row runs prompt tokens (a request joined or is mid-prompt): not bounded here,
   never syncing.
 
@@ -46,7 +52,8 @@ Python dispatches the same ops, with the Triton launch instead of ``autosteer::s
 With a monitor window the mask of rows still inside it is one of a list made when the rows were set up
 (no op), or one ``le`` per step for a window longer than :data:`autosteer.integrations.common.WINDOW_MASKS`
 (64): then vLLM dispatches 4 ops and a TGI eager forward 5, the one configuration measured over the budget
-(:func:`test_a_window_longer_than_the_precomputed_masks`). TGI with speculation runs the op once per position
+(:func:`test_a_window_longer_than_the_precomputed_masks`). A step past every row's window probes nothing and
+counts no latch: one op fewer. TGI with speculation runs the op once per position
 and commits the latch on the device: 95 / 111 ops (:data:`SPECULATIVE`). Every continuing step's ops are
 asserted exactly, so adding one fails its test; the results are checked against transformers + AutoSteer.
 """
@@ -103,22 +110,21 @@ def _report(records, steps) -> dict:
     return out
 
 
-def _check(report, want: dict, *, after_change: int, n_decode: int = 3):
-    """Every continuing decode step dispatches exactly the ops ``want`` lists (at most 4, the op once) and no
-    host sync; decode steps after a batch change at most ``after_change`` ops; no step syncs."""
+def _check(report, want: dict, *, n_decode: int = 3, n_changed: int = 1, window: bool = False):
+    """Every decode step -- continuing or after a batch change -- dispatches exactly the ops ``want`` lists (at
+    most 4, the op once) and no host sync; no step syncs. ``window``: monitor mode with a window, where a step
+    past every row's window probes nothing and so counts no latch (``want`` without its ``add_``)."""
     assert sum(want.values()) <= MAX_OPS_PER_DECODE_STEP and want.get(OP) == 1
-    decode = report["decode"]
-    assert len(decode) >= n_decode, f"the scenario ran {len(decode)} continuing decode steps: {dict(report)}"
-    bad = [r for r in decode if r[1] != want or r[2]]
-    assert not bad, f"continuing decode steps other than {want} or syncing (n ops, ops, host syncs):\n" + \
-        "\n".join(map(str, bad))
-    changed = report["decode after a batch change"]
-    bad = [r for r in changed if r[0] > after_change or r[2]]
-    assert not bad, (f"decode steps after a batch change over {after_change} ops or syncing:\n"
-                     + "\n".join(map(str, bad)))
+    ok = [want] + ([{k: v for k, v in want.items() if k != "aten.add_"}] if window else [])
+    for kind, least in (("decode", n_decode), ("decode after a batch change", n_changed)):
+        steps = report[kind]
+        assert len(steps) >= least, f"the scenario ran {len(steps)} steps of kind {kind!r}: {dict(report)}"
+        bad = [r for r in steps if r[1] not in ok or r[2]]
+        assert not bad, f"{kind} steps other than {want} or syncing (n ops, ops, host syncs):\n" + \
+            "\n".join(map(str, bad))
+        assert any(r[1] == want for r in steps), f"no {kind} step dispatched {want}: {steps}"
     bad = [r for r in report["prefill"] if r[2]]
     assert not bad, "prefill steps syncing:\n" + "\n".join(map(str, bad))
-    return max((r[0] for r in changed), default=0)
 
 
 def _decisions(store, rec) -> dict:
@@ -300,13 +306,6 @@ CASES = {  # name: (pack options, mode)
     "no latched rows": (dict(tau=1.0), "prefill"),
     "monitor probe, window": (dict(tau=1.0, monitor_probe=True, window=3), "monitor"),
 }
-#: decode steps after a batch change (the general path; the previous rows' state written back first), as
-#: measured: the most ops such a step dispatched in these scenarios
-AFTER_CHANGE = {
-    "vllm": {"prefill": 46, "monitor": 62, "no latched rows": 46, "monitor probe, window": 76},
-    "tgi eager": {"prefill": 47, "monitor": 63, "no latched rows": 47, "monitor probe, window": 77},
-    "tgi graph replays": {"prefill": 45, "monitor": 61, "no latched rows": 45, "monitor probe, window": 75},
-}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -314,7 +313,7 @@ def test_vllm_v1_decode_step_ops(setup, tmp_path, monkeypatch, case):
     opts, mode = CASES[case]
     pack = _pack(setup, **opts)
     report, outputs, decisions = run_v1(setup, tmp_path, monkeypatch, pack, mode)
-    _check(report, VLLM_STEP[mode], after_change=AFTER_CHANGE["vllm"][case])
+    _check(report, VLLM_STEP[mode], window="window" in case)
     _check_against_reference(_reference(setup, pack, mode, case), outputs, decisions)
     if case == "no latched rows":
         assert not any(d.latched for d in decisions.values())
@@ -327,7 +326,7 @@ def test_vllm_v1_decode_steps_under_async_scheduling(setup, tmp_path, monkeypatc
     the list still grows, so a continuing decode step is still told apart on the host."""
     pack = _pack(setup)
     report, outputs, decisions = run_v1(setup, tmp_path, monkeypatch, pack, "prefill", async_outputs=True)
-    _check(report, VLLM_STEP["prefill"], after_change=AFTER_CHANGE["vllm"]["prefill"])
+    _check(report, VLLM_STEP["prefill"])
     _check_against_reference(_reference(setup, pack, "prefill", "prefill"), outputs, decisions)
 
 
@@ -336,7 +335,7 @@ def test_vllm_v2_decode_step_ops(setup, tmp_path, monkeypatch, case):
     opts, mode = CASES[case]
     pack = _pack(setup, **opts)
     report, outputs, decisions = run_v2(setup, tmp_path, monkeypatch, pack, mode)
-    _check(report, VLLM_STEP[mode], after_change=AFTER_CHANGE["vllm"][case])
+    _check(report, VLLM_STEP[mode], window="window" in case)
     _check_against_reference(_reference(setup, pack, mode, case), outputs, decisions)
 
 
@@ -348,7 +347,7 @@ def test_tgi_decode_step_ops(fake_tgi, setup, tmp_path, case, graphs):
     pack = _pack(setup, **opts)
     report, outputs, decisions = run_tgi(setup, tmp_path, pack, mode, graphs=graphs)
     forward = "graph replays" if graphs else "eager"
-    _check(report, TGI_STEP[forward][mode], after_change=AFTER_CHANGE[f"tgi {forward}"][case])
+    _check(report, TGI_STEP[forward][mode], window="window" in case)
     _check_against_reference(_reference(setup, pack, mode, case), outputs, decisions)
 
 
@@ -438,7 +437,7 @@ def test_a_host_sync_in_a_step_is_caught(setup, tmp_path, monkeypatch):
     report, _, _ = run_v1(setup, tmp_path, monkeypatch, _pack(setup), "prefill")
     assert all("tolist()" in syncs for _, _, syncs in report["decode"])
     with pytest.raises(AssertionError, match="syncing"):
-        _check(report, VLLM_STEP["prefill"], after_change=AFTER_CHANGE["vllm"]["prefill"])
+        _check(report, VLLM_STEP["prefill"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,10 +474,10 @@ def test_continuing_steps_equal_the_general_path(monkeypatch, mode, window, mask
     w = SteerWeights(**{**w.__dict__, "tau": _tau_for(w, 0.25), "tau_monitor": tau_mon, "monitor_window": window})
     fast = SteerStateStore(w, mode=mode, max_batch=8, max_requests=4)  # (the slot table grows mid-stream)
     slow = SteerStateStore(w, mode=mode, max_batch=8, max_requests=4)
-    slow._continues = lambda *a, **k: False
+    slow._slot_step = lambda *a, **k: False
     continued = []
-    real = fast._apply_continuing
-    fast._apply_continuing = lambda *a: (continued.append(1), real(*a))
+    real = fast._apply_slots
+    fast._apply_slots = lambda *a: (continued.append(1), real(*a))
     rng, g = random.Random(0), torch.Generator().manual_seed(0)
     live, next_id, latched_decode = [], 0, 0
     for step in range(140):
@@ -507,13 +506,18 @@ def test_continuing_steps_equal_the_general_path(monkeypatch, mode, window, mask
                 rng.shuffle(live)
             kw = dict(phase=PHASE_DECODE) if host_phase else {}
             n_rows = len(live)
-        B = len(live)
+        rows = live
+        if 0.26 <= u < 0.3 and len(live) > 1:  # a live request sits this step out (and comes back later)
+            out_of_step = rng.choice(live)
+            rows = [r for r in live if r != out_of_step]
+            n_rows -= 1
+        B = len(rows)
         ph, hh = torch.randn(n_rows, H, generator=g), torch.randn(B, H, generator=g)
         logits = torch.randn(B, V, generator=g)
         out = []
         for store in (fast, slow):
             lg = logits.clone()
-            store.begin_step(live, **kw)
+            store.begin_step(rows, **kw)
             store.apply(lg, probe_hidden=ph, head_hidden=hh)
             store.end_step()
             out.append(lg)

@@ -24,12 +24,13 @@ Per step an integration does::
     store.release(request_id)                # finished / cancelled request: its slot is freed
 
 ``apply`` is one call of the fused ``steer_step`` op (C++ on CPU, Triton on CUDA) on the
-rows of this step. A decode step that continues the previous one (same requests in the same rows,
-each running a generated token, as the integration knows from host facts) adds nothing else but,
-in monitor mode, one in-place count: the op updates the rows' latch and score where the previous
-step left them (issue 19; ``tests/test_serving_step_ops.py`` counts every op through the engines'
-entry points, ``docs/kernels.md`` lists them). Any other step takes the general path: a handful of
-small device ops on preallocated buffers plus **one** host-to-device copy of a small int64 vector
+rows of this step. A decode step (every row running a generated token of a known request, as the
+integration knows from host facts) -- continuing the previous one or right after a batch change --
+is a *slot step*: the op reads and writes each request's latch and score in the slot tables through
+a row -> slot map (its ``state_rows``), staged only when the rows changed, and adds nothing else but,
+in monitor mode, one in-place count (issue 19; ``tests/test_serving_step_ops.py`` counts every op
+through the engines' entry points, ``docs/kernels.md`` lists them). Any other step takes the general
+path: a handful of small device ops on preallocated buffers plus **one** host-to-device copy of a small int64 vector
 (slots, row flags and, when given as host lists, the prefill offsets / head rows, the slots to
 reset; the vLLM processor adds one more, of prompt lengths, on steps after its batch changed), from
 a preallocated host buffer (:class:`HostStaging`: pinned on CUDA, so the copy never synchronises;
@@ -467,6 +468,9 @@ class HostStaging:
         self._next = 0
         self.dev = torch.zeros(self.capacity, dtype=dtype, device=self.device) if self._cuda else None
         self._add_buffer()
+        # out[:n] for every n, made once: the tensor stage() returns is always the same one (dev, or host buffer 0)
+        out = self.dev if self._cuda else self._host[0]
+        self._views = [out[:n] for n in range(self.capacity + 1)]
 
     def _add_buffer(self) -> int:
         if self._cuda:
@@ -501,6 +505,11 @@ class HostStaging:
         self._events[i].record()
         self._next = (i + 1) % len(self._host)
         return self.dev
+
+    def stage_view(self, values: Sequence[int]) -> torch.Tensor:
+        """:meth:`stage`, returning the ``len(values)`` staged entries (a view made at construction: no op)."""
+        self.stage(values)
+        return self._views[len(values)]
 
 
 def hook_output_sum(module: torch.nn.Module, buffer: HiddenBuffer, check: Callable[[object], None] | None = None):
@@ -544,6 +553,9 @@ class RequestSteerState:
     prefill_done: bool = False  # the request's last prompt chunk has been through a step
     steps: int = 0  # steps in which this request produced a kept token
     extra: dict = field(default_factory=dict)  # integration-specific data
+    # slot steps of the store's current epoch this request ran (see SteerStateStore: tokens not yet in the table)
+    epoch: int = -1
+    epoch_steps: int = 0
 
 
 @dataclass
@@ -589,18 +601,22 @@ class SteerStateStore:
     ``report_on_release=True`` it receives a :class:`SteerSummary` (a host sync per request).
 
     **Two paths per step.** Each request's state lives in a device slot table, keyed on the host by
-    request id. A step whose rows are the previous step's rows, in the same order, each running a
-    generated token (one position, known on the host: ``prefilling`` / ``still_prefilling`` all False
-    and every request's prompt seen, or ``phase=PHASE_DECODE``) is a *continuing decode step*: it works
-    on the previous step's row-ordered state directly -- the op updates the rows' latch and score in
-    place, monitor mode adds one in-place count (``latched_at`` is derived from it later), and nothing
-    is staged, gathered or scattered (1 or 2 ops of the store's own, see ``docs/kernels.md``). Every
-    other step (rows joined, left or moved, prompt chunks, speculation, a device-side ``phase``) takes
-    the general path: it first writes the previous rows' state back to the slot tables, stages its
-    indices (:class:`HostStaging`), gathers, runs the op and scatters the results back, and its
-    row-ordered results become the state the next step may continue on. Releasing or force-latching one
-    of those rows writes them back first (:meth:`settle`; unless every one of them is released and
-    nothing is reported: then there is nothing to keep); :meth:`summary` reads them where they are.
+    request id. A step whose rows each run a generated token of a known request with the server's
+    settings (one position, known on the host: ``prefilling`` / ``still_prefilling`` all False and every
+    request's prompt seen, or ``phase=PHASE_DECODE``) is a *slot step*, whether its rows are the previous
+    step's or the batch changed: the op addresses the slot tables through the row -> slot map
+    (``state_rows``: latch, score, probe mask, threshold, probe index), which is staged only when the rows
+    changed (:class:`HostStaging`: no op on the CPU, one pinned copy on CUDA); monitor mode adds one
+    in-place latched-step count (0 to 2 ops of the store's own, see ``docs/kernels.md``). Slot steps form
+    an *epoch*, opened by each general step: the tokens they generate are counted on the host, and a
+    request's ``latched_at`` is derived from the per-slot count (a slot that latched in the epoch's e-th
+    counted step latched at generated token ``tokens + e``); :meth:`settle` folds them into the tables
+    (the next general step, :meth:`force_latch` and the table properties do), :meth:`summary` adds them
+    on the host. A request must run every slot step of its epoch (one that sat a step out and comes
+    back takes the general path), so that its e-th slot step is its e-th token of the epoch. Every other
+    step (rows joining, prompt chunks, speculation, a device-side ``phase``, requests with their own
+    settings) takes the general path: it folds the epoch, stages its indices, gathers, runs the op and
+    scatters the results back.
     """
 
     _slot_latched = _slot_table("_latched")
@@ -624,7 +640,8 @@ class SteerStateStore:
         self.report_on_release = report_on_release
         self._requests: dict[Hashable, RequestSteerState] = {}
         self._free: list[int] = []
-        self._res: SimpleNamespace | None = None  # the previous step's rows and their state (see the class doc)
+        self._ep: SimpleNamespace | None = None  # the current epoch of slot steps (see the class doc)
+        self._ep_ids = 0
         self._alloc_slots(max(int(max_requests or 4 * max_batch), 1))
         self._alloc_step(max(int(max_batch), 1), max(int(max_positions), 1))
         self._step: SimpleNamespace | None = None
@@ -661,7 +678,16 @@ class SteerStateStore:
             tau[:start].copy_(self._sl_tau)
         self._sl_tau = tau
         for name, t in new.items():
-            setattr(self, name, t)  # slot indices are kept: the previous step's rows stay valid
+            setattr(self, name, t)  # slot indices are kept
+        # what a slot step passes the op for every slot (see the class doc): probe masks, monitor threshold and
+        # probe, and the latched-step count monitor mode derives latched_at from; grown only outside an epoch
+        self._sl_no_probe = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._sl_all_probe = torch.ones(n, dtype=torch.bool, device=dev)
+        self._sl_mask_buf = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._sl_tau_mon = torch.full((n,), self.w.monitor_tau, dtype=torch.float32, device=dev)
+        self._sl_probe_mon = torch.ones(n, dtype=torch.int32, device=dev)
+        self._sl_count = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._fold_stage = HostStaging(2 * n, torch.int64, dev)  # (slot, tokens) pairs folded into the table
         self._free.extend(range(n - 1, start - 1, -1))  # pop() hands out the lowest slot first
 
     def _alloc_step(self, rows: int, positions: int) -> None:
@@ -680,6 +706,7 @@ class SteerStateStore:
         self._win_steps = torch.arange(WINDOW_MASKS, dtype=torch.int32, device=dev)
         self._rows = torch.zeros(rows, dtype=torch.int64, device=dev)  # prefill probe rows
         self._grid = torch.arange(rows * positions, dtype=torch.int64, device=dev)  # b * P + j
+        self._grid_views = [self._grid[:n] for n in range(rows + 1)]  # a slot step's rows, made once
         # monitor mode: per-row thresholds (a row's last prompt token: tau; a generated token: tau_monitor)
         self._tau_pre = torch.full((rows,), self.w.tau, dtype=torch.float32, device=dev)
         self._tau_mon = torch.full((rows,), self.w.monitor_tau, dtype=torch.float32, device=dev)
@@ -743,21 +770,13 @@ class SteerStateStore:
         return bool(self.release_many([request_id], report=report))
 
     def release_many(self, request_ids, *, report: bool = True) -> int:
-        """:meth:`release` each of ``request_ids``; returns how many were known. When they include every row of
-        the previous step and nothing is reported, that step's state is dropped without being written back."""
+        """:meth:`release` each of ``request_ids``; returns how many were known. No device work (a freed slot is
+        reset when a new request takes it, in a general step)."""
         ids = [rid for rid in request_ids if rid in self._requests]
         if self._step is not None:
             inside = [rid for rid in ids if rid in self._step.index]
             if inside:
                 raise RuntimeError(f"autosteer: request {inside[0]!r} released in the middle of a step")
-        r = self._res
-        if r is not None and any(rid in r.index for rid in ids):
-            reporting = report and self.on_release is not None and self.report_on_release
-            gone = set(ids)
-            if not reporting and all(k in gone for k in r.keys):
-                self._res = None  # every row leaves: nothing to write back (a reused slot is reset when taken)
-            else:
-                self.settle()  # the slots are about to be reused: the previous rows' state goes back first
         for rid in ids:
             st = self._requests[rid]
             summary = (self.summary(rid) if (report and self.on_release is not None and self.report_on_release)
@@ -781,8 +800,7 @@ class SteerStateStore:
         if self._step is not None and request_id in self._step.index:
             raise RuntimeError(f"autosteer: request {request_id!r} latched by hand in the middle of a step")
         s = self._requests[request_id].slot
-        if self._res is not None and request_id in self._res.index:
-            self.settle()
+        self.settle()  # its tokens and latched_at into the table first
         lat, at, tok = self._sl_latched, self._sl_latched_at, self._sl_tokens
         at[s] = torch.where(lat[s], at[s], tok[s])
         lat[s] = True
@@ -791,80 +809,78 @@ class SteerStateStore:
         """The request's gate decision and scores (reads the device: a host sync; changes nothing)."""
         st = self._requests[request_id]
         s = st.slot
-        r = self._res
-        if r is not None and r.n and request_id in r.index:  # a row of the previous step: its state is there
-            b = r.index[request_id]
-            vals = [r.lat[b].float(), self._sl_p_unsafe[s], r.p_last[b], self._latched_at(r, b).float(),
-                    (r.tokens[b] + r.n).float()]
-        else:
-            vals = [self._sl_latched[s].float(), self._sl_p_unsafe[s], self._sl_p_last[s],
-                    self._sl_latched_at[s].float(), self._sl_tokens[s].float()]
-        vals = torch.stack(vals).tolist()
-        return SteerSummary(request_id, bool(vals[0]), vals[1], vals[2], int(vals[3]), int(vals[4]),
+        vals = torch.stack([self._sl_latched[s].float(), self._sl_p_unsafe[s], self._sl_p_last[s],
+                            self._sl_latched_at[s].float(), self._sl_tokens[s].float(),
+                            self._sl_count[s].float()]).tolist()
+        latched, tokens, latched_at = bool(vals[0]), int(vals[4]), int(vals[3])
+        ep = self._ep
+        if ep is not None and st.epoch == ep.id:  # the current epoch's slot steps are not in the table yet
+            if latched and latched_at < 0 and ep.counted:
+                latched_at = tokens + ep.counted - int(vals[5])
+            tokens += st.epoch_steps
+        return SteerSummary(request_id, latched, vals[1], vals[2], latched_at, tokens,
                             st.prefill_done, st.steps, self._settings.get(request_id))
 
-    # -- the previous step's rows -------------------------------------------------------------
+    # -- epochs of slot steps -----------------------------------------------------------------
     def settle(self) -> None:
-        """Write the state of the previous step's rows back to the slot tables (if continuing steps changed it)
-        and forget those rows: the next step takes the general path. A few device ops, no host sync."""
-        r, self._res = self._res, None
-        if r is None or r.n == 0:
+        """Fold the current epoch's slot steps into the slot tables (tokens, latched_at) and start a new epoch.
+        A few device ops, no host sync; outside a step."""
+        self._fold()
+        self._open_epoch()
+
+    def _fold(self) -> None:
+        """Close the epoch: each request's slot steps become tokens in the table; a slot that latched in the
+        epoch's e-th counted step (counted steps are a prefix of the epoch: probing stops past the window) has
+        ``counted - e`` latched steps counted and latched at generated token ``tokens + e``."""
+        ep, self._ep = self._ep, None
+        if ep is None or ep.k == 0:
             return
-        sl = r.slots
-        self._sl_latched.index_copy_(0, sl, r.lat)
-        self._sl_p_last.index_copy_(0, sl, r.p_last)
-        self._sl_tokens.index_copy_(0, sl, r.tokens + r.n)  # every row of a continuing step keeps one token
-        if r.counted:
-            self._sl_latched_at.index_copy_(0, sl, self._latched_at(r))
+        if ep.counted:
+            tok, at = self._sl_tokens, self._sl_latched_at
+            torch.where(self._sl_latched & (at < 0), tok + (ep.counted - self._sl_count), at, out=at)
+        pend = [(st.slot, st.epoch_steps) for st in self._requests.values() if st.epoch == ep.id and st.epoch_steps]
+        if pend:
+            n = len(pend)
+            meta = self._fold_stage.stage([p[0] for p in pend] + [p[1] for p in pend])
+            self._sl_tokens.index_add_(0, meta[:n], meta[n: 2 * n].to(torch.int32))
 
-    @staticmethod
-    def _latched_at(r, b=None) -> torch.Tensor:
-        """``latched_at`` of the previous step's rows (row ``b``, or all) after its continuing steps: a row that
-        latched in the s-th counted step (counted steps come first: probing stops past the window) counts
-        ``counted - s + 1`` latched steps and latched at generated token ``tokens + s - 1``; rows latched
-        before have ``latched_at >= 0``."""
-        sel = (lambda t: t) if b is None else (lambda t: t[b])
-        at, lat = sel(r.latched_at), sel(r.lat)
-        if not r.counted:
-            return at
-        return torch.where(lat & (at < 0), sel(r.tokens) + (r.counted - sel(r.count)), at)
-
-    def _keep_rows(self, s, slots, lat, p_last, tokens, latched_at) -> None:
-        """After a general step: its row-ordered results are the state a continuing step works on."""
-        B = s.B
-        r = SimpleNamespace(keys=s.request_ids, index=s.index, slots=slots, lat=lat, p_last=p_last, tokens=tokens,
-                            latched_at=latched_at, n=0, counted=0, rows=self._grid[:B],
-                            no_probe=self._no_probe[:B],
-                            done=s.host and all(self._requests[k].prefill_done for k in s.request_ids),
-                            count=None, probes=None, masks=(), mask_buf=None, tau_mon=None, probe_mon=None)
+    def _open_epoch(self) -> None:
+        """A new epoch of slot steps, on the tables as they are now (after a general step or a fold)."""
+        self._ep_ids += 1
+        ep = SimpleNamespace(id=self._ep_ids, k=0, counted=0, keys=None, slots=None, masks=())
         if self.mode == "monitor":
-            r.count = torch.zeros(B, dtype=torch.int32, device=self.device)
-            r.tau_mon = self._tau_mon[:B]
-            if self.w.stacked is not None:
-                r.probe_mon = self._probe_mon[:B]
+            self._sl_count.zero_()
             W = self.w.monitor_window
-            if W is None:
-                r.probes = self._all_probe[:B]
-            else:  # continuing step i (1, 2, ...) probes the rows whose token tokens + i - 1 is inside the window
+            if W is not None:  # slot step e probes the slots whose token tokens + e is inside the window
                 K = min(W + 1, WINDOW_MASKS)
-                r.masks = torch.le(tokens.unsqueeze(0) + self._win_steps[:K].unsqueeze(1), W).unbind(0)
-                if W + 1 > K:
-                    r.mask_buf = self._mask_buf[:B]
-        self._res = r
+                ep.masks = torch.le(self._sl_tokens.unsqueeze(0) + self._win_steps[:K].unsqueeze(1), W).unbind(0)
+        self._ep = ep
 
-    def _continues(self, keys, P, cu_seqlens, head_rows, prefilling, still, phase) -> bool:
-        """Host facts only: this step continues the previous one (same rows, same order, one position, every
-        row a generated token)."""
-        r = self._res
-        if r is None or P != 1 or cu_seqlens is not None or head_rows is not None or keys != r.keys:
+    def _slot_step(self, keys, P, cu_seqlens, head_rows, prefilling, still, phase) -> bool:
+        """Host facts only: this step is a slot step (one position, every row a generated token of a known request
+        with the server's settings, each row in every slot step of the epoch so far)."""
+        ep = self._ep
+        B = len(keys)
+        if ep is None or not B or B > self._max_rows or P != 1 or cu_seqlens is not None or head_rows is not None:
+            return False
+        if phase is not None:  # the host value PHASE_DECODE (a device phase tensor: the general path)
+            if isinstance(phase, torch.Tensor) or phase != PHASE_DECODE:
+                return False
+        elif (prefilling is not None and (len(prefilling) != B or any(prefilling))) or \
+                (still is not None and (len(still) != B or any(still))):
             return False
         if self._settings and not self._settings.keys().isdisjoint(keys):  # a request with its own settings
             return False
-        if phase is not None:  # the host value PHASE_DECODE (a device phase tensor: the general path)
-            return not isinstance(phase, torch.Tensor) and phase == PHASE_DECODE
-        B = len(keys)
-        return (r.done and (prefilling is None or (len(prefilling) == B and not any(prefilling)))
-                and (still is None or (len(still) == B and not any(still))))
+        if keys != ep.keys and len(set(keys)) != B:
+            return False
+        req = self._requests
+        for rid in keys:
+            st = req.get(rid)
+            if st is None or (phase is None and not st.prefill_done):
+                return False
+            if (st.epoch_steps if st.epoch == ep.id else 0) != ep.k:  # joined the epoch late, or left and came back
+                return False
+        return True
 
     # -- the step -----------------------------------------------------------------------------
     @property
@@ -872,9 +888,11 @@ class SteerStateStore:
         return self._step is not None
 
     def abort_step(self) -> None:
-        """Drop an open step without committing anything (the engine raised mid-step). (A continuing step whose
-        op already ran has updated its rows' state in place: that is kept.)"""
-        self._step = None
+        """Drop an open step without committing anything (the engine raised mid-step). (A slot step whose op
+        already ran has updated its rows' latch and score in place: that is kept, and the epoch is folded.)"""
+        s, self._step = self._step, None
+        if s is not None and s.fast and s.j:
+            self.settle()
 
     def begin_step(self, request_ids: Sequence[Hashable], *, positions: int = 1,
                    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
@@ -913,11 +931,15 @@ class SteerStateStore:
         if host_decode and (isinstance(phase, bool) or phase != PHASE_DECODE):
             raise ValueError(f"phase given as a host value must be PHASE_DECODE ({PHASE_DECODE}: every row runs a "
                              f"generated token), got {phase!r}")
-        if self._continues(keys, P, cu_seqlens, head_rows, prefilling, still_prefilling, phase):
-            self._step = SimpleNamespace(fast=True, B=B, P=1, j=0, request_ids=keys, index=self._res.index,
+        if self._slot_step(keys, P, cu_seqlens, head_rows, prefilling, still_prefilling, phase):
+            ep = self._ep
+            if keys != ep.keys:  # the batch changed: stage the new row -> slot map (no copy on the CPU)
+                ep.slots = self._stage.stage_view([self._requests[rid].slot for rid in keys])
+                ep.keys = keys
+            self._step = SimpleNamespace(fast=True, B=B, P=1, j=0, request_ids=keys, index=dict.fromkeys(keys),
                                          host=phase is None)
             return
-        self.settle()
+        self._fold()
         if len(set(keys)) != B:
             raise ValueError("autosteer: a request id appears twice in one step")
         if cu_seqlens is not None and P != 1:
@@ -1092,7 +1114,7 @@ class SteerStateStore:
         if j >= s.P:
             raise RuntimeError(f"autosteer: apply called {j + 1} times in a step with {s.P} position(s)")
         if s.fast:
-            self._apply_continuing(logits, probe_hidden, head_hidden)
+            self._apply_slots(logits, probe_hidden, head_hidden)
             s.j = 1
             return logits
         B, P = s.B, s.P
@@ -1127,31 +1149,32 @@ class SteerStateStore:
         s.j = j + 1
         return logits
 
-    def _apply_continuing(self, logits, probe_hidden, head_hidden) -> None:
-        """A continuing decode step: the op on the previous step's rows, their latch and score updated in
-        place; monitor mode adds the latch count (1 op) and, past WINDOW_MASKS, the window mask (1 op)."""
-        r, w = self._res, self.w
-        i = r.n + 1  # this is the i-th continuing step on these rows
-        mask = r.no_probe
+    def _apply_slots(self, logits, probe_hidden, head_hidden) -> None:
+        """A slot step: the op on the slot tables through the row -> slot map; monitor mode adds the latched-step
+        count (1 op) and, past WINDOW_MASKS, the window mask (1 op)."""
+        ep, w = self._ep, self.w
+        e = ep.k  # this is the epoch's e-th slot step (0-based)
+        rows = self._grid_views[self._step.B]
+        mask = self._sl_no_probe
         W1, b1, w2, b2, row_tau, row_probe = w.W1, w.b1, w.w2, w.b2, None, None
         if self.mode == "monitor":
-            row_tau = r.tau_mon  # every row's token is a generated one
+            row_tau = self._sl_tau_mon  # every row's token is a generated one
             if w.stacked is not None:
                 W1, b1, w2, b2 = w.stacked
-                row_probe = r.probe_mon
+                row_probe = self._sl_probe_mon
             W = w.monitor_window
             if W is None:
-                mask = r.probes
-            elif i <= len(r.masks):
-                mask = r.masks[i - 1]
-            elif i <= W + 1:  # (rows with tokens + i - 1 <= W; none past W + 1 continuing steps)
-                mask = torch.le(r.tokens, W - i + 1, out=r.mask_buf)
-        self._op(probe_hidden, r.rows, mask, head_hidden, r.rows, logits, r.lat, r.p_last,
-                 W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe)
-        if mask is not r.no_probe:  # a probed step: count the latched rows (see settle)
-            r.count.add_(r.lat)
-            r.counted += 1
-        r.n = i
+                mask = self._sl_all_probe
+            elif e < len(ep.masks):
+                mask = ep.masks[e]
+            elif e <= W:  # (slots with tokens + e <= W; none past W + 1 slot steps)
+                mask = torch.le(self._sl_tokens, W - e, out=self._sl_mask_buf)
+        self._op(probe_hidden, rows, mask, head_hidden, rows, logits, self._sl_latched, self._sl_p_last,
+                 W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe,
+                 state_rows=ep.slots)
+        if mask is not self._sl_no_probe:  # a probed step: count the latched slots (see _fold)
+            self._sl_count.add_(self._sl_latched)
+            ep.counted += 1
 
     def end_step(self, accepted: torch.Tensor | None = None) -> None:
         """Commit the step: each active row's latch (at its last accepted position), its scores
@@ -1165,13 +1188,20 @@ class SteerStateStore:
                 raise RuntimeError(
                     f"autosteer: the steering processor ran {s.j} of {s.P} position(s) this step: the engine "
                     "skipped it (were the logits processors rebuilt without it?); refusing to continue unsteered")
-            if s.fast:  # the op committed the rows' state in place
-                if s.host:
-                    for rid in s.request_ids:
-                        self._requests[rid].steps += 1
+            if s.fast:  # the op committed the rows' latch and score in place; their tokens are counted here
+                ep = self._ep
+                for rid in s.request_ids:
+                    st = self._requests[rid]
+                    if st.epoch != ep.id:
+                        st.epoch, st.epoch_steps = ep.id, 0
+                    st.epoch_steps += 1
+                    if s.host:
+                        st.steps += 1
+                ep.k += 1
                 return
             B, P = s.B, s.P
             if B == 0:
+                self._open_epoch()
                 return
             slots, active = s.slots, s.active
             old_lat = self._sl_latched.index_select(0, slots)
@@ -1224,6 +1254,6 @@ class SteerStateStore:
                     if f & _ACTIVE:
                         st.prefill_done = True
                         st.steps += 1
-            self._keep_rows(s, slots, new_lat, p_last, new_tokens, latched_at)
+            self._open_epoch()
         finally:
             self._step = None

@@ -101,10 +101,10 @@ def _native_schema_current() -> bool:
     """The registered C++ op takes every argument this Python side passes (a build from older
     sources would fail every call with an argument-count error)."""
     args = [a.name for a in torch.ops.autosteer.steer_step_cpu.default._schema.arguments]
-    return args[-2:] == ["row_tau", "row_probe"]
+    return args[-3:] == ["row_tau", "row_probe", "state_rows"]
 
 
-_STALE = ("an older build of csrc/ is loaded (its op schema lacks row_probe): rebuild it with "
+_STALE = ("an older build of csrc/ is loaded (its op schema lacks state_rows): rebuild it with "
           "`pip install --no-build-isolation --use-pep517 -e .` or remove the stale autosteer/_C*.so")
 
 
@@ -188,10 +188,10 @@ def _steer_step_ref(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool, row_tau: Optional[Tensor] = None,
-    row_probe: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
 ) -> None:
     steer_step_reference(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
+                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
 
 
 @_steer_step_ref.register_fake
@@ -200,22 +200,22 @@ def _steer_step_ref_fake(*args, **kwargs) -> None:
 
 
 def _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None) -> None:
     if _NATIVE is not None:
         torch.ops.autosteer.steer_step_cpu(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe)
+                                           row_probe, state_rows)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe)
+                                           row_probe, state_rows)
 
 
 def _steer_step_impl(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False, row_tau: Optional[Tensor] = None,
-    row_probe: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
 ) -> None:
     if logits.shape[0] == 0:
         return
@@ -223,7 +223,7 @@ def _steer_step_impl(
         # three launches (probe, latch + t, blend) and one fp32 scratch sized from shapes
         launches = _ktriton.launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
                                            logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
-                                           nan_latches, row_tau, row_probe)
+                                           nan_latches, row_tau, row_probe, state_rows)
         if torch.compiler.is_compiling():  # inductor's generated code guards the device itself
             _ktriton.run_launches(launches, wrap=wrap_triton)
         else:  # eager torch.ops call: launch on the tensors' device, not the current one
@@ -231,11 +231,11 @@ def _steer_step_impl(
                 _ktriton.run_launches(launches, wrap=wrap_triton)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe)
+                                           row_probe, state_rows)
 
 
 if _HAS_TRITON:
@@ -247,11 +247,11 @@ else:  # pragma: no cover
 @_steer_step_op.register_kernel("cpu")
 def _steer_step_cpu_kernel(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                            W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None,
-                           row_probe=None) -> None:
+                           row_probe=None, state_rows=None) -> None:
     if logits.shape[0] == 0:
         return
     _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
 
 
 @_steer_step_op.register_fake
@@ -265,7 +265,7 @@ def _fail(msg: str) -> None:
 
 
 def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None) -> None:
     named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
                  head_rows=head_rows, logits=logits, latched=latched, p_out=p_out, W1=W1, b1=b1, w2=w2, b2=b2,
                  U=U, Bt=Bt)
@@ -284,6 +284,20 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
     if logits.dim() != 2:
         _fail(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
     B, V = logits.shape
+    # the per-request tensors have one entry per row, or (state_rows) tables of S entries
+    S, per = B, f"B={B}"
+    if state_rows is not None:
+        if not isinstance(state_rows, Tensor):
+            _fail(f"state_rows must be a torch.Tensor or None, got {type(state_rows).__name__}")
+        if state_rows.device != dev:
+            _fail(f"state_rows is on {state_rows.device} but logits is on {dev}: all tensors must share one device")
+        if state_rows.dtype not in _INDEX:
+            _fail(f"state_rows (entry of the per-request tensors per row) must be int32 or int64, got {state_rows.dtype}")
+        if state_rows.dim() != 1 or state_rows.shape[0] != B:
+            _fail(f"state_rows must be 1-D of length B={B} (rows of logits), got shape {tuple(state_rows.shape)}")
+        if latched.dim() != 1 or latched.shape[0] < 1:
+            _fail(f"with state_rows, latched must be a 1-D table of S >= 1 entries, got shape {tuple(latched.shape)}")
+        S, per = latched.shape[0], f"S={latched.shape[0]} (latched's length, as state_rows is given)"
     for name in ("probe_hidden", "head_hidden"):
         if named[name].dim() != 2:
             _fail(f"{name} must be 2-D [rows, H], got shape {tuple(named[name].shape)}")
@@ -322,8 +336,8 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
             _fail(f"row_probe is on {row_probe.device} but logits is on {dev}: all tensors must share one device")
         if row_probe.dtype not in _INDEX:
             _fail(f"row_probe (probe index per row) must be int32 or int64, got {row_probe.dtype}")
-        if row_probe.dim() != 1 or row_probe.shape[0] != B:
-            _fail(f"row_probe must be 1-D of length B={B}, got shape {tuple(row_probe.shape)}")
+        if row_probe.dim() != 1 or row_probe.shape[0] != S:
+            _fail(f"row_probe must be 1-D of length {per}, got shape {tuple(row_probe.shape)}")
     if U.dim() != 2 or U.shape[0] != V:
         _fail(f"U must be [V={V}, r] (V from logits), got shape {tuple(U.shape)}")
     r = U.shape[1]
@@ -339,12 +353,12 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
         t = named[name]
         if t.dtype != torch.bool:
             _fail(f"{name} must be bool, got {t.dtype}")
-        if t.dim() != 1 or t.shape[0] != B:
-            _fail(f"{name} must be 1-D of length B={B}, got shape {tuple(t.shape)}")
+        if t.dim() != 1 or t.shape[0] != S:
+            _fail(f"{name} must be 1-D of length {per}, got shape {tuple(t.shape)}")
     if p_out.dtype != torch.float32:
         _fail(f"p_out must be float32, got {p_out.dtype}")
-    if p_out.dim() != 1 or p_out.shape[0] != B:
-        _fail(f"p_out must be 1-D of length B={B}, got shape {tuple(p_out.shape)}")
+    if p_out.dim() != 1 or p_out.shape[0] != S:
+        _fail(f"p_out must be 1-D of length {per}, got shape {tuple(p_out.shape)}")
     if row_tau is not None:
         if not isinstance(row_tau, Tensor):
             _fail(f"row_tau must be a torch.Tensor or None, got {type(row_tau).__name__}")
@@ -352,8 +366,8 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
             _fail(f"row_tau is on {row_tau.device} but logits is on {dev}: all tensors must share one device")
         if row_tau.dtype != torch.float32:
             _fail(f"row_tau (per-row threshold) must be float32, got {row_tau.dtype}")
-        if row_tau.dim() != 1 or row_tau.shape[0] != B:
-            _fail(f"row_tau must be 1-D of length B={B}, got shape {tuple(row_tau.shape)}")
+        if row_tau.dim() != 1 or row_tau.shape[0] != S:
+            _fail(f"row_tau must be 1-D of length {per}, got shape {tuple(row_tau.shape)}")
     for name in _MUTATES:
         t = named[name]
         if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
@@ -379,7 +393,7 @@ def steer_step(
     eps: float,
     nan_latches: bool = False,
     row_tau: Optional[Tensor] = None,
-    row_probe: Optional[Tensor] = None,
+    row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
 ) -> None:
     """Validate (shapes/dtypes/devices only, no sync), then run ``torch.ops.autosteer.steer_step``.
 
@@ -388,7 +402,10 @@ def steer_step(
     row ``b`` latches when ``p_b > row_tau[b]`` and ``tau`` is ignored; None keeps the scalar
     ``tau`` for every row. ``row_probe`` (int32/int64 ``[B]``, or None) with stacked probe weights
     (``W1 [P, F, H]``, ``b1``/``w2 [P, F]``, ``b2 [P]``): row ``b`` is scored by probe
-    ``row_probe[b]``. Row and probe indices are not range-checked here (that would need the
+    ``row_probe[b]``. ``state_rows`` (int32/int64 ``[B]``, or None): the per-request tensors
+    (``probe_mask``, ``latched``, ``p_out``, ``row_tau``, ``row_probe``) are tables of any length
+    ``S`` read and written at entry ``state_rows[b]`` (a serving store's slot tables: a step after a
+    batch change stages only the row -> slot map). Row and probe indices are not range-checked here (that would need the
     values); the CPU kernel checks them. The CUDA kernel never forms an address outside the
     tensors: a probed row whose probe row or probe index is out of range scores NaN (the
     ``nan_latches`` policy then decides), and a latched row whose head row is out of range gets no
@@ -401,9 +418,9 @@ def steer_step(
     (``torch._library.utils.fill_defaults``), 15x the C++ kernel at decode sizes.
     """
     _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
     args = (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau, row_probe)
+            W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau, row_probe, state_rows)
     if EAGER_FAST_PATH and not torch.compiler.is_compiling():
         if logits.shape[0] == 0:
             return

@@ -27,6 +27,16 @@ One call per decode step (and once at prefill) does, for each sequence ``b`` of 
    ``-inf`` (never NaN) because the delta is finite.
 
 Rows that are not latched receive **no writes**: their logits stay bit-identical.
+
+**Per-request state by index** (``state_rows``, optional int32/int64 ``[B]``): when given, the
+per-request tensors -- ``probe_mask``, ``latched``, ``p_out``, ``row_tau`` and ``row_probe`` -- are
+read and written at ``state_rows[b]`` instead of ``b``: they are tables of any length ``S`` (a
+serving engine's per-request slot tables), and ``state_rows`` maps this call's rows to their
+entries (distinct entries; a repeated one is not checked and its result is undefined). The
+per-row inputs of this call (``probe_rows``, ``head_rows``, ``logits``) stay indexed by ``b``.
+Entries not named by ``state_rows`` are never read or written. An entry outside ``[0, S)`` raises
+here and in the C++ kernel; the Triton kernel cannot raise: such a row reads and writes no state
+and is steered exactly when ``nan_latches`` (its latch is unknown: the fail-closed policy decides).
 """
 from __future__ import annotations
 
@@ -75,10 +85,23 @@ def steer_step_reference(
     nan_latches: bool = False,
     row_tau: torch.Tensor | None = None,  # [B] float32, per-row threshold replacing tau
     row_probe: torch.Tensor | None = None,  # [B] int32/int64, probe of each row (stacked weights only)
+    state_rows: torch.Tensor | None = None,  # [B] int32/int64: entry of the per-request tensors per row
 ) -> None:
     """Gather + probe + latch + refusal-logit blend; see the module docstring for the exact semantics."""
     B = logits.shape[0]
     if B == 0:
+        return
+    if state_rows is not None:  # the same work on row-ordered copies of the named entries, written back
+        s = state_rows.long()
+        S = latched.shape[0]
+        if int(s.min()) < 0 or int(s.max()) >= S:
+            raise IndexError(f"state_rows values must be in [0, {S}), got {s.tolist()}")
+        lat, po = latched[s].clone(), p_out[s].clone()
+        steer_step_reference(probe_hidden, probe_rows, probe_mask[s], head_hidden, head_rows, logits, lat, po,
+                             W1, b1, w2, b2, U, Bt, tau, eps, nan_latches,
+                             None if row_tau is None else row_tau[s], None if row_probe is None else row_probe[s])
+        latched[s] = lat
+        p_out[s] = po  # (entries not probed: their own value back)
         return
     probe_rows = probe_rows.long()
     head_rows = head_rows.long()
