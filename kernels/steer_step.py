@@ -66,11 +66,13 @@ three launches and W1 re-read per row block; an all-latched blend reaches 91 % (
 (r = 64, ``t`` re-read per tile) of the floor's time at B = 256.
 
 Resources, from ahead-of-time compiles of every variant serving can launch for sm_80 and sm_90
-(``tests/test_aot.py``, triton 3.9; 42 variants per target: probe 6, latch 12, blend 24): no
-spills, no stack, 2-12 KB of shared memory; registers per thread: probe 101-119 (8 warps), latch
-72-96 (4 warps), blend 61-71 with r <= 16 (4 warps; 82-109 where V is not a multiple of 16),
-108-120 with r = 64 (8 warps), 120-128 chunked (4 warps; 128-149 where V is not a multiple of 16).
-sm_80 64-149 overall, sm_90 61-136.
+(``tests/test_aot.py``, triton 3.9; 84 variants per target: probe 12, latch 24, blend 48, each with
+and without ``HAS_STATE_ROWS``; ``python benchmarks/aot_resources.py``, tables in
+``benchmarks/results/aot_sm{80,90}.md``): no spills, no stack, 2-12 KB of shared memory; registers per
+thread on sm_80: probe 102-119 (8 warps), latch 80-96 (4 warps), blend 64-128; on sm_90: probe
+101-108, latch 72-96 (80-104 with ``state_rows``), blend 56-136. sm_80 64-128 overall, sm_90 56-136.
+(With ``state_rows``, a run-time ``nan_latches`` branch in the latch and blend launches made ptxas spill
+8 bytes on sm_90: those two are written branch-free.)
 The first cut (64 x 64 probe tiles, 128 x 16 U tiles, Triton's default 3 pipeline stages) took
 150-255 registers and spilled; ``NUM_STAGES = 1`` and the tiles above are what fits.
 
