@@ -264,6 +264,18 @@ def _fail(msg: str) -> None:
     raise ValueError(f"steer_step: {msg}")
 
 
+def _index_vector(name: str, t, dev, n: int, per: str, what: str) -> None:
+    """``t`` must be a 1-D int32/int64 tensor of length ``n`` on ``dev`` (``per`` says where ``n`` comes from)."""
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != dev:
+        _fail(f"{name} is on {t.device} but logits is on {dev}: all tensors must share one device")
+    if t.dtype not in _INDEX:
+        _fail(f"{name} ({what}) must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        _fail(f"{name} must be 1-D of length {per}, got shape {tuple(t.shape)}")
+
+
 def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
               W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None) -> None:
     named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
@@ -287,14 +299,7 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
     # the per-request tensors have one entry per row, or (state_rows) tables of S entries
     S, per = B, f"B={B}"
     if state_rows is not None:
-        if not isinstance(state_rows, Tensor):
-            _fail(f"state_rows must be a torch.Tensor or None, got {type(state_rows).__name__}")
-        if state_rows.device != dev:
-            _fail(f"state_rows is on {state_rows.device} but logits is on {dev}: all tensors must share one device")
-        if state_rows.dtype not in _INDEX:
-            _fail(f"state_rows (entry of the per-request tensors per row) must be int32 or int64, got {state_rows.dtype}")
-        if state_rows.dim() != 1 or state_rows.shape[0] != B:
-            _fail(f"state_rows must be 1-D of length B={B} (rows of logits), got shape {tuple(state_rows.shape)}")
+        _index_vector("state_rows", state_rows, dev, B, f"B={B} (rows of logits)", "entry of the per-request tensors per row")
         if latched.dim() != 1 or latched.shape[0] < 1:
             _fail(f"with state_rows, latched must be a 1-D table of S >= 1 entries, got shape {tuple(latched.shape)}")
         S, per = latched.shape[0], f"S={latched.shape[0]} (latched's length, as state_rows is given)"
@@ -322,8 +327,6 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
         if b2.numel() != 1:
             _fail(f"b2 must have exactly one element, got shape {tuple(b2.shape)}")
     else:
-        if not isinstance(row_probe, Tensor):
-            _fail(f"row_probe must be a torch.Tensor or None, got {type(row_probe).__name__}")
         if W1.dim() != 3 or W1.shape[2] != H or W1.shape[0] < 1:
             _fail(f"with row_probe, W1 must be stacked [P, F, H={H}], got shape {tuple(W1.shape)}")
         P, F = W1.shape[0], W1.shape[1]
@@ -332,12 +335,7 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
                 _fail(f"with row_probe, {name} must be [P={P}, F={F}], got shape {tuple(t.shape)}")
         if b2.dim() != 1 or b2.shape[0] != P:
             _fail(f"with row_probe, b2 must be [P={P}], got shape {tuple(b2.shape)}")
-        if row_probe.device != dev:
-            _fail(f"row_probe is on {row_probe.device} but logits is on {dev}: all tensors must share one device")
-        if row_probe.dtype not in _INDEX:
-            _fail(f"row_probe (probe index per row) must be int32 or int64, got {row_probe.dtype}")
-        if row_probe.dim() != 1 or row_probe.shape[0] != S:
-            _fail(f"row_probe must be 1-D of length {per}, got shape {tuple(row_probe.shape)}")
+        _index_vector("row_probe", row_probe, dev, S, per, "probe index per row")
     if U.dim() != 2 or U.shape[0] != V:
         _fail(f"U must be [V={V}, r] (V from logits), got shape {tuple(U.shape)}")
     r = U.shape[1]
