@@ -325,3 +325,35 @@ def test_force_latch_outside_a_step(weights):
     assert store.summary("b").latched and store.summary("b").latched_at == 2
     with pytest.raises(KeyError):
         store.force_latch("nobody")
+
+
+def test_precompile_runs_every_variant_a_store_launches_and_only_reads_the_weights(monkeypatch):
+    """SteerWeights.precompile (called by the vLLM and TGI stores when they are built): one op call per logits
+    dtype x probe set x with/without state_rows, each with the row latched (so the blend launch runs), with the
+    store's index dtypes; the weights are left as they were."""
+    import autosteer.runtime.op as op_mod
+
+    torch.manual_seed(0)
+    V, H, F, r = 64, 8, 4, 2
+    w = SteerWeights(W1=torch.randn(F, H), b1=torch.randn(F), w2=torch.randn(F), b2=torch.randn(1),
+                            U=torch.randn(V, r), Bt=torch.randn(r, H), tau=0.5, eps=0.3, fail_closed=True, layer=1)
+    before = [t.clone() for t in (w.W1, w.b1, w.w2, w.b2, w.U, w.Bt)]
+    seen = []
+    real = op_mod.steer_step
+
+    def spy(*args, row_probe=None, state_rows=None, **kw):
+        seen.append((args[5].dtype, args[0].dtype, row_probe is not None, state_rows is not None,
+                     args[1].dtype, None if state_rows is None else state_rows.dtype, bool(args[6].all())))
+        return real(*args, row_probe=row_probe, state_rows=state_rows, **kw)
+
+    monkeypatch.setattr(op_mod, "steer_step", spy)
+    assert w.precompile(torch.bfloat16, (torch.float32, torch.bfloat16, torch.float32)) == 4
+    assert sorted(seen, key=str) == sorted([(dt, torch.bfloat16, False, s, torch.int64, torch.int64 if s else None, True)
+                                            for dt in (torch.float32, torch.bfloat16) for s in (False, True)], key=str)
+    stacked = tuple(torch.stack([t, t + 1]) for t in (w.W1, w.b1, w.w2)) + (torch.cat([w.b2, w.b2]),)
+    w2 = SteerWeights(**{**vars(w), "stacked": stacked})
+    seen.clear()
+    assert w2.precompile(torch.float32) == 4  # float32 logits x (prefill probe, stacked probes) x state_rows
+    assert sum(1 for s in seen if s[2]) == 2
+    for a, b in zip(before, (w.W1, w.b1, w.w2, w.b2, w.U, w.Bt)):
+        assert torch.equal(a, b)

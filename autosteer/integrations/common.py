@@ -324,6 +324,34 @@ class SteerWeights:
     def device(self) -> torch.device:
         return self.U.device
 
+    def precompile(self, hidden_dtype: torch.dtype, logits_dtypes=(torch.float32,)) -> int:
+        """Run the op once per kernel variant a serving store launches with these weights, on one dummy row each:
+        every logits dtype given, the prefill probe and (with a monitor probe) the stacked probes, with and without
+        ``state_rows``, the store's index dtypes (rows and slots int64, probe index int32), the row latched so
+        that the blend launch runs too. On CUDA this compiles the Triton kernels at start-up, so that the first
+        request does not pay the JIT and no variant compiles mid-serving; a variant missed here (another dtype)
+        still compiles at first use. On the CPU it runs the C++ op (nothing to compile). The weights are only
+        read. Returns the number of op calls."""
+        from ..runtime.op import steer_step
+
+        dev, V, H = self.device, self.U.shape[0], self.Bt.shape[1]
+        h = torch.zeros(1, H, dtype=hidden_dtype, device=dev)
+        rows = torch.zeros(1, dtype=torch.int64, device=dev)
+        probes = [(self.W1, self.b1, self.w2, self.b2, None)]
+        if self.stacked is not None:
+            probes.append((*self.stacked, torch.zeros(1, dtype=torch.int32, device=dev)))
+        calls = 0
+        for dt in dict.fromkeys(logits_dtypes):
+            logits = torch.zeros(1, V, dtype=dt, device=dev)
+            for W1, b1, w2, b2, row_probe in probes:
+                for slots in (None, rows):
+                    latched = torch.ones(1, dtype=torch.bool, device=dev)
+                    steer_step(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows, logits, latched,
+                               torch.zeros(1, device=dev), W1, b1, w2, b2, self.U, self.Bt, self.tau, self.eps,
+                               self.fail_closed, row_probe=row_probe, state_rows=slots)
+                    calls += 1
+        return calls
+
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         """The probe alone on rows ``h`` ([n, H]); for reports and tests (the step uses the op)."""
         return Probe(self.W1, self.b1, self.w2, self.b2).score(h)

@@ -289,6 +289,7 @@ class _Runtime:
         check_pack_matches(self.pack, E, num_layers=len(layers), model_type=model_type)
         weights = SteerWeights.from_pack(self.pack, E, tau=self.tau, fail_closed=self.fail_closed,
                                          monitor_window=self.monitor_window)
+        weights.precompile(E.dtype, (torch.float32, E.dtype))  # the chooser's scores: float32 or the model's dtype
         flash_mod = sys.modules.get(_TGI.FLASH)
         rows = max(256, _TGI.max_graph_rows(flash_mod))
         speculate = int(getattr(flash_lm, "speculate", 0) or 0)

@@ -1440,6 +1440,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             return None
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
                                          device=self.device, monitor_window=self.monitor_window)
+        # vLLM's sampler hands the logits processors float32 logits; the hidden states are the model's dtype
+        weights.precompile(cap.E.dtype, (torch.float32,))
         tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
         # with tensor parallelism every rank steers the same rows alike (replicated states, all-gathered logits);
         # only rank 0 reports decisions, so each request is logged once
