@@ -69,8 +69,9 @@ Resources, from ahead-of-time compiles of every variant serving can launch for s
 (``tests/test_aot.py``, triton 3.9; 84 variants per target: probe 12, latch 24, blend 48, each with
 and without ``HAS_STATE_ROWS``; ``python benchmarks/aot_resources.py``, tables in
 ``benchmarks/results/aot_sm{80,90}.md``): no spills, no stack, 2-12 KB of shared memory; registers per
-thread on sm_80: probe 102-119 (8 warps), latch 80-96 (4 warps), blend 64-128; on sm_90: probe
-101-108, latch 72-96 (80-104 with ``state_rows``), blend 56-136. sm_80 64-128 overall, sm_90 56-136.
+thread on sm_80: probe 102-119 (8 warps), latch 80-96 (4 warps), blend 64-144 (the top: the chunked
+full-rank path, whose rank offsets are int64 because R x V can pass 2^31); on sm_90: probe 101-108, latch
+70-102, blend 56-136. sm_80 64-144 overall, sm_90 56-136.
 (With ``state_rows``, a run-time ``nan_latches`` branch in the latch and blend launches made ptxas spill
 8 bytes on sm_90: those two are written branch-free.)
 The first cut (64 x 64 probe tiles, 128 x 16 U tiles, Triton's default 3 pipeline stages) took
@@ -306,6 +307,9 @@ def latch_kernel(
     steer = latch & head_ok
     if rsplit == 0:
         tl.store(pout_ptr + st * pout_s, tl.where(bad_head, float("nan"), p_val), mask=(p_write | bad_head) & sok)
+    # t of every row (zero for rows not steered here): the blend reads t for every row whose state entry is
+    # latched, and with a state entry repeated across rows (not a call the stores make; undefined) a row can find
+    # its entry latched by another row -- it then gets (1 + eps) z, never the scratch's uninitialised memory
     if tl.max(steer.to(tl.int32), axis=0) > 0:
         hrow = tl.where(steer, hrow, 0)
         g_row = hh_ptr + hrow * hh_s0
@@ -320,7 +324,11 @@ def latch_kernel(
             bt = tl.load(bt_ptr + r[None, :] * bt_s0 + h[:, None] * bt_s1, mask=hm[:, None] & rmask[None, :],
                          other=0.0)
             acc = tl.dot(g.to(tl.float32), bt.to(tl.float32), acc, input_precision=DOT_PREC)
-        tl.store(t_ptr + rows[:, None] * t_s0 + r[None, :], acc, mask=steer[:, None] & rmask[None, :])
+        tl.store(t_ptr + rows[:, None] * t_s0 + r[None, :], acc, mask=rm[:, None] & rmask[None, :])
+    else:
+        r = rsplit * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.store(t_ptr + rows[:, None] * t_s0 + r[None, :], tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32),
+                 mask=rm[:, None] & (r < R)[None, :])
 
 
 @triton.jit
@@ -400,7 +408,7 @@ def blend_kernel(
                     else:
                         acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
                         for r0 in range(0, R, BLOCK_R):
-                            r = r0 + offs_r
+                            r = (r0 + offs_r).to(tl.int64)  # r * u_s1 passes 2^31 for a full-rank head at large V
                             rm = r < R
                             t = tl.load(t_row[:, None] + r[None, :], mask=steer[:, None] & rm[None, :], other=0.0)
                             uc = tl.load(u_ptr + v[None, :] * u_s0 + r[:, None] * u_s1, mask=rm[:, None] & vm[None, :],

@@ -357,3 +357,25 @@ def test_precompile_runs_every_variant_a_store_launches_and_only_reads_the_weigh
     assert sum(1 for s in seen if s[2]) == 2
     for a, b in zip(before, (w.W1, w.b1, w.w2, w.b2, w.U, w.Bt)):
         assert torch.equal(a, b)
+
+
+def test_a_request_with_steering_off_reports_no_prompt_score():
+    """An off request is not probed, so its summary's p_unsafe is NaN -- not the score an earlier request left in
+    the same row (found by review: it reported request A's 0.98792)."""
+    import math
+
+    from autosteer.integrations.common import RequestSettings
+
+    torch.manual_seed(0)
+    H, V = 32, 40
+    m = make_tiny_model(V, hidden=H)
+    s = SteerStateStore(SteerWeights.from_pack(make_pack(m), m.lm_head.weight))
+    s.begin_step(["A"], cu_seqlens=[0, 3])
+    s.apply(torch.randn(1, V), probe_hidden=torch.randn(3, H), head_hidden=torch.randn(1, H))
+    s.end_step()
+    s.set_request_settings("B", RequestSettings(off=True))
+    s.begin_step(["B"], cu_seqlens=[0, 2])
+    s.apply(torch.randn(1, V), probe_hidden=torch.randn(2, H), head_hidden=torch.randn(1, H))
+    s.end_step()
+    assert not math.isnan(s.summary("A").p_unsafe)
+    assert math.isnan(s.summary("B").p_unsafe) and not s.summary("B").latched

@@ -671,3 +671,33 @@ def test_state_rows_out_of_range(nan_latches, device):
             torch.testing.assert_close(rows["logits"][b].cpu(), ref["logits"][b].cpu(), rtol=1e-5, atol=1e-5)
         steered = not torch.equal(a["logits"][2].cpu(), case.args["logits"][2].cpu())
         assert steered == nan_latches, (bad, nan_latches)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_repeated_state_entry_never_blends_uninitialised_scratch(device):
+    """Two rows naming one state entry is not a call the stores make (their slot steps refuse repeated requests)
+    and its latch is undefined, but it must not write garbage: with exactly one of the two rows firing and the
+    scratch filled with 1e30, each row is left as it was, scaled to (1 + eps) z, or blended with its own t --
+    every output finite and within the steered row's scale (found by review: 4.5e29 before t was zeroed)."""
+    torch.manual_seed(0)
+    B, H, V, F, R, eps = 2, 32, 64, 16, 4, 0.1
+    kw = dict(device=device)
+    ph, hh, logits = torch.randn(B, H, **kw), torch.randn(B, H, **kw), torch.randn(B, V, **kw)
+    W1, b1, w2, b2 = torch.randn(F, H, **kw), torch.zeros(F, **kw), torch.randn(F, **kw), torch.zeros(1, **kw)
+    U, Bt = torch.randn(V, R, **kw), torch.randn(R, H, **kw)
+    rows = torch.arange(B, device=device)
+    p = torch.zeros(B, **kw)
+    steered = logits.clone()
+    steer_step_reference(ph, rows, torch.ones(B, dtype=torch.bool, device=device), hh, rows, steered,
+                         torch.ones(B, dtype=torch.bool, device=device), p, W1, b1, w2, b2, U, Bt, 0.5, eps)
+    tau = float(p.min() + p.max()) / 2  # exactly one row fires
+    lat, pout, out = torch.zeros(1, dtype=torch.bool, device=device), torch.zeros(1, **kw), logits.clone()
+    launches = ks.launch_configs(ph, rows, torch.ones(1, dtype=torch.bool, device=device), hh, rows, out, lat, pout,
+                                 W1, b1, w2, b2, U, Bt, tau, eps, state_rows=torch.zeros(B, dtype=torch.int64,
+                                                                                       device=device),
+                                 scratch=torch.full((B, R + 2 * F), 1e30, device=device))
+    ks.run_launches(launches)
+    assert bool(lat[0])
+    for b in range(B):
+        options = (logits[b], (1 + eps) * logits[b], steered[b])
+        assert any(torch.allclose(out[b], o, rtol=1e-5, atol=1e-5) for o in options), (b, (out[b] - logits[b]).abs().max())

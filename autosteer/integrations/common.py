@@ -1270,7 +1270,9 @@ class SteerStateStore:
                 new_tokens = tokens + n_tok
             p_last = torch.where(probed_any & active, p_last_new, self._sl_p_last.index_select(0, slots))
             final_prefill = (s.flags & _FINAL_PREFILL) != 0
-            p_unsafe = torch.where(final_prefill, p0, self._sl_p_unsafe.index_select(0, slots))
+            # the prompt's score where the op scored it (a request with steering off is not probed: its entry of
+            # _pout is another request's, so its p_unsafe stays NaN)
+            p_unsafe = torch.where(final_prefill & s.probe, p0, self._sl_p_unsafe.index_select(0, slots))
             self._sl_latched.index_copy_(0, slots, new_lat)
             self._sl_latched_at.index_copy_(0, slots, latched_at)
             self._sl_p_last.index_copy_(0, slots, p_last)
