@@ -400,3 +400,22 @@ def test_v2_runner_without_finish_requests_is_refused(setup, tmp_path, monkeypat
     with pytest.raises(avllm.VLLMIntegrationError, match="without finish_requests"):
         _v2_processor(setup, tmp_path, monkeypatch, finish_requests=None)
     avllm.detach_capture()
+
+
+def test_tensor_parallelism_under_model_runner_v2_is_refused_by_name(setup, tmp_path, monkeypatch):
+    """Tensor parallelism is served and tested under the V1 runner; under Model Runner V2 it has not been run, so
+    the processor stops the start-up with a named error instead of serving it untested."""
+    from types import SimpleNamespace
+
+    hf, _, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    engine = V2Engine(hf, chunk=64)
+    cfg = _config()
+    cfg.parallel_config = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1,
+                                          distributed_executor_backend="mp")
+    cap = avllm.attach_capture(engine.model, pack, max_reqs=8, metadata_fn=engine.metadata)
+    try:
+        with pytest.raises(avllm.VLLMIntegrationError, match="under Model Runner V2 has not been run"):
+            avllm.AutoSteerVLLMLogitsProcessor(cfg, engine.lp_states, capture=cap, v2_runner=engine.runner)
+    finally:
+        avllm.detach_capture()

@@ -1110,6 +1110,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                       "--logprobs-mode processed_logprobs to return the steered ones", self.logprobs_mode,
                       level=logging.WARNING)
         why = _engine_refusal(vllm_config)
+        tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
+        if not why and self.v2 and tp > 1:  # served and tested under the V1 runner only
+            why = (f"tensor parallelism (tensor_parallel_size={tp}) under Model Runner V2 has not been run: AutoSteer "
+                   "serves tensor parallelism with the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0), where it is tested, "
+                   "or serve with --tensor-parallel-size 1")
         version = _VLLM.version()  # None: vLLM not importable (a simulated engine); else it must be supported
         why = why or (_VLLM.version_refusal(version) if version is not None else None)
         if why:
