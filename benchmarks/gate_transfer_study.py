@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from genre_gate_rates import emit  # noqa: E402
+
 
 def dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
     """The dev sets of ``genre_gate_rates.build_sets`` without the fit-family rephrasings."""
@@ -225,11 +227,7 @@ def main() -> int:
           "`<|im_end|>` closing the user turn, `inst` the last token of the user's text, `post_mean` the mean over the "
           "six tokens from `<|im_end|>` to the end, `last+inst` both concatenated.", "",
           table(rows), ""]
-    text = "\n".join(md)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit("\n".join(md), args.out)
     return 0
 
 
@@ -279,11 +277,7 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
           f"gate-fire rates (%) on the same DEV sets. With several seeds ({', '.join(map(str, seeds))}: the fold split "
           "and the probe's initialisation), a cell is the mean and, in brackets, the range over seeds.", "",
           "\n".join(lines), ""]
-    text = "\n".join(md)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit("\n".join(md), args.out)
     return 0
 
 

@@ -171,12 +171,16 @@ def main() -> int:
               "one template per request (stable hash); dev families are never fitted on (the default fit includes the fit "
               "families since issue 17, and some fit-family rows are fit data: those rows are not a transfer measure). Early-stopped states checked against "
               f"`autosteer.evaluate.probe_scores` on a sample: max |dp| {diff:.1e}."]
-    md = markdown(rows, tau, header) + "\n" + "\n".join(summary(rows)) + "\n"
-    print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(md)
+    emit(markdown(rows, tau, header) + "\n" + "\n".join(summary(rows)) + "\n", args.out)
     return 0
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a study's markdown and, with ``--out``, write it there (its folder made)."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -697,8 +697,9 @@ def _patch_runner_instance(runner, max_reqs: int, on_attached: Callable | None =
 # serve without AutoSteer although a pack is set
 
 
-def _engine_refusal(vllm_config) -> str | None:
-    """Why an engine with ``vllm_config`` would serve WITHOUT AutoSteer although a pack is set (None: it would not)."""
+def _engine_refusal(vllm_config, *, v2: bool = False) -> str | None:
+    """Why an engine with ``vllm_config`` would serve WITHOUT AutoSteer although a pack is set (None: it would not).
+    ``v2``: the worker runs Model Runner V2 (known in the worker, not in the front end)."""
     if getattr(vllm_config, "speculative_config", None):
         return ("speculative decoding is configured: vLLM 0.33 does not construct entry-point logits processors "
                 "when it is on (the V1 model runner's build_logitsprocs skips them), so AutoSteer would be silently "
@@ -720,6 +721,10 @@ def _engine_refusal(vllm_config) -> str | None:
                 "by an uncalibrated probe. Merge the adapter, fit a pack on the merged model and serve that")
     pc = getattr(vllm_config, "parallel_config", None)
     tp, pp = (int(getattr(pc, name, 1) or 1) for name in ("tensor_parallel_size", "pipeline_parallel_size"))
+    if v2 and tp > 1:  # served and tested under the V1 runner only
+        return (f"tensor parallelism (tensor_parallel_size={tp}) under Model Runner V2 has not been run: AutoSteer "
+                "serves tensor parallelism with the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0), where it is tested, "
+                "or serve with --tensor-parallel-size 1")
     if pp > 1:  # tensor parallelism is served: every rank sees the whole residual stream and all-gathered logits
         return (f"pipeline parallelism is configured (pipeline_parallel_size={pp}, tensor_parallel_size={tp}): the "
                 "probe layer and lm_head would live on different workers, and the last stage, which computes the "
@@ -1083,9 +1088,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             self.allow_client_off = parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
+        self.pack_sha256 = pack_sha256(pack_path)  # read once: checked here, logged when the store is built
         want = cfg.get("pack_sha256")  # the front end's pack, carried in the engine config
-        if want and pack_sha256(pack_path) != want:
-            raise VLLMIntegrationError(f"AutoSteer: this worker's pack {pack_path} (sha256 {pack_sha256(pack_path)}) is "
+        if want and self.pack_sha256 != want:
+            raise VLLMIntegrationError(f"AutoSteer: this worker's pack {pack_path} (sha256 {self.pack_sha256}) is "
                                        f"not the file the front end was started with (sha256 {want}): every worker "
                                        "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
@@ -1109,12 +1115,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                       "before steering (the unsteered model's; the tokens are steered). Start vLLM with "
                       "--logprobs-mode processed_logprobs to return the steered ones", self.logprobs_mode,
                       level=logging.WARNING)
-        why = _engine_refusal(vllm_config)
-        tp = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
-        if not why and self.v2 and tp > 1:  # served and tested under the V1 runner only
-            why = (f"tensor parallelism (tensor_parallel_size={tp}) under Model Runner V2 has not been run: AutoSteer "
-                   "serves tensor parallelism with the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0), where it is tested, "
-                   "or serve with --tensor-parallel-size 1")
+        why = _engine_refusal(vllm_config, v2=self.v2)
         version = _VLLM.version()  # None: vLLM not importable (a simulated engine); else it must be supported
         why = why or (_VLLM.version_refusal(version) if version is not None else None)
         if why:
@@ -1463,7 +1464,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
-                  self.pack.layer, self.mode, weights.tau, self.pack_path, pack_sha256(self.pack_path),
+                  self.pack.layer, self.mode, weights.tau, self.pack_path, self.pack_sha256,
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 
