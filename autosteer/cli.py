@@ -80,6 +80,13 @@ def _layer_rule(text: str) -> str:
     return text
 
 
+def layers_text(meta: dict) -> str:
+    """``"layer 16"`` / ``"layers 12+16+20"`` (:func:`autosteer.method.pack.layers_text`)."""
+    from .method.pack import layers_text as text
+
+    return text(meta)
+
+
 POSITIVE = _int_at_least(1)
 NON_NEGATIVE = _int_at_least(0)
 
@@ -244,7 +251,7 @@ def cmd_fit(args) -> int:
     m = pack.meta
     print(f"pack written to {out}" + (f" (generate/eval use the shipped pack unless you pass --pack {out})"
                                       if _is_default_model(args.model) else ""))
-    print(f"layer {m['layer']} (rule {m['layer_rule']}; SAS peaks at layer {m['sas_layer']}, {m['sas_pairing']} pairs), "
+    print(f"{layers_text(m)} (rule {m['layer_rule']}; SAS peaks at layer {m['sas_layer']}, {m['sas_pairing']} pairs), "
           f"probe val AUROC {m['metrics']['val_auroc']:.3f}")
     print(f"tau {m['tau']:.3f} ({m['tau_rule']}: {'out-of-fold' if m.get('operating_points') else 'val'} TPR {m['metrics']['val_at_tau']['tpr']:.3f}, "
           f"FPR {m['metrics']['val_at_tau']['fpr']:.3f}); paper tau 0.5: TPR {m['metrics']['val_at_tau_paper']['tpr']:.3f}, "
@@ -263,7 +270,7 @@ def cmd_fit(args) -> int:
     print(f"refusal head: rank {m['head_rank']}, loss {m['metrics']['head_losses'][-1]:.4f}, "
           f"token accuracy {m['metrics']['head_token_accuracy']:.3f}")
     kept = m["metrics"]["states_kept"]
-    print(f"states: {kept['all_layers']} prompts at every layer, {kept['gate_layer_only']} at layer {m['layer']} only, "
+    print(f"states: {kept['all_layers']} prompts at every layer, {kept['gate_layer_only']} at {layers_text(m)} only, "
           f"computed in {m['metrics']['compute_dtype']}" + (f"; cached in {cfg.states_cache} (a rerun resumes from it; "
                                                             "--no-states-cache to keep none)" if cfg.states_cache else ""))
     print(f"fit time: {m['metrics']['seconds']['total']:.1f} s (total with model load {time.time() - t0:.1f} s)")
@@ -464,14 +471,14 @@ def cmd_demo(args) -> int:
         pack = fit(model, tok, FitConfig(seed=args.seed))
         pack.save(fitted)
         m = pack.meta
-        print(f"fit: {m['metrics']['seconds']['total']:.0f} s, layer {m['layer']} ({m['layer_rule']}; SAS peaks at {m['sas_layer']}), "
+        print(f"fit: {m['metrics']['seconds']['total']:.0f} s, {layers_text(m)} ({m['layer_rule']}; SAS peaks at {m['sas_layer']}), "
               f"val AUROC {m['metrics']['val_auroc']:.3f}, tau {m['tau']:.3f}, pack {fitted}")
     handle = attach(model, pack)
     handle.check_tokenizer(tok)
     prompts = DEMO_HARMFUL + DEMO_BENIGN
     plain = generate_batch(handle, tok, prompts, "unsteered", args.max_new_tokens, progress=False)
     steered = generate_batch(handle, tok, prompts, "autosteer", args.max_new_tokens, progress=False)
-    print(f"\n=== unsteered vs AutoSteer (greedy, {args.max_new_tokens} new tokens; layer {pack.layer}, tau {pack.tau:.3f}) ===")
+    print(f"\n=== unsteered vs AutoSteer (greedy, {args.max_new_tokens} new tokens; {layers_text(pack.meta)}, tau {pack.tau:.3f}) ===")
     for p, a, b in zip(prompts, plain, steered):
         print(f"\nPROMPT  {p}\n  p(unsafe) = {b.p_unsafe:.3f} -> {'STEERED' if b.steered else 'not steered'}")
         print(f"  unsteered: {a.response.strip()[:160]!r}")
@@ -534,7 +541,7 @@ def operating_points_table(points: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    """What a pack holds: model, layer, threshold, and its operating points with their measured rates."""
+    """What a pack holds: model, the layers its probe reads, threshold, and its operating points with their measured rates."""
     import autosteer
 
     from .method.pack import OPERATING_POINTS, load_pack
@@ -544,7 +551,10 @@ def cmd_info(args) -> int:
     m = pack.meta
     print(f"pack: {path}")
     print(f"model: {m.get('model_name')} ({m.get('num_layers')} layers, hidden {m.get('hidden_size')}); "
-          f"gate layer {pack.layer} ({m.get('layer_rule')}); tau {pack.tau:.4g} ({m.get('tau_rule')})")
+          f"gate {layers_text(m)} ({m.get('layer_rule')}); tau {pack.tau:.4g} ({m.get('tau_rule')})")
+    if len(pack.layers) > 1:
+        print(f"probe input: the states entering layers {', '.join(map(str, pack.layers))} at the last prompt token, "
+              f"concatenated in that order ({len(pack.layers)} x {pack.hidden_size} = {pack.W1.shape[1]} features)")
     points = m.get("operating_points") or {}
     if not points:
         print("operating points: none (fitted before operating points existed; refit for strict/balanced/permissive)")
@@ -575,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-rule", default=None, type=_layer_rule,
                    help="'depth:F' (default depth:0.55: the layer at F of the depth, chosen on transfer in "
                         "docs/results/gate_transfer_study.md), "
-                        "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number")
+                        "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number; or up to 4 layer "
+                        "numbers / depths joined by '+' (e.g. 12+16+20 or depth:0.4+depth:0.55+depth:0.7): one probe "
+                        "reads those layers' states concatenated (serving them needs the multi-layer op and runtime)")
     p.add_argument("--head-rank", default=None, type=_head_rank, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=POSITIVE, default=5)
     p.add_argument("--target-fpr", type=_probability, default=None,
@@ -695,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("info", help="what a steer pack holds: layer, threshold, operating points and their rates")
+    p = sub.add_parser("info", help="what a steer pack holds: layers, threshold, operating points and their rates")
     p.add_argument("pack", nargs="?", default=None, help="pack path (default: the shipped pack)")
     p.set_defaults(func=cmd_info)
 

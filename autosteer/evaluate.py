@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import is_refusal
+from .method.pack import layers_text
 from .prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, encode_batch, prompt_image, prompt_text,
                         text_tokenizer)
 
@@ -114,7 +115,9 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 
     t0 = time.time()
     has_monitor_probe = getattr(handle, "monitor_probe", None) is not None
-    report: dict = {"pack": {k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps", "head_rank")},
+    report: dict = {"pack": {**{k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps",
+                                                                    "head_rank")},
+                             "layers": handle.pack.meta.get("layers") or [handle.pack.meta.get("layer")]},
                     "tau_used": handle.tau, "tau_monitor_used": getattr(handle, "tau_monitor", None),
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
                     "monitor_probe": has_monitor_probe,
@@ -162,13 +165,15 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 @torch.no_grad()
 def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16, response_prefix: str = "") -> list[float]:
     """The probe's score at the last prompt token of each prompt (no generation; with a
-    ``response_prefix``, at its last token, as :func:`generate_batch` serves it)."""
-    from .method.hidden_states import last_token_states
+    ``response_prefix``, at its last token, as :func:`generate_batch` serves it): the states at the
+    pack's layers (``pack.layers``), concatenated in that order."""
+    from .method.hidden_states import probe_inputs
 
     fmt = handle.pack.prompt_format
-    x = last_token_states(handle.model, tokenizer, prompts, fmt, batch_size, layers=[handle.pack.layer], progress=False,
-                          response_prefix=response_prefix)
-    return handle.probe_scores(x[:, 0].to(handle.W1.device)).cpu().tolist()
+    x = probe_inputs(handle.model, tokenizer, prompts, fmt, handle.pack.layers, batch_size, progress=False,
+                     response_prefix=response_prefix)
+    return handle.probe_scores(x.to(handle.W1.device)).cpu().tolist()
+
 
 
 def markdown_report(report: dict) -> str:
@@ -177,7 +182,7 @@ def markdown_report(report: dict) -> str:
     lines = ["# AutoSteer evaluation", ""]
     p = report["pack"]
     tau_paper = p.get("tau_paper", 0.5)
-    lines.append(f"Model `{p.get('model_name')}`, layer {p.get('layer')} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
+    lines.append(f"Model `{p.get('model_name')}`, {layers_text(p)} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
                  f"(paper {tau_paper}), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
     if report.get("response_prefix"):
         lines += ["", f"Prefilling attack: every assistant turn began with {report['response_prefix']!r} (part of the prompt: "
@@ -274,12 +279,14 @@ def save_plots(report: dict, pack_meta: dict, out_dir: str | os.PathLike) -> lis
             ax.plot(layers, pack_meta["sas_random_pairs"], ".--", label="SAS (random pairs)")
         ax2 = ax.twinx()
         ax2.plot(layers, pack_meta["val_auroc"], "s-", color="tab:red", label="probe val AUROC")
-        ax.axvline(pack_meta["layer"], color="gray", ls=":")
+        for layer in pack_meta.get("layers") or [pack_meta["layer"]]:
+            ax.axvline(layer, color="gray", ls=":")
         ax.set_xlabel("layer")
         ax.set_ylabel("SAS")
         ax2.set_ylabel("AUROC")
         fig.legend(loc="lower right", fontsize=8)
-        ax.set_title(f"layer choice: {pack_meta['layer']} ({pack_meta['layer_rule']})")
+        chosen = "+".join(map(str, pack_meta.get("layers") or [pack_meta["layer"]]))
+        ax.set_title(f"layer choice: {chosen} ({pack_meta['layer_rule']})")
         paths.append(_save(fig, out_dir / "layers.png"))
 
     fig = Figure(figsize=(7, 3.5))

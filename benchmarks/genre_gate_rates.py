@@ -13,10 +13,10 @@ Sets (all built by :func:`build_sets`, deterministic; reserved data is never rea
 
     OMP_NUM_THREADS=2 python benchmarks/genre_gate_rates.py --threads 2 --out docs/results/genre_gate_rates.md
 
-Hidden states at the pack's layer are cached in ``--cache`` (keyed by the prompts, the model and the
-layer); they are extracted with the same formatting, padding and hook as
-``autosteer.method.hidden_states.last_token_states`` (left-padded batches; the forward stops at the pack's
-layer), and a sample is checked against ``autosteer.evaluate.probe_scores``.
+Hidden states at the pack's layers (``pack.layers``: one, or several concatenated in ascending order)
+are cached in ``--cache`` (keyed by the prompts, the model and the layers); they are extracted by
+``autosteer.method.hidden_states.last_token_states`` (shared prefixes; the forward stops at the
+pack's deepest layer), and a sample is checked against ``autosteer.evaluate.probe_scores``.
 """
 from __future__ import annotations
 
@@ -46,27 +46,33 @@ def build_sets(n: int = 150, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ states
-def layer_states(model, tokenizer, texts: list[str], fmt, layer: int, batch_size: int = 16) -> torch.Tensor:
-    """``[n, H]`` fp32 input of decoder block ``layer`` at the last prompt token (what the gate reads), by
-    ``last_token_states`` (shared prefixes; the forward stops at the deepest layer asked for)."""
-    from autosteer.method.hidden_states import last_token_states
+def layer_states(model, tokenizer, texts: list[str], fmt, layer, batch_size: int = 16) -> torch.Tensor:
+    """``[n, k * H]`` fp32 input of decoder blocks ``layer`` (a layer, or a pack's ``layers``: their states
+    concatenated in that order) at the last prompt token (what the gate reads), by ``last_token_states``
+    (shared prefixes; the forward stops at the deepest layer asked for)."""
+    from autosteer.method.hidden_states import probe_inputs
 
-    return last_token_states(model, tokenizer, texts, fmt, batch_size, layers=[layer], progress=False)[:, 0]
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    return probe_inputs(model, tokenizer, texts, fmt, layers, batch_size, progress=False)
 
 
 #: prompts whose states were read from the cache / extracted in this process
 CACHE_COUNTS = {"cached": 0, "extracted": 0}
 
 
-def cached_layer_states(model, tok, texts: list[str], fmt, layer: int, cache: Path, name: str) -> torch.Tensor:
-    key = hashlib.sha256(("\x00".join(texts) + f"\x01{getattr(model, 'name_or_path', '')}\x01{layer}\x01{fmt}").encode()).hexdigest()[:12]
-    path = cache / f"{name}-L{layer}-{key}.pt"
+def cached_layer_states(model, tok, texts: list[str], fmt, layer, cache: Path, name: str) -> torch.Tensor:
+    """:func:`layer_states`, cached under ``cache`` by the prompts, the model, the layer(s) and the format (one
+    layer keeps the file name and key of before)."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    tag = "+".join(map(str, layers))
+    key = hashlib.sha256(("\x00".join(texts) + f"\x01{getattr(model, 'name_or_path', '')}\x01{tag}\x01{fmt}").encode()).hexdigest()[:12]
+    path = cache / f"{name}-L{tag}-{key}.pt"
     if path.exists():
         CACHE_COUNTS["cached"] += len(texts)
         return torch.load(path)
     CACHE_COUNTS["extracted"] += len(texts)
     t0 = time.time()
-    x = layer_states(model, tok, texts, fmt, layer)
+    x = layer_states(model, tok, texts, fmt, layers)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(x, path)
     print(f"[states] {name}: {len(texts)} prompts in {time.time() - t0:.0f} s", flush=True)
@@ -133,6 +139,7 @@ def main() -> int:
 
     import autosteer
     from autosteer.evaluate import probe_scores
+    from autosteer.method.pack import layers_text
     from autosteer.models import load_model
 
     t0 = time.time()
@@ -140,11 +147,11 @@ def main() -> int:
     sets = build_sets(args.n)
     model, tok = load_model()
     handle = autosteer.attach(model, pack_path)
-    pack, tau, layer, fmt = handle.pack, float(handle.tau), handle.pack.layer, handle.pack.prompt_format
+    pack, tau, layers, fmt = handle.pack, float(handle.tau), handle.pack.layers, handle.pack.prompt_format
     cache = Path(args.cache)
     rows = []
     for s in sets:
-        x = cached_layer_states(model, tok, s["texts"], fmt, layer, cache, s["group"])
+        x = cached_layer_states(model, tok, s["texts"], fmt, layers, cache, s["group"])
         p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
         rows.append({"name": s["name"], "group": s["group"], "harmful": s["harmful"], "n": len(s["texts"]),
                      "fire": rate(p, tau), "fire05": rate(p, 0.5),
@@ -153,7 +160,7 @@ def main() -> int:
     probe = sets[0]["texts"][:3] + next(s for s in sets if s["group"] == "rephrased_benign")["texts"][:3] \
         + next(s for s in sets if s["group"] == "wrapped_dev")["texts"][:2]
     ref = torch.tensor(probe_scores(handle, tok, probe))
-    got = handle.probe_scores(layer_states(model, tok, probe, fmt, layer).to(handle.W1.device)).cpu()
+    got = handle.probe_scores(layer_states(model, tok, probe, fmt, layers).to(handle.W1.device)).cpu()
     diff = float((ref - got).abs().max())
     if diff > 1e-4:
         raise SystemExit(f"early-stopped states disagree with evaluate.probe_scores: max |dp| {diff:.2e}")
@@ -164,7 +171,7 @@ def main() -> int:
     header = ["# Gate-fire rates per benign genre, on contrast pairs and on rephrased harmful requests", "",
               f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation; states of "
               f"{CACHE_COUNTS['extracted']} prompts extracted, {CACHE_COUNTS['cached']} read from the cache of an earlier run).", "",
-              f"Pack: `{Path(pack_path).name}` (layer {layer}, {m.get('layer_rule')}; tau {tau:.4f}: {m.get('tau_rule', '')}). "
+              f"Pack: `{Path(pack_path).name}` ({layers_text(m)}, {m.get('layer_rule')}; tau {tau:.4f}: {m.get('tau_rule', '')}). "
               "The gate fires when p(unsafe) > tau. Benign genres and contrast pairs: the DEV halves "
               "of `autosteer/fit_prompts/genres/` (`autosteer.data.genre_splits('dev')`, `contrast_pair_splits('dev')`), "
               f"written for issue 17 and never fitted on. Rephrased sets: `autosteer.rephrasing`, {args.n} requests per family, "

@@ -198,6 +198,9 @@ def test_long_prompts_are_cut_in_the_middle_with_a_warning(tiny_tokenizer):
     (["fit", "--target-fpr", "2"], "2 is not in [0, 1]"),
     (["fit", "--layer-rule", "bogus"], "unknown layer rule 'bogus'"),
     (["fit", "--layer-rule", "depth:1.5"], "the depth must be a fraction"),
+    (["fit", "--layer-rule", "12+12"], "'12' and '12' name the same layer"),
+    (["fit", "--layer-rule", "1+2+3+4+5"], "a probe reads at most 4"),
+    (["fit", "--layer-rule", "auroc+12"], "cannot be part of a '+'-joined rule"),
     (["eval", "--settings", "unsteered,autosteeer"], "'autosteeer' unknown"),
     (["eval", "--settings", ","], "give a comma list of"),
     (["eval", "--response-prefix", " "], "the response prefix is empty"),
@@ -243,6 +246,30 @@ def test_a_layer_the_model_lacks_stops_the_fit_before_extraction(model_dir, tmp_
     rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--layer-rule", "99",
                "--out", str(tmp_path / "p.safetensors")])
     assert rc == 2 and "layer 99 is outside 0..3" in capsys.readouterr().err
+
+
+def test_fit_of_several_layers_and_info_name_them(model_dir, tmp_path, capsys):
+    """`autosteer fit --layer-rule 3+1` fits one probe on layers 1 and 3 (sorted); `autosteer info` prints them."""
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(HARMFUL) + "\n")
+    b.write_text("\n".join(BENIGN) + "\n")
+    out = tmp_path / "ml.pack.safetensors"
+    assert main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--layer-rule", "3+1",
+                 "--head-epochs", "1", "--no-states-cache", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "layers 1+3 (rule fixed+fixed;" in printed and "at layers 1+3 only" in printed
+    pack = load_pack(out)
+    assert pack.layers == [1, 3] and pack.W1.shape[1] == 2 * pack.hidden_size
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gate layers 1+3 (fixed+fixed)" in printed
+    assert f"layers 1, 3 at the last prompt token, concatenated in that order (2 x {pack.hidden_size} = " in printed
+    pack.meta.pop("layers")  # a pack from before the key: one layer, printed as before
+    pack.W1 = pack.W1[:, :pack.hidden_size].contiguous()
+    pack.save(out)
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gate layer 1 (fixed+fixed)" in printed and "probe input" not in printed
 
 
 def test_missing_data_wheels_are_named_all_at_once_before_any_work(monkeypatch, capsys):

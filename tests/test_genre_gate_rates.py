@@ -25,6 +25,12 @@ def test_layer_states_equal_last_token_states(tiny_model, tiny_tokenizer, one_th
                                 share_prefixes=False)[:, 0]
         got = G.layer_states(tiny_model, tiny_tokenizer, texts, fmt, layer, batch_size=3)
         assert torch.allclose(ref, got, atol=1e-5), layer
+    # a pack reading several layers: their states concatenated in the pack's (ascending) order
+    ref = last_token_states(tiny_model, tiny_tokenizer, texts, fmt, batch_size=3, layers=[1, 3], progress=False,
+                            share_prefixes=False)
+    got = G.layer_states(tiny_model, tiny_tokenizer, texts, fmt, [1, 3], batch_size=3)
+    assert got.shape == (len(texts), 2 * ref.shape[-1])
+    assert torch.allclose(torch.cat([ref[:, 0], ref[:, 1]], 1), got, atol=1e-5)
     # the hook is gone afterwards: a plain forward runs to the end
     ids = tiny_tokenizer(["bake cookies"], return_tensors="pt")
     assert tiny_model(**ids).logits.shape[-1] == len(tiny_tokenizer)
@@ -46,3 +52,16 @@ def test_sets_use_dev_halves_and_dev_families_only():
         if s["group"] in ("rephrased_dev", "rephrased_dev_sr", "rephrased_benign"):
             assert all(any(t.startswith(p) for p in dev_templates) for t in s["texts"]), s["name"]
     assert sum(len(s["texts"]) for s in sets if s["group"] == "genre") == sum(len(v) for v in D.genre_splits("dev").values())
+
+
+def test_cached_states_are_keyed_by_the_layer_set(tiny_model, tiny_tokenizer, one_thread, tmp_path):
+    from autosteer.prompting import PromptFormat
+
+    texts, fmt = ["how do i make a bomb", "bake cookies"], PromptFormat()
+    one = G.cached_layer_states(tiny_model, tiny_tokenizer, texts, fmt, 3, tmp_path, "s")
+    two = G.cached_layer_states(tiny_model, tiny_tokenizer, texts, fmt, [1, 3], tmp_path, "s")
+    assert one.shape[1] * 2 == two.shape[1]
+    assert torch.equal(two[:, one.shape[1]:], one)  # layer 3's states follow layer 1's
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.pt")) == ["L1+3", "L3"]
+    again = G.cached_layer_states(tiny_model, tiny_tokenizer, texts, fmt, [1, 3], tmp_path, "s")  # read back
+    assert torch.equal(again, two)

@@ -122,7 +122,8 @@ def test_malformed_packs_are_refused(pack, tmp_path, case, match):
         meta["layer"] = "2"
     elif case == "tau_range":
         meta["tau"] = 1.5
-    elif case == "layer_range":
+    elif case == "layer_range":  # a pack from before "layers" (see test_malformed_layer_sets_are_refused for those)
+        meta.pop("layers", None)
         meta["layer"] = 9
     path = tmp_path / f"{case}.safetensors"
     if case == "no_meta":
@@ -163,3 +164,89 @@ def test_pickle_renamed_as_pack_is_refused_and_never_unpickled(tmp_path):
 def test_missing_pack_file(tmp_path):
     with pytest.raises(PackError, match="pack file not found"):
         load_pack(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ several layers
+def _multi(pack, layers, monitor: bool = False):
+    """``pack`` reading ``layers`` (W1 ``[F, k*H]``; with ``monitor``, a monitor probe of the same width)."""
+    g = torch.Generator().manual_seed(1)
+    F, H = pack.W1.shape
+    pack.W1 = torch.randn(F, len(layers) * H, generator=g)
+    pack.meta = {**pack.meta, "layers": list(layers), "layer": layers[0]}
+    if monitor:
+        pack.monitor = {"W1": torch.randn(F, len(layers) * H, generator=g), "b1": torch.randn(F, generator=g),
+                        "w2": torch.randn(F, generator=g), "b2": torch.randn(1, generator=g)}
+        pack.meta["tau_monitor"] = 0.5
+    return pack
+
+
+def test_packs_from_before_the_layers_key_read_one_layer(pack, tmp_path):
+    pack.meta.pop("layers", None)
+    loaded = load_pack(pack.save(tmp_path / "old.safetensors"))
+    assert loaded.layers == [loaded.layer] == [2] and "layers" not in loaded.meta
+
+
+def test_the_shipped_pack_loads_and_reads_its_layer():
+    import autosteer
+
+    shipped = load_pack(autosteer.default_pack_path())
+    assert shipped.layers == [shipped.layer] and shipped.W1.shape[1] == shipped.hidden_size
+
+
+def test_a_multi_layer_pack_round_trips(pack, tmp_path):
+    _multi(pack, [0, 2, 3], monitor=True)
+    loaded = load_pack(pack.save(tmp_path / "ml.safetensors"))
+    assert loaded.layers == [0, 2, 3] and loaded.layer == 0 and loaded.meta == pack.meta
+    assert loaded.W1.shape == (8, 96) and loaded.monitor["W1"].shape == (8, 96)
+    W1, _, _, _ = loaded.stacked_probes()
+    assert W1.shape == (2, 8, 96)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("width", r"probe.W1 has shape \(8, 64\), expected \(8, 96\) .*3 layers \[0, 2, 3\]"),
+    ("monitor_width", r"monitor.W1 has shape \(8, 32\), expected \(8, 96\)"),
+    ("one_layer_key_two_wide", r"probe.W1 has shape \(8, 64\), expected \(8, 32\)"),
+    ("unsorted", r"'layers' \[2, 0, 3\] must be strictly ascending"),
+    ("duplicate", r"'layers' \[0, 2, 2\] must be strictly ascending"),
+    ("out_of_range", r"pack layers \[0, 2, 4\]: layer 4 is outside 0..3"),
+    ("negative", r"layer -1 is outside 0..3"),
+    ("too_many", r"lists 5 layers \[0, 1, 2, 3, 4\]: a probe reads at most 4"),
+    ("empty", r"'layers' must be a non-empty list of layer numbers, got \[\]"),
+    ("not_a_list", r"'layers' must be a non-empty list of layer numbers, got 2"),
+    ("not_ints", r"'layers' must be a non-empty list of layer numbers, got \['0', '2'\]"),
+    ("bools", r"'layers' must be a non-empty list of layer numbers, got \[False, True\]"),
+    ("first_not_layer", r"inconsistent: 'layer' is 2 but the first of 'layers' \[0, 2, 3\] is 0"),
+])
+def test_malformed_layer_sets_are_refused(pack, tmp_path, case, match):
+    _multi(pack, [0, 2, 3], monitor=case == "monitor_width")
+    tensors, meta = dict(pack.tensors()), dict(pack.meta)
+    if case == "width":
+        tensors["probe.W1"] = tensors["probe.W1"][:, :64]
+    elif case == "monitor_width":
+        tensors["monitor.W1"] = tensors["monitor.W1"][:, :32]
+    elif case == "one_layer_key_two_wide":
+        meta["layers"], meta["layer"] = [2], 2
+        tensors["probe.W1"] = tensors["probe.W1"][:, :64]
+    elif case == "unsorted":
+        meta["layers"], meta["layer"] = [2, 0, 3], 2
+    elif case == "duplicate":
+        meta["layers"] = [0, 2, 2]
+    elif case == "out_of_range":
+        meta["layers"] = [0, 2, 4]
+    elif case == "negative":
+        meta["layers"], meta["layer"] = [-1, 2, 3], -1
+    elif case == "too_many":
+        meta["layers"] = [0, 1, 2, 3, 4]
+    elif case == "empty":
+        meta["layers"] = []
+    elif case == "not_a_list":
+        meta["layers"] = 2
+    elif case == "not_ints":
+        meta["layers"] = ["0", "2"]
+    elif case == "bools":
+        meta["layers"], meta["layer"] = [False, True], 0
+    elif case == "first_not_layer":
+        meta["layer"] = 2
+    path = _write(tmp_path / f"{case}.safetensors", tensors, meta)
+    with pytest.raises(PackError, match=match):
+        load_pack(path)

@@ -5,12 +5,13 @@ issue 17's genres, contrast pairs, external benign sources and rephrasings (fit 
 data is never touched here), or from the user's own labelled files. The layer comes from
 ``layer_rule`` (default ``depth:0.55``, chosen on transfer, docs/method.md 7h; ``"auroc"``:
 validation AUROC; ``"sas"``: the paper's rule -- the whole SAS and AUROC curves are recorded either
-way). The threshold (default ``tau_rule="budget"``) is the smallest one under a false-positive
-budget on out-of-fold scores of every benign fit prompt, pooled and per genre; the pack also gets
-the operating points ``strict`` / ``balanced`` / ``permissive``. With ``monitor_prompts > 0`` a
-second probe, the monitor probe, is fitted on the model's responses (by default those it writes once
-its answer is begun with a compliance prefix) and its threshold ``tau_monitor`` calibrated on its own
-responses, for monitor mode (:func:`fit_monitor`).
+way; several single rules joined by ``+``, e.g. ``"12+16+20"``: one probe reads those layers' states
+concatenated, pack ``meta["layers"]``). The threshold (default ``tau_rule="budget"``) is the
+smallest one under a false-positive budget on out-of-fold scores of every benign fit prompt, pooled
+and per genre; the pack also gets the operating points ``strict`` / ``balanced`` / ``permissive``.
+With ``monitor_prompts > 0`` a second probe, the monitor probe, is fitted on the model's responses
+(by default those it writes once its answer is begun with a compliance prefix) and its threshold
+``tau_monitor`` calibrated on its own responses, for monitor mode (:func:`fit_monitor`).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import torch
 from .. import __version__
 from ..models import decoder_layers, is_multimodal, num_layers, output_head
 from ..prompting import PromptFormat, template_hash
-from .hidden_states import generated_token_states, last_token_states
-from .pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
+from .hidden_states import generated_token_states, last_token_states, probe_features
+from .pack import FORMAT, FORMAT_VERSION, MAX_PROBE_LAYERS, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, train_refusal_head
 from .sas import random_pairs, safety_awareness_score
@@ -165,7 +166,9 @@ MONITOR_RESPONSES = ("forced", "own")
 
 @dataclass
 class FitConfig:
-    # "auroc", "sas", "depth:<fraction of the depth>" or a layer number. Default: chosen on transfer to dev
+    # "auroc", "sas", "depth:<fraction of the depth>" or a layer number; or up to MAX_PROBE_LAYERS layer numbers /
+    # depths joined by "+" ("12+16+20", "depth:0.4+depth:0.55+depth:0.7"): one probe on those layers' states
+    # concatenated in ascending layer order (docs/method.md 7h). Default: chosen on transfer to dev
     # genres, external benign traffic and unseen framing / template families with the broad fit data
     # (docs/results/gate_transfer_study.md): 0.55 of the depth, layer 16 of SmolLM2's 30
     layer_rule: str = "depth:0.55"
@@ -459,17 +462,71 @@ def _stratified_split(labels: torch.Tensor, val_fraction: float, gen: torch.Gene
     return torch.cat(train), torch.cat(val)
 
 
+#: single layer rules whose layer depends on the fitted curves: refused inside a ``+``-joined rule
+_DATA_RULES = ("auroc", "sas")
+
+
+def layer_rule_parts(rule: str | int) -> list[str]:
+    """The single layer rules of ``rule``: ``"12+16+20"`` -> ``["12", "16", "20"]``; a single rule -> ``[rule]``.
+    Raises ValueError for an empty part, more than :data:`MAX_PROBE_LAYERS` parts, or (in a combined rule)
+    a data-dependent part (``auroc``, ``sas``): it could pick the layer of another part after the states
+    were extracted -- name the layers instead."""
+    r = str(rule).strip()
+    parts = [p.strip() for p in r.split("+")]
+    if len(parts) == 1:
+        return [r]
+    if any(not p for p in parts):
+        raise ValueError(f"layer rule {r!r}: a '+'-joined rule needs a single rule on each side of every '+', "
+                         "e.g. '12+16+20' or 'depth:0.4+depth:0.55'")
+    if len(parts) > MAX_PROBE_LAYERS:
+        raise ValueError(f"layer rule {r!r} names {len(parts)} layers: a probe reads at most {MAX_PROBE_LAYERS}")
+    data = [p for p in parts if p in _DATA_RULES]
+    if data:
+        raise ValueError(f"layer rule {r!r}: {data[0]!r} cannot be part of a '+'-joined rule (its layer is only known "
+                         "after the fit's states are extracted and may repeat another part's); use layer numbers or "
+                         "'depth:<fraction>' parts")
+    return parts
+
+
 def check_layer_rule(rule: str | int, n_layers: int | None = None) -> None:
-    """Raise ValueError for a layer rule :func:`choose_layer` would refuse (a layer number is checked
-    against ``n_layers`` when given) -- before any hidden state is extracted."""
-    r = str(rule)
-    if n_layers is None:  # the model is not known yet: any layer number >= 0 passes here
-        n_layers = int(r) + 1 if r.isdigit() else 1
-    choose_layer(r, [0.0] * n_layers, [0.0] * n_layers)
+    """Raise ValueError for a layer rule :func:`choose_layers` would refuse (a layer number is checked
+    against ``n_layers`` when given) -- before any hidden state is extracted. Without ``n_layers`` a
+    ``+``-joined rule is checked part by part, and two parts equal as written are refused (two depth
+    fractions that round to one layer are found once the model, hence ``n_layers``, is known)."""
+    parts = layer_rule_parts(rule)
+    if n_layers is not None:
+        choose_layers("+".join(parts), [0.0] * n_layers, [0.0] * n_layers)
+        return
+    seen: dict = {}
+    for p in parts:  # the model is not known yet: any layer number >= 0 passes here
+        choose_layer(p, [0.0] * (int(p) + 1 if p.isdigit() else 1), [0.0])
+        key = int(p) if p.isdigit() else ("depth", float(p.split(":", 1)[1])) if p.startswith("depth:") else p
+        if key in seen and len(parts) > 1:
+            raise ValueError(f"layer rule {str(rule)!r}: {seen[key]!r} and {p!r} name the same layer (a probe reads "
+                             "each layer once)")
+        seen[key] = p
+
+
+def choose_layers(rule: str | int, sas: list[float], val_auroc: list[float]) -> tuple[list[int], str]:
+    """``(layers, rule name)`` for a single or ``+``-joined layer rule: each part resolved by
+    :func:`choose_layer`, the layers sorted ascending (the order of the probe's concatenated input);
+    two parts resolving to one layer raise ValueError. A single rule gives ``([layer], name)`` as
+    :func:`choose_layer`; a combined one the parts' names joined by ``+`` in layer order."""
+    parts = layer_rule_parts(rule)
+    got = sorted((choose_layer(p, sas, val_auroc) + (p,) for p in parts), key=lambda t: t[0])
+    layers = [layer for layer, _, _ in got]
+    for (a, _, pa), (b, _, pb) in zip(got, got[1:]):
+        if a == b:
+            raise ValueError(f"layer rule {str(rule)!r}: {pa!r} and {pb!r} both give layer {a} (a probe reads each "
+                             "layer once)")
+    return layers, "+".join(name for _, name, _ in got)
 
 
 def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> tuple[int, str]:
+    """One single layer rule (no ``+``): ``(layer, rule name)``."""
     rule = str(rule)
+    if "+" in rule:
+        raise ValueError(f"layer rule {rule!r} names several layers: use choose_layers")
     if rule == "sas":
         return int(torch.tensor(sas).argmax()), "sas"
     if rule == "auroc":
@@ -487,12 +544,14 @@ def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> t
         if not 0 <= layer < len(sas):
             raise ValueError(f"layer {layer} is outside 0..{len(sas) - 1}")
         return layer, "fixed"
-    raise ValueError(f"unknown layer rule {rule!r}: use 'auroc', 'sas', 'depth:<fraction>' or a layer number")
+    raise ValueError(f"unknown layer rule {rule!r}: use 'auroc', 'sas', 'depth:<fraction>', a layer number, or "
+                     "several layer numbers / depths joined by '+' (e.g. '12+16+20')")
 
 
 @dataclass
 class GateFit:
-    """The gate chosen from states: layer, probe, thresholds and the numbers behind them."""
+    """The gate chosen from states: layer(s), probe, thresholds and the numbers behind them. ``layer`` is the
+    first (lowest) of ``layers``, the layers the probe reads (its input: their states concatenated in this order)."""
 
     layer: int
     layer_rule: str
@@ -508,6 +567,11 @@ class GateFit:
     train_idx: torch.Tensor
     val_idx: torch.Tensor
     operating_points: dict | None = None  # tau_rule "budget": the named operating points (operating_points)
+    layers: list[int] | None = None  # None: [layer]
+
+    def __post_init__(self):
+        if self.layers is None:
+            self.layers = [self.layer]
 
     @property
     def sas_layer(self) -> int:
@@ -566,7 +630,7 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, cfg: FitConfig, pair_states: tupl
     layer rule nor the threshold). ``sweep_layers``: compute the validation AUROC on these layers
     only (NaN elsewhere; the AUROC rule then picks among them). Default: every layer.
     """
-    return fit_gate_sampled(X, torch.arange(len(y)), lambda layer: X[:, layer], y, cfg, pair_states, val_auroc,
+    return fit_gate_sampled(X, torch.arange(len(y)), lambda layers: X[:, layers], y, cfg, pair_states, val_auroc,
                             sweep_layers)
 
 
@@ -577,10 +641,12 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
     """:func:`fit_gate` when only some rows are kept at every layer.
 
     ``full``: ``[m, L, H]`` states of the rows ``full_rows`` (indices into ``y``), which must hold
-    the random SAS pairs of :func:`gate_plan`; ``layer_states(layer)``: ``[n, H]`` states of every
-    row at the chosen layer (called once, after the layer is chosen). The SAS curves come from the
-    pairs, the validation-AUROC sweep from the ``full_rows`` of each split; the probe is trained on
-    every training row at the chosen layer and the threshold calibrated on every validation row.
+    the random SAS pairs of :func:`gate_plan`; ``layer_states(layers)``: ``[n, k, H]`` states of every
+    row at the chosen layers (a list, ascending; called once, after they are chosen). The SAS curves
+    and the validation-AUROC sweep are per single layer (from the pairs, and from the ``full_rows`` of
+    each split); the probe reads the chosen layers' states concatenated (``[n, k * H]``, in layer order:
+    a ``+``-joined ``layer_rule`` chooses several) and is trained on every training row, the threshold
+    calibrated on every validation row.
     With ``tau_rule="budget"`` the thresholds come from out-of-fold scores of every row instead
     (``groups``: the benign genre of each row, see :func:`benign_groups`; ``fold_keys``: rows sharing
     a key share a fold) and the probe is trained on every row.
@@ -607,8 +673,9 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
         val_auroc = [auroc(train_probe(Xt[:, layer], y[tr], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
                                        cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size).score(Xv[:, layer]), y[va])
                      if layer in todo else float("nan") for layer in range(full.shape[1])]
-    layer, rule = choose_layer(cfg.layer_rule, sas, val_auroc)
-    XL = layer_states(layer)
+    layers, rule = choose_layers(cfg.layer_rule, sas, val_auroc)
+    layer = layers[0]
+    XL = probe_features(layer_states(layers))
     train = lambda rows: train_probe(XL[rows], y[rows], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
                                      cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
     if cfg.tau_rule == "budget":
@@ -621,13 +688,13 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
         probe = train(torch.arange(len(y)))
         tau = points["balanced"]["tau"]
         return GateFit(layer, rule, probe, tau, tau, sas, sas_pairing, sas_random, list(val_auroc), scores, y,
-                       train_idx, val_idx, points)
+                       train_idx, val_idx, points, layers)
     probe = train(train_idx)
     val_scores = probe.score(XL[val_idx])
     val_y = y[val_idx]
     tau, tau_cal = prompt_threshold(val_scores, val_y, cfg)
     return GateFit(layer, rule, probe, tau, tau_cal, sas, sas_pairing, sas_random, list(val_auroc), val_scores, val_y,
-                   train_idx, val_idx)
+                   train_idx, val_idx, None, layers)
 
 
 def out_of_fold_scores(X: torch.Tensor, y: torch.Tensor, train, folds: int, seed: int = 0,
@@ -754,8 +821,9 @@ def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[
                 forced: dict[int, torch.Tensor] | None = None) -> MonitorFit:
     """Monitor probe and threshold from response states (what :func:`fit` runs after generating them).
 
-    ``y``: the fit labels; ``responses``: fit row -> ``[k, H]`` states of the model's own response
-    tokens at the gate's layer (:func:`generated_token_states`); ``forced``: the same for the
+    ``y``: the fit labels; ``responses``: fit row -> ``[k, n * H]`` states of the model's own response
+    tokens at the gate's ``n`` layers, concatenated in layer order (:func:`generated_token_states` with
+    ``gate.layers``); ``forced``: the same for the
     responses written after ``cfg.monitor_prefix`` (``monitor_responses="forced"`` only). The rows
     needed are those of :func:`monitor_generation_rows`. A probe of the gate's size is trained on the
     training rows' response states -- ``"own"``: their own responses, each labelled with its prompt's
@@ -786,6 +854,10 @@ def fit_monitor(y: torch.Tensor, gate: GateFit, cfg: FitConfig, responses: dict[
         raise ValueError("fit_monitor: the training responses are all of one class (every response of the other "
                          "class was empty)")
     Xr = torch.cat([x for x, _ in R]).float()
+    width = gate.probe.W1.shape[1] if getattr(gate, "probe", None) is not None else Xr.shape[1]
+    if Xr.shape[1] != width:
+        raise ValueError(f"fit_monitor: response states are {Xr.shape[1]} wide, the gate's probe reads {width} "
+                         f"(layers {gate.layers}: read the responses at the same layers)")
     yr = torch.cat([torch.full((len(x),), lab) for x, lab in R])
     probe = train_probe(Xr, yr, cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr, cfg.probe_weight_decay, cfg.seed,
                         cfg.probe_batch_size)
@@ -861,15 +933,18 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     if n_pairs:
         pair_states = (deep[[deep_at[h] for h, _ in data.pairs]], deep[[deep_at[b] for _, b in data.pairs]])
 
-    def layer_states(layer: int) -> torch.Tensor:
+    def layer_states(layers: list[int]) -> torch.Tensor:
+        # [n, k, H]: the rows kept at every layer from those states, the rest from one forward that stops at the
+        # deepest gate layer (each layer's states in the same precision as a single-layer gate's)
         t1 = time.time()
         rest = [t for t in dict.fromkeys(rows_text) if t not in deep_at]
+        what = f"layer {layers[0]}" if len(layers) == 1 else "layers " + "+".join(map(str, layers))
         with compute_model(model, dtype) as fwd:
-            got = last_token_states(fwd, tokenizer, rest, fmt, layers=[layer], desc=f"hidden states (layer {layer})",
-                                    **extract)[:, 0] if rest else torch.empty(0, deep.shape[-1])
+            got = last_token_states(fwd, tokenizer, rest, fmt, layers=list(layers), desc=f"hidden states ({what})",
+                                    **extract) if rest else torch.empty(0, len(layers), deep.shape[-1])
         at = {t: i for i, t in enumerate(rest)}
         seconds["states_gate_layer"] = time.time() - t1
-        return torch.stack([deep[deep_at[t], layer] if t in deep_at else got[at[t]] for t in rows_text])
+        return torch.stack([deep[deep_at[t]][list(layers)] if t in deep_at else got[at[t]] for t in rows_text])
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
     groups = ["harmful"] * len(data.harmful) + list(data.benign_groups or ["other"] * len(data.benign))
@@ -877,7 +952,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str) else f"\x00row {i}"
                  for i, t in enumerate(rows_text)]
     gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states, groups=groups, fold_keys=fold_keys)
-    layer, rule, probe, tau, tau_cal = gate.layer, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
+    layer, layers, rule, probe, tau, tau_cal = gate.layer, gate.layers, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
     t_states = seconds["states_all_layers"] + seconds.get("states_gate_layer", 0.0)
     t_probe_sweep = time.time() - t0 - t_states
@@ -887,11 +962,11 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     if cfg.monitor_prompts > 0:
         prompts = data.harmful + data.benign
         own_rows, forced_rows = monitor_generation_rows(y, gate, cfg)
-        resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in own_rows], fmt, layer, cfg.monitor_tokens,
+        resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in own_rows], fmt, layers, cfg.monitor_tokens,
                                          cfg.batch_size, progress=cfg.progress)
         forced = None
         if forced_rows:
-            f_resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in forced_rows], fmt, layer,
+            f_resp, _ = generated_token_states(model, tokenizer, [prompts[i] for i in forced_rows], fmt, layers,
                                                cfg.monitor_tokens, cfg.batch_size, desc="responses after the prefix",
                                                progress=cfg.progress, response_prefix=cfg.monitor_prefix)
             forced = dict(zip(forced_rows, f_resp))
@@ -903,6 +978,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         return {"tpr": float(fire[val_y == 1].float().mean()), "fpr": float(fire[val_y == 0].float().mean())}
 
     fpr, tpr, _ = roc_curve(val_scores, val_y)
+    probe_auroc = auroc(val_scores, val_y)
 
     # 5. Refusal Head on harmful fit prompts
     t_h = time.time()
@@ -932,7 +1008,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "num_layers": n_layers,
         "hidden_size": int(E.shape[1]),
         "vocab_size": int(E.shape[0]),
-        "layer": layer,
+        "layer": layer,  # the first of "layers", for readers of packs from before several layers
+        "layers": list(layers),
         "layer_rule": rule,
         "sas_layer": gate.sas_layer,
         "sas_pairing": gate.sas_pairing,
@@ -961,7 +1038,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "prompt_format": fmt.to_dict(),
         "chat_template_sha256_16": template_hash(tokenizer),
         "metrics": {
-            "val_auroc": val_auroc[layer],
+            # one layer: the layer sweep's validation AUROC there; several: the probe's own (out-of-fold with
+            # tau_rule "budget", else on the validation split), the sweep being per single layer
+            "val_auroc": val_auroc[layer] if len(layers) == 1 else probe_auroc,
             "val_at_tau": rates(tau),
             "val_at_tau_paper": rates(cfg.tau_paper),
             "val_roc": {"fpr": fpr, "tpr": tpr},
@@ -985,7 +1064,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         mon_tensors = {"W1": mp.W1, "b1": mp.b1, "w2": mp.w2, "b2": mp.b2}
     pack = SteerPack(probe.W1, probe.b1, probe.w2, probe.b2, head.A.float(), head.B.float(), meta, mon_tensors)
     pack.validate()
-    log.info("fit done in %.1f s: layer %d (%s), val AUROC %.3f", elapsed, layer, rule, val_auroc[layer])
+    log.info("fit done in %.1f s: layers %s (%s), val AUROC %.3f", elapsed, "+".join(map(str, layers)), rule,
+             meta["metrics"]["val_auroc"])
     return pack
 
 
@@ -1002,7 +1082,8 @@ def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, 
     - ``weights``: parameters x the model dtype's size; ``compute_copy``: the same in the compute
       dtype when it differs (``"bf16-matmul"``, the ``"auto"`` choice on a bf16 CPU, holds bf16 copies of
       the decoder's linear weights: counted as a bf16 copy of every parameter, an upper bound)
-    - ``states``: ``n_full_depth x L x H x 4`` (every layer, fp32) + ``n_prompts x H x 4`` (the gate's layer)
+    - ``states``: ``n_full_depth x L x H x 4`` (every layer, fp32) + ``n_prompts x k x H x 4`` (the gate's
+      ``k`` layers: one, or as many as a ``+``-joined ``layer_rule`` names)
     - ``extraction``: one batch's transient at ``batch_size x 256`` tokens: hidden, MLP and attention
       buffers of one layer, plus the KV cache of the layers before the gate's (prefix and suffixes)
     - ``refusal_head``: the fp32 output embedding, a batch of vocabulary logits with its gradient and
@@ -1041,7 +1122,7 @@ def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, 
     parts = {
         "weights": n_params * _bytes(model_dtype),
         "compute_copy": n_params * bc if compute_dtype != model_dtype else 0,
-        "states": n_full_depth * L * H * 4 + n_prompts * H * 4,
+        "states": n_full_depth * L * H * 4 + n_prompts * len(layer_rule_parts(cfg.layer_rule)) * H * 4,
         "extraction": int(extraction),
         "refusal_head": int(head),
         "parameters": n_params,

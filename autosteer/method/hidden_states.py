@@ -1,5 +1,5 @@
 """Hidden states of a frozen model: at the last prompt token (chosen layers), and at the tokens of
-its own responses (one layer, for monitor mode).
+its own responses (the gate's layers, for monitor mode).
 
 ``h_l(x)`` is the residual stream entering decoder block ``l`` at the last prompt token. We read
 it with forward pre-hooks on the decoder blocks -- the very hooks the runtime uses -- so fit and
@@ -338,13 +338,31 @@ def _padded_states(model, tokenizer, prompts, fmt, batch_size, layers, desc, pro
     return out
 
 
+def probe_features(states: torch.Tensor) -> torch.Tensor:
+    """What a probe reads from ``[n, k, H]`` states at its ``k`` layers (ascending, as a pack's
+    ``layers``): ``[n, k * H]`` fp32, the layers' states concatenated in that order (layer-major);
+    ``[n, H]`` (one layer, already squeezed) is returned as fp32."""
+    if states.dim() == 3:
+        return states.reshape(states.shape[0], -1).float()
+    if states.dim() != 2:
+        raise ValueError(f"probe_features: states of shape {tuple(states.shape)}, expected [n, k, H] or [n, H]")
+    return states.float()
+
+
+def probe_inputs(model, tokenizer, prompts: list[PromptLike], fmt: PromptFormat, layers: list[int],
+                 batch_size: int = 16, **kwargs) -> torch.Tensor:
+    """``[n, len(layers) * H]``: the input of a probe reading ``layers`` (a pack's ``layers``) at the
+    last prompt token, by :func:`last_token_states` (``kwargs`` go to it)."""
+    return probe_features(last_token_states(model, tokenizer, prompts, fmt, batch_size, layers=list(layers), **kwargs))
+
+
 @torch.no_grad()
 def generated_token_states(
     model,
     tokenizer,
     prompts: list[PromptLike],
     fmt: PromptFormat,
-    layer: int,
+    layer: int | list[int],
     max_new_tokens: int = 16,
     batch_size: int = 16,
     desc: str = "response states",
@@ -357,18 +375,23 @@ def generated_token_states(
     ``0 .. k-1`` (``k <= max_new_tokens``; fewer when the response ends: the stop token and what
     follows are not probed at run time, so they are left out), read by the same pre-hook during
     ``generate`` -- cached decode, exactly the tensor the runtime sees -- and the decoded
-    responses. The model runs unsteered (nothing is attached during a fit).
+    responses. The model runs unsteered (nothing is attached during a fit). ``layer`` a list of n
+    layers (a pack's ``layers``): ``[k, n * H]``, each token's states at those layers concatenated in
+    the list's order, as a probe reading them takes them.
 
     ``response_prefix``: text put at the start of the assistant turn before generating (for
     example ``"Sure, here is"``: the model's responses when it has begun to comply); with no chat
     template (``fmt.chat_template`` False, or a tokenizer without one) it starts a new line after
     the prompt. Its tokens are part of the prompt: neither their states nor their text are returned.
     """
-    block = decoder_layers(model)[layer]
-    steps: list[torch.Tensor] = []
+    layers = [int(layer)] if isinstance(layer, int) else [int(v) for v in layer]
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"generated_token_states: layers {layers} must be distinct and at least one")
+    blocks = decoder_layers(model)
+    per_layer: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
 
-    def hook(_mod, args, kwargs):
-        steps.append(_hidden_arg(args, kwargs)[:, -1, :].float().cpu())
+    def hook(_mod, args, kwargs, l):
+        per_layer[l].append(_hidden_arg(args, kwargs)[:, -1, :].float().cpu())
 
     from ..prompting import text_tokenizer
 
@@ -379,18 +402,22 @@ def generated_token_states(
     order = sorted(range(len(prompts)), key=lambda i: batching_key(prompts[i]))
     states: list[torch.Tensor | None] = [None] * len(prompts)
     responses: list[str] = [""] * len(prompts)
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[l].register_forward_pre_hook(lambda m, a, k, l=l: hook(m, a, k, l), with_kwargs=True) for l in layers]
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
             inputs = to_model(append_response_prefix(encode_batch(tokenizer, [prompts[i] for i in idx], fmt),
                                                      tokenizer, fmt, response_prefix), model)
             width = inputs["input_ids"].shape[1]
-            steps.clear()
+            for v in per_layer.values():
+                v.clear()
             # one more step than tokens kept: the state of generated token j is read when it is fed back
             seqs = model.generate(**inputs, max_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=pad)
             seqs = seqs if isinstance(seqs, torch.Tensor) else seqs.sequences
             gen = seqs[:, width:].cpu()
+            if len({len(v) for v in per_layer.values()}) != 1:
+                raise RuntimeError("generated_token_states: the layers were read a different number of times")
+            steps = [torch.cat(hs, dim=-1) for hs in zip(*(per_layer[l] for l in layers))]
             if len(steps) != gen.shape[1]:  # one forward for the prompt, one per generated token fed back
                 raise RuntimeError(f"generated_token_states: {len(steps)} forwards for {gen.shape[1]} generated tokens "
                                    "(a chunked prefill?): the states would not line up with the tokens")
@@ -402,6 +429,7 @@ def generated_token_states(
                 states[i] = fed[j, :k].clone()
                 responses[i] = tok.decode(gen[j, :n], skip_special_tokens=True)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return states, responses  # type: ignore[return-value]
 

@@ -1,13 +1,21 @@
 """The steer pack: everything the runtime needs, in one safetensors file.
 
-Tensors: ``probe.W1 [F, H]``, ``probe.b1 [F]``, ``probe.w2 [F]``, ``probe.b2 [1]``,
+Tensors: ``probe.W1 [F, k*H]``, ``probe.b1 [F]``, ``probe.w2 [F]``, ``probe.b2 [1]``,
 ``head.A [H, r]``, ``head.B [H, r]`` (all float32). Metadata: one JSON string under the
-safetensors metadata key ``"autosteer"`` (format version, model fingerprint, layer and the
-rule that chose it, sizes, tau values (``tau_monitor``, the generated-token threshold of monitor
+safetensors metadata key ``"autosteer"`` (format version, model fingerprint, layers and the
+rule that chose them, sizes, tau values (``tau_monitor``, the generated-token threshold of monitor
 mode, is optional: packs without it are prefill-only), eps, prompt format, SAS/AUROC curves, fit metrics,
 data sources, seed).
 
-Optional: the **monitor probe** ``monitor.W1 [F, H]``, ``monitor.b1 [F]``, ``monitor.w2 [F]``,
+**Layers.** The probe reads the residual stream entering ``k`` decoder layers (1 <= k <= 4) at one
+token, their states concatenated in ascending layer order: ``meta["layers"]`` lists them (strictly
+ascending), ``meta["layer"]`` is the first of them (what readers from before several layers read),
+and ``probe.W1`` (and ``monitor.W1``) is ``[F, k*H]``. Packs without ``"layers"`` (fitted before it
+existed) read one layer, ``meta["layer"]``: :attr:`SteerPack.layers`. The key is additive, as
+``tau_monitor`` and ``operating_points`` were: ``format_version`` stays 1, and a reader from before it
+refuses a pack of several layers by W1's shape (no silent misreading).
+
+Optional: the **monitor probe** ``monitor.W1 [F, k*H]``, ``monitor.b1 [F]``, ``monitor.w2 [F]``,
 ``monitor.b2 [1]`` (same sizes as the prefill probe, float32), fitted on the model's own response
 states; monitor mode scores generated tokens with it against ``tau_monitor`` (which it requires).
 A pack with ``tau_monitor`` but no monitor probe scores generated tokens with the prefill probe.
@@ -35,6 +43,8 @@ _REQUIRED_META = {
     "vocab_size": int, "num_layers": int, "probe_hidden": int, "head_rank": int, "eps": (int, float),
     "tau": (int, float), "tau_paper": (int, float), "prompt_format": dict, "fingerprint": dict,
 }
+#: the most layers one probe reads (``meta["layers"]``; a ``+``-joined fit layer rule)
+MAX_PROBE_LAYERS = 4
 _TENSORS = ("probe.W1", "probe.b1", "probe.w2", "probe.b2", "head.A", "head.B")
 _MONITOR_TENSORS = ("monitor.W1", "monitor.b1", "monitor.w2", "monitor.b2")
 _FINGERPRINT_ROWS = 64
@@ -113,12 +123,20 @@ class SteerPack:
     A: torch.Tensor
     B: torch.Tensor
     meta: dict = field(default_factory=dict)
-    # optional monitor probe for generated tokens: {"W1": [F, H], "b1": [F], "w2": [F], "b2": [1]}
+    # optional monitor probe for generated tokens: {"W1": [F, k*H], "b1": [F], "w2": [F], "b2": [1]}
     monitor: dict | None = None
 
     @property
     def layer(self) -> int:
+        """The first (lowest) layer the probe reads; :attr:`layers` lists them all."""
         return int(self.meta["layer"])
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers the probe reads, ascending: its input is their states at one token concatenated in
+        this order (``[k*H]``). ``meta["layers"]``, or ``[meta["layer"]]`` for a pack from before the key."""
+        got = self.meta.get("layers")
+        return [int(v) for v in got] if got is not None else [int(self.meta["layer"])]
 
     @property
     def tau(self) -> float:
@@ -157,7 +175,7 @@ class SteerPack:
         return out
 
     def stacked_probes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(W1 [2, F, H], b1 [2, F], w2 [2, F], b2 [2])``: probe 0 the prefill probe, probe 1 the
+        """``(W1 [2, F, k*H], b1 [2, F], w2 [2, F], b2 [2])``: probe 0 the prefill probe, probe 1 the
         monitor probe -- the stacked weights ``steer_step`` takes with a per-row ``row_probe``."""
         if self.monitor is None:
             raise PackError("this pack has no monitor probe")
@@ -169,7 +187,8 @@ class SteerPack:
         """Check the metadata schema and every tensor's shape, dtype and finiteness."""
         _validate_meta(self.meta)
         H, F, r = self.meta["hidden_size"], self.meta["probe_hidden"], self.meta["head_rank"]
-        shapes = {"probe.W1": (F, H), "probe.b1": (F,), "probe.w2": (F,), "probe.b2": (1,), "head.A": (H, r), "head.B": (H, r)}
+        k = len(self.layers)
+        shapes = {"probe.W1": (F, k * H), "probe.b1": (F,), "probe.w2": (F,), "probe.b2": (1,), "head.A": (H, r), "head.B": (H, r)}
         shapes.update({"monitor." + k[len("probe."):]: v for k, v in shapes.items() if k.startswith("probe.")})
         if self.monitor is not None:
             if not isinstance(self.monitor, dict) or set(self.monitor) != {"W1", "b1", "w2", "b2"}:
@@ -183,7 +202,9 @@ class SteerPack:
                 raise PackError(f"pack tensor {name} has dtype {t.dtype}, expected torch.float32")
             if tuple(t.shape) != shapes[name]:
                 raise PackError(f"pack tensor {name} has shape {tuple(t.shape)}, expected {shapes[name]} "
-                                f"(metadata says hidden_size={H}, probe_hidden={F}, head_rank={r})")
+                                f"(metadata says hidden_size={H}, probe_hidden={F}, head_rank={r}"
+                                + (f", {k} layers {self.layers}: W1 reads {k} x {H}" if k > 1 or "layers" in self.meta else "")
+                                + ")")
             if not bool(torch.isfinite(t).all()):
                 raise PackError(f"pack tensor {name} contains NaN or inf")
         if not 0 <= self.meta["layer"] < self.meta["num_layers"]:
@@ -217,6 +238,13 @@ class SteerPack:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+def layers_text(meta: dict) -> str:
+    """``"layer 16"`` or ``"layers 12+16+20"``: the layers a pack's probe reads, from its metadata
+    (``layers``, or ``layer`` for a pack from before the key)."""
+    layers = meta.get("layers") or [meta.get("layer")]
+    return f"layer {layers[0]}" if len(layers) == 1 else "layers " + "+".join(map(str, layers))
 
 
 def _threshold(name: str, value) -> float:
@@ -317,6 +345,8 @@ def _validate_meta(meta: dict) -> None:
     for key in ("hidden_size", "vocab_size", "num_layers"):  # the sizes the model is checked against
         if key in fp and fp[key] != meta[key]:
             raise PackError(f"pack metadata is inconsistent: {key} is {meta[key]} but the model fingerprint says {fp[key]}")
+    if "layers" in meta:
+        _validate_layers(meta)
     eps = meta["eps"]
     if not (math.isfinite(eps) and eps > 0):
         raise PackError(f"pack eps={eps} must be a positive finite number (the weight of the refusal logits)")
@@ -331,6 +361,26 @@ def _validate_meta(meta: dict) -> None:
         raise PackError(f"pack metadata prompt_format.max_prompt_tokens must be >= 1, got {pf['max_prompt_tokens']}")
     if "monitor" in meta and not isinstance(meta["monitor"], dict):
         raise PackError(f"pack metadata 'monitor' must be an object, got {type(meta['monitor']).__name__}")
+
+
+def _validate_layers(meta: dict) -> None:
+    """``meta["layers"]``: 1 to :data:`MAX_PROBE_LAYERS` distinct layer numbers, strictly ascending (the
+    order of the probe's concatenated input), each in ``0..num_layers-1``, the first equal to ``meta["layer"]``."""
+    layers, n = meta["layers"], meta["num_layers"]
+    if (not isinstance(layers, list) or not layers
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in layers)):
+        raise PackError(f"pack metadata 'layers' must be a non-empty list of layer numbers, got {layers!r}")
+    if len(layers) > MAX_PROBE_LAYERS:
+        raise PackError(f"pack metadata 'layers' lists {len(layers)} layers {layers}: a probe reads at most {MAX_PROBE_LAYERS}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise PackError(f"pack metadata 'layers' {layers} must be strictly ascending (distinct layers, lowest first: "
+                        "the order of the probe's concatenated input)")
+    bad = [v for v in layers if not 0 <= v < n]
+    if bad:
+        raise PackError(f"pack layers {layers}: layer {bad[0]} is outside 0..{n - 1}")
+    if meta["layer"] != layers[0]:
+        raise PackError(f"pack metadata is inconsistent: 'layer' is {meta['layer']} but the first of 'layers' "
+                        f"{layers} is {layers[0]}")
 
 
 def load_pack(path: str | os.PathLike) -> SteerPack:

@@ -1,4 +1,5 @@
-"""The safety prober: ``p(x) = sigmoid(w2 . relu(W1 h + b1) + b2)`` on one layer's states.
+"""The safety prober: ``p(x) = sigmoid(w2 . relu(W1 h + b1) + b2)`` on one layer's states (or on several
+layers' states concatenated, ``h`` of width ``k * H``: a pack's ``layers``).
 
 Trained with binary cross-entropy (harmful = 1) in fp32. Inputs are standardised during
 training and the standardisation is folded back into ``W1``/``b1`` exactly, so the served probe
@@ -13,7 +14,7 @@ import torch
 
 @dataclass
 class Probe:
-    W1: torch.Tensor  # [F, H]
+    W1: torch.Tensor  # [F, H] (several layers: [F, k * H])
     b1: torch.Tensor  # [F]
     w2: torch.Tensor  # [F]
     b2: torch.Tensor  # [1]
