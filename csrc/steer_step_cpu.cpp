@@ -3,7 +3,9 @@
 // Semantics: exactly autosteer/runtime/reference_op.py::steer_step_reference. For each
 // sequence b of the batch:
 //   x_b  = probe_hidden[probe_rows[b]]                                  (gather)
-//   p_b  = sigmoid(w2 . relu(W1 x_b + b1) + b2)   in fp32, if probe_mask[b]
+//          several layers (probe_extra, probe_sum): parts = [probe_hidden, *probe_extra], k = n / probe_sum,
+//          x_b = concat_l sum_{j < probe_sum} fp32(parts[l * probe_sum + j][probe_rows[b]])  (k * H values)
+//   p_b  = sigmoid(w2 . relu(W1 x_b + b1) + b2)   in fp32, if probe_mask[b]   (W1 [F, k * H])
 //   latched[b] |= p_b > tau_b (a NaN p_b latches only when nan_latches), tau_b = row_tau[b]
 //                             when the optional fp32 [B] row_tau is given, else the scalar tau
 //   stacked probes: W1 [P, F, H], b1 [P, F], w2 [P, F], b2 [P] with row_probe [B] (int32/int64,
@@ -164,10 +166,13 @@ AS_INLINE int64_t load_index(const void* p, bool is64, int64_t stride, int64_t i
 }
 
 // ---------------------------------------------------------------- phase 1: probe + latch
+constexpr int kMaxParts = 8;  // probe input tensors: at most 4 layers x (hidden, residual)
+
 struct ProbeArgs {
-  const void* ph;
+  const void* ph[kMaxParts];  // the probe's input tensors [N, H], all of kind ph_kind: parts[0] = probe_hidden
   Kind ph_kind;
-  int64_t ph_s0, ph_s1;
+  int64_t ph_s0[kMaxParts], ph_s1[kMaxParts];
+  int n_parts, probe_sum;  // layer l = sum of parts[l * probe_sum + j], j < probe_sum
   const void* prow;
   bool prow64;
   int64_t prow_s;
@@ -178,11 +183,11 @@ struct ProbeArgs {
   float* p_out;
   int64_t pout_s;
   const int64_t* st;  // [B] entry of the per-request tensors of each row (the row itself without state_rows)
-  const float* W1;  // [F, H] contiguous
+  const float* W1;  // [F, D] contiguous, D = k * H
   const float* b1;  // [F] contiguous
   const float* w2;  // [F] contiguous
   float b2;
-  int64_t H, F;
+  int64_t H, F, D;  // D = k * H: the probe's input width
   float tau;
   const float* row_tau;  // [B] per-row thresholds replacing tau, or nullptr
   int64_t rtau_s;
@@ -216,21 +221,30 @@ constexpr int64_t kRB = 4;  // probed rows per work item
 // Work item g = probed rows items[4g .. 4g+3] (the batch rows with probe_mask set).
 template <typename T>
 AS_INLINE void probe_groups_t(const ProbeArgs& a, const int64_t* items, int64_t n_items, int64_t g0, int64_t g1) {
-  const int64_t H = a.H, F = a.F;
-  std::vector<float> X(static_cast<size_t>(kRB * std::max<int64_t>(H, 1)));
+  const int64_t H = a.H, F = a.F, D = a.D;
+  std::vector<float> X(static_cast<size_t>(kRB * std::max<int64_t>(D, 1)));
   std::vector<float> hid(static_cast<size_t>(kRB * std::max<int64_t>(F, 1)));
-  const T* base = static_cast<const T*>(a.ph);
+  std::vector<float> tmp(static_cast<size_t>(a.probe_sum > 1 ? std::max<int64_t>(H, 1) : 0));
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t q0 = g * kRB, m = std::min<int64_t>(kRB, n_items - q0);
     for (int64_t q = 0; q < kRB; ++q) {  // a short last group repeats its last row (results unused)
       const int64_t b = items[q0 + std::min(q, m - 1)];
       const int64_t row = load_index(a.prow, a.prow64, a.prow_s, b);
-      load_row(base + row * a.ph_s0, a.ph_s1, H, X.data() + q * H);
+      for (int i = 0; i < a.n_parts; ++i) {  // layer l = i / probe_sum: its parts summed in fp32, in order
+        const T* src = static_cast<const T*>(a.ph[i]) + row * a.ph_s0[i];
+        float* dst = X.data() + q * D + (i / a.probe_sum) * H;
+        if (i % a.probe_sum == 0) {
+          load_row(src, a.ph_s1[i], H, dst);
+        } else {
+          load_row(src, a.ph_s1[i], H, tmp.data());
+          for (int64_t h = 0; h < H; ++h) dst[h] += tmp[h];
+        }
+      }
     }
     int64_t f = 0;
-    for (; f + 4 <= F; f += 4) dot4x4(a.W1 + f * H, H, X.data(), H, H, hid.data() + f, F);
+    for (; f + 4 <= F; f += 4) dot4x4(a.W1 + f * D, D, X.data(), D, D, hid.data() + f, F);
     for (; f < F; ++f)
-      for (int64_t q = 0; q < kRB; ++q) hid[q * F + f] = dot(a.W1 + f * H, X.data() + q * H, H);
+      for (int64_t q = 0; q < kRB; ++q) hid[q * F + f] = dot(a.W1 + f * D, X.data() + q * D, D);
     for (int64_t q = 0; q < m; ++q) {
       const int64_t b = items[q0 + q];
       float s = 0.f;
@@ -442,7 +456,10 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
                     const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                     double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows) {
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows,
+                    const std::optional<std::vector<at::Tensor>>& probe_extra_opt, int64_t probe_sum) {
+  const std::vector<at::Tensor> no_extra;
+  const std::vector<at::Tensor>& probe_extra = probe_extra_opt.has_value() ? *probe_extra_opt : no_extra;
   // ---- preconditions (shapes, dtypes, devices): all checked before anything is written
   TORCH_CHECK(logits.dim() == 2, "steer_step_cpu: logits must be [B, V], got shape ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -451,6 +468,24 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   const int64_t H = probe_hidden.size(1);
   TORCH_CHECK(head_hidden.size(1) == H, "steer_step_cpu: head_hidden has H=", head_hidden.size(1),
               " but probe_hidden has H=", H);
+  // the probe's input tensors: parts = [probe_hidden, *probe_extra], k = n / probe_sum layers of H each
+  const int64_t n_parts = 1 + static_cast<int64_t>(probe_extra.size());
+  TORCH_CHECK(probe_sum == 1 || probe_sum == 2, "steer_step_cpu: probe_sum must be 1 or 2, got ", probe_sum);
+  TORCH_CHECK(n_parts % probe_sum == 0, "steer_step_cpu: probe_sum=", probe_sum,
+              " must divide the number of probe input tensors, got ", n_parts, " (probe_hidden + ", n_parts - 1,
+              " probe_extra)");
+  const int64_t n_layers = n_parts / probe_sum;
+  TORCH_CHECK(n_layers <= 4, "steer_step_cpu: the probe reads at most 4 layers, got k=", n_layers, " (probe_hidden + ",
+              n_parts - 1, " probe_extra, probe_sum=", probe_sum, ")");
+  for (size_t i = 0; i < probe_extra.size(); ++i) {
+    const at::Tensor& t = probe_extra[i];
+    TORCH_CHECK(t.device().is_cpu(), "steer_step_cpu: probe_extra[", i, "] must be on the CPU, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == probe_hidden.scalar_type(), "steer_step_cpu: probe_extra[", i,
+                "] must have probe_hidden's dtype ", probe_hidden.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == probe_hidden.size(0) && t.size(1) == H, "steer_step_cpu: probe_extra[", i,
+                "] must be [N=", probe_hidden.size(0), ", H=", H, "] like probe_hidden, got ", t.sizes());
+  }
+  const int64_t D = n_layers * H;  // the probe's input width
   // per-request tensors: one entry per row, or (state_rows) tables of S entries
   const bool by_state = state_rows.has_value();
   if (by_state) {
@@ -464,7 +499,9 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   TORCH_CHECK(W1.dim() == (stacked ? 3 : 2), "steer_step_cpu: W1 must be ",
               stacked ? "[P, F, H] (stacked probes, as row_probe is given)" : "[F, H] (3-D stacked probes need row_probe)",
               ", got ", W1.sizes());
-  TORCH_CHECK(W1.size(-1) == H, "steer_step_cpu: W1's last dimension must be H=", H, ", got ", W1.sizes());
+  TORCH_CHECK(W1.size(-1) == D, "steer_step_cpu: W1 takes ", W1.size(-1), " input features but the probe reads k=",
+              n_layers, " layer(s) x H=", H, " = ", D, " (probe_hidden + ", n_parts - 1, " probe_extra, probe_sum=",
+              probe_sum, "); W1 is ", W1.sizes());
   const int64_t P = stacked ? W1.size(0) : 1;
   const int64_t F = W1.size(-2);
   if (stacked) {
@@ -552,10 +589,15 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
   {
     const at::Tensor W1c = W1.contiguous(), b1c = b1.contiguous(), w2c = w2.contiguous();
     ProbeArgs a;
-    a.ph = probe_hidden.data_ptr();
     a.ph_kind = ph_kind;
-    a.ph_s0 = probe_hidden.stride(0);
-    a.ph_s1 = probe_hidden.stride(1);
+    a.n_parts = static_cast<int>(n_parts);
+    a.probe_sum = static_cast<int>(probe_sum);
+    for (int64_t i = 0; i < n_parts; ++i) {
+      const at::Tensor& t = i == 0 ? probe_hidden : probe_extra[i - 1];
+      a.ph[i] = t.data_ptr();
+      a.ph_s0[i] = t.stride(0);
+      a.ph_s1[i] = t.stride(1);
+    }
     a.prow = probe_rows.data_ptr();
     a.prow64 = prow64;
     a.prow_s = probe_rows.stride(0);
@@ -569,12 +611,13 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
     const at::Tensor b2c = b2.reshape({-1}).contiguous();
     a.H = H;
     a.F = F;
+    a.D = D;
     a.tau = static_cast<float>(tau);  // the reference compares an fp32 tensor with tau cast to fp32
     a.row_tau = row_tau.has_value() ? row_tau->data_ptr<float>() : nullptr;  // any stride (0 included)
     a.rtau_s = row_tau.has_value() ? row_tau->stride(0) : 0;
     a.nan_latches = nan_latches;
     for (int64_t k = 0; k < P; ++k) {  // one pass per probe over the rows it scores
-      a.W1 = W1c.data_ptr<float>() + k * F * H;
+      a.W1 = W1c.data_ptr<float>() + k * F * D;
       a.b1 = b1c.data_ptr<float>() + k * F;
       a.w2 = w2c.data_ptr<float>() + k * F;
       a.b2 = b2c.data_ptr<float>()[k];  // CPU tensor: no device sync
@@ -584,7 +627,7 @@ void steer_step_cpu(const at::Tensor& probe_hidden, const at::Tensor& probe_rows
       const int64_t n_items = static_cast<int64_t>(items.size());
       if (n_items == 0) continue;
       const int64_t groups = (n_items + kRB - 1) / kRB;
-      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kRB * F * H));
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kRB * F * D));
       at::parallel_for(0, groups, grain,
                        [&](int64_t g0, int64_t g1) { probe_range(a, items.data(), n_items, g0, g1); });
     }
@@ -647,7 +690,11 @@ void steer_step_meta(const at::Tensor& probe_hidden, const at::Tensor& probe_row
                      const at::Tensor& latched, const at::Tensor& p_out, const at::Tensor& W1, const at::Tensor& b1,
                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& U, const at::Tensor& Bt, double tau,
                      double eps, bool nan_latches, const std::optional<at::Tensor>& row_tau,
-                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows) {
+                    const std::optional<at::Tensor>& row_probe, const std::optional<at::Tensor>& state_rows,
+                     const std::optional<std::vector<at::Tensor>>& probe_extra_opt, int64_t probe_sum) {
+  TORCH_CHECK(probe_sum == 1 || probe_sum == 2, "steer_step_cpu: probe_sum must be 1 or 2, got ", probe_sum);
+  if (probe_extra_opt.has_value())
+    for (const at::Tensor& t : *probe_extra_opt) TORCH_CHECK(t.dim() == 2, "steer_step_cpu: every probe_extra tensor must be 2-D [N, H]");
   TORCH_CHECK(logits.dim() == 2 && probe_hidden.dim() == 2 && head_hidden.dim() == 2 && U.dim() == 2 && Bt.dim() == 2,
               "steer_step_cpu: logits, probe_hidden, head_hidden, U and Bt must be 2-D");
   TORCH_CHECK(latched.dim() == 1 && p_out.dim() == 1 && probe_mask.dim() == 1,

@@ -10,7 +10,10 @@ variant is built once for ``GPUTarget("cuda", 80 | 90, 32)`` and its resources a
    ``row-major``), (hidden, logits) dtypes {bf16, fp16, fp32} x {fp32, same}, every flag
    (``nan_latches``, ``row_tau``, stacked probes with ``row_probe``, and ``state_rows``: the per-request
    tensors as slot tables, what the serving stores' decode steps pass). Plus one vocabulary that is
-   not a multiple of 16 (less alignment, another variant), for r-major U.
+   not a multiple of 16 (less alignment, another variant), for r-major U; and probes reading several
+   layers (``probe_extra``: 3 tensors with ``probe_sum=1``, 6 with ``probe_sum=2`` -- three layers'
+   (hidden, residual) pairs) at H in {576, 3584}, r = 16, r-major U (the probe launch is the only one they
+   change: ``N_PARTS`` / ``PROBE_SUM`` are its constexprs).
 2. :func:`specs_for`: the call's arguments as ``meta`` tensors (real shapes, strides, dtypes and
    allocator alignment, no memory) go through the launcher's own ``launch_configs`` (and so
    ``plan_launch``), each of its launches through Triton's own binder for that target: the signature, constexprs
@@ -76,6 +79,7 @@ SHAPES = (
 ODD_V_SHAPE = ("v50257", 4096, 50257)  # a vocabulary that is not a multiple of 16 (GPT-2's)
 F_PROBE = 64  # the probe's hidden width (autosteer.method.fit default)
 RANKS = (16, 64, "full")
+MULTI_PARTS = ((3, 1), (6, 2))  # (probe input tensors, probe_sum): 3 layers, and 3 layers' (hidden, residual) pairs
 LAYOUTS = ("r-major", "row-major")
 # (hidden dtype, logits dtype): a model in bf16/fp16/fp32 with logits in fp32 (vLLM samples from
 # fp32 logits, transformers' generate upcasts) or in the model's dtype
@@ -102,16 +106,23 @@ class Config:
     B: int = 8
     F: int = F_PROBE
     rows: str = "int64"  # probe_rows / head_rows dtype (the integrations pass int64)
+    parts: int = 1  # probe input tensors (probe_hidden + probe_extra)
+    probe_sum: int = 1  # parts summed per layer (2: a layer's (hidden, residual) pair)
 
     @property
     def R(self) -> int:
         return self.H if self.r == "full" else int(self.r)
 
+    @property
+    def layers(self) -> int:
+        return self.parts // self.probe_sum
+
     def label(self) -> str:
         flags = "".join(c for c, on in (("n", self.nan_latches), ("t", self.row_tau), ("p", self.row_probe),
                                         ("s", self.state_rows)) if on)
         rows = "" if self.rows == "int64" else f" rows={self.rows}"
-        return f"{self.shape} r={self.r} {self.layout} {self.hidden}->{self.logits}{rows} flags={flags or '-'}"
+        parts = "" if self.parts == 1 else f" parts={self.parts}/sum{self.probe_sum}"
+        return f"{self.shape} r={self.r} {self.layout} {self.hidden}->{self.logits}{rows}{parts} flags={flags or '-'}"
 
 
 def serving_configs(B: int = 8) -> list[Config]:
@@ -125,6 +136,12 @@ def serving_configs(B: int = 8) -> list[Config]:
                 for hidden, logits in DTYPE_PAIRS:
                     for n, t, p, s in flags:
                         out.append(Config(shape, H, V, r, layout, hidden, logits, n, t, p, s, B=B))
+    for shape, H, V in SHAPES[:2]:  # probes reading several layers (the probe launch's N_PARTS / PROBE_SUM)
+        for parts, probe_sum in MULTI_PARTS:
+            for hidden, logits in DTYPE_PAIRS:
+                for n, t, p, s in flags:
+                    out.append(Config(shape, H, V, 16, "r-major", hidden, logits, n, t, p, s, B=B, parts=parts,
+                                      probe_sum=probe_sum))
     return out
 
 
@@ -148,15 +165,18 @@ def meta_args(c: Config, device: str = "meta") -> tuple:
     U = e(R, V).t() if c.layout == "r-major" else e(V, R)
     S = 4 * B if c.state_rows else B  # per-request tensors: one per row, or slot tables (a store's 4 B default)
     args = (e(2 * B, H, dt=hd), rows, e(S, dt=torch.bool), e(2 * B, H, dt=hd), rows, e(B, V, dt=DTYPES[c.logits]),
-            e(S, dt=torch.bool), e(S), e(*P, F, H), e(*P, F), e(*P, F), e(P[0] if P else 1), U, e(R, H),
+            e(S, dt=torch.bool), e(S), e(*P, F, c.layers * H), e(*P, F), e(*P, F), e(P[0] if P else 1), U, e(R, H),
             0.5, 0.1, c.nan_latches)
     tail = ()
-    if c.row_tau or c.row_probe or c.state_rows:
+    multi = c.parts > 1
+    if c.row_tau or c.row_probe or c.state_rows or multi:
         tail = (e(S) if c.row_tau else None,)
-    if c.row_probe or c.state_rows:
+    if c.row_probe or c.state_rows or multi:
         tail += (e(S, dt=torch.int32) if c.row_probe else None,)
-    if c.state_rows:
-        tail += (e(B, dt=torch.int64),)
+    if c.state_rows or multi:
+        tail += (e(B, dt=torch.int64) if c.state_rows else None,)
+    if multi:  # the other parts: each [2 B, H] in the hidden dtype (as probe_hidden)
+        tail += ([e(2 * B, H, dt=hd) for _ in range(c.parts - 1)], c.probe_sum)
     return args + tail
 
 
@@ -370,7 +390,7 @@ def _old_design_requested(c: Config, arch: int, probed: int, latched: int) -> in
     S = max(1, min(max(1, n_blocks // min_blocks), max(1, -(-4 * SM_COUNT[arch] // max(B, 1)))))
     bps = -(-n_blocks // S)
     extra = 4 * (c.row_tau + c.row_probe)
-    probe_prog = 8 + H * hb + F * H * 4 + 2 * F * 4 + 4 + extra
+    probe_prog = 8 + c.parts * H * hb + F * c.layers * H * 4 + 2 * F * 4 + 4 + extra
     head_prog = 8 + H * hb + R * H * 4 + (0 if in_regs else R * 4 + bps * R * 4)
     return 2 * B * S + probed * (S * probe_prog + 5) + latched * (S * head_prog + V * R * 4 + 2 * V * lb)
 
@@ -380,7 +400,8 @@ def bytes_per_call(c: Config, plan: ks.LaunchPlan, *, probed: int, latched: int,
     probe) out of ``c.B``, with the launcher's ``plan``; the probed and the latched rows are each
     taken to fill row blocks of 16 from the first (serving's batches are dense).
 
-    - ``floor``: each distinct byte once -- the flags, ``x`` / ``g`` of each row, one W1/b1/w2/b2 per
+    - ``floor``: each distinct byte once -- the flags, ``x`` (its ``c.parts`` tensors' rows: k x H, or
+      2 k x H for (hidden, residual) pairs) / ``g`` of each row, one W1 (``F x k H``)/b1/w2/b2 per
       probe in use (two with stacked probes), Bt and U once if any row is latched, the latched
       rows' logits read and written. ``floor`` over the HBM bandwidth is the time bound.
     - ``dram``: what this design reads from and writes to memory once (its first touch of each
@@ -403,8 +424,8 @@ def bytes_per_call(c: Config, plan: ks.LaunchPlan, *, probed: int, latched: int,
     hb, lb, idx = NBYTES[c.hidden], NBYTES[c.logits], 8
     extra = 4 * (c.row_tau + c.row_probe)
     n_probes = (2 if c.row_probe else 1) if probed else 0
-    w_probe = F * H * 4 + 2 * F * 4 + 4
-    floor = (2 * B + probed * (idx + H * hb + extra + 5) + n_probes * w_probe
+    w_probe = F * c.layers * H * 4 + 2 * F * 4 + 4
+    floor = (2 * B + probed * (idx + c.parts * H * hb + extra + 5) + n_probes * w_probe
              + latched * (idx + H * hb + 2 * V * lb) + (R * H * 4 + V * R * 4 if latched else 0))
     rb = plan.row_blocks
     rb_p, rb_l = -(-probed // ks.BLOCK_B), -(-latched // ks.BLOCK_B)
@@ -415,7 +436,7 @@ def bytes_per_call(c: Config, plan: ks.LaunchPlan, *, probed: int, latched: int,
     if not plan.u_in_regs and rb_l > 1:
         dram += (rb_l - 1) * V * R * 4
     rereads = (rb * S * 16  # launch 1: the probe flags
-               + max(0, rb_p * n_probes - n_probes) * F * H * 4  # W1 once per row block
+               + max(0, rb_p * n_probes - n_probes) * F * c.layers * H * 4  # W1 once per row block
                + rb * RS * 2 * 16  # launch 2: flags
                + (RS - 1) * (part + probed * (idx + 2 * F * 4 + 4 + extra))  # each rank slice re-finalises
                + (RS - 1) * latched * (idx + H * hb)  # ... and reads g for its slice
@@ -468,7 +489,7 @@ def run(archs=ARCHS, jobs: int | None = None, configs: list[Config] | None = Non
             n_configs=len(cs), hidden=sorted({c.hidden for c in cs}), logits=sorted({c.logits for c in cs}),
             ranks=sorted({str(c.r) for c in cs}), layouts=sorted({c.layout for c in cs}),
             shapes=sorted({c.shape for c in cs}), row_probe=sorted({c.row_probe for c in cs}),
-            state_rows=sorted({c.state_rows for c in cs}),
+            state_rows=sorted({c.state_rows for c in cs}), parts=sorted({(c.parts, c.probe_sum) for c in cs}),
             constexprs={spec_name(k, spec.kernel): v for k, v in spec.constexprs.items()},
             pointers={k: v for k, v in spec.signature.items() if v.startswith("*")},
             aligned=sorted(spec_name(k, spec.kernel) for k, v in spec.attrs.items() if v), **res))

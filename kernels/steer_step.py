@@ -3,7 +3,10 @@
 The contract is ``autosteer.runtime.reference_op.steer_step_reference``; for every sequence
 ``b`` of the batch one call computes:
 
-1. ``x = probe_hidden[probe_rows[b]]``, and where ``probe_mask[b]``:
+1. ``x = probe_hidden[probe_rows[b]]`` -- or, with ``probe_extra`` / ``probe_sum``, the
+   concatenation over ``k = (1 + len(probe_extra)) / probe_sum`` layers of each layer's state at that row,
+   the fp32 sum of its ``probe_sum`` tensors (``parts = [probe_hidden, *probe_extra]``, at most 8, each
+   ``[N, H]``; ``W1`` is then ``[F, k H]``) -- and where ``probe_mask[b]``:
    ``p = sigmoid(w2 . relu(W1 x + b1) + b2)`` (fp32 accumulation), ``p_out[b] = p``,
    ``latched[b] |= (p > tau_b) or (nan_latches and isnan(p))``, ``tau_b = row_tau[b]`` when the
    optional fp32 ``[B]`` per-row thresholds are given, else the scalar ``tau``; with stacked
@@ -21,6 +24,14 @@ Design: three launches in the one op (issue 19, item 2), rows in blocks of ``BLO
    ``X W1^T`` with ``tl.dot`` over ``[16, 32] x [32, F]`` tiles -- W1 is read once per row block,
    not once per row and vocabulary split -- writing fp32 partial sums into a scratch. Stacked probes:
    one pass per probe some row of the block uses. A block without a probed row returns at once.
+   Several layers: the parts come in 8 pointer slots (Triton takes no tensor list; a slot past the
+   parts repeats ``probe_hidden`` and is never read) with the constexprs ``N_PARTS`` / ``PROBE_SUM``; a
+   program's hidden split covers the same columns of every layer, looping over the layers at compile time
+   (``static_range``) and adding layer ``l``'s block of W1 columns (``l H + Hj``) into the same
+   accumulator, the layer's tensors summed in fp32 before the dot -- W1 is still read once per row
+   block. The call with ``probe_hidden`` alone passes neither constexpr and runs the operations it ran
+   before (bit-identical results; its compiled probe moved by a few registers: 104-119 on sm_80, was
+   102-119). A probe row out of range reads none of the parts (NaN score, as before).
 2. **latch + t** (``latch_kernel``), grid ``(row blocks, rank slices of 16 or 32)``: each program
    sums the partials of its block's rows (all slices of a block in the same order, so they agree),
    applies ``b1``, relu, ``w2``, ``b2``, the sigmoid and the threshold; slice 0 stores ``p_out`` and
@@ -55,7 +66,8 @@ the tf32x3 rounding: ``benchmarks/gpu_check.sh`` checks the delta on a GPU. relu
 other rows (each output row of a dot depends on its own input row only).
 
 Costs (``autosteer.kernels.aot.bytes_per_call``; tables in ``benchmarks/results/aot_sm{80,90}.md``;
-a model, not measured): for r in {16, 64}, DRAM traffic is the floor plus the fp32 scratch (1.00-1.03
+a model, not measured; a probe reading several layers adds ``(n_parts - 1) x H`` hidden reads per probed
+row -- k H, or 2 k H for (hidden, residual) pairs, in all -- and makes W1 ``k`` times wider): for r in {16, 64}, DRAM traffic is the floor plus the fp32 scratch (1.00-1.03
 x the floor, up to 1.6 x in monitor steps at B = 256 from the partial sums); the old single-launch
 design requested up to 500 x the floor (e.g. Qwen2-7B, r = 16, B = 8, monitor step: 489 MB vs a
 0.98 MB floor, now 1.0 MB). The full-rank head re-reads U per row block (up to 14 x the floor at
@@ -66,12 +78,17 @@ three launches and W1 re-read per row block; an all-latched blend reaches 91 % (
 (r = 64, ``t`` re-read per tile) of the floor's time at B = 256.
 
 Resources, from ahead-of-time compiles of every variant serving can launch for sm_80 and sm_90
-(``tests/test_aot.py``, triton 3.9; 84 variants per target: probe 12, latch 24, blend 48, each with
-and without ``HAS_STATE_ROWS``; ``python benchmarks/aot_resources.py``, tables in
+(``tests/test_aot.py``, triton 3.9; 108 variants per target: probe 36 -- 12 each for ``probe_hidden``
+alone, three layers (``N_PARTS`` 3) and three layers' (hidden, residual) pairs (``N_PARTS`` 6,
+``PROBE_SUM`` 2) -- latch 24, blend 48, each with and without ``HAS_STATE_ROWS``; ``python benchmarks/aot_resources.py``, tables in
 ``benchmarks/results/aot_sm{80,90}.md``): no spills, no stack, 2-12 KB of shared memory; registers per
-thread on sm_80: probe 102-119 (8 warps), latch 80-96 (4 warps), blend 64-144 (the top: the chunked
-full-rank path, whose rank offsets are int64 because R x V can pass 2^31); on sm_90: probe 101-108, latch
-70-102, blend 56-136. sm_80 64-144 overall, sm_90 56-136.
+thread on sm_80: probe 104-127 (8 warps; ``probe_hidden`` alone 104-119, three layers 118-124, three
+(hidden, residual) pairs 118-127), latch 80-96 (4 warps), blend 64-144 (the top: the chunked
+full-rank path, whose rank offsets are int64 because R x V can pass 2^31); on sm_90: probe 101-125 (alone
+101-108, three layers 113-122, pairs 117-125), latch 70-102, blend 56-136. sm_80 64-144 overall, sm_90
+56-136. (The multi-part probe reloads the row indices per layer: with them computed once, the row
+addresses of all six parts stayed live and ptxas spilled 4 bytes at 128 registers on sm_90, fp32 pairs
+with stacked probes.)
 (With ``state_rows``, a run-time ``nan_latches`` branch in the latch and blend launches made ptxas spill
 8 bytes on sm_90: those two are written branch-free.)
 The first cut (64 x 64 probe tiles, 128 x 16 U tiles, Triton's default 3 pipeline stages) took
@@ -169,7 +186,10 @@ def _state_of(srow_ptr, srow_s, rows, rm, S, HAS_STATE_ROWS: tl.constexpr):
 
 @_jit
 def probe_kernel(
-    ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]
+    ph_ptr, ph_s0, ph_s1,  # probe_hidden [N, H]: part 0 of the probe's input
+    x1_ptr, x1_s0, x1_s1, x2_ptr, x2_s0, x2_s1, x3_ptr, x3_s0, x3_s1,  # probe_extra: parts 1 .. N_PARTS - 1,
+    x4_ptr, x4_s0, x4_s1, x5_ptr, x5_s0, x5_s1, x6_ptr, x6_s0, x6_s1,  # each [N, H] of probe_hidden's dtype
+    x7_ptr, x7_s0, x7_s1,  # (a slot past N_PARTS gets probe_hidden again and is never read)
     prow_ptr, prow_s,  # probe_rows [B]
     pmask_ptr, pmask_s,  # probe_mask [S] bool
     rprobe_ptr, rprobe_s,  # row_probe [S] int (read only when HAS_ROW_PROBE)
@@ -183,10 +203,14 @@ def probe_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_F: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    N_PARTS: tl.constexpr = 1,  # probe input tensors (probe_hidden + probe_extra), at most 8
+    PROBE_SUM: tl.constexpr = 1,  # consecutive parts summed (fp32) per layer: 1, or 2 for (hidden, residual)
 ):
     """Launch 1, program (row block i, hidden split j): for the probed rows of the block,
-    ``part[b, j, :] = W1[k_b][:, Hj] x_b[Hj]`` (one ``tl.dot`` of the block's rows against each
-    W1 tile, per probe in use in the block). A block without a probed row returns at once."""
+    ``part[b, j, :] = sum_l W1[k_b][:, l H + Hj] x_{l,b}[Hj]`` over the ``N_PARTS / PROBE_SUM`` layers
+    ``l`` (``x_l`` the fp32 sum of the layer's parts; one ``tl.dot`` of the block's rows against each
+    W1 tile, per probe in use in the block: W1 is still read once per row block). A block without a
+    probed row returns at once."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     split = tl.program_id(1)
     rm = rows < B
@@ -203,7 +227,10 @@ def probe_kernel(
         h_hi = tl.minimum(h_lo + h_per_split, H)
         offs_h = tl.arange(0, BLOCK_H)
         offs_f = tl.arange(0, BLOCK_F)
-        x_row = ph_ptr + prow * ph_s0
+        # the parts as tuples, indexed by compile-time constants below (N_PARTS == 1: probe_hidden only)
+        x_ptrs = (ph_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, x6_ptr, x7_ptr)
+        x_s0 = (ph_s0, x1_s0, x2_s0, x3_s0, x4_s0, x5_s0, x6_s0, x7_s0)
+        x_s1 = (ph_s1, x1_s1, x2_s1, x3_s1, x4_s1, x5_s1, x6_s1, x7_s1)
         out_row = part_ptr + rows * part_s0 + split * F
         for kp in range(0, P):  # stacked probes: one pass per probe that some row of the block uses
             sel = ok & (k == kp)  # an index outside [0, P) selects no pass: the latch launch scores it NaN
@@ -213,13 +240,25 @@ def probe_kernel(
                     f = f0 + offs_f
                     fm = f < F
                     acc = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
-                    for h0 in range(h_lo, h_hi, BLOCK_H):
-                        h = h0 + offs_h
-                        hm = h < h_hi
-                        x = tl.load(x_row[:, None] + h[None, :] * ph_s1, mask=sel[:, None] & hm[None, :], other=0.0)
-                        w = tl.load(w1_k + f[None, :] * w1_s0 + h[:, None] * w1_s1, mask=hm[:, None] & fm[None, :],
-                                    other=0.0)
-                        acc = tl.dot(x.to(tl.float32), w, acc, input_precision=DOT_PREC)
+                    for layer in tl.static_range(N_PARTS // PROBE_SUM):  # layer l: W1 columns l H ...
+                        prow_l = prow
+                        if N_PARTS > 1:  # reloaded per layer (a load after the stores below is not hoisted out
+                            # of the loops): the row addresses of every part are then never live at once
+                            prow_l = tl.load(prow_ptr + rows * prow_s, mask=sel, other=0).to(tl.int64)
+                        x_row = x_ptrs[layer * PROBE_SUM] + prow_l * x_s0[layer * PROBE_SUM]
+                        for h0 in range(h_lo, h_hi, BLOCK_H):
+                            h = h0 + offs_h
+                            hm = h < h_hi
+                            xm = sel[:, None] & hm[None, :]
+                            x = tl.load(x_row[:, None] + h[None, :] * x_s1[layer * PROBE_SUM], mask=xm,
+                                        other=0.0).to(tl.float32)
+                            for j in tl.static_range(layer * PROBE_SUM + 1, (layer + 1) * PROBE_SUM):
+                                # the layer's other parts, summed in fp32
+                                x += tl.load(x_ptrs[j] + prow_l[:, None] * x_s0[j] + h[None, :] * x_s1[j], mask=xm,
+                                             other=0.0).to(tl.float32)
+                            w = tl.load(w1_k + f[None, :] * w1_s0 + (layer * H + h)[:, None] * w1_s1,
+                                        mask=hm[:, None] & fm[None, :], other=0.0)
+                            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
                     tl.store(out_row[:, None] + f[None, :], acc, mask=sel[:, None] & fm[None, :])
 
 
@@ -426,8 +465,22 @@ def _check(cond: bool, msg: str) -> None:
         raise AssertionError(f"steer_step_triton: {msg}")
 
 
+MAX_PARTS = 8  # probe input tensors a call may pass (probe_hidden + probe_extra): 4 layers x (hidden, residual)
+MAX_LAYERS = 4
+
+
+def probe_layers(probe_hidden, probe_extra=(), probe_sum: int = 1) -> int:
+    """``k``, the layers the probe reads: ``(1 + len(probe_extra)) / probe_sum`` (checked)."""
+    n = 1 + len(probe_extra)
+    _check(probe_sum in (1, 2), f"probe_sum must be 1 or 2, got {probe_sum}")
+    _check(n % probe_sum == 0, f"probe_sum={probe_sum} must divide the {n} probe input tensors")
+    _check(n // probe_sum <= MAX_LAYERS, f"the probe reads at most {MAX_LAYERS} layers, got {n // probe_sum}")
+    return n // probe_sum
+
+
 def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau=None, row_probe=None, state_rows=None) -> None:
+                  W1, b1, w2, b2, U, Bt, row_tau=None, row_probe=None, state_rows=None, probe_extra=(),
+                  probe_sum=1) -> None:
     """Every shape/dtype/device precondition, up front (shapes and dtypes only: no device sync)."""
     _check(logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}")
     B, V = logits.shape
@@ -441,14 +494,20 @@ def _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, 
     _check(probe_hidden.dim() == 2 and head_hidden.dim() == 2, "probe_hidden and head_hidden must be 2-D [rows, H]")
     H = probe_hidden.shape[1]
     _check(head_hidden.shape[1] == H, f"head_hidden has H={head_hidden.shape[1]}, probe_hidden H={H}")
+    D = probe_layers(probe_hidden, probe_extra, probe_sum) * H  # the probe's input width
+    for i, t in enumerate(probe_extra):
+        _check(t.dim() == 2 and tuple(t.shape) == tuple(probe_hidden.shape) and t.dtype == probe_hidden.dtype
+               and t.device == probe_hidden.device,
+               f"probe_extra[{i}] must be [N, H] = {tuple(probe_hidden.shape)} of {probe_hidden.dtype} on "
+               f"{probe_hidden.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if row_probe is None:
-        _check(W1.dim() == 2 and W1.shape[1] == H, f"W1 must be [F, H={H}], got {tuple(W1.shape)}")
+        _check(W1.dim() == 2 and W1.shape[1] == D, f"W1 must be [F, H={H}] per layer, k={D // H}: [F, {D}], got {tuple(W1.shape)}")
         F = W1.shape[0]
         _check(b1.dim() == 1 and b1.shape[0] == F and w2.dim() == 1 and w2.shape[0] == F, f"b1 and w2 must be [F={F}]")
         _check(b2.numel() == 1, "b2 must have one element")
     else:
-        _check(W1.dim() == 3 and W1.shape[2] == H and W1.shape[0] >= 1,
-               f"with row_probe, W1 must be stacked [P, F, H={H}], got {tuple(W1.shape)}")
+        _check(W1.dim() == 3 and W1.shape[2] == D and W1.shape[0] >= 1,
+               f"with row_probe, W1 must be stacked [P, F, H={H}] per layer, k={D // H}: [P, F, {D}], got {tuple(W1.shape)}")
         P, F = W1.shape[0], W1.shape[1]
         _check(tuple(b1.shape) == (P, F) and tuple(w2.shape) == (P, F) and b2.dim() == 1 and b2.shape[0] == P,
                f"stacked probes need b1 and w2 [P={P}, F={F}] and b2 [P={P}]")
@@ -577,7 +636,7 @@ def scratch_shape(plan: LaunchPlan, B: int, F: int, R: int) -> tuple[int, int]:
 
 def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                    W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None, row_probe=None,
-                   state_rows=None, *, block_v=None, h_splits=None, tiles_per_program=None, sm_count=None,
+                   state_rows=None, probe_extra=(), probe_sum=1, *, block_v=None, h_splits=None, tiles_per_program=None, sm_count=None,
                    scratch=None) -> list[Launch]:
     """The call's launches, in order (probe, latch, blend; none when ``B == 0``, no blend when
     ``V == 0``); no launch, no sync. Allocates the fp32 scratch (``torch.empty``, sized from shapes)
@@ -614,8 +673,18 @@ def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
     w1_sp, b1_sp, w2_sp = (W1.stride(0), b1.stride(0), w2.stride(0)) if stacked else (0, 0, 0)
     b2_s = b2.stride(0) if stacked else 0
     common = dict(BLOCK_B=plan.block_b, DOT_PREC=DOT_PRECISION, num_stages=NUM_STAGES)
+    # the probe's input tensors in 8 slots (a slot past the parts repeats probe_hidden, never read)
+    parts = [probe_hidden, *(probe_extra or ())]
+    n_parts = len(parts)
+    _check(1 <= n_parts <= MAX_PARTS and probe_sum in (1, 2) and n_parts % probe_sum == 0,
+           f"{n_parts} probe input tensors with probe_sum={probe_sum}")
+    slots = []
+    for t in parts[1:] + [probe_hidden] * (MAX_PARTS - n_parts):
+        slots += [t, t.stride(0), t.stride(1)]
+    parts_meta = dict(N_PARTS=n_parts, PROBE_SUM=probe_sum) if n_parts > 1 else {}
     probe = Launch("probe", probe_kernel, (plan.row_blocks, plan.h_splits), (
         probe_hidden, probe_hidden.stride(0), probe_hidden.stride(1),
+        *slots,
         probe_rows, probe_rows.stride(0),
         probe_mask, probe_mask.stride(0),
         rprobe, rprobe.stride(0),
@@ -624,7 +693,7 @@ def launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
         part, part.stride(0),
         B, H, F, P, N, S, plan.h_per_split,
     ), dict(HAS_ROW_PROBE=has_row_probe, HAS_STATE_ROWS=has_state_rows, BLOCK_H=plan.block_h, BLOCK_F=plan.block_f,
-            num_warps=PROBE_WARPS, **common))
+            num_warps=PROBE_WARPS, **parts_meta, **common))
     latch = Launch("latch", latch_kernel, (plan.row_blocks, plan.r_splits), (
         probe_rows, probe_rows.stride(0),
         probe_mask, probe_mask.stride(0),
@@ -715,6 +784,8 @@ def steer_step_triton(
     row_tau: torch.Tensor | None = None,
     row_probe: torch.Tensor | None = None,
     state_rows: torch.Tensor | None = None,
+    probe_extra=(),
+    probe_sum: int = 1,
     *,
     block_v: int | None = None,
     h_splits: int | None = None,
@@ -725,13 +796,15 @@ def steer_step_triton(
 
     ``block_v`` / ``h_splits`` / ``tiles_per_program`` override the tiling (tests, tuning).
     """
+    probe_extra = list(probe_extra or ())
     _check_inputs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, row_tau, row_probe, state_rows)
+                  W1, b1, w2, b2, U, Bt, row_tau, row_probe, state_rows, probe_extra, probe_sum)
     if logits.shape[0] == 0:
         return
     check_device(logits.device)
     launches = launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows, block_v=block_v,
+                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows,
+                              probe_extra, probe_sum, block_v=block_v,
                               h_splits=h_splits, tiles_per_program=tiles_per_program)
     if logits.device.type == "cuda":
         with torch.cuda.device(logits.device):

@@ -17,6 +17,10 @@ compares a kernel's in-place results with it:
 - with stacked probes (``make_case(row_probe=True)``: two probe weight sets and a probe index
   per row), independently of the reference: every probed row's score is its own probe's
   (fp64 oracle), and some row's score differs from what the other probe would give.
+- with a probe reading several layers (``make_case(layers=k, probe_sum=s)``: ``probe_extra`` holds
+  ``k * s - 1`` more ``[N, H]`` tensors in rotating layouts, ``W1`` is ``[F, k H]``),
+  independently of the reference (``assert_parts_scores``): every probed row's score is the fp64
+  score of its concatenated layer states, and the extra tensors change some score.
 """
 from __future__ import annotations
 
@@ -45,12 +49,20 @@ class Case:
     info: dict = field(default_factory=dict)
     row_tau: torch.Tensor | None = None  # [B] float32 per-row thresholds (passed only when set)
     row_probe: torch.Tensor | None = None  # [B] probe index per row, with stacked [2, ...] probe weights
+    probe_extra: tuple = ()  # more [N, H] probe input tensors (make_case(layers=..., probe_sum=...))
+    probe_sum: int = 1
+
+    @property
+    def multi_part(self) -> bool:
+        return bool(self.probe_extra) or self.probe_sum != 1
 
     def call_args(self, args: dict | None = None) -> tuple:
         a = self.args if args is None else args
         tail = () if self.row_tau is None else (self.row_tau,)
         if self.row_probe is not None:
             tail = (self.row_tau, self.row_probe)
+        if self.multi_part:
+            tail = (self.row_tau, self.row_probe, None, list(self.probe_extra), self.probe_sum)
         return tuple(a[n] for n in ARG_NAMES) + (self.tau, self.eps, self.nan_latches) + tail
 
     def clone(self) -> dict:
@@ -115,6 +127,19 @@ def _pattern(mode: str, B: int, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
+def probe_state(parts, probe_sum: int, rows: torch.Tensor) -> torch.Tensor:
+    """The probe input at ``rows``: the layers' states (``probe_sum`` consecutive parts summed in fp32),
+    concatenated -- written independently of the reference (an explicit ``cat`` of fp32 sums)."""
+    rows = rows.long().cpu()
+    layers = []
+    for lo in range(0, len(parts), probe_sum):
+        acc = parts[lo].cpu().float()[rows]
+        for t in parts[lo + 1: lo + probe_sum]:
+            acc = acc + t.cpu().float()[rows]
+        layers.append(acc)
+    return torch.cat(layers, dim=1)
+
+
 def _probe_scores64(x: torch.Tensor, W1, b1, w2, b2, row_probe=None) -> torch.Tensor:
     """fp64 probe scores of rows ``x [n, H]``; stacked weights: row ``i`` uses probe ``row_probe[i]``."""
     x = x.double()
@@ -172,8 +197,11 @@ def make_case(
     row_tau_layout: str = "contig",
     row_probe: bool = False,
     weights_layout: str = "contig",
+    layers: int = 1,
+    probe_sum: int = 1,
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
+    n_parts = layers * probe_sum
     full_s = r == "full"
     R = H if full_s else int(r)
 
@@ -181,12 +209,14 @@ def make_case(
     head_rows, M = _rows(row_mode if row_mode != "random" else "decode", B, 1, gen, rows_dtype)
     x = torch.randn(N, H, generator=gen).to(dtype)
     g = torch.randn(M, H, generator=gen).to(dtype)
+    # the probe's other input tensors (drawn only for a multi-part case: single-part cases keep their values)
+    parts = [x] + [torch.randn(N, H, generator=gen).to(dtype) for _ in range(n_parts - 1)]
     probe_mask = _pattern(mask_mode, B, gen)
     latched = _pattern(latch_mode, B, gen)
 
     P = 2 if row_probe else None  # stacked: two probes (monitor mode's prefill and monitor probes)
     lead = () if P is None else (P,)
-    W1 = torch.randn(*lead, F, H, generator=gen) / math.sqrt(H)
+    W1 = torch.randn(*lead, F, layers * H, generator=gen) / math.sqrt(layers * H)
     b1 = 0.1 * torch.randn(*lead, F, generator=gen)
     w2 = 2.0 * torch.randn(*lead, F, generator=gen) / math.sqrt(F)
     b2 = 0.5 * torch.randn(P or 1, generator=gen)
@@ -206,8 +236,8 @@ def make_case(
     if nan_probe_rows and B > 0:
         probed = [b for b in range(B) if probe_mask[b]]
         nan_rows = probed[: max(1, len(probed) // 2)]
-        for b in nan_rows:
-            x[int(probe_rows[b])] = float("nan")
+        for b in nan_rows:  # (a multi-part case: in its last part, so that the NaN comes from probe_extra)
+            parts[-1][int(probe_rows[b])] = float("nan")
     if nan_head_rows and B > 0:
         g[int(head_rows[0])] = float("nan")
 
@@ -225,7 +255,7 @@ def make_case(
 
     # threshold at a safe distance from every score (fp32 kernels must agree on the latch)
     if B > 0:
-        xs = x.float().index_select(0, probe_rows.long())
+        xs = probe_state(parts, probe_sum, probe_rows)
         p64 = _probe_scores64(xs, W1, b1, w2, b2, kp)
         finite = p64[torch.isfinite(p64)]
         q = torch.quantile(finite, 1 - fire_rate).item() if finite.numel() else 0.5
@@ -251,6 +281,9 @@ def make_case(
         W1=W1.to(dev), b1=b1.to(dev), w2=w2.to(dev), b2=b2.to(dev),
         U=U.to(dev), Bt=Bt.to(dev),
     )
+    extra = []
+    for j, t in enumerate(parts[1:], 1):  # the other parts in rotating layouts (transposed ones included)
+        extra.append(_layout(t.to(dev), LAYOUTS[(LAYOUTS.index(probe_layout) + j) % len(LAYOUTS)], gen))
     if weights_layout == "strided":  # the same probe weights as strided views (kernels must follow strides)
         for n in ("W1", "b1", "w2", "b2"):
             t = args[n]
@@ -267,6 +300,12 @@ def make_case(
                 head_layout=head_layout, logits_layout=logits_layout, row_mode=row_mode, latch=latch_mode,
                 mask=mask_mode, nan_rows=nan_rows, special=special_logits, nan_latches=nan_latches,
                 weights_layout=weights_layout)
+    if n_parts > 1 or probe_sum != 1:
+        info.update(layers=layers, probe_sum=probe_sum)
+        if B > 0:  # fp64 scores of the full input, and with the extra tensors zeroed (they must matter)
+            zeroed = [parts[0]] + [torch.zeros_like(t) for t in parts[1:]]
+            info.update(p64_parts=p64.tolist(), p64_first_part_only=_probe_scores64(
+                probe_state(zeroed, probe_sum, probe_rows), W1, b1, w2, b2, kp).tolist())
     if rt is not None:
         if row_tau_layout == "strided":  # column 1 of a [B, 2] buffer: stride 2, offset 1
             buf = torch.full((B, 2), float("nan"), dtype=torch.float32, device=dev)
@@ -283,7 +322,7 @@ def make_case(
         info.update(row_probe=kp.tolist(), p64=p_sel.tolist(), p64_other_probe=other.tolist())
         kp = kp.to(dev)
     return Case(args=args, tau=float(tau), eps=float(eps), nan_latches=nan_latches, info=info, row_tau=rt,
-                row_probe=kp)
+                row_probe=kp, probe_extra=tuple(extra), probe_sum=probe_sum)
 
 
 def _row_thresholds(p64, probe_mask, latched, tau, nan_latches, seed, gen):
@@ -445,11 +484,13 @@ def fuzz_examples(default: int) -> int:
     return int(os.environ.get("AUTOSTEER_FUZZ_EXAMPLES", default))
 
 
-def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300):
-    """A hypothesis strategy drawing ``make_case`` keyword arguments."""
+def fuzz_case_strategy(max_B: int = 20, max_H: int = 80, max_V: int = 300, parts: bool = False):
+    """A hypothesis strategy drawing ``make_case`` keyword arguments (``parts``: also the layers and
+    ``probe_sum`` of a multi-part probe; off, the strategy draws exactly what it drew before)."""
     from hypothesis import strategies as st
 
-    return st.fixed_dictionaries(dict(
+    more = dict(layers=st.integers(1, 4), probe_sum=st.sampled_from((1, 2))) if parts else {}
+    return st.fixed_dictionaries(dict(**more,
         B=st.integers(0, max_B),
         H=st.integers(1, max_H),
         V=st.integers(1, max_V),
@@ -491,6 +532,19 @@ def assert_row_probe_scores(case, out: dict, both: bool = True) -> None:
     assert (other[fin] - p64[fin]).abs().max().item() > 1e-3, f"vacuous: both probes agree on every row {case}"
 
 
+def assert_parts_scores(case, out: dict) -> None:
+    """Independently of the reference, for a multi-part case: every probed row's score is the fp64 score of
+    its concatenated layer states (``probe_state``), and the case is decisive -- zeroing the extra tensors
+    would change some probed row's score."""
+    mask = case.args["probe_mask"].cpu()
+    p64, first = torch.tensor(case.info["p64_parts"]), torch.tensor(case.info["p64_first_part_only"])
+    po = out["p_out"].cpu().double()
+    fin = mask & torch.isfinite(p64)
+    assert fin.any(), case
+    assert (po[fin] - p64[fin]).abs().max().item() <= 1e-5, f"a row's score is not its layers' {case}: {po} vs {p64}"
+    assert (first[fin] - p64[fin]).abs().max().item() > 1e-3, f"vacuous: the extra tensors change no score {case}"
+
+
 def assert_row_tau_decisive(case):
     """The case must have rows whose latch only the per-row threshold decides (else the test is vacuous)."""
     fire_only, block_only = case.info["row_tau_fire_only"], case.info["row_tau_block_only"]
@@ -523,7 +577,8 @@ class StateCase:
     def call_args(self, a: dict, tables: dict) -> tuple:
         c = self.case
         return (tuple(a[n] for n in ARG_NAMES) + (c.tau, c.eps, c.nan_latches, tables.get("row_tau"),
-                                                  tables.get("row_probe"), self.state_rows))
+                                                  tables.get("row_probe"), self.state_rows)
+                + ((list(c.probe_extra), c.probe_sum) if c.multi_part else ()))
 
     def rows_of(self, a: dict) -> dict:
         """The call's results in the row order of :attr:`case` (for ``check_against_reference``)."""

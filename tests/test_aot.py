@@ -2,7 +2,7 @@
 
 Every variant of the three launches of a call (probe, latch + t, blend) serving can launch (``autosteer.kernels.aot``: sizes H in {576, 3584, 4096,
 8192} with V up to 256k, r in {16, 64, full}, both U layouts, (hidden, logits) dtypes, every
-flag), derived through the launcher's own ``launch_configs`` / ``plan_launch`` and Triton's own
+flag, and probes reading three layers -- three tensors, or three (hidden, residual) pairs), derived through the launcher's own ``launch_configs`` / ``plan_launch`` and Triton's own
 argument binder, deduplicated and compiled once per target. The checks:
 
 - no spills, no stack frame, no local memory (Triton's cubin; ``ptxas -v`` wherever there is any);
@@ -84,18 +84,27 @@ def test_every_serving_variant_compiles_for_sm80_and_sm90(report):
     for v in variants:
         by_arch[v["arch"]].append(v)
     assert sorted(by_arch) == [80, 90]
-    # the same variants per arch. probe: 3 hidden dtypes x 2 probe modes; latch + t: the same x 2 rank
+    # the same variants per arch. probe: 3 hidden dtypes x 2 probe modes x 3 probe inputs (probe_hidden alone; 3
+    # layers; 3 layers' (hidden, residual) pairs: N_PARTS / PROBE_SUM); latch + t: 3 hidden dtypes x 2 probe modes x 2 rank
     # slice widths (16 for r <= 16, else 32); blend: 3 logits dtypes x 3 rank paths (r=16 and r=64 with
     # the U tile held, the chunked full rank) x 2 U layouts, plus, for the vocabulary that is not a
     # multiple of 16 (r-major only), 3 logits dtypes x 2 paths (r=16 held; r=64 and full chunked)
     count = lambda vs, k: sum(v["kernel"] == k for v in vs)  # noqa: E731
     for arch, vs in by_arch.items():
         # ... each twice: with and without state_rows (HAS_STATE_ROWS, serving's slot steps)
-        assert (count(vs, "probe"), count(vs, "latch"), count(vs, "blend")) == (12, 24, 2 * (18 + 6)), arch
+        assert (count(vs, "probe"), count(vs, "latch"), count(vs, "blend")) == (2 * 18, 24, 2 * (18 + 6)), arch
         assert sum(v["constexprs"]["HAS_STATE_ROWS"] for v in vs) == len(vs) // 2, arch
         for kernel in ("probe", "latch"):
             seen = {(tuple(v["hidden"]), tuple(v["row_probe"])) for v in vs if v["kernel"] == kernel}
             assert seen == {((h,), (p,)) for h in ("bf16", "fp16", "fp32") for p in (False, True)}, (arch, kernel)
+        parts = lambda v: (v["constexprs"].get("N_PARTS", 1), v["constexprs"].get("PROBE_SUM", 1))  # noqa: E731
+        probes = [v for v in vs if v["kernel"] == "probe"]
+        for mode in ((1, 1), (3, 1), (6, 2)):  # each probe input selects its own probe variants ...
+            assert sum(parts(v) == mode for v in probes) == 12, (arch, mode)
+        assert all(v["parts"] == [list(parts(v))] for v in probes), arch
+        for v in vs:  # ... and no latch or blend variant (those launches never read the probe's input)
+            if v["kernel"] != "probe":
+                assert "N_PARTS" not in v["constexprs"] and [1, 1] in v["parts"], (arch, v["kernel"], v["parts"])
         seen = {(tuple(v["logits"]), v["constexprs"]["BLOCK_R"], v["constexprs"]["U_IN_REGS"], tuple(v["layouts"]))
                 for v in vs if v["kernel"] == "blend"}
         for logits in ("fp32", "bf16", "fp16"):

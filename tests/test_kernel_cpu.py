@@ -314,3 +314,108 @@ def test_state_rows_out_of_range_raises_before_writing():
     sc.state_rows = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="state_rows must be 1-D of length B=3"):
         torch.ops.autosteer.steer_step_cpu(*sc.call_args(a, t))
+
+
+# --------------------------------------------------------------------------- probe input from several layers (probe_extra, probe_sum)
+from _steer_cases import assert_parts_scores  # noqa: E402
+
+
+@pytest.mark.parametrize("layers", (1, 2, 3))
+@pytest.mark.parametrize("probe_sum", (1, 2))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("probe_layout", ("contig", "sliced", "transposed"))
+def test_probe_parts(layers, probe_sum, dtype, probe_layout):
+    """k layers (each the fp32 sum of probe_sum tensors, in rotating layouts: row strides > H, transposed) read by
+    the kernel itself: p_out and the steering delta equal the reference's; the scores are the layers' (fp64)."""
+    if layers == 1 and probe_sum == 1:
+        pytest.skip("the single-tensor call: the rest of this file")
+    case = make_case(B=9, H=37, V=101, r=8, dtype=dtype, layers=layers, probe_sum=probe_sum, probe_layout=probe_layout,
+                     latch_mode="none", mask_mode="all", row_mode="varlen", seed=layers * 10 + probe_sum)
+    assert len(case.probe_extra) == layers * probe_sum - 1
+    out = run_cpp(case)
+    check_against_reference(case, out)
+    assert_parts_scores(case, out)
+    assert out["latched"].any() and not out["latched"].all(), case  # some rows steered, some not
+
+
+@pytest.mark.parametrize("kw", [
+    dict(B=6, H=37, V=101, r=8, layers=2, probe_sum=2, row_probe=True, row_tau=True),
+    dict(B=17, H=64, V=256, r="full", dtype=torch.bfloat16, layers=4, probe_sum=2, row_probe=True),
+    dict(B=5, H=37, V=101, r=8, dtype=torch.float16, layers=3, probe_sum=1, nan_probe_rows=True, nan_latches=True),
+    dict(B=5, H=37, V=101, r=8, layers=4, probe_sum=1, weights_layout="strided", row_probe=True),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+@pytest.mark.parametrize("with_state_rows", (False, True))
+def test_probe_parts_stacked_and_state_rows(kw, with_state_rows):
+    """Several layers with stacked probes + row_probe, per-row thresholds, NaN in an extra tensor, strided weights,
+    and through state_rows (slot tables)."""
+    case = make_case(latch_mode="mixed", mask_mode="all", seed=kw["B"], **kw)
+    if with_state_rows:
+        sc = state_case(case, extra=3, seed=kw["B"])
+        a, t = sc.clone_args()
+        torch.ops.autosteer.steer_step_cpu(*sc.call_args(a, t))
+        check_state_case(sc, a)
+        out = sc.rows_of(a)
+    else:
+        out = run_cpp(case)
+        check_against_reference(case, out)
+    if kw.get("row_probe"):
+        assert_row_probe_scores(case, out)
+    if not kw.get("nan_probe_rows"):
+        assert_parts_scores(case, out)
+    else:  # the NaN sits in the last extra tensor: those rows score NaN and latch (nan_latches)
+        nan_rows = case.info["nan_rows"]
+        assert nan_rows and torch.isnan(out["p_out"][nan_rows]).all() and out["latched"][nan_rows].all(), case
+
+
+def test_probe_parts_empty_equals_single_tensor_call():
+    """probe_extra=[] (or None), probe_sum=1 is today's call, bit for bit."""
+    case = make_case(B=7, H=37, V=101, r=8, latch_mode="mixed", mask_mode="mixed", seed=3)
+    base = run_cpp(case)
+    for extra in ([], None):
+        out = case.clone()
+        torch.ops.autosteer.steer_step_cpu(*case.call_args(out), None, None, None, extra, 1)
+        for n in ("logits", "latched", "p_out"):
+            assert torch.equal(out[n].view(torch.uint8), base[n].view(torch.uint8)), (extra, n)
+
+
+@settings(max_examples=fuzz_examples(60), deadline=None, derandomize=os.environ.get("AUTOSTEER_FUZZ_RANDOM") != "1",
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kw=fuzz_case_strategy(max_B=12, max_H=48, max_V=120, parts=True))
+def test_fuzz_cpp_vs_reference_parts(kw):
+    case = make_case(**kw)
+    check_against_reference(case, run_cpp(case))
+
+
+def _parts_bad(case, **change):
+    extra = list(case.probe_extra)
+    W1 = case.args["W1"]
+    probe_sum = change.pop("probe_sum", case.probe_sum)
+    if "extra" in change:
+        extra = change.pop("extra")(extra)
+    if "W1" in change:
+        W1 = change.pop("W1")(W1)
+    return extra, probe_sum, W1
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(W1=lambda w: w[:, :-37]), r"W1 takes 111 input features but the probe reads k=4 layer\(s\) x H=37 = 148 "
+                                     r"\(probe_hidden \+ 7 probe_extra, probe_sum=2\)"),
+    (dict(extra=lambda e: e[:-1] + [e[-1][:, :-1]]), r"probe_extra\[6\] must be \[N=\d+, H=37\] like probe_hidden"),
+    (dict(extra=lambda e: e[:-1] + [e[-1][:-1]]), r"probe_extra\[6\] must be \[N=\d+, H=37\] like probe_hidden"),
+    (dict(extra=lambda e: [e[0].float()] + e[1:]), r"probe_extra\[0\] must have probe_hidden's dtype"),
+    (dict(extra=lambda e: e[:2] + [e[2].to("meta")] + e[3:]), r"probe_extra\[2\] must be on the CPU"),
+    (dict(probe_sum=3), "probe_sum must be 1 or 2, got 3"),
+    (dict(extra=lambda e: e[:-1]), r"probe_sum=2 must divide the number of probe input tensors, got 7"),
+    (dict(probe_sum=1, W1=lambda w: torch.cat([w, w], 1)), r"the probe reads at most 4 layers, got k=8"),
+])
+def test_probe_parts_bad_input_raises_before_writing(change, match):
+    case = make_case(B=4, H=37, V=20, r=2, dtype=torch.float16, layers=4, probe_sum=2, latch_mode="none",
+                     mask_mode="all", seed=0)
+    out = case.clone()
+    extra, probe_sum, W1 = _parts_bad(case, **change)
+    out["W1"] = W1
+    args = tuple(out[n] for n in ARG_NAMES) + (case.tau, case.eps, case.nan_latches, None, None, None, extra, probe_sum)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.autosteer.steer_step_cpu(*args)
+    assert torch.equal(out["logits"], case.args["logits"]) and torch.equal(out["latched"], case.args["latched"])
+    assert torch.equal(out["p_out"], case.args["p_out"])

@@ -701,3 +701,110 @@ def test_a_repeated_state_entry_never_blends_uninitialised_scratch(device):
     for b in range(B):
         options = (logits[b], (1 + eps) * logits[b], steered[b])
         assert any(torch.allclose(out[b], o, rtol=1e-5, atol=1e-5) for o in options), (b, (out[b] - logits[b]).abs().max())
+
+
+# --------------------------------------------------------------------------- probe input from several layers (probe_extra, probe_sum)
+from _steer_cases import assert_parts_scores, assert_row_probe_scores as _row_probe_scores  # noqa: E402
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layers,probe_sum,dtype,H,probe_layout", [
+    (2, 1, torch.float32, 37, "sliced"), (3, 1, torch.bfloat16, 70, "transposed"), (1, 2, torch.float16, 37, "indexed"),
+    (2, 2, torch.bfloat16, 96, "contig"), (4, 2, torch.float32, 37, "transposed"),
+])
+def test_probe_parts(layers, probe_sum, dtype, H, probe_layout, device):
+    """k layers (each the fp32 sum of probe_sum tensors, rotating layouts: row strides > H, transposed) read through
+    the probe launch's pointer slots: p_out, the latch, the logits and the steering delta equal the reference's;
+    the scores are the layers' (fp64); two hidden splits (each split covers its columns of every layer)."""
+    case = make_case(B=18, H=H, V=101, r=8, dtype=dtype, layers=layers, probe_sum=probe_sum, probe_layout=probe_layout,
+                     latch_mode="none", mask_mode="all", row_mode="varlen", seed=layers * 10 + probe_sum, device=device)
+    out = run_triton(case, h_splits=2)
+    check_against_reference(case, out)
+    assert_parts_scores(case, out)
+    assert_delta(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_state_rows", (False, True))
+def test_probe_parts_stacked_and_state_rows(with_state_rows, device):
+    case = make_case(B=17, H=37, V=101, r=8, layers=3, probe_sum=2, row_probe=True, row_tau=True, latch_mode="mixed",
+                     mask_mode="all", seed=17, device=device, weights_layout="strided")
+    if with_state_rows:
+        sc = state_case(case, extra=4, seed=17)
+        a, t = sc.clone_args()
+        ks.steer_step_triton(*sc.call_args(a, t))
+        check_state_case(sc, a)
+        out = sc.rows_of(a)
+    else:
+        out = run_triton(case)
+        check_against_reference(case, out)
+    _row_probe_scores(case, out)
+    assert_parts_scores(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probe_parts_empty_is_the_single_tensor_launch(device):
+    """probe_extra=[] / None, probe_sum=1: the probe launch gets no N_PARTS / PROBE_SUM constexprs and gives the
+    same bits as the call without them; a multi-part call passes N_PARTS / PROBE_SUM and its tensors in the
+    pointer slots (the unused ones: probe_hidden)."""
+    case = make_case(B=9, H=37, V=101, r=8, seed=2, device=device)
+    base = run_triton(case)
+    for extra in ([], None):
+        out = case.clone()
+        ks.steer_step_triton(*case.call_args(out), None, None, None, extra, 1)
+        for n in ("logits", "latched", "p_out"):
+            assert torch.equal(out[n].cpu().view(torch.uint8), base[n].cpu().view(torch.uint8)), (extra, n)
+        _, args, meta = _launch(case, None, None, None, extra, 1, name="probe")
+        assert "N_PARTS" not in meta and "PROBE_SUM" not in meta
+    multi = make_case(B=9, H=37, V=101, r=8, seed=2, device=device, layers=3, probe_sum=2)
+    _, args, meta = _launch(multi, name="probe")
+    assert meta["N_PARTS"] == 6 and meta["PROBE_SUM"] == 2
+    ptrs = [x for x in args if isinstance(x, torch.Tensor)][:8]
+    assert ptrs[0] is multi.args["probe_hidden"] and all(p is e for p, e in zip(ptrs[1:6], multi.probe_extra))
+    assert all(p is multi.args["probe_hidden"] for p in ptrs[6:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nan_latches", (False, True))
+def test_probe_parts_out_of_range_rows(nan_latches, device):
+    """A probe row outside [0, N) reads none of the parts and scores NaN (the nan_latches policy decides), as with
+    one tensor; the other rows are as the reference computes them."""
+    case = make_case(B=6, H=37, V=101, r=8, latch_mode="none", mask_mode="all", nan_latches=nan_latches, seed=3,
+                     device=device, layers=2, probe_sum=2)
+    N = case.args["probe_hidden"].shape[0]
+    rows = case.args["probe_rows"].clone()
+    rows[1], rows[4] = N, -1
+    out = case.clone()
+    out["probe_rows"] = rows
+    ks.steer_step_triton(*case.call_args(out))
+    good = [0, 2, 3, 5]
+    ref = run_reference(case)
+    assert torch.isnan(out["p_out"][[1, 4]]).all() and out["latched"][[1, 4]].tolist() == [nan_latches] * 2
+    torch.testing.assert_close(out["p_out"][good], ref["p_out"][good], rtol=0, atol=1e-5)
+    assert torch.equal(out["latched"][good], ref["latched"][good])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probe_parts_bf16_serving_size(device):
+    """SmolLM2's H = 576, three layers' (hidden, residual) pairs in bf16, a monitor step of 32 rows."""
+    case = make_case(B=32, H=576, V=256, r=16, F=64, dtype=torch.bfloat16, layers=3, probe_sum=2, latch_mode="none",
+                     mask_mode="all", seed=5, device=device)
+    serving_weights(case)
+    out = run_triton(case)
+    check_against_reference(case, out)
+    assert_parts_scores(case, out)
+    assert_delta(case, out)
+
+
+def test_launcher_asserts_probe_parts():
+    case = make_case(B=4, H=37, V=20, r=2, seed=0, layers=2, probe_sum=2)
+    e = list(case.probe_extra)
+    for extra, probe_sum, match in ((e, 3, "probe_sum must be 1 or 2"), (e[:2], 2, "must divide"),
+                                    (e + e[:2], 1, "at most 4 layers"), ([e[0][:, :-1]] + e[1:], 2, r"probe_extra\[0\]"),
+                                    (e, 1, "W1 must be")):
+        out = case.clone()
+        with pytest.raises(AssertionError, match=match):
+            ks.steer_step_triton(*(out[n] for n in ("probe_hidden", "probe_rows", "probe_mask", "head_hidden",
+                                                     "head_rows", "logits", "latched", "p_out", "W1", "b1", "w2",
+                                                     "b2", "U", "Bt")), case.tau, case.eps, False, None, None, None,
+                                 extra, probe_sum)

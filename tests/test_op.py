@@ -174,6 +174,11 @@ def _opcheck_cases(device):
                                       latch_mode="none", mask_mode="all", row_tau=True, row_probe=True)
     yield "row-probe-only-fp32", make_case(B=5, H=37, V=101, r=8, seed=6, device=device, row_probe=True,
                                            rows_dtype=torch.int32)
+    yield "parts-3-layers-fp16", make_case(B=5, H=37, V=101, r=8, dtype=torch.float16, seed=7, device=device,
+                                           layers=3, probe_layout="sliced")
+    yield "parts-pairs-stacked-bf16", make_case(B=6, H=37, V=101, r=8, dtype=torch.bfloat16, seed=8, device=device,
+                                                layers=2, probe_sum=2, row_probe=True, row_tau=True,
+                                                latch_mode="none", mask_mode="all")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -594,3 +599,189 @@ def test_reference_rejects_out_of_range_state_rows():
     sc.state_rows = torch.tensor([0, 4, 1])
     with pytest.raises(IndexError, match=r"state_rows values must be in \[0, 4\)"):
         torch.ops.autosteer.steer_step_ref(*sc.call_args(a, t))
+
+
+# --------------------------------------------------------------------------- probe input from several layers (probe_extra, probe_sum)
+from _steer_cases import assert_parts_scores, probe_state  # noqa: E402
+
+
+@pytest.mark.parametrize("layers,probe_sum", [(1, 2), (2, 1), (3, 1), (3, 2), (4, 2)])
+@pytest.mark.parametrize("row_probe", (False, True))
+def test_reference_parts_equal_an_explicit_cat(layers, probe_sum, row_probe):
+    """The reference with probe_extra / probe_sum gives, bit for bit, what the single-tensor reference gives on an
+    explicit torch.cat of the layers' fp32 sums (the computation the op saves the step)."""
+    case = make_case(B=9, H=37, V=101, r=8, dtype=torch.bfloat16, layers=layers, probe_sum=probe_sum,
+                     row_probe=row_probe, probe_layout="transposed", latch_mode="mixed", mask_mode="mixed", seed=layers)
+    got = run_reference_op(case)
+    parts = [case.args["probe_hidden"], *case.probe_extra]
+    N = parts[0].shape[0]
+    flat = probe_state(parts, probe_sum, torch.arange(N))  # [N, k H] fp32: cat of the layers' sums
+    assert flat.shape == (N, layers * 37)
+    want = case.clone()
+    want_args = dict(want, probe_hidden=flat)
+    op.steer_step_reference(*(want_args[n] for n in ARG_NAMES), case.tau, case.eps, case.nan_latches, None,
+                            case.row_probe)
+    for n in ("logits", "latched", "p_out"):
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, equal_nan=True, msg=n)
+    assert_parts_scores(case, got)
+
+
+def run_reference_op(case):
+    out = case.clone()
+    op.steer_step_reference(*case.call_args(out))
+    return out
+
+
+@pytest.mark.parametrize("extra", ([], (), None))
+def test_reference_and_op_empty_probe_extra_is_the_old_call(extra):
+    case = make_case(B=7, H=37, V=101, r=8, latch_mode="mixed", mask_mode="mixed", seed=5)
+    for fn in (op.steer_step_reference, op.steer_step, torch.ops.autosteer.steer_step,
+               torch.ops.autosteer.steer_step_ref):
+        base, out = case.clone(), case.clone()
+        fn(*case.call_args(base))
+        fn(*case.call_args(out), None, None, None, extra, 1)
+        for n in ("logits", "latched", "p_out"):
+            torch.testing.assert_close(out[n], base[n], rtol=0, atol=0, equal_nan=True, msg=(fn, n))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ("eager fast path", "custom op", "reference op"))
+@pytest.mark.parametrize("layers,probe_sum,dtype", [(3, 1, torch.float32), (2, 2, torch.bfloat16),
+                                                    (4, 2, torch.float16)])
+def test_op_parts_match_reference(device, path, layers, probe_sum, dtype, monkeypatch):
+    case = make_case(B=11, H=37, V=101, r=8, dtype=dtype, device=device, layers=layers, probe_sum=probe_sum,
+                     probe_layout="indexed", latch_mode="none", mask_mode="all", seed=layers + probe_sum)
+    out = case.clone()
+    if path == "reference op":
+        torch.ops.autosteer.steer_step_ref(*case.call_args(out))
+    else:
+        monkeypatch.setattr(op, "EAGER_FAST_PATH", path == "eager fast path")
+        op.steer_step(*case.call_args(out))
+    check_against_reference(case, out)
+    assert_parts_scores(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ("eager fast path", "custom op", "reference op"))
+def test_op_parts_state_rows_stacked(device, path, monkeypatch):
+    case = make_case(B=7, H=37, V=101, r=8, seed=4, device=device, latch_mode="mixed", mask_mode="all",
+                     row_tau=True, row_probe=True, layers=2, probe_sum=2)
+    sc = state_case(case, extra=6, seed=4)
+    a, t = sc.clone_args()
+    if path == "reference op":
+        torch.ops.autosteer.steer_step_ref(*sc.call_args(a, t))
+    else:
+        monkeypatch.setattr(op, "EAGER_FAST_PATH", path == "eager fast path")
+        op.steer_step(*sc.call_args(a, t))
+    check_state_case(sc, a)
+    assert_row_probe_scores(case, sc.rows_of(a))
+    assert_parts_scores(case, sc.rows_of(a))
+
+
+@pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
+def test_eager_fast_path_passes_probe_extra_to_the_cpp_op(monkeypatch):
+    calls = []
+    real = torch.ops.autosteer.steer_step_cpu
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.autosteer, "steer_step_cpu", Spy())
+    monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
+    case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", layers=3, probe_sum=2)
+    out = run_op(case)
+    assert len(calls) == 1 and calls[0][-1] == 2 and len(calls[0][-2]) == 5
+    assert all(x is y for x, y in zip(calls[0][-2], case.probe_extra))
+    check_against_reference(case, out)
+    assert_parts_scores(case, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_parts(device):
+    """Several layers' (hidden, residual) pairs reach the op as graph inputs: one op node, no cat and no add in
+    the graph, new values reuse it; eager, the recorded graph and inductor agree bit for bit."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+             W1, b1, w2, b2, U, Bt, r1, h2, r2):
+        op.steer_step(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
+                      W1, b1, w2, b2, U, Bt, 0.5, 0.1, False, probe_extra=[r1, h2, r2], probe_sum=2)
+        return torch.log_softmax(logits.float(), dim=-1), latched.sum()
+
+    compiled = torch.compile(step, backend=recording, fullgraph=True)
+    inductor = torch.compile(step, fullgraph=True)
+    for seed in (0, 1):
+        case = make_case(B=6, H=37, V=101, r=8, seed=seed, device=device, latch_mode="mixed", mask_mode="mixed",
+                         layers=2, probe_sum=2)
+        case.tau = 0.5
+        a, b, c = case.clone(), case.clone(), case.clone()
+        ea = step(*(a[n] for n in ARG_NAMES), *case.probe_extra)
+        eb = compiled(*(b[n] for n in ARG_NAMES), *case.probe_extra)
+        ec = inductor(*(c[n] for n in ARG_NAMES), *case.probe_extra)
+        for n in ("logits", "latched", "p_out"):
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, equal_nan=True, msg=n)
+            torch.testing.assert_close(a[n], c[n], rtol=0, atol=0, equal_nan=True, msg=n)
+        assert torch.equal(ea[1], eb[1]) and torch.equal(ea[1], ec[1])
+        check_against_reference(case, c)
+    assert len(graphs) == 1, "new values must not recompile"
+    nodes = list(graphs[0].graph.nodes)
+    ops = [n for n in nodes if n.target in (torch.ops.autosteer.steer_step, torch.ops.autosteer.steer_step.default)]
+    assert len(ops) == 1, graphs[0].graph
+    names = " ".join(str(n.target) for n in nodes if n.op == "call_function")
+    assert "cat" not in names and "add" not in names, names
+    extra = ops[0].args[20] if len(ops[0].args) > 20 else ops[0].kwargs["probe_extra"]
+    assert [x.op for x in extra] == ["placeholder"] * 3, ops[0]
+
+
+def _parts_case():
+    return make_case(B=4, H=576, V=30, r=2, seed=0, layers=3, probe_sum=2, latch_mode="none", mask_mode="all")
+
+
+BAD_PARTS = [
+    ("W1 width", r"W1 takes 1152 input features but the probe reads k=3 layer\(s\) x H=576 = 1728 "
+                 r"\(probe_hidden \+ 5 probe_extra tensors, probe_sum=2\)", lambda c, e: dict(W1=c.args["W1"][:, :1152])),
+    ("W1 width one part", r"W1 takes 1728 input features but the probe reads k=1 layer\(s\) x H=576 = 576 "
+                          r"\(probe_hidden alone, probe_sum=1\)", lambda c, e: dict(probe_extra=[], probe_sum=1)),
+    ("part H", r"probe_extra\[1\] must be \[N=\d+, H=576\] like probe_hidden, got shape \(\d+, 575\)",
+     lambda c, e: dict(probe_extra=e[:1] + [e[1][:, :-1]] + e[2:])),
+    ("part N", r"probe_extra\[4\] must be \[N=\d+, H=576\] like probe_hidden",
+     lambda c, e: dict(probe_extra=e[:4] + [e[4][:-1]])),
+    ("part rank", r"probe_extra\[0\] must be \[N=\d+, H=576\]", lambda c, e: dict(probe_extra=[e[0][None]] + e[1:])),
+    ("part dtype", r"probe_extra\[2\] must have probe_hidden's dtype torch.float32, got torch.float16",
+     lambda c, e: dict(probe_extra=e[:2] + [e[2].half()] + e[3:])),
+    ("part device", r"probe_extra\[3\] is on meta but probe_hidden is on cpu",
+     lambda c, e: dict(probe_extra=e[:3] + [e[3].to("meta")] + e[4:])),
+    ("part type", r"probe_extra\[0\] must be a torch.Tensor, got ndarray",
+     lambda c, e: dict(probe_extra=[e[0].numpy()] + e[1:])),
+    ("probe_extra a tensor", r"probe_extra must be a list or tuple of tensors", lambda c, e: dict(probe_extra=e[0])),
+    ("probe_sum 3", r"probe_sum must be 1 \(one tensor per layer\) or 2 .*got 3", lambda c, e: dict(probe_sum=3)),
+    ("probe_sum type", r"probe_sum must be a Python int", lambda c, e: dict(probe_sum=2.0)),
+    ("not divisible", r"probe_sum=2 must divide the number of probe input tensors, got 5 "
+                      r"\(probe_hidden \+ 4 probe_extra tensors, probe_sum=2\)", lambda c, e: dict(probe_extra=e[:4])),
+    ("k=5", r"the probe reads at most 4 layers, got k=5 \(probe_hidden \+ 4 probe_extra tensors, probe_sum=1\)",
+     lambda c, e: dict(probe_extra=e[:4], probe_sum=1)),
+]
+
+
+@pytest.mark.parametrize("name,match,bad", BAD_PARTS, ids=[b[0] for b in BAD_PARTS])
+def test_validation_errors_probe_parts(name, match, bad):
+    case = _parts_case()
+    args = case.clone()
+    kw = dict(zip(ARG_NAMES, (args[n] for n in ARG_NAMES)), tau=case.tau, eps=case.eps,
+              probe_extra=list(case.probe_extra), probe_sum=2)
+    kw.update(bad(case, list(case.probe_extra)))
+    with pytest.raises(ValueError, match=match):
+        op.steer_step(**kw)
+    for n in ("logits", "latched", "p_out"):  # nothing written
+        torch.testing.assert_close(args[n], case.args[n], rtol=0, atol=0, equal_nan=True)
+    if name == "W1 width":  # the valid call runs
+        good = case.clone()
+        op.steer_step(*case.call_args(good))
+        check_against_reference(case, good)

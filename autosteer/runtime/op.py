@@ -2,7 +2,8 @@
 
 Semantics: exactly ``autosteer.runtime.reference_op.steer_step_reference`` (gather + probe +
 latch + refusal-logit blend, in place on ``logits`` / ``latched`` / ``p_out``; unlatched rows get
-no writes). Backends, picked from the device of the tensors:
+no writes; the probe may read several layers -- ``probe_extra`` / ``probe_sum``, summed and
+concatenated by the op itself, no ``cat`` / ``add`` in the step). Backends, picked from the device of the tensors:
 
 - CUDA: the Triton kernels of ``autosteer.kernels.steer_step`` (three launches in the one op:
   probe, latch + ``t``, blend; one fp32 scratch sized from shapes), registered with
@@ -25,7 +26,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -101,10 +102,10 @@ def _native_schema_current() -> bool:
     """The registered C++ op takes every argument this Python side passes (a build from older
     sources would fail every call with an argument-count error)."""
     args = [a.name for a in torch.ops.autosteer.steer_step_cpu.default._schema.arguments]
-    return args[-3:] == ["row_tau", "row_probe", "state_rows"]
+    return args[-5:] == ["row_tau", "row_probe", "state_rows", "probe_extra", "probe_sum"]
 
 
-_STALE = ("an older build of csrc/ is loaded (its op schema lacks state_rows): rebuild it with "
+_STALE = ("an older build of csrc/ is loaded (its op schema lacks state_rows or probe_extra / probe_sum): rebuild it with "
           "`pip install --no-build-isolation --use-pep517 -e .` or remove the stale autosteer/_C*.so")
 
 
@@ -182,16 +183,30 @@ def available_backends() -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------- the ops
+# Written out (not inferred from the Python signature): torch.library cannot infer a default for a
+# tensor list. ``probe_extra`` is ``Tensor[]? = None`` (torch's schema parser takes no ``[]`` default for
+# ``Tensor[]``): None and an empty list both mean "probe_hidden alone", so every older call stays valid.
+_SCHEMA_HEAD = ("(Tensor probe_hidden, Tensor probe_rows, Tensor probe_mask, Tensor head_hidden, Tensor head_rows, "
+                "Tensor(a5!) logits, Tensor(a6!) latched, Tensor(a7!) p_out, Tensor W1, Tensor b1, Tensor w2, "
+                "Tensor b2, Tensor U, Tensor Bt, float tau, float eps, ")
+_SCHEMA_TAIL = (", Tensor? row_tau=None, Tensor? row_probe=None, Tensor? state_rows=None, "
+                "Tensor[]? probe_extra=None, int probe_sum=1) -> ()")
+_SCHEMA = _SCHEMA_HEAD + "bool nan_latches=False" + _SCHEMA_TAIL
+_SCHEMA_REF = _SCHEMA_HEAD + "bool nan_latches" + _SCHEMA_TAIL
+
+
 # The reference as an opaque op: its data-dependent code (nonzero, bool()) must not be traced.
-@torch.library.custom_op("autosteer::steer_step_ref", mutates_args=_MUTATES)
+@torch.library.custom_op("autosteer::steer_step_ref", mutates_args=_MUTATES, schema=_SCHEMA_REF)
 def _steer_step_ref(
     probe_hidden: Tensor, probe_rows: Tensor, probe_mask: Tensor, head_hidden: Tensor, head_rows: Tensor,
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool, row_tau: Optional[Tensor] = None,
     row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
+    probe_extra: Optional[Sequence[Tensor]] = None, probe_sum: int = 1,
 ) -> None:
     steer_step_reference(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
+                         W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows,
+                         probe_extra, probe_sum)
 
 
 @_steer_step_ref.register_fake
@@ -200,15 +215,17 @@ def _steer_step_ref_fake(*args, **kwargs) -> None:
 
 
 def _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None,
+              probe_extra=None, probe_sum=1) -> None:
+    probe_extra = list(probe_extra) if probe_extra else None  # (None: probe_hidden alone)
     if _NATIVE is not None:
         torch.ops.autosteer.steer_step_cpu(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe, state_rows)
+                                           row_probe, state_rows, probe_extra, probe_sum)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe, state_rows)
+                                           row_probe, state_rows, probe_extra, probe_sum)
 
 
 def _steer_step_impl(
@@ -216,6 +233,7 @@ def _steer_step_impl(
     logits: Tensor, latched: Tensor, p_out: Tensor, W1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     U: Tensor, Bt: Tensor, tau: float, eps: float, nan_latches: bool = False, row_tau: Optional[Tensor] = None,
     row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
+    probe_extra: Optional[Sequence[Tensor]] = None, probe_sum: int = 1,
 ) -> None:
     if logits.shape[0] == 0:
         return
@@ -223,7 +241,7 @@ def _steer_step_impl(
         # three launches (probe, latch + t, blend) and one fp32 scratch sized from shapes
         launches = _ktriton.launch_configs(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows,
                                            logits, latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps,
-                                           nan_latches, row_tau, row_probe, state_rows)
+                                           nan_latches, row_tau, row_probe, state_rows, probe_extra, probe_sum)
         if torch.compiler.is_compiling():  # inductor's generated code guards the device itself
             _ktriton.run_launches(launches, wrap=wrap_triton)
         else:  # eager torch.ops call: launch on the tensors' device, not the current one
@@ -231,27 +249,46 @@ def _steer_step_impl(
                 _ktriton.run_launches(launches, wrap=wrap_triton)
     elif logits.device.type == "cpu":
         _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
+                  W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows, probe_extra,
+                  probe_sum)
     else:
         torch.ops.autosteer.steer_step_ref(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits,
                                            latched, p_out, W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau,
-                                           row_probe, state_rows)
+                                           row_probe, state_rows, probe_extra, probe_sum)
+
+
+def _triton_op_with_schema(name: str, fn, schema: str):
+    """``torch.library.triton_op`` with a written-out schema. torch 2.13's ``triton_op`` accepts ``schema=`` but
+    still infers the schema from ``fn``'s annotations, which cannot express ``Tensor[]? probe_extra=None``: its
+    module-level ``infer_schema`` is then replaced by the written schema for the one call (nothing else of
+    ``triton_op`` changes: the Triton kernels stay visible to ``torch.compile``)."""
+    import torch._library.triton as _tlib
+
+    inferred = getattr(_tlib, "infer_schema", None)
+    if inferred is None:  # a torch whose triton_op no longer infers it that way: trust schema=
+        return torch.library.triton_op(name, fn, mutates_args=_MUTATES, schema=schema)
+    _tlib.infer_schema = lambda *a, **k: schema
+    try:
+        return torch.library.triton_op(name, fn, mutates_args=_MUTATES, schema=schema)
+    finally:
+        _tlib.infer_schema = inferred
 
 
 if _HAS_TRITON:
-    _steer_step_op = torch.library.triton_op("autosteer::steer_step", _steer_step_impl, mutates_args=_MUTATES)
+    _steer_step_op = _triton_op_with_schema("autosteer::steer_step", _steer_step_impl, _SCHEMA)
 else:  # pragma: no cover
-    _steer_step_op = torch.library.custom_op("autosteer::steer_step", _steer_step_impl, mutates_args=_MUTATES)
+    _steer_step_op = torch.library.custom_op("autosteer::steer_step", _steer_step_impl, mutates_args=_MUTATES,
+                                             schema=_SCHEMA)
 
 
 @_steer_step_op.register_kernel("cpu")
 def _steer_step_cpu_kernel(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                            W1, b1, w2, b2, U, Bt, tau, eps, nan_latches=False, row_tau=None,
-                           row_probe=None, state_rows=None) -> None:
+                           row_probe=None, state_rows=None, probe_extra=None, probe_sum=1) -> None:
     if logits.shape[0] == 0:
         return
     _cpu_impl(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows, probe_extra, probe_sum)
 
 
 @_steer_step_op.register_fake
@@ -276,8 +313,41 @@ def _index_vector(name: str, t, dev, n: int, per: str, what: str) -> None:
         _fail(f"{name} must be 1-D of length {per}, got shape {tuple(t.shape)}")
 
 
+def _probe_layers(probe_hidden: Tensor, probe_extra, probe_sum) -> tuple[int, str]:
+    """Check the probe's input tensors ``[probe_hidden, *probe_extra]`` and ``probe_sum``; return the number of
+    layers ``k`` the probe reads and a phrase naming where it comes from (for messages)."""
+    if isinstance(probe_extra, Tensor) or not isinstance(probe_extra, (list, tuple)):
+        _fail(f"probe_extra must be a list or tuple of tensors (empty by default), got {type(probe_extra).__name__}")
+    if isinstance(probe_sum, bool) or not isinstance(probe_sum, int):
+        _fail(f"probe_sum must be a Python int (1 or 2), got {type(probe_sum).__name__}")
+    N, H = probe_hidden.shape
+    for i, t in enumerate(probe_extra):
+        name = f"probe_extra[{i}]"
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != probe_hidden.device:
+            _fail(f"{name} is on {t.device} but probe_hidden is on {probe_hidden.device}: all tensors must share one device")
+        if t.dtype != probe_hidden.dtype:
+            _fail(f"{name} must have probe_hidden's dtype {probe_hidden.dtype}, got {t.dtype}")
+        if t.dim() != 2 or tuple(t.shape) != (N, H):
+            _fail(f"{name} must be [N={N}, H={H}] like probe_hidden, got shape {tuple(t.shape)}")
+    n = 1 + len(probe_extra)
+    src = "probe_hidden alone" if n == 1 else f"probe_hidden + {n - 1} probe_extra tensor{'s' if n > 2 else ''}"
+    src += f", probe_sum={probe_sum}"
+    if probe_sum not in (1, 2):
+        _fail(f"probe_sum must be 1 (one tensor per layer) or 2 (a layer's (hidden, residual) pair, summed), "
+              f"got {probe_sum}")
+    if n % probe_sum:
+        _fail(f"probe_sum={probe_sum} must divide the number of probe input tensors, got {n} ({src})")
+    k = n // probe_sum
+    if k > 4:
+        _fail(f"the probe reads at most 4 layers, got k={k} ({src})")
+    return k, src
+
+
 def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None) -> None:
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau=None, row_probe=None, state_rows=None,
+              probe_extra=(), probe_sum=1) -> None:
     named = dict(probe_hidden=probe_hidden, probe_rows=probe_rows, probe_mask=probe_mask, head_hidden=head_hidden,
                  head_rows=head_rows, logits=logits, latched=latched, p_out=p_out, W1=W1, b1=b1, w2=w2, b2=b2,
                  U=U, Bt=Bt)
@@ -309,16 +379,24 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
     H = probe_hidden.shape[1]
     if head_hidden.shape[1] != H:
         _fail(f"hidden sizes differ: head_hidden has H={head_hidden.shape[1]}, probe_hidden has H={H}")
+    k, src = _probe_layers(probe_hidden, probe_extra, probe_sum)
+    D = k * H  # the probe's input width
     for name in ("probe_hidden", "head_hidden", "logits", "U", "Bt"):
         if named[name].dtype not in _FLOATS:
             _fail(f"{name} must be float32, float16 or bfloat16, got {named[name].dtype}")
     for name in ("W1", "b1", "w2", "b2"):
         if named[name].dtype != torch.float32:
             _fail(f"{name} (probe weight) must be float32, got {named[name].dtype}")
+    def width():
+        if W1.shape[-1] != D:
+            _fail(f"W1 must be [{'P, ' if row_probe is not None else ''}F, {D}]: W1 takes {W1.shape[-1]} input "
+                  f"features but the probe reads k={k} layer(s) x H={H} = {D} ({src})")
+
     if row_probe is None:
-        if W1.dim() != 2 or W1.shape[1] != H:
+        if W1.dim() != 2:
             more = " (stacked [P, F, H] probe weights need row_probe)" if W1.dim() == 3 else ""
             _fail(f"W1 must be [F, H={H}], got shape {tuple(W1.shape)}{more}")
+        width()
         F = W1.shape[0]
         if b1.dim() != 1 or b1.shape[0] != F:
             _fail(f"b1 must be [F={F}], got shape {tuple(b1.shape)}")
@@ -327,8 +405,9 @@ def _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logi
         if b2.numel() != 1:
             _fail(f"b2 must have exactly one element, got shape {tuple(b2.shape)}")
     else:
-        if W1.dim() != 3 or W1.shape[2] != H or W1.shape[0] < 1:
+        if W1.dim() != 3 or W1.shape[0] < 1:
             _fail(f"with row_probe, W1 must be stacked [P, F, H={H}], got shape {tuple(W1.shape)}")
+        width()
         P, F = W1.shape[0], W1.shape[1]
         for name, t in (("b1", b1), ("w2", w2)):
             if tuple(t.shape) != (P, F):
@@ -392,6 +471,8 @@ def steer_step(
     nan_latches: bool = False,
     row_tau: Optional[Tensor] = None,
     row_probe: Optional[Tensor] = None, state_rows: Optional[Tensor] = None,
+    probe_extra: Sequence[Tensor] = (),
+    probe_sum: int = 1,
 ) -> None:
     """Validate (shapes/dtypes/devices only, no sync), then run ``torch.ops.autosteer.steer_step``.
 
@@ -403,7 +484,13 @@ def steer_step(
     ``row_probe[b]``. ``state_rows`` (int32/int64 ``[B]``, or None): the per-request tensors
     (``probe_mask``, ``latched``, ``p_out``, ``row_tau``, ``row_probe``) are tables of any length
     ``S`` read and written at entry ``state_rows[b]`` (a serving store's slot tables: a step after a
-    batch change stages only the row -> slot map). Row and probe indices are not range-checked here (that would need the
+    batch change stages only the row -> slot map). ``probe_extra`` (a sequence of tensors, each
+    ``[N, H]`` like ``probe_hidden``: its dtype and device, any strides) and ``probe_sum`` (1 or 2):
+    the probe reads ``k = (1 + len(probe_extra)) / probe_sum`` layers (at most 4) -- layer ``l`` is
+    the fp32 sum of ``parts[l * probe_sum : (l + 1) * probe_sum]`` of
+    ``parts = [probe_hidden, *probe_extra]`` (a serving engine's (hidden, residual) pair with
+    ``probe_sum=2``) -- concatenated into ``k * H`` features, so ``W1`` is ``[F, k * H]`` (stacked
+    ``[P, F, k * H]``); the op reads the parts itself (no ``cat`` / ``add`` in the step). Row and probe indices are not range-checked here (that would need the
     values); the CPU kernel checks them. The CUDA kernel never forms an address outside the
     tensors: a probed row whose probe row or probe index is out of range scores NaN (the
     ``nan_latches`` policy then decides), and a latched row whose head row is out of range gets no
@@ -415,10 +502,14 @@ def steer_step(
     ADInplaceOrView layer of a custom op with 17 arguments cost ~85 us per call in torch 2.13
     (``torch._library.utils.fill_defaults``), 15x the C++ kernel at decode sizes.
     """
+    if probe_extra is None:
+        probe_extra = ()
     _validate(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows)
+              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches, row_tau, row_probe, state_rows, probe_extra, probe_sum)
     args = (probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
             W1, b1, w2, b2, U, Bt, float(tau), float(eps), nan_latches, row_tau, row_probe, state_rows)
+    if len(probe_extra) or probe_sum != 1:  # (else the call the op had before these two arguments, unchanged)
+        args += (list(probe_extra), probe_sum)
     if EAGER_FAST_PATH and not torch.compiler.is_compiling():
         if logits.shape[0] == 0:
             return

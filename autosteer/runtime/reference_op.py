@@ -6,13 +6,23 @@ One call per decode step (and once at prefill) does, for each sequence ``b`` of 
    block ``L`` at this sequence's newest token. ``probe_hidden`` is a flat ``[N, H]`` tensor
    (any row stride), so Hugging Face's ``[B, T, H]`` (flattened) and servers' varlen
    ``[total_tokens, H]`` layouts both fit.
+   **Several layers, (hidden, residual) pairs** (``probe_extra``, ``probe_sum``): with
+   ``parts = [probe_hidden, *probe_extra]`` (``n`` tensors, each ``[N, H]``, probe_hidden's dtype
+   and device, any strides), ``probe_sum`` in {1, 2} dividing ``n`` and ``k = n // probe_sum``
+   layers (``1 <= k <= 4``), layer ``l``'s state at row ``i`` is
+   ``sum_{j < probe_sum} float32(parts[l * probe_sum + j][i])`` (summed in fp32: a serving engine
+   holds each layer's residual stream as ``hidden + residual``), and ``x_b`` is the concatenation
+   of the ``k`` layers' states at row ``probe_rows[b]``: ``k * H`` fp32 values. The op reads the
+   parts itself, so a step needs no ``cat`` and no ``add`` of its own. The default
+   (``probe_extra = []``, ``probe_sum = 1``) is the single tensor above.
 2. **probe** (only where ``probe_mask[b]``):
-   ``p_b = sigmoid(w2 . relu(W1 x_b + b1) + b2)`` in fp32, written to ``p_out[b]``.
+   ``p_b = sigmoid(w2 . relu(W1 x_b + b1) + b2)`` in fp32, written to ``p_out[b]``; ``W1`` is
+   ``[F, k * H]``.
 3. **latch**: ``latched[b] |= p_b > tau_b`` with ``tau_b = row_tau[b]`` when the optional
    per-row threshold ``row_tau`` (fp32 ``[B]``) is given, else the scalar ``tau`` for every row
    (``tau`` is then ignored): serving engines mix rows probing a generated token with rows
    probing their last prompt token, which monitor mode thresholds differently.
-   **Several probes**: when the probe weights are stacked -- ``W1 [P, F, H]``, ``b1 [P, F]``,
+   **Several probes**: when the probe weights are stacked -- ``W1 [P, F, k * H]``, ``b1 [P, F]``,
    ``w2 [P, F]``, ``b2 [P]`` -- the optional ``row_probe`` (int32/int64 ``[B]``, values in
    ``[0, P)``) picks the probe of each row: monitor mode scores prompt tokens with the prefill
    probe and generated tokens with its own monitor probe, still in one call. A NaN score
@@ -86,11 +96,17 @@ def steer_step_reference(
     row_tau: torch.Tensor | None = None,  # [B] float32, per-row threshold replacing tau
     row_probe: torch.Tensor | None = None,  # [B] int32/int64, probe of each row (stacked weights only)
     state_rows: torch.Tensor | None = None,  # [B] int32/int64: entry of the per-request tensors per row
+    probe_extra=(),  # more [N, H] tensors: the probe reads [probe_hidden, *probe_extra] (see step 1)
+    probe_sum: int = 1,  # 1 or 2 consecutive parts summed (in fp32) per layer
 ) -> None:
     """Gather + probe + latch + refusal-logit blend; see the module docstring for the exact semantics."""
     B = logits.shape[0]
     if B == 0:
         return
+    parts = [probe_hidden, *(probe_extra or ())]
+    if probe_sum not in (1, 2) or len(parts) % probe_sum or not 1 <= len(parts) // probe_sum <= 4:
+        raise ValueError(f"probe_sum must be 1 or 2 and divide the {len(parts)} probe input tensor(s) into 1 to 4 "
+                         f"layers, got probe_sum={probe_sum}")
     if state_rows is not None:  # the same work on row-ordered copies of the named entries, written back
         s = state_rows.long()
         S = latched.shape[0]
@@ -99,7 +115,8 @@ def steer_step_reference(
         lat, po = latched[s].clone(), p_out[s].clone()
         steer_step_reference(probe_hidden, probe_rows, probe_mask[s], head_hidden, head_rows, logits, lat, po,
                              W1, b1, w2, b2, U, Bt, tau, eps, nan_latches,
-                             None if row_tau is None else row_tau[s], None if row_probe is None else row_probe[s])
+                             None if row_tau is None else row_tau[s], None if row_probe is None else row_probe[s],
+                             None, probe_extra, probe_sum)
         latched[s] = lat
         p_out[s] = po  # (entries not probed: their own value back)
         return
@@ -107,7 +124,17 @@ def steer_step_reference(
     head_rows = head_rows.long()
     mask = probe_mask.bool()
     if bool(mask.any()):
-        x = probe_hidden.index_select(0, probe_rows[mask]).float()
+        sel = probe_rows[mask]
+        if len(parts) == 1:
+            x = probe_hidden.index_select(0, sel).float()
+        else:  # the k layers' states, each the fp32 sum of probe_sum parts, concatenated
+            layers = []
+            for lo in range(0, len(parts), probe_sum):
+                st = parts[lo].index_select(0, sel).float()
+                for t in parts[lo + 1: lo + probe_sum]:
+                    st = st + t.index_select(0, sel).float()
+                layers.append(st)
+            x = torch.cat(layers, dim=1)
         if row_probe is None:
             hid = torch.relu(x @ W1.float().t() + b1.float())
             p = torch.sigmoid(hid @ w2.float() + b2.float().reshape(()))
