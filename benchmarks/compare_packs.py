@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jailbreak-dev", type=int, default=200)
     args = ap.parse_args(argv)
     a, b = load_pack(args.pack_a), load_pack(args.pack_b)
-    if a.layer != b.layer:
-        print(f"the packs probe different layers ({a.layer} and {b.layer})")
+    if a.layers != b.layers:
+        print(f"the packs probe different layers ({a.layers} and {b.layers})")
         return 1
-    print(f"layer {a.layer}; tau {a.tau:.4f} / {b.tau:.4f}")
+    print(f"layers {'+'.join(map(str, a.layers))}; tau {a.tau:.4f} / {b.tau:.4f}")
     for name in ("W1", "b1", "w2", "b2"):
         x, y = getattr(a, name), getattr(b, name)
         print(f"probe.{name}: relative difference {float((x - y).norm() / x.norm()):.4f}")
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     pa, pb = (Probe(p.W1, p.b1, p.w2, p.b2) for p in (a, b))
     differ = 0
     for key, texts in sets["dev"].items():
-        X = bank.get(texts, "last")[:, a.layer]
+        S = bank.get(texts, "last")
+        X = torch.cat([S[:, L] for L in a.layers], dim=-1)  # the probe layers side by side
         fa, fb = pa.score(X) > a.tau, pb.score(X) > b.tau
         n = int((fa != fb).sum())
         differ += n

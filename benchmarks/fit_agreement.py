@@ -56,14 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = load_pack(args.reference)
     cands = [load_pack(p) for p in args.candidate]
     model, tok = load_model(None)
-    layers = sorted({ref.layer, *(c.layer for c in cands)})
+    layers = sorted({*ref.layers, *(L for c in cands for L in c.layers)})
     sets = dev_sets(args.n)
     texts = list(dict.fromkeys(t for _, _, ts in sets for t in ts))
     at = {t: i for i, t in enumerate(texts)}
     X = last_token_states(model, tok, texts, ref.prompt_format, layers=layers, desc="dev states")  # fp32, as served
 
     def fires(pack, idx):
-        return Probe(pack.W1, pack.b1, pack.w2, pack.b2).score(X[idx, layers.index(pack.layer)]) > pack.tau
+        x = torch.cat([X[idx, layers.index(L)] for L in pack.layers], dim=-1)  # the pack's layers side by side
+        return Probe(pack.W1, pack.b1, pack.w2, pack.b2).score(x) > pack.tau
 
     lines = [f"# Gate agreement with the previous fit on the dev sets\n",
              f"Made with `python benchmarks/fit_agreement.py --reference {args.reference} --candidate "

@@ -114,6 +114,10 @@ def main() -> int:
     pack_path = args.pack or str(autosteer.default_pack_path())
     model, tok = load_model()
     handle = autosteer.attach(model, pack_path)
+    if len(handle.pack.layers) > 1:  # this study fits one-layer variants at the pack's layer
+        raise SystemExit(f"genre_gate_study: {pack_path} reads layers {handle.pack.layers}; this study fits one-layer "
+                         "variants at a pack's layer: pass --pack with a one-layer pack (the study of several layers "
+                         "is benchmarks/gate_transfer_study.py --layer-sets)")
     layer, fmt, cache = handle.pack.layer, handle.pack.prompt_format, Path(args.cache)
 
     def states(texts, name):

@@ -64,8 +64,10 @@ def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))
 
 
-def make_pack(model, layer: int = 2, rank: int = 4, tau: float = 0.5, eps: float = 0.1, seed: int = 0, F: int = 8):
-    """A random but valid pack for ``model`` (probe and head weights random)."""
+def make_pack(model, layer: int = 2, rank: int = 4, tau: float = 0.5, eps: float = 0.1, seed: int = 0, F: int = 8,
+              layers: list[int] | None = None):
+    """A random but valid pack for ``model`` (probe and head weights random). ``layers``: a probe reading these
+    layers side by side (W1 ``[F, len(layers) * H]``; ``layer`` is then ignored)."""
     from autosteer.method.pack import FORMAT, FORMAT_VERSION, SteerPack, model_fingerprint
     from autosteer.prompting import PromptFormat
 
@@ -74,11 +76,13 @@ def make_pack(model, layer: int = 2, rank: int = 4, tau: float = 0.5, eps: float
     g = torch.Generator().manual_seed(seed)
     cfg = text_config(model)  # multimodal models nest the language model's config
     H = cfg.hidden_size
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layer": layer, "layer_rule": "fixed",
+    layers = [layer] if layers is None else sorted(layers)
+    layer, k = layers[0], len(layers)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layer": layer, "layers": layers, "layer_rule": "fixed",
             "hidden_size": H, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers,
             "probe_hidden": F, "head_rank": rank, "eps": eps, "tau": tau, "tau_paper": 0.5,
             "prompt_format": PromptFormat().to_dict(), "fingerprint": model_fingerprint(model)}
-    return SteerPack(torch.randn(F, H, generator=g), torch.randn(F, generator=g), torch.randn(F, generator=g),
+    return SteerPack(torch.randn(F, k * H, generator=g), torch.randn(F, generator=g), torch.randn(F, generator=g),
                      torch.randn(1, generator=g), 5 * torch.randn(H, rank, generator=g), torch.randn(H, rank, generator=g), meta)
 
 

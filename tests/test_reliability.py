@@ -43,7 +43,7 @@ def test_nan_hidden_states_follow_the_policy(tiny_model, tiny_tokenizer, fail_cl
 def test_op_error_stops_generation_when_failing_closed(tiny_model, tiny_tokenizer):
     ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
     with autosteer.attach(tiny_model, make_pack(tiny_model)) as h:
-        h._op = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+        h._op = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
         with pytest.raises(AutoSteerFault, match="device lost"):
             h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
 
@@ -52,7 +52,7 @@ def test_op_error_is_logged_once_and_generation_goes_on_unsteered_when_failing_o
     ids, mask = encode_prompts(tiny_tokenizer, PROMPTS, PromptFormat())
     plain = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     with autosteer.attach(tiny_model, make_pack(tiny_model), tau=0.0, fail_closed=False) as h:
-        h._op = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+        h._op = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
         with caplog.at_level(logging.ERROR, logger="autosteer.runtime.attach"):
             out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(out.sequences, plain)

@@ -71,7 +71,7 @@ import _tgi_sim as sim
 from _op_count import PluginSteps, host_syncs
 from autosteer.integrations import common, tgi
 from autosteer.integrations import vllm as avllm
-from test_vllm_simulation import MAX_NEW, Engine, _config, setup  # noqa: F401  (setup: the module fixture)
+from test_vllm_simulation import MAX_NEW, Engine, _config, _setup, setup  # noqa: F401  (setup: the module fixture)
 from test_vllm_simulation import _reference as vllm_reference
 from test_vllm_v2_simulation import V2Engine
 
@@ -110,11 +110,12 @@ def _report(records, steps) -> dict:
     return out
 
 
-def _check(report, want: dict, *, n_decode: int = 3, n_changed: int = 1, window: bool = False):
+def _check(report, want: dict, *, n_decode: int = 3, n_changed: int = 1, window: bool = False,
+           budget: int = MAX_OPS_PER_DECODE_STEP):
     """Every decode step -- continuing or after a batch change -- dispatches exactly the ops ``want`` lists (at
-    most 4, the op once) and no host sync; no step syncs. ``window``: monitor mode with a window, where a step
-    past every row's window probes nothing and so counts no latch (``want`` without its ``add_``)."""
-    assert sum(want.values()) <= MAX_OPS_PER_DECODE_STEP and want.get(OP) == 1
+    most ``budget``, 4, the op once) and no host sync; no step syncs. ``window``: monitor mode with a window, where
+    a step past every row's window probes nothing and so counts no latch (``want`` without its ``add_``)."""
+    assert sum(want.values()) <= budget and want.get(OP) == 1
     ok = [want] + ([{k: v for k, v in want.items() if k != "aten.add_"}] if window else [])
     for kind, least in (("decode", n_decode), ("decode after a batch change", n_changed)):
         steps = report[kind]
@@ -349,6 +350,46 @@ def test_tgi_decode_step_ops(fake_tgi, setup, tmp_path, case, graphs):
     forward = "graph replays" if graphs else "eager"
     _check(report, TGI_STEP[forward][mode], window="window" in case)
     _check_against_reference(_reference(setup, pack, mode, case), outputs, decisions)
+
+
+@pytest.fixture(scope="module")
+def setup_layers():
+    """The module's model with a pack whose probe reads two layers (1 and 3; about half the prompts gate)."""
+    return _setup([1, 3])
+
+
+#: a continuing decode step's ops with a probe reading two layers: one capture op more (the second layer's
+#: residual-stream sum, in its own hook); in a TGI eager forward's monitor mode that is 5, over the budget
+TWO_LAYER_STEP = {"vllm v1": {"prefill": {"aten.add": 2, OP: 1}, "monitor": {"aten.add": 2, OP: 1, "aten.add_": 1}},
+                  "tgi eager": {"prefill": {"aten.add": 2, "aten.copy_": 1, OP: 1},
+                                "monitor": {"aten.add": 2, "aten.copy_": 1, OP: 1, "aten.add_": 1}},
+                  "tgi graph replays": TGI_STEP["graph replays"]}
+TWO_LAYER_STEP["vllm v2"] = TWO_LAYER_STEP["vllm v1"]
+
+
+@pytest.mark.parametrize("case", ["prefill", "monitor", "monitor probe, window"])
+@pytest.mark.parametrize("engine", list(TWO_LAYER_STEP))
+def test_a_two_layer_probe_adds_one_capture_op(fake_tgi, setup_layers, tmp_path, monkeypatch, engine, case):
+    """A pack whose probe reads two layers: the op reads both layers' rows itself (nothing concatenated), so a
+    decode step adds only the second layer's capture (one op in eager forwards, none in a replayed graph);
+    the results still equal transformers + AutoSteer's (with the monitor probe, also two layers wide, stacked)."""
+    opts, mode = CASES[case]
+    pack = _pack(setup_layers, **opts)
+    assert pack.layers == [1, 3]
+    if engine == "vllm v1":
+        report, outputs, decisions = run_v1(setup_layers, tmp_path, monkeypatch, pack, mode)
+    elif engine == "vllm v2":
+        report, outputs, decisions = run_v2(setup_layers, tmp_path, monkeypatch, pack, mode)
+    else:
+        report, outputs, decisions = run_tgi(setup_layers, tmp_path, pack, mode, graphs=engine == "tgi graph replays")
+    want = TWO_LAYER_STEP[engine][mode]
+    _check(report, want, window="window" in case,
+           budget=5 if (engine, mode) == ("tgi eager", "monitor") else MAX_OPS_PER_DECODE_STEP)
+    _check_against_reference(_reference(setup_layers, pack, mode, f"two layers, {case}"), outputs, decisions)
+    if case == "monitor probe, window":
+        assert any(d.latched_at > 0 for d in decisions.values())  # latched at a generated token
+    if case == "prefill":
+        assert 0 < sum(d.latched for d in decisions.values()) < len(decisions)
 
 
 #: with a window longer than WINDOW_MASKS, continuing steps past the first WINDOW_MASKS add one ``le``

@@ -114,9 +114,10 @@ def _split_tau(model, tok, pack):
     return float(p.median())
 
 
-def _record(monkeypatch, model, tok, *, api, mode, force=None, gen_kw=None, **attach_kw):
-    """One steered generation through the public API, with the plugin's ops recorded per step."""
-    pack = make_pack(model)
+def _record(monkeypatch, model, tok, *, api, mode, force=None, gen_kw=None, layers=None, **attach_kw):
+    """One steered generation through the public API, with the plugin's ops recorded per step. ``layers``: a
+    pack whose probe reads these layers."""
+    pack = make_pack(model, layers=layers)
     pack.meta["tau"] = _split_tau(model, tok, pack)  # some rows latch at the prompt, some do not
     ids, mask = encode_prompts(tok, PROMPTS, PromptFormat())
     rec = StepRecorder()
@@ -151,15 +152,17 @@ def _check_decode_steps(rec):
     return report
 
 
+@pytest.mark.parametrize("layers", [None, [1, 2, 3]], ids=["one layer", "three layers"])
 @pytest.mark.parametrize("api", ["model.generate", "handle"])
 @pytest.mark.parametrize("mode", ["prefill", "monitor"])
-def test_a_decode_step_is_at_most_4_ops_and_never_syncs(tiny_model, tiny_tokenizer, monkeypatch, api, mode):
+def test_a_decode_step_is_at_most_4_ops_and_never_syncs(tiny_model, tiny_tokenizer, monkeypatch, api, mode, layers):
     """Prefill mode (the gate decided at the prompt) and monitor mode (every generated token probed, rows
     ending on EOS / pad skipped), through ``model.generate(logits_processor=[handle.logits_processor()])``
     and ``handle.generate``: every decode step is the fused op plus at most 3 small ops, none of them a
-    host sync (the continuity of the rows is told from host facts, not by comparing tokens)."""
+    host sync (the continuity of the rows is told from host facts, not by comparing tokens). A probe reading
+    three layers costs nothing more: its layers' rows go into the same one ``cat`` as lm_head's input."""
     kw = {"tau_monitor": 1.0} if mode == "monitor" else {}  # generated tokens probed, the prompt's split kept
-    rec, latched = _record(monkeypatch, tiny_model, tiny_tokenizer, api=api, mode=mode, **kw)
+    rec, latched = _record(monkeypatch, tiny_model, tiny_tokenizer, api=api, mode=mode, layers=layers, **kw)
     assert latched.any() and not latched.all(), "the blend and the pass-through must both run"
     report = _check_decode_steps(rec)
     for _, _, ops, _ in report:  # the fused op runs every decode step

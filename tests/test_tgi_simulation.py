@@ -46,15 +46,25 @@ def fake_tgi():
     sim.remove_fake_package(saved)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup(layers=None):
     tok = make_tokenizer()
     hf = make_tiny_model(len(tok))
     rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
-    pack = make_pack(hf)
+    pack = make_pack(hf, layers=layers)
     with autosteer.attach(hf, pack) as h:
         p = [float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0]) for r in rows]
     return hf, rows, pack, p
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
+
+
+@pytest.fixture(scope="module")
+def setup_layers():
+    """A pack whose probe reads layers 0 (a pre-hook on block 0) and 2 (block 1's outputs)."""
+    return _setup([0, 2])
 
 
 def _pack_file(tmp_path, pack, tau):
@@ -137,8 +147,11 @@ def test_simulation_matches_transformers_without_autosteer(fake_tgi, setup):
     assert model.replays > 0 and model.eager_forwards > 0
 
 
-def test_prefill_mode_chunked_stream_with_graph_replays(fake_tgi, setup, tmp_path):
-    hf, rows, pack, p = setup
+@pytest.mark.parametrize("layers", [1, 2])
+def test_prefill_mode_chunked_stream_with_graph_replays(fake_tgi, request, tmp_path, layers):
+    """... also for a pack whose probe reads two layers (a capture buffer each, written inside the graphs)."""
+    hf, rows, pack, p = request.getfixturevalue("setup" if layers == 1 else "setup_layers")
+    assert len(pack.layers) == layers
     s = sorted(p)
     pack_path = _pack_file(tmp_path, pack, (s[3] + s[4]) / 2)  # about half the prompts gate
     ref = _reference(hf, rows, pack, "prefill")
@@ -158,7 +171,8 @@ def test_prefill_mode_chunked_stream_with_graph_replays(fake_tgi, setup, tmp_pat
     _check_no_writes_to_unlatched(recorder, summaries)
     # graph replays ran no Python hook: the capture hooks ran once per eager forward and per graph capture
     assert model.replays > 0
-    assert rt.probe_buf.writes == model.eager_forwards + len(model.cuda_graphs)
+    assert len(rt.probe_bufs) == layers
+    assert all(b.writes == model.eager_forwards + len(model.cuda_graphs) for b in rt.probe_bufs)
 
 
 def test_mid_prompt_chunks_never_latch_nor_get_steered(fake_tgi, setup, tmp_path):
@@ -186,10 +200,11 @@ def test_mid_prompt_chunks_never_latch_nor_get_steered(fake_tgi, setup, tmp_path
         assert summaries[rid].p_unsafe == pytest.approx(ref[rid][3], abs=1e-5)
 
 
-def test_monitor_mode_with_speculation(fake_tgi, setup, tmp_path):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_monitor_mode_with_speculation(fake_tgi, request, tmp_path, layers):
     """n-gram speculation (2 tokens): the latch is committed at each row's last accepted position,
-    so outputs equal non-speculative monitor-mode generation."""
-    hf, rows, pack, p = setup
+    so outputs equal non-speculative monitor-mode generation (one-layer and two-layer probes)."""
+    hf, rows, pack, p = request.getfixturevalue("setup" if layers == 1 else "setup_layers")
     s = sorted(p)
     pack_path = _pack_file(tmp_path, pack, (s[3] + s[4]) / 2)
     ref = _reference(hf, rows, pack, "monitor")

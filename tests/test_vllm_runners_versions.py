@@ -293,7 +293,8 @@ class _AuxLlama(FakeVLLMLlama):
 
     def forward(self, x):
         self.seen.append(self.model.aux_hidden_state_layers)
-        return (x, [x + 1]) if self.model.aux_hidden_state_layers else x
+        aux = self.model.aux_hidden_state_layers
+        return (x, [x + 1 + i for i in range(len(aux))]) if aux else x
 
 
 def test_compiled_capture_reads_the_auxiliary_output_and_hands_the_runner_its_usual_output(setup):
@@ -315,6 +316,38 @@ def test_compiled_capture_reads_the_auxiliary_output_and_hands_the_runner_its_us
     assert "forward" not in model.__dict__ and model.model.aux_hidden_state_layers == ()
     with pytest.raises(avllm.VLLMIntegrationError, match="no auxiliary hidden-state outputs"):
         avllm.VLLMCapture(FakeVLLMLlama(hf), pack, max_reqs=4, compiled=True)
+
+
+def test_compiled_capture_of_a_probe_reading_several_layers(setup):
+    """A pack whose probe reads layers 1 and 3: both are set as auxiliary outputs, in order, and each output's
+    rows become the op operand of its layer."""
+    import torch
+
+    from conftest import make_pack
+
+    hf, _, _ = setup
+    pack = make_pack(hf, layers=[1, 3])
+    model = _AuxLlama(hf)
+    md = SimpleNamespace(query_start_loc=torch.tensor([0, 2, 5]), seq_lens=torch.tensor([2, 3]))
+    cap = avllm.VLLMCapture(model, pack, max_reqs=4, metadata_fn=lambda: md, compiled=True)
+    try:
+        assert model.model.aux_hidden_state_layers == (1, 3)
+        x = torch.arange(5 * cap.E.shape[1], dtype=cap.E.dtype).reshape(5, -1)
+        assert model(x) is x
+        assert len(cap.probe_parts) == 2 and cap.probe_hidden is cap.probe_parts[0]
+        assert torch.equal(cap.probe_parts[0][:2], (x + 1)[[1, 4]]) and torch.equal(cap.probe_parts[1][:2], (x + 2)[[1, 4]])
+        one = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 2]), seq_lens=torch.tensor([3, 4]))
+        cap.metadata_fn = lambda: one  # a decode step: one token per request, each layer's rows whole
+        y = x[:2] * 2
+        model(y)
+        assert torch.equal(cap.probe_parts[0], y + 1) and torch.equal(cap.probe_parts[1], y + 2) and cap.forwards == 2
+    finally:
+        cap.remove()
+    with pytest.raises(avllm.VLLMIntegrationError, match=r"layers \[1, 3\]"):
+        bad = _AuxLlama(hf)
+        bad.forward = lambda x: (x, [x])  # one auxiliary output where two were set
+        cap = avllm.VLLMCapture(bad, pack, max_reqs=4, metadata_fn=lambda: md, compiled=True)
+        bad(torch.zeros(5, cap.E.shape[1]))
 
 
 def test_vllm_cpus_attention_backend_named_explicitly_is_served():

@@ -244,16 +244,27 @@ class Engine:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup(layers=None):
     tok = make_tokenizer()
     hf = make_tiny_model(len(tok))
     rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
-    pack = make_pack(hf)
+    pack = make_pack(hf, layers=layers)
     with autosteer.attach(hf, pack) as h:
         p = sorted(float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0]) for r in rows)
     pack.meta["tau"] = (p[3] + p[4]) / 2
     return hf, rows, pack
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
+
+
+@pytest.fixture(scope="module")
+def setup_layers():
+    """A pack whose probe reads layers 1 and 3 (hooks on blocks 0 and 2; the simulated model calls its layers as
+    TGI does, so vLLM's layer-0 pre-hook is left to the real-engine tests)."""
+    return _setup([1, 3])
 
 
 def _config(max_seqs=8):
@@ -273,9 +284,12 @@ def _reference(hf, rows, pack, mode):
 ARRIVALS = {0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}
 
 
-@pytest.mark.parametrize("mode,chunk", [("prefill", 4), ("monitor", 3), ("prefill", 64)])
-def test_stream_matches_transformers(setup, tmp_path, monkeypatch, mode, chunk):
-    hf, rows, pack = setup
+@pytest.mark.parametrize("mode,chunk,layers", [("prefill", 4, 1), ("monitor", 3, 1), ("prefill", 64, 1),
+                                               ("prefill", 4, 2), ("monitor", 3, 2)])
+def test_stream_matches_transformers(request, tmp_path, monkeypatch, mode, chunk, layers):
+    """... also for a pack whose probe reads two layers (one capture hook each, both operands to the op)."""
+    hf, rows, pack = request.getfixturevalue("setup" if layers == 1 else "setup_layers")
+    assert len(pack.layers) == layers
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     monkeypatch.setenv(avllm.ENV_MODE, mode)
     ref = _reference(hf, rows, pack, mode)

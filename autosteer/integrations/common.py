@@ -290,6 +290,12 @@ class SteerWeights:
     stacked: tuple | None = None
     # monitor mode probes a request's first monitor_window generated tokens (None: all of them)
     monitor_window: int | None = None
+    # the layers whose residual streams the probe reads, side by side (W1 is [F, len(layers) * H]); None: [layer]
+    layers: list[int] | None = None
+
+    def __post_init__(self):
+        if self.layers is None:
+            self.layers = [self.layer]
 
     @property
     def monitor_tau(self) -> float:
@@ -315,7 +321,7 @@ class SteerWeights:
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
             w2=pack.w2.to(device).contiguous(), b2=pack.b2.to(device).contiguous(),
             U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
-            tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer,
+            tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer, layers=list(pack.layers),
             stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
             monitor_window=_window(pack, monitor_window),
         )
@@ -336,6 +342,7 @@ class SteerWeights:
 
         dev, V, H = self.device, self.U.shape[0], self.Bt.shape[1]
         h = torch.zeros(1, H, dtype=hidden_dtype, device=dev)
+        extra = (h,) * (len(self.layers) - 1)  # one operand per probe layer, as the stores pass them
         rows = torch.zeros(1, dtype=torch.int64, device=dev)
         probes = [(self.W1, self.b1, self.w2, self.b2, None)]
         if self.stacked is not None:
@@ -348,12 +355,13 @@ class SteerWeights:
                     latched = torch.ones(1, dtype=torch.bool, device=dev)
                     steer_step(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows, logits, latched,
                                torch.zeros(1, device=dev), W1, b1, w2, b2, self.U, self.Bt, self.tau, self.eps,
-                               self.fail_closed, row_probe=row_probe, state_rows=slots)
+                               self.fail_closed, row_probe=row_probe, state_rows=slots, probe_extra=extra)
                     calls += 1
         return calls
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """The probe alone on rows ``h`` ([n, H]); for reports and tests (the step uses the op)."""
+        """The probe alone on rows ``h`` ([n, k*H]: the probe layers' states side by side); for reports and
+        tests (the step uses the op)."""
         return Probe(self.W1, self.b1, self.w2, self.b2).score(h)
 
     def monitor_probe_scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -386,8 +394,9 @@ def check_pack_matches(pack, E: torch.Tensor, *, num_layers: int, model_type: st
     from ..method.pack import PackError, check_fingerprint
 
     check_fingerprint(pack.meta["fingerprint"], _FingerprintView(E, num_layers, model_type))
-    if pack.layer >= num_layers:
-        raise PackError(f"pack layer {pack.layer} does not exist in a model with {num_layers} layers")
+    for layer in pack.layers:
+        if layer >= num_layers:
+            raise PackError(f"pack layer {layer} does not exist in a model with {num_layers} layers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1128,10 +1137,13 @@ class SteerStateStore:
             self._row_probe[:B].copy_(mon_row & ~final_prefill)
         return SimpleNamespace(off_row=off_row, mon_row=mon_row, row_tau=row_tau, stacked=stacked, tok0=tok0)
 
-    def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor,
+              probe_extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """Steer one position of this step's logits (``[B, V]``, any row stride) in place; returns it.
 
         Call ``positions`` times per step, in position order. Unlatched rows get no writes.
+        ``probe_extra``: the further probe layers' rows (a pack whose probe reads several layers: the op
+        reads them side by side with ``probe_hidden``'s, nothing is concatenated).
         """
         s = self._step
         if s is None:
@@ -1142,7 +1154,7 @@ class SteerStateStore:
         if j >= s.P:
             raise RuntimeError(f"autosteer: apply called {j + 1} times in a step with {s.P} position(s)")
         if s.fast:
-            self._apply_slots(logits, probe_hidden, head_hidden)
+            self._apply_slots(logits, probe_hidden, head_hidden, probe_extra)
             s.j = 1
             return logits
         B, P = s.B, s.P
@@ -1173,11 +1185,12 @@ class SteerStateStore:
             row_probe = self._row_probe[:B] if j == 0 else self._probe_mon[:B]
         if B:
             self._op(probe_hidden, probe_rows, mask, head_hidden, head_rows, logits, lat_j, self._pout[j, :B],
-                     W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe)
+                     W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe,
+                     probe_extra=probe_extra)
         s.j = j + 1
         return logits
 
-    def _apply_slots(self, logits, probe_hidden, head_hidden) -> None:
+    def _apply_slots(self, logits, probe_hidden, head_hidden, probe_extra=()) -> None:
         """A slot step: the op on the slot tables through the row -> slot map; monitor mode adds the latched-step
         count (1 op) and, past WINDOW_MASKS, the window mask (1 op)."""
         ep, w = self._ep, self.w
@@ -1199,7 +1212,7 @@ class SteerStateStore:
                 mask = torch.le(self._sl_tokens, W - e, out=self._sl_mask_buf)
         self._op(probe_hidden, rows, mask, head_hidden, rows, logits, self._sl_latched, self._sl_p_last,
                  W1, b1, w2, b2, w.U, w.Bt, w.tau, w.eps, w.fail_closed, row_tau=row_tau, row_probe=row_probe,
-                 state_rows=ep.slots)
+                 state_rows=ep.slots, probe_extra=probe_extra)
         if mask is not self._sl_no_probe:  # a probed step: count the latched slots (see _fold)
             self._sl_count.add_(self._sl_latched)
             ep.counted += 1

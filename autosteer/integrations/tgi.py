@@ -261,7 +261,8 @@ class _Runtime:
         self.fail_closed = fail_closed
         self.log_decisions = log_decisions
         self.store: SteerStateStore | None = None
-        self.probe_buf: HiddenBuffer | None = None
+        self.probe_buf: HiddenBuffer | None = None  # the first probe layer's (probe_bufs: one per probe layer)
+        self.probe_bufs: list[HiddenBuffer] = []
         self.head_buf: HiddenBuffer | None = None
         self.model = None
         self.ctx: _StepContext | None = None
@@ -294,32 +295,36 @@ class _Runtime:
         rows = max(256, _TGI.max_graph_rows(flash_mod))
         speculate = int(getattr(flash_lm, "speculate", 0) or 0)
         H = E.shape[1]
-        self.probe_buf = HiddenBuffer(rows, H, E.dtype, E.device, name="probe-layer")
+        Ls = list(self.pack.layers)  # the probe reads the residual streams entering these layers, side by side
+        self.probe_bufs = [HiddenBuffer(rows, H, E.dtype, E.device, name=f"probe-layer-{L}") for L in Ls]
+        self.probe_buf = self.probe_bufs[0]
         self.head_buf = HiddenBuffer(rows, H, E.dtype, E.device, name="lm_head-input")
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=rows, max_positions=speculate + 1,
                                      on_release=self._on_release, report_on_release=self.log_decisions)
-        L = self.pack.layer
 
-        def check_layer_out(out):
-            if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
-                    and out[0].shape == out[1].shape):
-                raise TGIIntegrationError(
-                    f"decoder layer {L - 1} returned {type(out).__name__}, not the (mlp_out, attn_res) pair of "
-                    f"{_TGI.VERSION_NOTE}: cannot reconstruct the residual stream")
+        def check_layer_out(L):
+            def check(out):
+                if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+                        and out[0].shape == out[1].shape):
+                    raise TGIIntegrationError(
+                        f"decoder layer {L - 1} returned {type(out).__name__}, not the (mlp_out, attn_res) pair of "
+                        f"{_TGI.VERSION_NOTE}: cannot reconstruct the residual stream")
+            return check
 
         def check_layer_in(args):
             if len(args) < 2 or not isinstance(args[0], torch.Tensor):
                 raise TGIIntegrationError("decoder layer 0 is no longer called as layer(hidden_states, residual, ...)")
 
-        if L > 0:
-            self._hooks.append(hook_output_sum(layers[L - 1], self.probe_buf, check_layer_out))
-        else:
-            self._hooks.append(hook_input(layers[0], self.probe_buf, 0, 1, check_layer_in))
+        for L, buf in zip(Ls, self.probe_bufs):
+            if L > 0:
+                self._hooks.append(hook_output_sum(layers[L - 1], buf, check_layer_out(L)))
+            else:
+                self._hooks.append(hook_input(layers[0], buf, 0, 1, check_layer_in))
         self._hooks.append(hook_input(lm_head, self.head_buf, 0))
         self.model = flash_lm
         # the same start-up line as the vLLM workers' (an operator greps one string for both engines)
-        log.info("autosteer: AutoSteer active (TGI, %s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
-                 "capture buffers %d rows", type(net).__name__, L, self.mode, weights.tau, self.pack_path,
+        log.info("autosteer: AutoSteer active (TGI, %s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
+                 "capture buffers %d rows", type(net).__name__, "+".join(map(str, Ls)), self.mode, weights.tau, self.pack_path,
                  pack_sha256(self.pack_path), weights.eps, rows)
 
     def _on_release(self, request_id, summary) -> None:
@@ -355,7 +360,7 @@ class _Runtime:
         kept, they would hold memory through KV-cache sizing and graph capture)."""
         if self.store is not None:
             self.store.release_all(report=False)
-        for buf in (self.probe_buf, self.head_buf):
+        for buf in (*self.probe_bufs, self.head_buf):
             if buf is not None:
                 buf.begin_forward()  # what drops a forward's overflow tensor
 
@@ -373,7 +378,8 @@ class _Runtime:
             was_prefilling=[bool(x) for x in batch.prefilling_mask] if prefill else [False] * n,
             still_prefilling=_TGI.still_prefilling(batch) if prefill else [False] * n,
         )
-        self.probe_buf.begin_forward()
+        for buf in self.probe_bufs:
+            buf.begin_forward()
         self.head_buf.begin_forward()
 
     def begin_choose(self, chooser, scores, speculated_ids) -> bool:
@@ -419,7 +425,8 @@ class _Runtime:
             store.abort_step()
             raise TGIIntegrationError(f"the AutoSteer processor's rows {proc.request_ids} are not the batch's "
                                       f"requests {self.ctx.request_ids}: a batch rebuild was missed")
-        return store.apply(scores, probe_hidden=self.probe_buf.view(), head_hidden=self.head_buf.view())
+        return store.apply(scores, probe_hidden=self.probe_buf.view(), head_hidden=self.head_buf.view(),
+                           probe_extra=[b.view() for b in self.probe_bufs[1:]])
 
     # -- patches ------------------------------------------------------------------------------
     def _patch(self, owner, attr, new) -> None:

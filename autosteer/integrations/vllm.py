@@ -410,38 +410,48 @@ class VLLMCapture:
         check_pack_matches(pack, self.E, num_layers=self.num_layers, model_type=_VLLM.model_type(model))
         H = self.E.shape[1]
         dev, dt = self.E.device, self.E.dtype
-        self.probe = torch.zeros(max_reqs, H, dtype=dt, device=dev)
+        self.layers = list(pack.layers)  # the probe reads the residual streams entering these layers, side by side
+        k = len(self.layers)
+        # per probe layer, the rows of a forward that ran several tokens per request (gathered there)
+        self.probes = [torch.zeros(max_reqs, H, dtype=dt, device=dev) for _ in range(k)]
+        self.probe = self.probes[0]
         self.head = HiddenBuffer(max_reqs, H, dt, dev, name="compute_logits-input")
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
         self.query_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
-        self.probe_hidden = self.probe  # this forward's probe rows (see the class doc)
+        self.probe_parts = list(self.probes)  # this forward's probe rows per layer (see the class doc)
         self.one_token = False  # this forward ran one token per request (its probe rows are the layer's rows)
         self._lengths_from = None  # seq_lens of a one-token forward's metadata, until lengths() copies them
         self.num_reqs = 0  # Python-side, updated by the layer hook (eager execution required)
         self.metadata_fn = metadata_fn or _VLLM.forward_metadata
         self.forwards = 0
         self.dummy_forwards = 0  # forwards without attention metadata (vLLM's profile / warm-up runs)
-        L = pack.layer
         self.compiled = compiled
         self._handles = []
         self._orig_forward = None
         if compiled:
-            self._attach_aux(model, L)
-        elif L > 0:
-            self._handles = [layers[L - 1].register_forward_hook(self._on_layer_out)]
-        else:  # layer 0 is called as layer(positions, hidden_states, residual=None)
-            self._handles = [layers[0].register_forward_pre_hook(self._on_layer0_in)]
+            self._attach_aux(model, self.layers)
+        else:
+            for i, L in enumerate(self.layers):
+                if L > 0:  # the residual stream entering L: layer L-1's two outputs
+                    self._handles.append(layers[L - 1].register_forward_hook(self._layer_out_hook(i)))
+                else:  # layer 0 is called as layer(positions, hidden_states, residual=None)
+                    self._handles.append(layers[0].register_forward_pre_hook(self._layer0_in_hook(i)))
         self.model = model
         self._orig_compute_logits = model.compute_logits
         model.compute_logits = self._compute_logits  # instance attribute: the class is untouched
 
-    def _attach_aux(self, model, L: int) -> None:
+    @property
+    def probe_hidden(self) -> torch.Tensor:
+        """The first probe layer's rows of this forward (the op's ``probe_hidden``; the others: ``probe_parts[1:]``)."""
+        return self.probe_parts[0]
+
+    def _attach_aux(self, model, Ls: list[int]) -> None:
         """Compiled mode: the decoder stack runs as a torch.compile'd graph, which a Python hook on a layer
         cannot be part of (traced once, a hook's reads of the forward context and its writes would be baked
         in or broken off). vLLM's own auxiliary hidden-state outputs (the EAGLE-3 interface of its decoder
         models: ``set_aux_hidden_state_layers``) make the compiled graph itself return the residual stream
-        entering layer ``L`` (layer ``L-1``'s ``hidden_states + residual``; for ``L = 0`` the embeddings)
-        next to its final hidden states. The model's top-level ``forward`` (outside the compiled region)
+        entering each probe layer ``L`` (layer ``L-1``'s ``hidden_states + residual``; for ``L = 0`` the
+        embeddings) next to its final hidden states. The model's top-level ``forward`` (outside the compiled region)
         is wrapped on the instance: it takes that extra output off -- the runner gets what it always got --
         and gathers each request's last scheduled token's row eagerly, as the hooks do in eager mode."""
         setter = getattr(model, "set_aux_hidden_state_layers", None)
@@ -450,60 +460,68 @@ class VLLMCapture:
         if not callable(setter) or have is None:
             raise VLLMIntegrationError(
                 f"compiled mode: {type(model).__name__} has no auxiliary hidden-state outputs "
-                "(set_aux_hidden_state_layers, vLLM's EAGLE-3 interface), through which AutoSteer reads layer "
-                f"{L} inside a compiled forward. Start vLLM with --enforce-eager")
+                "(set_aux_hidden_state_layers, vLLM's EAGLE-3 interface), through which AutoSteer reads layer(s) "
+                f"{Ls} inside a compiled forward. Start vLLM with --enforce-eager")
         if tuple(have):
             raise VLLMIntegrationError(f"compiled mode: the model already outputs auxiliary hidden states of layers "
                                        f"{tuple(have)} (an EAGLE-3 drafter?): AutoSteer cannot add its own")
-        setter((L,))
+        setter(tuple(Ls))
         self._orig_forward = model.forward
+        k = len(Ls)
 
         def forward(*args, **kwargs):
             out = self._orig_forward(*args, **kwargs)
             if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], (list, tuple))
-                    and len(out[1]) == 1 and isinstance(out[1][0], torch.Tensor)):
+                    and len(out[1]) == k and all(isinstance(a, torch.Tensor) for a in out[1])):
                 raise VLLMIntegrationError(
-                    f"compiled mode: {type(model).__name__}.forward did not return (hidden_states, [layer {L}'s "
-                    f"residual stream]) after set_aux_hidden_state_layers(({L},)), but {type(out).__name__}: the "
-                    "probe cannot read the model. Start vLLM with --enforce-eager")
-            hidden, (aux,) = out
-            self._store(aux, None)
+                    f"compiled mode: {type(model).__name__}.forward did not return (hidden_states, [the residual "
+                    f"streams of layers {Ls}]) after set_aux_hidden_state_layers({tuple(Ls)}), but "
+                    f"{type(out).__name__}: the probe cannot read the model. Start vLLM with --enforce-eager")
+            hidden, aux = out
+            for i, a in enumerate(aux):  # (in the order set: vLLM appends them as its layer loop reaches them)
+                self._store(i, a, None)
             return hidden
 
         functools.update_wrapper(forward, self._orig_forward)
         model.forward = forward  # instance attribute: nn.Module.__call__ calls self.forward
 
-    def _store(self, h: torch.Tensor, r: torch.Tensor | None) -> None:
-        """Store the residual stream ``h + r`` at each request's last scheduled token. A forward of one token
-        per request (``B`` rows for ``B`` requests: each request runs at least one token) is summed whole, one
-        op (``h`` alone is copied: the next layer updates its residual input in place); otherwise the rows
-        are gathered first and then added (no [num_tokens, H] sum per forward; the same values)."""
+    def _store(self, i: int, h: torch.Tensor, r: torch.Tensor | None) -> None:
+        """Store probe layer ``i``'s residual stream ``h + r`` at each request's last scheduled token. A forward
+        of one token per request (``B`` rows for ``B`` requests: each request runs at least one token) is summed
+        whole, one op (``h`` alone is copied: the next layer updates its residual input in place); otherwise the
+        rows are gathered first and then added (no [num_tokens, H] sum per forward; the same values). The
+        forward's bookkeeping (requests, lengths, forward count) is done at the first probe layer."""
         md = self.metadata_fn()
         if md is None:  # a dummy forward (memory profile, warm-up): nothing to capture, and it is not a
             # step's forward -- an apply() after it finds ``forwards`` unchanged and refuses stale rows
-            self.num_reqs = 0
-            self.dummy_forwards += 1
+            if i == 0:
+                self.num_reqs = 0
+                self.dummy_forwards += 1
             return
         qsl = md.query_start_loc
         B = qsl.numel() - 1
-        if B > self.probe.shape[0]:
-            raise VLLMIntegrationError(f"{B} requests in one forward but the capture holds {self.probe.shape[0]}")
+        buf = self.probes[i]
+        if B > buf.shape[0]:
+            raise VLLMIntegrationError(f"{B} requests in one forward but the capture holds {buf.shape[0]}")
         if h.shape[0] == B:  # one token per request: request b's last token is row b
-            self.probe_hidden = torch.add(h, r) if r is not None else h.clone()
-            self.one_token = True
-            self._lengths_from = md.seq_lens  # the forward's own tensor, read before the next forward
+            self.probe_parts[i] = torch.add(h, r) if r is not None else h.clone()
+            if i == 0:
+                self.one_token = True
+                self._lengths_from = md.seq_lens  # the forward's own tensor, read before the next forward
         else:
             ends = qsl[1: B + 1].to(torch.int64) - 1
-            torch.index_select(h, 0, ends, out=self.probe[:B])
+            torch.index_select(h, 0, ends, out=buf[:B])
             if r is not None:
-                self.probe[:B] += r.index_select(0, ends)
-            self.seq_lens[:B].copy_(md.seq_lens[:B])
-            torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
-            self.probe_hidden = self.probe
-            self.one_token = False
-            self._lengths_from = None
-        self.num_reqs = B
-        self.forwards += 1
+                buf[:B] += r.index_select(0, ends)
+            self.probe_parts[i] = buf
+            if i == 0:
+                self.seq_lens[:B].copy_(md.seq_lens[:B])
+                torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
+                self.one_token = False
+                self._lengths_from = None
+        if i == 0:
+            self.num_reqs = B
+            self.forwards += 1
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seq_lens, query_lens)`` of this forward's requests (the first ``num_reqs`` entries of two
@@ -516,16 +534,20 @@ class VLLMCapture:
             self._lengths_from = None
         return self.seq_lens, self.query_lens
 
-    def _on_layer_out(self, _mod, _args, out):
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
-            raise VLLMIntegrationError("the decoder layer before the pack's layer did not return (hidden_states, "
-                                       "residual): cannot reconstruct the residual stream")
-        self._store(*out)
+    def _layer_out_hook(self, i: int):
+        def on_layer_out(_mod, _args, out):
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+                raise VLLMIntegrationError("the decoder layer before a probe layer did not return (hidden_states, "
+                                           "residual): cannot reconstruct the residual stream")
+            self._store(i, *out)
+        return on_layer_out
 
-    def _on_layer0_in(self, _mod, args):
-        if len(args) < 2 or not isinstance(args[1], torch.Tensor):
-            raise VLLMIntegrationError("decoder layer 0 is no longer called as layer(positions, hidden_states, ...)")
-        self._store(args[1], args[2] if len(args) > 2 else None)
+    def _layer0_in_hook(self, i: int):
+        def on_layer0_in(_mod, args):
+            if len(args) < 2 or not isinstance(args[1], torch.Tensor):
+                raise VLLMIntegrationError("decoder layer 0 is no longer called as layer(positions, hidden_states, ...)")
+            self._store(i, args[1], args[2] if len(args) > 2 else None)
+        return on_layer0_in
 
     def _compute_logits(self, hidden_states, *args, **kwargs):
         self.head.keep(hidden_states)  # by reference (see the class doc)
@@ -552,15 +574,16 @@ _COMPILED = False  # the engine compiles the model's forward (torch.compile, no 
 _APPLIED: set = set()
 
 
-def _separate_compile_cache(vllm_config, layer: int) -> None:
-    """Compiled mode: the compiled graph of a steered engine has one more output (layer ``layer``'s residual
-    stream) than a plain engine's, but vLLM keys its on-disk compile cache (``VLLM_CACHE_ROOT``'s
+def _separate_compile_cache(vllm_config, layers: int | list[int]) -> None:
+    """Compiled mode: the compiled graph of a steered engine has more outputs (the probe layers' residual
+    streams) than a plain engine's, but vLLM keys its on-disk compile cache (``VLLM_CACHE_ROOT``'s
     torch_compile_cache) by the config's hash, which does not see model attributes: a plain server started
     later with the same flags would load the steered graph, and a steered one the plain graph. The key is
     told apart through ``additional_config``, which that hash includes (set here, in the worker, before the
     model is first compiled)."""
     ac = getattr(vllm_config, "additional_config", None)
-    key = {"aux_hidden_state_layers": [int(layer)], "version": 1}
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    key = {"aux_hidden_state_layers": [int(x) for x in layers], "version": 1}
     if ac is None:
         vllm_config.additional_config = {"autosteer_capture": key}
     elif isinstance(ac, dict):
@@ -1103,7 +1126,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         _PACK = self.pack
         _COMPILED = _VLLM.compiled(vllm_config)
         if _COMPILED:
-            _separate_compile_cache(vllm_config, self.pack.layer)
+            _separate_compile_cache(vllm_config, list(self.pack.layers))
         sched = getattr(vllm_config, "scheduler_config", None)
         self.max_reqs = int(getattr(sched, "max_num_seqs", 0) or 256)
         # vLLM computes the logprobs it returns before the logits processors run unless logprobs_mode is one of the
@@ -1348,7 +1371,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         store = self.store
         store.begin_step(keys, **phase)
         try:
-            store.apply(logits, probe_hidden=cap.probe_hidden, head_hidden=cap.head.view())
+            store.apply(logits, probe_hidden=cap.probe_hidden, head_hidden=cap.head.view(),
+                        probe_extra=cap.probe_parts[1:])
         except BaseException:
             store.abort_step()
             raise
@@ -1459,12 +1483,12 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %d, mode %s, tau %.6g, pack %s (sha256 %s), "
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s), "
                   "logprobs %s",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
-                  self.pack.layer, self.mode, weights.tau, self.pack_path, self.pack_sha256,
+                  "+".join(map(str, self.pack.layers)), self.mode, weights.tau, self.pack_path, self.pack_sha256,
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 

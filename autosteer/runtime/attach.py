@@ -73,8 +73,9 @@ class AutoSteerHandle:
         E = output_head(model).weight
         if E.shape[1] != pack.hidden_size:
             raise PackError(f"pack hidden size {pack.hidden_size} does not match the model's {E.shape[1]}")
-        if pack.layer >= num_layers(model):
-            raise PackError(f"pack layer {pack.layer} does not exist in a model with {num_layers(model)} layers")
+        for layer in pack.layers:
+            if layer >= num_layers(model):
+                raise PackError(f"pack layer {layer} does not exist in a model with {num_layers(model)} layers")
         tau = prompt_threshold(pack, tau)
         self.model = model
         self.pack = pack
@@ -101,23 +102,25 @@ class AutoSteerHandle:
         from .op import steer_step
 
         self._op = steer_step
-        self.capture = HiddenCapture(model, pack.layer)
+        self.capture = HiddenCapture(model, pack.layers)
         self._lock = threading.Lock()
         model._autosteer_handle = self
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                tau: float | None = None, generated: bool = False):
+                tau: float | None = None, generated: bool = False, probe_extra=()):
         """One fused op call, under the fault policy (see the class docstring). ``tau``: this call's
         threshold (default the prefill threshold; the processor passes ``tau_monitor`` for
         generated tokens). ``generated``: every probed row is a generated token, scored by the
-        pack's monitor probe when it has one."""
+        pack's monitor probe when it has one. ``probe_extra``: the further probe layers' inputs (rows
+        as ``probe_hidden``'s), for a pack whose probe reads several layers."""
         W1, b1, w2, b2 = self.W1, self.b1, self.w2, self.b2
         if generated and self.monitor_probe is not None:
             W1, b1, w2, b2 = self.monitor_probe
         try:
             self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                     W1, b1, w2, b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps, self.fail_closed)
+                     W1, b1, w2, b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps, self.fail_closed,
+                     probe_extra=probe_extra)
         except Exception as exc:  # noqa: BLE001 - the policy decides, for any failure of the op
             if self.fail_closed:
                 raise AutoSteerFault(f"AutoSteer's per-step op failed, generation stopped (fail closed): {exc}") from exc
@@ -126,6 +129,7 @@ class AutoSteerHandle:
             self.faults += 1
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Prefill-probe scores of ``h`` ``[n, k*H]``: the probe layers' states side by side, in the pack's order."""
         return Probe(self.W1, self.b1, self.w2, self.b2).score(h)
 
     def gate_decision(self, p: torch.Tensor) -> torch.Tensor:

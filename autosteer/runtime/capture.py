@@ -1,6 +1,7 @@
 """Forward hooks that capture what the per-step op reads.
 
-- the residual stream entering decoder block ``L`` (the probe's input), and
+- the residual stream entering each of the pack's probe layers ``L`` (the probe's input: one layer, or
+  several whose states the op concatenates itself), and
 - the input of ``lm_head`` (the final normed hidden state, the Refusal Head's input),
 - from the model's own call: the attention mask (to find each row's last real prompt token), the
   token ids the forward ran on and its KV cache object (host facts the processor uses to tell a
@@ -8,7 +9,7 @@
 
 Hooks only keep references to what they are given: no op, no copy, no sync (a decode step counts
 its ops, see ``tests/test_step_ops.py``). The flat ``[tokens, H]`` views the op reads are made on
-demand (:attr:`HiddenCapture.probe_hidden`, :attr:`HiddenCapture.head_hidden`), by the processor,
+demand (:attr:`HiddenCapture.probe_parts`, :attr:`HiddenCapture.head_hidden`), by the processor,
 only when a step needs them.
 """
 from __future__ import annotations
@@ -31,12 +32,18 @@ def _flat(h: torch.Tensor | None) -> torch.Tensor | None:
 class HiddenCapture:
     """Captures the probe layer's input, ``lm_head``'s input and the model call's inputs of the latest forward."""
 
-    def __init__(self, model, layer: int):
+    def __init__(self, model, layers: int | list[int]):
         blocks = decoder_layers(model)
-        if not 0 <= layer < len(blocks):
-            raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1} for this model")
-        self.layer = layer
-        self.probe_raw: torch.Tensor | None = None  # as the block got it: [B, T, H] (or [T, H])
+        layers = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"probe layers must be distinct and at least one, got {layers}")
+        for layer in layers:
+            if not 0 <= layer < len(blocks):
+                raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1} for this model")
+        self.layers = layers
+        self.layer = layers[0]
+        # as each probe block got its input: [B, T, H] (or [T, H]), in the order of ``layers``
+        self.probe_raws: list[torch.Tensor | None] = [None] * len(layers)
         self.probe_tokens: int = 0  # T of the latest forward
         self.head_raw: torch.Tensor | None = None  # as lm_head got it: [B, t, H]
         self.head_tokens: int = 0
@@ -47,15 +54,18 @@ class HiddenCapture:
         self.cache = None
         self.thread: int | None = None  # thread that ran the latest forward
         self.forwards = 0  # model forwards seen (a processor must run once per forward)
-        self._flat_probe: torch.Tensor | None = None
+        self._flat_probe: list[torch.Tensor] | None = None
         self._flat_head: torch.Tensor | None = None
-        self._handles = [
-            blocks[layer].register_forward_pre_hook(self._on_block, with_kwargs=True),
+        self._handles = [blocks[layer].register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
+        self._handles += [
             output_head(model).register_forward_pre_hook(self._on_head, with_kwargs=True),
             model.register_forward_pre_hook(self._on_model, with_kwargs=True),
         ]
 
     def _on_model(self, _mod, args, kwargs):
+        self.probe_raws = [None] * len(self.layers)  # this forward's, or None: never a mix of two forwards'
+        self._flat_probe = None
         self.attention_mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.input_ids = ids if isinstance(ids, torch.Tensor) else None
@@ -64,11 +74,19 @@ class HiddenCapture:
         self.thread = threading.get_ident()
         self.forwards += 1
 
-    def _on_block(self, _mod, args, kwargs):
-        h = _first_arg(args, kwargs, "hidden_states")
-        self.probe_tokens = h.shape[-2] if h.dim() == 3 else 1
-        self.probe_raw = h
-        self._flat_probe = None
+    def _block_hook(self, i: int):
+        def on_block(_mod, args, kwargs):
+            h = _first_arg(args, kwargs, "hidden_states")
+            if i == 0:
+                self.probe_tokens = h.shape[-2] if h.dim() == 3 else 1
+            self.probe_raws[i] = h
+            self._flat_probe = None
+        return on_block
+
+    @property
+    def probe_raw(self) -> torch.Tensor | None:
+        """The first probe layer's input as its block got it (the one-layer form)."""
+        return self.probe_raws[0]
 
     def _on_head(self, _mod, args, kwargs):
         h = _first_arg(args, kwargs, "input")
@@ -77,11 +95,20 @@ class HiddenCapture:
         self._flat_head = None
 
     @property
-    def probe_hidden(self) -> torch.Tensor | None:
-        """The probe layer's input as ``[B*T, H]`` (a view; made once per forward, on first use)."""
+    def probe_parts(self) -> list[torch.Tensor] | None:
+        """Each probe layer's input as ``[B*T, H]`` (views, in the order of ``layers``; made once per forward,
+        on first use): the op's ``probe_hidden`` and ``probe_extra``."""
         if self._flat_probe is None:
-            self._flat_probe = _flat(self.probe_raw)
+            if any(h is None for h in self.probe_raws):
+                return None
+            self._flat_probe = [_flat(h) for h in self.probe_raws]
         return self._flat_probe
+
+    @property
+    def probe_hidden(self) -> torch.Tensor | None:
+        """The first probe layer's input as ``[B*T, H]`` (a view; see :attr:`probe_parts`)."""
+        parts = self.probe_parts
+        return None if parts is None else parts[0]
 
     @property
     def head_hidden(self) -> torch.Tensor | None:
@@ -99,7 +126,8 @@ class HiddenCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.probe_raw = self.head_raw = self.attention_mask = self.input_ids = self.cache = None
+        self.probe_raws = [None] * len(self.layers)
+        self.head_raw = self.attention_mask = self.input_ids = self.cache = None
         self._flat_probe = self._flat_head = None
 
     @property

@@ -20,8 +20,8 @@ plus at most 3 small ops and never reads a device value on the host:
 
 - prefill mode (and monitor mode past its window, and ``force=True``): the flat view of ``lm_head``'s
   input and the op (2 ops); ``force=False``: nothing;
-- monitor mode: the probe layer's and ``lm_head``'s inputs copied into one ``[B, 2, H]`` buffer (1 op,
-  instead of two views), the ended-row mask (1 ``isin`` into a preallocated buffer), the op, and one
+- monitor mode: the probe layers' and ``lm_head``'s inputs copied into one ``[B, k + 1, H]`` buffer (1 op
+  for any number ``k`` of probe layers, instead of a view each; the op reads each layer's strided rows), the ended-row mask (1 ``isin`` into a preallocated buffer), the op, and one
   in-place add that counts each row's latched steps (``latched_at`` is derived from it when read).
 
 Everything else is prepared once per generation at the prefill call: row indices, constant masks,
@@ -220,13 +220,14 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self._start(batch, device)
         probe_rows = self._last_prompt_rows(cap, batch)
         p = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        parts = cap.probe_parts
         if self.force is False:  # score the prompt, never touch the logits
-            p = self.handle.probe_scores(cap.probe_hidden.index_select(0, probe_rows))
+            p = self.handle.probe_scores(torch.cat([h.index_select(0, probe_rows) for h in parts], dim=1))
         else:
             probe_mask = torch.full((batch,), self.force is None, dtype=torch.bool, device=device)
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
-            self.handle.step_op(cap.probe_hidden, probe_rows, probe_mask, cap.head_hidden, head_rows,
-                                scores, self.latched, p, tau=self.handle.tau, generated=False)
+            self.handle.step_op(parts[0], probe_rows, probe_mask, cap.head_hidden, head_rows,
+                                scores, self.latched, p, tau=self.handle.tau, generated=False, probe_extra=parts[1:])
         self.p_unsafe = p.clone()
         self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
         self.p_last = p
@@ -242,12 +243,11 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             d["mask2d"], d["mask"] = mask2d, mask2d.view(batch)  # isin writes the [B, 1] form, the op reads [B]
             if len(self._stop_ids):
                 d["stop"] = self._stop_ids.to(device=device, dtype=input_ids.dtype)  # once, not per step
-            h = cap.head_raw
-            # the probe layer's and lm_head's decode-step inputs, side by side: one copy per step instead of
-            # two flat views; rows 2b (probe) and 2b + 1 (head) of the [2B, H] view
-            stacked = torch.empty((batch, 2, h.shape[-1]), dtype=h.dtype, device=device)
-            d["stacked"], d["stacked_flat"] = stacked, stacked.view(2 * batch, h.shape[-1])
-            d["even"], d["odd"] = rows * 2, rows * 2 + 1
+            h, k = cap.head_raw, len(cap.layers)
+            # the probe layers' and lm_head's decode-step inputs, side by side: one copy per step instead of a flat
+            # view each; [:, l] is probe layer l's row, [:, k] lm_head's (strided [B, H] views, made once here)
+            stacked = torch.empty((batch, k + 1, h.shape[-1]), dtype=h.dtype, device=device)
+            d["stacked"], d["parts"], d["head"] = stacked, [stacked[:, i] for i in range(k)], stacked[:, k]
         self._dev = d
 
     def _decode_call(self, cap, input_ids, scores) -> None:
@@ -262,13 +262,14 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             rows = d["rows"] if head.shape[0] == batch else (
                 torch.arange(batch, device=scores.device) * cap.head_tokens + (cap.head_tokens - 1))
             self.handle.step_op(head, rows, d["no_probe"], head, rows, scores, self.latched, self.p_last,
-                                tau=self.handle.tau_monitor, generated=self.mode == "monitor")
+                                tau=self.handle.tau_monitor, generated=self.mode == "monitor",
+                                probe_extra=(head,) * (len(cap.layers) - 1))
             return
         probe_mask = self._probe_mask(cap, input_ids, d, batch)
-        probe_hidden, probe_rows, head_hidden, head_rows = self._hidden(cap, d, batch, scores.device)
+        parts, probe_rows, head_hidden, head_rows = self._hidden(cap, d, batch, scores.device)
         # p_out is p_last itself: the op writes the probed rows' scores and leaves the others' as they were
-        self.handle.step_op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, scores, self.latched,
-                            self.p_last, tau=self.handle.tau_monitor, generated=True)
+        self.handle.step_op(parts[0], probe_rows, probe_mask, head_hidden, head_rows, scores, self.latched,
+                            self.p_last, tau=self.handle.tau_monitor, generated=True, probe_extra=parts[1:])
         self._count.add_(self.latched)
         self._counted += 1
 
@@ -284,16 +285,15 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         return torch.isin(input_ids[:, -1], d["stop"], invert=True)  # embeddings-only forward, uncached decoding
 
     def _hidden(self, cap, d, batch: int, device):
-        """(probe_hidden, probe_rows, head_hidden, head_rows) of a decode step: one ``cat`` into the
-        preallocated ``[B, 2, H]`` buffer when both inputs are ``[B, 1, H]`` as at prefill time, else the
+        """(probe_parts, probe_rows, head_hidden, head_rows) of a decode step: one ``cat`` into the
+        preallocated ``[B, k + 1, H]`` buffer when every input is ``[B, 1, H]`` as at prefill time, else the
         flat views and their row indices."""
-        p, h, buf = cap.probe_raw, cap.head_raw, d["stacked"]
+        raws, h, buf = cap.probe_raws, cap.head_raw, d["stacked"]
         one = (batch, 1, buf.shape[-1])
-        if (tuple(p.shape) == one and tuple(h.shape) == one and p.dtype == h.dtype == buf.dtype
-                and p.device == h.device == buf.device):
-            torch.cat((p, h), dim=1, out=buf)
-            return d["stacked_flat"], d["even"], d["stacked_flat"], d["odd"]
+        if all(tuple(x.shape) == one and x.dtype == buf.dtype and x.device == buf.device for x in (*raws, h)):
+            torch.cat((*raws, h), dim=1, out=buf)
+            return d["parts"], d["rows"], d["head"], d["rows"]
         T, t = cap.probe_tokens, cap.head_tokens  # uncached decoding re-runs the whole sequence
         probe_rows = torch.arange(batch, device=device) * T + (T - 1)
         head_rows = torch.arange(batch, device=device) * t + (t - 1)
-        return cap.probe_hidden, probe_rows, cap.head_hidden, head_rows
+        return cap.probe_parts, probe_rows, cap.head_hidden, head_rows

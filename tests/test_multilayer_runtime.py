@@ -1,0 +1,114 @@
+"""A pack whose probe reads several layers, served by the transformers runtime.
+
+The probe of such a pack takes the residual streams entering each of its layers at the same token, side by
+side (``W1`` is ``[F, k * H]``). The runtime registers one capture hook per layer and passes the layers' rows
+to the op as separate operands (``probe_extra``): nothing is concatenated outside the op. Checked here
+against an independent computation (transformers' ``output_hidden_states``) and against one-layer packs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_pack, make_tiny_model, make_tokenizer
+
+import autosteer
+from autosteer.method.probe import Probe
+from autosteer.method.pack import PackError
+from autosteer.prompting import PromptFormat, encode_one
+from autosteer.runtime.attach import AutoSteerHandle
+
+PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of france", "how do i steal cookies",
+           "explain photosynthesis", "bake cake"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = make_tokenizer()
+    hf = make_tiny_model(len(tok))
+    rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
+    return hf, rows
+
+
+def _left_padded(rows, pad: int = 0):
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("layers", [[0, 2, 3], [1, 3]])
+def test_gate_scores_read_every_probe_layer(setup, layers):
+    """p_unsafe of a padded batch equals the probe on transformers' own hidden states of those layers at each
+    row's last prompt token, concatenated in the pack's order (hidden_states[L] is block L's input)."""
+    hf, rows = setup
+    pack = make_pack(hf, layers=layers, seed=3)
+    assert pack.layers == layers and tuple(pack.W1.shape) == (8, len(layers) * hf.config.hidden_size)
+    ids, mask = _left_padded(rows)
+    with torch.no_grad():
+        hs = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    want = Probe(pack.W1, pack.b1, pack.w2, pack.b2).score(torch.cat([hs[L][:, -1] for L in layers], dim=1))
+    with autosteer.attach(hf, pack) as h:
+        for force in (False, None):  # scored only, and scored by the op
+            got = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, force=force).p_unsafe
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a probe on one of the layers alone scores differently: the test sees which layers are read
+    one = Probe(pack.W1[:, :hf.config.hidden_size], pack.b1, pack.w2, pack.b2).score(hs[layers[0]][:, -1])
+    assert not torch.allclose(one, want, atol=1e-3)
+
+
+def _one_live_block(hf, layers, live: int, seed: int = 5):
+    """(k-layer pack whose W1 is zero but for layer ``layers[live]``'s block, the one-layer pack at that layer)."""
+    H = hf.config.hidden_size
+    one = make_pack(hf, layer=layers[live], seed=seed)
+    multi = make_pack(hf, layers=layers, seed=seed)
+    W1 = torch.zeros(one.W1.shape[0], len(layers) * H)
+    W1[:, live * H:(live + 1) * H] = one.W1
+    multi.W1, multi.b1, multi.w2, multi.b2, multi.A, multi.B = W1, one.b1, one.w2, one.b2, one.A, one.B
+    return multi, one
+
+
+def _run(hf, rows, pack, mode, tau, tau_monitor):
+    pack.meta["tau"] = tau
+    out = []
+    with autosteer.attach(hf, pack, mode=mode, tau_monitor=tau_monitor) as h:
+        ids, mask = _left_padded(rows)
+        o = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        out.append((o.sequences.tolist(), o.steered.tolist(), o.latched_at.tolist(), o.p_unsafe))
+        for r in rows[:3]:  # and one request at a time (another batch shape: the decode buffers differ)
+            o = h.generate(input_ids=torch.tensor([r]), max_new_tokens=10, do_sample=False)
+            out.append((o.sequences.tolist(), o.steered.tolist(), o.latched_at.tolist(), o.p_unsafe))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+@pytest.mark.parametrize("layers,live", [([1, 3], 0), ([1, 3], 1), ([0, 2, 3], 1)])
+def test_a_probe_live_on_one_layer_steers_as_that_layers_pack(setup, mode, layers, live):
+    """Prefill and every decode step (monitor mode probes each generated token) pass each layer's rows at its
+    place: with W1 zero outside one layer's block, tokens, decisions, latch steps and scores equal the one-layer
+    pack's -- whichever block is live, so no layer's rows stand in for another's."""
+    hf, rows = setup
+    multi, one = _one_live_block(hf, layers, live)
+    with autosteer.attach(hf, one) as h:
+        ids, mask = _left_padded(rows)
+        p = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, force=False).p_unsafe.sort().values
+    tau = float(p[2] + p[3]) / 2  # about half the prompts gate at the prompt
+    tau_monitor = float(p[-1]) + 1e-3 if mode == "monitor" else None  # monitor: the rest may latch while generating
+    got, want = _run(hf, rows, multi, mode, tau, tau_monitor), _run(hf, rows, one, mode, tau, tau_monitor)
+    for (s_m, st_m, at_m, p_m), (s_o, st_o, at_o, p_o) in zip(got, want):
+        assert s_m == s_o and st_m == st_o and at_m == at_o
+        torch.testing.assert_close(p_m, p_o, rtol=1e-5, atol=1e-6)
+    if mode == "prefill":
+        assert any(any(st) for _, st, _, _ in want) and not all(all(st) for _, st, _, _ in want)
+    else:  # some row latched at a generated token: the decode steps' probe decided it
+        assert any(a > 0 for _, _, at, _ in want for a in at)
+
+
+def test_a_pack_layer_the_model_lacks_is_refused(setup):
+    hf, _ = setup
+    pack = make_pack(hf, layers=[1, 2])
+    pack.meta["layers"] = [1, 9]
+    pack.meta["num_layers"] = 12  # a pack for a deeper model of the same shape
+    with pytest.raises(PackError, match="pack layer 9 does not exist in a model with 4 layers"):
+        AutoSteerHandle(hf, pack, check_model=False)
