@@ -583,11 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "override the preset. Operating points (strict / balanced / permissive) are not presets: every "
                         "pack carries them, chosen when serving (--tau NAME)")
     p.add_argument("--layer-rule", default=None, type=_layer_rule,
-                   help="'depth:F' (default depth:0.55: the layer at F of the depth, chosen on transfer in "
-                        "docs/results/gate_transfer_study.md), "
-                        "'auroc' (best probe validation AUROC), 'sas' (paper), or a layer number; or up to 4 layer "
-                        "numbers / depths joined by '+' (e.g. 12+16+20 or depth:0.4+depth:0.55+depth:0.7): one probe "
-                        "reads those layers' states concatenated (serving them needs the multi-layer op and runtime)")
+                   help="'depth:F' (the layer at F of the depth), 'auroc' (best probe validation AUROC), 'sas' "
+                        "(paper), or a layer number; or up to 4 layer numbers / depths joined by '+' (e.g. 12+16+20 or "
+                        "depth:0.4+depth:0.55+depth:0.7): one probe reads those layers' states side by side. Default "
+                        "depth:0.55+depth:0.83 (layers 16 and 24 of 30), chosen on transfer in "
+                        "docs/results/gate_multilayer_study.md")
     p.add_argument("--head-rank", default=None, type=_head_rank, help="rank of S - I in the Refusal Head, or 'full' for a d x d S (default 16)")
     p.add_argument("--head-epochs", type=POSITIVE, default=5)
     p.add_argument("--target-fpr", type=_probability, default=None,

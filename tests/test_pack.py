@@ -190,7 +190,8 @@ def test_the_shipped_pack_loads_and_reads_its_layer():
     import autosteer
 
     shipped = load_pack(autosteer.default_pack_path())
-    assert shipped.layers == [shipped.layer] and shipped.W1.shape[1] == shipped.hidden_size
+    assert shipped.layers == shipped.meta["layers"] and shipped.layers[0] == shipped.layer
+    assert shipped.W1.shape[1] == len(shipped.layers) * shipped.hidden_size
 
 
 def test_a_multi_layer_pack_round_trips(pack, tmp_path):

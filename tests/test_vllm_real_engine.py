@@ -23,7 +23,9 @@ named start-up error or HTTP 400 where it does not. Tensor parallelism (``--tens
 workers over gloo) on a copy of the default model whose head counts divide 2 (zero heads added: the same function),
 steered exactly as one worker steers.
 
-Prompts here are written for this test; none is in the data the test pack was fitted on.
+Packs: the eager steered server serves the test pack (its probe reads one layer, 20); the compiled and the
+tensor-parallel servers serve the shipped pack, whose probe reads two (16 and 24), so the real engine runs both
+captures. Prompts here are written for this test; none is in the data either pack was fitted on.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ PACK = Path(os.environ.get("AUTOSTEER_TEST_PACK", REPO / "tests" / "data" / "smo
 # 20% validation FPR (tau 0.003); served at the paper's threshold 0.5 (its val TPR 0.94, FPR 0.00) through
 # AUTOSTEER_TAU, so that ordinary benign prompts are not gated
 TAU = os.environ.get("AUTOSTEER_TEST_TAU", "0.5")
+# the compiled and the tensor-parallel servers serve the shipped pack, whose probe reads two layers (16 and 24; the
+# test pack reads one): the real engine runs the one-layer capture (eager) and the multi-layer one (a hook per layer
+# under tensor parallelism, one auxiliary output per layer when compiled), each against the transformers reference
+PACK_LAYERS = Path(os.environ.get("AUTOSTEER_TEST_PACK_LAYERS",
+                                  REPO / "autosteer" / "packs" / "smollm2-135m-instruct.pack.safetensors"))
 SETUP = "bash scripts/setup_vllm_cpu.sh"
 START_TIMEOUT = float(os.environ.get("AUTOSTEER_VLLM_START_TIMEOUT", 240))
 REQUEST_TIMEOUT = 180
@@ -246,7 +253,7 @@ def started(tmp_path_factory):
         # ... and counts requests on /metrics (vLLM's multi-process metrics: the worker writes its counter there)
         prom = log_dir / "prometheus"
         prom.mkdir()
-        out["compiled"] = Server("compiled", log_dir, pack=PACK, flags=COMPILED_FLAGS,
+        out["compiled"] = Server("compiled", log_dir, pack=PACK_LAYERS, flags=COMPILED_FLAGS,
                                  env={"AUTOSTEER_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom)})
         yield out
     finally:
@@ -304,23 +311,43 @@ def reference(servers):
     return out, {p: (d[1], d[2]) for p, d in zip(ALL, got)}
 
 
-@pytest.fixture(scope="module")
-def hf_scores():
-    """The same prompts' gate scores from autosteer on the transformers model (the library's reference path):
-    the chat template the server applies, the pack's prompt format."""
-    import torch
-
+def _hf_scores(pack_path: Path) -> dict[str, float]:
+    """The prompts' gate scores from autosteer on the transformers model (the library's reference path): the chat
+    template the server applies, the pack's prompt format."""
     import autosteer
     from autosteer.method.pack import load_pack
     from autosteer.models import load_model
     from autosteer.prompting import encode_one, pad_left
 
     model, tok = load_model()
-    pack = load_pack(str(PACK))
+    pack = load_pack(str(pack_path))
     ids, mask = pad_left([encode_one(tok, p, pack.prompt_format) for p in ALL], tok.pad_token_id)
     with autosteer.attach(model, pack, tau=float(TAU)) as h:
         out = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, force=False)
     return {p: float(out.p_unsafe[i]) for i, p in enumerate(ALL)}
+
+
+@pytest.fixture(scope="module")
+def hf_scores():
+    """The test pack's reference scores (the eager steered server's pack)."""
+    return _hf_scores(PACK)
+
+
+@pytest.fixture(scope="module")
+def hf_scores_layers():
+    """The reference scores of PACK_LAYERS (the compiled and the tensor-parallel servers' pack)."""
+    return _hf_scores(PACK_LAYERS)
+
+
+def _layers(pack_path: Path) -> str:
+    """How a start-up line names the pack's layers ("20", "16+24")."""
+    from autosteer.method.pack import load_pack
+
+    return "+".join(map(str, load_pack(str(pack_path)).layers))
+
+
+def test_the_packs_read_one_layer_and_two():
+    assert _layers(PACK) == "20" and len(_layers(PACK_LAYERS).split("+")) == 2
 
 
 def test_the_plugin_is_active_only_with_a_pack(servers, reference):
@@ -413,16 +440,16 @@ def _gated_like_transformers(server: Server, hf_scores) -> dict[str, str]:
     return answers
 
 
-def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scores, reference):
+def test_compiled_mode_reads_the_same_hidden_states_and_steers(compiled, hf_scores_layers, reference):
     """Without --enforce-eager vllm-cpu runs the decoder stack as one torch.compile'd (inductor) graph. The
-    capture then reads layer L through vLLM's auxiliary hidden-state output of that graph: the gate scores
-    equal the transformers reference's, harmful prompts are refused, benign prompts are not gated and get the
-    answer eager mode gives (the same words for these prompts: compiled and eager float32 agree here)."""
+    capture then reads the probe's layers (two here) through vLLM's auxiliary hidden-state outputs of that graph:
+    the gate scores equal the transformers reference's, harmful prompts are refused, benign prompts are not gated
+    and get the answer eager mode gives (the same words for these prompts: compiled and eager float32 agree here)."""
     log = compiled.log()
-    assert "AutoSteer active (vLLM 0.32, V1 runner, compiled: auxiliary hidden-state output): layer 20" in log, \
-        log[-3000:]
+    assert ("AutoSteer active (vLLM 0.32, V1 runner, compiled: auxiliary hidden-state output): layer "
+            f"{_layers(PACK_LAYERS)}, ") in log, log[-3000:]
     assert "logprobs steered" in log
-    answers = _gated_like_transformers(compiled, hf_scores)
+    answers = _gated_like_transformers(compiled, hf_scores_layers)
     eager = reference[0]
     same = [p for p in BENIGN + [LONG_BENIGN] if answers[p] == eager[p][0]]
     assert len(same) >= len(BENIGN) - 1, {p: (answers[p], eager[p][0]) for p in BENIGN}
@@ -622,11 +649,11 @@ def pad_heads_for_tp(src: Path, dst: Path, tp: int) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory, servers):
     """A steered server with --tensor-parallel-size 2 (two CPU worker processes, one core each), started after the
-    other servers answer, on the head-padded copy of the default model, serving the same pack."""
+    other servers answer, on the head-padded copy of the default model, serving PACK_LAYERS (two probe layers)."""
     _require_engine()
     d = tmp_path_factory.mktemp("vllm-tp")
     assert pad_heads_for_tp(MODEL, d / "model", 2) == (12, 4)
-    srv = Server("steered-tp2", d, pack=PACK, model=d / "model", flags=FLAGS + ["--tensor-parallel-size", "2"],
+    srv = Server("steered-tp2", d, pack=PACK_LAYERS, model=d / "model", flags=FLAGS + ["--tensor-parallel-size", "2"],
                  env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     try:
         print(f"\nreal engine: tensor-parallel server ready after {srv.wait_ready():.0f} s")
@@ -635,15 +662,15 @@ def tp_server(tmp_path_factory, servers):
         srv.stop()
 
 
-def test_tensor_parallel_2_steers_as_one_worker_does(tp_server, reference, hf_scores):
+def test_tensor_parallel_2_steers_as_one_worker_does(tp_server, reference, hf_scores_layers):
     """Two tensor-parallel workers: each gathers the vocabulary-sharded lm_head once and announces itself; every
     prompt's gate score equals the transformers reference's (the padded model is the same function), harmful
     prompts are refused, benign prompts get the one-worker plain server's answer, each decision is logged once
     (by rank 0), and a concurrent burst gets the answers the prompts get alone."""
     log = tp_server.log()
-    for rank in (0, 1):
-        assert f"eager: layer hook, tensor-parallel rank {rank} of 2): layer 20" in log, log[-3000:]
-    answers = _gated_like_transformers(tp_server, hf_scores)
+    for rank in (0, 1):  # (the pack's probe reads two layers: a hook on each)
+        assert f"eager: layer hook, tensor-parallel rank {rank} of 2): layer {_layers(PACK_LAYERS)}, " in log, log[-3000:]
+    answers = _gated_like_transformers(tp_server, hf_scores_layers)
     plain = reference[0]
     for p in BENIGN + [LONG_BENIGN]:
         assert answers[p] == plain[p][0], f"{p!r}:\n plain (1 worker): {plain[p][0]!r}\n steered (TP=2):   {answers[p]!r}"

@@ -3,7 +3,8 @@
 Data comes from :func:`autosteer.data.default_splits` and, with the default ``fit_data="broad"``,
 issue 17's genres, contrast pairs, external benign sources and rephrasings (fit splits only; dev
 data is never touched here), or from the user's own labelled files. The layer comes from
-``layer_rule`` (default ``depth:0.55``, chosen on transfer, docs/method.md 7h; ``"auroc"``:
+``layer_rule`` (default ``depth:0.55+depth:0.83``: layers 16 and 24 of SmolLM2's 30 read by one probe,
+chosen on transfer, docs/method.md 7h; ``"auroc"``:
 validation AUROC; ``"sas"``: the paper's rule -- the whole SAS and AUROC curves are recorded either
 way; several single rules joined by ``+``, e.g. ``"12+16+20"``: one probe reads those layers' states
 concatenated, pack ``meta["layers"]``). The threshold (default ``tau_rule="budget"``) is the
@@ -170,8 +171,9 @@ class FitConfig:
     # depths joined by "+" ("12+16+20", "depth:0.4+depth:0.55+depth:0.7"): one probe on those layers' states
     # concatenated in ascending layer order (docs/method.md 7h). Default: chosen on transfer to dev
     # genres, external benign traffic and unseen framing / template families with the broad fit data
-    # (docs/results/gate_transfer_study.md): 0.55 of the depth, layer 16 of SmolLM2's 30
-    layer_rule: str = "depth:0.55"
+    # (docs/results/gate_transfer_study.md, gate_multilayer_study.md): 0.55 and 0.83 of the depth, layers 16
+    # and 24 of SmolLM2's 30, side by side (docs/method.md 7h)
+    layer_rule: str = "depth:0.55+depth:0.83"
     probe_hidden: int = 64
     probe_epochs: int = 300
     probe_lr: float = 1e-3
