@@ -57,7 +57,9 @@ def _mb(n: float) -> str:
 def _path(v: dict) -> str:
     c = v["constexprs"]
     if v["kernel"] == "probe":
-        return f"BLOCK_H {c['BLOCK_H']}, BLOCK_F {c['BLOCK_F']}"
+        n, ps = int(c.get("N_PARTS", 1)), int(c.get("PROBE_SUM", 1))  # operands: one tensor, or several layers
+        parts = "" if n == 1 else f", {n // ps} layers" + (" as (hidden, residual) pairs" if ps == 2 else "")
+        return f"BLOCK_H {c['BLOCK_H']}, BLOCK_F {c['BLOCK_F']}{parts}"
     if v["kernel"] == "latch":
         return f"rank slice {c['BLOCK_R']}"
     held = "U tile held" if c["U_IN_REGS"] else "U chunked"
