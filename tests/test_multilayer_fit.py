@@ -43,8 +43,6 @@ def test_combined_layer_rules_resolve_to_ascending_layers():
 @pytest.mark.parametrize("rule,n_layers,match", [
     ("12+12", None, "'12' and '12' name the same layer"),
     ("depth:0.5+depth:0.50", None, "name the same layer"),
-    ("depth:0.55+16", 30, "'depth:0.55' and '16' both give layer 16"),
-    ("depth:0.4+depth:0.41", 30, "both give layer 12"),
     ("1+2+3+4+5", None, "names 5 layers: a probe reads at most 4"),
     ("12++16", None, "a single rule on each side of every"),
     ("+12", None, "a single rule on each side of every"),
@@ -66,14 +64,23 @@ def test_bad_combined_layer_rules_are_refused(rule, n_layers, match):
             choose_layers(rule, [0.0] * n_layers, [0.0] * n_layers)
 
 
-def test_a_duplicate_layer_found_with_the_model_stops_the_fit_before_extraction(tiny_model, tiny_tokenizer, monkeypatch):
-    def no_extraction(*a, **k):
-        raise AssertionError("hidden states were extracted before the layer rule was checked")
+def test_depth_parts_giving_one_layer_are_merged(caplog):
+    """On a shallow model depth fractions can round to one layer (the default rule depth:0.55+depth:0.83 gives
+    layer 2 twice on 4 layers): the probe reads it once, with a warning; two layer numbers are still refused."""
+    with caplog.at_level("WARNING", logger="autosteer.method.fit"):
+        assert choose_layers("depth:0.55+depth:0.83", [0.0] * 4, [0.0] * 4) == ([2], "depth:0.55")
+        assert choose_layers("depth:0.55+16", [0.0] * 30, [0.0] * 30) == ([16], "depth:0.55")
+        assert choose_layers("depth:0.55+depth:0.83", [0.0] * 30, [0.0] * 30) == ([16, 24], "depth:0.55+depth:0.83")
+    assert sum("both give layer" in r.message for r in caplog.records) == 2
+    check_layer_rule(FitConfig().layer_rule, 4)  # the default passes on a 4-layer model
+    with pytest.raises(ValueError, match="'16' and '16' both give layer 16|name the same layer"):
+        choose_layers("16+16", [0.0] * 30, [0.0] * 30)
 
-    monkeypatch.setattr(F, "last_token_states", no_extraction)
-    # depth 0.6 and 0.7 of 4 layers both round to layer 2: only known once the model is
-    with pytest.raises(ValueError, match="both give layer 2"):
-        fit(tiny_model, tiny_tokenizer, small_cfg(layer_rule="depth:0.6+depth:0.7"), labelled_data(20))
+
+def test_the_default_rule_fits_a_shallow_model(tiny_model, tiny_tokenizer):
+    """The default (two depth fractions) on the 4-layer test model: one layer, a probe of H inputs."""
+    pack = fit(tiny_model, tiny_tokenizer, small_cfg(layer_rule=FitConfig().layer_rule), labelled_data(20))
+    assert pack.layers == [2] and pack.W1.shape[1] == tiny_model.config.hidden_size
 
 
 def test_memory_estimate_counts_the_states_of_every_gate_layer():

@@ -511,17 +511,26 @@ def check_layer_rule(rule: str | int, n_layers: int | None = None) -> None:
 
 def choose_layers(rule: str | int, sas: list[float], val_auroc: list[float]) -> tuple[list[int], str]:
     """``(layers, rule name)`` for a single or ``+``-joined layer rule: each part resolved by
-    :func:`choose_layer`, the layers sorted ascending (the order of the probe's concatenated input);
-    two parts resolving to one layer raise ValueError. A single rule gives ``([layer], name)`` as
-    :func:`choose_layer`; a combined one the parts' names joined by ``+`` in layer order."""
+    :func:`choose_layer`, the layers sorted ascending (the order of the probe's concatenated input).
+    Parts that give one layer are merged when one of them is a depth fraction (a shallow model: the
+    default ``depth:0.55+depth:0.83`` gives layer 2 twice on a 4-layer model, and the probe then reads
+    that layer once; logged as a warning); two layer numbers giving one layer raise ValueError. A single
+    rule gives ``([layer], name)`` as :func:`choose_layer`; a combined one the parts' names joined by ``+``
+    in layer order."""
     parts = layer_rule_parts(rule)
     got = sorted((choose_layer(p, sas, val_auroc) + (p,) for p in parts), key=lambda t: t[0])
-    layers = [layer for layer, _, _ in got]
-    for (a, _, pa), (b, _, pb) in zip(got, got[1:]):
-        if a == b:
-            raise ValueError(f"layer rule {str(rule)!r}: {pa!r} and {pb!r} both give layer {a} (a probe reads each "
+    kept = [got[0]]
+    for a, name, pa in got[1:]:
+        b, _, pb = kept[-1]
+        if a != b:
+            kept.append((a, name, pa))
+        elif pa.startswith("depth:") or pb.startswith("depth:"):
+            log.warning("layer rule %r: %r and %r both give layer %d on this %d-layer model; the probe reads it once",
+                        str(rule), pb, pa, a, len(sas))
+        else:
+            raise ValueError(f"layer rule {str(rule)!r}: {pb!r} and {pa!r} both give layer {a} (a probe reads each "
                              "layer once)")
-    return layers, "+".join(name for _, name, _ in got)
+    return [layer for layer, _, _ in kept], "+".join(name for _, name, _ in kept)
 
 
 def choose_layer(rule: str | int, sas: list[float], val_auroc: list[float]) -> tuple[int, str]:
