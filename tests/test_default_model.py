@@ -188,11 +188,11 @@ def test_monitor_fit_and_generation_on_the_real_model(default_model):
     assert m["responses"] == "forced" and m["response_states"]["train"] <= (32 + 16) * 8
     assert m["val_response_auroc"] >= MONITOR_AUROC_MIN, m
     held_h, held_b = full.harmful[64:80], short[64:80]  # not fit rows
-    comply, _ = generated_token_states(model, tok, held_h, PromptFormat(), pack.layer, 8, progress=False,
+    comply, _ = generated_token_states(model, tok, held_h, PromptFormat(), pack.layers, 8, progress=False,
                                        response_prefix=m["prefix"])
-    answer, _ = generated_token_states(model, tok, held_b, PromptFormat(), pack.layer, 8, progress=False)
+    answer, _ = generated_token_states(model, tok, held_b, PromptFormat(), pack.layers, 8, progress=False)
     # benign answers after the same prefix are negatives too: the probe must read content, not the prefix
-    answer_pre, _ = generated_token_states(model, tok, held_b, PromptFormat(), pack.layer, 8, progress=False,
+    answer_pre, _ = generated_token_states(model, tok, held_b, PromptFormat(), pack.layers, 8, progress=False,
                                            response_prefix=m["prefix"])
     mon = Probe(**pack.monitor)
     neg = [x for x in answer + answer_pre if len(x)]

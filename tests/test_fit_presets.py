@@ -28,7 +28,7 @@ def test_paper_preset_is_the_papers_configuration():
     assert c.preset_name == "paper"
     # the project's default differs where the docs say it does
     d = FitConfig()
-    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.55", "budget", 16, "broad")
+    assert (d.layer_rule, d.tau_rule, d.head_rank, d.fit_data) == ("depth:0.55+depth:0.83", "budget", 16, "broad")
     # chosen on transfer (docs/results/gate_transfer_study.md)
     assert (d.target_fpr, d.genre_fpr, d.contrast_fpr, d.jailbreak_fit) == (0.05, 0.10, 0.10, 800)
     low = FitConfig.preset("low-fp")
