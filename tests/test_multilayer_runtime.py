@@ -112,3 +112,17 @@ def test_a_pack_layer_the_model_lacks_is_refused(setup):
     pack.meta["num_layers"] = 12  # a pack for a deeper model of the same shape
     with pytest.raises(PackError, match="pack layer 9 does not exist in a model with 4 layers"):
         AutoSteerHandle(hf, pack, check_model=False)
+
+
+def test_a_forward_that_skipped_a_probe_layer_is_refused_by_name(setup):
+    """A forward in which a later probe layer's block did not run (a layer-skipping model) leaves that layer's
+    rows unset: the processor refuses the step by name instead of probing a partial input."""
+    hf, rows = setup
+    pack = make_pack(hf, layers=[1, 3])
+    ids = torch.tensor([rows[0]])
+    with autosteer.attach(hf, pack) as h, torch.no_grad():
+        proc = h.logits_processor()
+        logits = hf(input_ids=ids).logits[:, -1]
+        h.capture.probe_raws[1] = None  # as if block 3 had been skipped in this forward
+        with pytest.raises(RuntimeError, match="saw no hidden states"):
+            proc(ids, logits)

@@ -171,7 +171,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
     # -- the call ---------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         cap = self.handle.capture
-        if cap.probe_raw is None or cap.head_raw is None:
+        if any(h is None for h in cap.probe_raws) or cap.head_raw is None:  # (every probe layer's, this forward's)
             raise RuntimeError("AutoSteer saw no hidden states: the handle is detached or the model was not run")
         if cap.thread is not None and cap.thread != threading.get_ident():
             raise RuntimeError("AutoSteer: another thread ran the model since this step's forward (concurrent generate "
