@@ -57,7 +57,7 @@ def main() -> None:
         w = SteerWeights(W1=torch.randn(F, H, generator=g).to(dev), b1=torch.randn(F, generator=g).to(dev),
                          w2=torch.randn(F, generator=g).to(dev), b2=torch.randn(1, generator=g).to(dev),
                          U=U, Bt=torch.randn(r, H, generator=g).to(dev),
-                         tau=2.0, eps=0.1, fail_closed=False, layer=0)  # tau > 1: nothing new latches
+                         tau=2.0, eps=0.1, fail_closed=False, layers=[0])  # tau > 1: nothing new latches
         n_lat = round(frac * B)
         store = SteerStateStore(w, mode=args.mode, max_batch=B, max_positions=P)
         ids = list(range(B))

@@ -336,7 +336,7 @@ def test_precompile_runs_every_variant_a_store_launches_and_only_reads_the_weigh
     torch.manual_seed(0)
     V, H, F, r = 64, 8, 4, 2
     w = SteerWeights(W1=torch.randn(F, H), b1=torch.randn(F), w2=torch.randn(F), b2=torch.randn(1),
-                            U=torch.randn(V, r), Bt=torch.randn(r, H), tau=0.5, eps=0.3, fail_closed=True, layer=1)
+                            U=torch.randn(V, r), Bt=torch.randn(r, H), tau=0.5, eps=0.3, fail_closed=True, layers=[1])
     before = [t.clone() for t in (w.W1, w.b1, w.w2, w.b2, w.U, w.Bt)]
     seen = []
     real = op_mod.steer_step

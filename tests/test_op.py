@@ -474,9 +474,8 @@ def test_eager_fast_path_equals_op_path(device, row_tau, monkeypatch):
     check_against_reference(case, slow)
 
 
-@pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
-def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
-    """On CPU the eager wrapper calls the C++ op directly, row_tau and row_probe passed through (not the custom op)."""
+def _spy_on_the_cpp_op(monkeypatch) -> list:
+    """Record every call of the C++ op (still run), and make the custom-op path fail: the list of calls' arguments."""
     calls = []
     real = torch.ops.autosteer.steer_step_cpu
 
@@ -487,6 +486,13 @@ def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
 
     monkeypatch.setattr(torch.ops.autosteer, "steer_step_cpu", Spy())
     monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
+    return calls
+
+
+@pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
+def test_eager_fast_path_calls_the_cpp_op_with_row_tau(monkeypatch):
+    """On CPU the eager wrapper calls the C++ op directly, row_tau and row_probe passed through (not the custom op)."""
+    calls = _spy_on_the_cpp_op(monkeypatch)
     case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", row_tau=True)
     out = run_op(case)
     assert len(calls) == 1 and calls[0][-3] is case.row_tau and calls[0][-2] is None and calls[0][-1] is None
@@ -680,16 +686,7 @@ def test_op_parts_state_rows_stacked(device, path, monkeypatch):
 
 @pytest.mark.skipif(op.native_backend() is None, reason="needs the C++ extension")
 def test_eager_fast_path_passes_probe_extra_to_the_cpp_op(monkeypatch):
-    calls = []
-    real = torch.ops.autosteer.steer_step_cpu
-
-    class Spy:
-        def __call__(self, *a):
-            calls.append(a)
-            return real(*a)
-
-    monkeypatch.setattr(torch.ops.autosteer, "steer_step_cpu", Spy())
-    monkeypatch.setattr(torch.ops.autosteer, "steer_step", None)  # the op path would fail
+    calls = _spy_on_the_cpp_op(monkeypatch)
     case = make_case(B=5, H=37, V=101, r=8, seed=4, latch_mode="none", mask_mode="all", layers=3, probe_sum=2)
     out = run_op(case)
     assert len(calls) == 1 and calls[0][-1] == 2 and len(calls[0][-2]) == 5

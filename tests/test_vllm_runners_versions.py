@@ -309,7 +309,7 @@ def test_compiled_capture_reads_the_auxiliary_output_and_hands_the_runner_its_us
         x = torch.arange(5 * cap.E.shape[1], dtype=cap.E.dtype).reshape(5, -1)
         out = model(x)
         assert out is x  # the runner gets the final hidden states only
-        assert cap.num_reqs == 2 and torch.equal(cap.probe[:2], (x + 1)[[1, 4]])
+        assert cap.num_reqs == 2 and torch.equal(cap.probes[0][:2], (x + 1)[[1, 4]])
         assert cap.query_lens[:2].tolist() == [2, 3] and cap.forwards == 1
     finally:
         cap.remove()

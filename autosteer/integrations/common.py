@@ -282,7 +282,8 @@ class SteerWeights:
     tau: float
     eps: float
     fail_closed: bool
-    layer: int
+    # the layers whose residual streams the probe reads, side by side (W1 is [F, len(layers) * H])
+    layers: list[int]
     # threshold for generated tokens in monitor mode; None: a prefill-only pack (tau is used, with a warning)
     tau_monitor: float | None = None
     # (W1 [2, F, H], b1 [2, F], w2 [2, F], b2 [2]): prefill probe and monitor probe stacked, for
@@ -290,12 +291,6 @@ class SteerWeights:
     stacked: tuple | None = None
     # monitor mode probes a request's first monitor_window generated tokens (None: all of them)
     monitor_window: int | None = None
-    # the layers whose residual streams the probe reads, side by side (W1 is [F, len(layers) * H]); None: [layer]
-    layers: list[int] | None = None
-
-    def __post_init__(self):
-        if self.layers is None:
-            self.layers = [self.layer]
 
     @property
     def monitor_tau(self) -> float:
@@ -321,7 +316,7 @@ class SteerWeights:
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
             w2=pack.w2.to(device).contiguous(), b2=pack.b2.to(device).contiguous(),
             U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
-            tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layer=pack.layer, layers=list(pack.layers),
+            tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layers=list(pack.layers),
             stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
             monitor_window=_window(pack, monitor_window),
         )

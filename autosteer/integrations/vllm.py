@@ -414,7 +414,6 @@ class VLLMCapture:
         k = len(self.layers)
         # per probe layer, the rows of a forward that ran several tokens per request (gathered there)
         self.probes = [torch.zeros(max_reqs, H, dtype=dt, device=dev) for _ in range(k)]
-        self.probe = self.probes[0]
         self.head = HiddenBuffer(max_reqs, H, dt, dev, name="compute_logits-input")
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
         self.query_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)

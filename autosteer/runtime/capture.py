@@ -41,7 +41,6 @@ class HiddenCapture:
             if not 0 <= layer < len(blocks):
                 raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1} for this model")
         self.layers = layers
-        self.layer = layers[0]
         # as each probe block got its input: [B, T, H] (or [T, H]), in the order of ``layers``
         self.probe_raws: list[torch.Tensor | None] = [None] * len(layers)
         self.probe_tokens: int = 0  # T of the latest forward
@@ -82,11 +81,6 @@ class HiddenCapture:
             self.probe_raws[i] = h
             self._flat_probe = None
         return on_block
-
-    @property
-    def probe_raw(self) -> torch.Tensor | None:
-        """The first probe layer's input as its block got it (the one-layer form)."""
-        return self.probe_raws[0]
 
     def _on_head(self, _mod, args, kwargs):
         h = _first_arg(args, kwargs, "input")
