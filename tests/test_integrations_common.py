@@ -243,6 +243,20 @@ def test_hidden_buffer_writes_in_place_and_overflows(weights):
     assert buf.writes == 3
 
 
+def test_hidden_buffer_keeps_a_reference_unless_told_to_copy():
+    """write_or_keep: an eager forward's tensor is kept by reference (no copy, no op); while the engine may be
+    capturing a graph (``copy=True``: TGI's warm-up) it is copied into the buffer's fixed memory, which a
+    later step after a begin_forward reads."""
+    buf = HiddenBuffer(4, H, torch.float32, "cpu")
+    x = torch.randn(3, H)
+    buf.write_or_keep(x)
+    assert buf.view() is x and not torch.equal(buf.buf[:3], x)
+    buf.begin_forward()
+    buf.write_or_keep(x, copy=True)
+    assert buf.overflow is None and buf.view() is buf.buf and torch.equal(buf.buf[:3], x)
+    assert buf.writes == 2
+
+
 def test_server_settings_parse_strictly():
     """Environment / server-config values: a typo must stop the start-up, never flip a safety setting."""
     from autosteer.integrations.common import parse_flag, parse_threshold

@@ -44,15 +44,19 @@ Python dispatches the same ops, with the Triton launch instead of ``autosteer::s
   has grown since it was added; V2: the scheduler's exact sequence lengths).
 - vLLM, monitor mode: the same plus one in-place ``add`` counting each row's latched steps (what
   ``latched_at`` is derived from when the state is written back): 3 ops.
-- TGI, prefill and monitor mode: its hooks write into preallocated buffers (the CUDA-graph contract), one op
-  each (``add`` for the residual stream, ``copy_`` for lm_head's input), then the op, plus the latch count in
-  monitor mode: 3 and 4 ops in an eager forward; in a CUDA-graph replay the hooks do not run (their two
-  kernels are inside the graph): 1 and 2.
+- TGI, prefill and monitor mode: the probe layer's hook writes the residual-stream sum into a preallocated
+  buffer (one ``add``; the CUDA-graph contract), lm_head's input is copied into its buffer only while TGI warms
+  up and captures its graphs and is kept by reference in a later eager forward (no op), then the op, plus the
+  latch count in monitor mode: 2 and 3 ops in an eager forward, as in vLLM; in a CUDA-graph replay the hooks
+  do not run (their kernels are inside the graph): 1 and 2.
+- A probe reading two layers (the default pack's) adds the second layer's sum: 3 and 4 ops, in every engine
+  (:func:`test_a_two_layer_probe_adds_one_capture_op`).
 
 With a monitor window the mask of rows still inside it is one of a list made when the rows were set up
 (no op), or one ``le`` per step for a window longer than :data:`autosteer.integrations.common.WINDOW_MASKS`
-(64): then vLLM dispatches 4 ops and a TGI eager forward 5, the one configuration measured over the budget
-(:func:`test_a_window_longer_than_the_precomputed_masks`). A step past every row's window probes nothing and
+(1024 steps): then a one-layer pack's step is 4 ops in vLLM and in a TGI eager forward
+(:func:`test_a_window_longer_than_the_precomputed_masks`), a two-layer pack's 5, the one configuration over
+the budget (a window over 1023 tokens, where the pack's default is 16). A step past every row's window probes nothing and
 counts no latch: one op fewer. TGI with speculation runs the op once per position
 and commits the latch on the device: 95 / 111 ops (:data:`SPECULATIVE`). Every continuing step's ops are
 asserted exactly, so adding one fails its test; the results are checked against transformers + AutoSteer.
@@ -298,8 +302,8 @@ def run_tgi(setup, tmp_path, pack, mode, *, window=None, graphs=False, speculate
 OP = "autosteer.steer_step_cpu"
 #: a continuing decode step's ops, exactly (see the module docstring)
 VLLM_STEP = {"prefill": {"aten.add": 1, OP: 1}, "monitor": {"aten.add": 1, OP: 1, "aten.add_": 1}}
-TGI_STEP = {"eager": {"prefill": {"aten.add": 1, "aten.copy_": 1, OP: 1},
-                      "monitor": {"aten.add": 1, "aten.copy_": 1, OP: 1, "aten.add_": 1}},
+TGI_STEP = {"eager": {"prefill": {"aten.add": 1, OP: 1},
+                      "monitor": {"aten.add": 1, OP: 1, "aten.add_": 1}},
             "graph replays": {"prefill": {OP: 1}, "monitor": {OP: 1, "aten.add_": 1}}}
 CASES = {  # name: (pack options, mode)
     "prefill": (dict(), "prefill"),
@@ -359,10 +363,9 @@ def setup_layers():
 
 
 #: a continuing decode step's ops with a probe reading two layers: one capture op more (the second layer's
-#: residual-stream sum, in its own hook); in a TGI eager forward's monitor mode that is 5, over the budget
+#: residual-stream sum, in its own hook): 3, and 4 in monitor mode
 TWO_LAYER_STEP = {"vllm v1": {"prefill": {"aten.add": 2, OP: 1}, "monitor": {"aten.add": 2, OP: 1, "aten.add_": 1}},
-                  "tgi eager": {"prefill": {"aten.add": 2, "aten.copy_": 1, OP: 1},
-                                "monitor": {"aten.add": 2, "aten.copy_": 1, OP: 1, "aten.add_": 1}},
+                  "tgi eager": {"prefill": {"aten.add": 2, OP: 1}, "monitor": {"aten.add": 2, OP: 1, "aten.add_": 1}},
                   "tgi graph replays": TGI_STEP["graph replays"]}
 TWO_LAYER_STEP["vllm v2"] = TWO_LAYER_STEP["vllm v1"]
 
@@ -383,8 +386,7 @@ def test_a_two_layer_probe_adds_one_capture_op(fake_tgi, setup_layers, tmp_path,
     else:
         report, outputs, decisions = run_tgi(setup_layers, tmp_path, pack, mode, graphs=engine == "tgi graph replays")
     want = TWO_LAYER_STEP[engine][mode]
-    _check(report, want, window="window" in case,
-           budget=5 if (engine, mode) == ("tgi eager", "monitor") else MAX_OPS_PER_DECODE_STEP)
+    _check(report, want, window="window" in case)
     _check_against_reference(_reference(setup_layers, pack, mode, f"two layers, {case}"), outputs, decisions)
     if case == "monitor probe, window":
         assert any(d.latched_at > 0 for d in decisions.values())  # latched at a generated token
@@ -394,15 +396,15 @@ def test_a_two_layer_probe_adds_one_capture_op(fake_tgi, setup_layers, tmp_path,
 
 #: with a window longer than WINDOW_MASKS, continuing steps past the first WINDOW_MASKS add one ``le``
 LONG_WINDOW_STEP = {"vllm": {**VLLM_STEP["monitor"], "aten.le": 1},
-                    "tgi eager": {**TGI_STEP["eager"]["monitor"], "aten.le": 1}}  # 5 ops: over the budget
+                    "tgi eager": {**TGI_STEP["eager"]["monitor"], "aten.le": 1}}
 
 
 @pytest.mark.parametrize("engine", ["vllm", "tgi eager"])
 def test_a_window_longer_than_the_precomputed_masks(fake_tgi, setup, tmp_path, monkeypatch, engine):
     """Monitor mode with a window longer than WINDOW_MASKS (here 2, window 6): past the precomputed masks each
-    continuing step computes the rows still inside the window (one ``le``): 4 ops in vLLM; in a TGI eager
-    forward 5 -- the one configuration over the budget (a window longer than 63 tokens, the default is the 16
-    the pack was calibrated on, in a forward that is not a CUDA-graph replay); results unchanged."""
+    continuing step computes the rows still inside the window (one ``le``): 4 ops in vLLM and in a TGI eager
+    forward, still within the budget (with the real WINDOW_MASKS only a window over 1023 tokens gets here);
+    results unchanged."""
     monkeypatch.setattr(common, "WINDOW_MASKS", 2)
     case = "monitor probe, window 6"
     pack = _pack(setup, tau=1.0, monitor_probe=True, window=6)

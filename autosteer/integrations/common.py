@@ -466,11 +466,20 @@ class HiddenBuffer:
             self.overflow = a + b
 
     def keep(self, x: torch.Tensor) -> None:
-        """Keep a reference to ``x`` for this forward, no copy: only for an engine that replays no CUDA graph
-        and writes nothing into ``x`` before the step reads it (vLLM's ``compute_logits`` input: the sampler,
-        and with it the logits processor, runs right after ``compute_logits``)."""
+        """Keep a reference to ``x`` for this forward, no copy: only in a forward that is not being captured into a
+        CUDA graph, for a tensor nothing writes before the step reads it (vLLM's ``compute_logits`` input: the
+        sampler, and with it the logits processor, runs right after ``compute_logits``; TGI's ``lm_head`` input in
+        an eager forward after warm-up, when no graph is captured)."""
         self.writes += 1
         self.overflow = self._flat(x)
+
+    def write_or_keep(self, x: torch.Tensor, *, copy: bool = False) -> None:
+        """:meth:`write` when ``copy`` (the engine may be capturing a graph in a way torch cannot see, e.g.
+        TGI's warm-up) or a CUDA graph is being captured on ``x``'s stream; else :meth:`keep` (no op)."""
+        if copy or self._capturing(x):
+            self.write(x)
+        else:
+            self.keep(x)
 
     def view(self) -> torch.Tensor:
         return self.overflow if self.overflow is not None else self.buf
@@ -603,9 +612,11 @@ class SteerSummary:
     settings: RequestSettings | None = None  # what the request asked for (None: the server's defaults)
 
 
-#: monitor mode with a window: the probe masks of the first WINDOW_MASKS decode steps after the rows
-#: were set up are made then, at once (views of one table); a longer window costs one ``le`` per step past them
-WINDOW_MASKS = 64
+#: monitor mode with a window: the probe masks of the first min(window + 1, WINDOW_MASKS) decode steps after the
+#: rows were set up are made then, at once (views of one ``[K, slots]`` bool table); a window longer than that
+#: costs one ``le`` per step past them. 1024 covers any window a pack is calibrated on (16 by default) and keeps
+#: the table small (1 MB at 1024 slots)
+WINDOW_MASKS = 1024
 
 
 def _slot_table(name: str):

@@ -320,7 +320,15 @@ class _Runtime:
                 self._hooks.append(hook_output_sum(layers[L - 1], buf, check_layer_out(L)))
             else:
                 self._hooks.append(hook_input(layers[0], buf, 0, 1, check_layer_in))
-        self._hooks.append(hook_input(lm_head, self.head_buf, 0))
+        head_buf = self.head_buf
+
+        def keep_head_input(_mod, args):
+            # lm_head's input: copied into the buffer while TGI warms up (its CUDA graphs are captured there, and a
+            # replay must rewrite fixed memory) or under any capture; after warm-up a hook runs only in an eager
+            # forward, where nothing writes the tensor before the chooser reads it, so a reference is kept (no op)
+            head_buf.write_or_keep(args[0], copy=self.warming)
+
+        self._hooks.append(lm_head.register_forward_pre_hook(keep_head_input))
         self.model = flash_lm
         # the same start-up line as the vLLM workers' (an operator greps one string for both engines)
         log.info("autosteer: AutoSteer active (TGI, %s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
