@@ -62,6 +62,9 @@ FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default
 
 # ------------------------------------------------------------------------------------------ probes
 #: feature -> (offsets averaged or concatenated, how)
+FEATURE_NOTES = {"last": "the last prompt token, what the runtime reads", "im_end": "the <|im_end|> closing the user turn",
+                 "inst": "the last token of the user's text", "post_mean": "the mean over the six tokens from <|im_end|> on",
+                 "last+inst": "the last prompt token and the last token of the user's text, both"}
 FEATURES = {"last": ((0,), "mean"), "im_end": ((5,), "mean"), "inst": ((6,), "mean"),
             "post_mean": ((0, 1, 2, 3, 4, 5), "mean"), "last+inst": ((0, 6), "concat")}
 #: issue 17 targets: group -> (direction, bound)
@@ -271,7 +274,8 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
           f"(probes: {time.time() - t1:.0f} s with {torch.get_num_threads()} torch threads; cached states of {n_texts} "
           "prompts).", "",
           f"Fit data `{data}`, position `{feature}`, probe hidden {hidden}. `L12+16+20` is one probe on the residual "
-          "streams entering layers 12, 16 and 20 at the last prompt token, concatenated. Each variant runs the fit's "
+          f"streams entering layers 12, 16 and 20 at position `{feature}` ({FEATURE_NOTES.get(feature, feature)}), "
+          "concatenated. Each variant runs the fit's "
           "own gate rule, as in [gate_transfer_study.md](gate_transfer_study.md): out-of-fold scores set the operating "
           "points by the false-positive budget of `FitConfig`, then the probe is trained on every fit row. Cells are "
           f"gate-fire rates (%) on the same DEV sets. With several seeds ({', '.join(map(str, seeds))}: the fold split "
