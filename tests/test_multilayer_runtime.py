@@ -126,3 +126,25 @@ def test_a_forward_that_skipped_a_probe_layer_is_refused_by_name(setup):
         h.capture.probe_raws[1] = None  # as if block 3 had been skipped in this forward
         with pytest.raises(RuntimeError, match="saw no hidden states"):
             proc(ids, logits)
+
+
+def test_a_probe_layer_on_another_device_is_copied_to_the_heads(setup):
+    """A model split over devices (``device_map="auto"``) can run a probe layer on one device and lm_head, where
+    the op runs, on another: the hook copies that layer's input to lm_head's device (the op refuses operands on
+    mixed devices). One device is all this machine has, so lm_head's device is played by ``meta``; a layer already
+    on the head's device is kept by reference, as before."""
+    hf, rows = setup
+    pack = make_pack(hf, layers=[1, 3])
+    ids = torch.tensor([rows[0]])
+    with autosteer.attach(hf, pack) as h, torch.no_grad():
+        cap = h.capture
+        seen = []
+        probe = hf.model.layers[3].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            hf(input_ids=ids)
+            assert cap.probe_raws[1] is seen[-1]  # same device: a reference, no copy
+            cap.head_device = torch.device("meta")
+            hf(input_ids=ids)
+        finally:
+            probe.remove()
+        assert all(r.device.type == "meta" and r.shape == seen[-1].shape for r in cap.probe_raws)
