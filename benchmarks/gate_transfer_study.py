@@ -82,11 +82,27 @@ def features(S: torch.Tensor, offsets: tuple[int, ...], layer_pos, feature: str)
     return x.mean(1) if how == "mean" else x.flatten(1)
 
 
-def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden, budget, seed=0) -> dict:
+def train_probe_bagged(x, y, members: int, hidden, epochs, lr, weight_decay, seed):
+    """``members`` probes, each trained on a bootstrap resample of the rows (multinomial counts used as sample
+    weights) from its own initialisation; one probe whose logit is their mean (hidden units side by side, ``w2``
+    scaled by 1/K: the same MLP form the op serves). ``members=1``: the fit's one probe on every row."""
+    from autosteer.method.probe import Probe, train_probe
+
+    if members == 1:
+        return train_probe(x, y, hidden, epochs, lr, weight_decay, seed)
+    g, n, ps = torch.Generator().manual_seed(10_007 * seed + 1), len(y), []
+    for m in range(members):
+        counts = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).float()
+        ps.append(train_probe(x, y, hidden, epochs, lr, weight_decay, seed * 1000 + m, sample_weight=counts))
+    return Probe(torch.cat([p.W1 for p in ps]), torch.cat([p.b1 for p in ps]), torch.cat([p.w2 for p in ps]) / members,
+                 torch.stack([p.b2 for p in ps]).mean(0))
+
+
+def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden, budget, seed=0, members=1) -> dict:
     """The fit's own gate rule on these features: out-of-fold scores of every fit row set the operating
     points (:func:`autosteer.method.fit.operating_points`), the probe is trained on every row."""
     from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores
-    from autosteer.method.probe import auroc, train_probe
+    from autosteer.method.probe import auroc
 
     cfg = FitConfig(probe_hidden=hidden, seed=seed, **({} if budget is None else {"target_fpr": budget}))
     # one layer, or several read together (their features concatenated)
@@ -95,8 +111,8 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
     groups = ["harmful"] * len(fitdata.harmful) + list(fitdata.benign_groups or ["other"] * len(fitdata.benign))
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
-    train = lambda rows: train_probe(X[rows], y[rows], hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
-                                     cfg.probe_weight_decay, seed)
+    train = lambda rows: train_probe_bagged(X[rows], y[rows], members, hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
+                                            cfg.probe_weight_decay, seed)
     keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold
     oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, seed, keys)
     points = operating_points(oof, y, groups, cfg)
@@ -165,6 +181,9 @@ def main() -> int:
                          "'16;16+24;12+16+20' (each set concatenated, at the first --features position), on the first "
                          "--data variant, repeated over --seeds; the table gives the mean and range over seeds")
     ap.add_argument("--seeds", default="0", help="fold and probe seeds (with --layer-sets)")
+    ap.add_argument("--members", default="1",
+                    help="probes per gate, bagged (bootstrap resamples, logits averaged); several, e.g. '1,5', compare "
+                         "(with --layer-sets)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     offsets = tuple(int(x) for x in args.offsets.split(","))
@@ -242,19 +261,22 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
     points = args.points.split(",")
     keys = ["val_auroc", "tau"] + [k for k, _ in COLUMNS]
     rows = []
+    member_counts = [int(v) for v in args.members.split(",")]
     for spec in args.layer_sets.split(";"):
         ls = tuple(int(v) for v in spec.split("+"))
-        runs = {pt: [] for pt in points}
-        for seed in seeds:
-            for pt, row in run_variant(S, index, offsets, layers, fits[data], sets, ls, feature, hidden,
-                                       args.budget, seed).items():
-                if pt in runs:
-                    runs[pt].append({"val_auroc": row["val_auroc"], "tau": row["tau"], **summarize(row)})
-        for pt in points:
-            agg = {k: [r[k] for r in runs[pt]] for k in keys}
-            rows.append((f"L{spec} {pt}", agg))
-            print(f"L{spec} {pt}", " ".join(f"{k}={100 * sum(v) / len(v):.1f}" for k, v in agg.items() if k in dict(COLUMNS)),
-                  flush=True)
+        for members in member_counts:
+            runs = {pt: [] for pt in points}
+            for seed in seeds:
+                for pt, row in run_variant(S, index, offsets, layers, fits[data], sets, ls, feature, hidden,
+                                           args.budget, seed, members).items():
+                    if pt in runs:
+                        runs[pt].append({"val_auroc": row["val_auroc"], "tau": row["tau"], **summarize(row)})
+            for pt in points:
+                agg = {k: [r[k] for r in runs[pt]] for k in keys}
+                name = f"L{spec}{f' x{members} bagged' if members > 1 else ''} {pt}"
+                rows.append((name, agg))
+                print(name, " ".join(f"{k}={100 * sum(v) / len(v):.1f}" for k, v in agg.items() if k in dict(COLUMNS)),
+                      flush=True)
 
     def cell(v, scale=100.0, fmt="{:.1f}"):
         m = sum(v) / len(v)
