@@ -57,8 +57,9 @@ With a monitor window the mask of rows still inside it is one of a list made whe
 (1024 steps): then a one-layer pack's step is 4 ops in vLLM and in a TGI eager forward
 (:func:`test_a_window_longer_than_the_precomputed_masks`), a two-layer pack's 5, the one configuration over
 the budget (a window over 1023 tokens, where the pack's default is 16). A step past every row's window probes nothing and
-counts no latch: one op fewer. TGI with speculation runs the op once per position
-and commits the latch on the device: 95 / 111 ops (:data:`SPECULATIVE`). Every continuing step's ops are
+counts no latch: one op fewer. TGI with speculation runs the op once per position: in prefill mode a
+continuing step is a slot step of 5 ops (:data:`SPECULATIVE_PREFILL_STEP`), in monitor mode the general path
+commits the latch on the device, at most 107 ops. Every continuing step's ops are
 asserted exactly, so adding one fails its test; the results are checked against transformers + AutoSteer.
 """
 from __future__ import annotations
@@ -425,22 +426,42 @@ def test_a_window_longer_than_the_precomputed_masks(fake_tgi, setup, tmp_path, m
     _check_against_reference(_reference(setup, pack, "monitor", case), outputs, decisions)
 
 
-#: TGI with n-gram speculation (2 tokens: 3 positions per step): every decode step takes the general path
-SPECULATIVE = {"prefill": 95, "monitor": 111}
+#: TGI with n-gram speculation (2 tokens: 3 positions per step). Prefill mode: a continuing decode step is a slot
+#: step -- nothing is probed at generated tokens, so a row's latch cannot change between positions -- with the op
+#: once per position (the chooser steers one position at a time, after TGI's repetition penalty) and one
+#: ``index_add_`` of the engine's accepted counts into the token table: 5 ops. Monitor mode probes every position
+#: and commits each row's latch at its last accepted one: the general path, at most 107 ops.
+SPECULATIVE_PREFILL_STEP = {"aten.add": 1, OP: 3, "aten.index_add_": 1}
+SPECULATIVE_MONITOR_MAX = 107
+
+
+def _summaries(decisions) -> dict:
+    return {i: (d.latched, d.latched_at, d.tokens, d.steps, round(d.p_unsafe, 6) if d.p_unsafe == d.p_unsafe else None)
+            for i, d in decisions.items()}
 
 
 @pytest.mark.parametrize("mode", ["prefill", "monitor"])
-def test_tgi_speculative_decode_steps(fake_tgi, setup, tmp_path, mode):
-    """A speculative step runs the op once per position and commits each row's latch at its last accepted
-    position on the device: not bounded by 4 (3 op launches alone); measured, and never syncing."""
+def test_tgi_speculative_decode_steps(fake_tgi, setup, tmp_path, monkeypatch, mode):
+    """A speculative step (3 positions): prefill mode takes the slot step (5 ops: the op per position, the capture,
+    the accepted tokens counted on the device); monitor mode the general path, which runs the op once per position
+    and commits each row's latch at its last accepted position on the device. Never syncing; outputs and decisions
+    equal transformers + AutoSteer's, and every request's summary (latch, first steered token, tokens counted,
+    steps, prompt score) equals what the general path alone gives."""
     pack = _pack(setup)
     report, outputs, decisions = run_tgi(setup, tmp_path, pack, mode, speculate=2)
     steps = report["decode"] + report["decode after a batch change"]
     assert len(steps) >= 3
-    assert max(n for n, _, _ in steps) <= SPECULATIVE[mode], [n for n, _, _ in steps]
-    assert all(ops[OP] == 3 for _, ops, _ in steps)
+    if mode == "prefill":
+        assert all(ops == SPECULATIVE_PREFILL_STEP for _, ops, _ in steps), [ops for _, ops, _ in steps]
+    else:
+        assert max(n for n, _, _ in steps) <= SPECULATIVE_MONITOR_MAX, [n for n, _, _ in steps]
+        assert all(ops[OP] == 3 for _, ops, _ in steps)
     assert not any(syncs for *_, syncs in steps + report["prefill"])
     _check_against_reference(_reference(setup, pack, mode, mode), outputs, decisions)
+    assert sum(d.latched for d in decisions.values()) and any(d.tokens > d.steps for d in decisions.values())  # (accepted > 1)
+    monkeypatch.setattr(common.SteerStateStore, "_slot_step", lambda self, *a, **k: False)  # the general path only
+    _, general_outputs, general = run_tgi(setup, tmp_path, pack, mode, speculate=2)
+    assert general_outputs == outputs and _summaries(general) == _summaries(decisions)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -594,9 +594,11 @@ class RequestSteerState:
     prefill_done: bool = False  # the request's last prompt chunk has been through a step
     steps: int = 0  # steps in which this request produced a kept token
     extra: dict = field(default_factory=dict)  # integration-specific data
-    # slot steps of the store's current epoch this request ran (see SteerStateStore: tokens not yet in the table)
+    # slot steps of the store's current epoch this request ran (see SteerStateStore), and the tokens they kept that
+    # the host counted (not yet in the table; a speculative slot step's accepted tokens are counted on the device)
     epoch: int = -1
     epoch_steps: int = 0
+    epoch_tokens: int = 0
 
 
 @dataclass
@@ -656,9 +658,12 @@ class SteerStateStore:
     counted step latched at generated token ``tokens + e``); :meth:`settle` folds them into the tables
     (the next general step, :meth:`force_latch` and the table properties do), :meth:`summary` adds them
     on the host. A request must run every slot step of its epoch (one that sat a step out and comes
-    back takes the general path), so that its e-th slot step is its e-th token of the epoch. Every other
-    step (rows joining, prompt chunks, speculation, a device-side ``phase``, requests with their own
-    settings) takes the general path: it folds the epoch, stages its indices, gathers, runs the op and
+    back takes the general path), so that its e-th slot step is its e-th token of the epoch. In prefill mode
+    a speculative step (``P`` positions) is a slot step too: nothing is probed at generated tokens, so a row's
+    latch cannot change between positions; the op runs once per position and the engine's accepted counts
+    are added to a per-slot token table on the device (one ``index_add_``), folded in with the epoch. Every
+    other step (rows joining, prompt chunks, speculation in monitor mode, a device-side ``phase``, requests
+    with their own settings) takes the general path: it folds the epoch, stages its indices, gathers, runs the op and
     scatters the results back.
     """
 
@@ -730,6 +735,8 @@ class SteerStateStore:
         self._sl_tau_mon = torch.full((n,), self.w.monitor_tau, dtype=torch.float32, device=dev)
         self._sl_probe_mon = torch.ones(n, dtype=torch.int32, device=dev)
         self._sl_count = torch.zeros(n, dtype=torch.int32, device=dev)
+        # tokens kept by speculative slot steps, counted on the device (the engine's accepted counts), per slot
+        self._sl_spec_tokens = torch.zeros(n, dtype=torch.int64, device=dev)
         self._fold_stage = HostStaging(2 * n, torch.int64, dev)  # (slot, tokens) pairs folded into the table
         self._free.extend(range(n - 1, start - 1, -1))  # pop() hands out the lowest slot first
 
@@ -750,6 +757,12 @@ class SteerStateStore:
         self._rows = torch.zeros(rows, dtype=torch.int64, device=dev)  # prefill probe rows
         self._grid = torch.arange(rows * positions, dtype=torch.int64, device=dev)  # b * P + j
         self._grid_views = [self._grid[:n] for n in range(rows + 1)]  # a slot step's rows, made once
+        # (B, P, j) -> rows b * P + j of a speculative slot step (prefill mode), made here for every B (P the
+        # store's positions), so that a step after a batch change makes none; another P: at first use
+        self._spec_rows = {}
+        if positions > 1 and self.mode == "prefill":
+            by_row = self._grid.view(rows, positions)
+            self._spec_rows = {(n, positions, j): by_row[:n, j] for n in range(1, rows + 1) for j in range(positions)}
         # monitor mode: per-row thresholds (a row's last prompt token: tau; a generated token: tau_monitor)
         self._tau_pre = torch.full((rows,), self.w.tau, dtype=torch.float32, device=dev)
         self._tau_mon = torch.full((rows,), self.w.monitor_tau, dtype=torch.float32, device=dev)
@@ -854,13 +867,13 @@ class SteerStateStore:
         s = st.slot
         vals = torch.stack([self._sl_latched[s].float(), self._sl_p_unsafe[s], self._sl_p_last[s],
                             self._sl_latched_at[s].float(), self._sl_tokens[s].float(),
-                            self._sl_count[s].float()]).tolist()
+                            self._sl_count[s].float(), self._sl_spec_tokens[s].float()]).tolist()
         latched, tokens, latched_at = bool(vals[0]), int(vals[4]), int(vals[3])
         ep = self._ep
         if ep is not None and st.epoch == ep.id:  # the current epoch's slot steps are not in the table yet
             if latched and latched_at < 0 and ep.counted:
                 latched_at = tokens + ep.counted - int(vals[5])
-            tokens += st.epoch_steps
+            tokens += st.epoch_tokens + int(vals[6])
         return SteerSummary(request_id, latched, vals[1], vals[2], latched_at, tokens,
                             st.prefill_done, st.steps, self._settings.get(request_id))
 
@@ -881,16 +894,19 @@ class SteerStateStore:
         if ep.counted:
             tok, at = self._sl_tokens, self._sl_latched_at
             torch.where(self._sl_latched & (at < 0), tok + (ep.counted - self._sl_count), at, out=at)
-        pend = [(st.slot, st.epoch_steps) for st in self._requests.values() if st.epoch == ep.id and st.epoch_steps]
+        pend = [(st.slot, st.epoch_tokens) for st in self._requests.values() if st.epoch == ep.id and st.epoch_tokens]
         if pend:
             n = len(pend)
             meta = self._fold_stage.stage([p[0] for p in pend] + [p[1] for p in pend])
             self._sl_tokens.index_add_(0, meta[:n], meta[n: 2 * n].to(torch.int32))
+        if ep.spec_tokens:  # speculative slot steps' accepted tokens (released requests' slots too: reset on reuse)
+            self._sl_tokens += self._sl_spec_tokens.to(torch.int32)
+            self._sl_spec_tokens.zero_()
 
     def _open_epoch(self) -> None:
         """A new epoch of slot steps, on the tables as they are now (after a general step or a fold)."""
         self._ep_ids += 1
-        ep = SimpleNamespace(id=self._ep_ids, k=0, counted=0, keys=None, slots=None, masks=())
+        ep = SimpleNamespace(id=self._ep_ids, k=0, counted=0, keys=None, slots=None, masks=(), spec_tokens=False)
         if self.mode == "monitor":
             self._sl_count.zero_()
             W = self.w.monitor_window
@@ -900,11 +916,14 @@ class SteerStateStore:
         self._ep = ep
 
     def _slot_step(self, keys, P, cu_seqlens, head_rows, prefilling, still, phase) -> bool:
-        """Host facts only: this step is a slot step (one position, every row a generated token of a known request
-        with the server's settings, each row in every slot step of the epoch so far)."""
+        """Host facts only: this step is a slot step (every row a generated token of a known request with the server's
+        settings, each row in every slot step of the epoch so far; one position, or in prefill mode several: a
+        speculative step, whose rows nothing probes, so their latch cannot change between positions)."""
         ep = self._ep
         B = len(keys)
-        if ep is None or not B or B > self._max_rows or P != 1 or cu_seqlens is not None or head_rows is not None:
+        if ep is None or not B or B > self._max_rows or cu_seqlens is not None or head_rows is not None:
+            return False
+        if P != 1 and (self.mode != "prefill" or P > self._max_pos):
             return False
         if phase is not None:  # the host value PHASE_DECODE (a device phase tensor: the general path)
             if isinstance(phase, torch.Tensor) or phase != PHASE_DECODE:
@@ -979,7 +998,7 @@ class SteerStateStore:
             if keys != ep.keys:  # the batch changed: stage the new row -> slot map (no copy on the CPU)
                 ep.slots = self._stage.stage_view([self._requests[rid].slot for rid in keys])
                 ep.keys = keys
-            self._step = SimpleNamespace(fast=True, B=B, P=1, j=0, request_ids=keys, index=dict.fromkeys(keys),
+            self._step = SimpleNamespace(fast=True, B=B, P=P, j=0, request_ids=keys, index=dict.fromkeys(keys),
                                          host=phase is None)
             return
         self._fold()
@@ -1160,8 +1179,8 @@ class SteerStateStore:
         if j >= s.P:
             raise RuntimeError(f"autosteer: apply called {j + 1} times in a step with {s.P} position(s)")
         if s.fast:
-            self._apply_slots(logits, probe_hidden, head_hidden, probe_extra)
-            s.j = 1
+            self._apply_slots(logits, probe_hidden, head_hidden, probe_extra, j, s.P)
+            s.j = j + 1
             return logits
         B, P = s.B, s.P
         lat_j = self._lat[j, :B]
@@ -1196,12 +1215,19 @@ class SteerStateStore:
         s.j = j + 1
         return logits
 
-    def _apply_slots(self, logits, probe_hidden, head_hidden, probe_extra=()) -> None:
+    def _apply_slots(self, logits, probe_hidden, head_hidden, probe_extra=(), j: int = 0, P: int = 1) -> None:
         """A slot step: the op on the slot tables through the row -> slot map; monitor mode adds the latched-step
-        count (1 op) and, past WINDOW_MASKS, the window mask (1 op)."""
+        count (1 op) and, past WINDOW_MASKS, the window mask (1 op). Position ``j`` of ``P`` (a speculative step,
+        prefill mode): the op blends the latched rows at hidden rows ``b * P + j``; nothing is probed."""
         ep, w = self._ep, self.w
         e = ep.k  # this is the epoch's e-th slot step (0-based)
-        rows = self._grid_views[self._step.B]
+        B = self._step.B
+        if P == 1:
+            rows = self._grid_views[B]
+        else:  # b * P + j: a view of the grid made at its first use (per B, P and j) and kept
+            rows = self._spec_rows.get((B, P, j))
+            if rows is None:
+                rows = self._spec_rows[(B, P, j)] = self._grid[: B * P].view(B, P)[:, j]
         mask = self._sl_no_probe
         W1, b1, w2, b2, row_tau, row_probe = w.W1, w.b1, w.w2, w.b2, None, None
         if self.mode == "monitor":
@@ -1237,11 +1263,23 @@ class SteerStateStore:
                     "skipped it (were the logits processors rebuilt without it?); refusing to continue unsteered")
             if s.fast:  # the op committed the rows' latch and score in place; their tokens are counted here
                 ep = self._ep
+                kept = 1
+                if s.P > 1:  # speculative: all positions kept, or the engine's accepted counts, added on the device
+                    kept = s.P
+                    if accepted is not None:
+                        acc = accepted if accepted.dim() == 1 else accepted.reshape(-1)
+                        if acc.shape[0] != s.B:
+                            raise ValueError(f"autosteer: accepted has {acc.shape[0]} entries for {s.B} rows")
+                        if acc.device != self.device or acc.dtype != torch.int64:
+                            acc = acc.to(self.device, torch.int64)
+                        self._sl_spec_tokens.index_add_(0, ep.slots, acc)
+                        ep.spec_tokens, kept = True, 0
                 for rid in s.request_ids:
                     st = self._requests[rid]
                     if st.epoch != ep.id:
-                        st.epoch, st.epoch_steps = ep.id, 0
+                        st.epoch, st.epoch_steps, st.epoch_tokens = ep.id, 0, 0
                     st.epoch_steps += 1
+                    st.epoch_tokens += kept
                     if s.host:
                         st.steps += 1
                 ep.k += 1
