@@ -128,23 +128,23 @@ def test_a_forward_that_skipped_a_probe_layer_is_refused_by_name(setup):
             proc(ids, logits)
 
 
-def test_a_probe_layer_on_another_device_is_copied_to_the_heads(setup):
-    """A model split over devices (``device_map="auto"``) can run a probe layer on one device and lm_head, where
-    the op runs, on another: the hook copies that layer's input to lm_head's device (the op refuses operands on
-    mixed devices). One device is all this machine has, so lm_head's device is played by ``meta``; a layer already
-    on the head's device is kept by reference, as before."""
-    hf, rows = setup
+def test_a_model_split_over_devices_is_refused_at_attach_by_name(setup):
+    """The op runs on one device. A model dispatched by accelerate over several devices (its modules carry an
+    ``_hf_hook`` whose ``execution_device`` is where they run) with a probe layer elsewhere than lm_head and the
+    embeddings is refused at attach with the devices named, not by the op's mixed-device check at the first step.
+    One device is all this machine has, so the other is written into the hook as accelerate would; a hook that
+    names the model's own device is accepted."""
+    from types import SimpleNamespace
+
+    hf, _ = setup
     pack = make_pack(hf, layers=[1, 3])
-    ids = torch.tensor([rows[0]])
-    with autosteer.attach(hf, pack) as h, torch.no_grad():
-        cap = h.capture
-        seen = []
-        probe = hf.model.layers[3].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
-            hf(input_ids=ids)
-            assert cap.probe_raws[1] is seen[-1]  # same device: a reference, no copy
-            cap.head_device = torch.device("meta")
-            hf(input_ids=ids)
-        finally:
-            probe.remove()
-        assert all(r.device.type == "meta" and r.shape == seen[-1].shape for r in cap.probe_raws)
+    block = hf.model.layers[3]
+    try:
+        block._hf_hook = SimpleNamespace(execution_device=torch.device("cpu"))
+        autosteer.attach(hf, pack).detach()
+        block._hf_hook = SimpleNamespace(execution_device=1)  # accelerate writes a GPU as its index
+        with pytest.raises(ValueError, match=r"split: .*lm_head on cpu, probe layer 1 on cpu, probe layer 3 on cuda:1"):
+            autosteer.attach(hf, pack)
+        assert getattr(hf, "_autosteer_handle", None) is None  # nothing left attached
+    finally:
+        del block._hf_hook

@@ -18,10 +18,12 @@ What :func:`install` patches (all TGI-specific names live in :class:`_TGI`):
 
 - ``FlashCausalLM.__init__``: once the model is built (before warmup, hence before CUDA-graph
   capture) the pack is checked against the model (fingerprint of ``lm_head``), ``U = E A`` is
-  computed and two capture hooks are registered: the residual stream entering the pack's layer
-  ``L`` (the sum of layer ``L-1``'s ``(mlp_out, attn_res)`` outputs, computed in the hook) and
-  the ``lm_head`` input; both write into preallocated buffers in place (the CUDA-graph contract
-  of :mod:`autosteer.integrations.common`).
+  computed and the capture hooks are registered: the residual stream entering each of the pack's
+  layers ``L`` (the sum of layer ``L-1``'s ``(mlp_out, attn_res)`` outputs, computed in the hook,
+  written into a preallocated buffer: the CUDA-graph contract of
+  :mod:`autosteer.integrations.common`) and the ``lm_head`` input (copied into its buffer during
+  warm-up, when TGI captures its graphs, and under any capture; kept by reference in a later eager
+  forward, where nothing writes it before the chooser reads it).
 - ``FlashCausalLM.generate_token``: records the step's batch (rows -> request ids, which rows
   are prefilling and whether this chunk finishes their prompt) and resets the capture buffers.
 - ``HeterogeneousNextTokenChooser.__call__``: stages the step (``begin_step``), makes sure an

@@ -27,6 +27,35 @@ from .reference_op import refusal_basis
 log = logging.getLogger(__name__)
 
 
+def _execution_device(module: torch.nn.Module) -> torch.device | None:
+    """Where ``module`` runs: accelerate's hook's execution device for a dispatched model (its weights may sit
+    on "meta" or be offloaded), else its first parameter's device; None for a module without parameters."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
+
+
+def check_single_device(model, layers) -> None:
+    """The op runs on one device, with the logits, the probe layers' states and lm_head's input on it. A model
+    split over devices (``device_map`` over several GPUs) that runs a probe layer, lm_head or the input
+    embeddings (where ``generate`` puts the logits) on different devices is refused here, by name, instead of
+    by the op's mixed-device check at the first step."""
+    from ..models import decoder_layers
+
+    blocks = decoder_layers(model)
+    where = {"input embeddings (the logits' device)": _execution_device(model.get_input_embeddings()),
+             "lm_head": _execution_device(output_head(model))}
+    where.update({f"probe layer {L}": _execution_device(blocks[L]) for L in layers})
+    devices = {d for d in where.values() if d is not None}
+    if len(devices) > 1:
+        listed = ", ".join(f"{k} on {v}" for k, v in where.items() if v is not None)
+        raise ValueError(f"AutoSteer runs its per-step op on one device, but this model is split: {listed}. Load it "
+                         "on one device, or use a device_map that keeps the embeddings, these decoder layers and "
+                         "lm_head together (serving: vLLM or TGI tensor parallelism is supported)")
+
+
 class AutoSteerFault(RuntimeError):
     """The per-step op failed and the handle fails closed: the generation is stopped."""
 
@@ -76,6 +105,7 @@ class AutoSteerHandle:
         for layer in pack.layers:
             if layer >= num_layers(model):
                 raise PackError(f"pack layer {layer} does not exist in a model with {num_layers(model)} layers")
+        check_single_device(model, pack.layers)
         tau = prompt_threshold(pack, tau)
         self.model = model
         self.pack = pack

@@ -8,8 +8,7 @@
   continued decode step from a new or reordered batch without reading any token on the device).
 
 Hooks only keep references to what they are given: no op, no copy, no sync (a decode step counts
-its ops, see ``tests/test_step_ops.py``), except on a model split over devices, where a probe layer's input
-is copied to ``lm_head``'s device, where the op runs (one copy per such layer per forward). The flat ``[tokens, H]`` views the op reads are made on
+its ops, see ``tests/test_step_ops.py``). The flat ``[tokens, H]`` views the op reads are made on
 demand (:attr:`HiddenCapture.probe_parts`, :attr:`HiddenCapture.head_hidden`), by the processor,
 only when a step needs them.
 """
@@ -42,9 +41,6 @@ class HiddenCapture:
             if not 0 <= layer < len(blocks):
                 raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1} for this model")
         self.layers = layers
-        # where the op runs: lm_head's device. A model split over devices (``device_map="auto"``) may run a probe
-        # layer elsewhere; its input is then copied here in the hook (one copy per forward, only for such layers)
-        self.head_device = output_head(model).weight.device
         # as each probe block got its input: [B, T, H] (or [T, H]), in the order of ``layers``
         self.probe_raws: list[torch.Tensor | None] = [None] * len(layers)
         self.probe_tokens: int = 0  # T of the latest forward
@@ -80,8 +76,6 @@ class HiddenCapture:
     def _block_hook(self, i: int):
         def on_block(_mod, args, kwargs):
             h = _first_arg(args, kwargs, "hidden_states")
-            if h.device != self.head_device:
-                h = h.to(self.head_device, non_blocking=True)
             if i == 0:
                 self.probe_tokens = h.shape[-2] if h.dim() == 3 else 1
             self.probe_raws[i] = h
