@@ -54,9 +54,9 @@ Python dispatches the same ops, with the Triton launch instead of ``autosteer::s
 
 With a monitor window the mask of rows still inside it is one of a list made when the rows were set up
 (no op), or one ``le`` per step for a window longer than :data:`autosteer.integrations.common.WINDOW_MASKS`
-(1024 steps): then a one-layer pack's step is 4 ops in vLLM and in a TGI eager forward
+(64 steps): then a one-layer pack's step is 4 ops in vLLM and in a TGI eager forward
 (:func:`test_a_window_longer_than_the_precomputed_masks`), a two-layer pack's 5, the one configuration over
-the budget (a window over 1023 tokens, where the pack's default is 16). A step past every row's window probes nothing and
+the budget (a window over 63 tokens, where the pack's default is 16). A step past every row's window probes nothing and
 counts no latch: one op fewer. TGI with speculation runs the op once per position: in prefill mode a
 continuing step is a slot step of 5 ops (:data:`SPECULATIVE_PREFILL_STEP`), in monitor mode the general path
 commits the latch on the device, at most 107 ops. Every continuing step's ops are
@@ -404,7 +404,7 @@ LONG_WINDOW_STEP = {"vllm": {**VLLM_STEP["monitor"], "aten.le": 1},
 def test_a_window_longer_than_the_precomputed_masks(fake_tgi, setup, tmp_path, monkeypatch, engine):
     """Monitor mode with a window longer than WINDOW_MASKS (here 2, window 6): past the precomputed masks each
     continuing step computes the rows still inside the window (one ``le``): 4 ops in vLLM and in a TGI eager
-    forward, still within the budget (with the real WINDOW_MASKS only a window over 1023 tokens gets here);
+    forward, still within the budget (with the real WINDOW_MASKS only a window over 63 tokens gets here);
     results unchanged."""
     monkeypatch.setattr(common, "WINDOW_MASKS", 2)
     case = "monitor probe, window 6"
