@@ -63,7 +63,8 @@ def _pack(model, tok, path: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pack", default=None, help="pack to use (default: runs/demo pack if present, else a quick fit)")
+    ap.add_argument("--pack", default=None, help="pack to use (default: the shipped pack; 'quick': a small fit, cached "
+                                                 "in runs/bench)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
@@ -75,8 +76,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model()
-    pack_path = Path(args.pack) if args.pack else Path("runs/demo/smollm2-135m-instruct.pack.safetensors")
-    if not pack_path.exists():
+    pack_path = Path(args.pack) if args.pack and args.pack != "quick" else autosteer.default_pack_path()
+    if args.pack == "quick":
         pack_path = Path("runs/bench/quick.pack.safetensors")
         pack_path.parent.mkdir(parents=True, exist_ok=True)
     pack = _pack(model, tok, pack_path)
@@ -131,6 +132,7 @@ def main() -> None:
              "Command: `python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]) + "`", "",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}; op backends available: {available_backends()}.",
+             f"Pack `{Path(pack_path).name}`: layers {'+'.join(map(str, pack.layers))}, tau {float(handle.tau):.4g}.",
              f"Greedy, exactly {args.new_tokens} new tokens per row, {args.rounds} interleaved rounds; benign FreshQA "
              "prompts (the gate stays off unless the provider forces it).",
              f"Monitor mode: generated tokens scored by {'the pack monitor probe' if handle.monitor_probe is not None else 'the prefill probe'}"
