@@ -148,3 +148,49 @@ def test_a_model_split_over_devices_is_refused_at_attach_by_name(setup):
         assert getattr(hf, "_autosteer_handle", None) is None  # nothing left attached
     finally:
         del block._hf_hook
+
+
+def _variant(args, kw) -> tuple:
+    """What makes a kernel variant of one op call: dtypes, operand count, probe width, optional operands."""
+    return (args[5].dtype, args[0].dtype, args[1].dtype, args[4].dtype, len(kw.get("probe_extra") or ()),
+            tuple(args[8].shape), kw.get("row_tau") is not None, kw.get("row_probe") is not None,
+            kw.get("state_rows") is not None)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "monitor"])
+def test_precompile_covers_every_variant_generate_launches(setup, monkeypatch, mode):
+    """``attach`` on a device whose kernels compile at first use (CUDA) runs ``precompile``: one op call per
+    variant the handle's steps launch. Every variant a batched ``generate`` then launches -- prefill and decode
+    steps, the monitor probe in monitor mode, a probe on two layers -- is one precompile already ran."""
+    import dataclasses
+
+    import autosteer.runtime.attach as attach_mod
+
+    hf, rows = setup
+    pack = make_pack(hf, layers=[1, 3])
+    mon = {"W1": pack.W1.clone(), "b1": pack.b1.clone(), "w2": pack.w2.clone(), "b2": pack.b2 + 0.5}
+    pack = dataclasses.replace(pack, meta={**pack.meta, "tau_monitor": 0.9}, monitor=mon)
+    seen = []
+    real = attach_mod.AutoSteerHandle.__dict__["precompile"]
+    monkeypatch.setattr(attach_mod, "_compiles_kernels", lambda dev: True)  # as on CUDA
+    calls = []
+    monkeypatch.setattr(attach_mod.AutoSteerHandle, "precompile", lambda self, *a, **k: calls.append(real(self, *a, **k)))
+    with autosteer.attach(hf, pack, mode=mode) as h, torch.no_grad():
+        assert calls == [2]  # at attach: the prefill probe and the monitor probe
+        op = h._op
+
+        used = set()
+
+        def spy(*args, **kw):
+            seen.append(_variant(args, kw))
+            used.add("monitor" if h.monitor_probe is not None and args[8] is h.monitor_probe[0] else "prefill")
+            return op(*args, **kw)
+
+        h._op = spy
+        real(h)
+        pre = set(seen)
+        seen.clear()
+        ids, mask = _left_padded(rows[:4])
+        h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert seen and set(seen) <= pre, set(seen) - pre
+        assert used == {"prefill", "monitor"}  # (decode steps pass the monitor probe in both modes)

@@ -37,6 +37,11 @@ def _execution_device(module: torch.nn.Module) -> torch.device | None:
     return None if p is None else p.device
 
 
+def _compiles_kernels(device: torch.device) -> bool:
+    """The op's kernels are compiled at first use on this device (Triton on CUDA; the CPU's C++ op is built)."""
+    return device.type == "cuda"
+
+
 def check_single_device(model, layers) -> None:
     """The op runs on one device, with the logits, the probe layers' states and lm_head's input on it. A model
     split over devices (``device_map`` over several GPUs) that runs a probe layer, lm_head or the input
@@ -134,7 +139,31 @@ class AutoSteerHandle:
         self._op = steer_step
         self.capture = HiddenCapture(model, pack.layers)
         self._lock = threading.Lock()
+        if _compiles_kernels(E.device):  # the Triton kernels JIT at first use: compile them here, not in a request
+            self.precompile()
         model._autosteer_handle = self
+
+    def precompile(self, logits_dtypes=(torch.float32,)) -> int:
+        """Run the op once per kernel variant this handle's steps launch, on one dummy row each: every logits
+        dtype given (``generate`` hands processors float32 scores), the prefill probe and the monitor probe if
+        the pack has one, with the model's hidden dtype, one operand per probe layer and the processor's int64
+        row indices, the row latched so that the blend launch runs too. On CUDA this compiles the Triton kernels
+        at ``attach`` (called there), so the first request does not pay the JIT; on the CPU it runs the C++ op.
+        The weights are only read. Returns the number of op calls."""
+        dev, H = self.U.device, self.Bt.shape[1]
+        h = torch.zeros(1, H, dtype=output_head(self.model).weight.dtype, device=dev)
+        extra = (h,) * (len(self.pack.layers) - 1)
+        rows = torch.zeros(1, dtype=torch.int64, device=dev)
+        probes = [(self.W1, self.b1, self.w2, self.b2)] + ([self.monitor_probe] if self.monitor_probe else [])
+        calls = 0
+        for dt in dict.fromkeys(logits_dtypes):
+            for W1, b1, w2, b2 in probes:
+                self._op(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows,
+                         torch.zeros(1, self.U.shape[0], dtype=dt, device=dev), torch.ones(1, dtype=torch.bool, device=dev),
+                         torch.zeros(1, device=dev), W1, b1, w2, b2, self.U, self.Bt, self.tau, self.eps,
+                         self.fail_closed, probe_extra=extra)
+                calls += 1
+        return calls
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
