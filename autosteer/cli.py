@@ -97,6 +97,9 @@ def _monitor_args(p) -> None:
     p.add_argument("--monitor-window", type=NON_NEGATIVE, default=None, metavar="K",
                    help="monitor mode: probe the first K generated tokens (default: the number the pack's tau_monitor "
                         "was calibrated on; 0: every token)")
+    p.add_argument("--monitor-from", type=_tau_arg, default=None, metavar="P",
+                   help="monitor mode: watch only the requests whose prompt score is at least P (a number or an "
+                        "operating point, e.g. strict): the two-stage gate (docs/method.md 7i); default: every request")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -305,7 +308,8 @@ def cmd_generate(args) -> int:
         return 2
     model, tok = _load(args)
     handle = attach(model, pack, mode=args.mode, tau=args.tau,
-                    fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
+                    fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
+                    monitor_from=args.monitor_from)
     handle.check_tokenizer(tok)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
@@ -397,7 +401,8 @@ def cmd_eval(args) -> int:
     if args.cross_modal_dev and not is_multimodal(model):
         print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
         return 2
-    handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window)
+    handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
+                    monitor_from=args.monitor_from)
     handle.check_tokenizer(tok)
     report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size, response_prefix=args.response_prefix or "")
     out_dir = Path(args.out)

@@ -122,6 +122,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
                     "monitor_probe": has_monitor_probe,
                     "monitor_window": getattr(handle, "monitor_window", None),
+                    "monitor_from": getattr(handle, "monitor_from", None),
                     "monitor_training": monitor_training(handle.pack.meta) if has_monitor_probe else None,
                     "max_new_tokens": max_new_tokens, "response_prefix": response_prefix, "settings": list(settings),
                     "sets": {}}
@@ -212,7 +213,9 @@ def markdown_report(report: dict) -> str:
                + (" (a prefill-only pack: the prompt threshold, the probe never saw responses)" if report.get("tau_monitor_fallback")
                   else " (" + (report.get("monitor_training") or "fitted on the model's responses to fit prompts") + ")"
                   if report.get("monitor_probe") else " (the pack has no monitor probe: its prefill probe scores them)")
-               + (f", the first {window} of them." if window else ", all of them."))
+               + (f", the first {window} of them" if window else ", all of them")
+               + ("." if report.get("monitor_from") is None else
+                  f", in the requests whose prompt score is at least {report['monitor_from']:.4g} only (the two-stage gate)."))
         lines += ["", "Monitor mode: tokens generated before the latch (rows that latched after prefill)." + how, ""]
         for name, e in report["sets"].items():
             leaks = e["results"]["monitor"].get("leaked_tokens", [])

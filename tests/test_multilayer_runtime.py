@@ -194,3 +194,42 @@ def test_precompile_covers_every_variant_generate_launches(setup, monkeypatch, m
         h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         assert seen and set(seen) <= pre, set(seen) - pre
         assert used == {"prefill", "monitor"}  # (decode steps pass the monitor probe in both modes)
+
+
+def test_monitor_from_watches_only_the_grey_zone(setup):
+    """The two-stage gate in the transformers path: monitor mode with ``monitor_from`` latches at generated tokens
+    only in rows whose prompt score reached it. Each row of a batch then generates exactly what it generates in
+    monitor mode (a row in the zone) or in prefill mode (a row under it), with the same latch decisions."""
+    import dataclasses
+
+    hf, rows = setup
+    pack = make_pack(hf, layers=[1, 3])
+    mon = {"W1": pack.W1.clone(), "b1": pack.b1.clone(), "w2": pack.w2.clone(), "b2": pack.b2 + 0.5}
+    pack = dataclasses.replace(pack, meta={**pack.meta, "tau": 1.0, "tau_monitor": 0.9}, monitor=mon)
+    ids, mask = _left_padded(rows)
+    runs = {}
+    with torch.no_grad():
+        for name, mode, low in (("monitor", "monitor", None), ("prefill", "prefill", None), ("grey", "monitor", "mid")):
+            with autosteer.attach(hf, pack, mode=mode) as h:
+                if low == "mid":
+                    p = runs["monitor"].p_unsafe
+                    low = float(p.sort().values[len(p) // 2])  # half the rows watched
+                    h.monitor_from = low
+                runs[name] = h.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    p, grey = runs["monitor"].p_unsafe, runs["grey"]
+    watched = p >= low
+    assert 0 < int(watched.sum()) < len(p)
+    assert bool(runs["monitor"].steered[watched].any()) and not bool(runs["prefill"].steered.any())  # (the setup)
+    for b in range(len(p)):
+        ref = runs["monitor" if watched[b] else "prefill"]
+        assert torch.equal(grey.sequences[b], ref.sequences[b]), b
+        assert (bool(grey.steered[b]), int(grey.latched_at[b])) == (bool(ref.steered[b]), int(ref.latched_at[b])), b
+
+
+def test_monitor_from_is_checked_against_the_prompt_threshold(setup):
+    hf, _ = setup
+    pack = make_pack(hf, layers=[1, 3])
+    with pytest.raises(ValueError, match="grey zone .* would be empty"):
+        autosteer.attach(hf, pack, mode="monitor", monitor_from=float(pack.tau) + 0.01)
+    with autosteer.attach(hf, pack, mode="monitor", monitor_from=0.25) as h:
+        assert h.monitor_from == 0.25

@@ -169,6 +169,16 @@ def test_a_decode_step_is_at_most_4_ops_and_never_syncs(tiny_model, tiny_tokeniz
         assert sum(n for op, n in ops.items() if op.startswith("autosteer.")) == 1, ops
 
 
+def test_the_two_stage_gate_stays_within_the_budget(tiny_model, tiny_tokenizer, monkeypatch):
+    """Monitor mode watching only a grey zone (``monitor_from``): the rows' thresholds are made at the prompt, so a
+    decode step is the same ops as monitor mode's."""
+    rec, latched = _record(monkeypatch, tiny_model, tiny_tokenizer, api="handle", mode="monitor", layers=None,
+                           tau_monitor=1.0, monitor_from=0.0)
+    assert latched.any() and not latched.all()
+    for _, n, ops, _ in _check_decode_steps(rec):
+        assert sum(v for op, v in ops.items() if op.startswith("autosteer.")) == 1 and n <= 4, ops
+
+
 @pytest.mark.parametrize("force", [True, False])
 def test_forced_runs_stay_within_the_budget(tiny_model, tiny_tokenizer, monkeypatch, force):
     rec, _ = _record(monkeypatch, tiny_model, tiny_tokenizer, api="handle", mode="monitor", force=force,

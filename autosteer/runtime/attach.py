@@ -87,6 +87,10 @@ class AutoSteerHandle:
     for generated tokens in monitor mode (a prefill-only pack falls back to ``tau``, with a warning);
     ``monitor_window`` how many generated tokens monitor mode probes (default: the number the pack's
     ``tau_monitor`` was calibrated on, so its false-latch rate holds for any response length; 0: all).
+    ``monitor_from`` (monitor mode): watch only the requests whose prompt score is at least this -- the
+    two-stage gate: a grey zone ``[monitor_from, tau)`` under the prompt threshold whose first generated
+    tokens are probed (a number, or an operating point's name, e.g. ``"strict"``); None (default): every
+    request is watched.
 
     ``fail_closed`` (default ``True``) is the policy when the plugin cannot decide: a NaN probe
     score (non-finite hidden states) steers the row, and an error inside the per-step op stops
@@ -97,7 +101,7 @@ class AutoSteerHandle:
 
     def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | str | None = None,
                  fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None,
-                 monitor_window: int | None = None):
+                 monitor_window: int | None = None, monitor_from: float | str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if getattr(model, "_autosteer_handle", None) is not None:
@@ -120,6 +124,11 @@ class AutoSteerHandle:
         self.tau_monitor, self.tau_monitor_fallback = monitor_threshold(pack, tau, tau_monitor)
         # ... for its first monitor_window generated tokens (None: all of them)
         self.monitor_window = resolve_monitor_window(pack, monitor_window)
+        # ... for the requests whose prompt score is at least monitor_from (None: all of them)
+        self.monitor_from = None if monitor_from is None else prompt_threshold(pack, monitor_from)
+        if self.monitor_from is not None and self.monitor_from > tau:
+            raise ValueError(f"monitor_from {self.monitor_from:.4g} is above the prompt threshold {tau:.4g}: the grey "
+                             "zone [monitor_from, tau) it watches would be empty")
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
         self.faults = 0  # op errors swallowed in fail-open mode
@@ -167,19 +176,20 @@ class AutoSteerHandle:
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
-                tau: float | None = None, generated: bool = False, probe_extra=()):
+                tau: float | None = None, generated: bool = False, probe_extra=(), row_tau=None):
         """One fused op call, under the fault policy (see the class docstring). ``tau``: this call's
         threshold (default the prefill threshold; the processor passes ``tau_monitor`` for
         generated tokens). ``generated``: every probed row is a generated token, scored by the
         pack's monitor probe when it has one. ``probe_extra``: the further probe layers' inputs (rows
-        as ``probe_hidden``'s), for a pack whose probe reads several layers."""
+        as ``probe_hidden``'s), for a pack whose probe reads several layers. ``row_tau``: a threshold per row
+        instead of ``tau`` (``monitor_from``: rows outside the grey zone get one no score passes)."""
         W1, b1, w2, b2 = self.W1, self.b1, self.w2, self.b2
         if generated and self.monitor_probe is not None:
             W1, b1, w2, b2 = self.monitor_probe
         try:
             self._op(probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,
                      W1, b1, w2, b2, self.U, self.Bt, self.tau if tau is None else tau, self.eps, self.fail_closed,
-                     probe_extra=probe_extra)
+                     probe_extra=probe_extra, row_tau=row_tau)
         except Exception as exc:  # noqa: BLE001 - the policy decides, for any failure of the op
             if self.fail_closed:
                 raise AutoSteerFault(f"AutoSteer's per-step op failed, generation stopped (fail closed): {exc}") from exc
@@ -309,9 +319,9 @@ def _check_generation_mode(model, generate_kwargs: dict):
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | str | None = None,
            fail_closed: bool = True, tau_monitor: float | None = None,
-           monitor_window: int | None = None) -> AutoSteerHandle:
+           monitor_window: int | None = None, monitor_from: float | str | None = None) -> AutoSteerHandle:
     """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
     if not isinstance(pack, SteerPack):
         pack = load_pack(pack)
     return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed, tau_monitor=tau_monitor,
-                           monitor_window=monitor_window)
+                           monitor_window=monitor_window, monitor_from=monitor_from)

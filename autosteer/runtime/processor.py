@@ -61,6 +61,8 @@ MODES = ("prefill", "monitor")
 
 #: tokens of each row compared with the previous call's when host facts cannot vouch for a continued step
 _CONTINUITY_WINDOW = 64
+#: a per-row threshold no probability passes (the op latches on p > tau): rows the two-stage gate does not watch
+_NEVER = 2.0
 
 UNSUPPORTED_DECODING = (
     "AutoSteer's logits processor was {what}. It steers one new token per row per step, in the rows' own order, "
@@ -107,6 +109,7 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self._cache_ref = None  # weak reference to the KV cache object of the previous call's forward
         self._last_cached = False  # the previous call was a cached decode step (fewer new tokens than the sequence)
         self._dev: dict = {}  # per-generation device constants (_prepare_decode)
+        self._row_tau: torch.Tensor | None = None  # monitor mode with monitor_from: each row's generated-token tau
         # rows ending on one of these are not probed again (monitor mode): the call's eos / pad ids, else the model's
         self._stop_ids = torch.tensor(sorted(set(stop_ids)) if stop_ids is not None else stop_token_ids(handle.model),
                                       dtype=torch.long)
@@ -229,6 +232,11 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             self.handle.step_op(parts[0], probe_rows, probe_mask, cap.head_hidden, head_rows,
                                 scores, self.latched, p, tau=self.handle.tau, generated=False, probe_extra=parts[1:])
         self.p_unsafe = p.clone()
+        low = self.handle.monitor_from
+        # two-stage gate: generated tokens latch only in rows whose prompt score reached monitor_from (the others get
+        # a threshold no score passes); a NaN score fails closed at the prompt already
+        self._row_tau = None if low is None or self.mode != "monitor" else torch.where(
+            p >= low, torch.tensor(self.handle.tau_monitor, device=device), torch.tensor(_NEVER, device=device))
         self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
         self.p_last = p
         self._count = self.latched.to(torch.int32)
@@ -269,7 +277,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         parts, probe_rows, head_hidden, head_rows = self._hidden(cap, d, batch, scores.device)
         # p_out is p_last itself: the op writes the probed rows' scores and leaves the others' as they were
         self.handle.step_op(parts[0], probe_rows, probe_mask, head_hidden, head_rows, scores, self.latched,
-                            self.p_last, tau=self.handle.tau_monitor, generated=True, probe_extra=parts[1:])
+                            self.p_last, tau=self.handle.tau_monitor, generated=True, probe_extra=parts[1:],
+                            row_tau=self._row_tau)
         self._count.add_(self.latched)
         self._counted += 1
 
