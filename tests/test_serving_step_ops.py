@@ -74,6 +74,7 @@ import torch
 
 import _tgi_sim as sim
 from _op_count import PluginSteps, host_syncs
+import autosteer
 from autosteer.integrations import common, tgi
 from autosteer.integrations import vllm as avllm
 from test_vllm_simulation import MAX_NEW, Engine, _config, _setup, setup  # noqa: F401  (setup: the module fixture)
@@ -262,11 +263,12 @@ def fake_tgi():
     sim.remove_fake_package(saved)
 
 
-def run_tgi(setup, tmp_path, pack, mode, *, window=None, graphs=False, speculate=0, arrivals=ARRIVALS):
+def run_tgi(setup, tmp_path, pack, mode, *, window=None, graphs=False, speculate=0, arrivals=ARRIVALS,
+            monitor_from=None):
     hf, rows, _ = setup
     path = str(pack.save(tmp_path / "tgi.pack.safetensors"))
     sim.SETTINGS.update(speculate=speculate, max_prefill_tokens=24)
-    rt = tgi.install(path, mode, monitor_window=window)
+    rt = tgi.install(path, mode, monitor_window=window, monitor_from=monitor_from)
     try:
         model = sim.FlashCausalLM(hf, cuda_graphs=graphs)
         warm = sim.FlashCausalLMBatch.from_pb(sim.PbBatch(10_000, [sim.Request(0, rows[0], 2)]), None, model.dtype,
@@ -393,6 +395,40 @@ def test_a_two_layer_probe_adds_one_capture_op(fake_tgi, setup_layers, tmp_path,
         assert any(d.latched_at > 0 for d in decisions.values())  # latched at a generated token
     if case == "prefill":
         assert 0 < sum(d.latched for d in decisions.values()) < len(decisions)
+
+
+@pytest.mark.parametrize("engine", ["vllm v1", "vllm v2", "tgi eager", "tgi graph replays"])
+def test_the_two_stage_gate_in_the_servers(fake_tgi, setup, tmp_path, monkeypatch, engine):
+    """Monitor mode watching only a grey zone (``AUTOSTEER_MONITOR_FROM`` / ``install(monitor_from=)``): each
+    request's generated-token threshold is set in the slot table at its prompt (the monitor threshold, or one no
+    score passes under the zone), so a decode step is monitor mode's ops; tokens and latches equal transformers +
+    AutoSteer with ``attach(monitor_from=)``, and only requests in the zone latch at a generated token."""
+    hf, rows, _ = setup
+    pack = _pack(setup, tau=1.0, monitor_probe=True, window=6)
+    with autosteer.attach(hf, pack) as h:
+        p = sorted(float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0])
+                   for r in rows)
+    low = (p[len(p) // 2 - 1] + p[len(p) // 2]) / 2  # half the requests watched
+    ref = {}
+    with autosteer.attach(hf, pack, mode="monitor", monitor_from=low) as h:
+        for i, r in enumerate(rows):
+            o = h.generate(input_ids=torch.tensor([r]), max_new_tokens=MAX_NEW, do_sample=False)
+            ref[i] = (o.sequences[0, len(r):].tolist(), bool(o.steered[0]), int(o.latched_at[0]), float(o.p_unsafe[0]))
+    watched_latch = [i for i, v in ref.items() if v[1] and v[3] >= low]
+    assert watched_latch and all(v[3] >= low for v in ref.values() if v[1])  # (the setup: only the zone latches)
+    monkeypatch.setenv(avllm.ENV_MONITOR_FROM, repr(low))
+    if engine == "vllm v1":
+        report, outputs, decisions = run_v1(setup, tmp_path, monkeypatch, pack, "monitor")
+        want = VLLM_STEP["monitor"]
+    elif engine == "vllm v2":
+        report, outputs, decisions = run_v2(setup, tmp_path, monkeypatch, pack, "monitor")
+        want = VLLM_STEP["monitor"]
+    else:
+        graphs = engine == "tgi graph replays"
+        report, outputs, decisions = run_tgi(setup, tmp_path, pack, "monitor", graphs=graphs, monitor_from=low)
+        want = TGI_STEP["graph replays" if graphs else "eager"]["monitor"]
+    _check(report, want, window=True)
+    _check_against_reference({i: v[:3] for i, v in ref.items()}, outputs, decisions)
 
 
 #: with a window longer than WINDOW_MASKS, continuing steps past the first WINDOW_MASKS add one ``le``

@@ -85,6 +85,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("prefill", "monitor")
 ENV_MONITOR_WINDOW = "AUTOSTEER_MONITOR_WINDOW"
+#: monitor mode: watch only the requests whose prompt score is at least this (the two-stage gate)
+ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
+#: a per-row threshold no probability passes (the op latches on p > tau): requests the two-stage gate does not watch
+NEVER_TAU = 2.0
 
 
 def _unset(value) -> bool:
@@ -291,6 +295,8 @@ class SteerWeights:
     stacked: tuple | None = None
     # monitor mode probes a request's first monitor_window generated tokens (None: all of them)
     monitor_window: int | None = None
+    # ... of the requests whose prompt score is at least monitor_from (the two-stage gate; None: every request)
+    monitor_from: float | None = None
 
     @property
     def monitor_tau(self) -> float:
@@ -299,7 +305,7 @@ class SteerWeights:
     @classmethod
     def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = True,
                   device: torch.device | str | None = None, tau_monitor: float | None = None,
-                  monitor_window: int | None = None) -> "SteerWeights":
+                  monitor_window: int | None = None, monitor_from: float | str | None = None) -> "SteerWeights":
         from ..method.pack import PackError, monitor_threshold, prompt_threshold
         from ..method.pack import monitor_window as _window
 
@@ -311,6 +317,10 @@ class SteerWeights:
         tau = prompt_threshold(pack, tau)
         tau_monitor, fallback = monitor_threshold(pack, tau, tau_monitor)
         tau_monitor = None if fallback else tau_monitor
+        low = None if monitor_from is None else prompt_threshold(pack, monitor_from)
+        if low is not None and low > tau:
+            raise PackError(f"monitor_from {low:.4g} is above the prompt threshold {tau:.4g}: the grey zone "
+                            "[monitor_from, tau) it watches would be empty")
         U = refusal_basis(E, pack.A, device=device)  # in vocabulary blocks: no fp32 copy of the whole E
         return cls(
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
@@ -318,7 +328,7 @@ class SteerWeights:
             U=U, Bt=pack.B.t().contiguous().to(device), tau=tau, eps=float(pack.eps),
             tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layers=list(pack.layers),
             stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
-            monitor_window=_window(pack, monitor_window),
+            monitor_window=_window(pack, monitor_window), monitor_from=low,
         )
 
     @property
@@ -732,7 +742,10 @@ class SteerStateStore:
         self._sl_no_probe = torch.zeros(n, dtype=torch.bool, device=dev)
         self._sl_all_probe = torch.ones(n, dtype=torch.bool, device=dev)
         self._sl_mask_buf = torch.zeros(n, dtype=torch.bool, device=dev)
-        self._sl_tau_mon = torch.full((n,), self.w.monitor_tau, dtype=torch.float32, device=dev)
+        tau_mon = torch.full((n,), self.w.monitor_tau, dtype=torch.float32, device=dev)
+        if old is not None:  # per request with monitor_from (set at its prompt): kept
+            tau_mon[:start].copy_(self._sl_tau_mon)
+        self._sl_tau_mon = tau_mon
         self._sl_probe_mon = torch.ones(n, dtype=torch.int32, device=dev)
         self._sl_count = torch.zeros(n, dtype=torch.int32, device=dev)
         # tokens kept by speculative slot steps, counted on the device (the engine's accepted counts), per slot
@@ -1099,6 +1112,8 @@ class SteerStateStore:
             fresh = meta[off: off + n_new]
             for name, _dt, init in self._TABLES:
                 getattr(self, name).index_fill_(0, fresh, init)
+            if self.w.monitor_from is not None:
+                self._sl_tau_mon.index_fill_(0, fresh, self.w.monitor_tau)
         req = fl  # the host flags, with the request bits (custom steps)
         if device_phase:
             ph = phase.reshape(-1)[:B]
@@ -1110,12 +1125,14 @@ class SteerStateStore:
         torch.ne(fl & _PROBE, 0, out=probe)
         tok0 = None  # tokens generated before this step (monitor window only)
         cust = None
+        # generated tokens' thresholds: the server's, or each request's (monitor_from: set at its prompt)
+        tau_mon = self._tau_mon[:B] if self.w.monitor_from is None else self._sl_tau_mon.index_select(0, slots)
         if custom:  # requests with their own settings: per-row probing, thresholds and probes (general path only)
-            cust = self._custom_rows(B, slots, fl, req, active, probe, custom_monitor)
+            cust = self._custom_rows(B, slots, fl, req, active, probe, custom_monitor, tau_mon)
             tok0 = cust.tok0
         elif self.mode == "monitor":
             final_prefill = (fl & _FINAL_PREFILL) != 0
-            torch.where(final_prefill, self._tau_pre[:B], self._tau_mon[:B], out=self._row_tau[:B])
+            torch.where(final_prefill, self._tau_pre[:B], tau_mon, out=self._row_tau[:B])
             if self.w.stacked is not None:
                 self._row_probe[:B].copy_(~final_prefill)
             if self.w.monitor_window is not None:  # generated tokens past the window are not probed
@@ -1136,10 +1153,10 @@ class SteerStateStore:
         self._step = SimpleNamespace(
             fast=False, B=B, P=P, j=0, request_ids=keys, index={r: b for b, r in enumerate(keys)},
             slots=slots, flags=fl, active=active, probe=probe, probe_rows=probe_rows, head_rows=head_dev,
-            host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None, custom=cust,
+            host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None, custom=cust, tau_mon=tau_mon,
         )
 
-    def _custom_rows(self, B, slots, fl, req, active, probe, custom_monitor) -> SimpleNamespace:
+    def _custom_rows(self, B, slots, fl, req, active, probe, custom_monitor, tau_mon) -> SimpleNamespace:
         """A general step with requests that have their own settings (:class:`RequestSettings`): which rows are
         monitored (the server's mode, or the request's), probed (never a row with steering off), at which
         threshold (the request's prompt threshold from the slot table; generated tokens: the server's
@@ -1156,7 +1173,7 @@ class SteerStateStore:
             probe &= ~gen | (tok0 <= self.w.monitor_window)
         probe &= ~off_row
         row_tau = self._row_tau[:B]
-        torch.where(final_prefill | ~mon_row, self._sl_tau.index_select(0, slots), self._tau_mon[:B], out=row_tau)
+        torch.where(final_prefill | ~mon_row, self._sl_tau.index_select(0, slots), tau_mon, out=row_tau)
         stacked = self.w.stacked is not None and (monitor_server or custom_monitor)
         if stacked:
             self._row_probe[:B].copy_(mon_row & ~final_prefill)
@@ -1200,9 +1217,9 @@ class SteerStateStore:
             self._pmask[j, :B].copy_(mask)
         # monitor mode: position 0 holds a row's last prompt token (tau) or a generated one (tau_monitor),
         # later (speculative) positions are generated tokens
-        row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else self._tau_mon[:B])
+        row_tau = None if self.mode != "monitor" else (self._row_tau[:B] if j == 0 else s.tau_mon)
         if c is not None:
-            row_tau = c.row_tau if j == 0 else self._tau_mon[:B]
+            row_tau = c.row_tau if j == 0 else s.tau_mon
         w = self.w
         W1, b1, w2, b2, row_probe = w.W1, w.b1, w.w2, w.b2, None
         if (self.mode == "monitor" if c is None else c.stacked) and w.stacked is not None:  # ... and the probe likewise
@@ -1330,6 +1347,9 @@ class SteerStateStore:
             # the prompt's score where the op scored it (a request with steering off is not probed: its entry of
             # _pout is another request's, so its p_unsafe stays NaN)
             p_unsafe = torch.where(final_prefill & s.probe, p0, self._sl_p_unsafe.index_select(0, slots))
+            if self.w.monitor_from is not None:  # the two-stage gate: a request is watched if its prompt reached it
+                watch = torch.where(p0 >= self.w.monitor_from, self.w.monitor_tau, NEVER_TAU)
+                self._sl_tau_mon.index_copy_(0, slots, torch.where(final_prefill & s.probe, watch, s.tau_mon))
             self._sl_latched.index_copy_(0, slots, new_lat)
             self._sl_latched_at.index_copy_(0, slots, latched_at)
             self._sl_p_last.index_copy_(0, slots, p_last)

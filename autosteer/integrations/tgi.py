@@ -64,7 +64,7 @@ import torch
 
 from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
-from .common import (ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
+from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
                      hook_output_sum, parse_flag, parse_monitor_window, parse_threshold)
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class _Runtime:
     """One per server process: the pack, the per-request store, the capture buffers, the patches."""
 
     def __init__(self, pack_path: str, mode: str, tau: float | str | None, fail_closed: bool, log_decisions: bool,
-                 monitor_window: int | None = None):
+                 monitor_window: int | None = None, monitor_from: float | str | None = None):
         from ..method.pack import load_pack, prompt_threshold
 
         if mode not in MODES:
@@ -254,9 +254,18 @@ class _Runtime:
         self.pack_path = str(pack_path)
         self.pack = load_pack(pack_path)
         try:  # the threshold against this pack (an operating point it lacks), before TGI loads anything
-            prompt_threshold(self.pack, tau)
+            resolved = prompt_threshold(self.pack, tau)
         except ValueError as exc:
             raise TGIIntegrationError(f"autosteer: AUTOSTEER_TAU={tau!r}: {exc}") from None
+        if monitor_from is not None:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
+            try:
+                low = prompt_threshold(self.pack, monitor_from)
+            except ValueError as exc:
+                raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r}: {exc}") from None
+            if low > resolved:
+                raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r} ({low:.4g}) is above the "
+                                          f"prompt threshold {resolved:.4g}: the grey zone it watches would be empty")
+        self.monitor_from = monitor_from
         self.mode = mode
         self.tau = tau
         self.monitor_window = monitor_window
@@ -291,7 +300,7 @@ class _Runtime:
         model_type = getattr(config, "model_type", "unknown")
         check_pack_matches(self.pack, E, num_layers=len(layers), model_type=model_type)
         weights = SteerWeights.from_pack(self.pack, E, tau=self.tau, fail_closed=self.fail_closed,
-                                         monitor_window=self.monitor_window)
+                                         monitor_window=self.monitor_window, monitor_from=self.monitor_from)
         weights.precompile(E.dtype, (torch.float32, E.dtype))  # the chooser's scores: float32 or the model's dtype
         flash_mod = sys.modules.get(_TGI.FLASH)
         rows = max(256, _TGI.max_graph_rows(flash_mod))
@@ -585,12 +594,14 @@ _RUNTIME: _Runtime | None = None
 
 
 def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float | None = None,
-            fail_closed: bool = True, log_decisions: bool = False, monitor_window: int | None = None) -> _Runtime:
+            fail_closed: bool = True, log_decisions: bool = False, monitor_window: int | None = None,
+            monitor_from: float | str | None = None) -> _Runtime:
     """Patch ``text_generation_server`` in this process (call before the model is loaded).
 
     ``tau``: the gate's threshold (None: the pack's; must be in [0, 1]). ``fail_closed`` (default):
     a request whose probe score is NaN is steered; False serves it unsteered. ``monitor_window``:
-    generated tokens monitor mode probes (None: the pack's; 0: all).
+    generated tokens monitor mode probes (None: the pack's; 0: all). ``monitor_from``: monitor mode watches only
+    the requests whose prompt score is at least this (a number or an operating point; the two-stage gate).
 
     Loads and validates the pack now (a bad pack fails here, before TGI loads any weights);
     the pack is checked against the model when TGI builds it. Raises :class:`TGIIntegrationError`
@@ -603,7 +614,9 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
         monitor_window = parse_monitor_window(monitor_window, "monitor_window")
     if tau is not None:
         tau = parse_threshold(tau, "tau")
-    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window)
+    if monitor_from is not None:
+        monitor_from = parse_threshold(monitor_from, "monitor_from")
+    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window, monitor_from)
     rt.install_patches()
     _RUNTIME = rt
     log.info("autosteer: patched text_generation_server (%s) for pack %s, mode %s", _TGI.VERSION_NOTE, pack_path, mode)
@@ -624,7 +637,8 @@ def runtime() -> _Runtime | None:
 
 def install_from_env() -> _Runtime:
     """:func:`install` configured by ``AUTOSTEER_PACK`` (required), ``AUTOSTEER_MODE``
-    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_FAIL_CLOSED``
+    (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_MONITOR_FROM``,
+    ``AUTOSTEER_FAIL_CLOSED``
     (default 1), ``AUTOSTEER_LOG_DECISIONS`` (default 0). A malformed value raises
     :class:`TGIIntegrationError` naming the variable, before TGI loads anything."""
     pack = os.environ.get(ENV_PACK)
@@ -636,10 +650,11 @@ def install_from_env() -> _Runtime:
         fail_closed = parse_flag(env(ENV_FAIL_CLOSED), ENV_FAIL_CLOSED, True)
         log_decisions = parse_flag(env(ENV_LOG_DECISIONS), ENV_LOG_DECISIONS, False)
         window = parse_monitor_window(env(ENV_MONITOR_WINDOW))
+        monitor_from = parse_threshold(env(ENV_MONITOR_FROM), ENV_MONITOR_FROM)
     except ValueError as exc:
         raise TGIIntegrationError(f"autosteer: {exc}") from None
     return install(pack, env(ENV_MODE, "prefill").strip().lower(), tau=tau, fail_closed=fail_closed,
-                   log_decisions=log_decisions, monitor_window=window)
+                   log_decisions=log_decisions, monitor_window=window, monitor_from=monitor_from)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,7 +81,7 @@ import torch
 
 from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
-from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
+from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
                      check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold)
 
@@ -788,6 +788,7 @@ def _wrap(owner, name: str, check) -> None:
 
 #: the front end's environment -> its key in ``additional_config["autosteer"]`` (what a worker reads first)
 _CARRIED = (("pack", ENV_PACK), ("mode", ENV_MODE), ("tau", ENV_TAU), ("monitor_window", ENV_MONITOR_WINDOW),
+            ("monitor_from", ENV_MONITOR_FROM),
             ("fail_closed", ENV_FAIL_CLOSED), ("log_decisions", ENV_LOG_DECISIONS), ("metrics", ENV_METRICS),
             ("allow_client_off", ENV_ALLOW_CLIENT_OFF))
 
@@ -1098,6 +1099,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         try:
             self.tau = parse_threshold(*setting("tau", ENV_TAU))
             self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
+            self.monitor_from = parse_threshold(*setting("monitor_from", ENV_MONITOR_FROM))
             self.fail_closed = parse_flag(*setting("fail_closed", ENV_FAIL_CLOSED), True)
             self.log_decisions = parse_flag(*setting("log_decisions", ENV_LOG_DECISIONS), False)
             # counting needs each finished request's latch on the host: one small device read per finished request
@@ -1118,9 +1120,18 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                        "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
         try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
-            prompt_threshold(self.pack, self.tau)
+            resolved = prompt_threshold(self.pack, self.tau)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
+        if self.monitor_from is not None:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
+            src = setting("monitor_from", ENV_MONITOR_FROM)[1]
+            try:
+                low = prompt_threshold(self.pack, self.monitor_from)
+            except ValueError as exc:
+                raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r}: {exc}") from None
+            if low > resolved:
+                raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r} ({low:.4g}) is above the prompt "
+                                           f"threshold {resolved:.4g}: the grey zone it watches would be empty")
         self.pack_path = str(pack_path)
         _PACK = self.pack
         _COMPILED = _VLLM.compiled(vllm_config)
@@ -1468,7 +1479,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                            "load_model was not patched (see autosteer.integrations.vllm)")
             return None
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
-                                         device=self.device, monitor_window=self.monitor_window)
+                                         device=self.device, monitor_window=self.monitor_window,
+                                         monitor_from=self.monitor_from)
         # vLLM's sampler hands the logits processors float32 logits; the hidden states are the model's dtype
         weights.precompile(cap.E.dtype, (torch.float32,))
         tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
