@@ -301,6 +301,9 @@ def cmd_generate(args) -> int:
     if args.unsteered and args.always_steer:
         print("error: --unsteered and --always-steer exclude each other", file=sys.stderr)
         return 2
+    if args.monitor_from is not None and args.mode != "monitor":
+        print("error: --monitor-from sets which requests monitor mode watches: it needs --mode monitor", file=sys.stderr)
+        return 2
     records = load_prompt_file(args.input)
     _check_output_file(Path(args.output))
     pack = _pack_of(args)

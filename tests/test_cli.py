@@ -99,6 +99,10 @@ def test_fit_generate_eval_on_a_local_model(model_dir, tmp_path, capsys):
         assert main([*argv, "--model", str(model_dir), "--pack", str(pack)]) == 2
         assert "monitor mode needs a pack fitted with --monitor-prompts N" in capsys.readouterr().err
     assert not (tmp_path / "no").exists() and not (tmp_path / "no.jsonl").exists()
+    # the two-stage gate's grey zone is a monitor-mode setting: asked for in prefill mode, it is refused, not ignored
+    assert main(["generate", "--input", str(b), "--output", str(tmp_path / "no.jsonl"), "--monitor-from", "0.2",
+                 "--model", str(model_dir), "--pack", str(pack)]) == 2
+    assert "--monitor-from sets which requests monitor mode watches: it needs --mode monitor" in capsys.readouterr().err
 
     report_dir = tmp_path / "eval"
     assert main(["eval", "--model", str(model_dir), "--pack", str(pack), "--harmful", str(h), "--benign", str(b),

@@ -1348,7 +1348,9 @@ class SteerStateStore:
             # _pout is another request's, so its p_unsafe stays NaN)
             p_unsafe = torch.where(final_prefill & s.probe, p0, self._sl_p_unsafe.index_select(0, slots))
             if self.w.monitor_from is not None:  # the two-stage gate: a request is watched if its prompt reached it
-                watch = torch.where(p0 >= self.w.monitor_from, self.w.monitor_tau, NEVER_TAU)
+                # (a request without a score -- NaN, latched already when failing closed -- is watched)
+                watched = (p0 >= self.w.monitor_from) | torch.isnan(p0)
+                watch = torch.full_like(s.tau_mon, NEVER_TAU).masked_fill_(watched, self.w.monitor_tau)
                 self._sl_tau_mon.index_copy_(0, slots, torch.where(final_prefill & s.probe, watch, s.tau_mon))
             self._sl_latched.index_copy_(0, slots, new_lat)
             self._sl_latched_at.index_copy_(0, slots, latched_at)

@@ -234,9 +234,11 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self.p_unsafe = p.clone()
         low = self.handle.monitor_from
         # two-stage gate: generated tokens latch only in rows whose prompt score reached monitor_from (the others get
-        # a threshold no score passes); a NaN score fails closed at the prompt already
-        self._row_tau = None if low is None or self.mode != "monitor" else torch.where(
-            p >= low, torch.tensor(self.handle.tau_monitor, device=device), torch.tensor(_NEVER, device=device))
+        # a threshold no score passes); a row without a score (NaN: latched already when failing closed) is watched
+        self._row_tau = None
+        if low is not None and self.mode == "monitor":
+            self._row_tau = torch.full((batch,), _NEVER, dtype=torch.float32, device=device)
+            self._row_tau.masked_fill_((p >= low) | torch.isnan(p), float(self.handle.tau_monitor))
         self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
         self.p_last = p
         self._count = self.latched.to(torch.int32)
