@@ -77,7 +77,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..method.pack import OPERATING_POINTS
+from ..method.pack import OPERATING_POINTS, grey_zone_taus
 from ..method.probe import Probe
 from ..runtime.reference_op import refusal_basis
 
@@ -87,8 +87,6 @@ MODES = ("prefill", "monitor")
 ENV_MONITOR_WINDOW = "AUTOSTEER_MONITOR_WINDOW"
 #: monitor mode: watch only the requests whose prompt score is at least this (the two-stage gate)
 ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
-#: a per-row threshold no probability passes (the op latches on p > tau): requests the two-stage gate does not watch
-NEVER_TAU = 2.0
 
 
 def _unset(value) -> bool:
@@ -306,7 +304,7 @@ class SteerWeights:
     def from_pack(cls, pack, E: torch.Tensor, *, tau: float | None = None, fail_closed: bool = True,
                   device: torch.device | str | None = None, tau_monitor: float | None = None,
                   monitor_window: int | None = None, monitor_from: float | str | None = None) -> "SteerWeights":
-        from ..method.pack import PackError, monitor_threshold, prompt_threshold
+        from ..method.pack import PackError, grey_zone_start, monitor_threshold, prompt_threshold
         from ..method.pack import monitor_window as _window
 
         if E.dim() != 2 or not E.is_floating_point():
@@ -317,10 +315,10 @@ class SteerWeights:
         tau = prompt_threshold(pack, tau)
         tau_monitor, fallback = monitor_threshold(pack, tau, tau_monitor)
         tau_monitor = None if fallback else tau_monitor
-        low = None if monitor_from is None else prompt_threshold(pack, monitor_from)
-        if low is not None and low > tau:
-            raise PackError(f"monitor_from {low:.4g} is above the prompt threshold {tau:.4g}: the grey zone "
-                            "[monitor_from, tau) it watches would be empty")
+        try:
+            low = grey_zone_start(pack, tau, monitor_from)
+        except ValueError as exc:
+            raise PackError(str(exc)) from None
         U = refusal_basis(E, pack.A, device=device)  # in vocabulary blocks: no fp32 copy of the whole E
         return cls(
             W1=pack.W1.to(device).contiguous(), b1=pack.b1.to(device).contiguous(),
@@ -343,26 +341,14 @@ class SteerWeights:
         request does not pay the JIT and no variant compiles mid-serving; a variant missed here (another dtype)
         still compiles at first use. On the CPU it runs the C++ op (nothing to compile). The weights are only
         read. Returns the number of op calls."""
-        from ..runtime.op import steer_step
+        from ..runtime.op import run_each_variant, steer_step
 
-        dev, V, H = self.device, self.U.shape[0], self.Bt.shape[1]
-        h = torch.zeros(1, H, dtype=hidden_dtype, device=dev)
-        extra = (h,) * (len(self.layers) - 1)  # one operand per probe layer, as the stores pass them
-        rows = torch.zeros(1, dtype=torch.int64, device=dev)
         probes = [(self.W1, self.b1, self.w2, self.b2, None)]
         if self.stacked is not None:
-            probes.append((*self.stacked, torch.zeros(1, dtype=torch.int32, device=dev)))
-        calls = 0
-        for dt in dict.fromkeys(logits_dtypes):
-            logits = torch.zeros(1, V, dtype=dt, device=dev)
-            for W1, b1, w2, b2, row_probe in probes:
-                for slots in (None, rows):
-                    latched = torch.ones(1, dtype=torch.bool, device=dev)
-                    steer_step(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows, logits, latched,
-                               torch.zeros(1, device=dev), W1, b1, w2, b2, self.U, self.Bt, self.tau, self.eps,
-                               self.fail_closed, row_probe=row_probe, state_rows=slots, probe_extra=extra)
-                    calls += 1
-        return calls
+            probes.append((*self.stacked, torch.zeros(1, dtype=torch.int32, device=self.device)))
+        return run_each_variant(steer_step, probes, self.U, self.Bt, self.tau, self.eps, self.fail_closed,
+                                hidden_dtype=hidden_dtype, layers=len(self.layers), logits_dtypes=logits_dtypes,
+                                state_rows=True)
 
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         """The probe alone on rows ``h`` ([n, k*H]: the probe layers' states side by side); for reports and
@@ -1348,9 +1334,7 @@ class SteerStateStore:
             # _pout is another request's, so its p_unsafe stays NaN)
             p_unsafe = torch.where(final_prefill & s.probe, p0, self._sl_p_unsafe.index_select(0, slots))
             if self.w.monitor_from is not None:  # the two-stage gate: a request is watched if its prompt reached it
-                # (a request without a score -- NaN, latched already when failing closed -- is watched)
-                watched = (p0 >= self.w.monitor_from) | torch.isnan(p0)
-                watch = torch.full_like(s.tau_mon, NEVER_TAU).masked_fill_(watched, self.w.monitor_tau)
+                watch = grey_zone_taus(p0, self.w.monitor_from, self.w.monitor_tau)
                 self._sl_tau_mon.index_copy_(0, slots, torch.where(final_prefill & s.probe, watch, s.tau_mon))
             self._sl_latched.index_copy_(0, slots, new_lat)
             self._sl_latched_at.index_copy_(0, slots, latched_at)

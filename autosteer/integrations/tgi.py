@@ -247,7 +247,7 @@ class _Runtime:
 
     def __init__(self, pack_path: str, mode: str, tau: float | str | None, fail_closed: bool, log_decisions: bool,
                  monitor_window: int | None = None, monitor_from: float | str | None = None):
-        from ..method.pack import load_pack, prompt_threshold
+        from ..method.pack import grey_zone_start, load_pack, prompt_threshold
 
         if mode not in MODES:
             raise ValueError(f"AutoSteer mode must be one of {MODES}, got {mode!r}")
@@ -257,14 +257,10 @@ class _Runtime:
             resolved = prompt_threshold(self.pack, tau)
         except ValueError as exc:
             raise TGIIntegrationError(f"autosteer: AUTOSTEER_TAU={tau!r}: {exc}") from None
-        if monitor_from is not None:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
-            try:
-                low = prompt_threshold(self.pack, monitor_from)
-            except ValueError as exc:
-                raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r}: {exc}") from None
-            if low > resolved:
-                raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r} ({low:.4g}) is above the "
-                                          f"prompt threshold {resolved:.4g}: the grey zone it watches would be empty")
+        try:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
+            grey_zone_start(self.pack, resolved, monitor_from)
+        except ValueError as exc:
+            raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r}: {exc}") from None
         self.monitor_from = monitor_from
         self.mode = mode
         self.tau = tau

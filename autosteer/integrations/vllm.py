@@ -1083,7 +1083,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
-        from ..method.pack import load_pack, prompt_threshold
+        from ..method.pack import grey_zone_start, load_pack, prompt_threshold
 
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
         if self.mode not in MODES:
@@ -1123,15 +1123,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             resolved = prompt_threshold(self.pack, self.tau)
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
-        if self.monitor_from is not None:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
+        try:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
+            grey_zone_start(self.pack, resolved, self.monitor_from)
+        except ValueError as exc:
             src = setting("monitor_from", ENV_MONITOR_FROM)[1]
-            try:
-                low = prompt_threshold(self.pack, self.monitor_from)
-            except ValueError as exc:
-                raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r}: {exc}") from None
-            if low > resolved:
-                raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r} ({low:.4g}) is above the prompt "
-                                           f"threshold {resolved:.4g}: the grey zone it watches would be empty")
+            raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r}: {exc}") from None
         self.pack_path = str(pack_path)
         _PACK = self.pack
         _COMPILED = _VLLM.compiled(vllm_config)

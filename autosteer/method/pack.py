@@ -301,6 +301,30 @@ def monitor_threshold(pack: "SteerPack", tau: float, override: float | None = No
     return float(tau), True
 
 
+#: a threshold no probability passes (the op latches on p > tau): rows the two-stage gate does not watch
+NEVER_TAU = 2.0
+
+
+def grey_zone_start(pack: "SteerPack", tau: float, override: float | str | None) -> float | None:
+    """The two-stage gate's ``monitor_from``: monitor mode watches only the requests whose prompt score is at
+    least this (a number or an operating point of ``pack``); None: every request. Raises ValueError when it is
+    above the prompt threshold ``tau`` (the grey zone ``[monitor_from, tau)`` would be empty)."""
+    if override is None:
+        return None
+    low = prompt_threshold(pack, override)
+    if low > tau:
+        raise ValueError(f"monitor_from {low:.4g} is above the prompt threshold {tau:.4g}: the grey zone "
+                         "[monitor_from, tau) it watches would be empty")
+    return low
+
+
+def grey_zone_taus(p: torch.Tensor, low: float, tau_monitor: float) -> torch.Tensor:
+    """Each row's generated-token threshold under the two-stage gate, from its prompt score ``p``: ``tau_monitor``
+    where ``p >= low`` or ``p`` is NaN (no score: watched), :data:`NEVER_TAU` elsewhere (float32)."""
+    watched = (p >= low) | torch.isnan(p)
+    return torch.full(p.shape, NEVER_TAU, dtype=torch.float32, device=p.device).masked_fill_(watched, float(tau_monitor))
+
+
 def monitor_window(pack: "SteerPack", override: int | None = None) -> int | None:
     """How many generated tokens monitor mode probes (then it stops, so its calibrated false-latch
     rate holds for any response length): ``override`` if given (``0``: no limit), else the number of

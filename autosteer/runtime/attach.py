@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from ..method.pack import PackError, SteerPack, check_fingerprint, load_pack, monitor_threshold, prompt_threshold
+from ..method.pack import (PackError, SteerPack, check_fingerprint, grey_zone_start, load_pack, monitor_threshold,
+                           prompt_threshold)
 from ..method.pack import monitor_window as resolve_monitor_window
 from ..method.probe import Probe
 from ..models import num_layers, output_head, stop_token_ids
@@ -125,10 +126,7 @@ class AutoSteerHandle:
         # ... for its first monitor_window generated tokens (None: all of them)
         self.monitor_window = resolve_monitor_window(pack, monitor_window)
         # ... for the requests whose prompt score is at least monitor_from (None: all of them)
-        self.monitor_from = None if monitor_from is None else prompt_threshold(pack, monitor_from)
-        if self.monitor_from is not None and self.monitor_from > tau:
-            raise ValueError(f"monitor_from {self.monitor_from:.4g} is above the prompt threshold {tau:.4g}: the grey "
-                             "zone [monitor_from, tau) it watches would be empty")
+        self.monitor_from = grey_zone_start(pack, tau, monitor_from)
         self.eps = pack.eps
         self.fail_closed = bool(fail_closed)
         self.faults = 0  # op errors swallowed in fail-open mode
@@ -159,20 +157,12 @@ class AutoSteerHandle:
         row indices, the row latched so that the blend launch runs too. On CUDA this compiles the Triton kernels
         at ``attach`` (called there), so the first request does not pay the JIT; on the CPU it runs the C++ op.
         The weights are only read. Returns the number of op calls."""
-        dev, H = self.U.device, self.Bt.shape[1]
-        h = torch.zeros(1, H, dtype=output_head(self.model).weight.dtype, device=dev)
-        extra = (h,) * (len(self.pack.layers) - 1)
-        rows = torch.zeros(1, dtype=torch.int64, device=dev)
+        from .op import run_each_variant
+
         probes = [(self.W1, self.b1, self.w2, self.b2)] + ([self.monitor_probe] if self.monitor_probe else [])
-        calls = 0
-        for dt in dict.fromkeys(logits_dtypes):
-            for W1, b1, w2, b2 in probes:
-                self._op(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows,
-                         torch.zeros(1, self.U.shape[0], dtype=dt, device=dev), torch.ones(1, dtype=torch.bool, device=dev),
-                         torch.zeros(1, device=dev), W1, b1, w2, b2, self.U, self.Bt, self.tau, self.eps,
-                         self.fail_closed, probe_extra=extra)
-                calls += 1
-        return calls
+        return run_each_variant(self._op, [(*p, None) for p in probes], self.U, self.Bt, self.tau, self.eps,
+                                self.fail_closed, hidden_dtype=output_head(self.model).weight.dtype,
+                                layers=len(self.pack.layers), logits_dtypes=logits_dtypes)
 
     # -- per step -------------------------------------------------------------------------
     def step_op(self, probe_hidden, probe_rows, probe_mask, head_hidden, head_rows, logits, latched, p_out,

@@ -524,3 +524,27 @@ def steer_step(
                 torch.autograd.graph.increment_version(t)
             return
     torch.ops.autosteer.steer_step(*args)
+
+
+def run_each_variant(op, probes, U: Tensor, Bt: Tensor, tau: float, eps: float, fail_closed: bool, *,
+                     hidden_dtype: torch.dtype, layers: int, logits_dtypes=(torch.float32,),
+                     state_rows: bool = False) -> int:
+    """Call ``op`` (``steer_step`` or a handle's) once per kernel variant a caller will launch, on one dummy latched
+    row each (so the blend launch runs too): every logits dtype, every probe of ``probes`` (``(W1, b1, w2, b2,
+    row_probe or None)``), with ``layers`` probe operands of ``hidden_dtype``, int64 row indices, and -- with
+    ``state_rows`` -- also through an int64 row -> state map. On CUDA this compiles the Triton kernels ahead of the
+    first request (the precompile of a handle and of the serving stores). Returns the number of calls."""
+    dev, V, H = U.device, U.shape[0], Bt.shape[1]
+    h = torch.zeros(1, H, dtype=hidden_dtype, device=dev)
+    extra = (h,) * (layers - 1)
+    rows = torch.zeros(1, dtype=torch.int64, device=dev)
+    calls = 0
+    for dt in dict.fromkeys(logits_dtypes):
+        logits = torch.zeros(1, V, dtype=dt, device=dev)
+        for W1, b1, w2, b2, row_probe in probes:
+            for slots in ((None, rows) if state_rows else (None,)):
+                op(h, rows, torch.ones(1, dtype=torch.bool, device=dev), h, rows, logits,
+                   torch.ones(1, dtype=torch.bool, device=dev), torch.zeros(1, device=dev), W1, b1, w2, b2, U, Bt,
+                   tau, eps, fail_closed, row_probe=row_probe, state_rows=slots, probe_extra=extra)
+                calls += 1
+    return calls

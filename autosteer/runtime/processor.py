@@ -61,8 +61,6 @@ MODES = ("prefill", "monitor")
 
 #: tokens of each row compared with the previous call's when host facts cannot vouch for a continued step
 _CONTINUITY_WINDOW = 64
-#: a per-row threshold no probability passes (the op latches on p > tau): rows the two-stage gate does not watch
-_NEVER = 2.0
 
 UNSUPPORTED_DECODING = (
     "AutoSteer's logits processor was {what}. It steers one new token per row per step, in the rows' own order, "
@@ -233,12 +231,12 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
                                 scores, self.latched, p, tau=self.handle.tau, generated=False, probe_extra=parts[1:])
         self.p_unsafe = p.clone()
         low = self.handle.monitor_from
-        # two-stage gate: generated tokens latch only in rows whose prompt score reached monitor_from (the others get
-        # a threshold no score passes); a row without a score (NaN: latched already when failing closed) is watched
+        # two-stage gate: generated tokens latch only in rows whose prompt score reached monitor_from
         self._row_tau = None
         if low is not None and self.mode == "monitor":
-            self._row_tau = torch.full((batch,), _NEVER, dtype=torch.float32, device=device)
-            self._row_tau.masked_fill_((p >= low) | torch.isnan(p), float(self.handle.tau_monitor))
+            from ..method.pack import grey_zone_taus
+
+            self._row_tau = grey_zone_taus(p, low, self.handle.tau_monitor)
         self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
         self.p_last = p
         self._count = self.latched.to(torch.int32)
