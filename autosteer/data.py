@@ -822,6 +822,31 @@ def contrast_pair_splits(split: str) -> list[tuple[Prompt, Prompt]]:
     return [pair for pair in load_contrast_pairs() if pair[0].meta["split"] == split]
 
 
+@functools.lru_cache(maxsize=None)
+def load_harmful_registers() -> tuple[Prompt, ...]:
+    """Hand-written harmful requests in the words of the benign genres (``genres/harmful_registers.jsonl``):
+    malware asked as a coding question, intrusion as a sysadmin one, poisoning as a cooking one, a
+    professional persona asking for abuse of the role, ... (label 1, ``category`` = the register). Each
+    line's side is :func:`hash_split` of its text (salt ``"register-split"``), in ``meta["split"]``."""
+    path = _GENRES_DIR / "harmful_registers.jsonl"
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        text = row["unsafe"].strip()
+        out.append(Prompt(text, HARMFUL, "autosteer_harmful_register", row["register"], str(n),
+                          {"line": n, "split": hash_split(text, "register-split")}))
+    return tuple(out)
+
+
+def harmful_register_splits(split: str) -> list[Prompt]:
+    """The harmful-register requests of one side (``"fit"`` or ``"dev"``)."""
+    if split not in ("fit", "dev"):
+        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    return [p for p in load_harmful_registers() if p.meta["split"] == split]
+
+
 # --------------------------------------------------------------------------------------------
 # Benign traffic nobody here wrote (issue 17): user requests shipped inside inspect-evals
 # --------------------------------------------------------------------------------------------
@@ -888,12 +913,13 @@ def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
 def breadth_dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
     """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
 
-    Benign genre dev halves, contrast pairs (dev), StrongREJECT direct and in DEV jailbreak-template
+    Benign genre dev halves, contrast pairs (dev), harmful requests in the genres' words (dev half),
+    StrongREJECT direct and in DEV jailbreak-template
     families, ``n`` requests per rephrasing family (fit requests and StrongREJECT requests in the DEV
     families; fit requests in the fit families, which a pack fitted on other data never saw), dev
     genres in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
-    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``."""
+    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``."""
     from . import rephrasing as R
 
     splits = default_splits(seed)
@@ -905,6 +931,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
     sets.append({"name": "contrast pairs: unsafe side", "group": "contrast_unsafe", "harmful": True, "texts": [u.text for _, u in pairs]})
     sets.append({"name": "direct harmful: StrongREJECT (dev)", "group": "direct", "harmful": True,
                  "texts": [p.text for p in splits["dev_harmful"]]})
+    sets.append({"name": "harmful in benign genres' words (dev)", "group": "register_harm", "harmful": True,
+                 "texts": [p.text for p in harmful_register_splits("dev")]})
 
     def sample(texts: list[str], tag: str) -> list[str]:
         ok = sorted(t for t in texts if R.request_core(t) is not None)

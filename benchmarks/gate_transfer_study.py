@@ -56,8 +56,10 @@ def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int,
                                  cache=StatesCache(cache_dir), offsets=offsets)
 
 
-#: fit data variants: name -> (default_fit_data style, jailbreak-wrapped prompts per class)
-FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400)}
+#: fit data variants: name -> (default_fit_data style, jailbreak-wrapped prompts per class[, harmful registers];
+#: "broad+reg": the broad data with the fit half of the harmful requests in the benign genres' words)
+FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400),
+                "broad+reg": ("broad", 800, True)}
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -139,7 +141,8 @@ def summarize(row: dict) -> dict:
            "default_benign": pooled("default_benign"), "wrapped_benign": pooled("wrapped_benign"),
            "rephrased_benign": pooled("rephrased_benign"), "contrast_safe": pooled("contrast_safe"),
            "contrast_unsafe": pooled("contrast_unsafe"), "direct": pooled("direct"), "wrapped_dev": pooled("wrapped_dev"),
-           "rephrased_dev": pooled("rephrased_dev"), "rephrased_dev_sr": pooled("rephrased_dev_sr")}
+           "rephrased_dev": pooled("rephrased_dev"), "rephrased_dev_sr": pooled("rephrased_dev_sr"),
+           "register_harm": pooled("register_harm")}
     mix = [(n, f) for g in ("genre", "external", "default_benign") for _, n, f in by.get(g, [])]
     out["benign_mix"] = sum(n * f for n, f in mix) / max(1, sum(n for n, _ in mix))
     out["met"] = sum((out[k] <= b) if d == "<=" else (out[k] >= b) for k, (d, b) in TARGETS.items())
@@ -150,7 +153,7 @@ COLUMNS = [("benign_mix", "benign dev mix"), ("genre_max", "genre max"), ("genre
            ("external_pooled", "external"), ("default_benign", "FreshQA+WB+edgy"), ("wrapped_benign", "wrapped benign"),
            ("rephrased_benign", "rephrased benign"), ("contrast_safe", "contrast safe"), ("contrast_unsafe", "contrast unsafe"),
            ("direct", "direct"), ("wrapped_dev", "wrapped dev fam."), ("rephrased_dev", "rephrased dev fam."),
-           ("rephrased_dev_sr", "rephrased SR")]
+           ("rephrased_dev_sr", "rephrased SR"), ("register_harm", "harm in genres' words")]
 
 
 def table(rows: list[tuple[str, dict, dict]]) -> str:
@@ -178,7 +181,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--layer-sets", default=None,
                     help="instead of the layer x position grid: probes reading several layers at once, e.g. "
-                         "'16;16+24;12+16+20' (each set concatenated, at the first --features position), on the first "
+                         "'16;16+24;12+16+20' (each set concatenated, at the first --features position), on each "
                          "--data variant, repeated over --seeds; the table gives the mean and range over seeds")
     ap.add_argument("--seeds", default="0", help="fold and probe seeds (with --layer-sets)")
     ap.add_argument("--members", default="1",
@@ -195,8 +198,8 @@ def main() -> int:
     from autosteer.models import load_model
 
     t0 = time.time()
-    fits = {name: default_fit_data(0, 1000, jb, style) for name, (style, jb) in FIT_VARIANTS.items()
-            if name in args.data.split(",")}
+    fits = {name: default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2])
+            for name, v in FIT_VARIANTS.items() if name in args.data.split(",")}
     sets = dev_sets()
     texts = list(dict.fromkeys([t for d in fits.values() for t in d.harmful + d.benign]
                                + [t for s in sets for t in s["texts"]]))
@@ -256,13 +259,13 @@ def main() -> int:
 def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_texts) -> int:
     """Probes reading several layers at once (features concatenated), each over several seeds (fold split and
     probe initialisation): mean and range of every column, per operating point."""
-    data, feature, hidden = args.data.split(",")[0], args.features.split(",")[0], int(args.hidden.split(",")[0])
+    datas, feature, hidden = args.data.split(","), args.features.split(",")[0], int(args.hidden.split(",")[0])
     seeds = [int(v) for v in args.seeds.split(",")]
     points = args.points.split(",")
     keys = ["val_auroc", "tau"] + [k for k, _ in COLUMNS]
     rows = []
     member_counts = [int(v) for v in args.members.split(",")]
-    for spec in args.layer_sets.split(";"):
+    for data, spec in [(d, sp) for d in datas for sp in args.layer_sets.split(";")]:
         ls = tuple(int(v) for v in spec.split("+"))
         for members in member_counts:
             runs = {pt: [] for pt in points}
@@ -273,7 +276,7 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
                         runs[pt].append({"val_auroc": row["val_auroc"], "tau": row["tau"], **summarize(row)})
             for pt in points:
                 agg = {k: [r[k] for r in runs[pt]] for k in keys}
-                name = f"L{spec}{f' x{members} bagged' if members > 1 else ''} {pt}"
+                name = f"{f'{data} ' if len(datas) > 1 else ''}L{spec}{f' x{members} bagged' if members > 1 else ''} {pt}"
                 rows.append((name, agg))
                 print(name, " ".join(f"{k}={100 * sum(v) / len(v):.1f}" for k, v in agg.items() if k in dict(COLUMNS)),
                       flush=True)
@@ -295,7 +298,7 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
           f"Command: `python benchmarks/gate_transfer_study.py {shlex.join(sys.argv[1:])}` "
           f"(probes: {time.time() - t1:.0f} s with {torch.get_num_threads()} torch threads; cached states of {n_texts} "
           "prompts).", "",
-          f"Fit data `{data}`, position `{feature}`, probe hidden {hidden}. `L12+16+20` is one probe on the residual "
+          f"Fit data {', '.join(f'`{d}`' for d in datas)}, position `{feature}`, probe hidden {hidden}. `L12+16+20` is one probe on the residual "
           f"streams entering layers 12, 16 and 20 at position `{feature}` ({FEATURE_NOTES.get(feature, feature)}), "
           "concatenated. Each variant runs the fit's "
           "own gate rule, as in [gate_transfer_study.md](gate_transfer_study.md): out-of-fold scores set the operating "

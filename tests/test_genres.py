@@ -1,5 +1,6 @@
-"""The hand-written benign genre files and safe/unsafe contrast pairs (autosteer/fit_prompts/genres/):
-format, no duplicates, a stable fit/dev split, and no overlap with the other fit and dev sets."""
+"""The hand-written benign genre files, safe/unsafe contrast pairs and harmful requests in the genres' words
+(autosteer/fit_prompts/genres/): format, no duplicates, a stable fit/dev split, and no overlap with the other
+fit and dev sets."""
 from __future__ import annotations
 
 import json
@@ -33,10 +34,23 @@ def test_contrast_pairs_are_well_formed():
         assert safe.meta["split"] == unsafe.meta["split"]  # a pair never straddles fit and dev
 
 
+def test_harmful_registers_are_well_formed_and_cover_every_genre():
+    rows = [json.loads(line) for line in (GENRE_DIR / "harmful_registers.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"register", "unsafe"} and r["unsafe"].strip() == r["unsafe"] and r["unsafe"] for r in rows)
+    prompts = D.load_harmful_registers()
+    assert len(prompts) == len(rows) >= 200 and all(p.label == 1 for p in prompts)
+    per = {}
+    for p in prompts:
+        per.setdefault(p.category, set()).add(p.meta["split"])
+    assert set(per) == set(D.GENRES) | {"persona"}  # every benign genre has its harmful shadow
+    assert all(sides == {"fit", "dev"} for sides in per.values()), per
+
+
 def _all_texts():
     out = [(g, p.text) for g, ps in D.load_genre_prompts().items() for p in ps]
     for s, u in D.load_contrast_pairs():
         out += [("contrast_safe", s.text), ("contrast_unsafe", u.text)]
+    out += [(f"register: {p.category}", p.text) for p in D.load_harmful_registers()]
     return out
 
 
@@ -62,6 +76,9 @@ def test_split_is_stable_about_half_and_both_sides_nonempty():
         assert 0.3 <= len(f) / (len(f) + len(d)) <= 0.7, genre
     cf, cd = D.contrast_pair_splits("fit"), D.contrast_pair_splits("dev")
     assert cf and cd and len(cf) + len(cd) == len(D.load_contrast_pairs())
+    rf, rd = D.harmful_register_splits("fit"), D.harmful_register_splits("dev")
+    assert 0.3 <= len(rf) / (len(rf) + len(rd)) <= 0.7 and len(rf) + len(rd) == len(D.load_harmful_registers())
+    assert all(p.meta["split"] == D.hash_split(p.text, "register-split") for p in rf + rd)
     with pytest.raises(ValueError):
         D.genre_splits("test")
 
@@ -72,3 +89,18 @@ def test_no_new_prompt_repeats_a_fit_or_dev_prompt():
     seen = {D.normalize_text(t): name for name in D.FIT_SPLITS + D.DEV_SPLITS for t in D._texts(splits[name])}
     clashes = [(g, t, seen[D.normalize_text(t)]) for g, t in _all_texts() if D.normalize_text(t) in seen]
     assert not clashes
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_harmful_registers_reach_the_fit_only_by_their_fit_half_and_only_when_asked():
+    from autosteer.method.fit import default_fit_data
+
+    plain = default_fit_data(0, 1000, 0, "broad")
+    more = default_fit_data(0, 1000, 0, "broad", harmful_registers=True)
+    fit_half = {p.text for p in D.harmful_register_splits("fit")}
+    dev_half = {p.text for p in D.harmful_register_splits("dev")}
+    assert not (set(plain.harmful) & (fit_half | dev_half))  # off by default: the shipped fit never read them
+    assert set(more.harmful) - set(plain.harmful) == fit_half and not (set(more.harmful) & dev_half)
+    assert sorted(more.benign) == sorted(plain.benign)
+    dev = {s["name"]: s for s in D.breadth_dev_sets(20)}
+    assert set(dev["harmful in benign genres' words (dev)"]["texts"]) == dev_half  # measured, never fitted

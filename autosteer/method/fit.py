@@ -320,14 +320,16 @@ PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_p
 
 
 def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
-                     n_rephrased: int = REPHRASED_FIT) -> FitData:
+                     n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
     plain benign ones (minimal-pair questions, aplomb plain anchors, FreshQA fit questions).
     ``jailbreak_fit=N`` adds N harmful and N benign fit prompts wrapped in jailbreak templates of
     the fit families (:func:`autosteer.data.jailbreak_fit_prompts`), on top of ``max_per_class``.
-    The Refusal Head trains on the plain harmful prompts only.
+    The Refusal Head trains on the plain harmful prompts only. ``harmful_registers=True`` adds the fit
+    half of the harmful requests written in the benign genres' words to the broad data; off by default
+    (``docs/results/gate_register_study.md``: it moves along the frontier, not past it).
     """
     from .. import data
 
@@ -371,7 +373,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         }
     extra_groups: dict[str, str] = {}
     if style == "broad":
-        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits)
+        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits, harmful_registers)
         harmful, benign = harmful + bh, benign + bb
         rng.shuffle(harmful)
         rng.shuffle(benign)
@@ -383,7 +385,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
 
 
-def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None) -> tuple[list[str], list[str], dict]:
+def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None,
+                      harmful_registers: bool = False) -> tuple[list[str], list[str], dict]:
     """The fit-side prompts of issue 17's breadth, added to the default fit data by ``style="broad"``:
 
     - benign: the fit halves of the hand-written genres (math, code, sysadmin, violent words used
@@ -391,7 +394,8 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
       benign sources that are split (:func:`autosteer.data.external_benign_splits`), and
       ``n_rephrased`` benign fit prompts rephrased in the FIT rephrasing families;
     - harmful: the unsafe sides of the fit contrast pairs and ``n_rephrased`` harmful fit requests
-      rephrased in the FIT families.
+      rephrased in the FIT families; with ``harmful_registers``, also the fit half of the harmful
+      requests written in the benign genres' words (:func:`autosteer.data.harmful_register_splits`).
 
     The same families rephrase both classes, so the framing alone says nothing about the label. Dev
     halves, dev families and reserved data are never read."""
@@ -417,10 +421,13 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
     benign_pool = genres + [p.text for p in splits["fit_benign"] if p.source == "autosteer_sensitive_benign" or len(p.text) < 300]
     reph_h = rephrased([p.text for p in splits["fit_harmful"]])
     reph_b = rephrased(benign_pool)
-    harmful = [u.text for _, u in pairs] + reph_h
+    registers = [p.text for p in data.harmful_register_splits("fit")] if harmful_registers else []
+    harmful = [u.text for _, u in pairs] + registers + reph_h
     benign = genres + [s.text for s, _ in pairs] + external + reph_b
     src = {"genres": f"autosteer/fit_prompts/genres fit halves ({len(genres)})",
            "contrast_pairs": f"fit halves, both sides ({len(pairs)} pairs)",
+           **({"harmful_registers": f"autosteer/fit_prompts/genres/harmful_registers.jsonl fit half ({len(registers)})"}
+              if registers else {}),
            "external_benign": {k: len(v) for k, v in data.external_benign_splits("fit").items()},
            "rephrased": {"families": list(R.FIT_FAMILIES), "harmful": len(reph_h), "benign": len(reph_b)},
            "counts": {"broad_harmful": len(harmful), "broad_benign": len(benign)},
