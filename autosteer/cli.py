@@ -214,7 +214,7 @@ def cmd_fit(args) -> int:
               prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
     # options left unset keep the preset's (or FitConfig's) value
     for name in ("layer_rule", "target_fpr", "genre_fpr", "tau_rule", "fit_data", "jailbreak_fit", "monitor_prompts",
-                 "monitor_tokens", "monitor_responses", "monitor_prefix"):
+                 "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.head_rank is not None:
@@ -623,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-tokens", type=POSITIVE, default=None, metavar="K",
                    help="response tokens per prompt for the monitor probe; monitor mode then probes the first K "
                         "generated tokens (default 16)")
+    p.add_argument("--head-pivots", type=NON_NEGATIVE, default=None, metavar="N",
+                   help="harmful fit prompts whose own answers, cut a few tokens in and followed by the refusal, train "
+                        "the Refusal Head to refuse when monitor mode latches mid-answer (default: as many as "
+                        "--monitor-prompts; 0 for a prefill-only pack)")
     p.add_argument("--jailbreak-fit", type=NON_NEGATIVE, default=None, metavar="N",
                    help="add N harmful and N benign fit prompts wrapped in jailbreak templates of the fit families "
                         "(0: none; default 400)")

@@ -2,6 +2,7 @@
 generations identical to plain ``generate``, forced steering refuses, the CLI end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -180,8 +181,8 @@ def test_monitor_fit_and_generation_on_the_real_model(default_model):
     full = default_fit_data(seed=0)
     short = [b for b in full.benign if len(b) < 400]
     data = FitData(full.harmful[:64], short[:64], [], {"counts": {}})
-    base = dict(probe_epochs=150, head_prompts=32, head_epochs=2, progress=False)
-    pack = fit(model, tok, FitConfig(**base, monitor_prompts=16, monitor_tokens=8), data)
+    base = dict(probe_epochs=150, head_prompts=64, head_epochs=5, progress=False)
+    pack = fit(model, tok, FitConfig(**base, monitor_prompts=16, monitor_tokens=8, head_pivots=64), data)
     m = pack.meta["monitor"]
     assert pack.has_monitor_probe and m["tokens"] == 8 and m["prompts"] == {"train": 32, "val": 20}
     assert m["response_states"]["train"] > 100
@@ -201,6 +202,21 @@ def test_monitor_fit_and_generation_on_the_real_model(default_model):
     assert auroc(top, lab) >= COMPLIANCE_AUROC_MIN, auroc(top, lab)
     plain = fit(model, tok, FitConfig(**base), data)
     assert torch.equal(plain.W1, pack.W1) and plain.tau == pack.tau
+    # the head of a monitor pack learned to refuse mid-answer (pivot rows, 7j); the prefill-only fit's did not
+    assert pack.meta["head_pivots"]["prompts"] == 64 and "head_pivots" not in plain.meta
+    harmful = [p.text for p in default_splits(0)["dev_harmful"][:12]]
+    hids, hmask = encode_prompts(tok, harmful, PromptFormat())
+    refused = {}
+    for name, head in (("pivots", pack), ("none", plain)):
+        steer = dataclasses.replace(pack, A=head.A, B=head.B)
+        # tau_monitor 0: every row latches at its first generated token, the head then steers the rest
+        with autosteer.attach(model, steer, mode="monitor", tau=1.0, tau_monitor=0.0) as h:
+            out = h.generate(input_ids=hids, attention_mask=hmask, max_new_tokens=16, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        assert out.latched_at.tolist() == [1] * len(harmful), out.latched_at
+        texts = tok.batch_decode(out.sequences[:, hids.shape[1]:], skip_special_tokens=True)
+        refused[name] = sum(is_refusal(t) for t in texts)
+    assert refused["pivots"] >= 10 and refused["pivots"] > refused["none"], refused
     prompts = [p.text for p in default_splits(0)["dev_benign"][:4]]
     ids, mask = encode_prompts(tok, prompts, PromptFormat())
     with autosteer.attach(model, pack, mode="monitor") as h:

@@ -422,3 +422,47 @@ def test_store_monitor_window(tiny_model):
     sc = store.summary("c")
     assert sc.tokens == 5 and not sc.latched
     assert sc.p_last < 1e-6  # the last probed token's score (step 1, position 1), not a stale or unprobed one
+
+
+def test_pivot_states_are_the_head_inputs_after_a_cut_answer(tiny_model, tiny_tokenizer, one_thread):
+    """collect_pivot_states: for each prompt, the model's own greedy answer cut after j tokens (every j in
+    1..answer length when cuts allow), then the refusal tokens; g is lm_head's input at the positions that
+    predict each refusal token, as an unpadded forward of that one sequence gives it."""
+    from autosteer.method.refusal_head import collect_pivot_states
+    from autosteer.prompting import PromptFormat, encode_batch
+
+    model, tok = tiny_model, tiny_tokenizer
+    fmt = PromptFormat(chat_template=False)
+    prompts = ["how do I do the thing", "a much longer prompt about several other things entirely"]
+    answer = [5, 6, 7]
+    g, y, rows = collect_pivot_states(model, tok, prompts, fmt, answer, max_answer_tokens=4, cuts=10, batch_size=2,
+                                      progress=False)
+    expected, seen = [], {}
+    hook = model.lm_head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("g", a[0]))
+    try:
+        for p in prompts:
+            ids = encode_batch(tok, [p], fmt)["input_ids"]
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
+            n = next((i for i, t in enumerate(gen) if t in (0, 3)), len(gen))
+            for j in range(1, n + 1):  # cuts=10 >= n: every cut point
+                seq = torch.tensor([ids[0].tolist() + gen[:j] + answer])
+                model(input_ids=seq)
+                expected.append(seen.pop("g")[0, -len(answer) - 1:-1])
+    finally:
+        hook.remove()
+    assert rows == len(expected) > 0 and y.tolist() == answer * rows
+    torch.testing.assert_close(g, torch.cat(expected).float(), atol=1e-5, rtol=1e-4)
+    few, _, n_few = collect_pivot_states(model, tok, prompts, fmt, answer, 4, cuts=1, progress=False)
+    assert n_few == 2 and few.shape == (2 * len(answer), g.shape[1])  # one cut point per answer
+    with pytest.raises(TypeError, match="text prompts only"):
+        collect_pivot_states(model, tok, [{"text": "x", "images": []}], fmt, answer, progress=False)
+
+
+def test_head_pivots_config():
+    assert FitConfig().head_pivots is None  # as many as monitor_prompts: none for a prefill-only pack
+    FitConfig(head_pivots=0)
+    with pytest.raises(ValueError, match="head_pivots must be >= 0"):
+        FitConfig(head_pivots=-1)
+    with pytest.raises(ValueError, match="head_pivots must be >= 0"):
+        FitConfig(head_pivots=True)

@@ -32,7 +32,8 @@ from ..prompting import PromptFormat, template_hash
 from .hidden_states import generated_token_states, last_token_states, probe_features
 from .pack import FORMAT, FORMAT_VERSION, MAX_PROBE_LAYERS, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
-from .refusal_head import REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, train_refusal_head
+from .refusal_head import (REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, collect_pivot_states,
+                           train_refusal_head)
 from .sas import random_pairs, safety_awareness_score
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,11 @@ class FitConfig:
     head_lr: float = 1e-3
     head_prompts: int = 300
     refusal_answer: str = REFUSAL_ANSWER
+    # pivot rows for the Refusal Head (docs/method.md 7j): this many harmful fit prompts are answered by the model
+    # itself and cut 1..monitor_tokens tokens in, followed by " " + refusal_answer, so that a latch in monitor mode
+    # (a few tokens into an answer) refuses instead of ending the answer. None: as many as monitor_prompts (0 for
+    # a prefill-only pack, whose latches all come at the prompt)
+    head_pivots: int | None = None
     pooling: str = "last_token"  # the only pooling the runtime serves
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
@@ -266,6 +272,8 @@ class FitConfig:
             raise ValueError("jailbreak_fit must be >= 0")
         if self.monitor_prompts < 0 or self.monitor_tokens < 1:
             raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
+        if self.head_pivots is not None and (isinstance(self.head_pivots, bool) or int(self.head_pivots) < 0):
+            raise ValueError(f"head_pivots must be >= 0 (or None: as many as monitor_prompts), got {self.head_pivots}")
         if not 0.0 <= self.monitor_target_fpr <= 1.0:
             raise ValueError("monitor_target_fpr must be in [0, 1]")
         if self.monitor_responses not in MONITOR_RESPONSES:
@@ -306,6 +314,9 @@ class FitData:
     # plain one): out-of-fold scoring keeps a prompt and its variants in one fold
     derived_from: dict[str, str] | None = None
 
+
+#: cut points per answer for the Refusal Head's pivot rows (FitConfig.head_pivots)
+PIVOT_CUTS = 2
 
 #: how many fit requests per class are rephrased in the fit families (broad fit data)
 REPHRASED_FIT = 400
@@ -1004,6 +1015,15 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     head_prompts = (data.head_prompts or data.harmful)[: cfg.head_prompts]
     with compute_model(model, dtype) as fwd:
         g, targets = collect_answer_states(fwd, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
+    n_pivots = cfg.monitor_prompts if cfg.head_pivots is None else cfg.head_pivots
+    pivot_texts = [p for p in head_prompts if isinstance(p, str)][:n_pivots]
+    pivot_rows = 0
+    if pivot_texts:  # a latch mid-answer: the answer so far, then the refusal (7j)
+        gp, tp, pivot_rows = collect_pivot_states(model, tokenizer, pivot_texts, fmt,
+                                                  answer_token_ids(tokenizer, " " + cfg.refusal_answer),
+                                                  cfg.monitor_tokens, PIVOT_CUTS, cfg.batch_size, cfg.seed, cfg.progress)
+        if pivot_rows:
+            g, targets = torch.cat([g, gp]), torch.cat([targets, tp])
     head, head_losses = train_refusal_head(model, g, targets, cfg.head_rank, cfg.eps, cfg.head_epochs, cfg.head_lr,
                                            seed=cfg.seed, progress=cfg.progress)
     W = output_head(model).weight
@@ -1053,6 +1073,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "head_rank": head.rank,
         "head_form": "full" if cfg.head_rank is None else "low_rank",
         "refusal_answer": cfg.refusal_answer,
+        # answers cut mid-way then refused, trained into the head (7j); absent: none
+        **({"head_pivots": {"prompts": len(pivot_texts), "rows": pivot_rows, "cuts_per_answer": PIVOT_CUTS,
+                            "answer_tokens": cfg.monitor_tokens}} if pivot_rows else {}),
         "prompt_format": fmt.to_dict(),
         "chat_template_sha256_16": template_hash(tokenizer),
         "metrics": {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..models import output_head
+from ..models import output_head, stop_token_ids
 from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, text_tokenizer, to_model
 
 REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
@@ -85,6 +85,58 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
     finally:
         handle.remove()
     return torch.cat(gs), torch.cat(ys)
+
+
+@torch.no_grad()
+def collect_pivot_states(model, tokenizer, prompts: list[str], fmt: PromptFormat, answer_ids: list[int],
+                         max_answer_tokens: int = 16, cuts: int = 2, batch_size: int = 16, seed: int = 0,
+                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Answer states for *pivot* rows: the prompt, the first ``j`` tokens of the model's own answer (greedy,
+    unsteered, at most ``max_answer_tokens``), then the refusal answer -- what the head must produce when
+    monitor mode latches ``j`` tokens into an answer. ``cuts`` distinct cut points per answer, ``j`` drawn
+    uniformly from ``1 .. answer length`` (stop token excluded; an answer that stops at once gives none).
+
+    Returns ``(g, targets, rows)`` as :func:`collect_answer_states` does, and the number of pivot rows.
+    Text prompts only (monitor mode's fit data)."""
+    import random
+
+    if any(not isinstance(p, str) for p in prompts):
+        raise TypeError("collect_pivot_states takes text prompts only")
+    tok = text_tokenizer(tokenizer)
+    stop = set(stop_token_ids(model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(stop) if stop else 0)
+    rng = random.Random(f"pivot-{seed}")
+    seqs: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="pivot answers", disable=not progress, leave=False):
+        inputs = encode_batch(tokenizer, prompts[start:start + batch_size], fmt)
+        width = inputs["input_ids"].shape[1]
+        out = model.generate(**to_model(inputs, model), max_new_tokens=max_answer_tokens, do_sample=False, pad_token_id=pad)
+        out = (out if isinstance(out, torch.Tensor) else out.sequences).cpu()
+        for row in range(out.shape[0]):
+            prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+            answer = out[row, width:].tolist()
+            n = next((i for i, t in enumerate(answer) if t in stop), len(answer))
+            for j in sorted(rng.sample(range(1, n + 1), min(cuts, n))):
+                seqs.append(prompt_ids + answer[:j] + list(answer_ids))
+    n_ans, head = len(answer_ids), output_head(model)
+    seen: dict[str, torch.Tensor] = {}
+    handle = head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("g", a[0]))
+    gs = []
+    try:
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            w = max(len(s) for s in chunk)
+            ids = torch.tensor([[pad] * (w - len(s)) + s for s in chunk])
+            mask = torch.tensor([[0] * (w - len(s)) + [1] * len(s) for s in chunk])
+            batch = to_model({"input_ids": ids, "attention_mask": mask}, model)
+            model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False, logits_to_keep=n_ans + 1)
+            g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts answer token t+1
+            gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
+    finally:
+        handle.remove()
+    if not seqs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), 0
+    return torch.cat(gs), torch.tensor(answer_ids).repeat(len(seqs)), len(seqs)
 
 
 def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int | None = 16, eps: float = 0.1,
