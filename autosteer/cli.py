@@ -126,7 +126,8 @@ def _is_default_model(model: str | None) -> bool:
 
 
 def _pack_of(args):
-    """The steer pack of ``--pack``; without it, the shipped pack for the default model, or
+    """The steer pack of ``--pack``; without it, the shipped pack for the default model (its monitor pack when
+    monitor mode is asked for: ``--mode monitor``, or the ``monitor`` setting of ``eval``), or
     runs/<model>.pack.safetensors for another; loaded and validated before the model loads."""
     from . import default_pack_path
     from .method.pack import PackError, load_pack
@@ -134,11 +135,12 @@ def _pack_of(args):
     if args.pack:
         return load_pack(args.pack)
     if _is_default_model(args.model):
+        monitor = getattr(args, "mode", None) == "monitor" or "monitor" in (getattr(args, "settings", None) or ())
         try:
-            path = default_pack_path()
+            path = default_pack_path(monitor=monitor)
         except FileNotFoundError as exc:
             raise PackError(str(exc)) from None
-        print(f"using the shipped default pack {path} (--pack to use another)", file=sys.stderr)
+        print(f"using the shipped default {'monitor ' if monitor else ''}pack {path} (--pack to use another)", file=sys.stderr)
         return load_pack(path)
     path = _default_pack_path(args.model)
     if not path.exists():
