@@ -140,7 +140,9 @@ def _pack_of(args):
             path = default_pack_path(monitor=monitor)
         except FileNotFoundError as exc:
             raise PackError(str(exc)) from None
-        print(f"using the shipped default {'monitor ' if monitor else ''}pack {path} (--pack to use another)", file=sys.stderr)
+        print(f"using the shipped default {'monitor ' if monitor else ''}pack {path} (--pack to use another)"
+              + ("; its gate is the default pack's, its Refusal Head also refuses mid-answer, for every setting of this run"
+                 if monitor else ""), file=sys.stderr)
         return load_pack(path)
     path = _default_pack_path(args.model)
     if not path.exists():

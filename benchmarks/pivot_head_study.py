@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pack", required=True)
+    ap.add_argument("--pack", required=True, help="a pack of the default model (the study loads that model)")
     ap.add_argument("--latched", required=True, help="an eval's responses.jsonl with monitor-mode rows")
     ap.add_argument("--pivots", type=int, default=150, help="harmful fit prompts whose answers give pivot rows")
     ap.add_argument("--cuts", type=int, default=None, help="pivot rows per prompt (cut points in its answer; default: the fit's)")
@@ -50,7 +49,8 @@ def main() -> int:
     from autosteer.evaluate import generate_batch
     from autosteer.judge import is_refusal
     from autosteer.method.fit import PIVOT_CUTS, FitConfig, compute_model, default_fit_data, resolve_compute_dtype
-    from autosteer.method.refusal_head import answer_token_ids, collect_answer_states, collect_pivot_states, train_refusal_head
+    from autosteer.method.refusal_head import (answer_token_ids, collect_answer_states, collect_pivot_states,
+                                              continuation_token_ids, train_refusal_head)
     from autosteer.models import load_model
 
     t0 = time.time()
@@ -72,7 +72,7 @@ def main() -> int:
     pivot_prompts = head_prompts[: args.pivots]
     t1 = time.time()
     args.cuts = args.cuts or PIVOT_CUTS
-    gp, yp, n_rows = collect_pivot_states(model, tok, pivot_prompts, fmt, answer_token_ids(tok, " " + cfg.refusal_answer),
+    gp, yp, n_rows = collect_pivot_states(model, tok, pivot_prompts, fmt, continuation_token_ids(tok, cfg.refusal_answer),
                                           cfg.monitor_tokens, args.cuts,
                                           cfg.batch_size, seed=cfg.seed, progress=False)
     pivot, _ = train_refusal_head(model, torch.cat([g, gp]), torch.cat([y, yp]), cfg.head_rank, cfg.eps, cfg.head_epochs,

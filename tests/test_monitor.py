@@ -466,3 +466,23 @@ def test_head_pivots_config():
         FitConfig(head_pivots=-1)
     with pytest.raises(ValueError, match="head_pivots must be >= 0"):
         FitConfig(head_pivots=True)
+    with pytest.raises(ValueError, match="head_pivots must be >= 0"):
+        FitConfig(head_pivots=2.5)
+
+
+def test_refusal_continuation_tokens_follow_a_word(tiny_tokenizer):
+    """The pivot rows' refusal continues written text: the tokens of "x " + answer after those of "x" (for SmolLM2's
+    BPE the same as " " + answer; a SentencePiece tokenizer would add a second word-start marker to a bare space)."""
+    from autosteer.method.refusal_head import continuation_token_ids
+
+    tok = tiny_tokenizer
+    ids = continuation_token_ids(tok, "no thanks")
+    full = tok("x no thanks", add_special_tokens=False)["input_ids"]
+    assert ids[:-1] == full[len(tok("x", add_special_tokens=False)["input_ids"]):] and ids[-1] == tok.eos_token_id
+
+
+def test_harmful_registers_need_the_broad_fit_data():
+    from autosteer.method.fit import default_fit_data
+
+    with pytest.raises(ValueError, match="broad fit data only"):
+        default_fit_data(0, 10, 0, "default", harmful_registers=True)

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -33,7 +34,7 @@ from .hidden_states import generated_token_states, last_token_states, probe_feat
 from .pack import FORMAT, FORMAT_VERSION, MAX_PROBE_LAYERS, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import (REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, collect_pivot_states,
-                           train_refusal_head)
+                           continuation_token_ids, train_refusal_head)
 from .sas import random_pairs, safety_awareness_score
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,8 @@ class FitConfig:
             raise ValueError("jailbreak_fit must be >= 0")
         if self.monitor_prompts < 0 or self.monitor_tokens < 1:
             raise ValueError("monitor_prompts must be >= 0 and monitor_tokens >= 1")
-        if self.head_pivots is not None and (isinstance(self.head_pivots, bool) or int(self.head_pivots) < 0):
+        if self.head_pivots is not None and (not isinstance(self.head_pivots, int) or isinstance(self.head_pivots, bool)
+                                             or self.head_pivots < 0):
             raise ValueError(f"head_pivots must be >= 0 (or None: as many as monitor_prompts), got {self.head_pivots}")
         if not 0.0 <= self.monitor_target_fpr <= 1.0:
             raise ValueError("monitor_target_fpr must be in [0, 1]")
@@ -346,6 +348,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
 
     if style not in FIT_DATA_STYLES:
         raise ValueError(f"style must be one of {list(FIT_DATA_STYLES)}, got {style!r}")
+    if harmful_registers and style != "broad":
+        raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
     splits = data.default_splits(seed=seed)
     rng = random.Random(seed)
     chosen = {name: [p for p in splits[name] if style != "paper" or p.source in PAPER_SOURCES[name]]
@@ -1017,10 +1021,14 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         g, targets = collect_answer_states(fwd, tokenizer, head_prompts, fmt, answer_ids, cfg.batch_size, cfg.progress)
     n_pivots = cfg.monitor_prompts if cfg.head_pivots is None else cfg.head_pivots
     pivot_texts = [p for p in head_prompts if isinstance(p, str)][:n_pivots]
+    if len(pivot_texts) < n_pivots:
+        warnings.warn(f"head_pivots: {len(pivot_texts)} pivot prompts used of {n_pivots} asked for (only text prompts "
+                      f"among the first head_prompts={cfg.head_prompts} harmful fit prompts are answered)", stacklevel=2)
     pivot_rows = 0
     if pivot_texts:  # a latch mid-answer: the answer so far, then the refusal (7j)
+        # answered by the model as it serves (not the fit's compute copy), like the monitor step's responses
         gp, tp, pivot_rows = collect_pivot_states(model, tokenizer, pivot_texts, fmt,
-                                                  answer_token_ids(tokenizer, " " + cfg.refusal_answer),
+                                                  continuation_token_ids(tokenizer, cfg.refusal_answer),
                                                   cfg.monitor_tokens, PIVOT_CUTS, cfg.batch_size, cfg.seed, cfg.progress)
         if pivot_rows:
             g, targets = torch.cat([g, gp]), torch.cat([targets, tp])

@@ -87,6 +87,18 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
     return torch.cat(gs), torch.cat(ys)
 
 
+def continuation_token_ids(tokenizer, answer: str = REFUSAL_ANSWER) -> list[int]:
+    """The refusal as it continues text already written (after a word, with a space), then the end-of-turn
+    token: the tokens of ``"x " + answer`` after those of ``"x"``. A tokenizer that adds a word-start marker
+    of its own (SentencePiece) would turn a plain leading space into a second marker."""
+    tok = text_tokenizer(tokenizer)
+    full = tok("x " + answer, add_special_tokens=False)["input_ids"]
+    head = tok("x", add_special_tokens=False)["input_ids"]
+    ids = full[len(head):] if full[:len(head)] == head else tok(" " + answer, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
 @torch.no_grad()
 def collect_pivot_states(model, tokenizer, prompts: list[str], fmt: PromptFormat, answer_ids: list[int],
                          max_answer_tokens: int = 16, cuts: int = 2, batch_size: int = 16, seed: int = 0,
