@@ -71,7 +71,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "Prompt",
@@ -765,6 +765,18 @@ GENRES = ("math", "code", "sysadmin", "violent_words", "sports_games", "cooking"
           "fiction_writing", "chat")
 
 
+def _check_split(split: str) -> None:
+    if split not in ("fit", "dev"):
+        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+
+
+def _genre_jsonl_rows(name: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` of each non-blank line of ``genres/<name>``."""
+    for n, line in enumerate((_GENRES_DIR / name).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            yield n, json.loads(line)
+
+
 def hash_split(text: str, salt: str = "genre-split") -> str:
     """``"fit"`` or ``"dev"`` for ``text``: the parity of a SHA-256 of ``salt`` and the normalised text.
 
@@ -792,8 +804,7 @@ def load_genre_prompts() -> dict[str, tuple[Prompt, ...]]:
 def genre_splits(split: str) -> dict[str, list[Prompt]]:
     """``{genre: prompts}`` of one side (``"fit"`` or ``"dev"``) of the genre files. Dev halves are never
     fitted, calibrated or tuned on."""
-    if split not in ("fit", "dev"):
-        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    _check_split(split)
     return {g: [p for p in ps if p.meta["split"] == split] for g, ps in load_genre_prompts().items()}
 
 
@@ -802,12 +813,8 @@ def load_contrast_pairs() -> tuple[tuple[Prompt, Prompt], ...]:
     """The hand-written safe/unsafe contrast pairs (``genres/contrast_pairs.jsonl``) as ``(safe, unsafe)``
     prompts sharing ``pair_id`` and ``category`` (the shared word). A pair stays together: its side is
     :func:`hash_split` of the safe text (salt ``"contrast-split"``), in ``meta["split"]`` of both."""
-    path = _GENRES_DIR / "contrast_pairs.jsonl"
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in _genre_jsonl_rows("contrast_pairs.jsonl"):
         side = hash_split(row["safe"], "contrast-split")
         meta = {"line": n, "split": side}
         out.append((Prompt(row["safe"].strip(), BENIGN, "autosteer_contrast_safe", row.get("topic"), str(n), meta),
@@ -817,8 +824,7 @@ def load_contrast_pairs() -> tuple[tuple[Prompt, Prompt], ...]:
 
 def contrast_pair_splits(split: str) -> list[tuple[Prompt, Prompt]]:
     """The ``(safe, unsafe)`` contrast pairs of one side (``"fit"`` or ``"dev"``)."""
-    if split not in ("fit", "dev"):
-        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    _check_split(split)
     return [pair for pair in load_contrast_pairs() if pair[0].meta["split"] == split]
 
 
@@ -828,12 +834,8 @@ def load_harmful_registers() -> tuple[Prompt, ...]:
     malware asked as a coding question, intrusion as a sysadmin one, poisoning as a cooking one, a
     professional persona asking for abuse of the role, ... (label 1, ``category`` = the register). Each
     line's side is :func:`hash_split` of its text (salt ``"register-split"``), in ``meta["split"]``."""
-    path = _GENRES_DIR / "harmful_registers.jsonl"
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in _genre_jsonl_rows("harmful_registers.jsonl"):
         text = row["unsafe"].strip()
         out.append(Prompt(text, HARMFUL, "autosteer_harmful_register", row["register"], str(n),
                           {"line": n, "split": hash_split(text, "register-split")}))
@@ -842,8 +844,7 @@ def load_harmful_registers() -> tuple[Prompt, ...]:
 
 def harmful_register_splits(split: str) -> list[Prompt]:
     """The harmful-register requests of one side (``"fit"`` or ``"dev"``)."""
-    if split not in ("fit", "dev"):
-        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    _check_split(split)
     return [p for p in load_harmful_registers() if p.meta["split"] == split]
 
 
@@ -904,8 +905,7 @@ def load_external_benign() -> dict[str, tuple[Prompt, ...]]:
 
 def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
     """``{source: prompts}`` of one side (``"fit"`` or ``"dev"``) of :func:`load_external_benign`."""
-    if split not in ("fit", "dev"):
-        raise ValueError(f"split must be 'fit' or 'dev', got {split!r}")
+    _check_split(split)
     return {k: [p for p in ps if p.meta["split"] == split] for k, ps in load_external_benign().items()
             if any(p.meta["split"] == split for p in ps)}
 

@@ -14,13 +14,15 @@ teacher-forced refusal answers to collect ``g``; training then touches only ``g`
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..models import output_head, stop_token_ids
-from ..prompting import PromptFormat, PromptLike, batching_key, encode_batch, position_ids_from_mask, text_tokenizer, to_model
+from ..prompting import (PromptFormat, PromptLike, batching_key, encode_batch, pad_left, position_ids_from_mask, text_tokenizer,
+                         to_model)
 
 REFUSAL_ANSWER = "I'm sorry, but I can't assist with that."
 
@@ -53,6 +55,24 @@ def answer_token_ids(tokenizer, answer: str = REFUSAL_ANSWER) -> list[int]:
     return ids + ([eos] if eos is not None else [])
 
 
+def _states_before_answer(model, batches, n_ans: int) -> torch.Tensor:
+    """lm_head's input ``g`` at the positions that predict the last ``n_ans`` tokens of each row, for model inputs
+    (left-padded, every row ending with the answer) from ``batches``; ``[rows * n_ans, H]`` fp32 on the CPU."""
+    seen: dict[str, torch.Tensor] = {}
+    handle = output_head(model).register_forward_pre_hook(lambda _m, args: seen.__setitem__("g", args[0]))
+    gs = []
+    try:
+        for inputs in batches:
+            inputs = to_model(inputs, model)
+            model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False,
+                  logits_to_keep=n_ans + 1)
+            g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts token t+1
+            gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(gs)
+
+
 @torch.no_grad()
 def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: PromptFormat, answer_ids: list[int],
                           batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,31 +80,17 @@ def collect_answer_states(model, tokenizer, prompts: list[PromptLike], fmt: Prom
     each answer token, and the targets. The answer is appended after each (left-padded) prompt;
     multimodal prompts keep their images."""
     n_ans = len(answer_ids)
-    head = output_head(model)
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(_mod, args):
-        seen["g"] = args[0]
-
-    handle = head.register_forward_pre_hook(grab)
     prompts = sorted(prompts, key=batching_key)  # image prompts apart from text ones: little padding
-    gs, ys = [], []
-    try:
+
+    def batches():
         for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-head states", disable=not progress, leave=False):
             inputs = encode_batch(tokenizer, prompts[start:start + batch_size], fmt)
-            b = inputs["input_ids"].shape[0]
-            answer = torch.tensor(answer_ids, dtype=torch.long).expand(b, n_ans)
+            answer = torch.tensor(answer_ids, dtype=torch.long).expand(inputs["input_ids"].shape[0], n_ans)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)
-            inputs = to_model(inputs, model)
-            model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]), use_cache=False,
-                  logits_to_keep=n_ans + 1)
-            g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts token t+1
-            gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
-            ys.append(torch.tensor(answer_ids).repeat(b))
-    finally:
-        handle.remove()
-    return torch.cat(gs), torch.cat(ys)
+            yield inputs
+
+    return _states_before_answer(model, batches(), n_ans), torch.tensor(answer_ids).repeat(len(prompts))
 
 
 def continuation_token_ids(tokenizer, answer: str = REFUSAL_ANSWER) -> list[int]:
@@ -110,8 +116,6 @@ def collect_pivot_states(model, tokenizer, prompts: list[str], fmt: PromptFormat
 
     Returns ``(g, targets, rows)`` as :func:`collect_answer_states` does, and the number of pivot rows.
     Text prompts only (monitor mode's fit data)."""
-    import random
-
     if any(not isinstance(p, str) for p in prompts):
         raise TypeError("collect_pivot_states takes text prompts only")
     tok = text_tokenizer(tokenizer)
@@ -130,25 +134,11 @@ def collect_pivot_states(model, tokenizer, prompts: list[str], fmt: PromptFormat
             n = next((i for i, t in enumerate(answer) if t in stop), len(answer))
             for j in sorted(rng.sample(range(1, n + 1), min(cuts, n))):
                 seqs.append(prompt_ids + answer[:j] + list(answer_ids))
-    n_ans, head = len(answer_ids), output_head(model)
-    seen: dict[str, torch.Tensor] = {}
-    handle = head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("g", a[0]))
-    gs = []
-    try:
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start:start + batch_size]
-            w = max(len(s) for s in chunk)
-            ids = torch.tensor([[pad] * (w - len(s)) + s for s in chunk])
-            mask = torch.tensor([[0] * (w - len(s)) + [1] * len(s) for s in chunk])
-            batch = to_model({"input_ids": ids, "attention_mask": mask}, model)
-            model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False, logits_to_keep=n_ans + 1)
-            g = seen.pop("g")[:, -n_ans - 1:-1, :]  # position t predicts answer token t+1
-            gs.append(g.reshape(-1, g.shape[-1]).float().cpu())
-    finally:
-        handle.remove()
     if not seqs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long), 0
-    return torch.cat(gs), torch.tensor(answer_ids).repeat(len(seqs)), len(seqs)
+    batches = (dict(zip(("input_ids", "attention_mask"), pad_left(seqs[i:i + batch_size], pad)))
+               for i in range(0, len(seqs), batch_size))
+    return _states_before_answer(model, batches, len(answer_ids)), torch.tensor(answer_ids).repeat(len(seqs)), len(seqs)
 
 
 def train_refusal_head(model, g: torch.Tensor, targets: torch.Tensor, rank: int | None = 16, eps: float = 0.1,
