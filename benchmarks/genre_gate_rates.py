@@ -136,6 +136,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=150, help="requests rephrased per family")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=str(ROOT / "runs" / "genre_gate"))
+    ap.add_argument("--system", default=None,
+                    help="render every prompt with this system prompt instead of the pack's own (a server that sets "
+                         "its own system prompt): how far the gate moves when the format differs from the fit's")
     ap.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/results/genre_gate_rates.md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,6 +153,9 @@ def main() -> int:
     sets = build_sets(args.n)
     model, tok = load_model()
     handle = autosteer.attach(model, pack_path)
+    fitted_system = handle.pack.prompt_format.system
+    if args.system is not None:  # every path below (the cached states and the runtime check) reads this format
+        handle.pack.meta["prompt_format"] = {**handle.pack.meta["prompt_format"], "system": args.system}
     pack, tau, layers, fmt = handle.pack, float(handle.tau), handle.pack.layers, handle.pack.prompt_format
     cache = Path(args.cache)
     rows = []
@@ -170,12 +176,16 @@ def main() -> int:
     m = pack.meta
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/genre_gate_rates.py --threads {args.threads}" \
         + (f" --pack {args.pack}" if args.pack else "") \
-        + (f" --n {args.n}" if args.n != 150 else "") + (f" --out {args.out}" if args.out else "")
+        + (f" --n {args.n}" if args.n != 150 else "") + (f" --system '{args.system}'" if args.system is not None else "") \
+        + (f" --out {args.out}" if args.out else "")
     header = ["# Gate-fire rates per benign genre, on contrast pairs and on rephrased harmful requests", "",
               f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation; states of "
               f"{CACHE_COUNTS['extracted']} prompts extracted, {CACHE_COUNTS['cached']} read from the cache of an earlier run).", "",
               f"Pack: `{Path(pack_path).name}` ({layers_text(m)}, {m.get('layer_rule')}; tau {tau:.4f}: {m.get('tau_rule', '')}). "
-              "The gate fires when p(unsafe) > tau. Benign genres and contrast pairs: the DEV halves "
+              + ("" if args.system is None else
+                 f"**Prompts rendered with the system prompt {args.system!r}**, not the one the pack was fitted with "
+                 f"({'the chat template default' if fitted_system is None else repr(fitted_system)}). ")
+              + "The gate fires when p(unsafe) > tau. Benign genres and contrast pairs: the DEV halves "
               "of `autosteer/fit_prompts/genres/` (`autosteer.data.genre_splits('dev')`, `contrast_pair_splits('dev')`), "
               f"written for issue 17 and never fitted on. Rephrased sets: `autosteer.rephrasing`, {args.n} requests per family, "
               "one template per request (stable hash); dev families are never fitted on (the default fit includes the fit "
