@@ -411,7 +411,15 @@ def cmd_eval(args) -> int:
     handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
                     monitor_from=args.monitor_from)
     handle.check_tokenizer(tok)
-    report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size, response_prefix=args.response_prefix or "")
+    fmt = None
+    if args.system is not None:  # the deployment's own system prompt: the gate's rates are measured under it
+        from dataclasses import replace
+
+        fmt = replace(handle.pack.prompt_format, system=args.system or None)
+        print(f"prompts rendered with the system prompt {fmt.system!r} (the pack was fitted with "
+              f"{handle.pack.prompt_format.system!r}; None: the chat template's default)")
+    report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size,
+                      response_prefix=args.response_prefix or "", fmt=fmt)
     out_dir = Path(args.out)
     paths = write_report(report, handle.pack.meta, out_dir, {s.name: s.prompts for s in sets})
     print(Path(paths["markdown"]).read_text())
@@ -696,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(strict, balanced, permissive; `autosteer info` lists them)")
     _monitor_args(p)
     _response_prefix_arg(p)
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="render every prompt under this system prompt instead of the pack's (the one your server sets; "
+                        "'' for the chat template's default): the gate's rates move with the system prompt")
     p.add_argument("--limit", type=POSITIVE, default=None, help="at most this many prompts per set")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     p.add_argument("--batch-size", type=POSITIVE, default=16)

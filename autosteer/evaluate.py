@@ -108,9 +108,12 @@ def monitor_training(meta: dict) -> str | None:
 
 
 def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...] = ("unsteered", "always", "autosteer"),
-             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True, response_prefix: str = "") -> dict:
+             max_new_tokens: int = 32, batch_size: int = 16, progress: bool = True, response_prefix: str = "",
+             fmt: PromptFormat | None = None) -> dict:
     """Refusal rates for every prompt set in every setting, plus gate rates and probe scores.
-    ``response_prefix``: begin every assistant turn with it (a prefilling attack; see :func:`generate_batch`)."""
+    ``response_prefix``: begin every assistant turn with it (a prefilling attack; see :func:`generate_batch`).
+    ``fmt``: render the prompts this way instead of as the pack was fitted (e.g. under the system prompt a
+    server sets: the gate's rates move with it, docs/method.md 7k); the report records it."""
     from .judge import validate_judge
 
     t0 = time.time()
@@ -125,13 +128,15 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "monitor_from": getattr(handle, "monitor_from", None),
                     "monitor_training": monitor_training(handle.pack.meta) if has_monitor_probe else None,
                     "max_new_tokens": max_new_tokens, "response_prefix": response_prefix, "settings": list(settings),
+                    "prompt_format": (fmt or handle.pack.prompt_format).to_dict(),
+                    "prompt_format_is_the_packs": fmt is None or fmt == handle.pack.prompt_format,
                     "sets": {}}
     for s in sets:
         entry: dict = {"n": len(s.prompts), "harmful": s.harmful, "results": {}}
         scores = gates = None
         for setting in settings:
-            gens = generate_batch(handle, tokenizer, s.prompts, setting, max_new_tokens, batch_size, progress=progress,
-                                  desc=f"{s.name}/{setting}", response_prefix=response_prefix)
+            gens = generate_batch(handle, tokenizer, s.prompts, setting, max_new_tokens, batch_size, fmt=fmt,
+                                  progress=progress, desc=f"{s.name}/{setting}", response_prefix=response_prefix)
             refusal = sum(g.refused for g in gens) / max(len(gens), 1)
             entry["results"][setting] = {
                 "refusal_rate": refusal,
@@ -151,7 +156,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
             if scores is None and setting != "always":
                 scores, gates = [g.p_unsafe for g in gens], [g.gate for g in gens]
         if scores is None:
-            scores = probe_scores(handle, tokenizer, s.prompts, batch_size, response_prefix=response_prefix)
+            scores = probe_scores(handle, tokenizer, s.prompts, batch_size, response_prefix=response_prefix, fmt=fmt)
             gates = handle.gate_decision(torch.tensor(scores)).tolist()
         tau_paper = float(handle.pack.meta["tau_paper"])
         entry["p_unsafe"] = scores
@@ -164,13 +169,14 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 
 
 @torch.no_grad()
-def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16, response_prefix: str = "") -> list[float]:
+def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16, response_prefix: str = "",
+                 fmt: PromptFormat | None = None) -> list[float]:
     """The probe's score at the last prompt token of each prompt (no generation; with a
     ``response_prefix``, at its last token, as :func:`generate_batch` serves it): the states at the
-    pack's layers (``pack.layers``), concatenated in that order."""
+    pack's layers (``pack.layers``), concatenated in that order. ``fmt``: as :func:`evaluate`'s."""
     from .method.hidden_states import probe_inputs
 
-    fmt = handle.pack.prompt_format
+    fmt = fmt or handle.pack.prompt_format
     x = probe_inputs(handle.model, tokenizer, prompts, fmt, handle.pack.layers, batch_size, progress=False,
                      response_prefix=response_prefix)
     return handle.probe_scores(x.to(handle.W1.device)).cpu().tolist()
@@ -185,6 +191,10 @@ def markdown_report(report: dict) -> str:
     tau_paper = p.get("tau_paper", 0.5)
     lines.append(f"Model `{p.get('model_name')}`, {layers_text(p)} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
                  f"(paper {tau_paper}), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
+    if report.get("prompt_format_is_the_packs") is False:
+        pf = report["prompt_format"]
+        lines += ["", f"**Prompts rendered with the system prompt {pf.get('system')!r}**, not the one the pack was fitted "
+                      "with: the gate's rates are measured for that system prompt (docs/method.md 7k)."]
     if report.get("response_prefix"):
         lines += ["", f"Prefilling attack: every assistant turn began with {report['response_prefix']!r} (part of the prompt: "
                       "the gate read its last token); the responses judged are what the model wrote after it."]
