@@ -368,6 +368,19 @@ def _dev_sets(limit: int | None, seed: int = 0):
     return sets
 
 
+def eval_format(pack_format, system: str | None):
+    """The prompt format ``autosteer eval --system`` renders with: None (the pack's own) when no system prompt is
+    given or it is the pack's; else the pack's format with that system prompt ('' is the chat template's default).
+    A format without a chat template has nowhere to put one: refused here, before any model is loaded."""
+    from dataclasses import replace
+
+    if system is None or (system or None) == pack_format.system:
+        return None
+    if not pack_format.chat_template:
+        raise SystemExit("error: --system needs the pack's chat template (this pack renders prompts without one)")
+    return replace(pack_format, system=system or None)
+
+
 def cmd_eval(args) -> int:
     from .models import is_multimodal
     from .evaluate import PromptSet, evaluate, write_report
@@ -404,6 +417,7 @@ def cmd_eval(args) -> int:
     pack = _pack_of(args)
     if "monitor" in args.settings and _monitor_uncalibrated(pack, args):
         return 2
+    fmt = eval_format(pack.prompt_format, args.system)
     model, tok = _load(args)
     if args.cross_modal_dev and not is_multimodal(model):
         print("error: --cross-modal-dev needs a multimodal model (this one takes text only)", file=sys.stderr)
@@ -411,11 +425,7 @@ def cmd_eval(args) -> int:
     handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
                     monitor_from=args.monitor_from)
     handle.check_tokenizer(tok)
-    fmt = None
-    if args.system is not None:  # the deployment's own system prompt: the gate's rates are measured under it
-        from dataclasses import replace
-
-        fmt = replace(handle.pack.prompt_format, system=args.system or None)
+    if fmt is not None:
         print(f"prompts rendered with the system prompt {fmt.system!r} (the pack was fitted with "
               f"{handle.pack.prompt_format.system!r}; None: the chat template's default)")
     report = evaluate(handle, tok, sets, args.settings, args.max_new_tokens, args.batch_size,

@@ -7,18 +7,19 @@ jailbreak template, or behind a framing, may be plain at the tokens where it is 
 time the prompt ends. This study reads the residual stream entering layers ``--layers`` at every prompt token
 (the system prompt all prompts share is left out: its states are the same for every prompt) and compares, with
 the fit's own gate rule (out-of-fold scores set the operating points by the false-positive budget,
-:func:`autosteer.method.fit.operating_points`; nothing set on dev), three readings on the same features:
+:func:`autosteer.method.fit.operating_points`; nothing set on dev), four readings on the same features:
 
 - ``last``: one probe on the last prompt token (what is served; the reference row);
 - ``mean``: one probe on the mean of the prompt's tokens;
 - ``max``: a token-level probe whose prompt score is its highest token score, trained as a multiple-instance
   learner (the prompt's label on its max token): harm written anywhere in the prompt can fire it, and so can
-  one benign token that looks harmful.
+  one benign token that looks harmful;
+- ``last|max``: both probes, the gate firing on the higher of the two probabilities.
 
-To keep the token-level training affordable on 2 cores the features (the layers' states concatenated,
-standardised) are projected on their top ``--pca`` principal components of fit-prompt tokens; the ``last`` and
-``mean`` readings use the same projection, so the rows differ only by the pooling. (A projection folds into
-the probe's first matrix: it would not change what an op serves.)
+The features are the layers' states concatenated and standardised on fit-prompt tokens, the same for every
+reading, so the rows differ only by the pooling. ``--pca N`` projects them on their top N principal components
+first (cheaper; an ad-hoc run at 256 components lost 20-40 points of direct and wrapped recall in every reading, so
+the default keeps every dimension). ``--system-check`` also scores some dev sets under other system prompts (:data:`SYSTEM_PROMPTS`).
 
     OMP_NUM_THREADS=2 python benchmarks/gate_pooling_study.py --seeds 0,1,2 --out docs/results/gate_pooling_study.md
 """
@@ -227,7 +228,7 @@ def run(bags: Bags, index: dict, fitdata, sets, readings: list[str], seed: int, 
     memo: dict = {}
 
     def trained(how, rows):
-        key = (how, len(rows), int(rows.sum()))
+        key = (how, tuple(rows.tolist()))
         if key not in memo:
             if how == "max":
                 memo[key] = train_max_probe(bags, ids[rows], y[rows], args.hidden, args.epochs, args.batch, args.lr,
@@ -397,7 +398,8 @@ def main() -> int:
     seeds = args.seeds.split(",")
     if args.system_check:
         md_sys = ["", "**Under other system prompts** (seed " + seeds[0] + "'s probes and operating points, fitted with the chat "
-                  "template's default system prompt; the system prompt's own tokens are pooled too, as a server pools a request's prompt). "
+                  "template's default system prompt; the system prompt's own tokens are pooled too, as a server pools a request's prompt, "
+                  "except in the default row, whose system prompt tokens the fit left out too). "
                   "Gate fires, %:", "", "| system prompt | reading | point | benign genres pooled | worst genre | contrast safe "
                   "| contrast unsafe | direct |", "|---|---|---|---|---|---|---|---|"]
         for r in system_rows:

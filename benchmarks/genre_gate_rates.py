@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -154,8 +155,10 @@ def main() -> int:
     model, tok = load_model()
     handle = autosteer.attach(model, pack_path)
     fitted_system = handle.pack.prompt_format.system
-    if args.system is not None:  # every path below (the cached states and the runtime check) reads this format
-        handle.pack.meta["prompt_format"] = {**handle.pack.meta["prompt_format"], "system": args.system}
+    system = args.system or None  # '': the chat template's default
+    other_system = args.system is not None and system != fitted_system
+    if other_system:  # every path below (the cached states and the runtime check) reads this format
+        handle.pack.meta["prompt_format"] = {**handle.pack.meta["prompt_format"], "system": system}
     pack, tau, layers, fmt = handle.pack, float(handle.tau), handle.pack.layers, handle.pack.prompt_format
     cache = Path(args.cache)
     rows = []
@@ -176,14 +179,14 @@ def main() -> int:
     m = pack.meta
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/genre_gate_rates.py --threads {args.threads}" \
         + (f" --pack {args.pack}" if args.pack else "") \
-        + (f" --n {args.n}" if args.n != 150 else "") + (f" --system '{args.system}'" if args.system is not None else "") \
+        + (f" --n {args.n}" if args.n != 150 else "") + (f" --system {shlex.quote(args.system)}" if args.system is not None else "") \
         + (f" --out {args.out}" if args.out else "")
     header = ["# Gate-fire rates per benign genre, on contrast pairs and on rephrased harmful requests", "",
               f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation; states of "
               f"{CACHE_COUNTS['extracted']} prompts extracted, {CACHE_COUNTS['cached']} read from the cache of an earlier run).", "",
               f"Pack: `{Path(pack_path).name}` ({layers_text(m)}, {m.get('layer_rule')}; tau {tau:.4f}: {m.get('tau_rule', '')}). "
-              + ("" if args.system is None else
-                 f"**Prompts rendered with the system prompt {args.system!r}**, not the one the pack was fitted with "
+              + ("" if not other_system else
+                 f"**Prompts rendered with the system prompt {system!r}**, not the one the pack was fitted with "
                  f"({'the chat template default' if fitted_system is None else repr(fitted_system)}). ")
               + "The gate fires when p(unsafe) > tau. Benign genres and contrast pairs: the DEV halves "
               "of `autosteer/fit_prompts/genres/` (`autosteer.data.genre_splits('dev')`, `contrast_pair_splits('dev')`), "

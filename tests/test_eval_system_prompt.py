@@ -42,14 +42,24 @@ def test_eval_renders_under_the_given_system_prompt(tiny_model, tiny_tokenizer, 
         # without fmt: the pack's own format, and the report does not claim another
         plain = ev.evaluate(handle, tiny_tokenizer, sets, ("always",), max_new_tokens=2, progress=False)
         torch.testing.assert_close(torch.tensor(plain["sets"]["mine"]["p_unsafe"]), as_fitted, atol=1e-5, rtol=1e-5)
-        assert plain["prompt_format_is_the_packs"] is True and "Prompts rendered with the system prompt" not in ev.markdown_report(plain)
+        assert "Prompts rendered with the system prompt" not in ev.markdown_report(plain)
     finally:
         handle.detach()
 
 
-def test_cli_eval_takes_a_system_prompt():
-    from autosteer.cli import build_parser
+def test_cli_eval_system_prompt_format():
+    import pytest
+
+    from autosteer.cli import build_parser, eval_format
 
     args = build_parser().parse_args(["eval", "--system", "You are a support bot.", "--benign", "x.txt"])
     assert args.system == "You are a support bot."
     assert build_parser().parse_args(["eval", "--benign", "x.txt"]).system is None
+    pack_fmt = PromptFormat(max_prompt_tokens=300)
+    got = eval_format(pack_fmt, "You are a support bot.")
+    assert got == PromptFormat(system="You are a support bot.", max_prompt_tokens=300)  # the pack's format otherwise
+    assert eval_format(pack_fmt, None) is None and eval_format(pack_fmt, "") is None  # the pack's own format
+    assert eval_format(PromptFormat(system="be brief"), "be brief") is None
+    assert eval_format(PromptFormat(system="be brief"), "") == PromptFormat()  # '': the chat template's default
+    with pytest.raises(SystemExit, match="chat template"):
+        eval_format(PromptFormat(chat_template=False), "be brief")

@@ -34,10 +34,14 @@ def test_token_states_equal_a_plain_forward(tiny_model, tiny_tokenizer, one_thre
             assert torch.allclose(got, ref, atol=2e-2, rtol=1e-2), (text, float((got - ref).abs().max()))
     # another system prompt: its tokens are kept when skip is given (the template header only)
     fmt = PromptFormat(system="be brief")
-    _, tok2, starts2, skip2 = P.token_states(tiny_model, tiny_tokenizer, texts[:2], layers, fmt=fmt, skip=3)
-    assert skip2 == 3
-    for i in range(2):
-        assert int(starts2[i + 1] - starts2[i]) == len(encode_one(tiny_tokenizer, texts[i], fmt)) - 3
+    st2, tok2, starts2, _ = P.token_states(tiny_model, tiny_tokenizer, texts[:2], layers, fmt=fmt, skip=3)
+    with compute_model(tiny_model, resolve_compute_dtype(tiny_model, "auto")) as fwd:
+        for i in range(2):
+            ids = torch.tensor([encode_one(tiny_tokenizer, texts[i], fmt)])
+            hs = fwd(input_ids=ids, output_hidden_states=True).hidden_states
+            ref = torch.stack([hs[l][0, 3:] for l in layers], 1)  # the system prompt's tokens are in the bag
+            got = st2[tok2[int(starts2[i]):int(starts2[i + 1])]].float()
+            assert got.shape == ref.shape and torch.allclose(got, ref, atol=2e-2, rtol=1e-2), texts[i]
 
 
 def test_max_probe_scores_its_highest_token():
