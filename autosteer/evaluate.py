@@ -128,7 +128,8 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
                     "monitor_from": getattr(handle, "monitor_from", None),
                     "monitor_training": monitor_training(handle.pack.meta) if has_monitor_probe else None,
                     "max_new_tokens": max_new_tokens, "response_prefix": response_prefix, "settings": list(settings),
-                    "prompt_format": (fmt or handle.pack.prompt_format).to_dict(),
+                    # the format the prompts were rendered with when it is not the pack's (None: the pack's own)
+                    "prompt_format": None if fmt is None else fmt.to_dict(),
                     "prompt_format_is_the_packs": fmt is None or fmt == handle.pack.prompt_format,
                     "sets": {}}
     for s in sets:
