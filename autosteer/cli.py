@@ -424,7 +424,8 @@ def cmd_eval(args) -> int:
         return 2
     handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
                     monitor_from=args.monitor_from)
-    handle.check_tokenizer(tok)
+    # --system renders every prompt off the pack's format on purpose: measured, so not warned about per row
+    handle.check_tokenizer(tok, prompt_check="off" if fmt is not None else None)
     if fmt is not None:
         print(f"prompts rendered with the system prompt {fmt.system!r} (the pack was fitted with "
               f"{handle.pack.prompt_format.system!r}; None: the chat template's default)")

@@ -171,8 +171,23 @@ class RequestSettings:
     def describe(self) -> str:
         if self.off:
             return "steering off (client)"
+        if self.tau is not None and self.tau < 0:
+            return "refused: steered from its first token (prompt off the pack's format)"
         parts = (["mode monitor"] if self.monitor else []) + ([f"tau {self.tau:.6g}"] if self.tau is not None else [])
         return ", ".join(parts) or "server defaults"
+
+
+#: the threshold of a request the server refuses outright (the prompt-format check's ``refuse`` policy): every probe
+#: score is above it (the gate fires on ``p > tau``; a NaN score latches too under fail-closed)
+REFUSE_TAU = -1.0
+
+
+def refused(settings: RequestSettings | None) -> RequestSettings:
+    """``settings`` (a client's, or None) for a request the server refuses: steered from its first token. A request
+    the client turned off, where the server allows it, stays off (the operator let clients opt out)."""
+    if settings is not None and settings.off:
+        return settings
+    return RequestSettings(monitor=settings.monitor if settings is not None else False, tau=REFUSE_TAU)
 
 
 def parse_request_settings(args, *, server_tau: float, server_mode: str, monitor_calibrated: bool,

@@ -83,7 +83,9 @@ from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
-                     check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold)
+                     check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
+                     refused)
+from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -790,7 +792,7 @@ def _wrap(owner, name: str, check) -> None:
 _CARRIED = (("pack", ENV_PACK), ("mode", ENV_MODE), ("tau", ENV_TAU), ("monitor_window", ENV_MONITOR_WINDOW),
             ("monitor_from", ENV_MONITOR_FROM),
             ("fail_closed", ENV_FAIL_CLOSED), ("log_decisions", ENV_LOG_DECISIONS), ("metrics", ENV_METRICS),
-            ("allow_client_off", ENV_ALLOW_CLIENT_OFF))
+            ("allow_client_off", ENV_ALLOW_CLIENT_OFF), ("prompt_check", ENV_PROMPT_CHECK))
 
 
 def _carry_settings(vllm_config) -> None:
@@ -961,6 +963,7 @@ class _V2Requests:
         self.index_to_req_id = runner.req_states.index_to_req_id  # the runner's dict, mutated in place
         self.prompt_len = req_states.prompt_len  # UvaBackedTensor: .np is the host copy, set at add time
         self.prefill_len = req_states.prefill_len
+        self.all_token_ids = getattr(req_states, "all_token_ids", None)  # host copy (.np) where V2 keeps one
         n = int(req_states.max_num_reqs)
         self.slot_rid: list = [None] * n
         self.refill = [0] * n  # tokens (re)fed before the slot's next kept token: prompt (+ outputs on a resume)
@@ -992,6 +995,10 @@ class _V2Requests:
         self.slot_rid[slot] = rid
         self.kept.pop(rid, None)  # (re-)added: newest
         self.kept[rid] = None
+
+    def prompt_ids(self, slot: int) -> list[int]:
+        """The prompt token ids of the request in ``slot`` (for the prompt-format check)."""
+        return self.all_token_ids.np[slot, : int(self.prompt_len.np[slot])].tolist()
 
     def cap(self, store) -> None:
         """States of requests out of every slot (preempted, waiting to resume) beyond max_num_reqs x
@@ -1110,6 +1117,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                           "this worker process and does not reach the server's /metrics", ENV_METRICS,
                           level=logging.WARNING)
             self.allow_client_off = parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False)
+            prompt_policy = parse_policy(*setting("prompt_check", ENV_PROMPT_CHECK))
         except ValueError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         self.pack_sha256 = pack_sha256(pack_path)  # read once: checked here, logged when the store is built
@@ -1130,6 +1138,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r}: {exc}") from None
         self.pack_path = str(pack_path)
         _PACK = self.pack
+        self.prompt_check = self._build_prompt_check(vllm_config, device, prompt_policy,
+                                                     setting("prompt_check", ENV_PROMPT_CHECK)[1])
         _COMPILED = _VLLM.compiled(vllm_config)
         if _COMPILED:
             _separate_compile_cache(vllm_config, list(self.pack.layers))
@@ -1249,6 +1259,59 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         else:
             store.set_request_settings(key, cfg)
 
+    def _refuse(self, key, store) -> None:
+        """The prompt-format check refused the request: it is steered from its first token (its client settings
+        kept, except a permitted ``autosteer=off``, which stays off)."""
+        cur = store.request_settings(key) if store is not None else self._pending_settings.get(key)
+        cfg = refused(cur)
+        if store is None:
+            self._pending_settings[key] = cfg
+        else:
+            store.set_request_settings(key, cfg)
+
+    def _build_prompt_check(self, vllm_config, req_states, policy: str, source: str) -> PromptCheck:
+        """The prompt-format check (:mod:`autosteer.runtime.prompt_check`) with the served model's tokenizer, loaded
+        here from ``model_config.tokenizer`` (this worker has no other). Under ``refuse`` a check that cannot run
+        stops the start-up; under ``warn`` it is said once."""
+        where = "autosteer (vLLM)"
+        _announce("autosteer: prompt-format check: %s", policy, level=logging.DEBUG)  # (makes the warnings visible)
+        if policy == "off":
+            return PromptCheck(None, "off", where=where)
+        why = None
+        if self.v2 and getattr(getattr(req_states, "all_token_ids", None), "np", None) is None:
+            why = "Model Runner V2 hands logits processors no host copy of the prompt token ids (all_token_ids.np)"
+        mc = getattr(vllm_config, "model_config", None)
+        name = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
+        tok = None
+        if why is None and not name:
+            why = "the engine config names no tokenizer (model_config.tokenizer)"
+        if why is None:
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(name, revision=getattr(mc, "tokenizer_revision", None),
+                                                    trust_remote_code=bool(getattr(mc, "trust_remote_code", False)))
+            except Exception as exc:  # noqa: BLE001 - any loading failure is reported by policy below
+                why = f"cannot load the tokenizer {name!r}: {type(exc).__name__}: {exc}"
+        if tok is not None:
+            from ..prompting import template_hash
+
+            want = self.pack.meta.get("chat_template_sha256_16")
+            if want and template_hash(tok) != want:
+                why = (f"the tokenizer {name!r} has another chat template than the one the pack was fitted with "
+                       f"(sha256 {template_hash(tok)} vs {want})")
+        try:
+            if why is not None:
+                return PromptCheck(None, policy, where=where, unavailable=why)
+            check = PromptCheck.from_tokenizer(tok, self.pack.prompt_format, policy, where=where)
+        except PromptCheckError as exc:
+            raise VLLMIntegrationError(f"AutoSteer: {source}: {exc}") from None
+        if check.frame is not None:
+            _announce("autosteer: prompts are checked against the pack's format (%s; %s=%s): %d prefix and %d suffix "
+                      "tokens", check.frame.describe(), ENV_PROMPT_CHECK, policy, len(check.frame.prefix),
+                      len(check.frame.suffix))
+        return check
+
     def is_argmax_invariant(self) -> bool:
         # steering changes the argmax: never skip it for greedy batches (an inert processor may be skipped)
         return not self.enabled
@@ -1259,8 +1322,12 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             return False
         self._v2.add(req_idx, self.store)
         rid = self._v2.slot_rid[req_idx]
+        resumed = rid is not None and rid in self.store
         if rid is not None and _asks_autosteer(getattr(sampling_params, "extra_args", None)):
-            self._set_settings(rid, sampling_params, self.store, resumed=rid in self.store)
+            self._set_settings(rid, sampling_params, self.store, resumed=resumed)
+        if rid is not None and not resumed and self.prompt_check.frame is not None:
+            if self.prompt_check.check(rid, self._v2.prompt_ids(req_idx)):
+                self._refuse(rid, self.store)
         return True
 
     def apply_staged_writes(self) -> None:  # V2 calls it once per step, before the forward
@@ -1292,6 +1359,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             key = key if resumed else next(self._keys)
             if _asks_autosteer(getattr(params, "extra_args", None)):  # per-request settings: kept with the key
                 self._set_settings(key, params, store, resumed=resumed)
+            if not resumed and self.prompt_check.check(key, prompt_ids):
+                self._refuse(key, store)
             self.rows[idx] = _Row(key, n_prompt + n_out, resumed, _weak(params), output_ids, n_out)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)

@@ -23,6 +23,7 @@ from ..method.probe import Probe
 from ..models import num_layers, output_head, stop_token_ids
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
+from .prompt_check import PromptCheck, parse_policy
 from .reference_op import refusal_basis
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class AutoSteerHandle:
 
     def __init__(self, model, pack: SteerPack, mode: str = "prefill", tau: float | str | None = None,
                  fail_closed: bool = True, check_model: bool = True, tau_monitor: float | None = None,
-                 monitor_window: int | None = None, monitor_from: float | str | None = None):
+                 monitor_window: int | None = None, monitor_from: float | str | None = None, tokenizer=None,
+                 prompt_check: str = "warn"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if getattr(model, "_autosteer_handle", None) is not None:
@@ -144,6 +146,11 @@ class AutoSteerHandle:
         from .op import steer_step
 
         self._op = steer_step
+        # requests in another prompt format than the pack's (see runtime.prompt_check): needs the tokenizer
+        self.prompt_check = PromptCheck(None, "off", setting="prompt_check")
+        self._prompt_policy = parse_policy(prompt_check, "prompt_check")
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
         self.capture = HiddenCapture(model, pack.layers)
         self._lock = threading.Lock()
         if _compiles_kernels(E.device):  # the Triton kernels JIT at first use: compile them here, not in a request
@@ -196,15 +203,44 @@ class AutoSteerHandle:
         fire = p > self.tau
         return fire | torch.isnan(p) if self.fail_closed else fire
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer, prompt_check: str | None = None) -> None:
         """Warn when ``tokenizer``'s chat template is not the one the pack was fitted with (the probe
-        reads the last prompt token, so prompts must be formatted exactly as at fit time)."""
+        reads the last prompt token, so prompts must be formatted exactly as at fit time), and check every
+        prompt this handle steers from now on against the pack's prompt format, rendered by ``tokenizer``
+        (``prompt_check``: ``warn``, ``refuse`` -- off-format rows are steered from their first token -- or
+        ``off``; default: what ``attach`` was given)."""
         from ..prompting import template_hash
 
+        policy = self._prompt_policy if prompt_check is None else parse_policy(prompt_check, "prompt_check")
         want = self.pack.meta.get("chat_template_sha256_16")
         if want and template_hash(tokenizer) != want:
             log.warning("the tokenizer's chat template differs from the one this pack was fitted with: "
                         "the probe may read a different token than at fit time")
+            self.prompt_check = PromptCheck(None, policy, where="autosteer", setting="prompt_check", unavailable=(
+                "the tokenizer's chat template is not the pack's, so the pack's format cannot be rendered"))
+            return
+        self.prompt_check = PromptCheck.from_tokenizer(tokenizer, self.pack.prompt_format, policy,
+                                                       setting="prompt_check")
+
+    def refused_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B] bool on ``input_ids``' device: the rows the prompt-format check refuses (every row is checked, and
+        warned about, by policy); None when none is refused or there is no check. Padding is left out by
+        ``attention_mask``, else as a leading run of the model's pad id (left padding)."""
+        check = self.prompt_check
+        if check.frame is None or input_ids is None or input_ids.dim() != 2:
+            return None
+        ids = input_ids.detach().cpu()
+        mask = attention_mask.detach().cpu().bool() if attention_mask is not None and attention_mask.dim() == 2 \
+            and attention_mask.shape == ids.shape else None
+        pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        out = []
+        for b in range(ids.shape[0]):
+            row = ids[b][mask[b]] if mask is not None else ids[b]
+            if mask is None and isinstance(pad, int):
+                keep = (row != pad).nonzero()
+                row = row[int(keep[0]):] if len(keep) else row[:0]
+            out.append(check.check(f"row {b}", row.tolist()))
+        return torch.tensor(out, device=input_ids.device) if any(out) else None
 
     # -- user API -------------------------------------------------------------------------
     def logits_processor(self, force: bool | None = None, mode: str | None = None, *,
@@ -309,9 +345,14 @@ def _check_generation_mode(model, generate_kwargs: dict):
 
 def attach(model, pack: SteerPack | str | os.PathLike, mode: str = "prefill", tau: float | str | None = None,
            fail_closed: bool = True, tau_monitor: float | None = None,
-           monitor_window: int | None = None, monitor_from: float | str | None = None) -> AutoSteerHandle:
-    """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks."""
+           monitor_window: int | None = None, monitor_from: float | str | None = None, tokenizer=None,
+           prompt_check: str = "warn") -> AutoSteerHandle:
+    """Attach AutoSteer to ``model``: validates the pack against the model, registers the hooks. With
+    ``tokenizer``, every prompt steered is checked against the pack's prompt format (its system prompt, chat
+    template and generation prompt): ``prompt_check="warn"`` logs the off-format ones (gated at rates nobody
+    measured), ``"refuse"`` steers them from their first token, ``"off"`` does not check."""
     if not isinstance(pack, SteerPack):
         pack = load_pack(pack)
     return AutoSteerHandle(model, pack, mode=mode, tau=tau, fail_closed=fail_closed, tau_monitor=tau_monitor,
-                           monitor_window=monitor_window, monitor_from=monitor_from)
+                           monitor_window=monitor_window, monitor_from=monitor_from, tokenizer=tokenizer,
+                           prompt_check=prompt_check)

@@ -219,6 +219,11 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             raise RuntimeError(UNSUPPORTED_DECODING.format(
                 what="given log-probabilities instead of logits (beam search normalises before its processors)"))
         self._start(batch, device)
+        # rows whose prompt is off the pack's format, refused by the handle's prompt check: latched from the start
+        refused = self.handle.refused_rows(input_ids, self.prompt_mask) if self.force is None and \
+            hasattr(self.handle, "refused_rows") else None
+        if refused is not None:
+            self.latched |= refused
         probe_rows = self._last_prompt_rows(cap, batch)
         p = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         parts = cap.probe_parts
@@ -238,6 +243,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
 
             self._row_tau = grey_zone_taus(p, low, self.handle.tau_monitor)
         self.gate = self.handle.gate_decision(p) if self.force is not True else torch.ones_like(self.latched)
+        if refused is not None:
+            self.gate |= refused
         self.p_last = p
         self._count = self.latched.to(torch.int32)
         self._counted = 1
