@@ -426,9 +426,10 @@ class Generation:
 class Model:
     """TGI's base class of every model class (models/model.py)."""
 
-    def __init__(self, model, device=None):
+    def __init__(self, model, device=None, tokenizer=None):
         self.model = model
         self.device = device or torch.device("cpu")
+        self.tokenizer = tokenizer  # TGI's Model keeps the tokenizer its batches are tokenized with
 
 
 class CausalLM(Model):
@@ -439,10 +440,10 @@ class CausalLM(Model):
 
 
 class FlashCausalLM(Model):
-    def __init__(self, hf_model, max_requests=32, max_len=96, cuda_graphs=True):
+    def __init__(self, hf_model, max_requests=32, max_len=96, cuda_graphs=True, tokenizer=None):
         cfg = hf_model.config
         self.config = cfg
-        super().__init__(FlashLlamaForCausalLM(hf_model).eval())
+        super().__init__(FlashLlamaForCausalLM(hf_model).eval(), tokenizer=tokenizer)
         self.speculate = get_speculate()
         self.device = torch.device("cpu")
         self.dtype = hf_model.lm_head.weight.dtype

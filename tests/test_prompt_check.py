@@ -252,3 +252,86 @@ def test_vllm_v2_without_host_prompt_ids_says_so_or_refuses_to_start(tiny, tmp_p
         lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, engine.lp_states, v2_runner=engine.runner)
     assert lp.prompt_check.frame is None and "not checked against the pack's prompt format" in caplog.text
     avllm.detach_capture()
+
+
+# -- TGI: the patched server on the simulated batch protocol ------------------------------------
+
+def test_tgi_refuses_off_format_requests_as_the_handle_does(tiny, tmp_path, caplog):
+    """``AUTOSTEER_PROMPT_CHECK=refuse`` under TGI (chunked prefill, the warm-up's dummy requests unchecked): the
+    requests in the pack's format are served as the gate decides, the others are refused from their first token,
+    as the transformers handle does with the same policy."""
+    import _tgi_sim as sim
+    from test_tgi_simulation import _serve
+
+    hf, tok, pack = tiny
+    rows, tau = _rows_and_tau(hf, tok, pack)
+    with autosteer.attach(hf, pack, tau=tau, tokenizer=tok, prompt_check="refuse") as h:
+        ref = [_generate(h, [r]) for r in rows]
+    from autosteer.integrations import tgi
+
+    meta_tau, pack.meta["tau"] = pack.meta["tau"], tau  # TGI serves the pack's threshold
+    try:
+        path = pack.save(tmp_path / "p.safetensors")
+    finally:
+        pack.meta["tau"] = meta_tau
+    # (request, first prefill chunk): chunked prompts, in and off the format, arriving over several steps
+    arrivals = {0: [(0, 3), (4, None), (1, None)], 2: [(5, 4), (2, None)], 3: [(6, None), (3, 2), (7, None)]}
+    saved = sim.install_fake_package()
+    try:
+        with caplog.at_level(logging.WARNING, logger="autosteer"):
+            outputs, _, summaries, rt, _ = _serve(hf, rows, arrivals, pack_path=str(path), tokenizer=tok,
+                                                  prompt_check="refuse")
+    finally:
+        tgi.uninstall()
+        sim.remove_fake_package(saved)
+    n = len(PROMPTS)
+    for i, (tokens, steered) in enumerate(ref):
+        assert outputs[i][: len(tokens[0])] == tokens[0], i
+        assert summaries[i].latched == steered[0], i
+    assert all(summaries[i].latched_at == 0 for i in range(n, 2 * n))
+    assert rt.prompt_check.checked == len(rows) and rt.prompt_check.off_format == n  # the warm-up was not checked
+    assert "autosteer (TGI): request 4:" in caplog.text and "REFUSED" in caplog.text
+
+
+def test_tgi_without_a_tokenizer_says_so_or_refuses_to_start(tiny, tmp_path, caplog, monkeypatch):
+    import _tgi_sim as sim
+    from test_tgi_simulation import _serve
+
+    from autosteer.integrations import tgi
+
+    hf, tok, pack = tiny
+    rows = [encode_one(tok, p, pack.prompt_format) for p in PROMPTS]
+    path = str(pack.save(tmp_path / "p.safetensors"))
+    saved = sim.install_fake_package()
+    try:
+        with pytest.raises(tgi.TGIIntegrationError, match="refuse, but the prompt-format check cannot run: no tokenizer"):
+            _serve(hf, rows, {0: [(0, None)]}, pack_path=path, prompt_check="refuse")
+        with caplog.at_level(logging.WARNING, logger="autosteer"):
+            outputs, *_ = _serve(hf, rows, {0: [(0, None)]}, pack_path=path)  # warn: said, and served
+        assert outputs[0] and "not checked against the pack's prompt format (no tokenizer" in caplog.text
+        monkeypatch.setenv(tgi.ENV_PACK, path)
+        monkeypatch.setenv(ENV_PROMPT_CHECK, "strict")  # a typo stops the start-up, naming the variable
+        with pytest.raises(tgi.TGIIntegrationError, match="AUTOSTEER_PROMPT_CHECK='strict'"):
+            tgi.install_from_env()
+    finally:
+        tgi.uninstall()
+        sim.remove_fake_package(saved)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "chameleon"])
+def test_image_prompts_in_the_format_pass_on_multimodal_processors(family):
+    """A multimodal processor renders and tokenizes prompts its own way (image tokens expanded inside the user
+    turn): the frame comes from that rendering, so prompts with and without an image pass, and another system
+    prompt does not."""
+    from _tiny_multimodal import make_processor, solid_image
+
+    from autosteer.prompting import ImagePrompt, encode_batch
+
+    proc = make_processor(family)
+    fmt = PromptFormat()
+    frame = PromptFrame.from_tokenizer(proc, fmt)
+    assert frame.prefix or frame.suffix
+    for p in [ImagePrompt("what is in the picture?", solid_image()), "what is in the picture?"]:
+        assert frame.mismatch(encode_batch(proc, [p], fmt)["input_ids"][0].tolist()) is None, p
+    other = encode_batch(proc, [ImagePrompt("what is it?", solid_image())], PromptFormat(system="be terse"))
+    assert frame.mismatch(other["input_ids"][0].tolist()) is not None

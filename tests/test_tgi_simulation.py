@@ -83,15 +83,16 @@ def _reference(hf, rows, pack, mode):
 
 
 def _serve(hf, rows, arrivals, *, speculate=0, chunking=True, budget=24, graphs=True, pack_path=None, mode="prefill",
-           logprobs=(4,)):
+           logprobs=(4,), tokenizer=None, prompt_check="warn"):
     """One simulated server lifetime; returns (outputs, recorder, summaries, runtime, model)."""
     sim.SETTINGS.update(speculate=speculate, max_prefill_tokens=budget)
     summaries = {}
     rt = None
     if pack_path is not None:
-        rt = tgi.install(pack_path, mode)
+        rt = tgi.install(pack_path, mode, prompt_check=prompt_check)
     try:
-        model = sim.FlashCausalLM(hf, cuda_graphs=graphs)  # TGI builds the model after the server starts
+        # TGI builds the model after the server starts
+        model = sim.FlashCausalLM(hf, cuda_graphs=graphs, tokenizer=tokenizer)
         if rt is not None:
             rt.store.report_on_release = True
             rt.store.on_release = lambda rid, s: summaries.__setitem__(rid, s)

@@ -64,8 +64,9 @@ import torch
 
 from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
+from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
-                     hook_output_sum, parse_flag, parse_monitor_window, parse_threshold)
+                     hook_output_sum, parse_flag, parse_monitor_window, parse_threshold, refused)
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ class _Runtime:
     """One per server process: the pack, the per-request store, the capture buffers, the patches."""
 
     def __init__(self, pack_path: str, mode: str, tau: float | str | None, fail_closed: bool, log_decisions: bool,
-                 monitor_window: int | None = None, monitor_from: float | str | None = None):
+                 monitor_window: int | None = None, monitor_from: float | str | None = None,
+                 prompt_check: str = "warn"):
         from ..method.pack import grey_zone_start, load_pack, prompt_threshold
 
         if mode not in MODES:
@@ -262,6 +264,9 @@ class _Runtime:
         except ValueError as exc:
             raise TGIIntegrationError(f"autosteer: {ENV_MONITOR_FROM}={monitor_from!r}: {exc}") from None
         self.monitor_from = monitor_from
+        self.prompt_policy = parse_policy(prompt_check)
+        self.prompt_check = PromptCheck(None, "off")  # built with the model's tokenizer in attach_model
+        self._format_checked: set = set()  # request ids whose prompt was checked (until released)
         self.mode = mode
         self.tau = tau
         self.monitor_window = monitor_window
@@ -336,6 +341,12 @@ class _Runtime:
             head_buf.write_or_keep(args[0], copy=self.warming)
 
         self._hooks.append(lm_head.register_forward_pre_hook(keep_head_input))
+        # the prompt-format check, with the tokenizer TGI's Model keeps (the one its batches are tokenized with)
+        try:
+            self.prompt_check = check_for_pack(self.pack, getattr(flash_lm, "tokenizer", None), self.prompt_policy,
+                                               where="autosteer (TGI)")
+        except PromptCheckError as exc:
+            raise TGIIntegrationError(f"autosteer: {exc}") from None
         self.model = flash_lm
         # the same start-up line as the vLLM workers' (an operator greps one string for both engines)
         log.info("autosteer: AutoSteer active (TGI, %s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
@@ -344,9 +355,9 @@ class _Runtime:
 
     def _on_release(self, request_id, summary) -> None:
         if summary is not None:
-            log.info("autosteer: request %s %s (p_unsafe=%.4f, latched_at=%d, tokens=%d)", request_id,
+            log.info("autosteer: request %s %s (p_unsafe=%.4f, latched_at=%d, tokens=%d)%s", request_id,
                      "STEERED" if summary.latched else "not steered", summary.p_unsafe, summary.latched_at,
-                     summary.tokens)
+                     summary.tokens, f" [{summary.settings.describe()}]" if summary.settings is not None else "")
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:
@@ -366,7 +377,25 @@ class _Runtime:
     def release(self, request_ids) -> None:
         if self.store is None:
             return
+        self._format_checked.difference_update(request_ids)
         self.store.release_many(request_ids)
+
+    def _check_formats(self, batch, ids: list) -> None:
+        """Check the prompt of each request seen here for the first time (before its first step: a refused request's
+        threshold must be set before the store stages it). ``all_input_ids[i]`` holds the prompt's ids from the
+        request's first step on (``from_pb`` tokenized it)."""
+        all_ids = getattr(batch, "all_input_ids", None)
+        lens = getattr(batch, "prompt_lengths", None)
+        for i, rid in enumerate(ids):
+            if rid in self._format_checked:
+                continue
+            self._format_checked.add(rid)
+            if all_ids is None or lens is None:
+                raise TGIIntegrationError(f"{type(batch).__name__} lacks all_input_ids / prompt_lengths: the prompt "
+                                          f"cannot be checked against the pack's format ({_TGI.VERSION_NOTE} had "
+                                          f"them); set {ENV_PROMPT_CHECK}=off to serve without the check")
+            if self.prompt_check.check(rid, list(all_ids[i][: int(lens[i])])):
+                self.store.set_request_settings(rid, refused(self.store.request_settings(rid)))
 
     def end_warmup(self) -> None:
         """After ``FlashCausalLM.warmup``: drop its dummy requests without reporting them as decisions (a
@@ -393,6 +422,8 @@ class _Runtime:
             was_prefilling=[bool(x) for x in batch.prefilling_mask] if prefill else [False] * n,
             still_prefilling=_TGI.still_prefilling(batch) if prefill else [False] * n,
         )
+        if prefill and not self.warming and self.prompt_check.frame is not None:
+            self._check_formats(batch, ids)
         for buf in self.probe_bufs:
             buf.begin_forward()
         self.head_buf.begin_forward()
@@ -591,13 +622,16 @@ _RUNTIME: _Runtime | None = None
 
 def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float | None = None,
             fail_closed: bool = True, log_decisions: bool = False, monitor_window: int | None = None,
-            monitor_from: float | str | None = None) -> _Runtime:
+            monitor_from: float | str | None = None, prompt_check: str = "warn") -> _Runtime:
     """Patch ``text_generation_server`` in this process (call before the model is loaded).
 
     ``tau``: the gate's threshold (None: the pack's; must be in [0, 1]). ``fail_closed`` (default):
     a request whose probe score is NaN is steered; False serves it unsteered. ``monitor_window``:
     generated tokens monitor mode probes (None: the pack's; 0: all). ``monitor_from``: monitor mode watches only
     the requests whose prompt score is at least this (a number or an operating point; the two-stage gate).
+    ``prompt_check``: requests whose prompt is not in the pack's format (another system prompt, no chat template)
+    are warned about (``warn``), refused from their first token (``refuse``), or not checked (``off``); see
+    :mod:`autosteer.runtime.prompt_check`.
 
     Loads and validates the pack now (a bad pack fails here, before TGI loads any weights);
     the pack is checked against the model when TGI builds it. Raises :class:`TGIIntegrationError`
@@ -612,7 +646,11 @@ def install(pack_path: str | os.PathLike, mode: str = "prefill", *, tau: float |
         tau = parse_threshold(tau, "tau")
     if monitor_from is not None:
         monitor_from = parse_threshold(monitor_from, "monitor_from")
-    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window, monitor_from)
+    try:
+        prompt_check = parse_policy(prompt_check, "prompt_check")
+    except ValueError as exc:
+        raise TGIIntegrationError(f"autosteer: {exc}") from None
+    rt = _Runtime(str(pack_path), mode, tau, fail_closed, log_decisions, monitor_window, monitor_from, prompt_check)
     rt.install_patches()
     _RUNTIME = rt
     log.info("autosteer: patched text_generation_server (%s) for pack %s, mode %s", _TGI.VERSION_NOTE, pack_path, mode)
@@ -635,7 +673,7 @@ def install_from_env() -> _Runtime:
     """:func:`install` configured by ``AUTOSTEER_PACK`` (required), ``AUTOSTEER_MODE``
     (``prefill``/``monitor``), ``AUTOSTEER_TAU``, ``AUTOSTEER_MONITOR_WINDOW``, ``AUTOSTEER_MONITOR_FROM``,
     ``AUTOSTEER_FAIL_CLOSED``
-    (default 1), ``AUTOSTEER_LOG_DECISIONS`` (default 0). A malformed value raises
+    (default 1), ``AUTOSTEER_LOG_DECISIONS`` (default 0), ``AUTOSTEER_PROMPT_CHECK`` (default warn). A malformed value raises
     :class:`TGIIntegrationError` naming the variable, before TGI loads anything."""
     pack = os.environ.get(ENV_PACK)
     if not pack:
@@ -647,10 +685,12 @@ def install_from_env() -> _Runtime:
         log_decisions = parse_flag(env(ENV_LOG_DECISIONS), ENV_LOG_DECISIONS, False)
         window = parse_monitor_window(env(ENV_MONITOR_WINDOW))
         monitor_from = parse_threshold(env(ENV_MONITOR_FROM), ENV_MONITOR_FROM)
+        prompt_check = parse_policy(env(ENV_PROMPT_CHECK))
     except ValueError as exc:
         raise TGIIntegrationError(f"autosteer: {exc}") from None
     return install(pack, env(ENV_MODE, "prefill").strip().lower(), tau=tau, fail_closed=fail_closed,
-                   log_decisions=log_decisions, monitor_window=window, monitor_from=monitor_from)
+                   log_decisions=log_decisions, monitor_window=window, monitor_from=monitor_from,
+                   prompt_check=prompt_check)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,7 +85,7 @@ from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
                      check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
                      refused)
-from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, parse_policy
+from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -1277,12 +1277,11 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         _announce("autosteer: prompt-format check: %s", policy, level=logging.DEBUG)  # (makes the warnings visible)
         if policy == "off":
             return PromptCheck(None, "off", where=where)
-        why = None
+        why = tok = None
         if self.v2 and getattr(getattr(req_states, "all_token_ids", None), "np", None) is None:
             why = "Model Runner V2 hands logits processors no host copy of the prompt token ids (all_token_ids.np)"
         mc = getattr(vllm_config, "model_config", None)
         name = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
-        tok = None
         if why is None and not name:
             why = "the engine config names no tokenizer (model_config.tokenizer)"
         if why is None:
@@ -1293,17 +1292,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                                     trust_remote_code=bool(getattr(mc, "trust_remote_code", False)))
             except Exception as exc:  # noqa: BLE001 - any loading failure is reported by policy below
                 why = f"cannot load the tokenizer {name!r}: {type(exc).__name__}: {exc}"
-        if tok is not None:
-            from ..prompting import template_hash
-
-            want = self.pack.meta.get("chat_template_sha256_16")
-            if want and template_hash(tok) != want:
-                why = (f"the tokenizer {name!r} has another chat template than the one the pack was fitted with "
-                       f"(sha256 {template_hash(tok)} vs {want})")
         try:
-            if why is not None:
-                return PromptCheck(None, policy, where=where, unavailable=why)
-            check = PromptCheck.from_tokenizer(tok, self.pack.prompt_format, policy, where=where)
+            check = check_for_pack(self.pack, tok, policy, where=where, unavailable=why)
         except PromptCheckError as exc:
             raise VLLMIntegrationError(f"AutoSteer: {source}: {exc}") from None
         if check.frame is not None:

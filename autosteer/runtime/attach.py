@@ -23,7 +23,7 @@ from ..method.probe import Probe
 from ..models import num_layers, output_head, stop_token_ids
 from .capture import HiddenCapture
 from .processor import MODES, AutoSteerLogitsProcessor
-from .prompt_check import PromptCheck, parse_policy
+from .prompt_check import PromptCheck, check_for_pack, parse_policy
 from .reference_op import refusal_basis
 
 log = logging.getLogger(__name__)
@@ -216,23 +216,24 @@ class AutoSteerHandle:
         if want and template_hash(tokenizer) != want:
             log.warning("the tokenizer's chat template differs from the one this pack was fitted with: "
                         "the probe may read a different token than at fit time")
-            self.prompt_check = PromptCheck(None, policy, where="autosteer", setting="prompt_check", unavailable=(
-                "the tokenizer's chat template is not the pack's, so the pack's format cannot be rendered"))
-            return
-        self.prompt_check = PromptCheck.from_tokenizer(tokenizer, self.pack.prompt_format, policy,
-                                                       setting="prompt_check")
+        self.prompt_check = check_for_pack(self.pack, tokenizer, policy, setting="prompt_check")
+        from ..prompting import text_tokenizer
+
+        self._pad_id = getattr(text_tokenizer(tokenizer), "pad_token_id", None)  # left padding, without a mask
 
     def refused_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """[B] bool on ``input_ids``' device: the rows the prompt-format check refuses (every row is checked, and
         warned about, by policy); None when none is refused or there is no check. Padding is left out by
-        ``attention_mask``, else as a leading run of the model's pad id (left padding)."""
+        ``attention_mask``, else as a leading run of the tokenizer's (or the model's) pad id (left padding)."""
         check = self.prompt_check
         if check.frame is None or input_ids is None or input_ids.dim() != 2:
             return None
         ids = input_ids.detach().cpu()
         mask = attention_mask.detach().cpu().bool() if attention_mask is not None and attention_mask.dim() == 2 \
             and attention_mask.shape == ids.shape else None
-        pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        pad = getattr(self, "_pad_id", None)
+        if pad is None:
+            pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         out = []
         for b in range(ids.shape[0]):
             row = ids[b][mask[b]] if mask is not None else ids[b]

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..prompting import PromptFormat, encode_one
+from ..prompting import PromptFormat, encode_batch, encode_one, is_processor
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ def parse_policy(value, source: str = ENV_PROMPT_CHECK) -> str:
     return v
 
 
+def _encode(tokenizer, text: str, fmt: PromptFormat) -> list[int]:
+    """One text prompt's ids as served: a multimodal processor renders and tokenizes it its own way."""
+    if is_processor(tokenizer):
+        return encode_batch(tokenizer, [text], fmt)["input_ids"][0].tolist()
+    return encode_one(tokenizer, text, fmt)
+
+
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -80,7 +87,7 @@ class PromptFrame:
         # an empty message and two that share no first or last token: what all three renderings share at each end
         # is the format's (the empty one bounds it: no message token can be taken for the frame, even where a
         # tokenizer reads both messages as unknown tokens)
-        empty, *full = (encode_one(tokenizer, text, fmt) for text in ("",) + _PROBES)
+        empty, *full = (_encode(tokenizer, text, fmt) for text in ("",) + _PROBES)
         p = min(_shared_prefix(empty, x) for x in full)
         s = min(_shared_prefix(empty[::-1], x[::-1]) for x in full)
         s = min(s, len(empty) - p)  # the two ends never overlap
@@ -176,3 +183,26 @@ class PromptCheck:
                         f"Fit a pack in this format (autosteer fit --system ...), measure it (autosteer eval --system "
                         f"...), or set {self.setting}=refuse to refuse such requests")
         return refuse
+
+
+def check_for_pack(pack, tokenizer, policy: str = "warn", *, where: str = "autosteer",
+                   setting: str = ENV_PROMPT_CHECK, unavailable: str | None = None) -> PromptCheck:
+    """The prompt-format check of ``pack`` served with ``tokenizer``: the pack's format rendered by it, where its chat
+    template is the one the pack was fitted with (``chat_template_sha256_16``). No tokenizer, another template, or
+    ``unavailable`` (the engine cannot hand over prompt ids): said once under ``warn``, :class:`PromptCheckError`
+    under ``refuse``."""
+    from ..prompting import template_hash
+
+    policy = parse_policy(policy, setting)
+    if policy == "off":
+        return PromptCheck(None, "off", where=where, setting=setting)
+    if unavailable is None and tokenizer is None:
+        unavailable = "no tokenizer to render the pack's format with"
+    if unavailable is None:
+        want, have = pack.meta.get("chat_template_sha256_16"), template_hash(tokenizer)
+        if want and have != want:
+            unavailable = (f"the serving tokenizer's chat template is not the one the pack was fitted with (sha256 "
+                           f"{have} vs {want}), so the pack's format cannot be rendered")
+    if unavailable is not None:
+        return PromptCheck(None, policy, where=where, setting=setting, unavailable=unavailable)
+    return PromptCheck.from_tokenizer(tokenizer, pack.prompt_format, policy, where=where, setting=setting)
