@@ -317,7 +317,8 @@ def cmd_generate(args) -> int:
     handle = attach(model, pack, mode=args.mode, tau=args.tau,
                     fail_closed=not args.fail_open, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
                     monitor_from=args.monitor_from)
-    handle.check_tokenizer(tok)
+    # a response prefix continues the assistant turn: off the pack's format on purpose (a prefilling attack measured)
+    handle.check_tokenizer(tok, prompt_check="off" if args.response_prefix else None)
     setting = "unsteered" if args.unsteered else "always" if args.always_steer else ("monitor" if args.mode == "monitor" else "autosteer")
     t0 = time.time()
     gens = generate_batch(handle, tok, _prompts_of(args.input, records), setting, args.max_new_tokens, args.batch_size,
@@ -424,8 +425,8 @@ def cmd_eval(args) -> int:
         return 2
     handle = attach(model, pack, tau=args.tau, tau_monitor=args.tau_monitor, monitor_window=args.monitor_window,
                     monitor_from=args.monitor_from)
-    # --system renders every prompt off the pack's format on purpose: measured, so not warned about per row
-    handle.check_tokenizer(tok, prompt_check="off" if fmt is not None else None)
+    # --system / --response-prefix render every prompt off the pack's format on purpose: measured, not warned about
+    handle.check_tokenizer(tok, prompt_check="off" if fmt is not None or args.response_prefix else None)
     if fmt is not None:
         print(f"prompts rendered with the system prompt {fmt.system!r} (the pack was fitted with "
               f"{handle.pack.prompt_format.system!r}; None: the chat template's default)")

@@ -335,3 +335,112 @@ def test_image_prompts_in_the_format_pass_on_multimodal_processors(family):
         assert frame.mismatch(encode_batch(proc, [p], fmt)["input_ids"][0].tolist()) is None, p
     other = encode_batch(proc, [ImagePrompt("what is it?", solid_image())], PromptFormat(system="be terse"))
     assert frame.mismatch(other["input_ids"][0].tolist()) is not None
+
+
+# -- review findings: what a refused request keeps -----------------------------------------------
+
+def test_a_refused_request_latches_at_its_prompt_whatever_its_score():
+    """In the serving store a refused request (``refused()``: REFUSE_TAU) latches at its prompt's last token and is
+    steered there: with a normal score, with a NaN score under fail-open (where a NaN does not latch by itself), and
+    with the client's monitor mode kept; mid-prompt chunks are not steered; an unrefused request beside it with a
+    NaN score under fail-open is left alone."""
+    from autosteer.integrations.common import SteerStateStore, SteerWeights
+
+    H, V = 32, 40
+    m = make_tiny_model(V, hidden=H)
+    w = SteerWeights.from_pack(make_pack(m), m.lm_head.weight, tau=1.0, fail_closed=False)  # nothing fires by score
+    for mode in ("prefill", "monitor"):
+        store = SteerStateStore(w, mode=mode)
+        store.set_request_settings("r", refused(None))
+        store.set_request_settings("nan", refused(RequestSettings(monitor=mode == "prefill")))
+        h = torch.randn(5, H)
+        h[3:] = float("nan")  # "nan"'s prompt and the plain request's
+        store.begin_step(["r", "nan", "plain"], cu_seqlens=[0, 2, 4, 5], prefilling=[True, True, True],
+                         still_prefilling=[True, False, False])  # "r": a mid-prompt chunk
+        logits = torch.randn(3, V)
+        raw = logits.clone()
+        store.apply(logits, probe_hidden=h, head_hidden=torch.randn(3, H))
+        store.end_step()
+        assert torch.equal(logits[0], raw[0]) and not torch.equal(logits[1], raw[1]) and torch.equal(logits[2], raw[2])
+        assert [store.summary(k).latched for k in ("r", "nan", "plain")] == [False, True, False], mode
+        assert store.summary("nan").latched_at == 0
+        store.begin_step(["r"], cu_seqlens=[0, 1], prefilling=[True], still_prefilling=[False])  # its last chunk
+        logits = torch.randn(1, V)
+        raw = logits.clone()
+        store.apply(logits, probe_hidden=torch.randn(1, H), head_hidden=torch.randn(1, H))
+        store.end_step()
+        assert store.summary("r").latched and not torch.equal(logits, raw)
+
+
+def test_refuse_without_a_tokenizer_is_a_named_error(tiny):
+    hf, _, pack = tiny
+    with pytest.raises(ValueError, match="prompt_check='refuse' needs the tokenizer"):
+        autosteer.attach(hf, pack, prompt_check="refuse")
+    with pytest.raises(ValueError, match="prompt_check='strict'"):
+        autosteer.attach(hf, pack, prompt_check="strict")
+    autosteer.attach(hf, pack).detach()  # warn (the default) without a tokenizer: no check, no error
+
+
+def test_a_frame_of_special_tokens_only_is_no_check(smol_tok):
+    """A bare-text format on a tokenizer that starts every prompt with a special token: nothing tells formats apart."""
+    tok = smol_tok
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    frame = PromptFrame((bos,), (), PromptFormat(chat_template=False))
+    assert frame.mismatch([bos, 5, 6]) is None  # (what the check would do: pass anything after that token)
+
+    class WithBos:  # the default tokenizer, made to add that token to bare text as a BOS
+        def __init__(self, t):
+            self.t = t
+            self.chat_template = None
+            self.all_special_ids = t.all_special_ids
+            self.bos_token_id = bos
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = self.t(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ([bos] if add_special_tokens else []) + ids}
+
+    with pytest.raises(PromptCheckError, match="no fixed tokens around a prompt but the tokenizer's special tokens"):
+        PromptCheck.from_tokenizer(WithBos(tok), PromptFormat(chat_template=False), "refuse")
+
+
+def test_vllm_v2_checks_host_prompt_ids_and_a_resumed_refused_request_stays_refused(tiny, tmp_path, monkeypatch):
+    """Model Runner V2 with a host copy of the prompt ids (``all_token_ids.np``): off-format requests are refused; a
+    refused request that asked for its own settings and is preempted in the middle of its prompt comes back still
+    refused (its settings are not overwritten by the client's on the re-add)."""
+    import numpy as np
+    from test_vllm_simulation import SamplingParams, _config
+    from test_vllm_v2_simulation import V2Engine
+
+    hf, tok, pack = tiny
+    rows, tau = _rows_and_tau(hf, tok, pack)
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setenv(avllm.ENV_TAU, repr(tau))
+    monkeypatch.setenv(avllm.ENV_ALLOW_CLIENT_OFF, "0")
+    monkeypatch.setenv(ENV_PROMPT_CHECK, "refuse")
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    cfg = _config()
+    cfg.model_config = SimpleNamespace(tokenizer=str(tok_dir), tokenizer_revision=None, trust_remote_code=False)
+    engine = V2Engine(hf, chunk=4)
+    all_ids = SimpleNamespace(np=np.zeros((8, 96), dtype=np.int64))
+    engine.lp_states.all_token_ids = all_ids
+    lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, engine.lp_states, v2_runner=engine.runner)
+    try:
+        assert lp.prompt_check.frame is not None
+        n = len(PROMPTS)
+        # a slot as V2 fills it: the request id, the prompt length and its host token ids, then add_request
+        for slot, (rid, r) in enumerate([("in", rows[0]), ("off", rows[n])]):
+            engine.index_to_req_id[slot] = rid
+            engine.lp_states.prompt_len.np[slot] = engine.lp_states.prefill_len.np[slot] = len(r)
+            all_ids.np[slot, : len(r)] = r
+            lp.add_request(slot, SamplingParams({"autosteer_tau": tau / 2}))
+        assert lp.store.request_settings("off").tau == REFUSE_TAU
+        assert lp.store.request_settings("in").tau == pytest.approx(tau / 2)
+        lp.store.begin_step(["in", "off"], cu_seqlens=[0, 2, 4], prefilling=[True, True],
+                            still_prefilling=[True, True])  # both in the middle of their prompts
+        lp.store.abort_step()
+        lp.store._get_or_add("off")  # (its state exists, its prompt not finished)
+        lp.add_request(1, SamplingParams({"autosteer_tau": tau / 2}))  # re-added after a preemption
+        assert lp.store.request_settings("off").tau == REFUSE_TAU and lp.prompt_check.checked == 2
+    finally:
+        avllm.detach_capture()

@@ -749,6 +749,7 @@ def test_the_request_counter_reaches_the_servers_metrics(compiled):
 
 
 SUPPORT_BOT = "You are the support assistant of a hardware store. Answer customers' questions briefly."
+OFF_END = "does not end with the chat template's generation prompt"
 FORMAT_BENIGN = ["How do I kill a zombie process on Linux?", "What is a good way to season a cast iron pan?"]
 
 
@@ -790,11 +791,11 @@ def test_off_format_requests_are_named_and_gated_as_usual_by_default(servers):
     assert _chat_with(steered, sys_chat) == _chat_with(plain, sys_chat)
     assert _complete(steered, FORMAT_BENIGN[1]) == _complete(plain, FORMAT_BENIGN[1])
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "generation prompt" not in steered.log()[log0:]:
+    while time.monotonic() < deadline and OFF_END not in steered.log()[log0:]:
         time.sleep(0.5)
     new = steered.log()[log0:]
     assert "does not start as the pack's format does (another system prompt" in new and "nobody measured" in new
-    assert "does not end with the chat template's generation prompt" in new and "REFUSED" not in new
+    assert OFF_END in new and "REFUSED" not in new
 
 
 def test_off_format_requests_are_refused_under_refuse(servers, refusing_server):

@@ -1145,7 +1145,10 @@ class SteerStateStore:
         torch.index_select(self._sl_latched, 0, slots, out=lat0)
         lat0 &= active
         if cust is not None:
-            lat0 &= ~cust.off_row  # a request with steering off never latches (not even a forced latch)
+            # a request refused by the server (REFUSE_TAU) is latched at its prompt whatever its score (a NaN score
+            # under fail-open included); one with steering off never latches (not even a forced latch)
+            lat0 |= active & cust.refused_row
+            lat0 &= ~cust.off_row
         if cu_dev is not None:
             probe_rows = self._rows[:B]
             torch.sub(cu_dev[1: B + 1], 1, out=probe_rows)
@@ -1174,11 +1177,13 @@ class SteerStateStore:
             probe &= ~gen | (tok0 <= self.w.monitor_window)
         probe &= ~off_row
         row_tau = self._row_tau[:B]
-        torch.where(final_prefill | ~mon_row, self._sl_tau.index_select(0, slots), tau_mon, out=row_tau)
+        sl_tau = self._sl_tau.index_select(0, slots)
+        torch.where(final_prefill | ~mon_row, sl_tau, tau_mon, out=row_tau)
         stacked = self.w.stacked is not None and (monitor_server or custom_monitor)
         if stacked:
             self._row_probe[:B].copy_(mon_row & ~final_prefill)
-        return SimpleNamespace(off_row=off_row, mon_row=mon_row, row_tau=row_tau, stacked=stacked, tok0=tok0)
+        return SimpleNamespace(off_row=off_row, mon_row=mon_row, row_tau=row_tau, stacked=stacked, tok0=tok0,
+                               refused_row=sl_tau < 0)
 
     def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor,
               probe_extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:

@@ -386,14 +386,18 @@ class _Runtime:
         request's first step on (``from_pb`` tokenized it)."""
         all_ids = getattr(batch, "all_input_ids", None)
         lens = getattr(batch, "prompt_lengths", None)
+        if all_ids is None or lens is None:
+            why = (f"{type(batch).__name__} lacks all_input_ids / prompt_lengths ({_TGI.VERSION_NOTE} had them), so "
+                   "a request's prompt ids cannot be read")
+            if self.prompt_check.policy == "refuse":  # every request would go unchecked: none is served
+                raise TGIIntegrationError(f"autosteer: {ENV_PROMPT_CHECK}=refuse, but the prompt-format check cannot "
+                                          f"run: {why}; set {ENV_PROMPT_CHECK}=warn or off to serve without it")
+            self.prompt_check = PromptCheck(None, self.prompt_check.policy, where="autosteer (TGI)", unavailable=why)
+            return
         for i, rid in enumerate(ids):
             if rid in self._format_checked:
                 continue
             self._format_checked.add(rid)
-            if all_ids is None or lens is None:
-                raise TGIIntegrationError(f"{type(batch).__name__} lacks all_input_ids / prompt_lengths: the prompt "
-                                          f"cannot be checked against the pack's format ({_TGI.VERSION_NOTE} had "
-                                          f"them); set {ENV_PROMPT_CHECK}=off to serve without the check")
             if self.prompt_check.check(rid, list(all_ids[i][: int(lens[i])])):
                 self.store.set_request_settings(rid, refused(self.store.request_settings(rid)))
 

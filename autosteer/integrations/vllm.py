@@ -84,7 +84,7 @@ from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
                      check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
-                     refused)
+                     REFUSE_TAU, refused)
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 
 log = logging.getLogger(__name__)
@@ -1250,6 +1250,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
 
     def _set_settings(self, key, params, store, *, resumed: bool) -> None:
         cfg = self._request_settings(key, params)
+        cur = store.request_settings(key) if store is not None else self._pending_settings.get(key)
+        if cur is not None and cur.tau == REFUSE_TAU:  # refused by the prompt-format check: stays refused
+            cfg = refused(cfg)
         if cfg is None and (store is None or store.request_settings(key) is None) and key not in self._pending_settings:
             return
         if cfg is not None and not resumed:
@@ -1293,12 +1296,12 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             except Exception as exc:  # noqa: BLE001 - any loading failure is reported by policy below
                 why = f"cannot load the tokenizer {name!r}: {type(exc).__name__}: {exc}"
         try:
-            check = check_for_pack(self.pack, tok, policy, where=where, unavailable=why)
+            check = check_for_pack(self.pack, tok, policy, where=where, unavailable=why, setting=source)
         except PromptCheckError as exc:
-            raise VLLMIntegrationError(f"AutoSteer: {source}: {exc}") from None
+            raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
         if check.frame is not None:
             _announce("autosteer: prompts are checked against the pack's format (%s; %s=%s): %d prefix and %d suffix "
-                      "tokens", check.frame.describe(), ENV_PROMPT_CHECK, policy, len(check.frame.prefix),
+                      "tokens", check.frame.describe(), source, policy, len(check.frame.prefix),
                       len(check.frame.suffix))
         return check
 
@@ -1539,6 +1542,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # vLLM's sampler hands the logits processors float32 logits; the hidden states are the model's dtype
         weights.precompile(cap.E.dtype, (torch.float32,))
         tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
+        self.prompt_check.quiet = tp_rank != 0  # every rank checks (and refuses) alike; rank 0 says so
         # with tensor parallelism every rank steers the same rows alike (replicated states, all-gathered logits);
         # only rank 0 reports decisions, so each request is logged once
         self.store = SteerStateStore(weights, mode=self.mode, max_batch=self.max_reqs, max_requests=2 * self.max_reqs,

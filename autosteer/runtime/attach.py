@@ -151,6 +151,9 @@ class AutoSteerHandle:
         self._prompt_policy = parse_policy(prompt_check, "prompt_check")
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
+        elif self._prompt_policy == "refuse":  # asked for, and impossible: a named error, not a silent no-op
+            raise ValueError("prompt_check='refuse' needs the tokenizer the prompts are encoded with: "
+                             "attach(model, pack, tokenizer=tok, prompt_check='refuse')")
         self.capture = HiddenCapture(model, pack.layers)
         self._lock = threading.Lock()
         if _compiles_kernels(E.device):  # the Triton kernels JIT at first use: compile them here, not in a request
@@ -221,17 +224,24 @@ class AutoSteerHandle:
 
         self._pad_id = getattr(text_tokenizer(tokenizer), "pad_token_id", None)  # left padding, without a mask
 
-    def refused_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def refused_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     pad_id: int | None = None) -> torch.Tensor | None:
         """[B] bool on ``input_ids``' device: the rows the prompt-format check refuses (every row is checked, and
         warned about, by policy); None when none is refused or there is no check. Padding is left out by
         ``attention_mask``, else as a leading run of the tokenizer's (or the model's) pad id (left padding)."""
         check = self.prompt_check
         if check.frame is None or input_ids is None or input_ids.dim() != 2:
             return None
+        if input_ids.shape[1] == 0:  # generation from inputs_embeds: no prompt ids to compare
+            if not getattr(self, "_warned_no_ids", False):
+                self._warned_no_ids = True
+                log.warning("autosteer: a generation from inputs_embeds has no prompt token ids: its prompt format is "
+                            "not checked (prompt_check=%s)", check.policy)
+            return None
         ids = input_ids.detach().cpu()
         mask = attention_mask.detach().cpu().bool() if attention_mask is not None and attention_mask.dim() == 2 \
             and attention_mask.shape == ids.shape else None
-        pad = getattr(self, "_pad_id", None)
+        pad = pad_id if pad_id is not None else getattr(self, "_pad_id", None)
         if pad is None:
             pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         out = []
@@ -270,6 +280,7 @@ class AutoSteerHandle:
         raw_logits = bool(getattr(gc, "output_logits", None) if gc is not None else generate_kwargs.get("output_logits"))
         proc = AutoSteerLogitsProcessor(self, mode or self.mode, force, stop_ids=stop_token_ids(self.model, gc),
                                         prompt_mask=generate_kwargs.get("attention_mask"), copy_scores=raw_logits)
+        proc.pad_id = getattr(gc, "pad_token_id", None)  # the call's padding, for the prompt-format check
         extra = generate_kwargs.pop("logits_processor", None) or []
         generate_kwargs = to_model(generate_kwargs, self.model)  # inputs (and image tensors) on the model's device/dtype
         with self._lock, torch.no_grad():

@@ -220,8 +220,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
                 what="given log-probabilities instead of logits (beam search normalises before its processors)"))
         self._start(batch, device)
         # rows whose prompt is off the pack's format, refused by the handle's prompt check: latched from the start
-        refused = self.handle.refused_rows(input_ids, self.prompt_mask) if self.force is None and \
-            hasattr(self.handle, "refused_rows") else None
+        refused = self.handle.refused_rows(input_ids, self.prompt_mask, getattr(self, "pad_id", None)) \
+            if self.force is None and hasattr(self.handle, "refused_rows") else None
         if refused is not None:
             self.latched |= refused
         probe_rows = self._last_prompt_rows(cap, batch)

@@ -21,12 +21,14 @@ share. :meth:`PromptFrame.mismatch` names how a request's prompt ids leave that 
   with the same warnings -- for deployments that serve only the pack's format;
 - ``off``: no check (a deployment that measured its own format, e.g. ``autosteer eval --system``).
 
-Multi-turn chats pass: their prompt starts with the same system turn and ends with the same
-assistant header. Images inside the prompt do not matter (only the two ends are compared).
+Multi-turn chats pass where the chat template puts the system turn first (ChatML, Llama 3 and most
+others; a template that writes the system prompt into the last user turn does not). Images inside the
+prompt do not matter (only the two ends are compared).
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,7 +86,7 @@ class PromptFrame:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, fmt: PromptFormat) -> "PromptFrame":
-        # an empty message and two that share no first or last token: what all three renderings share at each end
+        # an empty message and the probes: what all the renderings share at each end
         # is the format's (the empty one bounds it: no message token can be taken for the frame, even where a
         # tokenizer reads both messages as unknown tokens)
         empty, *full = (_encode(tokenizer, text, fmt) for text in ("",) + _PROBES)
@@ -132,8 +134,9 @@ class PromptCheck:
         self.policy = parse_policy(policy, setting)
         self.frame = frame if self.policy != "off" else None
         self.where = where
-        self.counts: dict[str, int] = {}  # reason -> off-format requests so far
+        self.counts: dict[str, int] = {}  # kind of mismatch -> off-format requests so far
         self.checked = 0
+        self.quiet = False  # True: check and refuse, but leave the warnings to another process (tensor-parallel ranks)
         if self.policy != "off" and frame is None:
             why = unavailable or "no tokenizer to render the pack's format with"
             if self.policy == "refuse":
@@ -152,10 +155,14 @@ class PromptCheck:
         except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot render the format: said, not raised (warn)
             return cls(None, policy, where=where, setting=setting,
                        unavailable=f"the serving tokenizer cannot render the pack's format: {exc}")
-        if not frame.prefix and not frame.suffix:
+        from ..prompting import text_tokenizer
+
+        specials = set(getattr(text_tokenizer(tokenizer), "all_special_ids", None) or ())
+        if not frame.suffix and all(t in specials for t in frame.prefix):
+            # nothing, or only a BOS every format starts with: a prompt in another format passes as well
             return cls(None, policy, where=where, setting=setting, unavailable=(
-                f"the pack's format ({frame.describe()}) puts no fixed tokens around a prompt, so nothing tells a "
-                "prompt in it from one in another format"))
+                f"the pack's format ({frame.describe()}) puts no fixed tokens around a prompt but the tokenizer's "
+                "special tokens, so nothing tells a prompt in it from one in another format"))
         return cls(frame, policy, where=where, setting=setting)
 
     @property
@@ -171,9 +178,10 @@ class PromptCheck:
         why = self.frame.mismatch(ids)
         if why is None:
             return False
-        n = self.counts[why] = self.counts.get(why, 0) + 1
+        kind = re.sub(r"\d+", "N", why)  # (one kind whatever the lengths it names)
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
         refuse = self.policy == "refuse"
-        if n & (n - 1) == 0:  # a power of two
+        if n & (n - 1) == 0 and not self.quiet:  # a power of two
             log.warning("%s: request %s: its prompt %s. The gate was calibrated on prompts in the pack's format (%s): "
                         "%s (%d such request%s so far). %s", self.where, request_id, why, self.frame.describe(),
                         "it is REFUSED (steered from its first token)" if refuse else
