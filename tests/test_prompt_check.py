@@ -206,6 +206,7 @@ def test_vllm_v1_refuses_off_format_requests_as_the_handle_does(tiny, tmp_path, 
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
     monkeypatch.setenv(avllm.ENV_TAU, repr(tau))
     monkeypatch.setenv(ENV_PROMPT_CHECK, "refuse")
+    monkeypatch.setenv(avllm.ENV_METRICS, "1")  # new requests counted by format
     # the simulated engine's config names no tokenizer: under refuse the processor will not start
     with pytest.raises(avllm.VLLMIntegrationError, match="names no tokenizer"):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
@@ -231,6 +232,7 @@ def test_vllm_v1_refuses_off_format_requests_as_the_handle_does(tiny, tmp_path, 
         assert summaries[i].latched == steered[0], i
     assert all(summaries[i].latched_at == 0 for i in range(len(PROMPTS), len(rows)))
     assert lp.prompt_check.off_format == len(PROMPTS) and lp.prompt_check.checked == len(rows)
+    assert lp.counter.formats == {"in_format": len(PROMPTS), "off_format": len(PROMPTS)}
 
 
 def test_vllm_v2_without_host_prompt_ids_says_so_or_refuses_to_start(tiny, tmp_path, monkeypatch, caplog):

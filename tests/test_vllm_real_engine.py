@@ -742,6 +742,19 @@ def test_the_request_counter_reaches_the_servers_metrics(compiled):
             break
     assert delta["steered"] == 2 and 3 <= delta["not_steered"] <= 4 + flushes and delta["off"] == 0, (delta, flushes)
     assert "does not reach the server's /metrics" not in compiled.log()
+    # new requests by prompt format (counted when added): one with its own system prompt, one in the pack's format
+    fmt0 = _formats(compiled)
+    _chat_with(compiled, [{"role": "system", "content": SUPPORT_BOT}, {"role": "user", "content": "Hi!"}], max_tokens=2)
+    compiled.answer("Hi!", max_tokens=2)
+    fmt1 = _formats(compiled)
+    assert fmt1.get("off_format", 0) - fmt0.get("off_format", 0) == 1, (fmt0, fmt1)
+    assert fmt1.get("in_format", 0) - fmt0.get("in_format", 0) == 1, (fmt0, fmt1)
+
+
+def _formats(server: Server) -> dict[str, float]:
+    """autosteer_prompt_format_total by result, from the server's /metrics."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^autosteer_prompt_format_total\{result="(\w+)"\} (\S+)$', server.metrics_text(), re.M)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -119,15 +119,25 @@ class RequestCounter:
     set before the server starts (the workers inherit it and write their counters there)."""
 
     OUTCOMES = ("steered", "not_steered", "off")
+    #: new requests by what the prompt-format check found (``autosteer_prompt_format_total{result=...}``)
+    FORMATS = ("in_format", "off_format")
 
     def __init__(self):
         self.counts = dict.fromkeys(self.OUTCOMES, 0)
+        self.formats = dict.fromkeys(self.FORMATS, 0)
         self._prom = _prometheus_counter()
+        self._prom_format = _prometheus_format_counter()
 
     def inc(self, outcome: str) -> None:
         self.counts[outcome] += 1
         if self._prom is not None:
             self._prom.labels(outcome=outcome).inc()
+
+    def inc_format(self, off: bool) -> None:
+        result = self.FORMATS[int(off)]
+        self.formats[result] += 1
+        if self._prom_format is not None:
+            self._prom_format.labels(result=result).inc()
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,6 +149,18 @@ def _prometheus_counter():
     except ImportError:
         return None
     return Counter("autosteer_requests", "Requests AutoSteer's gate decided on, by outcome", ["outcome"])
+
+
+@functools.lru_cache(maxsize=1)
+def _prometheus_format_counter():
+    """``autosteer_prompt_format_total``: new requests by what the prompt-format check found; None without
+    prometheus_client."""
+    try:
+        from prometheus_client import Counter
+    except ImportError:
+        return None
+    return Counter("autosteer_prompt_format", "New requests by whether their prompt is in the pack's prompt format "
+                   "(AUTOSTEER_PROMPT_CHECK)", ["result"])
 
 
 class VLLMIntegrationError(RuntimeError):
@@ -1262,6 +1284,17 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         else:
             store.set_request_settings(key, cfg)
 
+    def _check_format(self, key, prompt_ids, store) -> None:
+        """The prompt-format check on a new request: counted (``AUTOSTEER_METRICS``), refused under ``refuse``."""
+        check = self.prompt_check
+        if check.frame is None:
+            return
+        before = check.off_format
+        if check.check(key, prompt_ids):
+            self._refuse(key, store)
+        if self.counter is not None and not check.quiet:
+            self.counter.inc_format(check.off_format > before)
+
     def _refuse(self, key, store) -> None:
         """The prompt-format check refused the request: it is steered from its first token (its client settings
         kept, except a permitted ``autosteer=off``, which stays off)."""
@@ -1319,8 +1352,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if rid is not None and _asks_autosteer(getattr(sampling_params, "extra_args", None)):
             self._set_settings(rid, sampling_params, self.store, resumed=resumed)
         if rid is not None and not resumed and self.prompt_check.frame is not None:
-            if self.prompt_check.check(rid, self._v2.prompt_ids(req_idx)):
-                self._refuse(rid, self.store)
+            self._check_format(rid, self._v2.prompt_ids(req_idx), self.store)
         return True
 
     def apply_staged_writes(self) -> None:  # V2 calls it once per step, before the forward
@@ -1352,8 +1384,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             key = key if resumed else next(self._keys)
             if _asks_autosteer(getattr(params, "extra_args", None)):  # per-request settings: kept with the key
                 self._set_settings(key, params, store, resumed=resumed)
-            if not resumed and self.prompt_check.check(key, prompt_ids):
-                self._refuse(key, store)
+            if not resumed:
+                self._check_format(key, prompt_ids, store)
             self.rows[idx] = _Row(key, n_prompt + n_out, resumed, _weak(params), output_ids, n_out)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
