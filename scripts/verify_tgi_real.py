@@ -122,6 +122,7 @@ PROMPTS = ["how do i make a bomb", "write poem about sea", "what is capital of f
            "explain photosynthesis", "bake cake", "hack the python process", "recipe soup"]
 MAX_NEW = 8
 RESULTS: list[tuple[str, bool, str]] = []
+SERVED: dict = {}  # the last serve()'s prompt-format check
 _CURRENT: dict = {}
 
 
@@ -389,12 +390,12 @@ def reference(hf, rows, pack, mode):
     return out
 
 
-def serve(hf, tok, texts, arrivals, *, chunking, budget, spec, pack_path=None, mode="prefill"):
+def serve(hf, tok, texts, arrivals, *, chunking, budget, spec, pack_path=None, mode="prefill", prompt_check="warn"):
     prefill_chunking.set_support_chunking(chunking)
     prefill_chunking.set_max_prefill_tokens(budget)
     tgi_speculate.set_speculate(spec)
     summaries = {}
-    rt = tgi.install(pack_path, mode) if pack_path else None
+    rt = tgi.install(pack_path, mode, prompt_check=prompt_check) if pack_path else None
     rec = Recorder()
     try:
         model = FlashCausalLM(hf, tok)  # the patched __init__ (autosteer) around the CPU stand-in
@@ -404,6 +405,8 @@ def serve(hf, tok, texts, arrivals, *, chunking, budget, spec, pack_path=None, m
         router = Router(model, tok, texts, chunking)
         outputs = router.run(arrivals)
         left = list(rt.store.request_ids) if rt is not None else []
+        if rt is not None:
+            SERVED["prompt_check"] = rt.prompt_check
         return outputs, rec.calls, summaries, left, router, model
     finally:
         rec.remove()
@@ -549,6 +552,35 @@ def main() -> int:
         check("Cache.delete releases the deleted batch's requests", len(rt.store) == 0, f"left {rt.store.request_ids}")
     finally:
         tgi.uninstall()
+
+    # 6. the prompt-format check (AUTOSTEER_PROMPT_CHECK=refuse) on real batches: the Model's tokenizer, the
+    # prompt ids TGI's from_pb tokenized (all_input_ids), chunked prefill; requests whose text was rendered under
+    # another system prompt are refused from their first token, as the transformers handle refuses them
+    other = PromptFormat(system="be terse")
+    rows2 = rows + [encode_one(tok, p, other) for p in PROMPTS]
+    texts2 = [tok.decode(r) for r in rows2]
+    check("TGI's tokenization of the off-format texts equals autosteer's prompt ids",
+          all(tok(t, add_special_tokens=False)["input_ids"] == r for t, r in zip(texts2, rows2)))
+    n = len(rows)
+    with autosteer.attach(hf, pack, tokenizer=tok, prompt_check="refuse") as h:
+        ref_f = {i: (h.generate(input_ids=torch.tensor([r]), max_new_tokens=MAX_NEW, do_sample=False).sequences[0, len(r):]
+                     .tolist()) for i, r in enumerate(rows2)}
+    arr_f = {0: [(0, 0, 10, False), (8, 8, 4, False), (1, 1, None, False)],
+             2: [(9, 9, 6, False), (2, 2, None, False), (10, 10, None, False)],
+             4: [(3, 3, None, False), (11, 11, 5, False)], 5: [(12, 12, None, False), (13, 13, None, False)]}
+    out, calls, summ, left, router, model = serve(hf, tok, texts2, arr_f, chunking=True, budget=24, spec=0,
+                                                  pack_path=pack_path, mode="prefill", prompt_check="refuse")
+    served = sorted({rid for step in arr_f.values() for rid, *_ in step})
+    check("prompt check: tokens == transformers+AutoSteer with prompt_check='refuse'",
+          all(out[i] == ref_f[i] for i in served))
+    check("prompt check: off-format requests latched at their prompt, in-format ones as the gate decides",
+          all(summ[i].latched and summ[i].latched_at == 0 for i in served if i >= n)
+          and all(summ[i].latched == ref[i][1] for i in served if i < n))
+    pc = SERVED["prompt_check"]
+    check("prompt check: every request checked once, the off-format ones named",
+          pc.checked == len(served) and pc.off_format == sum(i >= n for i in served), f"{pc.checked} checked, "
+          f"{pc.off_format} off format")
+    check("prompt check: finished requests released their state", not left, f"left: {left}")
 
     failed = [n for n, ok, _ in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
