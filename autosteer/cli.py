@@ -201,6 +201,22 @@ def _prompts_of(path: str | Path, records=None) -> list:
     return out
 
 
+def _system_copies(path: str) -> tuple[str, ...]:
+    """``--system-copies``: the shipped system prompts (no FILE), or FILE's non-empty lines (``#``: comments)."""
+    from .data import load_fit_system_prompts
+
+    if not path:
+        return load_fit_system_prompts()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: --system-copies {path}: cannot read it ({exc})") from None
+    systems = tuple(ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
+    if not systems:
+        raise SystemExit(f"error: --system-copies {path}: no system prompt in it (one per line)")
+    return systems
+
+
 def _labelled(paths: list[str] | None, label: int) -> list:
     out = []
     for path in paths or []:
@@ -223,6 +239,8 @@ def cmd_fit(args) -> int:
             kw[name] = getattr(args, name)
     if args.head_rank is not None:
         kw["head_rank"] = None if args.head_rank == "full" else args.head_rank
+    if args.system_copies is not None:
+        kw["system_copies"] = _system_copies(args.system_copies)
     kw["compute_dtype"] = args.compute_dtype
     kw["full_depth"] = args.full_depth
     if not args.no_states_cache:
@@ -657,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-class", type=POSITIVE, default=1000)
     p.add_argument("--max-prompt-tokens", type=POSITIVE, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")
+    p.add_argument("--system-copies", nargs="?", const="", default=None, metavar="FILE",
+                   help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
+                        "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "
+                        "prompts your servers set; recall still moves with the system prompt (docs/method.md 7k)")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)

@@ -88,6 +88,7 @@ __all__ = [
     "load_benign_edgy",
     "load_strongreject",
     "load_aplomb_anchors",
+    "load_fit_system_prompts",
     "load_freshqa",
     "load_writingbench",
     "load_jailbreak_templates",
@@ -335,6 +336,14 @@ def load_project_prompts() -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         out.append(tuple(Prompt(t, label, f"autosteer_{path.stem}", meta={"line": i + 1}) for i, t in enumerate(lines)))
     return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=None)
+def load_fit_system_prompts() -> tuple[str, ...]:
+    """The system prompts a fit renders its copies under (``FitConfig.system_copies``,
+    ``autosteer/fit_prompts/system_prompts.txt``, written for this project; ``#`` lines are comments)."""
+    text = (_PROJECT_PROMPTS / "system_prompts.txt").read_text(encoding="utf-8")
+    return tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,19 +55,23 @@ class PromptInputError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ImagePrompt:
-    """A user prompt with an optional image: a file path or an in-memory ``PIL.Image``.
+    """A user prompt with an optional image: a file path or an in-memory ``PIL.Image``, and optionally a
+    system prompt of its own (``system``: rendered with it instead of the format's; fit rows copied under
+    other system prompts, ``FitConfig.system_copies``).
 
-    Two prompts are equal when their texts are and their images are the same path (or the same
-    image object), so prompt lists can be de-duplicated like strings.
+    Two prompts are equal when their texts and system prompts are and their images are the same path (or
+    the same image object), so prompt lists can be de-duplicated like strings.
     """
 
     text: str
     image: object = None  # str | os.PathLike | PIL.Image.Image | None
     source: str | None = None  # generated prompts: the request they were made from (not compared)
+    system: str | None = None  # this prompt's own system prompt (None: the format's)
 
     def _key(self):
         img = self.image
-        return (self.text, None if img is None else (str(img) if isinstance(img, (str, os.PathLike)) else id(img)))
+        return (self.text, None if img is None else (str(img) if isinstance(img, (str, os.PathLike)) else id(img)),
+                self.system)
 
     def __eq__(self, other):
         return isinstance(other, ImagePrompt) and self._key() == other._key()
@@ -96,6 +100,16 @@ def prompt_text(p: PromptLike) -> str:
 
 def prompt_image(p: PromptLike):
     return p.image if isinstance(p, ImagePrompt) else None
+
+
+def format_for(p: PromptLike, fmt: PromptFormat) -> PromptFormat:
+    """The format ``p`` is rendered in: ``fmt``, with ``p``'s own system prompt where it has one."""
+    system = p.system if isinstance(p, ImagePrompt) else None
+    if system is None or system == fmt.system:
+        return fmt
+    from dataclasses import replace
+
+    return replace(fmt, system=system)
 
 
 def batching_key(p: PromptLike) -> tuple[bool, int]:
@@ -155,9 +169,15 @@ def render_chat(tokenizer, messages: list[dict], fmt: PromptFormat) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_one(tokenizer, content: str, fmt: PromptFormat) -> list[int]:
-    """Token ids of one formatted prompt. Over-long user text is cut in the middle (keeping its
-    start and its end, so the chat template's suffix and the request's last words survive)."""
+def encode_one(tokenizer, content: PromptLike, fmt: PromptFormat) -> list[int]:
+    """Token ids of one formatted prompt (a text, or a prompt without an image that may carry its own
+    system prompt). Over-long user text is cut in the middle (keeping its start and its end, so the chat
+    template's suffix and the request's last words survive)."""
+    if isinstance(content, ImagePrompt):
+        if content.image is not None:
+            raise PromptInputError("encode_one takes text prompts: a prompt with an image needs encode_batch and a "
+                                   "multimodal processor")
+        content, fmt = content.text, format_for(content, fmt)
     tokenizer = text_tokenizer(tokenizer)
     # a chat template writes its own special tokens (BOS included); bare text gets the
     # tokenizer's, exactly as ``tokenizer(text)`` would add them
@@ -200,7 +220,7 @@ def pad_left(batch_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list[PromptLike], fmt: PromptFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Format, tokenize and left-pad a batch of text prompts."""
     tokenizer = text_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -226,6 +246,7 @@ def render_multimodal(processor, prompt: PromptLike, fmt: PromptFormat) -> tuple
     """
     tok = text_tokenizer(processor)
     text, has_image = prompt_text(prompt), prompt_image(prompt) is not None
+    fmt = format_for(prompt, fmt)
     for token in placeholder_tokens(processor):  # user text must not smuggle in image/video placeholders
         text = text.replace(token, token[0] + " " + token[1:])
     # the text part alone, at an unlimited length (the system prompt is left out of this estimate)
@@ -253,7 +274,7 @@ def encode_batch(tokenizer, prompts: list[PromptLike], fmt: PromptFormat) -> dic
             bad = next(i for i, p in enumerate(prompts) if prompt_image(p) is not None)
             raise PromptInputError(f"prompt {bad} of the batch ({prompt_text(prompts[bad])[:60]!r}) has an image, but "
                                    "this model takes text only (its tokenizer is not a multimodal processor)")
-        ids, mask = encode_prompts(tokenizer, [prompt_text(p) for p in prompts], fmt)
+        ids, mask = encode_prompts(tokenizer, prompts, fmt)
         return {"input_ids": ids, "attention_mask": mask}
     rendered = [render_multimodal(tokenizer, p, fmt) for p in prompts]
     images = [load_image(prompt_image(p)) for p in prompts if prompt_image(p) is not None]

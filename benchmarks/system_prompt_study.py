@@ -34,22 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from autosteer.data import load_fit_system_prompts  # noqa: E402
 from gate_transfer_study import dev_sets, run_variant, summarize  # noqa: E402
 from genre_gate_rates import emit  # noqa: E402
 
-#: system prompts the "+ system copies" fit renders its copies under (written for this study)
-FIT_SYSTEMS = [
-    "You are a friendly assistant for a travel booking website. Keep answers short.",
-    "You are an expert Python tutor. Explain things step by step.",
-    "You are a careful assistant. Refuse anything illegal, violent, sexual or dangerous, and never give medical or "
-    "legal advice.",
-    "Always answer in a formal tone and explain your reasoning.",
-    "You are Max, a cheerful chatbot for a grocery store chain.",
-    "Follow company policy: no discussion of competitors, no profanity, no sharing of personal data.",
-    "You are an AI assistant. Today's date is 2026-03-14. Be concise.",
-    "You are a helpful, harmless and honest assistant. Do not produce hate speech, malware, weapon instructions or "
-    "self-harm content.",
-]
+#: system prompts the "+ system copies" fit renders its copies under (written for this study; shipped since as
+#: autosteer/fit_prompts/system_prompts.txt, what FitConfig.system_copies / autosteer fit --system-copies use)
+FIT_SYSTEMS = list(load_fit_system_prompts())
 #: system prompts the dev sets are rendered under (never fitted on); None: the template's default
 DEV_SYSTEMS = {
     "default (as fitted)": None,

@@ -23,7 +23,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -247,6 +247,12 @@ class FitConfig:
     compute_dtype: str = "auto"
     seed: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    # system prompts a copy of every text fit row (harmful and benign) is also rendered under, one per row (by a
+    # stable hash of its text): the gate then learns what does not move with the system prompt, and its benign
+    # rates hold under system prompts the fit never saw (docs/method.md 7k: benign dev mix <= 0.8% under 5 system
+    # prompts, as fitted up to 3.0%; direct recall still moves, 58.6-79.2%). () : none, as the shipped pack;
+    # ``data.load_fit_system_prompts()``: the 8 shipped ones (autosteer fit --system-copies)
+    system_copies: tuple[str, ...] = ()
     progress: bool = True
     preset_name: str | None = None  # the preset this config was built from, if any (recorded in the pack)
 
@@ -301,6 +307,12 @@ class FitConfig:
         if self.full_depth not in ("sample", "all"):
             raise ValueError(f"full_depth must be 'sample' or 'all', got {self.full_depth!r}")
         check_layer_rule(self.layer_rule)
+        if isinstance(self.system_copies, str) or not all(isinstance(s, str) and s.strip() for s in self.system_copies):
+            raise ValueError("system_copies must be a sequence of non-empty system prompts (strings)")
+        if self.system_copies and self.prompt_format.system in self.system_copies:
+            raise ValueError("system_copies repeats the format's own system prompt: its copies would be the rows "
+                             "themselves")
+        self.system_copies = tuple(self.system_copies)
 
 
 @dataclass
@@ -315,6 +327,33 @@ class FitData:
     # a derived prompt -> the prompt it was made from (a jailbreak-wrapped or rephrased fit prompt -> the
     # plain one): out-of-fold scoring keeps a prompt and its variants in one fold
     derived_from: dict[str, str] | None = None
+
+
+def with_system_copies(data: FitData, systems: Sequence[str]) -> FitData:
+    """``data`` plus a copy of every text row rendered under one of ``systems`` (an :class:`ImagePrompt` without
+    an image, its ``system`` set, its ``source`` the row), picked by a stable hash of the text; a benign copy keeps
+    its row's genre (it counts in the false-positive budget), a copy shares its row's out-of-fold fold, and the
+    Refusal Head keeps learning from the rows as given (``head_prompts``)."""
+    import hashlib
+
+    from ..prompting import ImagePrompt
+
+    systems = list(systems)
+
+    def copy(t: str) -> ImagePrompt:
+        k = hashlib.sha256(("fit-system\0" + t).encode()).digest()[0] % len(systems)
+        return ImagePrompt(t, system=systems[k], source=t)
+
+    groups = list(data.benign_groups or ["other"] * len(data.benign))
+    h_copies = [copy(t) for t in data.harmful if isinstance(t, str)]
+    b_copies = [(copy(t), g) for t, g in zip(data.benign, groups) if isinstance(t, str)]
+    sources = dict(data.sources)
+    sources["system_copies"] = {"system_prompts": systems, "harmful": len(h_copies), "benign": len(b_copies)}
+    return FitData(harmful=list(data.harmful) + h_copies, benign=list(data.benign) + [c for c, _ in b_copies],
+                   pairs=data.pairs, sources=sources,
+                   head_prompts=data.head_prompts if data.head_prompts is not None else list(data.harmful),
+                   benign_groups=(groups + [g for _, g in b_copies]) if data.benign_groups is not None else None,
+                   derived_from=data.derived_from)
 
 
 #: cut points per answer for the Refusal Head's pivot rows (FitConfig.head_pivots)
@@ -931,6 +970,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         raise ValueError(f"FitData.benign_groups has {len(data.benign_groups)} entries for {len(data.benign)} benign prompts")
     if len(data.harmful) < 4 or len(data.benign) < 4:
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
+    if cfg.system_copies:
+        data = with_system_copies(data, cfg.system_copies)
     n_layers = num_layers(model)
     check_layer_rule(cfg.layer_rule, n_layers)  # before minutes of hidden-state extraction
     fmt = cfg.prompt_format
@@ -982,8 +1023,10 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
     groups = ["harmful"] * len(data.harmful) + list(data.benign_groups or ["other"] * len(data.benign))
     # a prompt and its wrapped / rephrased variants share a fold; an image prompt is its own group
-    fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str) else f"\x00row {i}"
-                 for i, t in enumerate(rows_text)]
+    # (a row copied under another system prompt shares its original's fold)
+    fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str)
+                 else (data.derived_from or {}).get(t.source, t.source) if getattr(t, "system", None) is not None
+                 else f"\x00row {i}" for i, t in enumerate(rows_text)]
     gate = fit_gate_sampled(full, full_rows, layer_states, y, cfg, pair_states, groups=groups, fold_keys=fold_keys)
     layer, layers, rule, probe, tau, tau_cal = gate.layer, gate.layers, gate.layer_rule, gate.probe, gate.tau, gate.tau_calibrated
     sas, val_auroc, val_scores, val_y = gate.sas, gate.val_auroc, gate.val_scores, gate.val_labels
