@@ -1147,7 +1147,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
                             "full_depth": cfg.full_depth},
         },
         "data": data.sources,
-        "fit_config": {k: (v.to_dict() if isinstance(v, PromptFormat) else v) for k, v in cfg.__dict__.items()},
+        # (JSON's types: a tuple is recorded as the list a saved pack reads back)
+        "fit_config": {k: (v.to_dict() if isinstance(v, PromptFormat) else list(v) if isinstance(v, tuple) else v)
+                       for k, v in cfg.__dict__.items()},
         "seed": cfg.seed,
     }
     mon_tensors = None
