@@ -208,6 +208,16 @@ def _cut_user_text(tokenizer, content: str, fmt: PromptFormat, rendered_len: int
     return cut
 
 
+def common_prefix_len(a, b) -> int:
+    """How many leading tokens two token-id sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def pad_left(batch_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids, attention_mask)``."""
     width = max((len(x) for x in batch_ids), default=0)

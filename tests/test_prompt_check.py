@@ -217,16 +217,7 @@ def test_vllm_v1_refuses_off_format_requests_as_the_handle_does(tiny, tmp_path, 
     lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
     assert lp.prompt_check.policy == "refuse" and lp.prompt_check.frame is not None
     engine = Engine(hf, lp, chunk=4)
-    summaries = {}
-    try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
-        store = lp._ensure_store(required=True)
-        store.report_on_release = True
-        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
-        outputs = engine.run({0: [0, 1, 4, 5], 2: [2, 6], 3: [3, 7]}, [r[:] for r in rows])
-        lp.update_state(engine._batch_update([], [r for r in engine.batch]))
-    finally:
-        avllm.detach_capture()
+    outputs, summaries = engine.serve({0: [0, 1, 4, 5], 2: [2, 6], 3: [3, 7]}, [r[:] for r in rows])
     for i, (tokens, steered) in enumerate(ref):
         assert outputs[i][: len(tokens[0])] == tokens[0], i  # (the engine generates more tokens)
         assert summaries[i].latched == steered[0], i

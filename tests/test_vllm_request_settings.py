@@ -202,17 +202,8 @@ def test_v1_per_request_settings(setup, scenario, tmp_path, monkeypatch, preempt
     lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
     engine = Engine(hf, lp, chunk=4, async_outputs=async_outputs)
     engine.xargs = sc.xargs
-    summaries = {}
     pre = {sc.off_req: (2, 2), sc.tau_req: (3, 1), sc.mon_req: (1, 2)} if preempt else None
-    try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
-        store = lp._ensure_store(required=True)
-        store.report_on_release = True
-        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
-        outputs = engine.run(ARRIVALS, rows, preempt=pre)
-        lp.update_state(engine._batch_update([], list(engine.batch)))
-    finally:
-        avllm.detach_capture()
+    outputs, summaries = engine.serve(ARRIVALS, rows, preempt=pre)
     assert engine.preempted == (3 if preempt else 0)
     assert len(lp.store) == 0 and not lp.store._settings, "settings outlived their requests"
     assert lp.store.request_counts == {"off": 1, "monitor": 1, "tau": 1}  # once per request, resumes not counted
@@ -270,17 +261,8 @@ def test_v1_settings_with_a_monitor_window_or_on_a_monitor_server(setup, scenari
     lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
     engine = Engine(hf, lp, chunk=4)
     engine.xargs = xargs
-    summaries = {}
-    try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
-        store = lp._ensure_store(required=True)
-        assert store.w.monitor_window == window
-        store.report_on_release = True
-        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
-        outputs = engine.run(ARRIVALS, rows, preempt={sc.tau_req: (2, 1), sc.mon_req: (1, 2)})
-        lp.update_state(engine._batch_update([], list(engine.batch)))
-    finally:
-        avllm.detach_capture()
+    outputs, summaries = engine.serve(ARRIVALS, rows, preempt={sc.tau_req: (2, 1), sc.mon_req: (1, 2)})
+    assert lp.store.w.monitor_window == window
     for i, (tokens, steered, latched_at) in ref.items():
         assert outputs[i] == tokens, f"request {i} ({xargs.get(i)}): tokens differ from its reference"
         assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
@@ -303,17 +285,8 @@ def test_the_engine_never_loosens_on_settings_admission_did_not_check(setup, sce
     engine = Engine(hf, lp, chunk=4)
     loose = next(i for i in range(len(rows)) if i not in sc.xargs and sc.ref[i][1])
     engine.xargs = {sc.off_req: {"autosteer": "off"}, loose: {"autosteer_tau": 0.99}}
-    summaries = {}
-    try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
-        store = lp._ensure_store(required=True)
-        store.report_on_release = True
-        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
-        with caplog.at_level("WARNING", logger="autosteer"):
-            outputs = engine.run({0: [sc.off_req, loose]}, rows)
-            lp.update_state(engine._batch_update([], list(engine.batch)))
-    finally:
-        avllm.detach_capture()
+    with caplog.at_level("WARNING", logger="autosteer"):
+        outputs, summaries = engine.serve({0: [sc.off_req, loose]}, rows)
     default = {i: _ref_one(hf, rows[i], sc.pack) for i in (sc.off_req, loose)}
     for i in (sc.off_req, loose):
         assert outputs[i] == default[i][0] and summaries[i].latched and summaries[i].settings is None

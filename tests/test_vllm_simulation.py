@@ -179,6 +179,21 @@ class Engine:
             return BatchUpdate(len(self.batch), removed, added, moved)
         return None
 
+    def serve(self, arrivals: dict, rows: list, preempt: dict | None = None) -> tuple[dict, dict]:
+        """What the patched ``load_model`` does (the capture on the model), then :meth:`run` to the end, the last
+        requests released by a final batch update: (outputs, each request's summary at its release)."""
+        summaries = {}
+        try:
+            avllm.attach_capture(self.model, max_reqs=8, metadata_fn=self.metadata)
+            store = self.lp._ensure_store(required=True)
+            store.report_on_release = True
+            store.on_release = lambda key, s: summaries.__setitem__(self.key_of[key], s)
+            outputs = self.run(arrivals, rows, preempt=preempt)
+            self.lp.update_state(self._batch_update([], list(self.batch)))
+        finally:
+            avllm.detach_capture()
+        return outputs, summaries
+
     def run(self, arrivals: dict, rows: list, preempt: dict | None = None) -> dict:
         """``preempt[request id] = (outputs, steps out)``: once the request has that many outputs
         it leaves the batch, and is re-added that many steps later with its outputs (re-prefilling
@@ -415,16 +430,7 @@ def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode,
     others = [i for i in range(len(rows)) if i not in victims][:2]
     arrivals = {0: [victims[0], others[0]], 1: [victims[1]], 2: [others[1]]}
     preempt = {victims[0]: (2, 2), victims[1]: (3, 1)}
-    summaries = {}
-    try:
-        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
-        store = lp._ensure_store(required=True)
-        store.report_on_release = True
-        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
-        outputs = engine.run(arrivals, rows, preempt=preempt)
-        lp.update_state(engine._batch_update([], list(engine.batch)))
-    finally:
-        avllm.detach_capture()
+    outputs, summaries = engine.serve(arrivals, rows, preempt=preempt)
     assert engine.preempted == len(preempt), "the scenario did not preempt"
     assert len(lp.store) == 0 and not lp.parked_keys()
     for i in outputs:

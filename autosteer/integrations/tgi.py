@@ -266,7 +266,6 @@ class _Runtime:
         self.monitor_from = monitor_from
         self.prompt_policy = parse_policy(prompt_check)
         self.prompt_check = PromptCheck(None, "off")  # built with the model's tokenizer in attach_model
-        self._format_checked: set = set()  # request ids whose prompt was checked (until released)
         self.mode = mode
         self.tau = tau
         self.monitor_window = monitor_window
@@ -377,13 +376,13 @@ class _Runtime:
     def release(self, request_ids) -> None:
         if self.store is None:
             return
-        self._format_checked.difference_update(request_ids)
         self.store.release_many(request_ids)
 
     def _check_formats(self, batch, ids: list) -> None:
-        """Check the prompt of each request seen here for the first time (before its first step: a refused request's
-        threshold must be set before the store stages it). ``all_input_ids[i]`` holds the prompt's ids from the
-        request's first step on (``from_pb`` tokenized it)."""
+        """Check the prompt of each request seen here for the first time: one the store has no state for yet (its
+        first step stages it, right after this), nor settings (a refusal set here). Before that first step, so that a
+        refused request's threshold is set before the store stages it. ``all_input_ids[i]`` holds the prompt's ids
+        from the request's first step on (``from_pb`` tokenized it)."""
         all_ids = getattr(batch, "all_input_ids", None)
         lens = getattr(batch, "prompt_lengths", None)
         if all_ids is None or lens is None:
@@ -395,9 +394,8 @@ class _Runtime:
             self.prompt_check = PromptCheck(None, self.prompt_check.policy, where="autosteer (TGI)", unavailable=why)
             return
         for i, rid in enumerate(ids):
-            if rid in self._format_checked:
+            if rid in self.store or self.store.request_settings(rid) is not None:
                 continue
-            self._format_checked.add(rid)
             if self.prompt_check.check(rid, list(all_ids[i][: int(lens[i])])):
                 self.store.set_request_settings(rid, refused(self.store.request_settings(rid)))
 

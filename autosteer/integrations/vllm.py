@@ -125,8 +125,11 @@ class RequestCounter:
     def __init__(self):
         self.counts = dict.fromkeys(self.OUTCOMES, 0)
         self.formats = dict.fromkeys(self.FORMATS, 0)
-        self._prom = _prometheus_counter()
-        self._prom_format = _prometheus_format_counter()
+        self._prom = _prometheus_counter("autosteer_requests", "Requests AutoSteer's gate decided on, by outcome",
+                                         "outcome")
+        self._prom_format = _prometheus_counter(
+            "autosteer_prompt_format", "New requests by whether their prompt is in the pack's prompt format "
+            "(AUTOSTEER_PROMPT_CHECK)", "result")
 
     def inc(self, outcome: str) -> None:
         self.counts[outcome] += 1
@@ -140,27 +143,15 @@ class RequestCounter:
             self._prom_format.labels(result=result).inc()
 
 
-@functools.lru_cache(maxsize=1)
-def _prometheus_counter():
-    """One ``autosteer_requests_total`` per process (a second registration would raise); None without
-    prometheus_client."""
+@functools.lru_cache(maxsize=None)
+def _prometheus_counter(name: str, doc: str, label: str):
+    """The Prometheus counter ``<name>_total`` with one label, once per process (a second registration would
+    raise); None without prometheus_client."""
     try:
         from prometheus_client import Counter
     except ImportError:
         return None
-    return Counter("autosteer_requests", "Requests AutoSteer's gate decided on, by outcome", ["outcome"])
-
-
-@functools.lru_cache(maxsize=1)
-def _prometheus_format_counter():
-    """``autosteer_prompt_format_total``: new requests by what the prompt-format check found; None without
-    prometheus_client."""
-    try:
-        from prometheus_client import Counter
-    except ImportError:
-        return None
-    return Counter("autosteer_prompt_format", "New requests by whether their prompt is in the pack's prompt format "
-                   "(AUTOSTEER_PROMPT_CHECK)", ["result"])
+    return Counter(name, doc, [label])
 
 
 class VLLMIntegrationError(RuntimeError):

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import decoder_layers, stop_token_ids
-from ..prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, encode_batch,
+from ..prompting import (PromptFormat, PromptLike, append_response_prefix, batching_key, common_prefix_len, encode_batch,
                          encode_one, is_processor, position_ids_from_mask, prompt_image, text_tokenizer, to_model)
 
 
@@ -96,15 +96,6 @@ class StatesCache:
         tmp.replace(run / f"{key}.safetensors")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prefix_groups(seqs: list[list[int]], min_extra: int = 32) -> list[tuple[int, list[int]]]:
     """Group prompts by a shared token prefix: ``[(prefix_len, members), ...]`` covering every index once.
 
@@ -115,7 +106,7 @@ def prefix_groups(seqs: list[list[int]], min_extra: int = 32) -> list[tuple[int,
     if not seqs:
         return []
     order = sorted(range(len(seqs)), key=lambda i: seqs[i])
-    adj = [_common_prefix(seqs[order[k]], seqs[order[k + 1]]) for k in range(len(order) - 1)]
+    adj = [common_prefix_len(seqs[order[k]], seqs[order[k + 1]]) for k in range(len(order) - 1)]
     base = min(adj) if adj else len(seqs[0]) - 1
     runs: list[list[int]] = [[order[0]]]
     run_lcp: list[int] = [1 << 30]

@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..prompting import PromptFormat, encode_batch, encode_one, is_processor
+from ..prompting import PromptFormat, common_prefix_len, encode_batch, encode_one, is_processor
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ def _encode(tokenizer, text: str, fmt: PromptFormat) -> list[int]:
     return encode_one(tokenizer, text, fmt)
 
 
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass(frozen=True)
 class PromptFrame:
     """The token ids every prompt in a pack's format starts and ends with."""
@@ -90,8 +81,8 @@ class PromptFrame:
         # is the format's (the empty one bounds it: no message token can be taken for the frame, even where a
         # tokenizer reads both messages as unknown tokens)
         empty, *full = (_encode(tokenizer, text, fmt) for text in ("",) + _PROBES)
-        p = min(_shared_prefix(empty, x) for x in full)
-        s = min(_shared_prefix(empty[::-1], x[::-1]) for x in full)
+        p = min(common_prefix_len(empty, x) for x in full)
+        s = min(common_prefix_len(empty[::-1], x[::-1]) for x in full)
         s = min(s, len(empty) - p)  # the two ends never overlap
         return cls(tuple(empty[:p]), tuple(empty[len(empty) - s:]) if s else (), fmt)
 
