@@ -18,6 +18,8 @@ from ._version import __version__
 DEFAULT_PACK_NAME = "smollm2-135m-instruct.pack.safetensors"
 #: the same gate with a monitor probe (``autosteer fit --monitor-prompts 150``), for monitor mode and the two-stage gate
 DEFAULT_MONITOR_PACK_NAME = "smollm2-135m-instruct.monitor.pack.safetensors"
+#: a pooled gate (``autosteer fit --pooling 'last_token|max'``): served by transformers; vLLM and TGI refuse it
+DEFAULT_POOLED_PACK_NAME = "smollm2-135m-instruct.pooled.pack.safetensors"
 
 _LAZY = {
     "attach": "runtime.attach", "AutoSteerHandle": "runtime.attach", "AutoSteerFault": "runtime.attach",
@@ -28,16 +30,21 @@ __all__ = ["__version__", "DEFAULT_PACK_NAME", "DEFAULT_MONITOR_PACK_NAME", "def
 _SUBPACKAGES = ["method", "runtime", "integrations", "kernels"]
 
 
-def default_pack_path(monitor: bool = False) -> _Path:
+def default_pack_path(monitor: bool = False, pooled: bool = False) -> _Path:
     """Path of the steer pack shipped for the default model (SmolLM2-135M-Instruct).
 
     It is the pack ``autosteer fit`` writes with its defaults on that model (its metadata records
     the fit configuration); ``autosteer demo``, ``generate`` and ``eval`` use it when no ``--pack``
     is given for the default model. ``monitor=True``: the pack ``autosteer fit --monitor-prompts 150``
     writes -- the same gate (probe, tau and operating points), plus a monitor probe, ``tau_monitor`` and
-    a Refusal Head that also refuses mid-answer -- which they use for monitor mode.
+    a Refusal Head that also refuses mid-answer -- which they use for monitor mode. ``pooled=True``: the pack
+    ``autosteer fit --pooling 'last_token|max'`` writes, whose gate also reads every prompt token (docs/method.md
+    7l; served by transformers only, ``--pooled`` on the CLI). There is no pooled monitor pack.
     """
-    path = _Path(__file__).resolve().parent / "packs" / (DEFAULT_MONITOR_PACK_NAME if monitor else DEFAULT_PACK_NAME)
+    if monitor and pooled:
+        raise ValueError("no pooled monitor pack is shipped: pick monitor=True or pooled=True")
+    name = DEFAULT_MONITOR_PACK_NAME if monitor else DEFAULT_POOLED_PACK_NAME if pooled else DEFAULT_PACK_NAME
+    path = _Path(__file__).resolve().parent / "packs" / name
     if not path.is_file():  # a broken install; never fall back to an unsteered run
         raise FileNotFoundError(f"the shipped default pack is missing: {path} (reinstall autosteer-kernels)")
     return path

@@ -125,6 +125,12 @@ def _is_default_model(model: str | None) -> bool:
     return model in (None, DEFAULT_MODEL)
 
 
+def _pooled_arg(p) -> None:
+    p.add_argument("--pooled", action="store_true",
+                   help="default model: use the shipped pooled pack, whose gate also reads every prompt token (catches "
+                        "reworded and wrapped harm better; transformers only, docs/method.md 7l)")
+
+
 def _pack_of(args):
     """The steer pack of ``--pack``; without it, the shipped pack for the default model (its monitor pack when
     monitor mode is asked for: ``--mode monitor``, or the ``monitor`` setting of ``eval``), or
@@ -132,15 +138,23 @@ def _pack_of(args):
     from . import default_pack_path
     from .method.pack import PackError, load_pack
 
+    pooled = bool(getattr(args, "pooled", False))
+    if pooled and (args.pack or not _is_default_model(args.model)):
+        raise PackError("--pooled picks the shipped pooled pack of the default model: with --pack or another model, the "
+                        "pack's own pooling decides (autosteer fit --pooling 'last_token|max' writes a pooled one)")
     if args.pack:
         return load_pack(args.pack)
     if _is_default_model(args.model):
         monitor = getattr(args, "mode", None) == "monitor" or "monitor" in (getattr(args, "settings", None) or ())
+        if monitor and pooled:
+            raise PackError("--pooled with monitor mode: no pooled monitor pack is shipped (fit one with autosteer fit "
+                            "--pooling 'last_token|max' --monitor-prompts 150 and pass it with --pack)")
         try:
-            path = default_pack_path(monitor=monitor)
+            path = default_pack_path(monitor=monitor, pooled=pooled)
         except FileNotFoundError as exc:
             raise PackError(str(exc)) from None
-        print(f"using the shipped default {'monitor ' if monitor else ''}pack {path} (--pack to use another)"
+        print(f"using the shipped default {'monitor ' if monitor else 'pooled ' if pooled else ''}pack {path} "
+              "(--pack to use another)"
               + ("; its gate is the default pack's, its Refusal Head also refuses mid-answer, for every setting of this run"
                  if monitor else ""), file=sys.stderr)
         return load_pack(path)
@@ -234,7 +248,7 @@ def cmd_fit(args) -> int:
               prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
     # options left unset keep the preset's (or FitConfig's) value
     for name in ("layer_rule", "target_fpr", "genre_fpr", "tau_rule", "fit_data", "jailbreak_fit", "monitor_prompts",
-                 "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots"):
+                 "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots", "pooling", "pool_budget_scale"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.head_rank is not None:
@@ -605,6 +619,10 @@ def cmd_info(args) -> int:
     if len(pack.layers) > 1:
         print(f"probe input: the states entering layers {', '.join(map(str, pack.layers))} at the last prompt token, "
               f"concatenated in that order ({len(pack.layers)} x {pack.hidden_size} = {pack.W1.shape[1]} features)")
+    if pack.pool is not None:
+        print(f"pooled gate ({pack.pooling}): a token probe over every prompt token from position {pack.pool_skip} on; "
+              "the gate fires when the last token's or the highest token's probability passes tau (served by "
+              "transformers; vLLM and TGI refuse this pack at start-up)")
     points = m.get("operating_points") or {}
     if not points:
         print("operating points: none (fitted before operating points existed; refit for strict/balanced/permissive)")
@@ -679,6 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "
                         "prompts your servers set; recall still moves with the system prompt (docs/method.md 7k)")
+    p.add_argument("--pooling", default=None, choices=["last_token", "last_token|max"],
+                   help="what the gate reads of the prompt: the last token (default), or also a token probe over every "
+                        "prompt token, firing when either passes tau ('last_token|max': catches reworded harm; served by "
+                        "transformers, refused by name by vLLM and TGI; docs/method.md 7l)")
+    p.add_argument("--pool-budget-scale", type=float, default=None, metavar="X",
+                   help="with --pooling last_token|max: the false-positive budgets times X (default 1.5, docs/method.md 7l)")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
@@ -699,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate responses for a prompt file, with AutoSteer")
     _model_args(p)
     p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
+    _pooled_arg(p)
     p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line (and, for multimodal models, an optional "
                         "'image' path relative to the file), or .txt one prompt per line")
     p.add_argument("--output", required=True, help=".jsonl: the input fields plus response, p_unsafe, gate, steered, refused")
@@ -720,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="refusal rates per prompt file: unsteered / always-steered / AutoSteer")
     _model_args(p)
     p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
+    _pooled_arg(p)
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")

@@ -172,12 +172,16 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
 @torch.no_grad()
 def probe_scores(handle, tokenizer, prompts: list[PromptLike], batch_size: int = 16, response_prefix: str = "",
                  fmt: PromptFormat | None = None) -> list[float]:
-    """The probe's score at the last prompt token of each prompt (no generation; with a
+    """The gate's score of each prompt: the probe's at the last prompt token (no generation; with a
     ``response_prefix``, at its last token, as :func:`generate_batch` serves it): the states at the
     pack's layers (``pack.layers``), concatenated in that order. ``fmt``: as :func:`evaluate`'s."""
     from .method.hidden_states import probe_inputs
 
     fmt = fmt or handle.pack.prompt_format
+    if getattr(handle, "pool_probe", None) is not None:  # a pooled gate: its score as served, from one prefill each
+        gens = generate_batch(handle, tokenizer, prompts, "unsteered", max_new_tokens=1, batch_size=batch_size, fmt=fmt,
+                              progress=False, response_prefix=response_prefix)
+        return [float("nan") if g.p_unsafe is None else g.p_unsafe for g in gens]
     x = probe_inputs(handle.model, tokenizer, prompts, fmt, handle.pack.layers, batch_size, progress=False,
                      response_prefix=response_prefix)
     return handle.probe_scores(x.to(handle.W1.device)).cpu().tolist()

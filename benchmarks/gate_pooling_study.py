@@ -41,156 +41,27 @@ from genre_gate_rates import emit  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ states
-@torch.no_grad()
 def token_states(model, tok, texts: list[str], layers: list[int], batch_size: int = 16, fmt=None, skip: int | None = None):
-    """Every prompt's states entering ``layers`` at each token after the prefix all prompts share:
-    ``(states [T, k, H] fp16, tokens [M], starts [n + 1], skip)``: prompt i's token states are
-    ``states[tokens[starts[i]:starts[i+1]]]``, in order. Prompts sharing a long prefix (one jailbreak
-    template) run it once, as the fit's extraction does (:func:`autosteer.method.hidden_states.prefix_groups`),
-    and share its rows."""
+    """:func:`autosteer.method.token_probe.prompt_token_states` in the fit's compute precision (the pack's pooled
+    gate is fitted on the same states)."""
     from autosteer.method.fit import compute_model, resolve_compute_dtype
-    from autosteer.method.hidden_states import _batches, _cache_kwarg, _expanded_cache, _Stop, prefix_groups
-    from autosteer.models import decoder_layers
-    from autosteer.prompting import PromptFormat, encode_one
-    from transformers import DynamicCache
+    from autosteer.method.token_probe import prompt_token_states
+    from autosteer.prompting import PromptFormat
 
-    fmt = fmt or PromptFormat()
-    seqs = [encode_one(tok, t, fmt) for t in texts]
-    if skip is None:
-        skip = 0  # tokens every prompt shares (chat template and system prompt): the same states for all
-        while all(len(s) > skip + 1 and s[skip] == seqs[0][skip] for s in seqs):
-            skip += 1
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rows: list[torch.Tensor] = []  # state segments, fp16 [t, k, H]
-    n_rows = 0
-    own: list[list[torch.Tensor]] = [[] for _ in seqs]  # per prompt: its row indices, in token order
-
-    def keep(st: torch.Tensor) -> torch.Tensor:
-        nonlocal n_rows
-        rows.append(st.to(torch.float16).clone())
-        n_rows += len(st)
-        return torch.arange(n_rows - len(st), n_rows)
-
-    deepest = max(layers)
     with compute_model(model, resolve_compute_dtype(model, "auto")) as fwd:
-        blocks = decoder_layers(fwd)
-        got: dict[int, torch.Tensor] = {}
-
-        def hook(_m, args, kwargs, l):
-            got[l] = (args[0] if args else kwargs["hidden_states"]).detach().float()
-            if l == deepest:
-                raise _Stop
-
-        hs = [blocks[l].register_forward_pre_hook(lambda m, a, k, l=l: hook(m, a, k, l), with_kwargs=True)
-              for l in layers]
-        cache_arg = _cache_kwarg(fwd)
-        try:
-            t0, done = time.time(), 0
-            for p, members in prefix_groups(seqs):
-                p = max(0, min(p, min(len(seqs[i]) for i in members) - 1))
-                kv0, pre = None, None
-                if p > 0:
-                    kv0 = DynamicCache(config=fwd.config)
-                    ids = torch.tensor([seqs[members[0]][:p]])
-                    try:
-                        fwd(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p)[None],
-                            use_cache=True, logits_to_keep=1, **{cache_arg: kv0})
-                    except _Stop:
-                        pass
-                    if p > skip:
-                        pre = keep(torch.stack([got[l][0, skip:p] for l in layers], 1))
-                lengths = {i: len(seqs[i]) - p for i in members}
-                for b in _batches(members, lengths, batch_size, batch_size * 256):
-                    width = max(lengths[i] for i in b)
-                    ids = torch.full((len(b), width), pad)
-                    mask = torch.zeros((len(b), p + width), dtype=torch.long)
-                    mask[:, :p] = 1
-                    for r, i in enumerate(b):
-                        ids[r, :lengths[i]] = torch.tensor(seqs[i][p:])
-                        mask[r, p:p + lengths[i]] = 1
-                    kv = _expanded_cache(kv0, fwd, len(b)) if p > 0 else None
-                    try:
-                        fwd(input_ids=ids, attention_mask=mask, position_ids=(p + torch.arange(width)).expand(len(b), -1),
-                            use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
-                    except _Stop:
-                        pass
-                    st = torch.stack([got[l] for l in layers], 2)  # [B, W, k, H]
-                    for r, i in enumerate(b):
-                        first = max(0, skip - p)
-                        own[i] = ([pre] if pre is not None else []) + [keep(st[r, first:lengths[i]])]
-                    done += len(b)
-                    if done % 500 < len(b):
-                        print(f"  states {done}/{len(seqs)} ({time.time() - t0:.0f} s, {n_rows} rows)", flush=True)
-        finally:
-            for h in hs:
-                h.remove()
-    tokens = [torch.cat(o) for o in own]
-    starts = torch.tensor([0] + [len(t) for t in tokens]).cumsum(0)
-    return torch.cat(rows), torch.cat(tokens), starts, skip
+        return prompt_token_states(fwd, tok, texts, fmt or PromptFormat(), layers, batch_size, skip, progress=True)
 
 
 # ------------------------------------------------------------------------------------------ probes
-class Bags:
-    """Prompts as bags of token features ``Z [T, d]`` (``starts`` as above), scored by pooling."""
-
-    def __init__(self, Z: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor):
-        self.Z, self.tokens, self.starts = Z, tokens, starts
-        self.lengths = starts[1:] - starts[:-1]
-
-    def rows(self, idx: torch.Tensor):
-        """Token features of prompts ``idx`` and, per token, its position in ``idx``."""
-        idx = idx.flatten()
-        lens = self.lengths[idx]
-        tok = torch.cat([self.tokens[int(self.starts[i]):int(self.starts[i + 1])] for i in idx.tolist()])
-        return self.Z[tok].float(), torch.repeat_interleave(torch.arange(len(idx)), lens)
-
-    def last(self, idx):
-        return self.Z[self.tokens[self.starts[idx.flatten() + 1] - 1]].float()
-
-    def mean(self, idx):
-        z, seg = self.rows(idx)
-        return torch.zeros(len(idx.flatten()), z.shape[1]).index_add_(0, seg, z) / self.lengths[idx.flatten()][:, None]
+# (the fit's own: a pack with pooling "last_token|max" trains its token probe with these)
+from autosteer.method.token_probe import Bags, BagScorer, train_max_probe  # noqa: E402
 
 
-class MaxProbe:
-    """A token-level MLP probe; a prompt's logit is its highest token's."""
+def MaxProbe(W1, b1, w2, b2, bags: Bags) -> BagScorer:
+    """A token-level MLP probe on ``bags``; a prompt's logit is its highest token's."""
+    from autosteer.method.probe import Probe
 
-    def __init__(self, W1, b1, w2, b2, bags: Bags):
-        self.W1, self.b1, self.w2, self.b2, self.bags = W1, b1, w2, b2, bags
-
-    def logits(self, idx):
-        z, seg = self.bags.rows(idx)
-        s = torch.relu(z @ self.W1.t() + self.b1) @ self.w2 + self.b2
-        n = len(idx.flatten())
-        return torch.full((n,), -1e9).scatter_reduce(0, seg, s, "amax", include_self=False)
-
-    def score(self, idx):
-        with torch.no_grad():
-            return torch.sigmoid(self.logits(idx))
-
-
-def train_max_probe(bags: Bags, rows: torch.Tensor, yr: torch.Tensor, hidden: int, epochs: int, batch: int,
-                    lr: float, weight_decay: float, seed: int) -> MaxProbe:
-    """Multiple-instance training: each prompt's label on its max-scoring token (BCE on the max logit,
-    classes balanced as the fit's probe balances them, AdamW on mini-batches of prompts)."""
-    g = torch.Generator().manual_seed(seed)
-    d = bags.Z.shape[1]
-    W1 = (torch.randn(hidden, d, generator=g) / d ** 0.5).requires_grad_()
-    b1 = torch.zeros(hidden, requires_grad=True)
-    w2 = (torch.randn(hidden, generator=g) / hidden ** 0.5).requires_grad_()
-    b2 = torch.zeros(1, requires_grad=True)
-    yr = yr.float()
-    pos_weight = ((1 - yr).sum() / yr.sum().clamp_min(1)).clamp(0.1, 10.0)
-    opt = torch.optim.AdamW([W1, b1, w2, b2], lr=lr, weight_decay=weight_decay)
-    p = MaxProbe(W1, b1, w2, b2, bags)
-    for _ in range(epochs):
-        for b in torch.randperm(len(rows), generator=g).split(batch):
-            logit = p.logits(rows[b])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yr[b], pos_weight=pos_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return MaxProbe(W1.detach(), b1.detach(), w2.detach(), b2.detach(), bags)
+    return BagScorer(Probe(W1, b1, w2, b2), bags)
 
 
 class Pooled:
@@ -308,8 +179,8 @@ def _rebind(probe, bags: Bags):
     """The same trained probe, reading other bags."""
     if isinstance(probe, Either):
         return Either(_rebind(probe.a, bags), _rebind(probe.b, bags))
-    if isinstance(probe, MaxProbe):
-        return MaxProbe(probe.W1, probe.b1, probe.w2, probe.b2, bags)
+    if isinstance(probe, BagScorer):
+        return BagScorer(probe.probe, bags)
     return Pooled(probe.probe, bags, probe.how)
 
 

@@ -82,6 +82,35 @@ def cached_layer_states(model, tok, texts: list[str], fmt, layer, cache: Path, n
     return x
 
 
+def cached_pooled_scores(model, tok, texts: list[str], fmt, pack, cache: Path, name: str) -> torch.Tensor:
+    """A pooled gate's (pack pooling ``last_token|max``) max-token probabilities ``[n]`` over each prompt's tokens from
+    the pack's ``pool_skip`` on, as the runtime reads them (the fp32 model; states by
+    :func:`autosteer.method.token_probe.prompt_token_states`), cached by the prompts, the model, the format and the
+    token probe."""
+    from autosteer.method.token_probe import prompt_token_states
+
+    q = pack.pool_probe()
+    key = hashlib.sha256(("\x00".join(texts) + f"\x01{getattr(model, 'name_or_path', '')}\x01{pack.layers}\x01{fmt}"
+                          f"\x01{pack.pool_skip}").encode() + q.W1.numpy().tobytes() + q.b2.numpy().tobytes()).hexdigest()[:12]
+    path = cache / f"{name}-pool-{key}.pt"
+    if path.exists():
+        CACHE_COUNTS["cached"] += len(texts)
+        return torch.load(path)
+    CACHE_COUNTS["extracted"] += len(texts)
+    t0 = time.time()
+    out = torch.empty(len(texts))
+    for i in range(0, len(texts), 400):  # the token states of 400 prompts at a time (fp16 [T, k, H])
+        st, tokens, starts, _ = prompt_token_states(model, tok, texts[i:i + 400], fmt, pack.layers, skip=pack.pool_skip)
+        with torch.no_grad():
+            s = torch.relu(st.flatten(1).float() @ q.W1.t() + q.b1) @ q.w2 + q.b2
+        for j in range(len(starts) - 1):
+            out[i + j] = torch.sigmoid(s[tokens[int(starts[j]):int(starts[j + 1])]].max())
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    print(f"[pooled] {name}: {len(texts)} prompts in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ report
 def rate(scores: torch.Tensor, tau: float) -> float:
     return float((scores > tau).float().mean()) if len(scores) else float("nan")
@@ -140,6 +169,9 @@ def main() -> int:
     ap.add_argument("--system", default=None,
                     help="render every prompt with this system prompt instead of the pack's own (a server that sets "
                          "its own system prompt): how far the gate moves when the format differs from the fit's")
+    ap.add_argument("--tau", default=None,
+                    help="the threshold: one of the pack's operating points (strict, balanced, permissive) or a number "
+                         "(default: the pack's own, balanced)")
     ap.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/results/genre_gate_rates.md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,7 +185,8 @@ def main() -> int:
     pack_path = args.pack or str(autosteer.default_pack_path())
     sets = build_sets(args.n)
     model, tok = load_model()
-    handle = autosteer.attach(model, pack_path)
+    tau_arg = None if args.tau is None else args.tau if args.tau in ("strict", "balanced", "permissive") else float(args.tau)
+    handle = autosteer.attach(model, pack_path, tau=tau_arg)
     fitted_system = handle.pack.prompt_format.system
     system = args.system or None  # '': the chat template's default
     other_system = args.system is not None and system != fitted_system
@@ -165,6 +198,8 @@ def main() -> int:
     for s in sets:
         x = cached_layer_states(model, tok, s["texts"], fmt, layers, cache, s["group"])
         p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
+        if pack.pool is not None:  # a pooled gate fires on the higher of the two probes' probabilities
+            p = torch.maximum(p, cached_pooled_scores(model, tok, s["texts"], fmt, pack, cache, s["group"]))
         rows.append({"name": s["name"], "group": s["group"], "harmful": s["harmful"], "n": len(s["texts"]),
                      "fire": rate(p, tau), "fire05": rate(p, 0.5),
                      "median": float(p.median()), "p90": float(p.quantile(0.9))})
@@ -173,18 +208,24 @@ def main() -> int:
         + next(s for s in sets if s["group"] == "wrapped_dev")["texts"][:2]
     ref = torch.tensor(probe_scores(handle, tok, probe))
     got = handle.probe_scores(layer_states(model, tok, probe, fmt, layers).to(handle.W1.device)).cpu()
+    if pack.pool is not None:  # evaluate.probe_scores gives the served (union) score of a pooled gate
+        got = torch.maximum(got, cached_pooled_scores(model, tok, probe, fmt, pack, cache, "check"))
     diff = float((ref - got).abs().max())
     if diff > 1e-4:
         raise SystemExit(f"early-stopped states disagree with evaluate.probe_scores: max |dp| {diff:.2e}")
     m = pack.meta
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/genre_gate_rates.py --threads {args.threads}" \
         + (f" --pack {args.pack}" if args.pack else "") \
-        + (f" --n {args.n}" if args.n != 150 else "") + (f" --system {shlex.quote(args.system)}" if args.system is not None else "") \
+        + (f" --n {args.n}" if args.n != 150 else "") + (f" --tau {args.tau}" if args.tau is not None else "") + (f" --system {shlex.quote(args.system)}" if args.system is not None else "") \
         + (f" --out {args.out}" if args.out else "")
     header = ["# Gate-fire rates per benign genre, on contrast pairs and on rephrased harmful requests", "",
               f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation; states of "
               f"{CACHE_COUNTS['extracted']} prompts extracted, {CACHE_COUNTS['cached']} read from the cache of an earlier run).", "",
-              f"Pack: `{Path(pack_path).name}` ({layers_text(m)}, {m.get('layer_rule')}; tau {tau:.4f}: {m.get('tau_rule', '')}). "
+              f"Pack: `{Path(pack_path).name}` ({layers_text(m)}, {m.get('layer_rule')}; tau {tau:.4f}"
+              + (f" (--tau {args.tau}; the pack's own, balanced: {pack.tau:.4f}, {m.get('tau_rule', '')})" if args.tau is not None
+                 else f": {m.get('tau_rule', '')}")
+              + (f"; a pooled gate (pooling {pack.pooling}, from prompt position {pack.pool_skip}): a prompt's score is "
+                 "the higher of the last token's and its highest token's" if pack.pool is not None else "") + "). "
               + ("" if not other_system else
                  f"**Prompts rendered with the system prompt {system!r}**, not the one the pack was fitted with "
                  f"({'the chat template default' if fitted_system is None else repr(fitted_system)}). ")

@@ -52,7 +52,8 @@ def test_max_probe_scores_its_highest_token():
     bags = P.Bags(Z, tokens, starts)
     p = P.MaxProbe(torch.randn(3, 5, generator=g), torch.randn(3, generator=g), torch.randn(3, generator=g),
                    torch.zeros(1), bags)
-    per_token = torch.sigmoid(torch.relu(Z @ p.W1.t() + p.b1) @ p.w2 + p.b2)
+    q = p.probe
+    per_token = torch.sigmoid(torch.relu(Z @ q.W1.t() + q.b1) @ q.w2 + q.b2)
     for i in range(3):
         mine = tokens[int(starts[i]):int(starts[i + 1])]
         assert torch.allclose(p.score(torch.tensor([i]))[0], per_token[mine].max())

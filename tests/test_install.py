@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PACK = f"autosteer/packs/{autosteer.DEFAULT_PACK_NAME}"
 MONITOR_PACK = f"autosteer/packs/{autosteer.DEFAULT_MONITOR_PACK_NAME}"
+POOLED_PACK = f"autosteer/packs/{autosteer.DEFAULT_POOLED_PACK_NAME}"
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -62,7 +63,7 @@ def test_wheel_is_pure_and_carries_sources_pack_and_metadata(dists):
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = zf.read(meta_name).decode()
     need = {"autosteer/_csrc/steer_step_cpu.cpp", "autosteer/_csrc/torch_bindings.cpp", "autosteer/kernels/__init__.py",
-            "autosteer/kernels/steer_step.py", "autosteer/py.typed", PACK, MONITOR_PACK}
+            "autosteer/kernels/steer_step.py", "autosteer/py.typed", PACK, MONITOR_PACK, POOLED_PACK}
     need |= {str(p.relative_to(REPO)) for p in (REPO / "autosteer" / "fit_prompts").rglob("*") if p.is_file()}
     need |= {f"autosteer/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
     assert not need - names, f"missing from the wheel: {sorted(need - names)}"

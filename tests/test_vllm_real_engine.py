@@ -481,6 +481,25 @@ def test_unsupported_configurations_stop_the_start_up(tmp_path, flags, expect):
     assert rc != 0 and "VLLMIntegrationError" in log and expect in log, log[-3000:]
 
 
+def test_a_pooled_pack_stops_the_start_up(tmp_path):
+    """A pack whose gate also pools over the prompt's tokens (pooling 'last_token|max', docs/method.md 7l) is not served
+    by the vLLM integration: the real server stops at start-up and names why, rather than gating every request by the
+    pack's last-token probe alone."""
+    _require_engine()
+    from autosteer.method.pack import load_pack
+
+    pack = load_pack(PACK)
+    pack.pool = {"W1": pack.W1.clone(), "b1": pack.b1.clone(), "w2": pack.w2.clone(), "b2": pack.b2.clone()}
+    pack.meta.update(pooling="last_token|max", pool_skip=23)
+    srv = Server("pooled", tmp_path, pack=pack.save(tmp_path / "pooled.pack.safetensors"))
+    try:
+        rc = srv.wait_exit()
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert rc != 0 and "PoolingNotServed" in log and "pooling='last_token|max'" in log, log[-3000:]
+
+
 def test_named_operating_points_on_the_real_engine(tmp_path, servers, reference):
     """``AUTOSTEER_TAU=strict``: a pack without that operating point stops the start-up with a named error; a
     pack that has it is served at that point's threshold (here the test's own 0.5, so the answers equal the

@@ -77,7 +77,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..method.pack import OPERATING_POINTS, grey_zone_taus
+from ..method.pack import OPERATING_POINTS, PackError, grey_zone_taus
 from ..method.probe import Probe
 from ..runtime.reference_op import refusal_basis
 
@@ -87,6 +87,10 @@ MODES = ("prefill", "monitor")
 ENV_MONITOR_WINDOW = "AUTOSTEER_MONITOR_WINDOW"
 #: monitor mode: watch only the requests whose prompt score is at least this (the two-stage gate)
 ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
+
+
+class PoolingNotServed(PackError):
+    """A pack with a pooled gate given to a server integration that serves the last-token gate only."""
 
 
 def _unset(value) -> bool:
@@ -392,6 +396,19 @@ class _FingerprintView(torch.nn.Module):
 
     def get_output_embeddings(self):
         return self._head
+
+
+def check_served_pooling(pack, server: str) -> None:
+    """A pack whose gate pools over the prompt's tokens (``pooling="last_token|max"``, docs/method.md 7l) is refused
+    here, by name, at start-up: this server's integration reads the last prompt token only, and serving such a pack
+    through it would gate every request by half of its gate, at a threshold set for the whole. Raises
+    :class:`PoolingNotServed` (a :class:`~autosteer.method.pack.PackError`)."""
+    if pack.pooling != "last_token":
+        raise PoolingNotServed(
+            f"AutoSteer: this pack's gate pools over every prompt token (pooling={pack.pooling!r}), which the {server} "
+            "integration does not serve (it reads the last prompt token only; prefix caching skips the forward of a "
+            "cached prompt prefix, so a pooled reading would miss its tokens). Serve this pack with transformers "
+            "(autosteer.attach), or a pack fitted with pooling='last_token' (the default) here.")
 
 
 def check_pack_matches(pack, E: torch.Tensor, *, num_layers: int, model_type: str) -> None:

@@ -65,7 +65,7 @@ import torch
 from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
-from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, hook_input,
+from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, check_served_pooling, hook_input,
                      hook_output_sum, parse_flag, parse_monitor_window, parse_threshold, refused)
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ class _Runtime:
             raise ValueError(f"AutoSteer mode must be one of {MODES}, got {mode!r}")
         self.pack_path = str(pack_path)
         self.pack = load_pack(pack_path)
+        check_served_pooling(self.pack, "TGI")  # a pooled gate is not served here: a named error, not half a gate
         try:  # the threshold against this pack (an operating point it lacks), before TGI loads anything
             resolved = prompt_threshold(self.pack, tau)
         except ValueError as exc:

@@ -83,7 +83,7 @@ from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
-                     check_pack_matches, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
+                     check_pack_matches, check_served_pooling, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
                      REFUSE_TAU, refused)
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 
@@ -1140,6 +1140,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                        f"not the file the front end was started with (sha256 {want}): every worker "
                                        "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
+        check_served_pooling(self.pack, "vLLM")  # a pooled gate is not served here: a named error, not half a gate
         try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
             resolved = prompt_threshold(self.pack, self.tau)
         except ValueError as exc:

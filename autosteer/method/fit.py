@@ -36,6 +36,7 @@ from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import (REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, collect_pivot_states,
                            continuation_token_ids, train_refusal_head)
 from .sas import random_pairs, safety_awareness_score
+from .token_probe import prompt_token_states
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,13 @@ def compute_model(model, mode):
 
 #: what the monitor probe is trained on (FitConfig.monitor_responses)
 MONITOR_RESPONSES = ("forced", "own")
+#: what the gate reads of the prompt (FitConfig.pooling): the last token alone, or the last token and the max over
+#: every prompt token's token-probe score (docs/method.md 7l)
+POOLINGS = ("last_token", "last_token|max")
+#: the pooled token probe's training: passes over the fit prompts, prompts per step (docs/results/gate_pooling_study.md)
+POOL_EPOCHS, POOL_BATCH = 30, 64
+#: budget scales whose balanced threshold a pooled pack records (meta pool.budget_scan)
+POOL_BUDGET_SCAN = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)
 
 
 @dataclass
@@ -205,7 +213,15 @@ class FitConfig:
     # (a few tokens into an answer) refuses instead of ending the answer. None: as many as monitor_prompts (0 for
     # a prefill-only pack, whose latches all come at the prompt)
     head_pivots: int | None = None
-    pooling: str = "last_token"  # the only pooling the runtime serves
+    # what the gate reads of the prompt: "last_token" (the last prompt token, the paper's), or "last_token|max":
+    # also a token-level probe over every prompt token, the gate firing when either passes tau (docs/method.md 7l;
+    # served by the transformers runtime; vLLM and TGI refuse such a pack at start-up, by name)
+    pooling: str = "last_token"
+    # the pooled gate's budgets are the ones above times this: the union's out-of-fold benign scores run higher than
+    # the served probes' by more than a last-token probe's do (a max over ~50 tokens of a probe fitted on 3/4 of the
+    # rows); chosen on dev so that the pooled gate fires on the benign dev mix about as often as the last-token gate
+    # (docs/method.md 7l). Unused with pooling "last_token"
+    pool_budget_scale: float = 1.5
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
     fit_data: str = "broad"
@@ -273,8 +289,16 @@ class FitConfig:
             raise ValueError(f"calibration_folds must be >= 2, got {self.calibration_folds}")
         if self.fit_data not in FIT_DATA_STYLES:
             raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
-        if self.pooling != "last_token":
-            raise ValueError("the runtime probes the last prompt token only: pooling must be 'last_token'")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if not (math.isfinite(self.pool_budget_scale) and self.pool_budget_scale > 0):
+            raise ValueError(f"pool_budget_scale must be a positive number, got {self.pool_budget_scale}")
+        if self.pooling != "last_token" and self.tau_rule != "budget":
+            raise ValueError(f"pooling={self.pooling!r} sets its threshold on the union's out-of-fold scores: it needs "
+                             f"tau_rule='budget', got {self.tau_rule!r}")
+        if self.pooling != "last_token" and self.system_copies:
+            raise ValueError(f"pooling={self.pooling!r} with system_copies is not supported: the pooled tokens start "
+                             "after the prefix every fit prompt shares, which copies under other system prompts change")
         if self.jailbreak_fit < 0:
             raise ValueError("jailbreak_fit must be >= 0")
         if self.monitor_prompts < 0 or self.monitor_tokens < 1:
@@ -822,14 +846,17 @@ def budget_threshold(scores: torch.Tensor, groups: list[str], target_fpr: float,
 OPERATING_POINT_BUDGETS = {"strict": 2.0, "balanced": 1.0, "permissive": 0.2}
 
 
-def operating_points(scores: torch.Tensor, y: torch.Tensor, groups: list[str], cfg: FitConfig) -> dict:
+def operating_points(scores: torch.Tensor, y: torch.Tensor, groups: list[str], cfg: FitConfig,
+                     scale: float = 1.0) -> dict:
     """``{name: {"tau", "rule", "val_fpr", "val_tpr", "genre_fpr": {group: rate}}}`` for the named
-    operating points (:data:`OPERATING_POINT_BUDGETS`), from out-of-fold ``scores`` of every fit row."""
+    operating points (:data:`OPERATING_POINT_BUDGETS`), from out-of-fold ``scores`` of every fit row; ``scale``
+    multiplies every budget (a pooled gate's, ``FitConfig.pool_budget_scale``)."""
     benign = (y == 0).nonzero().flatten()
     bgroups = [groups[int(i)] for i in benign]
     sb, sh = scores[benign], scores[y == 1]
     out = {}
     for name, f in OPERATING_POINT_BUDGETS.items():
+        f = f * scale
         t, g, c = min(1.0, f * cfg.target_fpr), min(1.0, f * cfg.genre_fpr), min(1.0, f * cfg.contrast_fpr)
         tau = budget_threshold(sb, bgroups, t, g, c)
         per = {}
@@ -841,6 +868,50 @@ def operating_points(scores: torch.Tensor, y: torch.Tensor, groups: list[str], c
                      "val_fpr": float((sb > tau).float().mean()), "val_tpr": float((sh > tau).float().mean()),
                      "genre_fpr": per}
     return out
+
+
+@dataclass
+class PooledFit:
+    """The pooled gate's token probe (on raw states) and the out-of-fold scores that set its operating points."""
+
+    probe: Probe
+    points: dict  # operating_points of the union
+    union: torch.Tensor  # [n] out-of-fold: the higher of the last-token and the max-token probability
+    oof_max: torch.Tensor  # [n] out-of-fold max-token probability
+    budget_scan: dict = field(default_factory=dict)  # {scale: {"tau", "val_fpr", "val_tpr"}} at the balanced budgets x scale
+
+
+def fit_pooled(states: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor, y: torch.Tensor, groups: list[str],
+               fold_keys: list[str] | None, last_scores: torch.Tensor, cfg: FitConfig) -> PooledFit:
+    """The token probe of ``pooling="last_token|max"`` from every fit row's token states (:func:`prompt_token_states`),
+    scored out of fold with the gate's own folds (same seed and keys as ``last_scores``, the last-token probe's
+    out-of-fold scores); the operating points are the false-positive budget on the union of the two."""
+    from .token_probe import Bags, standardise, train_max_probe, unstandardise
+
+    if len(last_scores) != len(y):
+        raise ValueError(f"fit_pooled: {len(last_scores)} last-token scores for {len(y)} rows (needs tau_rule='budget')")
+    Z, mu, sd = standardise(states, seed=cfg.seed)
+    bags = Bags(Z, tokens, starts)
+    train = lambda rows: train_max_probe(bags, rows, y[rows], cfg.probe_hidden, POOL_EPOCHS, POOL_BATCH,  # noqa: E731
+                                         cfg.probe_lr, cfg.probe_weight_decay, cfg.seed)
+
+    class _Rows:  # out_of_fold_scores indexes X by the held-out mask: the bag scorer reads prompt indices
+        def __getitem__(self, mask):
+            return torch.arange(len(y))[mask]
+
+    oof_max = out_of_fold_scores(_Rows(), y, train, cfg.calibration_folds, cfg.seed, fold_keys)
+    union = torch.maximum(last_scores.float(), oof_max)
+    points = operating_points(union, y, groups, cfg, scale=cfg.pool_budget_scale)
+    # the balanced threshold other scales would give (what choosing pool_budget_scale weighs; small, kept in the pack)
+    benign = (y == 0).nonzero().flatten()
+    scan = {}
+    for scale in POOL_BUDGET_SCAN:
+        tau = budget_threshold(union[benign], [groups[int(i)] for i in benign], min(1.0, scale * cfg.target_fpr),
+                               min(1.0, scale * cfg.genre_fpr), min(1.0, scale * cfg.contrast_fpr))
+        scan[f"{scale:g}"] = {"tau": tau, "val_fpr": float((union[benign] > tau).float().mean()),
+                              "val_tpr": float((union[y == 1] > tau).float().mean())}
+    final = unstandardise(train(torch.arange(len(y))).probe, mu, sd)
+    return PooledFit(final, points, union, oof_max, scan)
 
 
 def monitor_rows(y: torch.Tensor, gate: GateFit, cfg: FitConfig) -> tuple[list[int], list[int]]:
@@ -972,6 +1043,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
     if cfg.system_copies:
         data = with_system_copies(data, cfg.system_copies)
+    if cfg.pooling != "last_token" and not all(isinstance(t, str) for t in data.harmful + data.benign):
+        raise ValueError(f"pooling={cfg.pooling!r} reads text prompts only: these fit data hold image prompts "
+                         "(a multimodal fit): use pooling='last_token'")
     n_layers = num_layers(model)
     check_layer_rule(cfg.layer_rule, n_layers)  # before minutes of hidden-state extraction
     fmt = cfg.prompt_format
@@ -1033,6 +1107,24 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     t_states = seconds["states_all_layers"] + seconds.get("states_gate_layer", 0.0)
     t_probe_sweep = time.time() - t0 - t_states
 
+    # 4a. the pooled gate (pooling "last_token|max"): a token probe over every prompt token; the operating points are
+    # set again on the union of the two probes' out-of-fold scores (7l)
+    pool = None
+    if cfg.pooling == "last_token|max":
+        t_p = time.time()
+        with compute_model(model, dtype) as fwd:
+            st, tokens, starts, skip = prompt_token_states(fwd, tokenizer, rows_text, fmt, list(layers), cfg.batch_size,
+                                                           progress=cfg.progress)
+        pool = fit_pooled(st, tokens, starts, y, groups, fold_keys, val_scores, cfg)
+        del st
+        tau = tau_cal = pool.points["balanced"]["tau"]
+        gate.operating_points = pool.points
+        val_scores = pool.union
+        seconds["pooled_probe"] = time.time() - t_p
+        pool_meta = {"skip": int(skip), "tokens": int(len(tokens)), "val_auroc_max": auroc(pool.oof_max, y),
+                     "val_auroc_last": auroc(gate.val_scores, y), "epochs": POOL_EPOCHS, "batch": POOL_BATCH,
+                     "budget_scale": cfg.pool_budget_scale, "budget_scan": pool.budget_scan}
+
     # 4b. monitor mode: a second probe for the model's responses (monitor_responses), and its threshold
     monitor = None
     if cfg.monitor_prompts > 0:
@@ -1047,7 +1139,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
                                                progress=cfg.progress, response_prefix=cfg.monitor_prefix)
             forced = dict(zip(forced_rows, f_resp))
         monitor = fit_monitor(y, gate, cfg, dict(zip(own_rows, resp)), forced)
-    t_monitor = time.time() - t0 - t_states - t_probe_sweep
+    t_monitor = time.time() - t0 - t_states - t_probe_sweep - seconds.get("pooled_probe", 0.0)
 
     def rates(t: float) -> dict:
         fire = val_scores > t
@@ -1107,6 +1199,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "val_auroc": val_auroc,
         "probe_hidden": cfg.probe_hidden,
         "pooling": cfg.pooling,
+        # the pooled gate's token probe (pack tensors pool.*): pooled from prompt position pool_skip on
+        **({"pool_skip": pool_meta["skip"], "pool": pool_meta} if pool is not None else {}),
         "preset": cfg.preset_name,
         "tau": tau,
         "tau_rule": tau_rule,
@@ -1156,7 +1250,11 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     if monitor is not None:
         mp = monitor.probe
         mon_tensors = {"W1": mp.W1, "b1": mp.b1, "w2": mp.w2, "b2": mp.b2}
-    pack = SteerPack(probe.W1, probe.b1, probe.w2, probe.b2, head.A.float(), head.B.float(), meta, mon_tensors)
+    pool_tensors = None
+    if pool is not None:
+        pool_tensors = {"W1": pool.probe.W1, "b1": pool.probe.b1, "w2": pool.probe.w2, "b2": pool.probe.b2}
+    pack = SteerPack(probe.W1, probe.b1, probe.w2, probe.b2, head.A.float(), head.B.float(), meta, mon_tensors,
+                     pool_tensors)
     pack.validate()
     log.info("fit done in %.1f s: layers %s (%s), val AUROC %.3f", elapsed, "+".join(map(str, layers)), rule,
              meta["metrics"]["val_auroc"])

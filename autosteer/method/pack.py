@@ -20,6 +20,11 @@ Optional: the **monitor probe** ``monitor.W1 [F, k*H]``, ``monitor.b1 [F]``, ``m
 states; monitor mode scores generated tokens with it against ``tau_monitor`` (which it requires).
 A pack with ``tau_monitor`` but no monitor probe scores generated tokens with the prefill probe.
 
+Optional: the **pooled gate's token probe** ``pool.W1 [F, k*H]``, ``pool.b1``, ``pool.w2``, ``pool.b2`` (same
+sizes), with ``meta["pooling"] == "last_token|max"`` and ``meta["pool_skip"]`` (the prompt position pooling
+starts at): the gate also fires when the highest token score over the prompt's tokens passes tau. A reader from
+before these keys refuses such a pack by its unexpected tensors, rather than serving its last-token gate alone.
+
 Packs are read with safetensors only -- never unpickled -- and validated on load: every
 tensor's name, shape, dtype and finiteness, the metadata schema, and (at attach time) the
 model fingerprint. Every problem raises :class:`PackError` with a message naming it.
@@ -47,6 +52,7 @@ _REQUIRED_META = {
 MAX_PROBE_LAYERS = 4
 _TENSORS = ("probe.W1", "probe.b1", "probe.w2", "probe.b2", "head.A", "head.B")
 _MONITOR_TENSORS = ("monitor.W1", "monitor.b1", "monitor.w2", "monitor.b2")
+_POOL_TENSORS = ("pool.W1", "pool.b1", "pool.w2", "pool.b2")
 _FINGERPRINT_ROWS = 64
 
 
@@ -125,6 +131,8 @@ class SteerPack:
     meta: dict = field(default_factory=dict)
     # optional monitor probe for generated tokens: {"W1": [F, k*H], "b1": [F], "w2": [F], "b2": [1]}
     monitor: dict | None = None
+    # optional token probe of the pooled gate (meta pooling "last_token|max"), the same form
+    pool: dict | None = None
 
     @property
     def layer(self) -> int:
@@ -167,11 +175,31 @@ class SteerPack:
     def has_monitor_probe(self) -> bool:
         return self.monitor is not None
 
+    @property
+    def pooling(self) -> str:
+        """What the gate reads of the prompt: ``"last_token"``, or ``"last_token|max"`` (also :attr:`pool`'s
+        token probe over the prompt's tokens from position :attr:`pool_skip` on)."""
+        return str(self.meta.get("pooling") or "last_token")
+
+    @property
+    def pool_skip(self) -> int:
+        """The prompt position the pooled gate starts at (the tokens before it, shared by every fit prompt, are left
+        out); 0 for a pack without a pooled gate."""
+        return int(self.meta.get("pool_skip", 0))
+
+    def pool_probe(self):
+        """The pooled gate's token probe (:class:`autosteer.method.probe.Probe`), or None."""
+        from .probe import Probe
+
+        return None if self.pool is None else Probe(*(self.pool[k] for k in ("W1", "b1", "w2", "b2")))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2,
                "head.A": self.A, "head.B": self.B}
         if self.monitor is not None:
             out.update({f"monitor.{k}": self.monitor.get(k) for k in ("W1", "b1", "w2", "b2")})
+        if self.pool is not None:
+            out.update({f"pool.{k}": self.pool.get(k) for k in ("W1", "b1", "w2", "b2")})
         return out
 
     def stacked_probes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,7 +217,22 @@ class SteerPack:
         H, F, r = self.meta["hidden_size"], self.meta["probe_hidden"], self.meta["head_rank"]
         k = len(self.layers)
         shapes = {"probe.W1": (F, k * H), "probe.b1": (F,), "probe.w2": (F,), "probe.b2": (1,), "head.A": (H, r), "head.B": (H, r)}
-        shapes.update({"monitor." + k[len("probe."):]: v for k, v in shapes.items() if k.startswith("probe.")})
+        shapes.update({pre + k[len("probe."):]: v for pre in ("monitor.", "pool.") for k, v in list(shapes.items())
+                       if k.startswith("probe.")})
+        pooling = self.meta.get("pooling", "last_token")
+        if pooling not in ("last_token", "last_token|max"):
+            raise PackError(f"pack pooling {pooling!r} is unknown (this autosteer serves 'last_token' and "
+                            "'last_token|max')")
+        if (pooling == "last_token|max") != (self.pool is not None):
+            raise PackError(f"pack pooling is {pooling!r} but it {'lacks' if self.pool is None else 'has'} the "
+                            "pooled gate's token probe (pool.*)")
+        if self.pool is not None:
+            if not isinstance(self.pool, dict) or set(self.pool) != {"W1", "b1", "w2", "b2"}:
+                raise PackError("pack pooled-gate probe must hold exactly W1, b1, w2 and b2")
+            skip = self.meta.get("pool_skip")
+            if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+                raise PackError(f"pack metadata 'pool_skip' must be an int >= 0 (the prompt position pooling starts "
+                                f"at), got {skip!r}")
         if self.monitor is not None:
             if not isinstance(self.monitor, dict) or set(self.monitor) != {"W1", "b1", "w2", "b2"}:
                 raise PackError("pack monitor probe must hold exactly W1, b1, w2 and b2")
@@ -430,15 +473,18 @@ def load_pack(path: str | os.PathLike) -> SteerPack:
     missing = [k for k in _TENSORS if k not in names]
     if missing:
         raise PackError(f"{path}: pack lacks tensors {missing}")
-    extra = sorted(names - set(_TENSORS) - set(_MONITOR_TENSORS))
+    extra = sorted(names - set(_TENSORS) - set(_MONITOR_TENSORS) - set(_POOL_TENSORS))
     if extra:
         raise PackError(f"{path}: pack has unexpected tensors {extra}")
-    mon = [k for k in _MONITOR_TENSORS if k in names]
-    if mon and len(mon) != len(_MONITOR_TENSORS):
-        raise PackError(f"{path}: pack has an incomplete monitor probe (lacks {sorted(set(_MONITOR_TENSORS) - set(mon))})")
-    monitor = {k[len("monitor."):]: tensors[k] for k in _MONITOR_TENSORS} if mon else None
+    optional = {}
+    for what, keys in (("monitor", _MONITOR_TENSORS), ("pool", _POOL_TENSORS)):
+        got = [k for k in keys if k in names]
+        if got and len(got) != len(keys):
+            raise PackError(f"{path}: pack has an incomplete {'monitor' if what == 'monitor' else 'pooled-gate'} probe "
+                            f"(lacks {sorted(set(keys) - set(got))})")
+        optional[what] = {k[len(what) + 1:]: tensors[k] for k in keys} if got else None
     pack = SteerPack(tensors["probe.W1"], tensors["probe.b1"], tensors["probe.w2"], tensors["probe.b2"],
-                     tensors["head.A"], tensors["head.B"], meta, monitor)
+                     tensors["head.A"], tensors["head.B"], meta, optional["monitor"], optional["pool"])
     try:
         pack.validate()
     except PackError as exc:

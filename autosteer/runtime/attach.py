@@ -71,7 +71,8 @@ class AutoSteerFault(RuntimeError):
 class SteeredOutput:
     sequences: torch.Tensor  # what generate returned (prompt + new tokens)
     steered: torch.Tensor  # [B] bool: the refusal blend was applied to this row (never with force=False)
-    p_unsafe: torch.Tensor  # [B] float32: probe score at the last prompt token (NaN where not probed)
+    p_unsafe: torch.Tensor  # [B] float32: the gate's prompt score (NaN where not probed): the last prompt token's, or
+    # with a pooled gate (pack pooling "last_token|max") the higher of it and the highest prompt token's
     latched_at: torch.Tensor  # [B] int32: decode step of the first trigger, -1 if never
     gate: torch.Tensor  # [B] bool: the gate's prefill decision (with force=False: what it would have done)
     # generate's own return value: the same sequences, plus scores / logits / hidden states when the
@@ -141,6 +142,12 @@ class AutoSteerHandle:
         self.monitor_probe = None
         if pack.has_monitor_probe:
             self.monitor_probe = tuple(pack.monitor[k].to(device) for k in ("W1", "b1", "w2", "b2"))
+        # the pooled gate's token probe (pack pooling "last_token|max"), or None: read at each prompt's prefill
+        self.pool_probe = pack.pool_probe()
+        if self.pool_probe is not None:
+            self.pool_probe = type(self.pool_probe)(*(t.to(device) for t in (self.pool_probe.W1, self.pool_probe.b1,
+                                                                              self.pool_probe.w2, self.pool_probe.b2)))
+        self.pool_skip = pack.pool_skip
         self.U = refusal_basis(E, pack.A, device=device)  # E A, once: the op never rebuilds E S per step
         self.Bt = pack.B.t().contiguous().to(device)
         from .op import steer_step
@@ -200,6 +207,15 @@ class AutoSteerHandle:
     def probe_scores(self, h: torch.Tensor) -> torch.Tensor:
         """Prefill-probe scores of ``h`` ``[n, k*H]``: the probe layers' states side by side, in the pack's order."""
         return Probe(self.W1, self.b1, self.w2, self.b2).score(h)
+
+    def pooled_scores(self, parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor | None:
+        """The pooled gate's ``[B]`` max-token probabilities over the prompt tokens ``keep [B, T]`` marks, from the
+        probe layers' prefill inputs ``parts`` (each ``[B, T, H]``); None for a pack without a pooled gate."""
+        if self.pool_probe is None:
+            return None
+        from ..method.token_probe import pooled_scores
+
+        return pooled_scores(self.pool_probe, parts, keep)
 
     def gate_decision(self, p: torch.Tensor) -> torch.Tensor:
         """What the gate decides for probe scores ``p`` (NaN fires only when failing closed)."""

@@ -47,6 +47,7 @@ calibrated on; at call ``s`` the newest generated token is token ``s - 1``).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 
@@ -55,6 +56,8 @@ from transformers import LogitsProcessor
 
 from ..method.pack import warn_monitor_fallback
 from ..models import stop_token_ids
+
+log = logging.getLogger(__name__)
 
 MODES = ("prefill", "monitor")
 
@@ -224,6 +227,11 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             if self.force is None and hasattr(self.handle, "refused_rows") else None
         if refused is not None:
             self.latched |= refused
+        # the pooled gate (a pack with pooling "last_token|max"): a row whose highest prompt-token score passes tau
+        # is latched here, before the op, so the op blends it at this step as it blends a row the last token fires
+        p_pool = self._pooled_scores(cap, input_ids, batch) if self.force is not True else None
+        if p_pool is not None and self.force is None:
+            self.latched |= self.handle.gate_decision(p_pool)
         probe_rows = self._last_prompt_rows(cap, batch)
         p = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         parts = cap.probe_parts
@@ -234,6 +242,8 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
             head_rows = torch.arange(batch, device=device) * cap.head_tokens + (cap.head_tokens - 1)
             self.handle.step_op(parts[0], probe_rows, probe_mask, cap.head_hidden, head_rows,
                                 scores, self.latched, p, tau=self.handle.tau, generated=False, probe_extra=parts[1:])
+        if p_pool is not None:  # the gate's score: the higher of the two probes' (NaN stays NaN)
+            p = torch.maximum(p, p_pool.to(p.device))
         self.p_unsafe = p.clone()
         low = self.handle.monitor_from
         # two-stage gate: generated tokens latch only in rows whose prompt score reached monitor_from
@@ -249,6 +259,36 @@ class AutoSteerLogitsProcessor(LogitsProcessor):
         self._count = self.latched.to(torch.int32)
         self._counted = 1
         self._prepare_decode(cap, input_ids, batch, device)
+
+    def _pooled_scores(self, cap, input_ids, batch: int) -> torch.Tensor | None:
+        """``[B]`` the pooled gate's scores over each row's prompt tokens from the pack's ``pool_skip`` on (padding
+        left out by the call's mask), or None for a pack without a pooled gate. A forward that ran only the end of
+        the prompt (a KV cache holding its start) pools the tokens it ran, and says so once."""
+        handle = self.handle
+        if getattr(handle, "pool_probe", None) is None:
+            return None
+        T = cap.probe_tokens
+        raws = [h if h.dim() == 3 else h.unsqueeze(0) for h in cap.probe_raws]
+        if any(tuple(h.shape[:2]) != (batch, T) for h in raws):
+            raise RuntimeError(f"AutoSteer's pooled gate: the prefill states are {tuple(raws[0].shape)}, expected "
+                               f"[{batch}, {T}, H]")
+        device = raws[0].device
+        M = input_ids.shape[1] if input_ids is not None and input_ids.dim() == 2 else T
+
+        def usable(m):
+            return isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == batch and m.shape[1] in (M, T)
+
+        mask = cap.attention_mask if usable(cap.attention_mask) else self.prompt_mask if usable(self.prompt_mask) else None
+        if mask is None:
+            mask = torch.ones((batch, max(M, T)), dtype=torch.long, device=device)
+        mask = mask.to(device).long()
+        pos = mask.cumsum(1) - 1  # each real token's position in its prompt (left or right padding)
+        keep = (mask.bool() & (pos >= handle.pool_skip))[:, -T:]
+        if T < mask.shape[1] and not getattr(handle, "_warned_pool_cached", False):
+            handle._warned_pool_cached = True
+            log.warning("autosteer: the pooled gate read %d of the prompt's %d tokens (the forward ran on a KV cache "
+                        "holding the rest): tokens before them are not pooled", T, mask.shape[1])
+        return handle.pooled_scores(raws, keep)
 
     def _prepare_decode(self, cap, input_ids, batch: int, device) -> None:
         rows = torch.arange(batch, device=device)
