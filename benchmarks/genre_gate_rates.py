@@ -63,23 +63,28 @@ def layer_states(model, tokenizer, texts: list[str], fmt, layer, batch_size: int
 CACHE_COUNTS = {"cached": 0, "extracted": 0}
 
 
+def _cached(path: Path, n: int, what: str, compute) -> torch.Tensor:
+    """``compute()``'s tensor for ``n`` prompts, read from ``path`` when an earlier run saved it there."""
+    if path.exists():
+        CACHE_COUNTS["cached"] += n
+        return torch.load(path)
+    CACHE_COUNTS["extracted"] += n
+    t0 = time.time()
+    x = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(x, path)
+    print(f"[{what}] {path.name.split('-')[0]}: {n} prompts in {time.time() - t0:.0f} s", flush=True)
+    return x
+
+
 def cached_layer_states(model, tok, texts: list[str], fmt, layer, cache: Path, name: str) -> torch.Tensor:
     """:func:`layer_states`, cached under ``cache`` by the prompts, the model, the layer(s) and the format (one
     layer keeps the file name and key of before)."""
     layers = [layer] if isinstance(layer, int) else list(layer)
     tag = "+".join(map(str, layers))
     key = hashlib.sha256(("\x00".join(texts) + f"\x01{getattr(model, 'name_or_path', '')}\x01{tag}\x01{fmt}").encode()).hexdigest()[:12]
-    path = cache / f"{name}-L{tag}-{key}.pt"
-    if path.exists():
-        CACHE_COUNTS["cached"] += len(texts)
-        return torch.load(path)
-    CACHE_COUNTS["extracted"] += len(texts)
-    t0 = time.time()
-    x = layer_states(model, tok, texts, fmt, layers)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(x, path)
-    print(f"[states] {name}: {len(texts)} prompts in {time.time() - t0:.0f} s", flush=True)
-    return x
+    return _cached(cache / f"{name}-L{tag}-{key}.pt", len(texts), "states",
+                   lambda: layer_states(model, tok, texts, fmt, layers))
 
 
 def cached_pooled_scores(model, tok, texts: list[str], fmt, pack, cache: Path, name: str) -> torch.Tensor:
@@ -92,23 +97,17 @@ def cached_pooled_scores(model, tok, texts: list[str], fmt, pack, cache: Path, n
     q = pack.pool_probe()
     key = hashlib.sha256(("\x00".join(texts) + f"\x01{getattr(model, 'name_or_path', '')}\x01{pack.layers}\x01{fmt}"
                           f"\x01{pack.pool_skip}").encode() + q.W1.numpy().tobytes() + q.b2.numpy().tobytes()).hexdigest()[:12]
-    path = cache / f"{name}-pool-{key}.pt"
-    if path.exists():
-        CACHE_COUNTS["cached"] += len(texts)
-        return torch.load(path)
-    CACHE_COUNTS["extracted"] += len(texts)
-    t0 = time.time()
-    out = torch.empty(len(texts))
-    for i in range(0, len(texts), 400):  # the token states of 400 prompts at a time (fp16 [T, k, H])
-        st, tokens, starts, _ = prompt_token_states(model, tok, texts[i:i + 400], fmt, pack.layers, skip=pack.pool_skip)
-        with torch.no_grad():
-            s = torch.relu(st.flatten(1).float() @ q.W1.t() + q.b1) @ q.w2 + q.b2
-        for j in range(len(starts) - 1):
-            out[i + j] = torch.sigmoid(s[tokens[int(starts[j]):int(starts[j + 1])]].max())
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    print(f"[pooled] {name}: {len(texts)} prompts in {time.time() - t0:.0f} s", flush=True)
-    return out
+
+    def compute() -> torch.Tensor:
+        out = torch.empty(len(texts))
+        for i in range(0, len(texts), 400):  # the token states of 400 prompts at a time (fp16 [T, k, H])
+            st, tokens, starts, _ = prompt_token_states(model, tok, texts[i:i + 400], fmt, pack.layers, skip=pack.pool_skip)
+            with torch.no_grad():
+                s = torch.relu(st.flatten(1).float() @ q.W1.t() + q.b1) @ q.w2 + q.b2
+            for j in range(len(starts) - 1):
+                out[i + j] = torch.sigmoid(s[tokens[int(starts[j]):int(starts[j + 1])]].max())
+        return out
+    return _cached(cache / f"{name}-pool-{key}.pt", len(texts), "pooled", compute)
 
 
 # ------------------------------------------------------------------------------------------ report
