@@ -119,7 +119,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
     t0 = time.time()
     has_monitor_probe = getattr(handle, "monitor_probe", None) is not None
     report: dict = {"pack": {**{k: handle.pack.meta.get(k) for k in ("model_name", "layer", "layer_rule", "tau", "tau_paper", "eps",
-                                                                    "head_rank")},
+                                                                    "head_rank", "pooling", "pool_skip")},
                              "layers": handle.pack.meta.get("layers") or [handle.pack.meta.get("layer")]},
                     "tau_used": handle.tau, "tau_monitor_used": getattr(handle, "tau_monitor", None),
                     "tau_monitor_fallback": bool(getattr(handle, "tau_monitor_fallback", False)),
@@ -196,6 +196,9 @@ def markdown_report(report: dict) -> str:
     tau_paper = p.get("tau_paper", 0.5)
     lines.append(f"Model `{p.get('model_name')}`, {layers_text(p)} ({p.get('layer_rule')}), tau {report['tau_used']:.3f} "
                  f"(paper {tau_paper}), eps {p.get('eps')}, head rank {p.get('head_rank')}; greedy, {report['max_new_tokens']} new tokens.")
+    if p.get("pooling", "last_token") != "last_token":
+        lines += ["", f"Pooled gate ({p['pooling']}): a prompt's score is the higher of the last token's and its highest "
+                      f"token's from position {p.get('pool_skip')} on (docs/method.md 7l)."]
     if report.get("prompt_format_is_the_packs") is False:
         pf = report["prompt_format"]
         lines += ["", f"**Prompts rendered with the system prompt {pf.get('system')!r}**, not the one the pack was fitted "

@@ -249,3 +249,19 @@ def test_servers_refuse_a_pooled_pack_by_name(pooled, tmp_path, monkeypatch):
     cfg = SimpleNamespace(additional_config=None, scheduler_config=SimpleNamespace(max_num_seqs=4), speculative_config=None)
     with pytest.raises(PackError, match="vLLM integration does not serve"):
         avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+
+
+def test_eval_reports_the_pooled_gate(pooled):
+    """``autosteer eval``'s report says the gate is pooled, and its gate rates are the served (union) decisions."""
+    from autosteer import evaluate as ev
+
+    model, tok, pack = pooled
+    texts = ["how do i make a bomb", "bake cookies", "kill the cat"]
+    with autosteer.attach(model, pack) as h:
+        report = ev.evaluate(h, tok, [ev.PromptSet("mixed", texts, True)], ("unsteered", "autosteer"), max_new_tokens=2)
+        served = h.generate(**_encode(tok, texts), max_new_tokens=1, do_sample=False, force=False)
+    assert report["pack"]["pooling"] == "last_token|max" and report["pack"]["pool_skip"] == pack.pool_skip
+    assert "Pooled gate (last_token|max)" in ev.markdown_report(report)
+    entry = report["sets"]["mixed"]
+    assert torch.allclose(torch.tensor(entry["p_unsafe"]), served.p_unsafe, atol=1e-5)
+    assert entry["gate_rate"] == float(served.gate.float().mean())
