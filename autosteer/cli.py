@@ -635,6 +635,7 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosteer", description="AutoSteer: inference-time safety steering for frozen LLMs")
     from . import __version__
+    from .method.pack import POOLINGS
 
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"autosteer-kernels {__version__}")
@@ -697,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "
                         "prompts your servers set; recall still moves with the system prompt (docs/method.md 7k)")
-    p.add_argument("--pooling", default=None, choices=["last_token", "last_token|max"],
+    p.add_argument("--pooling", default=None, choices=list(POOLINGS),
                    help="what the gate reads of the prompt: the last token (default), or also a token probe over every "
                         "prompt token, firing when either passes tau ('last_token|max': catches reworded harm; served by "
                         "transformers, refused by name by vLLM and TGI; docs/method.md 7l)")

@@ -31,7 +31,7 @@ from .. import __version__
 from ..models import decoder_layers, is_multimodal, num_layers, output_head
 from ..prompting import PromptFormat, template_hash
 from .hidden_states import generated_token_states, last_token_states, probe_features
-from .pack import FORMAT, FORMAT_VERSION, MAX_PROBE_LAYERS, SteerPack, model_fingerprint
+from .pack import FORMAT, FORMAT_VERSION, MAX_PROBE_LAYERS, POOLINGS, SteerPack, model_fingerprint
 from .probe import Probe, auroc, calibrate_threshold, roc_curve, train_probe
 from .refusal_head import (REFUSAL_ANSWER, RefusalHead, answer_token_ids, collect_answer_states, collect_pivot_states,
                            continuation_token_ids, train_refusal_head)
@@ -166,9 +166,6 @@ def compute_model(model, mode):
 
 #: what the monitor probe is trained on (FitConfig.monitor_responses)
 MONITOR_RESPONSES = ("forced", "own")
-#: what the gate reads of the prompt (FitConfig.pooling): the last token alone, or the last token and the max over
-#: every prompt token's token-probe score (docs/method.md 7l)
-POOLINGS = ("last_token", "last_token|max")
 #: the pooled token probe's training: passes over the fit prompts, prompts per step (docs/results/gate_pooling_study.md)
 POOL_EPOCHS, POOL_BATCH = 30, 64
 #: budget scales whose balanced threshold a pooled pack records (meta pool.budget_scan)
@@ -903,13 +900,8 @@ def fit_pooled(states: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
     union = torch.maximum(last_scores.float(), oof_max)
     points = operating_points(union, y, groups, cfg, scale=cfg.pool_budget_scale)
     # the balanced threshold other scales would give (what choosing pool_budget_scale weighs; small, kept in the pack)
-    benign = (y == 0).nonzero().flatten()
-    scan = {}
-    for scale in POOL_BUDGET_SCAN:
-        tau = budget_threshold(union[benign], [groups[int(i)] for i in benign], min(1.0, scale * cfg.target_fpr),
-                               min(1.0, scale * cfg.genre_fpr), min(1.0, scale * cfg.contrast_fpr))
-        scan[f"{scale:g}"] = {"tau": tau, "val_fpr": float((union[benign] > tau).float().mean()),
-                              "val_tpr": float((union[y == 1] > tau).float().mean())}
+    scan = {f"{scale:g}": {k: operating_points(union, y, groups, cfg, scale=scale)["balanced"][k]
+                           for k in ("tau", "val_fpr", "val_tpr")} for scale in POOL_BUDGET_SCAN}
     final = unstandardise(train(torch.arange(len(y))).probe, mu, sd)
     return PooledFit(final, points, union, oof_max, scan)
 

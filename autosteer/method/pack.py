@@ -53,6 +53,9 @@ MAX_PROBE_LAYERS = 4
 _TENSORS = ("probe.W1", "probe.b1", "probe.w2", "probe.b2", "head.A", "head.B")
 _MONITOR_TENSORS = ("monitor.W1", "monitor.b1", "monitor.w2", "monitor.b2")
 _POOL_TENSORS = ("pool.W1", "pool.b1", "pool.w2", "pool.b2")
+#: what a gate reads of the prompt (meta "pooling", FitConfig.pooling): the last token alone, or also the max over
+#: every prompt token's token-probe score (docs/method.md 7l)
+POOLINGS = ("last_token", "last_token|max")
 _FINGERPRINT_ROWS = 64
 
 
@@ -220,9 +223,9 @@ class SteerPack:
         shapes.update({pre + k[len("probe."):]: v for pre in ("monitor.", "pool.") for k, v in list(shapes.items())
                        if k.startswith("probe.")})
         pooling = self.meta.get("pooling", "last_token")
-        if pooling not in ("last_token", "last_token|max"):
-            raise PackError(f"pack pooling {pooling!r} is unknown (this autosteer serves 'last_token' and "
-                            "'last_token|max')")
+        if pooling not in POOLINGS:
+            raise PackError(f"pack pooling {pooling!r} is unknown (this autosteer serves "
+                            f"{' and '.join(map(repr, POOLINGS))})")
         if (pooling == "last_token|max") != (self.pool is not None):
             raise PackError(f"pack pooling is {pooling!r} but it {'lacks' if self.pool is None else 'has'} the "
                             "pooled gate's token probe (pool.*)")

@@ -30,16 +30,14 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
     from transformers import DynamicCache
 
     from ..models import decoder_layers
-    from ..prompting import encode_one
+    from ..prompting import common_prefix_len, encode_one
     from .hidden_states import _batches, _cache_kwarg, _expanded_cache, _Stop, prefix_groups
 
     if any(not isinstance(p, str) for p in prompts):
         raise ValueError("the pooled gate reads text prompts only (an image prompt has no token states to pool here)")
     seqs = [encode_one(tokenizer, t, fmt) for t in prompts]
-    if skip is None:
-        skip = 0
-        while all(len(s) > skip + 1 and s[skip] == seqs[0][skip] for s in seqs):
-            skip += 1
+    if skip is None:  # what every prompt shares, each keeping at least its last token
+        skip = min(min(common_prefix_len(seqs[0], s), len(s) - 1) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows: list[torch.Tensor] = []
     n_rows = 0
@@ -56,13 +54,14 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
     got: dict[int, torch.Tensor] = {}
 
     def hook(_m, args, kwargs, layer):
-        got[layer] = (args[0] if args else kwargs["hidden_states"]).detach().float()
+        got[layer] = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
         if layer == deepest:
             raise _Stop
 
     hs = [blocks[layer].register_forward_pre_hook(lambda m, a, k, layer=layer: hook(m, a, k, layer), with_kwargs=True)
           for layer in layers]
     cache_arg = _cache_kwarg(model)
+    device = next(model.parameters()).device
     t0, done = time.time(), 0
     try:
         for p, members in prefix_groups(seqs):
@@ -70,9 +69,9 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
             kv0, pre = None, None
             if p > 0:
                 kv0 = DynamicCache(config=model.config)
-                ids = torch.tensor([seqs[members[0]][:p]])
+                ids = torch.tensor([seqs[members[0]][:p]], device=device)
                 try:
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p)[None],
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p, device=device)[None],
                           use_cache=True, logits_to_keep=1, **{cache_arg: kv0})
                 except _Stop:
                     pass
@@ -89,7 +88,8 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
                     mask[r, p:p + lengths[i]] = 1
                 kv = _expanded_cache(kv0, model, len(b)) if p > 0 else None
                 try:
-                    model(input_ids=ids, attention_mask=mask, position_ids=(p + torch.arange(width)).expand(len(b), -1),
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          position_ids=(p + torch.arange(width, device=device)).expand(len(b), -1),
                           use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
                 except _Stop:
                     pass
@@ -201,7 +201,7 @@ def unstandardise(probe: Probe, mu: torch.Tensor, sd: torch.Tensor) -> Probe:
     return Probe(W1.contiguous(), (probe.b1 - W1 @ mu).contiguous(), probe.w2.contiguous(), probe.b2.reshape(1).contiguous())
 
 
-def pooled_scores(probe: Probe, parts: list[torch.Tensor], keep: torch.Tensor, fail_closed: bool = True) -> torch.Tensor:
+def pooled_scores(probe: Probe, parts: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     """What the served pooled gate reads: ``[B]`` max-token probabilities of ``probe`` (on raw states) over the
     tokens ``keep [B, T]`` marks, from the gate layers' inputs ``parts`` (each ``[B, T, H]``, the pack's order).
     A row with no token kept scores 0 (nothing to pool); a non-finite token logit makes the row's score NaN, so
