@@ -314,6 +314,10 @@ class SteerWeights:
     monitor_window: int | None = None
     # ... of the requests whose prompt score is at least monitor_from (the two-stage gate; None: every request)
     monitor_from: float | None = None
+    # the pooled gate (a pack with pooling "last_token|max"): the prompt position its token probe starts at; None:
+    # the pack has no pooled gate. The token probe itself runs in the capture (TokenPool); the store keeps each
+    # request's running max over its prompt's tokens and latches on it (SteerStateStore.pool)
+    pool_skip: int | None = None
 
     @property
     def monitor_tau(self) -> float:
@@ -346,6 +350,7 @@ class SteerWeights:
             tau_monitor=tau_monitor, fail_closed=bool(fail_closed), layers=list(pack.layers),
             stacked=tuple(t.to(device).contiguous() for t in pack.stacked_probes()) if pack.has_monitor_probe else None,
             monitor_window=_window(pack, monitor_window), monitor_from=low,
+            pool_skip=pack.pool_skip if pack.pool is not None else None,
         )
 
     @property
@@ -398,17 +403,56 @@ class _FingerprintView(torch.nn.Module):
         return self._head
 
 
-def check_served_pooling(pack, server: str) -> None:
+def check_served_pooling(pack, server: str, why: str | None = None) -> None:
     """A pack whose gate pools over the prompt's tokens (``pooling="last_token|max"``, docs/method.md 7l) is refused
-    here, by name, at start-up: this server's integration reads the last prompt token only, and serving such a pack
-    through it would gate every request by half of its gate, at a threshold set for the whole. Raises
-    :class:`PoolingNotServed` (a :class:`~autosteer.method.pack.PackError`)."""
-    if pack.pooling != "last_token":
-        raise PoolingNotServed(
-            f"AutoSteer: this pack's gate pools over every prompt token (pooling={pack.pooling!r}), which the {server} "
-            "integration does not serve (it reads the last prompt token only; prefix caching skips the forward of a "
-            "cached prompt prefix, so a pooled reading would miss its tokens). Serve this pack with transformers "
-            "(autosteer.attach), or a pack fitted with pooling='last_token' (the default) here.")
+    here, by name, at start-up, where this server cannot serve it: ``why`` says why (None: the integration reads the
+    last prompt token only). Serving such a pack through a last-token reading would gate every request by half of
+    its gate, at a threshold set for the whole. Raises :class:`PoolingNotServed` (a
+    :class:`~autosteer.method.pack.PackError`); a pack without a pooled gate passes."""
+    if pack.pooling == "last_token":
+        return
+    why = why or (f"the {server} integration does not serve it (it reads the last prompt token only; prefix caching "
+                  "skips the forward of a cached prompt prefix, so a pooled reading would miss its tokens). Serve this "
+                  "pack with transformers (autosteer.attach) or vLLM, or a pack fitted with pooling='last_token' (the "
+                  "default) here")
+    raise PoolingNotServed(f"AutoSteer: this pack's gate pools over every prompt token (pooling={pack.pooling!r}), "
+                           f"which this {server} server cannot serve: {why}.")
+
+
+class TokenPool:
+    """The pooled gate's token probe (``pack.pool``: an MLP on the gate layers' raw states side by side) on a
+    server's flattened tokens. A capture feeds it each probe layer's ``[N, H]`` rows as the layer runs
+    (:meth:`add`: one matmul into a ``[N, F]`` accumulator, so no layer's rows are kept for the next) and reads the
+    ``[N]`` token logits at the last layer (:meth:`finish`); :meth:`score` does both for rows at hand. float32
+    throughout, as the fit scored the tokens."""
+
+    def __init__(self, probe: Probe, layers: int, device):
+        F, KH = probe.W1.shape
+        if KH % layers:
+            raise PackError(f"pool.W1 has {KH} input columns, not a multiple of the pack's {layers} layer(s)")
+        H = KH // layers
+        W1 = probe.W1.to(device=device, dtype=torch.float32)
+        self.W1t = [W1[:, i * H:(i + 1) * H].t().contiguous() for i in range(layers)]  # per layer [H, F]
+        self.b1 = probe.b1.to(device=device, dtype=torch.float32)
+        self.w2 = probe.w2.to(device=device, dtype=torch.float32)
+        self.b2 = probe.b2.to(device=device, dtype=torch.float32)
+        self._pre: torch.Tensor | None = None
+
+    def add(self, i: int, h: torch.Tensor, r: torch.Tensor | None = None) -> None:
+        """Layer ``i``'s rows ``h (+ r)`` of this forward (``i = 0`` starts a new forward)."""
+        x = h.float() if r is None else h.float() + r.float()
+        part = x @ self.W1t[i]
+        self._pre = part if i == 0 else self._pre + part
+
+    def finish(self) -> torch.Tensor:
+        """``[N]`` token logits of the forward whose layers :meth:`add` was given."""
+        pre, self._pre = self._pre, None
+        return torch.relu(pre + self.b1) @ self.w2 + self.b2
+
+    def score(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        for i, h in enumerate(parts):
+            self.add(i, h)
+        return self.finish()
 
 
 def check_pack_matches(pack, E: torch.Tensor, *, num_layers: int, model_type: str) -> None:
@@ -753,6 +797,14 @@ class SteerStateStore:
         if old is not None:
             tau[:start].copy_(self._sl_tau)
         self._sl_tau = tau
+        if self.w.pool_skip is not None:  # the pooled gate: running max logit over the prompt tokens pooled so far,
+            # and the position up to which the request's tokens have been through a step (gaps are never pooled)
+            pool = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+            pool_end = torch.zeros(n, dtype=torch.int64, device=dev)
+            if old is not None:
+                pool[:start].copy_(self._sl_pool)
+                pool_end[:start].copy_(self._sl_pool_end)
+            self._sl_pool, self._sl_pool_end = pool, pool_end
         for name, t in new.items():
             setattr(self, name, t)  # slot indices are kept
         # what a slot step passes the op for every slot (see the class doc): probe masks, monitor threshold and
@@ -1130,6 +1182,9 @@ class SteerStateStore:
             fresh = meta[off: off + n_new]
             for name, _dt, init in self._TABLES:
                 getattr(self, name).index_fill_(0, fresh, init)
+            if self.w.pool_skip is not None:
+                self._sl_pool.index_fill_(0, fresh, -math.inf)
+                self._sl_pool_end.index_fill_(0, fresh, 0)
             if self.w.monitor_from is not None:
                 self._sl_tau_mon.index_fill_(0, fresh, self.w.monitor_tau)
         req = fl  # the host flags, with the request bits (custom steps)
@@ -1175,6 +1230,7 @@ class SteerStateStore:
             fast=False, B=B, P=P, j=0, request_ids=keys, index={r: b for b, r in enumerate(keys)},
             slots=slots, flags=fl, active=active, probe=probe, probe_rows=probe_rows, head_rows=head_dev,
             host_flags=flags, tok0=tok0, lat0=lat0, host=phase is None, custom=cust, tau_mon=tau_mon,
+            pool_p=None,
         )
 
     def _custom_rows(self, B, slots, fl, req, active, probe, custom_monitor, tau_mon) -> SimpleNamespace:
@@ -1201,6 +1257,65 @@ class SteerStateStore:
             self._row_probe[:B].copy_(mon_row & ~final_prefill)
         return SimpleNamespace(off_row=off_row, mon_row=mon_row, row_tau=row_tau, stacked=stacked, tok0=tok0,
                                refused_row=sl_tau < 0)
+
+    def pool(self, token_logits: torch.Tensor, token_rows: torch.Tensor, token_pos: torch.Tensor,
+             start: torch.Tensor, end: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+        """The pooled gate's part of a general step (weights with ``pool_skip``: a pack with ``pooling=
+        "last_token|max"``), called between :meth:`begin_step` and :meth:`apply`, device tensors only (no sync).
+
+        ``token_logits [N]``: the token probe's logits (:class:`TokenPool`) of this forward's tokens;
+        ``token_rows [N]``: each token's logits row (``>= B``: no request's, e.g. padding); ``token_pos [N]``: its
+        position in its request's sequence; ``start [B]`` / ``end [B]``: the positions each row ran in this forward
+        (``[start, end)``); ``prompt_lens [B]``.
+
+        Each request's running max over its prompt tokens from ``pool_skip`` on is kept in its slot across prefill
+        chunks. A row whose prompt finishes in this step (probed at its last prompt token) is latched here when that
+        max passes its prompt threshold -- before the op, which blends it at this step -- and its reported score
+        becomes the higher of the two probes' at :meth:`end_step`. A non-finite token logit, or a chunk that starts
+        past prompt tokens no step has pooled (a prefix-cache hit, a path the integration missed), makes the max NaN,
+        which the fail policy decides: never a max over part of the prompt passed off as the whole."""
+        s = self._step
+        if s is None or s.fast:
+            raise RuntimeError("autosteer: pool() belongs to a general step, between begin_step and apply")
+        skip = self.w.pool_skip
+        if skip is None:
+            raise RuntimeError("autosteer: pool() called, but the pack has no pooled gate")
+        if s.j:
+            raise RuntimeError("autosteer: pool() called after apply() in this step: the op has latched already")
+        B = s.B
+        if B == 0:
+            return
+        dev = self.device
+        slots = s.slots
+        P = prompt_lens[:B].to(device=dev, dtype=torch.int64)
+        rows = token_rows.to(device=dev, dtype=torch.int64)
+        x = token_logits.to(device=dev, dtype=torch.float32)
+        if x.shape != rows.shape or rows.shape != token_pos.shape:
+            raise ValueError(f"token_logits, token_rows and token_pos must have one entry per token, got "
+                             f"{tuple(x.shape)}, {tuple(rows.shape)}, {tuple(token_pos.shape)}")
+        inside = (rows >= 0) & (rows < B)
+        rc = rows.clamp(0, B - 1)
+        pos = token_pos.to(device=dev, dtype=torch.int64)
+        keep = inside & (pos >= skip) & (pos < P.index_select(0, rc))
+        row_max = torch.full((B,), -math.inf, dtype=torch.float32, device=dev)
+        row_max.scatter_reduce_(0, rc, x.masked_fill(~keep, -math.inf), "amax")
+        bad = torch.zeros(B, dtype=torch.int32, device=dev)
+        bad.index_add_(0, rc, (keep & ~torch.isfinite(x)).to(torch.int32))
+        st = start[:B].to(device=dev, dtype=torch.int64)
+        seen = self._sl_pool_end.index_select(0, slots)
+        upto = seen.clamp(min=skip)
+        gap = (st > upto) & (upto < P)  # prompt tokens in [upto, start) never went through a step
+        cur = torch.maximum(self._sl_pool.index_select(0, slots), row_max)  # (NaN stays NaN)
+        cur = cur.masked_fill((bad > 0) | gap, math.nan)
+        self._sl_pool.index_copy_(0, slots, cur)
+        self._sl_pool_end.index_copy_(0, slots, torch.maximum(seen, end[:B].to(device=dev, dtype=torch.int64)))
+        final = ((s.flags & _FINAL_PREFILL) != 0) & s.probe  # (a request with steering off is never probed)
+        p_pool = torch.sigmoid(cur)  # (nothing pooled: -inf -> 0)
+        fire = p_pool > self._sl_tau.index_select(0, slots)
+        if self.w.fail_closed:
+            fire |= torch.isnan(p_pool)
+        s.lat0 |= final & fire
+        s.pool_p = p_pool
 
     def apply(self, logits: torch.Tensor, *, probe_hidden: torch.Tensor, head_hidden: torch.Tensor,
               probe_extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -1365,8 +1480,11 @@ class SteerStateStore:
                     p_last_new = p0
                     probed_any = s.probe
                 new_tokens = tokens + n_tok
-            p_last = torch.where(probed_any & active, p_last_new, self._sl_p_last.index_select(0, slots))
             final_prefill = (s.flags & _FINAL_PREFILL) != 0
+            if s.pool_p is not None:  # the pooled gate's score: the higher of the two probes' (NaN stays NaN)
+                p0 = torch.maximum(p0, s.pool_p)
+                p_last_new = torch.where(final_prefill, torch.maximum(p_last_new, s.pool_p), p_last_new)
+            p_last = torch.where(probed_any & active, p_last_new, self._sl_p_last.index_select(0, slots))
             # the prompt's score where the op scored it (a request with steering off is not probed: its entry of
             # _pout is another request's, so its p_unsafe stays NaN)
             p_unsafe = torch.where(final_prefill & s.probe, p0, self._sl_p_unsafe.index_select(0, slots))

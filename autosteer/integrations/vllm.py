@@ -83,8 +83,8 @@ from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
-                     check_pack_matches, check_served_pooling, parse_flag, parse_monitor_window, parse_request_settings, parse_threshold,
-                     REFUSE_TAU, refused)
+                     TokenPool, check_pack_matches, check_served_pooling, parse_flag, parse_monitor_window,
+                     parse_request_settings, parse_threshold, REFUSE_TAU, refused)
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 
 log = logging.getLogger(__name__)
@@ -433,6 +433,13 @@ class VLLMCapture:
         self.seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
         self.query_lens = torch.zeros(max_reqs, dtype=torch.int32, device=dev)
         self.probe_parts = list(self.probes)  # this forward's probe rows per layer (see the class doc)
+        # the pooled gate (a pack with pooling "last_token|max"): its token probe on every token of a forward that
+        # ran several tokens per request (prompt chunks), read at the last probe layer; the forward's
+        # query_start_loc is kept with them to map tokens to requests. A one-token forward (decode steps) computes
+        # nothing here: the processor scores its rows itself when a row of it is a prompt's token
+        self.pool = TokenPool(pack.pool_probe(), k, dev) if pack.pool is not None else None
+        self.pool_logits: torch.Tensor | None = None
+        self.qsl = torch.zeros(max_reqs + 1, dtype=torch.int64, device=dev)
         self.one_token = False  # this forward ran one token per request (its probe rows are the layer's rows)
         self._lengths_from = None  # seq_lens of a one-token forward's metadata, until lengths() copies them
         self.num_reqs = 0  # Python-side, updated by the layer hook (eager execution required)
@@ -521,6 +528,7 @@ class VLLMCapture:
             self.probe_parts[i] = torch.add(h, r) if r is not None else h.clone()
             if i == 0:
                 self.one_token = True
+                self.pool_logits = None
                 self._lengths_from = md.seq_lens  # the forward's own tensor, read before the next forward
         else:
             ends = qsl[1: B + 1].to(torch.int64) - 1
@@ -533,6 +541,12 @@ class VLLMCapture:
                 torch.sub(qsl[1: B + 1], qsl[:B], out=self.query_lens[:B])
                 self.one_token = False
                 self._lengths_from = None
+                if self.pool is not None:
+                    self.qsl[: B + 1].copy_(qsl[: B + 1])
+            if self.pool is not None:  # every token's row, before the next layer updates the residual in place
+                self.pool.add(i, h, r)
+                if i == len(self.probes) - 1:
+                    self.pool_logits = self.pool.finish()
         if i == 0:
             self.num_reqs = B
             self.forwards += 1
@@ -776,6 +790,22 @@ def _engine_refusal(vllm_config, *, v2: bool = False) -> str | None:
     if mc is not None and getattr(mc, "enable_prompt_embeds", False):
         return ("prompt embeddings are enabled: such requests have no prompt token ids, so the gate cannot tell "
                 "their prompt from their generated tokens. Disable --enable-prompt-embeds")
+    return None
+
+
+def _pooling_refusal(vllm_config, *, v2: bool) -> str | None:
+    """Why this engine cannot serve a pooled gate (a pack with pooling "last_token|max"; None: it can). The gate
+    needs every prompt token's states at the probe layers: a prefix-cache hit skips the forward of the cached
+    tokens (a request whose chunk starts past unpooled prompt tokens would get a NaN score, decided by the fail
+    policy, at every cache hit), and Model Runner V2's steps are read from its own request states, which this
+    version does not map to tokens."""
+    if v2:
+        return ("Model Runner V2 is not served with a pooled gate (its steps are not mapped to prompt tokens here). "
+                "Serve with the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    cc = getattr(vllm_config, "cache_config", None)
+    if getattr(cc, "enable_prefix_caching", False):
+        return ("prefix caching is on (vLLM's default): a cached prompt prefix is never run through the model, so its "
+                "tokens would never reach the token probe. Start vLLM with --no-enable-prefix-caching")
     return None
 
 
@@ -1140,7 +1170,10 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                        f"not the file the front end was started with (sha256 {want}): every worker "
                                        "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
-        check_served_pooling(self.pack, "vLLM")  # a pooled gate is not served here: a named error, not half a gate
+        # a pooled gate is served by the V1 runner without prefix caching; elsewhere a named error, not half a gate
+        why = _pooling_refusal(vllm_config, v2=self.v2)
+        if why is not None:
+            check_served_pooling(self.pack, "vLLM", why)
         try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
             resolved = prompt_threshold(self.pack, self.tau)
         except ValueError as exc:
@@ -1416,7 +1449,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if self.v2:  # phase decided on the host from V2's exact sequence lengths
             keys, prefilling, still = self._v2.step_rows(B, ctx)
             cap = self._fresh_capture(B)
-            return self._steer(logits, cap, keys, prefilling=prefilling, still_prefilling=still)
+            return self._steer(logits, cap, keys, prefilling=prefilling, still_prefilling=still)  # (no pooled gate)
         if B != self.batch_size:
             raise VLLMIntegrationError(f"logits have {B} rows but the persistent batch has {self.batch_size} requests "
                                        "(speculative decoding or a missed batch update?)")
@@ -1444,7 +1477,26 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         # chunk is a decode step for the gate (probed in monitor mode only); its latch is kept
         last = (start < P) & ~self._resumed[:B]
         phase = torch.where(seq < P, PHASE_PREFILL_MID, torch.where(last, PHASE_PREFILL_LAST, PHASE_DECODE))
-        return self._steer(logits, cap, keys, phase=phase)
+        pool = self._pool_inputs(cap, B, start, seq, P) if cap.pool is not None else None
+        return self._steer(logits, cap, keys, pool=pool, phase=phase)
+
+    @staticmethod
+    def _pool_inputs(cap: VLLMCapture, B: int, start, seq, P) -> tuple:
+        """:meth:`SteerStateStore.pool`'s arguments for this forward: every token's probe logit, its row (tokens past
+        ``query_start_loc[B]``, vLLM's padding, get row ``B``: none) and its position in its request. A one-token
+        forward (each row one token: rows still prefilling included, e.g. a prompt's last chunk of one token next to
+        decoding rows) is scored here, from the probe rows it captured."""
+        if cap.one_token:
+            x = cap.pool.score([h[:B] for h in cap.probe_parts])
+            rows = torch.arange(B, device=x.device)
+            return x, rows, seq - 1, start, seq, P
+        x = cap.pool_logits
+        qsl = cap.qsl[: B + 1]
+        t = torch.arange(x.shape[0], device=x.device)
+        rows = torch.searchsorted(qsl[1:], t, right=True)  # qsl[b] <= t < qsl[b + 1]
+        rc = rows.clamp(max=B - 1)
+        pos = start.to(torch.int64).index_select(0, rc) + (t - qsl.index_select(0, rc))
+        return x, rows, pos, start, seq, P
 
     def _fresh_capture(self, B: int) -> VLLMCapture:
         """The capture of this step's forward: ``B`` requests, and a forward since the previous step."""
@@ -1457,12 +1509,16 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._last_forward = cap.forwards
         return cap
 
-    def _steer(self, logits: torch.Tensor, cap: VLLMCapture, keys: list, **phase) -> torch.Tensor:
+    def _steer(self, logits: torch.Tensor, cap: VLLMCapture, keys: list, pool: tuple | None = None,
+               **phase) -> torch.Tensor:
         """One store step over the batch: ``keys`` per logits row, ``phase`` as ``SteerStateStore.begin_step``
-        takes it (a device ``phase`` tensor, or host ``prefilling`` / ``still_prefilling``)."""
+        takes it (a device ``phase`` tensor, or host ``prefilling`` / ``still_prefilling``); ``pool``: the pooled
+        gate's token inputs (:meth:`_pool_inputs`), pooled before the op."""
         store = self.store
         store.begin_step(keys, **phase)
         try:
+            if pool is not None:
+                store.pool(*pool)
             store.apply(logits, probe_hidden=cap.probe_hidden, head_hidden=cap.head.view(),
                         probe_extra=cap.probe_parts[1:])
         except BaseException:
@@ -1563,6 +1619,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         weights = SteerWeights.from_pack(self.pack, cap.E, tau=self.tau, fail_closed=self.fail_closed,
                                          device=self.device, monitor_window=self.monitor_window,
                                          monitor_from=self.monitor_from)
+        if (weights.pool_skip is None) != (cap.pool is None):
+            raise VLLMIntegrationError("the capture and the processor disagree on the pooled gate (was the capture "
+                                       "attached with another pack?): every prompt token must be scored or none")
         # vLLM's sampler hands the logits processors float32 logits; the hidden states are the model's dtype
         weights.precompile(cap.E.dtype, (torch.float32,))
         tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
@@ -1577,12 +1636,14 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s), "
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %s, %smode %s, tau %.6g, pack %s (sha256 %s), "
                   "logprobs %s",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
-                  "+".join(map(str, self.pack.layers)), self.mode, weights.tau, self.pack_path, self.pack_sha256,
+                  "+".join(map(str, self.pack.layers)),
+                  "" if weights.pool_skip is None else f"pooled gate over prompt tokens from position {weights.pool_skip}, ",
+                  self.mode, weights.tau, self.pack_path, self.pack_sha256,
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 

@@ -1,0 +1,238 @@
+"""The pooled gate (``pooling="last_token|max"``, docs/method.md 7l) served by the vLLM integration: the capture runs
+the token probe on every token of a forward that runs prompt tokens, the store keeps each request's running max over
+its prompt tokens across prefill chunks and latches a request whose max passes tau before the op runs at its last
+prompt token. On the simulated V1 engine (chunked prefill, preemption) every request gets exactly the tokens, latch
+and score the transformers runtime gives it; a chunk that starts past prompt tokens no step pooled (a prefix-cache
+hit) gets a NaN score for the fail policy, never a max over part of the prompt; an engine with prefix caching on, or
+Model Runner V2, refuses the pack at start-up by name. The real engine: tests/test_vllm_real_engine.py."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import autosteer
+from autosteer.integrations import vllm as avllm
+from autosteer.integrations.common import (PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, PoolingNotServed,
+                                           SteerStateStore, SteerWeights, TokenPool)
+from autosteer.prompting import PromptFormat, common_prefix_len, encode_one
+from conftest import make_pack, make_tiny_model, make_tokenizer
+from test_vllm_simulation import PROMPTS, Engine, _config, _reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prompt_states(hf, row: list[int], layers: list[int]) -> list[torch.Tensor]:
+    """The residual stream entering each of ``layers`` at every token of ``row`` ([T, H] each), from transformers."""
+    with torch.no_grad():
+        hs = hf(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+    return [hs[L][0] for L in layers]
+
+
+def _pooled_pack(hf, rows, layers):
+    """A random pack with a pooled gate whose tau and token-probe bias are set so that, of the prompts the last-token
+    probe lets through, exactly two are fired by the token probe (each margin clear of float noise)."""
+    pack = make_pack(hf, layers=layers)
+    with autosteer.attach(hf, pack) as h:
+        p_last = [float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0]) for r in rows]
+    srt = sorted(p_last)
+    tau = (srt[3] + srt[4]) / 2  # the last-token probe fires on half of the prompts
+    skip = min(common_prefix_len(rows[0], r) for r in rows[1:])
+    g = torch.Generator().manual_seed(7)
+    H, k = hf.config.hidden_size, len(pack.layers)
+    probe = SimpleNamespace(W1=2 * torch.randn(8, k * H, generator=g), b1=torch.randn(8, generator=g),
+                            w2=torch.randn(8, generator=g), b2=torch.zeros(1))
+    tp = TokenPool(probe, k, "cpu")
+    m = [float(tp.score(_prompt_states(hf, r, pack.layers))[skip:].max()) for r in rows]
+    quiet = sorted((m[i] for i in range(len(rows)) if p_last[i] < tau), reverse=True)
+    cut = (quiet[1] + quiet[2]) / 2
+    assert quiet[1] - quiet[2] > 0.05, quiet
+    probe.b2 = torch.tensor([math.log(tau / (1 - tau)) - cut])
+    pack.pool = {k_: getattr(probe, k_).clone().float() for k_ in ("W1", "b1", "w2", "b2")}
+    pack.meta.update(pooling="last_token|max", pool_skip=skip, tau=tau)
+    pack.validate()
+    p_pool = [1 / (1 + math.exp(-(x + float(probe.b2)))) for x in m]
+    return pack, p_last, p_pool
+
+
+@pytest.fixture(scope="module", params=[[2], [1, 3]], ids=["one-layer", "two-layers"])
+def pooled(request):
+    tok = make_tokenizer()
+    hf = make_tiny_model(len(tok))
+    rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
+    pack, p_last, p_pool = _pooled_pack(hf, rows, request.param)
+    return hf, rows, pack, p_last, p_pool
+
+
+def test_the_scenario_has_prompts_only_the_token_probe_fires(pooled):
+    _, rows, pack, p_last, p_pool = pooled
+    tau = pack.tau
+    by_pool = [i for i in range(len(rows)) if p_pool[i] > tau >= p_last[i]]
+    assert len(by_pool) == 2 and sum(p > tau for p in p_last) == 4
+    assert sum(max(a, b) > tau for a, b in zip(p_last, p_pool)) == 6
+
+
+@pytest.mark.parametrize("mode,chunk", [("prefill", 1), ("prefill", 3), ("prefill", 64), ("monitor", 4)])
+def test_the_engine_gates_as_transformers_does(pooled, tmp_path, monkeypatch, mode, chunk):
+    """Requests arriving over time, prefilled in chunks of ``chunk`` tokens next to decoding rows (chunks of 1: every
+    forward runs one token per request, the path decode steps take, scored by the processor): each request's
+    tokens, latch, first steered token and score are the transformers runtime's (which pools the whole prompt in one
+    forward), and rows that are not latched, or still prefilling, are never written."""
+    hf, rows, pack, p_last, p_pool = pooled
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    monkeypatch.setenv(avllm.ENV_MODE, mode)
+    ref = _reference(hf, rows, pack, mode)
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, lp, chunk=chunk)
+    outputs, summaries = engine.serve({0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}, rows)
+    for i in range(len(rows)):
+        tokens, steered, latched_at = ref[i]
+        assert outputs[i] == tokens, f"request {i}: tokens differ from transformers+AutoSteer"
+        assert summaries[i].latched == steered and summaries[i].latched_at == latched_at, f"request {i}"
+        assert summaries[i].p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
+    if mode == "prefill":  # the two prompts only the token probe fires are steered from their first token
+        by_pool = [i for i in range(len(rows)) if p_pool[i] > pack.tau >= p_last[i]]
+        assert all(summaries[i].latched and summaries[i].latched_at == 0 for i in by_pool)
+    for ids, raw, final, still in engine.records:
+        for b, rid in enumerate(ids):
+            if still[b] or not summaries[rid].latched:
+                assert torch.equal(raw[b], final[b]), f"request {rid}: row written while unlatched / mid-prompt"
+
+
+def test_preempted_requests_keep_their_pooled_decision(pooled, tmp_path, monkeypatch):
+    """A preempted request re-prefills prompt + outputs: its pooled max and latch are kept, its outputs not pooled."""
+    hf, rows, pack, p_last, p_pool = pooled
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    ref = _reference(hf, rows, pack, "prefill")
+    by_pool = [i for i in range(len(rows)) if p_pool[i] > pack.tau >= p_last[i]]
+    quiet = [i for i in range(len(rows)) if not ref[i][1]]
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, lp, chunk=4)
+    victims = [by_pool[0], quiet[0]]
+    outputs, summaries = engine.serve({0: [victims[0], by_pool[1]], 1: [victims[1]]}, rows,
+                                      preempt={victims[0]: (2, 2), victims[1]: (3, 1)})
+    assert engine.preempted == 2
+    for i in outputs:
+        assert outputs[i] == ref[i][0] and summaries[i].latched == ref[i][1], i
+        assert summaries[i].p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
+
+
+def _store(pack, hf, *, fail_closed=True):
+    """A store for ``pack`` whose last-token probe never fires (its bias far down): only the pooled gate decides."""
+    import copy
+
+    pack = copy.deepcopy(pack)
+    pack.b2 = torch.tensor([-60.0])
+    w = SteerWeights.from_pack(pack, hf.lm_head.weight.detach(), fail_closed=fail_closed)
+    return SteerStateStore(w, max_batch=4)
+
+
+def _step(store, pack, hf, keys, phase, pool_args):
+    """One general step of hand-made rows (probe states zero: :func:`_store`'s last-token probe scores them near 0),
+    ``pool_args`` as SteerStateStore.pool takes them."""
+    B, H = len(keys), hf.config.hidden_size
+    store.begin_step(keys, phase=torch.tensor(phase))
+    store.pool(*pool_args)
+    logits = torch.zeros(B, hf.config.vocab_size)
+    zero = torch.zeros(B, H)
+    store.apply(logits, probe_hidden=zero, head_hidden=torch.randn(B, H),
+                probe_extra=[zero] * (len(pack.layers) - 1))
+    store.end_step()
+    return logits
+
+
+def test_the_store_pools_prompt_tokens_across_chunks(pooled):
+    """Two requests' prompts (10 and 6 tokens) in chunks, padding tokens after them: the running max covers every
+    prompt token from pool_skip on and nothing else (not the shared prefix, not generated tokens, not padding)."""
+    hf, _, pack, _, _ = pooled
+    store = _store(pack, hf)
+    skip = pack.pool_skip
+    tau_logit = math.log(pack.tau / (1 - pack.tau))
+    hi = tau_logit + 3.0
+    z = lambda n: torch.full((n,), tau_logit - 5.0)  # noqa: E731
+    P = torch.tensor([10, 6])
+    # step 1: request a runs positions 0..4, b runs 0..5 (its whole prompt); 2 padding tokens score high
+    x = torch.cat([z(5), z(6), torch.full((2,), hi + 9)])
+    x[skip - 1] = hi + 5  # a's token before pool_skip: shared prefix, not pooled
+    rows = torch.tensor([0] * 5 + [1] * 6 + [2, 2])
+    pos = torch.tensor(list(range(5)) + list(range(6)) + [0, 0])
+    _step(store, pack, hf, ["a", "b"], [PHASE_PREFILL_MID, PHASE_PREFILL_LAST],
+          (x, rows, pos, torch.tensor([0, 0]), torch.tensor([5, 6]), P))
+    assert not store.summary("a").latched and not store.summary("b").latched
+    # step 2: a runs 5..9 (its last prompt token scores high), b its first generated token (high: not a prompt token)
+    x = torch.cat([z(5), torch.full((1,), hi + 7)])
+    x[4] = hi
+    _step(store, pack, hf, ["a", "b"], [PHASE_PREFILL_LAST, PHASE_DECODE],
+          (x, torch.tensor([0] * 5 + [1]), torch.tensor(list(range(5, 10)) + [6]), torch.tensor([5, 6]),
+           torch.tensor([10, 7]), P))
+    a, b = store.summary("a"), store.summary("b")
+    assert a.latched and a.latched_at == 0 and a.p_unsafe == pytest.approx(1 / (1 + math.exp(-hi)), abs=1e-6)
+    assert not b.latched and b.p_unsafe < pack.tau
+
+
+@pytest.mark.parametrize("fail_closed", [True, False])
+def test_a_chunk_past_unpooled_prompt_tokens_is_not_passed_off_as_the_whole(pooled, fail_closed):
+    """A request whose first chunk starts past pool_skip (a prefix-cache hit: the cached tokens never ran) gets a NaN
+    score, latched only when failing closed; so does a non-finite token logit."""
+    hf, _, pack, _, _ = pooled
+    store = _store(pack, hf, fail_closed=fail_closed)
+    skip = pack.pool_skip
+    low = torch.full((4,), -20.0)
+    _step(store, pack, hf, ["cached"], [PHASE_PREFILL_LAST],
+          (low, torch.zeros(4, dtype=torch.long), torch.arange(skip + 2, skip + 6), torch.tensor([skip + 2]),
+           torch.tensor([skip + 6]), torch.tensor([skip + 6])))
+    bad = low.clone()
+    bad[2] = float("nan")
+    _step(store, pack, hf, ["nan"], [PHASE_PREFILL_LAST],
+          (bad, torch.zeros(4, dtype=torch.long), torch.arange(skip, skip + 4), torch.tensor([0]),
+           torch.tensor([skip + 4]), torch.tensor([skip + 4])))
+    for key in ("cached", "nan"):
+        s = store.summary(key)
+        assert math.isnan(s.p_unsafe) and s.latched == fail_closed, (key, s)
+    # a cached start inside the shared prefix is no gap: nothing of what the pool reads was skipped
+    _step(store, pack, hf, ["inside"], [PHASE_PREFILL_LAST],
+          (low, torch.zeros(4, dtype=torch.long), torch.arange(skip - 1, skip + 3), torch.tensor([skip - 1]),
+           torch.tensor([skip + 3]), torch.tensor([skip + 3])))
+    s = store.summary("inside")
+    assert not s.latched and not math.isnan(s.p_unsafe)
+
+
+def test_pool_is_refused_outside_a_general_step(pooled):
+    hf, _, pack, _, _ = pooled
+    store = _store(pack, hf)
+    args = (torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1),
+            torch.ones(1), torch.ones(1))
+    with pytest.raises(RuntimeError, match="between begin_step and apply"):
+        store.pool(*args)
+    plain = make_pack(hf, layers=pack.layers)
+    s2 = SteerStateStore(SteerWeights.from_pack(plain, hf.lm_head.weight.detach()), max_batch=4)
+    s2.begin_step(["a"], phase=torch.tensor([PHASE_PREFILL_LAST]))
+    with pytest.raises(RuntimeError, match="no pooled gate"):
+        s2.pool(*args)
+
+
+@pytest.mark.parametrize("engine_cfg, match", [
+    (dict(cache_config=SimpleNamespace(enable_prefix_caching=True)), "--no-enable-prefix-caching"),
+])
+def test_an_engine_that_cannot_pool_every_prompt_token_refuses_the_pack(pooled, tmp_path, monkeypatch, engine_cfg,
+                                                                         match):
+    _, _, pack, _, _ = pooled
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    cfg = _config()
+    for k, v in engine_cfg.items():
+        setattr(cfg, k, v)
+    with pytest.raises(PoolingNotServed, match=match):
+        avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    cfg.cache_config = SimpleNamespace(enable_prefix_caching=False)  # the same engine without it starts
+    avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+
+
+def test_model_runner_v2_refuses_a_pooled_pack(pooled, tmp_path, monkeypatch):
+    _, _, pack, _, _ = pooled
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=5,
+                                 prompt_len=None, prefill_len=None, total_len=None, all_token_ids=None)
+    with pytest.raises(PoolingNotServed, match="Model Runner V2"):
+        avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
