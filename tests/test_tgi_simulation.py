@@ -435,3 +435,52 @@ def test_a_model_tgi_does_not_serve_through_flashcausallm_is_refused(fake_tgi, s
     finally:
         tgi.uninstall()
     sim.CausalLM(hf)  # without AutoSteer TGI's own behaviour is untouched
+
+
+@pytest.mark.parametrize("layers, speculate", [([2], 0), ([0, 2], 2)], ids=["one-layer", "two-layers-speculating"])
+def test_a_pooled_gate_gates_as_transformers_does(fake_tgi, setup, tmp_path, layers, speculate):
+    """A pack with a pooled gate (docs/method.md 7l), prompts prefilled in chunks next to joining requests (or, with
+    speculated decode steps, whole: TGI does not chunk under speculation): every request's tokens, latch, first steered token and score are the transformers
+    runtime's, the two prompts only the token probe fires are steered from their first token, unlatched rows get no
+    writes. (Layer 0: the probe's pre-hook path.)"""
+    from _pooled import pooled_pack
+
+    hf, rows, _, _ = setup
+    pack, p_last, p_pool = pooled_pack(hf, rows, layers)
+    ref = _reference(hf, rows, pack, "prefill")
+    outputs, recorder, summaries, rt, _ = _serve(hf, rows, ARRIVALS, speculate=speculate, chunking=not speculate,
+                                                 pack_path=str(pack.save(tmp_path / "pooled.pack.safetensors")))
+    assert rt.pool is not None
+    for i in range(len(rows)):
+        tokens, steered, latched_at, _ = ref[i]
+        assert outputs[i] == tokens, f"request {i}: tokens differ from transformers+AutoSteer"
+        got = summaries[i]
+        assert got.latched == steered and got.latched_at == latched_at, f"request {i}: {got} vs {ref[i]}"
+        assert got.p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
+    by_pool = [i for i in range(len(rows)) if p_pool[i] > pack.tau >= p_last[i]]
+    assert len(by_pool) == 2 and all(summaries[i].latched and summaries[i].latched_at == 0 for i in by_pool)
+    _check_no_writes_to_unlatched(recorder, summaries)
+
+
+def test_a_pooled_gate_needs_prefix_caching_off(fake_tgi, setup, tmp_path, monkeypatch):
+    """TGI with prefix caching on (PREFIX_CACHING, its default with flashinfer) would never run a cached prefix's tokens:
+    the shard stops when the model is built, naming the setting; a last-token pack is served as before."""
+    from _pooled import pooled_pack
+
+    from autosteer.integrations.common import PoolingNotServed
+
+    hf, rows, plain_pack, _ = setup
+    pack, _, _ = pooled_pack(hf, rows, [2])
+    monkeypatch.setenv("PREFIX_CACHING", "1")
+    tgi.install(str(pack.save(tmp_path / "pooled.pack.safetensors")), "prefill")
+    try:
+        with pytest.raises(PoolingNotServed, match="PREFIX_CACHING=0"):
+            sim.FlashCausalLM(hf)
+    finally:
+        tgi.uninstall()
+    rt = tgi.install(str(plain_pack.save(tmp_path / "plain.pack.safetensors")), "prefill")
+    try:
+        sim.FlashCausalLM(hf)
+        assert rt.store is not None and rt.pool is None
+    finally:
+        tgi.uninstall()

@@ -17,44 +17,12 @@ import autosteer
 from autosteer.integrations import vllm as avllm
 from autosteer.integrations.common import (PHASE_DECODE, PHASE_PREFILL_LAST, PHASE_PREFILL_MID, PoolingNotServed,
                                            SteerStateStore, SteerWeights, TokenPool)
-from autosteer.prompting import PromptFormat, common_prefix_len, encode_one
+from autosteer.prompting import PromptFormat, encode_one
+from _pooled import pooled_pack
 from conftest import make_pack, make_tiny_model, make_tokenizer
 from test_vllm_simulation import PROMPTS, Engine, _config, _reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _prompt_states(hf, row: list[int], layers: list[int]) -> list[torch.Tensor]:
-    """The residual stream entering each of ``layers`` at every token of ``row`` ([T, H] each), from transformers."""
-    with torch.no_grad():
-        hs = hf(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
-    return [hs[L][0] for L in layers]
-
-
-def _pooled_pack(hf, rows, layers):
-    """A random pack with a pooled gate whose tau and token-probe bias are set so that, of the prompts the last-token
-    probe lets through, exactly two are fired by the token probe (each margin clear of float noise)."""
-    pack = make_pack(hf, layers=layers)
-    with autosteer.attach(hf, pack) as h:
-        p_last = [float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0]) for r in rows]
-    srt = sorted(p_last)
-    tau = (srt[3] + srt[4]) / 2  # the last-token probe fires on half of the prompts
-    skip = min(common_prefix_len(rows[0], r) for r in rows[1:])
-    g = torch.Generator().manual_seed(7)
-    H, k = hf.config.hidden_size, len(pack.layers)
-    probe = SimpleNamespace(W1=2 * torch.randn(8, k * H, generator=g), b1=torch.randn(8, generator=g),
-                            w2=torch.randn(8, generator=g), b2=torch.zeros(1))
-    tp = TokenPool(probe, k, "cpu")
-    m = [float(tp.score(_prompt_states(hf, r, pack.layers))[skip:].max()) for r in rows]
-    quiet = sorted((m[i] for i in range(len(rows)) if p_last[i] < tau), reverse=True)
-    cut = (quiet[1] + quiet[2]) / 2
-    assert quiet[1] - quiet[2] > 0.05, quiet
-    probe.b2 = torch.tensor([math.log(tau / (1 - tau)) - cut])
-    pack.pool = {k_: getattr(probe, k_).clone().float() for k_ in ("W1", "b1", "w2", "b2")}
-    pack.meta.update(pooling="last_token|max", pool_skip=skip, tau=tau)
-    pack.validate()
-    p_pool = [1 / (1 + math.exp(-(x + float(probe.b2)))) for x in m]
-    return pack, p_last, p_pool
 
 
 @pytest.fixture(scope="module", params=[[2], [1, 3]], ids=["one-layer", "two-layers"])
@@ -62,7 +30,7 @@ def pooled(request):
     tok = make_tokenizer()
     hf = make_tiny_model(len(tok))
     rows = [encode_one(tok, p, PromptFormat()) for p in PROMPTS]
-    pack, p_last, p_pool = _pooled_pack(hf, rows, request.param)
+    pack, p_last, p_pool = pooled_pack(hf, rows, request.param)
     return hf, rows, pack, p_last, p_pool
 
 

@@ -90,7 +90,8 @@ ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
 
 
 class PoolingNotServed(PackError):
-    """A pack with a pooled gate given to a server integration that serves the last-token gate only."""
+    """A pack with a pooled gate given to a server that cannot read every prompt token: TGI's integration (the last
+    prompt token only), vLLM with prefix caching on or Model Runner V2."""
 
 
 def _unset(value) -> bool:

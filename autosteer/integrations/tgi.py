@@ -65,8 +65,9 @@ import torch
 from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
-from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, check_pack_matches, check_served_pooling, hook_input,
-                     hook_output_sum, parse_flag, parse_monitor_window, parse_threshold, refused)
+from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, TokenPool,
+                     check_pack_matches, check_served_pooling, hook_input, hook_output_sum, parse_flag,
+                     parse_monitor_window, parse_threshold, refused)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class _TGI:
     BATCH = "FlashCausalLMBatch"
     MODEL = "FlashCausalLM"
     CACHE_CLS = "Cache"
+    GLOBALS = "text_generation_server.models.globals"  # PREFIX_CACHING: read from the PREFIX_CACHING env at import
     # (module, class, attribute, kind, leading parameter names)
     TARGETS = (
         (TOKENS, CHOOSER, "__call__", "method", ("self", "input_ids", "scores", "speculate", "speculated_ids",
@@ -140,6 +142,15 @@ class _TGI:
         """Rows whose prompt is not finished after this step's chunk (TGI discards their token):
         the rule of ``FlashCausalLM.generate_token``'s chunk planner."""
         return [p - c - i > 0 for p, c, i in zip(batch.prompt_lengths, batch.cache_lengths, batch.input_lengths)]
+
+    @staticmethod
+    def prefix_caching() -> bool:
+        """Whether this TGI server reuses cached prompt prefixes (``models.globals.PREFIX_CACHING``, which TGI sets
+        from the launcher's ``PREFIX_CACHING`` environment variable; the environment when the module is absent)."""
+        g = sys.modules.get(_TGI.GLOBALS)
+        if g is not None and hasattr(g, "PREFIX_CACHING"):
+            return bool(g.PREFIX_CACHING)
+        return os.environ.get("PREFIX_CACHING", "").strip().lower() in {"1", "true"}
 
     @staticmethod
     def output_embedding(lm_head) -> torch.Tensor:
@@ -241,6 +252,8 @@ class _StepContext:
     prefill: bool
     was_prefilling: list
     still_prefilling: list
+    # a prefill step's [start, end) positions and prompt lengths per row, read before the forward (the pooled gate)
+    spans: tuple | None = None
 
 
 class _Runtime:
@@ -255,7 +268,7 @@ class _Runtime:
             raise ValueError(f"AutoSteer mode must be one of {MODES}, got {mode!r}")
         self.pack_path = str(pack_path)
         self.pack = load_pack(pack_path)
-        check_served_pooling(self.pack, "TGI")  # a pooled gate is not served here: a named error, not half a gate
+        self.pool: TokenPool | None = None  # the pooled gate's token probe (a pooled pack), built in attach_model
         try:  # the threshold against this pack (an operating point it lacks), before TGI loads anything
             resolved = prompt_threshold(self.pack, tau)
         except ValueError as exc:
@@ -303,6 +316,15 @@ class _Runtime:
         weights = SteerWeights.from_pack(self.pack, E, tau=self.tau, fail_closed=self.fail_closed,
                                          monitor_window=self.monitor_window, monitor_from=self.monitor_from)
         weights.precompile(E.dtype, (torch.float32, E.dtype))  # the chooser's scores: float32 or the model's dtype
+        if self.pack.pool is not None:
+            # a pooled gate reads every prompt token: a prefix-cache hit never runs its cached tokens (a request whose
+            # chunk starts past unpooled prompt tokens would score NaN, decided by the fail policy, at every hit)
+            if _TGI.prefix_caching():
+                check_served_pooling(self.pack, "TGI", "prefix caching is on (PREFIX_CACHING, TGI's default with "
+                                     "flashinfer and flashdecoding attention): a cached prompt prefix is never run "
+                                     "through the model, so its tokens would never reach the token probe. Start the "
+                                     "launcher with PREFIX_CACHING=0")
+            self.pool = TokenPool(self.pack.pool_probe(), len(self.pack.layers), E.device)
         flash_mod = sys.modules.get(_TGI.FLASH)
         rows = max(256, _TGI.max_graph_rows(flash_mod))
         speculate = int(getattr(flash_lm, "speculate", 0) or 0)
@@ -349,8 +371,10 @@ class _Runtime:
             raise TGIIntegrationError(f"autosteer: {exc}") from None
         self.model = flash_lm
         # the same start-up line as the vLLM workers' (an operator greps one string for both engines)
-        log.info("autosteer: AutoSteer active (TGI, %s): layer %s, mode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
-                 "capture buffers %d rows", type(net).__name__, "+".join(map(str, Ls)), self.mode, weights.tau, self.pack_path,
+        log.info("autosteer: AutoSteer active (TGI, %s): layer %s, %smode %s, tau %.6g, pack %s (sha256 %s); eps %.4g, "
+                 "capture buffers %d rows", type(net).__name__, "+".join(map(str, Ls)),
+                 "" if self.pool is None else f"pooled gate over prompt tokens from position {self.pack.pool_skip}, ",
+                 self.mode, weights.tau, self.pack_path,
                  pack_sha256(self.pack_path), weights.eps, rows)
 
     def _on_release(self, request_id, summary) -> None:
@@ -424,6 +448,8 @@ class _Runtime:
             keys=[("autosteer-warmup", i) for i in range(n)] if self.warming else ids,
             was_prefilling=[bool(x) for x in batch.prefilling_mask] if prefill else [False] * n,
             still_prefilling=_TGI.still_prefilling(batch) if prefill else [False] * n,
+            spans=((list(batch.cache_lengths), [c + i for c, i in zip(batch.cache_lengths, batch.input_lengths)],
+                    list(batch.prompt_lengths)) if prefill and self.pool is not None else None),
         )
         if prefill and not self.warming and self.prompt_check.frame is not None:
             self._check_formats(batch, ids)
@@ -452,6 +478,12 @@ class _Runtime:
                 raise TGIIntegrationError(f"prefill step with {B} requests but {scores.shape[0]} logits rows")
             self.store.begin_step(ctx.keys, cu_seqlens=batch.cu_seqlen_prefill, prefilling=ctx.was_prefilling,
                                   still_prefilling=ctx.still_prefilling, head_rows=batch.prefill_next_token_indices)
+            if self.pool is not None:
+                try:
+                    self.store.pool(*self._pool_inputs(batch.cu_seqlen_prefill, ctx.spans))
+                except BaseException:
+                    self.store.abort_step()
+                    raise
         else:
             P = 1 if speculated_ids is None else speculated_ids.shape[1] + 1
             if scores.shape[0] != B * P:
@@ -464,6 +496,22 @@ class _Runtime:
                             "(rebuilt by a path autosteer does not patch); re-attached")
             self.bind(batch)
         return True
+
+    def _pool_inputs(self, cu, spans) -> tuple:
+        """:meth:`SteerStateStore.pool`'s arguments for a prefill forward: the token probe on every row the probe
+        buffers hold (tokens past ``cu_seqlen_prefill[B]``, stale rows of an earlier forward, get row ``B``: none),
+        each token's request and position (its request's cache length, tokens before this chunk, plus its offset)."""
+        dev = self.store.device
+        x = self.pool.score([b.view() for b in self.probe_bufs])
+        start, end, P = (torch.tensor(v, dtype=torch.int64, device=dev) for v in spans)
+        B = start.shape[0]
+        if B == 0:
+            return x[:0], t[:0] if (t := torch.arange(0, device=dev)) is not None else None, t[:0], start, end, P
+        cu = cu.to(device=dev, dtype=torch.int64)[: B + 1]
+        t = torch.arange(x.shape[0], device=dev)
+        rows = torch.searchsorted(cu[1:], t, right=True)  # cu[b] <= t < cu[b + 1]
+        rc = rows.clamp(max=B - 1)
+        return x, rows, start.index_select(0, rc) + (t - cu.index_select(0, rc)), start, end, P
 
     def process(self, proc: AutoSteerTGIProcessor, scores: torch.Tensor) -> torch.Tensor:
         store = self.store
