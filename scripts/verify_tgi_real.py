@@ -582,6 +582,43 @@ def main() -> int:
           f"{pc.off_format} off format")
     check("prompt check: finished requests released their state", not left, f"left: {left}")
 
+    # 7. a pooled gate (pooling "last_token|max", docs/method.md 7l) on real batches, chunked prefill and joins: each
+    # token's position from the real batch's cache_lengths / input_lengths and cu_seqlen_prefill; two prompts are
+    # fired by the token probe alone. With TGI's PREFIX_CACHING on, the shard stops when the model is built.
+    from _pooled import pooled_pack
+
+    from autosteer.integrations.common import PoolingNotServed
+    from text_generation_server.models import globals as tgi_globals
+
+    ppack, p_last, p_pool = pooled_pack(hf, rows, [2])
+    ppath = str(ppack.save(os.path.join(tmp, "pooled.pack.safetensors")))
+    ref_p = reference(hf, rows, ppack, "prefill")
+    out, calls, summ, left, router, model = serve(hf, tok, texts, arrivals, chunking=True, budget=24, spec=0,
+                                                  pack_path=ppath, mode="prefill")
+    by_pool = [i for i in range(len(rows)) if p_pool[i] > ppack.tau >= p_last[i]]
+    check("pooled gate, chunked: tokens == transformers+AutoSteer per request",
+          all(out[i] == ref_p[i][0] for i in range(len(rows))), f"{sum(ref_p[i][1] for i in ref_p)} of {len(rows)} steered")
+    check("pooled gate, chunked: latch, latched_at and score (the higher of the two probes') == transformers",
+          all(summ[i].latched == ref_p[i][1] and summ[i].latched_at == ref_p[i][2]
+              and abs(summ[i].p_unsafe - max(p_last[i], p_pool[i])) < 1e-4 for i in range(len(rows))))
+    check("pooled gate: the prompts only the token probe fires are steered from their first token",
+          len(by_pool) == 2 and all(summ[i].latched and summ[i].latched_at == 0 for i in by_pool), f"{by_pool}")
+    check("pooled gate: finished requests released their state", not left, f"left: {left}")
+    saved_pc = tgi_globals.PREFIX_CACHING
+    tgi_globals.PREFIX_CACHING = True  # what TGI reads from the launcher's PREFIX_CACHING=1 at import
+    try:
+        tgi.install(ppath, "prefill")
+        try:
+            FlashCausalLM(hf, tok)
+            refused = ""
+        except PoolingNotServed as exc:
+            refused = str(exc)
+    finally:
+        tgi_globals.PREFIX_CACHING = saved_pc
+        tgi.uninstall()
+    check("pooled gate + PREFIX_CACHING on: the shard stops when the model is built, naming PREFIX_CACHING=0",
+          "PREFIX_CACHING=0" in refused, refused[:160])
+
     failed = [n for n, ok, _ in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

@@ -1,7 +1,7 @@
 """The pooled gate (``pooling="last_token|max"``, docs/method.md 7l): the fit trains a token probe and sets tau on the
 union's out-of-fold scores; the pack carries it; the transformers runtime fires on either probe, scoring each prompt
-exactly as the fit's offline reading does (left padding, the shared prefix left out); TGI refuses such a pack at
-start-up, by name (vLLM serves it without prefix caching: tests/test_vllm_pooled_gate.py)."""
+exactly as the fit's offline reading does (left padding, the shared prefix left out). Served by vLLM and TGI with
+prefix caching off: tests/test_vllm_pooled_gate.py, tests/test_tgi_simulation.py."""
 from __future__ import annotations
 
 import pytest
@@ -230,20 +230,16 @@ def test_a_nan_pooled_score_follows_the_fail_policy(pooled):
     assert not bool(opened.steered[0])
 
 
-def test_tgi_refuses_a_pooled_pack_by_name(pooled, tmp_path):
-    """TGI's integration reads the last prompt token only: a pooled pack stops its start-up by name (vLLM serves it:
-    tests/test_vllm_pooled_gate.py)."""
+def test_a_server_that_cannot_read_every_prompt_token_refuses_a_pooled_pack_by_name(pooled):
+    """The start-up check vLLM and TGI run with prefix caching on (tests/test_vllm_pooled_gate.py,
+    tests/test_tgi_simulation.py): a pooled pack is refused naming its pooling, the server and the fix; a last-token
+    pack passes."""
     from autosteer.integrations import common
 
     _, _, pack = pooled
-    with pytest.raises(common.PoolingNotServed, match="pooling='last_token\\|max'.*TGI"):
-        common.check_served_pooling(pack, "TGI")
-    common.check_served_pooling(load_pack(autosteer.default_pack_path()), "TGI")  # a last-token pack passes
-    path = str(pack.save(tmp_path / "pooled.pack.safetensors"))
-    from autosteer.integrations import tgi
-
-    with pytest.raises(PackError, match="TGI integration does not serve"):
-        tgi._Runtime(path, "prefill", None, True, False)
+    with pytest.raises(common.PoolingNotServed, match="pooling='last_token\\|max'.*this TGI server.*PREFIX_CACHING=0"):
+        common.check_served_pooling(pack, "TGI", "prefix caching is on; set PREFIX_CACHING=0")
+    common.check_served_pooling(load_pack(autosteer.default_pack_path()), "TGI", "prefix caching is on")
 
 
 def test_eval_reports_the_pooled_gate(pooled):

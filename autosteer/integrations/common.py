@@ -90,8 +90,8 @@ ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
 
 
 class PoolingNotServed(PackError):
-    """A pack with a pooled gate given to a server that cannot read every prompt token: TGI's integration (the last
-    prompt token only), vLLM with prefix caching on or Model Runner V2."""
+    """A pack with a pooled gate given to a server that cannot read every prompt token: vLLM or TGI with prefix caching
+    on, vLLM's Model Runner V2."""
 
 
 def _unset(value) -> bool:
@@ -404,18 +404,14 @@ class _FingerprintView(torch.nn.Module):
         return self._head
 
 
-def check_served_pooling(pack, server: str, why: str | None = None) -> None:
+def check_served_pooling(pack, server: str, why: str) -> None:
     """A pack whose gate pools over the prompt's tokens (``pooling="last_token|max"``, docs/method.md 7l) is refused
-    here, by name, at start-up, where this server cannot serve it: ``why`` says why (None: the integration reads the
-    last prompt token only). Serving such a pack through a last-token reading would gate every request by half of
-    its gate, at a threshold set for the whole. Raises :class:`PoolingNotServed` (a
+    here, by name, at start-up, by a server configured so that it cannot read every prompt token: ``why`` says how
+    (prefix caching on, ...) and what to change. Serving such a pack through part of its reading would gate requests
+    by half of its gate, at a threshold set for the whole. Raises :class:`PoolingNotServed` (a
     :class:`~autosteer.method.pack.PackError`); a pack without a pooled gate passes."""
     if pack.pooling == "last_token":
         return
-    why = why or (f"the {server} integration does not serve it (it reads the last prompt token only; prefix caching "
-                  "skips the forward of a cached prompt prefix, so a pooled reading would miss its tokens). Serve this "
-                  "pack with transformers (autosteer.attach) or vLLM, or a pack fitted with pooling='last_token' (the "
-                  "default) here")
     raise PoolingNotServed(f"AutoSteer: this pack's gate pools over every prompt token (pooling={pack.pooling!r}), "
                            f"which this {server} server cannot serve: {why}.")
 
