@@ -18,8 +18,8 @@ from ._version import __version__
 DEFAULT_PACK_NAME = "smollm2-135m-instruct.pack.safetensors"
 #: the same gate with a monitor probe (``autosteer fit --monitor-prompts 150``), for monitor mode and the two-stage gate
 DEFAULT_MONITOR_PACK_NAME = "smollm2-135m-instruct.monitor.pack.safetensors"
-#: a pooled gate (``autosteer fit --pooling 'last_token|max'``): served by transformers, and by vLLM and TGI
-#: with prefix caching off
+#: a pooled gate (``autosteer fit --pooling 'last_token|max'``): served by transformers, vLLM, and TGI with prefix
+#: caching off
 DEFAULT_POOLED_PACK_NAME = "smollm2-135m-instruct.pooled.pack.safetensors"
 
 _LAZY = {
@@ -40,7 +40,7 @@ def default_pack_path(monitor: bool = False, pooled: bool = False) -> _Path:
     writes -- the same gate (probe, tau and operating points), plus a monitor probe, ``tau_monitor`` and
     a Refusal Head that also refuses mid-answer -- which they use for monitor mode. ``pooled=True``: the pack
     ``autosteer fit --pooling 'last_token|max'`` writes, whose gate also reads every prompt token (docs/method.md
-    7l; served by transformers, and by vLLM and TGI without prefix caching, ``--pooled`` on the CLI). There is no pooled monitor pack.
+    7l; served by transformers, vLLM, and TGI without prefix caching, ``--pooled`` on the CLI). There is no pooled monitor pack.
     """
     if monitor and pooled:
         raise ValueError("no pooled monitor pack is shipped: pick monitor=True or pooled=True")

@@ -128,7 +128,7 @@ def _is_default_model(model: str | None) -> bool:
 def _pooled_arg(p) -> None:
     p.add_argument("--pooled", action="store_true",
                    help="default model: use the shipped pooled pack, whose gate also reads every prompt token (catches "
-                        "reworded and wrapped harm better; transformers, or vLLM/TGI without prefix caching, docs/method.md 7l)")
+                        "reworded and wrapped harm better; transformers, vLLM, TGI without prefix caching; docs/method.md 7l)")
 
 
 def _pack_of(args):
@@ -622,7 +622,7 @@ def cmd_info(args) -> int:
     if pack.pool is not None:
         print(f"pooled gate ({pack.pooling}): a token probe over every prompt token from position {pack.pool_skip} on; "
               "the gate fires when the last token's or the highest token's probability passes tau (served by "
-              "transformers, and by vLLM and TGI with prefix caching off; with it on they refuse this pack at start-up)")
+              "transformers, by vLLM, and by TGI with prefix caching off)")
     points = m.get("operating_points") or {}
     if not points:
         print("operating points: none (fitted before operating points existed; refit for strict/balanced/permissive)")

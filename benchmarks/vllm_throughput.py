@@ -13,8 +13,9 @@ Prompts: a mix of the dev sets' FreshQA questions (benign) and StrongREJECT requ
     python benchmarks/vllm_throughput.py --out benchmarks/results/vllm_throughput_cpu.md
 
 ``--pooled``: the steered server serves the shipped pooled pack (its token probe runs on every prompt token at
-prefill), and both servers run without prefix caching (``--no-enable-prefix-caching``, which a pooled gate needs), so
-the ratio is the pooled gate's cost against the same engine; a small ``--max-tokens`` makes the bursts prefill-heavy.
+prefill; with prefix caching on, vLLM's default, also on each decode step's tokens, whose logits are kept beside the
+KV cache); ``--no-prefix-caching`` runs both servers with ``--no-enable-prefix-caching``. A small ``--max-tokens``
+makes the bursts prefill-heavy.
 
 The table gives the medians over rounds and the ratio steered / plain (1.00 = no cost).
 """
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="ABBA rounds per concurrency")
     ap.add_argument("--harmful-share", type=float, default=0.25)
     ap.add_argument("--compiled", action="store_true", help="compiled mode (default: --enforce-eager)")
-    ap.add_argument("--pooled", action="store_true", help="serve the shipped pooled pack; both servers without prefix "
-                                                          "caching")
+    ap.add_argument("--pooled", action="store_true", help="serve the shipped pooled pack")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="both servers with --no-enable-prefix-caching")
     args = ap.parse_args(argv)
 
     import autosteer
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = ([] if args.compiled else ["--enforce-eager"]) + [
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency)),
         "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0", "--served-model-name", "m"] + (
-        ["--no-enable-prefix-caching"] if args.pooled else [])
+        ["--no-enable-prefix-caching"] if args.no_prefix_caching else [])
     log_dir = Path(tempfile.mkdtemp(prefix="vllm_tp_"))
     t_start = time.time()
     plain = Server("plain", log_dir, pack=None, flags=flags)
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Made with `python benchmarks/vllm_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
         f"({time.time() - t_start:.0f} s in all).", "",
         f"- Model SmolLM2-135M-Instruct (float32), {mode}; pack `{Path(pack_path).name}` at tau {pack.tau:.4g} (layer {'+'.join(map(str, pack.layers))})"
-        + (f"; pooled gate from prompt position {pack.pool_skip}; both servers with `--no-enable-prefix-caching`"
-           if args.pooled else "") + ".",
+        + (f"; pooled gate from prompt position {pack.pool_skip}" if args.pooled else "")
+        + ("; both servers with `--no-enable-prefix-caching`" if args.no_prefix_caching else
+           "; prefix caching on (vLLM's default)") + ".",
         f"- Every request: greedy, exactly {args.max_tokens} new tokens (`ignore_eos`); {args.harmful_share:.0%} StrongREJECT dev "
         "requests, the rest FreshQA dev questions.",
         "- Both servers up at once, measured in turn in ABBA order; medians over "

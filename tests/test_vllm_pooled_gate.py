@@ -20,7 +20,7 @@ from autosteer.integrations.common import (PHASE_DECODE, PHASE_PREFILL_LAST, PHA
 from autosteer.prompting import PromptFormat, encode_one
 from _pooled import pooled_pack
 from conftest import make_pack, make_tiny_model, make_tokenizer
-from test_vllm_simulation import PROMPTS, Engine, _config, _reference
+from test_vllm_simulation import KV_BLOCK, PROMPTS, Engine, _config, _reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,22 +181,6 @@ def test_pool_is_refused_outside_a_general_step(pooled):
         s2.pool(*args)
 
 
-@pytest.mark.parametrize("engine_cfg, match", [
-    (dict(cache_config=SimpleNamespace(enable_prefix_caching=True)), "--no-enable-prefix-caching"),
-])
-def test_an_engine_that_cannot_pool_every_prompt_token_refuses_the_pack(pooled, tmp_path, monkeypatch, engine_cfg,
-                                                                         match):
-    _, _, pack, _, _ = pooled
-    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
-    cfg = _config()
-    for k, v in engine_cfg.items():
-        setattr(cfg, k, v)
-    with pytest.raises(PoolingNotServed, match=match):
-        avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
-    cfg.cache_config = SimpleNamespace(enable_prefix_caching=False)  # the same engine without it starts
-    avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
-
-
 def test_model_runner_v2_refuses_a_pooled_pack(pooled, tmp_path, monkeypatch):
     _, _, pack, _, _ = pooled
     monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
@@ -204,3 +188,112 @@ def test_model_runner_v2_refuses_a_pooled_pack(pooled, tmp_path, monkeypatch):
                                  prompt_len=None, prefill_len=None, total_len=None, all_token_ids=None)
     with pytest.raises(PoolingNotServed, match="Model Runner V2"):
         avllm.AutoSteerVLLMLogitsProcessor(_config(), req_states)
+
+
+def _apc_lp(monkeypatch, tmp_path, pack):
+    """A processor for an engine with prefix caching on (vLLM's default)."""
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    cfg = _config()
+    cfg.cache_config = SimpleNamespace(enable_prefix_caching=True)
+    lp = avllm.AutoSteerVLLMLogitsProcessor(cfg, "cpu", False, patch_runner=False)
+    assert lp.kv_pool
+    return lp
+
+
+def _serve_sized(engine, lp, arrivals, rows):
+    """Engine.serve, with what the patched initialize_kv_cache does in between: the token-logit table sized as the
+    simulated KV cache (32 request slots of max_len tokens, blocks of KV_BLOCK)."""
+    summaries = {}
+    try:
+        avllm.attach_capture(engine.model, max_reqs=8, metadata_fn=engine.metadata)
+        store = lp._ensure_store(required=True)
+        groups = [SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=KV_BLOCK))]
+        lp._size_kv_pool(SimpleNamespace(_kernel_block_sizes=[KV_BLOCK]),
+                         SimpleNamespace(num_blocks=32 * engine.max_len // KV_BLOCK, kv_cache_groups=groups))
+        store.report_on_release = True
+        store.on_release = lambda key, s: summaries.__setitem__(engine.key_of[key], s)
+        outputs = engine.run(arrivals, rows)
+        lp.update_state(engine._batch_update([], list(engine.batch)))
+    finally:
+        avllm.detach_capture()
+    return outputs, summaries
+
+
+def _cache_hits(hf, rows, pack, outputs):
+    """Two prompts that reuse another request's KV blocks, each ``(donor, cached tokens c, prompt ids)``: (A) the donor's
+    prompt and some of its answer, then the template's end, whose pooled gate fires on a cached token only (c past the
+    donor's prompt: the cached blocks hold generated tokens, kept at decode steps); (B) the donor's prompt and the
+    template's end again, whose highest token is cached (c within the donor's prompt)."""
+    from _pooled import prompt_states
+
+    skip, tau = pack.pool_skip, pack.tau
+    tp = TokenPool(pack.pool_probe(), len(pack.layers), "cpu")
+    lt = math.log(tau / (1 - tau))
+    end = rows[0][-3:]  # the template's end: end of turn, the assistant header
+    As, Bs = [], []
+    for i, r in enumerate(rows):
+        for k in range(0, 7):
+            pre = r + outputs[i][:k]
+            for c in range(KV_BLOCK, len(pre) + 1, KV_BLOCK):
+                if c <= skip:
+                    continue
+                row = pre + end
+                x = tp.score(prompt_states(hf, row, pack.layers))
+                cached, rest = float(x[skip:c].max()), float(x[c:].max())
+                if c > len(r) and cached > lt + 0.02 and rest < lt - 0.02:
+                    As.append((i, c, row))
+                if k == 0 and c <= len(r) and cached > rest + 0.02:
+                    Bs.append((i, c, row))
+    pairs = [(a, b) for a in As for b in Bs if a[0] != b[0]]  # two donors: each hit reuses its own donor's blocks
+    assert pairs, (As, Bs)
+    return pairs[0]
+
+
+def test_prefix_cache_hits_pool_the_cached_tokens(pooled, tmp_path, monkeypatch):
+    """Prefix caching on: a request whose first tokens come from the KV cache (another request's blocks, left after it
+    finished) starts its forward past them, yet its pooled max covers them as they were computed then: (A) a prompt
+    whose only firing token is in the cached prefix, which holds the earlier request's generated tokens too, is steered
+    from its first token; (B) a prompt whose highest token is cached scores as in transformers. Every request's tokens,
+    latch and score equal the transformers runtime's. (Cached tokens read from nowhere would score NaN, a gap: the score
+    checks fail if the kept logits are not read, or read from the wrong slots.)"""
+    hf, rows, pack, p_last, p_pool = pooled
+    ref = _reference(hf, rows, pack, "prefill")
+    A, B = _cache_hits(hf, rows, pack, {i: ref[i][0] for i in ref})
+    all_rows = rows + [A[2], B[2]]
+    n = len(rows)
+    want = _reference(hf, all_rows, pack, "prefill")
+    with autosteer.attach(hf, pack) as h:
+        p_hit = [float(h.generate(input_ids=torch.tensor([r]), max_new_tokens=1, force=False).p_unsafe[0])
+                 for r in all_rows[n:]]
+    lp = _apc_lp(monkeypatch, tmp_path, pack)
+    engine = Engine(hf, lp, chunk=4, swaps=False, prefix_hits={n: A[:2], n + 1: B[:2]})
+    outputs, summaries = _serve_sized(engine, lp, {0: [A[0], B[0]], 14: [n], 15: [n + 1]}, all_rows)
+    for k in (A[0], B[0], n, n + 1):
+        assert outputs[k] == want[k][0], k
+        assert summaries[k].latched == want[k][1] and summaries[k].latched_at == want[k][2], k
+    assert summaries[n].latched and summaries[n].latched_at == 0
+    for k, p in zip((n, n + 1), p_hit):
+        assert summaries[k].p_unsafe == pytest.approx(p, abs=1e-4), (k, summaries[k].p_unsafe, p)
+
+
+def test_prefix_caching_engine_streams_as_transformers(pooled, tmp_path, monkeypatch):
+    """With prefix caching on and no hits, the kept-logit path (decode steps write their token logits too) gates the
+    usual stream exactly as transformers does."""
+    hf, rows, pack, p_last, p_pool = pooled
+    ref = _reference(hf, rows, pack, "prefill")
+    lp = _apc_lp(monkeypatch, tmp_path, pack)
+    engine = Engine(hf, lp, chunk=3)
+    outputs, summaries = _serve_sized(engine, lp, {0: [0, 1, 2], 1: [3], 3: [4, 5], 4: [6], 6: [7]}, rows)
+    for i in range(len(rows)):
+        assert outputs[i] == ref[i][0] and summaries[i].latched == ref[i][1], i
+        assert summaries[i].p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
+
+
+def test_prefix_caching_without_a_sized_table_is_refused(pooled, tmp_path, monkeypatch):
+    """A runner whose initialize_kv_cache did not size the table (a path the wrapper missed): the first forward is
+    refused by name, never served with cached tokens unread."""
+    hf, rows, pack, _, _ = pooled
+    lp = _apc_lp(monkeypatch, tmp_path, pack)
+    engine = Engine(hf, lp, chunk=4)
+    with pytest.raises(avllm.VLLMIntegrationError, match="token-logit table was never sized"):
+        engine.serve({0: [0]}, rows)

@@ -76,12 +76,18 @@ class FakeVLLMLlama(torch.nn.Module):
         return self.lm_head(hidden_states)
 
 
+KV_BLOCK = 4  # tokens per simulated KV block: request slot s holds blocks s * (max_len // 4) ...
+
+
 def chunked_forward(model, kv, rows, chunk: int, publish):
     """One vLLM-style forward over flattened tokens. ``rows``: ``(known tokens, tokens already fed, KV slot)``
     per request in batch order; each feeds up to ``chunk`` of its unfed tokens. ``publish(md)`` receives the
-    forward's metadata (``query_start_loc``, ``seq_lens``) before the model runs, as vLLM's forward context
+    forward's metadata (``query_start_loc``, ``seq_lens``, and the paged view of the KV cache vLLM's attention
+    metadata carries: ``slot_mapping`` per token and ``block_table`` per request, in blocks of ``KV_BLOCK``; request
+    slot ``s`` owns the blocks of positions ``s * max_len ...``) before the model runs, as vLLM's forward context
     does. Returns ``(logits at each request's last fed token, tokens fed per request, sequence lengths, the
     fed token ids at those rows)``."""
+    max_len = kv[0][0].shape[1]
     ids, pos, slots, qsl, seq, fed = [], [], [], [0], [], []
     for known, done, slot in rows:
         n = min(chunk, len(known) - done)  # a request's last output has no KV yet: it is fed this step
@@ -91,8 +97,12 @@ def chunked_forward(model, kv, rows, chunk: int, publish):
         qsl.append(qsl[-1] + n)
         seq.append(done + n)
         fed.append(n)
+    per = max_len // KV_BLOCK
     publish(SimpleNamespace(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                            seq_lens=torch.tensor(seq, dtype=torch.int32)))
+                            seq_lens=torch.tensor(seq, dtype=torch.int32),
+                            slot_mapping=torch.tensor([s * max_len + p for s, p in zip(slots, pos)], dtype=torch.int64),
+                            block_table=torch.stack([s * per + torch.arange(per, dtype=torch.int32)
+                                                     for _, _, s in rows])))
     last = torch.tensor(qsl[1:]) - 1
     with torch.no_grad():
         hidden = model(torch.tensor(ids), torch.tensor(pos), kv, torch.tensor(slots))
@@ -102,8 +112,13 @@ def chunked_forward(model, kv, rows, chunk: int, publish):
 
 class Engine:
     def __init__(self, hf, lp, *, chunk: int, seed: int = 0, max_len: int = 96, async_outputs: bool = False,
-                 swaps: bool = True):
+                 swaps: bool = True, prefix_hits: dict | None = None):
         cfg = hf.config
+        # request id -> (an earlier request, n): the request arrives with its first n tokens (a multiple of KV_BLOCK)
+        # already in the KV cache, in the earlier request's blocks (vLLM's prefix caching: a finished request's blocks
+        # stay until reused); its forward starts at token n
+        self.prefix_hits = dict(prefix_hits or {})
+        self.max_len = max_len
         self.swaps = swaps  # False: no random swap of rows at a batch update (steady rows, as a real engine keeps)
         # vLLM's async scheduling (the V1 default): the output list a processor got in its Add grows by a
         # -1 placeholder per sampled token (vLLM fills them in only when a processor declares it needs output
@@ -206,7 +221,15 @@ class Engine:
         for step in range(200):
             new = []
             for rid in arrivals.get(step, []):
-                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": 0, "slot": self.free_slots.pop(),
+                done, slot = 0, None
+                if rid in self.prefix_hits:
+                    donor, done = self.prefix_hits[rid]
+                    slot = self.req[donor]["slot"]
+                    known = self.req[donor]["prompt"] + self.req[donor]["out"]  # what the donor's blocks hold
+                    assert slot in self.free_slots and rows[rid][:done] == known[:done] and done % KV_BLOCK == 0
+                    self.free_slots.remove(slot)
+                self.req[rid] = {"prompt": list(rows[rid]), "out": [], "done": done,
+                                 "slot": self.free_slots.pop() if slot is None else slot,
                                  "sp": SamplingParams(self.xargs.get(rid))}
                 new.append(rid)
             for rid in resume.pop(step, []):

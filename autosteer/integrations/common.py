@@ -90,8 +90,8 @@ ENV_MONITOR_FROM = "AUTOSTEER_MONITOR_FROM"
 
 
 class PoolingNotServed(PackError):
-    """A pack with a pooled gate given to a server that cannot read every prompt token: vLLM or TGI with prefix caching
-    on, vLLM's Model Runner V2."""
+    """A pack with a pooled gate given to a server that cannot read every prompt token: TGI with prefix caching on,
+    vLLM's Model Runner V2."""
 
 
 def _unset(value) -> bool:
@@ -1256,7 +1256,8 @@ class SteerStateStore:
                                refused_row=sl_tau < 0)
 
     def pool(self, token_logits: torch.Tensor, token_rows: torch.Tensor, token_pos: torch.Tensor,
-             start: torch.Tensor, end: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+             start: torch.Tensor, end: torch.Tensor, prompt_lens: torch.Tensor,
+             prior: torch.Tensor | None = None) -> None:
         """The pooled gate's part of a general step (weights with ``pool_skip``: a pack with ``pooling=
         "last_token|max"``), called between :meth:`begin_step` and :meth:`apply`, device tensors only (no sync).
 
@@ -1270,7 +1271,11 @@ class SteerStateStore:
         max passes its prompt threshold -- before the op, which blends it at this step -- and its reported score
         becomes the higher of the two probes' at :meth:`end_step`. A non-finite token logit, or a chunk that starts
         past prompt tokens no step has pooled (a prefix-cache hit, a path the integration missed), makes the max NaN,
-        which the fail policy decides: never a max over part of the prompt passed off as the whole."""
+        which the fail policy decides: never a max over part of the prompt passed off as the whole.
+
+        ``prior [B, L]`` (prefix caching): each row's token logits at positions ``0 .. L-1`` before ``start`` (-inf
+        where none), as the forwards that computed them wrote them beside the KV cache: its prompt tokens among them
+        are pooled too, so a chunk that starts past tokens no step of this request ran is no gap."""
         s = self._step
         if s is None or s.fast:
             raise RuntimeError("autosteer: pool() belongs to a general step, between begin_step and apply")
@@ -1302,6 +1307,14 @@ class SteerStateStore:
         seen = self._sl_pool_end.index_select(0, slots)
         upto = seen.clamp(min=skip)
         gap = (st > upto) & (upto < P)  # prompt tokens in [upto, start) never went through a step
+        if prior is not None:  # ... unless the rows' earlier tokens come with it (prefix caching): pooled here
+            j = torch.arange(prior.shape[1], device=dev)
+            inside = (j >= skip) & (j < torch.minimum(st, P).unsqueeze(1))
+            pv = prior.to(device=dev, dtype=torch.float32)
+            row_max = torch.maximum(row_max, pv.masked_fill(~inside, -math.inf).amax(1))
+            bad += (inside & ~torch.isfinite(pv)).sum(1, dtype=torch.int32)
+            covered = torch.minimum(st, P) <= prior.shape[1]
+            gap = gap & ~covered
         cur = torch.maximum(self._sl_pool.index_select(0, slots), row_max)  # (NaN stays NaN)
         cur = cur.masked_fill((bad > 0) | gap, math.nan)
         self._sl_pool.index_copy_(0, slots, cur)

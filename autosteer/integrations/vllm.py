@@ -72,6 +72,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -439,6 +440,13 @@ class VLLMCapture:
         # nothing here: the processor scores its rows itself when a row of it is a prompt's token
         self.pool = TokenPool(pack.pool_probe(), k, dev) if pack.pool is not None else None
         self.pool_logits: torch.Tensor | None = None
+        self.pool_skip = pack.pool_skip
+        # ... under prefix caching (enable_kv_pool): every computed token's logit is also kept at its KV slot, so that
+        # a request whose prompt prefix is served from the cache pools those tokens as they were computed then
+        self.kv_logit: torch.Tensor | None = None  # [KV slots + 1]; the last entry takes the writes of padding
+        self.kv_block = 0
+        self.kv_pool = False
+        self._prior_from: tuple | None = None  # (block_table, start) of this forward, for prior_logits()
         self.qsl = torch.zeros(max_reqs + 1, dtype=torch.int64, device=dev)
         self.one_token = False  # this forward ran one token per request (its probe rows are the layer's rows)
         self._lengths_from = None  # seq_lens of a one-token forward's metadata, until lengths() copies them
@@ -550,6 +558,78 @@ class VLLMCapture:
         if i == 0:
             self.num_reqs = B
             self.forwards += 1
+        if self.kv_pool and i == len(self.probes) - 1:
+            self._keep_kv_logits(md, B)
+
+    def enable_kv_pool(self, num_slots: int, block_size: int) -> None:
+        """Prefix caching with a pooled gate: keep each computed token's probe logit at its KV slot (``num_slots`` =
+        KV blocks x ``block_size``), written in the forward that writes its KV. A cached block's tokens are never run
+        again, but their logits stay where their KV is; :meth:`prior_logits` reads them for the requests that reuse
+        the block. Decode steps pay one token-probe MLP over their rows and a scatter for it."""
+        if num_slots < 1 or block_size < 1:
+            raise VLLMIntegrationError(f"the KV cache has {num_slots} slots in blocks of {block_size}: nothing to keep "
+                                       "token logits in")
+        self.kv_logit = torch.full((num_slots + 1,), -math.inf, dtype=torch.float32, device=self.E.device)
+        self.kv_block = int(block_size)
+        self.kv_pool = True
+
+    def _keep_kv_logits(self, md, B: int) -> None:
+        """Write this forward's token logits at their KV slots (``slot_mapping``; positions before ``pool_skip`` as
+        -inf, padding into the spare last entry), and keep what :meth:`prior_logits` needs."""
+        if self.kv_logit is None:
+            raise VLLMIntegrationError(
+                "prefix caching with a pooled gate, but the token-logit table was never sized (the runner's "
+                "initialize_kv_cache did not run the wrapper AutoSteer installed): refusing to serve prompts whose "
+                "cached tokens the gate could not read; or start vLLM with --no-enable-prefix-caching")
+        sm, bt = getattr(md, "slot_mapping", None), getattr(md, "block_table", None)
+        if not isinstance(sm, torch.Tensor) or not isinstance(bt, torch.Tensor) or bt.dim() != 2:
+            raise VLLMIntegrationError(
+                f"attention metadata {type(md).__name__} has no slot_mapping / block_table, through which the pooled "
+                "gate reads the tokens of a cached prompt prefix: start vLLM with --no-enable-prefix-caching")
+        dev = self.kv_logit.device
+        size = self.kv_logit.shape[0] - 1
+        qsl = md.query_start_loc[: B + 1].to(device=dev, dtype=torch.int64)
+        seq = md.seq_lens[:B].to(device=dev, dtype=torch.int64)
+        start = seq - (qsl[1:] - qsl[:-1])
+        if self.one_token:  # (a decode step: the probe rows are the tokens)
+            x = self.pool.score([p[:B] for p in self.probe_parts])
+            self.pool_logits = x
+            rows, pos = torch.arange(B, device=dev), seq - 1
+        else:
+            x = self.pool_logits
+            t = torch.arange(x.shape[0], device=dev)
+            rows = torch.searchsorted(qsl[1:], t, right=True)
+            rc = rows.clamp(max=B - 1)
+            pos = start.index_select(0, rc) + (t - qsl.index_select(0, rc))
+        n = min(x.shape[0], sm.shape[0])
+        slot = sm[:n].to(device=dev, dtype=torch.int64)
+        ok = (slot >= 0) & (slot < size) & (rows[:n] < B)
+        vals = torch.where(pos[:n] >= self.pool_skip, x[:n].float(), -math.inf)
+        self.kv_logit.scatter_(0, torch.where(ok, slot, size), vals)
+        # prior_logits finds a token's slot as block_table[pos // block] * block + pos % block: checked on this
+        # forward's own tokens against slot_mapping, on the device (a layout it does not know makes every prior NaN)
+        bt = bt[:B].to(device=dev, dtype=torch.int64)
+        kb = self.kv_block
+        rc, p = rows[:n].clamp(max=B - 1), pos[:n]
+        col = (p // kb).clamp(max=bt.shape[1] - 1)
+        expect = bt[rc, col] * kb + p % kb
+        self._prior_from = (bt, start, ((expect == slot) | ~ok).all())
+
+    def prior_logits(self) -> torch.Tensor:
+        """``[B, L]`` this forward's requests' token logits at positions ``0 .. L-1`` before their first token of this
+        forward (computed by earlier forwards, theirs or another request's whose cached blocks they reuse; -inf
+        elsewhere), read from the KV-slot table through each request's block table (``L``: the table's width in
+        tokens)."""
+        bt, start, layout_ok = self._prior_from
+        bs = self.kv_block
+        size = self.kv_logit.shape[0] - 1
+        B, W = bt.shape
+        j = torch.arange(W * bs, device=start.device)
+        slots = bt.repeat_interleave(bs, dim=1) * bs + (j % bs)
+        ok = (j < start.unsqueeze(1)) & (slots >= 0) & (slots < size)
+        got = self.kv_logit.index_select(0, torch.where(ok, slots, size).reshape(-1)).view(B, W * bs)
+        got = got.masked_fill(~ok, -math.inf)
+        return torch.where(layout_ok, got, math.nan)
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seq_lens, query_lens)`` of this forward's requests (the first ``num_reqs`` entries of two
@@ -650,7 +730,8 @@ def _runner_model(runner):
     return runner.get_model() if callable(getattr(runner, "get_model", None)) else runner.model
 
 
-def _patch_model_runner(max_reqs: int, runner=None, on_attached: Callable | None = None) -> None:
+def _patch_model_runner(max_reqs: int, runner=None, on_attached: Callable | None = None,
+                        on_kv_cache: Callable | None = None) -> None:
     """Make the V1 model runner attach the capture right after it loads the model.
 
     The V1 runner builds its logits processors in its constructor, so it is on the call stack (or given
@@ -665,7 +746,7 @@ def _patch_model_runner(max_reqs: int, runner=None, on_attached: Callable | None
     defines its own ``load_model``, attaching once per outermost call."""
     runner = runner if runner is not None else _VLLM.calling_v1_runner()
     if runner is not None:
-        _patch_runner_instance(runner, max_reqs, on_attached)
+        _patch_runner_instance(runner, max_reqs, on_attached, on_kv_cache)
         return
     import importlib
 
@@ -702,7 +783,8 @@ def _class_load_model(orig, max_reqs: int):
     return load_model
 
 
-def _patch_runner_instance(runner, max_reqs: int, on_attached: Callable | None = None) -> None:
+def _patch_runner_instance(runner, max_reqs: int, on_attached: Callable | None = None,
+                           on_kv_cache: Callable | None = None) -> None:
     orig = getattr(runner, "load_model", None)
     if not callable(orig):
         raise VLLMIntegrationError(f"the model runner {type(runner).__name__} has no load_model: AutoSteer cannot "
@@ -737,7 +819,10 @@ def _patch_runner_instance(runner, max_reqs: int, on_attached: Callable | None =
                     f"AutoSteer's capture is not attached to the model of {name} (its load_model did not run the "
                     f"wrapper AutoSteer installed, or another capture replaced it): refusing to start rather than "
                     f"serve unsteered; or unset {ENV_PACK}")
-            return kv(*args, **kwargs)
+            out = kv(*args, **kwargs)
+            if on_kv_cache is not None:  # (kv_cache_config, the runner's first parameter)
+                on_kv_cache(runner, args[0] if args else kwargs.get("kv_cache_config"))
+            return out
 
         initialize_kv_cache._autosteer = True
         runner.initialize_kv_cache = initialize_kv_cache
@@ -794,18 +879,12 @@ def _engine_refusal(vllm_config, *, v2: bool = False) -> str | None:
 
 
 def _pooling_refusal(vllm_config, *, v2: bool) -> str | None:
-    """Why this engine cannot serve a pooled gate (a pack with pooling "last_token|max"; None: it can). The gate
-    needs every prompt token's states at the probe layers: a prefix-cache hit skips the forward of the cached
-    tokens (a request whose chunk starts past unpooled prompt tokens would get a NaN score, decided by the fail
-    policy, at every cache hit), and Model Runner V2's steps are read from its own request states, which this
-    version does not map to tokens."""
+    """Why this engine cannot serve a pooled gate (a pack with pooling "last_token|max"; None: it can): Model Runner
+    V2's steps are read from its own request states, which this version does not map to tokens. (Prefix caching is
+    served: the token logits are kept beside the KV cache.)"""
     if v2:
         return ("Model Runner V2 is not served with a pooled gate (its steps are not mapped to prompt tokens here). "
                 "Serve with the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-    cc = getattr(vllm_config, "cache_config", None)
-    if getattr(cc, "enable_prefix_caching", False):
-        return ("prefix caching is on (vLLM's default): a cached prompt prefix is never run through the model, so its "
-                "tokens would never reach the token probe. Start vLLM with --no-enable-prefix-caching")
     return None
 
 
@@ -1170,10 +1249,13 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                        f"not the file the front end was started with (sha256 {want}): every worker "
                                        "must see the same pack at the same path")
         self.pack = load_pack(pack_path)
-        # a pooled gate is served by the V1 runner without prefix caching; elsewhere a named error, not half a gate
+        # a pooled gate is served by the V1 runner; elsewhere a named error, not half a gate. Under prefix caching
+        # its token logits are kept beside the KV cache (VLLMCapture.enable_kv_pool, sized when the cache is)
         why = _pooling_refusal(vllm_config, v2=self.v2)
         if why is not None:
             check_served_pooling(self.pack, "vLLM", why)
+        self.kv_pool = self.pack.pool is not None and bool(
+            getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False))
         try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
             resolved = prompt_threshold(self.pack, self.tau)
         except ValueError as exc:
@@ -1208,7 +1290,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             raise VLLMIntegrationError(f"AutoSteer's vLLM processor refuses to start: {why}; or unset {ENV_PACK}")
         if not self.v2:
             if patch_runner and capture is None:
-                _patch_model_runner(self.max_reqs, on_attached=lambda: self._ensure_store(required=True))
+                _patch_model_runner(self.max_reqs, on_attached=lambda: self._ensure_store(required=True),
+                                    on_kv_cache=self._size_kv_pool if self.kv_pool else None)
             return
         # Model Runner V2 constructs processors inside load_model, once the model exists: attach now
         self.max_reqs = int(device.max_num_reqs)
@@ -1483,20 +1566,22 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     @staticmethod
     def _pool_inputs(cap: VLLMCapture, B: int, start, seq, P) -> tuple:
         """:meth:`SteerStateStore.pool`'s arguments for this forward: every token's probe logit, its row (tokens past
-        ``query_start_loc[B]``, vLLM's padding, get row ``B``: none) and its position in its request. A one-token
-        forward (each row one token: rows still prefilling included, e.g. a prompt's last chunk of one token next to
-        decoding rows) is scored here, from the probe rows it captured."""
+        ``query_start_loc[B]``, vLLM's padding, get row ``B``: none) and its position in its request, and under prefix
+        caching each row's kept logits of the tokens before this forward (:meth:`VLLMCapture.prior_logits`). A
+        one-token forward (each row one token: rows still prefilling included, e.g. a prompt's last chunk of one token
+        next to decoding rows) is scored from the probe rows it captured (by the capture, under prefix caching)."""
+        prior = cap.prior_logits() if cap.kv_pool else None  # prefix caching: the tokens before this forward's
         if cap.one_token:
-            x = cap.pool.score([h[:B] for h in cap.probe_parts])
+            x = cap.pool_logits if cap.kv_pool else cap.pool.score([h[:B] for h in cap.probe_parts])
             rows = torch.arange(B, device=x.device)
-            return x, rows, seq - 1, start, seq, P
+            return x, rows, seq - 1, start, seq, P, prior
         x = cap.pool_logits
         qsl = cap.qsl[: B + 1]
         t = torch.arange(x.shape[0], device=x.device)
         rows = torch.searchsorted(qsl[1:], t, right=True)  # qsl[b] <= t < qsl[b + 1]
         rc = rows.clamp(max=B - 1)
         pos = start.to(torch.int64).index_select(0, rc) + (t - qsl.index_select(0, rc))
-        return x, rows, pos, start, seq, P
+        return x, rows, pos, start, seq, P, prior
 
     def _fresh_capture(self, B: int) -> VLLMCapture:
         """The capture of this step's forward: ``B`` requests, and a forward since the previous step."""
@@ -1622,6 +1707,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if (weights.pool_skip is None) != (cap.pool is None):
             raise VLLMIntegrationError("the capture and the processor disagree on the pooled gate (was the capture "
                                        "attached with another pack?): every prompt token must be scored or none")
+        cap.kv_pool = self.kv_pool  # (its table is sized with the KV cache: a forward before that is refused)
         # vLLM's sampler hands the logits processors float32 logits; the hidden states are the model's dtype
         weights.precompile(cap.E.dtype, (torch.float32,))
         tp_rank, tp_size = getattr(cap, "tp_rank", 0), getattr(cap, "tp_size", 1)
@@ -1642,10 +1728,24 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
                   f", tensor-parallel rank {tp_rank} of {tp_size}" if tp_size > 1 else "",
                   "+".join(map(str, self.pack.layers)),
-                  "" if weights.pool_skip is None else f"pooled gate over prompt tokens from position {weights.pool_skip}, ",
+                  "" if weights.pool_skip is None else f"pooled gate over prompt tokens from position {weights.pool_skip}"
+                  + (" (prefix caching: token logits kept beside the KV cache)" if self.kv_pool else "") + ", ",
                   self.mode, weights.tau, self.pack_path, self.pack_sha256,
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
+
+    def _size_kv_pool(self, runner, kv_cache_config) -> None:
+        """After the runner's ``initialize_kv_cache``: size the capture's token-logit table as the KV cache (its
+        blocks x tokens per block) in the attention kernels' block size, which the block tables are written in."""
+        groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
+        if len(groups) != 1:
+            raise VLLMIntegrationError(
+                f"the KV cache has {len(groups)} groups (a hybrid or multi-attention model): the pooled gate under "
+                "prefix caching keeps token logits for one group only. Start vLLM with --no-enable-prefix-caching")
+        block = int(groups[0].kv_cache_spec.block_size)
+        kernel = getattr(runner, "_kernel_block_sizes", None)
+        kernel = int(kernel[0]) if kernel else block
+        (self._capture or _CAPTURE).enable_kv_pool(int(kv_cache_config.num_blocks) * block, kernel)
 
     def _on_release(self, request_id, summary) -> None:
         self._pending_settings.pop(request_id, None)

@@ -212,7 +212,7 @@ class FitConfig:
     head_pivots: int | None = None
     # what the gate reads of the prompt: "last_token" (the last prompt token, the paper's), or "last_token|max":
     # also a token-level probe over every prompt token, the gate firing when either passes tau (docs/method.md 7l;
-    # served by the transformers runtime, and by vLLM and TGI with prefix caching off)
+    # served by the transformers runtime, vLLM, and TGI with prefix caching off)
     pooling: str = "last_token"
     # the pooled gate's budgets are the ones above times this: the union's out-of-fold benign scores run higher than
     # the served probes' by more than a last-token probe's do (a max over ~50 tokens of a probe fitted on 3/4 of the
