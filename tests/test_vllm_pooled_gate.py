@@ -251,7 +251,8 @@ def _cache_hits(hf, rows, pack, outputs):
 
 def test_prefix_cache_hits_pool_the_cached_tokens(pooled, tmp_path, monkeypatch):
     """Prefix caching on: a request whose first tokens come from the KV cache (another request's blocks, left after it
-    finished) starts its forward past them, yet its pooled max covers them as they were computed then: (A) a prompt
+    finished, after yet another request used them) starts its forward past them, yet its pooled max covers them as
+    they were computed then: (A) a prompt
     whose only firing token is in the cached prefix, which holds the earlier request's generated tokens too, is steered
     from its first token; (B) a prompt whose highest token is cached scores as in transformers. Every request's tokens,
     latch and score equal the transformers runtime's. (Cached tokens read from nowhere would score NaN, a gap: the score
@@ -267,7 +268,12 @@ def test_prefix_cache_hits_pool_the_cached_tokens(pooled, tmp_path, monkeypatch)
                  for r in all_rows[n:]]
     lp = _apc_lp(monkeypatch, tmp_path, pack)
     engine = Engine(hf, lp, chunk=4, swaps=False, prefix_hits={n: A[:2], n + 1: B[:2]})
-    outputs, summaries = _serve_sized(engine, lp, {0: [A[0], B[0]], 14: [n], 15: [n + 1]}, all_rows)
+    # the donors' blocks held another request's tokens first (the highest-scoring prompt left in the slots they get):
+    # a block's kept max starts again with its new content
+    X = max((i for i in range(n) if i not in (A[0], B[0])), key=lambda i: p_pool[i])
+    Y = max((i for i in range(n) if i not in (A[0], B[0], X)), key=lambda i: p_pool[i])
+    outputs, summaries = _serve_sized(engine, lp, {0: [X, Y], 13: [B[0], A[0]], 27: [n], 28: [n + 1]}, all_rows)
+    assert engine.req[B[0]]["slot"] == engine.req[Y]["slot"] and engine.req[A[0]]["slot"] == engine.req[X]["slot"]
     for k in (A[0], B[0], n, n + 1):
         assert outputs[k] == want[k][0], k
         assert summaries[k].latched == want[k][1] and summaries[k].latched_at == want[k][2], k
@@ -297,3 +303,43 @@ def test_prefix_caching_without_a_sized_table_is_refused(pooled, tmp_path, monke
     engine = Engine(hf, lp, chunk=4)
     with pytest.raises(avllm.VLLMIntegrationError, match="token-logit table was never sized"):
         engine.serve({0: [0]}, rows)
+
+
+def test_kept_block_maxima(pooled):
+    """The capture's per-block table, by hand (blocks of 4): a block's max starts again when its first token is
+    written (a block freed and reused holds the new content's max, not the old one's); a request reusing cached
+    blocks reads the max of its whole blocks before its prompt's end; a block never written, a non-finite logit or a
+    block table that does not give the forward's own slots makes the prior unusable (bad)."""
+    hf, _, pack, _, _ = pooled
+    from test_vllm_simulation import FakeVLLMLlama
+
+    skip = pack.pool_skip
+    assert skip < 4
+    cap = avllm.attach_capture(FakeVLLMLlama(hf), pack, max_reqs=8, metadata_fn=lambda: None)
+    try:
+        cap.enable_kv_pool(32, 4)
+
+        def forward(logits, start, slots, table):
+            n = len(logits)
+            cap.one_token, cap.pool_logits = False, torch.tensor(logits)
+            md = SimpleNamespace(query_start_loc=torch.tensor([0, n]), seq_lens=torch.tensor([start + n]),
+                                 slot_mapping=torch.tensor(slots), block_table=torch.tensor([table]))
+            cap._keep_kv_logits(md, 1)
+
+        forward([9.0] * 8, 0, list(range(8)), [0, 1, 2])  # a first request fills blocks 0 and 1 with high logits
+        forward([-3.0, -2.0, -1.0, -2.5, -4.0, -0.5, -3.0, -3.5], 0, list(range(8)), [0, 1, 2])  # reused: new content
+        forward([0.0, 0.0], 8, [8, 9], [0, 1, 2])  # a request reusing blocks 0 and 1 (8 cached tokens) runs 8 and 9
+        m, bad, upto = cap.prior_max(torch.tensor([12]))
+        want = max([-3.0, -2.0, -1.0, -2.5, -4.0, -0.5, -3.0, -3.5][skip:])
+        assert float(m[0]) == want and not bool(bad[0]) and int(upto[0]) == 8
+        m, bad, upto = cap.prior_max(torch.tensor([6]))  # a prompt ending inside block 1: block 0 only
+        assert float(m[0]) == max([-3.0, -2.0, -1.0, -2.5][skip:]) and int(upto[0]) == 4
+        forward([0.0, 0.0], 8, [8, 9], [0, 5, 2])  # block 5 was never written
+        assert bool(cap.prior_max(torch.tensor([12]))[1][0])
+        forward([1.0, 1.0, 1.0, float("nan")], 0, [24, 25, 26, 27], [6, 7])  # a NaN token logit in block 6
+        forward([0.0], 4, [28], [6, 7])
+        assert bool(cap.prior_max(torch.tensor([8]))[1][0])
+        forward([0.0, 0.0], 8, [8, 9], [0, 1, 3])  # the block table does not give the forward's own slots
+        assert bool(cap.prior_max(torch.tensor([12]))[1][0])
+    finally:
+        avllm.detach_capture()

@@ -32,6 +32,7 @@ written for this test; none is in the data any of these packs was fitted on.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import os
 import re
@@ -155,7 +156,7 @@ class Server:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> float:
         """Seconds until /health answers; raises with the log's tail when the server died or timed out."""
         deadline = self.t0 + timeout
-        while time.monotonic() < deadline:
+        while True:  # asked once at least: a server launched long before this call (module fixtures) may be up
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             try:
@@ -164,8 +165,9 @@ class Server:
                         return time.monotonic() - self.t0
             except (urllib.error.URLError, OSError):
                 pass
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self.name} server not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")
             time.sleep(1)
-        raise RuntimeError(f"{self.name} server not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")
 
     def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
         try:
@@ -325,15 +327,22 @@ def reference(servers):
     return out, {p: (d[1], d[2]) for p, d in zip(ALL, got)}
 
 
+@functools.lru_cache(maxsize=1)
+def _default_model():
+    """The default model on transformers, loaded once for the module's references."""
+    from autosteer.models import load_model
+
+    return load_model()
+
+
 def _hf_scores(pack_path: Path, prompts: list[str] = ALL) -> dict[str, float]:
     """The prompts' gate scores from autosteer on the transformers model (the library's reference path): the chat
     template the server applies, the pack's prompt format (a pooled pack: the higher of its two probes' scores)."""
     import autosteer
     from autosteer.method.pack import load_pack
-    from autosteer.models import load_model
     from autosteer.prompting import encode_one, pad_left
 
-    model, tok = load_model()
+    model, tok = _default_model()
     pack = load_pack(str(pack_path))
     ids, mask = pad_left([encode_one(tok, p, pack.prompt_format) for p in prompts], tok.pad_token_id)
     with autosteer.attach(model, pack, tau=float(TAU)) as h:
@@ -501,9 +510,8 @@ def _hf_chat_score(pack_path: Path, messages: list[dict]) -> float:
     import torch
 
     import autosteer
-    from autosteer.models import load_model
 
-    model, tok = load_model()
+    model, tok = _default_model()
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     with autosteer.attach(model, str(pack_path)) as h:
         return float(h.generate(input_ids=torch.tensor([list(ids)]), max_new_tokens=1, force=False).p_unsafe[0])
@@ -521,7 +529,7 @@ def test_the_pooled_pack_is_served_with_prefix_caching(started, servers, referen
     from autosteer.method.pack import load_pack
 
     srv = started["pooled"]
-    srv.wait_ready()
+    print(f"\nreal engine: pooled server ready after {srv.wait_ready(timeout=600):.0f} s")
     assert ("pooled gate over prompt tokens from position 24 (prefix caching: token logits kept beside the KV cache)"
             in srv.log()), srv.log()[-3000:]
     prompts = ALL + PAST

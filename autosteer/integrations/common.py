@@ -416,6 +416,20 @@ def check_served_pooling(pack, server: str, why: str) -> None:
                            f"which this {server} server cannot serve: {why}.")
 
 
+def token_rows(cu: torch.Tensor, start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of a flattened forward's ``n`` tokens belongs: ``(rows [n], positions [n])``. ``cu`` ([B + 1]) are
+    the requests' offsets in the forward (``query_start_loc`` / ``cu_seqlen_prefill``), ``start`` ([B]) each
+    request's position of its first token in it. Tokens past ``cu[B]`` (padding, stale rows) get row ``B``: none."""
+    B = start.shape[0]
+    t = torch.arange(n, device=start.device)
+    if B == 0:
+        return torch.zeros_like(t), torch.zeros_like(t)
+    cu = cu[: B + 1].to(device=start.device, dtype=torch.int64)
+    rows = torch.searchsorted(cu[1:], t, right=True)  # cu[b] <= t < cu[b + 1]
+    rc = rows.clamp(max=B - 1)
+    return rows, start.to(torch.int64).index_select(0, rc) + (t - cu.index_select(0, rc))
+
+
 class TokenPool:
     """The pooled gate's token probe (``pack.pool``: an MLP on the gate layers' raw states side by side) on a
     server's flattened tokens. A capture feeds it each probe layer's ``[N, H]`` rows as the layer runs
@@ -1257,7 +1271,7 @@ class SteerStateStore:
 
     def pool(self, token_logits: torch.Tensor, token_rows: torch.Tensor, token_pos: torch.Tensor,
              start: torch.Tensor, end: torch.Tensor, prompt_lens: torch.Tensor,
-             prior: torch.Tensor | None = None) -> None:
+             prior: tuple | None = None) -> None:
         """The pooled gate's part of a general step (weights with ``pool_skip``: a pack with ``pooling=
         "last_token|max"``), called between :meth:`begin_step` and :meth:`apply`, device tensors only (no sync).
 
@@ -1273,9 +1287,10 @@ class SteerStateStore:
         past prompt tokens no step has pooled (a prefix-cache hit, a path the integration missed), makes the max NaN,
         which the fail policy decides: never a max over part of the prompt passed off as the whole.
 
-        ``prior [B, L]`` (prefix caching): each row's token logits at positions ``0 .. L-1`` before ``start`` (-inf
-        where none), as the forwards that computed them wrote them beside the KV cache: its prompt tokens among them
-        are pooled too, so a chunk that starts past tokens no step of this request ran is no gap."""
+        ``prior = (max [B], bad [B], upto [B])`` (prefix caching): each row's highest token logit over its prompt's
+        positions ``[0, upto)``, as the forwards that computed them kept it beside the KV cache, and whether one of
+        them was unusable (NaN for the fail policy): pooled too, so a chunk that starts at ``upto`` (a prefix-cache
+        hit) is no gap."""
         s = self._step
         if s is None or s.fast:
             raise RuntimeError("autosteer: pool() belongs to a general step, between begin_step and apply")
@@ -1308,13 +1323,10 @@ class SteerStateStore:
         upto = seen.clamp(min=skip)
         gap = (st > upto) & (upto < P)  # prompt tokens in [upto, start) never went through a step
         if prior is not None:  # ... unless the rows' earlier tokens come with it (prefix caching): pooled here
-            j = torch.arange(prior.shape[1], device=dev)
-            inside = (j >= skip) & (j < torch.minimum(st, P).unsqueeze(1))
-            pv = prior.to(device=dev, dtype=torch.float32)
-            row_max = torch.maximum(row_max, pv.masked_fill(~inside, -math.inf).amax(1))
-            bad += (inside & ~torch.isfinite(pv)).sum(1, dtype=torch.int32)
-            covered = torch.minimum(st, P) <= prior.shape[1]
-            gap = gap & ~covered
+            pmax, pbad, pupto = (t[:B].to(dev) for t in prior)
+            row_max = torch.maximum(row_max, pmax.float())
+            bad += pbad.to(torch.int32)
+            gap &= pupto < torch.minimum(st, P)
         cur = torch.maximum(self._sl_pool.index_select(0, slots), row_max)  # (NaN stays NaN)
         cur = cur.masked_fill((bad > 0) | gap, math.nan)
         self._sl_pool.index_copy_(0, slots, cur)

@@ -67,7 +67,7 @@ from ..models import resolve_attr as _resolve
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 from .common import (ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, HiddenBuffer, SteerStateStore, SteerWeights, TokenPool,
                      check_pack_matches, check_served_pooling, hook_input, hook_output_sum, parse_flag,
-                     parse_monitor_window, parse_threshold, refused)
+                     parse_monitor_window, parse_threshold, refused, token_rows)
 
 log = logging.getLogger(__name__)
 
@@ -504,14 +504,8 @@ class _Runtime:
         dev = self.store.device
         x = self.pool.score([b.view() for b in self.probe_bufs])
         start, end, P = (torch.tensor(v, dtype=torch.int64, device=dev) for v in spans)
-        B = start.shape[0]
-        if B == 0:
-            return x[:0], t[:0] if (t := torch.arange(0, device=dev)) is not None else None, t[:0], start, end, P
-        cu = cu.to(device=dev, dtype=torch.int64)[: B + 1]
-        t = torch.arange(x.shape[0], device=dev)
-        rows = torch.searchsorted(cu[1:], t, right=True)  # cu[b] <= t < cu[b + 1]
-        rc = rows.clamp(max=B - 1)
-        return x, rows, start.index_select(0, rc) + (t - cu.index_select(0, rc)), start, end, P
+        rows, pos = token_rows(cu, start, x.shape[0])
+        return x, rows, pos, start, end, P
 
     def process(self, proc: AutoSteerTGIProcessor, scores: torch.Tensor) -> torch.Tensor:
         store = self.store

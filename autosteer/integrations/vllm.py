@@ -84,7 +84,7 @@ from ..method.pack import pack_sha256
 from ..models import resolve_attr as _resolve
 from .common import (ENV_ALLOW_CLIENT_OFF, ENV_MONITOR_FROM, ENV_MONITOR_WINDOW, MODES, PHASE_DECODE, PHASE_PREFILL_LAST,
                      PHASE_PREFILL_MID, HiddenBuffer, HostStaging, RequestSettings, SteerStateStore, SteerWeights,
-                     TokenPool, check_pack_matches, check_served_pooling, parse_flag, parse_monitor_window,
+                     TokenPool, check_pack_matches, token_rows, check_served_pooling, parse_flag, parse_monitor_window,
                      parse_request_settings, parse_threshold, REFUSE_TAU, refused)
 from ..runtime.prompt_check import ENV_PROMPT_CHECK, PromptCheck, PromptCheckError, check_for_pack, parse_policy
 
@@ -443,10 +443,11 @@ class VLLMCapture:
         self.pool_skip = pack.pool_skip
         # ... under prefix caching (enable_kv_pool): every computed token's logit is also kept at its KV slot, so that
         # a request whose prompt prefix is served from the cache pools those tokens as they were computed then
-        self.kv_logit: torch.Tensor | None = None  # [KV slots + 1]; the last entry takes the writes of padding
+        self.kv_max: torch.Tensor | None = None  # per KV block (+1 for padding): the highest token logit kept
+        self.kv_bad: torch.Tensor | None = None
         self.kv_block = 0
         self.kv_pool = False
-        self._prior_from: tuple | None = None  # (block_table, start) of this forward, for prior_logits()
+        self._prior_from: tuple | None = None  # (block_table, start, layout check) of this forward, for prior_max()
         self.qsl = torch.zeros(max_reqs + 1, dtype=torch.int64, device=dev)
         self.one_token = False  # this forward ran one token per request (its probe rows are the layer's rows)
         self._lengths_from = None  # seq_lens of a one-token forward's metadata, until lengths() copies them
@@ -562,21 +563,24 @@ class VLLMCapture:
             self._keep_kv_logits(md, B)
 
     def enable_kv_pool(self, num_slots: int, block_size: int) -> None:
-        """Prefix caching with a pooled gate: keep each computed token's probe logit at its KV slot (``num_slots`` =
-        KV blocks x ``block_size``), written in the forward that writes its KV. A cached block's tokens are never run
-        again, but their logits stay where their KV is; :meth:`prior_logits` reads them for the requests that reuse
-        the block. Decode steps pay one token-probe MLP over their rows and a scatter for it."""
-        if num_slots < 1 or block_size < 1:
-            raise VLLMIntegrationError(f"the KV cache has {num_slots} slots in blocks of {block_size}: nothing to keep "
-                                       "token logits in")
-        self.kv_logit = torch.full((num_slots + 1,), -math.inf, dtype=torch.float32, device=self.E.device)
+        """Prefix caching with a pooled gate: keep, per KV block (``num_slots`` = KV blocks x ``block_size``), the
+        highest probe logit of the tokens written into it since its first token, and whether one was not finite; the
+        forward that writes a token's KV writes its logit. A cached block's tokens are never run again, but its max
+        stays beside it: :meth:`prior_max` reads it for the requests that reuse the block (vLLM caches whole blocks
+        only). Decode steps pay one token-probe MLP over their rows and a few scatters for it."""
+        if num_slots < 1 or block_size < 1 or num_slots % block_size:
+            raise VLLMIntegrationError(f"the KV cache has {num_slots} slots in blocks of {block_size}: cannot keep "
+                                       "token logits per block")
+        n = num_slots // block_size
+        self.kv_max = torch.full((n + 1,), -math.inf, dtype=torch.float32, device=self.E.device)  # last: padding
+        self.kv_bad = torch.zeros(n + 1, dtype=torch.float32, device=self.E.device)
         self.kv_block = int(block_size)
         self.kv_pool = True
 
     def _keep_kv_logits(self, md, B: int) -> None:
-        """Write this forward's token logits at their KV slots (``slot_mapping``; positions before ``pool_skip`` as
-        -inf, padding into the spare last entry), and keep what :meth:`prior_logits` needs."""
-        if self.kv_logit is None:
+        """Fold this forward's token logits into their KV blocks' maxima (``slot_mapping``; positions before
+        ``pool_skip`` as -inf; a block's first token resets it), and keep what :meth:`prior_max` needs."""
+        if self.kv_max is None:
             raise VLLMIntegrationError(
                 "prefix caching with a pooled gate, but the token-logit table was never sized (the runner's "
                 "initialize_kv_cache did not run the wrapper AutoSteer installed): refusing to serve prompts whose "
@@ -586,8 +590,8 @@ class VLLMCapture:
             raise VLLMIntegrationError(
                 f"attention metadata {type(md).__name__} has no slot_mapping / block_table, through which the pooled "
                 "gate reads the tokens of a cached prompt prefix: start vLLM with --no-enable-prefix-caching")
-        dev = self.kv_logit.device
-        size = self.kv_logit.shape[0] - 1
+        dev, kb = self.kv_max.device, self.kv_block
+        dump = self.kv_max.shape[0] - 1
         qsl = md.query_start_loc[: B + 1].to(device=dev, dtype=torch.int64)
         seq = md.seq_lens[:B].to(device=dev, dtype=torch.int64)
         start = seq - (qsl[1:] - qsl[:-1])
@@ -597,39 +601,41 @@ class VLLMCapture:
             rows, pos = torch.arange(B, device=dev), seq - 1
         else:
             x = self.pool_logits
-            t = torch.arange(x.shape[0], device=dev)
-            rows = torch.searchsorted(qsl[1:], t, right=True)
-            rc = rows.clamp(max=B - 1)
-            pos = start.index_select(0, rc) + (t - qsl.index_select(0, rc))
+            rows, pos = token_rows(qsl, start, x.shape[0])
         n = min(x.shape[0], sm.shape[0])
-        slot = sm[:n].to(device=dev, dtype=torch.int64)
-        ok = (slot >= 0) & (slot < size) & (rows[:n] < B)
-        vals = torch.where(pos[:n] >= self.pool_skip, x[:n].float(), -math.inf)
-        self.kv_logit.scatter_(0, torch.where(ok, slot, size), vals)
-        # prior_logits finds a token's slot as block_table[pos // block] * block + pos % block: checked on this
-        # forward's own tokens against slot_mapping, on the device (a layout it does not know makes every prior NaN)
+        slot, x, rows, pos = sm[:n].to(device=dev, dtype=torch.int64), x[:n].float(), rows[:n], pos[:n]
+        ok = (slot >= 0) & (slot < dump * kb) & (rows < B)
+        blk = torch.where(ok, slot // kb, dump)
+        first = torch.where(ok & (slot % kb == 0), blk, dump)  # a block's first token: new content, forget the old
+        self.kv_max.index_fill_(0, first, -math.inf)
+        self.kv_bad.index_fill_(0, first, 0.0)
+        pooled = pos >= self.pool_skip
+        self.kv_max.scatter_reduce_(0, blk, torch.where(pooled & ~torch.isnan(x), x, -math.inf), "amax")
+        self.kv_bad.scatter_reduce_(0, blk, (pooled & ~torch.isfinite(x)).float(), "amax")
+        # prior_max reads a request's blocks from its block table: checked against this forward's own tokens'
+        # slot_mapping, on the device (a layout it does not know makes every prior NaN)
         bt = bt[:B].to(device=dev, dtype=torch.int64)
-        kb = self.kv_block
-        rc, p = rows[:n].clamp(max=B - 1), pos[:n]
-        col = (p // kb).clamp(max=bt.shape[1] - 1)
-        expect = bt[rc, col] * kb + p % kb
+        col = (pos // kb).clamp(max=bt.shape[1] - 1)
+        expect = bt[rows.clamp(max=B - 1), col] * kb + pos % kb
         self._prior_from = (bt, start, ((expect == slot) | ~ok).all())
 
-    def prior_logits(self) -> torch.Tensor:
-        """``[B, L]`` this forward's requests' token logits at positions ``0 .. L-1`` before their first token of this
-        forward (computed by earlier forwards, theirs or another request's whose cached blocks they reuse; -inf
-        elsewhere), read from the KV-slot table through each request's block table (``L``: the table's width in
-        tokens)."""
+    def prior_max(self, prompt_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(max [B], bad [B], upto [B])`` for this forward's requests: the highest kept logit over the whole KV blocks
+        before each one's first token of this forward and before its prompt's end (``upto``: the positions they
+        cover), read through its block table; ``bad`` where one of them held a non-finite logit, or none though it
+        reaches past ``pool_skip`` (never written), or the layout check failed. Tokens of a partly filled block were
+        run by the request itself, in an earlier chunk, and pooled then."""
         bt, start, layout_ok = self._prior_from
-        bs = self.kv_block
-        size = self.kv_logit.shape[0] - 1
+        kb, dump = self.kv_block, self.kv_max.shape[0] - 1
         B, W = bt.shape
-        j = torch.arange(W * bs, device=start.device)
-        slots = bt.repeat_interleave(bs, dim=1) * bs + (j % bs)
-        ok = (j < start.unsqueeze(1)) & (slots >= 0) & (slots < size)
-        got = self.kv_logit.index_select(0, torch.where(ok, slots, size).reshape(-1)).view(B, W * bs)
-        got = got.masked_fill(~ok, -math.inf)
-        return torch.where(layout_ok, got, math.nan)
+        upto = (torch.minimum(start, prompt_lens[:B].to(device=start.device, dtype=torch.int64)) // kb) * kb
+        k = torch.arange(W, device=start.device)
+        full = (k + 1).unsqueeze(0) * kb <= upto.unsqueeze(1)  # [B, W]
+        idx = torch.where(full & (bt >= 0) & (bt < dump), bt, dump)
+        m = self.kv_max.index_select(0, idx.reshape(-1)).view(B, W)
+        bad = self.kv_bad.index_select(0, idx.reshape(-1)).view(B, W) > 0
+        bad |= ((k + 1) * kb > self.pool_skip).unsqueeze(0) & ~torch.isfinite(m)
+        return m.masked_fill(~full, -math.inf).amax(1), (bad & full).any(1) | ~layout_ok, upto
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seq_lens, query_lens)`` of this forward's requests (the first ``num_reqs`` entries of two
@@ -1567,20 +1573,16 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
     def _pool_inputs(cap: VLLMCapture, B: int, start, seq, P) -> tuple:
         """:meth:`SteerStateStore.pool`'s arguments for this forward: every token's probe logit, its row (tokens past
         ``query_start_loc[B]``, vLLM's padding, get row ``B``: none) and its position in its request, and under prefix
-        caching each row's kept logits of the tokens before this forward (:meth:`VLLMCapture.prior_logits`). A
+        caching each row's kept max over the whole cached blocks before this forward (:meth:`VLLMCapture.prior_max`). A
         one-token forward (each row one token: rows still prefilling included, e.g. a prompt's last chunk of one token
         next to decoding rows) is scored from the probe rows it captured (by the capture, under prefix caching)."""
-        prior = cap.prior_logits() if cap.kv_pool else None  # prefix caching: the tokens before this forward's
+        prior = cap.prior_max(P) if cap.kv_pool else None  # prefix caching: the cached blocks before this forward
         if cap.one_token:
             x = cap.pool_logits if cap.kv_pool else cap.pool.score([h[:B] for h in cap.probe_parts])
             rows = torch.arange(B, device=x.device)
             return x, rows, seq - 1, start, seq, P, prior
         x = cap.pool_logits
-        qsl = cap.qsl[: B + 1]
-        t = torch.arange(x.shape[0], device=x.device)
-        rows = torch.searchsorted(qsl[1:], t, right=True)  # qsl[b] <= t < qsl[b + 1]
-        rc = rows.clamp(max=B - 1)
-        pos = start.to(torch.int64).index_select(0, rc) + (t - qsl.index_select(0, rc))
+        rows, pos = token_rows(cap.qsl, start, x.shape[0])
         return x, rows, pos, start, seq, P, prior
 
     def _fresh_capture(self, B: int) -> VLLMCapture:

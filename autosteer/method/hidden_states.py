@@ -165,92 +165,112 @@ def _batches(members: list[int], lengths: list[int], batch_size: int, token_budg
 
 
 @torch.no_grad()
+def prefix_group_forwards(model, seqs: list[list[int]], layers: list[int], batch_size: int, pad_id: int, *,
+                          tail: int, read, lookup=None):
+    """The shared-prefix driver (module docstring) of :func:`last_token_states` and the pooled gate's token states
+    (:func:`autosteer.method.token_probe.prompt_token_states`): prompts grouped by a shared token prefix
+    (:func:`prefix_groups`), each group's prefix run once into a ``DynamicCache`` (when a batch of the group first
+    needs it), its members' suffixes in right-padded batches on an expanded copy, every forward stopped after the
+    deepest of ``layers``. Every prompt keeps at least ``tail + 1`` tokens for its batch.
+
+    ``read(h, last)`` runs in each of ``layers``' forward pre-hooks on the layer's input ``h`` ([B, W, H]) with
+    ``last`` (each row's last suffix index, [B]; None in a prefix forward) and returns what to keep of it.
+    ``lookup(rows)``: a batch's result from elsewhere (a resumed run's cache), or None to run it. Yields, in order,
+    ``(kind, p, members, rows, got)``: ``"prefix"`` after a group's prefix forward (``got``: {layer: read's
+    result}), ``"batch"`` after a batch's forward (``rows``: its prompt indices; suffix ``i`` starts at position
+    ``p``), ``"cached"`` for a batch ``lookup`` had (``got``: its result)."""
+    from transformers import DynamicCache
+
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    got: dict[int, object] = {}
+    where: dict[str, torch.Tensor | None] = {"last": None}
+
+    def hook(_mod, args, kwargs, layer):
+        got[layer] = read(_hidden_arg(args, kwargs), where["last"])
+        if layer == deepest:
+            raise _Stop
+
+    handles = [blocks[layer].register_forward_pre_hook(lambda m, a, k, layer=layer: hook(m, a, k, layer),
+                                                       with_kwargs=True) for layer in sorted(set(layers))]
+    device = next(model.parameters()).device
+    cache_arg = _cache_kwarg(model)
+    try:
+        for p, members in prefix_groups(seqs):
+            p = max(0, min(p, min(len(seqs[i]) for i in members) - 1 - tail))
+            lengths = {i: len(seqs[i]) - p for i in members}
+            prefix_cache = None
+            for b in _batches(members, lengths, batch_size, batch_size * 256):
+                hit = lookup(b) if lookup is not None else None
+                if hit is not None:
+                    yield "cached", p, members, b, hit
+                    continue
+                if p > 0 and prefix_cache is None:
+                    prefix_cache = DynamicCache(config=model.config)
+                    ids = torch.tensor([seqs[members[0]][:p]], device=device)
+                    where["last"] = None
+                    got.clear()
+                    try:
+                        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              position_ids=torch.arange(p, device=device)[None], use_cache=True, logits_to_keep=1,
+                              **{cache_arg: prefix_cache})
+                    except _Stop:
+                        pass
+                    yield "prefix", p, members, members, dict(got)
+                width = max(lengths[i] for i in b)
+                ids = torch.full((len(b), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(b), p + width), dtype=torch.long)
+                mask[:, :p] = 1
+                for r, i in enumerate(b):
+                    ids[r, :lengths[i]] = torch.tensor(seqs[i][p:], dtype=torch.long)
+                    mask[r, p:p + lengths[i]] = 1
+                where["last"] = torch.tensor([lengths[i] - 1 for i in b], dtype=torch.long)
+                got.clear()
+                kv = _expanded_cache(prefix_cache, model, len(b)) if p > 0 else None
+                try:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          position_ids=(p + torch.arange(width, device=device)).expand(len(b), -1),
+                          use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
+                except _Stop:
+                    pass
+                yield "batch", p, members, b, dict(got)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _shared_prefix_states(model, seqs: list[list[int]], layers: list[int], batch_size: int, pad_id: int,
                           desc: str, progress: bool, cache: StatesCache | None, run: Path | None,
                           offsets: tuple[int, ...] = (0,)) -> torch.Tensor:
     """``[n, n_layers, n_offsets, H]``: the states ``offsets`` tokens before each prompt's last token."""
-    blocks = decoder_layers(model)
-    deepest = max(layers)
-    store: dict[int, torch.Tensor] = {}
-    where: dict[str, torch.Tensor | None] = {"last": None}
     back = torch.tensor(offsets, dtype=torch.long)
     if min(offsets) < 0 or any(len(s) <= max(offsets) for s in seqs):
         raise ValueError(f"offsets {offsets}: every offset must be >= 0 and shorter than every prompt")
 
-    def hook(_mod, args, kwargs, l):
-        h = _hidden_arg(args, kwargs)
-        last = where["last"]
+    def read(h, last):
         if last is None:  # the shared prefix's own forward: nothing to read
-            store[l] = None
-        else:
-            rows = torch.arange(h.shape[0], device=h.device)[:, None]
-            store[l] = h[rows, (last[:, None] - back[None, :]).to(h.device)].float().cpu()
-        if l == deepest:
-            raise _Stop
+            return None
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        return h[rows, (last[:, None] - back[None, :]).to(h.device)].float().cpu()
 
-    handles = [blocks[l].register_forward_pre_hook(lambda m, a, k, l=l: hook(m, a, k, l), with_kwargs=True)
-               for l in sorted(set(layers))]
-    device = next(model.parameters()).device
-    cache_arg = _cache_kwarg(model)
+    def lookup(b):
+        return cache.get(run, StatesCache.batch_key([seqs[i] for i in b])) if cache is not None else None
+
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
     out = torch.empty(len(seqs), len(layers), len(offsets), hidden)
-    # a prefix leaves the last max(offsets) + 1 tokens of every member to run
-    groups = [(max(0, min(p, min(len(seqs[i]) for i in m) - 1 - max(offsets))), m) for p, m in prefix_groups(seqs)]
-    plan = []
-    for p, members in groups:
-        lengths = {i: len(seqs[i]) - p for i in members}
-        for b in _batches(members, lengths, batch_size, batch_size * 256):
-            plan.append((p, members, b))
     bar = tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False)
     try:
-        from transformers import DynamicCache
-
-        prefix_of: tuple[int, int] | None = None  # (group id, prefix length) of the cached prefix
-        prefix_cache = None
-        for p, members, b in plan:
-            key = StatesCache.batch_key([seqs[i] for i in b]) if cache is not None else ""
-            got = cache.get(run, key) if cache is not None else None
-            if got is not None:
-                out[b] = got
-                bar.update(len(b))
+        for kind, _p, _members, b, got in prefix_group_forwards(model, seqs, layers, batch_size, pad_id,
+                                                                tail=max(offsets), read=read, lookup=lookup):
+            if kind == "prefix":
                 continue
-            if p > 0 and prefix_of != (id(members), p):
-                prefix_cache = DynamicCache(config=model.config)
-                ids = torch.tensor([seqs[members[0]][:p]], device=device)
-                where["last"] = None
-                try:
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p, device=device)[None],
-                          use_cache=True, logits_to_keep=1, **{cache_arg: prefix_cache})
-                except _Stop:
-                    pass
-                prefix_of = (id(members), p)
-            width = max(len(seqs[i]) - p for i in b)
-            ids = torch.full((len(b), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(b), p + width), dtype=torch.long)
-            mask[:, :p] = 1
-            last = torch.empty(len(b), dtype=torch.long)
-            for r, i in enumerate(b):
-                suffix = seqs[i][p:]
-                ids[r, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-                mask[r, p:p + len(suffix)] = 1
-                last[r] = len(suffix) - 1
-            where["last"] = last
-            kv = _expanded_cache(prefix_cache, model, len(b)) if p > 0 else None
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=(p + torch.arange(width, device=device)).expand(len(b), -1),
-                      use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
-            except _Stop:
-                pass
-            states = torch.stack([store[l] for l in layers], dim=1)
+            states = got if kind == "cached" else torch.stack([got[l] for l in layers], dim=1)
             out[b] = states
-            if cache is not None:
-                cache.put(run, key, states)
+            if kind == "batch" and cache is not None:
+                cache.put(run, StatesCache.batch_key([seqs[i] for i in b]), states)
             bar.update(len(b))
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
     return out
 
 

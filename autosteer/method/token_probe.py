@@ -26,12 +26,10 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
     ``(states [T, k, H] fp16, tokens [M], starts [n + 1], skip)``; prompt i's token states are
     ``states[tokens[starts[i]:starts[i + 1]]]``, in order. ``skip=None``: the number of tokens every prompt
     shares (the chat template's system turn). Prompts sharing a longer prefix (one jailbreak template) run it
-    once into a KV cache, as the last-token extraction does, and share its rows. Text prompts only."""
-    from transformers import DynamicCache
-
-    from ..models import decoder_layers
+    once into a KV cache, by the last-token extraction's driver (``hidden_states.prefix_group_forwards``), and
+    share its rows. Text prompts only."""
     from ..prompting import common_prefix_len, encode_one
-    from .hidden_states import _batches, _cache_kwarg, _expanded_cache, _Stop, prefix_groups
+    from .hidden_states import prefix_group_forwards
 
     if any(not isinstance(p, str) for p in prompts):
         raise ValueError("the pooled gate reads text prompts only (an image prompt has no token states to pool here)")
@@ -49,59 +47,20 @@ def prompt_token_states(model, tokenizer, prompts: list[str], fmt, layers: list[
         n_rows += len(st)
         return torch.arange(n_rows - len(st), n_rows)
 
-    deepest = max(layers)
-    blocks = decoder_layers(model)
-    got: dict[int, torch.Tensor] = {}
-
-    def hook(_m, args, kwargs, layer):
-        got[layer] = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
-        if layer == deepest:
-            raise _Stop
-
-    hs = [blocks[layer].register_forward_pre_hook(lambda m, a, k, layer=layer: hook(m, a, k, layer), with_kwargs=True)
-          for layer in layers]
-    cache_arg = _cache_kwarg(model)
-    device = next(model.parameters()).device
+    prefix_rows: dict[int, list[torch.Tensor]] = {}  # id(group members) -> the group prefix's rows from skip on
     t0, done = time.time(), 0
-    try:
-        for p, members in prefix_groups(seqs):
-            p = max(0, min(p, min(len(seqs[i]) for i in members) - 1))
-            kv0, pre = None, None
-            if p > 0:
-                kv0 = DynamicCache(config=model.config)
-                ids = torch.tensor([seqs[members[0]][:p]], device=device)
-                try:
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p, device=device)[None],
-                          use_cache=True, logits_to_keep=1, **{cache_arg: kv0})
-                except _Stop:
-                    pass
-                if p > skip:
-                    pre = keep(torch.stack([got[layer][0, skip:p] for layer in layers], 1))
-            lengths = {i: len(seqs[i]) - p for i in members}
-            for b in _batches(members, lengths, batch_size, batch_size * 256):
-                width = max(lengths[i] for i in b)
-                ids = torch.full((len(b), width), pad)
-                mask = torch.zeros((len(b), p + width), dtype=torch.long)
-                mask[:, :p] = 1
-                for r, i in enumerate(b):
-                    ids[r, :lengths[i]] = torch.tensor(seqs[i][p:])
-                    mask[r, p:p + lengths[i]] = 1
-                kv = _expanded_cache(kv0, model, len(b)) if p > 0 else None
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          position_ids=(p + torch.arange(width, device=device)).expand(len(b), -1),
-                          use_cache=kv is not None, logits_to_keep=1, **({cache_arg: kv} if kv is not None else {}))
-                except _Stop:
-                    pass
-                st = torch.stack([got[layer] for layer in layers], 2)  # [B, W, k, H]
-                for r, i in enumerate(b):
-                    own[i] = ([pre] if pre is not None else []) + [keep(st[r, max(0, skip - p):lengths[i]])]
-                done += len(b)
-                if progress and done % 500 < len(b):
-                    print(f"  token states {done}/{len(seqs)} ({time.time() - t0:.0f} s, {n_rows} rows)", flush=True)
-    finally:
-        for h in hs:
-            h.remove()
+    forwards = prefix_group_forwards(model, seqs, layers, batch_size, pad, tail=0,
+                                     read=lambda h, _last: h.detach().float().cpu())
+    for kind, p, members, b, got in forwards:
+        if kind == "prefix":
+            prefix_rows[id(members)] = [keep(torch.stack([got[layer][0, skip:p] for layer in layers], 1))] if p > skip else []
+            continue
+        st = torch.stack([got[layer] for layer in layers], 2)  # [B, W, k, H]
+        for r, i in enumerate(b):
+            own[i] = prefix_rows.get(id(members), []) + [keep(st[r, max(0, skip - p):len(seqs[i]) - p])]
+        done += len(b)
+        if progress and done % 500 < len(b):
+            print(f"  token states {done}/{len(seqs)} ({time.time() - t0:.0f} s, {n_rows} rows)", flush=True)
     tokens = [torch.cat(o) for o in own]
     starts = torch.tensor([0] + [len(t) for t in tokens]).cumsum(0)
     return torch.cat(rows), torch.cat(tokens), starts, skip
