@@ -1,10 +1,11 @@
 """The pooled gate (``pooling="last_token|max"``, docs/method.md 7l) served by the vLLM integration: the capture runs
 the token probe on every token of a forward that runs prompt tokens, the store keeps each request's running max over
 its prompt tokens across prefill chunks and latches a request whose max passes tau before the op runs at its last
-prompt token. On the simulated V1 engine (chunked prefill, preemption) every request gets exactly the tokens, latch
-and score the transformers runtime gives it; a chunk that starts past prompt tokens no step pooled (a prefix-cache
-hit) gets a NaN score for the fail policy, never a max over part of the prompt; an engine with prefix caching on, or
-Model Runner V2, refuses the pack at start-up by name. The real engine: tests/test_vllm_real_engine.py."""
+prompt token. On the simulated V1 engine (chunked prefill, preemption, prefix-cache hits) every request gets exactly
+the tokens, latch and score the transformers runtime gives it. Under prefix caching each KV block keeps the highest
+logit of its tokens, read by the requests that reuse the block; without it, a chunk that starts past prompt tokens
+no step pooled gets a NaN score for the fail policy, never a max over part of the prompt. Model Runner V2 refuses
+the pack at start-up by name. The real engine: tests/test_vllm_real_engine.py."""
 from __future__ import annotations
 
 import math
