@@ -498,11 +498,12 @@ class _Runtime:
         return True
 
     def _pool_inputs(self, cu, spans) -> tuple:
-        """:meth:`SteerStateStore.pool`'s arguments for a prefill forward: the token probe on every row the probe
-        buffers hold (tokens past ``cu_seqlen_prefill[B]``, stale rows of an earlier forward, get row ``B``: none),
+        """:meth:`SteerStateStore.pool`'s arguments for a prefill forward: the token probe on the forward's rows of the
+        probe buffers (its tokens, counted on the host from the chunk lengths: not the buffers' stale rows beyond),
         each token's request and position (its request's cache length, tokens before this chunk, plus its offset)."""
         dev = self.store.device
-        x = self.pool.score([b.view() for b in self.probe_bufs])
+        n = sum(e - s for s, e in zip(spans[0], spans[1]))
+        x = self.pool.score([b.view()[:n] for b in self.probe_bufs])
         start, end, P = (torch.tensor(v, dtype=torch.int64, device=dev) for v in spans)
         rows, pos = token_rows(cu, start, x.shape[0])
         return x, rows, pos, start, end, P

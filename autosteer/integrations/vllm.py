@@ -437,12 +437,12 @@ class VLLMCapture:
         # the pooled gate (a pack with pooling "last_token|max"): its token probe on every token of a forward that
         # ran several tokens per request (prompt chunks), read at the last probe layer; the forward's
         # query_start_loc is kept with them to map tokens to requests. A one-token forward (decode steps) computes
-        # nothing here: the processor scores its rows itself when a row of it is a prompt's token
+        # nothing here, except under prefix caching (below): the processor scores its rows when one is a prompt's
         self.pool = TokenPool(pack.pool_probe(), k, dev) if pack.pool is not None else None
         self.pool_logits: torch.Tensor | None = None
         self.pool_skip = pack.pool_skip
-        # ... under prefix caching (enable_kv_pool): every computed token's logit is also kept at its KV slot, so that
-        # a request whose prompt prefix is served from the cache pools those tokens as they were computed then
+        # ... under prefix caching (enable_kv_pool): every computed token's logit is folded into its KV block's max, so
+        # that a request whose prompt prefix is served from the cache pools those tokens as they were computed then
         self.kv_max: torch.Tensor | None = None  # per KV block (+1 for padding): the highest token logit kept
         self.kv_bad: torch.Tensor | None = None
         self.kv_block = 0
