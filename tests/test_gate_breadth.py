@@ -20,6 +20,35 @@ needs_sources = pytest.mark.skipif(bool(D.missing_sources()), reason="pinned dat
 
 # ------------------------------------------------------------------------------ data
 @needs_sources
+def test_outside_benign_sets_are_benign_new_and_read_no_reserved_file(monkeypatch):
+    """The outside check's sets (benchmarks/outside_benign.py) hold benign prompts none of the fit data or the dev
+    sets the packs were chosen on holds, and reading them never opens a file reserved for independent evaluation."""
+    opened = []
+    real = D._locate
+    monkeypatch.setattr(D, "_locate", lambda dist, rel: opened.append(rel) or real(dist, rel))
+    D.load_outside_benign.cache_clear()
+    try:
+        out = D.load_outside_benign()
+    finally:
+        D.load_outside_benign.cache_clear()
+    assert opened and not any(r.endswith(("gsm8k_100.json", "expanded_70.json")) or "garak" in r for r in opened), opened
+    assert set(out) == set(D.OUTSIDE_SOURCES)
+    for name, ps in out.items():
+        assert len(ps) >= 50, name
+        assert all(p.label == D.BENIGN and p.meta["split"] == "dev" for p in ps)
+        assert len({D.normalize_text(p.text) for p in ps}) == len(ps), f"{name}: duplicates kept"
+    fd = default_fit_data(jailbreak_fit=0, style="broad")
+    seen = {D.normalize_text(t) for t in fd.harmful + fd.benign}
+    seen |= {D.normalize_text(s["texts"][i]) for s in D.breadth_dev_sets(20) for i in range(len(s["texts"]))}
+    assert not any(D.normalize_text(p.text) in seen for ps in out.values() for p in ps)
+    # tau2's briefs are addressed to the customer; the prompts are the customer's own words
+    cs = [p.text for p in out["customer_service"]]
+    assert not any(re.match(r"You\b", t) for t in cs)
+    assert D._first_person("You received your order and wish to return the watch you have received.") \
+        == "I received my order and wish to return the watch I have received."
+
+
+@needs_sources
 def test_external_benign_sources_load_split_and_stay_apart():
     ext = D.load_external_benign()
     assert set(ext) == set(D.EXTERNAL_DEV_ONLY + D.EXTERNAL_SPLIT)
