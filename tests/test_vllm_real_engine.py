@@ -578,39 +578,60 @@ def test_the_pooled_pack_is_served_with_prefix_caching(started, servers, referen
     assert mine == plain, (mine, plain)
 
 
-def test_named_operating_points_on_the_real_engine(tmp_path, servers, reference):
-    """``AUTOSTEER_TAU=strict``: a pack without that operating point stops the start-up with a named error; a
-    pack that has it is served at that point's threshold (here the test's own 0.5, so the answers equal the
-    steered server's), and a request may name a stricter point of the pack in ``vllm_xargs``."""
+def _named_pack(path: Path) -> Path:
+    """The test pack with named operating points: ``strict`` is the test's own threshold (so a server at it answers
+    as the steered server does), ``balanced`` and ``permissive`` looser."""
     from autosteer.method.pack import load_pack
 
-    answers, gate = reference
     named = load_pack(PACK)
     named.meta["operating_points"] = {
         "strict": {"tau": float(TAU), "val_fpr": 0.0, "val_tpr": 0.0},
         "balanced": {"tau": 0.9, "val_fpr": 0.0, "val_tpr": 0.0},
         "permissive": {"tau": 0.99, "val_fpr": 0.0, "val_tpr": 0.0}}
-    named_path = named.save(tmp_path / "named.pack.safetensors")
-    bad = Server("no-such-point", tmp_path, pack=PACK, env={"AUTOSTEER_TAU": "strict"})
-    good = Server("named-point", tmp_path, pack=named_path, env={"AUTOSTEER_TAU": "strict"})
+    return named.save(path / "named.pack.safetensors")
+
+
+@pytest.fixture(scope="module")
+def named_refusing_server(tmp_path_factory, servers):
+    """One more steered server (eager), started after the others answer, for two settings that each need a server
+    of their own and do not interact: ``AUTOSTEER_TAU=strict`` on a pack with named operating points, and
+    ``AUTOSTEER_PROMPT_CHECK=refuse`` (requests off the pack's prompt format refused). One start instead of two
+    keeps the suite's time down; each test reads only its own requests' log lines."""
+    _require_engine()
+    d = tmp_path_factory.mktemp("vllm-named-refuse")
+    # launched side by side with it: a server whose pack lacks the named point, which must stop at start-up
+    bad = Server("no-such-point", d, pack=PACK, env={"AUTOSTEER_TAU": "strict"})
+    srv = Server("named-refuse", d, pack=_named_pack(d),
+                 env={"AUTOSTEER_TAU": "strict", "AUTOSTEER_PROMPT_CHECK": "refuse"})
+    srv.no_such_point = bad
     try:
-        rc = bad.wait_exit()
-        log = bad.log()
-        assert rc != 0 and "VLLMIntegrationError" in log and "AUTOSTEER_TAU='strict'" in log, log[-3000:]
-        assert "not in this pack" in log and "refit" in log, log[-3000:]
-        good.wait_ready()
-        for p in (HARMFUL[0], BENIGN[0]):
-            assert good.answer(p) == answers[p][1], p  # served at 0.5, as the steered server
-        assert REFUSAL.match(good.answer(HARMFUL[0]))
-        # per request: "strict" is this server's own point (restated: nothing changes); "permissive" is looser
-        assert good.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "strict"}) == answers[BENIGN[0]][1]
-        status, body = good.post_status("/v1/chat/completions", {
-            "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4,
-            "vllm_xargs": {"autosteer_tau": "permissive"}})
-        assert status == 400 and "is above this server's threshold 0.5" in body, (status, body[:500])
+        print(f"\nreal engine: named-point, format-refusing server ready after {srv.wait_ready():.0f} s")
+        yield srv
     finally:
         bad.stop()
-        good.stop()
+        srv.stop()
+
+
+def test_named_operating_points_on_the_real_engine(servers, reference, named_refusing_server):
+    """``AUTOSTEER_TAU=strict``: a pack without that operating point stops the start-up with a named error; a
+    pack that has it is served at that point's threshold (here the test's own 0.5, so the answers equal the
+    steered server's), and a request may name a stricter point of the pack in ``vllm_xargs``."""
+    answers, gate = reference
+    good = named_refusing_server
+    bad = good.no_such_point
+    rc = bad.wait_exit()
+    log = bad.log()
+    assert rc != 0 and "VLLMIntegrationError" in log and "AUTOSTEER_TAU='strict'" in log, log[-3000:]
+    assert "not in this pack" in log and "refit" in log, log[-3000:]
+    for p in (HARMFUL[0], BENIGN[0]):
+        assert good.answer(p) == answers[p][1], p  # served at 0.5, as the steered server
+    assert REFUSAL.match(good.answer(HARMFUL[0]))
+    # per request: "strict" is this server's own point (restated: nothing changes); "permissive" is looser
+    assert good.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "strict"}) == answers[BENIGN[0]][1]
+    status, body = good.post_status("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4,
+        "vllm_xargs": {"autosteer_tau": "permissive"}})
+    assert status == 400 and "is above this server's threshold 0.5" in body, (status, body[:500])
 
 
 # -- per-request settings (vllm_xargs) ------------------------------------------------------------
@@ -873,20 +894,6 @@ def _complete(server: Server, prompt: str, max_tokens: int = 12) -> str:
     return server.post("/v1/completions", body)["choices"][0]["text"]
 
 
-@pytest.fixture(scope="module")
-def refusing_server(tmp_path_factory, servers):
-    """A steered server (eager, the shipped pack) that refuses requests off the pack's prompt format, started after
-    the other servers answer."""
-    _require_engine()
-    d = tmp_path_factory.mktemp("vllm-format")
-    srv = Server("format-refuse", d, pack=PACK_LAYERS, env={"AUTOSTEER_PROMPT_CHECK": "refuse"})
-    try:
-        print(f"\nreal engine: format-refusing server ready after {srv.wait_ready():.0f} s")
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_off_format_requests_are_named_and_gated_as_usual_by_default(servers):
     """The default policy (warn): a request with its own system prompt, or a completion without the chat template,
     is served as the gate decides -- a benign one answered as the plain server answers it -- and the server's log
@@ -908,13 +915,14 @@ def test_off_format_requests_are_named_and_gated_as_usual_by_default(servers):
     assert OFF_END in new and "REFUSED" not in new
 
 
-def test_off_format_requests_are_refused_under_refuse(servers, refusing_server):
+def test_off_format_requests_are_refused_under_refuse(servers, named_refusing_server):
     """``AUTOSTEER_PROMPT_CHECK=refuse``: benign requests in the pack's format (a single turn, a multi-turn chat) get
     the plain server's answers; the same benign question under another system prompt, and a completion without the
     chat template, are refused from their first token, and the log says why."""
     plain, _ = servers
-    srv = refusing_server
+    srv = named_refusing_server
     assert "AUTOSTEER_PROMPT_CHECK=refuse" in srv.log()
+    log0 = len(srv.log())  # the server also serves the named-point test: read only the log from here on
     for q in FORMAT_BENIGN:
         assert srv.answer(q) == plain.answer(q)
     turns = [{"role": "user", "content": "Hi! I have a question about my garden."},
@@ -925,11 +933,18 @@ def test_off_format_requests_are_refused_under_refuse(servers, refusing_server):
     ans = _chat_with(srv, sys_chat)
     assert REFUSAL.match(ans) and not REFUSAL.match(_chat_with(plain, sys_chat)), ans
     _complete(srv, FORMAT_BENIGN[1])
-    wait_decisions(srv, 5)  # the five requests so far, logged as each is released
+    # a finished request is logged at the next batch update: flush until both refusals are logged (the window may
+    # also hold the named-point test's last, benign request and the flushes, none of them steered)
     tag = "[refused: steered from its first token (prompt off the pack's format)]"
-    lines = [line for line in srv.log().splitlines() if DECISION.search(line)]
-    refused_lines = [line for line in lines if tag in line]
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for line in srv.log()[log0:].splitlines() if DECISION.search(line)]
+        refused_lines = [line for line in lines if tag in line]
+        if len(refused_lines) >= 2 or time.monotonic() > deadline:
+            break
+        srv.answer("Say hi.", max_tokens=2)
+        time.sleep(0.5)
     assert len(refused_lines) == 2 and all(" STEERED (" in line and "latched_at=0," in line for line in refused_lines)
     assert sum(" STEERED (" in line for line in lines) == 2  # the requests in the format were not
-    log = srv.log()
+    log = srv.log()[log0:]
     assert "another system prompt" in log and "generation prompt" in log and "REFUSED" in log
