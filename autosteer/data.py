@@ -898,18 +898,22 @@ def load_external_benign() -> dict[str, tuple[Prompt, ...]]:
     rows["mind2web_tasks"] = [r["confirmed_task"] for r in json.loads(_locate(*_MIND2WEB).read_text(encoding="utf-8"))]
     with _locate(*_SWELANCER).open(encoding="utf-8", newline="") as fh:
         rows["swelancer_titles"] = [_swelancer_title(r["title"]) for r in csv.DictReader(fh)]
-    out = {}
-    for name, texts in rows.items():
-        seen, kept = set(), []
-        for t in texts:
-            t = " ".join(t.split())
-            k = normalize_text(t)
-            if len(t) >= 12 and k not in seen:
-                seen.add(k)
-                side = "dev" if name in EXTERNAL_DEV_ONLY else hash_split(t, "external-split")
-                kept.append(Prompt(t, BENIGN, f"external:{name}", name, meta={"split": side}))
-        out[name] = tuple(kept)
-    return out
+    return {name: _benign_prompts([" ".join(t.split()) for t in texts], f"external:{name}", name,
+                                  lambda t, name=name: "dev" if name in EXTERNAL_DEV_ONLY
+                                  else hash_split(t, "external-split"))
+            for name, texts in rows.items()}
+
+
+def _benign_prompts(texts: list[str], source: str, category: str, split) -> tuple[Prompt, ...]:
+    """Benign :class:`Prompt` s of ``texts`` (already cleaned by the caller), in order: texts under 12 characters and
+    repeats (by :func:`normalize_text`) dropped; ``meta["split"]`` is ``split(text)``."""
+    seen, kept = set(), []
+    for t in texts:
+        k = normalize_text(t)
+        if len(t) >= 12 and k not in seen:
+            seen.add(k)
+            kept.append(Prompt(t, BENIGN, source, category, meta={"split": split(t)}))
+    return tuple(kept)
 
 
 # --------------------------------------------------------------------------------------------
@@ -981,17 +985,8 @@ def load_outside_benign() -> dict[str, tuple[Prompt, ...]]:
     rows["reading_comprehension"] = [r["text"] for r in rho("bias/bbq_300.json")]
     rows["reasoning_puzzles"] = [r.get("prompt") or r["text"] for f in _RHO_REASONING for r in rho(f)]
     rows["fact_checks"] = [f"True or false: {r['text']}" for f in _RHO_FACTS for r in rho(f)]
-    out = {}
-    for name, texts in rows.items():
-        seen, kept = set(), []
-        for t in texts:
-            t = t.strip()
-            k = normalize_text(t)
-            if len(t) >= 12 and k not in seen:
-                seen.add(k)
-                kept.append(Prompt(t, BENIGN, f"outside:{name}", name, meta={"split": "dev"}))
-        out[name] = tuple(kept)
-    return out
+    return {name: _benign_prompts([t.strip() for t in texts], f"outside:{name}", name, lambda t: "dev")
+            for name, texts in rows.items()}
 
 
 def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
