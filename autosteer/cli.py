@@ -248,7 +248,8 @@ def cmd_fit(args) -> int:
               prompt_format=PromptFormat(system=args.system, max_prompt_tokens=args.max_prompt_tokens))
     # options left unset keep the preset's (or FitConfig's) value
     for name in ("layer_rule", "target_fpr", "genre_fpr", "tau_rule", "fit_data", "jailbreak_fit", "monitor_prompts",
-                 "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots", "pooling", "pool_budget_scale"):
+                 "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots", "pooling", "pool_budget_scale",
+                 "benign_weighting"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.head_rank is not None:
@@ -635,6 +636,7 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosteer", description="AutoSteer: inference-time safety steering for frozen LLMs")
     from . import __version__
+    from .method.fit import BENIGN_WEIGHTINGS
     from .method.pack import POOLINGS
 
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -703,7 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt token, firing when either passes tau ('last_token|max': catches reworded harm; served by "
                         "transformers, refused by name by vLLM and TGI; docs/method.md 7l)")
     p.add_argument("--pool-budget-scale", type=float, default=None, metavar="X",
-                   help="with --pooling last_token|max: the false-positive budgets times X (default 1.5, docs/method.md 7l)")
+                   help="with --pooling last_token|max: the false-positive budgets times X (default 1.75, docs/method.md 7l, 7n)")
+    p.add_argument("--benign-weighting", default=None, choices=list(BENIGN_WEIGHTINGS),
+                   help="how the gate probe's loss weighs the benign fit prompts: 'group' (default: every genre and "
+                        "benign source the same total weight) or 'none' (every prompt the same; docs/method.md 7n)")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)

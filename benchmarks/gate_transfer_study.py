@@ -107,37 +107,42 @@ def features(S: torch.Tensor, offsets: tuple[int, ...], layer_pos, feature: str)
     return x.mean(1) if how == "mean" else x.flatten(1)
 
 
-def train_probe_bagged(x, y, members: int, hidden, epochs, lr, weight_decay, seed):
+def train_probe_bagged(x, y, members: int, hidden, epochs, lr, weight_decay, seed, sample_weight=None):
     """``members`` probes, each trained on a bootstrap resample of the rows (multinomial counts used as sample
     weights) from its own initialisation; one probe whose logit is their mean (hidden units side by side, ``w2``
     scaled by 1/K: the same MLP form the op serves). ``members=1``: the fit's one probe on every row."""
     from autosteer.method.probe import Probe, train_probe
 
     if members == 1:
-        return train_probe(x, y, hidden, epochs, lr, weight_decay, seed)
+        return train_probe(x, y, hidden, epochs, lr, weight_decay, seed, sample_weight=sample_weight)
     g, n, ps = torch.Generator().manual_seed(10_007 * seed + 1), len(y), []
     for m in range(members):
         counts = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).float()
-        ps.append(train_probe(x, y, hidden, epochs, lr, weight_decay, seed * 1000 + m, sample_weight=counts))
+        ps.append(train_probe(x, y, hidden, epochs, lr, weight_decay, seed * 1000 + m,
+                              sample_weight=counts if sample_weight is None else counts * sample_weight))
     return Probe(torch.cat([p.W1 for p in ps]), torch.cat([p.b1 for p in ps]), torch.cat([p.w2 for p in ps]) / members,
                  torch.stack([p.b2 for p in ps]).mean(0))
 
 
-def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden, budget, seed=0, members=1) -> dict:
+def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden, budget, seed=0, members=1,
+                weighting="none") -> dict:
     """The fit's own gate rule on these features: out-of-fold scores of every fit row set the operating
-    points (:func:`autosteer.method.fit.operating_points`), the probe is trained on every row."""
-    from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores
+    points (:func:`autosteer.method.fit.operating_points`), the probe is trained on every row. ``weighting``: the
+    probe loss's benign weights (``FitConfig.benign_weighting``: "group" weighs every benign group the same)."""
+    from autosteer.method.fit import FitConfig, benign_group_weights, operating_points, out_of_fold_scores
     from autosteer.method.probe import auroc
 
-    cfg = FitConfig(probe_hidden=hidden, seed=seed, **({} if budget is None else {"target_fpr": budget}))
+    cfg = FitConfig(probe_hidden=hidden, seed=seed, benign_weighting=weighting,
+                    **({} if budget is None else {"target_fpr": budget}))
     # one layer, or several read together (their features concatenated)
     lp = [layers.index(v) for v in layer] if isinstance(layer, (list, tuple)) else layers.index(layer)
     texts = fitdata.harmful + fitdata.benign
     y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
     groups = ["harmful"] * len(fitdata.harmful) + list(fitdata.benign_groups or ["other"] * len(fitdata.benign))
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
+    w = benign_group_weights(y, groups) if weighting == "group" else None
     train = lambda rows: train_probe_bagged(X[rows], y[rows], members, hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
-                                            cfg.probe_weight_decay, seed)
+                                            cfg.probe_weight_decay, seed, None if w is None else w[rows])
     keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold
     oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, seed, keys)
     points = operating_points(oof, y, groups, cfg)
@@ -213,6 +218,10 @@ def main() -> int:
     ap.add_argument("--members", default="1",
                     help="probes per gate, bagged (bootstrap resamples, logits averaged); several, e.g. '1,5', compare "
                          "(with --layer-sets)")
+    ap.add_argument("--weighting", default="none",
+                    help="the probe loss's benign weights (FitConfig.benign_weighting): 'none' (every prompt the same, "
+                         "as every study before 7n), 'group' (every benign group the same total weight), or both, "
+                         "'none,group', to compare (with --layer-sets)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     offsets = tuple(int(x) for x in args.offsets.split(","))
@@ -289,18 +298,20 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
     keys = ["val_auroc", "tau"] + [k for k, _ in COLUMNS]
     rows = []
     member_counts = [int(v) for v in args.members.split(",")]
-    for data, spec in [(d, sp) for d in datas for sp in args.layer_sets.split(";")]:
+    weightings = args.weighting.split(",")
+    for data, spec, weighting in [(d, sp, wt) for d in datas for sp in args.layer_sets.split(";") for wt in weightings]:
         ls = tuple(int(v) for v in spec.split("+"))
         for members in member_counts:
             runs = {pt: [] for pt in points}
             for seed in seeds:
                 for pt, row in run_variant(S, index, offsets, layers, fits[data], sets, ls, feature, hidden,
-                                           args.budget, seed, members).items():
+                                           args.budget, seed, members, weighting).items():
                     if pt in runs:
                         runs[pt].append({"val_auroc": row["val_auroc"], "tau": row["tau"], **summarize(row)})
             for pt in points:
                 agg = {k: [r[k] for r in runs[pt]] for k in keys}
-                name = f"{f'{data} ' if len(datas) > 1 else ''}L{spec}{f' x{members} bagged' if members > 1 else ''} {pt}"
+                name = (f"{f'{data} ' if len(datas) > 1 else ''}L{spec}{f' x{members} bagged' if members > 1 else ''}"
+                        f"{f' weighting {weighting}' if len(weightings) > 1 else ''} {pt}")
                 rows.append((name, agg))
                 print(name, " ".join(f"{k}={100 * sum(v) / len(v):.1f}" for k, v in agg.items() if k in dict(COLUMNS)),
                       flush=True)
@@ -318,11 +329,15 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
                      + " | ".join(cell(agg[k]) for k, _ in COLUMNS) + " |")
     import shlex
 
-    md = ["# Gate study: probes reading several layers (issue 17, item 4)", "",
+    title = ("the probe loss's benign weighting" if len(weightings) > 1 else "probes reading several layers")
+    md = [f"# Gate study: {title} (issue 17, item 4)", "",
           f"Command: `python benchmarks/gate_transfer_study.py {shlex.join(sys.argv[1:])}` "
           f"(probes: {time.time() - t1:.0f} s with {torch.get_num_threads()} torch threads; cached states of {n_texts} "
           "prompts).", "",
-          f"Fit data {', '.join(f'`{d}`' for d in datas)}, position `{feature}`, probe hidden {hidden}. `L12+16+20` is one probe on the residual "
+          f"Fit data {', '.join(f'`{d}`' for d in datas)}, position `{feature}`, probe hidden {hidden}, benign loss weighting "
+          f"{', '.join(f'`{w}`' for w in weightings)} (`none`: every benign fit prompt the same weight; `group`: every benign "
+          "group -- genre, external source, safe contrast prompts, wrapped, rephrased, the rest -- the same total weight, "
+          "`FitConfig.benign_weighting`). `L12+16+20` is one probe on the residual "
           f"streams entering layers 12, 16 and 20 at position `{feature}` ({FEATURE_NOTES.get(feature, feature)}), "
           "concatenated. Each variant runs the fit's "
           "own gate rule, as in [gate_transfer_study.md](gate_transfer_study.md): out-of-fold scores set the operating "

@@ -18,7 +18,7 @@ from autosteer.prompting import PromptFormat
 
 #: FitConfig fields added after the shipped packs were fitted, with the value that is the fit as it was before the
 #: field existed: a pack that does not record such a field was fitted with that value (any other default fails)
-ADDED_SINCE = {"system_copies": [], "pool_budget_scale": 1.5}
+ADDED_SINCE = {"system_copies": [], "pool_budget_scale": 1.5, "benign_weighting": "none"}
 OPERATIONAL = {"progress", "states_cache"}  # where states are cached and progress bars: no effect on the pack
 
 
@@ -109,7 +109,7 @@ def test_shipped_pooled_pack_is_the_default_fit_with_a_pooled_gate():
     assert pooled.pooling == "last_token|max" and pooled.pool is not None and plain.pool is None
     assert pooled.layers == plain.layers and pooled.pool_skip == 24
     scale = pooled.meta["pool"]["budget_scale"]
-    assert scale == FitConfig().pool_budget_scale and "<= 0.075 pooled" in pooled.meta["tau_rule"]
+    assert scale == FitConfig().pool_budget_scale and f"<= {FitConfig().target_fpr * scale:g} pooled" in pooled.meta["tau_rule"]
     assert pooled.tau == pooled.meta["operating_points"]["balanced"]["tau"]
     assert pooled.meta["pool"]["budget_scan"][f"{scale:g}"]["tau"] == pooled.tau
     with pytest.raises(ValueError, match="no pooled monitor pack"):

@@ -39,6 +39,10 @@ def test_paper_preset_is_the_papers_configuration():
     assert (high.layer_rule, high.target_fpr, high.tau_rule, high.fit_data, high.jailbreak_fit) == \
         ("depth:0.69", 0.20, "fpr", "default", 400)
     assert FitConfig.preset("default") == FitConfig(preset_name="default")
+    # every benign genre weighs the same in the gate probe's loss by default; the presets of before keep every
+    # prompt at the same weight, as they were fitted
+    assert d.benign_weighting == "group"
+    assert {FitConfig.preset(n).benign_weighting for n in ("paper", "low-fp", "high-recall")} == {"none"}
 
 
 def test_presets_take_overrides_and_reject_unknown_names():
@@ -57,6 +61,8 @@ def test_presets_take_overrides_and_reject_unknown_names():
         FitConfig(genre_fpr=1.5)
     with pytest.raises(ValueError, match="calibration_folds"):
         FitConfig(calibration_folds=1)
+    with pytest.raises(ValueError, match="benign_weighting"):
+        FitConfig(benign_weighting="inverse")
 
 
 def test_gate_with_paper_threshold_uses_tau_half():

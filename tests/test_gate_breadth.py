@@ -119,6 +119,58 @@ def test_budget_threshold_honours_pooled_and_per_genre_budgets():
     assert budget_threshold(t, [genres[0]] * 40, target_fpr=0.5, genre_fpr=0.0, contrast_fpr=0.1) == pytest.approx(0.1)
 
 
+def test_group_weighting_gives_every_benign_group_one_share_and_lowers_a_small_genre():
+    """``benign_weighting="group"``: each benign group weighs the same in the gate probe's loss, so a genre of a few
+    prompts that looks like harm on one feature is learnt as benign instead of drowned by a large easy group."""
+    from autosteer.method.fit import benign_group_weights
+    from autosteer.method.probe import train_probe
+
+    y = torch.tensor([1.0] * 100 + [0.0] * 300 + [0.0] * 12)
+    groups = ["harmful"] * 100 + ["other"] * 300 + ["fiction_writing"] * 12
+    w = benign_group_weights(y, groups)
+    assert torch.equal(w[:100], torch.ones(100))  # harmful rows untouched
+    assert float(w[100:400].sum()) == pytest.approx(156.0) and float(w[400:].sum()) == pytest.approx(156.0)
+    assert float(w[100:].sum()) == pytest.approx(312.0)  # the benign rows weigh as many as they are
+    # one benign group: every weight exactly 1, the unweighted probe bit for bit
+    assert torch.equal(benign_group_weights(y, ["harmful"] * 100 + ["other"] * 312), torch.ones(412))
+    with pytest.raises(ValueError, match="groups"):
+        benign_group_weights(y, groups[:-1])
+    # harm on feature 0; the easy benign group far from it; the small genre shares feature 0 with harm and
+    # differs on feature 1 only
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.tensor([2.0, 0.0]) + 0.5 * torch.randn(100, 2, generator=g),
+                   torch.tensor([-2.0, 0.0]) + 0.5 * torch.randn(300, 2, generator=g),
+                   torch.tensor([1.5, 1.5]) + 0.5 * torch.randn(12, 2, generator=g)])
+    plain = train_probe(X, y, hidden=8, epochs=200, seed=0).score(X[400:]).mean()
+    weighted = train_probe(X, y, hidden=8, epochs=200, seed=0, sample_weight=w).score(X[400:]).mean()
+    assert weighted < plain - 0.1
+
+
+@pytest.mark.parametrize("weighting", ["group", "none"])
+def test_the_gate_fit_trains_its_probe_with_the_configured_weights(monkeypatch, weighting):
+    """The fit's gate (out-of-fold probes and the served one) is trained with ``benign_group_weights`` under
+    ``benign_weighting="group"`` and with none under ``"none"``."""
+    from autosteer.method import fit as F
+
+    seen = []
+    real = F.train_probe
+    monkeypatch.setattr(F, "train_probe", lambda x, y, *a, sample_weight=None, **k: seen.append((len(y), sample_weight))
+                        or real(x, y, 4, 5, sample_weight=sample_weight))
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([1.0] * 40 + [0.0] * 60)
+    groups = ["harmful"] * 40 + ["other"] * 40 + ["math"] * 20
+    X = torch.randn(100, 1, 6, generator=g)
+    cfg = FitConfig(layer_rule="0", tau_rule="budget", benign_weighting=weighting, progress=False)
+    gate = F.fit_gate_sampled(X, torch.arange(100), lambda layers: X[:, layers], y, cfg, groups=groups)
+    assert gate.probe is not None and len(seen) == 1 + cfg.calibration_folds + 1  # layer sweep, folds, served
+    n, w = seen[-1]  # the served probe: every row
+    if weighting == "none":
+        assert all(sw is None for _, sw in seen)
+    else:
+        assert n == 100 and torch.equal(w, F.benign_group_weights(y, groups))
+        assert all(sw is not None and len(sw) == m for m, sw in seen)
+
+
 def test_out_of_fold_scores_never_score_a_row_with_a_probe_that_saw_it():
     n = 40
     y = torch.tensor([1.0] * 15 + [0.0] * 25)

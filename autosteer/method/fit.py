@@ -63,18 +63,20 @@ PRESETS: dict[str, dict] = {
         "fit_data": "paper",
         "jailbreak_fit": 0,
         "monitor_prompts": 0,  # the paper probes the prompt only
+        "benign_weighting": "none",
     },
     # this project's default (equal to FitConfig())
     "default": {},
     # the previous default (layer 17 of SmolLM2's 30, 15% validation FPR): fewer false positives on
     # long benign prompts (WritingBench 8.3% vs 11.7%), less detection and more over-refusal on the
     # sensitive-but-benign set (docs/method.md 7d)
-    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15, "tau_rule": "fpr", "fit_data": "default", "jailbreak_fit": 400},
+    "low-fp": {"layer_rule": "depth:0.6", "target_fpr": 0.15, "tau_rule": "fpr", "fit_data": "default", "jailbreak_fit": 400,
+               "benign_weighting": "none"},
     # the default before issue 17: the shipped fit sources without the genres, rephrasings and external
     # benign traffic, tau at 20% validation FPR -- more harmful requests caught, and a benign prompt of
     # some genres in three steered (docs/results/gate_transfer_study.md)
     "high-recall": {"layer_rule": "depth:0.69", "target_fpr": 0.20, "tau_rule": "fpr", "fit_data": "default",
-                    "jailbreak_fit": 400},
+                    "jailbreak_fit": 400, "benign_weighting": "none"},
 }
 
 
@@ -168,6 +170,8 @@ def compute_model(model, mode):
 MONITOR_RESPONSES = ("forced", "own")
 #: the pooled token probe's training: passes over the fit prompts, prompts per step (docs/results/gate_pooling_study.md)
 POOL_EPOCHS, POOL_BATCH = 30, 64
+#: FitConfig.benign_weighting values
+BENIGN_WEIGHTINGS = ("group", "none")
 #: budget scales whose balanced threshold a pooled pack records (meta pool.budget_scan)
 POOL_BUDGET_SCAN = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)
 
@@ -217,8 +221,15 @@ class FitConfig:
     # the pooled gate's budgets are the ones above times this: the union's out-of-fold benign scores run higher than
     # the served probes' by more than a last-token probe's do (a max over ~50 tokens of a probe fitted on 3/4 of the
     # rows); chosen on dev so that the pooled gate fires on the benign dev mix about as often as the last-token gate
-    # (docs/method.md 7l). Unused with pooling "last_token"
-    pool_budget_scale: float = 1.5
+    # (docs/method.md 7l; 1.5 until the benign weighting of 7n, under which 1.5 fired on 0.4% of the benign dev mix
+    # against the last-token gate's 0.8%, and 1.75 on 0.7%). Unused with pooling "last_token"
+    pool_budget_scale: float = 1.75
+    # how the gate probe's loss weighs the benign fit prompts: "group" -- every benign group (each genre, external
+    # source, the safe contrast prompts, the wrapped and the rephrased benign prompts, the rest) the same total
+    # weight, so a genre of 40 prompts counts as much as the 1,000 other benign prompts (docs/method.md 7n: the worst
+    # dev genre 5.2% -> 2.5%, wrapped recall +4 points, same budget, 3 seeds); "none" -- every prompt the same (the
+    # default before). A fit with one benign group (the "paper" data, your own --benign files) is the same either way
+    benign_weighting: str = "group"
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
     fit_data: str = "broad"
@@ -288,6 +299,8 @@ class FitConfig:
             raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.benign_weighting not in BENIGN_WEIGHTINGS:
+            raise ValueError(f"benign_weighting must be one of {list(BENIGN_WEIGHTINGS)}, got {self.benign_weighting!r}")
         if not (math.isfinite(self.pool_budget_scale) and self.pool_budget_scale > 0):
             raise ValueError(f"pool_budget_scale must be a positive number, got {self.pool_budget_scale}")
         if self.pooling != "last_token" and self.tau_rule != "budget":
@@ -702,6 +715,22 @@ class GatePlan:
         return torch.unique(torch.cat([self.random_h, self.random_b]))
 
 
+def benign_group_weights(y: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+    """``[n]`` loss weights of ``FitConfig.benign_weighting="group"``: harmful rows (``y == 1``) 1; every benign
+    group (``groups``, one name per row) the same total weight, the benign rows together as many as they are. With
+    one benign group every weight is exactly 1 (the unweighted probe)."""
+    if len(groups) != len(y):
+        raise ValueError(f"benign_group_weights: {len(groups)} groups for {len(y)} rows")
+    benign = [i for i, v in enumerate(y.tolist()) if v == 0]
+    count: dict[str, int] = {}
+    for i in benign:
+        count[groups[i]] = count.get(groups[i], 0) + 1
+    w = torch.ones(len(y))
+    for i in benign:  # n_benign / (n_groups * |group|): each group n_benign / n_groups in total
+        w[i] = len(benign) / (len(count) * count[groups[i]])
+    return w
+
+
 def gate_plan(y: torch.Tensor, n_pairs: int, cfg: FitConfig) -> GatePlan:
     gen = torch.Generator().manual_seed(cfg.seed)
     n_h = int(y.sum())
@@ -758,19 +787,23 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
         sas, sas_pairing = sas_random, "random"
     train_idx, val_idx = plan.train_idx, plan.val_idx
 
+    # the probe loss's weights (FitConfig.benign_weighting), for the layer sweep's probes as for the gate's
+    w = benign_group_weights(y, groups) if cfg.benign_weighting == "group" and groups is not None else None
     if val_auroc is None:
         tr = [int(r) for r in train_idx if int(r) in pos]
         va = [int(r) for r in val_idx if int(r) in pos]
         todo = set(range(full.shape[1]) if sweep_layers is None else sweep_layers)
         Xt, Xv = take(tr), take(va)
         val_auroc = [auroc(train_probe(Xt[:, layer], y[tr], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,
-                                       cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size).score(Xv[:, layer]), y[va])
+                                       cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size,
+                                       sample_weight=None if w is None else w[tr]).score(Xv[:, layer]), y[va])
                      if layer in todo else float("nan") for layer in range(full.shape[1])]
     layers, rule = choose_layers(cfg.layer_rule, sas, val_auroc)
     layer = layers[0]
     XL = probe_features(layer_states(layers))
     train = lambda rows: train_probe(XL[rows], y[rows], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
-                                     cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size)
+                                     cfg.probe_weight_decay, cfg.seed, cfg.probe_batch_size,
+                                     sample_weight=None if w is None else w[rows])
     if cfg.tau_rule == "budget":
         # every row scored by a probe that never saw it (out-of-fold), so the budget is set on all the
         # benign fit prompts, ~4x the validation split (a genre has ~40 instead of ~10); the served
@@ -1191,6 +1224,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "val_auroc": val_auroc,
         "probe_hidden": cfg.probe_hidden,
         "pooling": cfg.pooling,
+        "benign_weighting": cfg.benign_weighting,
         # the pooled gate's token probe (pack tensors pool.*): pooled from prompt position pool_skip on
         **({"pool_skip": pool_meta["skip"], "pool": pool_meta} if pool is not None else {}),
         "preset": cfg.preset_name,
