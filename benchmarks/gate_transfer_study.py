@@ -129,7 +129,7 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     """The fit's own gate rule on these features: out-of-fold scores of every fit row set the operating
     points (:func:`autosteer.method.fit.operating_points`), the probe is trained on every row. ``weighting``: the
     probe loss's benign weights (``FitConfig.benign_weighting``: "group" weighs every benign group the same)."""
-    from autosteer.method.fit import FitConfig, benign_group_weights, operating_points, out_of_fold_scores
+    from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores, probe_loss_weights
     from autosteer.method.probe import auroc
 
     cfg = FitConfig(probe_hidden=hidden, seed=seed, benign_weighting=weighting,
@@ -140,7 +140,7 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
     groups = ["harmful"] * len(fitdata.harmful) + list(fitdata.benign_groups or ["other"] * len(fitdata.benign))
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
-    w = benign_group_weights(y, groups) if weighting == "group" else None
+    w = probe_loss_weights(cfg, y, groups)  # the fit's own weights (cfg carries the weighting)
     train = lambda rows: train_probe_bagged(X[rows], y[rows], members, hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
                                             cfg.probe_weight_decay, seed, None if w is None else w[rows])
     keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold

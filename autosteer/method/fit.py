@@ -731,6 +731,11 @@ def benign_group_weights(y: torch.Tensor, groups: Sequence[str]) -> torch.Tensor
     return w
 
 
+def probe_loss_weights(cfg: FitConfig, y: torch.Tensor, groups: Sequence[str] | None) -> torch.Tensor | None:
+    """The gate probe's per-row loss weights under ``cfg.benign_weighting`` (None: every row weighs 1)."""
+    return benign_group_weights(y, groups) if cfg.benign_weighting == "group" and groups is not None else None
+
+
 def gate_plan(y: torch.Tensor, n_pairs: int, cfg: FitConfig) -> GatePlan:
     gen = torch.Generator().manual_seed(cfg.seed)
     n_h = int(y.sum())
@@ -788,7 +793,7 @@ def fit_gate_sampled(full: torch.Tensor, full_rows: torch.Tensor, layer_states, 
     train_idx, val_idx = plan.train_idx, plan.val_idx
 
     # the probe loss's weights (FitConfig.benign_weighting), for the layer sweep's probes as for the gate's
-    w = benign_group_weights(y, groups) if cfg.benign_weighting == "group" and groups is not None else None
+    w = probe_loss_weights(cfg, y, groups)
     if val_auroc is None:
         tr = [int(r) for r in train_idx if int(r) in pos]
         va = [int(r) for r in val_idx if int(r) in pos]
