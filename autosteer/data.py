@@ -705,6 +705,10 @@ def _dedupe(prompts: Iterable[Prompt], exclude: set[str] = frozenset()) -> list[
     return out
 
 
+#: salt of StrongREJECT's fit/dev split (``default_splits(strongreject_fit=True)``)
+STRONGREJECT_SPLIT_SALT = "strongreject-split"
+
+
 def default_splits(
     seed: int = 0,
     *,
@@ -712,6 +716,7 @@ def default_splits(
     n_writingbench_fit: int = 80,
     n_writingbench_dev: int = 60,
     writingbench_max_chars: int = 2500,
+    strongreject_fit: bool = False,
 ) -> dict[str, list]:
     """The named fit/dev prompt lists (see the module docstring for the table of counts).
 
@@ -719,6 +724,10 @@ def default_splits(
     ``(harmful_text, benign_text)``), ``dev_harmful``, ``dev_benign``, ``dev_benign_long``,
     ``dev_overrefusal`` (lists of :class:`Prompt`). Deterministic in ``seed``; fit and dev are
     checked disjoint (normalised text) before returning.
+
+    ``strongreject_fit=True`` moves StrongREJECT's fit half (:func:`hash_split` with salt
+    ``"strongreject-split"``, about half of each category) into ``fit_harmful``; ``dev_harmful`` keeps the
+    other half, which is never fitted on.
     """
     rng = random.Random(seed)
     strongreject = list(load_strongreject())
@@ -727,6 +736,10 @@ def default_splits(
     edgy = list(load_benign_edgy())
 
     dev_harmful = _dedupe(strongreject)
+    sr_fit: list = []
+    if strongreject_fit:
+        sr_fit = [p for p in dev_harmful if hash_split(p.text, STRONGREJECT_SPLIT_SALT) == "fit"]
+        dev_harmful = [p for p in dev_harmful if hash_split(p.text, STRONGREJECT_SPLIT_SALT) == "dev"]
     dev_overrefusal = _dedupe(edgy + list(hard))
     held_keys = {normalize_text(p.text) for p in dev_harmful + dev_overrefusal}
 
@@ -744,7 +757,7 @@ def default_splits(
 
     # fit: anything also present in a held-out split is dropped (AdvBench/StrongREJECT: 25)
     own_harmful, own_benign = load_project_prompts()
-    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs] + list(own_harmful), held_keys)
+    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs] + list(own_harmful) + sr_fit, held_keys)
     fit_benign = _dedupe([b for _, b in pairs] + list(plain) + list(own_benign) + fq_fit + wb_fit, held_keys)
     fit_keys = {normalize_text(p.text) for p in fit_harmful + fit_benign}
     fit_pairs = [
@@ -996,7 +1009,7 @@ def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
             if any(p.meta["split"] == split for p in ps)}
 
 
-def breadth_dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
+def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False) -> list[dict]:
     """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
 
     Benign genre dev halves, contrast pairs (dev), harmful requests in the genres' words (dev half),
@@ -1005,10 +1018,11 @@ def breadth_dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
     families; fit requests in the fit families, which a pack fitted on other data never saw), dev
     genres in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
-    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``."""
+    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
+    ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on)."""
     from . import rephrasing as R
 
-    splits = default_splits(seed)
+    splits = default_splits(seed, strongreject_fit=strongreject_fit)
     sets = []
     for genre, prompts in genre_splits("dev").items():
         sets.append({"name": f"genre: {genre}", "group": "genre", "harmful": False, "texts": [p.text for p in prompts]})

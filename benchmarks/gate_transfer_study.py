@@ -39,13 +39,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from genre_gate_rates import emit  # noqa: E402
 
 
-def dev_sets(n: int = 150, seed: int = 0) -> list[dict]:
-    """The dev sets of ``genre_gate_rates.build_sets`` without the fit-family rephrasings."""
-    from genre_gate_rates import build_sets
+def dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False) -> list[dict]:
+    """The dev sets of ``genre_gate_rates.build_sets`` without the fit-family rephrasings (StrongREJECT's dev half
+    only with ``strongreject_fit``)."""
+    from autosteer.data import breadth_dev_sets, load_outside_benign
 
-    from autosteer.data import load_outside_benign
-
-    sets = [s for s in build_sets(n, seed) if s["group"] != "rephrased_fit"]
+    sets = [s for s in breadth_dev_sets(n, seed, strongreject_fit) if s["group"] != "rephrased_fit"]
     # the outside check's sets (benchmarks/outside_benign.py): reported, never part of the benign dev mix
     return sets + [{"name": f"outside: {k}", "group": "outside", "harmful": False, "texts": [p.text for p in ps]}
                    for k, ps in load_outside_benign().items()]
@@ -65,7 +64,12 @@ def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int,
 #: "broad+reg": the broad data with the fit half of the harmful requests in the benign genres' words)
 #: "broad-cs": the broad data without the customer_service genre's fit half (the broad data before that genre was written)
 FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400),
-                "broad+reg": ("broad", 800, True), "broad-cs": ("broad", 800)}
+                "broad+reg": ("broad", 800, True), "broad-cs": ("broad", 800), "broad+sr": ("broad", 800, False, True)}
+#: what a fit data variant is, printed under the layer-sets table
+DATA_NOTES = {"broad": "the default fit data (`FitConfig(fit_data='broad')`, 800 wrapped prompts per class)",
+              "broad+sr": "the default fit data with StrongREJECT's fit half among the harmful fit requests "
+                          "(`default_splits(strongreject_fit=True)`: 151 of 313, `hash_split(text, 'strongreject-split')`; 137 of them not already fitted as AdvBench prompts), "
+                          "so also among those the fit wraps in fit-family templates and rephrases in fit families"}
 #: fit data variants that leave out one benign genre's fit half
 WITHOUT_GENRE = {"broad-cs": "customer_service"}
 
@@ -77,7 +81,8 @@ def fit_variant(name: str):
     from autosteer.method.fit import default_fit_data
 
     v = FIT_VARIANTS[name]
-    d = default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2])
+    d = default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2],
+                         strongreject_fit=len(v) > 3 and v[3])
     if name in WITHOUT_GENRE:
         keep = [g != WITHOUT_GENRE[name] for g in d.benign_groups]
         d = dataclasses.replace(d, benign=[t for t, k in zip(d.benign, keep) if k],
@@ -222,6 +227,8 @@ def main() -> int:
                     help="the probe loss's benign weights (FitConfig.benign_weighting): 'none' (every prompt the same, "
                          "as every study before 7n), 'group' (every benign group the same total weight), or both, "
                          "'none,group', to compare (with --layer-sets)")
+    ap.add_argument("--strongreject-split", action="store_true",
+                    help="measure every variant on StrongREJECT's dev half only (the half `broad+sr` does not fit on)")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     offsets = tuple(int(x) for x in args.offsets.split(","))
@@ -233,7 +240,7 @@ def main() -> int:
 
     t0 = time.time()
     fits = {name: fit_variant(name) for name in FIT_VARIANTS if name in args.data.split(",")}
-    sets = dev_sets()
+    sets = dev_sets(strongreject_fit=args.strongreject_split)
     texts = list(dict.fromkeys([t for d in fits.values() for t in d.harmful + d.benign]
                                + [t for s in sets for t in s["texts"]]))
     print(f"{len(texts)} distinct prompts ({time.time() - t0:.0f} s to build)", flush=True)
@@ -329,7 +336,8 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
                      + " | ".join(cell(agg[k]) for k, _ in COLUMNS) + " |")
     import shlex
 
-    title = ("the probe loss's benign weighting" if len(weightings) > 1 else "probes reading several layers")
+    title = ("the probe loss's benign weighting" if len(weightings) > 1
+             else "the fit data" if len(datas) > 1 else "probes reading several layers")
     md = [f"# Gate study: {title} (issue 17, item 4)", "",
           f"Command: `python benchmarks/gate_transfer_study.py {shlex.join(sys.argv[1:])}` "
           f"(probes: {time.time() - t1:.0f} s with {torch.get_num_threads()} torch threads; cached states of {n_texts} "
@@ -345,6 +353,13 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
           f"gate-fire rates (%) on the same DEV sets. With several seeds ({', '.join(map(str, seeds))}: the fold split "
           "and the probe's initialisation), a cell is the mean and, in brackets, the range over seeds.", "",
           "\n".join(lines), ""]
+    notes = [f"- `{d}`: {DATA_NOTES[d]}" for d in datas if d in DATA_NOTES and len(datas) > 1]
+    if args.strongreject_split:
+        notes.append("- Every variant is measured on StrongREJECT's dev half only (162 of 313; `--strongreject-split`): "
+                     "`direct`, `wrapped dev fam.` and `rephrased SR` are built from those requests, so no variant "
+                     "fitted on any request they are made from.")
+    if notes:
+        md[-1:-1] = ["Fit data variants:", "", *notes, ""]
     emit("\n".join(md), args.out)
     return 0
 

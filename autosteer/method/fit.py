@@ -406,7 +406,8 @@ PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_p
 
 
 def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
-                     n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False) -> FitData:
+                     n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False,
+                     strongreject_fit: bool = False) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
@@ -423,7 +424,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         raise ValueError(f"style must be one of {list(FIT_DATA_STYLES)}, got {style!r}")
     if harmful_registers and style != "broad":
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
-    splits = data.default_splits(seed=seed)
+    splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
     rng = random.Random(seed)
     chosen = {name: [p for p in splits[name] if style != "paper" or p.source in PAPER_SOURCES[name]]
               for name in ("fit_harmful", "fit_benign")}
