@@ -709,6 +709,13 @@ def _dedupe(prompts: Iterable[Prompt], exclude: set[str] = frozenset()) -> list[
 STRONGREJECT_SPLIT_SALT = "strongreject-split"
 
 
+def strongreject_fit_keys() -> frozenset[str]:
+    """The normalised texts of StrongREJECT's fit half (:func:`hash_split` with :data:`STRONGREJECT_SPLIT_SALT`),
+    fitted on only by ``default_splits(strongreject_fit=True)`` (a study option; off by default)."""
+    return frozenset(normalize_text(p.text) for p in load_strongreject()
+                     if hash_split(p.text, STRONGREJECT_SPLIT_SALT) == "fit")
+
+
 def default_splits(
     seed: int = 0,
     *,
@@ -738,8 +745,8 @@ def default_splits(
     dev_harmful = _dedupe(strongreject)
     sr_fit: list = []
     if strongreject_fit:
-        sr_fit = [p for p in dev_harmful if hash_split(p.text, STRONGREJECT_SPLIT_SALT) == "fit"]
-        dev_harmful = [p for p in dev_harmful if hash_split(p.text, STRONGREJECT_SPLIT_SALT) == "dev"]
+        sr_fit = [p for p in dev_harmful if normalize_text(p.text) in strongreject_fit_keys()]
+        dev_harmful = [p for p in dev_harmful if normalize_text(p.text) not in strongreject_fit_keys()]
     dev_overrefusal = _dedupe(edgy + list(hard))
     held_keys = {normalize_text(p.text) for p in dev_harmful + dev_overrefusal}
 
@@ -1038,7 +1045,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
         ok = sorted(t for t in texts if R.request_core(t) is not None)
         return sorted(random.Random(f"{tag}-{seed}").sample(ok, min(n, len(ok))))
 
-    fit_req = sample([p.text for p in splits["fit_harmful"]], "fit-harmful")
+    # the default fit requests, whether or not StrongREJECT's fit half is fitted on (the set stays the same)
+    fit_req = sample([p.text for p in (default_splits(seed) if strongreject_fit else splits)["fit_harmful"]], "fit-harmful")
     sr_req = sample([p.text for p in splits["dev_harmful"]], "strongreject")
     for fam in R.DEV_FAMILIES:
         sets.append({"name": f"rephrased harmful, dev family: {fam}", "group": "rephrased_dev", "harmful": True,

@@ -66,10 +66,13 @@ def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int,
 FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400),
                 "broad+reg": ("broad", 800, True), "broad-cs": ("broad", 800), "broad+sr": ("broad", 800, False, True)}
 #: what a fit data variant is, printed under the layer-sets table
-DATA_NOTES = {"broad": "the default fit data (`FitConfig(fit_data='broad')`, 800 wrapped prompts per class)",
-              "broad+sr": "the default fit data with StrongREJECT's fit half among the harmful fit requests "
-                          "(`default_splits(strongreject_fit=True)`: 151 of 313, `hash_split(text, 'strongreject-split')`; 137 of them not already fitted as AdvBench prompts), "
-                          "so also among those the fit wraps in fit-family templates and rephrases in fit families"}
+DATA_NOTES = {"broad": "the shipped fit data (`FitConfig(fit_data='broad')`, 800 wrapped prompts per class)",
+              "broad+sr": "the same rows plus StrongREJECT's fit half as plain harmful requests, added after everything "
+                          "else (`default_fit_data(..., strongreject_fit=True)`; `hash_split(text, 'strongreject-split')`)"}
+#: variants fitted on part of StrongREJECT: measured only with --strongreject-split (on its other half)
+NEEDS_SR_SPLIT = {"broad+sr"}
+#: the variants a plain run compares
+DEFAULT_DATA = [v for v in FIT_VARIANTS if v not in NEEDS_SR_SPLIT]
 #: fit data variants that leave out one benign genre's fit half
 WITHOUT_GENRE = {"broad-cs": "customer_service"}
 
@@ -207,7 +210,9 @@ def main() -> int:
     ap.add_argument("--offsets", default="0,1,2,3,4,5,6")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "gate_study"))
     ap.add_argument("--states-only", action="store_true")
-    ap.add_argument("--data", default=",".join(FIT_VARIANTS), help="fit data variants to compare")
+    ap.add_argument("--data", default=",".join(DEFAULT_DATA),
+                    help=f"fit data variants to compare ({', '.join(FIT_VARIANTS)}; "
+                         f"{', '.join(sorted(NEEDS_SR_SPLIT))} only with --strongreject-split)")
     ap.add_argument("--features", default=",".join(FEATURES))
     ap.add_argument("--hidden", default="64", help="probe hidden sizes")
     ap.add_argument("--budget", type=float, default=None,
@@ -230,6 +235,12 @@ def main() -> int:
     ap.add_argument("--strongreject-split", action="store_true",
                     help="measure every variant on StrongREJECT's dev half only (the half `broad+sr` does not fit on)")
     args = ap.parse_args()
+    unknown = [d for d in args.data.split(",") if d not in FIT_VARIANTS]
+    if unknown:
+        ap.error(f"unknown --data variant(s) {unknown}; known: {list(FIT_VARIANTS)}")
+    if not args.strongreject_split and NEEDS_SR_SPLIT & set(args.data.split(",")):
+        ap.error(f"--data {','.join(sorted(NEEDS_SR_SPLIT & set(args.data.split(','))))} fits on half of StrongREJECT: "
+                 "add --strongreject-split so every variant is measured on the other half")
     layers = [int(x) for x in args.layers.split(",")]
     offsets = tuple(int(x) for x in args.offsets.split(","))
     cache = Path(args.cache)
@@ -354,12 +365,20 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
           "and the probe's initialisation), a cell is the mean and, in brackets, the range over seeds.", "",
           "\n".join(lines), ""]
     notes = [f"- `{d}`: {DATA_NOTES[d]}" for d in datas if d in DATA_NOTES and len(datas) > 1]
+    if "broad+sr" in datas:
+        extra = fits["broad+sr"].sources["strongreject_fit"]["prompts"]
+        notes.append(f"- `broad+sr` adds {extra} StrongREJECT prompts to `broad`'s {len(fits['broad+sr'].harmful) - extra} "
+                     "harmful rows; every other row, the wrapped and rephrased samples included, is `broad`'s.")
     if args.strongreject_split:
-        notes.append("- Every variant is measured on StrongREJECT's dev half only (162 of 313; `--strongreject-split`): "
-                     "`direct`, `wrapped dev fam.` and `rephrased SR` are built from those requests, so no variant "
-                     "fitted on any request they are made from.")
+        from autosteer.data import default_splits
+
+        n_dev = len(default_splits(0, strongreject_fit=True)["dev_harmful"])
+        notes.append(f"- Every variant is measured on StrongREJECT's dev half only ({n_dev} prompts; `--strongreject-split`): "
+                     "`direct`, `wrapped dev fam.` and `rephrased SR` are built from those requests, so no variant fitted "
+                     "on any request they are made from. `rephrased dev fam.` is the shipped fit's own requests in the dev "
+                     "framings, as in the other reports.")
     if notes:
-        md[-1:-1] = ["Fit data variants:", "", *notes, ""]
+        md += ["Notes:", "", *notes, ""]
     emit("\n".join(md), args.out)
     return 0
 

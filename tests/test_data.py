@@ -106,24 +106,31 @@ def test_splits_disjoint_and_no_advbench_strongreject_leak(splits):
 
 def test_strongreject_fit_half_moves_to_fit_and_the_dev_half_is_never_fitted(splits):
     """The study option of docs/results/gate_strongreject_fit_study.md: half of StrongREJECT (in every category) is
-    fitted on, the other half stays dev, and the default splits are untouched by it."""
+    fitted on, the other half stays dev -- also out of the wrapped and rephrased fit rows made from fit requests --
+    and the default splits and fit data are untouched by it."""
+    from autosteer.method.fit import default_fit_data
+
     sr = D.default_splits(0, strongreject_fit=True)
-    D.assert_disjoint(sr)
-    fit_sr = [p for p in sr["fit_harmful"] if p.source == "strongreject"]
+    fit_half = D.strongreject_fit_keys()
     dev = {D.normalize_text(p.text) for p in sr["dev_harmful"]}
-    assert {p.source for p in sr["dev_harmful"]} == {"strongreject"}
-    assert not dev & {D.normalize_text(p.text) for p in sr["fit_harmful"]}
-    # every StrongREJECT prompt is on one side: its fit half is fitted on (once; as AdvBench where AdvBench has it)
+    assert {p.source for p in sr["dev_harmful"]} == {"strongreject"} and 140 <= len(dev) <= 175
+    assert not dev & fit_half and len(dev | fit_half) == 313
     fit_keys = {D.normalize_text(p.text) for p in sr["fit_harmful"]}
-    fit_half = [p for p in D.load_strongreject() if D.normalize_text(p.text) not in dev]
-    assert all(D.normalize_text(p.text) in fit_keys for p in fit_half)
-    assert len(fit_half) + len(dev) == 313 and 140 <= len(dev) <= 175 and len(fit_sr) < len(fit_half)
-    assert all(D.hash_split(p.text, D.STRONGREJECT_SPLIT_SALT) == "dev" for p in sr["dev_harmful"])
+    assert fit_half <= fit_keys and not dev & fit_keys
     cats = lambda ps: {p.category for p in ps}  # noqa: E731
-    assert cats(fit_sr) == cats(sr["dev_harmful"]) == cats(D.load_strongreject())
+    assert cats(p for p in D.load_strongreject() if D.normalize_text(p.text) in fit_half) == cats(sr["dev_harmful"]) \
+        == cats(D.load_strongreject())
     assert {k: [getattr(x, "text", x) for x in v] for k, v in sr.items() if k not in ("fit_harmful", "dev_harmful")} == \
         {k: [getattr(x, "text", x) for x in v] for k, v in splits.items() if k not in ("fit_harmful", "dev_harmful")}
     assert len(splits["dev_harmful"]) == 313  # off by default
+    # the fit data: the default rows, row for row, then the fit half; no dev-half text inside any fit row
+    base = default_fit_data(0, 1000, 800, "broad")
+    plus = default_fit_data(0, 1000, 800, "broad", strongreject_fit=True)
+    n = len(base.harmful)
+    assert plus.harmful[:n] == base.harmful and plus.benign == base.benign and plus.derived_from == base.derived_from
+    assert {D.normalize_text(t) for t in plus.harmful[n:]} == fit_half and plus.head_prompts[-len(fit_half):] == plus.harmful[n:]
+    dev_texts = [p.text for p in sr["dev_harmful"]]
+    assert not any(d in t for t in plus.harmful + plus.benign for d in dev_texts)
 
 
 def test_assert_disjoint_raises_on_normalised_overlap(splits):

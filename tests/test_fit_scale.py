@@ -290,9 +290,10 @@ def test_a_many_layer_fit_stays_within_the_memory_formula():
         bound = est["states"] + est["extraction"] + (48 << 20)
         g_sample, g_all = growth(procs["sample"]), growth(procs["all"])
     finally:
-        for proc in procs.values():
+        for proc in procs.values():  # a child left running after a failure is stopped and reaped
             if proc.poll() is None:
                 proc.kill()
+                proc.communicate()
     print(f"peak growth: sampled fit {g_sample >> 20} MB, full-depth fit {g_all >> 20} MB, bound {bound >> 20} MB")
     assert g_sample <= bound, (g_sample, est)
     assert g_all > bound, (g_all, bound)

@@ -353,3 +353,22 @@ def test_eval_breadth_reports_a_row_per_genre_source_and_family(tmp_path):
     assert {"contrast pairs: safe side", "StrongREJECT in DEV jailbreak templates"} <= names
     assert not any("fit family" in n for n in names)  # fit-family rows are fit data now, not dev
     assert all(row["n"] == 1 and "autosteer" in row["results"] for row in report["sets"].values())
+
+
+def test_the_transfer_study_measures_a_strongreject_fitted_variant_only_on_the_other_half():
+    """`broad+sr` fits on half of StrongREJECT: the study refuses to score it on all of StrongREJECT (the half it
+    fitted on included), and leaves it out of the variants a plain run compares."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gate_transfer_study.py"
+    out = subprocess.run([sys.executable, str(script), "--data", "broad,broad+sr", "--layer-sets", "16+24"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "add --strongreject-split" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, str(script), "--data", "no-such-data"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown --data variant" in out.stderr, out.stderr[-2000:]
+    sys.path.insert(0, str(script.parent))
+    try:
+        import gate_transfer_study as study
+    finally:
+        sys.path.remove(str(script.parent))
+    assert "broad+sr" in study.FIT_VARIANTS and "broad+sr" not in study.DEFAULT_DATA and "broad" in study.DEFAULT_DATA

@@ -417,6 +417,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     The Refusal Head trains on the plain harmful prompts only. ``harmful_registers=True`` adds the fit
     half of the harmful requests written in the benign genres' words to the broad data; off by default
     (``docs/results/gate_register_study.md``: it moves along the frontier, not past it).
+    ``strongreject_fit=True`` adds StrongREJECT's fit half as plain harmful requests on top of everything
+    else (the rest is the default data, row for row; off by default: ``docs/results/gate_strongreject_fit_study.md``).
     """
     from .. import data
 
@@ -425,6 +427,11 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     if harmful_registers and style != "broad":
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
     splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
+    added: list[str] = []
+    if strongreject_fit:  # added after everything else below, so the rest is the default data row for row
+        sr = data.strongreject_fit_keys()
+        added = sorted(p.text for p in splits["fit_harmful"] if data.normalize_text(p.text) in sr)
+        splits = dict(splits, fit_harmful=[p for p in splits["fit_harmful"] if data.normalize_text(p.text) not in sr])
     rng = random.Random(seed)
     chosen = {name: [p for p in splits[name] if style != "paper" or p.source in PAPER_SOURCES[name]]
               for name in ("fit_harmful", "fit_benign")}
@@ -470,6 +477,10 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         extra_groups = dict.fromkeys(bsrc.pop("rephrased_benign"), "rephrased")
         derived.update(bsrc.pop("derived_from"))
         sources["broad"] = bsrc
+    if added:
+        harmful, head = harmful + added, head + added
+        sources["strongreject_fit"] = {"prompts": len(added), "split": f"hash_split(text, {data.STRONGREJECT_SPLIT_SALT!r})"}
+        counts["harmful"] = len(harmful)
     sources["counts"] = counts
     return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
 
