@@ -705,7 +705,7 @@ def _dedupe(prompts: Iterable[Prompt], exclude: set[str] = frozenset()) -> list[
     return out
 
 
-#: salt of StrongREJECT's fit/dev split (``default_splits(strongreject_fit=True)``)
+#: salt of StrongREJECT's fit/dev split (``default_splits(strongreject_fit=True)``, split ``fit_strongreject``)
 STRONGREJECT_SPLIT_SALT = "strongreject-split"
 
 
@@ -732,9 +732,9 @@ def default_splits(
     ``dev_overrefusal`` (lists of :class:`Prompt`). Deterministic in ``seed``; fit and dev are
     checked disjoint (normalised text) before returning.
 
-    ``strongreject_fit=True`` moves StrongREJECT's fit half (:func:`hash_split` with salt
-    ``"strongreject-split"``, about half of each category) into ``fit_harmful``; ``dev_harmful`` keeps the
-    other half, which is never fitted on.
+    ``strongreject_fit=True`` moves StrongREJECT's fit half (:func:`strongreject_fit_keys`, about half of each
+    category) out of ``dev_harmful`` into a split of its own, ``fit_strongreject``; ``dev_harmful`` keeps the other
+    half, which is never fitted on, and every other split is the default's.
     """
     rng = random.Random(seed)
     strongreject = list(load_strongreject())
@@ -743,12 +743,14 @@ def default_splits(
     edgy = list(load_benign_edgy())
 
     dev_harmful = _dedupe(strongreject)
-    sr_fit: list = []
+    fit_strongreject: list = []
     if strongreject_fit:
-        sr_fit = [p for p in dev_harmful if normalize_text(p.text) in strongreject_fit_keys()]
-        dev_harmful = [p for p in dev_harmful if normalize_text(p.text) not in strongreject_fit_keys()]
+        half = strongreject_fit_keys()
+        fit_strongreject = [p for p in dev_harmful if normalize_text(p.text) in half]
+        dev_harmful = [p for p in dev_harmful if normalize_text(p.text) not in half]
     dev_overrefusal = _dedupe(edgy + list(hard))
-    held_keys = {normalize_text(p.text) for p in dev_harmful + dev_overrefusal}
+    # the fit half stays out of the other fit splits too (as all of StrongREJECT does by default)
+    held_keys = {normalize_text(p.text) for p in dev_harmful + fit_strongreject + dev_overrefusal}
 
     fq = list(load_freshqa())
     rng.shuffle(fq)
@@ -764,7 +766,7 @@ def default_splits(
 
     # fit: anything also present in a held-out split is dropped (AdvBench/StrongREJECT: 25)
     own_harmful, own_benign = load_project_prompts()
-    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs] + list(own_harmful) + sr_fit, held_keys)
+    fit_harmful = _dedupe(list(load_advbench()) + [h for h, _ in pairs] + list(own_harmful), held_keys)
     fit_benign = _dedupe([b for _, b in pairs] + list(plain) + list(own_benign) + fq_fit + wb_fit, held_keys)
     fit_keys = {normalize_text(p.text) for p in fit_harmful + fit_benign}
     fit_pairs = [
@@ -778,10 +780,11 @@ def default_splits(
         "dev_benign": dev_benign,
         "dev_benign_long": dev_benign_long,
         "dev_overrefusal": dev_overrefusal,
+        **({"fit_strongreject": fit_strongreject} if strongreject_fit else {}),
     }
     assert_disjoint(splits)
     # harmful vs benign inside fit must not collide either
-    assert_disjoint({"fit_harmful": fit_harmful, "benign": fit_benign}, fit=["fit_harmful"])
+    assert_disjoint({"fit_harmful": fit_harmful + fit_strongreject, "benign": fit_benign}, fit=["fit_harmful"])
     return splits
 
 
@@ -1045,8 +1048,7 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
         ok = sorted(t for t in texts if R.request_core(t) is not None)
         return sorted(random.Random(f"{tag}-{seed}").sample(ok, min(n, len(ok))))
 
-    # the default fit requests, whether or not StrongREJECT's fit half is fitted on (the set stays the same)
-    fit_req = sample([p.text for p in (default_splits(seed) if strongreject_fit else splits)["fit_harmful"]], "fit-harmful")
+    fit_req = sample([p.text for p in splits["fit_harmful"]], "fit-harmful")
     sr_req = sample([p.text for p in splits["dev_harmful"]], "strongreject")
     for fam in R.DEV_FAMILIES:
         sets.append({"name": f"rephrased harmful, dev family: {fam}", "group": "rephrased_dev", "harmful": True,

@@ -370,9 +370,7 @@ def layer_sets_study(args, S, index, offsets, layers, fits, sets, cfg, t1, n_tex
         notes.append(f"- `broad+sr` adds {extra} StrongREJECT prompts to `broad`'s {len(fits['broad+sr'].harmful) - extra} "
                      "harmful rows; every other row, the wrapped and rephrased samples included, is `broad`'s.")
     if args.strongreject_split:
-        from autosteer.data import default_splits
-
-        n_dev = len(default_splits(0, strongreject_fit=True)["dev_harmful"])
+        n_dev = sum(len(s["texts"]) for s in sets if s["group"] == "direct")
         notes.append(f"- Every variant is measured on StrongREJECT's dev half only ({n_dev} prompts; `--strongreject-split`): "
                      "`direct`, `wrapped dev fam.` and `rephrased SR` are built from those requests, so no variant fitted "
                      "on any request they are made from. `rephrased dev fam.` is the shipped fit's own requests in the dev "

@@ -115,13 +115,13 @@ def test_strongreject_fit_half_moves_to_fit_and_the_dev_half_is_never_fitted(spl
     dev = {D.normalize_text(p.text) for p in sr["dev_harmful"]}
     assert {p.source for p in sr["dev_harmful"]} == {"strongreject"} and 140 <= len(dev) <= 175
     assert not dev & fit_half and len(dev | fit_half) == 313
-    fit_keys = {D.normalize_text(p.text) for p in sr["fit_harmful"]}
-    assert fit_half <= fit_keys and not dev & fit_keys
+    fit_keys = {D.normalize_text(p.text) for p in sr["fit_harmful"] + sr["fit_strongreject"]}
+    assert {D.normalize_text(p.text) for p in sr["fit_strongreject"]} == fit_half and not dev & fit_keys
     cats = lambda ps: {p.category for p in ps}  # noqa: E731
     assert cats(p for p in D.load_strongreject() if D.normalize_text(p.text) in fit_half) == cats(sr["dev_harmful"]) \
         == cats(D.load_strongreject())
-    assert {k: [getattr(x, "text", x) for x in v] for k, v in sr.items() if k not in ("fit_harmful", "dev_harmful")} == \
-        {k: [getattr(x, "text", x) for x in v] for k, v in splits.items() if k not in ("fit_harmful", "dev_harmful")}
+    assert {k: [getattr(x, "text", x) for x in v] for k, v in sr.items() if k not in ("fit_strongreject", "dev_harmful")} == \
+        {k: [getattr(x, "text", x) for x in v] for k, v in splits.items() if k != "dev_harmful"}
     assert len(splits["dev_harmful"]) == 313  # off by default
     # the fit data: the default rows, row for row, then the fit half; no dev-half text inside any fit row
     base = default_fit_data(0, 1000, 800, "broad")

@@ -427,11 +427,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     if harmful_registers and style != "broad":
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
     splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
-    added: list[str] = []
-    if strongreject_fit:  # added after everything else below, so the rest is the default data row for row
-        sr = data.strongreject_fit_keys()
-        added = sorted(p.text for p in splits["fit_harmful"] if data.normalize_text(p.text) in sr)
-        splits = dict(splits, fit_harmful=[p for p in splits["fit_harmful"] if data.normalize_text(p.text) not in sr])
+    # added after everything else below, so the rest is the default data row for row
+    added = sorted(p.text for p in splits.get("fit_strongreject", []))
     rng = random.Random(seed)
     chosen = {name: [p for p in splits[name] if style != "paper" or p.source in PAPER_SOURCES[name]]
               for name in ("fit_harmful", "fit_benign")}
