@@ -18,7 +18,7 @@ naming the key where the server does not allow them (the compiled server keeps t
 AutoSteer off; the eager steered server allows it with ``AUTOSTEER_ALLOW_CLIENT_OFF=1``, which changes nothing
 for requests without the key), a stricter ``autosteer_tau`` steers a borderline benign prompt, ``autosteer=off``
 answers exactly as the plain server, also in a concurrent burst with preemption. Operating points by name
-(``AUTOSTEER_TAU=strict``, ``vllm_xargs`` ``autosteer_tau: "strict"``): served where the pack has the point, a
+(``AUTOSTEER_TAU=balanced``, ``vllm_xargs`` ``autosteer_tau: "strict"``): served where the pack has the point, a
 named start-up error or HTTP 400 where it does not. Tensor parallelism (``--tensor-parallel-size 2``, two CPU
 workers over gloo) on a copy of the default model whose head counts divide 2 (zero heads added: the same function),
 steered exactly as one worker steers.
@@ -26,7 +26,8 @@ steered exactly as one worker steers.
 Packs: the eager steered server serves the test pack (its probe reads one layer, 20); the compiled and the
 tensor-parallel servers serve the shipped pack, whose probe reads two (16 and 24), so the real engine runs both
 captures. A fourth server serves the shipped pooled pack (docs/method.md 7l) with the same flags (prefix caching on),
-its scores against the transformers runtime's, prefix-cache hits included. Prompts here are
+its scores against the transformers runtime's, prefix-cache hits included; it is started at an operating point by
+name (``AUTOSTEER_TAU=balanced``) and refuses requests off the pack's prompt format (``AUTOSTEER_PROMPT_CHECK=refuse``). Prompts here are
 written for this test; none is in the data any of these packs was fitted on.
 """
 from __future__ import annotations
@@ -270,7 +271,10 @@ def started(tmp_path_factory):
         prom.mkdir()
         out["compiled"] = Server("compiled", log_dir, pack=PACK_LAYERS, flags=COMPILED_FLAGS,
                                  env={"AUTOSTEER_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom)})
-        out["pooled"] = Server("pooled", log_dir, pack=POOLED_PACK, env={"AUTOSTEER_TAU": "balanced"})
+        # ... at its operating point by name, refusing requests off the pack's prompt format (two settings that
+        # each need a server and do not interact with the pooled gate: one start instead of three)
+        out["pooled"] = Server("pooled", log_dir, pack=POOLED_PACK,
+                               env={"AUTOSTEER_TAU": "balanced", "AUTOSTEER_PROMPT_CHECK": "refuse"})
         yield out
     finally:
         for s in out.values():
@@ -283,6 +287,14 @@ def servers(started):
     times = {name: round(started[name].wait_ready()) for name in ("plain", "steered")}
     print(f"\nreal engine: servers ready after {times} s")
     return started["plain"], started["steered"]
+
+
+@pytest.fixture(scope="module")
+def pooled(started):
+    """The steered server of the shipped pooled pack (eager, prefix caching on), at ``AUTOSTEER_TAU=balanced``, with
+    ``AUTOSTEER_PROMPT_CHECK=refuse``."""
+    print(f"\nreal engine: pooled server ready after {started['pooled'].wait_ready(timeout=600):.0f} s")
+    return started["pooled"]
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +311,13 @@ DECISION = re.compile(r"autosteer: request (\S+) (STEERED|not steered) \(p_unsaf
 def decisions(log: str) -> list[tuple[str, bool, float]]:
     """The gate decisions the steered server logged (AUTOSTEER_LOG_DECISIONS=1), in the order logged."""
     return [(m.group(1), m.group(2) == "STEERED", float(m.group(3))) for m in DECISION.finditer(log)]
+
+
+def side_by_side(*calls):
+    """The results of ``calls`` (no-argument functions, each sending requests to its own server) made at once, one
+    thread each: two servers answer in parallel, each one request at a time."""
+    with cf.ThreadPoolExecutor(len(calls)) as ex:
+        return [f.result() for f in [ex.submit(c) for c in calls]]
 
 
 def wait_decisions(server: Server, n: int, timeout: float = 30) -> list[tuple[str, bool, float]]:
@@ -319,10 +338,10 @@ def reference(servers):
     """Each prompt answered alone, greedily, by both servers: {prompt: (plain answer, steered answer)}, and the
     steered server's gate decision for each: {prompt: (steered, p_unsafe)}."""
     plain, steered = servers
-    out = {}
     first = len(decisions(steered.log()))
-    for p in ALL:
-        out[p] = (plain.answer(p), steered.answer(p))
+    mine, theirs = side_by_side(*[functools.partial(lambda srv: [srv.answer(p) for p in ALL], srv)
+                                  for srv in (plain, steered)])
+    out = {p: (a, b) for p, a, b in zip(ALL, mine, theirs)}
     got = wait_decisions(steered, first + len(ALL))[first: first + len(ALL)]
     return out, {p: (d[1], d[2]) for p, d in zip(ALL, got)}
 
@@ -488,20 +507,22 @@ def test_compiled_mode_under_concurrency(compiled):
     assert all(REFUSAL.match(alone[p]) for p in (HARMFUL[0], HARMFUL[2], LONG_HARMFUL))
 
 
-@pytest.mark.parametrize("flags, expect", [
+@pytest.mark.parametrize("flags, env, expect", [
     (["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 2,
-                                          "prompt_lookup_max": 3})], "speculative decoding"),
-    (["--enable-prompt-embeds"], "prompt embeddings are enabled"),
-])
-def test_unsupported_configurations_stop_the_start_up(tmp_path, flags, expect):
+                                          "prompt_lookup_max": 3})], {}, ["speculative decoding"]),
+    (["--enable-prompt-embeds"], {}, ["prompt embeddings are enabled"]),
+    # an operating point by name that the pack lacks (the test pack was fitted before operating points)
+    ([], {"AUTOSTEER_TAU": "strict"}, ["AUTOSTEER_TAU='strict'", "not in this pack", "refit"]),
+], ids=["speculative", "prompt-embeds", "no-such-operating-point"])
+def test_unsupported_configurations_stop_the_start_up(tmp_path, flags, env, expect):
     _require_engine()
-    srv = Server("refused", tmp_path, pack=PACK, flags=FLAGS + flags)
+    srv = Server("refused", tmp_path, pack=PACK, flags=FLAGS + flags, env=env)
     try:
         rc = srv.wait_exit()
     finally:
         srv.stop()
     log = srv.log()
-    assert rc != 0 and "VLLMIntegrationError" in log and expect in log, log[-3000:]
+    assert rc != 0 and "VLLMIntegrationError" in log and all(e in log for e in expect), log[-3000:]
 
 
 def _hf_chat_score(pack_path: Path, messages: list[dict]) -> float:
@@ -517,7 +538,7 @@ def _hf_chat_score(pack_path: Path, messages: list[dict]) -> float:
         return float(h.generate(input_ids=torch.tensor([list(ids)]), max_new_tokens=1, force=False).p_unsafe[0])
 
 
-def test_the_pooled_pack_is_served_with_prefix_caching(started, servers, reference):
+def test_the_pooled_pack_is_served_with_prefix_caching(pooled, servers, reference):
     """The shipped pooled pack on the real engine with prefix caching on (vLLM's default) and prompts prefilled in
     chunks of 128 tokens: every prompt's gate score equals the transformers runtime's (the higher of the last token's
     and the highest prompt token's), the gate fires exactly where that passes the balanced tau, the past-tense request
@@ -528,8 +549,7 @@ def test_the_pooled_pack_is_served_with_prefix_caching(started, servers, referen
     scores as transformers does and answers as the plain server."""
     from autosteer.method.pack import load_pack
 
-    srv = started["pooled"]
-    print(f"\nreal engine: pooled server ready after {srv.wait_ready(timeout=600):.0f} s")
+    srv = pooled
     assert ("pooled gate over prompt tokens from position 24 (prefix caching: token logits kept beside the KV cache)"
             in srv.log()), srv.log()[-3000:]
     # (a subset of ALL, answered one at a time: the suite's time on 2 cores is tight)
@@ -578,60 +598,35 @@ def test_the_pooled_pack_is_served_with_prefix_caching(started, servers, referen
     assert mine == plain, (mine, plain)
 
 
-def _named_pack(path: Path) -> Path:
-    """The test pack with named operating points: ``strict`` is the test's own threshold (so a server at it answers
-    as the steered server does), ``balanced`` and ``permissive`` looser."""
+def test_named_operating_points_on_the_real_engine(pooled):
+    """``AUTOSTEER_TAU=balanced`` on a pack with named operating points: served at that point's threshold (the start-up
+    line says it), and a request may name a point of the pack in ``vllm_xargs``: the server's own (nothing changes),
+    a stricter one (steers at its threshold, logged), not a looser one (HTTP 400). (A pack without the named point
+    stops the start-up: test_unsupported_configurations_stop_the_start_up.)"""
     from autosteer.method.pack import load_pack
 
-    named = load_pack(PACK)
-    named.meta["operating_points"] = {
-        "strict": {"tau": float(TAU), "val_fpr": 0.0, "val_tpr": 0.0},
-        "balanced": {"tau": 0.9, "val_fpr": 0.0, "val_tpr": 0.0},
-        "permissive": {"tau": 0.99, "val_fpr": 0.0, "val_tpr": 0.0}}
-    return named.save(path / "named.pack.safetensors")
-
-
-@pytest.fixture(scope="module")
-def named_refusing_server(tmp_path_factory, servers):
-    """One more steered server (eager), started after the others answer, for two settings that each need a server
-    of their own and do not interact: ``AUTOSTEER_TAU=strict`` on a pack with named operating points, and
-    ``AUTOSTEER_PROMPT_CHECK=refuse`` (requests off the pack's prompt format refused). One start instead of two
-    keeps the suite's time down; each test reads only its own requests' log lines."""
-    _require_engine()
-    d = tmp_path_factory.mktemp("vllm-named-refuse")
-    # launched side by side with it: a server whose pack lacks the named point, which must stop at start-up
-    bad = Server("no-such-point", d, pack=PACK, env={"AUTOSTEER_TAU": "strict"})
-    srv = Server("named-refuse", d, pack=_named_pack(d),
-                 env={"AUTOSTEER_TAU": "strict", "AUTOSTEER_PROMPT_CHECK": "refuse"})
-    srv.no_such_point = bad
-    try:
-        print(f"\nreal engine: named-point, format-refusing server ready after {srv.wait_ready():.0f} s")
-        yield srv
-    finally:
-        bad.stop()
-        srv.stop()
-
-
-def test_named_operating_points_on_the_real_engine(servers, reference, named_refusing_server):
-    """``AUTOSTEER_TAU=strict``: a pack without that operating point stops the start-up with a named error; a
-    pack that has it is served at that point's threshold (here the test's own 0.5, so the answers equal the
-    steered server's), and a request may name a stricter point of the pack in ``vllm_xargs``."""
-    answers, gate = reference
-    good = named_refusing_server
-    bad = good.no_such_point
-    rc = bad.wait_exit()
-    log = bad.log()
-    assert rc != 0 and "VLLMIntegrationError" in log and "AUTOSTEER_TAU='strict'" in log, log[-3000:]
-    assert "not in this pack" in log and "refit" in log, log[-3000:]
-    for p in (HARMFUL[0], BENIGN[0]):
-        assert good.answer(p) == answers[p][1], p  # served at 0.5, as the steered server
-    assert REFUSAL.match(good.answer(HARMFUL[0]))
-    # per request: "strict" is this server's own point (restated: nothing changes); "permissive" is looser
-    assert good.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "strict"}) == answers[BENIGN[0]][1]
-    status, body = good.post_status("/v1/chat/completions", {
+    points = load_pack(str(POOLED_PACK)).meta["operating_points"]
+    balanced, strict = points["balanced"]["tau"], points["strict"]["tau"]
+    assert strict < balanced < points["permissive"]["tau"]
+    assert f"mode prefill, tau {balanced:.6g}, pack " in pooled.log(), pooled.log()[-3000:]
+    own = pooled.answer(BENIGN[0])
+    assert pooled.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "balanced"}) == own
+    assert pooled.answer(BENIGN[0], vllm_xargs={"autosteer_tau": "strict"}) == own  # scores far under either point
+    assert REFUSAL.match(pooled.answer(HARMFUL[0], vllm_xargs={"autosteer_tau": "strict"}))
+    # both requests at the strict point are logged with its threshold (flushed: the V1 processor logs a release at
+    # the next batch update), the harmful one steered
+    tag, deadline = f"[tau {strict:.6g}]", time.monotonic() + 30
+    while True:
+        mine = [line for line in pooled.log().splitlines() if DECISION.search(line) and tag in line]
+        if len(mine) >= 2 or time.monotonic() > deadline:
+            break
+        pooled.answer("Say hi.", max_tokens=2)
+        time.sleep(0.5)
+    assert [" STEERED (" in line for line in mine] == [False, True], mine
+    status, body = pooled.post_status("/v1/chat/completions", {
         "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4,
         "vllm_xargs": {"autosteer_tau": "permissive"}})
-    assert status == 400 and "is above this server's threshold 0.5" in body, (status, body[:500])
+    assert status == 400 and f"is above this server's threshold {balanced:.6g}" in body, (status, body[:500])
 
 
 # -- per-request settings (vllm_xargs) ------------------------------------------------------------
@@ -698,18 +693,20 @@ def test_a_stricter_tau_steers_a_borderline_benign_prompt(servers, reference):
 
 def test_steering_off_per_request_answers_as_the_plain_server(servers, reference):
     """Where the server allows it, ``autosteer=off`` serves a harmful prompt exactly as the plain server does
-    (same text, same token count), logged as off; alone and in a concurrent burst (with preemption) mixed with
+    (same text, same token count), logged as off; alone and in a concurrent burst on the small KV cache mixed with
     steered requests, whose answers are unchanged."""
     plain, steered = servers
     answers, _ = reference
     off = {"vllm_xargs": {"autosteer": "off"}}
     n_off = len(SETTING.findall(steered.log()))
     for p in (HARMFUL[0], LONG_HARMFUL, BENIGN[1]):
-        mine, theirs = steered.chat(p, **off), plain.chat(p)
+        mine, theirs = side_by_side(lambda: steered.chat(p, **off), lambda: plain.chat(p))
         assert mine["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"], p
         assert mine["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"], p
     assert any(answers[p][0] != answers[p][1] for p in (HARMFUL[0], LONG_HARMFUL))  # off made a difference
-    prompts = [(p, k % 2 == 0) for k, p in enumerate(ALL * 4)]  # every prompt both off and steered
+    # every prompt once off and once steered, off and steered requests interleaved (24 requests at once on the small
+    # KV cache; the preemption count is printed, preemption itself is asserted by the burst test above)
+    prompts = [(p, (k + r) % 2 == 0) for r in range(2) for k, p in enumerate(ALL)]
     before = steered.metric("vllm:num_preemptions_total")
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
         got = list(ex.map(lambda a: steered.answer(a[0], **(off if a[1] else {})), prompts))
@@ -902,11 +899,14 @@ def test_off_format_requests_are_named_and_gated_as_usual_by_default(servers):
     log0 = len(steered.log())
     assert "prompts are checked against the pack's format (the chat template, its default system prompt" in steered.log()
     for q in FORMAT_BENIGN:  # in the format (no system message: the template's default, as at fit)
-        assert steered.answer(q) == plain.answer(q)
+        mine, theirs = side_by_side(lambda: steered.answer(q), lambda: plain.answer(q))
+        assert mine == theirs
     assert "its prompt" not in steered.log()[log0:]
     sys_chat = [{"role": "system", "content": SUPPORT_BOT}, {"role": "user", "content": FORMAT_BENIGN[0]}]
-    assert _chat_with(steered, sys_chat) == _chat_with(plain, sys_chat)
-    assert _complete(steered, FORMAT_BENIGN[1]) == _complete(plain, FORMAT_BENIGN[1])
+    mine, theirs = side_by_side(lambda: _chat_with(steered, sys_chat), lambda: _chat_with(plain, sys_chat))
+    assert mine == theirs
+    mine, theirs = side_by_side(lambda: _complete(steered, FORMAT_BENIGN[1]), lambda: _complete(plain, FORMAT_BENIGN[1]))
+    assert mine == theirs
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and OFF_END not in steered.log()[log0:]:
         time.sleep(0.5)
@@ -915,26 +915,28 @@ def test_off_format_requests_are_named_and_gated_as_usual_by_default(servers):
     assert OFF_END in new and "REFUSED" not in new
 
 
-def test_off_format_requests_are_refused_under_refuse(servers, named_refusing_server):
+def test_off_format_requests_are_refused_under_refuse(servers, pooled):
     """``AUTOSTEER_PROMPT_CHECK=refuse``: benign requests in the pack's format (a single turn, a multi-turn chat) get
     the plain server's answers; the same benign question under another system prompt, and a completion without the
     chat template, are refused from their first token, and the log says why."""
     plain, _ = servers
-    srv = named_refusing_server
+    srv = pooled
     assert "AUTOSTEER_PROMPT_CHECK=refuse" in srv.log()
-    log0 = len(srv.log())  # the server also serves the named-point test: read only the log from here on
+    log0 = len(srv.log())  # the server also serves the pooled-gate tests: read only the log from here on
     for q in FORMAT_BENIGN:
-        assert srv.answer(q) == plain.answer(q)
+        mine, theirs = side_by_side(lambda: srv.answer(q), lambda: plain.answer(q))
+        assert mine == theirs
     turns = [{"role": "user", "content": "Hi! I have a question about my garden."},
              {"role": "assistant", "content": "Of course, what would you like to know?"},
              {"role": "user", "content": "When should I plant tomatoes?"}]
-    assert _chat_with(srv, turns) == _chat_with(plain, turns)
+    mine, theirs = side_by_side(lambda: _chat_with(srv, turns), lambda: _chat_with(plain, turns))
+    assert mine == theirs
     sys_chat = [{"role": "system", "content": SUPPORT_BOT}, {"role": "user", "content": FORMAT_BENIGN[0]}]
     ans = _chat_with(srv, sys_chat)
     assert REFUSAL.match(ans) and not REFUSAL.match(_chat_with(plain, sys_chat)), ans
     _complete(srv, FORMAT_BENIGN[1])
     # a finished request is logged at the next batch update: flush until both refusals are logged (the window may
-    # also hold the named-point test's last, benign request and the flushes, none of them steered)
+    # also hold an earlier test's last flush, benign, and these flushes, none of them steered)
     tag = "[refused: steered from its first token (prompt off the pack's format)]"
     deadline = time.monotonic() + 30
     while True:

@@ -205,7 +205,7 @@ cls = avllm.AutoSteerVLLMLogitsProcessor
 # what 0.34's V2 loader checks, and that nothing of the V1 package is left abstract or required
 assert issubclass(cls, V2Base) and not inspect.isabstract(cls), cls.__mro__
 assert avllm._VLLMBase is object and "vllm.v1.sample.logits_processor" not in sys.modules
-os.environ[avllm.ENV_PACK] = "/some/pack.safetensors"
+os.environ[avllm.ENV_PACK] = os.environ["PACK_FOR_THE_PROBE"]  # a real pack: the front end reads it
 try:
     installed = avllm.install_startup_guard()
 except avllm.VLLMIntegrationError as exc:
@@ -227,7 +227,8 @@ def _run_with_fake_vllm(tmp_path, version: str) -> str:
         f = tmp_path / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(textwrap.dedent(text).format(version=version))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}", "HOME": str(tmp_path),
+           "PACK_FOR_THE_PROBE": str(REPO / "tests" / "data" / "smollm2-135m-test.pack.safetensors")}
     out = subprocess.run([sys.executable, "-c", _PROBE_034], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

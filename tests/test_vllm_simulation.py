@@ -601,8 +601,9 @@ def _fake_vllm_modules(monkeypatch, *, runner_imported: bool, version=(0, 33)):
 
 
 @pytest.mark.parametrize("runner_imported", [False, True])
-def test_startup_guard_refuses_speculative_decoding_with_a_pack(monkeypatch, runner_imported):
+def test_startup_guard_refuses_speculative_decoding_with_a_pack(setup, tmp_path, monkeypatch, runner_imported):
     lp, au, runner, orig = _fake_vllm_modules(monkeypatch, runner_imported=runner_imported)
+    pack_path = str(setup[2].save(tmp_path / "p.safetensors"))
     spec = SimpleNamespace(method="ngram", num_speculative_tokens=2)
     # no pack: the plugin does nothing at all (nothing patched, vLLM's own behaviour)
     monkeypatch.delenv(avllm.ENV_PACK, raising=False)
@@ -610,7 +611,7 @@ def test_startup_guard_refuses_speculative_decoding_with_a_pack(monkeypatch, run
     assert lp.build_logitsprocs is orig and not getattr(au.EngineArgs.create_engine_config, "_autosteer_guard", False)
     assert au.EngineArgs(spec).create_engine_config().speculative_config is spec
     # with a pack: speculative decoding refuses to start, at both patch points; Model Runner V2 is served
-    monkeypatch.setenv(avllm.ENV_PACK, "/some/pack.safetensors")
+    monkeypatch.setenv(avllm.ENV_PACK, pack_path)
     assert avllm.install_startup_guard() is True
     assert avllm.install_startup_guard() is True  # vLLM may load plugins more than once: idempotent
     assert lp.build_logitsprocs.__wrapped__ is orig  # wrapped once
@@ -630,6 +631,40 @@ def test_startup_guard_refuses_speculative_decoding_with_a_pack(monkeypatch, run
     monkeypatch.delenv(avllm.ENV_PACK)
     assert au.EngineArgs(spec).create_engine_config().speculative_config is spec
     assert builders[-1](SimpleNamespace(speculative_config=spec), "cpu", False, False) == ["MinTokensLogitsProcessor"]
+
+
+def test_the_front_end_checks_the_pack_and_its_threshold_before_any_worker_starts(setup, tmp_path, monkeypatch):
+    """``EngineArgs.create_engine_config`` (the front end, before workers load the model) stops the start-up with a
+    named error where the pack cannot be read or ``AUTOSTEER_TAU`` / ``AUTOSTEER_MONITOR_FROM`` names an operating point
+    the pack lacks or an empty grey zone; a setting in the engine config's ``additional_config`` is named as such.
+    Valid settings start, with the settings carried for the workers."""
+    _, au, _, _ = _fake_vllm_modules(monkeypatch, runner_imported=False)
+    pack = setup[2]
+    assert "operating_points" not in pack.meta  # the simulation's pack has none
+    path = str(pack.save(tmp_path / "p.safetensors"))
+    monkeypatch.setenv(avllm.ENV_PACK, path)
+    assert avllm.install_startup_guard() is True
+    monkeypatch.setenv(avllm.ENV_TAU, "strict")
+    with pytest.raises(avllm.VLLMIntegrationError,
+                       match=r"AUTOSTEER_TAU='strict': operating point 'strict' is not in this pack.*refit"):
+        au.EngineArgs().create_engine_config()
+    monkeypatch.setenv(avllm.ENV_TAU, "0.2")
+    monkeypatch.setenv(avllm.ENV_MONITOR_FROM, "0.5")  # above tau: no grey zone
+    with pytest.raises(avllm.VLLMIntegrationError, match=r"AUTOSTEER_MONITOR_FROM=0.5: "):
+        au.EngineArgs().create_engine_config()
+    monkeypatch.delenv(avllm.ENV_MONITOR_FROM)
+    cfg = au.EngineArgs().create_engine_config()
+    assert cfg.additional_config["autosteer"]["tau"] == "0.2" and cfg.additional_config["autosteer"]["pack"] == path
+    # the user's own additional_config is checked the same way, and named
+    wrapped = avllm._guard_create_engine_config(
+        lambda self: SimpleNamespace(speculative_config=None, use_v2_model_runner=False,
+                                     additional_config={"autosteer": {"tau": "permissive"}}))
+    with pytest.raises(avllm.VLLMIntegrationError, match=r"additional_config autosteer.tau='permissive': operating"):
+        wrapped(None)
+    for bad in (str(tmp_path / "missing.safetensors"), __file__):
+        monkeypatch.setenv(avllm.ENV_PACK, bad)
+        with pytest.raises(avllm.VLLMIntegrationError, match=r"AutoSteer: .*(not found|safetensors)"):
+            au.EngineArgs().create_engine_config()
 
 
 def test_startup_guard_fails_closed_when_vllm_lacks_the_patch_point(monkeypatch):

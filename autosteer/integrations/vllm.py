@@ -942,6 +942,50 @@ def _carry_settings(vllm_config) -> None:
     vllm_config.additional_config["autosteer"] = cfg
 
 
+def _setting(cfg: dict, key: str, env: str):
+    """(value, where it came from) of one AutoSteer setting: the engine config's ``additional_config["autosteer"]``
+    (``cfg``) wins over the environment; a key the front end carried there from its environment is named by the
+    variable the user set."""
+    if key in cfg:
+        carried = set(cfg.get("from_environment") or ())
+        return cfg[key], (env if key in carried else f"additional_config autosteer.{key}")
+    return os.environ.get(env), env
+
+
+def _check_thresholds(pack, cfg: dict, tau, monitor_from) -> float:
+    """The prefill threshold ``tau`` (parsed: a number, an operating point's name, or None) resolved against
+    ``pack``, and the two-stage gate's grey zone checked against it: a named error where the pack lacks the
+    operating point or the zone is empty. Returns the resolved threshold."""
+    from ..method.pack import grey_zone_start, prompt_threshold
+
+    try:
+        resolved = prompt_threshold(pack, tau)
+    except ValueError as exc:
+        raise VLLMIntegrationError(f"AutoSteer: {_setting(cfg, 'tau', ENV_TAU)[1]}={tau!r}: {exc}") from None
+    try:
+        grey_zone_start(pack, resolved, monitor_from)
+    except ValueError as exc:
+        src = _setting(cfg, "monitor_from", ENV_MONITOR_FROM)[1]
+        raise VLLMIntegrationError(f"AutoSteer: {src}={monitor_from!r}: {exc}") from None
+    return resolved
+
+
+def _check_pack_settings(vllm_config) -> None:
+    """In the front end, before any worker starts: the pack the engine config carries loads, and the thresholds
+    resolve against it, so a missing operating point or an unreadable pack stops ``vllm serve`` in seconds, not
+    after every worker has loaded the model (each worker checks again: configs built without ``EngineArgs``)."""
+    from ..method.pack import load_pack
+
+    cfg = dict((vllm_config.additional_config or {}).get("autosteer") or {})
+    try:
+        tau = parse_threshold(*_setting(cfg, "tau", ENV_TAU))
+        monitor_from = parse_threshold(*_setting(cfg, "monitor_from", ENV_MONITOR_FROM))
+        pack = load_pack(cfg["pack"])
+    except (ValueError, OSError) as exc:
+        raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
+    _check_thresholds(pack, cfg, tau, monitor_from)
+
+
 def _guard_create_engine_config(orig):
     @functools.wraps(orig)
     def create_engine_config(self, *args, **kwargs):
@@ -949,6 +993,7 @@ def _guard_create_engine_config(orig):
         _refuse_if_unguarded(cfg, where="EngineArgs.create_engine_config")
         if os.environ.get(ENV_PACK):
             _carry_settings(cfg)
+            _check_pack_settings(cfg)
         return cfg
 
     return create_engine_config
@@ -1218,19 +1263,13 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         if not self.enabled:
             log.debug("autosteer: %s not set, the vLLM logits processor is inert", ENV_PACK)
             return
-        from ..method.pack import grey_zone_start, load_pack, prompt_threshold
+        from ..method.pack import load_pack
 
         self.mode = str(cfg.get("mode") or os.environ.get(ENV_MODE, "prefill")).strip().lower()
         if self.mode not in MODES:
             raise VLLMIntegrationError(f"AutoSteer mode must be one of {MODES}, got {self.mode!r}")
 
-        carried = set(cfg.get("from_environment") or ())  # keys the front end copied from its environment
-
-        def setting(key: str, env: str):  # (value, where it came from): additional_config wins over the environment
-            if key in cfg:
-                return cfg[key], (env if key in carried else f"additional_config autosteer.{key}")
-            return os.environ.get(env), env
-
+        setting = functools.partial(_setting, cfg)
         try:
             self.tau = parse_threshold(*setting("tau", ENV_TAU))
             self.monitor_window = parse_monitor_window(*setting("monitor_window", ENV_MONITOR_WINDOW))
@@ -1262,15 +1301,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             check_served_pooling(self.pack, "vLLM", why)
         self.kv_pool = self.pack.pool is not None and bool(
             getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False))
-        try:  # the threshold against this pack (an operating point it lacks): a named error at start-up
-            resolved = prompt_threshold(self.pack, self.tau)
-        except ValueError as exc:
-            raise VLLMIntegrationError(f"AutoSteer: {setting('tau', ENV_TAU)[1]}={self.tau!r}: {exc}") from None
-        try:  # the two-stage gate's grey zone [monitor_from, tau), checked the same way
-            grey_zone_start(self.pack, resolved, self.monitor_from)
-        except ValueError as exc:
-            src = setting("monitor_from", ENV_MONITOR_FROM)[1]
-            raise VLLMIntegrationError(f"AutoSteer: {src}={self.monitor_from!r}: {exc}") from None
+        _check_thresholds(self.pack, cfg, self.tau, self.monitor_from)
         self.pack_path = str(pack_path)
         _PACK = self.pack
         self.prompt_check = self._build_prompt_check(vllm_config, device, prompt_policy,
