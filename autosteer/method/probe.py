@@ -19,10 +19,14 @@ class Probe:
     w2: torch.Tensor  # [F]
     b2: torch.Tensor  # [1]
 
+    def logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid score ``w2 . relu(W1 h + b1) + b2`` of states ``[..., H]`` (fp32, on ``h``'s device)."""
+        d = h.device
+        return torch.relu(h.float() @ self.W1.t().to(d) + self.b1.to(d)) @ self.w2.to(d) + self.b2.to(d)
+
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """Probability of 'harmful' for states ``[..., H]`` (fp32)."""
-        hid = torch.relu(h.float() @ self.W1.t() + self.b1)
-        return torch.sigmoid(hid @ self.w2 + self.b2)
+        return torch.sigmoid(self.logit(h))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"probe.W1": self.W1, "probe.b1": self.b1, "probe.w2": self.w2, "probe.b2": self.b2}

@@ -98,7 +98,7 @@ class Bags:
 def max_logits(probe: Probe, z: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
     """``[n]``: per prompt, the highest token logit of ``probe`` over its tokens ``z [t, d]`` (``seg``: each
     token's prompt in ``0..n-1``)."""
-    s = torch.relu(z @ probe.W1.t() + probe.b1) @ probe.w2 + probe.b2
+    s = probe.logit(z)
     return torch.full((n,), float("-inf"), dtype=s.dtype).scatter_reduce(0, seg, s, "amax", include_self=False)
 
 
@@ -167,8 +167,7 @@ def pooled_scores(probe: Probe, parts: list[torch.Tensor], keep: torch.Tensor) -
     the caller's NaN policy decides it (a NaN would otherwise lose every ``amax``)."""
     B, T = keep.shape
     h = torch.cat([p.reshape(B * T, -1).float() for p in parts], dim=1)
-    s = (torch.relu(h @ probe.W1.t().to(h.device) + probe.b1.to(h.device)) @ probe.w2.to(h.device)
-         + probe.b2.to(h.device)).view(B, T)
+    s = probe.logit(h).view(B, T)
     bad = (~torch.isfinite(s) & keep).any(1)
     s = s.masked_fill(~keep, float("-inf"))
     p = torch.sigmoid(s.amax(1))
