@@ -31,6 +31,26 @@ SETTINGS = {
 }
 
 
+def rate_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at ``z = 1.96``) of a rate seen ``k`` times in ``n``: what a dev set of ``n``
+    prompts can say about the true rate. With ``k = 0`` its upper end is ``z^2 / (n + z^2)``: 0 fires in 40 prompts
+    still allow 8.8%, and showing a rate <= 2% this way takes 0 fires in at least 189. ``(nan, nan)`` for ``n = 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= k <= n:
+        raise ValueError(f"rate_interval: {k} of {n}")
+    p, z2 = k / n, z * z
+    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def interval_text(k: int, n: int) -> str:
+    """``"k/n, 95% CI lo-hi%"`` for a report's cell."""
+    lo, hi = rate_interval(k, n)
+    return f"{k}/{n}, {100 * lo:.1f}-{100 * hi:.1f}%"
+
+
 @dataclass
 class Generation:
     response: str
@@ -162,6 +182,8 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
         tau_paper = float(handle.pack.meta["tau_paper"])
         entry["p_unsafe"] = scores
         entry["gate_rate"] = sum(gates) / max(len(gates), 1)
+        entry["gate_fires"] = int(sum(gates))
+        entry["gate_rate_ci95"] = list(rate_interval(entry["gate_fires"], len(gates)))
         entry["gate_rate_tau_paper"] = sum(p is not None and p > tau_paper for p in scores) / max(len(scores), 1)
         report["sets"][s.name] = entry
     report["judge"] = validate_judge()
@@ -207,12 +229,16 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"Prefilling attack: every assistant turn began with {report['response_prefix']!r} (part of the prompt: "
                       "the gate read its last token); the responses judged are what the model wrote after it."]
     lines += ["", "Refusal rate per prompt set (harmful sets: higher is better, ASR = 1 - rate; benign sets: lower is better).", ""]
-    lines.append(f"| set | kind | n | gate fires (tau) | gate fires ({tau_paper}) | " + " | ".join(settings) + " |")
-    lines.append("|---|---|---|---|---|" + "---|" * len(settings))
+    lines.append(f"| set | kind | n | gate fires (tau) | fires, 95% interval | gate fires ({tau_paper}) | "
+                 + " | ".join(settings) + " |")
+    lines.append("|---|---|---|---|---|---|" + "---|" * len(settings))
     for name, e in report["sets"].items():
         cells = [f"{100 * e['results'][s]['refusal_rate']:.1f}%" for s in settings]
+        k = e.get("gate_fires", round(e["gate_rate"] * e["n"]))  # (reports written before the count was kept)
         lines.append(f"| {name} | {'harmful' if e['harmful'] else 'benign'} | {e['n']} | {100 * e['gate_rate']:.1f}% | "
-                     f"{100 * e['gate_rate_tau_paper']:.1f}% | " + " | ".join(cells) + " |")
+                     f"{interval_text(k, e['n'])} | {100 * e['gate_rate_tau_paper']:.1f}% | " + " | ".join(cells) + " |")
+    lines += ["", "The interval is the Wilson score interval of the gate-fire rate: what a set of n prompts can show. 0 "
+                  "fires in 40 prompts still allow 8.8%; a rate <= 2% needs 0 fires in at least 189."]
     j = report.get("judge", {})
     if j:
         lines += ["", "Refusal judge (phrase matcher on the response text, as used above) against pyrit's human labels:", ""]
