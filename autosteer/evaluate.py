@@ -8,6 +8,7 @@ refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -42,13 +43,14 @@ def rate_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, z2 = k / n, z * z
     mid = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
+    return (0.0 if k == 0 else max(0.0, mid - half)), (1.0 if k == n else min(1.0, mid + half))
 
 
 def interval_text(k: int, n: int) -> str:
-    """``"k/n, 95% CI lo-hi%"`` for a report's cell."""
+    """``"k/n, lo-hi%"`` for a report's cell: the 95% interval in percent, rounded outwards to 0.1 (0 fires in 184
+    prompts reach 2.04%: "0.0-2.1%", not a rounded "2.0%" that would meet a 2% target)."""
     lo, hi = rate_interval(k, n)
-    return f"{k}/{n}, {100 * lo:.1f}-{100 * hi:.1f}%"
+    return f"{k}/{n}, {math.floor(1000 * lo) / 10:.1f}-{math.ceil(1000 * hi) / 10:.1f}%"
 
 
 @dataclass
@@ -183,7 +185,7 @@ def evaluate(handle, tokenizer, sets: list[PromptSet], settings: tuple[str, ...]
         entry["p_unsafe"] = scores
         entry["gate_rate"] = sum(gates) / max(len(gates), 1)
         entry["gate_fires"] = int(sum(gates))
-        entry["gate_rate_ci95"] = list(rate_interval(entry["gate_fires"], len(gates)))
+        entry["gate_rate_ci95"] = list(rate_interval(entry["gate_fires"], len(gates))) if gates else None
         entry["gate_rate_tau_paper"] = sum(p is not None and p > tau_paper for p in scores) / max(len(scores), 1)
         report["sets"][s.name] = entry
     report["judge"] = validate_judge()

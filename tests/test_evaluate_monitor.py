@@ -35,7 +35,7 @@ def test_monitor_stats_count_prefill_misses_and_catches(monkeypatch):
 
 def test_the_report_gives_each_gate_rate_with_what_its_set_size_can_show(monkeypatch):
     """Each set's gate-fire count and its 95% Wilson interval, in report.json and the markdown table: 1 fire in 37
-    prompts (the worst dev genre's count) is 2.7%, but the set cannot tell that from anything between 0.5% and 13.8%."""
+    prompts (the worst dev genre's count) is 2.7%, but the set cannot tell that from anything between 0.48% and 13.8%."""
     gens = [ev.Generation("ok", 0.9 if i == 0 else 0.1, i == 0, 0 if i == 0 else -1, False, i == 0) for i in range(37)]
     monkeypatch.setattr(ev, "generate_batch", lambda *a, **k: gens)
     monkeypatch.setattr("autosteer.judge.validate_judge", lambda: {})
@@ -45,7 +45,7 @@ def test_the_report_gives_each_gate_rate_with_what_its_set_size_can_show(monkeyp
     assert e["gate_fires"] == 1 and abs(e["gate_rate"] - 1 / 37) < 1e-12
     lo, hi = e["gate_rate_ci95"]
     assert abs(lo - 0.0048) < 5e-4 and abs(hi - 0.1382) < 5e-4, (lo, hi)
-    assert "| genre: x | benign | 37 | 2.7% | 1/37, 0.5-13.8% |" in ev.markdown_report(report)
+    assert "| genre: x | benign | 37 | 2.7% | 1/37, 0.4-13.9% |" in ev.markdown_report(report)  # (rounded outwards)
 
 
 def test_rate_interval():
@@ -56,5 +56,8 @@ def test_rate_interval():
     lo, hi = ev.rate_interval(50, 100)  # symmetric about one half
     assert abs((lo + hi) / 2 - 0.5) < 1e-12 and 0.40 < lo < 0.41
     assert all(x != x for x in ev.rate_interval(0, 0))  # no prompts: nothing to say
+    assert ev.rate_interval(0, 188)[0] == 0.0 and ev.rate_interval(7, 7)[1] == 1.0  # exact ends, no rounding residue
+    # cells round outwards: 0 of 184 reach 2.04%, which must not print as a 2.0% that meets a 2% target
+    assert ev.interval_text(0, 184) == "0/184, 0.0-2.1%" and ev.interval_text(0, 189) == "0/189, 0.0-2.0%"
     with pytest.raises(ValueError, match="3 of 2"):
         ev.rate_interval(3, 2)

@@ -973,7 +973,9 @@ def _check_thresholds(pack, cfg: dict, tau, monitor_from) -> float:
 def _check_pack_settings(vllm_config) -> None:
     """In the front end, before any worker starts: the pack the engine config carries loads, and the thresholds
     resolve against it, so a missing operating point or an unreadable pack stops ``vllm serve`` in seconds, not
-    after every worker has loaded the model (each worker checks again: configs built without ``EngineArgs``)."""
+    after every worker has loaded the model (each worker checks again: configs built without ``EngineArgs``). Runs
+    where the start-up guard runs, i.e. with ``AUTOSTEER_PACK`` set; a pack given only in ``--additional-config``
+    is checked by the workers."""
     from ..method.pack import load_pack
 
     cfg = dict((vllm_config.additional_config or {}).get("autosteer") or {})
@@ -1755,7 +1757,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         self._pending_settings.clear()
         if not self.v2:
             self._lens_stage = HostStaging(2 * self.max_reqs, torch.int64, self.device)
-        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %s, %smode %s, tau %.6g, pack %s (sha256 %s), "
+        _announce("autosteer: AutoSteer active (vLLM %s, %s, %s%s): layer %s, %smode %s, tau %.6g%s, pack %s (sha256 %s), "
                   "logprobs %s",
                   ".".join(map(str, _VLLM.version() or ("?",))), "Model Runner V2" if self.v2 else "V1 runner",
                   "compiled: auxiliary hidden-state output" if cap.compiled else "eager: layer hook",
@@ -1763,7 +1765,9 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                   "+".join(map(str, self.pack.layers)),
                   "" if weights.pool_skip is None else f"pooled gate over prompt tokens from position {weights.pool_skip}"
                   + (" (prefix caching: token logits kept beside the KV cache)" if self.kv_pool else "") + ", ",
-                  self.mode, weights.tau, self.pack_path, self.pack_sha256,
+                  self.mode, weights.tau,
+                  f" (operating point {self.tau!r})" if isinstance(self.tau, str) else "",  # AUTOSTEER_TAU named one
+                  self.pack_path, self.pack_sha256,
                   "steered" if self.logprobs_mode.startswith("processed") else f"unsteered ({self.logprobs_mode})")
         return self.store
 
