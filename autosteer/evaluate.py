@@ -46,6 +46,12 @@ def rate_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (0.0 if k == 0 else max(0.0, mid - half)), (1.0 if k == n else min(1.0, mid + half))
 
 
+#: what the interval column of a report means (printed under the table)
+INTERVAL_NOTE = ("The interval is the Wilson score interval of the gate-fire rate (`autosteer.evaluate.rate_interval`): "
+                 "what a set of n prompts can show. 0 fires in 40 prompts still allow 8.8%; a rate <= 2% needs 0 fires "
+                 "in at least 189 prompts.")
+
+
 def interval_text(k: int, n: int) -> str:
     """``"k/n, lo-hi%"`` for a report's cell: the 95% interval in percent, rounded outwards to 0.1 (0 fires in 184
     prompts reach 2.04%: "0.0-2.1%", not a rounded "2.0%" that would meet a 2% target)."""
@@ -239,8 +245,7 @@ def markdown_report(report: dict) -> str:
         k = e.get("gate_fires", round(e["gate_rate"] * e["n"]))  # (reports written before the count was kept)
         lines.append(f"| {name} | {'harmful' if e['harmful'] else 'benign'} | {e['n']} | {100 * e['gate_rate']:.1f}% | "
                      f"{interval_text(k, e['n'])} | {100 * e['gate_rate_tau_paper']:.1f}% | " + " | ".join(cells) + " |")
-    lines += ["", "The interval is the Wilson score interval of the gate-fire rate: what a set of n prompts can show. 0 "
-                  "fires in 40 prompts still allow 8.8%; a rate <= 2% needs 0 fires in at least 189."]
+    lines += ["", INTERVAL_NOTE]
     j = report.get("judge", {})
     if j:
         lines += ["", "Refusal judge (phrase matcher on the response text, as used above) against pyrit's human labels:", ""]
