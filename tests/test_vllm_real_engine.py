@@ -328,6 +328,20 @@ def decisions(log: str) -> list[tuple[str, bool, float]]:
     return [(m.group(1), m.group(2) == "STEERED", float(m.group(3))) for m in DECISION.finditer(log)]
 
 
+def tagged_decisions(server: Server, tag: str, n: int, since: int = 0, timeout: float = 30) -> tuple[list[str], list[str]]:
+    """(every decision line the server logged after log offset ``since``, those holding ``tag``), once ``n`` lines hold
+    ``tag`` or ``timeout`` passed; a finished request is logged at the next batch update, so a benign request flushes
+    it each round."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in server.log()[since:].splitlines() if DECISION.search(line)]
+        tagged = [line for line in lines if tag in line]
+        if len(tagged) >= n or time.monotonic() > deadline:
+            return lines, tagged
+        server.answer("Say hi.", max_tokens=2)
+        time.sleep(0.5)
+
+
 def side_by_side(*calls):
     """The results of ``calls`` (no-argument functions, each sending requests to its own server) made at once, one
     thread each: two servers answer in parallel, each one request at a time."""
@@ -637,15 +651,8 @@ def test_named_operating_points_on_the_real_engine(pooled, servers):
     assert pooled.answer(BETWEEN_POINTS, vllm_xargs={"autosteer_tau": "balanced"}) == own
     at_strict = pooled.answer(BETWEEN_POINTS, vllm_xargs={"autosteer_tau": "strict"})
     assert at_strict != own and REFUSAL.match(at_strict), at_strict
-    # the request at the strict point is logged with its threshold (flushed: the V1 processor logs a release at the
-    # next batch update), steered
-    tag, deadline = f"[tau {strict:.6g}]", time.monotonic() + 30
-    while True:
-        mine = [line for line in pooled.log().splitlines() if DECISION.search(line) and tag in line]
-        if mine or time.monotonic() > deadline:
-            break
-        pooled.answer("Say hi.", max_tokens=2)
-        time.sleep(0.5)
+    # the request at the strict point is logged with its threshold, steered
+    _, mine = tagged_decisions(pooled, f"[tau {strict:.6g}]", 1)
     assert len(mine) == 1 and " STEERED (" in mine[0], mine
     status, body = pooled.post_status("/v1/chat/completions", {
         "model": "m", "messages": [{"role": "user", "content": BENIGN[0]}], "max_tokens": 4,
@@ -962,17 +969,10 @@ def test_off_format_requests_are_refused_under_refuse(servers, pooled):
     ans = _chat_with(srv, sys_chat)
     assert REFUSAL.match(ans) and not REFUSAL.match(_chat_with(plain, sys_chat)), ans
     _complete(srv, FORMAT_BENIGN[1])
-    # a finished request is logged at the next batch update: flush until both refusals are logged (the window may
-    # also hold an earlier test's last flush, benign, and these flushes, none of them steered)
-    tag = "[refused: steered from its first token (prompt off the pack's format)]"
-    deadline = time.monotonic() + 30
-    while True:
-        lines = [line for line in srv.log()[log0:].splitlines() if DECISION.search(line)]
-        refused_lines = [line for line in lines if tag in line]
-        if len(refused_lines) >= 2 or time.monotonic() > deadline:
-            break
-        srv.answer("Say hi.", max_tokens=2)
-        time.sleep(0.5)
+    # both refusals logged (the window may also hold an earlier test's last flush, benign, and the flushes, none of
+    # them steered)
+    lines, refused_lines = tagged_decisions(srv, "[refused: steered from its first token (prompt off the pack's format)]",
+                                            2, since=log0)
     assert len(refused_lines) == 2 and all(" STEERED (" in line and "latched_at=0," in line for line in refused_lines)
     assert sum(" STEERED (" in line for line in lines) == 2  # the requests in the format were not
     log = srv.log()[log0:]
