@@ -757,7 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
     p.add_argument("--breadth", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also report refusal and gate rates per benign genre, external benign source, contrast side, "
-                        "rephrasing family and jailbreak-template family of the dev sets (up to N prompts each, e.g. 40)")
+                        "rephrasing family and jailbreak-template family of the dev sets (up to N prompts each, e.g. 40; "
+                        "a genre's dev set is its dev half, then its dev-only lines, about 240 in all: N >= 250 reads "
+                        "all of it)")
     p.add_argument("--jailbreak-dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
                         "dev template families (split by family, never fitted on)")

@@ -103,6 +103,7 @@ __all__ = [
     "hash_split",
     "load_genre_prompts",
     "genre_splits",
+    "load_genre_dev_only",
     "load_contrast_pairs",
     "contrast_pair_splits",
     "load_external_benign",
@@ -833,11 +834,41 @@ def load_genre_prompts() -> dict[str, tuple[Prompt, ...]]:
     return out
 
 
-def genre_splits(split: str) -> dict[str, list[Prompt]]:
+#: dev-only genre lines (``genres/dev_only/<genre>.txt``): written after the shipped packs were chosen, never
+#: fitted on and never split; they make each genre's dev set large enough to test a 2% false-positive target
+_GENRES_DEV_ONLY_DIR = _GENRES_DIR / "dev_only"
+
+
+@functools.lru_cache(maxsize=None)
+def load_genre_dev_only() -> dict[str, tuple[Prompt, ...]]:
+    """The dev-only benign genre prompts: ``{genre: prompts}`` (label 0, ``category`` = genre,
+    ``meta["split"]`` = ``"dev"``, ``meta["dev_only"]`` = True). Every genre of :data:`GENRES` has a file; a
+    line that repeats a genre-file line (normalised) raises, since it would sit on both sides of the split."""
+    halves = {normalize_text(p.text): (g, p.meta["line"]) for g, ps in load_genre_prompts().items() for p in ps}
+    out = {}
+    for genre in GENRES:
+        path = _GENRES_DEV_ONLY_DIR / f"{genre}.txt"
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for i, t in enumerate(lines):
+            if normalize_text(t) in halves:
+                g, n = halves[normalize_text(t)]
+                raise ValueError(f"{path} line {i + 1} repeats genres/{g}.txt line {n}: {t!r}")
+        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_dev_only:{genre}", genre,
+                                  meta={"line": i + 1, "split": "dev", "dev_only": True})
+                           for i, t in enumerate(lines))
+    return out
+
+
+def genre_splits(split: str, dev_only: bool = True) -> dict[str, list[Prompt]]:
     """``{genre: prompts}`` of one side (``"fit"`` or ``"dev"``) of the genre files. Dev halves are never
-    fitted, calibrated or tuned on."""
+    fitted, calibrated or tuned on. ``"dev"`` also holds the dev-only lines (:func:`load_genre_dev_only`)
+    after each genre's dev half, unless ``dev_only=False``."""
     _check_split(split)
-    return {g: [p for p in ps if p.meta["split"] == split] for g, ps in load_genre_prompts().items()}
+    out = {g: [p for p in ps if p.meta["split"] == split] for g, ps in load_genre_prompts().items()}
+    if split == "dev" and dev_only:
+        for g, ps in load_genre_dev_only().items():
+            out[g] += ps
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -1022,11 +1053,11 @@ def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
 def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False) -> list[dict]:
     """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
 
-    Benign genre dev halves, contrast pairs (dev), harmful requests in the genres' words (dev half),
+    Benign genre dev sets (each genre's dev half, then its dev-only lines), contrast pairs (dev), harmful requests in the genres' words (dev half),
     StrongREJECT direct and in DEV jailbreak-template
     families, ``n`` requests per rephrasing family (fit requests and StrongREJECT requests in the DEV
-    families; fit requests in the fit families, which a pack fitted on other data never saw), dev
-    genres in the dev families, the default benign dev sets and the external benign dev sources.
+    families; fit requests in the fit families, which a pack fitted on other data never saw), the genre dev
+    halves in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
     ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
     ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on)."""
@@ -1059,7 +1090,9 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
     for fam in R.DEV_FAMILIES:
         sets.append({"name": f"rephrased StrongREJECT, dev family: {fam}", "group": "rephrased_dev_sr", "harmful": True,
                      "texts": [t for _, t in R.rephrasings(sr_req, [fam])]})
-    benign_dev = [p.text for ps in genre_splits("dev").values() for p in ps]
+    # the genre dev halves only: the dev-only lines would triple these sets for a question (does a framing
+    # alone fire?) the halves already answer
+    benign_dev = [p.text for ps in genre_splits("dev", dev_only=False).values() for p in ps]
     for fam in R.DEV_FAMILIES:
         sets.append({"name": f"rephrased benign genres (dev), dev family: {fam}", "group": "rephrased_benign", "harmful": False,
                      "texts": [t for _, t in R.rephrasings(benign_dev, [fam])]})

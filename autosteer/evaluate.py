@@ -54,7 +54,9 @@ INTERVAL_NOTE = ("The interval is the Wilson score interval of the gate-fire rat
 
 def interval_text(k: int, n: int) -> str:
     """``"k/n, lo-hi%"`` for a report's cell: the 95% interval in percent, rounded outwards to 0.1 (0 fires in 184
-    prompts reach 2.04%: "0.0-2.1%", not a rounded "2.0%" that would meet a 2% target)."""
+    prompts reach 2.04%: "0.0-2.1%", not a rounded "2.0%" that would meet a 2% target); an empty set says so."""
+    if n <= 0:
+        return "0/0, no prompts"
     lo, hi = rate_interval(k, n)
     return f"{k}/{n}, {math.floor(1000 * lo) / 10:.1f}-{math.ceil(1000 * hi) / 10:.1f}%"
 

@@ -59,5 +59,6 @@ def test_rate_interval():
     assert ev.rate_interval(0, 188)[0] == 0.0 and ev.rate_interval(7, 7)[1] == 1.0  # exact ends, no rounding residue
     # cells round outwards: 0 of 184 reach 2.04%, which must not print as a 2.0% that meets a 2% target
     assert ev.interval_text(0, 184) == "0/184, 0.0-2.1%" and ev.interval_text(0, 189) == "0/189, 0.0-2.0%"
+    assert ev.interval_text(0, 0) == "0/0, no prompts"  # an empty set in a report, not a crash
     with pytest.raises(ValueError, match="3 of 2"):
         ev.rate_interval(3, 2)

@@ -1,4 +1,5 @@
-"""benchmarks/genre_gate_rates.py: its early-stopped states equal last_token_states, its sets use dev halves only."""
+"""benchmarks/genre_gate_rates.py: its early-stopped states equal last_token_states, its sets are dev sets only, its genre
+table calls the 2% target shown only on a whole interval."""
 from __future__ import annotations
 
 import sys
@@ -65,3 +66,21 @@ def test_cached_states_are_keyed_by_the_layer_set(tiny_model, tiny_tokenizer, on
     assert sorted(p.name.split("-")[1] for p in tmp_path.glob("*.pt")) == ["L1+3", "L3"]
     again = G.cached_layer_states(tiny_model, tiny_tokenizer, texts, fmt, [1, 3], tmp_path, "s")  # read back
     assert torch.equal(again, two)
+
+
+def test_genre_table_calls_the_target_shown_only_when_the_whole_interval_is_under_it():
+    def row(name, fires, n, fires_new, n_new):
+        return {"name": f"genre: {name}", "group": "genre", "fires": fires, "n": n, "fire": fires / n,
+                "fires_new": fires_new, "n_new": n_new}
+
+    rows = [row("a", 0, 240, 0, 200), row("b", 1, 240, 1, 200), row("c", 6, 240, 2, 200), row("d", 0, 40, 0, 0),
+            {"name": "contrast", "group": "contrast_safe", "fires": 9, "n": 10, "fire": 0.9}]
+    lines = {ln.split(" | ")[0][2:]: ln for ln in G.genre_table(rows) if ln.startswith("| ") and " | " in ln}
+    assert set(lines) == {"genre", "a", "b", "c", "d"}  # the header and one row per genre, nothing else
+    assert lines["a"].endswith("| shown |")  # 0 of 240: at most 1.6%
+    assert lines["b"].endswith("| not shown |")  # 1 of 240: 0.4%, but the interval reaches 2.3%
+    assert lines["c"].endswith("| missed |")  # 2.5%
+    assert lines["d"].endswith("| not shown |")  # 0 of 40 allows 8.8%
+    # the dev half and the dev-only lines apart, then together
+    assert "| 4/40, " in lines["c"] and "| 2/200, " in lines["c"] and "| 6/240, " in lines["c"]
+    assert "| 0/0, no prompts |" in lines["d"]  # a genre without dev-only lines says so instead of failing

@@ -48,27 +48,90 @@ def test_harmful_registers_are_well_formed_and_cover_every_genre():
 
 def _all_texts():
     out = [(g, p.text) for g, ps in D.load_genre_prompts().items() for p in ps]
+    out += [(f"dev only: {g}", p.text) for g, ps in D.load_genre_dev_only().items() for p in ps]
     for s, u in D.load_contrast_pairs():
         out += [("contrast_safe", s.text), ("contrast_unsafe", u.text)]
     out += [(f"register: {p.category}", p.text) for p in D.load_harmful_registers()]
     return out
 
 
+def _near_pairs(word_sets: list[set[str]], threshold: float) -> list[tuple[int, int]]:
+    """Every pair ``(i, j)``, ``i < j``, of word sets whose Jaccard similarity is >= ``threshold``. Prefix filtering:
+    with words ranked rarest first, two sets that similar share a word among each one's first
+    ``|A| - ceil(threshold * |A|) + 1`` words, so only pairs sharing such a word are compared (all pairs would be
+    millions)."""
+    import math
+    from collections import Counter, defaultdict
+
+    freq = Counter(w for ws in word_sets for w in ws)
+    index, out = defaultdict(list), []
+    for j, ws in enumerate(word_sets):
+        ranked = sorted(ws, key=lambda w: (freq[w], w))
+        prefix = ranked[: len(ranked) - math.ceil(threshold * len(ranked)) + 1]
+        cands = {i for w in prefix for i in index[w]}
+        out += [(i, j) for i in sorted(cands) if len(ws & word_sets[i]) >= threshold * len(ws | word_sets[i])]
+        for w in prefix:
+            index[w].append(j)
+    return out
+
+
+def test_near_pairs_finds_what_all_pairs_find():
+    import random
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(30)]
+    sets = [set(rng.sample(vocab, rng.randint(1, 8))) for _ in range(300)]
+    brute = [(i, j) for j in range(len(sets)) for i in range(j) if len(sets[i] & sets[j]) >= 0.8 * len(sets[i] | sets[j])]
+    assert brute and sorted(_near_pairs(sets, 0.8)) == sorted(brute)
+
+
 def test_no_duplicates_or_near_duplicates_among_the_new_prompts():
     texts = _all_texts()
     keys = [D.normalize_text(t) for _, t in texts]
-    assert len(set(keys)) == len(keys)
-    toks = [set(k.split()) for k in keys]
-    for i in range(len(toks)):
-        for j in range(i + 1, len(toks)):
-            jac = len(toks[i] & toks[j]) / len(toks[i] | toks[j])
-            assert jac < 0.8, (texts[i], texts[j])
+    assert len(set(keys)) == len(keys), [k for k in set(keys) if keys.count(k) > 1]
+    near = _near_pairs([set(k.split()) for k in keys], 0.8)
+    assert not near, [(texts[i], texts[j]) for i, j in near[:10]]
+
+
+def test_dev_only_lines_cover_every_genre_and_join_its_dev_side_only():
+    dev_only = D.load_genre_dev_only()
+    assert sorted(p.stem for p in (GENRE_DIR / "dev_only").glob("*.txt")) == sorted(D.GENRES) == sorted(dev_only)
+    halves, fit, dev = D.genre_splits("dev", dev_only=False), D.genre_splits("fit"), D.genre_splits("dev")
+    for genre in D.GENRES:
+        lines = [ln for ln in (GENRE_DIR / "dev_only" / f"{genre}.txt").read_text(encoding="utf-8").splitlines()]
+        assert len(lines) >= 200 and all(ln and ln == ln.strip() for ln in lines), genre
+        ps = dev_only[genre]
+        assert [p.text for p in ps] == lines
+        assert all(p.label == 0 and p.category == genre and p.meta["split"] == "dev" for p in ps)
+        # a genre's dev set is its dev half, then its dev-only lines; the fit side never holds one
+        assert dev[genre] == halves[genre] + list(ps)
+        assert not ({p.text for p in ps} & {p.text for p in fit[genre]})
+        # with the dev half, a genre's dev set is large enough that 0 fires would show a rate <= 2%
+        from autosteer.evaluate import rate_interval
+        assert rate_interval(0, len(dev[genre]))[1] <= 0.02, genre
+
+
+def test_a_dev_only_line_that_repeats_a_genre_file_line_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    for genre in D.GENRES:
+        shutil.copy(GENRE_DIR / "dev_only" / f"{genre}.txt", tmp_path / f"{genre}.txt")
+    fit_line = D.genre_splits("fit")["cooking"][3]
+    with open(tmp_path / "cooking.txt", "a", encoding="utf-8") as f:
+        f.write("\n" + fit_line.text.upper() + "\n")  # normalises to a fit line: it would sit on both sides
+    monkeypatch.setattr(D, "_GENRES_DEV_ONLY_DIR", tmp_path)
+    D.load_genre_dev_only.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=rf"cooking.txt line \d+ repeats genres/cooking.txt line {fit_line.meta['line']}"):
+            D.load_genre_dev_only()
+    finally:
+        D.load_genre_dev_only.cache_clear()
 
 
 def test_split_is_stable_about_half_and_both_sides_nonempty():
     assert D.hash_split("How do I kill a frozen app on my Mac?") == D.hash_split("how do I KILL a frozen app on my mac")
     assert {D.hash_split(f"prompt {i}") for i in range(20)} == {"fit", "dev"}
-    fit, dev = D.genre_splits("fit"), D.genre_splits("dev")
+    fit, dev = D.genre_splits("fit"), D.genre_splits("dev", dev_only=False)  # the genre files' own halves
     for genre in D.GENRES:
         f, d = {p.text for p in fit[genre]}, {p.text for p in dev[genre]}
         assert f and d and not (f & d)
@@ -102,5 +165,7 @@ def test_harmful_registers_reach_the_fit_only_by_their_fit_half_and_only_when_as
     assert not (set(plain.harmful) & (fit_half | dev_half))  # off by default: the shipped fit never read them
     assert set(more.harmful) - set(plain.harmful) == fit_half and not (set(more.harmful) & dev_half)
     assert sorted(more.benign) == sorted(plain.benign)
+    dev_only = {D.normalize_text(p.text) for ps in D.load_genre_dev_only().values() for p in ps}
+    assert not ({D.normalize_text(t) for t in plain.benign + plain.harmful} & dev_only)  # measured only, never fitted
     dev = {s["name"]: s for s in D.breadth_dev_sets(20)}
     assert set(dev["harmful in benign genres' words (dev)"]["texts"]) == dev_half  # measured, never fitted
