@@ -117,6 +117,55 @@ def rate(scores: torch.Tensor, tau: float) -> float:
     return float((scores > tau).float().mean()) if len(scores) else float("nan")
 
 
+def score_rows(scored: list[tuple[dict, torch.Tensor]], tau: float, dev_only: set[str]) -> list[dict]:
+    """One report row per set from its scores ``p`` (the gate fires when ``p > tau``); a genre row also counts
+    the fires of its dev-only lines apart (``n_new``, ``fires_new``)."""
+    rows = []
+    for s, p in scored:
+        row = {"name": s["name"], "group": s["group"], "harmful": s["harmful"], "n": len(s["texts"]),
+               "fire": rate(p, tau), "fires": int((p > tau).sum()), "fire05": rate(p, 0.5),
+               "median": float(p.median()), "p90": float(p.quantile(0.9))}
+        if s["group"] == "genre":
+            new = torch.tensor([t in dev_only for t in s["texts"]], dtype=torch.bool)
+            row |= {"n_new": int(new.sum()), "fires_new": int((p[new] > tau).sum())}
+        rows.append(row)
+    return rows
+
+
+def pooled_rate(rows: list[dict], group: str) -> float:
+    rs = [r for r in rows if r["group"] == group]
+    n = sum(r["n"] for r in rs)
+    return sum(r["fires"] for r in rs) / n if n else float("nan")
+
+
+def sweep_table(scored: list[tuple[dict, torch.Tensor]], points: dict[str, float], n_grid: int,
+                dev_only: set[str]) -> list[str]:
+    """The pack's whole frontier on these sets: at each threshold (the pack's operating points and ``n_grid``
+    more, evenly spaced in log-odds between the lowest and the highest point), the worst benign genre, how many
+    genres show the <= 2% target, and what is caught. A study of the trade-off, not a way to set a threshold: a
+    tau read off this table is chosen on dev data and these rows would no longer measure it."""
+    import math
+
+    lo, hi = min(points.values()), max(points.values())
+    logit = lambda q: math.log(q / (1 - q))  # noqa: E731
+    grid = [1 / (1 + math.exp(-(logit(lo) + (logit(hi) - logit(lo)) * i / (n_grid + 1)))) for i in range(1, n_grid + 1)]
+    named = {v: k for k, v in points.items()}
+    out = ["", f"Thresholds swept (`--sweep {n_grid}`): the pack's operating points and {n_grid} between them. Gate "
+           "fires %; the genre columns read each genre's whole dev set (dev half and dev-only lines).", "",
+           "| tau | point | worst genre | genres <= 2% (rate / shown) | genres pooled | contrast safe | direct | "
+           "wrapped (unseen families) | rephrased (unseen families) |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(set(grid) | set(points.values())):
+        rows = score_rows(scored, t, dev_only)
+        genres = [r for r in rows if r["group"] == "genre"]
+        worst = max(genres, key=lambda r: r["fire"])
+        out.append(f"| {t:.5f} | {named.get(t, '')} | {worst['name'].split(': ', 1)[-1]} {100 * worst['fire']:.1f}% | "
+                   f"{sum(r['fire'] <= 0.02 for r in genres)} / {sum(rate_interval(r['fires'], r['n'])[1] <= 0.02 for r in genres)} | "
+                   f"{100 * pooled_rate(rows, 'genre'):.1f}% | {100 * pooled_rate(rows, 'contrast_safe'):.1f}% | "
+                   f"{100 * pooled_rate(rows, 'direct'):.1f}% | {100 * pooled_rate(rows, 'wrapped_dev'):.1f}% | "
+                   f"{100 * pooled_rate(rows, 'rephrased_dev'):.1f}% |")
+    return out
+
+
 def markdown(rows: list[dict], tau: float, header: list[str]) -> str:
     out = header + ["", f"| set | kind | n | gate fires (tau {tau:.3f}) | fires, 95% interval | gate fires (0.5) | "
                         "median p | 90th pct p |",
@@ -195,6 +244,8 @@ def main() -> int:
     ap.add_argument("--tau", default=None,
                     help="the threshold: one of the pack's operating points (strict, balanced, permissive) or a number "
                          "(default: the pack's own, balanced)")
+    ap.add_argument("--sweep", type=int, default=0, metavar="N",
+                    help="also tabulate the trade-off at the pack's operating points and N thresholds between them")
     ap.add_argument("--out", default=None, help="write the markdown table here (e.g. docs/results/genre_gate_rates.md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,7 +253,7 @@ def main() -> int:
     import autosteer
     from autosteer.evaluate import probe_scores
     from autosteer.data import load_genre_dev_only
-    from autosteer.method.pack import layers_text
+    from autosteer.method.pack import layers_text, operating_point_taus
     from autosteer.models import load_model
 
     t0 = time.time()
@@ -219,19 +270,14 @@ def main() -> int:
     pack, tau, layers, fmt = handle.pack, float(handle.tau), handle.pack.layers, handle.pack.prompt_format
     cache = Path(args.cache)
     dev_only = {p.text for ps in load_genre_dev_only().values() for p in ps}
-    rows = []
+    scored = []
     for s in sets:
         x = cached_layer_states(model, tok, s["texts"], fmt, layers, cache, s["group"])
         p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
         if pack.pool is not None:  # a pooled gate fires on the higher of the two probes' probabilities
             p = torch.maximum(p, cached_pooled_scores(model, tok, s["texts"], fmt, pack, cache, s["group"]))
-        row = {"name": s["name"], "group": s["group"], "harmful": s["harmful"], "n": len(s["texts"]),
-               "fire": rate(p, tau), "fires": int((p > tau).sum()), "fire05": rate(p, 0.5),
-               "median": float(p.median()), "p90": float(p.quantile(0.9))}
-        if s["group"] == "genre":  # the fires of the dev-only lines apart (written after the packs were chosen)
-            new = torch.tensor([t in dev_only for t in s["texts"]], dtype=torch.bool)
-            row |= {"n_new": int(new.sum()), "fires_new": int((p[new] > tau).sum())}
-        rows.append(row)
+        scored.append((s, p))
+    rows = score_rows(scored, tau, dev_only)
     # the early-stopped states give the runtime's scores
     probe = sets[0]["texts"][:3] + next(s for s in sets if s["group"] == "rephrased_benign")["texts"][:3] \
         + next(s for s in sets if s["group"] == "wrapped_dev")["texts"][:2]
@@ -246,7 +292,7 @@ def main() -> int:
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/genre_gate_rates.py --threads {args.threads}" \
         + (f" --pack {args.pack}" if args.pack else "") \
         + (f" --n {args.n}" if args.n != 150 else "") + (f" --tau {args.tau}" if args.tau is not None else "") + (f" --system {shlex.quote(args.system)}" if args.system is not None else "") \
-        + (f" --out {args.out}" if args.out else "")
+        + (f" --sweep {args.sweep}" if args.sweep else "") + (f" --out {args.out}" if args.out else "")
     header = ["# Gate-fire rates per benign genre, on contrast pairs and on rephrased harmful requests", "",
               f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation; states of "
               f"{CACHE_COUNTS['extracted']} prompts extracted, {CACHE_COUNTS['cached']} read from the cache of an earlier run).", "",
@@ -265,7 +311,8 @@ def main() -> int:
               "one template per request (stable hash); dev families are never fitted on (the default fit includes the fit "
               "families since issue 17, and some fit-family rows are fit data: those rows are not a transfer measure). Early-stopped states checked against "
               f"`autosteer.evaluate.probe_scores` on a sample: max |dp| {diff:.1e}."]
-    emit(markdown(rows, tau, header) + "\n" + "\n".join(genre_table(rows) + summary(rows)) + "\n", args.out)
+    sweep = [] if not args.sweep else sweep_table(scored, operating_point_taus(pack), args.sweep, dev_only)
+    emit(markdown(rows, tau, header) + "\n" + "\n".join(genre_table(rows) + summary(rows) + sweep) + "\n", args.out)
     return 0
 
 

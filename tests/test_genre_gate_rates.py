@@ -84,3 +84,23 @@ def test_genre_table_calls_the_target_shown_only_when_the_whole_interval_is_unde
     # the dev half and the dev-only lines apart, then together
     assert "| 4/40, " in lines["c"] and "| 2/200, " in lines["c"] and "| 6/240, " in lines["c"]
     assert "| 0/0, no prompts |" in lines["d"]  # a genre without dev-only lines says so instead of failing
+
+
+def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls():
+    torch.manual_seed(0)
+    genre = {"name": "genre: math", "group": "genre", "harmful": False, "texts": [f"b{i}" for i in range(100)]}
+    direct = {"name": "direct", "group": "direct", "harmful": True, "texts": [f"h{i}" for i in range(50)]}
+    scored = [(genre, torch.rand(100) * 0.6), (direct, 0.3 + torch.rand(50) * 0.7)]
+    points = {"strict": 0.2, "balanced": 0.5, "permissive": 0.9}
+    lines = G.sweep_table(scored, points, 3, dev_only={"b1", "b2"})
+    body = [ln.split(" | ") for ln in lines if ln.startswith("| 0.")]
+    taus = [float(c[0][2:]) for c in body]
+    assert len(body) == 6 and taus == sorted(taus) and taus[0] == 0.2 and taus[-1] == 0.9
+    assert [c[1] for c in body if c[1]] == ["strict", "balanced", "permissive"]
+    genre_pooled = [float(c[4].rstrip("%")) for c in body]
+    caught = [float(c[6].rstrip("%")) for c in body]
+    assert genre_pooled == sorted(genre_pooled, reverse=True) and caught == sorted(caught, reverse=True)
+    assert genre_pooled[-1] == 0.0 and caught[0] > caught[-1]  # nothing benign over 0.6; more harm at 0.2 than 0.9
+    # the columns are what score_rows gives at that threshold
+    rows = G.score_rows(scored, 0.5, {"b1", "b2"})
+    assert f"{100 * rows[1]['fires'] / 50:.1f}%" == body[taus.index(0.5)][6]
