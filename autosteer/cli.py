@@ -439,7 +439,7 @@ def cmd_eval(args) -> int:
         from .data import breadth_dev_sets
 
         # one row per benign genre, external source, contrast side, framing family and template family
-        sets += [PromptSet(s["name"], s["texts"][: args.breadth], s["harmful"]) for s in breadth_dev_sets(args.breadth)
+        sets += [PromptSet(s["name"], s["texts"][: args.breadth], s["harmful"]) for s in breadth_dev_sets(args.breadth, dev_only=True)
                  if s["group"] not in ("rephrased_fit", "default_benign")]
     if args.cross_modal_dev:
         from .cross_modal import dev_sets as cross_modal_dev_sets
@@ -757,9 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
     p.add_argument("--breadth", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also report refusal and gate rates per benign genre, external benign source, contrast side, "
-                        "rephrasing family and jailbreak-template family of the dev sets (up to N prompts each, e.g. 40; "
-                        "a genre's dev set is its dev half, then its dev-only lines, about 240 in all: N >= 250 reads "
-                        "all of it)")
+                        "rephrasing family and jailbreak-template family of the dev sets (the first N prompts of each, "
+                        "e.g. 40; a genre's dev set is its dev half, then its dev-only lines, 234-414 prompts: a small N "
+                        "reads mostly the half, N >= 414 every genre whole)")
     p.add_argument("--jailbreak-dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also evaluate N StrongREJECT and N FreshQA dev prompts wrapped in jailbreak templates of the "
                         "dev template families (split by family, never fitted on)")

@@ -848,14 +848,15 @@ def load_genre_dev_only() -> dict[str, tuple[Prompt, ...]]:
     out = {}
     for genre in GENRES:
         path = _GENRES_DEV_ONLY_DIR / f"{genre}.txt"
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for i, t in enumerate(lines):
+        # (line number in the file, text) of each non-blank line
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+        for i, t in lines:
             if normalize_text(t) in halves:
                 g, n = halves[normalize_text(t)]
-                raise ValueError(f"{path} line {i + 1} repeats genres/{g}.txt line {n}: {t!r}")
+                raise ValueError(f"{path} line {i} repeats genres/{g}.txt line {n}: {t!r}")
         out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_dev_only:{genre}", genre,
-                                  meta={"line": i + 1, "split": "dev", "dev_only": True})
-                           for i, t in enumerate(lines))
+                                  meta={"line": i, "split": "dev", "dev_only": True})
+                           for i, t in lines)
     return out
 
 
@@ -1050,22 +1051,25 @@ def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
             if any(p.meta["split"] == split for p in ps)}
 
 
-def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False) -> list[dict]:
+def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False, dev_only: bool = False) -> list[dict]:
     """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
 
-    Benign genre dev sets (each genre's dev half, then its dev-only lines), contrast pairs (dev), harmful requests in the genres' words (dev half),
+    Benign genre dev halves (with ``dev_only``, then each genre's dev-only lines), contrast pairs (dev), harmful requests in the genres' words (dev half),
     StrongREJECT direct and in DEV jailbreak-template
     families, ``n`` requests per rephrasing family (fit requests and StrongREJECT requests in the DEV
     families; fit requests in the fit families, which a pack fitted on other data never saw), the genre dev
     halves in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
     ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
-    ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on)."""
+    ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on).
+    ``dev_only=True``: each genre set is its dev half followed by its dev-only lines (:func:`load_genre_dev_only`);
+    off by default, so the studies that choose variants on these sets never see the dev-only lines, which only
+    measure (``autosteer eval --breadth``, ``benchmarks/genre_gate_rates.py``)."""
     from . import rephrasing as R
 
     splits = default_splits(seed, strongreject_fit=strongreject_fit)
     sets = []
-    for genre, prompts in genre_splits("dev").items():
+    for genre, prompts in genre_splits("dev", dev_only=dev_only).items():
         sets.append({"name": f"genre: {genre}", "group": "genre", "harmful": False, "texts": [p.text for p in prompts]})
     pairs = contrast_pair_splits("dev")
     sets.append({"name": "contrast pairs: safe side", "group": "contrast_safe", "harmful": False, "texts": [s.text for s, _ in pairs]})

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 def dev_sets(n: int = 150) -> list[tuple[str, bool, list[str]]]:
     """``[(name, harmful, texts)]``: eval's dev sets, its dev-template jailbreak sets, and the genre-gate sets."""
     from autosteer.cli import _dev_sets, _jailbreak_dev_sets
-    from genre_gate_rates import build_sets
+    from autosteer.data import breadth_dev_sets
 
     out = [(s.name, bool(s.harmful), list(s.prompts)) for s in _dev_sets(None) + _jailbreak_dev_sets(64)]
-    out += [(s["name"], bool(s["harmful"]), s["texts"]) for s in build_sets(n)]
+    out += [(s["name"], bool(s["harmful"]), s["texts"]) for s in breadth_dev_sets(n)]  # genre dev halves, as reported
     return out
 
 

@@ -67,7 +67,7 @@ def fit_additions(seed: int, n_rephrase: int) -> dict[str, tuple[list[str], list
 def dev_sets(n: int, seed: int) -> list[dict]:
     from autosteer import data as D
 
-    sets = G.build_sets(n, seed)
+    sets = D.breadth_dev_sets(n, seed)  # the genres' dev halves: the dev-only lines are never chosen on
     splits = D.default_splits(seed)
     sets.append({"name": "FreshQA dev", "group": "freshqa", "harmful": False, "texts": [p.text for p in splits["dev_benign"]]})
     sets.append({"name": "over-refusal dev", "group": "overrefusal", "harmful": False,

