@@ -282,7 +282,16 @@ def cmd_fit(args) -> int:
         from .data import require_sources
 
         require_sources("`autosteer fit` with the shipped fit data")
-        data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
+        if args.genre_fit_more and cfg.fit_data != "broad":
+            print(f"error: --genre-fit-more adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
+                  file=sys.stderr)
+            return 2
+        data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data,
+                                genre_fit_more=args.genre_fit_more)
+    if args.genre_fit_more and (args.harmful or args.benign):
+        print("error: --genre-fit-more adds to the shipped fit data; with --harmful/--benign put the lines in your files",
+              file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else _default_pack_path(args.model)
     _check_output_file(out)
     model, tok = _load(args)  # after every option and file was checked
@@ -696,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-class", type=POSITIVE, default=1000)
     p.add_argument("--max-prompt-tokens", type=POSITIVE, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")
+    p.add_argument("--genre-fit-more", action="store_true",
+                   help="add the extra benign genre fit prompts (autosteer/fit_prompts/genres/fit_more/, about 150 per "
+                        "genre) to the broad fit data; off by default (docs/method.md 7r)")
     p.add_argument("--system-copies", nargs="?", const="", default=None, metavar="FILE",
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "

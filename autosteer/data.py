@@ -104,6 +104,7 @@ __all__ = [
     "load_genre_prompts",
     "genre_splits",
     "load_genre_dev_only",
+    "load_genre_fit_more",
     "load_contrast_pairs",
     "contrast_pair_splits",
     "load_external_benign",
@@ -857,6 +858,31 @@ def load_genre_dev_only() -> dict[str, tuple[Prompt, ...]]:
         out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_dev_only:{genre}", genre,
                                   meta={"line": i, "split": "dev", "dev_only": True})
                            for i, t in lines)
+    return out
+
+
+#: more benign FIT lines per genre (``genres/fit_more/<genre>.txt``): fitted on only when asked
+#: (``default_fit_data(..., genre_fit_more=True)``, ``autosteer fit --genre-fit-more``), never measured
+_GENRES_FIT_MORE_DIR = _GENRES_DIR / "fit_more"
+
+
+@functools.lru_cache(maxsize=None)
+def load_genre_fit_more() -> dict[str, tuple[Prompt, ...]]:
+    """The extra benign genre fit prompts: ``{genre: prompts}`` (label 0, ``category`` = genre, ``meta["split"]`` =
+    ``"fit"``). A line that repeats (normalised) a genre-file line or a dev-only line raises: it would sit on both
+    sides, or twice in the fit."""
+    seen = {normalize_text(p.text): f"genres/{g}.txt line {p.meta['line']}" for g, ps in load_genre_prompts().items() for p in ps}
+    seen |= {normalize_text(p.text): f"genres/dev_only/{g}.txt line {p.meta['line']}"
+             for g, ps in load_genre_dev_only().items() for p in ps}
+    out = {}
+    for genre in GENRES:
+        path = _GENRES_FIT_MORE_DIR / f"{genre}.txt"
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+        for i, t in lines:
+            if normalize_text(t) in seen:
+                raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
+        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_fit_more:{genre}", genre,
+                                  meta={"line": i, "split": "fit", "fit_more": True}) for i, t in lines)
     return out
 
 

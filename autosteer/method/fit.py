@@ -407,7 +407,7 @@ PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_p
 
 def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
                      n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False,
-                     strongreject_fit: bool = False) -> FitData:
+                     strongreject_fit: bool = False, genre_fit_more: bool = False) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
@@ -419,6 +419,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     (``docs/results/gate_register_study.md``: it moves along the frontier, not past it).
     ``strongreject_fit=True`` adds StrongREJECT's fit half as plain harmful requests on top of everything
     else (the rest is the default data, row for row; off by default: ``docs/results/gate_strongreject_fit_study.md``).
+    ``genre_fit_more=True`` adds the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`, about
+    150 per genre) to the broad data, each in its genre's calibration group; off by default (``docs/method.md`` 7r).
     """
     from .. import data
 
@@ -426,6 +428,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         raise ValueError(f"style must be one of {list(FIT_DATA_STYLES)}, got {style!r}")
     if harmful_registers and style != "broad":
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
+    if genre_fit_more and style != "broad":
+        raise ValueError(f"genre_fit_more adds to the broad fit data only (style='broad'), got style={style!r}")
     splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
     # added after everything else below, so the rest is the default data row for row
     added = sorted(p.text for p in splits.get("fit_strongreject", []))
@@ -466,7 +470,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         }
     extra_groups: dict[str, str] = {}
     if style == "broad":
-        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits, harmful_registers)
+        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits, harmful_registers, genre_fit_more)
         harmful, benign = harmful + bh, benign + bb
         rng.shuffle(harmful)
         rng.shuffle(benign)
@@ -483,7 +487,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
 
 
 def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None,
-                      harmful_registers: bool = False) -> tuple[list[str], list[str], dict]:
+                      harmful_registers: bool = False, genre_fit_more: bool = False) -> tuple[list[str], list[str], dict]:
     """The fit-side prompts of issue 17's breadth, added to the default fit data by ``style="broad"``:
 
     - benign: the fit halves of the hand-written genres (math, code, sysadmin, violent words used
@@ -492,7 +496,8 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
       ``n_rephrased`` benign fit prompts rephrased in the FIT rephrasing families;
     - harmful: the unsafe sides of the fit contrast pairs and ``n_rephrased`` harmful fit requests
       rephrased in the FIT families; with ``harmful_registers``, also the fit half of the harmful
-      requests written in the benign genres' words (:func:`autosteer.data.harmful_register_splits`).
+      requests written in the benign genres' words (:func:`autosteer.data.harmful_register_splits`); with
+      ``genre_fit_more``, the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`).
 
     The same families rephrase both classes, so the framing alone says nothing about the label. Dev
     halves, dev families and reserved data are never read."""
@@ -501,6 +506,7 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
 
     splits = data.default_splits(seed) if splits is None else splits
     genres = [p.text for ps in data.genre_splits("fit").values() for p in ps]
+    more = [p.text for ps in data.load_genre_fit_more().values() for p in ps] if genre_fit_more else []
     pairs = data.contrast_pair_splits("fit")
     external = [p.text for ps in data.external_benign_splits("fit").values() for p in ps]
     rng = random.Random(f"rephrased-fit-{seed}")
@@ -520,8 +526,10 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
     reph_b = rephrased(benign_pool)
     registers = [p.text for p in data.harmful_register_splits("fit")] if harmful_registers else []
     harmful = [u.text for _, u in pairs] + registers + reph_h
-    benign = genres + [s.text for s, _ in pairs] + external + reph_b
+    # the extra genre lines join the fit but not the rephrasing pool: every other row is the default's
+    benign = genres + more + [s.text for s, _ in pairs] + external + reph_b
     src = {"genres": f"autosteer/fit_prompts/genres fit halves ({len(genres)})",
+           **({"genre_fit_more": f"autosteer/fit_prompts/genres/fit_more ({len(more)})"} if more else {}),
            "contrast_pairs": f"fit halves, both sides ({len(pairs)} pairs)",
            **({"harmful_registers": f"autosteer/fit_prompts/genres/harmful_registers.jsonl fit half ({len(registers)})"}
               if registers else {}),
@@ -540,6 +548,8 @@ def benign_groups(benign: list[str], extra: Mapping[str, str] | None = None) -> 
 
     of: dict[str, str] = {}
     for g, ps in data.load_genre_prompts().items():
+        of.update({data.normalize_text(p.text): g for p in ps})
+    for g, ps in data.load_genre_fit_more().items():
         of.update({data.normalize_text(p.text): g for p in ps})
     for s, _ in data.load_contrast_pairs():
         of[data.normalize_text(s.text)] = "contrast_safe"
