@@ -270,6 +270,14 @@ def cmd_fit(args) -> int:
     if cfg.monitor_responses == "own" and args.monitor_prefix is not None:
         print("error: --monitor-prefix has no effect with --monitor-responses own", file=sys.stderr)
         return 2
+    if args.genre_fit_more and (args.harmful or args.benign):
+        print("error: --genre-fit-more adds to the shipped fit data; with --harmful/--benign put the lines in your files",
+              file=sys.stderr)
+        return 2
+    if args.genre_fit_more and cfg.fit_data != "broad":
+        print(f"error: --genre-fit-more adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
+              file=sys.stderr)
+        return 2
     data = None
     if args.harmful or args.benign:
         if not (args.harmful and args.benign):
@@ -282,16 +290,8 @@ def cmd_fit(args) -> int:
         from .data import require_sources
 
         require_sources("`autosteer fit` with the shipped fit data")
-        if args.genre_fit_more and cfg.fit_data != "broad":
-            print(f"error: --genre-fit-more adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
-                  file=sys.stderr)
-            return 2
         data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data,
                                 genre_fit_more=args.genre_fit_more)
-    if args.genre_fit_more and (args.harmful or args.benign):
-        print("error: --genre-fit-more adds to the shipped fit data; with --harmful/--benign put the lines in your files",
-              file=sys.stderr)
-        return 2
     out = Path(args.out) if args.out else _default_pack_path(args.model)
     _check_output_file(out)
     model, tok = _load(args)  # after every option and file was checked

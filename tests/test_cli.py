@@ -303,8 +303,11 @@ def test_genre_fit_more_is_refused_where_it_cannot_add(model_dir, tmp_path, caps
     rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--genre-fit-more",
                "--out", str(out)])
     assert rc == 2 and "--genre-fit-more adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
-    from autosteer.data import missing_sources
-    if not missing_sources():
-        rc = main(["fit", "--model", str(model_dir), "--fit-data", "paper", "--genre-fit-more", "--out", str(out)])
-        assert rc == 2 and "broad fit data only; this fit uses --fit-data paper" in capsys.readouterr().err
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--genre-fit-more", "--out", str(out)])
+    assert rc == 2 and "--genre-fit-more adds to the shipped fit data" in capsys.readouterr().err
+    # a style or preset without the broad data: refused before any data is read (with or without the wheels)
+    for extra in (["--fit-data", "paper"], ["--preset", "low-fp"]):
+        rc = main(["fit", "--model", str(model_dir), *extra, "--genre-fit-more", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "broad fit data only; this fit uses --fit-data" in err, (extra, err)
         assert not out.exists()

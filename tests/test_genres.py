@@ -112,6 +112,7 @@ def test_dev_only_lines_cover_every_genre_and_join_its_dev_side_only():
         assert rate_interval(0, len(dev[genre]))[1] <= 0.02, genre
 
 
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
 def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
     from autosteer.method.fit import benign_groups, default_fit_data
 
@@ -126,7 +127,12 @@ def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
     # each line counts in its own genre's calibration budget, not in "other"
     groups = dict(zip(added.benign, added.benign_groups))
     assert all(groups[p.text] == g for g, ps in more.items() for p in ps)
-    assert benign_groups([more["law"][0].text]) == ["law"]
+    assert added.sources["broad"]["genre_fit_more"].endswith(f"({len(lines)})")  # the pack's meta says it had them
+    assert "genre_fit_more" not in plain.sources["broad"]
+    # the other rows keep the groups they have without the option
+    assert [g for t, g in zip(added.benign, added.benign_groups) if t not in lines] == \
+        [dict(zip(plain.benign, plain.benign_groups))[t] for t in added.benign if t not in lines]
+    assert benign_groups([more["law"][0].text]) == ["other"]  # only the fit data's own groups carry them
     with pytest.raises(ValueError, match="broad fit data only"):
         default_fit_data(0, 1000, 0, "default", genre_fit_more=True)
     # measured nowhere: no dev set holds one
@@ -138,16 +144,18 @@ def test_a_fit_more_line_that_repeats_a_dev_only_line_is_refused(tmp_path, monke
 
     for genre in D.GENRES:
         shutil.copy(GENRE_DIR / "fit_more" / f"{genre}.txt", tmp_path / f"{genre}.txt")
-    dev_line = D.load_genre_dev_only()["chat"][5]
-    with open(tmp_path / "law.txt", "a", encoding="utf-8") as f:
-        f.write(dev_line.text.lower() + "\n")  # a measured line in the fit: refused, whatever the genre
+    dev_line, file_line = D.load_genre_dev_only()["chat"][5], D.genre_splits("dev", dev_only=False)["math"][2]
+    original = (tmp_path / "law.txt").read_text(encoding="utf-8")
     monkeypatch.setattr(D, "_GENRES_FIT_MORE_DIR", tmp_path)
-    D.load_genre_fit_more.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=rf"law.txt line 151 repeats genres/dev_only/chat.txt line {dev_line.meta['line']}"):
-            D.load_genre_fit_more()
-    finally:
+    # a measured line in the fit, or a genre-file line twice: refused, whatever the genre
+    for line, where in ((dev_line, "dev_only/chat"), (file_line, "math")):
+        (tmp_path / "law.txt").write_text(original + line.text.lower() + "\n", encoding="utf-8")
         D.load_genre_fit_more.cache_clear()
+        try:
+            with pytest.raises(ValueError, match=rf"law.txt line 151 repeats genres/{where}.txt line {line.meta['line']}"):
+                D.load_genre_fit_more()
+        finally:
+            D.load_genre_fit_more.cache_clear()
 
 
 def test_a_dev_only_line_that_repeats_a_genre_file_line_is_refused(tmp_path, monkeypatch):

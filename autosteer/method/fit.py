@@ -476,6 +476,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         rng.shuffle(benign)
         counts.update({"harmful": len(harmful), "benign": len(benign), **bsrc.pop("counts")})
         extra_groups = dict.fromkeys(bsrc.pop("rephrased_benign"), "rephrased")
+        extra_groups.update(bsrc.pop("genre_fit_more_groups"))  # each extra genre line in its genre's group
         derived.update(bsrc.pop("derived_from"))
         sources["broad"] = bsrc
     if added:
@@ -506,7 +507,8 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
 
     splits = data.default_splits(seed) if splits is None else splits
     genres = [p.text for ps in data.genre_splits("fit").values() for p in ps]
-    more = [p.text for ps in data.load_genre_fit_more().values() for p in ps] if genre_fit_more else []
+    more_groups = {p.text: g for g, ps in data.load_genre_fit_more().items() for p in ps} if genre_fit_more else {}
+    more = list(more_groups)
     pairs = data.contrast_pair_splits("fit")
     external = [p.text for ps in data.external_benign_splits("fit").values() for p in ps]
     rng = random.Random(f"rephrased-fit-{seed}")
@@ -536,7 +538,7 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
            "external_benign": {k: len(v) for k, v in data.external_benign_splits("fit").items()},
            "rephrased": {"families": list(R.FIT_FAMILIES), "harmful": len(reph_h), "benign": len(reph_b)},
            "counts": {"broad_harmful": len(harmful), "broad_benign": len(benign)},
-           "rephrased_benign": reph_b, "derived_from": {t: made_from[t] for t in reph_h + reph_b}}
+           "rephrased_benign": reph_b, "genre_fit_more_groups": more_groups, "derived_from": {t: made_from[t] for t in reph_h + reph_b}}
     return harmful, benign, src
 
 
@@ -548,8 +550,6 @@ def benign_groups(benign: list[str], extra: Mapping[str, str] | None = None) -> 
 
     of: dict[str, str] = {}
     for g, ps in data.load_genre_prompts().items():
-        of.update({data.normalize_text(p.text): g for p in ps})
-    for g, ps in data.load_genre_fit_more().items():
         of.update({data.normalize_text(p.text): g for p in ps})
     for s, _ in data.load_contrast_pairs():
         of[data.normalize_text(s.text)] = "contrast_safe"
