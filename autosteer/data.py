@@ -838,6 +838,31 @@ def load_genre_prompts() -> dict[str, tuple[Prompt, ...]]:
 #: dev-only genre lines (``genres/dev_only/<genre>.txt``): written after the shipped packs were chosen, never
 #: fitted on and never split; they make each genre's dev set large enough to test a 2% false-positive target
 _GENRES_DEV_ONLY_DIR = _GENRES_DIR / "dev_only"
+#: more benign FIT lines per genre (``genres/fit_more/<genre>.txt``): fitted on only when asked
+#: (``default_fit_data(..., genre_fit_more=True)``, ``autosteer fit --genre-fit-more``), never measured
+_GENRES_FIT_MORE_DIR = _GENRES_DIR / "fit_more"
+
+
+def _where_seen(prompts: Mapping[str, Sequence[Prompt]], folder: str) -> dict[str, str]:
+    """``{normalised text: "genres/<folder><genre>.txt line N"}`` of genre prompts, to name a repeat's first place."""
+    return {normalize_text(p.text): f"genres/{folder}{g}.txt line {p.meta['line']}" for g, ps in prompts.items() for p in ps}
+
+
+def _extra_genre_lines(folder: Path, kind: str, split: str, seen: Mapping[str, str]) -> dict[str, tuple[Prompt, ...]]:
+    """``{genre: prompts}`` of ``folder/<genre>.txt`` for every genre of :data:`GENRES` (label 0, ``category`` =
+    genre, ``meta``: the file's own line number, ``split`` and ``kind: True``). A line that normalises to a key of
+    ``seen`` raises, naming where it stood first."""
+    out = {}
+    for genre in GENRES:
+        path = folder / f"{genre}.txt"
+        # (line number in the file, text) of each non-blank line
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+        for i, t in lines:
+            if normalize_text(t) in seen:
+                raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
+        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_{kind}:{genre}", genre,
+                                  meta={"line": i, "split": split, kind: True}) for i, t in lines)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -845,25 +870,7 @@ def load_genre_dev_only() -> dict[str, tuple[Prompt, ...]]:
     """The dev-only benign genre prompts: ``{genre: prompts}`` (label 0, ``category`` = genre,
     ``meta["split"]`` = ``"dev"``, ``meta["dev_only"]`` = True). Every genre of :data:`GENRES` has a file; a
     line that repeats a genre-file line (normalised) raises, since it would sit on both sides of the split."""
-    halves = {normalize_text(p.text): (g, p.meta["line"]) for g, ps in load_genre_prompts().items() for p in ps}
-    out = {}
-    for genre in GENRES:
-        path = _GENRES_DEV_ONLY_DIR / f"{genre}.txt"
-        # (line number in the file, text) of each non-blank line
-        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
-        for i, t in lines:
-            if normalize_text(t) in halves:
-                g, n = halves[normalize_text(t)]
-                raise ValueError(f"{path} line {i} repeats genres/{g}.txt line {n}: {t!r}")
-        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_dev_only:{genre}", genre,
-                                  meta={"line": i, "split": "dev", "dev_only": True})
-                           for i, t in lines)
-    return out
-
-
-#: more benign FIT lines per genre (``genres/fit_more/<genre>.txt``): fitted on only when asked
-#: (``default_fit_data(..., genre_fit_more=True)``, ``autosteer fit --genre-fit-more``), never measured
-_GENRES_FIT_MORE_DIR = _GENRES_DIR / "fit_more"
+    return _extra_genre_lines(_GENRES_DEV_ONLY_DIR, "dev_only", "dev", _where_seen(load_genre_prompts(), ""))
 
 
 @functools.lru_cache(maxsize=None)
@@ -871,19 +878,8 @@ def load_genre_fit_more() -> dict[str, tuple[Prompt, ...]]:
     """The extra benign genre fit prompts: ``{genre: prompts}`` (label 0, ``category`` = genre, ``meta["split"]`` =
     ``"fit"``). A line that repeats (normalised) a genre-file line or a dev-only line raises: it would sit on both
     sides, or twice in the fit."""
-    seen = {normalize_text(p.text): f"genres/{g}.txt line {p.meta['line']}" for g, ps in load_genre_prompts().items() for p in ps}
-    seen |= {normalize_text(p.text): f"genres/dev_only/{g}.txt line {p.meta['line']}"
-             for g, ps in load_genre_dev_only().items() for p in ps}
-    out = {}
-    for genre in GENRES:
-        path = _GENRES_FIT_MORE_DIR / f"{genre}.txt"
-        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
-        for i, t in lines:
-            if normalize_text(t) in seen:
-                raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
-        out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_fit_more:{genre}", genre,
-                                  meta={"line": i, "split": "fit", "fit_more": True}) for i, t in lines)
-    return out
+    seen = _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/")
+    return _extra_genre_lines(_GENRES_FIT_MORE_DIR, "fit_more", "fit", seen)
 
 
 def genre_splits(split: str, dev_only: bool = True) -> dict[str, list[Prompt]]:

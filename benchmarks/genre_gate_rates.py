@@ -215,9 +215,7 @@ def summary(rows: list[dict]) -> list[str]:
         return [r for r in rows if r["group"] == group]
 
     def pooled(group):
-        rs = of(group)
-        n = sum(r["n"] for r in rs)
-        return sum(r["fire"] * r["n"] for r in rs) / n if n else float("nan")
+        return pooled_rate(rows, group)
 
     genres = of("genre")
     worst = max(genres, key=lambda r: r["fire"])

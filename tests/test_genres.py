@@ -139,40 +139,32 @@ def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
     assert not (lines & {t for s in D.breadth_dev_sets(20, dev_only=True) for t in s["texts"]})
 
 
-def test_a_fit_more_line_that_repeats_a_dev_only_line_is_refused(tmp_path, monkeypatch):
-    import shutil
-
-    for genre in D.GENRES:
-        shutil.copy(GENRE_DIR / "fit_more" / f"{genre}.txt", tmp_path / f"{genre}.txt")
-    dev_line, file_line = D.load_genre_dev_only()["chat"][5], D.genre_splits("dev", dev_only=False)["math"][2]
-    original = (tmp_path / "law.txt").read_text(encoding="utf-8")
-    monkeypatch.setattr(D, "_GENRES_FIT_MORE_DIR", tmp_path)
+@pytest.mark.parametrize("folder, attr, target, repeated, where", [
+    # a dev-only line that is also a fit line would sit on both sides of the split
+    ("dev_only", "_GENRES_DEV_ONLY_DIR", "cooking", lambda: D.genre_splits("fit")["cooking"][3], "cooking"),
     # a measured line in the fit, or a genre-file line twice: refused, whatever the genre
-    for line, where in ((dev_line, "dev_only/chat"), (file_line, "math")):
-        (tmp_path / "law.txt").write_text(original + line.text.lower() + "\n", encoding="utf-8")
-        D.load_genre_fit_more.cache_clear()
-        try:
-            with pytest.raises(ValueError, match=rf"law.txt line 151 repeats genres/{where}.txt line {line.meta['line']}"):
-                D.load_genre_fit_more()
-        finally:
-            D.load_genre_fit_more.cache_clear()
-
-
-def test_a_dev_only_line_that_repeats_a_genre_file_line_is_refused(tmp_path, monkeypatch):
+    ("fit_more", "_GENRES_FIT_MORE_DIR", "law", lambda: D.load_genre_dev_only()["chat"][5], "dev_only/chat"),
+    ("fit_more", "_GENRES_FIT_MORE_DIR", "law", lambda: D.genre_splits("dev", dev_only=False)["math"][2], "math"),
+])
+def test_an_extra_genre_line_that_repeats_a_line_of_the_other_files_is_refused(tmp_path, monkeypatch, folder, attr,
+                                                                               target, repeated, where):
     import shutil
 
     for genre in D.GENRES:
-        shutil.copy(GENRE_DIR / "dev_only" / f"{genre}.txt", tmp_path / f"{genre}.txt")
-    fit_line = D.genre_splits("fit")["cooking"][3]
-    with open(tmp_path / "cooking.txt", "a", encoding="utf-8") as f:
-        f.write("\n" + fit_line.text.upper() + "\n")  # normalises to a fit line: it would sit on both sides
-    monkeypatch.setattr(D, "_GENRES_DEV_ONLY_DIR", tmp_path)
-    D.load_genre_dev_only.cache_clear()
+        shutil.copy(GENRE_DIR / folder / f"{genre}.txt", tmp_path / f"{genre}.txt")
+    line = repeated()
+    original = (tmp_path / f"{target}.txt").read_text(encoding="utf-8")
+    # upper case still normalises to the same text; a blank line before it keeps the file's own line numbers
+    (tmp_path / f"{target}.txt").write_text(original + "\n" + line.text.upper() + "\n", encoding="utf-8")
+    at = len(original.splitlines()) + 2
+    loader = D.load_genre_dev_only if folder == "dev_only" else D.load_genre_fit_more
+    monkeypatch.setattr(D, attr, tmp_path)
+    loader.cache_clear()
     try:
-        with pytest.raises(ValueError, match=rf"cooking.txt line \d+ repeats genres/cooking.txt line {fit_line.meta['line']}"):
-            D.load_genre_dev_only()
+        with pytest.raises(ValueError, match=rf"{target}.txt line {at} repeats genres/{where}.txt line {line.meta['line']}"):
+            loader()
     finally:
-        D.load_genre_dev_only.cache_clear()
+        loader.cache_clear()
 
 
 def test_split_is_stable_about_half_and_both_sides_nonempty():
