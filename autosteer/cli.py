@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -240,7 +241,7 @@ def _labelled(paths: list[str] | None, label: int) -> list:
 
 # ------------------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from .method.fit import FitConfig, FitData, default_fit_data, fit, monitor_probe_training
+    from .method.fit import FitConfig, FitData, fit, fit_data_of, monitor_probe_training
     from .prompting import PromptFormat
 
     t0 = time.time()
@@ -278,6 +279,8 @@ def cmd_fit(args) -> int:
         print(f"error: --genre-fit-more adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
               file=sys.stderr)
         return 2
+    if args.genre_fit_more is not None:  # after the checks above, which name the option rather than the field
+        cfg = dataclasses.replace(cfg, genre_fit_more=args.genre_fit_more)
     data = None
     if args.harmful or args.benign:
         if not (args.harmful and args.benign):
@@ -290,8 +293,7 @@ def cmd_fit(args) -> int:
         from .data import require_sources
 
         require_sources("`autosteer fit` with the shipped fit data")
-        data = default_fit_data(args.seed, args.max_per_class, cfg.jailbreak_fit, cfg.fit_data,
-                                genre_fit_more=args.genre_fit_more)
+        data = fit_data_of(cfg)
     out = Path(args.out) if args.out else _default_pack_path(args.model)
     _check_output_file(out)
     model, tok = _load(args)  # after every option and file was checked
@@ -705,9 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-class", type=POSITIVE, default=1000)
     p.add_argument("--max-prompt-tokens", type=POSITIVE, default=512)
     p.add_argument("--system", default=None, help="system prompt used at fit and serving time")
-    p.add_argument("--genre-fit-more", action="store_true",
-                   help="add the extra benign genre fit prompts (autosteer/fit_prompts/genres/fit_more/, about 150 per "
-                        "genre) to the broad fit data; off by default (docs/method.md 7r)")
+    p.add_argument("--genre-fit-more", action=argparse.BooleanOptionalAction, default=None,
+                   help="the extra benign genre fit prompts (autosteer/fit_prompts/genres/fit_more/, about 150 per "
+                        "genre) in the broad fit data: on by default with the broad data; --no-genre-fit-more leaves "
+                        "them out (the default fit before docs/method.md 7s)")
     p.add_argument("--system-copies", nargs="?", const="", default=None, metavar="FILE",
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "

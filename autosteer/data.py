@@ -104,6 +104,7 @@ __all__ = [
     "load_genre_prompts",
     "genre_splits",
     "load_genre_dev_only",
+    "load_genre_dev_fresh",
     "load_genre_fit_more",
     "load_contrast_pairs",
     "contrast_pair_splits",
@@ -838,8 +839,11 @@ def load_genre_prompts() -> dict[str, tuple[Prompt, ...]]:
 #: dev-only genre lines (``genres/dev_only/<genre>.txt``): written after the shipped packs were chosen, never
 #: fitted on and never split; they make each genre's dev set large enough to test a 2% false-positive target
 _GENRES_DEV_ONLY_DIR = _GENRES_DIR / "dev_only"
-#: more benign FIT lines per genre (``genres/fit_more/<genre>.txt``): fitted on only when asked
-#: (``default_fit_data(..., genre_fit_more=True)``, ``autosteer fit --genre-fit-more``), never measured
+#: fresh dev lines per genre (``genres/dev_fresh/<genre>.txt``): written after the shipped packs of docs/method.md 7s
+#: were fitted and chosen (the dev-only lines above were read for that choice), never fitted on and never split
+_GENRES_DEV_FRESH_DIR = _GENRES_DIR / "dev_fresh"
+#: more benign FIT lines per genre (``genres/fit_more/<genre>.txt``): in the broad fit data by default
+#: (``FitConfig.genre_fit_more``; ``autosteer fit --no-genre-fit-more`` leaves them out), never measured
 _GENRES_FIT_MORE_DIR = _GENRES_DIR / "fit_more"
 
 
@@ -882,15 +886,27 @@ def load_genre_fit_more() -> dict[str, tuple[Prompt, ...]]:
     return _extra_genre_lines(_GENRES_FIT_MORE_DIR, "fit_more", "fit", seen)
 
 
+@functools.lru_cache(maxsize=None)
+def load_genre_dev_fresh() -> dict[str, tuple[Prompt, ...]]:
+    """The fresh dev genre prompts, written after the packs of ``docs/method.md`` 7s were chosen: ``{genre: prompts}``
+    (label 0, ``category`` = genre, ``meta["split"]`` = ``"dev"``, ``meta["dev_fresh"]`` = True). A line that repeats
+    (normalised) a genre-file, dev-only or extra fit line raises."""
+    seen = _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/") \
+        | _where_seen(load_genre_fit_more(), "fit_more/")
+    return _extra_genre_lines(_GENRES_DEV_FRESH_DIR, "dev_fresh", "dev", seen)
+
+
 def genre_splits(split: str, dev_only: bool = True) -> dict[str, list[Prompt]]:
     """``{genre: prompts}`` of one side (``"fit"`` or ``"dev"``) of the genre files. Dev halves are never
-    fitted, calibrated or tuned on. ``"dev"`` also holds the dev-only lines (:func:`load_genre_dev_only`)
-    after each genre's dev half, unless ``dev_only=False``."""
+    fitted, calibrated or tuned on. ``"dev"`` also holds the lines that are dev only, after each genre's dev half:
+    its dev-only lines (:func:`load_genre_dev_only`), then its fresh ones (:func:`load_genre_dev_fresh`), unless
+    ``dev_only=False``."""
     _check_split(split)
     out = {g: [p for p in ps if p.meta["split"] == split] for g, ps in load_genre_prompts().items()}
     if split == "dev" and dev_only:
-        for g, ps in load_genre_dev_only().items():
-            out[g] += ps
+        for extra in (load_genre_dev_only(), load_genre_dev_fresh()):
+            for g, ps in extra.items():
+                out[g] += ps
     return out
 
 
@@ -1076,7 +1092,7 @@ def external_benign_splits(split: str) -> dict[str, list[Prompt]]:
 def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False, dev_only: bool = False) -> list[dict]:
     """The dev sets of issue 17, none ever fitted on: ``[{"name", "group", "harmful", "texts"}]``.
 
-    Benign genre dev halves (with ``dev_only``, then each genre's dev-only lines), contrast pairs (dev), harmful requests in the genres' words (dev half),
+    Benign genre dev halves (with ``dev_only``, then each genre's dev-only and fresh lines), contrast pairs (dev), harmful requests in the genres' words (dev half),
     StrongREJECT direct and in DEV jailbreak-template
     families, ``n`` requests per rephrasing family (fit requests and StrongREJECT requests in the DEV
     families; fit requests in the fit families, which a pack fitted on other data never saw), the genre dev
@@ -1084,9 +1100,9 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
     ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
     ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on).
-    ``dev_only=True``: each genre set is its dev half followed by its dev-only lines (:func:`load_genre_dev_only`);
-    off by default, so the studies that choose variants on these sets never see the dev-only lines, which only
-    measure (``autosteer eval --breadth``, ``benchmarks/genre_gate_rates.py``)."""
+    ``dev_only=True``: each genre set is its dev half followed by its dev-only lines (:func:`load_genre_dev_only`)
+    and its fresh lines (:func:`load_genre_dev_fresh`); off by default, so the studies that choose variants on these
+    sets never see those lines, which only measure (``autosteer eval --breadth``, ``benchmarks/genre_gate_rates.py``)."""
     from . import rephrasing as R
 
     splits = default_splits(seed, strongreject_fit=strongreject_fit)

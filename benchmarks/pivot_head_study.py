@@ -48,7 +48,7 @@ def main() -> int:
     from autosteer.data import default_splits
     from autosteer.evaluate import generate_batch
     from autosteer.judge import is_refusal
-    from autosteer.method.fit import PIVOT_CUTS, FitConfig, compute_model, default_fit_data, resolve_compute_dtype
+    from autosteer.method.fit import PIVOT_CUTS, FitConfig, compute_model, fit_data_of, resolve_compute_dtype
     from autosteer.method.refusal_head import (answer_token_ids, collect_answer_states, collect_pivot_states,
                                               continuation_token_ids, train_refusal_head)
     from autosteer.models import load_model
@@ -56,9 +56,11 @@ def main() -> int:
     t0 = time.time()
     model, tok = load_model()
     pack = load_pack(args.pack)
-    cfg = FitConfig(**{k: v for k, v in pack.meta["fit_config"].items() if k in FitConfig.__dataclass_fields__
+    # a pack from before the genre_fit_more field was fitted without the extra genre lines
+    recorded = {"genre_fit_more": False, **pack.meta["fit_config"]}
+    cfg = FitConfig(**{k: v for k, v in recorded.items() if k in FitConfig.__dataclass_fields__
                        and k not in ("prompt_format", "progress", "states_cache")})
-    data = default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
+    data = fit_data_of(cfg)
     head_prompts = (data.head_prompts or data.harmful)[: cfg.head_prompts]
     fmt = pack.prompt_format
     answer_ids = answer_token_ids(tok, cfg.refusal_answer)

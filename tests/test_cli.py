@@ -311,3 +311,30 @@ def test_genre_fit_more_is_refused_where_it_cannot_add(model_dir, tmp_path, caps
         err = capsys.readouterr().err
         assert rc == 2 and "broad fit data only; this fit uses --fit-data" in err, (extra, err)
         assert not out.exists()
+
+
+def test_the_extra_genre_fit_prompts_are_in_the_default_fit_and_left_out_when_asked(model_dir, tmp_path, monkeypatch):
+    """`autosteer fit` fits on the extra genre fit prompts by default (docs/method.md 7s); `--no-genre-fit-more` leaves
+    them out; the configuration the pack records says which (the fit itself is stopped, the data are what it got)."""
+    from autosteer.data import load_genre_fit_more, missing_sources
+
+    if missing_sources():
+        pytest.skip("data wheels not installed")
+    import autosteer.method.fit as F
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fit_stub(model, tok, cfg, data):
+        seen.append((cfg.genre_fit_more, "genre_fit_more" in data.sources["broad"], len(data.benign)))
+        raise Stop
+
+    monkeypatch.setattr(F, "fit", fit_stub)
+    for flags in ([], ["--no-genre-fit-more"], ["--genre-fit-more"]):
+        with pytest.raises(Stop):
+            main(["fit", "--model", str(model_dir), *flags, "--no-states-cache", "--out", str(tmp_path / "p.safetensors")])
+    (dflt, dflt_in, n), (off, off_in, n_off), (on, on_in, n_on) = seen
+    assert (dflt, dflt_in) == (None, True) and (off, off_in) == (False, False) and (on, on_in) == (True, True)
+    assert n == n_on == n_off + sum(len(ps) for ps in load_genre_fit_more().values())

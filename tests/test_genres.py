@@ -50,6 +50,7 @@ def _all_texts():
     out = [(g, p.text) for g, ps in D.load_genre_prompts().items() for p in ps]
     out += [(f"dev only: {g}", p.text) for g, ps in D.load_genre_dev_only().items() for p in ps]
     out += [(f"fit more: {g}", p.text) for g, ps in D.load_genre_fit_more().items() for p in ps]
+    out += [(f"dev fresh: {g}", p.text) for g, ps in D.load_genre_dev_fresh().items() for p in ps]
     for s, u in D.load_contrast_pairs():
         out += [("contrast_safe", s.text), ("contrast_unsafe", u.text)]
     out += [(f"register: {p.category}", p.text) for p in D.load_harmful_registers()]
@@ -94,35 +95,49 @@ def test_no_duplicates_or_near_duplicates_among_the_new_prompts():
     assert not near, [(texts[i], texts[j]) for i, j in near[:10]]
 
 
-def test_dev_only_lines_cover_every_genre_and_join_its_dev_side_only():
-    dev_only = D.load_genre_dev_only()
-    assert sorted(p.stem for p in (GENRE_DIR / "dev_only").glob("*.txt")) == sorted(D.GENRES) == sorted(dev_only)
+@pytest.mark.parametrize("folder", ["dev_only", "dev_fresh"])
+def test_dev_only_and_fresh_lines_cover_every_genre_and_join_its_dev_side_only(folder):
+    extra = D.load_genre_dev_only() if folder == "dev_only" else D.load_genre_dev_fresh()
+    assert sorted(p.stem for p in (GENRE_DIR / folder).glob("*.txt")) == sorted(D.GENRES) == sorted(extra)
     halves, fit, dev = D.genre_splits("dev", dev_only=False), D.genre_splits("fit"), D.genre_splits("dev")
+    only, fresh = D.load_genre_dev_only(), D.load_genre_dev_fresh()
+    from autosteer.evaluate import rate_interval
+
     for genre in D.GENRES:
-        lines = [ln for ln in (GENRE_DIR / "dev_only" / f"{genre}.txt").read_text(encoding="utf-8").splitlines()]
-        assert len(lines) >= 200 and all(ln and ln == ln.strip() for ln in lines), genre
-        ps = dev_only[genre]
+        lines = [ln for ln in (GENRE_DIR / folder / f"{genre}.txt").read_text(encoding="utf-8").splitlines()]
+        assert len(lines) >= (200 if folder == "dev_only" else 189) and all(ln and ln == ln.strip() for ln in lines), genre
+        ps = extra[genre]
         assert [p.text for p in ps] == lines
-        assert all(p.label == 0 and p.category == genre and p.meta["split"] == "dev" for p in ps)
-        # a genre's dev set is its dev half, then its dev-only lines; the fit side never holds one
-        assert dev[genre] == halves[genre] + list(ps)
+        assert all(p.label == 0 and p.category == genre and p.meta["split"] == "dev" and p.meta[folder] for p in ps)
+        # a genre's dev set is its dev half, then its dev-only lines, then its fresh ones; the fit side never holds one
+        assert dev[genre] == halves[genre] + list(only[genre]) + list(fresh[genre])
         assert not ({p.text for p in ps} & {p.text for p in fit[genre]})
-        # with the dev half, a genre's dev set is large enough that 0 fires would show a rate <= 2%
-        from autosteer.evaluate import rate_interval
-        assert rate_interval(0, len(dev[genre]))[1] <= 0.02, genre
+        # alone, a genre's extra lines are enough for 0 fires to show a rate <= 2%
+        assert rate_interval(0, len(ps))[1] <= 0.02, genre
+
+
+def test_no_fresh_line_is_a_question_another_file_asks_inside_a_longer_line():
+    """A fresh line measures the gate on a question no fit or earlier dev line holds: not even as part of a longer
+    line (the word-overlap check misses a short line inside a long one)."""
+    others = "\n".join(D.normalize_text(p.text) for extra in (D.load_genre_prompts(), D.load_genre_dev_only(),
+                                                               D.load_genre_fit_more()) for ps in extra.values() for p in ps)
+    inside = [(g, p.meta["line"], p.text) for g, ps in D.load_genre_dev_fresh().items() for p in ps
+              if len(D.normalize_text(p.text).split()) >= 3 and D.normalize_text(p.text) in others]
+    assert not inside
 
 
 @pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
-def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
-    from autosteer.method.fit import benign_groups, default_fit_data
+def test_fit_more_lines_reach_the_broad_fit_only_each_in_its_genre_group():
+    from autosteer.method.fit import FitConfig, benign_groups, default_fit_data, fit_data_of
 
     more = D.load_genre_fit_more()
     assert sorted(p.stem for p in (GENRE_DIR / "fit_more").glob("*.txt")) == sorted(D.GENRES) == sorted(more)
     assert all(len(ps) >= 150 and all(p.label == 0 and p.meta["split"] == "fit" for p in ps) for ps in more.values())
     lines = {p.text for ps in more.values() for p in ps}
-    plain = default_fit_data(0, 1000, 0, "broad")
-    added = default_fit_data(0, 1000, 0, "broad", genre_fit_more=True)
-    assert not (set(plain.benign) & lines)  # off by default: the shipped fit never read them
+    plain = default_fit_data(0, 1000, 0, "broad", genre_fit_more=False)
+    added = default_fit_data(0, 1000, 0, "broad")  # on by default with the broad data (docs/method.md 7s)
+    assert default_fit_data(0, 1000, 0, "broad", genre_fit_more=True).benign == added.benign
+    assert not (set(plain.benign) & lines)
     assert sorted(added.benign) == sorted(plain.benign + sorted(lines)) and sorted(added.harmful) == sorted(plain.harmful)
     # each line counts in its own genre's calibration budget, not in "other"
     groups = dict(zip(added.benign, added.benign_groups))
@@ -135,6 +150,12 @@ def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
     assert benign_groups([more["law"][0].text]) == ["other"]  # only the fit data's own groups carry them
     with pytest.raises(ValueError, match="broad fit data only"):
         default_fit_data(0, 1000, 0, "default", genre_fit_more=True)
+    with pytest.raises(ValueError, match="broad fit data only"):
+        FitConfig(fit_data="paper", genre_fit_more=True)
+    # the narrower styles never read them; the configuration decides what a fit (and a study rebuilding it) reads
+    assert not (set(default_fit_data(0, 1000, 0, "default").benign) & lines)
+    assert fit_data_of(FitConfig(jailbreak_fit=0)).benign == added.benign
+    assert fit_data_of(FitConfig(jailbreak_fit=0, genre_fit_more=False)).benign == plain.benign
     # measured nowhere: no dev set holds one
     assert not (lines & {t for s in D.breadth_dev_sets(20, dev_only=True) for t in s["texts"]})
 
@@ -145,6 +166,10 @@ def test_fit_more_lines_reach_the_fit_only_when_asked_each_in_its_genre_group():
     # a measured line in the fit, or a genre-file line twice: refused, whatever the genre
     ("fit_more", "_GENRES_FIT_MORE_DIR", "law", lambda: D.load_genre_dev_only()["chat"][5], "dev_only/chat"),
     ("fit_more", "_GENRES_FIT_MORE_DIR", "law", lambda: D.genre_splits("dev", dev_only=False)["math"][2], "math"),
+    # a fresh line must be new to every other file: a fit line, a dev-only line, an extra fit line
+    ("dev_fresh", "_GENRES_DEV_FRESH_DIR", "chat", lambda: D.load_genre_fit_more()["cooking"][7], "fit_more/cooking"),
+    ("dev_fresh", "_GENRES_DEV_FRESH_DIR", "chat", lambda: D.load_genre_dev_only()["history"][1], "dev_only/history"),
+    ("dev_fresh", "_GENRES_DEV_FRESH_DIR", "math", lambda: D.genre_splits("fit")["sysadmin"][0], "sysadmin"),
 ])
 def test_an_extra_genre_line_that_repeats_a_line_of_the_other_files_is_refused(tmp_path, monkeypatch, folder, attr,
                                                                                target, repeated, where):
@@ -157,7 +182,7 @@ def test_an_extra_genre_line_that_repeats_a_line_of_the_other_files_is_refused(t
     # upper case still normalises to the same text; a blank line before it keeps the file's own line numbers
     (tmp_path / f"{target}.txt").write_text(original + "\n" + line.text.upper() + "\n", encoding="utf-8")
     at = len(original.splitlines()) + 2
-    loader = D.load_genre_dev_only if folder == "dev_only" else D.load_genre_fit_more
+    loader = {"dev_only": D.load_genre_dev_only, "fit_more": D.load_genre_fit_more, "dev_fresh": D.load_genre_dev_fresh}[folder]
     monkeypatch.setattr(D, attr, tmp_path)
     loader.cache_clear()
     try:
@@ -204,7 +229,8 @@ def test_harmful_registers_reach_the_fit_only_by_their_fit_half_and_only_when_as
     assert not (set(plain.harmful) & (fit_half | dev_half))  # off by default: the shipped fit never read them
     assert set(more.harmful) - set(plain.harmful) == fit_half and not (set(more.harmful) & dev_half)
     assert sorted(more.benign) == sorted(plain.benign)
-    dev_only = {D.normalize_text(p.text) for ps in D.load_genre_dev_only().values() for p in ps}
+    dev_only = {D.normalize_text(p.text) for extra in (D.load_genre_dev_only(), D.load_genre_dev_fresh())
+                for ps in extra.values() for p in ps}
     for fit in (plain, more):  # measured only, never fitted
         assert not ({D.normalize_text(t) for t in fit.benign + fit.harmful} & dev_only)
     # nor chosen on: the sets the studies choose variants on hold the genres' dev halves only

@@ -233,6 +233,11 @@ class FitConfig:
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
     fit_data: str = "broad"
+    # the extra benign genre fit prompts (autosteer/fit_prompts/genres/fit_more/, 150 per genre) in the broad fit
+    # data, each in its genre's calibration group: a genre's fit half (34-46 prompts) is too small to calibrate a
+    # per-genre budget of a few percent (docs/method.md 7r, 7s). None (default): with the broad data, not with
+    # "default" / "paper"; True: asked for (broad data only); False: left out (the default fit before 7s)
+    genre_fit_more: bool | None = None
     # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800 rather than 400:
     # about equal dev recall, fewer benign fires at the strict point: docs/results/gate_transfer_study.md)
     jailbreak_fit: int = 800
@@ -297,6 +302,11 @@ class FitConfig:
             raise ValueError(f"calibration_folds must be >= 2, got {self.calibration_folds}")
         if self.fit_data not in FIT_DATA_STYLES:
             raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
+        if self.genre_fit_more not in (None, True, False):
+            raise ValueError(f"genre_fit_more must be None, True or False, got {self.genre_fit_more!r}")
+        if self.genre_fit_more and self.fit_data != "broad":
+            raise ValueError(f"genre_fit_more=True adds to the broad fit data only (fit_data='broad'), got "
+                             f"fit_data={self.fit_data!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.benign_weighting not in BENIGN_WEIGHTINGS:
@@ -407,7 +417,7 @@ PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_p
 
 def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
                      n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False,
-                     strongreject_fit: bool = False, genre_fit_more: bool = False) -> FitData:
+                     strongreject_fit: bool = False, genre_fit_more: bool | None = None) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
@@ -419,8 +429,9 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     (``docs/results/gate_register_study.md``: it moves along the frontier, not past it).
     ``strongreject_fit=True`` adds StrongREJECT's fit half as plain harmful requests on top of everything
     else (the rest is the default data, row for row; off by default: ``docs/results/gate_strongreject_fit_study.md``).
-    ``genre_fit_more=True`` adds the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`, about
-    150 per genre) to the broad data, each in its genre's calibration group; off by default (``docs/method.md`` 7r).
+    The broad data hold the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`, about 150 per
+    genre), each in its genre's calibration group (``docs/method.md`` 7r, 7s): ``genre_fit_more=None`` (default) adds
+    them to the broad data only, ``True`` asks for them (an error with another style), ``False`` leaves them out.
     """
     from .. import data
 
@@ -430,6 +441,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
     if genre_fit_more and style != "broad":
         raise ValueError(f"genre_fit_more adds to the broad fit data only (style='broad'), got style={style!r}")
+    genre_fit_more = style == "broad" if genre_fit_more is None else genre_fit_more
     splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
     # added after everything else below, so the rest is the default data row for row
     added = sorted(p.text for p in splits.get("fit_strongreject", []))
@@ -485,6 +497,11 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         counts["harmful"] = len(harmful)
     sources["counts"] = counts
     return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
+
+
+def fit_data_of(cfg: "FitConfig") -> FitData:
+    """The shipped fit data a configuration fits on (seed, cap, wrapped prompts, style, extra genre lines)."""
+    return default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data, genre_fit_more=cfg.genre_fit_more)
 
 
 def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None,
@@ -1081,7 +1098,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     cfg = cfg or FitConfig()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    data = data or default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data)
+    data = data or fit_data_of(cfg)
     if is_multimodal(model) and cfg.cross_modal_per_kind > 0 and "cross_modal" not in data.sources:
         from ..cross_modal import with_cross_modal  # images rendered from the fit texts (never dev/reserved)
 
