@@ -210,7 +210,7 @@ def main() -> int:
     from autosteer.method.fit import default_fit_data
 
     t0 = time.time()
-    fit = default_fit_data(0, 1000, 800, "broad")
+    fit = default_fit_data(0, 1000, 800, "broad", genre_fit_more=False)  # the data this study chose on (before method 7s)
     sets = dev_sets()
     texts = list(dict.fromkeys(fit.harmful + fit.benign + [t for s in sets for t in s["texts"]]))
     if path.exists():
@@ -292,7 +292,8 @@ def main() -> int:
           f"{blob['skip']} tokens every prompt shares left out; "
           + (f"{args.pca} principal components of fit tokens; " if args.pca else "every dimension, standardised; ")
           + f"seeds {', '.join(seeds)}: mean, and the range over seeds in brackets).", "",
-          "Fit data: the default broad fit data (`default_fit_data(0, 1000, 800, 'broad')`). Each reading runs the fit's "
+          "Fit data: the broad fit data before docs/method.md 7s (`default_fit_data(0, 1000, 800, 'broad', "
+          "genre_fit_more=False)`, without the extra genre fit prompts). Each reading runs the fit's "
           "own gate rule (out-of-fold scores, 4 folds, a prompt and its variants in one fold; operating points by the "
           "false-positive budget on the benign fit prompts), then the probe is trained on every fit row and the DEV "
           "sets are scored (the same sets and columns as `gate_transfer_study.py`; cells are gate-fire rates, %).", "",

@@ -66,7 +66,8 @@ def extract(model, tok, texts: list[str], layers: list[int], offsets: tuple[int,
 FIT_VARIANTS = {"broad": ("broad", 800), "broad-jb400": ("broad", 400), "default": ("default", 400),
                 "broad+reg": ("broad", 800, True), "broad-cs": ("broad", 800), "broad+sr": ("broad", 800, False, True)}
 #: what a fit data variant is, printed under the layer-sets table
-DATA_NOTES = {"broad": "the shipped fit data (`FitConfig(fit_data='broad')`, 800 wrapped prompts per class)",
+DATA_NOTES = {"broad": "the shipped fit data before docs/method.md 7s (`FitConfig(fit_data='broad', genre_fit_more=False)`, "
+                       "800 wrapped prompts per class)",
               "broad+sr": "the same rows plus StrongREJECT's fit half as plain harmful requests, added after everything "
                           "else (`default_fit_data(..., strongreject_fit=True)`; `hash_split(text, 'strongreject-split')`)"}
 #: variants fitted on part of StrongREJECT: measured only with --strongreject-split (on its other half)
@@ -84,8 +85,9 @@ def fit_variant(name: str):
     from autosteer.method.fit import default_fit_data
 
     v = FIT_VARIANTS[name]
+    # the broad data as this study chose on them: without the extra genre fit prompts of docs/method.md 7s
     d = default_fit_data(0, 1000, v[1], v[0], harmful_registers=len(v) > 2 and v[2],
-                         strongreject_fit=len(v) > 3 and v[3])
+                         strongreject_fit=len(v) > 3 and v[3], genre_fit_more=False)
     if name in WITHOUT_GENRE:
         keep = [g != WITHOUT_GENRE[name] for g in d.benign_groups]
         d = dataclasses.replace(d, benign=[t for t, k in zip(d.benign, keep) if k],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import random
 import shlex
 import sys
@@ -43,8 +44,11 @@ TARGETS = {"genre": ("<=", 0.02), "contrast_safe": ("<=", 0.10), "direct": (">="
 
 
 def genre_pct(rate: float, target: float = 0.02) -> str:
-    """A genre's rate in %, one decimal, or two where one would round a rate over the target down onto it (2.04%)."""
-    return f"{100 * rate:.2f}%" if rate > target and f"{100 * rate:.1f}" == f"{100 * target:.1f}" else f"{100 * rate:.1f}%"
+    """A genre's rate in %, one decimal; a rate over the target that one decimal would show as the target gets two
+    (2.04%), and at least the target plus 0.01 (2.01% for 2.004%), so that it never reads as on the target."""
+    if rate > target and f"{100 * rate:.1f}" == f"{100 * target:.1f}":
+        return f"{max(100 * rate, 100 * target + 0.01):.2f}%"
+    return f"{100 * rate:.1f}%"
 
 
 # ------------------------------------------------------------------------------------------ sets
@@ -125,7 +129,7 @@ def rate(scores: torch.Tensor, tau: float) -> float:
 
 
 def score_rows(scored: list[tuple[dict, torch.Tensor]], tau: float, dev_only: set[str],
-               fresh: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+               fresh: frozenset[str] | set[str]) -> list[dict]:
     """One report row per set from its scores ``p`` (the gate fires when ``p > tau``); a genre row also counts
     the fires of its lines beyond the dev half apart (``n_new``, ``fires_new``: the dev-only and fresh lines), and
     of the fresh lines alone (``n_fresh``, ``fires_fresh``)."""
@@ -150,13 +154,11 @@ def pooled_rate(rows: list[dict], group: str) -> float:
 
 
 def sweep_table(scored: list[tuple[dict, torch.Tensor]], points: dict[str, float], n_grid: int,
-                dev_only: set[str], fresh: frozenset[str] | set[str] = frozenset()) -> list[str]:
+                dev_only: set[str], fresh: frozenset[str] | set[str]) -> list[str]:
     """The pack's whole frontier on these sets: at each threshold (the pack's operating points and ``n_grid``
     more, evenly spaced in log-odds between the lowest and the highest point), the worst benign genre, how many
     genres show the <= 2% target, and what is caught. A study of the trade-off, not a way to set a threshold: a
     tau read off this table is chosen on dev data and these rows would no longer measure it."""
-    import math
-
     eps = 1e-6  # a point at exactly 0 or 1 has no log-odds: the grid runs from just inside it
     lo, hi = min(points.values()), max(points.values())
     logit = lambda q: math.log(min(max(q, eps), 1 - eps) / (1 - min(max(q, eps), 1 - eps)))  # noqa: E731

@@ -79,11 +79,13 @@ def main() -> int:
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/outside_benign.py --threads {args.threads}" \
         + (f" --packs {args.packs}" if args.packs != "shipped,pooled" else "") \
         + (f" --points {args.points}" if args.points != "balanced,strict" else "") + (f" --out {args.out}" if args.out else "")
-    lines = ["# Outside check: gate fires on benign genres nobody here fitted, tuned or chose on", "",
+    lines = ["# Outside check: gate fires on benign genres nobody here fitted or tuned on", "",
              f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation).", "",
              "Sets: `autosteer.data.load_outside_benign()` (provenance in its docstring and in "
              "`autosteer/fit_prompts/README.md`): benign prompts written by others, of genres absent from the fit "
-             "data and from every dev set the packs and their thresholds were chosen on. Cells: % of the source's "
+             "data and from every dev set the packs and their thresholds were chosen on. No threshold or variant was chosen on "
+             "them, but they were read, with the dev sets, to adopt the extra genre fit prompts (docs/method.md 7s). "
+             "Cells: % of the source's "
              f"prompts on which the gate fires (p(unsafe) > tau); issue 17's target is <= {100 * TARGET:.0f}% per benign "
              "genre. `shipped` is the default pack (last token, layers 16+24), `pooled` the shipped pooled pack "
              "(`last_token|max`).", ""]

@@ -56,8 +56,9 @@ def main() -> int:
     t0 = time.time()
     model, tok = load_model()
     pack = load_pack(args.pack)
-    # a pack from before the genre_fit_more field was fitted without the extra genre lines
-    recorded = {"genre_fit_more": False, **pack.meta["fit_config"]}
+    # a pack from before the genre_fit_more field: its data sources say whether it had the extra genre lines
+    # (autosteer fit --genre-fit-more, an option then) or not
+    recorded = {"genre_fit_more": "genre_fit_more" in pack.meta.get("data", {}).get("broad", {}), **pack.meta["fit_config"]}
     cfg = FitConfig(**{k: v for k, v in recorded.items() if k in FitConfig.__dataclass_fields__
                        and k not in ("prompt_format", "progress", "states_cache")})
     data = fit_data_of(cfg)

@@ -35,6 +35,8 @@ def test_shipped_pack_is_the_default_fit():
     fp = pack.meta["fingerprint"]
     assert (fp["model_type"], pack.hidden_size, pack.meta["vocab_size"], pack.meta["num_layers"]) == ("llama", 576, 49152, 30)
     assert pack.meta["data"]["counts"]["harmful"] > 0 and pack.meta.get("tau_monitor") is None  # prefill-only default
+    # the extra genre fit prompts are in its data (what FitConfig().genre_fit_more = None means with the broad data)
+    assert pack.meta["data"]["broad"]["genre_fit_more"].endswith("(1800)")
 
 
 def test_cli_uses_the_shipped_pack_for_the_default_model_only(capsys, tmp_path):
@@ -81,6 +83,7 @@ def test_shipped_monitor_pack_is_the_default_fit_with_a_monitor_probe_and_the_sa
         assert torch.equal(getattr(mon, name), getattr(plain, name)), name
     assert mon.tau == plain.tau and mon.layers == plain.layers
     assert mon.meta["operating_points"] == plain.meta["operating_points"]
+    assert mon.meta["data"]["broad"]["genre_fit_more"] == plain.meta["data"]["broad"]["genre_fit_more"]
     assert mon.has_monitor_probe and 0.0 < mon.tau_monitor < 1.0
     assert mon.meta["head_pivots"]["prompts"] == 150 and mon.meta["head_pivots"]["rows"] > 150
     assert not torch.equal(mon.A, plain.A)  # the pivot rows trained the head too
@@ -108,6 +111,7 @@ def test_shipped_pooled_pack_is_the_default_fit_with_a_pooled_gate():
     assert not changed, f"FitConfig defaults changed since the shipped pooled pack was fitted (pack, now): {changed}; refit it"
     assert pooled.pooling == "last_token|max" and pooled.pool is not None and plain.pool is None
     assert pooled.layers == plain.layers and pooled.pool_skip == 24
+    assert pooled.meta["data"]["broad"]["genre_fit_more"] == plain.meta["data"]["broad"]["genre_fit_more"]
     scale = pooled.meta["pool"]["budget_scale"]
     assert scale == FitConfig().pool_budget_scale and f"<= {FitConfig().target_fpr * scale:g} pooled" in pooled.meta["tau_rule"]
     assert pooled.tau == pooled.meta["operating_points"]["balanced"]["tau"]

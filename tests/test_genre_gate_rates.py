@@ -82,13 +82,15 @@ def test_genre_table_calls_the_target_shown_only_when_the_whole_interval_is_unde
                 "fires_new": fires_new, "n_new": n_new, "fires_fresh": fires_fresh, "n_fresh": n_fresh}
 
     rows = [row("a", 0, 240, 0, 200), row("b", 1, 240, 1, 200), row("c", 7, 440, 3, 400, 1, 200), row("d", 0, 40, 0, 0),
+            row("e", 12, 443, 9, 398, 4, 198),
             {"name": "contrast", "group": "contrast_safe", "fires": 9, "n": 10, "fire": 0.9}]
     lines = {ln.split(" | ")[0][2:]: ln for ln in G.genre_table(rows) if ln.startswith("| ") and " | " in ln}
-    assert set(lines) == {"genre", "a", "b", "c", "d"}  # the header and one row per genre, nothing else
+    assert set(lines) == {"genre", "a", "b", "c", "d", "e"}  # the header and one row per genre, nothing else
     assert lines["a"].endswith("| shown |")  # 0 of 240: at most 1.6%
     assert lines["b"].endswith("| not shown |")  # 1 of 240: 0.4%, but the interval reaches 2.3%
     assert lines["c"].endswith("| not shown |")  # 1.6%, the interval reaching 3.2%
     assert lines["d"].endswith("| not shown |")  # 0 of 40 allows 8.8%
+    assert lines["e"].endswith("| missed |")  # 2.7%
     # the dev half, the dev-only lines and the fresh lines apart, then together
     assert [c.split(",")[0] for c in lines["c"].split(" | ")[1:5]] == ["4/40", "2/200", "1/200", "7/440"]
     assert lines["d"].split(" | ")[2:4] == ["0/0, no prompts"] * 2  # a genre without dev-only or fresh lines says so
@@ -110,7 +112,7 @@ def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls(
     assert genre_pooled == sorted(genre_pooled, reverse=True) and caught == sorted(caught, reverse=True)
     assert genre_pooled[-1] == 0.0 and caught[0] > caught[-1]  # nothing benign over 0.6; more harm at 0.2 than 0.9
     # the columns are what score_rows gives at that threshold
-    rows = G.score_rows(scored, 0.5, {"b1", "b2"})
+    rows = G.score_rows(scored, 0.5, {"b1", "b2"}, {"b3"})
     assert f"{100 * rows[1]['fires'] / 50:.1f}%" == body[taus.index(0.5)][6]
     # the grid is even in log-odds, strictly between the outer points
     import math
@@ -119,16 +121,17 @@ def test_sweep_table_lists_every_operating_point_and_a_frontier_that_only_falls(
     # (read back from the table's 5 decimals, hence the tolerance)
     assert len(lg) == 3 and all(abs(b - a - step) < 1e-3 for a, b in zip([math.log(0.25)] + lg, lg + [math.log(9)]))
     # a threshold of exactly 1, points sharing a tau, a pack with one point: a table, no crash
-    lines = G.sweep_table(scored, {"strict": 0.5, "balanced": 0.5, "permissive": 1.0}, 2, set())
+    lines = G.sweep_table(scored, {"strict": 0.5, "balanced": 0.5, "permissive": 1.0}, 2, set(), set())
     body = [ln.split(" | ") for ln in lines if ln.startswith("| 0.") or ln.startswith("| 1.")]
     assert len(body) == 4 and body[0][1] == "strict, balanced" and body[-1][1] == "permissive"
     assert body[-1][2] == "none fires" and body[-1][6] == "0.0%"
-    lines = G.sweep_table(scored, {"balanced": 0.5}, 8, set())
+    lines = G.sweep_table(scored, {"balanced": 0.5}, 8, set(), set())
     assert sum(ln.startswith("| 0.") for ln in lines) == 1 and any("only threshold" in ln for ln in lines)
 
 
 def test_a_genre_rate_over_the_target_never_prints_as_the_target():
     assert G.genre_pct(0.0204) == "2.04%" and G.genre_pct(0.02) == "2.0%" and G.genre_pct(0.0196) == "2.0%"
+    assert G.genre_pct(0.02004) == "2.01%" and G.genre_pct(4 / 198) == "2.02%"  # never on the target
     assert G.genre_pct(0.033) == "3.3%" and G.genre_pct(0.0) == "0.0%"
 
 

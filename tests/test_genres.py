@@ -119,8 +119,10 @@ def test_dev_only_and_fresh_lines_cover_every_genre_and_join_its_dev_side_only(f
 def test_no_fresh_line_is_a_question_another_file_asks_inside_a_longer_line():
     """A fresh line measures the gate on a question no fit or earlier dev line holds: not even as part of a longer
     line (the word-overlap check misses a short line inside a long one)."""
-    others = "\n".join(D.normalize_text(p.text) for extra in (D.load_genre_prompts(), D.load_genre_dev_only(),
-                                                               D.load_genre_fit_more()) for ps in extra.values() for p in ps)
+    texts = [p.text for extra in (D.load_genre_prompts(), D.load_genre_dev_only(), D.load_genre_fit_more())
+             for ps in extra.values() for p in ps]
+    texts += [p.text for pair in D.load_contrast_pairs() for p in pair] + [p.text for p in D.load_harmful_registers()]
+    others = "\n".join(D.normalize_text(t) for t in texts)
     inside = [(g, p.meta["line"], p.text) for g, ps in D.load_genre_dev_fresh().items() for p in ps
               if len(D.normalize_text(p.text).split()) >= 3 and D.normalize_text(p.text) in others]
     assert not inside
@@ -152,6 +154,9 @@ def test_fit_more_lines_reach_the_broad_fit_only_each_in_its_genre_group():
         default_fit_data(0, 1000, 0, "default", genre_fit_more=True)
     with pytest.raises(ValueError, match="broad fit data only"):
         FitConfig(fit_data="paper", genre_fit_more=True)
+    for wrong in (1, 0, 1.0, "yes"):  # a flag, not a truthy value: None, True or False only
+        with pytest.raises(ValueError, match="must be None, True or False"):
+            FitConfig(genre_fit_more=wrong)
     # the narrower styles never read them; the configuration decides what a fit (and a study rebuilding it) reads
     assert not (set(default_fit_data(0, 1000, 0, "default").benign) & lines)
     assert fit_data_of(FitConfig(jailbreak_fit=0)).benign == added.benign

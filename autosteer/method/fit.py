@@ -302,7 +302,7 @@ class FitConfig:
             raise ValueError(f"calibration_folds must be >= 2, got {self.calibration_folds}")
         if self.fit_data not in FIT_DATA_STYLES:
             raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
-        if self.genre_fit_more not in (None, True, False):
+        if not any(self.genre_fit_more is v for v in (None, True, False)):  # not 1, 0 or 1.0
             raise ValueError(f"genre_fit_more must be None, True or False, got {self.genre_fit_more!r}")
         if self.genre_fit_more and self.fit_data != "broad":
             raise ValueError(f"genre_fit_more=True adds to the broad fit data only (fit_data='broad'), got "
