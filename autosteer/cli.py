@@ -250,7 +250,7 @@ def cmd_fit(args) -> int:
     # options left unset keep the preset's (or FitConfig's) value
     for name in ("layer_rule", "target_fpr", "genre_fpr", "tau_rule", "fit_data", "jailbreak_fit", "monitor_prompts",
                  "monitor_tokens", "monitor_responses", "monitor_prefix", "head_pivots", "pooling", "pool_budget_scale",
-                 "benign_weighting"):
+                 "benign_weighting", "harmful_weighting"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     if args.head_rank is not None:
@@ -271,16 +271,18 @@ def cmd_fit(args) -> int:
     if cfg.monitor_responses == "own" and args.monitor_prefix is not None:
         print("error: --monitor-prefix has no effect with --monitor-responses own", file=sys.stderr)
         return 2
-    if args.genre_fit_more and (args.harmful or args.benign):
-        print("error: --genre-fit-more adds to the shipped fit data; with --harmful/--benign put the lines in your files",
-              file=sys.stderr)
-        return 2
-    if args.genre_fit_more and cfg.fit_data != "broad":
-        print(f"error: --genre-fit-more adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
-              file=sys.stderr)
-        return 2
-    if args.genre_fit_more is not None:  # after the checks above, which name the option rather than the field
-        cfg = dataclasses.replace(cfg, genre_fit_more=args.genre_fit_more)
+    for opt in ("genre_fit_more", "harmful_fit_more"):  # options that add shipped lines to the broad fit data
+        flag = "--" + opt.replace("_", "-")
+        if getattr(args, opt) and (args.harmful or args.benign):
+            print(f"error: {flag} adds to the shipped fit data; with --harmful/--benign put the lines in your files",
+                  file=sys.stderr)
+            return 2
+        if getattr(args, opt) and cfg.fit_data != "broad":
+            print(f"error: {flag} adds to the broad fit data only; this fit uses --fit-data {cfg.fit_data}",
+                  file=sys.stderr)
+            return 2
+        if getattr(args, opt) is not None:  # after the checks above, which name the option rather than the field
+            cfg = dataclasses.replace(cfg, **{opt: getattr(args, opt)})
     data = None
     if args.harmful or args.benign:
         if not (args.harmful and args.benign):
@@ -647,7 +649,7 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosteer", description="AutoSteer: inference-time safety steering for frozen LLMs")
     from . import __version__
-    from .method.fit import BENIGN_WEIGHTINGS
+    from .method.fit import BENIGN_WEIGHTINGS, HARMFUL_WEIGHTINGS
     from .method.pack import POOLINGS
 
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -711,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the extra benign genre fit prompts (autosteer/fit_prompts/genres/fit_more/, about 150 per "
                         "genre) in the broad fit data: on by default with the broad data; --no-genre-fit-more leaves "
                         "them out (the default fit before docs/method.md 7s)")
+    p.add_argument("--harmful-fit-more", action=argparse.BooleanOptionalAction, default=None,
+                   help="the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, 150 per harm category, "
+                        "everyday and persona registers) in the broad fit data, for the gate probe (docs/method.md 7u)")
     p.add_argument("--system-copies", nargs="?", const="", default=None, metavar="FILE",
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "
@@ -724,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign-weighting", default=None, choices=list(BENIGN_WEIGHTINGS),
                    help="how the gate probe's loss weighs the benign fit prompts: 'group' (default: every genre and "
                         "benign source the same total weight) or 'none' (every prompt the same; docs/method.md 7n)")
+    p.add_argument("--harmful-weighting", default=None, choices=list(HARMFUL_WEIGHTINGS),
+                   help="how the gate probe's loss weighs the harmful fit prompts: 'none' (default: every prompt the "
+                        "same) or 'group' (plain, wrapped, rephrased, contrast and extra harmful prompts the same total "
+                        "weight each; docs/method.md 7u)")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)

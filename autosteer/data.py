@@ -106,6 +106,8 @@ __all__ = [
     "load_genre_dev_only",
     "load_genre_dev_fresh",
     "load_genre_fit_more",
+    "HARM_CATEGORIES",
+    "load_harmful_fit_more",
     "load_contrast_pairs",
     "contrast_pair_splits",
     "load_external_benign",
@@ -948,6 +950,41 @@ def harmful_register_splits(split: str) -> list[Prompt]:
     """The harmful-register requests of one side (``"fit"`` or ``"dev"``)."""
     _check_split(split)
     return [p for p in load_harmful_registers() if p.meta["split"] == split]
+
+
+#: more harmful FIT requests per harm category (``autosteer/fit_prompts/harmful_more/<category>.txt``): everyday,
+#: persona, long-context and content-production registers the benchmark fit requests lack (docs/method.md 7u);
+#: never measured, never split (``FitConfig.harmful_fit_more``)
+_HARMFUL_FIT_MORE_DIR = _PROJECT_PROMPTS / "harmful_more"
+HARM_CATEGORIES = ("violence_weapons", "cbrn_explosives", "self_harm", "drugs", "cybercrime", "privacy_surveillance",
+                   "fraud_scams", "theft_crime", "harassment_abuse", "hate_extremism", "disinformation",
+                   "sexual_exploitation")
+
+
+@functools.lru_cache(maxsize=None)
+def load_harmful_fit_more() -> dict[str, tuple[Prompt, ...]]:
+    """The extra harmful fit requests: ``{category: prompts}`` (label 1, ``category`` = harm category, ``meta``: the
+    file's own line number, ``split`` = ``"fit"``). A line that repeats (normalised) another line of these files, a
+    project fit request, a contrast pair, a harmful-register line or a StrongREJECT request (a dev set) raises,
+    naming where it stood first: it would sit twice in the fit, or on both sides of a split."""
+    seen = {normalize_text(p.text): f"harmful_requests.txt line {p.meta['line']}" for p in load_project_prompts()[0]}
+    seen |= {normalize_text(p.text): f"genres/contrast_pairs.jsonl line {p.meta['line']}"
+             for pair in load_contrast_pairs() for p in pair}
+    seen |= {normalize_text(p.text): f"genres/harmful_registers.jsonl line {p.meta['line']}" for p in load_harmful_registers()}
+    if not missing_sources([_STRONGREJECT[0]]):  # StrongREJECT comes from a data wheel; without it the check has nothing to compare
+        seen |= {normalize_text(p.text): "StrongREJECT (a dev set)" for p in load_strongreject()}
+    out = {}
+    for cat in HARM_CATEGORIES:
+        path = _HARMFUL_FIT_MORE_DIR / f"{cat}.txt"
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+        for i, t in lines:
+            key = normalize_text(t)
+            if key in seen:
+                raise ValueError(f"{path} line {i} repeats {seen[key]}: {t!r}")
+            seen[key] = f"harmful_more/{cat}.txt line {i}"
+        out[cat] = tuple(Prompt(t, HARMFUL, f"autosteer_harmful_more:{cat}", cat, meta={"line": i, "split": "fit"})
+                         for i, t in lines)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -313,6 +313,42 @@ def test_genre_fit_more_is_refused_where_it_cannot_add(model_dir, tmp_path, caps
         assert not out.exists()
 
 
+def test_harmful_fit_more_is_refused_where_it_cannot_add_and_adds_when_asked(model_dir, tmp_path, capsys, monkeypatch):
+    """`autosteer fit --harmful-fit-more` adds the extra harmful requests to the shipped broad fit data: with user files
+    or another fit-data style it stops with a named error before the model loads; by default they are left out."""
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(HARMFUL) + "\n")
+    b.write_text("\n".join(BENIGN) + "\n")
+    out = tmp_path / "p.safetensors"
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--harmful-fit-more",
+               "--out", str(out)])
+    assert rc == 2 and "--harmful-fit-more adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
+    rc = main(["fit", "--model", str(model_dir), "--fit-data", "paper", "--harmful-fit-more", "--out", str(out)])
+    assert rc == 2 and "--harmful-fit-more adds to the broad fit data only" in capsys.readouterr().err
+    from autosteer.data import load_harmful_fit_more, missing_sources
+
+    if missing_sources():
+        return  # the data each fit would get need the wheels
+    import autosteer.method.fit as F
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fit_stub(model, tok, cfg, data):
+        seen.append((cfg.harmful_fit_more, "harmful_fit_more" in data.sources["broad"], len(data.harmful)))
+        raise Stop
+
+    monkeypatch.setattr(F, "fit", fit_stub)
+    for flags in ([], ["--harmful-fit-more"]):
+        with pytest.raises(Stop):
+            main(["fit", "--model", str(model_dir), *flags, "--no-states-cache", "--out", str(out)])
+    (off, off_in, n_off), (on, on_in, n_on) = seen
+    assert (off, off_in) == (False, False) and (on, on_in) == (True, True)
+    assert n_on == n_off + sum(len(ps) for ps in load_harmful_fit_more().values())
+
+
 def test_the_extra_genre_fit_prompts_are_in_the_default_fit_and_left_out_when_asked(model_dir, tmp_path, monkeypatch):
     """`autosteer fit` fits on the extra genre fit prompts by default (docs/method.md 7s); `--no-genre-fit-more` leaves
     them out; the configuration the pack records says which (the fit itself is stopped, the data are what it got)."""

