@@ -714,8 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "genre) in the broad fit data: on by default with the broad data; --no-genre-fit-more leaves "
                         "them out (the default fit before docs/method.md 7s)")
     p.add_argument("--harmful-fit-more", action=argparse.BooleanOptionalAction, default=None,
-                   help="the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, 150 per harm category, "
-                        "everyday and persona registers) in the broad fit data, for the gate probe (docs/method.md 7u)")
+                   help="the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, about 150 per harm "
+                        "category, everyday and persona registers) in the broad fit data's harmful rows (off by default; "
+                        "docs/method.md 7u: more direct recall, fewer wrapped attacks caught at the same benign budget)")
     p.add_argument("--system-copies", nargs="?", const="", default=None, metavar="FILE",
                    help="also fit on a copy of every fit row rendered under one of several system prompts (the 8 "
                         "shipped ones, or one per line of FILE), so that the gate's benign rates hold under system "
@@ -732,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful-weighting", default=None, choices=list(HARMFUL_WEIGHTINGS),
                    help="how the gate probe's loss weighs the harmful fit prompts: 'none' (default: every prompt the "
                         "same) or 'group' (plain, wrapped, rephrased, contrast and extra harmful prompts the same total "
-                        "weight each; docs/method.md 7u)")
+                        "weight each, in the last-token probe's loss; docs/method.md 7u)")
     p.add_argument("--harmful", nargs="*", help="your own harmful prompt files (.txt/.jsonl) instead of the shipped data")
     p.add_argument("--benign", nargs="*", help="your own benign prompt files")
     p.add_argument("--batch-size", type=POSITIVE, default=16)

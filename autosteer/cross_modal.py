@@ -190,5 +190,7 @@ def with_cross_modal(data, per_kind: int, seed: int = 0):
     extra = {}
     if getattr(data, "benign_groups", None) is not None:  # one calibration group per benign prompt, kept aligned
         extra["benign_groups"] = list(data.benign_groups) + ["cross_modal"] * len(mm_b)
+    if getattr(data, "harmful_groups", None) is not None:  # the harmful rows' kinds (FitConfig.harmful_weighting)
+        extra["harmful_groups"] = list(data.harmful_groups) + ["cross_modal"] * len(mm_h)
     return dataclasses.replace(data, harmful=list(data.harmful) + mm_h, benign=list(data.benign) + mm_b, sources=sources,
                                **extra)

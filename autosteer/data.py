@@ -854,18 +854,23 @@ def _where_seen(prompts: Mapping[str, Sequence[Prompt]], folder: str) -> dict[st
     return {normalize_text(p.text): f"genres/{folder}{g}.txt line {p.meta['line']}" for g, ps in prompts.items() for p in ps}
 
 
+def _numbered_lines(path: Path, seen: Mapping[str, str]) -> list[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of ``path``; a line that normalises to a key of ``seen`` raises,
+    naming where it stood first."""
+    lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+    for i, t in lines:
+        if normalize_text(t) in seen:
+            raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
+    return lines
+
+
 def _extra_genre_lines(folder: Path, kind: str, split: str, seen: Mapping[str, str]) -> dict[str, tuple[Prompt, ...]]:
     """``{genre: prompts}`` of ``folder/<genre>.txt`` for every genre of :data:`GENRES` (label 0, ``category`` =
     genre, ``meta``: the file's own line number, ``split`` and ``kind: True``). A line that normalises to a key of
     ``seen`` raises, naming where it stood first."""
     out = {}
     for genre in GENRES:
-        path = folder / f"{genre}.txt"
-        # (line number in the file, text) of each non-blank line
-        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
-        for i, t in lines:
-            if normalize_text(t) in seen:
-                raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
+        lines = _numbered_lines(folder / f"{genre}.txt", seen)
         out[genre] = tuple(Prompt(t, BENIGN, f"autosteer_genre_{kind}:{genre}", genre,
                                   meta={"line": i, "split": split, kind: True}) for i, t in lines)
     return out
@@ -964,23 +969,29 @@ HARM_CATEGORIES = ("violence_weapons", "cbrn_explosives", "self_harm", "drugs", 
 @functools.lru_cache(maxsize=None)
 def load_harmful_fit_more() -> dict[str, tuple[Prompt, ...]]:
     """The extra harmful fit requests: ``{category: prompts}`` (label 1, ``category`` = harm category, ``meta``: the
-    file's own line number, ``split`` = ``"fit"``). A line that repeats (normalised) another line of these files, a
-    project fit request, a contrast pair, a harmful-register line or a StrongREJECT request (a dev set) raises,
-    naming where it stood first: it would sit twice in the fit, or on both sides of a split."""
+    file's own line number, ``split`` = ``"fit"``). A line that repeats (normalised) another line of these files, any
+    other project prompt (harmful or benign, fit or dev: it would sit twice in the fit, under both labels or on both
+    sides of a split) or, where the data wheels are installed, a StrongREJECT request (a dev set), an AdvBench request
+    or a minimal-pair question raises, naming where it stood first."""
     seen = {normalize_text(p.text): f"harmful_requests.txt line {p.meta['line']}" for p in load_project_prompts()[0]}
+    seen |= {normalize_text(p.text): f"sensitive_benign.txt line {p.meta['line']}" for p in load_project_prompts()[1]}
     seen |= {normalize_text(p.text): f"genres/contrast_pairs.jsonl line {p.meta['line']}"
              for pair in load_contrast_pairs() for p in pair}
     seen |= {normalize_text(p.text): f"genres/harmful_registers.jsonl line {p.meta['line']}" for p in load_harmful_registers()}
-    if not missing_sources([_STRONGREJECT[0]]):  # StrongREJECT comes from a data wheel; without it the check has nothing to compare
+    seen |= _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/") \
+        | _where_seen(load_genre_fit_more(), "fit_more/") | _where_seen(load_genre_dev_fresh(), "dev_fresh/")
+    if not missing_sources([_STRONGREJECT[0]]):  # from the data wheels; without them there is nothing to compare
         seen |= {normalize_text(p.text): "StrongREJECT (a dev set)" for p in load_strongreject()}
+    if not missing_sources():
+        seen |= {normalize_text(p.text): "AdvBench (fit or dev)" for p in load_advbench()}
+        seen |= {normalize_text(p.text): "a minimal-pair question" for pair in load_minimal_pairs() for p in pair}
     out = {}
     for cat in HARM_CATEGORIES:
-        path = _HARMFUL_FIT_MORE_DIR / f"{cat}.txt"
-        lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
+        lines = _numbered_lines(_HARMFUL_FIT_MORE_DIR / f"{cat}.txt", seen)
         for i, t in lines:
             key = normalize_text(t)
-            if key in seen:
-                raise ValueError(f"{path} line {i} repeats {seen[key]}: {t!r}")
+            if key in seen:  # a repeat within these files
+                raise ValueError(f"{_HARMFUL_FIT_MORE_DIR / cat}.txt line {i} repeats {seen[key]}: {t!r}")
             seen[key] = f"harmful_more/{cat}.txt line {i}"
         out[cat] = tuple(Prompt(t, HARMFUL, f"autosteer_harmful_more:{cat}", cat, meta={"line": i, "split": "fit"})
                          for i, t in lines)

@@ -32,10 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from genre_gate_rates import build_sets, cached_layer_states, cached_pooled_scores, emit, mix, pooled_rate, score_rows  # noqa: E402
+from genre_gate_rates import (TARGETS, build_sets, cached_layer_states, cached_pooled_scores, emit, mix,  # noqa: E402
+                              pooled_rate, score_rows)
 
-#: issue 17's benign targets, the constraint the frontier is read at
-MIX_MAX, GENRE_MAX, CONTRAST_MAX = 0.01, 0.02, 0.10
+#: issue 17's benign targets, the constraint the frontier is read at: the benign dev mix, every genre, safe contrast
+MIX_MAX, GENRE_MAX, CONTRAST_MAX = 0.01, TARGETS["genre"][1], TARGETS["contrast_safe"][1]
+#: the columns of both tables: at the balanced point, and what is caught at the constraint
+AT_POINT = ("mix", "genres", "fresh", "worst", "contrast", "wrapped_benign", "direct", "wrapped", "rephrased", "in genres' words")
+AT_CONSTRAINT = ("direct", "wrapped", "rephrased", "in genres' words")
 HARM = (("direct", "direct"), ("wrapped_dev", "wrapped"), ("rephrased_dev", "rephrased"), ("register_harm", "in genres' words"))
 
 
@@ -122,10 +126,8 @@ def main() -> int:
              "genres' words | constraint tau | direct | wrapped | rephrased | genres' words |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, path, tau, at, ctau, cat in results:
-        lines.append(f"| {label} | `{Path(path).name}` | {tau:.3f} | " + " | ".join(pct(at[k]) for k in (
-            "mix", "genres", "fresh", "worst", "contrast", "wrapped_benign", "direct", "wrapped", "rephrased",
-            "in genres' words")) + f" | {ctau:.3f} | " + " | ".join(pct(cat[k]) for k in (
-                "direct", "wrapped", "rephrased", "in genres' words")) + " |")
+        lines.append(f"| {label} | `{Path(path).name}` | {tau:.3f} | " + " | ".join(pct(at[k]) for k in AT_POINT)
+                     + f" | {ctau:.3f} | " + " | ".join(pct(cat[k]) for k in AT_CONSTRAINT) + " |")
     lines += ["", "## Means over each variant's packs", "",
               "| variant | packs | mix | genres | fresh | worst | contrast | in templates | direct | wrapped | rephrased | "
               "genres' words | at constraint: direct | wrapped | rephrased | genres' words |",
@@ -133,9 +135,8 @@ def main() -> int:
     for label in dict.fromkeys(r[0] for r in results):
         rs = [r for r in results if r[0] == label]
         mean = lambda i, k: pct(statistics.fmean(r[i][k] for r in rs))  # noqa: E731
-        lines.append(f"| {label} | {len(rs)} | " + " | ".join(mean(3, k) for k in (
-            "mix", "genres", "fresh", "worst", "contrast", "wrapped_benign", "direct", "wrapped", "rephrased",
-            "in genres' words")) + " | " + " | ".join(mean(5, k) for k in ("direct", "wrapped", "rephrased", "in genres' words")) + " |")
+        lines.append(f"| {label} | {len(rs)} | " + " | ".join(mean(3, k) for k in AT_POINT) + " | "
+                     + " | ".join(mean(5, k) for k in AT_CONSTRAINT) + " |")
     emit("\n".join(lines) + "\n", args.out)
     return 0
 

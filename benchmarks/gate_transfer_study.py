@@ -148,7 +148,7 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     lp = [layers.index(v) for v in layer] if isinstance(layer, (list, tuple)) else layers.index(layer)
     texts = fitdata.harmful + fitdata.benign
     y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
-    groups = ["harmful"] * len(fitdata.harmful) + list(fitdata.benign_groups or ["other"] * len(fitdata.benign))
+    groups = fitdata.row_groups()
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
     w = probe_loss_weights(cfg, y, groups)  # the fit's own weights (cfg carries the weighting)
     train = lambda rows: train_probe_bagged(X[rows], y[rows], members, hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731

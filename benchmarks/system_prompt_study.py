@@ -115,6 +115,7 @@ def main() -> int:
     augmented = replace(
         fit, harmful=fit.harmful + [copies[t] for t in fit.harmful], benign=fit.benign + [copies[t] for t in fit.benign],
         benign_groups=None if fit.benign_groups is None else fit.benign_groups * 2,
+        harmful_groups=None if fit.harmful_groups is None else fit.harmful_groups * 2,
         derived_from={**root, **{copies[t]: root.get(t, t) for t in fit_texts}})
     variants = {"as shipped": fit, "+ system copies": augmented}
     dev_by_system = {name: [{**s, "name": f"{name}: {s['name']}",

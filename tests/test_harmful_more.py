@@ -38,41 +38,38 @@ def test_no_line_is_in_a_held_out_rephrasing_family():
     assert not hits
 
 
+@pytest.fixture
+def copied_lines(tmp_path, monkeypatch):
+    """The harmful_more files copied to a folder the loader reads instead; the loader's cache cleared around."""
+    for cat in D.HARM_CATEGORIES:
+        shutil.copy(MORE_DIR / f"{cat}.txt", tmp_path / f"{cat}.txt")
+    monkeypatch.setattr(D, "_HARMFUL_FIT_MORE_DIR", tmp_path)
+    D.load_harmful_fit_more.cache_clear()
+    yield tmp_path
+    D.load_harmful_fit_more.cache_clear()
+
+
 @pytest.mark.parametrize("repeated, where", [
     (lambda: D.load_project_prompts()[0][10], "harmful_requests.txt line 11"),
+    (lambda: D.load_project_prompts()[1][20], "sensitive_benign.txt line 21"),  # the other label
     (lambda: D.load_contrast_pairs()[4][1], "genres/contrast_pairs.jsonl line 5"),
     (lambda: D.load_harmful_registers()[7], "genres/harmful_registers.jsonl line 8"),
+    (lambda: D.load_genre_fit_more()["law"][4], "genres/fit_more/law.txt line 5"),
+    (lambda: D.load_genre_dev_fresh()["chat"][2], "genres/dev_fresh/chat.txt line 3"),
     (lambda: D.load_harmful_fit_more()["drugs"][2], "harmful_more/drugs.txt line 3"),
+    *[pytest.param(*c, marks=pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")) for c in (
+        (lambda: D.load_strongreject()[42], r"StrongREJECT \(a dev set\)"),
+        (lambda: D.load_advbench()[7], r"AdvBench \(fit or dev\)"))],
 ])
-def test_a_line_that_repeats_another_fit_or_dev_line_is_refused(tmp_path, monkeypatch, repeated, where):
-    for cat in D.HARM_CATEGORIES:
-        shutil.copy(MORE_DIR / f"{cat}.txt", tmp_path / f"{cat}.txt")
-    line = repeated()
-    original = (tmp_path / "theft_crime.txt").read_text(encoding="utf-8")
-    (tmp_path / "theft_crime.txt").write_text(original + "\n" + line.text.upper() + "\n", encoding="utf-8")
+def test_a_line_that_repeats_another_fit_or_dev_line_is_refused(copied_lines, repeated, where):
+    line = repeated()  # read before the loader is pointed at the copies (it may be a harmful_more line itself)
+    D.load_harmful_fit_more.cache_clear()
+    original = (copied_lines / "theft_crime.txt").read_text(encoding="utf-8")
+    text = " ".join(line.text.split()).upper()  # one line; upper case still normalises to the same text
+    (copied_lines / "theft_crime.txt").write_text(original + "\n" + text + "\n", encoding="utf-8")
     at = len(original.splitlines()) + 2  # after a blank line: the file's own line numbers
-    monkeypatch.setattr(D, "_HARMFUL_FIT_MORE_DIR", tmp_path)
-    D.load_harmful_fit_more.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=rf"theft_crime.txt line {at} repeats {where}"):
-            D.load_harmful_fit_more()
-    finally:
-        D.load_harmful_fit_more.cache_clear()
-
-
-@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
-def test_a_strongreject_request_among_the_lines_is_refused(tmp_path, monkeypatch):
-    for cat in D.HARM_CATEGORIES:
-        shutil.copy(MORE_DIR / f"{cat}.txt", tmp_path / f"{cat}.txt")
-    with (tmp_path / "cybercrime.txt").open("a", encoding="utf-8") as fh:
-        fh.write(D.load_strongreject()[42].text.replace("\n", " ") + "\n")
-    monkeypatch.setattr(D, "_HARMFUL_FIT_MORE_DIR", tmp_path)
-    D.load_harmful_fit_more.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=r"cybercrime.txt line \d+ repeats StrongREJECT \(a dev set\)"):
-            D.load_harmful_fit_more()
-    finally:
-        D.load_harmful_fit_more.cache_clear()
+    with pytest.raises(ValueError, match=rf"theft_crime.txt line {at} repeats {where}"):
+        D.load_harmful_fit_more()
 
 
 @pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
@@ -127,3 +124,43 @@ def test_harmful_weighting_gives_every_kind_of_harmful_prompt_the_same_total_wei
     assert torch.all(plain_w[: len(data.harmful)] == 1)  # off by default: every harmful prompt weighs 1
     with pytest.raises(ValueError, match="harmful_weighting must be one of"):
         FitConfig(harmful_weighting="category")
+
+
+def test_fit_passes_each_rows_group_to_the_gate_and_the_gate_weighs_harmful_kinds(tiny_model, tiny_tokenizer, monkeypatch):
+    """`fit` hands the gate every row's group (harmful kinds first, then benign genres), and under
+    ``harmful_weighting="group"`` the gate's probes train with those kinds weighed equally."""
+    import torch
+
+    from autosteer.method import fit as F
+
+    class Stop(Exception):
+        pass
+
+    got = {}
+
+    def capture(*a, groups=None, **k):
+        got["groups"] = groups
+        raise Stop
+
+    data = F.FitData(["make a bomb", "poison the dog", "steal the car", "hack the bank", "burn the house"],
+                     ["bake cookies", "poem about sea", "capital of france", "explain rain", "sort a list"], [],
+                     {"counts": {}}, benign_groups=["cooking", "other", "other", "other", "code"],
+                     harmful_groups=["plain", "plain", "plain", "harmful_more", "harmful_more"])
+    monkeypatch.setattr(F, "fit_gate_sampled", capture)
+    with pytest.raises(Stop):
+        F.fit(tiny_model, tiny_tokenizer, F.FitConfig(layer_rule="1", progress=False, harmful_weighting="group"), data)
+    assert got["groups"] == data.row_groups() == data.harmful_groups + data.benign_groups
+    monkeypatch.undo()
+
+    seen = []
+    real = F.train_probe
+    monkeypatch.setattr(F, "train_probe", lambda x, y, *a, sample_weight=None, **k: seen.append(sample_weight)
+                        or real(x, y, 4, 5, sample_weight=sample_weight))
+    y = torch.tensor([1.0] * 40 + [0.0] * 60)
+    groups = ["plain"] * 30 + ["harmful_more"] * 10 + ["other"] * 40 + ["math"] * 20
+    X = torch.randn(100, 1, 6, generator=torch.Generator().manual_seed(0))
+    cfg = F.FitConfig(layer_rule="0", tau_rule="budget", harmful_weighting="group", progress=False)
+    F.fit_gate_sampled(X, torch.arange(100), lambda layers: X[:, layers], y, cfg, groups=groups)
+    w = seen[-1]  # the served probe, every row
+    assert float(w[:30].sum()) == pytest.approx(20.0) and float(w[30:40].sum()) == pytest.approx(20.0)
+    assert float(w[40:80].sum()) == pytest.approx(30.0) and float(w[80:].sum()) == pytest.approx(30.0)  # benign: group

@@ -235,7 +235,8 @@ class FitConfig:
     # how the gate probe's loss weighs the harmful fit prompts: "group" -- every harmful group (the plain requests,
     # the jailbreak-wrapped ones, the rephrased ones, the unsafe contrast prompts, the harmful-register lines, the
     # extra harmful lines of harmful_fit_more) the same total weight, so adding one kind does not drown the others
-    # (docs/method.md 7u); "none" (default) -- every prompt the same
+    # (docs/method.md 7u); "none" (default) -- every prompt the same. Like benign_weighting, it weighs the last-token
+    # probe's loss; a pooled gate's token probe is trained unweighted
     harmful_weighting: str = "none"
     # "broad" (every shipped fit source plus issue 17's genres, contrast pairs, external benign traffic and
     # rephrasings), "default" (the shipped fit sources without those) or "paper" (direct harmful vs benign only)
@@ -245,10 +246,10 @@ class FitConfig:
     # per-genre budget of a few percent (docs/method.md 7r, 7s). None (default): with the broad data, not with
     # "default" / "paper"; True: asked for (broad data only); False: left out (the default fit before 7s)
     genre_fit_more: bool | None = None
-    # the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, 150 per harm category in everyday,
-    # persona, long-context and content-production registers) in the broad fit data, for the gate probe only (the
-    # Refusal Head keeps the plain shipped requests): docs/method.md 7u. False (default): left out; True: added
-    # (broad data only)
+    # the extra harmful fit requests (autosteer/fit_prompts/harmful_more/, about 150 per harm category in everyday,
+    # persona, long-context and content-production registers) in the broad fit data's harmful rows (the gate's
+    # probes and, with monitor_prompts, the monitor's prompts; the Refusal Head keeps the plain shipped requests):
+    # docs/method.md 7u, studied, not adopted. False (default): left out; True: added (broad data only)
     harmful_fit_more: bool = False
     # harmful and benign fit prompts wrapped in fit-family jailbreak templates, per class (800 rather than 400:
     # about equal dev recall, fewer benign fires at the strict point: docs/results/gate_transfer_study.md)
@@ -391,8 +392,15 @@ class FitData:
     # plain one): out-of-fold scoring keeps a prompt and its variants in one fold
     derived_from: dict[str, str] | None = None
     # the kind of each harmful prompt (plain, jailbreak_wrapped, rephrased, contrast_unsafe, harmful_registers,
-    # harmful_more), for FitConfig.harmful_weighting="group"; None: one group
+    # harmful_more, cross_modal), for FitConfig.harmful_weighting="group"; None: one group
     harmful_groups: list[str] | None = None
+
+    def row_groups(self) -> list[str]:
+        """One group per row, harmful rows first: each harmful prompt's kind (``"harmful"`` without
+        ``harmful_groups``), then each benign prompt's genre (``"other"`` without ``benign_groups``). The
+        calibration reads the benign rows' groups only; the probe's loss weights read both."""
+        return list(self.harmful_groups or ["harmful"] * len(self.harmful)) \
+            + list(self.benign_groups or ["other"] * len(self.benign))
 
 
 def with_system_copies(data: FitData, systems: Sequence[str]) -> FitData:
@@ -459,7 +467,7 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
     genre), each in its genre's calibration group (``docs/method.md`` 7r, 7s): ``genre_fit_more=None`` (default) adds
     them to the broad data only, ``True`` asks for them (an error with another style), ``False`` leaves them out.
     ``harmful_fit_more=True`` adds the extra harmful fit requests (:func:`autosteer.data.load_harmful_fit_more`) to the
-    broad data's harmful rows (the probe's; the Refusal Head's prompts are unchanged).
+    broad data's harmful rows (the Refusal Head's prompts are unchanged; the benign rows are the same, in the same order).
     """
     from .. import data
 
@@ -524,8 +532,8 @@ def default_fit_data(seed: int = 0, max_per_class: int = 1000, jailbreak_fit: in
         kind.update(bsrc.pop("harmful_kinds"))
         derived.update(bsrc.pop("derived_from"))
         if more_harm := bsrc.pop("harmful_fit_more_lines"):
-            # joined after the shuffles above and shuffled by their own generator: every other row, and the benign
-            # rows' order (and so their calibration folds), is the fit's without them
+            # joined after the shuffles above and shuffled by their own generator: the benign rows and their order
+            # (and so their calibration folds) are the fit's without them; the harmful rows are reshuffled
             harmful = harmful + more_harm
             kind.update(dict.fromkeys(more_harm, "harmful_more"))
             random.Random(f"harmful-fit-more-{seed}").shuffle(harmful)
@@ -805,15 +813,21 @@ def benign_group_weights(y: torch.Tensor, groups: Sequence[str]) -> torch.Tensor
     """``[n]`` loss weights of ``FitConfig.benign_weighting="group"``: harmful rows (``y == 1``) 1; every benign
     group (``groups``, one name per row) the same total weight, the benign rows together as many as they are. With
     one benign group every weight is exactly 1 (the unweighted probe)."""
+    return class_group_weights(y, groups, 0)
+
+
+def class_group_weights(y: torch.Tensor, groups: Sequence[str], cls: int) -> torch.Tensor:
+    """``[n]`` loss weights: the rows of class ``cls`` weighed so that every group (``groups``, one name per row) of
+    that class has the same total weight and the class together as many as its rows; the other class's rows 1."""
     if len(groups) != len(y):
-        raise ValueError(f"benign_group_weights: {len(groups)} groups for {len(y)} rows")
-    benign = [i for i, v in enumerate(y.tolist()) if v == 0]
+        raise ValueError(f"class_group_weights: {len(groups)} groups for {len(y)} rows")
+    rows = [i for i, v in enumerate(y.tolist()) if v == cls]  # the rows being weighed
     count: dict[str, int] = {}
-    for i in benign:
+    for i in rows:
         count[groups[i]] = count.get(groups[i], 0) + 1
     w = torch.ones(len(y))
-    for i in benign:  # n_benign / (n_groups * |group|): each group n_benign / n_groups in total
-        w[i] = len(benign) / (len(count) * count[groups[i]])
+    for i in rows:  # n_rows / (n_groups * |group|): each group n_rows / n_groups in total
+        w[i] = len(rows) / (len(count) * count[groups[i]])
     return w
 
 
@@ -826,7 +840,7 @@ def probe_loss_weights(cfg: FitConfig, y: torch.Tensor, groups: Sequence[str] | 
     if cfg.benign_weighting == "group":
         w = benign_group_weights(y, groups)
     if cfg.harmful_weighting == "group":  # the same rule on the other class
-        w = torch.where(y == 1, benign_group_weights(1 - y, groups), w)
+        w = torch.where(y == 1, class_group_weights(y, groups, 1), w)
     return w
 
 
@@ -1221,9 +1235,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
         return torch.stack([deep[deep_at[t]][list(layers)] if t in deep_at else got[at[t]] for t in rows_text])
 
     # 2-4. SAS per layer, probe validation AUROC per layer, layer, final probe, threshold
-    # the harmful rows' kind (harmful_weighting; the calibration reads the benign rows' groups only)
-    groups = list(data.harmful_groups or ["harmful"] * len(data.harmful)) \
-        + list(data.benign_groups or ["other"] * len(data.benign))
+    groups = data.row_groups()
     # a prompt and its wrapped / rephrased variants share a fold; an image prompt is its own group
     # (a row copied under another system prompt shares its original's fold)
     fold_keys = [(data.derived_from or {}).get(t, t) if isinstance(t, str)
