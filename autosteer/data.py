@@ -854,13 +854,17 @@ def _where_seen(prompts: Mapping[str, Sequence[Prompt]], folder: str) -> dict[st
     return {normalize_text(p.text): f"genres/{folder}{g}.txt line {p.meta['line']}" for g, ps in prompts.items() for p in ps}
 
 
-def _numbered_lines(path: Path, seen: Mapping[str, str]) -> list[tuple[int, str]]:
+def _numbered_lines(path: Path, seen: Mapping[str, str], mark: str | None = None) -> list[tuple[int, str]]:
     """``(line number, text)`` of every non-blank line of ``path``; a line that normalises to a key of ``seen`` raises,
-    naming where it stood first."""
+    naming where it stood first. With ``mark`` (``seen`` then a dict), each line joins ``seen`` as ``f"{mark} line N"``
+    once read, so a repeat within the file, or in a later file read with the same ``seen``, raises too."""
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines()) if ln.strip()]
     for i, t in lines:
-        if normalize_text(t) in seen:
-            raise ValueError(f"{path} line {i} repeats {seen[normalize_text(t)]}: {t!r}")
+        key = normalize_text(t)
+        if key in seen:
+            raise ValueError(f"{path} line {i} repeats {seen[key]}: {t!r}")
+        if mark is not None:
+            seen[key] = f"{mark} line {i}"
     return lines
 
 
@@ -987,12 +991,7 @@ def load_harmful_fit_more() -> dict[str, tuple[Prompt, ...]]:
         seen |= {normalize_text(p.text): "a minimal-pair question" for pair in load_minimal_pairs() for p in pair}
     out = {}
     for cat in HARM_CATEGORIES:
-        lines = _numbered_lines(_HARMFUL_FIT_MORE_DIR / f"{cat}.txt", seen)
-        for i, t in lines:
-            key = normalize_text(t)
-            if key in seen:  # a repeat within these files
-                raise ValueError(f"{_HARMFUL_FIT_MORE_DIR / cat}.txt line {i} repeats {seen[key]}: {t!r}")
-            seen[key] = f"harmful_more/{cat}.txt line {i}"
+        lines = _numbered_lines(_HARMFUL_FIT_MORE_DIR / f"{cat}.txt", seen, mark=f"harmful_more/{cat}.txt")
         out[cat] = tuple(Prompt(t, HARMFUL, f"autosteer_harmful_more:{cat}", cat, meta={"line": i, "split": "fit"})
                          for i, t in lines)
     return out

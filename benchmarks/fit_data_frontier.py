@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from genre_gate_rates import (TARGETS, build_sets, cached_layer_states, cached_pooled_scores, emit, mix,  # noqa: E402
-                              pooled_rate, score_rows)
+from genre_gate_rates import TARGETS, build_sets, emit, mix, pooled_rate, score_rows, served_scores  # noqa: E402
 
 #: issue 17's benign targets, the constraint the frontier is read at: the benign dev mix, every genre, safe contrast
 MIX_MAX, GENRE_MAX, CONTRAST_MAX = 0.01, TARGETS["genre"][1], TARGETS["contrast_safe"][1]
@@ -95,14 +94,7 @@ def main() -> int:
     results = []  # (label, path, tau, at balanced, constrained tau, at constraint)
     for label, path in packs:
         handle = autosteer.attach(model, path)
-        pack, fmt = handle.pack, handle.pack.prompt_format
-        scored = []
-        for s in sets:
-            x = cached_layer_states(model, tok, s["texts"], fmt, pack.layers, Path(args.cache), s["group"])
-            p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
-            if pack.pool is not None:
-                p = torch.maximum(p, cached_pooled_scores(model, tok, s["texts"], fmt, pack, Path(args.cache), s["group"]))
-            scored.append((s, p))
+        scored = [(s, served_scores(model, tok, handle, s["texts"], Path(args.cache), s["group"])) for s in sets]
         tau = float(handle.tau)
         at = measures(score_rows(scored, tau, dev_only, fresh))
         ctau, cat = constrained(scored, dev_only, fresh)

@@ -129,6 +129,18 @@ def cached_pooled_scores(model, tok, texts: list[str], fmt, pack, cache: Path, n
 
 
 # ------------------------------------------------------------------------------------------ report
+def served_scores(model, tok, handle, texts: list[str], cache: Path, name: str) -> torch.Tensor:
+    """The attached gate's p(unsafe) for ``texts`` as the runtime reads it, from cached states (``name`` keys the
+    cache): the last prompt token at the pack's layers, and for a pooled gate the higher of that and its token
+    probe's (its highest prompt token)."""
+    pack = handle.pack
+    x = cached_layer_states(model, tok, texts, pack.prompt_format, pack.layers, cache, name)
+    p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
+    if pack.pool is not None:
+        p = torch.maximum(p, cached_pooled_scores(model, tok, texts, pack.prompt_format, pack, cache, name))
+    return p
+
+
 def rate(scores: torch.Tensor, tau: float) -> float:
     return float((scores > tau).float().mean()) if len(scores) else float("nan")
 
@@ -309,13 +321,7 @@ def main() -> int:
     cache = Path(args.cache)
     dev_only = {p.text for ps in load_genre_dev_only().values() for p in ps}
     fresh = {p.text for ps in load_genre_dev_fresh().values() for p in ps}
-    scored = []
-    for s in sets:
-        x = cached_layer_states(model, tok, s["texts"], fmt, layers, cache, s["group"])
-        p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
-        if pack.pool is not None:  # a pooled gate fires on the higher of the two probes' probabilities
-            p = torch.maximum(p, cached_pooled_scores(model, tok, s["texts"], fmt, pack, cache, s["group"]))
-        scored.append((s, p))
+    scored = [(s, served_scores(model, tok, handle, s["texts"], cache, s["group"])) for s in sets]
     rows = score_rows(scored, tau, dev_only, fresh)
     # the early-stopped states give the runtime's scores
     probe = sets[0]["texts"][:3] + next(s for s in sets if s["group"] == "rephrased_benign")["texts"][:3] \

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from genre_gate_rates import cached_layer_states, cached_pooled_scores, emit, rate  # noqa: E402
+from genre_gate_rates import emit, rate, served_scores  # noqa: E402
 
 TARGET = 0.02  # issue 17: at most 2% of every benign genre
 
@@ -35,15 +35,7 @@ def pack_scores(model, tok, pack_path: str, sets: dict[str, list[str]], cache: P
     import autosteer
 
     handle = autosteer.attach(model, pack_path)
-    pack, fmt = handle.pack, handle.pack.prompt_format
-    out = {}
-    for name, texts in sets.items():
-        x = cached_layer_states(model, tok, texts, fmt, pack.layers, cache, f"outside_{name}")
-        p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
-        if pack.pool is not None:  # the pooled gate fires on the higher of the two probes' probabilities
-            p = torch.maximum(p, cached_pooled_scores(model, tok, texts, fmt, pack, cache, f"outside_{name}"))
-        out[name] = p
-    return handle, out
+    return handle, {name: served_scores(model, tok, handle, texts, cache, f"outside_{name}") for name, texts in sets.items()}
 
 
 def main() -> int:
