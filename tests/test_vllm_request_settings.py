@@ -114,6 +114,39 @@ def test_admission_reads_the_environment_once(setup, tmp_path, monkeypatch):
         avllm._admission_settings.cache_clear()
 
 
+def test_the_api_server_reads_the_pack_once_per_file_version(setup, tmp_path, monkeypatch):
+    """The start-up check and the admission settings both need the pack in the API server's process: one read
+    serves both, and a pack rewritten at the same path is read again (its new thresholds apply)."""
+    import os
+    import types
+
+    import autosteer.method.pack as P
+
+    _hf, _rows, pack = setup
+    reads = []
+    real = P.load_pack
+    monkeypatch.setattr(P, "load_pack", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    path = str(pack.save(tmp_path / "p.safetensors"))
+    monkeypatch.setenv(avllm.ENV_PACK, path)
+    monkeypatch.delenv(avllm.ENV_TAU, raising=False)
+    cfg = types.SimpleNamespace(additional_config={"autosteer": {"pack": path}})
+    avllm._admission_settings.cache_clear()
+    avllm._load_pack_version.cache_clear()
+    try:
+        avllm._check_pack_settings(cfg)
+        first = avllm._admission_settings()
+        assert reads == [path] and first["server_tau"] == pytest.approx(float(pack.tau))
+        moved = dataclasses.replace(pack, meta={**pack.meta, "tau": 0.25})
+        moved.save(path)
+        os.utime(path, ns=(1, 1))  # a new file version even within the clock's resolution
+        avllm._admission_settings.cache_clear()
+        avllm._check_pack_settings(cfg)
+        assert avllm._admission_settings()["server_tau"] == pytest.approx(0.25) and reads == [path, path]
+    finally:
+        avllm._admission_settings.cache_clear()
+        avllm._load_pack_version.cache_clear()
+
+
 # -- served on the simulated engines ------------------------------------------------------------
 
 def _monitor_pack(pack):

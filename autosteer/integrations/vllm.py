@@ -355,13 +355,13 @@ def _admission_settings() -> dict | None:
     (:meth:`AutoSteerVLLMLogitsProcessor.validate_params`, which vLLM calls in the API server's process, where
     no processor exists): read once, from the environment (``AUTOSTEER_PACK``, ``AUTOSTEER_MODE``,
     ``AUTOSTEER_TAU``, ``AUTOSTEER_ALLOW_CLIENT_OFF``). None: no pack, AutoSteer is off on this server."""
-    from ..method.pack import load_pack, operating_point_taus, prompt_threshold
+    from ..method.pack import operating_point_taus, prompt_threshold
 
     path = os.environ.get(ENV_PACK)
     if not path:
         return None
     mode = str(os.environ.get(ENV_MODE) or "prefill").strip().lower()
-    pack = _PACK if _PACK is not None else load_pack(path)
+    pack = _PACK if _PACK is not None else _front_end_pack(path)
     return dict(server_tau=prompt_threshold(pack, parse_threshold(os.environ.get(ENV_TAU), ENV_TAU)),
                 server_mode=mode, monitor_calibrated=pack.tau_monitor is not None,
                 operating_points=operating_point_taus(pack),
@@ -970,19 +970,36 @@ def _check_thresholds(pack, cfg: dict, tau, monitor_from) -> float:
     return resolved
 
 
+def _front_end_pack(path: str):
+    """The pack as the API server's process reads it, once per file version: the start-up check
+    (:func:`_check_pack_settings`) and the admission settings (:func:`_admission_settings`) both need it there, where
+    no processor has loaded one (a file rewritten since is read again)."""
+    try:
+        st = os.stat(path)
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None  # load_pack names the problem
+    return _load_pack_version(path, version)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_pack_version(path: str, version):
+    from ..method.pack import load_pack
+
+    return load_pack(path)
+
+
 def _check_pack_settings(vllm_config) -> None:
     """In the front end, before any worker starts: the pack the engine config carries loads, and the thresholds
     resolve against it, so a missing operating point or an unreadable pack stops ``vllm serve`` in seconds, not
     after every worker has loaded the model (each worker checks again: configs built without ``EngineArgs``). Runs
     where the start-up guard runs, i.e. with ``AUTOSTEER_PACK`` set; a pack given only in ``--additional-config``
     is checked by the workers."""
-    from ..method.pack import load_pack
-
     cfg = dict((vllm_config.additional_config or {}).get("autosteer") or {})
     try:
         tau = parse_threshold(*_setting(cfg, "tau", ENV_TAU))
         monitor_from = parse_threshold(*_setting(cfg, "monitor_from", ENV_MONITOR_FROM))
-        pack = load_pack(cfg["pack"])
+        pack = _front_end_pack(str(cfg["pack"]))
     except (ValueError, OSError) as exc:
         raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
     _check_thresholds(pack, cfg, tau, monitor_from)

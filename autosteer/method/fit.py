@@ -1407,11 +1407,13 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, cfg: FitConfig | None = None,
+def fit_memory_estimate(config, n_prompts: int | None = None, n_full_depth: int = 600, cfg: FitConfig | None = None,
                         model_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
                         prompt_tokens: int | None = None, answer_tokens: int = 13) -> dict[str, int]:
     """Peak host memory of :func:`fit` in bytes, by part, for a model ``config`` (a transformers config):
-    the weights are counted on the meta device (nothing is allocated), the rest by formula:
+    the weights are counted on the meta device (nothing is allocated), the rest by formula. ``n_prompts``: the
+    fit's prompt rows (None: the rows of the shipped fit data ``cfg`` names, :func:`fit_data_of`; pass your own
+    count for your own data); ``n_full_depth``: the prompts kept at every layer (the SAS sample, at most 600).
 
     - ``weights``: parameters x the model dtype's size; ``compute_copy``: the same in the compute
       dtype when it differs (``"bf16-matmul"``, the ``"auto"`` choice on a bf16 CPU, holds bf16 copies of
@@ -1429,6 +1431,9 @@ def fit_memory_estimate(config, n_prompts: int = 2775, n_full_depth: int = 600, 
     from transformers import AutoModelForCausalLM
 
     cfg = cfg or FitConfig()
+    if n_prompts is None:
+        data = fit_data_of(cfg)
+        n_prompts = len(data.harmful) + len(data.benign)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(config)
