@@ -74,7 +74,8 @@ def feature(S: torch.Tensor, name: str) -> torch.Tensor:
 
 def run_feature(X_fit, y, groups, keys, scored_X, seed: int):
     """The fit's own gate rule (``gate_transfer_study.run_variant``'s steps) on one feature: operating points from
-    out-of-fold scores under the shipped budget, the probe trained on every fit row; returns (balanced tau, probe)."""
+    out-of-fold scores under the shipped budget, the probe trained on every fit row; returns the balanced point's tau,
+    the out-of-fold AUROC and the probe's scores of each of ``scored_X``."""
     from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores, probe_loss_weights
     from autosteer.method.probe import auroc, train_probe
 

@@ -245,6 +245,10 @@ def test_memory_estimate_counts_the_fit_data_it_is_given_by_default():
         rows = len(data.harmful) + len(data.benign)
         assert fit_memory_estimate(c, cfg=cfg)["states"] == fit_memory_estimate(c, n_prompts=rows, cfg=cfg)["states"]
     assert fit_memory_estimate(c)["states"] > fit_memory_estimate(c, cfg=FitConfig(genre_fit_more=False))["states"]
+    # copies of every row under another system prompt are rows too
+    copies, data = FitConfig(system_copies=("You are a support bot.",)), fit_data_of(FitConfig())
+    rows = 2 * (len(data.harmful) + len(data.benign))
+    assert fit_memory_estimate(c, cfg=copies)["states"] == fit_memory_estimate(c, n_prompts=rows, cfg=copies)["states"]
 
 
 _MEMORY_CHILD = textwrap.dedent("""

@@ -304,6 +304,7 @@ def test_attach_and_vllm_admission_serve_the_named_point(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSTEER_PACK", str(path))
     monkeypatch.setenv("AUTOSTEER_TAU", "strict")
     monkeypatch.setattr(V, "_PACK", None)  # another test's processor may have left its pack here
+    monkeypatch.setattr(V, "_FRONT_END", None)  # and another test's start-up check its settings
     V._admission_settings.cache_clear()
     try:
         assert V._admission_settings()["server_tau"] == points["strict"]["tau"]

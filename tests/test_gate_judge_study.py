@@ -34,16 +34,17 @@ def test_the_last_feature_is_the_served_state_and_the_judge_feature_the_suffix_e
     assert S.shape == (len(TEXTS), 2, 2, tiny_model.config.hidden_size)
     served = _plain(tiny_model, tiny_tokenizer, TEXTS, layers)  # [n, layers, H]
     torch.testing.assert_close(J.feature(S, "last"), served.flatten(1), atol=1e-4, rtol=1e-4)
-    # the judge state is the last token of prompt + suffix, read by the plain extraction on the suffixed token ids
+    # the judge state is the residual stream entering those layers at the last token of prompt + suffix, read here
+    # by a plain forward of each suffixed prompt alone (hidden_states[l] is block l's input)
     from autosteer.method.fit import compute_model, resolve_compute_dtype
-    from autosteer.method.hidden_states import _shared_prefix_states
     from autosteer.prompting import PromptFormat, encode_one
 
     tail = tiny_tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
     assert len(tail) == 10 and tiny_tokenizer.unk_token_id not in tail  # every suffix word is in the vocabulary
-    seqs = [encode_one(tiny_tokenizer, t, PromptFormat()) + tail for t in TEXTS]
-    with compute_model(tiny_model, resolve_compute_dtype(tiny_model, "auto")) as fwd:
-        ref = _shared_prefix_states(fwd, seqs, layers, 16, 0, "", False, None, None, (0,))[:, :, 0]
+    with compute_model(tiny_model, resolve_compute_dtype(tiny_model, "auto")) as fwd, torch.no_grad():
+        ref = torch.stack([torch.stack([hs[l][0, -1] for l in layers]) for hs in (
+            fwd(input_ids=torch.tensor([encode_one(tiny_tokenizer, t, PromptFormat()) + tail]),
+                output_hidden_states=True).hidden_states for t in TEXTS)]).float()
     torch.testing.assert_close(J.feature(S, "judge"), ref.flatten(1), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(J.feature(S, "judge"), J.feature(S, "last"), atol=1e-3)
     both = J.feature(S, "last+judge")

@@ -83,6 +83,7 @@ def test_admission_reads_the_environment_once(setup, tmp_path, monkeypatch):
     validate = avllm.AutoSteerVLLMLogitsProcessor.validate_params
     for k in (avllm.ENV_PACK, avllm.ENV_TAU, avllm.ENV_MODE, common.ENV_ALLOW_CLIENT_OFF):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(avllm, "_FRONT_END", None)  # no start-up check in this process: the environment's settings
     avllm._admission_settings.cache_clear()
     validate(SamplingParams())  # no keys: nothing to check, pack or not
     validate(SamplingParams({"other": 1}))
@@ -114,10 +115,11 @@ def test_admission_reads_the_environment_once(setup, tmp_path, monkeypatch):
         avllm._admission_settings.cache_clear()
 
 
-def test_the_api_server_reads_the_pack_once_per_file_version(setup, tmp_path, monkeypatch):
-    """The start-up check and the admission settings both need the pack in the API server's process: one read
-    serves both, and a pack rewritten at the same path is read again (its new thresholds apply)."""
-    import os
+def test_admission_checks_against_the_pack_and_settings_the_start_up_check_resolved(setup, tmp_path, monkeypatch):
+    """In the API server's process the start-up check loads the pack the workers will serve (an absolute path and its
+    SHA-256 in the engine config): admission reads its settings from that check, without reading the file again,
+    with the engine config's settings winning over the environment as they do in the workers, and a file rewritten
+    after start-up does not change them (the workers refuse such a file by its SHA-256)."""
     import types
 
     import autosteer.method.pack as P
@@ -126,25 +128,35 @@ def test_the_api_server_reads_the_pack_once_per_file_version(setup, tmp_path, mo
     reads = []
     real = P.load_pack
     monkeypatch.setattr(P, "load_pack", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
-    path = str(pack.save(tmp_path / "p.safetensors"))
-    monkeypatch.setenv(avllm.ENV_PACK, path)
-    monkeypatch.delenv(avllm.ENV_TAU, raising=False)
-    cfg = types.SimpleNamespace(additional_config={"autosteer": {"pack": path}})
+    monkeypatch.setattr(avllm, "_PACK", None)  # no processor in this process (earlier tests may have built one)
+    monkeypatch.setattr(avllm, "_FRONT_END", None)
+    monkeypatch.chdir(tmp_path)
+    pack.save(tmp_path / "p.safetensors")
+    monkeypatch.setenv(avllm.ENV_PACK, "p.safetensors")  # relative, as a user may write it
+    monkeypatch.setenv(avllm.ENV_TAU, "0.3")
+    for k in (avllm.ENV_MODE, common.ENV_ALLOW_CLIENT_OFF):
+        monkeypatch.delenv(k, raising=False)
+    cfg = types.SimpleNamespace(additional_config={"autosteer": {"tau": "0.2"}})  # the config's tau wins
     avllm._admission_settings.cache_clear()
-    avllm._load_pack_version.cache_clear()
     try:
+        avllm._carry_settings(cfg)
         avllm._check_pack_settings(cfg)
-        first = avllm._admission_settings()
-        assert reads == [path] and first["server_tau"] == pytest.approx(float(pack.tau))
-        moved = dataclasses.replace(pack, meta={**pack.meta, "tau": 0.25})
-        moved.save(path)
-        os.utime(path, ns=(1, 1))  # a new file version even within the clock's resolution
+        assert reads == [str(tmp_path / "p.safetensors")]
+        settings = avllm._admission_settings()
+        assert reads == [str(tmp_path / "p.safetensors")]  # no second read
+        assert settings["server_tau"] == pytest.approx(0.2) and settings["server_mode"] == "prefill"
+        validate = avllm.AutoSteerVLLMLogitsProcessor.validate_params
+        with pytest.raises(ValueError, match="autosteer_tau=0.25 is above this server's threshold 0.2"):
+            validate(SamplingParams({"autosteer_tau": 0.25}))
+        dataclasses.replace(pack, meta={**pack.meta, "tau": 0.9}).save(tmp_path / "p.safetensors")
         avllm._admission_settings.cache_clear()
-        avllm._check_pack_settings(cfg)
-        assert avllm._admission_settings()["server_tau"] == pytest.approx(0.25) and reads == [path, path]
+        assert avllm._admission_settings()["server_tau"] == pytest.approx(0.2) and len(reads) == 1
+        # without a start-up check in this process (another process built the engine config): the environment
+        monkeypatch.setattr(avllm, "_FRONT_END", None)
+        avllm._admission_settings.cache_clear()
+        assert avllm._admission_settings()["server_tau"] == pytest.approx(0.3) and len(reads) == 2
     finally:
         avllm._admission_settings.cache_clear()
-        avllm._load_pack_version.cache_clear()
 
 
 # -- served on the simulated engines ------------------------------------------------------------

@@ -353,19 +353,28 @@ def _announce(msg: str, *args, level: int = logging.INFO) -> None:
 def _admission_settings() -> dict | None:
     """The server settings a request's ``vllm_xargs`` are checked against at admission
     (:meth:`AutoSteerVLLMLogitsProcessor.validate_params`, which vLLM calls in the API server's process, where
-    no processor exists): read once, from the environment (``AUTOSTEER_PACK``, ``AUTOSTEER_MODE``,
-    ``AUTOSTEER_TAU``, ``AUTOSTEER_ALLOW_CLIENT_OFF``). None: no pack, AutoSteer is off on this server."""
-    from ..method.pack import operating_point_taus, prompt_threshold
+    no processor exists): read once. Where the start-up check ran in this process (:data:`_FRONT_END`), from the
+    engine config it checked and the pack it loaded, as the workers read them; otherwise from the environment
+    (``AUTOSTEER_PACK``, ``AUTOSTEER_MODE``, ``AUTOSTEER_TAU``, ``AUTOSTEER_ALLOW_CLIENT_OFF``). None: no pack,
+    AutoSteer is off on this server."""
+    from ..method.pack import load_pack, operating_point_taus, prompt_threshold
 
     path = os.environ.get(ENV_PACK)
     if not path:
         return None
-    mode = str(os.environ.get(ENV_MODE) or "prefill").strip().lower()
-    pack = _PACK if _PACK is not None else _front_end_pack(path)
-    return dict(server_tau=prompt_threshold(pack, parse_threshold(os.environ.get(ENV_TAU), ENV_TAU)),
+    if _PACK is None and _FRONT_END is not None:
+        # the start-up check ran in this process: the engine config's settings (which win over the environment, as
+        # in the workers) and the pack it loaded (the file the workers check by its SHA-256); no second read
+        cfg, pack = _FRONT_END["cfg"], _FRONT_END["pack"]
+        setting = lambda key, env: _setting(cfg, key, env)  # noqa: E731
+    else:
+        pack = _PACK if _PACK is not None else load_pack(path)
+        setting = lambda key, env: (os.environ.get(env), env)  # noqa: E731
+    mode = str(setting("mode", ENV_MODE)[0] or "prefill").strip().lower()
+    return dict(server_tau=prompt_threshold(pack, parse_threshold(*setting("tau", ENV_TAU))),
                 server_mode=mode, monitor_calibrated=pack.tau_monitor is not None,
                 operating_points=operating_point_taus(pack),
-                allow_off=parse_flag(os.environ.get(ENV_ALLOW_CLIENT_OFF), ENV_ALLOW_CLIENT_OFF, False))
+                allow_off=parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False))
 
 
 def _asks_autosteer(args) -> bool:
@@ -970,23 +979,10 @@ def _check_thresholds(pack, cfg: dict, tau, monitor_from) -> float:
     return resolved
 
 
-def _front_end_pack(path: str):
-    """The pack as the API server's process reads it, once per file version: the start-up check
-    (:func:`_check_pack_settings`) and the admission settings (:func:`_admission_settings`) both need it there, where
-    no processor has loaded one (a file rewritten since is read again)."""
-    try:
-        st = os.stat(path)
-        version = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        version = None  # load_pack names the problem
-    return _load_pack_version(path, version)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_pack_version(path: str, version):
-    from ..method.pack import load_pack
-
-    return load_pack(path)
+#: what the start-up check (:func:`_check_pack_settings`) loaded in the API server's process: the engine config's
+#: ``additional_config["autosteer"]`` (the pack as an absolute path with its SHA-256, which every worker checks) and
+#: the pack; admission reads its settings from them, so it checks requests against the pack the workers serve
+_FRONT_END: dict | None = None
 
 
 def _check_pack_settings(vllm_config) -> None:
@@ -995,14 +991,19 @@ def _check_pack_settings(vllm_config) -> None:
     after every worker has loaded the model (each worker checks again: configs built without ``EngineArgs``). Runs
     where the start-up guard runs, i.e. with ``AUTOSTEER_PACK`` set; a pack given only in ``--additional-config``
     is checked by the workers."""
+    from ..method.pack import load_pack
+
     cfg = dict((vllm_config.additional_config or {}).get("autosteer") or {})
     try:
         tau = parse_threshold(*_setting(cfg, "tau", ENV_TAU))
         monitor_from = parse_threshold(*_setting(cfg, "monitor_from", ENV_MONITOR_FROM))
-        pack = _front_end_pack(str(cfg["pack"]))
+        pack = load_pack(cfg["pack"])
     except (ValueError, OSError) as exc:
         raise VLLMIntegrationError(f"AutoSteer: {exc}") from None
     _check_thresholds(pack, cfg, tau, monitor_from)
+    global _FRONT_END
+    _FRONT_END = {"cfg": cfg, "pack": pack}
+    _admission_settings.cache_clear()  # (an engine config built again in this process: its settings)
 
 
 def _guard_create_engine_config(orig):

