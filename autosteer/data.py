@@ -854,6 +854,18 @@ def _where_seen(prompts: Mapping[str, Sequence[Prompt]], folder: str) -> dict[st
     return {normalize_text(p.text): f"genres/{folder}{g}.txt line {p.meta['line']}" for g, ps in prompts.items() for p in ps}
 
 
+def _genre_lines_seen(upto: int) -> dict[str, str]:
+    """Where each genre line stands (:func:`_where_seen`) in the first ``upto`` genre sources, in the order they were
+    written: the genre files, the dev-only lines, the extra fit lines, the fresh dev lines. A later source's loader
+    refuses a repeat of any earlier one."""
+    sources = ((load_genre_prompts, ""), (load_genre_dev_only, "dev_only/"), (load_genre_fit_more, "fit_more/"),
+               (load_genre_dev_fresh, "dev_fresh/"))
+    seen: dict[str, str] = {}
+    for load, folder in sources[:upto]:
+        seen |= _where_seen(load(), folder)
+    return seen
+
+
 def _numbered_lines(path: Path, seen: Mapping[str, str], mark: str | None = None) -> list[tuple[int, str]]:
     """``(line number, text)`` of every non-blank line of ``path``; a line that normalises to a key of ``seen`` raises,
     naming where it stood first. With ``mark`` (``seen`` then a dict), each line joins ``seen`` as ``f"{mark} line N"``
@@ -885,7 +897,7 @@ def load_genre_dev_only() -> dict[str, tuple[Prompt, ...]]:
     """The dev-only benign genre prompts: ``{genre: prompts}`` (label 0, ``category`` = genre,
     ``meta["split"]`` = ``"dev"``, ``meta["dev_only"]`` = True). Every genre of :data:`GENRES` has a file; a
     line that repeats a genre-file line (normalised) raises, since it would sit on both sides of the split."""
-    return _extra_genre_lines(_GENRES_DEV_ONLY_DIR, "dev_only", "dev", _where_seen(load_genre_prompts(), ""))
+    return _extra_genre_lines(_GENRES_DEV_ONLY_DIR, "dev_only", "dev", _genre_lines_seen(1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -893,8 +905,7 @@ def load_genre_fit_more() -> dict[str, tuple[Prompt, ...]]:
     """The extra benign genre fit prompts: ``{genre: prompts}`` (label 0, ``category`` = genre, ``meta["split"]`` =
     ``"fit"``). A line that repeats (normalised) a genre-file line or a dev-only line raises: it would sit on both
     sides, or twice in the fit."""
-    seen = _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/")
-    return _extra_genre_lines(_GENRES_FIT_MORE_DIR, "fit_more", "fit", seen)
+    return _extra_genre_lines(_GENRES_FIT_MORE_DIR, "fit_more", "fit", _genre_lines_seen(2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -902,9 +913,7 @@ def load_genre_dev_fresh() -> dict[str, tuple[Prompt, ...]]:
     """The fresh dev genre prompts, written after the packs of ``docs/method.md`` 7s were chosen: ``{genre: prompts}``
     (label 0, ``category`` = genre, ``meta["split"]`` = ``"dev"``, ``meta["dev_fresh"]`` = True). A line that repeats
     (normalised) a genre-file, dev-only or extra fit line raises."""
-    seen = _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/") \
-        | _where_seen(load_genre_fit_more(), "fit_more/")
-    return _extra_genre_lines(_GENRES_DEV_FRESH_DIR, "dev_fresh", "dev", seen)
+    return _extra_genre_lines(_GENRES_DEV_FRESH_DIR, "dev_fresh", "dev", _genre_lines_seen(3))
 
 
 def genre_splits(split: str, dev_only: bool = True) -> dict[str, list[Prompt]]:
@@ -982,8 +991,7 @@ def load_harmful_fit_more() -> dict[str, tuple[Prompt, ...]]:
     seen |= {normalize_text(p.text): f"genres/contrast_pairs.jsonl line {p.meta['line']}"
              for pair in load_contrast_pairs() for p in pair}
     seen |= {normalize_text(p.text): f"genres/harmful_registers.jsonl line {p.meta['line']}" for p in load_harmful_registers()}
-    seen |= _where_seen(load_genre_prompts(), "") | _where_seen(load_genre_dev_only(), "dev_only/") \
-        | _where_seen(load_genre_fit_more(), "fit_more/") | _where_seen(load_genre_dev_fresh(), "dev_fresh/")
+    seen |= _genre_lines_seen(4)
     if not missing_sources([_STRONGREJECT[0]]):  # from the data wheels; without them there is nothing to compare
         seen |= {normalize_text(p.text): "StrongREJECT (a dev set)" for p in load_strongreject()}
     if not missing_sources():
