@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fit_data_frontier import AT_CONSTRAINT, AT_POINT, constrained, measures  # noqa: E402
+from gate_transfer_study import gate_rule  # noqa: E402
 from genre_gate_rates import build_sets, emit, score_rows  # noqa: E402
 
 #: suffix name -> text appended after the rendered prompt (which ends with the assistant header). ``user_turn``
@@ -73,19 +74,12 @@ def feature(S: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def run_feature(X_fit, y, groups, keys, scored_X, seed: int):
-    """The fit's own gate rule (``gate_transfer_study.run_variant``'s steps) on one feature: operating points from
-    out-of-fold scores under the shipped budget, the probe trained on every fit row; returns the balanced point's tau,
-    the out-of-fold AUROC and the probe's scores of each of ``scored_X``."""
-    from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores, probe_loss_weights
-    from autosteer.method.probe import auroc, train_probe
+    """The fit's own gate rule (:func:`gate_transfer_study.gate_rule`) on one feature under the shipped configuration
+    of ``seed``; returns the balanced point's tau, the out-of-fold AUROC and the probe's scores of each of ``scored_X``."""
+    from autosteer.method.fit import FitConfig
+    from autosteer.method.probe import auroc
 
-    cfg = FitConfig(seed=seed)
-    w = probe_loss_weights(cfg, y, groups)
-    train = lambda rows: train_probe(X_fit[rows], y[rows], cfg.probe_hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
-                                     cfg.probe_weight_decay, seed, sample_weight=None if w is None else w[rows])
-    oof = out_of_fold_scores(X_fit, y, train, cfg.calibration_folds, seed, keys)
-    points = operating_points(oof, y, groups, cfg)
-    probe = train(torch.arange(len(y)))
+    oof, points, probe = gate_rule(X_fit, y, groups, keys, FitConfig(seed=seed))
     return points["balanced"]["tau"], float(auroc(oof, y)), [probe.score(x) for x in scored_X]
 
 

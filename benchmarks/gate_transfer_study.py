@@ -134,12 +134,27 @@ def train_probe_bagged(x, y, members: int, hidden, epochs, lr, weight_decay, see
                  torch.stack([p.b2 for p in ps]).mean(0))
 
 
+def gate_rule(X: torch.Tensor, y: torch.Tensor, groups: list[str], keys: list[str], cfg, members: int = 1):
+    """The fit's own gate rule on features ``X`` (one row per fit prompt, ``groups`` and fold ``keys`` as
+    :func:`autosteer.method.fit.fit` makes them): out-of-fold scores of every row (a prompt and its variants, sharing
+    a key, in one fold) set the operating points by ``cfg``'s false-positive budget, then the probe (``cfg``'s size,
+    loss weights and seed; ``members`` > 1: bagged) is trained on every row. Returns (out-of-fold scores, operating
+    points, probe)."""
+    from autosteer.method.fit import operating_points, out_of_fold_scores, probe_loss_weights
+
+    w = probe_loss_weights(cfg, y, groups)  # the fit's own weights (cfg carries the weighting)
+    train = lambda rows: train_probe_bagged(X[rows], y[rows], members, cfg.probe_hidden, cfg.probe_epochs,  # noqa: E731
+                                            cfg.probe_lr, cfg.probe_weight_decay, cfg.seed, None if w is None else w[rows])
+    oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, cfg.seed, keys)
+    return oof, operating_points(oof, y, groups, cfg), train(torch.arange(len(y)))
+
+
 def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden, budget, seed=0, members=1,
                 weighting="none") -> dict:
     """The fit's own gate rule on these features: out-of-fold scores of every fit row set the operating
     points (:func:`autosteer.method.fit.operating_points`), the probe is trained on every row. ``weighting``: the
     probe loss's benign weights (``FitConfig.benign_weighting``: "group" weighs every benign group the same)."""
-    from autosteer.method.fit import FitConfig, operating_points, out_of_fold_scores, probe_loss_weights
+    from autosteer.method.fit import FitConfig
     from autosteer.method.probe import auroc
 
     cfg = FitConfig(probe_hidden=hidden, seed=seed, benign_weighting=weighting,
@@ -148,15 +163,9 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     lp = [layers.index(v) for v in layer] if isinstance(layer, (list, tuple)) else layers.index(layer)
     texts = fitdata.harmful + fitdata.benign
     y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
-    groups = fitdata.row_groups()
-    X = features(S[[index[t] for t in texts]], offsets, lp, feature)
-    w = probe_loss_weights(cfg, y, groups)  # the fit's own weights (cfg carries the weighting)
-    train = lambda rows: train_probe_bagged(X[rows], y[rows], members, hidden, cfg.probe_epochs, cfg.probe_lr,  # noqa: E731
-                                            cfg.probe_weight_decay, seed, None if w is None else w[rows])
     keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold
-    oof = out_of_fold_scores(X, y, train, cfg.calibration_folds, seed, keys)
-    points = operating_points(oof, y, groups, cfg)
-    probe = train(torch.arange(len(y)))
+    X = features(S[[index[t] for t in texts]], offsets, lp, feature)
+    oof, points, probe = gate_rule(X, y, fitdata.row_groups(), keys, cfg, members)
     scored = {s["name"]: probe.score(features(S[[index[t] for t in s["texts"]]], offsets, lp, feature)) for s in sets}
     rows = {}
     for name, op in points.items():

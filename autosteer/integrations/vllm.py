@@ -362,19 +362,17 @@ def _admission_settings() -> dict | None:
     path = os.environ.get(ENV_PACK)
     if not path:
         return None
-    if _PACK is None and _FRONT_END is not None:
-        # the start-up check ran in this process: the engine config's settings (which win over the environment, as
-        # in the workers) and the pack it loaded (the file the workers check by its SHA-256); no second read
-        cfg, pack = _FRONT_END["cfg"], _FRONT_END["pack"]
-        setting = lambda key, env: _setting(cfg, key, env)  # noqa: E731
-    else:
-        pack = _PACK if _PACK is not None else load_pack(path)
-        setting = lambda key, env: (os.environ.get(env), env)  # noqa: E731
-    mode = str(setting("mode", ENV_MODE)[0] or "prefill").strip().lower()
-    return dict(server_tau=prompt_threshold(pack, parse_threshold(*setting("tau", ENV_TAU))),
+    # where the start-up check ran in this process: the engine config's settings (which win over the environment, as
+    # in the workers) and the pack it loaded (the file the workers check by its SHA-256), not a second read; else
+    # the environment alone (_setting of an empty config)
+    cfg, pack = (_FRONT_END["cfg"], _FRONT_END["pack"]) if _PACK is None and _FRONT_END is not None else ({}, _PACK)
+    if pack is None:
+        pack = load_pack(path)
+    mode = str(_setting(cfg, "mode", ENV_MODE)[0] or "prefill").strip().lower()
+    return dict(server_tau=prompt_threshold(pack, parse_threshold(*_setting(cfg, "tau", ENV_TAU))),
                 server_mode=mode, monitor_calibrated=pack.tau_monitor is not None,
                 operating_points=operating_point_taus(pack),
-                allow_off=parse_flag(*setting("allow_client_off", ENV_ALLOW_CLIENT_OFF), False))
+                allow_off=parse_flag(*_setting(cfg, "allow_client_off", ENV_ALLOW_CLIENT_OFF), False))
 
 
 def _asks_autosteer(args) -> bool:
