@@ -1154,6 +1154,9 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
     halves in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
     ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
+    A set whose prompts are made from other prompts also has ``made_from``, one entry per text in order: the prompt it
+    was made from (a rephrasing's request, a jailbreak-wrapped prompt's inserted prompt, an unsafe contrast prompt's
+    safe twin), so a study that holds prompts out can hold out every form of one together.
     ``strongreject_fit=True``: StrongREJECT's dev half only (the sets a pack fitted on its fit half is measured on).
     ``dev_only=True``: each genre set is its dev half followed by its dev-only lines (:func:`load_genre_dev_only`)
     and its fresh lines (:func:`load_genre_dev_fresh`); off by default, so the studies that choose variants on these
@@ -1166,7 +1169,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
         sets.append({"name": f"genre: {genre}", "group": "genre", "harmful": False, "texts": [p.text for p in prompts]})
     pairs = contrast_pair_splits("dev")
     sets.append({"name": "contrast pairs: safe side", "group": "contrast_safe", "harmful": False, "texts": [s.text for s, _ in pairs]})
-    sets.append({"name": "contrast pairs: unsafe side", "group": "contrast_unsafe", "harmful": True, "texts": [u.text for _, u in pairs]})
+    sets.append({"name": "contrast pairs: unsafe side", "group": "contrast_unsafe", "harmful": True, "texts": [u.text for _, u in pairs],
+                 "made_from": [s.text for s, _ in pairs]})
     sets.append({"name": "direct harmful: StrongREJECT (dev)", "group": "direct", "harmful": True,
                  "texts": [p.text for p in splits["dev_harmful"]]})
     sets.append({"name": "harmful in benign genres' words (dev)", "group": "register_harm", "harmful": True,
@@ -1178,27 +1182,28 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
 
     fit_req = sample([p.text for p in splits["fit_harmful"]], "fit-harmful")
     sr_req = sample([p.text for p in splits["dev_harmful"]], "strongreject")
+
+    def rephrased(name: str, group: str, harmful: bool, requests: list[str], fam: str) -> dict:
+        made = [(t, r) for r in requests for _, t in R.rephrasings([r], [fam])]  # R.rephrasings(requests, [fam]), in order
+        return {"name": name, "group": group, "harmful": harmful, "texts": [t for t, _ in made], "made_from": [r for _, r in made]}
+
     for fam in R.DEV_FAMILIES:
-        sets.append({"name": f"rephrased harmful, dev family: {fam}", "group": "rephrased_dev", "harmful": True,
-                     "texts": [t for _, t in R.rephrasings(fit_req, [fam])]})
+        sets.append(rephrased(f"rephrased harmful, dev family: {fam}", "rephrased_dev", True, fit_req, fam))
     for fam in R.FIT_FAMILIES:
-        sets.append({"name": f"rephrased harmful, fit family: {fam}", "group": "rephrased_fit", "harmful": True,
-                     "texts": [t for _, t in R.rephrasings(fit_req, [fam])]})
+        sets.append(rephrased(f"rephrased harmful, fit family: {fam}", "rephrased_fit", True, fit_req, fam))
     for fam in R.DEV_FAMILIES:
-        sets.append({"name": f"rephrased StrongREJECT, dev family: {fam}", "group": "rephrased_dev_sr", "harmful": True,
-                     "texts": [t for _, t in R.rephrasings(sr_req, [fam])]})
+        sets.append(rephrased(f"rephrased StrongREJECT, dev family: {fam}", "rephrased_dev_sr", True, sr_req, fam))
     # the genre dev halves only: the dev-only lines would triple these sets for a question (does a framing
     # alone fire?) the halves already answer
     benign_dev = [p.text for ps in genre_splits("dev", dev_only=False).values() for p in ps]
     for fam in R.DEV_FAMILIES:
-        sets.append({"name": f"rephrased benign genres (dev), dev family: {fam}", "group": "rephrased_benign", "harmful": False,
-                     "texts": [t for _, t in R.rephrasings(benign_dev, [fam])]})
+        sets.append(rephrased(f"rephrased benign genres (dev), dev family: {fam}", "rephrased_benign", False, benign_dev, fam))
     templates = template_splits(TEMPLATE_SPLIT_SEED)["dev_templates"]
     rng = random.Random(f"wrapped-dev-{seed}")
-    sets.append({"name": "StrongREJECT in DEV jailbreak templates", "group": "wrapped_dev", "harmful": True,
-                 "texts": [rng.choice(templates).render(p.text) for p in splits["dev_harmful"][:n]]})
-    sets.append({"name": "FreshQA dev in DEV jailbreak templates", "group": "wrapped_benign", "harmful": False,
-                 "texts": [rng.choice(templates).render(p.text) for p in splits["dev_benign"][:n]]})
+    for name, group, harmful, key in (("StrongREJECT in DEV jailbreak templates", "wrapped_dev", True, "dev_harmful"),
+                                      ("FreshQA dev in DEV jailbreak templates", "wrapped_benign", False, "dev_benign")):
+        made = [(rng.choice(templates).render(p.text), p.text) for p in splits[key][:n]]
+        sets.append({"name": name, "group": group, "harmful": harmful, "texts": [t for t, _ in made], "made_from": [r for _, r in made]})
     for key, name in (("dev_benign", "FreshQA (dev)"), ("dev_benign_long", "WritingBench (dev)"),
                       ("dev_overrefusal", "over-refusal dev (benign_edgy_80 + aplomb hard)")):
         sets.append({"name": name, "group": "default_benign", "harmful": False, "texts": [p.text for p in splits[key]]})

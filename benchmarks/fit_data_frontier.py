@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from genre_gate_rates import TARGETS, build_sets, emit, mix, pooled_rate, score_rows, served_scores  # noqa: E402
+from genre_gate_rates import TARGETS, build_sets, emit, genre_new_lines, mix, pooled_rate, score_rows, served_scores  # noqa: E402
 
 #: issue 17's benign targets, the constraint the frontier is read at: the benign dev mix, every genre, safe contrast
 MIX_MAX, GENRE_MAX, CONTRAST_MAX = 0.01, TARGETS["genre"][1], TARGETS["contrast_safe"][1]
@@ -55,14 +55,16 @@ def meets(m: dict[str, float]) -> bool:
     return m["mix"] <= MIX_MAX and m["worst"] <= GENRE_MAX and m["contrast"] <= CONTRAST_MAX
 
 
-def constrained(scored, dev_only, fresh) -> tuple[float, dict[str, float]]:
-    """The lowest threshold (among the benign prompts' own scores, where the rates change) that meets the constraint."""
+def constrained(scored, dev_only, fresh, ok=None) -> tuple[float, dict[str, float]]:
+    """The lowest threshold (among the benign prompts' own scores, where the rates change) that meets the constraint
+    (``ok``: a predicate on :func:`measures` that falls from False to True as tau rises; default :func:`meets`)."""
+    ok = ok or meets
     benign = torch.cat([p for s, p in scored if not s["harmful"]]).unique().sort().values
     lo, hi = 0, len(benign) - 1
     # the rates only fall as tau rises: bisect over the benign scores
     while lo < hi:
         mid = (lo + hi) // 2
-        if meets(measures(score_rows(scored, float(benign[mid]), dev_only, fresh))):
+        if ok(measures(score_rows(scored, float(benign[mid]), dev_only, fresh))):
             hi = mid
         else:
             lo = mid + 1
@@ -80,7 +82,6 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     import autosteer
-    from autosteer.data import load_genre_dev_fresh, load_genre_dev_only
     from autosteer.models import load_model
 
     t0 = time.time()
@@ -88,8 +89,7 @@ def main() -> int:
     if any(len(p) != 2 for p in packs):
         raise SystemExit("--packs takes label=path pairs, comma separated")
     sets = build_sets(150)
-    dev_only = {p.text for ps in load_genre_dev_only().values() for p in ps}
-    fresh = {p.text for ps in load_genre_dev_fresh().values() for p in ps}
+    dev_only, fresh = genre_new_lines()
     model, tok = load_model()
     results = []  # (label, path, tau, at balanced, constrained tau, at constraint)
     for label, path in packs:

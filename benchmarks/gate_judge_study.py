@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fit_data_frontier import AT_CONSTRAINT, AT_POINT, constrained, measures  # noqa: E402
 from gate_transfer_study import gate_rule  # noqa: E402
-from genre_gate_rates import build_sets, emit, score_rows  # noqa: E402
+from genre_gate_rates import build_sets, emit, genre_new_lines, score_rows  # noqa: E402
 
 #: suffix name -> text appended after the rendered prompt (which ends with the assistant header). ``user_turn``
 #: closes the (empty) assistant turn and asks in a second user turn; ``assistant`` asks in the assistant's own words.
@@ -96,7 +96,6 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from autosteer.data import load_genre_dev_fresh, load_genre_dev_only
     from autosteer.method.fit import FitConfig, fit_data_of
     from autosteer.models import load_model
 
@@ -111,8 +110,7 @@ def main() -> int:
     rng = random.Random(0)
     if args.dev_n:
         sets = [dict(s, texts=rng.sample(s["texts"], min(args.dev_n, len(s["texts"])))) for s in sets]
-    dev_only = {p.text for ps in load_genre_dev_only().values() for p in ps}
-    fresh = {p.text for ps in load_genre_dev_fresh().values() for p in ps}
+    dev_only, fresh = genre_new_lines()
     fd = fit_data_of(FitConfig())
     texts = fd.harmful + fd.benign
     y = torch.cat([torch.ones(len(fd.harmful)), torch.zeros(len(fd.benign))])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import random
 import shlex
 import sys
 import time
@@ -64,6 +63,14 @@ def build_sets(n: int = 150, seed: int = 0) -> list[dict]:
     from autosteer.data import breadth_dev_sets
 
     return breadth_dev_sets(n, seed, dev_only=True)
+
+
+def genre_new_lines() -> tuple[set[str], set[str]]:
+    """The genres' dev-only lines and their fresh lines (the texts :func:`score_rows` counts apart)."""
+    from autosteer.data import load_genre_dev_fresh, load_genre_dev_only
+
+    return ({p.text for ps in load_genre_dev_only().values() for p in ps},
+            {p.text for ps in load_genre_dev_fresh().values() for p in ps})
 
 
 # ------------------------------------------------------------------------------------------ states
@@ -302,7 +309,6 @@ def main() -> int:
 
     import autosteer
     from autosteer.evaluate import probe_scores
-    from autosteer.data import load_genre_dev_fresh, load_genre_dev_only
     from autosteer.method.pack import layers_text, operating_point_taus
     from autosteer.models import load_model
 
@@ -319,8 +325,7 @@ def main() -> int:
         handle.pack.meta["prompt_format"] = {**handle.pack.meta["prompt_format"], "system": system}
     pack, tau, layers, fmt = handle.pack, float(handle.tau), handle.pack.layers, handle.pack.prompt_format
     cache = Path(args.cache)
-    dev_only = {p.text for ps in load_genre_dev_only().values() for p in ps}
-    fresh = {p.text for ps in load_genre_dev_fresh().values() for p in ps}
+    dev_only, fresh = genre_new_lines()
     scored = [(s, served_scores(model, tok, handle, s["texts"], cache, s["group"])) for s in sets]
     rows = score_rows(scored, tau, dev_only, fresh)
     # the early-stopped states give the runtime's scores
