@@ -148,7 +148,10 @@ def scores_by_mode(mode, X_fit, y_fit, g_fit, X_dev, y_dev, g_dev, dev_keys, cfg
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", default="16,24", help="the probe reads these layers' states concatenated (shipped: 16,24)")
+    ap.add_argument("--layers", default="16,24", help="the layers whose states are extracted (and cached) together; "
+                    "the probe reads them concatenated (shipped: 16,24)")
+    ap.add_argument("--read-layers", default=None, help="the probe reads only these of --layers (e.g. a pack's at most "
+                    "four out of a wider cache); default: all of --layers")
     ap.add_argument("--seeds", default="0", help="the probe's seed and the dev fold split")
     ap.add_argument("--hidden", default="64", help="comma list of probe hidden sizes (shipped: 64)")
     ap.add_argument("--folds", type=int, default=5)
@@ -169,6 +172,9 @@ def main() -> int:
 
     t0 = time.time()
     layers = [int(x) for x in args.layers.split(",")]
+    read = layers if args.read_layers is None else [int(x) for x in args.read_layers.split(",")]
+    if set(read) - set(layers):
+        raise SystemExit(f"--read-layers {sorted(set(read) - set(layers))} not in --layers {layers}")
     seeds = [int(x) for x in args.seeds.split(",")]
     hiddens = [int(x) for x in args.hidden.split(",")]
     fractions = [float(x) for x in args.dev_fractions.split(",")]
@@ -188,7 +194,7 @@ def main() -> int:
     every = list(dict.fromkeys(texts + [t for s in sets for t in s["texts"]]))
     S = suffix_states(model, tok, every, SUFFIXES["user_turn"], layers, Path(args.cache))
     index = {t: i for i, t in enumerate(every)}
-    X = feature(S, "last")
+    X = feature(S[:, [layers.index(v) for v in read]], "last")
     X_fit = X[[index[t] for t in texts]]
     dev_texts = [t for s in sets for t in s["texts"]]
     X_dev = X[[index[t] for t in dev_texts]]
@@ -231,14 +237,14 @@ def main() -> int:
     labels = list(dict.fromkeys(r[0] for r in results))
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     cmd = (f"OMP_NUM_THREADS={args.threads} python benchmarks/gate_ceiling_study.py --threads {args.threads} "
-           f"--layers {args.layers} --seeds {args.seeds} --hidden {args.hidden} --folds {args.folds}"
+           f"--layers {args.layers}" + (f" --read-layers {args.read_layers}" if args.read_layers else "") + f" --seeds {args.seeds} --hidden {args.hidden} --folds {args.folds}"
            + (f" --dev-fractions {args.dev_fractions}" if fractions != [1.0] else "")
            + (f" --dev-sides {args.dev_sides}" if sides != ["both"] else "")
            + (f" --modes '{args.modes}'" if modes != list(MODES) else "") + (f" --out {args.out}" if args.out else ""))
     lines = ["# Gate ceiling study: the served features, trained on the dev sets themselves (issue 17; diagnostic)", "",
              f"Command: `{cmd}` ({time.time() - t0:.0f} s; no generation; {len(texts)} fit rows, {len(dev_texts)} dev "
              f"rows, {n_tied} of them keyed to the prompt they were made from).", "",
-             "The served gate's features (the residual stream entering layers " + args.layers + " at the last prompt "
+             "The served gate's features (the residual stream entering layers " + ",".join(map(str, read)) + " at the last prompt "
              "token), the fit's probe (`FitConfig()`, hidden size as shown), each row set read at issue 17's benign "
              "constraint (the lowest threshold at which the benign dev mix fires on <= 1%, every genre on <= 2% and "
              "safe contrast prompts on <= 10%; set on the scored dev rows). `fit`: trained on the fit rows (as "
