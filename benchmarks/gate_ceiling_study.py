@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fit_data_frontier import AT_CONSTRAINT, GENRE_MAX, MIX_MAX, constrained  # noqa: E402
-from gate_judge_study import SUFFIXES, feature, suffix_states  # noqa: E402
+from gate_judge_study import SUFFIXES, feature, states_of  # noqa: E402
 from genre_gate_rates import build_sets, emit, genre_new_lines  # noqa: E402
 
 MODES = ("fit", "fit+dev held-out", "fit+dev in-sample")
@@ -188,16 +188,13 @@ def main() -> int:
     dev_only, fresh = genre_new_lines()
     fd = fit_data_of(FitConfig())
     texts = fd.harmful + fd.benign
-    y_fit = torch.cat([torch.ones(len(fd.harmful)), torch.zeros(len(fd.benign))])
+    y_fit = fd.labels()
     g_fit = fd.row_groups()
     model, tok = load_model()
-    every = list(dict.fromkeys(texts + [t for s in sets for t in s["texts"]]))
-    S = suffix_states(model, tok, every, SUFFIXES["user_turn"], layers, Path(args.cache))
-    index = {t: i for i, t in enumerate(every)}
-    X = feature(S[:, [layers.index(v) for v in read]], "last")
-    X_fit = X[[index[t] for t in texts]]
     dev_texts = [t for s in sets for t in s["texts"]]
-    X_dev = X[[index[t] for t in dev_texts]]
+    picked = [layers.index(v) for v in read]
+    X_fit, X_dev = (feature(S[:, picked], "last") for S in
+                    states_of(model, tok, [texts, dev_texts], SUFFIXES["user_turn"], layers, Path(args.cache)))
     y_dev = torch.tensor([float(s["harmful"]) for s in sets for _ in s["texts"]])
     g_dev = [dev_group(s) for s in sets for _ in s["texts"]]
     base = underlying(sets)

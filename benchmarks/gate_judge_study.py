@@ -67,6 +67,15 @@ def suffix_states(model, tok, texts: list[str], suffix: str, layers: list[int], 
         return _shared_prefix_states(fwd, seqs, layers, 16, pad, "states", True, sc, run, (0, len(tail)))
 
 
+def states_of(model, tok, lists: list[list[str]], suffix: str, layers: list[int], cache: Path) -> list[torch.Tensor]:
+    """:func:`suffix_states` of the prompts of several lists, each prompt extracted once: one tensor per list, its
+    rows in that list's order."""
+    every = list(dict.fromkeys(t for texts in lists for t in texts))
+    S = suffix_states(model, tok, every, suffix, layers, cache)
+    index = {t: i for i, t in enumerate(every)}
+    return [S[[index[t] for t in texts]] for texts in lists]
+
+
 def feature(S: torch.Tensor, name: str) -> torch.Tensor:
     """The probe's input: layers concatenated, at the served position, the suffix's end, or both."""
     pick = {"last": [1], "judge": [0], "last+judge": [1, 0]}[name]
@@ -113,7 +122,7 @@ def main() -> int:
     dev_only, fresh = genre_new_lines()
     fd = fit_data_of(FitConfig())
     texts = fd.harmful + fd.benign
-    y = torch.cat([torch.ones(len(fd.harmful)), torch.zeros(len(fd.benign))])
+    y = fd.labels()
     groups = fd.row_groups()
     keep = list(range(len(texts)))
     if args.fit_sample < 1.0:
@@ -123,13 +132,11 @@ def main() -> int:
 
     results = []  # (suffix, feature, seed, auroc, tau, at balanced, constraint tau, at constraint)
     for suffix in suffixes:
-        every = list(dict.fromkeys([texts[i] for i in keep] + [t for s in sets for t in s["texts"]]))
-        S = suffix_states(model, tok, every, SUFFIXES[suffix], layers, Path(args.cache))
-        index = {t: i for i, t in enumerate(every)}
+        S_fit, *S_sets = states_of(model, tok, [[texts[i] for i in keep]] + [s["texts"] for s in sets],
+                                   SUFFIXES[suffix], layers, Path(args.cache))
         for name in FEATURES:
-            X = feature(S, name)
-            X_fit = X[[index[texts[i]] for i in keep]]
-            scored_X = [X[[index[t] for t in s["texts"]]] for s in sets]
+            X_fit = feature(S_fit, name)
+            scored_X = [feature(S_set, name) for S_set in S_sets]
             for seed in seeds:
                 tau, auc, scores = run_feature(X_fit, y[keep], [groups[i] for i in keep], keys, scored_X, seed)
                 scored = list(zip(sets, scores))

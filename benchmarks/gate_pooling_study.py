@@ -93,7 +93,7 @@ def run(bags: Bags, index: dict, fitdata, sets, readings: list[str], seed: int, 
 
     cfg = FitConfig(seed=seed)
     texts = fitdata.harmful + fitdata.benign
-    y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
+    y = fitdata.labels()
     groups = fitdata.row_groups()
     ids = torch.tensor([index[t] for t in texts])
     memo: dict = {}

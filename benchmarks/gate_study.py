@@ -242,7 +242,7 @@ def run_study(args, bank: StateBank, sets: dict, t0: float) -> None:
         ts = time.time()
         data = fit_datas[data_key]
         X = bank.get(data.harmful + data.benign, pooling)
-        y = torch.cat([torch.ones(len(data.harmful)), torch.zeros(len(data.benign))])
+        y = data.labels()
         pairs = (bank.get([h for h, _ in data.pairs], pooling), bank.get([b for _, b in data.pairs], pooling))
         cfg = replace(base, **over)
         gate = fit_gate(X, y, cfg, pairs, sweep_layers=None if full else upper)
@@ -317,7 +317,7 @@ def run_seed_study(args, bank: StateBank, sets: dict, t0: float) -> None:
     dev = sets["dev"]
     data = default_fit_data(args.seed, 1000, args.jailbreak_fit, "default")
     X = bank.get(data.harmful + data.benign, "last")
-    y = torch.cat([torch.ones(len(data.harmful)), torch.zeros(len(data.benign))])
+    y = data.labels()
     pairs = ((bank.get([h for h, _ in data.pairs], "last"), bank.get([b for _, b in data.pairs], "last"))
              if data.pairs else None)
     D = {k: bank.get(v, "last") for k, v in dev.items()}

@@ -162,7 +162,7 @@ def run_variant(S, index, offsets, layers, fitdata, sets, layer, feature, hidden
     # one layer, or several read together (their features concatenated)
     lp = [layers.index(v) for v in layer] if isinstance(layer, (list, tuple)) else layers.index(layer)
     texts = fitdata.harmful + fitdata.benign
-    y = torch.cat([torch.ones(len(fitdata.harmful)), torch.zeros(len(fitdata.benign))])
+    y = fitdata.labels()
     keys = [(fitdata.derived_from or {}).get(t, t) for t in texts]  # a prompt and its variants share a fold
     X = features(S[[index[t] for t in texts]], offsets, lp, feature)
     oof, points, probe = gate_rule(X, y, fitdata.row_groups(), keys, cfg, members)

@@ -395,6 +395,10 @@ class FitData:
     # harmful_more, cross_modal), for FitConfig.harmful_weighting="group"; None: one group
     harmful_groups: list[str] | None = None
 
+    def labels(self) -> torch.Tensor:
+        """One label per row, in the order of :meth:`row_groups` (``harmful + benign``): 1 harmful, 0 benign."""
+        return torch.cat([torch.ones(len(self.harmful)), torch.zeros(len(self.benign))])
+
     def row_groups(self) -> list[str]:
         """One group per row, harmful rows first: each harmful prompt's kind (``"harmful"`` without
         ``harmful_groups``), then each benign prompt's genre (``"other"`` without ``benign_groups``). The
@@ -1197,7 +1201,7 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     texts = list(dict.fromkeys(data.harmful + data.benign + [t for pair in data.pairs for t in pair]))
     where = {t: i for i, t in enumerate(texts)}
     rows_text = data.harmful + data.benign
-    y = torch.cat([torch.ones(len(data.harmful)), torch.zeros(len(data.benign))])
+    y = data.labels()
     n_pairs = len(data.pairs) if len(data.pairs) >= 2 else 0
     plan = gate_plan(y, n_pairs, cfg)
     if cfg.full_depth == "all":
