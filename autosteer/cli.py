@@ -127,22 +127,28 @@ def _is_default_model(model: str | None) -> bool:
 
 
 def _pooled_arg(p) -> None:
-    p.add_argument("--pooled", action="store_true",
-                   help="default model: use the shipped pooled pack, whose gate also reads every prompt token (catches "
-                        "reworded and wrapped harm better; transformers, vLLM, TGI without prefix caching; docs/method.md 7l)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pooled", action="store_true",
+                   help="default model: the shipped pooled pack, the default since 2026-12-07 (its gate also reads every "
+                        "prompt token; transformers, vLLM, TGI without prefix caching; docs/method.md 7l, 7x)")
+    g.add_argument("--last-token", action="store_true",
+                   help="default model: the shipped last-token pack (the gate reads the last prompt token only; what "
+                        "`autosteer fit` writes with its defaults, served by every engine configuration)")
 
 
 def _pack_of(args):
-    """The steer pack of ``--pack``; without it, the shipped pack for the default model (its monitor pack when
-    monitor mode is asked for: ``--mode monitor``, or the ``monitor`` setting of ``eval``), or
-    runs/<model>.pack.safetensors for another; loaded and validated before the model loads."""
+    """The steer pack of ``--pack``; without it, the shipped pack for the default model (the pooled default pack; the
+    last-token pack with ``--last-token``; the monitor pack when monitor mode is asked for: ``--mode monitor``, or the
+    ``monitor`` setting of ``eval``), or runs/<model>.pack.safetensors for another; loaded and validated before the
+    model loads."""
     from . import default_pack_path
     from .method.pack import PackError, load_pack
 
-    pooled = bool(getattr(args, "pooled", False))
-    if pooled and (args.pack or not _is_default_model(args.model)):
-        raise PackError("--pooled picks the shipped pooled pack of the default model: with --pack or another model, the "
-                        "pack's own pooling decides (autosteer fit --pooling 'last_token|max' writes a pooled one)")
+    pooled, last_token = bool(getattr(args, "pooled", False)), bool(getattr(args, "last_token", False))
+    if (pooled or last_token) and (args.pack or not _is_default_model(args.model)):
+        raise PackError(f"--{'pooled' if pooled else 'last-token'} picks a shipped pack of the default model: with --pack "
+                        "or another model, the pack's own pooling decides (autosteer fit --pooling 'last_token|max' "
+                        "writes a pooled one)")
     if args.pack:
         return load_pack(args.pack)
     if _is_default_model(args.model):
@@ -151,13 +157,13 @@ def _pack_of(args):
             raise PackError("--pooled with monitor mode: no pooled monitor pack is shipped (fit one with autosteer fit "
                             "--pooling 'last_token|max' --monitor-prompts 150 and pass it with --pack)")
         try:
-            path = default_pack_path(monitor=monitor, pooled=pooled)
+            path = default_pack_path(monitor=monitor, pooled=False if last_token else None)
         except FileNotFoundError as exc:
             raise PackError(str(exc)) from None
-        print(f"using the shipped default {'monitor ' if monitor else 'pooled ' if pooled else ''}pack {path} "
-              "(--pack to use another)"
-              + ("; its gate is the default pack's, its Refusal Head also refuses mid-answer, for every setting of this run"
-                 if monitor else ""), file=sys.stderr)
+        kind = "monitor (last-token gate)" if monitor else "last-token" if last_token else "pooled"
+        print(f"using the shipped {kind} pack {path} (--pack to use another)"
+              + ("; its gate is the last-token pack's, its Refusal Head also refuses mid-answer, for every setting of "
+                 "this run (no pooled monitor pack is shipped)" if monitor else ""), file=sys.stderr)
         return load_pack(path)
     path = _default_pack_path(args.model)
     if not path.exists():
@@ -536,7 +542,7 @@ def cmd_demo(args) -> int:
     fitted = out_dir / _default_pack_path(args.model).name
     if not args.refit and _is_default_model(args.model):
         pack = load_pack(default_pack_path())
-        print(f"using the shipped pack of the default model: {default_pack_path()} (--refit to fit your own)")
+        print(f"using the shipped pack of the default model (pooled gate): {default_pack_path()} (--refit to fit your own)")
     elif not args.refit and fitted.exists():
         pack = load_pack(fitted)
         print(f"using the pack fitted earlier: {fitted} (--refit to fit again)")
@@ -545,8 +551,11 @@ def cmd_demo(args) -> int:
     model, tok = _load(args)
     if pack is None:
         which = args.model or "the default model (SmolLM2-135M-Instruct)"
-        print(f"fitting AutoSteer on {which}; on the default model this takes about 4 minutes on 2 cores")
-        pack = fit(model, tok, FitConfig(seed=args.seed))
+        # the default model's shipped pack is a pooled gate: refit the same kind; another model gets fit's defaults
+        cfg = FitConfig(seed=args.seed, pooling="last_token|max") if _is_default_model(args.model) else FitConfig(seed=args.seed)
+        print(f"fitting AutoSteer ({cfg.pooling} gate) on {which}; on the default model this takes about 15 minutes on "
+              "2 cores")
+        pack = fit(model, tok, cfg)
         pack.save(fitted)
         m = pack.meta
         print(f"fit: {m['metrics']['seconds']['total']:.0f} s, {layers_text(m)} ({m['layer_rule']}; SAS peaks at {m['sas_layer']}), "
@@ -753,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate responses for a prompt file, with AutoSteer")
     _model_args(p)
-    p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
+    p.add_argument("--pack", help="steer pack (default: the shipped pooled pack for the default model, "
+                                  "runs/<model>.pack.safetensors for another)")
     _pooled_arg(p)
     p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line (and, for multimodal models, an optional "
                         "'image' path relative to the file), or .txt one prompt per line")
@@ -775,7 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="refusal rates per prompt file: unsteered / always-steered / AutoSteer")
     _model_args(p)
-    p.add_argument("--pack", help="steer pack (default runs/<model>.pack.safetensors)")
+    p.add_argument("--pack", help="steer pack (default: the shipped pooled pack for the default model, "
+                                  "runs/<model>.pack.safetensors for another)")
     _pooled_arg(p)
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
@@ -820,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "pack (--refit: fit first), dev numbers with --dev N")
     _model_args(p)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"), help="where --refit writes its pack and --dev its report")
-    p.add_argument("--refit", action="store_true", help="fit a pack first (about 4 minutes on 2 cores for the default model)")
+    p.add_argument("--refit", action="store_true", help="fit a pack first (for the default model a pooled gate, as shipped: about 15 minutes on 2 cores)")
     p.add_argument("--dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also print refusal rates on the first N prompts of each dev set (e.g. 100; default 0: skip)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48)

@@ -291,7 +291,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pack", default=None, help="steer pack (default: the shipped one)")
+    ap.add_argument("--pack", default=None, help="steer pack (default: the shipped default pack, the pooled one since 2026-12-07)")
     ap.add_argument("--n", type=int, default=150, help="requests rephrased per family")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=str(ROOT / "runs" / "genre_gate"))

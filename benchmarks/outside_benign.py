@@ -40,8 +40,9 @@ def pack_scores(model, tok, pack_path: str, sets: dict[str, list[str]], cache: P
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--packs", default="shipped,pooled",
-                    help="comma list of packs: 'shipped', 'pooled' (the shipped pooled pack) or a pack path")
+    ap.add_argument("--packs", default="pooled,last_token",
+                    help="comma list of packs: 'pooled' (the shipped default pack), 'last_token' (the shipped last-token "
+                         "pack; 'shipped' is its label from before 2026-12-07) or a pack path")
     ap.add_argument("--points", default="balanced,strict", help="operating points to report")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=str(ROOT / "runs" / "genre_gate"))
@@ -58,7 +59,9 @@ def main() -> int:
     t0 = time.time()
     sets = {k: [p.text for p in ps] for k, ps in load_outside_benign().items()}
     model, tok = load_model()
-    paths = {"shipped": str(autosteer.default_pack_path()), "pooled": str(autosteer.default_pack_path(pooled=True))}
+    # "shipped" is the last-token pack's old label (the default pack until 2026-12-07)
+    paths = {"last_token": str(autosteer.default_pack_path(pooled=False)), "pooled": str(autosteer.default_pack_path())}
+    paths["shipped"] = paths["last_token"]
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     results = []  # (pack label, point, tau, {source: scores})
     for label in [p.strip() for p in args.packs.split(",") if p.strip()]:
@@ -69,7 +72,7 @@ def main() -> int:
         handle.detach()
 
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/outside_benign.py --threads {args.threads}" \
-        + (f" --packs {args.packs}" if args.packs != "shipped,pooled" else "") \
+        + (f" --packs {args.packs}" if args.packs != "pooled,last_token" else "") \
         + (f" --points {args.points}" if args.points != "balanced,strict" else "") + (f" --out {args.out}" if args.out else "")
     lines = ["# Outside check: gate fires on benign genres nobody here fitted or tuned on", "",
              f"Command: `{cmd}` ({time.time() - t0:.0f} s, {args.threads} CPU thread(s); no generation).", "",
@@ -79,8 +82,8 @@ def main() -> int:
              "them, but they were read, with the dev sets, to adopt the extra genre fit prompts (docs/method.md 7s). "
              "Cells: % of the source's "
              f"prompts on which the gate fires (p(unsafe) > tau); issue 17's target is <= {100 * TARGET:.0f}% per benign "
-             "genre. `shipped` is the default pack (last token, layers 16+24), `pooled` the shipped pooled pack "
-             "(`last_token|max`).", ""]
+             "genre. `pooled` is the shipped default pack (`last_token|max`, layers 16+24), `last_token` the shipped "
+             "last-token pack (the default until 2026-12-07).", ""]
     head = "| source | n | " + " | ".join(f"{lab}, {pt} (tau {tau:.3f})" for lab, pt, tau, _ in results) + " |"
     lines += [head, "|---|---|" + "---|" * len(results)]
     total = {i: [0, 0] for i in range(len(results))}

@@ -33,7 +33,7 @@ def main() -> int:
     T._require_engine()
     work = Path(tempfile.mkdtemp(prefix="autosteer-layer0-"))
     layers = [int(x) for x in args.layers.split(",")]
-    pack = load_pack(str(autosteer.default_pack_path()))
+    pack = load_pack(str(autosteer.default_pack_path(pooled=False)))  # the last-token pack: no token probe to move
     if len(layers) != len(pack.layers):
         raise SystemExit(f"--layers needs {len(pack.layers)} layers (the shipped pack's W1 width)")
     pack.meta["layers"], pack.meta["layer"] = layers, layers[0]

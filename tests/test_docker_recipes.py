@@ -77,6 +77,29 @@ def test_vllm_image_keeps_the_entry_point_and_sets_the_pack():
     assert "--no-deps /tmp/autosteer-src" in text
 
 
+def _image_pack(dockerfile) -> str:
+    m = re.search(r"^ENV AUTOSTEER_PACK=/opt/autosteer/packs/(\S+\.pack\.safetensors)", dockerfile.read_text(), re.M)
+    assert m, f"{dockerfile} sets no AUTOSTEER_PACK"
+    return m.group(1)
+
+
+def test_each_image_serves_a_shipped_pack_its_server_can_read():
+    """The vLLM image serves the default (pooled) pack, which vLLM reads under prefix caching; the TGI image serves
+    the last-token pack, since TGI's launcher turns prefix caching on by default and its shard refuses a pooled gate
+    then (the image copies the pooled pack too, for PREFIX_CACHING=0)."""
+    import autosteer
+    from autosteer.integrations.common import check_served_pooling
+    from autosteer.method.pack import load_pack
+
+    assert _image_pack(VLLM_DOCKERFILE) == autosteer.DEFAULT_PACK_NAME
+    tgi = _image_pack(TGI_DOCKERFILE)
+    assert tgi == autosteer.LAST_TOKEN_PACK_NAME
+    check_served_pooling(load_pack(autosteer.default_pack_path().parent / tgi), "TGI", "prefix caching is on")
+    text = TGI_DOCKERFILE.read_text()
+    assert "default_pack_path(pooled=False)" in text and "default_pack_path())" in text  # both packs are copied
+    assert "PREFIX_CACHING" not in re.search(r"^ENV AUTOSTEER_PACK=[\s\S]*?(?:\n\n|\Z)", text, re.M).group(0)
+
+
 # --- the TGI entrypoint, against a stand-in venv ------------------------------------------------------
 
 

@@ -23,9 +23,9 @@ import autosteer
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-PACK = f"autosteer/packs/{autosteer.DEFAULT_PACK_NAME}"
+PACK = f"autosteer/packs/{autosteer.DEFAULT_PACK_NAME}"  # the pooled gate, the default since 2026-12-07
 MONITOR_PACK = f"autosteer/packs/{autosteer.DEFAULT_MONITOR_PACK_NAME}"
-POOLED_PACK = f"autosteer/packs/{autosteer.DEFAULT_POOLED_PACK_NAME}"
+LAST_TOKEN_PACK = f"autosteer/packs/{autosteer.LAST_TOKEN_PACK_NAME}"
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def test_sdist_has_sources_license_and_test_helpers(dists):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     need = {"LICENSE", "pytest.ini", "setup.py", "pyproject.toml", "README.md", "csrc/steer_step_cpu.cpp",
             "csrc/torch_bindings.cpp", "kernels/steer_step.py", "tests/conftest.py", "tests/_steer_cases.py",
-            "tests/_tgi_sim.py", "tests/_tiny_multimodal.py", "autosteer/py.typed", PACK, MONITOR_PACK}
+            "tests/_tgi_sim.py", "tests/_tiny_multimodal.py", "autosteer/py.typed", PACK, MONITOR_PACK, LAST_TOKEN_PACK}
     assert not need - names, f"missing from the sdist: {sorted(need - names)}"
     assert "kernels/__init__.py" not in names  # the top-level folder must not shadow HF's `kernels`
 
@@ -63,7 +63,7 @@ def test_wheel_is_pure_and_carries_sources_pack_and_metadata(dists):
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = zf.read(meta_name).decode()
     need = {"autosteer/_csrc/steer_step_cpu.cpp", "autosteer/_csrc/torch_bindings.cpp", "autosteer/kernels/__init__.py",
-            "autosteer/kernels/steer_step.py", "autosteer/py.typed", PACK, MONITOR_PACK, POOLED_PACK}
+            "autosteer/kernels/steer_step.py", "autosteer/py.typed", PACK, MONITOR_PACK, LAST_TOKEN_PACK}
     need |= {str(p.relative_to(REPO)) for p in (REPO / "autosteer" / "fit_prompts").rglob("*") if p.is_file()}
     need |= {f"autosteer/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
     assert not need - names, f"missing from the wheel: {sorted(need - names)}"

@@ -239,7 +239,9 @@ def test_a_server_that_cannot_read_every_prompt_token_refuses_a_pooled_pack_by_n
     _, _, pack = pooled
     with pytest.raises(common.PoolingNotServed, match="pooling='last_token\\|max'.*this TGI server.*PREFIX_CACHING=0"):
         common.check_served_pooling(pack, "TGI", "prefix caching is on; set PREFIX_CACHING=0")
-    common.check_served_pooling(load_pack(autosteer.default_pack_path()), "TGI", "prefix caching is on")
+    common.check_served_pooling(load_pack(autosteer.default_pack_path(pooled=False)), "TGI", "prefix caching is on")
+    with pytest.raises(common.PoolingNotServed):  # the shipped default pack is pooled since 2026-12-07
+        common.check_served_pooling(load_pack(autosteer.default_pack_path()), "TGI", "prefix caching is on")
 
 
 def test_eval_reports_the_pooled_gate(pooled):

@@ -323,7 +323,8 @@ class _Runtime:
                 check_served_pooling(self.pack, "TGI", "prefix caching is on (PREFIX_CACHING, TGI's default with "
                                      "flashinfer and flashdecoding attention): a cached prompt prefix is never run "
                                      "through the model, so its tokens would never reach the token probe. Start the "
-                                     "launcher with PREFIX_CACHING=0")
+                                     "launcher with PREFIX_CACHING=0, or serve a last-token pack (for the default "
+                                     "model: autosteer.default_pack_path(pooled=False))")
             self.pool = TokenPool(self.pack.pool_probe(), len(self.pack.layers), E.device)
         flash_mod = sys.modules.get(_TGI.FLASH)
         rows = max(256, _TGI.max_graph_rows(flash_mod))
