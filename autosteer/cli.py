@@ -631,7 +631,7 @@ def cmd_info(args) -> int:
     """What a pack holds: model, the layers its probe reads, threshold, and its operating points with their measured rates."""
     import autosteer
 
-    from .method.pack import OPERATING_POINTS, load_pack
+    from .method.pack import load_pack
 
     path = args.pack or str(autosteer.default_pack_path())
     pack = load_pack(path)

@@ -1153,7 +1153,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
     families; fit requests in the fit families, which a pack fitted on other data never saw), the genre dev
     halves in the dev families, the default benign dev sets and the external benign dev sources.
     ``group`` is one of ``genre``, ``contrast_safe``, ``contrast_unsafe``, ``direct``, ``rephrased_dev``, ``rephrased_fit``, ``rephrased_dev_sr``,
-    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``.
+    ``rephrased_benign``, ``wrapped_dev``, ``wrapped_benign``, ``default_benign``, ``external``, ``register_harm``;
+    a ``genre`` or ``external`` set also has ``source``: the genre or the external source it holds.
     A set whose prompts are made from other prompts also has ``made_from``, one entry per text in order: the prompt it
     was made from (a rephrasing's request, a jailbreak-wrapped prompt's inserted prompt, an unsafe contrast prompt's
     safe twin), so a study that holds prompts out can hold out every form of one together.
@@ -1166,7 +1167,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
     splits = default_splits(seed, strongreject_fit=strongreject_fit)
     sets = []
     for genre, prompts in genre_splits("dev", dev_only=dev_only).items():
-        sets.append({"name": f"genre: {genre}", "group": "genre", "harmful": False, "texts": [p.text for p in prompts]})
+        sets.append({"name": f"genre: {genre}", "group": "genre", "source": genre, "harmful": False,
+                     "texts": [p.text for p in prompts]})
     pairs = contrast_pair_splits("dev")
     sets.append({"name": "contrast pairs: safe side", "group": "contrast_safe", "harmful": False, "texts": [s.text for s, _ in pairs]})
     sets.append({"name": "contrast pairs: unsafe side", "group": "contrast_unsafe", "harmful": True, "texts": [u.text for _, u in pairs],
@@ -1208,7 +1210,8 @@ def breadth_dev_sets(n: int = 150, seed: int = 0, strongreject_fit: bool = False
                       ("dev_overrefusal", "over-refusal dev (benign_edgy_80 + aplomb hard)")):
         sets.append({"name": name, "group": "default_benign", "harmful": False, "texts": [p.text for p in splits[key]]})
     for src, ps in external_benign_splits("dev").items():
-        sets.append({"name": f"external benign: {src}", "group": "external", "harmful": False, "texts": [p.text for p in ps]})
+        sets.append({"name": f"external benign: {src}", "group": "external", "source": src, "harmful": False,
+                     "texts": [p.text for p in ps]})
     return sets
 
 

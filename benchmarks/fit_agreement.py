@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.cat([X[idx, layers.index(L)] for L in pack.layers], dim=-1)  # the pack's layers side by side
         return Probe(pack.W1, pack.b1, pack.w2, pack.b2).score(x) > pack.tau
 
-    lines = [f"# Gate agreement with the previous fit on the dev sets\n",
+    lines = ["# Gate agreement with the previous fit on the dev sets\n",
              f"Made with `python benchmarks/fit_agreement.py --reference {args.reference} --candidate "
              f"{' '.join(args.candidate)} --out {args.out}` ({time.time() - t0:.0f} s of set-up;"
              f" {len(texts)} dev prompts, states in fp32 as served).\n",

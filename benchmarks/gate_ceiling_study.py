@@ -66,10 +66,8 @@ def dev_group(s: dict) -> str:
     """A dev set's group for the probe's loss weights (``FitConfig.benign_weighting="group"``): a genre's rows weigh as
     that genre's fit rows do, an external source's as its fit rows do, FreshQA and the other default benign sets as
     the fit's ``other`` rows, benign prompts in templates and rephrased as the fit's; the rest as groups of their own."""
-    if s["group"] == "genre":
-        return s["name"].split(": ", 1)[1]
-    if s["group"] == "external":
-        return s["name"].rsplit(": ", 1)[1]
+    if s["group"] in ("genre", "external"):
+        return s["source"]
     return FIT_GROUP.get(s["group"], s["group"])
 
 

@@ -25,7 +25,6 @@ Two stages, one command:
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path

@@ -111,8 +111,13 @@ def test_the_dev_sets_say_what_each_derived_prompt_was_made_from():
     assert by["contrast_unsafe"]["made_from"] == safe
     assert set(by["wrapped_dev"]["made_from"]) <= set(by["direct"]["texts"])
     assert C.dev_group(by["wrapped_benign"]) == "jailbreak_wrapped" and C.dev_group(by["default_benign"]) == "other"
-    assert C.dev_group({"name": "genre: law", "group": "genre"}) == "law"
-    assert C.dev_group({"name": "external benign: agentbench_os", "group": "external"}) == "agentbench_os"
+    genre = next(s for s in sets if s["group"] == "genre")
+    assert C.dev_group(genre) == genre["source"] and genre["name"] == f"genre: {genre['source']}"
+    ext = next(s for s in sets if s["group"] == "external")
+    assert C.dev_group(ext) == ext["source"] and ext["name"] == f"external benign: {ext['source']}"
+    from autosteer.data import EXTERNAL_SPLIT, GENRES
+    assert {s["source"] for s in sets if s["group"] == "genre"} == set(GENRES)
+    assert set(EXTERNAL_SPLIT) <= {s["source"] for s in sets if s["group"] == "external"}  # their rows weigh as fitted
 
 
 def test_the_constraint_without_its_contrast_clause_can_set_a_lower_threshold():

@@ -625,7 +625,6 @@ def benign_groups(benign: list[str], extra: Mapping[str, str] | None = None) -> 
     """The benign genre of each prompt as the calibration reads it: a genre name, an external source,
     ``contrast_safe``, ``rephrased`` or ``other`` (everything else of the default fit data)."""
     from .. import data
-    from .. import rephrasing as R
 
     of: dict[str, str] = {}
     for g, ps in data.load_genre_prompts().items():
@@ -1199,7 +1198,6 @@ def fit(model, tokenizer, cfg: FitConfig | None = None, data: FitData | None = N
     from .hidden_states import StatesCache
 
     texts = list(dict.fromkeys(data.harmful + data.benign + [t for pair in data.pairs for t in pair]))
-    where = {t: i for i, t in enumerate(texts)}
     rows_text = data.harmful + data.benign
     y = data.labels()
     n_pairs = len(data.pairs) if len(data.pairs) >= 2 else 0
