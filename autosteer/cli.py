@@ -553,7 +553,7 @@ def cmd_demo(args) -> int:
         which = args.model or "the default model (SmolLM2-135M-Instruct)"
         # the default model's shipped pack is a pooled gate: refit the same kind; another model gets fit's defaults
         cfg = FitConfig(seed=args.seed, pooling="last_token|max") if _is_default_model(args.model) else FitConfig(seed=args.seed)
-        print(f"fitting AutoSteer ({cfg.pooling} gate) on {which}; on the default model this takes about 15 minutes on "
+        print(f"fitting AutoSteer ({cfg.pooling} gate) on {which}; on the default model this takes 11 minutes or more on "
               "2 cores")
         pack = fit(model, tok, cfg)
         pack.save(fitted)
@@ -831,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "pack (--refit: fit first), dev numbers with --dev N")
     _model_args(p)
     p.add_argument("--out", default=str(DEFAULT_RUN_DIR / "demo"), help="where --refit writes its pack and --dev its report")
-    p.add_argument("--refit", action="store_true", help="fit a pack first (for the default model a pooled gate, as shipped: about 15 minutes on 2 cores)")
+    p.add_argument("--refit", action="store_true", help="fit a pack first (for the default model a pooled gate, as shipped: 11 minutes or more on 2 cores)")
     p.add_argument("--dev", type=NON_NEGATIVE, default=0, metavar="N",
                    help="also print refusal rates on the first N prompts of each dev set (e.g. 100; default 0: skip)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=48)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fit_data_frontier import AT_POINT, constrained, measures  # noqa: E402
 from genre_gate_rates import build_sets, cached_layer_states, cached_pooled_scores, emit, genre_new_lines, score_rows  # noqa: E402
 
-OFFSETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
+OFFSETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 
 
 def offset_union(last: torch.Tensor, tok: torch.Tensor, offset: float) -> torch.Tensor:
@@ -159,13 +159,17 @@ def main() -> int:
              "|---|---|---|---|---|" + "---|" * len(AT_POINT)]
     for off, rule, tau, ff, ft, m in rows:
         lines.append(f"| {off:+g} | {rule} | {tau:.4f} | {100 * ff:.2f} | {100 * ft:.2f} | "
-                     + " | ".join(f"{100 * m[k]:.1f}" for k in AT_POINT) + " |")
+                     + " | ".join(f"{100 * m[k]:.2f}" if k == "mix" else f"{100 * m[k]:.1f}" for k in AT_POINT) + " |")
     best_fit = max((r for r in rows if r[1] == "same fit FPR"), key=lambda r: (r[4], -abs(r[0])))
+    best_budget = max((r for r in rows if r[1] == "budget"), key=lambda r: (r[4], -abs(r[0])))
     lines += ["", f"At the same out-of-fold benign fire rate the fit rows favour offset {best_fit[0]:+g} "
               f"(out-of-fold TPR {100 * best_fit[4]:.2f}% against {100 * next(r[4] for r in rows if r[0] == 0 and r[1] == 'same fit FPR'):.2f}% "
               "at offset 0): the fit data cannot choose an offset. Under the budget rule a larger offset spends more "
               "of the budget (the per-group caps bind the plain max first), so recall and benign fires rise together "
-              "along one frontier; the dev oracle column is that frontier at issue 17's constraint."]
+              f"along one frontier: the offset that catches the most fit rows there is {best_budget[0]:+g}, the "
+              f"grid's last (out-of-fold benign fires {100 * best_budget[3]:.2f}%; on dev {100 * best_budget[5]['mix']:.2f}% "
+              f"of the benign mix, {100 * best_budget[5]['contrast']:.1f}% of safe contrast prompts). The dev oracle "
+              "column is that frontier at issue 17's constraint."]
     emit("\n".join(lines) + "\n", args.out)
     return 0
 
