@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fit_data_frontier import AT_POINT, constrained, measures  # noqa: E402
-from genre_gate_rates import build_sets, cached_layer_states, cached_pooled_scores, emit, genre_new_lines, score_rows  # noqa: E402
+from genre_gate_rates import build_sets, emit, genre_new_lines, score_rows, served_parts  # noqa: E402
 
 OFFSETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 
@@ -110,7 +110,7 @@ def main() -> int:
     cfg = FitConfig(pooling="last_token|max")
     benign = (y == 0).nonzero().flatten()
 
-    def fit_point(off: float) -> tuple[float, float]:
+    def fit_point(off: float) -> tuple[float, torch.Tensor]:
         u = offset_union(L, T, off)
         return operating_points(u, y, groups, cfg, scale=cfg.pool_budget_scale)["balanced"]["tau"], u
 
@@ -122,12 +122,7 @@ def main() -> int:
     cache = Path(args.cache)
     sets = build_sets(150)
     dev_only, fresh = genre_new_lines()
-    parts = []
-    for s in sets:
-        x = cached_layer_states(model, tok, s["texts"], shipped.prompt_format, shipped.layers, cache, s["group"])
-        p_last = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
-        p_tok = cached_pooled_scores(model, tok, s["texts"], shipped.prompt_format, shipped, cache, s["group"])
-        parts.append((s, p_last, p_tok))
+    parts = [(s, *served_parts(model, tok, handle, s["texts"], cache, s["group"])) for s in sets]
     handle.detach()
 
     rows = []

@@ -136,16 +136,22 @@ def cached_pooled_scores(model, tok, texts: list[str], fmt, pack, cache: Path, n
 
 
 # ------------------------------------------------------------------------------------------ report
-def served_scores(model, tok, handle, texts: list[str], cache: Path, name: str) -> torch.Tensor:
-    """The attached gate's p(unsafe) for ``texts`` as the runtime reads it, from cached states (``name`` keys the
-    cache): the last prompt token at the pack's layers, and for a pooled gate the higher of that and its token
-    probe's (its highest prompt token)."""
+def served_parts(model, tok, handle, texts: list[str], cache: Path, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attached gate's two readings of ``texts``, from cached states (``name`` keys the cache): the last prompt
+    token's probability at the pack's layers, and for a pooled gate its token probe's (the highest prompt token;
+    None for a last-token pack)."""
     pack = handle.pack
     x = cached_layer_states(model, tok, texts, pack.prompt_format, pack.layers, cache, name)
-    p = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
-    if pack.pool is not None:
-        p = torch.maximum(p, cached_pooled_scores(model, tok, texts, pack.prompt_format, pack, cache, name))
-    return p
+    p_last = handle.probe_scores(x.to(handle.W1.device)).cpu().float()
+    p_tok = None if pack.pool is None else cached_pooled_scores(model, tok, texts, pack.prompt_format, pack, cache, name)
+    return p_last, p_tok
+
+
+def served_scores(model, tok, handle, texts: list[str], cache: Path, name: str) -> torch.Tensor:
+    """The attached gate's p(unsafe) for ``texts`` as the runtime reads it: the last prompt token's, and for a pooled
+    gate the higher of that and its token probe's (:func:`served_parts`)."""
+    p_last, p_tok = served_parts(model, tok, handle, texts, cache, name)
+    return p_last if p_tok is None else torch.maximum(p_last, p_tok)
 
 
 def rate(scores: torch.Tensor, tau: float) -> float:
