@@ -88,6 +88,31 @@ def test_preempted_requests_keep_their_pooled_decision(pooled, tmp_path, monkeyp
         assert summaries[i].p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
 
 
+@pytest.mark.parametrize("keep_kv", [False, True], ids=["preempted", "left-out-of-a-step"])
+def test_a_request_out_of_the_batch_mid_prompt_keeps_its_running_max(pooled, tmp_path, monkeypatch, keep_kv):
+    """A request that leaves the batch in the middle of its prompt (preempted, or left out of a step with its KV
+    cache kept, as vLLM does with a running request it has no token budget for) and comes back without outputs:
+    its running max over the chunks before it left is kept -- not a fresh state with a gap, which the fail policy
+    turns into a refusal of a benign prompt -- and it is released once."""
+    hf, rows, pack, p_last, p_pool = pooled
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    ref = _reference(hf, rows, pack, "prefill")
+    by_pool = [i for i in range(len(rows)) if p_pool[i] > pack.tau >= p_last[i]]
+    quiet = [i for i in range(len(rows)) if not ref[i][1]]
+    victims = [max(by_pool, key=lambda i: len(rows[i])), max(quiet, key=lambda i: len(rows[i]))]
+    assert min(len(rows[v]) for v in victims) > 2 * 3 + pack.pool_skip  # pooled chunks before and after it leaves
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, lp, chunk=3)
+    others = [i for i in range(len(rows)) if i not in victims][:2]
+    outputs, summaries = engine.serve({0: [victims[0], others[0]], 1: [victims[1], others[1]]}, rows,
+                                      preempt={v: (0, 2 + pack.pool_skip // 3, keep_kv) for v in victims})
+    assert engine.preempted == 2
+    for i in outputs:
+        assert outputs[i] == ref[i][0] and summaries[i].latched == ref[i][1], i
+        assert summaries[i].p_unsafe == pytest.approx(max(p_last[i], p_pool[i]), abs=1e-4), i
+    assert sorted(engine.releases) == sorted(outputs), "a request's state released twice, or never"
+
+
 def _store(pack, hf, *, fail_closed=True):
     """A store for ``pack`` whose last-token probe never fires (its bias far down): only the pooled gate decides."""
     import copy

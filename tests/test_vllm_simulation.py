@@ -163,7 +163,8 @@ class Engine:
         removed, added, moved = [], [], []
         holes = sorted(self.batch.index(r) for r in finished)
         for r in finished:
-            self.free_slots.append(self.req[r]["slot"])
+            if not self.req[r].pop("keeps_kv", False):
+                self.free_slots.append(self.req[r]["slot"])
         for i in holes:
             self.batch[i] = None
         new = list(new)
@@ -202,7 +203,13 @@ class Engine:
             avllm.attach_capture(self.model, max_reqs=8, metadata_fn=self.metadata)
             store = self.lp._ensure_store(required=True)
             store.report_on_release = True
-            store.on_release = lambda key, s: summaries.__setitem__(self.key_of[key], s)
+            self.releases = []  # the request of every state released, in order: each request once
+
+            def released(key, s):
+                summaries[self.key_of[key]] = s
+                self.releases.append(self.key_of[key])
+
+            store.on_release = released
             outputs = self.run(arrivals, rows, preempt=preempt)
             self.lp.update_state(self._batch_update([], list(self.batch)))
         finally:
@@ -212,7 +219,9 @@ class Engine:
     def run(self, arrivals: dict, rows: list, preempt: dict | None = None) -> dict:
         """``preempt[request id] = (outputs, steps out)``: once the request has that many outputs
         it leaves the batch, and is re-added that many steps later with its outputs (re-prefilling
-        prompt + outputs)."""
+        prompt + outputs). ``(outputs, steps out, True)``: it keeps its KV cache -- vLLM's running request
+        left out of a step (no token budget left for it), removed from the persistent batch and re-added
+        where it stopped, also in the middle of its prompt."""
         preempt = dict(preempt or {})
         finished_last: list = []
         outputs = {}
@@ -233,12 +242,16 @@ class Engine:
                                  "sp": SamplingParams(self.xargs.get(rid))}
                 new.append(rid)
             for rid in resume.pop(step, []):
-                self.req[rid]["slot"] = self.free_slots.pop()
+                if not self.req[rid].pop("kept_kv", False):
+                    self.req[rid]["slot"] = self.free_slots.pop()
                 new.append(rid)
             leaving = list(finished_last)
-            for rid, (n_out, away) in list(preempt.items()):
+            for rid, (n_out, away, *keep_kv) in list(preempt.items()):
                 if rid in self.batch and rid not in leaving and len(self.req[rid]["out"]) >= n_out:
-                    self.req[rid]["done"] = 0  # its KV cache is freed: it re-prefills prompt + outputs
+                    if keep_kv and keep_kv[0]:  # its KV cache and slot stay: it goes on where it stopped
+                        self.req[rid]["keeps_kv"] = self.req[rid]["kept_kv"] = True
+                    else:
+                        self.req[rid]["done"] = 0  # its KV cache is freed: it re-prefills prompt + outputs
                     resume.setdefault(step + away, []).append(rid)
                     leaving.append(rid)
                     del preempt[rid]
@@ -433,6 +446,31 @@ def test_two_processors_in_one_engine_are_refused(setup, tmp_path, monkeypatch):
         avllm.detach_capture()
 
 
+@pytest.mark.parametrize("keep_kv", [False, True], ids=["preempted", "left-out-of-a-step"])
+def test_a_request_out_of_the_batch_before_its_prompt_finished(setup, tmp_path, monkeypatch, keep_kv):
+    """A request removed from the batch in the middle of its prompt (preempted, or a running request vLLM left out
+    of a step for want of token budget) comes back with no outputs: it takes its own state back -- one state per
+    request, released once (not a second, unprobed one reported when vLLM drops it) -- and its gate decides at
+    its prompt's end as if it had never left."""
+    hf, rows, pack = setup
+    monkeypatch.setenv(avllm.ENV_PACK, str(pack.save(tmp_path / "p.safetensors")))
+    ref = _reference(hf, rows, pack, "prefill")
+    by_len = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    victims = [next(i for i in by_len if ref[i][1]), next(i for i in by_len if not ref[i][1])]
+    assert min(len(rows[v]) for v in victims) > 6  # several chunks of 3
+    lp = avllm.AutoSteerVLLMLogitsProcessor(_config(), "cpu", False, patch_runner=False)
+    engine = Engine(hf, lp, chunk=3)
+    others = [i for i in range(len(rows)) if i not in victims][:2]
+    outputs, summaries = engine.serve({0: [victims[0], others[0]], 1: [victims[1], others[1]]}, rows,
+                                      preempt={v: (0, 2, keep_kv) for v in victims})
+    assert engine.preempted == 2
+    assert sorted(engine.releases) == sorted(outputs), "a request's state released twice, or never"
+    assert len(lp.store) == 0 and not lp.parked_keys()
+    for i in outputs:
+        assert outputs[i] == ref[i][0] and summaries[i].latched == ref[i][1], f"request {i}"
+        assert summaries[i].latched_at == ref[i][2], f"request {i}"
+
+
 @pytest.mark.parametrize("mode,async_outputs", [("prefill", False), ("monitor", False), ("prefill", True),
                                                 ("monitor", True)])
 def test_preempted_requests_keep_their_state(setup, tmp_path, monkeypatch, mode, async_outputs):
@@ -504,6 +542,50 @@ def test_parked_state_is_released_when_vllm_drops_the_request(setup, tmp_path, m
         store._get_or_add(k2)
         lp.update_state(BatchUpdate(2, [2], [], []))
         assert k2 not in store
+
+
+def test_a_request_back_without_outputs_takes_only_its_own_state(setup, tmp_path, monkeypatch):
+    """A request re-added before its first token (it left in the middle of its prompt) takes back the parked state
+    of the same SamplingParams object *and prompt* with no token kept. An offline ``LLM.generate`` call's prompts can
+    share one SamplingParams object: another prompt, or a request that had kept a token, is a different request, and
+    a new one gets a fresh state (a state holding another prompt's running max would miss this prompt's tokens)."""
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
+        sp = SamplingParams()
+        prompts = [[1, 2, 3], [1, 2, 4], [5, 6]]
+        outs = [[], [], [9]]
+        lp.update_state(BatchUpdate(3, [], [(i, sp, prompts[i], outs[i]) for i in range(3)], []))
+        keys = lp.request_keys()
+        for key in keys.values():
+            store._get_or_add(key)
+        lp.update_state(BatchUpdate(0, [0, 1, 2], [], []))  # all three leave: preempted or finished
+        assert sorted(lp.parked_keys()) == sorted(keys.values())
+        # a new request, the same params object and a prompt none of them had: a fresh state
+        lp.update_state(BatchUpdate(1, [], [(0, sp, [7, 8], [])], []))
+        assert lp.request_keys()[0] not in keys.values() and len(lp.parked_keys()) == 3
+        # request 1 back with no outputs: its own state (not request 0's, same length, same params), not resumed
+        lp.update_state(BatchUpdate(2, [], [(1, sp, prompts[1], [])], []))
+        assert lp.request_keys()[1] == keys[1] and not lp.rows[1].resumed and lp.rows[1].prompt_len == 3
+        # a new request with request 2's prompt but no outputs: request 2 had kept a token, so it is not this one
+        lp.update_state(BatchUpdate(3, [], [(2, sp, list(prompts[2]), [])], []))
+        assert lp.request_keys()[2] not in keys.values()
+        # request 0 back with no outputs (an equal prompt list, not the same object: still its own)
+        lp.update_state(BatchUpdate(4, [], [(3, sp, list(prompts[0]), [])], []))
+        assert lp.request_keys()[3] == keys[0] and lp.parked_keys() == [keys[2]]
+
+
+def test_a_resume_no_kept_state_matches_is_said(setup, tmp_path, monkeypatch, caplog):
+    """A request back with outputs that no parked state holds (here: another token than request 2 kept) is gated
+    afresh, with a warning naming it -- never silently."""
+    with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
+        sp = SamplingParams()
+        lp.update_state(BatchUpdate(1, [], [(0, sp, [5, 6], [9])], []))
+        key = lp.request_keys()[0]
+        store._get_or_add(key)
+        lp.update_state(BatchUpdate(0, [0], [], []))
+        with caplog.at_level("WARNING"):
+            lp.update_state(BatchUpdate(1, [], [(0, sp, [5, 6], [10, 11])], []))
+        assert lp.request_keys()[0] != key and lp.parked_keys() == [key] and not lp.rows[0].resumed
+        assert "came back with 2 outputs but no kept state matches it" in caplog.text
 
 
 def _park_all(lp, store, count: int, latched, caplog):

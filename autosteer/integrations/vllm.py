@@ -47,10 +47,12 @@ How it works (V1 runner; Model Runner V2: :class:`_V2Requests` and ``docs/servin
   no attention metadata: the capture skips them (no processor runs on their logits).
 - ``update_state`` follows the persistent batch: an Add mints a fresh request key, Moves/Swaps
   move keys between indices. A request leaving the batch may be finished or preempted (vLLM
-  re-adds a preempted request later with the same SamplingParams object and its outputs): its
-  state is parked under that object's identity and restored on a re-add with outputs (so a
-  latch survives preemption; the re-prefill of prompt + outputs is not a new prompt decision),
-  and released once vLLM drops the object.
+  re-adds a preempted request later with the same SamplingParams object, prompt list and outputs): its
+  state is parked under that object's identity and restored on a re-add with the same prompt and
+  outputs (so a latch survives preemption; the re-prefill of prompt + outputs is not a new prompt
+  decision) -- also on a re-add with no outputs of a request that left in the middle of its prompt,
+  which keeps its pooled max so far and decides at its prompt's end -- and released once vLLM
+  drops the object.
 - ``apply`` runs one fused ``steer_step`` over the batch. Each row's phase is decided on the
   device from its prompt length (known from the Add) and the step's ``seq_lens`` / query
   length: rows whose prompt is not finished (chunked prefill) neither latch nor get steered;
@@ -1102,10 +1104,23 @@ class _Row:
     # every later step of the row runs a generated token (vLLM appends, or under async scheduling a -1
     # placeholder, only for kept tokens, never for a chunked prefill's discarded one)
     n_out: int = 0
+    # the request's prompt token list (the runner keeps the same list for the request's life): what tells a
+    # request re-added before its first token from another request sharing its SamplingParams object
+    prompt: list | None = None
 
     @property
     def decoding(self) -> bool:
         return self.outputs is not None and len(self.outputs) > self.n_out
+
+
+@dataclass
+class _Parked:
+    """A request out of the batch (finished or preempted: vLLM does not say which) whose state is kept."""
+
+    params_ref: object  # weak reference to its SamplingParams: dead once vLLM dropped the request
+    key: int
+    outputs: tuple | None  # its outputs when it left
+    prompt: list | None
 
 
 def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
@@ -1541,15 +1556,21 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                                            "ids); serve it without AutoSteer or send token ids")
             n_prompt = len(prompt_ids)
             n_out = len(output_ids) if output_ids is not None else 0
-            # a request with outputs is resuming after preemption: it keeps its state (latch)
-            key = self._unpark(params, output_ids, store) if n_out else None
-            resumed = key is not None
-            key = key if resumed else next(self._keys)
+            # a request back in the batch (preempted, or left out of a step) takes its state back: its latch, and
+            # mid-prompt its pooled max so far. Only a request with outputs is past its prompt's end (resumed)
+            key = self._unpark(params, prompt_ids, output_ids, store) if output_ids is not None else None
+            restored = key is not None
+            resumed = restored and n_out > 0
+            key = key if restored else next(self._keys)
+            if n_out and not restored:  # outputs, yet no state of its own: said, and gated afresh at this re-prefill
+                _announce("autosteer: request %s came back with %d outputs but no kept state matches it (released, or "
+                          "outputs vLLM changed): its gate decides again on prompt + outputs", key, n_out,
+                          level=logging.WARNING)
             if _asks_autosteer(getattr(params, "extra_args", None)):  # per-request settings: kept with the key
-                self._set_settings(key, params, store, resumed=resumed)
-            if not resumed:
+                self._set_settings(key, params, store, resumed=restored)
+            if not restored:
                 self._check_format(key, prompt_ids, store)
-            self.rows[idx] = _Row(key, n_prompt + n_out, resumed, _weak(params), output_ids, n_out)
+            self.rows[idx] = _Row(key, n_prompt + n_out, resumed, _weak(params), output_ids, n_out, prompt_ids)
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if _VLLM.is_move_swap(direction):
@@ -1679,37 +1700,44 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
                 store.release(row.key)
             return
         outputs = tuple(row.outputs) if row.outputs is not None else None
-        self._parked.setdefault(id(params), []).append((row.params_ref, row.key, outputs))
+        self._parked.setdefault(id(params), []).append(_Parked(row.params_ref, row.key, outputs, row.prompt))
 
-    def _unpark(self, params, outputs, store):
-        """The key of the parked request a re-added one resumes: same SamplingParams object and the same
-        outputs. Parallel-sampling siblings can share one SamplingParams object, so the outputs decide;
-        if several parked requests still qualify (identical outputs, or outputs not tracked), a latched
-        one is taken -- never a sibling's unlatched state for a request that may have latched."""
+    def _unpark(self, params, prompt, outputs, store):
+        """The key of the parked request a re-added one is: the same SamplingParams object, the same prompt and
+        the same outputs -- none yet for a request that left in the middle of its prompt (preempted, or a running
+        request vLLM left out of a step), which then takes back its pooled max so far and decides at its prompt's
+        end. Parallel-sampling siblings, and an offline ``LLM.generate`` call's prompts, can share one
+        SamplingParams object, so prompt and outputs decide; if several parked requests still qualify
+        (identical prompts and outputs, or outputs not tracked), a latched one is taken -- never a sibling's
+        unlatched state for a request that may have latched."""
         entries = self._parked.get(id(params)) if params is not None else None
         if not entries:
             return None
         want = tuple(outputs) if outputs is not None else None
-        # same params object, and outputs that match (or cannot be compared): never a request whose
-        # outputs are known to differ -- a fresh state (re-probed) is safer than a sibling's
-        same = [n for n, (ref, _key, out) in enumerate(entries)
-                if ref() is params and (want is None or out is None or _outputs_agree(out, want))]
-        exact = [n for n in same if want is not None and entries[n][2] == want]
+        # same params object, same prompt, and outputs that match (or cannot be compared): never a request
+        # whose prompt or outputs are known to differ -- a fresh state (probed) is safer than another's. A
+        # re-add without outputs matches only a request that kept no token either (under async scheduling
+        # its list may hold the placeholder of one the scheduler dropped)
+        same = [n for n, e in enumerate(entries)
+                if e.params_ref() is params and (e.prompt is None or e.prompt is prompt or e.prompt == prompt)
+                and (want is None or e.outputs is None or _outputs_agree(e.outputs, want))
+                and (want != () or (e.outputs is not None and all(t == -1 for t in e.outputs)))]
+        exact = [n for n in same if want is not None and entries[n].outputs == want]
         pool = exact or same
         if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
-            latched = [n for n in pool if store.summary(entries[n][1]).latched]
+            latched = [n for n in pool if store.summary(entries[n].key).latched]
             if latched:  # fail closed: whichever of them this is, it resumes latched -- and so will the others,
                 # or a latched sibling resuming later would take an unlatched state
                 for n in pool:
                     if n not in latched:
-                        store.force_latch(entries[n][1])
+                        store.force_latch(entries[n].key)
                 pool = latched
-            log.warning("autosteer: %d parked requests share the resumed request's SamplingParams and outputs; "
-                        "resuming with %s state%s", len(same),
+            log.warning("autosteer: %d parked requests share the resumed request's SamplingParams, prompt and "
+                        "outputs; resuming with %s state%s", len(same),
                         "a latched" if latched else "an unlatched", " (the others latched too)" if latched else "")
         if not pool:
             return None
-        key = entries.pop(pool[0])[1]
+        key = entries.pop(pool[0]).key
         if not entries:
             del self._parked[id(params)]
         return key
@@ -1719,21 +1747,21 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         for pid in list(self._parked):
             keep = []
             for entry in self._parked[pid]:
-                if entry[0]() is None:
+                if entry.params_ref() is None:
                     if store is not None:
-                        store.release(entry[1])
+                        store.release(entry.key)
                 else:
                     keep.append(entry)
             if keep:
                 self._parked[pid] = keep
-                alive.extend((e[1], pid) for e in keep)
+                alive.extend((e.key, pid) for e in keep)
             else:
                 del self._parked[pid]
         pid_of = dict(alive)
         oldest_first = sorted(pid_of)  # keys increase with time
         for key in _evictions(store, oldest_first, _MAX_KEPT_FACTOR * getattr(self, "max_reqs", 256)):
             pid = pid_of[key]
-            self._parked[pid] = [e for e in self._parked[pid] if e[1] != key]
+            self._parked[pid] = [e for e in self._parked[pid] if e.key != key]
             if not self._parked[pid]:
                 del self._parked[pid]
             if store is not None:
@@ -1741,7 +1769,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
 
     def parked_keys(self) -> list[int]:
         """Keys of requests out of the batch whose state is kept (possibly preempted)."""
-        return [e[1] for entries in self._parked.values() for e in entries]
+        return [e.key for entries in self._parked.values() for e in entries]
 
     def _ensure_store(self, required: bool) -> SteerStateStore | None:
         if self.store is not None:
