@@ -126,7 +126,10 @@ def _is_default_model(model: str | None) -> bool:
     return model in (None, DEFAULT_MODEL)
 
 
-def _pooled_arg(p) -> None:
+def _pack_args(p) -> None:
+    """``--pack``, and which shipped pack the default model gets without it (``--pooled`` / ``--last-token``)."""
+    p.add_argument("--pack", help="steer pack (default: the shipped pooled pack for the default model, "
+                                  "runs/<model>.pack.safetensors for another)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pooled", action="store_true",
                    help="default model: the shipped pooled pack, the default since 2026-12-07 (its gate also reads every "
@@ -762,9 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate responses for a prompt file, with AutoSteer")
     _model_args(p)
-    p.add_argument("--pack", help="steer pack (default: the shipped pooled pack for the default model, "
-                                  "runs/<model>.pack.safetensors for another)")
-    _pooled_arg(p)
+    _pack_args(p)
     p.add_argument("--input", required=True, help=".jsonl with a 'prompt' field per line (and, for multimodal models, an optional "
                         "'image' path relative to the file), or .txt one prompt per line")
     p.add_argument("--output", required=True, help=".jsonl: the input fields plus response, p_unsafe, gate, steered, refused")
@@ -785,9 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="refusal rates per prompt file: unsteered / always-steered / AutoSteer")
     _model_args(p)
-    p.add_argument("--pack", help="steer pack (default: the shipped pooled pack for the default model, "
-                                  "runs/<model>.pack.safetensors for another)")
-    _pooled_arg(p)
+    _pack_args(p)
     p.add_argument("--harmful", nargs="*", help="prompt files whose prompts should be refused")
     p.add_argument("--benign", nargs="*", help="prompt files whose prompts should be answered")
     p.add_argument("--dev", action="store_true", help="include the shipped dev sets (the default when no file is given)")
