@@ -1562,6 +1562,8 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
             restored = key is not None
             resumed = restored and n_out > 0
             key = key if restored else next(self._keys)
+            if restored and self.log_decisions:  # (preempted, or left out of a step; before its prompt's end at 0)
+                _announce("autosteer: request %s back in the batch after %d outputs: its state kept", key, n_out)
             if n_out and not restored:  # outputs, yet no state of its own: said, and gated afresh at this re-prefill
                 _announce("autosteer: request %s came back with %d outputs but no kept state matches it (released, or "
                           "outputs vLLM changed): its gate decides again on prompt + outputs", key, n_out,
