@@ -163,7 +163,7 @@ class Engine:
         removed, added, moved = [], [], []
         holes = sorted(self.batch.index(r) for r in finished)
         for r in finished:
-            if not self.req[r].pop("keeps_kv", False):
+            if not self.req[r].get("kv_kept"):  # (popped when it comes back)
                 self.free_slots.append(self.req[r]["slot"])
         for i in holes:
             self.batch[i] = None
@@ -242,14 +242,14 @@ class Engine:
                                  "sp": SamplingParams(self.xargs.get(rid))}
                 new.append(rid)
             for rid in resume.pop(step, []):
-                if not self.req[rid].pop("kept_kv", False):
+                if not self.req[rid].pop("kv_kept", False):
                     self.req[rid]["slot"] = self.free_slots.pop()
                 new.append(rid)
             leaving = list(finished_last)
             for rid, (n_out, away, *keep_kv) in list(preempt.items()):
                 if rid in self.batch and rid not in leaving and len(self.req[rid]["out"]) >= n_out:
                     if keep_kv and keep_kv[0]:  # its KV cache and slot stay: it goes on where it stopped
-                        self.req[rid]["keeps_kv"] = self.req[rid]["kept_kv"] = True
+                        self.req[rid]["kv_kept"] = True
                     else:
                         self.req[rid]["done"] = 0  # its KV cache is freed: it re-prefills prompt + outputs
                     resume.setdefault(step + away, []).append(rid)
@@ -574,8 +574,8 @@ def test_a_request_back_without_outputs_takes_only_its_own_state(setup, tmp_path
 
 
 def test_a_resume_no_kept_state_matches_is_said(setup, tmp_path, monkeypatch, caplog):
-    """A request back with outputs that no parked state holds (here: another token than request 2 kept) is gated
-    afresh, with a warning naming it -- never silently."""
+    """A request back with outputs that no parked state holds (here: other tokens than the parked request kept) is
+    gated afresh, with a warning naming it -- never silently."""
     with _processor_with_store(setup, tmp_path, monkeypatch) as (lp, store):
         sp = SamplingParams()
         lp.update_state(BatchUpdate(1, [], [(0, sp, [5, 6], [9])], []))

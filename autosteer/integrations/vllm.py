@@ -1119,8 +1119,8 @@ class _Parked:
 
     params_ref: object  # weak reference to its SamplingParams: dead once vLLM dropped the request
     key: int
-    outputs: tuple | None  # its outputs when it left
-    prompt: list | None
+    outputs: tuple | None  # its outputs when it left (None: not tracked)
+    prompt: list
 
 
 def _outputs_agree(parked: tuple, resumed: tuple) -> bool:
@@ -1704,7 +1704,7 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         outputs = tuple(row.outputs) if row.outputs is not None else None
         self._parked.setdefault(id(params), []).append(_Parked(row.params_ref, row.key, outputs, row.prompt))
 
-    def _unpark(self, params, prompt, outputs, store):
+    def _unpark(self, params, prompt: list, outputs: list, store):
         """The key of the parked request a re-added one is: the same SamplingParams object, the same prompt and
         the same outputs -- none yet for a request that left in the middle of its prompt (preempted, or a running
         request vLLM left out of a step), which then takes back its pooled max so far and decides at its prompt's
@@ -1715,16 +1715,16 @@ class AutoSteerVLLMLogitsProcessor(*_BASES):
         entries = self._parked.get(id(params)) if params is not None else None
         if not entries:
             return None
-        want = tuple(outputs) if outputs is not None else None
-        # same params object, same prompt, and outputs that match (or cannot be compared): never a request
+        want = tuple(outputs)
+        # same params object, same prompt, and outputs that match (or were not tracked): never a request
         # whose prompt or outputs are known to differ -- a fresh state (probed) is safer than another's. A
         # re-add without outputs matches only a request that kept no token either (under async scheduling
         # its list may hold the placeholder of one the scheduler dropped)
         same = [n for n, e in enumerate(entries)
-                if e.params_ref() is params and (e.prompt is None or e.prompt is prompt or e.prompt == prompt)
-                and (want is None or e.outputs is None or _outputs_agree(e.outputs, want))
+                if e.params_ref() is params and (e.prompt is prompt or e.prompt == prompt)
+                and (e.outputs is None or _outputs_agree(e.outputs, want))
                 and (want != () or (e.outputs is not None and all(t == -1 for t in e.outputs)))]
-        exact = [n for n in same if want is not None and entries[n].outputs == want]
+        exact = [n for n in same if entries[n].outputs == want]
         pool = exact or same
         if len(pool) > 1 and store is not None:  # rare: a host read of the candidates' latches
             latched = [n for n in pool if store.summary(entries[n].key).latched]
